@@ -1,0 +1,39 @@
+# grok-pacs: `make demo` and `make test` set themselves up on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTHON ?= python3
+
+.PHONY: setup system test demo benchmark bench clean
+
+# System peers (DCMTK, dicom3tools, Redis, Orthanc) via Debian packages when missing.
+system:
+	@scripts/install-system-deps.sh
+
+# The virtual environment, rebuilt when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+setup: system $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m grok_pacs.demo
+
+benchmark: setup
+	$(PY) bench/phantom.py
+
+bench: setup
+	$(PY) bench/ingest.py
+	$(PY) bench/encoders.py
+	$(PY) bench/generate.py
+	$(PY) bench/e2e.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,197 @@
+"""All of grok-pacs' runtime configuration, in one typed place.
+
+Read, in increasing priority, from defaults, a TOML file (`--config`, or `GROK_PACS_CONFIG`) and
+`GROK_PACS_*` environment variables. Invalid values fail at start with a message naming the setting
+(`SettingsError`), never later in a handler.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: 16 chars, no backslash
+
+# Storage SOP classes (SPEC §5).
+OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
+OP_16BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.2"
+OPT = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
+OCT_EN_FACE = "1.2.840.10008.5.1.4.1.1.77.1.5.7"
+OCT_BSCAN_VOLUME_ANALYSIS = "1.2.840.10008.5.1.4.1.1.77.1.5.8"
+THICKNESS_MAP = "1.2.840.10008.5.1.4.1.1.81.1"
+VL_PHOTOGRAPHIC = "1.2.840.10008.5.1.4.1.1.77.1.4"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+DEFAULT_SOP_CLASSES = (OP_8BIT, OP_16BIT, OPT, OCT_EN_FACE, OCT_BSCAN_VOLUME_ANALYSIS, THICKNESS_MAP)
+LEGACY_SOP_CLASSES = (VL_PHOTOGRAPHIC, SECONDARY_CAPTURE)
+
+
+class SettingsError(RuntimeError):
+    """Configuration that cannot work; the message names the offending setting."""
+
+
+def _check_ae_title(value: str, setting: str) -> str:
+    value = value.strip()
+    if not AE_TITLE_RE.match(value):
+        raise ValueError(f"{setting}: {value!r} is not a valid AE title (1-16 printable characters, no '\\')")
+    return value
+
+
+class Peer(BaseModel):
+    """A remote DICOM node: `AE@HOST:PORT` in environment variables and on the command line."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value, "ae_title")
+
+    @classmethod
+    def parse(cls, text: str) -> "Peer":
+        match = re.fullmatch(r"\s*([^@]+)@([^:@\s]+):(\d+)\s*", text)
+        if not match:
+            raise ValueError(f"{text!r} is not AE@HOST:PORT")
+        return cls(ae_title=match[1], host=match[2], port=int(match[3]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class Settings(BaseSettings):
+    """grok-pacs settings. Environment: `GROK_PACS_<FIELD>` (e.g. GROK_PACS_PORT=11112)."""
+
+    model_config = SettingsConfigDict(env_prefix="GROK_PACS_", extra="forbid", validate_default=True)
+
+    # --- listener -----------------------------------------------------------------------------------
+    ae_title: str = "GROK_PACS"  # our AE title; peers must call it exactly
+    bind_address: str = "0.0.0.0"  # address the C-STORE listener binds
+    port: int = Field(11112, ge=1, le=65535)  # DICOM port of the listener
+    allowed_aes: Annotated[list[str], NoDecode] = []  # calling AE allow-list; empty = accept any
+    max_associations: int = Field(16, ge=1, le=1024)  # concurrent associations before (2,3,2) rejection
+    max_pdu: int = Field(0, ge=0)  # our maximum receive PDU; 0 = unlimited (fastest for large OCT)
+    acse_timeout: float = Field(30.0, gt=0)  # seconds to wait for association messages
+    dimse_timeout: float = Field(60.0, gt=0)  # seconds to wait for DIMSE messages
+    network_timeout: float = Field(60.0, gt=0)  # seconds of silence before an association is dropped
+    accept_legacy_photography: bool = False  # also accept VL Photographic and Secondary Capture
+    sop_classes: Annotated[list[str], NoDecode] = list(DEFAULT_SOP_CLASSES)  # storage classes offered
+
+    # --- TLS (all optional; certificate and key together turn TLS on) --------------------------------
+    tls_certificate: Path | None = None  # PEM server certificate
+    tls_key: Path | None = None  # PEM private key of that certificate
+    tls_ca: Path | None = None  # PEM CA bundle; when set, clients must present a certificate it signed
+
+    # --- storage and study assembly ------------------------------------------------------------------
+    data_dir: Path = Path("./grok-data")  # everything grok-pacs writes lives under here
+    quiet_period: float = Field(5.0, ge=0)  # seconds without a new instance before a study is complete
+    min_free_disk_mb: int = Field(1024, ge=0)  # refuse new instances below this free space (watermark)
+
+    # --- queue, model, delivery ----------------------------------------------------------------------
+    broker_url: str = ""  # Celery broker; empty = embedded SQLite broker under data_dir (one box)
+    queue: str = "grok"  # Celery queue for analyse jobs (name it per GPU type on many nodes)
+    bundle: Path | None = None  # model bundle directory the worker serves
+    destination: Peer | None = None  # PACS that receives the SRs (AE@HOST:PORT)
+    delivery_max_retries: int = Field(8, ge=0)  # transient delivery failures retried this many times
+    metrics_port: int = Field(0, ge=0, le=65535)  # Prometheus / health HTTP port; 0 = off
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae_title(value, "ae_title")
+
+    @field_validator("allowed_aes", "sop_classes", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("allowed_aes")
+    @classmethod
+    def _allowed(cls, value: list[str]) -> list[str]:
+        return [_check_ae_title(item, "allowed_aes") for item in value]
+
+    @field_validator("sop_classes")
+    @classmethod
+    def _sop_classes(cls, value: list[str]) -> list[str]:
+        for uid in value:
+            if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid) or len(uid) > 64:
+                raise ValueError(f"sop_classes: {uid!r} is not a UID")
+        return value
+
+    @field_validator("destination", mode="before")
+    @classmethod
+    def _destination(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return Peer.parse(value) if value.strip() else None
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "Settings":
+        if (self.tls_certificate is None) != (self.tls_key is None):
+            raise ValueError("tls_certificate and tls_key must be given together")
+        for name in ("tls_certificate", "tls_key", "tls_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: file {path} does not exist")
+        if self.tls_ca is not None and self.tls_certificate is None:
+            raise ValueError("tls_ca needs tls_certificate and tls_key")
+        return self
+
+    # --- derived paths -------------------------------------------------------------------------------
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_certificate is not None
+
+    @property
+    def accepted_sop_classes(self) -> list[str]:
+        extra = [uid for uid in LEGACY_SOP_CLASSES if self.accept_legacy_photography]
+        return list(dict.fromkeys([*self.sop_classes, *extra]))
+
+    @property
+    def resolved_broker_url(self) -> str:
+        """The broker URL; the embedded default is a durable SQLite database in the data directory."""
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def index_path(self) -> Path:
+        return self.data_dir / "index.sqlite"
+
+
+def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from defaults < TOML file < environment < explicit overrides (CLI flags).
+
+    The TOML file is `config`, else `$GROK_PACS_CONFIG` when set. Raises SettingsError with the
+    setting's name on any invalid value.
+    """
+    path = config or (Path(os.environ["GROK_PACS_CONFIG"]) if os.environ.get("GROK_PACS_CONFIG") else None)
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            file_values = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise SettingsError(f"config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
+        file_values = {key.replace("-", "_"): value for key, value in file_values.items()}
+    env_names = {name for name in Settings.model_fields if f"GROK_PACS_{name.upper()}" in os.environ}
+    # Environment beats the file: drop file values that the environment sets.
+    merged = {key: value for key, value in file_values.items() if key not in env_names}
+    merged.update({key: value for key, value in overrides.items() if value is not None})
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from exc

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the system programs grok-pacs' tests and demo use as real peers, when missing:
+# DCMTK (storescu/storescp/echoscu/img2dcm/dcmdump/dsr2html), dicom3tools (dciodvfy), Redis, Orthanc.
+# Debian packages; needs root (or sudo). Does nothing when everything is already there.
+set -euo pipefail
+need=()
+command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
+command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "installing system packages: ${need[*]}"
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+# policy-rc.d keeps the packages from starting their own daemons: tests start their own on free ports.
+$SUDO sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'
+$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+$SUDO rm -f /usr/sbin/policy-rc.d
