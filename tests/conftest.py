@@ -1,0 +1,34 @@
+"""Shared test fixtures. Tools a test needs must be present: a missing tool fails the test, never skips."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+
+import pytest
+
+# Two cores are shared by everything the suite starts: keep torch/BLAS from oversubscribing them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def require_tool(name: str) -> str:
+    """Path of an executable the test needs; fails (never skips) when it is missing."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"required tool {name!r} is not installed (run scripts/install-system-deps.sh)")
+    return path
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
