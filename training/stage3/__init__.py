@@ -1,0 +1,6 @@
+"""Stage 3: LoRA supervised fine-tuning of the multimodal Qwen2 (SPEC §3), and its stand-in pretraining.
+
+`config` (presets `small` and `paper`), `features` (frozen encoder tokens, cached), `pretrain_llm` (the
+phantom's tiny Qwen2 base, a documented stand-in), `data` (records -> ChatML batches), `train` (the SFT
+loop and the bundle). Run it with `python -m training.stage3 --help`.
+"""

@@ -1,0 +1,138 @@
+"""Stage-3 configuration: one dataclass, two presets.
+
+`paper()` is the paper's recipe (SPEC §3: LoRA r=128, alpha=256, dropout 0.05 on q/k/v/o/gate/up/down_proj,
+lr 2e-4 with the projectors at 2e-5, 4 epochs, batch 8 x grad-accum 4, cosine with 3 % warmup, bf16, max
+length 2048) on a real Qwen2-7B-Instruct from a local directory. `small()` trains on a CPU in minutes on the
+phantom cohort: a tiny Qwen2 that the project pretrains itself (the stand-in of SPEC §3 / issue 9 item 2)
+and a small BPE tokenizer. Pointing `base_llm_dir` at real weights skips the stand-in pretraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class StandInLLMConfig:
+    """The phantom's tiny Qwen2 base, pretrained as a causal LM on the stage-1 report text.
+
+    A stand-in for Qwen2-7B-Instruct, which cannot be brought onto these machines: a LoRA on a randomly
+    initialised LLM learns nothing useful, so the base first learns the language of the reports.
+    """
+
+    hidden_size: int = 128  # residual width
+    num_hidden_layers: int = 2  # decoder layers
+    num_attention_heads: int = 4  # query heads
+    num_key_value_heads: int = 2  # KV heads (grouped-query attention, as Qwen2)
+    intermediate_size: int = 256  # MLP width
+    epochs: int = 3  # passes over the report corpus
+    lr: float = 2e-3  # AdamW learning rate (cosine, 5 % warmup)
+    batch_size: int = 8  # sequences per step
+    max_length: int = 640  # longest pretraining sequence in tokens
+
+
+@dataclass(frozen=True)
+class Stage3Config:
+    """Everything stage 3 needs besides its inputs (instruction records, encoders, heads)."""
+
+    name: str = "small"  # preset name, recorded in the bundle provenance
+    # --- language model and tokenizer -----------------------------------------------------------------
+    base_llm_dir: Path | None = None  # local Qwen2(-Instruct) directory; None = pretrain the stand-in
+    tokenizer_dir: Path | None = None  # tokenizer directory; None = base_llm_dir's, else train a phantom BPE
+    tokenizer_vocab_size: int = 1024  # phantom BPE vocabulary (ignored with a real tokenizer)
+    stand_in: StandInLLMConfig = field(default_factory=StandInLLMConfig)  # used only without base_llm_dir
+    # --- LoRA ------------------------------------------------------------------------------------------
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.05  # dropout on the LoRA input
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # Qwen2 linear layers that get adapters
+    # --- optimisation ----------------------------------------------------------------------------------
+    lr: float = 2e-3  # LoRA learning rate
+    projector_lr: float = 2e-3  # projector learning rate
+    weight_decay: float = 0.0  # AdamW weight decay (LoRA and projectors)
+    epochs: int = 4  # passes over the training records
+    batch_size: int = 4  # records per micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    warmup_ratio: float = 0.03  # fraction of optimiser steps with linear warmup, then cosine to 0
+    max_grad_norm: float = 1.0  # gradient clipping
+    precision: str = "auto"  # "auto" = bf16 on CUDA with bf16 support, else fp32; or force "bf16"/"fp32"
+    max_length: int = 2048  # sequence limit in tokens, the visual embeddings included; longer targets are cut
+    gradient_checkpointing: bool = False  # recompute activations in backward (saves memory, costs time)
+    # --- prompt ----------------------------------------------------------------------------------------
+    biomarker_estimates: bool = False  # give the LLM the heads' estimates as text (trained on predictions)
+    # --- bookkeeping -----------------------------------------------------------------------------------
+    seed: int = 0  # data order, LoRA init, dropout
+    checkpoint_every: int = 0  # optimiser steps between checkpoints; 0 = once per epoch
+    eval_every: int = 0  # optimiser steps between validation-loss evaluations; 0 = once per epoch
+    num_threads: int = 0  # torch CPU threads; 0 = leave torch's default
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: expected one of {PRECISIONS}")
+        for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        if unknown:
+            raise ValueError(f"lora_targets {sorted(unknown)} are not Qwen2 linear layers {LORA_TARGETS}")
+
+    @classmethod
+    def small(cls, **overrides: Any) -> "Stage3Config":
+        """CPU, phantom cohort, minutes: tiny stand-in Qwen2, phantom BPE, fp32."""
+        return replace(cls(), **overrides)
+
+    @classmethod
+    def paper(cls, base_llm_dir: Path | None = None, **overrides: Any) -> "Stage3Config":
+        """The paper's recipe on a real local Qwen2-7B-Instruct (GPU, bf16)."""
+        base = cls(
+            name="paper", base_llm_dir=Path(base_llm_dir) if base_llm_dir else None,
+            lora_r=128, lora_alpha=256, lora_dropout=0.05, lr=2e-4, projector_lr=2e-5, epochs=4,
+            batch_size=8, grad_accum=4, warmup_ratio=0.03, precision="bf16", max_length=2048,
+            gradient_checkpointing=True,
+        )
+        return replace(base, **overrides)
+
+    @property
+    def uses_stand_in(self) -> bool:
+        """True when the LLM base is the project's own pretrained tiny Qwen2 (no real weights given)."""
+        return self.base_llm_dir is None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("base_llm_dir", "tokenizer_dir"):
+            data[key] = str(data[key]) if data[key] is not None else None
+        data["lora_targets"] = list(self.lora_targets)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Stage3Config":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown Stage3Config fields: {sorted(unknown)}")
+        values = dict(data)
+        for key in ("base_llm_dir", "tokenizer_dir"):
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
+        if "stand_in" in values and isinstance(values["stand_in"], dict):
+            values["stand_in"] = StandInLLMConfig(**values["stand_in"])
+        if "lora_targets" in values:
+            values["lora_targets"] = tuple(values["lora_targets"])
+        return cls(**values)
+
+    def digest(self, exclude: tuple[str, ...] = ("checkpoint_every", "eval_every", "num_threads")) -> str:
+        """A short hash of the settings that change the result (for caching)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in exclude}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+PRESETS = {"small": Stage3Config.small, "paper": Stage3Config.paper}
