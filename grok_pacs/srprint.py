@@ -1,0 +1,104 @@
+"""`grok-pacs report FILE.dcm`: an SR as indented plain text, for a person at a terminal.
+
+Walks the content tree with pydicom only (no rendering library), so it prints any SR, not only ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+SR_MODALITY = "SR"
+
+
+def _name(item: Dataset) -> str:
+    seq = item.get("ConceptNameCodeSequence")
+    return str(seq[0].CodeMeaning) if seq else "(unnamed)"
+
+
+def _code(seq_item: Dataset) -> str:
+    return f"{seq_item.CodeMeaning} ({seq_item.CodeValue}, {seq_item.CodingSchemeDesignator})"
+
+
+def _value(item: Dataset) -> str:
+    """The value of one content item as text, by its value type."""
+    kind = str(item.get("ValueType", ""))
+    if kind == "TEXT":
+        return str(item.TextValue)
+    if kind == "CODE":
+        return _code(item.ConceptCodeSequence[0])
+    if kind == "NUM":
+        measured = item.MeasuredValueSequence[0] if item.get("MeasuredValueSequence") else None
+        if measured is None:
+            return "(no value)"
+        unit = measured.MeasurementUnitsCodeSequence[0].CodeValue
+        return f"{measured.NumericValue} {unit}" if unit != "1" else str(measured.NumericValue)
+    if kind == "UIDREF":
+        return str(item.UID)
+    if kind in ("IMAGE", "COMPOSITE"):
+        ref = item.ReferencedSOPSequence[0]
+        frames = ref.get("ReferencedFrameNumber")
+        suffix = f" frame {frames}" if frames is not None else ""
+        return f"{ref.ReferencedSOPInstanceUID}{suffix}"
+    if kind in ("DATETIME", "DATE", "TIME"):
+        return str(item.get(kind.capitalize() if kind != "DATETIME" else "DateTime", ""))
+    return ""
+
+
+def content_lines(items: list[Dataset], depth: int = 0) -> Iterator[str]:
+    """One line per content item, indented by nesting depth; containers as headings."""
+    for item in items:
+        pad = "  " * depth
+        if item.get("ValueType") == "CONTAINER":
+            yield f"{pad}{_name(item)}:"
+        else:
+            yield f"{pad}{_name(item)}: {_value(item)}"
+        if item.get("ContentSequence"):
+            yield from content_lines(list(item.ContentSequence), depth + 1)
+
+
+def header_lines(ds: Dataset) -> Iterator[str]:
+    yield f"Document:     {_name(ds)}"
+    yield f"SOP Instance: {ds.get('SOPInstanceUID', '')}"
+    yield f"Study:        {ds.get('StudyInstanceUID', '')}"
+    yield f"Patient ID:   {ds.get('PatientID', '')}"
+    yield f"Status:       {ds.get('CompletionFlag', '')} / {ds.get('VerificationFlag', '')} / " \
+          f"{ds.get('PreliminaryFlag', '')}"
+    yield f"Content:      {ds.get('ContentDate', '')} {ds.get('ContentTime', '')}"
+
+
+def render(path: Path) -> str:
+    """The SR at `path` as text; ValueError when the file is not a DICOM SR."""
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable DICOM file ({exc})") from exc
+    if ds.get("Modality") != SR_MODALITY or "ContentSequence" not in ds:
+        raise ValueError(f"{path}: not a DICOM Structured Report (Modality {ds.get('Modality')!r})")
+    lines = [*header_lines(ds), "", *content_lines(list(ds.ContentSequence))]
+    return "\n".join(lines) + "\n"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `grok-pacs report`."""
+    parser = subparsers.add_parser(
+        "report", help="print a DICOM SR (e.g. one grok-pacs wrote under <data>/sr/) as readable text",
+        description="Print the header and the content tree of a DICOM Structured Report as indented text.",
+    )
+    parser.add_argument("file", type=Path, help="the SR file (.dcm)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        sys.stdout.write(render(args.file))
+    except ValueError as exc:
+        print(f"grok-pacs report: {exc}", file=sys.stderr)
+        return 2
+    return 0
