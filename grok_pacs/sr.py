@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import uuid
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Sequence
@@ -18,7 +19,6 @@ import highdicom as hd
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
-from pydicom.uid import generate_uid
 
 from grok_pacs import codes
 from grok_pacs.biomarkers import BY_KEY, format_value
@@ -34,11 +34,17 @@ AI_STATEMENT = (
 )
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 _UID_NAMESPACE = "grok-pacs/sr/v1"
+_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:grok-pacs:sr:v1")
 _TYPE2_PATIENT_STUDY = (
     "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
     "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
 )
 EYE_NAMES = {Eye.RIGHT: "Right eye", Eye.LEFT: "Left eye"}
+
+
+def derived_uid(*parts: str) -> str:
+    """A DICOM UID under 2.25 (PS3.5 B.2) from a name-based UUID: same parts, same UID, any machine."""
+    return f"2.25.{uuid.uuid5(_UUID_NAMESPACE, chr(31).join(parts)).int}"
 
 
 class SRBuildError(ValueError):
@@ -59,12 +65,12 @@ class SRKey:
 
     @property
     def sop_instance_uid(self) -> str:
-        return generate_uid(prefix=None, entropy_srcs=self._parts())
+        return derived_uid(*self._parts())
 
     @property
     def series_uid(self) -> str:
         """One SR series per analysis run (study version x bundle version); both eyes share it."""
-        return generate_uid(prefix=None, entropy_srcs=self._parts()[:-1] + ["series"])
+        return derived_uid(*self._parts()[:-1], "series")
 
     @property
     def instance_number(self) -> int:
@@ -76,7 +82,7 @@ class SRKey:
 
 def device_uid(bundle_name: str, bundle_version: str) -> str:
     """The AI device's UID: fixed for one model bundle, different for another."""
-    return generate_uid(prefix=None, entropy_srcs=[_UID_NAMESPACE, "device", bundle_name, bundle_version])
+    return derived_uid(_UID_NAMESPACE, "device", bundle_name, bundle_version)
 
 
 def _concept(code: codes.Code) -> CodedConcept:
@@ -154,7 +160,7 @@ def _eye_group(report: Report, key: SRKey, algorithm: hd.sr.AlgorithmIdentificat
     """TID 1501 group of one eye: finding site Retina + laterality, biomarkers, coded diagnosis."""
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=generate_uid(prefix=None, entropy_srcs=key._parts() + ["group"]),
+            uid=derived_uid(*key._parts(), "group"),
             identifier=f"{EYE_NAMES[key.eye]} retina",
         ),
         algorithm_id=algorithm,

@@ -1,0 +1,37 @@
+"""Checks every SR the project writes must pass: dciodvfy (no Error line) and DCMTK dsr2html rendering."""
+
+from __future__ import annotations
+
+import html
+import re
+import subprocess
+from pathlib import Path
+
+from conftest import require_tool
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The Error lines dicom3tools' dciodvfy prints for `path` (empty list = valid)."""
+    tool = require_tool("dciodvfy")
+    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return [line for line in lines if line.startswith("Error")]
+
+
+def dsr2html_text(path: Path) -> str:
+    """DCMTK's HTML rendering of the SR, reduced to whitespace-normalised plain text."""
+    tool = require_tool("dsr2html")
+    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"dsr2html failed on {path}: {proc.stderr}"
+    text = html.unescape(re.sub(r"<[^>]+>", " ", proc.stdout))
+    return re.sub(r"\s+", " ", text)
+
+
+def assert_valid_sr(path: Path, *expected_texts: str) -> str:
+    """dciodvfy reports no Error and dsr2html renders every expected text; returns the rendering."""
+    errors = dciodvfy_errors(path)
+    assert errors == [], f"dciodvfy errors in {path}: {errors}"
+    rendered = dsr2html_text(path)
+    for text in expected_texts:
+        assert re.sub(r"\s+", " ", text.strip()) in rendered, f"dsr2html of {path} lacks {text!r}"
+    return rendered
