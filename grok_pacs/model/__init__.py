@@ -1,0 +1,1 @@
+"""The GROK model definition shared by training (stages 2, 3), export and the runtime."""

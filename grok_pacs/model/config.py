@@ -1,0 +1,144 @@
+"""Configuration of the GROK model (SPEC §3): encoders, projectors, language model, generation.
+
+One dataclass tree, shared by training (stages 2 and 3), export and the runtime, and stored in every
+bundle's manifest (`GrokConfig.to_dict()` / `from_dict()`). `GrokConfig.full()` is the paper's model;
+`GrokConfig.tiny()` has the same shapes where they matter (224 px, patch 16, 196 tokens per modality)
+but tiny widths, for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: ImageNet mean / std (RETFound and RetiZero were trained with them).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """A timm VisionTransformer as RETFound / RetiZero build it (ViT-L/16 at full size)."""
+
+    img_size: int = 224  # input side in pixels; both checkpoints were trained at 224
+    patch_size: int = 16  # patch side; 224/16 = 14 -> 196 patch tokens
+    embed_dim: int = 1024  # token width D (ViT-L: 1024)
+    depth: int = 24  # number of transformer blocks (ViT-L: 24)
+    num_heads: int = 16  # attention heads per block (ViT-L: 16)
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * embed_dim
+    norm_eps: float = 1e-6  # LayerNorm epsilon used by RETFound's models_vit
+    lora_rank: int = 0  # rank of the q/v LoRA of the source checkpoint (RetiZero: 8; 0 = none). Merged at load.
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens per image (196 at 224/16)."""
+        return (self.img_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """The LLaVA-style projectors of SPEC §3 (encoder tokens -> LLM embeddings)."""
+
+    vision_dim: int = 1024  # encoder token width (both encoders must agree)
+    llm_hidden_size: int = 3584  # LLM embedding width H (Qwen2-7B: 3584)
+    missing_modality: str = "learned"  # how an absent modality is fed: "learned" = one learned placeholder embedding
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """The Qwen2 causal LM. Full size is read from its local directory; these fields build tiny test models
+    and are checked against the loaded model (hidden_size)."""
+
+    hidden_size: int = 3584  # embedding / residual width H
+    num_hidden_layers: int = 28  # decoder layers
+    num_attention_heads: int = 28  # query heads
+    num_key_value_heads: int = 4  # KV heads (grouped-query attention)
+    intermediate_size: int = 18944  # MLP width
+    vocab_size: int = 152064  # rows of the embedding matrix (tokenizer size incl. added tokens, padded)
+    max_position_embeddings: int = 32768  # longest supported sequence
+    rope_theta: float = 1_000_000.0  # rotary base
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding defaults of the runtime (deterministic, bounded)."""
+
+    max_new_tokens: int = 512  # hard bound on generated tokens per eye (the paper allows 1024; reports are <= 300 words)
+    temperature: float = 0.0  # 0 = greedy (deterministic); > 0 samples (the paper used 0.2)
+    score_labels: bool = True  # also score each label after "Diagnosis:" (7 short continuations, one prefill)
+    min_label_probability: float = 0.5  # without a valid diagnosis line, use the scored label only above this
+
+
+@dataclass(frozen=True)
+class GrokConfig:
+    """The whole model: two encoders, projectors, the LLM and how the runtime decodes."""
+
+    cfp_encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(lora_rank=8))  # RetiZero (CFP)
+    oct_encoder: EncoderConfig = field(default_factory=EncoderConfig)  # RETFound, stage-2 aligned (OCT)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)  # CFP and OCT projectors
+    llm: LLMConfig = field(default_factory=LLMConfig)  # Qwen2-7B-Instruct
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # runtime decoding defaults
+    image_token: str = "<image>"  # the one prompt token that the 196 + 196 visual embeddings replace
+    max_length: int = 2048  # training sequence limit, visual embeddings included
+
+    @classmethod
+    def full(cls) -> "GrokConfig":
+        """The paper's model: ViT-L/16 encoders, Qwen2-7B (H = 3584)."""
+        return cls()
+
+    @classmethod
+    def tiny(cls, vocab_size: int = 512) -> "GrokConfig":
+        """Same token counts as the full model, tiny widths: builds and runs in a second on a CPU."""
+        enc = EncoderConfig(embed_dim=32, depth=2, num_heads=2)
+        llm = LLMConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=128, vocab_size=vocab_size, max_position_embeddings=2048,
+                        rope_theta=10_000.0)
+        return cls(
+            cfp_encoder=EncoderConfig(embed_dim=32, depth=2, num_heads=2, lora_rank=4),
+            oct_encoder=enc,
+            projector=ProjectorConfig(vision_dim=32, llm_hidden_size=64),
+            llm=llm,
+            generation=GenerationConfig(max_new_tokens=48),
+            max_length=1024,
+        )
+
+    @property
+    def visual_tokens(self) -> int:
+        """Visual embeddings spliced at the image token when both modalities are present (392)."""
+        return self.cfp_encoder.num_patches + self.oct_encoder.num_patches
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GrokConfig":
+        """Inverse of to_dict; unknown keys are an error that names them (a bundle from a newer version)."""
+        parts = {"cfp_encoder": EncoderConfig, "oct_encoder": EncoderConfig, "projector": ProjectorConfig,
+                 "llm": LLMConfig, "generation": GenerationConfig}
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown GrokConfig fields: {sorted(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in parts:
+                sub = parts[key]
+                bad = set(value) - set(sub.__dataclass_fields__)
+                if bad:
+                    raise ValueError(f"unknown {key} fields: {sorted(bad)}")
+                kwargs[key] = sub(**value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    def check(self) -> None:
+        """Shapes that must agree; raises ValueError naming the mismatch."""
+        for name, enc in (("cfp_encoder", self.cfp_encoder), ("oct_encoder", self.oct_encoder)):
+            if enc.embed_dim != self.projector.vision_dim:
+                raise ValueError(f"{name}.embed_dim {enc.embed_dim} != projector.vision_dim {self.projector.vision_dim}")
+            if enc.img_size % enc.patch_size:
+                raise ValueError(f"{name}: img_size {enc.img_size} is not a multiple of patch_size {enc.patch_size}")
+        if self.projector.llm_hidden_size != self.llm.hidden_size:
+            raise ValueError(f"projector.llm_hidden_size {self.projector.llm_hidden_size} != llm.hidden_size "
+                             f"{self.llm.hidden_size}")
+        if self.projector.missing_modality != "learned":
+            raise ValueError(f"projector.missing_modality {self.projector.missing_modality!r}: only 'learned'")
