@@ -80,7 +80,7 @@ def pretrain_stand_in(records: Sequence[dict], tokenizer: PreTrainedTokenizerBas
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()

@@ -1,0 +1,124 @@
+"""Stage-3 checkpoints without pickle: safetensors for tensors, JSON for the rest.
+
+A checkpoint holds what resuming needs: the trainable weights (LoRA + projectors), the AdamW state, the RNG
+state, and where the loop was (epoch, micro-batch, optimiser step, loss history). The scheduler is rebuilt
+and fast-forwarded to the step. Writes go to a temporary folder that is renamed into place, so a run killed
+mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CHECKPOINT_DIR = "checkpoints"
+LATEST = "latest"
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint that does not belong to this run (other config or other parameters)."""
+
+
+@dataclass
+class LoopState:
+    """Where training stands; `micro` is the next micro-batch index within `epoch`."""
+
+    epoch: int = 0
+    micro: int = 0
+    step: int = 0
+    train_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    config_digest: str = ""
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, loop: LoopState) -> Path:
+    """Write `run_dir/checkpoints/latest` atomically (the previous one is replaced only when complete)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{loop.step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"loop": asdict(loop), "optimizer": opt_meta}, indent=1))
+    final = root / LATEST
+    old = root / ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    path = Path(run_dir) / CHECKPOINT_DIR / LATEST
+    return path if (path / "state.json").is_file() else None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config_digest: str) -> LoopState:
+    """Restore weights, optimiser and RNG from `path`; refuses a checkpoint of another configuration."""
+    meta = json.loads((path / "state.json").read_text())
+    loop = LoopState(**meta["loop"])
+    loop.train_losses = [tuple(x) for x in loop.train_losses]  # type: ignore[misc]
+    loop.val_losses = [tuple(x) for x in loop.val_losses]  # type: ignore[misc]
+    if loop.config_digest != config_digest:
+        raise CheckpointMismatch(f"checkpoint {path} was written by config {loop.config_digest}, this run is "
+                                 f"{config_digest}: use a new output folder or --no-resume")
+    weights = load_file(str(path / "trainable.safetensors"))
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        diff = sorted(set(weights) ^ expected)[:5]
+        raise CheckpointMismatch(f"checkpoint {path} holds other trainable parameters: {diff}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    opt_state = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
+    optimizer.load_state_dict(opt_state)
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return loop

@@ -1,0 +1,234 @@
+"""The stage-3 SFT loop: LoRA + projectors train, everything else is frozen.
+
+Loss on assistant tokens only (labels from `grok_pacs.prompt`; spliced visual positions carry none), summed
+over the tokens of a whole accumulation window and divided by their count (so gradient accumulation gives
+the same update as one big batch), AdamW with two learning rates (LoRA / projectors), linear warmup then
+cosine decay, gradient clipping, bf16 autocast on a GPU that supports it and fp32 on the CPU, optional
+gradient checkpointing. Checkpoints (safetensors + JSON) are written at step boundaries; `fit(resume=True)`
+continues from the last one. Progress is a tqdm bar; the loss curve is saved as a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from grok_pacs.model.grok import GrokModel
+from training.stage3.checkpoint import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
+from training.stage3.config import Stage3Config
+from training.stage3.data import SFTDataset, collate, target_token_count
+
+log = logging.getLogger(__name__)
+
+CURVE_PNG = "loss_curve.png"
+HISTORY_JSON = "loss_history.json"
+
+
+def select_precision(cfg: Stage3Config) -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype or None): bf16 on a CUDA GPU with bf16 support, fp32 on the CPU."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cfg.precision == "fp32":
+        return device, None
+    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    if cfg.precision == "bf16":
+        if not bf16_ok:
+            raise RuntimeError("precision 'bf16' needs a CUDA GPU with bf16 support; use 'auto' or 'fp32' on a CPU")
+        return device, torch.bfloat16
+    return device, (torch.bfloat16 if bf16_ok else None)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_losses: list[tuple[int, float]]
+    val_losses: list[tuple[int, float]]
+    seconds: float
+    curve_png: Path
+
+    @property
+    def first_val_loss(self) -> float | None:
+        return self.val_losses[0][1] if self.val_losses else None
+
+    @property
+    def last_val_loss(self) -> float | None:
+        return self.val_losses[-1][1] if self.val_losses else None
+
+
+class SFTTrainer:
+    """Trains `model` (a GrokModel whose LLM carries LoRA) on `train`, measuring loss on `val`."""
+
+    def __init__(self, model: GrokModel, cfg: Stage3Config, train: SFTDataset, val: SFTDataset | None,
+                 run_dir: Path, pad_id: int, progress: bool = True) -> None:
+        if len(train) == 0:
+            raise ValueError("stage 3: no training samples")
+        self.model, self.cfg, self.train_ds, self.val_ds = model, cfg, train, val
+        self.run_dir, self.pad_id, self.progress = Path(run_dir), pad_id, progress
+        self.device, self.autocast_dtype = select_precision(cfg)
+        self.model.to(self.device)
+        self.micro_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.optimizer = self._optimizer()
+        if cfg.gradient_checkpointing:
+            model.llm.config.use_cache = False
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        lora = [p for n, p in self.model.llm.named_parameters() if p.requires_grad]
+        projectors = [p for p in self.model.projectors.parameters() if p.requires_grad]
+        if not lora:
+            raise RuntimeError("stage 3: the LLM has no trainable (LoRA) parameters")
+        if not projectors:
+            raise RuntimeError("stage 3: the projectors have no trainable parameters")
+        groups = [{"params": lora, "lr": self.cfg.lr, "name": "lora"},
+                  {"params": projectors, "lr": self.cfg.projector_lr, "name": "projectors"}]
+        return torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999))
+
+    def _scheduler(self, step: int) -> torch.optim.lr_scheduler.LambdaLR:
+        warmup = math.ceil(self.cfg.warmup_ratio * self.total_steps)
+        scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
+        for _ in range(step):  # fast-forward after a resume (the LambdaLR state holds no tensors)
+            scheduler.step()
+        return scheduler
+
+    def _order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        return torch.randperm(len(self.train_ds), generator=generator).tolist()
+
+    def _windows(self, epoch: int, start_micro: int) -> Iterator[list[list[int]]]:
+        order = self._order(epoch)
+        size, accum = self.cfg.batch_size, self.cfg.grad_accum
+        micro = [order[i:i + size] for i in range(0, len(order), size)]
+        for first in range(start_micro, len(micro), accum):
+            yield micro[first:first + accum]
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        moved = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels")}
+        for key in ("cfp_tokens", "oct_tokens"):
+            moved[key] = [t.to(self.device) if t is not None else None for t in batch[key]]
+        return moved
+
+    def _autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _loss_sum(self, batch: dict[str, Any], denominator: int) -> torch.Tensor:
+        """Sum of the batch's assistant-token losses divided by `denominator` (the window's token count)."""
+        with self._autocast():
+            out = self.model(**self._to_device(batch), num_items_in_batch=denominator)
+        return out.loss.float()
+
+    def _step(self, window: list[list[int]]) -> float:
+        batches = [collate((self.train_ds[i] for i in idx), self.pad_id) for idx in window]
+        tokens = sum(target_token_count(b) for b in batches)
+        if tokens == 0:
+            raise ValueError(f"records {batches[0]['record_ids'][:3]}... carry no assistant tokens")
+        total = 0.0
+        for batch in batches:
+            loss = self._loss_sum(batch, tokens)
+            loss.backward()
+            total += float(loss.detach())
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    @torch.no_grad()
+    def evaluate(self, dataset: SFTDataset | None = None) -> float:
+        """Mean loss per assistant token over a dataset (the validation set by default)."""
+        dataset = dataset if dataset is not None else self.val_ds
+        if dataset is None or len(dataset) == 0:
+            return float("nan")
+        was_training = self.model.training
+        self.model.eval()
+        total, tokens = 0.0, 0
+        for start in range(0, len(dataset), self.cfg.batch_size):
+            batch = collate((dataset[i] for i in range(start, min(start + self.cfg.batch_size, len(dataset)))),
+                            self.pad_id)
+            total += float(self._loss_sum(batch, 1))
+            tokens += target_token_count(batch)
+        self.model.train(was_training)
+        return total / max(tokens, 1)
+
+    def fit(self, resume: bool = True) -> TrainResult:
+        """Train for `cfg.epochs` (continuing from the latest checkpoint when `resume`)."""
+        torch.manual_seed(self.cfg.seed)
+        loop = LoopState(config_digest=self.cfg.digest())
+        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        if checkpoint is not None:
+            loop = load_checkpoint(checkpoint, self.model, self.optimizer, self.cfg.digest())
+            log.info("stage 3: resumed from %s at step %d", checkpoint, loop.step)
+        scheduler = self._scheduler(loop.step)
+        if not loop.val_losses and self.val_ds is not None:
+            loop.val_losses.append((0, self.evaluate()))
+        started = time.monotonic()
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=loop.step, desc="stage 3: LoRA SFT", unit="step",
+                   disable=not self.progress)
+        while loop.epoch < self.cfg.epochs:
+            for window in self._windows(loop.epoch, loop.micro):
+                loss = self._step(window)
+                scheduler.step()
+                loop.step += 1
+                loop.micro += len(window)
+                loop.train_losses.append((loop.step, loss))
+                bar.update(1)
+                bar.set_postfix(epoch=loop.epoch + 1, loss=f"{loss:.3f}")
+                self._periodic(loop, every_eval=self.cfg.eval_every, every_ckpt=self.cfg.checkpoint_every)
+            loop.epoch += 1
+            loop.micro = 0
+            self._periodic(loop, every_eval=0, every_ckpt=0, epoch_end=True)
+        bar.close()
+        self.model.eval()
+        curve = self.plot(loop)
+        return TrainResult(loop.step, loop.train_losses, loop.val_losses, time.monotonic() - started, curve)
+
+    def _periodic(self, loop: LoopState, every_eval: int, every_ckpt: int, epoch_end: bool = False) -> None:
+        """Validation loss and checkpoint at their step interval, or at the epoch end when the interval is 0."""
+        due_eval = (every_eval and loop.step % every_eval == 0) or (epoch_end and not self.cfg.eval_every)
+        if due_eval and self.val_ds is not None:
+            loop.val_losses.append((loop.step, self.evaluate()))
+            log.info("stage 3: step %d validation loss %.4f", loop.step, loop.val_losses[-1][1])
+        due_ckpt = (every_ckpt and loop.step % every_ckpt == 0) or (epoch_end and not self.cfg.checkpoint_every)
+        if due_ckpt:
+            save_checkpoint(self.run_dir, self.model, self.optimizer, loop)
+
+    def plot(self, loop: LoopState) -> Path:
+        """loss_curve.png (training loss per step, validation loss per evaluation) and loss_history.json."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / HISTORY_JSON).write_text(json.dumps(
+            {"train": loop.train_losses, "val": loop.val_losses}, indent=1))
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if loop.train_losses:
+            steps, losses = zip(*loop.train_losses)
+            ax.plot(steps, losses, lw=0.8, alpha=0.8, label="training loss (per step)")
+        if loop.val_losses:
+            steps, losses = zip(*loop.val_losses)
+            ax.plot(steps, losses, "o-", label="validation loss")
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("loss per assistant token")
+        ax.set_title(f"stage 3 LoRA SFT ({self.cfg.name})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = self.run_dir / CURVE_PNG
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
