@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     bundle: Path | None = None  # model bundle directory the worker serves
     destination: Peer | None = None  # PACS that receives the SRs (AE@HOST:PORT)
     delivery_max_retries: int = Field(8, ge=0)  # transient delivery failures retried this many times
+    delivery_backoff_s: float = Field(2.0, gt=0)  # first delivery retry after this long; doubles per retry
+    delivery_backoff_max_s: float = Field(300.0, gt=0)  # longest wait between two delivery retries
     metrics_port: int = Field(0, ge=0, le=65535)  # Prometheus / health HTTP port; 0 = off
 
     @field_validator("ae_title")
