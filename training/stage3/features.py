@@ -106,6 +106,7 @@ def encode_images(encoder: nn.Module, images: torch.Tensor, batch_size: int, dev
                   desc: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """[N,3,224,224] -> tokens [N,196,D] and pooled [N,D] (float32), the encoder in eval mode, no grad."""
     encoder.eval()
+    encoder.requires_grad_(False)
     tokens, pooled = [], []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
         batch = images[start:start + batch_size].to(device=device, dtype=torch.float32)
@@ -125,8 +126,6 @@ def compute_features(manifest: Path, cfp_encoder: nn.Module, oct_encoder: nn.Mod
     manifest = Path(manifest)
     cache_dir = Path(cache_dir)
     image_cache = Path(image_cache_dir) if image_cache_dir else cache_dir / "images"
-    for encoder in (cfp_encoder, oct_encoder):
-        encoder.requires_grad_(False)
     records = load_manifest(manifest)
     ids = [eye_id(r.subject_id, r.eye) for r in records]
     key = hashlib.sha256(json.dumps([FEATURES_VERSION, str(token_dtype), module_digest(cfp_encoder),

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -97,8 +98,10 @@ class SFTTrainer:
     def _scheduler(self, step: int) -> torch.optim.lr_scheduler.LambdaLR:
         warmup = math.ceil(self.cfg.warmup_ratio * self.total_steps)
         scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
-        for _ in range(step):  # fast-forward after a resume (the LambdaLR state holds no tensors)
-            scheduler.step()
+        with warnings.catch_warnings():  # fast-forward after a resume; no optimiser step is missing
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step):
+                scheduler.step()
         return scheduler
 
     def _order(self, epoch: int) -> list[int]:
@@ -162,8 +165,12 @@ class SFTTrainer:
         self.model.train(was_training)
         return total / max(tokens, 1)
 
-    def fit(self, resume: bool = True) -> TrainResult:
-        """Train for `cfg.epochs` (continuing from the latest checkpoint when `resume`)."""
+    def fit(self, resume: bool = True, max_steps: int | None = None) -> TrainResult:
+        """Train for `cfg.epochs` (continuing from the latest checkpoint when `resume`).
+
+        `max_steps` stops early after that many optimiser steps in all (a checkpoint is written there), as
+        an interruption would; a later `fit()` continues from it.
+        """
         torch.manual_seed(self.cfg.seed)
         loop = LoopState(config_digest=self.cfg.digest())
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
@@ -187,6 +194,11 @@ class SFTTrainer:
                 bar.update(1)
                 bar.set_postfix(epoch=loop.epoch + 1, loss=f"{loss:.3f}")
                 self._periodic(loop, every_eval=self.cfg.eval_every, every_ckpt=self.cfg.checkpoint_every)
+                if max_steps is not None and loop.step >= max_steps:
+                    save_checkpoint(self.run_dir, self.model, self.optimizer, loop)
+                    bar.close()
+                    return TrainResult(loop.step, loop.train_losses, loop.val_losses,
+                                       time.monotonic() - started, self.plot(loop))
             loop.epoch += 1
             loop.micro = 0
             self._periodic(loop, every_eval=0, every_ckpt=0, epoch_end=True)

@@ -1,0 +1,216 @@
+"""Stage 3 (LoRA SFT): what trains and what does not, where the loss falls, accumulation, resume, tokenizer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from grok_pacs.labels import DIAGNOSTIC_LABELS
+from grok_pacs.model.config import GrokConfig, ProjectorConfig
+from grok_pacs.model.grok import GrokModel, ensure_image_token
+from grok_pacs.model.projector import Projectors
+from grok_pacs.model.vit import build_encoder
+from grok_pacs.prompt import IGNORE_INDEX, human_turn
+from training.stage3.checkpoint import CheckpointMismatch
+from training.stage3.config import Stage3Config, StandInLLMConfig
+from training.stage3.data import SFTDataset, build_samples, collate
+from training.stage3.features import FeatureStore, encode_images
+from training.stage3.lora import LoraSetupError, attach_lora, check_lora_trainable, load_base_llm, merged_copy
+from training.stage3.pretrain_llm import pretrain_stand_in
+from training.stage3.train import SFTTrainer, select_precision
+from training.tokenizer import IM_END, IM_START, IMAGE_TOKEN, load_tokenizer, save_tokenizer, train_bpe
+
+torch.set_num_threads(1)
+
+STAND_IN = StandInLLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                            intermediate_size=64, epochs=1, batch_size=8, max_length=256)
+CFG = Stage3Config.small(stand_in=STAND_IN, lora_r=4, lora_alpha=8, lora_dropout=0.0, epochs=2, batch_size=4,
+                         lr=5e-3, projector_lr=5e-3, warmup_ratio=0.1)
+
+
+def _records(n: int) -> list[dict]:
+    records = []
+    for i in range(n):
+        label = DIAGNOSTIC_LABELS[i % 3].value
+        reply = f"The optic disc and macula show the pattern of {label.lower()} in this eye."
+        records.append({"id": f"P{i:03d}_R", "label": label, "image": "cfp.png", "octs": "oct.dcm",
+                        "conversations": [{"from": "human", "value": human_turn()}, {"from": "gpt", "value": reply}]})
+    return records
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Tokenizer, stand-in LLM directory, real tiny encoders and their cached features for 12 eyes."""
+    root = tmp_path_factory.mktemp("stage3")
+    records = _records(12)
+    texts = [r["conversations"][1]["value"] for r in records] + [human_turn()]
+    save_tokenizer(train_bpe(texts * 3, vocab_size=300, min_frequency=1), root / "tokenizer")
+    tokenizer = load_tokenizer(root / "tokenizer")
+    pretrain_stand_in(records, tokenizer, STAND_IN, root / "llm", progress=False)
+    grok = GrokConfig.tiny()
+    cfp_encoder, oct_encoder = build_encoder(grok.cfp_encoder), build_encoder(grok.oct_encoder)
+    images = torch.randn(len(records), 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    cfp, cfp_pooled = encode_images(cfp_encoder, images, 6, torch.device("cpu"), "cfp", False)
+    oct_, oct_pooled = encode_images(oct_encoder, images.flip(-1), 6, torch.device("cpu"), "oct", False)
+    store = FeatureStore([r["id"] for r in records], cfp, oct_, cfp_pooled, oct_pooled)
+    return {"root": root, "records": records, "tokenizer": tokenizer, "store": store, "grok": grok,
+            "encoders": (cfp_encoder, oct_encoder), "images": images}
+
+
+def _model(tiny: dict, cfg: Stage3Config = CFG, seed: int = 0) -> GrokModel:
+    torch.manual_seed(seed)
+    llm = load_base_llm(tiny["root"] / "llm")
+    image_id = ensure_image_token(tiny["tokenizer"], llm)
+    projectors = Projectors(ProjectorConfig(vision_dim=tiny["grok"].projector.vision_dim,
+                                            llm_hidden_size=STAND_IN.hidden_size))
+    return GrokModel(attach_lora(llm, cfg), projectors, image_id)
+
+
+def _trainer(tiny: dict, run_dir: Path, cfg: Stage3Config = CFG, seed: int = 0) -> SFTTrainer:
+    samples = build_samples(tiny["records"], tiny["tokenizer"], tiny["store"], max_length=cfg.max_length)
+    return SFTTrainer(_model(tiny, cfg, seed), cfg, SFTDataset(samples[:8], tiny["store"]),
+                      SFTDataset(samples[8:], tiny["store"]), run_dir, tiny["tokenizer"].pad_token_id, progress=False)
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_lora_and_projectors_change_encoders_and_base_do_not(tiny: dict, tmp_path: Path) -> None:
+    trainer = _trainer(tiny, tmp_path)
+    model = trainer.model
+    encoders_before = [_snapshot(e) for e in tiny["encoders"]]
+    lora_before = {n: p.detach().clone() for n, p in model.llm.named_parameters() if "lora_" in n}
+    base_before = {n: p.detach().clone() for n, p in model.llm.named_parameters() if "lora_" not in n}
+    proj_before = _snapshot(model.projectors)
+    assert lora_before and all("lora_A" in n or "lora_B" in n for n in lora_before)
+    trainer.fit(max_steps=3)
+    lora_after = dict(model.llm.named_parameters())
+    changed = [n for n, v in lora_before.items() if not torch.equal(v, lora_after[n])]
+    assert len(changed) == len(lora_before), f"LoRA tensors that did not train: {set(lora_before) - set(changed)}"
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert any(f".{name}.lora_B" in n for n in changed), name
+    proj_after = model.projectors.state_dict()
+    assert all(not torch.equal(v, proj_after[k]) for k, v in proj_before.items() if "missing" not in k)
+    for name, value in base_before.items():
+        assert torch.equal(value, lora_after[name]), f"base LLM weight {name} changed"
+    for before, encoder in zip(encoders_before, tiny["encoders"]):
+        assert all(torch.equal(v, encoder.state_dict()[k]) for k, v in before.items())
+        assert not any(p.requires_grad for p in encoder.parameters())
+
+
+def test_frozen_lora_is_refused(tiny: dict) -> None:
+    """The paper's code froze its adapters after attaching them; ours refuses to train like that."""
+    model = _model(tiny)
+    for name, param in model.llm.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(False)
+    with pytest.raises(LoraSetupError, match="would not train"):
+        check_lora_trainable(model.llm, CFG.lora_targets)
+
+
+def test_loss_falls_on_assistant_tokens_only(tiny: dict) -> None:
+    tokenizer = tiny["tokenizer"]
+    samples = build_samples(tiny["records"][:2], tokenizer, tiny["store"], max_length=CFG.max_length)
+    header = tokenizer(f"{IM_START}assistant\n", add_special_tokens=False)["input_ids"]
+    reply_text = tiny["records"][0]["conversations"][1]["value"]
+    for sample in samples:
+        ids = sample.input_ids
+        start = next(i + len(header) for i in range(len(ids)) if ids[i:i + len(header)] == header)
+        assert sample.labels[:start] == [IGNORE_INDEX] * start
+        assert sample.labels[start:] == ids[start:]
+        decoded = tokenizer.decode(ids[start:])
+        assert decoded.endswith(IM_END) and "\nDiagnosis: " in decoded and IMAGE_TOKEN not in decoded
+    assert reply_text.split()[0] in tokenizer.decode(samples[0].input_ids[start:])
+    model = _model(tiny).eval()
+    batch = collate(SFTDataset(samples, tiny["store"]), tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                     cfp_tokens=batch["cfp_tokens"], oct_tokens=batch["oct_tokens"]).loss
+        spliced = model.splice(batch["input_ids"], batch["attention_mask"], None, batch["cfp_tokens"],
+                               batch["oct_tokens"])
+        logits = model.llm(**spliced).logits
+    # Expected: the visual embeddings (392) replace the one image token, so each assistant token sits 391
+    # places later in the spliced sequence; cross-entropy over those positions only.
+    terms = []
+    for row, sample in enumerate(samples):
+        start = next(i + len(header) for i in range(len(sample.input_ids))
+                     if sample.input_ids[i:i + len(header)] == header)
+        for pos in range(start, len(sample.input_ids)):
+            where = pos + 391
+            terms.append(torch.nn.functional.cross_entropy(logits[row, where - 1], torch.tensor(sample.input_ids[pos])))
+    assert torch.allclose(loss, torch.stack(terms).mean(), atol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny: dict, tmp_path: Path) -> None:
+    big = _trainer(tiny, tmp_path / "big", replace(CFG, batch_size=4, grad_accum=1))
+    small = _trainer(tiny, tmp_path / "small", replace(CFG, batch_size=2, grad_accum=2))
+    big.fit(max_steps=1)
+    small.fit(max_steps=1)
+    a, b = dict(big.model.named_parameters()), dict(small.model.named_parameters())
+    trained = [n for n, p in a.items() if p.requires_grad]
+    assert trained
+    for name in trained:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_resume_continues_as_if_never_interrupted(tiny: dict, tmp_path: Path) -> None:
+    straight = _trainer(tiny, tmp_path / "straight")
+    result = straight.fit()
+    interrupted = _trainer(tiny, tmp_path / "resumed")
+    interrupted.fit(max_steps=3)
+    resumed = _trainer(tiny, tmp_path / "resumed", seed=123)  # fresh weights: all must come from the checkpoint
+    again = resumed.fit()
+    assert again.steps == result.steps == 4
+    a, b = dict(straight.model.named_parameters()), dict(resumed.model.named_parameters())
+    for name, param in a.items():
+        if param.requires_grad:
+            assert torch.allclose(param, b[name], atol=1e-6), name
+    assert [s for s, _ in again.train_losses] == [1, 2, 3, 4]
+    assert result.curve_png.is_file() and result.curve_png.stat().st_size > 1000
+    history = json.loads((tmp_path / "straight" / "loss_history.json").read_text())
+    assert len(history["train"]) == 4 and len(history["val"]) == 3  # before training + each epoch end
+    other = _trainer(tiny, tmp_path / "resumed", replace(CFG, lr=1e-3))
+    with pytest.raises(CheckpointMismatch, match="config"):
+        other.fit()
+
+
+def test_merged_lora_generates_like_the_adapter(tiny: dict, tmp_path: Path) -> None:
+    trainer = _trainer(tiny, tmp_path)
+    trainer.fit(max_steps=2)
+    model = trainer.model.eval()
+    batch = collate(SFTDataset(build_samples(tiny["records"][:1], tiny["tokenizer"], tiny["store"],
+                                             max_length=CFG.max_length), tiny["store"]), 0)
+    spliced = model.splice(batch["input_ids"], None, None, batch["cfp_tokens"], batch["oct_tokens"])
+    with torch.no_grad():
+        expected = model.llm(**spliced).logits
+        merged = merged_copy(model.llm)(**spliced).logits
+    assert torch.allclose(expected, merged, atol=1e-4)
+
+
+def test_precision_is_fp32_on_cpu_and_bf16_is_refused_there() -> None:
+    if torch.cuda.is_available():
+        pytest.fail("this test describes the CPU machine CI runs on")
+    assert select_precision(CFG) == (torch.device("cpu"), None)
+    with pytest.raises(RuntimeError, match="bf16"):
+        select_precision(replace(CFG, precision="bf16"))
+
+
+def test_phantom_tokenizer_keeps_chatml_and_image_tokens_whole(tmp_path: Path) -> None:
+    texts = ["Cup-to-disc ratio 0.72 with thinning of the RNFL. Diagnosis: Glaucoma"] * 20
+    save_tokenizer(train_bpe(texts, vocab_size=280), tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{IMAGE_TOKEN}\nHello"}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt.startswith(f"{IM_START}system\nYou are a helpful assistant.{IM_END}\n")
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for special in (IM_START, IM_END, IMAGE_TOKEN):
+        assert tokenizer.convert_tokens_to_ids(special) in ids
+    assert ids.count(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)) == 1
+    assert tokenizer.decode(ids) == prompt
+    text = "Unseen wørds: ΔRNFL −3 µm"  # byte-level: nothing is unknown
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
