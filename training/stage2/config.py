@@ -28,6 +28,7 @@ class Stage2Config:
 
     manifest: str = ""  # cohort manifest CSV (training/manifest.py format)
     out_dir: str = ""  # run folder: checkpoints, metrics.jsonl, curve.png, eval.json/.md, heads
+    cache_dir: str = ""  # preprocessed-image cache ("" = <out_dir>/cache); may be shared with stage 3
     modality: str = "OCT"  # "OCT": foveal B-scan + 31 OCT biomarkers; "CFP": fundus photo + 6 CFP biomarkers
     model_preset: str = "tiny"  # encoder shape from GrokConfig.tiny() or GrokConfig.full()
     encoder_overrides: dict[str, Any] = field(default_factory=dict)  # EncoderConfig fields to change
@@ -75,6 +76,10 @@ class Stage2Config:
         return replace(base, **changes)
 
     # ---- derived -------------------------------------------------------------------------------------
+    @property
+    def image_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.out_dir) / "cache"
+
     @property
     def biomarker_keys(self) -> tuple[str, ...]:
         return OCT_KEYS if self.modality == "OCT" else CFP_KEYS

@@ -41,7 +41,7 @@ class RidgeProbe:
     def as_linear(self) -> tuple[np.ndarray, np.ndarray]:
         """(weight [n, D], bias [n]) with predict(x) == x @ weight.T + bias: the probe as one Linear layer."""
         scaled = self.coef / self.x_scale[:, None]  # [D, n]
-        weight = (scaled * self.y_scale[None, :]).T
+        weight = np.ascontiguousarray((scaled * self.y_scale[None, :]).T)  # C order: safetensors writes raw memory
         bias = self.y_mean + self.y_scale * (self.intercept - self.x_mean @ scaled)
         return weight, bias
 

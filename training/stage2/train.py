@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 LAST, BEST = "last.safetensors", "best.safetensors"
 INIT_ENCODER, ENCODER = "encoder-init.safetensors", "encoder.safetensors"
 #: Fields that may differ between a run and the run it resumes (they do not change what is computed).
-RESUME_FREE_FIELDS = {"out_dir", "manifest", "device", "progress", "num_threads", "eval_batch_size", "resume"}
+RESUME_FREE_FIELDS = {"out_dir", "manifest", "cache_dir", "device", "progress", "num_threads", "eval_batch_size",
+                      "resume"}
 
 
 @dataclass(frozen=True)
@@ -254,7 +255,7 @@ def run(cfg: Stage2Config) -> Stage2Result:
     """Manifest + config -> trained encoder, checkpoint, evaluation report and biomarker head."""
     cfg.check()
     out = Path(cfg.out_dir)
-    data = load_data(cfg.manifest, cfg.modality, cfg.biomarker_keys, out / "cache", cfg.progress)
+    data = load_data(cfg.manifest, cfg.modality, cfg.biomarker_keys, cfg.image_cache_dir, cfg.progress)
     outcome = train(cfg, data)
     aligned = load_best_encoder(cfg, out)
     plain = load_encoder(out / INIT_ENCODER)
