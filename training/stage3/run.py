@@ -1,0 +1,219 @@
+"""Stage 3 end to end: instructions + cohort + stage-2 encoders/heads -> adapter, projectors, merged LLM.
+
+Steps (each reuses its output when it is already there, so an interrupted run continues):
+1. tokenizer: the one in `cfg.tokenizer_dir`, else the base LLM's, else a phantom BPE trained on the
+   training split's conversations (`training.tokenizer`);
+2. LLM base: `cfg.base_llm_dir` (real Qwen2), else the stand-in tiny Qwen2 pretrained on the training split's
+   conversations (`pretrain_llm`, documented as a stand-in);
+3. frozen-encoder features for every eye (`features`), and, with `cfg.biomarker_estimates`, the biomarker
+   heads' predictions for every eye (what the runtime will put in the prompt);
+4. LoRA SFT (`train`) on the `train` split, validation loss on `val`;
+5. outputs: `adapter/` (PEFT), `projectors.safetensors`, `llm_merged/` (LoRA merged, what the bundle
+   serves), `stage3.json` (config, losses, timings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from grok_pacs.biomarkers import CFP_KEYS, OCT_KEYS
+from grok_pacs.model.checkpoints import load_encoder
+from grok_pacs.model.config import GenerationConfig, GrokConfig, LLMConfig, ProjectorConfig
+from grok_pacs.model.grok import GrokModel, ensure_image_token
+from grok_pacs.model.heads import BiomarkerHead, estimates_in_range
+from grok_pacs.model.projector import Projectors
+from training.stage3.config import Stage3Config
+from training.stage3.data import SFTDataset, build_samples, load_instructions
+from training.stage3.features import FeatureStore, compute_features, eye_id
+from training.stage3.lora import attach_lora, load_base_llm, save_adapter
+from training.stage3.pretrain_llm import STAND_IN_FILE, pretrain_stand_in
+from training.stage3.train import SFTTrainer, TrainResult
+from training.tokenizer import load_tokenizer, save_tokenizer, train_phantom_tokenizer
+
+log = logging.getLogger(__name__)
+
+REPORT_JSON = "stage3.json"
+ADAPTER_DIR, MERGED_DIR, TOKENIZER_DIR, STAND_IN_DIR = "adapter", "llm_merged", "tokenizer", "llm_stand_in"
+PROJECTORS_FILE = "projectors.safetensors"
+
+
+@dataclass(frozen=True)
+class Stage3Inputs:
+    """What stage 3 consumes from stages 1 and 2."""
+
+    instructions: Path  #: stage-1 JSONL (the paper's record format), one record per eye
+    manifest: Path  #: the cohort manifest: images, splits
+    cfp_encoder: Path  #: CFP encoder weights (safetensors from stage 2, or a RetiZero .pth)
+    oct_encoder: Path  #: OCT encoder weights (the stage-2 aligned RETFound)
+    cfp_head: Path  #: CFP biomarker head (safetensors)
+    oct_head: Path  #: OCT biomarker head (safetensors)
+    image_cache_dir: Path | None = None  #: the preprocessed-image cache shared with stage 2
+
+
+@dataclass(frozen=True)
+class Stage3Result:
+    out_dir: Path
+    adapter_dir: Path
+    projectors_path: Path
+    merged_llm_dir: Path
+    tokenizer_dir: Path
+    grok_config: GrokConfig
+    report: dict[str, Any]
+
+    @property
+    def curve_png(self) -> Path:
+        return Path(self.report["curve_png"])
+
+
+def record_eye_id(record: Mapping[str, Any]) -> str:
+    """The feature-store key of a stage-1 record: its subject and eye when given, else its id."""
+    if "subject_id" in record and "eye" in record:
+        return eye_id(str(record["subject_id"]), str(record["eye"]))
+    return str(record["id"])
+
+
+def split_records(records: list[dict], manifest: Path) -> dict[str, list[dict]]:
+    """Records by the manifest's split of their eye (train / val / test); unknown eyes are an error."""
+    from training.manifest import load_manifest
+
+    split_of = {eye_id(r.subject_id, r.eye): r.split for r in load_manifest(manifest)}
+    out: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    for record in records:
+        key = record_eye_id(record)
+        if key not in split_of:
+            raise ValueError(f"instruction record {record.get('id')!r} (eye {key}) is not in {manifest}")
+        out[split_of[key]].append({**record, "id": key})
+    return out
+
+
+def prepare_tokenizer(cfg: Stage3Config, train_records: list[dict], instructions: Path, out_dir: Path) -> Any:
+    """The tokenizer stage 3 trains with, saved under out_dir/tokenizer (what the bundle ships)."""
+    target = out_dir / TOKENIZER_DIR
+    source = cfg.tokenizer_dir or cfg.base_llm_dir
+    if source is not None:
+        tokenizer = load_tokenizer(source)
+        save_tokenizer(tokenizer, target)
+        return tokenizer
+    if (target / "tokenizer.json").is_file():
+        return load_tokenizer(target)
+    texts = [turn["value"] for r in train_records for turn in r["conversations"]]
+    train_phantom_tokenizer([], target, vocab_size=cfg.tokenizer_vocab_size, extra_texts=texts)
+    return load_tokenizer(target)
+
+
+def prepare_llm(cfg: Stage3Config, tokenizer: Any, train_records: list[dict], out_dir: Path,
+                dtype: torch.dtype, progress: bool) -> tuple[Any, Path]:
+    """The frozen LLM base (real weights, or the stand-in pretrained once) and the directory it came from."""
+    if cfg.base_llm_dir is not None:
+        return load_base_llm(cfg.base_llm_dir, dtype), Path(cfg.base_llm_dir)
+    stand_in = out_dir / STAND_IN_DIR
+    if not (stand_in / STAND_IN_FILE).is_file():
+        pretrain_stand_in(train_records, tokenizer, cfg.stand_in, stand_in, seed=cfg.seed, progress=progress)
+    return load_base_llm(stand_in, dtype), stand_in
+
+
+def head_estimates(store: FeatureStore, cfp_head: Path, oct_head: Path) -> dict[str, dict[str, float]]:
+    """Every eye's biomarker estimates from the heads, clipped to the plausible ranges (as served)."""
+    heads = {"CFP": BiomarkerHead.load(cfp_head), "OCT": BiomarkerHead.load(oct_head)}
+    cfp_values = heads["CFP"].predict(store.cfp_pooled.double().numpy())
+    oct_values = heads["OCT"].predict(store.oct_pooled.double().numpy())
+    out = {}
+    for row, rid in enumerate(store.ids):
+        values = dict(zip(OCT_KEYS, map(float, oct_values[row])))
+        values.update(zip(CFP_KEYS, map(float, cfp_values[row])))
+        out[rid] = estimates_in_range(values)
+    return out
+
+
+def grok_config(cfp_encoder: Any, oct_encoder: Any, llm: Any, cfg: Stage3Config) -> GrokConfig:
+    """The bundle's GrokConfig: encoder shapes, projector widths and the LLM's own dimensions."""
+    c = llm.config
+    llm_cfg = LLMConfig(hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                        intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
+                        max_position_embeddings=c.max_position_embeddings, rope_theta=_rope_theta(c))
+    generation = GenerationConfig() if not cfg.uses_stand_in else GenerationConfig(max_new_tokens=768)
+    return GrokConfig(cfp_encoder=cfp_encoder.cfg, oct_encoder=oct_encoder.cfg,
+                      projector=ProjectorConfig(vision_dim=cfp_encoder.cfg.embed_dim, llm_hidden_size=c.hidden_size),
+                      llm=llm_cfg, generation=generation, max_length=cfg.max_length)
+
+
+def _rope_theta(config: Any) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10_000.0)))
+
+
+def run(cfg: Stage3Config, inputs: Stage3Inputs, out_dir: Path, *, resume: bool = True,
+        progress: bool = True) -> Stage3Result:
+    """Train stage 3 and write its outputs to `out_dir` (see the module docstring)."""
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    splits = split_records(load_instructions(inputs.instructions), inputs.manifest)
+    if not splits["train"]:
+        raise ValueError(f"{inputs.manifest}: no eyes in the train split")
+    tokenizer = prepare_tokenizer(cfg, splits["train"], inputs.instructions, out_dir)
+    llm_dtype = torch.bfloat16 if (cfg.precision != "fp32" and torch.cuda.is_available()
+                                   and torch.cuda.is_bf16_supported() and not cfg.uses_stand_in) else torch.float32
+    timings = {"setup_s": time.monotonic() - started}
+    llm, base_dir = prepare_llm(cfg, tokenizer, splits["train"], out_dir, llm_dtype, progress)
+    timings["llm_base_s"] = time.monotonic() - started - timings["setup_s"]
+    image_id = ensure_image_token(tokenizer, llm)
+    cfp_encoder, oct_encoder = load_encoder(inputs.cfp_encoder), load_encoder(inputs.oct_encoder)
+    t0 = time.monotonic()
+    store = compute_features(inputs.manifest, cfp_encoder, oct_encoder, out_dir / "features",
+                             image_cache_dir=inputs.image_cache_dir, progress=progress,
+                             device="cuda" if torch.cuda.is_available() else "cpu")
+    timings["features_s"] = time.monotonic() - t0
+    estimates = head_estimates(store, inputs.cfp_head, inputs.oct_head) if cfg.biomarker_estimates else None
+    datasets = {}
+    for split in ("train", "val"):
+        samples = build_samples(splits[split], tokenizer, store, max_length=cfg.max_length, estimates=estimates)
+        truncated = sum(s.truncated for s in samples)
+        if truncated:
+            log.warning("stage 3: %d %s targets were cut to max_length %d", truncated, split, cfg.max_length)
+        datasets[split] = SFTDataset(samples, store)
+    torch.manual_seed(cfg.seed)
+    projectors = Projectors(ProjectorConfig(vision_dim=cfp_encoder.cfg.embed_dim,
+                                            llm_hidden_size=llm.config.hidden_size))
+    model = GrokModel(attach_lora(llm, cfg), projectors, image_id)
+    trainer = SFTTrainer(model, cfg, datasets["train"], datasets["val"] if len(datasets["val"]) else None,
+                         out_dir, tokenizer.pad_token_id, progress=progress)
+    result = trainer.fit(resume=resume)
+    timings["sft_s"] = result.seconds
+    return _write_outputs(cfg, inputs, out_dir, model, tokenizer, base_dir, result, timings,
+                          grok_config(cfp_encoder, oct_encoder, llm, cfg), splits, started)
+
+
+def _write_outputs(cfg: Stage3Config, inputs: Stage3Inputs, out_dir: Path, model: GrokModel, tokenizer: Any,
+                   base_dir: Path, result: TrainResult, timings: dict[str, float], gcfg: GrokConfig,
+                   splits: dict[str, list[dict]], started: float) -> Stage3Result:
+    adapter_dir = save_adapter(model.llm, out_dir / ADAPTER_DIR)
+    projectors_path = model.projectors.save(out_dir / PROJECTORS_FILE)
+    merged = model.llm.merge_and_unload(progressbar=False)  # training is over: merge in place (no copy)
+    merged_dir = out_dir / MERGED_DIR
+    merged.save_pretrained(str(merged_dir), safe_serialization=True)
+    save_tokenizer(tokenizer, out_dir / TOKENIZER_DIR)
+    save_tokenizer(tokenizer, merged_dir)
+    timings["total_s"] = time.monotonic() - started
+    report = {
+        "config": cfg.to_dict(), "config_digest": cfg.digest(), "inputs": {k: str(v) for k, v in inputs.__dict__.items()},
+        "llm_base": str(base_dir), "stand_in": cfg.uses_stand_in, "records": {k: len(v) for k, v in splits.items()},
+        "steps": result.steps, "train_losses": result.train_losses, "val_losses": result.val_losses,
+        "first_val_loss": result.first_val_loss, "last_val_loss": result.last_val_loss,
+        "curve_png": str(result.curve_png), "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "grok_config": gcfg.to_dict(),
+    }
+    (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=1))
+    log.info("stage 3 done in %.0f s: val loss %s -> %s", timings["total_s"], result.first_val_loss,
+             result.last_val_loss)
+    return Stage3Result(out_dir, adapter_dir, projectors_path, merged_dir, out_dir / TOKENIZER_DIR, gcfg, report)
