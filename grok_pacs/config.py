@@ -102,6 +102,7 @@ class Settings(BaseSettings):
     delivery_max_retries: int = Field(8, ge=0)  # transient delivery failures retried this many times
     delivery_backoff_s: float = Field(2.0, gt=0)  # first delivery retry after this long; doubles per retry
     delivery_backoff_max_s: float = Field(300.0, gt=0)  # longest wait between two delivery retries
+    job_time_limit: float = Field(3600.0, gt=0)  # seconds an analyse job may run (broker visibility above)
     metrics_port: int = Field(0, ge=0, le=65535)  # Prometheus / health HTTP port; 0 = off
 
     @field_validator("ae_title")
