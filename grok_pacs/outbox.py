@@ -22,6 +22,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Iterator
 
+from grok_pacs.index import open_connection
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     sr_uid TEXT PRIMARY KEY,
@@ -36,6 +38,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     claimed_by TEXT NOT NULL DEFAULT '',
     claimed_at REAL,
     destination TEXT NOT NULL DEFAULT '',
+    note TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     delivered_at REAL
@@ -66,6 +69,7 @@ class OutboxEntry:
     claimed_by: str
     claimed_at: float | None
     destination: str
+    note: str  #: what the pipeline wants shown with the study (e.g. an unreadable instance skipped)
     created_at: float
     updated_at: float
     delivered_at: float | None
@@ -78,20 +82,20 @@ class OutboxError(RuntimeError):
 class Outbox:
     """The outbox table; every call opens a short transaction, so several processes can share it."""
 
-    def __init__(self, db_path: Path, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, db_path: Path) -> None:
         self.db_path = Path(db_path)
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._busy_timeout_s = busy_timeout_s
-        with self._tx() as db:
+        db = open_connection(self.db_path)
+        try:
             db.executescript(SCHEMA)
+        finally:
+            db.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """A BEGIN IMMEDIATE transaction: claims are atomic across processes."""
-        db = sqlite3.connect(self.db_path, timeout=self._busy_timeout_s, isolation_level=None)
+        db = open_connection(self.db_path)  # WAL, synchronous=FULL, busy timeout: same as the index
         try:
             db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
@@ -118,7 +122,7 @@ class Outbox:
             return self._get(db, sr_uid)
 
     def put(self, *, sr_uid: str, study_uid: str, study_version: int, bundle_version: str, eye: str,
-            path: str) -> OutboxEntry:
+            path: str, note: str = "") -> OutboxEntry:
         """Add an SR, or replace a not-yet-delivered one with the same UID (a re-run).
 
         A DELIVERED row is left as it is (exactly one delivery per SR UID); a FAILED one becomes PENDING
@@ -130,13 +134,15 @@ class Outbox:
             if current is None:
                 db.execute(
                     "INSERT INTO outbox (sr_uid, study_uid, study_version, bundle_version, eye, path, state,"
-                    " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (sr_uid, study_uid, study_version, bundle_version, eye, path, OutboxState.PENDING, now, now),
+                    " note, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (sr_uid, study_uid, study_version, bundle_version, eye, path, OutboxState.PENDING, note,
+                     now, now),
                 )
             elif current.state in (OutboxState.PENDING, OutboxState.FAILED):
                 db.execute(
-                    "UPDATE outbox SET path = ?, state = ?, last_error = '', updated_at = ? WHERE sr_uid = ?",
-                    (path, OutboxState.PENDING, now, sr_uid),
+                    "UPDATE outbox SET path = ?, state = ?, last_error = '', note = ?, updated_at = ?"
+                    " WHERE sr_uid = ?",
+                    (path, OutboxState.PENDING, note, now, sr_uid),
                 )
             entry = self._get(db, sr_uid)
             assert entry is not None

@@ -85,7 +85,7 @@ def render(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Register `grok-pacs report`."""
     parser = subparsers.add_parser(
         "report", help="print a DICOM SR (e.g. one grok-pacs wrote under <data>/sr/) as readable text",

@@ -1,0 +1,230 @@
+"""One study, end to end inside a worker: index -> per-eye CFP/OCT selection -> engine -> SR -> outbox.
+
+Selection (documented behaviour, tested):
+- CFP: Ophthalmic Photography 8/16 bit (VL Photographic and Secondary Capture too when
+  `accept_legacy_photography` is on); OCT: Ophthalmic Tomography. Other instances are ignored.
+- Eye: ImageLaterality, else Laterality (the index records that). R and L are analysed; an instance with
+  laterality B or none cannot be attributed to an eye and is skipped (noted in the study's detail).
+- Several candidates: the newest AcquisitionDateTime wins (then the latest received). An instance whose
+  header or pixels cannot be read is skipped, the next newest is used, and the skip is noted.
+- An eye with a CFP or an OCT gets an SR (the missing modality is stated in it); an eye with neither gets
+  none. A study with no analysable eye FAILS with the reason.
+Idempotency: the SR of (study, version, bundle version, eye) has a derived UID; a DELIVERED one is kept
+as it is (not re-analysed, not re-sent), anything else is rebuilt and replaces the earlier copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from grok_pacs.config import LEGACY_SOP_CLASSES, OP_8BIT, OP_16BIT, OPT, Settings
+from grok_pacs.delivery import write_sr
+from grok_pacs.imaging import ImageReadError, read_cfp, read_oct_volume
+from grok_pacs.index import InstanceRecord, StudyIndex, StudyState
+from grok_pacs.outbox import Outbox, OutboxEntry, OutboxState
+from grok_pacs.report import Eye, Report, SourceImage
+from grok_pacs.sr import SRKey, build_sr
+from grok_pacs.uids import resolve_inside
+
+if TYPE_CHECKING:
+    from grok_pacs.inference import Engine
+
+log = logging.getLogger("grok_pacs.pipeline")
+
+CFP_SOP_CLASSES = (OP_8BIT, OP_16BIT)
+OCT_SOP_CLASSES = (OPT,)
+
+
+class Kind(StrEnum):
+    CFP = "CFP"
+    OCT = "OCT"
+
+
+class StudyOutcome(StrEnum):
+    ANALYSED = "analysed"  # SRs are in the outbox (new or rebuilt)
+    ALREADY_DONE = "already-done"  # every SR of this key was delivered before: nothing to do
+    OUTDATED = "outdated"  # the study has a newer version (or is receiving again): this job is void
+    UNKNOWN_STUDY = "unknown-study"
+
+
+class NoAnalysableEyeError(ValueError):
+    """No eye of the study has a usable CFP or OCT; the message says what the study holds."""
+
+
+class AnalysisEngine(Protocol):
+    def analyze_eye(self, eye: Eye, cfp: Path | None, oct: Path | None) -> Report: ...
+
+
+@dataclass
+class EyeCandidates:
+    """The usable instances of one eye, newest first, and what was skipped on the way."""
+
+    eye: Eye
+    cfp: list[InstanceRecord] = field(default_factory=list)
+    oct: list[InstanceRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    study_uid: str
+    version: int
+    outcome: StudyOutcome
+    entries: tuple[OutboxEntry, ...] = ()  #: outbox rows of this run, one per analysed eye
+    notes: tuple[str, ...] = ()
+
+
+def classify(rec: InstanceRecord, settings: Settings) -> Kind | None:
+    """CFP, OCT, or None (not an input of the model)."""
+    if rec.sop_class_uid in CFP_SOP_CLASSES:
+        return Kind.CFP
+    if settings.accept_legacy_photography and rec.sop_class_uid in LEGACY_SOP_CLASSES:
+        return Kind.CFP
+    if rec.sop_class_uid in OCT_SOP_CLASSES:
+        return Kind.OCT
+    return None
+
+
+def _newest_first(rec: InstanceRecord) -> tuple[str, float, str]:
+    """Sort key: acquisition date-time (DICOM DT sorts as text once the fraction is cut), then receipt."""
+    return (rec.acquisition_datetime.split(".")[0].split("+")[0].split("-")[0], rec.received_at, rec.sop_uid)
+
+
+def select_candidates(instances: list[InstanceRecord], settings: Settings) -> tuple[dict[Eye, EyeCandidates], list[str]]:
+    """Per eye, the CFP and OCT candidates newest first; plus notes on instances no eye can use."""
+    eyes = {eye: EyeCandidates(eye) for eye in Eye}
+    notes: list[str] = []
+    for rec in sorted(instances, key=_newest_first, reverse=True):
+        kind = classify(rec, settings)
+        if kind is None:
+            continue
+        if rec.laterality not in (Eye.RIGHT.value, Eye.LEFT.value):
+            notes.append(f"{kind.value} {rec.sop_uid} skipped: laterality {rec.laterality or 'missing'!s}")
+            continue
+        target = eyes[Eye(rec.laterality)]
+        (target.cfp if kind is Kind.CFP else target.oct).append(rec)
+    return eyes, notes
+
+
+def _header(settings: Settings, rec: InstanceRecord) -> Dataset:
+    """The instance's header (SR evidence); ImageReadError when the file cannot be parsed."""
+    path = resolve_inside(Path(settings.data_dir), rec.path)
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, pydicom.errors.InvalidDicomError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"{rec.path}: unreadable DICOM header: {exc}") from exc
+
+
+def _pixels_readable(settings: Settings, rec: InstanceRecord, kind: Kind) -> str | None:
+    """None when the instance's pixels decode, else the reason (used only after the engine failed)."""
+    path = resolve_inside(Path(settings.data_dir), rec.path)
+    try:
+        read_cfp(path) if kind is Kind.CFP else read_oct_volume(path)
+    except ImageReadError as exc:
+        return str(exc)
+    return None
+
+
+def _first_readable(settings: Settings, queue: list[InstanceRecord], kind: Kind,
+                    notes: list[str]) -> tuple[InstanceRecord, Dataset] | None:
+    """Pop candidates until one has a readable header."""
+    while queue:
+        rec = queue[0]
+        try:
+            return rec, _header(settings, rec)
+        except ImageReadError as exc:
+            notes.append(f"{kind.value} {rec.sop_uid} skipped: {exc}")
+            queue.pop(0)
+    return None
+
+
+def _sources(report: Report, cfp: InstanceRecord | None, oct_rec: InstanceRecord | None) -> tuple[SourceImage, ...]:
+    sources = []
+    if cfp is not None:
+        sources.append(SourceImage(cfp.sop_class_uid, cfp.sop_uid, cfp.series_uid))
+    if oct_rec is not None:
+        frame = report.oct_frame_index + 1 if report.oct_frame_index is not None else None
+        sources.append(SourceImage(oct_rec.sop_class_uid, oct_rec.sop_uid, oct_rec.series_uid, frame))
+    return tuple(sources)
+
+
+def analyse_eye(settings: Settings, engine: AnalysisEngine, cands: EyeCandidates
+                ) -> tuple[Report, list[Dataset]] | None:
+    """Run the engine on the newest readable CFP/OCT of one eye; None when the eye has neither.
+
+    When the engine cannot read an input's pixels, that input is dropped and the next newest used.
+    """
+    while True:
+        cfp = _first_readable(settings, cands.cfp, Kind.CFP, cands.notes)
+        oct_pick = _first_readable(settings, cands.oct, Kind.OCT, cands.notes)
+        if cfp is None and oct_pick is None:
+            return None
+        paths = [resolve_inside(Path(settings.data_dir), pick[0].path) if pick else None for pick in (cfp, oct_pick)]
+        try:
+            report = engine.analyze_eye(cands.eye, cfp=paths[0], oct=paths[1])
+        except ImageReadError as exc:
+            dropped = False
+            for pick, kind, queue in ((cfp, Kind.CFP, cands.cfp), (oct_pick, Kind.OCT, cands.oct)):
+                reason = _pixels_readable(settings, pick[0], kind) if pick else None
+                if pick and reason:
+                    cands.notes.append(f"{kind.value} {pick[0].sop_uid} skipped: {reason}")
+                    queue.pop(0)
+                    dropped = True
+            if not dropped:
+                raise  # the engine failed on inputs that read fine: not a selection problem
+            continue
+        report = dataclasses.replace(report, sources=_sources(report, cfp[0] if cfp else None,
+                                                              oct_pick[0] if oct_pick else None))
+        return report, [pick[1] for pick in (cfp, oct_pick) if pick is not None]
+
+
+def _study_is_current(index: StudyIndex, study_uid: str, version: int) -> StudyOutcome | None:
+    study = index.study(study_uid)
+    if study is None:
+        return StudyOutcome.UNKNOWN_STUDY
+    if study.version != version or study.state is StudyState.RECEIVING:
+        return StudyOutcome.OUTDATED
+    return None
+
+
+def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: "Engine | AnalysisEngine",
+              bundle_version: str, study_uid: str, version: int) -> StudyResult:
+    """Analyse one study version into outbox rows (delivery is the caller's next step)."""
+    void = _study_is_current(index, study_uid, version)
+    if void is not None:
+        log.info("job for study %s v%d skipped: %s", study_uid, version, void.value)
+        return StudyResult(study_uid, version, void)
+    eyes, study_notes = select_candidates(index.instances(study_uid), settings)
+    notes = list(study_notes)
+    keys = {eye: SRKey(study_uid, version, bundle_version, eye) for eye in Eye}
+    delivered = {eye: outbox.get(key.sop_instance_uid) for eye, key in keys.items()}
+    delivered = {eye: e for eye, e in delivered.items() if e is not None and e.state is OutboxState.DELIVERED}
+    pending = [eye for eye in Eye if eye not in delivered and (eyes[eye].cfp or eyes[eye].oct)]
+    if delivered and not pending:
+        return StudyResult(study_uid, version, StudyOutcome.ALREADY_DONE, tuple(delivered.values()), tuple(notes))
+    index.set_state(study_uid, StudyState.ANALYSING, f"bundle {bundle_version}", version=version)
+    entries = list(delivered.values())
+    for eye in pending:
+        analysed = analyse_eye(settings, engine, eyes[eye])
+        notes.extend(eyes[eye].notes)
+        if analysed is None:
+            continue
+        report, evidence = analysed
+        sr = build_sr(report, evidence, keys[eye])
+        relpath = write_sr(Path(settings.data_dir), sr)
+        entries.append(outbox.put(sr_uid=keys[eye].sop_instance_uid, study_uid=study_uid, study_version=version,
+                                  bundle_version=bundle_version, eye=eye.value, path=str(relpath),
+                                  note="; ".join([*eyes[eye].notes, *study_notes])))
+    if not entries:
+        held = ", ".join(sorted({f"{i.modality}/{i.laterality or '-'}" for i in index.instances(study_uid)})) or "nothing"
+        raise NoAnalysableEyeError(f"no readable CFP or OCT of a right or left eye (study holds {held})"
+                                   + (f"; {'; '.join(notes)}" if notes else ""))
+    return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
