@@ -1,0 +1,69 @@
+"""Cited numbers of a report compared with measured values (used by the rubric and the grounding check).
+
+Extraction and biomarker matching live in `grok_pacs.citations` (the runtime fills `Report.cited_numbers`
+with the same code); this module adds the comparisons: unit handling, relative error, rounding tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from grok_pacs.biomarkers import BY_KEY
+from grok_pacs.citations import Citation, extract_cited_numbers, find_citations
+
+__all__ = ["Citation", "ValueCheck", "check_value", "extract_cited_numbers", "find_citations",
+           "in_biomarker_unit", "relative_error", "within_rounding"]
+
+
+def in_biomarker_unit(citation: Citation, key: str) -> float:
+    """The cited value in the biomarker's unit: mm become um for OCT biomarkers, else as written."""
+    return citation.value_in_um if BY_KEY[key].unit == "um" else citation.value
+
+
+def relative_error(value: float, truth: float) -> float:
+    """|value - truth| / |truth| (absolute error when the truth is 0)."""
+    return abs(value - truth) / abs(truth) if truth else abs(value - truth)
+
+
+def within_rounding(citation: Citation, key: str, truth: float) -> bool:
+    """True when `truth`, rounded to the decimals the citation shows, gives the cited value.
+
+    Tolerance: half a unit of the last written decimal (in the written unit), plus 1e-9 for float noise:
+    "24.1" agrees with 24.13 and 24.05, "0.720" with 0.7204, "1.82 mm" with 1823 um.
+    """
+    scale = 1000.0 if citation.unit == "mm" and BY_KEY[key].unit == "um" else 1.0
+    tolerance = 0.5 * 10.0 ** -citation.decimals * scale + 1e-9
+    return abs(in_biomarker_unit(citation, key) - truth) <= tolerance
+
+
+def _unit_is_wrong(citation: Citation, key: str, truth: float) -> bool:
+    """A length unit on a ratio, or micrometre digits labelled mm (or the reverse)."""
+    if citation.unit not in ("um", "mm"):
+        return False  # no unit written is not a wrong unit
+    if BY_KEY[key].unit == "1":
+        return True
+    as_written = relative_error(citation.value, truth)
+    return citation.unit == "mm" and as_written <= 0.10 < relative_error(citation.value_in_um, truth)
+
+
+@dataclass(frozen=True)
+class ValueCheck:
+    """One cited number checked against the reference measurements."""
+
+    text: str
+    biomarker_key: str | None
+    reference: float | None  #: the measured value (None: unmatched or not measured)
+    relative_error: float | None  #: of the cited value in the biomarker's unit (or as written, unit wrong)
+    wrong_unit: bool
+
+
+def check_value(citation: Citation, reference: Mapping[str, float]) -> ValueCheck:
+    """Compare one citation with the measured value of its biomarker (if any)."""
+    key = citation.biomarker_key
+    if key is None or key not in reference:
+        return ValueCheck(citation.text, key, None, None, False)
+    truth = reference[key]
+    wrong_unit = _unit_is_wrong(citation, key, truth)
+    value = citation.value if wrong_unit else in_biomarker_unit(citation, key)
+    return ValueCheck(citation.text, key, truth, relative_error(value, truth), wrong_unit)

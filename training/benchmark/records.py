@@ -1,0 +1,74 @@
+"""What the benchmark compares: a model's prediction and the reference for the same study/eye."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from grok_pacs.biomarkers import BY_KEY
+from grok_pacs.labels import DIAGNOSTIC_LABELS, Label
+from grok_pacs.report import Report
+
+
+def _checked_values(values: Mapping[str, float], what: str) -> dict[str, float]:
+    """Biomarker values keyed by `grok_pacs.biomarkers` keys, NaN/None dropped; unknown keys are errors."""
+    unknown = sorted(set(values) - set(BY_KEY))
+    if unknown:
+        raise ValueError(f"{what}: unknown biomarker keys {unknown}")
+    return {k: float(v) for k, v in values.items() if v is not None and not math.isnan(float(v))}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A generated report: its parsed label, its text, and the biomarker estimates it carried (the SR's)."""
+
+    case_id: str
+    label: Label  #: parsed label, Label.INDETERMINATE when the generation named none
+    text: str  #: the generated report as scored against the reference
+    biomarkers: Mapping[str, float] = field(default_factory=dict)  #: estimates the SR carries; {} if none
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label", Label(self.label))
+        object.__setattr__(self, "biomarkers", _checked_values(self.biomarkers, f"prediction {self.case_id}"))
+
+    @classmethod
+    def from_report(cls, case_id: str, report: Report) -> "Prediction":
+        """From the runtime's `Report`: narrative + impression as text, head estimates as biomarkers."""
+        text = " ".join(part for part in (report.narrative.strip(), report.impression.strip()) if part)
+        values = {b.key: b.value for b in report.biomarkers}
+        return cls(case_id=case_id, label=report.label, text=text, biomarkers=values)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The ground truth of one case: label, reference (teacher) report and the measured biomarkers."""
+
+    case_id: str
+    label: Label  #: one of DIAGNOSTIC_LABELS
+    text: str  #: the reference report
+    biomarkers: Mapping[str, float]  #: the measurements (the biomarker JSON the judge reads)
+
+    def __post_init__(self) -> None:
+        label = Label(self.label)
+        if label not in DIAGNOSTIC_LABELS:
+            raise ValueError(f"reference {self.case_id}: label {label.value!r} is not a diagnostic label")
+        object.__setattr__(self, "label", label)
+        object.__setattr__(self, "biomarkers", _checked_values(self.biomarkers, f"reference {self.case_id}"))
+
+
+def pair_up(predictions: list[Prediction], references: list[Reference]) -> list[tuple[Prediction, Reference]]:
+    """Pairs by case id, in reference order; every id must appear exactly once on both sides."""
+    def index(items: list, what: str) -> dict:
+        table = {}
+        for item in items:
+            if item.case_id in table:
+                raise ValueError(f"duplicate case id {item.case_id!r} in {what}")
+            table[item.case_id] = item
+        return table
+
+    preds, refs = index(predictions, "predictions"), index(references, "references")
+    if set(preds) != set(refs):
+        missing, extra = sorted(set(refs) - set(preds)), sorted(set(preds) - set(refs))
+        raise ValueError(f"case ids differ: no prediction for {missing[:10]}, no reference for {extra[:10]}")
+    return [(preds[case_id], refs[case_id]) for case_id in refs]
