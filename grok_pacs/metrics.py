@@ -54,6 +54,11 @@ INSTANCES_FAILED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+INSTANCES_DUPLICATE = Counter(
+    "grok_pacs_instances_duplicate",
+    "Instances received again that were already stored (answered Success, not stored twice)",
+    registry=REGISTRY,
+)
 BYTES_RECEIVED = Counter(
     "grok_pacs_received_bytes",
     "Bytes of DICOM instances (file meta included) written by the listener",
@@ -116,6 +121,10 @@ def instance_received(sop_class_uid: str, nbytes: int) -> None:
     """Count one stored instance and the bytes written for it."""
     INSTANCES_RECEIVED.labels(sop_class=sop_class_uid).inc()
     BYTES_RECEIVED.inc(nbytes)
+
+
+def instance_duplicate() -> None:
+    INSTANCES_DUPLICATE.inc()
 
 
 def instance_failed(reason: str) -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system programs grok-pacs' tests and demo use as real peers, when missing:
-# DCMTK (storescu/storescp/echoscu/img2dcm/dcmdump/dsr2html), dicom3tools (dciodvfy), Redis, Orthanc.
+# DCMTK (storescu/storescp/echoscu/img2dcm/dcmdump/dsr2html), dicom3tools (dciodvfy), Redis, Orthanc,
+# systemd-analyze (the systemd package; only its tools are used, nothing is booted).
 # Debian packages; needs root (or sudo). Does nothing when everything is already there.
 set -euo pipefail
 need=()
@@ -9,6 +10,7 @@ command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)  # verifies deploy/systemd units
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

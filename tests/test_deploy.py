@@ -1,0 +1,368 @@
+"""The deployment files are valid for the tools that consume them and agree with grok-pacs itself.
+
+Compose is validated against the compose-spec schema (check-jsonschema), the Kubernetes manifests against
+the Kubernetes OpenAPI schemas (kubernetes-validate, offline), the systemd units by systemd-analyze, and
+the Orthanc auto-routing script runs in a real Orthanc. No docker engine is needed: compose is validated,
+not run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import free_port, require_tool
+from grok_pacs.config import Settings, load_settings
+from ophthalmic_dicom import Patient, make_cfp, make_oct, write
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "compose" / "compose.yaml"
+K8S_FILES = sorted((DEPLOY / "k8s").glob("*.yaml"))
+UNITS = [DEPLOY / "systemd" / "grok-pacs-listener.service", DEPLOY / "systemd" / "grok-pacs-worker@.service"]
+VENV_BIN = Path(sys.executable).parent
+METRICS_PORT = 9110  # the port every example uses for /metrics and /health
+
+
+def _tool(name: str) -> str:
+    """A console script of this environment (check-jsonschema, kubernetes-validate), else from PATH."""
+    local = VENV_BIN / name
+    return str(local) if local.exists() else require_tool(name)
+
+
+def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _k8s_docs() -> list[dict]:
+    docs = []
+    for path in K8S_FILES:
+        docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return docs
+
+
+def _compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+# --- compose ---------------------------------------------------------------------------------------
+
+
+def test_compose_file_is_valid_compose_spec() -> None:
+    result = _run(_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_schema_check_rejects_a_broken_file(tmp_path: Path) -> None:
+    """The validator is really checking: a misspelt key and a malformed GPU reservation fail."""
+    broken = COMPOSE.read_text().replace("      retries: 5", "      retrys: 5")
+    broken = broken.replace('device_ids: ["0"]', "device_ids: 0")
+    path = tmp_path / "compose.yaml"
+    path.write_text(broken)
+    result = _run(_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path))
+    assert result.returncode != 0
+    assert "retrys" in result.stdout and "device_ids" in result.stdout
+
+
+def test_compose_has_listener_gpu_workers_redis_orthanc_flower() -> None:
+    services = _compose()["services"]
+    assert {"listener", "worker-gpu0", "worker-gpu1", "redis", "orthanc", "flower"} <= set(services)
+    assert services["listener"]["command"][0] == "listen"
+    for name in ("worker-gpu0", "worker-gpu1"):
+        worker = services[name]
+        assert worker["command"][0] == "worker"
+        devices = worker["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "device_ids": [name[-1]], "capabilities": ["gpu"]}]
+        assert "grok-data:/var/lib/grok-pacs" in worker["volumes"]
+    assert "grok-data:/var/lib/grok-pacs" in services["listener"]["volumes"]
+    # Config by file and by environment: the TOML file is mounted where GROK_PACS_CONFIG points.
+    env = services["listener"]["environment"]
+    assert any(v.endswith(":" + env["GROK_PACS_CONFIG"] + ":ro") for v in services["listener"]["volumes"])
+
+
+def test_compose_builds_targets_that_the_dockerfile_defines() -> None:
+    stages = set(re.findall(r"^FROM \S+ AS (\S+)$", (DEPLOY / "Dockerfile").read_text(), re.M))
+    for name, service in _compose()["services"].items():
+        if "build" in service:
+            build = service["build"]
+            assert (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+            assert build["target"] in stages, f"{name}: target {build['target']} not in Dockerfile stages {stages}"
+
+
+def test_dockerfile_copies_files_that_exist_and_runs_as_the_k8s_user() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.M):
+        *sources, _dest = line.split()
+        for source in sources:
+            assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
+    uid = int(re.search(r"useradd .*--uid (\d+)", text)[1])
+    for doc in _k8s_docs():
+        if doc["kind"] == "Deployment" and "grok-pacs:" in json.dumps(doc):
+            assert doc["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == uid
+
+
+# --- Kubernetes ------------------------------------------------------------------------------------
+
+
+def test_k8s_manifests_are_valid_kubernetes_resources() -> None:
+    result = _run(_tool("kubernetes-validate"), "--strict", *map(str, K8S_FILES))
+    assert result.returncode == 0, result.stdout + result.stderr
+    passed = (result.stdout + result.stderr).count(" passed for resource ")
+    assert passed == len(_k8s_docs())
+
+
+def test_k8s_validation_rejects_a_misspelt_probe(tmp_path: Path) -> None:
+    path = tmp_path / "workers.yaml"
+    path.write_text((DEPLOY / "k8s" / "workers.yaml").read_text().replace("readinessProbe", "readinesProbe"))
+    result = _run(_tool("kubernetes-validate"), "--strict", str(path))
+    assert result.returncode != 0
+    assert "readinesProbe" in result.stdout + result.stderr
+
+
+def test_k8s_has_listener_service_workers_redis_storage_and_settings() -> None:
+    by_kind: dict[str, dict[str, dict]] = {}
+    for doc in _k8s_docs():
+        by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+    assert {"grok-pacs-listener", "grok-pacs-redis"} <= set(by_kind["Deployment"])
+    assert set(by_kind["PersistentVolumeClaim"]) >= {"grok-pacs-data", "grok-pacs-redis"}
+    assert "config.toml" in by_kind["ConfigMap"]["grok-pacs-config"]["data"]
+    assert "GROK_PACS_BROKER_URL" in by_kind["Secret"]["grok-pacs-env"]["stringData"]
+
+    listener = by_kind["Deployment"]["grok-pacs-listener"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in listener["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "grok-pacs-tls"
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "grok-pacs-data"
+    service = by_kind["Service"]["grok-pacs-listener"]["spec"]
+    dicom_port = next(p for p in listener["containers"][0]["ports"] if p["name"] == "dicom")
+    assert service["ports"][0]["targetPort"] == "dicom" and dicom_port["containerPort"] == 11112
+
+    workers = [d for name, d in by_kind["Deployment"].items() if name.startswith("grok-pacs-worker-")]
+    assert len(workers) >= 2, "one worker Deployment per GPU type"
+    queues = set()
+    for worker in workers:
+        gpu_type = worker["metadata"]["labels"]["grok-pacs/gpu-type"]
+        container = worker["spec"]["template"]["spec"]["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        args = container["args"]
+        own = args[args.index("--queues") + 1].split(",")
+        assert own == ["grok", f"grok-{gpu_type}"]
+        queues.add(own[1])
+    assert len(queues) == len(workers), "each GPU type has its own queue"
+
+
+def test_probes_and_healthchecks_use_paths_the_metrics_server_serves(tmp_path: Path) -> None:
+    """Every probe path in the manifests and compose exists on the real server (not a 404)."""
+    import urllib.error
+    import urllib.request
+
+    from grok_pacs import health, metrics
+
+    paths = set()
+    for doc in _k8s_docs():
+        for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                get = container.get(probe, {}).get("httpGet")
+                if get:
+                    assert get["port"] == "metrics"
+                    assert {"name": "metrics", "containerPort": METRICS_PORT} in container["ports"]
+                    paths.add(get["path"])
+    for service in _compose()["services"].values():
+        for arg in service.get("healthcheck", {}).get("test", []):
+            paths.update(re.findall(rf"http://127\.0\.0\.1:{METRICS_PORT}(/[\w/]+)", arg))
+    assert {"/health", "/health/live"} <= paths
+
+    settings = load_settings(data_dir=tmp_path, metrics_port=free_port(), bind_address="127.0.0.1")
+    checker = health.HealthChecker({"always": lambda: health.CheckResult(True, "fine")})
+    server = metrics.start_server(settings, "listener", checker=checker)
+    try:
+        for path in sorted(paths):
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=10) as reply:
+                assert reply.status == 200 and json.load(reply)["status"] == "ok", path
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10)
+        assert missing.value.code == 404
+    finally:
+        server.close()
+
+
+# --- settings used by every deployment ---------------------------------------------------------------
+
+
+def _env_names() -> dict[str, set[str]]:
+    """GROK_PACS_* names each deployment sets, by file."""
+    found: dict[str, set[str]] = {}
+    for path in [COMPOSE, *K8S_FILES, *UNITS, DEPLOY / "Dockerfile", ROOT / "docs/deploy.md"]:
+        found[path.name] = set(re.findall(r"\b(GROK_PACS_[A-Z_]+)\b", path.read_text()))
+    return found
+
+
+def test_every_grok_pacs_variable_names_a_setting() -> None:
+    known = {f"GROK_PACS_{name.upper()}" for name in Settings.model_fields} | {"GROK_PACS_CONFIG"}
+    known |= {"GROK_PACS_BUNDLES_DIR"}  # compose-only: the host directory mounted as the bundles volume
+    found = _env_names()
+    for file in ("compose.yaml", "listener.yaml", "workers.yaml", "grok-pacs-listener.service", "deploy.md"):
+        assert found[file], f"{file} sets no GROK_PACS_* variable"
+    for file, names in found.items():
+        assert names <= known, f"{file}: {sorted(names - known)} are not grok-pacs settings"
+
+
+def test_example_configs_load_and_enable_metrics() -> None:
+    compose_settings = load_settings(DEPLOY / "compose" / "config.toml")
+    assert compose_settings.metrics_port == METRICS_PORT
+    assert str(compose_settings.destination) == "ORTHANC@orthanc:4242"
+    assert compose_settings.allowed_aes == ["ORTHANC"]
+
+    configmap = next(d for d in _k8s_docs() if d["kind"] == "ConfigMap")
+    values = tomllib.loads(configmap["data"]["config.toml"])
+    k8s_settings = Settings(**values)
+    assert k8s_settings.metrics_port == METRICS_PORT
+    assert k8s_settings.data_dir == Path("/var/lib/grok-pacs")
+
+
+def test_environment_overrides_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What compose and k8s rely on: GROK_PACS_CONFIG names the file, variables win over it."""
+    monkeypatch.setenv("GROK_PACS_CONFIG", str(DEPLOY / "compose" / "config.toml"))
+    monkeypatch.setenv("GROK_PACS_ALLOWED_AES", "PACS1,PACS2")
+    monkeypatch.setenv("GROK_PACS_DESTINATION", "PACS@pacs.example:104")
+    settings = load_settings()
+    assert settings.allowed_aes == ["PACS1", "PACS2"]
+    assert str(settings.destination) == "PACS@pacs.example:104"
+    assert settings.queue == "grok"  # from the file
+
+
+# --- systemd -------------------------------------------------------------------------------------------
+
+
+def _systemd_root(tmp_path: Path) -> Path:
+    """An alternate root with the system units, the grok-pacs units and an executable at ExecStart."""
+    root = tmp_path / "root"
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    unit_dir = root / "etc/systemd/system"
+    unit_dir.mkdir(parents=True)
+    for unit in UNITS:
+        shutil.copy(unit, unit_dir / unit.name)
+        exec_start = re.search(r"^ExecStart=(\S+)", unit.read_text(), re.M)[1]
+        target = root / exec_start.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(VENV_BIN / "grok-pacs", target)  # the real entry point, where the units expect it
+    return root
+
+
+def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    tool = require_tool("systemd-analyze")
+    root = _systemd_root(tmp_path)
+    units = [f"/etc/systemd/system/{unit.name}" for unit in UNITS]
+    result = subprocess.run([tool, "verify", "--man=no", f"--root={root}", *units],
+                            capture_output=True, text=True, timeout=60)
+    # verify exits 0 on unknown keys and unparsable values but prints them: any output is a failure.
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+
+
+def test_systemd_verify_reports_a_misspelt_directive(tmp_path: Path) -> None:
+    tool = require_tool("systemd-analyze")
+    root = _systemd_root(tmp_path)
+    unit = root / "etc/systemd/system/grok-pacs-listener.service"
+    unit.write_text(unit.read_text().replace("ProtectSystem=strict", "ProtectSytem=strict"))
+    result = subprocess.run([tool, "verify", "--man=no", f"--root={root}", "/etc/systemd/system/" + unit.name],
+                            capture_output=True, text=True, timeout=60)
+    assert "ProtectSytem" in result.stderr
+
+
+def test_systemd_units_are_hardened(tmp_path: Path) -> None:
+    tool = require_tool("systemd-analyze")
+    root = _systemd_root(tmp_path)
+    for unit in UNITS:
+        text = unit.read_text()
+        for directive in ("User=grok-pacs", "ProtectSystem=strict", "ReadWritePaths=/var/lib/grok-pacs",
+                          "Restart=on-failure", "NoNewPrivileges=yes", "ProtectHome=yes"):
+            assert re.search(rf"^{re.escape(directive)}$", text, re.M), f"{unit.name}: no {directive}"
+        result = subprocess.run([tool, "security", "--offline=yes", f"--root={root}",
+                                 f"/etc/systemd/system/{unit.name}"], capture_output=True, text=True, timeout=60)
+        level = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout + result.stderr)
+        assert level, result.stdout + result.stderr
+        assert float(level[1]) <= 3.0, f"{unit.name}: exposure {level[1]} (0 safe .. 10 unsafe)"
+
+
+# --- Orthanc auto-routing --------------------------------------------------------------------------------
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode} before opening port {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail(f"{what} did not open port {port} within {timeout} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def test_orthanc_lua_autoroute_forwards_op_and_opt_only(tmp_path: Path) -> None:
+    """The shipped orthanc.json + autoroute.lua in a real Orthanc, forwarding to a DICOM store SCP."""
+    orthanc, storescp, storescu = require_tool("Orthanc"), require_tool("storescp"), require_tool("storescu")
+    config = json.loads((DEPLOY / "compose/orthanc/orthanc.json").read_text())
+    dicom_port, scp_port = free_port(), free_port()
+    grok_ae, grok_host, _ = config["DicomModalities"]["grok"]
+    config.update(
+        DicomPort=dicom_port, HttpServerEnabled=False, StorageDirectory=str(tmp_path / "db"),
+        IndexDirectory=str(tmp_path / "db"), LuaScripts=[str(DEPLOY / "compose/orthanc/autoroute.lua")],
+        DicomModalities={"grok": [grok_ae, "127.0.0.1", scp_port]},
+    )
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/orthanc.json").write_text(json.dumps(config))
+    received = tmp_path / "received"
+    received.mkdir()
+
+    patient = Patient()
+    other = make_cfp(patient, "L")
+    other.Modality = "OT"  # not an ophthalmic modality: must stay in Orthanc
+    files = [write(other, tmp_path / "in/ot.dcm"), write(make_cfp(patient, "R"), tmp_path / "in/cfp.dcm"),
+             write(make_oct(patient, "R"), tmp_path / "in/oct.dcm")]
+    scp = subprocess.Popen([storescp, "-aet", grok_ae, "-od", str(received), str(scp_port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = tmp_path / "orthanc.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen([orthanc, f"{tmp_path / 'etc'}/"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_port(scp_port, scp, "storescp")
+        _wait_port(dicom_port, server, "Orthanc")
+        sent = subprocess.run([storescu, "-aet", "MODALITY", "-aec", config["DicomAet"], "127.0.0.1",
+                               str(dicom_port), *map(str, files)], capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        deadline = time.monotonic() + 30
+        while len(list(received.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        _stop(server)
+        _stop(scp)
+    modalities = sorted(name.split(".", 1)[0] for name in (p.name for p in received.iterdir()))
+    # storescp names files by modality prefix: OPb (ophthalmic photography), OPt (tomography).
+    assert modalities == ["OPb", "OPt"], f"forwarded {modalities}; Orthanc log:\n{log_path.read_text()[-3000:]}"
+    assert grok_host == "listener"  # the compose service name of the grok-pacs listener
+
+
+def test_deploy_guide_quotes_the_shipped_lua_script() -> None:
+    guide = (ROOT / "docs/deploy.md").read_text()
+    block = re.search(r"```lua\n(.*?)```", guide, re.S)[1]
+    assert block == (DEPLOY / "compose/orthanc/autoroute.lua").read_text()
