@@ -151,7 +151,9 @@ _GRIDS: dict[str, _Grid] = {}
 
 def oct_biomarkers(model: RetinaModel) -> dict[str, float]:
     """The 31 OCT biomarkers of the eye, measured on its anatomy over the ETDRS grid (OCT_KEYS order)."""
-    grid = _GRIDS.setdefault(model.eye, _grid(model.eye))
+    if model.eye not in _GRIDS:
+        _GRIDS[model.eye] = _grid(model.eye)
+    grid = _GRIDS[model.eye]
     s = layer_stack(model, grid.dx, grid.dy)
     total = total_thickness(s)
     groups = {

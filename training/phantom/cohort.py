@@ -52,7 +52,7 @@ def plan_cohort(n_subjects: int, seed: int) -> list[SubjectPlan]:
         order = [members[i] for i in rng.permutation(len(members))]
         k = len(order)
         n_val = int(round(k * SPLIT_FRACTIONS["val"])) or (1 if k >= 3 else 0)
-        n_test = int(round(k * SPLIT_FRACTIONS["test"])) or (1 if k >= 3 else 0)
+        n_test = int(round(k * SPLIT_FRACTIONS["test"])) or (1 if k >= 2 else 0)
         for i in order[:n_test]:
             splits[i] = "test"
         for i in order[n_test:n_test + n_val]:
