@@ -15,12 +15,11 @@ as it is (not re-analysed, not re-sent), anything else is rebuilt and replaces t
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -60,7 +59,10 @@ class NoAnalysableEyeError(ValueError):
 
 
 class AnalysisEngine(Protocol):
-    def analyze_eye(self, eye: Eye, cfp: Path | None, oct: Path | None) -> Report: ...
+    """What the pipeline needs of `grok_pacs.inference.Engine`."""
+
+    def analyze_images(self, eye: Eye, cfp_image: Any, oct_volume: Any, *,
+                       sources: Sequence[SourceImage] = ()) -> Report: ...
 
 
 @dataclass
@@ -123,67 +125,34 @@ def _header(settings: Settings, rec: InstanceRecord) -> Dataset:
         raise ImageReadError(f"{rec.path}: unreadable DICOM header: {exc}") from exc
 
 
-def _pixels_readable(settings: Settings, rec: InstanceRecord, kind: Kind) -> str | None:
-    """None when the instance's pixels decode, else the reason (used only after the engine failed)."""
+def _read_pixels(settings: Settings, rec: InstanceRecord, kind: Kind):
     path = resolve_inside(Path(settings.data_dir), rec.path)
-    try:
-        read_cfp(path) if kind is Kind.CFP else read_oct_volume(path)
-    except ImageReadError as exc:
-        return str(exc)
-    return None
+    return read_cfp(path) if kind is Kind.CFP else read_oct_volume(path)
 
 
-def _first_readable(settings: Settings, queue: list[InstanceRecord], kind: Kind,
-                    notes: list[str]) -> tuple[InstanceRecord, Dataset] | None:
-    """Pop candidates until one has a readable header."""
-    while queue:
-        rec = queue[0]
+def _first_usable(settings: Settings, queue: list[InstanceRecord], kind: Kind,
+                  notes: list[str]) -> tuple[InstanceRecord, Dataset, Any] | None:
+    """The newest candidate whose header and pixels read; unreadable ones are skipped and noted."""
+    for rec in queue:
         try:
-            return rec, _header(settings, rec)
+            return rec, _header(settings, rec), _read_pixels(settings, rec, kind)
         except ImageReadError as exc:
             notes.append(f"{kind.value} {rec.sop_uid} skipped: {exc}")
-            queue.pop(0)
     return None
-
-
-def _sources(report: Report, cfp: InstanceRecord | None, oct_rec: InstanceRecord | None) -> tuple[SourceImage, ...]:
-    sources = []
-    if cfp is not None:
-        sources.append(SourceImage(cfp.sop_class_uid, cfp.sop_uid, cfp.series_uid))
-    if oct_rec is not None:
-        frame = report.oct_frame_index + 1 if report.oct_frame_index is not None else None
-        sources.append(SourceImage(oct_rec.sop_class_uid, oct_rec.sop_uid, oct_rec.series_uid, frame))
-    return tuple(sources)
 
 
 def analyse_eye(settings: Settings, engine: AnalysisEngine, cands: EyeCandidates
                 ) -> tuple[Report, list[Dataset]] | None:
-    """Run the engine on the newest readable CFP/OCT of one eye; None when the eye has neither.
-
-    When the engine cannot read an input's pixels, that input is dropped and the next newest used.
-    """
-    while True:
-        cfp = _first_readable(settings, cands.cfp, Kind.CFP, cands.notes)
-        oct_pick = _first_readable(settings, cands.oct, Kind.OCT, cands.notes)
-        if cfp is None and oct_pick is None:
-            return None
-        paths = [resolve_inside(Path(settings.data_dir), pick[0].path) if pick else None for pick in (cfp, oct_pick)]
-        try:
-            report = engine.analyze_eye(cands.eye, cfp=paths[0], oct=paths[1])
-        except ImageReadError as exc:
-            dropped = False
-            for pick, kind, queue in ((cfp, Kind.CFP, cands.cfp), (oct_pick, Kind.OCT, cands.oct)):
-                reason = _pixels_readable(settings, pick[0], kind) if pick else None
-                if pick and reason:
-                    cands.notes.append(f"{kind.value} {pick[0].sop_uid} skipped: {reason}")
-                    queue.pop(0)
-                    dropped = True
-            if not dropped:
-                raise  # the engine failed on inputs that read fine: not a selection problem
-            continue
-        report = dataclasses.replace(report, sources=_sources(report, cfp[0] if cfp else None,
-                                                              oct_pick[0] if oct_pick else None))
-        return report, [pick[1] for pick in (cfp, oct_pick) if pick is not None]
+    """Run the engine on the newest readable CFP and OCT of one eye; None when it has neither."""
+    cfp = _first_usable(settings, cands.cfp, Kind.CFP, cands.notes)
+    oct_pick = _first_usable(settings, cands.oct, Kind.OCT, cands.notes)
+    picks = [pick for pick in (cfp, oct_pick) if pick is not None]
+    if not picks:
+        return None
+    sources = tuple(SourceImage(rec.sop_class_uid, rec.sop_uid, rec.series_uid) for rec, _, _ in picks)
+    report = engine.analyze_images(cands.eye, cfp[2] if cfp else None, oct_pick[2] if oct_pick else None,
+                                   sources=sources)
+    return report, [header for _, header, _ in picks]
 
 
 def _study_is_current(index: StudyIndex, study_uid: str, version: int) -> StudyOutcome | None:

@@ -30,7 +30,7 @@ ANALYSIS_BACKOFF_MAX_S = 60
 
 
 def _bundle_version(engine: Any) -> str:
-    return str(engine.bundle_version)
+    return str(engine.bundle.version)
 
 
 def _schedule_retry(ctx: worker.WorkerContext, sr_uid: str, retry_number: int, reason: str) -> None:

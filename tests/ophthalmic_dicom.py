@@ -141,3 +141,27 @@ def write(ds: Dataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def hand_built_report(eye: str, datasets: list[Dataset], *, label: str = "Glaucoma",
+                      bundle_version: str = "0.1.0"):
+    """A `Report` written by hand (no model) for the given source datasets: every biomarker of the
+    modalities present at its normal mid-range, a fixed narrative; for SR and delivery tests."""
+    from grok_pacs.biomarkers import CFP_BIOMARKERS, OCT_BIOMARKERS
+    from grok_pacs.labels import Label
+    from grok_pacs.report import BiomarkerEstimate, Eye, Report, SourceImage
+
+    has_cfp = any(ds.SOPClassUID == OP_8BIT for ds in datasets)
+    has_oct = any(ds.SOPClassUID == OPT for ds in datasets)
+    markers = (CFP_BIOMARKERS if has_cfp else ()) + (OCT_BIOMARKERS if has_oct else ())
+    sources = tuple(SourceImage(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
+                                4 if ds.SOPClassUID == OPT else None) for ds in datasets)
+    return Report(
+        eye=Eye(eye), label=Label(label),
+        narrative="The optic disc shows a cup-to-disc ratio of 0.35; macular thickness is 255.0 um.",
+        impression=f"Findings are consistent with {label}.", raw_text="(hand-built)",
+        biomarkers=tuple(BiomarkerEstimate(b.key, sum(b.normal) / 2, b.unit) for b in markers),
+        cited_numbers=(), label_scores={},
+        missing_modalities=tuple(m for m, present in (("CFP", has_cfp), ("OCT", has_oct)) if not present),
+        sources=sources, oct_frame_index=3 if has_oct else None, oct_frame_method="fovea" if has_oct else None,
+        bundle_name="tiny", bundle_version=bundle_version)

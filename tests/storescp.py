@@ -1,0 +1,53 @@
+"""DCMTK storescp as a destination PACS for delivery tests: every reception becomes its own file."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+
+from conftest import require_tool
+
+
+def wait_for_port(port: int, timeout: float = 15.0) -> None:
+    """Return once 127.0.0.1:`port` accepts TCP connections; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+class StoreSCP:
+    """`storescp +uf` (unique file per C-STORE) on a loopback port, writing into `out_dir`."""
+
+    def __init__(self, port: int, out_dir: Path, ae_title: str = "PACS") -> None:
+        self.port, self.out_dir, self.ae_title = port, Path(out_dir), ae_title
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "StoreSCP":
+        tool = require_tool("storescp")
+        self.proc = subprocess.Popen([tool, "-aet", self.ae_title, "+uf", "-od", str(self.out_dir), str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def received(self) -> list[pydicom.Dataset]:
+        """Every dataset received so far (one per C-STORE, duplicates included)."""
+        return [pydicom.dcmread(path) for path in sorted(self.out_dir.iterdir()) if path.is_file()]
+
+    def received_sop_uids(self) -> list[str]:
+        return [str(ds.SOPInstanceUID) for ds in self.received()]
