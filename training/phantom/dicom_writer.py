@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -131,8 +131,6 @@ def _base(common: Dataset, sop_class: str, sop_uid: str, series_uid: str, modali
     ds.SeriesTime = ds.ContentTime = common.StudyTime
     ds.AcquisitionDateTime = common.StudyDate + common.StudyTime
     ds.ImageLaterality = eye
-    ds.Laterality = eye
-    ds.PositionReferenceIndicator = ""
     ds.AnatomicRegionSequence = Sequence([_code(_EYE)])
     ds.LossyImageCompression = "01"
     ds.LossyImageCompressionMethod = "ISO_10918_1"
@@ -151,13 +149,20 @@ def _op_dataset(common: Dataset, truth: SubjectTruth, seed: int, eye: str, rgb: 
     ds.PhotometricInterpretation = "YBR_FULL_422"
     ds.PlanarConfiguration = 0
     ds.Rows, ds.Columns = rgb.shape[:2]
+    ds.PatientOrientation = ""
     ds.NumberOfFrames = 1
+    ds.FrameIncrementPointer = 0x00181063  # Frame Time (a single frame)
+    ds.FrameTime = 0.0
+    ds.SynchronizationFrameOfReferenceUID = _uid(seed, truth.subject_id, "synchronization")
+    ds.SynchronizationTrigger = "NO TRIGGER"
+    ds.AcquisitionTimeSynchronized = "N"
     ds.PixelSpacing = [f"{1 / PX_PER_MM:.6f}", f"{1 / PX_PER_MM:.6f}"]
     ds.HorizontalFieldOfView = 45.0
     ds.PatientEyeMovementCommanded = "NO"
     ds.EmmetropicMagnification = 1.0
     ds.IntraOcularPressure = 15.0
     ds.PupilDilated = "YES"
+    ds.DegreeOfDilation = 7.0
     ds.DetectorType = "CCD"
     ds.AcquisitionDeviceTypeCodeSequence = Sequence([_code(_FUNDUS_CAMERA)])
     for keyword in ("IlluminationTypeCodeSequence", "LightPathFilterTypeStackCodeSequence",
@@ -187,11 +192,19 @@ def _opt_dataset(common: Dataset, truth: SubjectTruth, seed: int, eye: str, volu
     ds.ContentQualification = "RESEARCH"
     ds.AcquisitionNumber = 1
     ds.AcquisitionDuration = 1.5
+    # The OPT Image module makes these Type 1 (a single, unconcatenated instance: 0, 1, 1), although the
+    # Multi-frame Functional Groups module calls them concatenation-only; dciodvfy reports that conflict.
     ds.ConcatenationFrameOffsetNumber = 0
+    ds.InConcatenationNumber = 1
+    ds.InConcatenationTotalNumber = 1
     ds.InstanceNumber = 1
+    ds.PositionReferenceIndicator = ""
     ds.AxialLengthOfTheEye = 23.5
     ds.HorizontalFieldOfView = 20.0
+    ds.EmmetropicMagnification = 1.0
+    ds.IntraOcularPressure = 15.0
     ds.PupilDilated = "YES"
+    ds.DegreeOfDilation = 7.0
     ds.DetectorType = "CCD"
     ds.IlluminationWaveLength = 840.0
     ds.IlluminationPower = 0.7
@@ -207,7 +220,7 @@ def _opt_dataset(common: Dataset, truth: SubjectTruth, seed: int, eye: str, volu
     for keyword in ("RefractiveStateSequence", "MydriaticAgentSequence", "AcquisitionContextSequence",
                     "LightPathFilterTypeStackCodeSequence"):
         setattr(ds, keyword, Sequence())
-    _functional_groups(ds, n, _uid(seed, truth.subject_id, f"dimensions-{eye}"))
+    _functional_groups(ds, n, _uid(seed, truth.subject_id, f"dimensions-{eye}"), eye)
     frames = [_jpeg(volume[k]) for k in range(n)]
     ds.LossyImageCompressionRatio = f"{volume.nbytes / sum(len(f) for f in frames):.2f}"
     ds.PixelData = encapsulate(frames)
@@ -215,14 +228,18 @@ def _opt_dataset(common: Dataset, truth: SubjectTruth, seed: int, eye: str, volu
     return ds
 
 
-def _functional_groups(ds: Dataset, n: int, dim_uid: str) -> None:
+def _functional_groups(ds: Dataset, n: int, dim_uid: str, eye: str) -> None:
     """Shared pixel measures/orientation; per-frame position (superior -> inferior) and dimension index."""
     measures = Dataset()
     measures.PixelSpacing = [f"{AXIAL_UM_PER_PX / 1000:.6f}", f"{LATERAL_UM_PER_PX / 1000:.6f}"]  # row, column mm
     measures.SliceThickness = f"{SCAN_MM / n:.6f}"
     orientation = Dataset()
     orientation.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    anatomy = Dataset()
+    anatomy.AnatomicRegionSequence = Sequence([_code(_RETINA)])
+    anatomy.FrameLaterality = eye
     shared = Dataset()
+    shared.FrameAnatomySequence = Sequence([anatomy])
     shared.PixelMeasuresSequence = Sequence([measures])
     shared.PlaneOrientationSequence = Sequence([orientation])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
@@ -236,11 +253,15 @@ def _functional_groups(ds: Dataset, n: int, dim_uid: str) -> None:
     ds.DimensionOrganizationSequence = Sequence([org])
     ds.DimensionIndexSequence = Sequence([index])
     per_frame = []
+    start = datetime.strptime(ds.AcquisitionDateTime, "%Y%m%d%H%M%S")
     for k in range(n):
         content = Dataset()
         content.StackID = "1"
         content.InStackPositionNumber = k + 1
         content.DimensionIndexValues = [k + 1]
+        stamp = (start + timedelta(milliseconds=60 * k)).strftime("%Y%m%d%H%M%S.%f")  # 60 ms per B-scan
+        content.FrameAcquisitionDateTime = content.FrameReferenceDateTime = stamp
+        content.FrameAcquisitionDuration = 60.0
         position = Dataset()
         position.ImagePositionPatient = [-SCAN_MM / 2, round(frame_y(k, n), 4), 0.0]
         item = Dataset()

@@ -83,7 +83,7 @@ def _choroid(height_um: np.ndarray, rng: np.random.Generator, n_frames: int) -> 
     small = rng.uniform(0.3, 1.5, size=(n_frames, OCT_HEIGHT // 8, OCT_WIDTH // 8)).astype(np.float32)
     tex = np.stack([np.asarray(Image.fromarray(s).resize((OCT_WIDTH, OCT_HEIGHT), Image.BILINEAR)) for s in small])
     depth = np.clip(-height_um, 0, None)
-    return 40.0 + 120.0 * np.exp(-depth / 90.0) * tex
+    return 30.0 + 95.0 * np.exp(-depth / 90.0) * tex
 
 
 def _add_elm(image: np.ndarray, bm: np.ndarray, tops: np.ndarray) -> None:
