@@ -31,12 +31,23 @@ def broker_scheme(url: str) -> str:
     return url.split("://", 1)[0].split("+", 1)[0].lower()
 
 
+def visibility_timeout_s(settings: Settings) -> int:
+    """Redelivery delay of an unacknowledged job: above the longest job, by a margin that scales with it
+    (at most VISIBILITY_MARGIN_S), so a short `job_time_limit` also means a quick redelivery."""
+    return int(settings.job_time_limit + min(VISIBILITY_MARGIN_S, settings.job_time_limit))
+
+
 def broker_transport_options(settings: Settings) -> dict[str, Any]:
     """Transport options for the configured broker (they differ by transport, see module doc)."""
     scheme = broker_scheme(settings.resolved_broker_url)
     if scheme in ("sqla", "sqlalchemy"):
         return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
-    options: dict[str, Any] = {"visibility_timeout": int(settings.job_time_limit + VISIBILITY_MARGIN_S)}
+    options: dict[str, Any] = {
+        "visibility_timeout": visibility_timeout_s(settings),
+        # Sweep for unacknowledged jobs of dead workers every `interval` s (kombu's default is ~100 s).
+        "unacked_restore_interval": max(1, min(10, visibility_timeout_s(settings) // 10)),
+        "unacked_restore_throttle": 1,
+    }
     if scheme in ("amqp", "amqps", "pyamqp"):
         options = {"confirm_publish": True}  # RabbitMQ acks the publish; no visibility timeout there
     return options
