@@ -9,14 +9,15 @@ What is a cited number: a number written as a value ("0.720", "24.1 µm", "1,820
 "between 0.2 and 0.5", "above 0.6", "threshold of 0.65"), percentages (relative claims, not values) and
 counts of things ("3 quadrants", "2 disc diameters", "4 microaneurysms").
 
-How a number is tied to a biomarker: every alias of `ALIASES` (lower case; tokens may be joined by
-nothing, spaces, hyphens or slashes; `…` stands for up to four filler words) is searched in the text.
-The number takes the alias that ends nearest before it, within its clause (not past the previous number
-or the sentence start); among aliases ending at the same place the one spelling out most letters (the
-most specific) wins, so "INL-ELM central subfield" beats "central subfield". `…` matches only
-`FILLER_WORDS` (connectors, generic nouns), never another biomarker's qualifier. Only when nothing precedes it, an alias that starts
-just after it ("0.72 cup-to-disc ratio") is used. A number with a non-length unit (mmHg, years, °) is
-never tied to a biomarker. Values whose unit is a length are kept as written; `Citation.value_in_um`
+How a number is tied to a biomarker (aliases: `grok_pacs.biomarker_aliases`): the number takes the
+alias that ends nearest before it within its clause (not past the previous number or the sentence
+start); among aliases ending at the same place the one spelling out most letters (the most specific)
+wins, so "INL-ELM central subfield" beats "central subfield". Only when nothing precedes it, an alias
+that starts just after it ("0.72 cup-to-disc ratio") is used. Lists: numbers joined only by "and" or
+commas ("arterial and venular fractal dimensions of 1.41 and 1.40") take, in order, the biomarkers of a
+list of as many names joined the same way just before the first number; without such a list they all
+take the first number's biomarker ("cup-to-disc ratio 0.72 and 0.70"). A number with a non-length unit
+(mmHg, years, °) is never tied to a biomarker. Values are kept as written; `Citation.value_in_um`
 converts millimetres.
 """
 
@@ -24,129 +25,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 
-from grok_pacs.biomarkers import BY_KEY, CFP_KEYS
+from grok_pacs.biomarker_aliases import ALIASES, AliasHit, alias_hits
 from grok_pacs.report import CitedNumber
 
-FILLER = "…"
-_SEP = r"[\s\-–—/+:]*"
-#: Words `…` may stand for: connectors and generic nouns only, never a qualifier of another biomarker,
-#: so "venular tortuosity and arterial fractal dimension" cannot read as "venular … fractal dimension".
-FILLER_WORDS = (
-    "the", "a", "at", "in", "of", "on", "for", "within", "across", "from", "thickness", "thicknesses", "layer",
-    "layers", "subfield", "subfields", "ring", "region", "zone", "sector", "grid", "etdrs", "macular", "retinal",
-    "measured", "measures", "measuring", "measurement", "value", "values", "is", "was", "are", "appears",
-    "increased", "decreased", "reduced", "elevated", "raised", "thinned", "thickened", "mildly", "markedly",
-    "moderately", "slightly", "vessel", "vessels", "vascular",
-)
-_FILLER_SEP = r"[\s\-–—/:()]+"
-_FILLER_RE = rf"(?:{_FILLER_SEP}(?:{'|'.join(FILLER_WORDS)})){{0,4}}?{_FILLER_SEP}"
-
-_SIDES = ("inferior", "nasal", "superior", "temporal")
-_RINGS = ("inner", "outer")
-_LAYER_NAMES = {
-    "inl_elm": ("inl-elm", "inl to elm", "inner nuclear layer to external limiting membrane"),
-    "elm_isos": ("elm-is/os", "elm to is/os", "elm-ellipsoid zone"),
-    "isos_rpe": ("is/os-rpe", "is/os to rpe", "ellipsoid zone to rpe"),
-    "inl_rpe": ("inl-rpe", "inl to rpe", "inner nuclear layer to rpe"),
-}
-_REGION_WORDS = {
-    "central": ("central", "centre", "center", "foveal"),
-    "inner": ("inner",),
-    "outer": ("outer",),
-    "average": ("average", "mean", "overall", "avg"),
-}
-_ARTERIAL = ("arterial", "arteriolar", "arteries", "arterioles", "artery", "arteriole")
-_VENULAR = ("venular", "venous", "venules", "veins", "venule", "vein")
-
-
-def _layer_aliases(prefix: str) -> dict[str, tuple[str, ...]]:
-    """Aliases of one OCT layer group: "<layer> … <region>", "<region> … <layer>", bare layer = average."""
-    table: dict[str, tuple[str, ...]] = {}
-    for region, words in _REGION_WORDS.items():
-        pairs = [(name, word) for name in _LAYER_NAMES[prefix] for word in words]
-        aliases = [f"{n} {FILLER} {w}{s}" for n, w in pairs for s in ("", " subfield")]
-        aliases += [f"{w}{s} {FILLER} {n}" for n, w in pairs for s in ("", " subfield")]
-        if region == "average":
-            aliases += list(_LAYER_NAMES[prefix])
-        table[f"{prefix}_{region}"] = tuple(aliases)
-    return table
-
-
-def _vessel_aliases(words: tuple[str, ...], measure: tuple[str, ...]) -> tuple[str, ...]:
-    """"arteriolar tortuosity", "tortuosity of the arterioles", ... for one vessel kind and measure."""
-    return tuple(f"{w} {FILLER} {m}" for w in words for m in measure) + tuple(
-        f"{w} {m}" for w in words for m in measure
-    ) + tuple(f"{m} {FILLER} {w}" for w in words for m in measure)
-
-
-def _build_aliases() -> dict[str, tuple[str, ...]]:
-    table: dict[str, tuple[str, ...]] = {
-        f"mt_{ring}_{side}": (f"{ring} {side}", f"{ring} {FILLER} {side}", f"{side} {FILLER} {ring}",
-                              f"{ring} {FILLER} {side} {FILLER} macular thickness",
-                              f"macular thickness {FILLER} {ring} {FILLER} {side}")
-        for ring in _RINGS
-        for side in _SIDES
-    }
-    for prefix in _LAYER_NAMES:
-        table.update(_layer_aliases(prefix))
-    table.update({
-        "rpe_average": ("rpe", "retinal pigment epithelium"),
-        "disc_diameter_vertical": ("vertical disc diameter", "disc diameter", "optic disc diameter",
-                                   "vertical diameter of the disc", "vertical diameter of the optic disc",
-                                   "disc height"),
-        "inl_average": ("inl", "inner nuclear layer"),
-        "gcipl_average": ("gcipl", "gc-ipl", "gcl-ipl", "gcl+ipl", "ganglion cell-inner plexiform layer",
-                          "ganglion cell layer", "ganglion cell complex", "ganglion cell"),
-        "mt_overall": ("overall macular thickness", "average macular thickness", "mean macular thickness",
-                       "total macular thickness", "overall retinal thickness", "average retinal thickness",
-                       "mean retinal thickness", "macular thickness", "retinal thickness"),
-        "mt_central": ("central subfield", "cst", "cmt", "crt", "central macular thickness",
-                       "central retinal thickness", "central foveal thickness", "foveal thickness",
-                       f"macular thickness {FILLER} central", f"macular thickness {FILLER} central subfield",
-                       f"retinal thickness {FILLER} central", f"retinal thickness {FILLER} central subfield",
-                       f"central {FILLER} macular thickness", f"central {FILLER} retinal thickness"),
-        "rnfl_average": ("rnfl", "retinal nerve fibre layer", "retinal nerve fiber layer",
-                         "nerve fibre layer", "nerve fiber layer", "mrnfl"),
-        "cup_to_disc": ("cup-to-disc ratio", "cup-to-disc", "cup/disc", "cup-disc ratio", "c/d ratio", "c/d",
-                        "cdr", "vertical cup-to-disc ratio", "cup to disc"),
-        "avr": ("arteriolar-to-venular ratio", "arteriole-to-venule ratio", "arteriovenous ratio",
-                "arterio-venous ratio", "artery-to-vein ratio", "a/v ratio", "av ratio", "avr"),
-        "tortuosity_arterial": _vessel_aliases(_ARTERIAL, ("tortuosity",)),
-        "tortuosity_venular": _vessel_aliases(_VENULAR, ("tortuosity",)),
-        "fd_arterial": _vessel_aliases(_ARTERIAL, ("fractal dimension", "fd")),
-        "fd_venular": _vessel_aliases(_VENULAR, ("fractal dimension", "fd")),
-    })
-    return table
-
-
-#: Phrases that name each biomarker in free text, keyed by `grok_pacs.biomarkers` key (all 37 keys).
-ALIASES: dict[str, tuple[str, ...]] = _build_aliases()
-assert set(ALIASES) == set(BY_KEY), set(BY_KEY) ^ set(ALIASES)
-
-
-def _alias_regex(alias: str) -> str:
-    """Regex for one alias: tokens joined by optional separators, `…` as filler words, word-bounded."""
-    parts = []
-    for chunk in alias.split(FILLER):
-        tokens = [t for t in re.split(r"[\s\-/+]+", chunk.strip()) if t]
-        parts.append(_SEP.join(re.escape(t) for t in tokens))
-    return r"(?<![a-z0-9])" + _FILLER_RE.join(parts) + r"(?![a-z0-9])"
-
-
-def _specificity(alias: str) -> int:
-    """Letters an alias spells out (filler excluded): the longer, the more specific."""
-    return sum(ch.isalnum() for ch in alias.replace(FILLER, ""))
-
-
-@lru_cache(maxsize=1)
-def _compiled_aliases() -> tuple[tuple[str, re.Pattern[str], int], ...]:
-    return tuple(
-        (key, re.compile(_alias_regex(alias), re.IGNORECASE), _specificity(alias))
-        for key, aliases in ALIASES.items()
-        for alias in aliases
-    )
+__all__ = ["ALIASES", "Citation", "extract_cited_numbers", "find_citations"]
 
 
 @dataclass(frozen=True)
@@ -232,17 +115,6 @@ def _unit_after(text: str, end: int) -> tuple[str | None, int]:
     return ("other", other.end()) if other else (None, end)
 
 
-_AliasHit = tuple[int, int, int, str]  # start, end, specificity, biomarker key
-
-
-def _alias_matches(text: str) -> list[_AliasHit]:
-    """Every alias occurrence in the text."""
-    found = []
-    for key, pattern, specificity in _compiled_aliases():
-        found.extend((m.start(), m.end(), specificity, key) for m in pattern.finditer(text))
-    return found
-
-
 def _clause_start(text: str, start: int, previous_end: int) -> int:
     """Where the clause of a number begins: after the previous number, sentence boundary or 160 chars."""
     boundaries = [m.end() for m in _BOUNDARY_RE.finditer(text, 0, start)]
@@ -255,39 +127,79 @@ def _clause_end(text: str, end: int, next_start: int) -> int:
     return min(next_start, end + 40, stop.start() if stop else len(text))
 
 
-def _pick_key(aliases: list[_AliasHit], lo: int, start: int, end: int, hi: int) -> str | None:
+def _pick_key(hits: list[AliasHit], lo: int, start: int, end: int, hi: int) -> str | None:
     """The alias ending nearest before the number (most specific on ties); else the first just after it."""
-    before = [a for a in aliases if lo <= a[0] and a[1] <= start]
+    before = [h for h in hits if lo <= h[0] and h[1] <= start]
     if before:
-        return max(before, key=lambda a: (a[1], a[2]))[3]
-    after = [a for a in aliases if end <= a[0] and a[1] <= hi]
-    return min(after, key=lambda a: (a[0], -a[2]))[3] if after else None
+        return max(before, key=lambda h: (h[1], h[2]))[3]
+    after = [h for h in hits if end <= h[0] and h[1] <= hi]
+    return min(after, key=lambda h: (h[0], -h[2]))[3] if after else None
+
+
+_LIST_GAP_RE = re.compile(r"[\s,()]*(?:and|or|&|as well as)?[\s,()]*", re.IGNORECASE)
+
+
+def _named_list(text: str, hits: list[AliasHit]) -> list[str]:
+    """The biomarkers of the list of names that ends a clause ("arterial and venular FD"), in order."""
+    clusters: list[list[AliasHit]] = []
+    for hit in sorted(hits):
+        if clusters and hit[0] < max(h[1] for h in clusters[-1]):
+            clusters[-1].append(hit)
+        else:
+            clusters.append([hit])
+    names = [(min(h[0] for h in c), max(h[1] for h in c), max(c, key=lambda h: (h[1], h[2]))[3]) for c in clusters]
+    chain = names[-1:]
+    for name in reversed(names[:-1]):
+        if not _LIST_GAP_RE.fullmatch(text, name[1], chain[0][0]):
+            break
+        chain.insert(0, name)
+    return [name[2] for name in chain]
+
+
+@dataclass
+class _Number:
+    match: re.Match[str]
+    unit: str | None
+    unit_end: int
+    window: list[AliasHit]  #: hits within the clause before the number
+    key: str | None = None
+
+
+def _assign_lists(text: str, numbers: list[_Number]) -> None:
+    """Re-key runs of numbers joined by list connectors (see the module docstring)."""
+    i = 0
+    while i < len(numbers):
+        j = i + 1
+        while (j < len(numbers) and numbers[i].unit != "other" and numbers[j].unit != "other"
+               and not numbers[j].window
+               and _LIST_GAP_RE.fullmatch(text, numbers[j - 1].unit_end, numbers[j].match.start())):
+            j += 1
+        if j - i > 1 and numbers[i].key is not None:
+            names = _named_list(text, numbers[i].window)
+            keys = names[-(j - i):] if len(names) >= j - i else [numbers[i].key] * (j - i)
+            for number, key in zip(numbers[i:j], keys):
+                number.key = key
+        i = j
 
 
 def find_citations(text: str) -> list[Citation]:
     """All cited numbers in `text`, in order, each with its unit and biomarker key (or None)."""
-    numbers = [m for m in _NUMBER_RE.finditer(text) if _skip_reason(text, m) is None]
-    aliases = _alias_matches(text)
-    citations: list[Citation] = []
-    previous_end = 0
-    for index, match in enumerate(numbers):
+    matches = [m for m in _NUMBER_RE.finditer(text) if _skip_reason(text, m) is None]
+    hits = alias_hits(text)
+    numbers: list[_Number] = []
+    for index, match in enumerate(matches):
         unit, unit_end = _unit_after(text, match.end())
-        next_start = numbers[index + 1].start() if index + 1 < len(numbers) else len(text)
-        key = None
+        lo = _clause_start(text, match.start(), numbers[-1].unit_end if numbers else 0)
+        number = _Number(match, unit, unit_end, [h for h in hits if lo <= h[0] and h[1] <= match.start()])
         if unit != "other":
-            lo = _clause_start(text, match.start(), previous_end)
-            key = _pick_key(aliases, lo, match.start(), unit_end, _clause_end(text, unit_end, next_start))
-        written = match.group(1)
-        citations.append(Citation(written, float(written.replace(",", "")), unit, key, *match.span()))
-        previous_end = unit_end
-    return citations
+            next_start = matches[index + 1].start() if index + 1 < len(matches) else len(text)
+            number.key = _pick_key(hits, lo, match.start(), unit_end, _clause_end(text, unit_end, next_start))
+        numbers.append(number)
+    _assign_lists(text, numbers)
+    return [Citation(n.match.group(1), float(n.match.group(1).replace(",", "")), n.unit, n.key, *n.match.span())
+            for n in numbers]
 
 
 def extract_cited_numbers(text: str) -> list[CitedNumber]:
     """The numbers a narrative cites, for `Report.cited_numbers` (see the module docstring for the rules)."""
     return [citation.to_cited_number() for citation in find_citations(text)]
-
-
-def is_ratio(key: str) -> bool:
-    """True for the unitless CFP biomarkers (a length unit on them is a wrong unit)."""
-    return key in CFP_KEYS

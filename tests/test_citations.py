@@ -76,3 +76,17 @@ def test_number_before_its_name() -> None:
 def test_extract_cited_numbers_returns_report_type() -> None:
     assert extract_cited_numbers("AVR 0.610 and something 7.") == [
         CitedNumber("0.610", 0.61, "avr"), CitedNumber("7", 7.0, None)]
+
+
+def test_shared_measures_and_lists() -> None:
+    text = ("The arterial (1.121) and venular (1.098) tortuosity are normal; arterial and venular fractal "
+            "dimensions of 1.412 and 1.398. INL-ELM thickness central 100.2, inner 90.1 and outer 75.3 um. "
+            "The RNFL and GCIPL measure 24.1 and 62.3 um, respectively.")
+    assert [k for _, k in keys(text)] == ["tortuosity_arterial", "tortuosity_venular", "fd_arterial", "fd_venular",
+                                          "inl_elm_central", "inl_elm_inner", "inl_elm_outer", "rnfl_average",
+                                          "gcipl_average"]
+
+
+def test_list_without_a_list_of_names_keeps_the_one_name() -> None:
+    text = "RNFL and GCIPL thinning with cup-to-disc ratio 0.72 and 0.70. INL-ELM inner 90.1, ELM-ISOS central 25.0."
+    assert [k for _, k in keys(text)] == ["cup_to_disc", "cup_to_disc", "inl_elm_inner", "elm_isos_central"]
