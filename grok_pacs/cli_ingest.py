@@ -53,6 +53,7 @@ def _register_listen(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_listen(args: argparse.Namespace) -> int:
+    from grok_pacs import metrics
     from grok_pacs.ingest import IngestService
 
     settings = settings_from_args(args, port=args.port, ae_title=args.ae_title, bind_address=args.bind,
@@ -61,11 +62,16 @@ def run_listen(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     service = IngestService(settings)
+    observability = metrics.maybe_start_server(settings, "listener")  # /metrics, /health when metrics_port
+    metrics.watch_studies(service.index.count_by_state)
     service.start()
     log.info("ready: data_dir=%s broker=%s queue=%s quiet_period=%.1fs", settings.data_dir,
              settings.resolved_broker_url.split("://", 1)[0], settings.queue, settings.quiet_period)
     stop.wait()
     log.info("stopping")
+    if observability is not None:
+        observability.close()
+    metrics.watch_studies(None)
     service.stop()
     return EXIT_OK
 

@@ -187,6 +187,14 @@ class StudyIndex:
             ).fetchall()
         return [_study(row) for row in rows]
 
+    def count_by_state(self) -> dict[str, int]:
+        """Number of studies in each state, every state present (for the grok_pacs_studies gauge)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT state, COUNT(*) FROM studies GROUP BY state").fetchall()
+        counts = {state.value: 0 for state in StudyState}
+        counts.update({state: count for state, count in rows})
+        return counts
+
     def due_studies(self, cutoff: float) -> list[StudyRecord]:
         """RECEIVING studies whose last instance arrived at or before `cutoff` (complete, not queued)."""
         with self._lock:

@@ -27,6 +27,7 @@ from pathlib import Path
 from pynetdicom import AE, _config, dimse_messages, evt
 
 from grok_pacs import dimse_status as status
+from grok_pacs import metrics
 from grok_pacs.config import Settings
 from grok_pacs.contexts import scp_contexts
 from grok_pacs.dicom_header import IncompleteDatasetError, read_header
@@ -168,8 +169,10 @@ class Listener:
 
     def _on_accepted(self, event) -> None:
         self._stats_for(event).outcome = "released"
+        metrics.association_accepted()
 
     def _on_rejected(self, event) -> None:
+        metrics.association_rejected()
         stats = self._stats_for(event)
         if self.settings.allowed_aes and stats.calling_ae not in self.settings.allowed_aes:
             stats.outcome = "rejected (calling AE not allowed)"
@@ -205,6 +208,7 @@ class Listener:
             code = self._store(Path(event.dataset_path), request, stats.calling_ae, stats)
         except StoreRefused as refusal:
             stats.failed += 1
+            metrics.instance_failed(status.status_name(refusal.code))
             log.warning("refused instance from %s: status=%s (0x%04X): %s", stats.calling_ae,
                         status.status_name(refusal.code), refusal.code, refusal)
             return refusal.code
@@ -228,6 +232,7 @@ class Listener:
                                "dataset SOPClassUID differs from the request's")
         if self.index.has_instance(sop_uid):
             stats.duplicates += 1
+            metrics.instance_duplicate()
             return status.SUCCESS  # idempotent: the first copy is already durable
         relpath = instance_relpath(header.study_uid, header.series_uid, header.sop_uid)
         size = self._persist(received, self.data_dir / relpath)
@@ -245,9 +250,11 @@ class Listener:
             raise StoreRefused(status.PROCESSING_FAILURE, f"index write failed: {exc}") from exc
         if not added:
             stats.duplicates += 1
+            metrics.instance_duplicate()
             return status.SUCCESS
         stats.stored += 1
         stats.bytes += size
+        metrics.instance_received(record.sop_class_uid, size)
         if self.on_stored is not None:
             self.on_stored(record)
         return status.SUCCESS

@@ -1,0 +1,286 @@
+"""The Prometheus endpoint and /health, scraped over loopback from real processes.
+
+The main test runs `grok-pacs listen` with metrics_port set, sends instances with DCMTK's storescu and
+checks the counters against what the listener actually wrote to its data directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import free_port, require_tool
+from grok_pacs import health, metrics
+from grok_pacs.config import OP_8BIT, OPT, load_settings
+from grok_pacs.ingest import IngestService
+from ophthalmic_dicom import Patient, make_cfp, make_oct, write
+
+ROOT = Path(__file__).resolve().parents[1]
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def dcmtk_tool(name: str) -> str:
+    """DCMTK's `name` from PATH, skipping same-named programs of other packages (pynetdicom's storescu)."""
+    require_tool(name)
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(directory) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            version = subprocess.run([str(candidate), "--version"], capture_output=True, text=True, timeout=30)
+            if "dcmtk" in (version.stdout + version.stderr).lower():
+                return str(candidate)
+    pytest.fail(f"no DCMTK {name} on PATH (run scripts/install-system-deps.sh)")
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return reply.status, reply.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def scrape(port: int) -> Samples:
+    status, body = get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    assert key in samples, f"{name}{labels} not exported; have {sorted(n for n, _ in samples if 'grok' in n)}"
+    return samples[key]
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def storescu(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([dcmtk_tool("storescu"), *args], capture_output=True, text=True, timeout=60)
+
+
+# --- a real ingest through `grok-pacs listen` ---------------------------------------------------------------
+
+
+@pytest.fixture
+def listen(tmp_path: Path):
+    """`grok-pacs listen` on free loopback ports with metrics on; yields (dicom_port, metrics_port, data)."""
+    dicom_port, metrics_port, data = free_port(), free_port(), tmp_path / "data"
+    env = {**os.environ, "GROK_PACS_DATA_DIR": str(data), "GROK_PACS_PORT": str(dicom_port),
+           "GROK_PACS_BIND_ADDRESS": "127.0.0.1", "GROK_PACS_METRICS_PORT": str(metrics_port),
+           "GROK_PACS_ALLOWED_AES": "MODALITY", "GROK_PACS_QUIET_PERIOD": "1", "GROK_PACS_BROKER_URL": ""}
+    env.pop("GROK_PACS_CONFIG", None)
+    log = (tmp_path / "listen.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "grok_pacs.cli", "listen"], env=env, cwd=tmp_path,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"grok-pacs listen exited {proc.returncode}:\n{(tmp_path / 'listen.log').read_text()}")
+        try:
+            return get(f"http://127.0.0.1:{metrics_port}/health")[0] == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(ready, "grok-pacs listen to report healthy", timeout=60)
+        yield dicom_port, metrics_port, data
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=30) == 0, (tmp_path / "listen.log").read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            log.close()
+
+
+def test_metrics_scraped_during_a_real_ingest(listen, tmp_path: Path) -> None:
+    dicom_port, metrics_port, data = listen
+    before = scrape(metrics_port)
+    assert value(before, "grok_pacs_associations_total", outcome="accepted") == 0
+    assert value(before, "grok_pacs_received_bytes_total") == 0
+
+    patient = Patient()
+    cfp = write(make_cfp(patient, "R"), tmp_path / "send/cfp.dcm")
+    oct_ = write(make_oct(patient, "R"), tmp_path / "send/oct.dcm")
+    sent = storescu("-aet", "MODALITY", "-aec", "GROK_PACS", "127.0.0.1", str(dicom_port), str(cfp), str(oct_))
+    assert sent.returncode == 0, sent.stderr
+    again = storescu("-aet", "MODALITY", "-aec", "GROK_PACS", "127.0.0.1", str(dicom_port), str(cfp))
+    assert again.returncode == 0, again.stderr
+    refused = storescu("-aet", "INTRUDER", "-aec", "GROK_PACS", "127.0.0.1", str(dicom_port), str(cfp))
+    assert refused.returncode != 0  # not in allowed_aes: association rejected
+
+    stored = sorted((data / "incoming").rglob("*.dcm"))
+    assert len(stored) == 2
+    samples = scrape(metrics_port)
+    assert value(samples, "grok_pacs_associations_total", outcome="accepted") == 2
+    assert value(samples, "grok_pacs_associations_total", outcome="rejected") == 1
+    assert value(samples, "grok_pacs_instances_received_total", sop_class=OP_8BIT) == 1
+    assert value(samples, "grok_pacs_instances_received_total", sop_class=OPT) == 1
+    assert value(samples, "grok_pacs_instances_duplicate_total") == 1
+    assert value(samples, "grok_pacs_received_bytes_total") == sum(p.stat().st_size for p in stored)
+    free = shutil.disk_usage(data).free
+    assert abs(value(samples, "grok_pacs_data_dir_free_bytes") - free) < 0.05 * free
+
+    # Studies by state: RECEIVING until quiet for quiet_period (1 s), then QUEUED on the broker.
+    wait_for(lambda: value(scrape(metrics_port), "grok_pacs_studies", state="QUEUED") == 1,
+             "the study to be queued", timeout=30)
+    samples = scrape(metrics_port)
+    assert value(samples, "grok_pacs_studies", state="RECEIVING") == 0
+    assert value(samples, "grok_pacs_studies", state="FAILED") == 0
+
+    status, body = get(f"http://127.0.0.1:{metrics_port}/health")
+    report = json.loads(body)
+    assert status == 200 and report["status"] == "ok"
+    assert set(report["checks"]) == {"listener", "broker", "disk"}
+    assert str(dicom_port) in report["checks"]["listener"]["detail"]
+
+
+# --- failures show in metrics and health -------------------------------------------------------------------
+
+
+def test_refused_instance_is_counted_and_health_reports_the_disk(tmp_path: Path) -> None:
+    """Free disk below min_free_disk_mb: C-STORE refused (A700), counted by reason, /health 503."""
+    settings = load_settings(data_dir=tmp_path / "data", port=free_port(), bind_address="127.0.0.1",
+                             metrics_port=free_port(), min_free_disk_mb=10**9, broker_url="")
+    reason = {"reason": "REFUSED_OUT_OF_RESOURCES"}
+    start = scrape_local(reason)
+    service = IngestService(settings)
+    server = metrics.start_server(settings, "listener")
+    try:
+        service.start()
+        cfp = write(make_cfp(Patient(), "L"), tmp_path / "send/cfp.dcm")
+        sent = storescu("-aet", "MODALITY", "-aec", settings.ae_title, "127.0.0.1", str(settings.port), str(cfp))
+        assert sent.returncode != 0, "storescu reported success for a refused instance"
+        samples = scrape(server.port)
+        assert value(samples, "grok_pacs_instances_failed_total", **reason) == start + 1
+        status, body = get(f"http://127.0.0.1:{server.port}/health")
+        report = json.loads(body)
+        assert status == 503 and report["status"] == "fail"
+        assert not report["checks"]["disk"]["ok"] and "min_free_disk_mb" in report["checks"]["disk"]["detail"]
+        assert report["checks"]["listener"]["ok"] and report["checks"]["broker"]["ok"]
+    finally:
+        server.close()
+        service.stop()
+    assert not list((settings.data_dir / "incoming").rglob("*.dcm"))
+
+
+def scrape_local(labels: dict[str, str]) -> float:
+    """Current value of instances_failed_total{labels} in this process's registry (counters are global)."""
+    sample = metrics.REGISTRY.get_sample_value("grok_pacs_instances_failed_total", labels)
+    return sample or 0.0
+
+
+def test_worker_health_follows_the_broker_and_the_bundle(tmp_path: Path) -> None:
+    """A real Redis: reachable -> broker ok; stopped -> 503 naming the broker. Bundle: loaded or not."""
+    redis_server = require_tool("redis-server")
+    redis_port, bundle = free_port(), tmp_path / "bundle"
+    bundle.mkdir()
+    settings = load_settings(data_dir=tmp_path, bundle=bundle, metrics_port=free_port(), bind_address="127.0.0.1",
+                             broker_url=f"redis://127.0.0.1:{redis_port}/0", min_free_disk_mb=0)
+    redis = subprocess.Popen([redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    state = health.BundleState()
+    checker = health.HealthChecker({"broker": health.broker_check(settings),
+                                    "bundle": health.bundle_check(settings, state),
+                                    "disk": health.disk_check(settings)})
+    server = metrics.start_server(settings, "worker", checker=checker)
+    url = f"http://127.0.0.1:{server.port}/health"
+    try:
+        wait_for(lambda: json.loads(get(url)[1])["checks"]["broker"]["ok"], "Redis to answer", timeout=30)
+        status, body = get(url)
+        assert status == 503 and json.loads(body)["checks"]["bundle"]["detail"].endswith("is not loaded yet")
+        state.mark_loaded(bundle, "2026.10")
+        status, body = get(url)
+        assert status == 200, body
+        assert "2026.10" in json.loads(body)["checks"]["bundle"]["detail"]
+
+        redis.terminate()
+        redis.wait(timeout=15)
+        started = time.monotonic()
+        status, body = get(url)
+        assert time.monotonic() - started < health.CHECK_TIMEOUT + 5  # a dead broker does not hang the probe
+        broker = json.loads(body)["checks"]["broker"]
+        assert status == 503 and not broker["ok"] and f"127.0.0.1:{redis_port}" in broker["detail"]
+        assert get(f"http://127.0.0.1:{server.port}/health/live")[0] == 200  # alive, just not ready
+    finally:
+        server.close()
+        if redis.poll() is None:
+            redis.kill()
+            redis.wait(timeout=10)
+
+
+def test_worker_metrics_exported_in_prometheus_and_openmetrics(tmp_path: Path) -> None:
+    """Job stage histograms, SR delivery outcomes and model load time, as a worker records them."""
+    settings = load_settings(data_dir=tmp_path, metrics_port=free_port(), bind_address="127.0.0.1")
+    server = metrics.start_server(settings, "worker",
+                                  checker=health.HealthChecker({"ok": lambda: health.CheckResult(True, "")}))
+    try:
+        before = scrape(server.port)
+        with metrics.time_stage("inference"):
+            time.sleep(0.05)
+        metrics.observe_stage("queue_wait", 0.75)
+        metrics.sr_delivered()
+        metrics.sr_delivery_failed(permanent=False)
+        metrics.sr_delivery_failed(permanent=True)
+        metrics.job_finished(succeeded=True)
+        metrics.model_loaded("vision_encoders", 12.5, bundle=tmp_path, version="test-1")
+        after = scrape(server.port)
+
+        def delta(name: str, **labels: str) -> float:
+            return value(after, name, **labels) - before.get((name, frozenset(labels.items())), 0.0)
+
+        assert delta("grok_pacs_job_duration_seconds_count", stage="inference") == 1
+        assert delta("grok_pacs_job_duration_seconds_sum", stage="inference") >= 0.05
+        assert delta("grok_pacs_job_duration_seconds_bucket", stage="queue_wait", le="1.0") == 1
+        assert delta("grok_pacs_job_duration_seconds_bucket", stage="queue_wait", le="0.5") == 0
+        assert delta("grok_pacs_sr_deliveries_total") == 1
+        assert delta("grok_pacs_sr_delivery_failures_total", kind="transient") == 1
+        assert delta("grok_pacs_sr_delivery_failures_total", kind="permanent") == 1
+        assert delta("grok_pacs_jobs_total", outcome="succeeded") == 1
+        assert value(after, "grok_pacs_model_load_seconds", component="vision_encoders") == 12.5
+        assert value(after, "grok_pacs_bundle_info", path=str(tmp_path), version="test-1") == 1
+        with pytest.raises(ValueError, match="unknown job stage"):
+            metrics.observe_stage("coffee", 1.0)
+
+        request = urllib.request.Request(f"http://127.0.0.1:{server.port}/metrics",
+                                         headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            assert reply.headers["Content-Type"].startswith("application/openmetrics-text")
+            assert reply.read().decode().rstrip().endswith("# EOF")
+    finally:
+        server.close()
+        health.BUNDLE_STATE.clear()
+
+
+def test_metrics_port_in_use_fails_with_the_port_named(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path, metrics_port=free_port(), bind_address="127.0.0.1")
+    first = metrics.start_server(settings, "worker")
+    try:
+        with pytest.raises(OSError, match=f"metrics_port {settings.metrics_port}"):
+            metrics.start_server(settings, "worker")
+    finally:
+        first.close()
