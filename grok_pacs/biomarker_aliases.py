@@ -102,7 +102,8 @@ assert set(ALIASES) == set(BY_KEY), set(BY_KEY) ^ set(ALIASES)
 DISTRIBUTED: tuple[tuple[str, dict[str, str]], ...] = (
     (_TORTUOSITY, {_ARTERIAL: "tortuosity_arterial", _VENULAR: "tortuosity_venular"}),
     (_FRACTAL, {_ARTERIAL: "fd_arterial", _VENULAR: "fd_venular"}),
-    *((layer, {words: f"{prefix}_{region}" for region, words in _REGIONS.items()}) for prefix, layer in _LAYERS.items()),
+    *((layer, {words: f"{prefix}_{region}" for region, words in _REGIONS.items()})
+      for prefix, layer in _LAYERS.items()),
 )
 
 
@@ -152,8 +153,11 @@ _LIST_WORDS = frozenset({"(", ")", ",", "and", "or", "&", "respectively", "um", 
                          "micrometres", "micrometers", *FILLER_WORDS})
 
 
+_Qualifiers = tuple[tuple[re.Pattern[str], str], ...]  #: (qualifier pattern, biomarker key)
+
+
 @lru_cache(maxsize=1)
-def _compiled_distributed() -> tuple[tuple[re.Pattern[str], tuple[tuple[re.Pattern[str], str], ...]], ...]:
+def _compiled_distributed() -> tuple[tuple[re.Pattern[str], _Qualifiers], ...]:
     return tuple(
         (re.compile(alias_regex(measure), re.IGNORECASE),
          tuple((re.compile(alias_regex(q) + "$", re.IGNORECASE), key) for q, key in qualifiers.items()))
@@ -161,11 +165,11 @@ def _compiled_distributed() -> tuple[tuple[re.Pattern[str], tuple[tuple[re.Patte
     )
 
 
-def _qualifier_key(word: str, qualifiers: tuple[tuple[re.Pattern[str], str], ...]) -> str | None:
+def _qualifier_key(word: str, qualifiers: _Qualifiers) -> str | None:
     return next((key for pattern, key in qualifiers if pattern.match(word)), None)
 
 
-def _scan(side: list[tuple[int, int, str]], qualifiers, backward: bool) -> list[tuple[int, int, str, str]]:
+def _scan(side: list[tuple[int, int, str]], qualifiers: _Qualifiers, backward: bool) -> list[tuple[int, int, str, str]]:
     """Qualifiers in the list next to a measure: (start, end, word, key), stopping at any other word.
 
     Backwards only numbers in parentheses are crossed ("arterial (1.12) and venular (1.10) tortuosity"): a

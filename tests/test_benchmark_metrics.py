@@ -10,9 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from grok_pacs.labels import Label
+from grok_pacs.report import BiomarkerEstimate, Eye, Report
 from training.benchmark import Prediction, Reference, compare, evaluate, write_comparison, write_report
 from training.benchmark.classification import classify, plot_confusion
-from training.benchmark.grounding import check_grounding
+from training.benchmark.grounding import check_grounding, check_report_grounding
 from training.benchmark.judge import CRITERIA, Judge, JudgeAnswerError, JudgeConfig, JudgeError, parse_verdict
 from training.benchmark.rubric import coverage_completeness, diagnosis_accuracy, quantitative_accuracy
 from training.benchmark.text import corpus_bleu, lcs_length, rouge_l, sentence_bleu, tokenize
@@ -53,7 +54,8 @@ def test_confusion_png_is_written(tmp_path) -> None:
 
 # --- text overlap -------------------------------------------------------------------------------------
 def test_tokenizer_keeps_numbers_and_hyphenated_words() -> None:
-    assert tokenize("Cup-to-disc ratio: 0.720, RNFL 24.1 µm.") == ["cup-to-disc", "ratio", "0.720", "rnfl", "24.1", "μm"]
+    tokens = ["cup-to-disc", "ratio", "0.720", "rnfl", "24.1", "μm"]
+    assert tokenize("Cup-to-disc ratio: 0.720, RNFL 24.1 µm.") == tokens
     assert tokenize("24.1 µm") == tokenize("24.1 μm")
 
 
@@ -154,6 +156,22 @@ def test_grounding_against_the_sr_estimates() -> None:
     assert check_grounding("No numbers.", estimates).agreement is None
 
 
+def runtime_report(narrative: str, estimates: dict[str, float]) -> Report:
+    return Report(eye=Eye.RIGHT, label=G, narrative=narrative, impression="Consistent with glaucoma.",
+                  raw_text=narrative, biomarkers=tuple(BiomarkerEstimate(k, v, "1") for k, v in estimates.items()),
+                  cited_numbers=(), label_scores={}, missing_modalities=("OCT",), sources=(), oct_frame_index=None,
+                  oct_frame_method=None, bundle_name="b", bundle_version="0")
+
+
+def test_grounding_and_prediction_from_a_runtime_report() -> None:
+    report = runtime_report("The cup-to-disc ratio is 0.812 and the AVR 0.70.", {"cup_to_disc": 0.8121, "avr": 0.64})
+    result = check_report_grounding(report)
+    assert (result.n_cited, result.n_agree, result.mismatches[0].reason) == (2, 1, "disagrees")
+    prediction = Prediction.from_report("case-1", report)
+    assert prediction.label == G and prediction.text.endswith("Consistent with glaucoma.")
+    assert prediction.biomarkers == {"cup_to_disc": 0.8121, "avr": 0.64}
+
+
 # --- LLM judge ----------------------------------------------------------------------------------------
 def verdict_json(**overrides) -> str:
     answer = {name: {"score": high, "explanation": f"{name} ok"} for name, (_, high) in CRITERIA.items()}
@@ -226,6 +244,17 @@ def test_judge_retries_malformed_and_server_errors() -> None:
     assert '"cup-to-disc ratio": "0.800"' in body["messages"][1]["content"]
 
 
+def test_judge_config_from_env(monkeypatch) -> None:
+    for name in ("GROK_JUDGE_BASE_URL", "OPENAI_BASE_URL", "GROK_JUDGE_MODEL", "GROK_JUDGE_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(JudgeError, match="GROK_JUDGE_MODEL"):
+        JudgeConfig.from_env(base_url="http://127.0.0.1:1/v1")
+    monkeypatch.setenv("GROK_JUDGE_MODEL", "m")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk")
+    config = JudgeConfig.from_env(base_url="http://127.0.0.1:1/v1")
+    assert (config.model, config.api_key) == ("m", "sk")
+
+
 def test_judge_gives_up_with_the_reason() -> None:
     bad = verdict_json(CoverageCompleteness={"score": 12})
     with ScriptedServer([(200, bad)] * 2) as server, Judge(server.config(max_attempts=2)) as judge:
@@ -264,6 +293,17 @@ def test_evaluate_write_and_compare(tmp_path) -> None:
     assert rows["accuracy"] == (0.5, 1.0, 0.5)
     table = write_comparison(result, better, tmp_path, "Biomarkers in prompt", ("without", "with"))
     assert "| accuracy | 0.5000 | 1.0000 | +0.5000 |" in table["markdown"].read_text()
+
+
+def test_evaluate_with_judge_counts_failures() -> None:
+    preds, refs = cases()
+    half = verdict_json(QualitativeAccuracy={"score": 7.5, "explanation": "partial"})
+    with ScriptedServer([(200, half), (200, "no"), (200, "still no")]) as server:
+        with Judge(server.config(max_attempts=2)) as judge:
+            result = evaluate(preds, refs, judge=judge, progress=False)
+    assert result.judge_failures == 1 and result.cases[1].judge_error is not None
+    assert result.judge_means["QualitativeAccuracy"] == 7.5 and result.judge_means["total"] == 92.5
+    assert result.summary()["judge_macro_f1"] == result.judge_classification.macro_f1
 
 
 def test_evaluate_rejects_unpaired_cases() -> None:

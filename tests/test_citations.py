@@ -65,7 +65,8 @@ def test_numbers_that_are_not_values_are_skipped() -> None:
 
 
 def test_normal_at_value_is_still_a_value_and_age_is_unmatched() -> None:
-    assert keys("The cup-to-disc ratio is normal at 0.35 in this 67-year-old.") == [("0.35", "cup_to_disc"), ("67", None)]
+    text = "The cup-to-disc ratio is normal at 0.35 in this 67-year-old."
+    assert keys(text) == [("0.35", "cup_to_disc"), ("67", None)]
     assert keys("The RNFL is thin, and the patient is 67 years old.") == [("67", None)]
 
 

@@ -25,7 +25,7 @@ from functools import lru_cache
 from typing import Mapping
 
 from grok_pacs.labels import Label
-from training.benchmark.numbers import check_value, find_citations
+from training.benchmark.numbers import Citation, check_value, find_citations
 
 QUANTITATIVE_MAX = 20
 COVERAGE_MAX = 10
@@ -82,7 +82,8 @@ class RubricScores:
         return self.diagnosis + self.quantitative + self.coverage
 
 
-def _deduction_for(citation, reference_values: Mapping[str, float], reference_numbers: list) -> Deduction | None:
+def _deduction_for(citation: Citation, reference_values: Mapping[str, float],
+                   reference_numbers: list[Citation]) -> Deduction | None:
     """The deduction one cited number earns (None when it earns none)."""
     check = check_value(citation, reference_values)
     if check.reference is None:
