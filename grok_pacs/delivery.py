@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
 
 import pydicom
 from pydicom.dataset import Dataset
 
+from grok_pacs import metrics
 from grok_pacs.config import Settings
 from grok_pacs.index import StudyIndex, StudyState
 from grok_pacs.outbox import Outbox, OutboxEntry, OutboxState
@@ -85,19 +87,25 @@ def deliver(settings: Settings, outbox: Outbox, sr_uid: str, *, owner: str) -> D
         sr = pydicom.dcmread(resolve_inside(Path(settings.data_dir), entry.path))
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         outbox.mark_failed(sr_uid, owner, f"SR file {entry.path} unreadable: {exc}")
+        metrics.sr_delivery_failed(permanent=True)
         raise PermanentStoreError(f"SR file {entry.path} unreadable: {exc}") from exc
+    started = time.perf_counter()
     try:
         result = store_dataset(settings.destination, sr, calling_ae=settings.ae_title, timeout=settings.dimse_timeout)
     except TransientStoreError as exc:
         outbox.release(sr_uid, owner, f"transient: {exc}")
+        metrics.sr_delivery_failed(permanent=False)
         log.warning("delivery of SR %s to %s failed (transient, attempt %d): %s", sr_uid, destination,
                     entry.attempts, exc)
         raise
     except PermanentStoreError as exc:
         outbox.mark_failed(sr_uid, owner, f"rejected by {destination}: {exc}")
+        metrics.sr_delivery_failed(permanent=True)
         log.error("delivery of SR %s to %s failed permanently: %s", sr_uid, destination, exc)
         raise
     outbox.mark_delivered(sr_uid, owner, destination)
+    metrics.sr_delivered()
+    metrics.observe_stage("delivery", time.perf_counter() - started)
     log.info("delivered SR %s of study %s to %s (%s, attempt %d)", sr_uid, entry.study_uid, destination,
              result.status_name, entry.attempts)
     return DeliveryOutcome.DELIVERED
@@ -112,6 +120,7 @@ def give_up(outbox: Outbox, sr_uid: str, owner: str, reason: str) -> None:
         if outbox.claim(sr_uid, owner, lease_s=float("inf")) is None:
             return
     outbox.mark_failed(sr_uid, owner, reason)
+    metrics.sr_delivery_failed(permanent=True)  # retries exhausted: the SR is given up
 
 
 def study_summary(entries: list[OutboxEntry], destination: str) -> tuple[StudyState, str]:

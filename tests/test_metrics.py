@@ -284,3 +284,35 @@ def test_metrics_port_in_use_fails_with_the_port_named(tmp_path: Path) -> None:
             metrics.start_server(settings, "worker")
     finally:
         first.close()
+
+
+def test_sr_delivery_outcomes_are_counted(tmp_path: Path) -> None:
+    """A real delivery: PACS down (transient failure), then DCMTK storescp up (delivered)."""
+    from grok_pacs.delivery import DeliveryOutcome, deliver
+    from grok_pacs.scu import TransientStoreError
+    from storescp import StoreSCP
+    from test_delivery import _queued_study
+
+    port = free_port()
+    settings = load_settings(data_dir=tmp_path / "data", destination=f"PACS@127.0.0.1:{port}",
+                             dimse_timeout=10, acse_timeout=10, network_timeout=10)
+    _index, outbox, sr_uid = _queued_study(settings)
+
+    def sample(name: str, **labels: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    names = [("grok_pacs_sr_delivery_failures_total", {"kind": "transient"}),
+             ("grok_pacs_sr_delivery_failures_total", {"kind": "permanent"}),
+             ("grok_pacs_sr_deliveries_total", {}),
+             ("grok_pacs_job_duration_seconds_count", {"stage": "delivery"})]
+    before = [sample(name, **labels) for name, labels in names]
+    with pytest.raises(TransientStoreError):
+        deliver(settings, outbox, sr_uid, owner="job-1")
+    pacs = StoreSCP(port, tmp_path / "pacs").start()
+    try:
+        assert deliver(settings, outbox, sr_uid, owner="job-2") is DeliveryOutcome.DELIVERED
+        assert deliver(settings, outbox, sr_uid, owner="job-3") is DeliveryOutcome.ALREADY_DELIVERED
+    finally:
+        pacs.stop()
+    after = [sample(name, **labels) for name, labels in names]
+    assert [a - b for a, b in zip(after, before)] == [1, 0, 1, 1]
