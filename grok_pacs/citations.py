@@ -73,10 +73,10 @@ _COUNT_RE = re.compile(
     re.IGNORECASE,
 )
 _THRESHOLD_RE = re.compile(
-    r"(?:\bnormal|\breference|\bexpected|\btypical(?:ly)?|\busual(?:ly)?|\bthreshold|\bcut-?off|\blimits?|"
+    r"(?:\bnormal|\breference|\bexpected|\btypical(?:ly)?|\busual(?:ly)?|\bthreshold|\bcut-?off|\blimit|"
     r"\branges?|[<>≤≥]|\babove|\bbelow|\bunder|\bover|\bexceed(?:ing|s)?|\bgreater than|\bless than|"
     r"\bmore than|\bup to|\bat least|\bat most)"
-    r"(?:[\s:=(~]+(?:range|limits?|values?|of|is|are|being|around|about|the|a|for|adults?)\b)*[\s:=(~]*$",
+    r"(?:[\s:=~]+(?:range|limits?|values?|of|is|are|being|around|about|the|a|for|adults?)\b)*[\s:=~]*$",
     re.IGNORECASE,
 )
 _BOUNDARY_RE = re.compile(r"[.!?](?=\s|$)|[;\n]")

@@ -68,6 +68,8 @@ def test_normal_at_value_is_still_a_value_and_age_is_unmatched() -> None:
     text = "The cup-to-disc ratio is normal at 0.35 in this 67-year-old."
     assert keys(text) == [("0.35", "cup_to_disc"), ("67", None)]
     assert keys("The RNFL is thin, and the patient is 67 years old.") == [("67", None)]
+    text = "RNFL within normal limits (28.0 um) but the AVR is below normal (0.55)."
+    assert keys(text) == [("28.0", "rnfl_average"), ("0.55", "avr")]
 
 
 def test_number_before_its_name() -> None:

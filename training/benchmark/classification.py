@@ -97,14 +97,15 @@ def classify(truth: Sequence[Label], predicted: Sequence[Label]) -> Classificati
 
 
 def plot_confusion(result: ClassificationResult, path: Path, title: str) -> Path:
-    """Draw the confusion matrix (counts, row-normalised shading) to a PNG at `path`."""
-    import matplotlib
+    """Draw the confusion matrix (counts, row-normalised shading) to a PNG at `path`.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Uses a bare `Figure` (no pyplot): no global backend state, safe in scripts and threads.
+    """
+    from matplotlib.figure import Figure
 
     shade = [[count / max(1, sum(row)) for count in row] for row in result.confusion]
-    fig, ax = plt.subplots(figsize=(8.5, 6.5))
+    fig = Figure(figsize=(8.5, 6.5))
+    ax = fig.subplots()
     ax.imshow(shade, cmap="Blues", vmin=0.0, vmax=1.0)
     ax.set_xticks(range(len(COLUMNS)), [c.value for c in COLUMNS], rotation=40, ha="right")
     ax.set_yticks(range(len(ROWS)), [r.value for r in ROWS])
@@ -117,5 +118,4 @@ def plot_confusion(result: ClassificationResult, path: Path, title: str) -> Path
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
