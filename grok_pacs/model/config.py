@@ -90,16 +90,16 @@ class GrokConfig:
     def tiny(cls, vocab_size: int = 512) -> "GrokConfig":
         """Same token counts as the full model, tiny widths: builds and runs in a second on a CPU."""
         enc = EncoderConfig(embed_dim=32, depth=2, num_heads=2)
-        llm = LLMConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=128, vocab_size=vocab_size, max_position_embeddings=2048,
+        llm = LLMConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=256, vocab_size=vocab_size, max_position_embeddings=2048,
                         rope_theta=10_000.0)
         return cls(
             cfp_encoder=EncoderConfig(embed_dim=32, depth=2, num_heads=2, lora_rank=4),
             oct_encoder=enc,
-            projector=ProjectorConfig(vision_dim=32, llm_hidden_size=64),
+            projector=ProjectorConfig(vision_dim=32, llm_hidden_size=128),
             llm=llm,
-            generation=GenerationConfig(max_new_tokens=48),
-            max_length=1024,
+            generation=GenerationConfig(max_new_tokens=80),
+            max_length=2048,
         )
 
     @property
