@@ -112,6 +112,7 @@ def plot_confusion(result: ClassificationResult, path: Path, title: str) -> Path
     for i, row in enumerate(result.confusion):
         for j, count in enumerate(row):
             ax.text(j, i, str(count), ha="center", va="center", color="white" if shade[i][j] > 0.5 else "black")
+    ax.axvline(len(ROWS) - 0.5, color="grey", linewidth=1.0)  # Indeterminate: no valid label named
     ax.set_xlabel("predicted")
     ax.set_ylabel("reference")
     ax.set_title(f"{title}\nmacro-F1 {result.macro_f1:.3f}, n={result.n}")

@@ -33,8 +33,9 @@ def _markdown(result: BenchmarkResult, title: str, png_name: str) -> str:
     lines = [f"# {title}", "", f"{result.n} cases.", "", "## Headline metrics", ""]
     lines += _table(["metric", "value"], [[k, _fmt(v)] for k, v in result.summary().items()])
     lines += ["", "## Diagnosis classification (7 labels; Indeterminate counts as wrong)", ""]
-    lines += _table(["label", "precision", "recall", "F1", "support", "predicted"], [
-        [s.label, _fmt(s.precision), _fmt(s.recall), _fmt(s.f1), str(s.support), str(s.predicted)]
+    lines += _table(["label", "precision", "recall", "F1", "support", "predicted", "in macro-F1"], [
+        [s.label, _fmt(s.precision), _fmt(s.recall), _fmt(s.f1), str(s.support), str(s.predicted),
+         "yes" if s.support or s.predicted else "no (absent)"]
         for s in result.classification.per_label
     ])
     lines += ["", "Confusion matrix (rows: reference, columns: predicted):", ""]
