@@ -44,6 +44,16 @@ def test_reference_must_be_a_diagnostic_label() -> None:
         Reference("x", Label.INDETERMINATE, "", {})
 
 
+def test_reference_biomarkers_from_prompt_json() -> None:
+    from grok_pacs.biomarkers import to_prompt_json
+    from training.benchmark.records import biomarkers_from_prompt_json
+
+    values = {"cup_to_disc": 0.72, "rnfl_average": 24.1, "mt_inner_inferior": 355.0}
+    assert biomarkers_from_prompt_json(to_prompt_json(values)) == values
+    with pytest.raises(ValueError, match="Cup size"):
+        biomarkers_from_prompt_json({"CFP_Measures": {"Cup size": "1"}})
+
+
 def test_confusion_png_is_written(tmp_path) -> None:
     import matplotlib.image
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from grok_pacs.biomarkers import BY_KEY
+from grok_pacs.biomarkers import BIOMARKERS, BY_KEY
 from grok_pacs.labels import DIAGNOSTIC_LABELS, Label
 from grok_pacs.report import Report
 
@@ -55,6 +56,22 @@ class Reference:
             raise ValueError(f"reference {self.case_id}: label {label.value!r} is not a diagnostic label")
         object.__setattr__(self, "label", label)
         object.__setattr__(self, "biomarkers", _checked_values(self.biomarkers, f"reference {self.case_id}"))
+
+
+def biomarkers_from_prompt_json(prompt_json: str | Mapping) -> dict[str, float]:
+    """Biomarker values keyed by key from the paper's prompt JSON (`biomarkers.to_prompt_json` format).
+
+    Unknown names are errors (a renamed biomarker must not silently vanish from the benchmark).
+    """
+    data = json.loads(prompt_json) if isinstance(prompt_json, str) else prompt_json
+    by_name = {b.prompt_name: b.key for b in BIOMARKERS}
+    values = {}
+    for group in ("OCT_Measures", "CFP_Measures"):
+        for name, value in data.get(group, {}).items():
+            if name not in by_name:
+                raise ValueError(f"unknown biomarker name {name!r} in {group}")
+            values[by_name[name]] = float(value)
+    return values
 
 
 def pair_up(predictions: list[Prediction], references: list[Reference]) -> list[tuple[Prediction, Reference]]:
