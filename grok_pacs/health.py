@@ -34,24 +34,36 @@ Check = Callable[[], CheckResult]
 
 
 class BundleState:
-    """Which model bundle this process has loaded; the worker marks it through `metrics.model_loaded`."""
+    """Which model bundle this process has loaded, or why loading it failed.
+
+    The worker marks a load through `metrics.model_loaded` and a failed load with `mark_failed`.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._path: Path | None = None
         self._version = ""
+        self._error = ""
 
     def mark_loaded(self, path: Path, version: str = "") -> None:
         with self._lock:
-            self._path, self._version = Path(path), version
+            self._path, self._version, self._error = Path(path), version, ""
+
+    def mark_failed(self, error: str) -> None:
+        with self._lock:
+            self._path, self._version, self._error = None, "", error
 
     def clear(self) -> None:
         with self._lock:
-            self._path, self._version = None, ""
+            self._path, self._version, self._error = None, "", ""
 
     def loaded(self) -> tuple[Path | None, str]:
         with self._lock:
             return self._path, self._version
+
+    def error(self) -> str:
+        with self._lock:
+            return self._error
 
 
 BUNDLE_STATE = BundleState()
@@ -129,18 +141,25 @@ def broker_check(settings: Settings) -> Check:
     return check
 
 
-def bundle_check(settings: Settings, state: BundleState = BUNDLE_STATE) -> Check:
-    """The worker has loaded its model bundle (it cannot analyse a study before that)."""
+def bundle_check(settings: Settings, state: BundleState = BUNDLE_STATE, require_loaded: bool = False) -> Check:
+    """The worker's model bundle is loaded, or (workers load it lazily, on the first job) is there to load.
+
+    A failed load always fails the check. `require_loaded=True` also fails it until the load is done.
+    """
 
     def check() -> CheckResult:
         loaded, version = state.loaded()
         if loaded is not None:
             return CheckResult(True, f"bundle {loaded} loaded" + (f" (version {version})" if version else ""))
+        if state.error():
+            return CheckResult(False, f"bundle {settings.bundle} failed to load: {state.error()}")
         if settings.bundle is None:
             return CheckResult(False, "no bundle configured: set bundle in the config or GROK_PACS_BUNDLE")
         if not Path(settings.bundle).is_dir():
             return CheckResult(False, f"bundle directory {settings.bundle} does not exist")
-        return CheckResult(False, f"bundle {settings.bundle} is not loaded yet")
+        if require_loaded:
+            return CheckResult(False, f"bundle {settings.bundle} is not loaded yet")
+        return CheckResult(True, f"bundle {settings.bundle} present, not loaded yet (loads on the first job)")
 
     return check
 

@@ -148,16 +148,26 @@ def test_k8s_has_listener_service_workers_redis_storage_and_settings() -> None:
 
     workers = [d for name, d in by_kind["Deployment"].items() if name.startswith("grok-pacs-worker-")]
     assert len(workers) >= 2, "one worker Deployment per GPU type"
-    queues = set()
+    consumed: dict[str, int] = {}
     for worker in workers:
         gpu_type = worker["metadata"]["labels"]["grok-pacs/gpu-type"]
-        container = worker["spec"]["template"]["spec"]["containers"][0]
+        pod = worker["spec"]["template"]["spec"]
+        container = pod["containers"][0]
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert pod["nodeSelector"]["nvidia.com/gpu.product"], f"{gpu_type} workers must land on {gpu_type} nodes"
         args = container["args"]
-        own = args[args.index("--queues") + 1].split(",")
-        assert own == ["grok", f"grok-{gpu_type}"]
-        queues.add(own[1])
-    assert len(queues) == len(workers), "each GPU type has its own queue"
+        queue = args[args.index("--queue") + 1]
+        assert queue == f"grok-{gpu_type}", "each GPU type consumes its own queue"
+        consumed[queue] = worker["spec"]["replicas"]
+    listener_queue = tomllib.loads(by_kind["ConfigMap"]["grok-pacs-config"]["data"]["config.toml"])["queue"]
+    assert consumed.get(listener_queue, 0) >= 1, f"no running worker consumes the listener's queue {listener_queue}"
+
+
+def test_compose_listener_and_workers_share_queue_broker_and_data() -> None:
+    services = _compose()["services"]
+    env = {name: services[name]["environment"] for name in ("listener", "worker-gpu0", "worker-gpu1")}
+    for key in ("GROK_PACS_QUEUE", "GROK_PACS_BROKER_URL", "GROK_PACS_DATA_DIR", "GROK_PACS_CONFIG"):
+        assert len({e[key] for e in env.values()}) == 1, f"listener and workers disagree on {key}"
 
 
 def test_probes_and_healthchecks_use_paths_the_metrics_server_serves(tmp_path: Path) -> None:

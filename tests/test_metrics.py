@@ -211,8 +211,12 @@ def test_worker_health_follows_the_broker_and_the_bundle(tmp_path: Path) -> None
     url = f"http://127.0.0.1:{server.port}/health"
     try:
         wait_for(lambda: json.loads(get(url)[1])["checks"]["broker"]["ok"], "Redis to answer", timeout=30)
+        status, body = get(url)  # workers load lazily: a bundle that is there is fine before the first job
+        assert status == 200 and "not loaded yet" in json.loads(body)["checks"]["bundle"]["detail"]
+        assert not health.bundle_check(settings, state, require_loaded=True)().ok
+        state.mark_failed("CUDA out of memory")
         status, body = get(url)
-        assert status == 503 and json.loads(body)["checks"]["bundle"]["detail"].endswith("is not loaded yet")
+        assert status == 503 and "failed to load: CUDA out of memory" in json.loads(body)["checks"]["bundle"]["detail"]
         state.mark_loaded(bundle, "2026.10")
         status, body = get(url)
         assert status == 200, body
