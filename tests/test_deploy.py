@@ -376,3 +376,36 @@ def test_deploy_guide_quotes_the_shipped_lua_script() -> None:
     guide = (ROOT / "docs/deploy.md").read_text()
     block = re.search(r"```lua\n(.*?)```", guide, re.S)[1]
     assert block == (DEPLOY / "compose/orthanc/autoroute.lua").read_text()
+
+
+# --- the commands every deployment runs exist ------------------------------------------------------------
+
+
+def _deployed_commands() -> dict[str, set[str]]:
+    """grok-pacs subcommand -> the options the deployment files pass to it."""
+    invocations: list[list[str]] = []
+    for service in _compose()["services"].values():
+        if str(service.get("image", "")).startswith("grok-pacs:"):
+            invocations.append(service["command"])
+    for doc in _k8s_docs():
+        for container in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            if container["image"].startswith("grok-pacs:"):
+                invocations.append(container["args"])
+    for unit in UNITS:
+        invocations.append(re.search(r"^ExecStart=\S+ (.+)$", unit.read_text(), re.M)[1].split())
+    for cmd in re.findall(r"^CMD (\[.+\])$", (DEPLOY / "Dockerfile").read_text(), re.M):
+        invocations.append(json.loads(cmd))
+    commands: dict[str, set[str]] = {}
+    for args in invocations:
+        commands.setdefault(args[0], set()).update(a.split("=", 1)[0] for a in args[1:] if a.startswith("--"))
+    return commands
+
+
+def test_deployed_commands_and_options_exist_in_the_cli() -> None:
+    commands = _deployed_commands()
+    assert {"listen", "worker", "serve"} <= set(commands)
+    for command, options in sorted(commands.items()):
+        result = _run(sys.executable, "-m", "grok_pacs.cli", command, "--help")
+        assert result.returncode == 0, f"grok-pacs {command} --help failed: {result.stderr[-2000:]}"
+        for option in options:
+            assert re.search(rf"(^|\s){re.escape(option)}\b", result.stdout), f"grok-pacs {command} has no {option}"
