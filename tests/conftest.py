@@ -32,3 +32,17 @@ def free_port() -> int:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory):
+    """A complete tiny model bundle built through `export.build_bundle`, once per test session.
+
+    Shared by every test that needs a model: never modify it (copy it with helpers.tiny_bundle.copy_bundle).
+    """
+    import torch
+
+    from helpers.tiny_bundle import build_tiny_bundle
+
+    torch.set_num_threads(1)
+    return build_tiny_bundle(tmp_path_factory.mktemp("tiny-bundle") / "bundle")

@@ -77,11 +77,11 @@ class BiomarkerHead:
                 bias[j] = float(np.mean(BY_KEY[key].normal))
                 continue
             zj, yj = z[rows], y[rows, j]
-            y_mean = yj.mean()
-            gram = zj.T @ zj + alpha * np.eye(zj.shape[1])
-            coef = np.linalg.solve(gram, zj.T @ (yj - y_mean))
+            z_mean, y_mean = zj.mean(0), yj.mean()  # centred on the rows this biomarker was observed in
+            zc = zj - z_mean
+            coef = np.linalg.solve(zc.T @ zc + alpha * np.eye(zc.shape[1]), zc.T @ (yj - y_mean))
             weight[j] = coef / std
-            bias[j] = y_mean - float(coef @ (mean / std))
+            bias[j] = y_mean - float(coef @ (mean / std + z_mean))
         return cls(modality, weight, bias)
 
     def predict(self, features: Any) -> np.ndarray:
