@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -125,6 +125,12 @@ def _header(settings: Settings, rec: InstanceRecord) -> Dataset:
         raise ImageReadError(f"{rec.path}: unreadable DICOM header: {exc}") from exc
 
 
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an error, shortened: study details stay one readable line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _read_pixels(settings: Settings, rec: InstanceRecord, kind: Kind):
     path = resolve_inside(Path(settings.data_dir), rec.path)
     return read_cfp(path) if kind is Kind.CFP else read_oct_volume(path)
@@ -137,7 +143,7 @@ def _first_usable(settings: Settings, queue: list[InstanceRecord], kind: Kind,
         try:
             return rec, _header(settings, rec), _read_pixels(settings, rec, kind)
         except ImageReadError as exc:
-            notes.append(f"{kind.value} {rec.sop_uid} skipped: {exc}")
+            notes.append(f"{kind.value} {rec.sop_uid} skipped: {_first_line(exc)}")
     return None
 
 
@@ -164,15 +170,18 @@ def _study_is_current(index: StudyIndex, study_uid: str, version: int) -> StudyO
     return None
 
 
-def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: "Engine | AnalysisEngine",
+def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Callable[[], "Engine | AnalysisEngine"],
               bundle_version: str, study_uid: str, version: int) -> StudyResult:
-    """Analyse one study version into outbox rows (delivery is the caller's next step)."""
+    """Analyse one study version into outbox rows (delivery is the caller's next step).
+
+    `engine()` is called only once the study needs analysing (the first call in a worker loads the model,
+    while the study already shows ANALYSING).
+    """
     void = _study_is_current(index, study_uid, version)
     if void is not None:
         log.info("job for study %s v%d skipped: %s", study_uid, version, void.value)
         return StudyResult(study_uid, version, void)
-    eyes, study_notes = select_candidates(index.instances(study_uid), settings)
-    notes = list(study_notes)
+    eyes, notes = select_candidates(index.instances(study_uid), settings)
     keys = {eye: SRKey(study_uid, version, bundle_version, eye) for eye in Eye}
     delivered = {eye: outbox.get(key.sop_instance_uid) for eye, key in keys.items()}
     delivered = {eye: e for eye, e in delivered.items() if e is not None and e.state is OutboxState.DELIVERED}
@@ -181,17 +190,19 @@ def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: "En
         return StudyResult(study_uid, version, StudyOutcome.ALREADY_DONE, tuple(delivered.values()), tuple(notes))
     index.set_state(study_uid, StudyState.ANALYSING, f"bundle {bundle_version}", version=version)
     entries = list(delivered.values())
+    loaded = engine() if pending else None
+    written: list[tuple[Eye, str]] = []
     for eye in pending:
-        analysed = analyse_eye(settings, engine, eyes[eye])
+        assert loaded is not None
+        analysed = analyse_eye(settings, loaded, eyes[eye])
         notes.extend(eyes[eye].notes)
-        if analysed is None:
-            continue
-        report, evidence = analysed
-        sr = build_sr(report, evidence, keys[eye])
-        relpath = write_sr(Path(settings.data_dir), sr)
+        if analysed is not None:
+            report, evidence = analysed
+            written.append((eye, str(write_sr(Path(settings.data_dir), build_sr(report, evidence, keys[eye])))))
+    for eye, relpath in written:  # every SR row carries all notes: also those of an eye without an SR
         entries.append(outbox.put(sr_uid=keys[eye].sop_instance_uid, study_uid=study_uid, study_version=version,
-                                  bundle_version=bundle_version, eye=eye.value, path=str(relpath),
-                                  note="; ".join([*eyes[eye].notes, *study_notes])))
+                                  bundle_version=bundle_version, eye=eye.value, path=relpath,
+                                  note="; ".join(notes)))
     if not entries:
         held = ", ".join(sorted({f"{i.modality}/{i.laterality or '-'}" for i in index.instances(study_uid)})) or "nothing"
         raise NoAnalysableEyeError(f"no readable CFP or OCT of a right or left eye (study holds {held})"

@@ -29,10 +29,6 @@ ANALYSIS_MAX_RETRIES = 3
 ANALYSIS_BACKOFF_MAX_S = 60
 
 
-def _bundle_version(engine: Any) -> str:
-    return str(engine.bundle.version)
-
-
 def _schedule_retry(ctx: worker.WorkerContext, sr_uid: str, retry_number: int, reason: str) -> None:
     """Queue retry `retry_number` (1-based) of a delivery, or give the SR up when none are left."""
     settings = ctx.settings
@@ -78,8 +74,7 @@ def analyze_study(self: Any, *, study_uid: str, version: int) -> dict[str, Any]:
     ctx = worker.context()
     owner = str(self.request.id or f"analyze-{study_uid}-v{version}")
     try:
-        engine = ctx.engine()
-        result = pipeline.run_study(ctx.settings, ctx.index, ctx.outbox, engine, _bundle_version(engine),
+        result = pipeline.run_study(ctx.settings, ctx.index, ctx.outbox, ctx.engine, ctx.bundle_version(),
                                     study_uid, version)
     except TRANSIENT_ANALYSIS_ERRORS:
         raise  # retried by Celery (autoretry_for), bounded, with backoff

@@ -39,7 +39,18 @@ class WorkerContext:
         self.index = StudyIndex(settings.index_path)
         self.outbox = Outbox(settings.index_path)
         self._engine: Engine | None = None
+        self._bundle_version: str | None = None
         self._engine_lock = threading.Lock()
+
+    def bundle_version(self) -> str:
+        """The served bundle's version, from its manifest (no hashing, no model load)."""
+        if self._bundle_version is None:
+            from grok_pacs.bundle import load_bundle
+
+            if self.settings.bundle is None:
+                raise SettingsError("bundle: no model bundle configured for this worker")
+            self._bundle_version = load_bundle(self.settings.bundle, verify=False).version
+        return self._bundle_version
 
     @property
     def engine_loaded(self) -> bool:
@@ -121,6 +132,8 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> int:
 
     configure(settings)
     app = create_app(settings, include=TASK_MODULES)
+    app.set_current()  # tasks' follow-up messages (delivery retries) go to this app's broker
+    app.set_default()
     worker = build_worker(app, settings, loglevel)
     worker.start()
     return int(worker.exitcode or 0)

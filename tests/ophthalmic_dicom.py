@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
 
 OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
 OPT = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
@@ -131,12 +132,27 @@ def make_oct(patient: Patient, laterality: str, *, acquired: dt.datetime | None 
     return ds
 
 
+def make_undecodable_cfp(patient: Patient, laterality: str, **kwargs) -> Dataset:
+    """A complete, well-formed OP instance whose JPEG pixel data cannot be decoded (a broken camera file).
+
+    It passes the listener (which never decodes pixels) and fails only when the worker reads pixels.
+    """
+    ds = make_cfp(patient, laterality, **kwargs)
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    return ds
+
+
 def write(ds: Dataset, path: Path) -> Path:
-    """Write `ds` as a DICOM Part 10 file (explicit VR little endian)."""
+    """Write `ds` as a DICOM Part 10 file (its own transfer syntax if set, else explicit VR little endian)."""
+    syntax = getattr(ds, "file_meta", FileMetaDataset()).get("TransferSyntaxUID", ExplicitVRLittleEndian)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = syntax
     ds.file_meta = meta
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)

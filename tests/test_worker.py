@@ -1,0 +1,176 @@
+"""The analyse task in-process with the tiny bundle: per-eye selection, SRs, delivery to DCMTK storescp.
+
+Studies enter the data directory the way crash recovery indexes them (the listener's own header reader),
+then `analyze_study` runs as a worker would run it. Documented results (grok_pacs.pipeline):
+- both eyes -> two SRs (one per eye), newest CFP of an eye used; only CFP / only OCT -> one SR that says
+  which modality was missing; an undecodable instance is skipped (the next newest is used) and the skip
+  is shown with the study; no usable eye -> FAILED with the reason; a re-run never sends a second copy.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from bundle_cache import session_tiny_bundle
+from conftest import free_port
+from grok_pacs import worker
+from grok_pacs.assembly import recover
+from grok_pacs.celery_app import create_app
+from grok_pacs.config import load_settings
+from grok_pacs.index import StudyIndex, StudyState
+from grok_pacs.outbox import OutboxState
+from grok_pacs.tasks import analyze_study
+from grok_pacs.uids import instance_relpath
+from ophthalmic_dicom import Patient, make_cfp, make_oct, make_undecodable_cfp, write
+from srcheck import assert_valid_sr
+from storescp import StoreSCP
+
+EARLY = dt.datetime(2025, 1, 1, 9, 0, 0)
+LATE = dt.datetime(2025, 1, 1, 11, 0, 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(request) -> Path:
+    return session_tiny_bundle(request)
+
+
+@pytest.fixture
+def pacs(tmp_path):
+    scp = StoreSCP(free_port(), tmp_path / "pacs").start()
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture
+def ctx(tmp_path, tiny_bundle, pacs):
+    settings = load_settings(data_dir=tmp_path / "data", bundle=tiny_bundle, quiet_period=0,
+                             destination=f"PACS@127.0.0.1:{pacs.port}", dimse_timeout=20)
+    app = create_app(settings, include=worker.TASK_MODULES)
+    app.set_current()
+    context = worker.configure(settings)
+    yield context
+    app.close()
+
+
+def _ingest(ctx: worker.WorkerContext, datasets) -> str:
+    """Put the instances where the listener would, index them as recovery does, queue version 1."""
+    data_dir = Path(ctx.settings.data_dir)
+    for ds in datasets:
+        write(ds, data_dir / instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID))
+    recover(ctx.settings, ctx.index)
+    study_uid = str(datasets[0].StudyInstanceUID)
+    study = ctx.index.study(study_uid)
+    assert ctx.index.mark_queued(study_uid, 1, study.last_received_at)
+    return study_uid
+
+
+def _refs(sr: pydicom.Dataset) -> set[str]:
+    return {ref.ReferencedSOPInstanceUID for item in sr.CurrentRequestedProcedureEvidenceSequence
+            for series in item.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+
+
+def _sr_by_eye(pacs: StoreSCP) -> dict[str, pydicom.Dataset]:
+    out = {}
+    for sr in pacs.received():
+        text = str(sr.ContentSequence)
+        eye = "R" if "Right eye retina" in text else "L"
+        assert eye not in out, "two SRs for one eye"
+        out[eye] = sr
+    return out
+
+
+def _num_count(sr: pydicom.Dataset) -> int:
+    def walk(items):
+        return sum((item.ValueType == "NUM") + walk(item.get("ContentSequence", [])) for item in items)
+    return walk(sr.ContentSequence)
+
+
+def test_both_eyes_newest_cfp_two_srs_once(ctx, pacs):
+    patient = Patient()
+    old_r, new_r = make_cfp(patient, "R", acquired=EARLY, seed=1), make_cfp(patient, "R", acquired=LATE, seed=2)
+    oct_r, cfp_l = make_oct(patient, "R"), make_cfp(patient, "L", use_image_laterality=False)
+    oct_l = make_oct(patient, "L")
+    study_uid = _ingest(ctx, [old_r, new_r, oct_r, cfp_l, oct_l])
+    summary = analyze_study(study_uid=study_uid, version=1)
+    assert summary["outcome"] == "analysed" and sorted(summary["srs"].values()) == ["delivered", "delivered"]
+    srs = _sr_by_eye(pacs)
+    assert set(srs) == {"R", "L"} and len(pacs.received()) == 2
+    assert _refs(srs["R"]) == {new_r.SOPInstanceUID, oct_r.SOPInstanceUID}  # newest CFP, not the older one
+    assert _refs(srs["L"]) == {cfp_l.SOPInstanceUID, oct_l.SOPInstanceUID}
+    for sr in srs.values():
+        assert sr.StudyInstanceUID == study_uid and sr.PatientID == patient.patient_id
+        assert _num_count(sr) == 37
+    kept = sorted((Path(ctx.settings.data_dir) / "sr" / study_uid).iterdir())
+    assert len(kept) == 2
+    for path in kept:
+        assert_valid_sr(path, "Glaucoma", "This report was generated automatically")
+    study = ctx.index.study(study_uid)
+    assert study.state is StudyState.DONE and "2 SR(s) delivered" in study.detail
+    # Idempotent: the same job again (a redelivery) sends nothing new.
+    assert analyze_study(study_uid=study_uid, version=1)["outcome"] == "already-done"
+    assert len(pacs.received()) == 2
+
+
+def test_only_cfp_gives_one_sr_stating_oct_missing(ctx, pacs):
+    patient = Patient()
+    study_uid = _ingest(ctx, [make_cfp(patient, "L")])
+    analyze_study(study_uid=study_uid, version=1)
+    (sr,) = pacs.received()
+    assert _num_count(sr) == 6 and "Left eye retina" in str(sr.ContentSequence)
+    path = Path(ctx.settings.data_dir) / ctx.outbox.for_study(study_uid)[0].path
+    assert_valid_sr(path, "Not available for this eye: OCT")
+    assert ctx.index.study(study_uid).state is StudyState.DONE
+
+
+def test_only_oct_gives_one_sr_stating_cfp_missing(ctx, pacs):
+    patient = Patient()
+    oct_r = make_oct(patient, "R", frames=12)
+    study_uid = _ingest(ctx, [oct_r])
+    analyze_study(study_uid=study_uid, version=1)
+    (sr,) = pacs.received()
+    assert _num_count(sr) == 31 and _refs(sr) == {oct_r.SOPInstanceUID}
+    path = Path(ctx.settings.data_dir) / ctx.outbox.for_study(study_uid)[0].path
+    assert_valid_sr(path, "Not available for this eye: CFP", "OCT B-scan used: frame")
+
+
+def test_undecodable_instance_is_skipped_and_noted(ctx, pacs):
+    patient = Patient()
+    broken_newest = make_undecodable_cfp(patient, "R", acquired=LATE)
+    older_r, oct_r = make_cfp(patient, "R", acquired=EARLY), make_oct(patient, "R")
+    broken_only_l = make_undecodable_cfp(patient, "L")
+    study_uid = _ingest(ctx, [broken_newest, older_r, oct_r, broken_only_l])
+    analyze_study(study_uid=study_uid, version=1)
+    (sr,) = pacs.received()  # the left eye had nothing readable: no SR for it
+    assert _refs(sr) == {older_r.SOPInstanceUID, oct_r.SOPInstanceUID}
+    study = ctx.index.study(study_uid)
+    assert study.state is StudyState.DONE
+    assert f"CFP {broken_newest.SOPInstanceUID} skipped" in study.detail
+    assert f"CFP {broken_only_l.SOPInstanceUID} skipped" in study.detail
+
+
+def test_no_usable_eye_fails_with_reason(ctx, pacs):
+    patient = Patient()
+    no_side = make_cfp(patient, "R")
+    del no_side.ImageLaterality
+    study_uid = _ingest(ctx, [no_side, make_undecodable_cfp(patient, "L")])
+    summary = analyze_study(study_uid=study_uid, version=1)
+    assert summary["outcome"] == "failed"
+    study = ctx.index.study(study_uid)
+    assert study.state is StudyState.FAILED
+    assert "no readable CFP or OCT" in study.detail and "laterality missing" in study.detail
+    assert pacs.received() == [] and ctx.outbox.for_study(study_uid) == []
+
+
+def test_outdated_version_does_nothing(ctx, pacs):
+    patient = Patient()
+    study_uid = _ingest(ctx, [make_cfp(patient, "R")])
+    assert analyze_study(study_uid=study_uid, version=7)["outcome"] == "outdated"
+    assert pacs.received() == [] and ctx.index.study(study_uid).state is StudyState.QUEUED
+    assert not ctx.engine_loaded  # a void job does not even load the model
+    assert [e.state for e in ctx.outbox.for_study(study_uid)] == []
+    analyze_study(study_uid=study_uid, version=1)
+    assert [e.state for e in ctx.outbox.for_study(study_uid)] == [OutboxState.DELIVERED]
