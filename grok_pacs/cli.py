@@ -25,6 +25,9 @@ from grok_pacs.logging_setup import configure_logging
 #: Modules that contribute subcommands, in help order. Each defines `register(subparsers)`.
 COMMAND_MODULES: list[str] = [
     "grok_pacs.cli_ingest",  # listen, echo, send, studies
+    "grok_pacs.serve",  # serve (listener + embedded worker, one box)
+    "grok_pacs.worker",  # worker (one per GPU, against a broker)
+    "grok_pacs.srprint",  # report FILE.dcm
 ]
 
 EXIT_OK = 0
