@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.transport import ThreadedAssociationServer
 
 from grok_pacs import dimse_status as status
 from grok_pacs import metrics
@@ -69,6 +70,23 @@ class _AssociationStats:
     failed: int = 0
     bytes: int = 0
     outcome: str = "closed"
+
+
+class _HandshakeInThreadServer(ThreadedAssociationServer):
+    """TLS handshakes in each association's thread instead of the accept loop.
+
+    pynetdicom's server completes the handshake inside `accept`, so one client that connects and stays
+    silent would block every new association. Here the socket is wrapped with a deferred handshake
+    (done on the first read, in the association thread, bounded by network_timeout); a plain DICOM
+    client on the TLS port fails that read and its connection is closed.
+    """
+
+    def get_request(self):
+        client, address = self.socket.accept()
+        if self.ssl_context is not None:
+            client.settimeout(self.ae.network_timeout)
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
 
 
 class StoreRefused(Exception):
@@ -140,15 +158,18 @@ class Listener:
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         address = (self.settings.bind_address, self.settings.port)
-        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers,
-                                            ssl_context=ssl_context(self.settings))
+        self._server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context(self.settings),
+                                           server_class=_HandshakeInThreadServer)
+        self.ae._servers.append(self._server)  # as AE.start_server does; server.shutdown() removes it
+        thread = threading.Thread(target=self._server.serve_forever, name="grok-listener", daemon=True)
+        thread.start()
         log.info("listening: ae=%s address=%s:%d tls=%s sop_classes=%d allowed_aes=%s",
                  self.settings.ae_title, address[0], self.port, self.settings.tls_enabled,
                  len(self.settings.accepted_sop_classes), ",".join(self.settings.allowed_aes) or "any")
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            self._server.shutdown()  # stops accepting, closes the socket, ends open associations
             self._server = None
 
     # --- association bookkeeping (one log line per association) -----------------------------------

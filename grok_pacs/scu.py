@@ -54,6 +54,10 @@ class TransientStoreError(StoreError):
     """The peer or the network may accept the request later."""
 
 
+class NoAcceptedContextError(PermanentStoreError):
+    """The peer accepted none of the proposed SOP classes / transfer syntaxes ("not supported")."""
+
+
 @dataclass(frozen=True)
 class StoreResult:
     path: str  # the file sent ('' for an in-memory dataset)
@@ -108,6 +112,10 @@ def _association_error(assoc: Association, peer: Peer) -> StoreError:
         if result == REJECTED_TRANSIENT:
             return TransientStoreError(f"association to {peer} rejected (transient): {reason}")
         return PermanentStoreError(f"association to {peer} rejected: {reason}")
+    if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
+        classes = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
+        return NoAcceptedContextError(f"{peer} accepts none of the proposed contexts (SOP classes "
+                                      f"{', '.join(classes)}): SOP class or transfer syntax not supported")
     if assoc.is_aborted:
         return TransientStoreError(f"association to {peer} aborted (no acceptable context or peer abort)")
     return TransientStoreError(f"cannot connect to {peer} (refused, unreachable or timed out)")
@@ -160,6 +168,15 @@ def store_files(peer: Peer, paths: Iterable[Path | str], calling_ae: str, timeou
         return []
     _config.STORE_SEND_CHUNKED_DATASET = True  # stream files as they are (process-wide, send-only switch)
     contexts = requested_contexts((sop_class, ts) for _, sop_class, _, ts in keys)
+    try:
+        return _store_keys(peer, keys, calling_ae, contexts, timeout, max_pdu, tls)
+    except NoAcceptedContextError as exc:
+        return [StoreResult(str(path), sop_class, sop_uid, SOP_CLASS_NOT_SUPPORTED, StatusCategory.PERMANENT,
+                            str(exc)) for path, sop_class, sop_uid, _ in keys]
+
+
+def _store_keys(peer: Peer, keys: list[tuple[Path, str, str, str]], calling_ae: str, contexts, timeout: float,
+                max_pdu: int, tls: ssl.SSLContext | None) -> list[StoreResult]:
     results: list[StoreResult] = []
     with _association(peer, calling_ae, contexts, timeout, max_pdu, tls) as assoc:
         for path, sop_class, sop_uid, _ in keys:

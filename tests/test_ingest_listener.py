@@ -1,0 +1,144 @@
+"""The C-STORE listener against real DCMTK peers on loopback: what a PACS administrator would see."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import JPEG2000Lossless, generate_uid
+from pynetdicom import AE
+
+from grok_pacs import dimse_status
+from grok_pacs.config import Peer
+from grok_pacs.index import StudyState
+from grok_pacs.sample_dicom import fundus_photograph, oct_tomography, write
+from grok_pacs.scu import PermanentStoreError, TransientStoreError, store_dataset, store_files
+from ingest_support import (
+    AE as OUR_AE,
+    drain_jobs,
+    echoscu,
+    img2dcm_fundus,
+    ingest_settings,
+    running,
+    stored_files,
+    storescu,
+    temp_files,
+    wait_until,
+)
+
+
+@pytest.fixture
+def settings(tmp_path: Path):
+    return ingest_settings(tmp_path)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_dcmtk_echo_and_ophthalmic_study_stored_indexed_and_queued(settings, tmp_path: Path) -> None:
+    study = generate_uid()
+    cfp = img2dcm_fundus(tmp_path / "src", study, "R")
+    opt_raw = write(oct_tomography(study, "R", frames=6, rows=48, columns=64), tmp_path / "src" / "opt_raw.dcm")
+    opt_j2k = write(oct_tomography(study, "L", frames=6, rows=48, columns=64, syntax=JPEG2000Lossless),
+                    tmp_path / "src" / "opt_j2k.dcm")
+    with running(settings) as service:
+        assert echoscu(service.port).returncode == 0
+        for path, propose in ((cfp, "-xy"), (opt_raw, "-xe"), (opt_j2k, "-xv")):
+            done = storescu(service.port, path, options=(propose,))
+            assert done.returncode == 0, done.stderr
+        wait_until(lambda: service.index.study(study).state is StudyState.QUEUED, 10, "the study to be queued")
+        records = {r.sop_uid: r for r in service.index.instances(study)}
+    assert len(records) == 3
+    by_modality = sorted((r.modality, r.laterality, r.frames, r.transfer_syntax) for r in records.values())
+    assert by_modality == [("OP", "R", 1, "1.2.840.10008.1.2.4.50"), ("OPT", "L", 6, "1.2.840.10008.1.2.4.90"),
+                           ("OPT", "R", 6, "1.2.840.10008.1.2.1")]
+    for source in (cfp, opt_raw, opt_j2k):
+        original = pydicom.dcmread(source)
+        record = records[original.SOPInstanceUID]
+        assert record.calling_ae == "TESTSCU" and record.size == (settings.data_dir / record.path).stat().st_size
+        stored = pydicom.dcmread(settings.data_dir / record.path)
+        assert stored.PixelData == original.PixelData, "pixel bytes are stored exactly as sent"
+        assert (stored.pixel_array == original.pixel_array).all()
+    assert temp_files(settings) == []
+    assert drain_jobs(settings, expect=1) == [("grok_pacs.tasks.analyze_study", {"study_uid": study, "version": 1})]
+
+
+def test_same_instance_twice_is_idempotent_and_growth_requeues(settings, tmp_path: Path) -> None:
+    study = generate_uid()
+    first = write(fundus_photograph(study, "R", size=64), tmp_path / "a.dcm")
+    with running(settings) as service:
+        for _ in range(2):
+            assert storescu(service.port, first, options=("-xy",)).returncode == 0
+        wait_until(lambda: service.index.study(study).state is StudyState.QUEUED, 10, "version 1")
+        [first_stored] = stored_files(settings)
+        digest = _sha(first_stored)
+        assert storescu(service.port, first, options=("-xy",)).returncode == 0  # after queueing: still a duplicate
+        later = write(fundus_photograph(study, "L", size=64), tmp_path / "b.dcm")
+        assert storescu(service.port, later, options=("-xy",)).returncode == 0
+        wait_until(lambda: service.index.study(study).version == 2, 10, "version 2")
+        assert service.index.study(study).instance_count == 2
+    assert len(stored_files(settings)) == 2 and _sha(first_stored) == digest
+    jobs = drain_jobs(settings, expect=2)
+    assert [kwargs["version"] for _, kwargs in jobs] == [1, 2]
+
+
+def test_refusals_leave_nothing_behind_and_listener_keeps_serving(tmp_path: Path) -> None:
+    settings = ingest_settings(tmp_path, allowed_aes=["TESTSCU", "GROKSCU"])
+    peer = Peer(ae_title=OUR_AE, host="127.0.0.1", port=settings.port)
+    with running(settings) as service:
+        # Unknown calling AE: association rejected (permanent).
+        assert echoscu(service.port, calling="INTRUDER").returncode != 0
+        with pytest.raises(PermanentStoreError, match="rejected"):
+            store_dataset(peer, fundus_photograph(generate_uid(), "R", size=32), calling_ae="INTRUDER", timeout=10)
+        # A CT image: its SOP class is refused at negotiation.
+        ct = Path(get_testdata_file("CT_small.dcm"))
+        done = storescu(service.port, ct, options=("-R",))
+        assert done.returncode != 0
+        [ct_result] = store_files(peer, [ct], calling_ae="GROKSCU", timeout=10)
+        assert ct_result.status == dimse_status.SOP_CLASS_NOT_SUPPORTED and not ct_result.ok
+        # Path traversal in UIDs: failure status, nothing written anywhere.
+        evil = fundus_photograph("1.2.3/../../x", "R", size=32)
+        evil.SeriesInstanceUID = "../../../../escape"
+        evil_path = write(evil, tmp_path / "evil" / "evil.dcm")
+        [evil_result] = store_files(peer, [evil_path], calling_ae="GROKSCU", timeout=10)
+        assert evil_result.status == dimse_status.ERROR_INVALID_UID
+        # A truncated dataset: failure status.
+        whole = write(oct_tomography(generate_uid(), "R", frames=4, rows=32, columns=32), tmp_path / "t.dcm")
+        data = whole.read_bytes()
+        whole.write_bytes(data[: len(data) - 1000])
+        [cut_result] = store_files(peer, [whole], calling_ae="GROKSCU", timeout=10)
+        assert cut_result.status == dimse_status.ERROR_INCOMPLETE_DATASET
+        assert stored_files(settings) == [] and temp_files(settings) == []
+        assert service.index.studies() == []
+        # ...and the listener still serves.
+        assert echoscu(service.port).returncode == 0
+        good = write(fundus_photograph(generate_uid(), "L", size=32), tmp_path / "good.dcm")
+        assert storescu(service.port, good, options=("-xy",)).returncode == 0
+    escaped = [p for p in tmp_path.rglob("*") if p.name in ("x", "escape") or p.name.startswith("x.")]
+    assert escaped == [] and len(stored_files(settings)) == 1
+
+
+def test_disk_watermark_answers_out_of_resources(tmp_path: Path) -> None:
+    settings = ingest_settings(tmp_path, min_free_disk_mb=1 << 40)
+    peer = Peer(ae_title=OUR_AE, host="127.0.0.1", port=settings.port)
+    with running(settings):
+        with pytest.raises(TransientStoreError, match="REFUSED_OUT_OF_RESOURCES"):
+            store_dataset(peer, fundus_photograph(generate_uid(), "R", size=32), calling_ae="GROKSCU", timeout=10)
+    assert stored_files(settings) == [] and temp_files(settings) == []
+
+
+def test_association_limit_rejects_then_recovers(tmp_path: Path) -> None:
+    settings = ingest_settings(tmp_path, max_associations=1)
+    with running(settings) as service:
+        holder = AE(ae_title="HOLDER")
+        holder.add_requested_context("1.2.840.10008.1.1")
+        assoc = holder.associate("127.0.0.1", service.port, ae_title=OUR_AE)
+        assert assoc.is_established
+        refused = echoscu(service.port)
+        assert refused.returncode != 0 and "Rejected" in refused.stderr + refused.stdout
+        assoc.release()
+        wait_until(lambda: echoscu(service.port).returncode == 0, 10, "a free association slot", step=0.2)

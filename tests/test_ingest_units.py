@@ -1,0 +1,166 @@
+"""Ingest building blocks on real files: UID paths, durable writes, index, header check, recovery, Celery config."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path, PurePosixPath
+
+import pytest
+from pydicom.uid import JPEG2000Lossless, generate_uid
+
+from grok_pacs.assembly import Assembler, recover
+from grok_pacs.celery_app import TASK_ANALYZE_STUDY, create_app
+from grok_pacs.config import load_settings
+from grok_pacs.contexts import TRANSFER_SYNTAXES, scp_contexts
+from grok_pacs.dicom_header import IncompleteDatasetError, read_header
+from grok_pacs.index import InstanceRecord, StudyIndex, StudyState
+from grok_pacs.sample_dicom import fundus_photograph, oct_tomography, write
+from grok_pacs.storage import atomic_write_bytes, remove_temp_files, tmp_dir
+from grok_pacs.uids import InvalidUIDError, instance_relpath, is_valid_uid, resolve_inside
+
+
+@pytest.mark.parametrize("uid", ["1.2.840.10008.1.2.1", "0.0", "2.25.12345678901234567890", "1." + "2" * 62])
+def test_valid_uids(uid: str) -> None:
+    assert is_valid_uid(uid)
+
+
+@pytest.mark.parametrize("uid", ["", "1", "1.2.3/../../x", "../1.2", "1.2.", ".1.2", "1..2", "1.02", "1.2.3 ",
+                                 "1.2.a", "1." + "2" * 63, "1.2\\3", "1.2.3\x00", None, 12])
+def test_invalid_uids(uid: object) -> None:
+    assert not is_valid_uid(uid)
+
+
+def test_instance_path_refuses_traversal() -> None:
+    assert instance_relpath("1.2", "1.3", "1.4") == PurePosixPath("incoming/1.2/1.3/1.4.dcm")
+    with pytest.raises(InvalidUIDError, match="StudyInstanceUID"):
+        instance_relpath("1.2.3/../../x", "1.3", "1.4")
+    with pytest.raises(InvalidUIDError, match="SOPInstanceUID"):
+        instance_relpath("1.2", "1.3", "..")
+
+
+def test_resolve_inside_blocks_escape(tmp_path: Path) -> None:
+    assert resolve_inside(tmp_path, "incoming/a.dcm") == tmp_path.resolve() / "incoming" / "a.dcm"
+    with pytest.raises(ValueError, match="leaves the data directory"):
+        resolve_inside(tmp_path, "../outside.dcm")
+
+
+def test_atomic_write_leaves_no_temp_and_sweeps_old_ones(tmp_path: Path) -> None:
+    dest = tmp_path / "incoming" / "1.2" / "x.bin"
+    atomic_write_bytes(tmp_path, dest, b"payload")
+    assert dest.read_bytes() == b"payload"
+    assert list(tmp_dir(tmp_path).iterdir()) == []
+    old, fresh = tmp_dir(tmp_path) / "rx-old", tmp_dir(tmp_path) / "rx-fresh"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert remove_temp_files(tmp_path, older_than=600) == 1
+    assert not old.exists() and fresh.exists()
+
+
+def _record(study: str, sop: str, received: float, series: str = "1.2.3") -> InstanceRecord:
+    return InstanceRecord(study, series, sop, "1.2.840.10008.5.1.4.1.1.77.1.5.1", "OP", "R", 1, 10,
+                          f"incoming/{study}/{series}/{sop}.dcm", received, "PACS", "", "1.2.840.10008.1.2.1")
+
+
+def test_index_versions_and_guarded_state(tmp_path: Path) -> None:
+    index = StudyIndex(tmp_path / "index.sqlite")
+    assert index.add_instance(_record("1.9", "1.9.1", 100.0))
+    assert not index.add_instance(_record("1.9", "1.9.1", 101.0)), "same SOP Instance UID twice is idempotent"
+    assert index.add_instance(_record("1.9", "1.9.2", 102.0))
+    study = index.study("1.9")
+    assert (study.state, study.version, study.instance_count) == (StudyState.RECEIVING, 0, 2)
+    assert index.due_studies(cutoff=101.0) == []
+    assert [s.study_uid for s in index.due_studies(cutoff=102.0)] == ["1.9"]
+    assert index.mark_queued("1.9", 1, 102.0)
+    assert index.set_state("1.9", StudyState.ANALYSING, version=1)
+    assert index.add_instance(_record("1.9", "1.9.3", 200.0)), "the study grows after being queued"
+    assert index.study("1.9").state is StudyState.RECEIVING
+    assert not index.set_state("1.9", StudyState.DONE, version=1), "an outdated job cannot overwrite the state"
+    assert not index.mark_queued("1.9", 2, 102.0), "a stale last_received_at is refused"
+    assert index.mark_queued("1.9", 2, 200.0)
+    assert (index.study("1.9").state, index.study("1.9").version) == (StudyState.QUEUED, 2)
+    assert len(index.instances("1.9")) == 3
+    index.close()
+    reopened = StudyIndex(tmp_path / "index.sqlite")
+    assert reopened.study("1.9").instance_count == 3
+
+
+def test_header_of_jpeg_and_j2k_instances(tmp_path: Path) -> None:
+    study = generate_uid()
+    op = write(fundus_photograph(study, "L", size=64), tmp_path / "op.dcm")
+    opt = write(oct_tomography(study, "R", frames=4, rows=32, columns=32, syntax=JPEG2000Lossless), tmp_path / "opt.dcm")
+    header = read_header(op)
+    assert (header.study_uid, header.modality, header.laterality, header.frames) == (study, "OP", "L", 1)
+    assert header.transfer_syntax == "1.2.840.10008.1.2.4.50"
+    header = read_header(opt)
+    assert (header.modality, header.laterality, header.frames) == ("OPT", "R", 4)
+
+
+@pytest.mark.parametrize("cut", [1, 7, 500, 2000])
+def test_truncated_files_are_detected(tmp_path: Path, cut: int) -> None:
+    for name, ds in {"op": fundus_photograph(generate_uid(), "R", size=64),
+                     "opt": oct_tomography(generate_uid(), "R", frames=4, rows=32, columns=32)}.items():
+        path = write(ds, tmp_path / f"{name}.dcm")
+        read_header(path)  # whole: fine
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - cut])
+        with pytest.raises(IncompleteDatasetError):
+            read_header(path)
+
+
+def test_contexts_offer_compressed_syntaxes_for_ophthalmic_classes_only() -> None:
+    settings = load_settings(data_dir=Path("/nonexistent"))
+    contexts = {cx.abstract_syntax: cx for cx in scp_contexts(settings.accepted_sop_classes)}
+    assert "1.2.840.10008.1.1" in contexts
+    opt = contexts["1.2.840.10008.5.1.4.1.1.77.1.5.4"]
+    for syntax in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5",
+                   "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2"):
+        assert syntax in opt.transfer_syntax
+    assert "1.2.840.10008.5.1.4.1.1.2" not in contexts  # CT
+    assert "1.2.840.10008.5.1.4.1.1.7" not in contexts  # secondary capture only when enabled
+    legacy = load_settings(data_dir=Path("/nonexistent"), accept_legacy_photography=True)
+    assert "1.2.840.10008.5.1.4.1.1.7" in {cx.abstract_syntax for cx in scp_contexts(legacy.accepted_sop_classes)}
+    assert len(TRANSFER_SYNTAXES) == len(set(TRANSFER_SYNTAXES))
+
+
+def test_celery_app_reliability_settings(tmp_path: Path) -> None:
+    app = create_app(load_settings(data_dir=tmp_path, queue="gpu-a100", job_time_limit=1800))
+    conf = app.conf
+    assert conf.task_serializer == "json" and conf.accept_content == ["json"]
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost and conf.worker_prefetch_multiplier == 1
+    assert conf.task_default_queue == "gpu-a100"
+    redis = create_app(load_settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:1/0", job_time_limit=1800))
+    assert redis.conf.broker_transport_options["visibility_timeout"] > 1800
+    assert "visibility_timeout" not in conf.broker_transport_options  # would break sqlalchemy.create_engine
+    assert TASK_ANALYZE_STUDY == "grok_pacs.tasks.analyze_study"
+
+
+class _RecordingPublisher:
+    def __init__(self) -> None:
+        self.jobs: list[tuple[str, int]] = []
+
+    def publish(self, study_uid: str, version: int) -> str:
+        self.jobs.append((study_uid, version))
+        return f"job-{len(self.jobs)}"
+
+
+def test_recovery_indexes_orphans_quarantines_junk_and_removes_temp_files(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path, quiet_period=0.5)
+    study = generate_uid()
+    ds = fundus_photograph(study, "R", size=64)
+    orphan = write(ds, tmp_path / instance_relpath(study, ds.SeriesInstanceUID, ds.SOPInstanceUID))
+    junk = tmp_path / "incoming" / study / "1.2.3" / "1.2.4.dcm"
+    junk.parent.mkdir(parents=True)
+    junk.write_bytes(b"not dicom")
+    (tmp_dir(tmp_path) / "rx-leftover.dcm").write_bytes(b"partial")
+    index = StudyIndex(settings.index_path)
+    report = recover(settings, index)
+    assert (report.temp_files_removed, report.orphans_indexed, report.quarantined) == (1, 1, 1)
+    assert [i.path for i in index.instances(study)] == [orphan.relative_to(tmp_path).as_posix()]
+    assert not junk.exists() and len(list((tmp_path / "quarantine").iterdir())) == 1
+    publisher = _RecordingPublisher()
+    assembler = Assembler(settings, index, publisher)
+    assert assembler.run_once(now=time.time() + 1) == [(study, 1)], "the recovered complete study is queued"
+    assert assembler.run_once(now=time.time() + 2) == [], "and only once"
+    assert publisher.jobs == [(study, 1)]
