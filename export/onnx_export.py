@@ -52,7 +52,7 @@ def export_encoder(encoder: RetinaEncoder, path: str | Path, *, fp16: bool = Fal
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    graph = _EncoderGraph(encoder, fp16)
+    graph = _EncoderGraph(encoder, fp16).eval()
     size = encoder.cfg.img_size
     example = torch.randn(2, 3, size, size)
     batch = torch.export.Dim("batch", min=1, max=4096)

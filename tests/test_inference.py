@@ -1,0 +1,125 @@
+"""End to end on CPU: DICOM files (JPEG-baseline OP, multi-frame OPT) -> tiny bundle -> typed Reports."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pydicom
+import pytest
+import torch
+
+from grok_pacs.biomarkers import CFP_KEYS, OCT_KEYS, BY_KEY
+from grok_pacs.bundle import BundleError
+from grok_pacs.inference import Engine, EyeInput
+from grok_pacs.labels import DIAGNOSTIC_LABELS, Label
+from grok_pacs.report import Eye, SourceImage
+from helpers.eye_dicom import oct_volume, write_jpeg_cfp, write_oct
+from helpers.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle, copy_bundle
+from ophthalmic_dicom import Patient
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle):
+    return Engine.from_bundle(tiny_bundle)  # device "auto": CPU here
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """Both eyes of one patient; the OCT pits sit at known, non-central frames."""
+    root, patient = tmp_path_factory.mktemp("study"), Patient()
+    eyes = {}
+    for eye, pit in ((Eye.RIGHT, 3), (Eye.LEFT, 8)):
+        cfp = write_jpeg_cfp(root / f"{eye.value}_cfp.dcm", patient, eye.value)
+        oct_path = write_oct(root / f"{eye.value}_oct.dcm", patient, eye.value,
+                             oct_volume(frames=11, pit_frame=pit, pit_col=0.4, seed=pit))
+        sources = tuple(SourceImage(ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID)
+                        for ds in (pydicom.dcmread(cfp), pydicom.dcmread(oct_path)))
+        eyes[eye] = (EyeInput(eye, cfp, oct_path, sources), pit)
+    return eyes
+
+
+def test_engine_runs_encoders_on_cpu_without_cuda(engine):
+    assert engine.device == "cpu"
+    assert engine.cfp_session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_study_with_both_eyes_gives_one_grounded_report_per_eye(engine, study):
+    reports = engine.analyze_study([study[Eye.RIGHT][0], study[Eye.LEFT][0]])
+    assert [r.eye for r in reports] == [Eye.RIGHT, Eye.LEFT]
+    for report in reports:
+        pit = study[report.eye][1]
+        assert report.label == Label.GLAUCOMA
+        assert "Diagnosis: Glaucoma" in report.raw_text
+        assert report.narrative == TINY_NARRATIVE and "Diagnosis" not in report.narrative
+        assert report.impression == "These findings indicate glaucoma."
+        assert {(c.value, c.biomarker_key) for c in report.cited_numbers} >= {(0.72, "cup_to_disc"), (24.1, "rnfl_average")}
+        assert [b.key for b in report.biomarkers] == list(OCT_KEYS + CFP_KEYS)
+        assert all(b.unit == BY_KEY[b.key].unit and BY_KEY[b.key].plausible[0] <= b.value <= BY_KEY[b.key].plausible[1]
+                   for b in report.biomarkers)
+        assert set(report.label_scores) == {label.value for label in DIAGNOSTIC_LABELS}
+        assert sum(report.label_scores.values()) == pytest.approx(1.0, abs=1e-4)
+        assert max(report.label_scores, key=report.label_scores.get) == "Glaucoma"
+        assert report.missing_modalities == ()
+        assert (report.oct_frame_index, report.oct_frame_method) == (pit, "fovea")
+        frames = {s.sop_class_uid: s.frame for s in report.sources}
+        assert frames == {"1.2.840.10008.5.1.4.1.1.77.1.5.1": None, "1.2.840.10008.5.1.4.1.1.77.1.5.4": pit + 1}
+        assert (report.bundle_name, report.bundle_version) == ("grok-tiny", "0.0.1-test")
+        assert {"read", "cfp_encoder", "oct_encoder", "generate", "label_scores", "total"} <= set(report.timings_s)
+        assert report.to_dict()["label"] == "Glaucoma"
+
+
+def test_generation_is_deterministic(engine, study):
+    item = study[Eye.RIGHT][0]
+    first = engine.analyze_eye(item.eye, item.cfp, item.oct)
+    second = engine.analyze_eye(item.eye, item.cfp, item.oct)
+    assert first.raw_text == second.raw_text and first.biomarkers == second.biomarkers
+
+
+def test_eye_with_one_modality_says_which_is_missing(engine, study):
+    item = study[Eye.LEFT][0]
+    cfp_only = engine.analyze_eye(Eye.LEFT, cfp=item.cfp)
+    assert cfp_only.missing_modalities == ("OCT",)
+    assert [b.key for b in cfp_only.biomarkers] == list(CFP_KEYS)
+    assert cfp_only.oct_frame_index is None and cfp_only.label in Label
+    oct_only = engine.analyze_eye("L", oct=item.oct)
+    assert oct_only.missing_modalities == ("CFP",)
+    assert [b.key for b in oct_only.biomarkers] == list(OCT_KEYS)
+    assert oct_only.oct_frame_index == study[Eye.LEFT][1]
+    with pytest.raises(ValueError, match="both are missing"):
+        engine.analyze_eye(Eye.LEFT)
+
+
+def test_truncated_generation_falls_back_to_scored_label_or_indeterminate(engine, study):
+    item = study[Eye.RIGHT][0]
+    original = engine.config
+    try:
+        short = dataclasses.replace(original.generation, max_new_tokens=8)
+        engine.config = dataclasses.replace(original, generation=short)
+        report = engine.analyze_eye(item.eye, item.cfp, item.oct)
+        assert "Diagnosis" not in report.raw_text
+        assert report.label == Label.GLAUCOMA  # chosen among the 7 labels by their scores
+        engine.config = dataclasses.replace(original, generation=dataclasses.replace(short, min_label_probability=1.01))
+        assert engine.analyze_eye(item.eye, item.cfp, item.oct).label == Label.INDETERMINATE
+    finally:
+        engine.config = original
+
+
+def test_engine_refuses_a_tampered_bundle(tiny_bundle, tmp_path):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    with (bundle / "projectors.safetensors").open("r+b") as handle:
+        handle.seek(-4, 2)
+        handle.write(b"\x00\x01\x02\x03")
+    with pytest.raises(BundleError, match="projectors.safetensors has been modified"):
+        Engine.from_bundle(bundle, device="cpu")
+
+
+def test_base_plus_adapter_bundle_is_merged_at_load(tmp_path, study):
+    path = build_tiny_bundle(tmp_path / "adapter-bundle", layout="adapter", train_steps=0)
+    engine = Engine.from_bundle(path, device="cpu")
+    assert engine.bundle.layout == "adapter"
+    assert not any("lora" in name for name, _ in engine.model.llm.named_parameters())
+    item = study[Eye.RIGHT][0]
+    report = engine.analyze_eye(item.eye, item.cfp, item.oct)
+    assert report.label in Label and report.raw_text == engine.analyze_eye(item.eye, item.cfp, item.oct).raw_text
