@@ -14,6 +14,7 @@ import csv
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -172,7 +173,7 @@ def _existing_path(text: str, base: Path, column: str, bad, *, folder_ok: bool, 
     if path.is_file() and file_ok:
         return path
     if path.is_dir() and folder_ok:
-        if column == "oct_path" and not _image_files(path):
+        if column == "oct_path" and not bscan_files(path):
             bad(column, f"folder has no B-scan images ({', '.join(IMAGE_SUFFIXES)}): {path}")
             return None
         return path
@@ -181,14 +182,17 @@ def _existing_path(text: str, base: Path, column: str, bad, *, folder_ok: bool, 
     return None
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def bscan_files(folder: Path) -> list[Path]:
+    """The B-scan images of an OCT folder in natural file-name order (frame 2 before frame 10)."""
+    def natural(p: Path) -> list:
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", p.name)]
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=natural)
 
 
 def oct_frame_count(oct_path: Path) -> int:
     """Number of B-scans: images in a folder, or NumberOfFrames of a DICOM file (header only)."""
     if oct_path.is_dir():
-        return len(_image_files(oct_path))
+        return len(bscan_files(oct_path))
     ds = pydicom.dcmread(oct_path, stop_before_pixels=True, specific_tags=["NumberOfFrames"])
     return int(ds.get("NumberOfFrames", 1) or 1)
 

@@ -29,7 +29,7 @@ from grok_pacs.biomarkers import BY_KEY, format_value, to_prompt_json
 from grok_pacs.citations import find_citations
 from grok_pacs.labels import DIAGNOSTIC_LABELS, LABEL_SYNONYMS, Label
 
-from training.manifest import SPLITS, CohortRecord, load_manifest
+from training.manifest import SPLITS, CohortRecord, bscan_files, load_manifest
 from training.teachers.knowledge import HUMAN_TURN
 
 MAX_WORDS = 300
@@ -131,7 +131,7 @@ def instruction_record(record: CohortRecord, report: str, base: Path, teacher: s
     """
     octs = record.oct_path
     if octs.is_dir() and record.fovea_frame is not None:
-        frames = sorted(p for p in octs.iterdir() if p.is_file())
+        frames = bscan_files(octs)
         octs = frames[record.fovea_frame] if record.fovea_frame < len(frames) else octs
     return {
         "id": record_id(record.subject_id, record.eye),

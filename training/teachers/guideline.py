@@ -55,6 +55,17 @@ _SUPPORTS = {"high": ("high", "high-normal"), "low": ("low", "low-normal"),
              "normal": ("normal", "low-normal", "high-normal")}
 
 
+#: Coverage sentences: region -> (openers, first key, pool of further keys, how many from the pool).
+_COVERAGE: dict[str, tuple[tuple[str, ...], str, list[str], int]] = {
+    "disc": (("The optic disc has ", "At the optic disc there is "), "cup_to_disc", ["disc_diameter_vertical"], 1),
+    "macula": (("The fovea has ", "At the macula there is "), "mt_central", ["mt_overall", "mt_inner_temporal"], 1),
+    "vessels": (("The vessels show ", "The vascular tree has "), "avr",
+                ["tortuosity_arterial", "tortuosity_venular", "fd_arterial", "fd_venular"], 2),
+    "layers": (("The OCT layers show ", "On OCT there is "), "rnfl_average",
+               ["gcipl_average", "rpe_average", "inl_average"], 2),
+}
+
+
 class EyeRecord(Protocol):
     subject_id: str
     eye: str
@@ -197,42 +208,23 @@ class _Writer:
     def coverage(self) -> list[str]:
         """Sentences for the regions the assessment has not covered (disc, macula, vessels, layers, periphery)."""
         covered = {_region(k) for k in self.used_keys}
-        out = []
-        makers = {"disc": self._disc, "macula": self._macula, "vessels": self._vessels, "layers": self._layers}
-        regions = [r for r in makers if r not in covered]
+        regions = [r for r in _COVERAGE if r not in covered]
         self.rng.shuffle(regions)
-        out.extend(makers[r]() for r in regions)
+        out = [s for s in (self._cover(r) for r in regions) if s]
         out.insert(self.rng.randrange(len(out) + 1), self.lk.periphery)
         return out
 
-    def _disc(self) -> str:
-        s = self.rng.choice(_STATUS[self.status("cup_to_disc")])
-        return self.rng.choice((
-            f"The optic disc has {self.cite('cup_to_disc')} ({s}) and {self.cite('disc_diameter_vertical')}.",
-            f"At the optic disc, {self.the('cup_to_disc')} is {s}, with {self.cite('disc_diameter_vertical')}.",
-        ))
-
-    def _macula(self) -> str:
-        s = self.rng.choice(_STATUS[self.status("mt_central")])
-        return self.rng.choice((
-            f"The fovea has {self.cite('mt_central')} ({s}) and {self.cite('mt_overall')}.",
-            f"At the macula, {self.the('mt_central')} is {s}, with {self.cite('mt_overall')}.",
-        ))
-
-    def _vessels(self) -> str:
-        s = self.rng.choice(_STATUS[self.status("avr")])
-        return self.rng.choice((
-            f"The vessels show {self.cite('avr')} ({s}), {self.cite('tortuosity_arterial')} "
-            f"and {self.cite('tortuosity_venular')}.",
-            f"For the vessels, {self.the('avr')} is {s}, with {self.cite('fd_venular')}.",
-        ))
-
-    def _layers(self) -> str:
-        return self.rng.choice((
-            f"On OCT, {self.the('rnfl_average')}, {self.the('gcipl_average')} and {self.the('rpe_average')} "
-            "complete the layer assessment.",
-            f"The OCT layers show {self.cite('gcipl_average')} and {self.cite('inl_average')}.",
-        ))
+    def _cover(self, region: str) -> str:
+        """'<opener> a X of v (status), a Y of v and a Z of v.' from the region's measured biomarkers."""
+        openers, first, pool, n = _COVERAGE[region]
+        keys = [first] + self.rng.sample(pool, min(n, len(pool)))
+        keys = [k for k in keys if not math.isnan(self.values[k])]
+        if not keys:
+            return ""
+        cites = [self.cite(k) for k in keys]
+        cites[0] += f" ({self.rng.choice(_STATUS[self.status(keys[0])])})"
+        listed = cites[0] if len(cites) == 1 else ", ".join(cites[:-1]) + " and " + cites[-1]
+        return self.rng.choice(openers) + listed + "."
 
     def sub_inference(self) -> str:
         inference = self.rng.choice(self.lk.inference)
@@ -273,10 +265,10 @@ class _Writer:
         if override:
             return f"{name} is unlikely because {override}"
         if not against:
-            return f"{name} is unlikely given {ok.rule_out}"
+            return f"{name} is unlikely in view of {ok.rule_out}"
         cited = self.cite(self.rng.choice(against).key)
         return self.rng.choice((
-            f"{name} is unlikely given {ok.rule_out} and {cited}",
+            f"{name} is unlikely in view of {ok.rule_out} and {cited}",
             f"{name} is not supported, with {ok.rule_out} and {cited}",
             f"there is no evidence of {name}, with {ok.rule_out}",
             f"{name} is unlikely with {cited}",
