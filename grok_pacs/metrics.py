@@ -31,8 +31,11 @@ log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-# Job stages, in the order a study goes through them (the `stage` label of JOB_SECONDS).
-STAGES = ("queue_wait", "inference", "sr_build", "delivery", "total")
+# Job stages (the `stage` label of JOB_SECONDS): queue_wait = study complete (last instance + quiet
+# period) to analysis start; analysis = reading pixels, the model and building the SRs (the first job of a
+# worker includes loading the bundle); delivery = one SR's C-STORE; total = last instance received to the
+# end of the job (SRs delivered or their delivery scheduled), the latency a clinician notices.
+STAGES = ("queue_wait", "analysis", "delivery", "total")
 # Seconds: a queue wait can be hours on a backlog, inference tens of seconds on a GPU, minutes on CPU.
 JOB_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200, 3600, float("inf"))
 
@@ -66,7 +69,7 @@ BYTES_RECEIVED = Counter(
 )
 JOB_SECONDS = Histogram(
     "grok_pacs_job_duration_seconds",
-    "Seconds an analysis job spends in each stage (queue_wait, inference, sr_build, delivery, total)",
+    "Seconds an analysis job spends in each stage (queue_wait, analysis, delivery, total)",
     ["stage"],
     buckets=JOB_BUCKETS,
     registry=REGISTRY,
@@ -150,6 +153,19 @@ def time_stage(stage: str) -> Iterator[None]:
 
 def job_finished(succeeded: bool) -> None:
     JOBS.labels(outcome="succeeded" if succeeded else "failed").inc()
+
+
+def job_started(last_received_at: float | None, quiet_period: float) -> None:
+    """Observe queue_wait for a job starting now on a study last received at `last_received_at` (epoch s)."""
+    if last_received_at is not None:
+        observe_stage("queue_wait", max(0.0, time.time() - last_received_at - quiet_period))
+
+
+def job_done(last_received_at: float | None, succeeded: bool) -> None:
+    """Count a finished job and observe its total latency from the study's last instance."""
+    job_finished(succeeded)
+    if last_received_at is not None:
+        observe_stage("total", max(0.0, time.time() - last_received_at))
 
 
 def sr_delivered() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import shared_task
 
-from grok_pacs import delivery, pipeline, worker
+from grok_pacs import delivery, metrics, pipeline, worker
 from grok_pacs.celery_app import TASK_ANALYZE_STUDY
 from grok_pacs.index import StudyState
 from grok_pacs.outbox import OutboxState
@@ -73,12 +73,17 @@ def analyze_study(self: Any, *, study_uid: str, version: int) -> dict[str, Any]:
     """Analyse (study, version), put its SRs in the outbox and deliver them."""
     ctx = worker.context()
     owner = str(self.request.id or f"analyze-{study_uid}-v{version}")
+    study = ctx.index.study(study_uid)
+    received_at = study.last_received_at if study is not None else None  # for the latency metrics
+    metrics.job_started(received_at, ctx.settings.quiet_period)
     try:
-        result = pipeline.run_study(ctx.settings, ctx.index, ctx.outbox, ctx.engine, ctx.bundle_version(),
-                                    study_uid, version)
+        with metrics.time_stage("analysis"):
+            result = pipeline.run_study(ctx.settings, ctx.index, ctx.outbox, ctx.engine, ctx.bundle_version(),
+                                        study_uid, version)
     except TRANSIENT_ANALYSIS_ERRORS:
         raise  # retried by Celery (autoretry_for), bounded, with backoff
     except Exception as exc:  # noqa: BLE001 - any other analysis error is permanent: record it, no retry
+        metrics.job_done(received_at, succeeded=False)
         return _fail_study(ctx, study_uid, version, exc)
     summary: dict[str, Any] = {"study_uid": study_uid, "version": version, "outcome": result.outcome.value,
                                "srs": {}}
@@ -94,6 +99,7 @@ def analyze_study(self: Any, *, study_uid: str, version: int) -> dict[str, Any]:
         if outcome == "transient":
             _schedule_retry(ctx, entry.sr_uid, 1, _last_error(ctx, entry.sr_uid))
     delivery.update_study_state(ctx.settings, ctx.index, ctx.outbox, study_uid, version)
+    metrics.job_done(received_at, succeeded=True)
     return summary
 
 

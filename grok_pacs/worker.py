@@ -14,9 +14,11 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from grok_pacs import health, metrics
 from grok_pacs.config import Settings, SettingsError, load_settings
 from grok_pacs.index import StudyIndex
 from grok_pacs.outbox import Outbox
@@ -66,7 +68,14 @@ class WorkerContext:
                     if self.settings.bundle is None:
                         raise SettingsError("bundle: no model bundle configured for this worker")
                     log.info("loading model bundle %s (pid %d)", self.settings.bundle, os.getpid())
-                    self._engine = Engine.from_bundle(Path(self.settings.bundle))
+                    started = time.perf_counter()
+                    try:
+                        self._engine = Engine.from_bundle(Path(self.settings.bundle))
+                    except Exception as exc:  # noqa: BLE001 - recorded for /health, then raised unchanged
+                        health.BUNDLE_STATE.mark_failed(f"{type(exc).__name__}: {exc}")
+                        raise
+                    metrics.model_loaded("bundle", time.perf_counter() - started, bundle=self.settings.bundle,
+                                         version=str(self._engine.bundle.version))
         return self._engine
 
 
@@ -93,11 +102,13 @@ def context() -> WorkerContext:
 
 
 def _redeliver_outbox(sender: Any = None, **_: Any) -> None:
-    """At start: queue a delivery for every SR left undelivered by a previous run (restart safety)."""
+    """At start: say so, and queue a delivery for every SR a previous run left undelivered."""
     from grok_pacs.delivery import claim_lease_s
     from grok_pacs.tasks import deliver_sr
 
     ctx = context()
+    log.info("worker ready: pid=%d queue=%s broker=%s bundle=%s", os.getpid(), ctx.settings.queue,
+             ctx.settings.resolved_broker_url.split("://", 1)[0], ctx.settings.bundle)
     if ctx.settings.destination is None:
         return
     entries = ctx.outbox.undelivered(lease_s=claim_lease_s(ctx.settings))
@@ -135,7 +146,12 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> int:
     app.set_current()  # tasks' follow-up messages (delivery retries) go to this app's broker
     app.set_default()
     worker = build_worker(app, settings, loglevel)
-    worker.start()
+    observability = metrics.maybe_start_server(settings, "worker")  # /metrics, /health when metrics_port
+    try:
+        worker.start()
+    finally:
+        if observability is not None:
+            observability.close()
     return int(worker.exitcode or 0)
 
 

@@ -244,7 +244,7 @@ def test_worker_metrics_exported_in_prometheus_and_openmetrics(tmp_path: Path) -
                                   checker=health.HealthChecker({"ok": lambda: health.CheckResult(True, "")}))
     try:
         before = scrape(server.port)
-        with metrics.time_stage("inference"):
+        with metrics.time_stage("analysis"):
             time.sleep(0.05)
         metrics.observe_stage("queue_wait", 0.75)
         metrics.sr_delivered()
@@ -257,8 +257,8 @@ def test_worker_metrics_exported_in_prometheus_and_openmetrics(tmp_path: Path) -
         def delta(name: str, **labels: str) -> float:
             return value(after, name, **labels) - before.get((name, frozenset(labels.items())), 0.0)
 
-        assert delta("grok_pacs_job_duration_seconds_count", stage="inference") == 1
-        assert delta("grok_pacs_job_duration_seconds_sum", stage="inference") >= 0.05
+        assert delta("grok_pacs_job_duration_seconds_count", stage="analysis") == 1
+        assert delta("grok_pacs_job_duration_seconds_sum", stage="analysis") >= 0.05
         assert delta("grok_pacs_job_duration_seconds_bucket", stage="queue_wait", le="1.0") == 1
         assert delta("grok_pacs_job_duration_seconds_bucket", stage="queue_wait", le="0.5") == 0
         assert delta("grok_pacs_sr_deliveries_total") == 1
@@ -320,3 +320,63 @@ def test_sr_delivery_outcomes_are_counted(tmp_path: Path) -> None:
         pacs.stop()
     after = [sample(name, **labels) for name, labels in names]
     assert [a - b for a, b in zip(after, before)] == [1, 0, 1, 1]
+
+
+def test_analysis_jobs_record_latency_outcomes_and_model_load(tmp_path: Path, request) -> None:
+    """Two analyse jobs as a worker runs them (tiny bundle): one analysed and delivered, one failed."""
+    from bundle_cache import session_tiny_bundle
+    from grok_pacs import worker
+    from grok_pacs.assembly import recover
+    from grok_pacs.celery_app import create_app
+    from grok_pacs.tasks import analyze_study
+    from grok_pacs.uids import instance_relpath
+    from storescp import StoreSCP
+
+    bundle = session_tiny_bundle(request)
+    pacs = StoreSCP(free_port(), tmp_path / "pacs").start()
+    settings = load_settings(data_dir=tmp_path / "data", bundle=bundle, quiet_period=0, dimse_timeout=20,
+                             destination=f"PACS@127.0.0.1:{pacs.port}")
+    app = create_app(settings, include=worker.TASK_MODULES)
+    app.set_current()
+    ctx = worker.configure(settings)
+    health.BUNDLE_STATE.clear()
+
+    def ingest(datasets) -> str:
+        for ds in datasets:
+            write(ds, settings.data_dir / instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                                          ds.SOPInstanceUID))
+        recover(settings, ctx.index)
+        study_uid = str(datasets[0].StudyInstanceUID)
+        assert ctx.index.mark_queued(study_uid, 1, ctx.index.study(study_uid).last_received_at)
+        return study_uid
+
+    def sample(name: str, **labels: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    watched = [("grok_pacs_jobs_total", {"outcome": "succeeded"}), ("grok_pacs_jobs_total", {"outcome": "failed"}),
+               *[("grok_pacs_job_duration_seconds_count", {"stage": s}) for s in metrics.STAGES],
+               ("grok_pacs_sr_deliveries_total", {})]
+    before = {(n, tuple(l.items())): sample(n, **l) for n, l in watched}
+    try:
+        patient = Patient()
+        good = ingest([make_cfp(patient, "R"), make_oct(patient, "R")])
+        assert analyze_study(study_uid=good, version=1)["outcome"] == "analysed"
+        no_side = make_cfp(Patient(), "L")
+        del no_side.ImageLaterality
+        bad = ingest([no_side])
+        assert analyze_study(study_uid=bad, version=1)["outcome"] == "failed"
+    finally:
+        app.close()
+        pacs.stop()
+    delta = {name: sample(name[0], **dict(name[1])) - value for name, value in before.items()}
+    assert delta[("grok_pacs_jobs_total", (("outcome", "succeeded"),))] == 1
+    assert delta[("grok_pacs_jobs_total", (("outcome", "failed"),))] == 1
+    delivered = len(pacs.received())
+    assert delivered >= 1 and delta[("grok_pacs_sr_deliveries_total", ())] == delivered
+    counts = {stage: delta[("grok_pacs_job_duration_seconds_count", (("stage", stage),))] for stage in metrics.STAGES}
+    assert counts == {"queue_wait": 2, "analysis": 2, "delivery": delivered, "total": 2}
+    assert sample("grok_pacs_model_load_seconds", component="bundle") > 0
+    loaded, version = health.BUNDLE_STATE.loaded()
+    assert loaded == bundle and version and sample("grok_pacs_bundle_info", path=str(bundle), version=version) == 1
+    assert health.bundle_check(settings, require_loaded=True)().ok
+    health.BUNDLE_STATE.clear()
