@@ -105,6 +105,7 @@ class Assembler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_sweep = time.monotonic()
+        self.failed_passes = 0  # passes that raised (e.g. broker unreachable); jobs are retried next pass
 
     def run_once(self, now: float | None = None) -> list[tuple[str, int]]:
         """Queue every RECEIVING study quiet since `quiet_period`; returns [(study_uid, version)]."""
@@ -145,8 +146,10 @@ class Assembler:
             try:
                 self.run_once()
                 self._sweep_temp_files()
-            except Exception:  # noqa: BLE001 - the loop must survive a broker or disk outage; retried next pass
-                log.exception("assembly pass failed; retrying in %.1f s", self.interval)
+            except Exception as exc:  # noqa: BLE001 - survive a broker or disk outage; retried next pass
+                self.failed_passes += 1
+                log.error("assembly pass failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc,
+                          self.interval)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="grok-assembly", daemon=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -115,3 +116,49 @@ def stored_files(settings: Settings) -> list[Path]:
 def temp_files(settings: Settings) -> list[Path]:
     directory = settings.data_dir / "tmp"
     return sorted(directory.iterdir()) if directory.is_dir() else []
+
+
+class StallingRelay:
+    """A loopback TCP relay to a listener that stops forwarding client bytes after `limit` bytes.
+
+    Lets a test catch a real transfer in the middle (e.g. to kill the listener) without timing luck.
+    """
+
+    def __init__(self, target_port: int, limit: int) -> None:
+        self.target_port, self.limit = target_port, limit
+        self.forwarded = 0
+        self.error: OSError | None = None
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        client, _ = self.server.accept()
+        upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=30)
+        for source, sink, limited in ((client, upstream, True), (upstream, client, False)):
+            thread = threading.Thread(target=self._pump, args=(source, sink, limited), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _pump(self, source: socket.socket, sink: socket.socket, limited: bool) -> None:
+        try:
+            while True:
+                budget = self.limit - self.forwarded if limited else 1 << 16
+                if budget <= 0:
+                    time.sleep(0.05)  # hold the rest of the transfer
+                    continue
+                data = source.recv(min(budget, 1 << 16))
+                if not data:
+                    break
+                sink.sendall(data)
+                if limited:
+                    self.forwarded += len(data)
+        except OSError as exc:  # the other side went away (the test killed it): the relay's job is over
+            self.error = exc
+        finally:
+            for sock in (source, sink):
+                sock.close()
+
+    def close(self) -> None:
+        self.server.close()

@@ -1,0 +1,88 @@
+"""kill -9 of `grok-pacs listen` in the middle of a transfer, then restart: nothing acknowledged is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+from grok_pacs.index import StudyIndex, StudyState
+from grok_pacs.sample_dicom import fundus_photograph, oct_tomography, write
+from ingest_support import (
+    DCMTK_ENV,
+    AE,
+    StallingRelay,
+    drain_jobs,
+    ingest_settings,
+    stored_files,
+    storescu,
+    temp_files,
+    wait_for_port,
+    wait_until,
+)
+from tests.conftest import require_tool
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = 8.0  # longer than kill + restart + resend, so the interrupted study is queued once, complete
+
+
+def _listen(settings, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "GROK_PACS_DATA_DIR": str(settings.data_dir), "GROK_PACS_PORT": str(settings.port),
+           "GROK_PACS_BIND_ADDRESS": "127.0.0.1", "GROK_PACS_QUIET_PERIOD": str(QUIET),
+           "GROK_PACS_MIN_FREE_DISK_MB": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "grok_pacs.cli", "listen"], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+    wait_for_port(settings.port, timeout=60)
+    return process
+
+
+def test_kill_9_during_transfer_then_restart(tmp_path: Path) -> None:
+    settings = ingest_settings(tmp_path, quiet_period=QUIET)
+    study = generate_uid()
+    early = [write(fundus_photograph(study, "RL"[n % 2], size=64, seed=n), tmp_path / f"early{n}.dcm") for n in range(5)]
+    big = write(oct_tomography(study, "R", frames=64, rows=128, columns=256), tmp_path / "big.dcm")  # 2 MB
+    late = [write(fundus_photograph(study, "L", size=64, seed=9), tmp_path / "late.dcm")]
+    log = tmp_path / "listen.log"
+    listener = _listen(settings, log)
+    try:
+        done = storescu(settings.port, *early, options=("-xy",))
+        assert done.returncode == 0, done.stderr  # every one of these got Success
+        relay = StallingRelay(settings.port, limit=big.stat().st_size // 2)
+        sender = subprocess.Popen([require_tool("storescu"), "-aet", "TESTSCU", "-aec", AE, "127.0.0.1",
+                                   str(relay.port), str(big)], env=DCMTK_ENV, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        wait_until(lambda: any(p.stat().st_size > 512 * 1024 for p in temp_files(settings)), 30,
+                   "the big instance to be half written")
+        listener.send_signal(signal.SIGKILL)
+        listener.wait(timeout=30)
+        sender.communicate(timeout=60)
+        assert sender.returncode != 0, "the interrupted instance was never acknowledged"
+        relay.close()
+        assert temp_files(settings), "the kill left a partial temporary file"
+
+        listener = _listen(settings, log)
+        assert temp_files(settings) == [], "recovery removed the partial temporary file"
+        index = StudyIndex(settings.index_path)
+        acknowledged = {pydicom.dcmread(p).SOPInstanceUID for p in early}
+        assert {r.sop_uid for r in index.instances(study)} == acknowledged
+        for record in index.instances(study):
+            ds = pydicom.dcmread(settings.data_dir / record.path)
+            assert ds.pixel_array.shape == (64, 64, 3), "every acknowledged instance is readable"
+        # The sender retries what failed, plus the rest of the study.
+        done = storescu(settings.port, big, *late, options=("-xy",))
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: index.study(study).state is StudyState.QUEUED, QUIET + 20, "the study to be queued")
+        assert index.study(study).instance_count == len(early) + 2
+        assert len(stored_files(settings)) == len(early) + 2
+        index.close()
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=30)
+    assert listener.returncode == 0, log.read_text()[-3000:]
+    jobs = drain_jobs(settings, expect=1)
+    assert jobs == [("grok_pacs.tasks.analyze_study", {"study_uid": study, "version": 1})], "queued once, complete"
