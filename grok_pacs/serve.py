@@ -38,7 +38,7 @@ def requeue_unfinished(index: StudyIndex, publisher) -> list[tuple[str, int]]:
 
 def run_serve(settings: Settings, loglevel: str = "INFO") -> int:
     """Listener + assembly + embedded worker until SIGTERM/SIGINT; returns the exit status."""
-    from grok_pacs import worker
+    from grok_pacs import metrics, worker
     from grok_pacs.celery_app import create_app
     from grok_pacs.ingest import IngestService
 
@@ -51,6 +51,8 @@ def run_serve(settings: Settings, loglevel: str = "INFO") -> int:
     service = IngestService(settings)
     if broker_scheme(settings.resolved_broker_url) in EMBEDDED_SCHEMES:
         requeue_unfinished(service.index, service.publisher)
+    observability = metrics.maybe_start_server(settings, "serve")  # /metrics, /health when metrics_port
+    metrics.watch_studies(service.index.count_by_state)
     service.start()
     log.info("serving: ae=%s port=%d data_dir=%s broker=%s queue=%s destination=%s", settings.ae_title,
              service.port, settings.data_dir, broker_scheme(settings.resolved_broker_url), settings.queue,
@@ -61,6 +63,9 @@ def run_serve(settings: Settings, loglevel: str = "INFO") -> int:
         return int(celery_worker.exitcode or 0)
     finally:
         log.info("stopping listener and assembly")
+        if observability is not None:
+            observability.close()
+        metrics.watch_studies(None)
         service.stop()
 
 

@@ -322,61 +322,75 @@ def test_sr_delivery_outcomes_are_counted(tmp_path: Path) -> None:
     assert [a - b for a, b in zip(after, before)] == [1, 0, 1, 1]
 
 
-def test_analysis_jobs_record_latency_outcomes_and_model_load(tmp_path: Path, request) -> None:
-    """Two analyse jobs as a worker runs them (tiny bundle): one analysed and delivered, one failed."""
+def test_one_box_serve_metrics_from_ingest_to_delivered_sr(tmp_path: Path, request) -> None:
+    """`grok-pacs serve` end to end: storescu in, SR out to storescp, every stage visible in /metrics."""
     from bundle_cache import session_tiny_bundle
-    from grok_pacs import worker
-    from grok_pacs.assembly import recover
-    from grok_pacs.celery_app import create_app
-    from grok_pacs.tasks import analyze_study
-    from grok_pacs.uids import instance_relpath
     from storescp import StoreSCP
 
     bundle = session_tiny_bundle(request)
     pacs = StoreSCP(free_port(), tmp_path / "pacs").start()
-    settings = load_settings(data_dir=tmp_path / "data", bundle=bundle, quiet_period=0, dimse_timeout=20,
-                             destination=f"PACS@127.0.0.1:{pacs.port}")
-    app = create_app(settings, include=worker.TASK_MODULES)
-    app.set_current()
-    ctx = worker.configure(settings)
-    health.BUNDLE_STATE.clear()
+    dicom_port, metrics_port = free_port(), free_port()
+    env = {**os.environ, "GROK_PACS_DATA_DIR": str(tmp_path / "data"), "GROK_PACS_PORT": str(dicom_port),
+           "GROK_PACS_BIND_ADDRESS": "127.0.0.1", "GROK_PACS_METRICS_PORT": str(metrics_port),
+           "GROK_PACS_BUNDLE": str(bundle), "GROK_PACS_DESTINATION": f"PACS@127.0.0.1:{pacs.port}",
+           "GROK_PACS_QUIET_PERIOD": "1", "GROK_PACS_BROKER_URL": "", "GROK_PACS_ALLOWED_AES": "MODALITY"}
+    env.pop("GROK_PACS_CONFIG", None)
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "grok_pacs.cli", "serve"], env=env, cwd=tmp_path,
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{metrics_port}"
 
-    def ingest(datasets) -> str:
-        for ds in datasets:
-            write(ds, settings.data_dir / instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                                                          ds.SOPInstanceUID))
-        recover(settings, ctx.index)
-        study_uid = str(datasets[0].StudyInstanceUID)
-        assert ctx.index.mark_queued(study_uid, 1, ctx.index.study(study_uid).last_received_at)
-        return study_uid
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"grok-pacs serve exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            return get(f"{url}/health")[0] == 200
+        except OSError:
+            return False
 
-    def sample(name: str, **labels: str) -> float:
-        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
-
-    watched = [("grok_pacs_jobs_total", {"outcome": "succeeded"}), ("grok_pacs_jobs_total", {"outcome": "failed"}),
-               *[("grok_pacs_job_duration_seconds_count", {"stage": s}) for s in metrics.STAGES],
-               ("grok_pacs_sr_deliveries_total", {})]
-    before = {(n, tuple(l.items())): sample(n, **l) for n, l in watched}
     try:
+        wait_for(healthy, "grok-pacs serve to report healthy", timeout=90)
+        report = json.loads(get(f"{url}/health")[1])
+        assert set(report["checks"]) == {"listener", "broker", "bundle", "disk"}
         patient = Patient()
-        good = ingest([make_cfp(patient, "R"), make_oct(patient, "R")])
-        assert analyze_study(study_uid=good, version=1)["outcome"] == "analysed"
-        no_side = make_cfp(Patient(), "L")
+        files = [write(make_cfp(patient, "R"), tmp_path / "send/cfp.dcm"),
+                 write(make_oct(patient, "R"), tmp_path / "send/oct.dcm")]
+        no_side = make_cfp(Patient(), "L")  # a second study that cannot be analysed: no laterality
         del no_side.ImageLaterality
-        bad = ingest([no_side])
-        assert analyze_study(study_uid=bad, version=1)["outcome"] == "failed"
+        files.append(write(no_side, tmp_path / "send/no-side.dcm"))
+        sent = storescu("-aet", "MODALITY", "-aec", "GROK_PACS", "127.0.0.1", str(dicom_port), *map(str, files))
+        assert sent.returncode == 0, sent.stderr
+
+        def finished() -> bool:
+            samples = scrape(metrics_port)
+            return value(samples, "grok_pacs_studies", state="DONE") + value(
+                samples, "grok_pacs_studies", state="FAILED") == 2
+
+        wait_for(finished, f"both studies to finish; log:\n{log_path.read_text()[-3000:]}", timeout=180)
+        samples = scrape(metrics_port)
+        assert len(pacs.received()) == 1
+        assert value(samples, "grok_pacs_studies", state="DONE") == 1
+        assert value(samples, "grok_pacs_instances_received_total", sop_class=OP_8BIT) == 2
+        assert value(samples, "grok_pacs_instances_received_total", sop_class=OPT) == 1
+        assert value(samples, "grok_pacs_jobs_total", outcome="succeeded") == 1
+        assert value(samples, "grok_pacs_jobs_total", outcome="failed") == 1
+        assert value(samples, "grok_pacs_sr_deliveries_total") == 1
+        for stage in ("queue_wait", "analysis", "total"):
+            assert value(samples, "grok_pacs_job_duration_seconds_count", stage=stage) == 2, stage
+        assert value(samples, "grok_pacs_job_duration_seconds_count", stage="delivery") == 1
+        # total runs from the last instance, so it includes the 1 s quiet period and the analysis.
+        assert value(samples, "grok_pacs_job_duration_seconds_sum", stage="total") >= 2 * 1.0
+        assert value(samples, "grok_pacs_model_load_seconds", component="bundle") > 0
+        assert [v for (name, _), v in samples.items() if name == "grok_pacs_bundle_info"] == [1.0]
+        assert "loaded" in json.loads(get(f"{url}/health")[1])["checks"]["bundle"]["detail"]
     finally:
-        app.close()
-        pacs.stop()
-    delta = {name: sample(name[0], **dict(name[1])) - value for name, value in before.items()}
-    assert delta[("grok_pacs_jobs_total", (("outcome", "succeeded"),))] == 1
-    assert delta[("grok_pacs_jobs_total", (("outcome", "failed"),))] == 1
-    delivered = len(pacs.received())
-    assert delivered >= 1 and delta[("grok_pacs_sr_deliveries_total", ())] == delivered
-    counts = {stage: delta[("grok_pacs_job_duration_seconds_count", (("stage", stage),))] for stage in metrics.STAGES}
-    assert counts == {"queue_wait": 2, "analysis": 2, "delivery": delivered, "total": 2}
-    assert sample("grok_pacs_model_load_seconds", component="bundle") > 0
-    loaded, version = health.BUNDLE_STATE.loaded()
-    assert loaded == bundle and version and sample("grok_pacs_bundle_info", path=str(bundle), version=version) == 1
-    assert health.bundle_check(settings, require_loaded=True)().ok
-    health.BUNDLE_STATE.clear()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            pacs.stop()
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
