@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from PIL import Image
 
+from grok_pacs.biomarkers import BIOMARKERS
 from grok_pacs.labels import DIAGNOSTIC_LABELS, Label
 from tests.conftest import require_tool
 from training.manifest import load_manifest
@@ -159,6 +160,16 @@ def test_label_signatures_follow_spec_directions() -> None:
     assert min(means, key=lambda l: means[l]["fd_arterial"]) == Label.ALZHEIMER
     assert means[Label.DIABETES]["inl_average"] < normal["inl_average"] - 2
     assert means[Label.DIABETES]["tortuosity_venular"] > normal["tortuosity_venular"] + 0.05
+
+
+def test_normal_eyes_fall_in_the_schemas_normal_ranges() -> None:
+    inside = total = 0
+    for i in range(10):
+        values = _eye(Label.NORMAL, i, eye=i % 2).biomarkers
+        for b in BIOMARKERS:
+            total += 1
+            inside += b.normal[0] <= values[b.key] <= b.normal[1]
+    assert inside / total > 0.85, inside / total
 
 
 def test_dicom_study_is_readable_and_dcmdump_accepts_it(cohort: Path) -> None:

@@ -178,7 +178,7 @@ def run_stage1(manifest: Path, out_dir: Path, teacher, *, splits: Sequence[str] 
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = _write_reports(teacher, records, progress)
     accepted, rejected = [], []
-    for record in records:
+    for record in tqdm(records, desc="validating", unit="eye", disable=not progress):
         rid = record_id(record.subject_id, record.eye)
         report = reports.get(rid)
         if isinstance(report, Exception) or report is None:
