@@ -161,11 +161,17 @@ def analyse_eye(settings: Settings, engine: AnalysisEngine, cands: EyeCandidates
     return report, [header for _, header, _ in picks]
 
 
+class StudyNotYetQueuedError(RuntimeError):
+    """The job arrived before assembly recorded its version (it publishes first): try again shortly."""
+
+
 def _study_is_current(index: StudyIndex, study_uid: str, version: int) -> StudyOutcome | None:
     study = index.study(study_uid)
     if study is None:
         return StudyOutcome.UNKNOWN_STUDY
-    if study.version != version or study.state is StudyState.RECEIVING:
+    if study.version < version:
+        raise StudyNotYetQueuedError(f"study {study_uid} is at version {study.version}, the job at {version}")
+    if study.version > version or study.state is StudyState.RECEIVING:
         return StudyOutcome.OUTDATED
     return None
 

@@ -27,6 +27,8 @@ TASK_DELIVER_SR = "grok_pacs.tasks.deliver_sr"
 TRANSIENT_ANALYSIS_ERRORS = (sqlite3.OperationalError,)  # "database is locked" beyond the busy timeout
 ANALYSIS_MAX_RETRIES = 3
 ANALYSIS_BACKOFF_MAX_S = 60
+NOT_YET_QUEUED_DELAY_S = 0.5  # assembly records the version right after publishing: this is ample
+NOT_YET_QUEUED_RETRIES = 20
 
 
 def _schedule_retry(ctx: worker.WorkerContext, sr_uid: str, retry_number: int, reason: str) -> None:
@@ -82,6 +84,11 @@ def analyze_study(self: Any, *, study_uid: str, version: int) -> dict[str, Any]:
                                         study_uid, version)
     except TRANSIENT_ANALYSIS_ERRORS:
         raise  # retried by Celery (autoretry_for), bounded, with backoff
+    except pipeline.StudyNotYetQueuedError as exc:
+        if self.request.retries >= NOT_YET_QUEUED_RETRIES:
+            log.warning("study %s v%d: %s; giving the job up", study_uid, version, exc)
+            return {"study_uid": study_uid, "version": version, "outcome": "not-queued"}
+        raise self.retry(exc=exc, countdown=NOT_YET_QUEUED_DELAY_S, max_retries=NOT_YET_QUEUED_RETRIES)
     except Exception as exc:  # noqa: BLE001 - any other analysis error is permanent: record it, no retry
         metrics.job_done(received_at, succeeded=False)
         return _fail_study(ctx, study_uid, version, exc)
@@ -113,6 +120,7 @@ def deliver_sr(self: Any, *, sr_uid: str, retry_number: int = 0) -> str:
     """Deliver one SR of the outbox: retry `retry_number` (0: a restart's recovery); idempotent per SR UID."""
     ctx = worker.context()
     owner = str(self.request.id or f"deliver-{sr_uid}")
+    log.info("SR %s: delivery attempt (retry %d, task %s)", sr_uid, retry_number, owner)
     outcome = _deliver_and_record(ctx, sr_uid, owner)
     if outcome == "transient":
         _schedule_retry(ctx, sr_uid, retry_number + 1, _last_error(ctx, sr_uid))

@@ -128,6 +128,7 @@ def build_worker(app: "Celery", settings: Settings, loglevel: str = "INFO") -> A
     from celery.signals import worker_ready
 
     worker_ready.connect(_redeliver_outbox, weak=False, dispatch_uid="grok_pacs.worker.redeliver_outbox")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied module otherwise
     return app.Worker(
         pool="solo", concurrency=1, queues=[settings.queue], hostname=node_name(settings),
         loglevel=loglevel, without_gossip=True, without_mingle=True, without_heartbeat=True,

@@ -165,12 +165,18 @@ def test_no_usable_eye_fails_with_reason(ctx, pacs):
     assert pacs.received() == [] and ctx.outbox.for_study(study_uid) == []
 
 
-def test_outdated_version_does_nothing(ctx, pacs):
+def test_job_of_an_outdated_version_does_nothing(ctx, pacs):
     patient = Patient()
     study_uid = _ingest(ctx, [make_cfp(patient, "R")])
-    assert analyze_study(study_uid=study_uid, version=7)["outcome"] == "outdated"
-    assert pacs.received() == [] and ctx.index.study(study_uid).state is StudyState.QUEUED
+    late = make_oct(patient, "R")  # arrives after version 1 was queued: the study is receiving again
+    write(late, Path(ctx.settings.data_dir) / instance_relpath(study_uid, late.SeriesInstanceUID, late.SOPInstanceUID))
+    recover(ctx.settings, ctx.index)
+    assert analyze_study(study_uid=study_uid, version=1)["outcome"] == "outdated"
+    assert pacs.received() == [] and ctx.index.study(study_uid).state is StudyState.RECEIVING
     assert not ctx.engine_loaded  # a void job does not even load the model
-    assert [e.state for e in ctx.outbox.for_study(study_uid)] == []
-    analyze_study(study_uid=study_uid, version=1)
+    study = ctx.index.study(study_uid)
+    assert ctx.index.mark_queued(study_uid, 2, study.last_received_at)
+    analyze_study(study_uid=study_uid, version=2)
+    (sr,) = pacs.received()
+    assert _refs(sr) == {late.SOPInstanceUID, *(i.sop_uid for i in ctx.index.instances(study_uid))}
     assert [e.state for e in ctx.outbox.for_study(study_uid)] == [OutboxState.DELIVERED]

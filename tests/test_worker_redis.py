@@ -1,0 +1,167 @@
+"""A separate `grok-pacs worker` process on a Redis broker, a study sent by DCMTK storescu to the listener.
+
+- the worker killed with SIGKILL mid-job: Redis redelivers the unacknowledged job to a new worker and
+  exactly one SR arrives; SIGTERM mid-job: the job finishes, then the worker exits 0;
+- the PACS down, then up: the SR arrives once (delivery retried with backoff);
+- a permanent rejection: the study FAILS with the reason after one attempt, no retry loop.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from bundle_cache import session_tiny_bundle
+from conftest import free_port
+from grok_pacs.config import load_settings
+from grok_pacs.index import StudyIndex, StudyState
+from grok_pacs.ingest import IngestService
+from grok_pacs.listener import Listener
+from grok_pacs.outbox import Outbox, OutboxState
+from ophthalmic_dicom import Patient, make_cfp, make_oct, write
+from storescp import StoreSCP
+from worker_harness import GrokProcess, Redis, grok_env, storescu, wait_until
+
+JOB_TIME_LIMIT_S = 6  # -> Redis visibility timeout 12 s: a killed worker's job comes back within ~15 s
+READY = "worker ready"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(request) -> Path:
+    return session_tiny_bundle(request)
+
+
+@pytest.fixture
+def redis(tmp_path):
+    server = Redis(tmp_path)
+    yield server
+    server.stop()
+
+
+class Box:
+    """Listener (in-process, publishing to Redis) + worker subprocesses sharing one data directory."""
+
+    def __init__(self, tmp_path: Path, bundle: Path, redis: Redis, destination: str) -> None:
+        self.tmp_path = tmp_path
+        self.values = dict(data_dir=tmp_path / "data", broker_url=redis.url, bundle=bundle, destination=destination,
+                           quiet_period=0.5, job_time_limit=JOB_TIME_LIMIT_S, delivery_backoff_s=1,
+                           delivery_max_retries=8, dimse_timeout=10, acse_timeout=10, network_timeout=10)
+        self.settings = load_settings(**self.values, port=free_port(), bind_address="127.0.0.1")
+        self.ingest = IngestService(self.settings)
+        self.ingest.start()
+        self.workers: list[GrokProcess] = []
+
+    def worker(self) -> GrokProcess:
+        proc = GrokProcess(["worker"], grok_env(**self.values), self.tmp_path / f"worker{len(self.workers)}.log")
+        self.workers.append(proc)
+        proc.wait_ready(READY)
+        return proc
+
+    def send_study(self, eyes: str = "R") -> str:
+        patient = Patient()
+        files = []
+        for eye in eyes:
+            for ds in (make_cfp(patient, eye), make_oct(patient, eye)):
+                files.append(write(ds, self.tmp_path / "study" / f"{ds.SOPInstanceUID}.dcm"))
+        storescu(self.ingest.port, files)
+        return patient.study_uid
+
+    def study(self, study_uid: str):
+        index = StudyIndex(self.settings.index_path)
+        try:
+            return index.study(study_uid)
+        finally:
+            index.close()
+
+    def wait_state(self, study_uid: str, states: tuple[StudyState, ...], timeout: float):
+        return wait_until(lambda: (s := self.study(study_uid)) is not None and s.state in states and s, timeout,
+                          f"study {study_uid} in {states}", interval=0.02)
+
+    def outbox(self, study_uid: str):
+        return Outbox(self.settings.index_path).for_study(study_uid)
+
+    def close(self) -> None:
+        for proc in self.workers:
+            proc.stop()
+        self.ingest.stop()
+
+
+@pytest.fixture
+def pacs(tmp_path):
+    scp = StoreSCP(free_port(), tmp_path / "pacs")
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture
+def box(tmp_path, tiny_bundle, redis, pacs):
+    instance = Box(tmp_path, tiny_bundle, redis, f"PACS@127.0.0.1:{pacs.port}")
+    yield instance
+    instance.close()
+
+
+def _arrived_once(pacs: StoreSCP, settle_s: float = 3.0) -> list[str]:
+    uids = wait_until(pacs.received_sop_uids, 90, "an SR at the PACS", interval=0.2)
+    time.sleep(settle_s)  # a duplicate would arrive in this time
+    return pacs.received_sop_uids()
+
+
+def test_sigkill_mid_job_redelivers_and_one_sr_arrives(box, pacs):
+    pacs.start()
+    first = box.worker()
+    study_uid = box.send_study("R")
+    box.wait_state(study_uid, (StudyState.ANALYSING,), 60)  # the worker is loading the model / analysing
+    first.signal(signal.SIGKILL)
+    assert first.wait(10) == -signal.SIGKILL
+    assert pacs.received_sop_uids() == []  # killed before delivering
+    box.worker()
+    uids = _arrived_once(pacs)
+    (entry,) = box.outbox(study_uid)
+    assert uids == [entry.sr_uid]
+    assert box.wait_state(study_uid, (StudyState.DONE,), 20).state is StudyState.DONE
+
+
+def test_sigterm_mid_job_finishes_the_job_then_exits(box, pacs):
+    pacs.start()
+    proc = box.worker()
+    study_uid = box.send_study("RL")
+    box.wait_state(study_uid, (StudyState.ANALYSING,), 60)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(120) == 0
+    assert len(pacs.received_sop_uids()) == 2  # both eyes' SRs, delivered before the exit
+    assert box.study(study_uid).state is StudyState.DONE
+
+
+def test_pacs_down_then_up_sr_arrives_once(box, pacs):
+    box.worker()
+    study_uid = box.send_study("R")
+    waiting = box.wait_state(study_uid, (StudyState.DELIVERING,), 90)
+    (entry,) = wait_until(lambda: [e for e in box.outbox(study_uid) if e.attempts >= 2 and e.state is OutboxState.PENDING],
+                          30, "a retried delivery waiting for its next attempt", interval=0.02)
+    assert entry.last_error.startswith("transient")
+    assert "waiting for PACS@" in (box.study(study_uid).detail or waiting.detail)
+    pacs.start()
+    assert _arrived_once(pacs) == [entry.sr_uid]
+    assert box.wait_state(study_uid, (StudyState.DONE,), 20).state is StudyState.DONE
+
+
+def test_permanent_rejection_fails_without_retry_loop(tmp_path, tiny_bundle, redis):
+    pacs_settings = load_settings(data_dir=tmp_path / "pacs", port=free_port(), bind_address="127.0.0.1",
+                                  ae_title="PACS", allowed_aes=["SOMEONE_ELSE"])
+    rejecting = Listener(pacs_settings, StudyIndex(pacs_settings.index_path))
+    rejecting.start()
+    box = Box(tmp_path, tiny_bundle, redis, f"PACS@127.0.0.1:{pacs_settings.port}")
+    try:
+        box.worker()
+        study_uid = box.send_study("R")
+        failed = box.wait_state(study_uid, (StudyState.FAILED,), 90)
+        assert "Calling AE title not recognised" in failed.detail
+        time.sleep(4)  # backoff would have retried (1 s, 2 s) by now
+        (entry,) = box.outbox(study_uid)
+        assert (entry.state, entry.attempts) == (OutboxState.FAILED, 1)
+    finally:
+        box.close()
+        rejecting.stop()
