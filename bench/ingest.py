@@ -1,7 +1,7 @@
 """Ingest benchmark: DCMTK storescu -> grok-pacs listener vs -> DCMTK storescp, same files, one run.
 
-Workloads (SPEC §6, issue 3): 20 multi-frame OPT instances of ~32 MB (uncompressed), and 200 OP
-JPEG-baseline instances of ~300 KB. Each (target, workload) is sent REPEATS times by one storescu
+Workloads (SPEC §6, issue 3): 20 multi-frame OPT instances of ~32 MB (uncompressed, 128 x 512 x 512), and
+200 OP JPEG-baseline instances of ~300 KB (20 studies x 2 eyes x 5 photographs). Each (target, workload) is sent REPEATS times by one storescu
 process (one association), each time into a fresh, empty receiver (grok-pacs would otherwise answer
 duplicates without storing them), alternating targets; the median wall time counts.
 
@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from grok_pacs.sample_dicom import fundus_photograph, oct_tomography, write  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ingest.json"
+OP_PER_SERIES = 5
 AE = "GROK_PACS"
 # Debian's DCMTK leaves Nagle's algorithm on unless TCP_NODELAY=1 is in the environment; with it on, every
 # small-instance C-STORE waits ~40 ms for a delayed ACK and DCMTK looks 20x slower than it is. Both DCMTK
@@ -71,9 +72,10 @@ def make_files(directory: Path, opt_count: int, op_count: int) -> dict[str, list
     if not (op_dir.is_dir() and len(list(op_dir.iterdir())) == op_count):
         shutil.rmtree(op_dir, ignore_errors=True)
         template = fundus_photograph(generate_uid(), "L", size=1024, quality=77)
-        study = generate_uid()
         for number in tqdm(range(op_count), desc="OP files", leave=False):
-            template.StudyInstanceUID, template.SeriesInstanceUID = study, generate_uid()
+            if number % OP_PER_SERIES == 0:  # a fundus camera: a few photographs per eye, two eyes per study
+                study = study if number % (2 * OP_PER_SERIES) else generate_uid()
+                template.StudyInstanceUID, template.SeriesInstanceUID = study, generate_uid()
             template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             write(template, op_dir / f"op_{number:03}.dcm")
     return {"opt": sorted(opt_dir.iterdir()), "op": sorted(op_dir.iterdir())}

@@ -40,7 +40,8 @@ class RecoveryReport:
 
 
 def recover(settings: Settings, index: StudyIndex) -> RecoveryReport:
-    """Before the listener starts: remove temp files, index files on disk that the index lacks.
+    """Before the listener starts: remove temp files, index files on disk that the index lacks, and
+    forget index rows whose file is missing (the sender never got Success for them and sends again).
 
     Complete studies that were never queued stay RECEIVING in the index and are queued by the first
     assembly pass. Unreadable or misnamed files in `incoming/` are moved to `quarantine/`.
@@ -60,10 +61,11 @@ def recover(settings: Settings, index: StudyIndex) -> RecoveryReport:
             indexed += 1
         else:
             quarantined += 1
-    missing = len(known - on_disk)
-    if missing:
-        log.warning("recovery: %d indexed instances have no file under %s", missing, incoming)
-    report = RecoveryReport(removed, indexed, quarantined, missing)
+    missing = known - on_disk
+    if missing:  # a crash between the index commit and the rename's fsync: never acknowledged
+        log.warning("recovery: %d indexed instances have no file; removed from the index", len(missing))
+        index.forget_paths(missing)
+    report = RecoveryReport(removed, indexed, quarantined, len(missing))
     log.info("recovery: temp_files_removed=%d orphans_indexed=%d quarantined=%d missing=%d", *(
         report.temp_files_removed, report.orphans_indexed, report.quarantined, report.missing_files))
     return report

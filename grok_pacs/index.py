@@ -163,6 +163,24 @@ class StudyIndex:
         with self._lock:
             return {row[0] for row in self._conn.execute("SELECT path FROM instances")}
 
+    def forget_paths(self, paths: set[str]) -> int:
+        """Drop instances whose file is gone (recovery: never acknowledged); recount their studies."""
+        if not paths:
+            return 0
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            studies: dict[str, int] = {}
+            for path in paths:
+                row = self._conn.execute("DELETE FROM instances WHERE path = ? RETURNING study_uid", (path,)).fetchone()
+                if row is not None:
+                    studies[row[0]] = studies.get(row[0], 0) + 1
+            for study_uid in studies:
+                self._conn.execute(
+                    "UPDATE studies SET instance_count = (SELECT COUNT(*) FROM instances WHERE study_uid = ?), "
+                    "updated_at = ? WHERE study_uid = ?", (study_uid, time.time(), study_uid))
+                self._conn.execute("DELETE FROM studies WHERE study_uid = ? AND instance_count = 0", (study_uid,))
+            return sum(studies.values())
+
     def instances(self, study_uid: str) -> list[InstanceRecord]:
         with self._lock:
             rows = self._conn.execute(

@@ -21,6 +21,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,12 +29,13 @@ from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from grok_pacs import dimse_status as status
+from grok_pacs import pynetdicom_tuning
 from grok_pacs import metrics
 from grok_pacs.config import Settings
 from grok_pacs.contexts import scp_contexts
 from grok_pacs.dicom_header import IncompleteDatasetError, read_header
 from grok_pacs.index import InstanceRecord, StudyIndex
-from grok_pacs.storage import TMP_PREFIX, atomic_copy, free_bytes, publish_file, tmp_dir
+from grok_pacs.storage import TMP_PREFIX, atomic_copy, free_bytes, publish_file, start_fsync, tmp_dir
 from grok_pacs.uids import InvalidUIDError, instance_relpath, is_valid_uid
 
 log = logging.getLogger("grok_pacs.listener")
@@ -148,6 +150,7 @@ class Listener:
     def start(self) -> None:
         """Bind and serve in background threads (returns at once)."""
         _enable_streaming_receive()
+        pynetdicom_tuning.install()
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -240,6 +243,7 @@ class Listener:
         if not is_valid_uid(sop_uid):
             raise StoreRefused(status.ERROR_INVALID_UID, f"AffectedSOPInstanceUID {sop_uid[:80]!r} is invalid")
         self._check_disk(received)
+        synced = start_fsync(received)  # runs on the disk while the header is checked here
         try:
             header = read_header(received)
         except InvalidUIDError as exc:
@@ -251,31 +255,23 @@ class Listener:
         if header.sop_class_uid != str(request.AffectedSOPClassUID):
             raise StoreRefused(status.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                "dataset SOPClassUID differs from the request's")
-        if self.index.has_instance(sop_uid):
-            stats.duplicates += 1
-            metrics.instance_duplicate()
-            return status.SUCCESS  # idempotent: the first copy is already durable
         relpath = instance_relpath(header.study_uid, header.series_uid, header.sop_uid)
-        size = self._persist(received, self.data_dir / relpath)
+        dest = self.data_dir / relpath
+        if self.index.has_instance(sop_uid) and dest.is_file():
+            stats.duplicates += 1
+            return status.SUCCESS  # idempotent: the first copy is already durable
         record = InstanceRecord(
             study_uid=header.study_uid, series_uid=header.series_uid, sop_uid=header.sop_uid,
             sop_class_uid=header.sop_class_uid, modality=header.modality, laterality=header.laterality,
-            frames=header.frames, size=size, path=relpath.as_posix(), received_at=time.time(),
+            frames=header.frames, size=received.stat().st_size, path=relpath.as_posix(), received_at=time.time(),
             calling_ae=calling_ae, acquisition_datetime=header.acquisition_datetime,
             transfer_syntax=header.transfer_syntax,
         )
-        try:
-            added = self.index.add_instance(record)
-        except sqlite3.Error as exc:
-            log.error("index write failed for %s: %s", relpath, exc)
-            raise StoreRefused(status.PROCESSING_FAILURE, f"index write failed: {exc}") from exc
-        if not added:
+        if not self._persist(received, dest, record, synced):
             stats.duplicates += 1
-            metrics.instance_duplicate()
             return status.SUCCESS
         stats.stored += 1
-        stats.bytes += size
-        metrics.instance_received(record.sop_class_uid, size)
+        stats.bytes += record.size
         if self.on_stored is not None:
             self.on_stored(record)
         return status.SUCCESS
@@ -286,14 +282,15 @@ class Listener:
             raise StoreRefused(status.REFUSED_OUT_OF_RESOURCES,
                                f"free disk below min_free_disk_mb={self.settings.min_free_disk_mb}")
 
-    def _persist(self, received: Path, dest: Path) -> int:
-        """Move the received file into place durably; returns its size."""
+    def _persist(self, received: Path, dest: Path, record: InstanceRecord, synced: Future) -> bool:
+        """File and index row, both durable (see storage.publish_file); False if the row existed."""
         try:
-            size = received.stat().st_size
-            if received.parent == self.tmp_dir:
-                publish_file(received, dest)
-            else:  # not streamed into our tmp dir (should not happen): copy durably instead
+            if received.parent != self.tmp_dir:  # not streamed into our tmp dir (should not happen)
                 atomic_copy(self.data_dir, received, dest)
+                return self.index.add_instance(record)
+            return bool(publish_file(received, dest, commit=lambda: self.index.add_instance(record), synced=synced))
+        except sqlite3.Error as exc:
+            log.error("index write failed for %s: %s", record.path, exc)
+            raise StoreRefused(status.PROCESSING_FAILURE, f"index write failed: {exc}") from exc
         except OSError as exc:
             raise StoreRefused(status.REFUSED_OUT_OF_RESOURCES, f"cannot store {dest.name}: {exc}") from exc
-        return size

@@ -10,12 +10,20 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 TMP_DIR = "tmp"
 TMP_PREFIX = "rx-"
 QUARANTINE_DIR = "quarantine"
+T = TypeVar("T")
+FSYNC_THREADS = 8  # fsyncs wait on the disk, not the CPU: enough for concurrent associations to overlap
+_FSYNC_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
 
 
 def tmp_dir(data_dir: Path) -> Path:
@@ -36,27 +44,67 @@ def fsync_dir(path: Path) -> None:
 
 def ensure_dir(path: Path) -> None:
     """Create `path` and missing parents, fsyncing each parent whose entries changed."""
+    for parent in make_dirs(path):
+        fsync_dir(parent)
+
+
+def make_dirs(path: Path) -> list[Path]:
+    """Create `path` and missing parents (no fsync); returns the directories whose entries changed."""
     path = Path(path)
     if path.is_dir():
-        return
-    ensure_dir(path.parent)
+        return []
+    changed = make_dirs(path.parent)
     try:
         path.mkdir()
     except FileExistsError:
-        return  # another association created it concurrently
-    fsync_dir(path.parent)
+        pass  # created concurrently by another association; its parent is fsynced here all the same
+    return [*changed, path.parent]
 
 
-def publish_file(tmp_path: Path, dest: Path, fd: int | None = None) -> None:
-    """fsync `tmp_path` (or its open descriptor `fd`), rename it to `dest` atomically, fsync `dest`'s dir."""
-    if fd is not None:
+def _fsync_and_close(fd: int) -> None:
+    try:
         os.fsync(fd)
-    else:
-        with open(tmp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
-    ensure_dir(dest.parent)
+    finally:
+        os.close(fd)
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _FSYNC_POOL
+    with _POOL_LOCK:
+        if _FSYNC_POOL is None:
+            _FSYNC_POOL = ThreadPoolExecutor(max_workers=FSYNC_THREADS, thread_name_prefix="grok-fsync")
+        return _FSYNC_POOL
+
+
+def start_fsync(path: Path) -> Future:
+    """Begin fsyncing `path` in the background (the caller can check the file meanwhile)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _pool().submit(_fsync_and_close, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def publish_file(tmp_path: Path, dest: Path, commit: Callable[[], T] | None = None,
+                 synced: Future | None = None) -> T | None:
+    """Move a finished temporary file into place durably, recording it with `commit` on the way.
+
+    Order: the file's fsync completes (`synced`, from start_fsync, or done here) before it gets its
+    name, so a name never points at content that is not durable; create missing directories; rename
+    atomically; then `commit` (e.g. the index row, which fsyncs itself) runs while the changed
+    directories are fsynced in parallel (independent, so two journal commits overlap instead of adding
+    up). Returns `commit()`'s result once all of it is durable: only then may Success be reported.
+    """
+    (synced or start_fsync(tmp_path)).result()
+    changed = make_dirs(dest.parent)
     os.replace(tmp_path, dest)
-    fsync_dir(dest.parent)
+    directory_syncs = [_pool().submit(fsync_dir, d) for d in dict.fromkeys([*changed, dest.parent])]
+    try:
+        return commit() if commit is not None else None
+    finally:
+        for future in directory_syncs:
+            future.result()
 
 
 def atomic_write_bytes(data_dir: Path, dest: Path, data: bytes) -> None:
@@ -65,8 +113,6 @@ def atomic_write_bytes(data_dir: Path, dest: Path, data: bytes) -> None:
     try:
         with handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
         publish_file(Path(handle.name), dest)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
@@ -79,8 +125,6 @@ def atomic_copy(data_dir: Path, source: Path, dest: Path) -> None:
     try:
         with handle, open(source, "rb") as src:
             shutil.copyfileobj(src, handle, 1 << 20)
-            handle.flush()
-            os.fsync(handle.fileno())
         publish_file(Path(handle.name), dest)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)

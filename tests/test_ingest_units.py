@@ -164,3 +164,22 @@ def test_recovery_indexes_orphans_quarantines_junk_and_removes_temp_files(tmp_pa
     assert assembler.run_once(now=time.time() + 1) == [(study, 1)], "the recovered complete study is queued"
     assert assembler.run_once(now=time.time() + 2) == [], "and only once"
     assert publisher.jobs == [(study, 1)]
+
+
+def test_recovery_forgets_rows_whose_file_is_missing(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path)
+    index = StudyIndex(settings.index_path)
+    study = generate_uid()
+    kept = fundus_photograph(study, "R", size=32)
+    kept_path = write(kept, tmp_path / instance_relpath(study, kept.SeriesInstanceUID, kept.SOPInstanceUID))
+    header = read_header(kept_path)
+    index.add_instance(InstanceRecord(study, header.series_uid, header.sop_uid, header.sop_class_uid, "OP", "R", 1,
+                                      kept_path.stat().st_size, kept_path.relative_to(tmp_path).as_posix(), 1.0, "PACS",
+                                      "", header.transfer_syntax))
+    index.add_instance(_record(study, "1.2.999", 2.0))  # its file never became durable
+    index.add_instance(_record("1.8", "1.8.1", 3.0))  # a study with no file left at all
+    report = recover(settings, index)
+    assert report.missing_files == 2
+    assert [i.sop_uid for i in index.instances(study)] == [header.sop_uid]
+    assert index.study(study).instance_count == 1
+    assert index.study("1.8") is None

@@ -1,0 +1,186 @@
+"""Lower per-message latency in pynetdicom 3: event-driven wakeups of its polling threads, bulk reads.
+
+pynetdicom's two threads per association poll: the DUL thread (socket reader / PDU writer) and the
+association thread (runs the C-STORE handler) each sleep 1 ms whenever a loop found nothing to do, so
+every C-STORE waits for several sleeps; on a busy 2-core machine each sleep lasts much longer than
+1 ms. That dominates small-instance throughput. Installed here:
+
+- The same 1 ms waits end early when there is work: the DUL thread waits with `select` on its socket
+  and on a wake-up socket rung when a primitive is queued for sending; the association thread waits on
+  an event set when a DIMSE message or an ACSE primitive is queued for it. Timeouts, and every other
+  sleep, are unchanged, so the polling logic behaves as before, only without the idle delay.
+- `AssociationSocket.recv` reads into one preallocated buffer instead of 4 KiB `recv` calls.
+
+Internals used (pynetdicom 3.0): the module-level `time` of `pynetdicom.dul` and `.association`, the
+DUL's `to_provider_queue`/`to_user_queue`/`event_queue`/`socket`, `DIMSEServiceProvider.msg_queue`,
+`AssociationSocket._is_connected`. `install()` checks for them and leaves pynetdicom untouched (with a
+warning) if they are missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+
+from pynetdicom import association as _association
+from pynetdicom import dul as _dul
+from pynetdicom import transport as _transport
+
+log = logging.getLogger("grok_pacs.pynetdicom_tuning")
+
+POLL_DELAY = 0.001  # the reactors' idle sleep in pynetdicom 3 (dul._run_loop_delay, association loop)
+_real_sleep = time.sleep
+_lock = threading.Lock()
+_installed = False
+
+
+class _RingingQueue(queue.Queue):
+    """A Queue that calls `ring()` after every put (wakes the thread that consumes it)."""
+
+    def __init__(self, ring: Callable[[], None]) -> None:
+        super().__init__()
+        self._ring = ring
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._ring()
+
+
+class _WakeSocket:
+    """A socketpair that `select` can wait on next to the association socket."""
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+
+    def ring(self) -> None:
+        try:
+            self.writer.send(b"\0")
+        except OSError:  # buffer full (already rung) or closed (DUL finished): nobody left to wake
+            return
+
+    def drain(self) -> None:
+        try:
+            while self.reader.recv(4096):
+                continue
+        except OSError:  # BlockingIOError: drained
+            return
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
+
+
+def _dul_wait(dul, wake: _WakeSocket, seconds: float) -> None:
+    """The DUL's idle wait: until socket data, a primitive to send, or the timeout."""
+    if dul.to_provider_queue.qsize() or dul.event_queue.qsize():
+        return
+    watch = [wake.reader]
+    assoc_socket = getattr(dul, "socket", None)
+    raw = getattr(assoc_socket, "socket", None)
+    if raw is not None and getattr(assoc_socket, "_is_connected", False) and raw.fileno() >= 0:
+        if isinstance(raw, ssl.SSLSocket) and raw.pending():
+            return
+        watch.append(raw)
+    try:
+        select.select(watch, [], [], seconds)
+    except (OSError, ValueError):  # the socket was closed meanwhile: the DUL notices on its next loop
+        return
+    wake.drain()
+
+
+def _association_wait(event: threading.Event, seconds: float) -> None:
+    event.wait(seconds)
+    event.clear()
+
+
+class _TimeModule:
+    """Stands in for `time` inside pynetdicom's dul and association modules; only `sleep` differs."""
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        waiter = getattr(threading.current_thread(), "_grok_wait", None)
+        if waiter is None or seconds != POLL_DELAY:
+            _real_sleep(seconds)
+        else:
+            waiter(seconds)
+
+
+def _patch_dul(cls) -> None:
+    original_init, original_reactor = cls.__init__, cls.run_reactor
+
+    def __init__(self, *args, **kwargs) -> None:
+        original_init(self, *args, **kwargs)
+        wake = _WakeSocket()
+        self._grok_wake = wake
+        self.to_provider_queue = _RingingQueue(wake.ring)
+        self._grok_wait = lambda seconds: _dul_wait(self, wake, seconds)
+
+    def run_reactor(self) -> None:
+        try:
+            original_reactor(self)
+        finally:
+            self._grok_wake.close()
+
+    cls.__init__, cls.run_reactor = __init__, run_reactor
+
+
+def _patch_association(cls) -> None:
+    original_init = cls.__init__
+
+    def __init__(self, *args, **kwargs) -> None:
+        original_init(self, *args, **kwargs)
+        event = threading.Event()
+        self.dimse.msg_queue = _RingingQueue(event.set)
+        self.dul.to_user_queue = _RingingQueue(event.set)
+        self._grok_wait = lambda seconds: _association_wait(event, seconds)
+
+    cls.__init__ = __init__
+
+
+def _recv(self, nr_bytes: int) -> bytearray:
+    """Read `nr_bytes` (fewer only if the connection closed), into one buffer."""
+    buffer = bytearray(nr_bytes)
+    view = memoryview(buffer)
+    received = 0
+    while received < nr_bytes:
+        count = self.socket.recv_into(view[received:], nr_bytes - received)
+        if not count:
+            del view
+            return buffer[:received]
+        received += count
+    return buffer
+
+
+def _internals_present() -> bool:
+    dul_source = _dul.DULServiceProvider.__init__.__code__.co_names
+    return (hasattr(_dul, "time") and hasattr(_association, "time")
+            and "to_provider_queue" in dul_source and "_run_loop_delay" in dul_source
+            and hasattr(_transport.AssociationSocket, "recv"))
+
+
+def install() -> bool:
+    """Apply the tuning once per process; False (pynetdicom unchanged) if its internals differ."""
+    global _installed
+    with _lock:
+        if _installed:
+            return True
+        if not _internals_present():
+            log.warning("pynetdicom internals differ from 3.0: running without latency tuning")
+            return False
+        _patch_dul(_dul.DULServiceProvider)
+        _patch_association(_association.Association)
+        _dul.time = _association.time = _TimeModule()
+        _transport.AssociationSocket.recv = _recv
+        _installed = True
+        return True
