@@ -84,5 +84,9 @@ def test_kill_9_during_transfer_then_restart(tmp_path: Path) -> None:
         listener.send_signal(signal.SIGTERM)
         listener.wait(timeout=30)
     assert listener.returncode == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert "association released: calling=TESTSCU called=GROK_PACS" in text and f"study queued: study={study}" in text
+    assert "stored=5" in text and "bytes=" in text
+    assert "PHANTOM" not in text, "no patient attributes in the logs"
     jobs = drain_jobs(settings, expect=1)
     assert jobs == [("grok_pacs.tasks.analyze_study", {"study_uid": study, "version": 1})], "queued once, complete"

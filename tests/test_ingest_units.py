@@ -183,3 +183,10 @@ def test_recovery_forgets_rows_whose_file_is_missing(tmp_path: Path) -> None:
     assert [i.sop_uid for i in index.instances(study)] == [header.sop_uid]
     assert index.study(study).instance_count == 1
     assert index.study("1.8") is None
+
+
+def test_pynetdicom_tuning_applies_to_this_pynetdicom() -> None:
+    """If a pynetdicom upgrade changes the internals the tuning relies on, this fails (it would fall back)."""
+    from grok_pacs import pynetdicom_tuning
+
+    assert pynetdicom_tuning.install() and pynetdicom_tuning.install(), "installs once, idempotently"
