@@ -63,7 +63,7 @@ def test_embedded_broker_job_is_consumed_by_a_celery_worker(tmp_path: Path) -> N
         worker.send_signal(signal.SIGTERM)
         _, errors = worker.communicate(timeout=60)
     assert [json.loads(line) for line in job_log.read_text().splitlines()] == [{"study_uid": study, "version": 1}], errors
-    assert drain_jobs(settings, expect=0, timeout=2) == [], "the job was acknowledged, not left on the queue"
+    assert drain_jobs(settings, expect=0, timeout=2) == [], "the worker took the job off the queue"
 
 
 def test_job_reaches_redis(tmp_path: Path, redis_port: int) -> None:
