@@ -259,6 +259,7 @@ class Listener:
         dest = self.data_dir / relpath
         if self.index.has_instance(sop_uid) and dest.is_file():
             stats.duplicates += 1
+            metrics.instance_duplicate()
             return status.SUCCESS  # idempotent: the first copy is already durable
         record = InstanceRecord(
             study_uid=header.study_uid, series_uid=header.series_uid, sop_uid=header.sop_uid,
@@ -269,9 +270,11 @@ class Listener:
         )
         if not self._persist(received, dest, record, synced):
             stats.duplicates += 1
+            metrics.instance_duplicate()
             return status.SUCCESS
         stats.stored += 1
         stats.bytes += record.size
+        metrics.instance_received(record.sop_class_uid, record.size)
         if self.on_stored is not None:
             self.on_stored(record)
         return status.SUCCESS
