@@ -1,6 +1,7 @@
 """Benchmark: time a phantom cohort generation (issue 6: 500 subjects in a few minutes on 2 cores).
 
-Writes bench/results/phantom_cohort.json: wall time, subjects per second, bytes written, machine cores.
+Writes bench/results/phantom_cohort.json: wall time, subjects per second, bytes written, CPU seconds (this
+process and its workers; on a shared machine wall time depends on the load, CPU time much less), cores.
 Usage: python bench/phantom_cohort.py [--subjects 500] [--workers 2] [--out DIR] [--no-dicom]
 """
 
@@ -10,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import tempfile
 import time
@@ -32,10 +34,14 @@ def main() -> None:
     start = time.monotonic()
     manifest = generate_cohort(out, args.subjects, args.seed, dicom=not args.no_dicom, workers=args.workers)
     wall = time.monotonic() - start
+    cpu = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for field in ("ru_utime", "ru_stime"))
     size = sum(p.stat().st_size for p in manifest.parent.rglob("*") if p.is_file())
     result = {
         "benchmark": "phantom_cohort", "subjects": args.subjects, "workers": args.workers, "dicom": not args.no_dicom,
         "wall_s": round(wall, 1), "subjects_per_s": round(args.subjects / wall, 2), "bytes": size,
+        "cpu_s": round(cpu, 1), "cpu_s_per_subject": round(cpu / args.subjects, 3),
+        "wall_s_on_free_cores_estimate": round(cpu / min(args.workers, os.cpu_count() or 1), 1),
         "cpu_count": os.cpu_count(), "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
         "machine": platform.platform(), "python": platform.python_version(),
     }

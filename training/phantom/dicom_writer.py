@@ -19,9 +19,9 @@ from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
-from grok_pacs.codes import Code
+from grok_pacs.codes import EYE, FUNDUS_CAMERA, OCT_SCANNER, RETINA, Code
 
-from training.phantom.cfp_render import CFP_SIZE, PX_PER_MM
+from training.phantom.cfp_render import PX_PER_MM
 from training.phantom.oct_render import AXIAL_UM_PER_PX, LATERAL_UM_PER_PX, OCT_HEIGHT, OCT_WIDTH
 from training.phantom.sampling import SCAN_MM, SubjectTruth, frame_y
 
@@ -31,10 +31,6 @@ UID_PREFIX = "1.2.826.0.1.3680043.8.498."  #: pydicom's registered root, for gen
 SYNTHETIC_NOTE = "SYNTHETIC PHANTOM - rendered by grok-pacs training.phantom, not clinical data"
 JPEG_QUALITY = 92
 
-_FUNDUS_CAMERA = ("409898007", "SCT", "Fundus camera")
-_OCT_SCANNER = ("392012008", "SCT", "Optical coherence tomography scanner")
-_EYE = ("81745001", "SCT", "Eye")
-_RETINA = ("5665001", "SCT", "Retina")
 
 
 @dataclass(frozen=True)
@@ -45,7 +41,7 @@ class StudyFiles:
     study_uid: str
 
 
-def _code(value: tuple[str, str, str] | Code) -> Dataset:
+def _code(value: Code) -> Dataset:
     item = Dataset()
     item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value[0], value[1], value[2]
     return item
@@ -127,11 +123,11 @@ def _base(common: Dataset, sop_class: str, sop_uid: str, series_uid: str, modali
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number
     ds.InstanceNumber = 1
-    ds.SeriesDate = ds.ContentDate = ds.AcquisitionDateTime = common.StudyDate
+    ds.SeriesDate = ds.ContentDate = common.StudyDate
     ds.SeriesTime = ds.ContentTime = common.StudyTime
     ds.AcquisitionDateTime = common.StudyDate + common.StudyTime
     ds.ImageLaterality = eye
-    ds.AnatomicRegionSequence = Sequence([_code(_EYE)])
+    ds.AnatomicRegionSequence = Sequence([_code(EYE)])
     ds.LossyImageCompression = "01"
     ds.LossyImageCompressionMethod = "ISO_10918_1"
     ds.PixelRepresentation = 0
@@ -164,7 +160,7 @@ def _op_dataset(common: Dataset, truth: SubjectTruth, seed: int, eye: str, rgb: 
     ds.PupilDilated = "YES"
     ds.DegreeOfDilation = 7.0
     ds.DetectorType = "CCD"
-    ds.AcquisitionDeviceTypeCodeSequence = Sequence([_code(_FUNDUS_CAMERA)])
+    ds.AcquisitionDeviceTypeCodeSequence = Sequence([_code(FUNDUS_CAMERA)])
     for keyword in ("IlluminationTypeCodeSequence", "LightPathFilterTypeStackCodeSequence",
                     "ImagePathFilterTypeStackCodeSequence", "LensesCodeSequence", "RefractiveStateSequence",
                     "MydriaticAgentSequence"):
@@ -215,8 +211,8 @@ def _opt_dataset(common: Dataset, truth: SubjectTruth, seed: int, eye: str, volu
     ds.MaximumAlongScanDistortion = 0.0
     ds.AcrossScanSpatialResolution = SCAN_MM * 1000.0 / n
     ds.MaximumAcrossScanDistortion = 0.0
-    ds.AcquisitionDeviceTypeCodeSequence = Sequence([_code(_OCT_SCANNER)])
-    ds.AnatomicRegionSequence = Sequence([_code(_RETINA)])
+    ds.AcquisitionDeviceTypeCodeSequence = Sequence([_code(OCT_SCANNER)])
+    ds.AnatomicRegionSequence = Sequence([_code(RETINA)])
     for keyword in ("RefractiveStateSequence", "MydriaticAgentSequence", "AcquisitionContextSequence",
                     "LightPathFilterTypeStackCodeSequence"):
         setattr(ds, keyword, Sequence())
@@ -236,7 +232,7 @@ def _functional_groups(ds: Dataset, n: int, dim_uid: str, eye: str) -> None:
     orientation = Dataset()
     orientation.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
     anatomy = Dataset()
-    anatomy.AnatomicRegionSequence = Sequence([_code(_RETINA)])
+    anatomy.AnatomicRegionSequence = Sequence([_code(RETINA)])
     anatomy.FrameLaterality = eye
     shared = Dataset()
     shared.FrameAnatomySequence = Sequence([anatomy])

@@ -21,7 +21,7 @@ from typing import Mapping, Protocol
 from grok_pacs.biomarkers import BY_KEY, CFP_KEYS, format_value
 from grok_pacs.labels import DIAGNOSTIC_LABELS, Label
 
-from training.teachers.knowledge import Knowledge, LabelKnowledge, Sign, load_knowledge
+from training.teachers.knowledge import Knowledge, Sign, load_knowledge
 
 MAX_WORDS = 300
 
