@@ -15,7 +15,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -83,38 +84,48 @@ def storescu(*args: str) -> subprocess.CompletedProcess[str]:
 # --- a real ingest through `grok-pacs listen` ---------------------------------------------------------------
 
 
-@pytest.fixture
-def listen(tmp_path: Path):
-    """`grok-pacs listen` on free loopback ports with metrics on; yields (dicom_port, metrics_port, data)."""
-    dicom_port, metrics_port, data = free_port(), free_port(), tmp_path / "data"
-    env = {**os.environ, "GROK_PACS_DATA_DIR": str(data), "GROK_PACS_PORT": str(dicom_port),
-           "GROK_PACS_BIND_ADDRESS": "127.0.0.1", "GROK_PACS_METRICS_PORT": str(metrics_port),
-           "GROK_PACS_ALLOWED_AES": "MODALITY", "GROK_PACS_QUIET_PERIOD": "1", "GROK_PACS_BROKER_URL": ""}
-    env.pop("GROK_PACS_CONFIG", None)
-    log = (tmp_path / "listen.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "grok_pacs.cli", "listen"], env=env, cwd=tmp_path,
-                            stdout=log, stderr=subprocess.STDOUT)
+@contextmanager
+def running(tmp_path: Path, command: str, settings_env: dict[str, str], metrics_port: int) -> Iterator[Path]:
+    """`grok-pacs COMMAND` with GROK_PACS_* from `settings_env`, until /health answers 200; SIGTERM after.
 
-    def ready() -> bool:
+    Yields the log file. The process must exit 0 on SIGTERM (a clean shutdown)."""
+    env = {**os.environ, **settings_env, "GROK_PACS_METRICS_PORT": str(metrics_port)}
+    env.pop("GROK_PACS_CONFIG", None)
+    log_path = tmp_path / f"{command}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "grok_pacs.cli", command], env=env, cwd=tmp_path,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+    def healthy() -> bool:
         if proc.poll() is not None:
-            pytest.fail(f"grok-pacs listen exited {proc.returncode}:\n{(tmp_path / 'listen.log').read_text()}")
+            pytest.fail(f"grok-pacs {command} exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
         try:
             return get(f"http://127.0.0.1:{metrics_port}/health")[0] == 200
         except OSError:
             return False
 
     try:
-        wait_for(ready, "grok-pacs listen to report healthy", timeout=60)
-        yield dicom_port, metrics_port, data
+        wait_for(healthy, f"grok-pacs {command} to report healthy", timeout=90)
+        yield log_path
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            assert proc.wait(timeout=30) == 0, (tmp_path / "listen.log").read_text()
+            proc.wait(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
-            log.close()
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+
+
+@pytest.fixture
+def listen(tmp_path: Path) -> Iterator[tuple[int, int, Path]]:
+    """`grok-pacs listen` on free loopback ports with metrics on; yields (dicom_port, metrics_port, data)."""
+    dicom_port, metrics_port, data = free_port(), free_port(), tmp_path / "data"
+    env = {"GROK_PACS_DATA_DIR": str(data), "GROK_PACS_PORT": str(dicom_port), "GROK_PACS_BROKER_URL": "",
+           "GROK_PACS_BIND_ADDRESS": "127.0.0.1", "GROK_PACS_ALLOWED_AES": "MODALITY", "GROK_PACS_QUIET_PERIOD": "1"}
+    with running(tmp_path, "listen", env, metrics_port):
+        yield dicom_port, metrics_port, data
 
 
 def test_metrics_scraped_during_a_real_ingest(listen, tmp_path: Path) -> None:
@@ -330,67 +341,50 @@ def test_one_box_serve_metrics_from_ingest_to_delivered_sr(tmp_path: Path, reque
     bundle = session_tiny_bundle(request)
     pacs = StoreSCP(free_port(), tmp_path / "pacs").start()
     dicom_port, metrics_port = free_port(), free_port()
-    env = {**os.environ, "GROK_PACS_DATA_DIR": str(tmp_path / "data"), "GROK_PACS_PORT": str(dicom_port),
-           "GROK_PACS_BIND_ADDRESS": "127.0.0.1", "GROK_PACS_METRICS_PORT": str(metrics_port),
-           "GROK_PACS_BUNDLE": str(bundle), "GROK_PACS_DESTINATION": f"PACS@127.0.0.1:{pacs.port}",
-           "GROK_PACS_QUIET_PERIOD": "1", "GROK_PACS_BROKER_URL": "", "GROK_PACS_ALLOWED_AES": "MODALITY"}
-    env.pop("GROK_PACS_CONFIG", None)
-    log_path = tmp_path / "serve.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "grok_pacs.cli", "serve"], env=env, cwd=tmp_path,
-                                stdout=log, stderr=subprocess.STDOUT)
+    env = {"GROK_PACS_DATA_DIR": str(tmp_path / "data"), "GROK_PACS_PORT": str(dicom_port),
+           "GROK_PACS_BIND_ADDRESS": "127.0.0.1", "GROK_PACS_BUNDLE": str(bundle), "GROK_PACS_BROKER_URL": "",
+           "GROK_PACS_DESTINATION": f"PACS@127.0.0.1:{pacs.port}", "GROK_PACS_QUIET_PERIOD": "1",
+           "GROK_PACS_ALLOWED_AES": "MODALITY"}
     url = f"http://127.0.0.1:{metrics_port}"
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"grok-pacs serve exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            return get(f"{url}/health")[0] == 200
-        except OSError:
-            return False
-
     try:
-        wait_for(healthy, "grok-pacs serve to report healthy", timeout=90)
-        report = json.loads(get(f"{url}/health")[1])
-        assert set(report["checks"]) == {"listener", "broker", "bundle", "disk"}
-        patient = Patient()
-        files = [write(make_cfp(patient, "R"), tmp_path / "send/cfp.dcm"),
-                 write(make_oct(patient, "R"), tmp_path / "send/oct.dcm")]
-        no_side = make_cfp(Patient(), "L")  # a second study that cannot be analysed: no laterality
-        del no_side.ImageLaterality
-        files.append(write(no_side, tmp_path / "send/no-side.dcm"))
-        sent = storescu("-aet", "MODALITY", "-aec", "GROK_PACS", "127.0.0.1", str(dicom_port), *map(str, files))
-        assert sent.returncode == 0, sent.stderr
-
-        def finished() -> bool:
-            samples = scrape(metrics_port)
-            return value(samples, "grok_pacs_studies", state="DONE") + value(
-                samples, "grok_pacs_studies", state="FAILED") == 2
-
-        wait_for(finished, f"both studies to finish; log:\n{log_path.read_text()[-3000:]}", timeout=180)
-        samples = scrape(metrics_port)
-        assert len(pacs.received()) == 1
-        assert value(samples, "grok_pacs_studies", state="DONE") == 1
-        assert value(samples, "grok_pacs_instances_received_total", sop_class=OP_8BIT) == 2
-        assert value(samples, "grok_pacs_instances_received_total", sop_class=OPT) == 1
-        assert value(samples, "grok_pacs_jobs_total", outcome="succeeded") == 1
-        assert value(samples, "grok_pacs_jobs_total", outcome="failed") == 1
-        assert value(samples, "grok_pacs_sr_deliveries_total") == 1
-        for stage in ("queue_wait", "analysis", "total"):
-            assert value(samples, "grok_pacs_job_duration_seconds_count", stage=stage) == 2, stage
-        assert value(samples, "grok_pacs_job_duration_seconds_count", stage="delivery") == 1
-        # total runs from the last instance, so it includes the 1 s quiet period and the analysis.
-        assert value(samples, "grok_pacs_job_duration_seconds_sum", stage="total") >= 2 * 1.0
-        assert value(samples, "grok_pacs_model_load_seconds", component="bundle") > 0
-        assert [v for (name, _), v in samples.items() if name == "grok_pacs_bundle_info"] == [1.0]
-        assert "loaded" in json.loads(get(f"{url}/health")[1])["checks"]["bundle"]["detail"]
+        with running(tmp_path, "serve", env, metrics_port) as log_path:
+            _one_box_session(url, metrics_port, dicom_port, tmp_path, log_path)
+            assert len(pacs.received()) == 1
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
-            pacs.stop()
-    assert proc.returncode == 0, log_path.read_text()[-3000:]
+        pacs.stop()
+
+
+def _one_box_session(url: str, metrics_port: int, dicom_port: int, tmp_path: Path, log_path: Path) -> None:
+    """Send one analysable and one unanalysable study; check what /metrics and /health say after."""
+    report = json.loads(get(f"{url}/health")[1])
+    assert set(report["checks"]) == {"listener", "broker", "bundle", "disk"}
+    patient = Patient()
+    files = [write(make_cfp(patient, "R"), tmp_path / "send/cfp.dcm"),
+             write(make_oct(patient, "R"), tmp_path / "send/oct.dcm")]
+    no_side = make_cfp(Patient(), "L")  # a second study that cannot be analysed: no laterality
+    del no_side.ImageLaterality
+    files.append(write(no_side, tmp_path / "send/no-side.dcm"))
+    sent = storescu("-aet", "MODALITY", "-aec", "GROK_PACS", "127.0.0.1", str(dicom_port), *map(str, files))
+    assert sent.returncode == 0, sent.stderr
+
+    def finished() -> bool:
+        samples = scrape(metrics_port)
+        return value(samples, "grok_pacs_studies", state="DONE") + value(
+            samples, "grok_pacs_studies", state="FAILED") == 2
+
+    wait_for(finished, f"both studies to finish; log:\n{log_path.read_text()[-3000:]}", timeout=180)
+    samples = scrape(metrics_port)
+    assert value(samples, "grok_pacs_studies", state="DONE") == 1
+    assert value(samples, "grok_pacs_instances_received_total", sop_class=OP_8BIT) == 2
+    assert value(samples, "grok_pacs_instances_received_total", sop_class=OPT) == 1
+    assert value(samples, "grok_pacs_jobs_total", outcome="succeeded") == 1
+    assert value(samples, "grok_pacs_jobs_total", outcome="failed") == 1
+    assert value(samples, "grok_pacs_sr_deliveries_total") == 1
+    for stage in ("queue_wait", "analysis", "total"):
+        assert value(samples, "grok_pacs_job_duration_seconds_count", stage=stage) == 2, stage
+    assert value(samples, "grok_pacs_job_duration_seconds_count", stage="delivery") == 1
+    # total runs from the last instance, so it includes the 1 s quiet period and the analysis.
+    assert value(samples, "grok_pacs_job_duration_seconds_sum", stage="total") >= 2 * 1.0
+    assert value(samples, "grok_pacs_model_load_seconds", component="bundle") > 0
+    assert [v for (name, _), v in samples.items() if name == "grok_pacs_bundle_info"] == [1.0]
+    assert "loaded" in json.loads(get(f"{url}/health")[1])["checks"]["bundle"]["detail"]
