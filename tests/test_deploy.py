@@ -329,46 +329,52 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def test_orthanc_lua_autoroute_forwards_op_and_opt_only(tmp_path: Path) -> None:
-    """The shipped orthanc.json + autoroute.lua in a real Orthanc, forwarding to a DICOM store SCP."""
-    orthanc, storescp, storescu = require_tool("Orthanc"), require_tool("storescp"), require_tool("storescu")
+    """The shipped orthanc.json + autoroute.lua in a real Orthanc, routing to a grok-pacs listener that
+    runs the shipped compose config.toml (its AE title and allow-list): OP and OPT arrive, OT does not."""
+    from grok_pacs.ingest import IngestService
+
+    orthanc, storescu = require_tool("Orthanc"), require_tool("storescu")
     config = json.loads((DEPLOY / "compose/orthanc/orthanc.json").read_text())
-    dicom_port, scp_port = free_port(), free_port()
-    grok_ae, grok_host, _ = config["DicomModalities"]["grok"]
+    dicom_port, grok_port = free_port(), free_port()
+    grok_ae, grok_host, grok_default_port = config["DicomModalities"]["grok"]
+    shipped = load_settings(DEPLOY / "compose/config.toml")
+    assert (grok_ae, grok_default_port) == (shipped.ae_title, shipped.port), "orthanc.json must call the listener"
+    assert config["DicomAet"] in shipped.allowed_aes, "the listener must allow Orthanc's AE title"
+    settings = load_settings(DEPLOY / "compose/config.toml", data_dir=tmp_path / "grok", port=grok_port,
+                             bind_address="127.0.0.1", broker_url="", metrics_port=0)
     config.update(
         DicomPort=dicom_port, HttpServerEnabled=False, StorageDirectory=str(tmp_path / "db"),
         IndexDirectory=str(tmp_path / "db"), LuaScripts=[str(DEPLOY / "compose/orthanc/autoroute.lua")],
-        DicomModalities={"grok": [grok_ae, "127.0.0.1", scp_port]},
+        DicomModalities={"grok": [grok_ae, "127.0.0.1", grok_port]},
     )
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc/orthanc.json").write_text(json.dumps(config))
-    received = tmp_path / "received"
-    received.mkdir()
 
     patient = Patient()
     other = make_cfp(patient, "L")
     other.Modality = "OT"  # not an ophthalmic modality: must stay in Orthanc
     files = [write(other, tmp_path / "in/ot.dcm"), write(make_cfp(patient, "R"), tmp_path / "in/cfp.dcm"),
              write(make_oct(patient, "R"), tmp_path / "in/oct.dcm")]
-    scp = subprocess.Popen([storescp, "-aet", grok_ae, "-od", str(received), str(scp_port)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service = IngestService(settings)
+    service.start()
     log_path = tmp_path / "orthanc.log"
     with log_path.open("w") as log:
         server = subprocess.Popen([orthanc, f"{tmp_path / 'etc'}/"], stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_port(scp_port, scp, "storescp")
         _wait_port(dicom_port, server, "Orthanc")
         sent = subprocess.run([storescu, "-aet", "MODALITY", "-aec", config["DicomAet"], "127.0.0.1",
                                str(dicom_port), *map(str, files)], capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0, sent.stderr
         deadline = time.monotonic() + 30
-        while len(list(received.iterdir())) < 2 and time.monotonic() < deadline:
+        while len(service.index.instances(patient.study_uid)) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
+        received = sorted(i.modality for i in service.index.instances(patient.study_uid))
+        callers = {i.calling_ae for i in service.index.instances(patient.study_uid)}
     finally:
         _stop(server)
-        _stop(scp)
-    modalities = sorted(name.split(".", 1)[0] for name in (p.name for p in received.iterdir()))
-    # storescp names files by modality prefix: OPb (ophthalmic photography), OPt (tomography).
-    assert modalities == ["OPb", "OPt"], f"forwarded {modalities}; Orthanc log:\n{log_path.read_text()[-3000:]}"
+        service.stop()
+    assert received == ["OP", "OPT"], f"grok-pacs received {received}; Orthanc log:\n{log_path.read_text()[-3000:]}"
+    assert callers == {config["DicomAet"]}
     assert grok_host == "listener"  # the compose service name of the grok-pacs listener
 
 
