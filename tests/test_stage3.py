@@ -17,7 +17,7 @@ from grok_pacs.model.vit import build_encoder
 from grok_pacs.prompt import IGNORE_INDEX, human_turn
 from training.stage3.checkpoint import CheckpointMismatch
 from training.stage3.config import Stage3Config, StandInLLMConfig
-from training.stage3.data import SFTDataset, build_samples, collate
+from training.stage3.data import SFTDataset, build_samples, chat_text, collate
 from training.stage3.features import FeatureStore, encode_images
 from training.stage3.lora import LoraSetupError, attach_lora, check_lora_trainable, load_base_llm, merged_copy
 from training.stage3.pretrain_llm import pretrain_stand_in
@@ -50,7 +50,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     texts = [r["conversations"][1]["value"] for r in records] + [human_turn()]
     save_tokenizer(train_bpe(texts * 3, vocab_size=300, min_frequency=1), root / "tokenizer")
     tokenizer = load_tokenizer(root / "tokenizer")
-    pretrain_stand_in(records, tokenizer, STAND_IN, root / "llm", progress=False)
+    pretrain_stand_in([chat_text(r) for r in records], tokenizer, STAND_IN, root / "llm", progress=False)
     grok = GrokConfig.tiny()
     cfp_encoder, oct_encoder = build_encoder(grok.cfp_encoder), build_encoder(grok.oct_encoder)
     images = torch.randn(len(records), 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -214,3 +214,30 @@ def test_phantom_tokenizer_keeps_chatml_and_image_tokens_whole(tmp_path: Path) -
     assert tokenizer.decode(ids) == prompt
     text = "Unseen wørds: ΔRNFL −3 µm"  # byte-level: nothing is unknown
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_estimate_targets_cite_the_heads_estimates_not_the_measurements() -> None:
+    """With estimates in the prompt, the training report must cite those estimates (what the SR carries)."""
+    from grok_pacs.biomarkers import BIOMARKERS, to_prompt_json
+    from training.benchmark.grounding import check_grounding
+    from training.stage3.targets import estimate_grounded, rewrite_cited_numbers
+    from training.teachers.guideline import GuidelineTeacher
+    from training.stage3.targets import _Eye
+
+    truth = {b.key: (b.normal[0] + b.normal[1]) / 2 for b in BIOMARKERS}
+    truth["cup_to_disc"] = 0.78
+    estimates = {k: v * 1.07 for k, v in truth.items()}
+    report = GuidelineTeacher().write(_Eye("S1", "R", DIAGNOSTIC_LABELS[1], truth))
+    record = {"id": "S1_R", "subject_id": "S1", "eye": "R", "label": "Glaucoma", "teacher": "guideline",
+              "biomarkers": json.loads(to_prompt_json(truth)),
+              "conversations": [{"from": "human", "value": human_turn()}, {"from": "gpt", "value": report}]}
+    assert check_grounding(report, truth).agreement == 1.0
+    assert check_grounding(report, estimates).agreement == 0.0
+    for teacher in ("guideline", "o3"):
+        (grounded,) = estimate_grounded([{**record, "teacher": teacher}], {"S1_R": estimates})
+        text = grounded["conversations"][1]["value"]
+        result = check_grounding(text, estimates)
+        assert result.n_cited >= 3 and result.agreement == 1.0, (teacher, result.mismatches)
+        assert "glaucoma" in text.lower() and record["conversations"][1]["value"] == report
+    assert rewrite_cited_numbers("The RNFL thickness of 30.0 µm is normal.", {"rnfl_average": 24.56}) == \
+        "The RNFL thickness of 24.6 µm is normal."

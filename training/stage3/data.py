@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from grok_pacs.labels import Label, parse_label
-from grok_pacs.prompt import DIAGNOSIS_PREFIX, IGNORE_INDEX, build_training_example, format_target
+from grok_pacs.prompt import DIAGNOSIS_PREFIX, IGNORE_INDEX, IM_END, build_prompt, build_training_example, format_target
 from training.stage3.features import FeatureStore
 
 _DIAGNOSIS_LINE = re.compile(rf"\n?\s*{re.escape(DIAGNOSIS_PREFIX)}[^\n]*\s*$")
@@ -56,6 +56,11 @@ def assistant_text(record: Mapping[str, Any]) -> str:
         raise InstructionError(f"record {record.get('id')!r}: expected one assistant turn, found {len(replies)}")
     narrative = _DIAGNOSIS_LINE.sub("", replies[0]).strip()
     return format_target(narrative, record_label(record))
+
+
+def chat_text(record: Mapping[str, Any], biomarkers: Mapping[str, float] | None = None) -> str:
+    """One record as the full ChatML text stage 3 trains on (prompt, report, diagnosis line, end token)."""
+    return build_prompt(biomarkers) + assistant_text(record) + IM_END
 
 
 @dataclass(frozen=True)

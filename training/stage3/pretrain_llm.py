@@ -43,22 +43,11 @@ def build_stand_in(cfg: StandInLLMConfig, tokenizer: PreTrainedTokenizerBase, se
     return Qwen2ForCausalLM(config)
 
 
-def conversation_texts(records: Sequence[dict], tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Stage-1 records (paper format) as ChatML text: the language the stand-in must learn."""
-    texts = []
-    for record in records:
-        turns = record["conversations"]
-        messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns]
-        texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-    return texts
-
-
-def pretrain_stand_in(records: Sequence[dict], tokenizer: PreTrainedTokenizerBase, cfg: StandInLLMConfig,
+def pretrain_stand_in(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, cfg: StandInLLMConfig,
                       out_dir: Path, seed: int = 0, progress: bool = True) -> Path:
-    """Pretrain the stand-in on the records' conversations and save it (safetensors) with the tokenizer."""
+    """Pretrain the stand-in as a causal LM on `texts` (ChatML conversations) and save it with the tokenizer."""
     out_dir = Path(out_dir)
     model = build_stand_in(cfg, tokenizer, seed)
-    texts = conversation_texts(records, tokenizer)
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][: cfg.max_length] for t in texts]
     steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs

@@ -29,11 +29,14 @@ from grok_pacs.model.config import GenerationConfig, GrokConfig, LLMConfig, Proj
 from grok_pacs.model.grok import GrokModel, ensure_image_token
 from grok_pacs.model.heads import BiomarkerHead, estimates_in_range
 from grok_pacs.model.projector import Projectors
+from grok_pacs.prompt import build_prompt
+from training.benchmark.records import biomarkers_from_prompt_json
 from training.stage3.config import Stage3Config
-from training.stage3.data import SFTDataset, build_samples, load_instructions
+from training.stage3.data import SFTDataset, build_samples, chat_text, load_instructions
 from training.stage3.features import FeatureStore, compute_features, eye_id
 from training.stage3.lora import attach_lora, load_base_llm, save_adapter
 from training.stage3.pretrain_llm import STAND_IN_FILE, pretrain_stand_in
+from training.stage3.targets import estimate_grounded
 from training.stage3.train import SFTTrainer, TrainResult
 from training.tokenizer import load_tokenizer, save_tokenizer, train_phantom_tokenizer
 
@@ -104,6 +107,8 @@ def prepare_tokenizer(cfg: Stage3Config, train_records: list[dict], instructions
     if (target / "tokenizer.json").is_file():
         return load_tokenizer(target)
     texts = [turn["value"] for r in train_records for turn in r["conversations"]]
+    # The biomarker block of the prompt (names, units, qualitative words) must tokenize compactly too.
+    texts += [build_prompt(biomarkers_from_prompt_json(r["biomarkers"])) for r in train_records if "biomarkers" in r]
     train_phantom_tokenizer([], target, vocab_size=cfg.tokenizer_vocab_size, extra_texts=texts)
     return load_tokenizer(target)
 
@@ -115,8 +120,22 @@ def prepare_llm(cfg: Stage3Config, tokenizer: Any, train_records: list[dict], ou
         return load_base_llm(cfg.base_llm_dir, dtype), Path(cfg.base_llm_dir)
     stand_in = out_dir / STAND_IN_DIR
     if not (stand_in / STAND_IN_FILE).is_file():
-        pretrain_stand_in(train_records, tokenizer, cfg.stand_in, stand_in, seed=cfg.seed, progress=progress)
+        pretrain_stand_in(pretraining_texts(cfg, train_records), tokenizer, cfg.stand_in, stand_in, seed=cfg.seed,
+                          progress=progress)
     return load_base_llm(stand_in, dtype), stand_in
+
+
+def pretraining_texts(cfg: Stage3Config, records: list[dict]) -> list[str]:
+    """The stand-in's corpus: the training conversations in stage 3's prompt format.
+
+    With `biomarker_estimates`, the prompt carries the eye's measured biomarkers, which its stage-1 report
+    cites: the stand-in learns the language of the reports and to cite the numbers its prompt gives.
+    """
+    texts = []
+    for record in records:
+        values = biomarkers_from_prompt_json(record["biomarkers"]) if cfg.biomarker_estimates else None
+        texts.append(chat_text(record, values))
+    return texts
 
 
 def head_estimates(store: FeatureStore, cfp_head: Path, oct_head: Path) -> dict[str, dict[str, float]]:
@@ -177,7 +196,8 @@ def run(cfg: Stage3Config, inputs: Stage3Inputs, out_dir: Path, *, resume: bool 
     estimates = head_estimates(store, inputs.cfp_head, inputs.oct_head) if cfg.biomarker_estimates else None
     datasets = {}
     for split in ("train", "val"):
-        samples = build_samples(splits[split], tokenizer, store, max_length=cfg.max_length, estimates=estimates)
+        records = estimate_grounded(splits[split], estimates) if estimates is not None else splits[split]
+        samples = build_samples(records, tokenizer, store, max_length=cfg.max_length, estimates=estimates)
         truncated = sum(s.truncated for s in samples)
         if truncated:
             log.warning("stage 3: %d %s targets were cut to max_length %d", truncated, split, cfg.max_length)
@@ -217,3 +237,32 @@ def _write_outputs(cfg: Stage3Config, inputs: Stage3Inputs, out_dir: Path, model
     log.info("stage 3 done in %.0f s: val loss %s -> %s", timings["total_s"], result.first_val_loss,
              result.last_val_loss)
     return Stage3Result(out_dir, adapter_dir, projectors_path, merged_dir, out_dir / TOKENIZER_DIR, gcfg, report)
+
+
+def pack_bundle(result: Stage3Result, inputs: Stage3Inputs, bundle_dir: Path, *, name: str, version: str,
+                provenance: Mapping[str, Any] | None = None, progress: bool = True) -> Path:
+    """The servable bundle (export.build_bundle): ONNX encoders, heads, projectors, merged LLM, tokenizer."""
+    from export.build_bundle import build_bundle
+
+    report = result.report
+    prov = {"stage3": {"config": report["config"], "config_digest": report["config_digest"],
+                       "stand_in_llm": report["stand_in"], "llm_base": report["llm_base"],
+                       "val_loss": [report["first_val_loss"], report["last_val_loss"]], "steps": report["steps"],
+                       "records": report["records"]},
+            "inputs": report["inputs"], **(provenance or {})}
+    heads = [BiomarkerHead.load(inputs.cfp_head), BiomarkerHead.load(inputs.oct_head)]
+    return build_bundle(bundle_dir, cfp_encoder=inputs.cfp_encoder, oct_encoder=inputs.oct_encoder, heads=heads,
+                        projectors=result.projectors_path, tokenizer_dir=result.tokenizer_dir, name=name,
+                        version=version, provenance=prov, config=result.grok_config, llm_dir=result.merged_llm_dir,
+                        overwrite=True, progress=progress)
+
+
+def load_result(out_dir: Path) -> Stage3Result:
+    """The result of a finished stage-3 run, read back from its folder (stage3.json)."""
+    out_dir = Path(out_dir)
+    report_path = out_dir / REPORT_JSON
+    if not report_path.is_file():
+        raise FileNotFoundError(f"{report_path} does not exist: stage 3 has not finished in {out_dir}")
+    report = json.loads(report_path.read_text())
+    return Stage3Result(out_dir, out_dir / ADAPTER_DIR, out_dir / PROJECTORS_FILE, out_dir / MERGED_DIR,
+                        out_dir / TOKENIZER_DIR, GrokConfig.from_dict(report["grok_config"]), report)

@@ -1,0 +1,237 @@
+"""The whole phantom pipeline: cohort -> stage 1 -> stage 2 (OCT and CFP) -> stage 3 -> bundle, cached.
+
+Every step writes into a folder named by the hash of everything it depends on (its own settings and the
+hashes of the steps before it) and marks itself complete with `DONE.json`; a step whose folder is complete
+is skipped. So a second run with the same configuration is instant, a changed stage-3 setting re-runs only
+stage 3 and the bundle, and an interrupted run continues where it stopped (stages 2 and 3 resume from
+their checkpoints). A file lock keeps two processes (say `make demo` and its test) from building the same
+cache at once: the second waits and then reuses the first one's result.
+
+CLI: `python -m training.pipeline --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from training.stage3.config import Stage3Config
+
+log = logging.getLogger(__name__)
+
+DONE = "DONE.json"
+PIPELINE_VERSION = 1  #: bump when a step's outputs change meaning
+DEFAULT_CACHE = Path(".cache") / "pipeline"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The phantom pipeline's settings; the `small` preset is what `make demo` and `make benchmark` run."""
+
+    n_subjects: int = 140  # phantom subjects (two eyes each); 15 % val and 15 % test, stratified by label
+    seed: int = 7  # cohort seed (every image and number follows from it)
+    dicom: bool = True  # also write DICOM OP/OPT studies (the demo sends one)
+    workers: int = 2  # processes rendering the cohort
+    stage2_epochs: int | None = None  # override the stage-2 small preset's epochs (None = preset)
+    stage2_changes: dict[str, Any] = field(default_factory=dict)  # other Stage2Config fields to change
+    stage3: Stage3Config = field(default_factory=lambda: Stage3Config.small(biomarker_estimates=True))
+    bundle_name: str = "grok-phantom"  # bundle identity (shown in every SR)
+    bundle_version: str = "0.1.0"
+
+    @classmethod
+    def small(cls, **changes: Any) -> "PipelineConfig":
+        return replace(cls(), **changes)
+
+    def step_digest(self, step: str, *parents: str) -> str:
+        """Hash of one step's settings and its parents' digests."""
+        own: dict[str, Any] = {
+            "cohort": {"n": self.n_subjects, "seed": self.seed, "dicom": self.dicom},
+            "stage1": {"teacher": "guideline"},
+            "stage2": {"epochs": self.stage2_epochs, "changes": self.stage2_changes},
+            "stage3": self.stage3.digest(),
+            "bundle": {"name": self.bundle_name, "version": self.bundle_version},
+        }[step]
+        text = json.dumps([PIPELINE_VERSION, step, own, parents], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    manifest: Path
+    instructions: Path
+    stage2: dict[str, dict[str, str]]  #: modality -> {"encoder", "head", "report"}
+    stage3_dir: Path
+    bundle: Path
+    timings_s: dict[str, float]  #: seconds per step in this run (0 when reused from the cache)
+    reused: dict[str, bool]  #: step -> came from the cache
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@contextmanager
+def _lock(cache_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the cache folder for the duration of a pipeline run."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    handle = (cache_dir / ".lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+class _Steps:
+    """Runs steps into hashed folders, skipping completed ones, recording timings."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+        self.timings: dict[str, float] = {}
+        self.reused: dict[str, bool] = {}
+
+    def run(self, name: str, digest: str, build: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+        folder = self.cache_dir / f"{name}-{digest}"
+        done = folder / DONE
+        if done.is_file():
+            self.timings[name], self.reused[name] = 0.0, True
+            log.info("pipeline: %s reused from %s", name, folder)
+            return folder, json.loads(done.read_text())
+        started = time.monotonic()
+        folder.mkdir(parents=True, exist_ok=True)
+        outputs = build(folder)
+        self.timings[name] = round(time.monotonic() - started, 1)
+        self.reused[name] = False
+        outputs["seconds"] = self.timings[name]
+        done.write_text(json.dumps(outputs, indent=1, default=str))
+        return folder, outputs
+
+
+def run_pipeline(cfg: PipelineConfig, cache_dir: Path = DEFAULT_CACHE, *, progress: bool = True) -> PipelineResult:
+    """Build (or reuse) every step; returns the paths of the cohort, the stages' outputs and the bundle."""
+    cache_dir = Path(cache_dir).resolve()
+    with _lock(cache_dir):
+        return _run_locked(cfg, cache_dir, progress)
+
+
+def _run_locked(cfg: PipelineConfig, cache_dir: Path, progress: bool) -> PipelineResult:
+    steps = _Steps(cache_dir)
+    d_cohort = cfg.step_digest("cohort")
+    cohort_dir, cohort = steps.run("cohort", d_cohort, lambda out: _cohort(cfg, out, progress))
+    manifest = Path(cohort["manifest"])
+    d_stage1 = cfg.step_digest("stage1", d_cohort)
+    _, stage1 = steps.run("stage1", d_stage1, lambda out: _stage1(manifest, out, progress))
+    d_stage2 = cfg.step_digest("stage2", d_cohort)
+    images = cache_dir / f"images-{d_cohort}"
+    _, stage2 = steps.run("stage2", d_stage2, lambda out: _stage2(cfg, manifest, images, out, progress))
+    d_stage3 = cfg.step_digest("stage3", d_stage1, d_stage2)
+    inputs = _stage3_inputs(stage1, stage2, manifest, images)
+    stage3_dir, _ = steps.run("stage3", d_stage3, lambda out: _stage3(cfg, inputs, out, progress))
+    d_bundle = cfg.step_digest("bundle", d_stage3)
+    _, bundle = steps.run("bundle", d_bundle, lambda out: _bundle(cfg, stage3_dir, inputs, out, progress))
+    return PipelineResult(manifest, Path(stage1["instructions"]), stage2["modalities"], stage3_dir,
+                          Path(bundle["bundle"]), steps.timings, steps.reused)
+
+
+def _cohort(cfg: PipelineConfig, out: Path, progress: bool) -> dict[str, Any]:
+    from training.phantom import generate_cohort
+
+    manifest = generate_cohort(out, cfg.n_subjects, cfg.seed, dicom=cfg.dicom, workers=cfg.workers,
+                               progress=progress)
+    return {"manifest": str(manifest), "n_subjects": cfg.n_subjects, "seed": cfg.seed}
+
+
+def _stage1(manifest: Path, out: Path, progress: bool) -> dict[str, Any]:
+    from training.stage1 import run_stage1
+    from training.teachers.guideline import GuidelineTeacher
+
+    result = run_stage1(manifest, out, GuidelineTeacher(), progress=progress)
+    if result.summary["rejected"]:
+        log.warning("stage 1: %d of %d reports rejected (see %s)", result.summary["rejected"],
+                    result.summary["eyes"], result.rejected)
+    return {"instructions": str(result.instructions), "summary": result.summary}
+
+
+def _stage2(cfg: PipelineConfig, manifest: Path, images: Path, out: Path, progress: bool) -> dict[str, Any]:
+    from training.stage2.config import Stage2Config
+    from training.stage2.train import run
+
+    modalities = {}
+    for modality in ("OCT", "CFP"):
+        changes = dict(cfg.stage2_changes)
+        if cfg.stage2_epochs is not None:
+            changes["epochs"] = cfg.stage2_epochs
+        s2 = Stage2Config.small(manifest=str(manifest), out_dir=str(out / modality.lower()), modality=modality,
+                                cache_dir=str(images), progress=progress, **changes)
+        result = run(s2)
+        modalities[modality] = {"encoder": str(result.encoder_path), "head": str(result.heads_path),
+                                "report": str(result.report_path)}
+    return {"modalities": modalities}
+
+
+def _stage3_inputs(stage1: dict, stage2: dict, manifest: Path, images: Path) -> Any:
+    from training.stage3.run import Stage3Inputs
+
+    m = stage2["modalities"]
+    return Stage3Inputs(Path(stage1["instructions"]), manifest, Path(m["CFP"]["encoder"]), Path(m["OCT"]["encoder"]),
+                        Path(m["CFP"]["head"]), Path(m["OCT"]["head"]), images)
+
+
+def _stage3(cfg: PipelineConfig, inputs: Any, out: Path, progress: bool) -> dict[str, Any]:
+    from training.stage3.run import run
+
+    result = run(cfg.stage3, inputs, out, progress=progress)
+    return {"report": str(out / "stage3.json"), "merged_llm": str(result.merged_llm_dir),
+            "val_loss": [result.report["first_val_loss"], result.report["last_val_loss"]]}
+
+
+def _bundle(cfg: PipelineConfig, stage3_dir: Path, inputs: Any, out: Path, progress: bool) -> dict[str, Any]:
+    from training.stage3.run import load_result, pack_bundle
+
+    bundle = pack_bundle(load_result(stage3_dir), inputs, out / "bundle", name=cfg.bundle_name,
+                         version=cfg.bundle_version, provenance={"pipeline": {"n_subjects": cfg.n_subjects,
+                                                                              "seed": cfg.seed}},
+                         progress=progress)
+    return {"bundle": str(bundle)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The phantom pipeline end to end on the CPU: a synthetic cohort (DICOM studies), stage 1 "
+                    "(guideline-teacher instructions), stage 2 (OCT and CFP encoders aligned with their "
+                    "biomarkers, biomarker heads), stage 3 (stand-in tiny Qwen2 pretrained on the reports, then "
+                    "LoRA SFT with trainable projectors) and a verified model bundle. Each step is cached by "
+                    "the hash of its settings: a second run is instant, a changed step re-runs from there.",
+        epilog="example: python -m training.pipeline --subjects 140 --cache .cache/pipeline\n"
+               "then:    grok-pacs serve --bundle <printed bundle path> ...")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"cache folder (default {DEFAULT_CACHE})")
+    parser.add_argument("--subjects", type=int, default=PipelineConfig.n_subjects, help="phantom subjects")
+    parser.add_argument("--seed", type=int, default=PipelineConfig.seed, help="cohort seed")
+    parser.add_argument("--no-estimates", action="store_true",
+                        help="train stage 3 without the biomarker estimates in the prompt")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = PipelineConfig.small(n_subjects=args.subjects, seed=args.seed,
+                               stage3=Stage3Config.small(biomarker_estimates=not args.no_estimates))
+    result = run_pipeline(cfg, args.cache, progress=not args.quiet)
+    print(json.dumps(result.to_dict(), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
