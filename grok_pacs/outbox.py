@@ -4,7 +4,7 @@ The row is the delivery's state machine, so that an SR survives worker restarts 
 at most once per claim:
 
     PENDING --claim--> SENDING --stored--> DELIVERED          (terminal)
-       ^                 |  \\--permanent--> FAILED            (terminal until a re-run re-queues it)
+       ^                 |  \\--permanent--> FAILED            (terminal)
        +---transient-----+
     SENDING whose claim is older than its lease (the sender died) may be claimed again.
 
@@ -123,10 +123,11 @@ class Outbox:
 
     def put(self, *, sr_uid: str, study_uid: str, study_version: int, bundle_version: str, eye: str,
             path: str, note: str = "") -> OutboxEntry:
-        """Add an SR, or replace a not-yet-delivered one with the same UID (a re-run).
+        """Add an SR, or replace a not-yet-sent one with the same UID (a re-run of the same job).
 
-        A DELIVERED row is left as it is (exactly one delivery per SR UID); a FAILED one becomes PENDING
-        again, since a re-run is a request to try once more.
+        DELIVERED and FAILED rows are terminal and left as they are: exactly one delivery per SR UID, and
+        a permanent rejection is never retried by a redelivered job. (A study that changes gets a new
+        version, hence new SR UIDs.)
         """
         now = time.time()
         with self._tx() as db:
@@ -138,7 +139,7 @@ class Outbox:
                     (sr_uid, study_uid, study_version, bundle_version, eye, path, OutboxState.PENDING, note,
                      now, now),
                 )
-            elif current.state in (OutboxState.PENDING, OutboxState.FAILED):
+            elif current.state is OutboxState.PENDING:
                 db.execute(
                     "UPDATE outbox SET path = ?, state = ?, last_error = '', note = ?, updated_at = ?"
                     " WHERE sr_uid = ?",

@@ -9,8 +9,8 @@ Selection (documented behaviour, tested):
   header or pixels cannot be read is skipped, the next newest is used, and the skip is noted.
 - An eye with a CFP or an OCT gets an SR (the missing modality is stated in it); an eye with neither gets
   none. A study with no analysable eye FAILS with the reason.
-Idempotency: the SR of (study, version, bundle version, eye) has a derived UID; a DELIVERED one is kept
-as it is (not re-analysed, not re-sent), anything else is rebuilt and replaces the earlier copy.
+Idempotency: the SR of (study, version, bundle version, eye) has a derived UID; a DELIVERED or FAILED one
+is kept as it is (not re-analysed, not re-sent), anything else is rebuilt and replaces the earlier copy.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class Kind(StrEnum):
 
 class StudyOutcome(StrEnum):
     ANALYSED = "analysed"  # SRs are in the outbox (new or rebuilt)
-    ALREADY_DONE = "already-done"  # every SR of this key was delivered before: nothing to do
+    ALREADY_DONE = "already-done"  # every SR of this key was delivered (or failed) before: nothing to do
     OUTDATED = "outdated"  # the study has a newer version (or is receiving again): this job is void
     UNKNOWN_STUDY = "unknown-study"
 
@@ -189,8 +189,9 @@ def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Cal
         return StudyResult(study_uid, version, void)
     eyes, notes = select_candidates(index.instances(study_uid), settings)
     keys = {eye: SRKey(study_uid, version, bundle_version, eye) for eye in Eye}
-    delivered = {eye: outbox.get(key.sop_instance_uid) for eye, key in keys.items()}
-    delivered = {eye: e for eye, e in delivered.items() if e is not None and e.state is OutboxState.DELIVERED}
+    delivered = {eye: outbox.get(key.sop_instance_uid) for eye, key in keys.items()}  # finished: terminal rows
+    delivered = {eye: e for eye, e in delivered.items()
+                 if e is not None and e.state in (OutboxState.DELIVERED, OutboxState.FAILED)}
     pending = [eye for eye in Eye if eye not in delivered and (eyes[eye].cfp or eyes[eye].oct)]
     if delivered and not pending:
         return StudyResult(study_uid, version, StudyOutcome.ALREADY_DONE, tuple(delivered.values()), tuple(notes))

@@ -129,6 +129,7 @@ def build_worker(app: "Celery", settings: Settings, loglevel: str = "INFO") -> A
 
     worker_ready.connect(_redeliver_outbox, weak=False, dispatch_uid="grok_pacs.worker.redeliver_outbox")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied module otherwise
+    import grok_pacs.inference  # noqa: F401 - torch/transformers imported now, not inside the first job
     return app.Worker(
         pool="solo", concurrency=1, queues=[settings.queue], hostname=node_name(settings),
         loglevel=loglevel, without_gossip=True, without_mingle=True, without_heartbeat=True,

@@ -64,11 +64,12 @@ def test_outbox_state_machine(tmp_path):
     # A re-run of the same key neither resets nor re-sends a delivered SR.
     assert outbox.put(**row).state is OutboxState.DELIVERED
     assert outbox.claim("2.25.1", "w3", lease_s=0.0) is None
-    # A failed SR is tried again when its study is re-run.
+    # A permanently failed SR stays failed when its job runs again (a broker redelivery): no retry loop.
     outbox.put(**{**row, "sr_uid": "2.25.2"})
     outbox.claim("2.25.2", "w1", lease_s=60)
     outbox.mark_failed("2.25.2", "w1", "rejected")
-    assert outbox.put(**{**row, "sr_uid": "2.25.2"}).state is OutboxState.PENDING
+    assert outbox.put(**{**row, "sr_uid": "2.25.2"}).state is OutboxState.FAILED
+    assert outbox.claim("2.25.2", "w2", lease_s=0.0) is None
     with pytest.raises(OutboxError, match="not in the outbox"):
         outbox.claim("2.25.404", "w1", lease_s=60)
 

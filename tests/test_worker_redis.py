@@ -25,7 +25,7 @@ from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 from storescp import StoreSCP
 from worker_harness import GrokProcess, Redis, grok_env, storescu, wait_until
 
-JOB_TIME_LIMIT_S = 6  # -> Redis visibility timeout 12 s: a killed worker's job comes back within ~15 s
+JOB_TIME_LIMIT_S = 10  # -> Redis visibility timeout 20 s: a killed worker's job comes back within ~21 s
 READY = "worker ready"
 
 

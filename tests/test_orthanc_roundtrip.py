@@ -1,0 +1,79 @@
+"""Full round trip with Orthanc as the hospital PACS and `grok-pacs serve` as the one-box service.
+
+A study (right eye CFP + OCT, left eye CFP) is stored into Orthanc; Orthanc sends it to grok-pacs through
+its REST API (/modalities/grok/store); grok-pacs analyses it on its embedded broker and C-STOREs one SR
+per eye back; the SRs appear in Orthanc in the same study (same patient), checked through the REST API,
+and each passes dciodvfy.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from bundle_cache import session_tiny_bundle
+from conftest import free_port
+from ophthalmic_dicom import Patient, make_cfp, make_oct, write
+from orthanc import Orthanc
+from srcheck import assert_valid_sr
+from worker_harness import GrokProcess, grok_env, wait_until
+
+GROK_AE = "GROK_PACS"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(request) -> Path:
+    return session_tiny_bundle(request)
+
+
+def test_study_from_orthanc_comes_back_with_srs_in_the_same_study(tmp_path, tiny_bundle):
+    grok_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", {"grok": (GROK_AE, "127.0.0.1", grok_port)})
+    orthanc.start()
+    settings = dict(data_dir=tmp_path / "grok", bundle=tiny_bundle, port=grok_port, bind_address="127.0.0.1",
+                    ae_title=GROK_AE, allowed_aes="ORTHANC", quiet_period=1,
+                    destination=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}")
+    serve = GrokProcess(["serve"], grok_env(**settings), tmp_path / "serve.log")
+    try:
+        serve.wait_ready("worker ready")
+        patient = Patient()
+        datasets = [make_cfp(patient, "R"), make_oct(patient, "R"), make_cfp(patient, "L")]
+        for ds in datasets:
+            orthanc.upload(write(ds, tmp_path / "study" / f"{ds.SOPInstanceUID}.dcm"))
+        (study_id,) = orthanc.get("/studies")
+        orthanc.send_to_modality("grok", [study_id])
+
+        def sr_instances() -> list[dict]:
+            series = orthanc.get(f"/studies/{study_id}/series")
+            return [inst for s in series if s["MainDicomTags"].get("Modality") == "SR"
+                    for inst in orthanc.get(f"/series/{s['ID']}/instances")]
+
+        srs = wait_until(lambda: len(sr_instances()) >= 2 and sr_instances(), 180, "two SRs in Orthanc", interval=0.5)
+        assert orthanc.get("/studies") == [study_id]  # no new study: the SRs filed into the original one
+        study = orthanc.get(f"/studies/{study_id}")
+        assert study["MainDicomTags"]["StudyInstanceUID"] == patient.study_uid
+        assert study["PatientMainDicomTags"]["PatientID"] == patient.patient_id
+        assert len(study["Series"]) == 4  # CFP R, OCT R, CFP L, and one SR series holding both SRs
+        laterality_texts = set()
+        for inst in srs:
+            path = tmp_path / f"{inst['ID']}.dcm"
+            path.write_bytes(orthanc.file(inst["ID"]))
+            assert_valid_sr(path, "Glaucoma", "must be reviewed by a clinician")
+            sr = pydicom.dcmread(path)
+            assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
+            laterality_texts.add("Right eye retina" if "Right eye retina" in str(sr.ContentSequence) else "Left")
+        assert laterality_texts == {"Right eye retina", "Left"}
+        studies = subprocess.run([sys.executable, "-m", "grok_pacs.cli", "studies", "--json"],
+                                 env=grok_env(**settings), capture_output=True, text=True, timeout=120)
+        (row,) = json.loads(studies.stdout)
+        assert row["study_uid"] == patient.study_uid and row["state"] == "DONE"
+        assert "2 SR(s) delivered to ORTHANC@" in row["detail"]
+    finally:
+        serve.stop()
+        orthanc.stop()
+    assert serve.proc.returncode == 0, serve.log()[-3000:]
