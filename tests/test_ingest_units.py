@@ -190,3 +190,31 @@ def test_pynetdicom_tuning_applies_to_this_pynetdicom() -> None:
     from grok_pacs import pynetdicom_tuning
 
     assert pynetdicom_tuning.install() and pynetdicom_tuning.install(), "installs once, idempotently"
+
+
+def test_header_agrees_with_pydicom_on_its_test_files() -> None:
+    """pydicom's bundled files cover implicit/explicit/big endian, deflated, JPEG, JPEG-LS, J2K, RLE."""
+    import warnings
+
+    import pydicom
+    import pydicom.data
+    from pydicom.errors import InvalidDicomError
+
+    checked = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in sorted((Path(pydicom.data.__file__).parent / "test_files").rglob("*.dcm")):  # local only
+            try:
+                ds = pydicom.dcmread(name)
+            except InvalidDicomError:  # files without the DICM prefix are not what a C-STORE writes
+                continue
+            if "PixelData" not in ds or "StudyInstanceUID" not in ds or Path(name).name == "MR_truncated.dcm":
+                continue
+            header = read_header(Path(name))
+            assert (header.study_uid, header.series_uid, header.sop_uid, header.modality) == (
+                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.get("Modality", "")), name
+            checked.add(str(ds.file_meta.TransferSyntaxUID))
+    assert {"1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.50",
+            "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"} <= checked
+    with pytest.raises(IncompleteDatasetError):
+        read_header(Path(pydicom.data.__file__).parent / "test_files" / "MR_truncated.dcm")
