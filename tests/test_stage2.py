@@ -219,3 +219,80 @@ def test_best_encoder_and_plain_encoder_are_saved_and_differ(tmp_path: Path) -> 
     fresh = make_model(cfg).encoder
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in plain.state_dict().items())
     assert not torch.equal(aligned.patch_embed.proj.weight, plain.patch_embed.proj.weight)
+
+
+# ---- end to end on the phantom cohort ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def phantom_manifest(tmp_path_factory) -> Path:
+    from training.phantom import generate_cohort
+
+    return generate_cohort(tmp_path_factory.mktemp("phantom"), 14, seed=3, dicom=False, workers=1, progress=False)
+
+
+def test_oct_images_are_the_runtime_foveal_bscan_preprocessed_by_the_runtime(phantom_manifest: Path,
+                                                                              tmp_path: Path) -> None:
+    from grok_pacs.imaging import read_oct_volume
+    from grok_pacs.preprocess import preprocess_oct, select_foveal_bscan
+    from training.manifest import load_manifest
+    from training.stage2.data import load_data
+
+    data = load_data(phantom_manifest, "OCT", OCT_KEYS, tmp_path, progress=False, workers=2)
+    records = load_manifest(phantom_manifest)
+    assert data.images.shape == (len(records), 3, 224, 224) and data.values.shape == (len(records), 31)
+    for i in (0, len(records) - 1):
+        volume = read_oct_volume(records[i].oct_path)
+        index, _ = select_foveal_bscan(volume)
+        assert data.frames[i] == index
+        expected = torch.from_numpy(preprocess_oct(volume[index])).half()
+        assert torch.equal(data.images[i], expected)
+        assert data.values[i, OCT_KEYS.index("mt_central")] == pytest.approx(records[i].biomarkers["mt_central"])
+    # Found the fovea on most eyes (the phantom records where it rendered it).
+    agree = sum(f == r.fovea_frame for f, r in zip(data.frames, records))
+    assert agree >= 0.8 * len(records)
+    # Second call: from the cache (same tensors, no decoding).
+    again = load_data(phantom_manifest, "OCT", OCT_KEYS, tmp_path, progress=False, workers=1)
+    assert torch.equal(again.images, data.images) and len(list(tmp_path.glob("oct-*.safetensors"))) == 1
+
+
+def test_cli_turns_a_cohort_into_checkpoint_report_and_heads(phantom_manifest: Path, tmp_path: Path,
+                                                            capsys) -> None:
+    from training.stage2.__main__ import main
+
+    out = tmp_path / "stage2"
+    assert main(["--manifest", str(phantom_manifest), "--out", str(out), "--epochs", "2", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    printed = capsys.readouterr().out
+    for modality, keys in (("OCT", OCT_KEYS), ("CFP", CFP_KEYS)):
+        run_dir = out / modality.lower()
+        assert f"{modality}: test MAE aligned" in printed
+        meta = read_meta(run_dir / BEST)
+        assert meta["config"]["modality"] == modality and len(meta["biomarker_stats"]["mean"]) == len(keys)
+        encoder = load_encoder(run_dir / "encoder.safetensors")
+        head = BiomarkerHead.load(run_dir / f"{modality.lower()}-head.safetensors")
+        assert head.keys == keys and head.feature_dim == encoder.embed_dim
+        report = json.loads((run_dir / "eval.json").read_text())
+        assert set(report["encoders"]) == {"aligned", "plain"}
+        assert set(report["encoders"]["aligned"]["per_biomarker"]) <= set(keys)
+        assert report["n_test_subjects"] >= 1 and report["epochs"] == 2
+        # The shipped head is the aligned encoder's probe: it reproduces the report's test MAE.
+        from training.stage2.data import load_data
+
+        data = load_data(phantom_manifest, modality, keys, tmp_path / "cache", progress=False)
+        test = data.rows("test")
+        pred = head.predict(pooled_features(encoder, data.images[test], CPU, 16))
+        truth = data.values[test].double().numpy()
+        mae = np.nanmean(np.abs(pred - truth), axis=0)
+        assert np.mean(mae) == pytest.approx(report["encoders"]["aligned"]["overall"]["mae"], rel=1e-3)
+        assert "| aligned |" in (run_dir / "eval.md").read_text()
+        assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+        assert (run_dir / "curve.png").is_file()
+
+
+def test_cli_help_explains_the_command(capsys) -> None:
+    from training.stage2.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--manifest" in text and "--preset" in text and "heads" in text

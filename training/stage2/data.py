@@ -16,6 +16,8 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,8 @@ from training.manifest import CohortRecord, load_manifest
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  #: bump when the preprocessing written to the cache changes
+DEFAULT_WORKERS = min(2, os.cpu_count() or 1)  #: preprocessing processes (decoding dominates: CPU bound)
+MIN_EYES_PER_WORKER = 8  #: below this a process pool costs more than it saves
 
 
 @dataclass(frozen=True)
@@ -89,12 +93,14 @@ class Stage2Data:
                              f"({len(shared)} in all); split the cohort by subject")
 
 
-def _load_one(record: CohortRecord, modality: str) -> tuple[torch.Tensor, int]:
+def _load_one(job: tuple[CohortRecord, str]) -> tuple[np.ndarray, int]:
+    """One eye's encoder input (float16 numpy, small to send between processes) and its B-scan index."""
+    record, modality = job
     if modality == "CFP":
-        return torch.from_numpy(preprocess_cfp(read_cfp(record.cfp_path))), -1
+        return preprocess_cfp(read_cfp(record.cfp_path)).astype(np.float16), -1
     volume = read_oct_volume(record.oct_path)
     index, _method = select_foveal_bscan(volume)
-    return torch.from_numpy(preprocess_oct(volume[index])), int(index)
+    return preprocess_oct(volume[index]).astype(np.float16), int(index)
 
 
 def _fingerprint(manifest: Path, records: list[CohortRecord], modality: str) -> str:
@@ -109,20 +115,32 @@ def _fingerprint(manifest: Path, records: list[CohortRecord], modality: str) -> 
     return digest.hexdigest()[:16]
 
 
-def build_data(records: list[CohortRecord], modality: str, keys: tuple[str, ...], progress: bool = True) -> Stage2Data:
-    """Read and preprocess every eye (slow: decodes the images)."""
-    images, frames = [], []
-    for record in tqdm(records, desc=f"preprocess {modality}", disable=not progress, unit="eye"):
-        image, frame = _load_one(record, modality)
-        images.append(image.to(torch.float16))
-        frames.append(frame)
+def build_data(records: list[CohortRecord], modality: str, keys: tuple[str, ...], progress: bool = True,
+               workers: int = DEFAULT_WORKERS) -> Stage2Data:
+    """Read and preprocess every eye (slow: decodes the images), in `workers` processes."""
+    jobs = [(r, modality) for r in records]
+    workers = max(1, min(workers, len(jobs) // MIN_EYES_PER_WORKER))
+    bar = tqdm(total=len(jobs), desc=f"preprocess {modality}", disable=not progress, unit="eye")
+    results = []
+    if workers == 1:
+        for job in jobs:
+            results.append(_load_one(job))
+            bar.update()
+    else:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for result in pool.imap(_load_one, jobs, chunksize=4):
+                results.append(result)
+                bar.update()
+    bar.close()
+    images = [torch.from_numpy(image) for image, _ in results]
+    frames = [frame for _, frame in results]
     values = torch.tensor([[r.biomarkers.get(k, math.nan) for k in keys] for r in records], dtype=torch.float32)
     return Stage2Data(tuple(keys), torch.stack(images), values, [r.subject_id for r in records],
                       [r.split for r in records], frames)
 
 
 def load_data(manifest: Path | str, modality: str, keys: tuple[str, ...], cache_dir: Path | str,
-              progress: bool = True) -> Stage2Data:
+              progress: bool = True, workers: int = DEFAULT_WORKERS) -> Stage2Data:
     """The cohort's Stage2Data, from the cache when the manifest and its image files are unchanged."""
     manifest = Path(manifest)
     records = load_manifest(manifest)
@@ -136,7 +154,7 @@ def load_data(manifest: Path | str, modality: str, keys: tuple[str, ...], cache_
             log.info("stage 2: %d %s eyes from cache %s", len(meta["subjects"]), modality, cache)
             return Stage2Data(tuple(keys), tensors["images"], tensors["values"], meta["subjects"], meta["splits"],
                               meta["frames"])
-    data = build_data(records, modality, keys, progress)
+    data = build_data(records, modality, keys, progress, workers)
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_file({"images": data.images.contiguous(), "values": data.values.contiguous()}, str(cache))
     meta = {"keys": list(keys), "subjects": data.subjects, "splits": data.splits, "frames": data.frames,
