@@ -180,3 +180,27 @@ def test_job_of_an_outdated_version_does_nothing(ctx, pacs):
     (sr,) = pacs.received()
     assert _refs(sr) == {late.SOPInstanceUID, *(i.sop_uid for i in ctx.index.instances(study_uid))}
     assert [e.state for e in ctx.outbox.for_study(study_uid)] == [OutboxState.DELIVERED]
+
+
+def test_selection_by_sop_class_laterality_and_acquisition_time(tmp_path):
+    from grok_pacs.config import SECONDARY_CAPTURE, THICKNESS_MAP
+    from grok_pacs.index import InstanceRecord
+    from grok_pacs.pipeline import select_candidates
+    from grok_pacs.report import Eye
+
+    def rec(sop: str, sop_class: str, laterality: str, acquired: str, received: float) -> InstanceRecord:
+        return InstanceRecord("1.2", "1.2.3", sop, sop_class, "OP", laterality, 1, 1, f"incoming/{sop}.dcm",
+                              received, "CAM", acquired, "1.2.840.10008.1.2.1")
+
+    op, opt = "1.2.840.10008.5.1.4.1.1.77.1.5.1", "1.2.840.10008.5.1.4.1.1.77.1.5.4"
+    instances = [rec("1.1", op, "R", "20250101090000", 5.0), rec("1.2", op, "R", "20250101100000.5", 1.0),
+                 rec("1.3", SECONDARY_CAPTURE, "R", "20250101120000", 1.0), rec("1.4", opt, "L", "", 1.0),
+                 rec("1.5", op, "B", "20250101100000", 1.0), rec("1.6", THICKNESS_MAP, "L", "", 1.0)]
+    strict = load_settings(data_dir=tmp_path)
+    eyes, notes = select_candidates(instances, strict)
+    assert [r.sop_uid for r in eyes[Eye.RIGHT].cfp] == ["1.2", "1.1"]  # newest acquisition first
+    assert [r.sop_uid for r in eyes[Eye.LEFT].oct] == ["1.4"] and eyes[Eye.LEFT].cfp == []
+    assert notes == ["CFP 1.5 skipped: laterality B"]  # both-eyes image: no single eye to report on
+    legacy = load_settings(data_dir=tmp_path, accept_legacy_photography=True)
+    eyes, _ = select_candidates(instances, legacy)
+    assert [r.sop_uid for r in eyes[Eye.RIGHT].cfp] == ["1.3", "1.2", "1.1"]

@@ -1,0 +1,182 @@
+#!/usr/bin/env python
+"""End-to-end benchmark: C-STORE of a study -> SR stored at the destination PACS, tiny bundle on CPU.
+
+Real peers throughout: a Redis broker, the grok-pacs listener (in this process), `grok-pacs worker`
+processes (one BLAS thread each), DCMTK storescp as the destination. A study is the demo study: both
+eyes, each a JPEG CFP (256 px) and a 16-frame OCT, so two SRs per study.
+
+Measured:
+- latency: from the last instance's C-STORE response (the client has its answer) to the last SR of the
+  study written by the destination, minus the quiet period (the wait that makes a study complete), one
+  study at a time, one warm worker. Target <= 5 s.
+- throughput: studies per minute for a burst of studies sent back to back, with 1 and with 2 warm
+  workers; scale_2_over_1 is their ratio. Target >= 1.8 (needs at least two free cores).
+Writes bench/results/e2e.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' real-peer harness and tiny-bundle builder
+
+from bundle_cache import cached_tiny_bundle  # noqa: E402
+from conftest import free_port  # noqa: E402
+from storescp import StoreSCP  # noqa: E402
+from worker_harness import GrokProcess, Redis, grok_env, wait_until  # noqa: E402
+
+from grok_pacs.config import Peer, load_settings  # noqa: E402
+from grok_pacs.ingest import IngestService  # noqa: E402
+from grok_pacs.sample_dicom import demo_study  # noqa: E402
+from grok_pacs.scu import store_files  # noqa: E402
+
+LATENCY_TARGET_S = 5.0
+SCALE_TARGET = 1.8
+SRS_PER_STUDY = 2
+
+
+class Rig:
+    """Redis + listener + destination + N worker processes, sharing one data directory."""
+
+    def __init__(self, work: Path, bundle: Path, quiet_period: float) -> None:
+        self.work = work
+        self.redis = Redis(work)
+        self.pacs = StoreSCP(free_port(), work / "pacs").start()
+        self.values = dict(data_dir=work / "data", broker_url=self.redis.url, bundle=bundle, quiet_period=quiet_period,
+                           destination=f"PACS@127.0.0.1:{self.pacs.port}", job_time_limit=300)
+        self.settings = load_settings(**self.values, port=free_port(), bind_address="127.0.0.1")
+        self.ingest = IngestService(self.settings)
+        self.ingest.start()
+        self.workers: list[GrokProcess] = []
+        self.sent = 0
+
+    def add_worker(self) -> None:
+        proc = GrokProcess(["worker"], grok_env(**self.values), self.work / f"worker{len(self.workers)}.log")
+        proc.wait_ready("worker ready", timeout=300)
+        self.workers.append(proc)
+
+    def send(self) -> float:
+        """C-STORE one demo study; returns the time the last C-STORE response arrived."""
+        files = demo_study(self.work / "studies" / f"{self.sent:04d}")
+        self.sent += 1
+        results = store_files(self.peer, files, calling_ae="BENCH")
+        done = time.time()
+        if not all(r.ok for r in results):
+            raise RuntimeError(f"study not stored: {[r.status_name for r in results]}")
+        return done
+
+    @property
+    def peer(self) -> Peer:
+        return Peer(ae_title=self.settings.ae_title, host="127.0.0.1", port=self.ingest.port)
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.pacs.out_dir.iterdir() if p.is_file())
+
+    def wait_for(self, count: int, timeout: float) -> float:
+        """Wait until `count` SRs have arrived; returns the newest SR file's write time."""
+        files = wait_until(lambda: (f := self.received()) if len(f) >= count else None, timeout,
+                           f"{count} SRs at the destination", interval=0.02)
+        return max(f.stat().st_mtime for f in files)
+
+    def close(self) -> None:
+        for proc in self.workers:
+            proc.stop()
+        self.ingest.stop()
+        self.pacs.stop()
+        self.redis.stop()
+
+
+def measure_latency(rig: Rig, studies: int) -> list[float]:
+    latencies = []
+    for _ in tqdm(range(studies), desc="latency (1 study at a time)"):
+        expected = len(rig.received()) + SRS_PER_STUDY
+        sent_at = rig.send()
+        arrived = rig.wait_for(expected, timeout=300)
+        latencies.append(arrived - sent_at - rig.settings.quiet_period)
+    return latencies
+
+
+def measure_throughput(rig: Rig, studies: int, label: str) -> dict:
+    expected = len(rig.received()) + SRS_PER_STUDY * studies
+    start = time.time()
+    for _ in tqdm(range(studies), desc=f"throughput burst, {label}"):
+        rig.send()
+    last = rig.wait_for(expected, timeout=1800)
+    elapsed = last - start
+    return {"studies": studies, "elapsed_s": round(elapsed, 3), "studies_per_min": round(studies * 60 / elapsed, 2)}
+
+
+def warm_up(rig: Rig) -> None:
+    """One study per worker, so each worker has loaded the bundle before anything is timed."""
+    expected = len(rig.received()) + SRS_PER_STUDY * len(rig.workers)
+    for _ in rig.workers:
+        rig.send()
+    rig.wait_for(expected, timeout=600)
+
+
+def run(args: argparse.Namespace) -> dict:
+    bundle = cached_tiny_bundle(ROOT / ".cache" / "grok-bundles")
+    with tempfile.TemporaryDirectory(prefix="grok-e2e-") as tmp:
+        rig = Rig(Path(tmp), bundle, args.quiet_period)
+        try:
+            rig.add_worker()
+            warm_up(rig)
+            latencies = measure_latency(rig, args.latency_studies)
+            one = measure_throughput(rig, args.burst_studies, "1 worker")
+            rig.add_worker()
+            warm_up(rig)
+            two = measure_throughput(rig, args.burst_studies, "2 workers")
+        finally:
+            rig.close()
+    p50 = statistics.median(latencies)
+    scale = two["studies_per_min"] / one["studies_per_min"]
+    return {
+        "benchmark": "e2e",
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+                    "note": "shared machine: other processes compete for the same cores"},
+        "setup": {"bundle": "tiny test bundle (tests/helpers/tiny_bundle.py), CPU, 1 BLAS thread per worker",
+                  "broker": "redis", "destination": "DCMTK storescp", "quiet_period_s": args.quiet_period,
+                  "study": "demo study: 2 eyes x (JPEG CFP 256 px + OCT 16x128x128), 2 SRs per study"},
+        "latency_s": [round(x, 3) for x in latencies],
+        "latency_s_p50": round(p50, 3),
+        "latency_s_max": round(max(latencies), 3),
+        "latency_target_s": LATENCY_TARGET_S,
+        "latency_ok": p50 <= LATENCY_TARGET_S,
+        "throughput_1_worker": one,
+        "throughput_2_workers": two,
+        "scale_2_over_1": round(scale, 3),
+        "scale_target": SCALE_TARGET,
+        "scale_ok": scale >= SCALE_TARGET,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--latency-studies", type=int, default=8, help="studies timed one at a time (default 8)")
+    parser.add_argument("--burst-studies", type=int, default=12, help="studies per throughput burst (default 12)")
+    parser.add_argument("--quiet-period", type=float, default=0.5, help="study quiet period in s (default 0.5)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "e2e.json", help="result file")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    result = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("latency_s_p50", "scale_2_over_1", "latency_ok", "scale_ok")}))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
