@@ -116,6 +116,44 @@ def _manifest(name: str, version: str, config: GrokConfig, llm: dict, encoders: 
     }
 
 
+def _export_encoders(work: Path, config: GrokConfig, cfp_encoder: Any, oct_encoder: Any, fp16: bool, parity: bool,
+                     step: Any) -> dict[str, Any]:
+    """Both encoders to ONNX, each checked against torch (ParityError beyond tolerance)."""
+    encoders = {}
+    for key, rel, value, cfg in (("cfp", layout.CFP_ENCODER, cfp_encoder, config.cfp_encoder),
+                                 ("oct", layout.OCT_ENCODER, oct_encoder, config.oct_encoder)):
+        encoder = _encoder(value, cfg, f"{key}_encoder")
+        export_encoder(encoder, work / rel, fp16=fp16)
+        result = check_encoder_parity(encoder, work / rel, dtype="float16" if fp16 else "float32",
+                                      name=f"{key}_encoder") if parity else None
+        encoders[key] = _encoder_entry(rel, cfg, fp16, result)
+        step(f"{key} encoder exported")
+    return encoders
+
+
+def _write_heads(work: Path, config: GrokConfig, heads: Any) -> None:
+    head_map = _heads(heads)
+    for modality, rel, cfg in ((Modality.OCT, layout.OCT_HEAD, config.oct_encoder),
+                               (Modality.CFP, layout.CFP_HEAD, config.cfp_encoder)):
+        if head_map[modality].feature_dim != cfg.embed_dim:
+            raise ValueError(f"{modality} head reads {head_map[modality].feature_dim}-d features, "
+                             f"the encoder gives {cfg.embed_dim}")
+        head_map[modality].save(work / rel)
+
+
+def _write_llm(work: Path, llm_dir: Any, base_dir: Any, adapter_dir: Any, merge: bool) -> dict[str, Any]:
+    """The language model as served: merged (copied, or merged here) or base + adapter side by side."""
+    if llm_dir is not None:
+        copy_weights_dir(llm_dir, work / layout.LLM_DIR, "llm_dir")
+        return {"layout": "merged", "dir": layout.LLM_DIR}
+    if merge:
+        merge_adapter(base_dir, adapter_dir, work / layout.LLM_DIR)
+        return {"layout": "merged", "dir": layout.LLM_DIR, "merged_from": {"base": str(base_dir), "adapter": str(adapter_dir)}}
+    copy_weights_dir(base_dir, work / layout.LLM_BASE_DIR, "base_dir")
+    copy_weights_dir(adapter_dir, work / layout.LLM_ADAPTER_DIR, "adapter_dir")
+    return {"layout": "adapter", "base_dir": layout.LLM_BASE_DIR, "adapter_dir": layout.LLM_ADAPTER_DIR}
+
+
 def build_bundle(out_dir: str | Path, *, cfp_encoder: RetinaEncoder | str | Path, oct_encoder: RetinaEncoder | str | Path,
                  heads: Mapping[Any, BiomarkerHead] | Iterable[BiomarkerHead], projectors: Projectors | str | Path,
                  tokenizer_dir: str | Path, name: str, version: str, provenance: dict, config: GrokConfig,
@@ -144,35 +182,13 @@ def build_bundle(out_dir: str | Path, *, cfp_encoder: RetinaEncoder | str | Path
         steps.set_postfix_str(label)
         steps.update(1)
 
-    encoders = {}
-    for key, rel, value, cfg in (("cfp", layout.CFP_ENCODER, cfp_encoder, config.cfp_encoder),
-                                 ("oct", layout.OCT_ENCODER, oct_encoder, config.oct_encoder)):
-        encoder = _encoder(value, cfg, f"{key}_encoder")
-        export_encoder(encoder, work / rel, fp16=fp16)
-        result = check_encoder_parity(encoder, work / rel, dtype="float16" if fp16 else "float32",
-                                      name=f"{key}_encoder") if parity else None
-        encoders[key] = _encoder_entry(rel, cfg, fp16, result)
-        step(f"{key} encoder exported")
-    head_map = _heads(heads)
-    for modality, rel, cfg in ((Modality.OCT, layout.OCT_HEAD, config.oct_encoder),
-                               (Modality.CFP, layout.CFP_HEAD, config.cfp_encoder)):
-        if head_map[modality].feature_dim != cfg.embed_dim:
-            raise ValueError(f"{modality} head reads {head_map[modality].feature_dim}-d features, encoder gives {cfg.embed_dim}")
-        head_map[modality].save(work / rel)
+    encoders = _export_encoders(work, config, cfp_encoder, oct_encoder, fp16, parity, step)
+    _write_heads(work, config, heads)
     step("heads")
     proj = projectors if isinstance(projectors, Projectors) else Projectors.load(projectors, config.projector)
     proj.save(work / layout.PROJECTORS)
     step("projectors")
-    if llm_dir is not None:
-        copy_weights_dir(llm_dir, work / layout.LLM_DIR, "llm_dir")
-        llm = {"layout": "merged", "dir": layout.LLM_DIR}
-    elif merge:
-        merge_adapter(base_dir, adapter_dir, work / layout.LLM_DIR)
-        llm = {"layout": "merged", "dir": layout.LLM_DIR, "merged_from": {"base": str(base_dir), "adapter": str(adapter_dir)}}
-    else:
-        copy_weights_dir(base_dir, work / layout.LLM_BASE_DIR, "base_dir")
-        copy_weights_dir(adapter_dir, work / layout.LLM_ADAPTER_DIR, "adapter_dir")
-        llm = {"layout": "adapter", "base_dir": layout.LLM_BASE_DIR, "adapter_dir": layout.LLM_ADAPTER_DIR}
+    llm = _write_llm(work, llm_dir, base_dir, adapter_dir, merge)
     step("language model")
     copy_weights_dir(tokenizer_dir, work / layout.TOKENIZER_DIR, "tokenizer_dir")
     _check_tokenizer(work / layout.TOKENIZER_DIR, work / (llm.get("dir") or llm["base_dir"]) / "config.json")

@@ -132,8 +132,10 @@ class Engine:
             if scores[best] >= self.config.generation.min_label_probability:
                 label = Label(best)
         timings["total"] = time.perf_counter() - total + timings.get("read", 0.0)
+        impression = parsed.impression or (f"Diagnosis: {label.value}" if label != Label.INDETERMINATE
+                                           else "No diagnosis could be determined.")
         return Report(
-            eye=Eye(eye), label=label, narrative=parsed.narrative, impression=parsed.impression, raw_text=raw,
+            eye=Eye(eye), label=label, narrative=parsed.narrative, impression=impression, raw_text=raw,
             biomarkers=tuple(BiomarkerEstimate(k, v, BY_KEY[k].unit) for k, v in estimates.items()),
             cited_numbers=parsed.cited_numbers, label_scores=scores, missing_modalities=missing,
             sources=tuple(dataclasses.replace(s, frame=frame + 1) if s.sop_class_uid == OPT and frame is not None
@@ -174,10 +176,10 @@ class Engine:
         return one(tokens["cfp"]), one(tokens["oct"])
 
     def _generate(self, tokens, estimates, missing, timings) -> tuple[str, dict[str, float]]:
-        prompt = build_prompt(estimates, missing)
+        gen = self.config.generation
+        prompt = build_prompt(estimates if gen.biomarkers_in_prompt else None, missing)
         ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
         cfp, oct = self._visual(tokens)
-        gen = self.config.generation
         t = time.perf_counter()
         out = self.model.generate(ids, cfp_tokens=cfp, oct_tokens=oct, max_new_tokens=gen.max_new_tokens,
                                   temperature=gen.temperature, eos_token_id=self.eos_id,
@@ -199,8 +201,9 @@ class Engine:
                                 return_tensors="pt")["input_ids"].to(self.device)
         inputs = self.model.splice(torch.cat([prompt_ids, prefix], dim=1), None, None, cfp, oct)
         llm = self.model.llm
-        first = llm(**inputs, use_cache=True)
-        new_api = "cache" in inspect.signature(llm.forward).parameters  # newer transformers call it `cache`
+        params = inspect.signature(llm.forward).parameters
+        first = llm(**inputs, use_cache=True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {}))
+        new_api = "cache" in params  # newer transformers call it `cache`
         cache = first.cache if new_api else first.past_key_values
         options = [self.tokenizer(f" {label.value}{IM_END}", add_special_tokens=False)["input_ids"]
                    for label in DIAGNOSTIC_LABELS]

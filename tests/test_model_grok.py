@@ -10,7 +10,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from grok_pacs.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, OCT_KEYS
-from grok_pacs.model.config import GrokConfig
+from grok_pacs.model.config import GrokConfig, ProjectorConfig
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.heads import BiomarkerHead
 from grok_pacs.model.projector import Projectors
@@ -161,7 +161,7 @@ def test_projectors_round_trip_and_refuse_other_shapes(tmp_path):
     x = _tokens()[0]
     torch.testing.assert_close(again.project_oct(x), projectors.project_oct(x))
     with pytest.raises(ValueError, match="shape mismatch"):
-        Projectors.load(path, GrokConfig.full().projector.__class__(vision_dim=32, llm_hidden_size=96))
+        Projectors.load(path, ProjectorConfig(vision_dim=32, llm_hidden_size=96))
 
 
 def test_ridge_head_recovers_a_linear_relation_in_biomarker_units(tmp_path):

@@ -67,6 +67,7 @@ class GenerationConfig:
     temperature: float = 0.0  # 0 = greedy (deterministic); > 0 samples (the paper used 0.2)
     score_labels: bool = True  # also score each label after "Diagnosis:" (7 short continuations, one prefill)
     min_label_probability: float = 0.5  # without a valid diagnosis line, use the scored label only above this
+    biomarkers_in_prompt: bool = True  # the prompt carries the head estimates block (must match stage-3 training)
 
 
 @dataclass(frozen=True)

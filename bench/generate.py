@@ -1,0 +1,103 @@
+"""Generation speed: Qwen2 with a LoRA adapter merged (merge_and_unload) vs unmerged (PEFT), tokens/s.
+
+The paper's adapter is LoRA r=128, alpha=256 on q/k/v/o/gate/up/down. A 7B model does not fit this
+project's CPU budget, so the CPU run uses Qwen2-0.5B shapes (same architecture; random weights, speed does
+not depend on them); `--preset 7b --device cuda` is the GPU path (bf16). Greedy decoding of a fixed number
+of tokens (EOS disabled) after a prompt of fixed length; runs interleaved, medians reported.
+Writes bench/results/generate.json with tokens/s for both and merged_over_unmerged.
+
+  python bench/generate.py                          # CPU, Qwen2-0.5B shapes
+  python bench/generate.py --preset 7b --device cuda  # GPU path; not run on CPU-only machines
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Qwen2 shapes (config.json of the public checkpoints).
+PRESETS = {
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, vocab_size=151936),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(preset: str, rank: int, device: str, dtype: torch.dtype):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(**PRESETS[preset], max_position_embeddings=4096, tie_word_embeddings=preset == "0.5b")
+    base = Qwen2ForCausalLM(config).to(dtype)
+    unmerged = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=TARGETS))
+    for name, param in unmerged.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.01)
+    merged = copy.deepcopy(unmerged).merge_and_unload()
+    return unmerged.to(device).eval(), merged.to(device).eval()
+
+
+def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    if prompt.is_cuda:
+        torch.cuda.synchronize()
+    assert out.shape[1] == prompt.shape[1] + new_tokens
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="0.5b", help="Qwen2 shapes (default 0.5b)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--rank", type=int, default=128, help="LoRA rank (paper: 128)")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default 128)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default 32)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (default 3)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "generate.json")
+    args = parser.parse_args()
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    unmerged, merged = build(args.preset, args.rank, args.device, dtype)
+    prompt = torch.randint(10, 1000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(args.device)
+    decode_seconds(merged, prompt, 2), decode_seconds(unmerged, prompt, 2)  # warm-up
+    times: dict[str, list[float]] = {"merged": [], "unmerged": []}
+    for _ in tqdm(range(args.repeats), desc="generate", unit="round"):
+        times["merged"].append(decode_seconds(merged, prompt, args.new_tokens))
+        times["unmerged"].append(decode_seconds(unmerged, prompt, args.new_tokens))
+    rate = {k: args.new_tokens / statistics.median(v) for k, v in times.items()}
+    result = {
+        "what": "greedy generation tokens/s (prompt prefill included), Qwen2 with LoRA merged vs unmerged",
+        "preset": args.preset, "shapes": PRESETS[args.preset], "device": args.device, "dtype": str(dtype),
+        "threads": threads, "lora": {"r": args.rank, "alpha": 2 * args.rank, "targets": TARGETS},
+        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "load_average_at_end": os.getloadavg()[0],
+        "merged_tokens_per_s": rate["merged"], "unmerged_tokens_per_s": rate["unmerged"],
+        "merged_over_unmerged": rate["merged"] / rate["unmerged"], "seconds": times,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: result[k] for k in ("merged_tokens_per_s", "unmerged_tokens_per_s", "merged_over_unmerged")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
