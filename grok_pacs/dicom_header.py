@@ -25,6 +25,7 @@ PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float, Double F
 ITEM, ITEM_DELIMITER, SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 UNDEFINED_LENGTH = 0xFFFFFFFF
 TRANSFER_SYNTAX_TAG = 0x00020010
+SOURCE_AE_TAG = 0x00020016  # the listener records the calling AE here
 MAX_VALUE_READ = 1024  # the attributes read here are short strings
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
@@ -53,6 +54,7 @@ class Header:
     frames: int
     acquisition_datetime: str
     transfer_syntax: str
+    source_ae: str = ""  # SourceApplicationEntityTitle of the file meta: who sent it
 
 
 def read_header(path: Path) -> Header:
@@ -61,7 +63,8 @@ def read_header(path: Path) -> Header:
         size = os.fstat(handle.fileno()).st_size
         if handle.read(132)[128:] != b"DICM":
             raise IncompleteDatasetError("not a DICOM file (no DICM prefix)")
-        meta = _Walker(handle, size, implicit=False, little=True).read_group(0x0002, {TRANSFER_SYNTAX_TAG: "ts"})
+        meta = _Walker(handle, size, implicit=False, little=True).read_group(
+            0x0002, {TRANSFER_SYNTAX_TAG: "ts", SOURCE_AE_TAG: "source_ae"})
         syntax = meta.get("ts", "")
         if not syntax:
             raise IncompleteDatasetError("the file meta has no TransferSyntaxUID")
@@ -73,10 +76,10 @@ def read_header(path: Path) -> Header:
         values = walker.read_until_pixels(WANTED)
         while handle.tell() < size:
             walker.skip_element()
-    return _header(values, syntax)
+    return _header(values, syntax, meta.get("source_ae", ""))
 
 
-def _header(values: dict[str, str], syntax: str) -> Header:
+def _header(values: dict[str, str], syntax: str, source_ae: str) -> Header:
     laterality = next((values.get(k, "").upper() for k in ("ImageLaterality", "Laterality")
                        if values.get(k, "").upper() in ("R", "L", "B")), "")
     try:
@@ -93,7 +96,7 @@ def _header(values: dict[str, str], syntax: str) -> Header:
         sop_uid=require_uid(values.get("SOPInstanceUID"), "SOPInstanceUID"),
         sop_class_uid=require_uid(values.get("SOPClassUID"), "SOPClassUID"),
         modality=values.get("Modality", ""), laterality=laterality, frames=frames,
-        acquisition_datetime=acquired, transfer_syntax=syntax,
+        acquisition_datetime=acquired, transfer_syntax=syntax, source_ae=source_ae,
     )
 
 

@@ -10,8 +10,11 @@ every C-STORE waits for several sleeps; on a busy 2-core machine each sleep last
   an event set when a DIMSE message or an ACSE primitive is queued for it. Timeouts, and every other
   sleep, are unchanged, so the polling logic behaves as before, only without the idle delay.
 - `AssociationSocket.recv` reads into one preallocated buffer instead of 4 KiB `recv` calls.
+- The file meta of each received dataset (STORE_RECV_CHUNKED_DATASET) is encoded directly instead of
+  through a pydicom dataset, and records the calling AE as SourceApplicationEntityTitle.
 
-Internals used (pynetdicom 3.0): the module-level `time` of `pynetdicom.dul` and `.association`, the
+Internals used (pynetdicom 3.0): the module-level `time` of `pynetdicom.dul` and `.association`, and
+`create_file_meta`/`write_file_meta_info` of `.dimse_messages`; the
 DUL's `to_provider_queue`/`to_user_queue`/`event_queue`/`socket`, `DIMSEServiceProvider.msg_queue`,
 `AssociationSocket._is_connected`. `install()` checks for them and leaves pynetdicom untouched (with a
 warning) if they are missing.
@@ -24,11 +27,15 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom import association as _association
+from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import dul as _dul
 from pynetdicom import transport as _transport
 
@@ -38,6 +45,7 @@ POLL_DELAY = 0.001  # the reactors' idle sleep in pynetdicom 3 (dul._run_loop_de
 _real_sleep = time.sleep
 _lock = threading.Lock()
 _installed = False
+_original_write_file_meta_info = _dimse_messages.write_file_meta_info
 
 
 class _RingingQueue(queue.Queue):
@@ -162,9 +170,55 @@ def _recv(self, nr_bytes: int) -> bytearray:
     return buffer
 
 
+class _FileMeta(NamedTuple):
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    source_ae: str
+
+
+def _create_file_meta(*, sop_class_uid, sop_instance_uid, transfer_syntax, **_ignored) -> _FileMeta:
+    """What pynetdicom's receive path asks for, without building a pydicom dataset per instance."""
+    assoc = getattr(threading.current_thread(), "assoc", None)  # the receiving DUL thread
+    calling = str(getattr(getattr(assoc, "requestor", None), "ae_title", "") or "").strip()
+    return _FileMeta(str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax), calling)
+
+
+def _ascii(value: str) -> bytes:
+    return value.encode("ascii", "replace")
+
+
+def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes = b"\0") -> bytes:
+    if len(value) % 2:
+        value += pad
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _write_file_meta_info(fp, file_meta, enforce_standard: bool = True) -> None:
+    """The file meta (explicit VR little endian) of a received dataset, plus the calling AE as
+    SourceApplicationEntityTitle so that the stored file records who sent it."""
+    if not isinstance(file_meta, _FileMeta):
+        _original_write_file_meta_info(fp, file_meta, enforce_standard)
+        return
+    text = _ascii
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", text(file_meta.sop_class_uid)),
+        _meta_element(0x0003, b"UI", text(file_meta.sop_instance_uid)),
+        _meta_element(0x0010, b"UI", text(file_meta.transfer_syntax)),
+        _meta_element(0x0012, b"UI", text(PYNETDICOM_IMPLEMENTATION_UID)),
+        _meta_element(0x0013, b"SH", text(PYNETDICOM_IMPLEMENTATION_VERSION), b" "),
+        *([_meta_element(0x0016, b"AE", text(file_meta.source_ae), b" ")] if file_meta.source_ae else []),
+    ))
+    fp.write(_meta_element(0x0000, b"UL", struct.pack("<L", len(body))) + body)
+
+
 def _internals_present() -> bool:
     dul_source = _dul.DULServiceProvider.__init__.__code__.co_names
     return (hasattr(_dul, "time") and hasattr(_association, "time")
+            and hasattr(_dimse_messages, "create_file_meta") and hasattr(_dimse_messages, "write_file_meta_info")
             and "to_provider_queue" in dul_source and "_run_loop_delay" in dul_source
             and hasattr(_transport.AssociationSocket, "recv"))
 
@@ -182,5 +236,7 @@ def install() -> bool:
         _patch_association(_association.Association)
         _dul.time = _association.time = _TimeModule()
         _transport.AssociationSocket.recv = _recv
+        _dimse_messages.create_file_meta = _create_file_meta
+        _dimse_messages.write_file_meta_info = _write_file_meta_info
         _installed = True
         return True

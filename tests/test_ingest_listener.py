@@ -61,6 +61,8 @@ def test_dcmtk_echo_and_ophthalmic_study_stored_indexed_and_queued(settings, tmp
         record = records[original.SOPInstanceUID]
         assert record.calling_ae == "TESTSCU" and record.size == (settings.data_dir / record.path).stat().st_size
         stored = pydicom.dcmread(settings.data_dir / record.path)
+        assert stored.file_meta.SourceApplicationEntityTitle == "TESTSCU"
+        assert stored.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
         assert stored.PixelData == original.PixelData, "pixel bytes are stored exactly as sent"
         assert (stored.pixel_array == original.pixel_array).all()
     assert temp_files(settings) == []
