@@ -31,7 +31,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' real-peer harness and tiny-bundle builder
 
-from bundle_cache import cached_tiny_bundle  # noqa: E402
+from bundle_cache import CACHE_ROOT, cached_tiny_bundle  # noqa: E402
 from conftest import free_port  # noqa: E402
 from storescp import StoreSCP  # noqa: E402
 from worker_harness import GrokProcess, Redis, grok_env, wait_until  # noqa: E402
@@ -85,7 +85,7 @@ class Rig:
 
     def wait_for(self, count: int, timeout: float) -> float:
         """Wait until `count` SRs have arrived; returns the newest SR file's write time."""
-        files = wait_until(lambda: (f := self.received()) if len(f) >= count else None, timeout,
+        files = wait_until(lambda: f if len(f := self.received()) >= count else None, timeout,
                            f"{count} SRs at the destination", interval=0.02)
         return max(f.stat().st_mtime for f in files)
 
@@ -126,7 +126,7 @@ def warm_up(rig: Rig) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    bundle = cached_tiny_bundle(ROOT / ".cache" / "grok-bundles")
+    bundle = cached_tiny_bundle(CACHE_ROOT)
     with tempfile.TemporaryDirectory(prefix="grok-e2e-") as tmp:
         rig = Rig(Path(tmp), bundle, args.quiet_period)
         try:

@@ -1,7 +1,7 @@
 """One tiny model bundle for the worker, delivery, round-trip tests and the e2e benchmark.
 
 The bundle is built by the real export path (tests/helpers/tiny_bundle.py). Building takes 15-60 s on a
-shared 2-core box, so it is kept under pytest's cache directory, keyed by a hash of every source file
+shared 2-core box, so it is kept under `.cache/grok-bundles/`, keyed by a hash of every source file
 that shapes it: any change to the builder, the export code, the model code or the schema rebuilds it.
 """
 
@@ -47,6 +47,9 @@ def cached_tiny_bundle(cache_root: Path) -> Path:
     return target
 
 
+CACHE_ROOT = ROOT / ".cache" / "grok-bundles"  # git-ignored; shared with bench/e2e.py
+
+
 def session_tiny_bundle(request) -> Path:
-    """For a session fixture: the cached bundle under `.pytest_cache/d/`."""
-    return cached_tiny_bundle(request.config.cache.mkdir("grok-bundles"))
+    """For a session fixture: the cached bundle (built on first use of this source version)."""
+    return cached_tiny_bundle(CACHE_ROOT)
