@@ -58,6 +58,9 @@ def _named_temporary_file(*args, **kwargs):
 
 def _enable_streaming_receive() -> None:
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # pynetdicom's default handlers log every PDU and DIMSE message (datasets at debug level); this
+    # module logs one line per association instead, and skipping them saves CPU per instance.
+    _config.LOG_HANDLER_LEVEL = "none"
     dimse_messages.NamedTemporaryFile = _named_temporary_file
 
 

@@ -10,6 +10,8 @@ every C-STORE waits for several sleeps; on a busy 2-core machine each sleep last
   an event set when a DIMSE message or an ACSE primitive is queued for it. Timeouts, and every other
   sleep, are unchanged, so the polling logic behaves as before, only without the idle delay.
 - `AssociationSocket.recv` reads into one preallocated buffer instead of 4 KiB `recv` calls.
+- C-STORE responses (status only) are encoded directly instead of through a pydicom dataset, byte for
+  byte the same; other messages, or any association with an EVT_DIMSE_SENT handler, go the usual way.
 - The file meta of each received dataset (STORE_RECV_CHUNKED_DATASET) is encoded directly instead of
   through a pydicom dataset, and records the calling AE as SourceApplicationEntityTitle.
 
@@ -35,7 +37,11 @@ from typing import NamedTuple
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom import association as _association
+from pynetdicom import dimse as _dimse
+from pynetdicom import evt as _evt
 from pynetdicom import dimse_messages as _dimse_messages
+from pynetdicom.dimse_primitives import C_STORE as _C_STORE
+from pynetdicom.pdu_primitives import P_DATA as _P_DATA
 from pynetdicom import dul as _dul
 from pynetdicom import transport as _transport
 
@@ -215,9 +221,58 @@ def _write_file_meta_info(fp, file_meta, enforce_standard: bool = True) -> None:
     fp.write(_meta_element(0x0000, b"UL", struct.pack("<L", len(body))) + body)
 
 
+_C_STORE_RSP = 0x8001
+_NO_DATASET = 0x0101
+
+
+def _command_element(element: int, value: bytes) -> bytes:
+    """One implicit VR little endian command element of group 0000."""
+    return struct.pack("<HHL", 0x0000, element, len(value)) + value
+
+
+def _uid(value: object) -> bytes:
+    data = _ascii(str(value))
+    return data + b"\0" if len(data) % 2 else data
+
+
+def _encode_store_response(primitive) -> bytes | None:
+    """The command set of a plain C-STORE-RSP (status only), or None when it carries more."""
+    if (primitive.MessageIDBeingRespondedTo is None or primitive.ErrorComment is not None
+            or primitive.OffendingElement is not None or primitive.Status is None):
+        return None
+    body = b"".join((
+        _command_element(0x0002, _uid(primitive.AffectedSOPClassUID)),
+        _command_element(0x0100, struct.pack("<H", _C_STORE_RSP)),
+        _command_element(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
+        _command_element(0x0800, struct.pack("<H", _NO_DATASET)),
+        _command_element(0x0900, struct.pack("<H", primitive.Status)),
+        _command_element(0x1000, _uid(primitive.AffectedSOPInstanceUID)),
+    ))
+    return _command_element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def _patch_send_msg(cls) -> None:
+    """C-STORE responses (one per received instance) encoded directly; all else as before."""
+    original = cls.send_msg
+
+    def send_msg(self, primitive, context_id: int) -> None:
+        if type(primitive) is _C_STORE and not self.assoc.get_handlers(_evt.EVT_DIMSE_SENT):
+            command = _encode_store_response(primitive)
+            limit = self.maximum_pdu_size
+            if command is not None and (not limit or len(command) + 6 <= limit):
+                pdata = _P_DATA()
+                pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+                self.dul.send_pdu(pdata)
+                return
+        original(self, primitive, context_id)
+
+    cls.send_msg = send_msg
+
+
 def _internals_present() -> bool:
     dul_source = _dul.DULServiceProvider.__init__.__code__.co_names
     return (hasattr(_dul, "time") and hasattr(_association, "time")
+            and hasattr(_dimse.DIMSEServiceProvider, "send_msg") and hasattr(_C_STORE(), "ErrorComment")
             and hasattr(_dimse_messages, "create_file_meta") and hasattr(_dimse_messages, "write_file_meta_info")
             and "to_provider_queue" in dul_source and "_run_loop_delay" in dul_source
             and hasattr(_transport.AssociationSocket, "recv"))
@@ -237,6 +292,7 @@ def install() -> bool:
         _dul.time = _association.time = _TimeModule()
         _transport.AssociationSocket.recv = _recv
         _dimse_messages.create_file_meta = _create_file_meta
+        _patch_send_msg(_dimse.DIMSEServiceProvider)
         _dimse_messages.write_file_meta_info = _write_file_meta_info
         _installed = True
         return True

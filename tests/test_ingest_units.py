@@ -218,3 +218,21 @@ def test_header_agrees_with_pydicom_on_its_test_files() -> None:
             "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"} <= checked
     with pytest.raises(IncompleteDatasetError):
         read_header(Path(pydicom.data.__file__).parent / "test_files" / "MR_truncated.dcm")
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xC002])
+def test_fast_store_response_is_byte_identical_to_pynetdicom(status: int) -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from grok_pacs.pynetdicom_tuning import _encode_store_response
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = 65535, status
+    rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.77.1.5.4", generate_uid()
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    [pdata] = message.encode_msg(1, 0)
+    assert _encode_store_response(rsp) == pdata.presentation_data_value_list[0][1][1:]
+    rsp.ErrorComment = "details"
+    assert _encode_store_response(rsp) is None, "anything beyond a status goes through pynetdicom"
