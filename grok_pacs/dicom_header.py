@@ -9,13 +9,12 @@ fraction of a pydicom parse, which matters per instance in the C-STORE handler.
 
 from __future__ import annotations
 
-import io
+import mmap
 import os
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from pydicom import uid
 
@@ -61,21 +60,30 @@ def read_header(path: Path) -> Header:
     """The index attributes of the file at `path`; raises IncompleteDatasetError or InvalidUIDError."""
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
-        if handle.read(132)[128:] != b"DICM":
-            raise IncompleteDatasetError("not a DICOM file (no DICM prefix)")
-        meta = _Walker(handle, size, implicit=False, little=True).read_group(
-            0x0002, {TRANSFER_SYNTAX_TAG: "ts", SOURCE_AE_TAG: "source_ae"})
-        syntax = meta.get("ts", "")
-        if not syntax:
-            raise IncompleteDatasetError("the file meta has no TransferSyntaxUID")
-        if syntax == uid.DeflatedExplicitVRLittleEndian:
-            body = _inflate(handle)
-            handle, size = io.BytesIO(body), len(body)
-        walker = _Walker(handle, size, implicit=syntax == uid.ImplicitVRLittleEndian,
-                         little=syntax != uid.ExplicitVRBigEndian)
-        values = walker.read_until_pixels(WANTED)
-        while handle.tell() < size:
-            walker.skip_element()
+        if size < 132:
+            raise IncompleteDatasetError("not a DICOM file (shorter than the preamble)")
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return _parse(mapped, size)
+
+
+def _parse(buffer, size: int) -> Header:
+    """Parse the mapped file: preamble, file meta, dataset to the end (pages of skipped values untouched)."""
+    if buffer[128:132] != b"DICM":
+        raise IncompleteDatasetError("not a DICOM file (no DICM prefix)")
+    meta_walker = _Walker(buffer, size, implicit=False, little=True, position=132)
+    meta = meta_walker.read_group(0x0002, {TRANSFER_SYNTAX_TAG: "ts", SOURCE_AE_TAG: "source_ae"})
+    syntax = meta.get("ts", "")
+    if not syntax:
+        raise IncompleteDatasetError("the file meta has no TransferSyntaxUID")
+    position = meta_walker.position
+    if syntax == uid.DeflatedExplicitVRLittleEndian:
+        buffer = _inflate(buffer[position:])
+        size, position = len(buffer), 0
+    walker = _Walker(buffer, size, implicit=syntax == uid.ImplicitVRLittleEndian,
+                     little=syntax != uid.ExplicitVRBigEndian, position=position)
+    values = walker.read_until_pixels(WANTED)
+    while walker.position < size:
+        walker.skip_element()
     return _header(values, syntax, meta.get("source_ae", ""))
 
 
@@ -100,11 +108,11 @@ def _header(values: dict[str, str], syntax: str, source_ae: str) -> Header:
     )
 
 
-def _inflate(handle: BinaryIO) -> bytes:
+def _inflate(data: bytes) -> bytes:
     """The inflated dataset of a deflated file; it must be one complete zlib stream."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        body = inflater.decompress(handle.read())
+        body = inflater.decompress(data)
     except zlib.error as exc:
         raise IncompleteDatasetError(f"deflated dataset is corrupt: {exc}") from exc
     if not inflater.eof:
@@ -113,49 +121,47 @@ def _inflate(handle: BinaryIO) -> bytes:
 
 
 class _Walker:
-    """Steps over data elements by tag and length, checking each fits inside the file."""
+    """Steps over data elements by tag and length in a buffer, checking each fits inside it."""
 
-    def __init__(self, handle: BinaryIO, size: int, implicit: bool, little: bool) -> None:
-        self.handle, self.size, self.implicit = handle, size, implicit
+    def __init__(self, buffer, size: int, implicit: bool, little: bool, position: int) -> None:
+        self.buffer, self.size, self.implicit, self.position = buffer, size, implicit, position
         self.order = "<" if little else ">"
 
-    def _read(self, count: int) -> bytes:
-        data = self.handle.read(count)
-        if len(data) != count:
-            raise IncompleteDatasetError("the dataset is truncated (file ends inside an element)")
-        return data
+    def _need(self, count: int) -> int:
+        """Advance over `count` bytes; returns where they start."""
+        start = self.position
+        if start + count > self.size:
+            raise IncompleteDatasetError(f"the dataset is truncated ({start + count - self.size} bytes missing)")
+        self.position = start + count
+        return start
 
-    def _read_tag(self, order: str | None = None) -> int:
-        group, element = struct.unpack((order or self.order) + "HH", self._read(4))
+    def _tag(self, order: str | None = None) -> int:
+        group, element = struct.unpack_from((order or self.order) + "HH", self.buffer, self._need(4))
         return (group << 16) | element
 
-    def peek_tag(self) -> int | None:
-        """The next tag, or None at the end of the file."""
-        position = self.handle.tell()
-        if position >= self.size:
-            return None
-        tag = self._read_tag()
-        self.handle.seek(position)
-        return tag
+    def _u32(self, order: str | None = None) -> int:
+        return struct.unpack_from((order or self.order) + "L", self.buffer, self._need(4))[0]
 
-    def _skip(self, length: int) -> None:
-        end = self.handle.tell() + length
-        if end > self.size:
-            raise IncompleteDatasetError(f"the dataset is truncated ({end - self.size} bytes missing)")
-        self.handle.seek(end)
+    def peek_tag(self) -> int | None:
+        """The next tag, or None at the end of the data."""
+        if self.position + 4 > self.size:
+            return None if self.position >= self.size else self._tag()  # a partial tag raises
+        group, element = struct.unpack_from(self.order + "HH", self.buffer, self.position)
+        return (group << 16) | element
 
     def _element_header(self, implicit: bool) -> tuple[int, bytes, int]:
-        tag = self._read_tag()
+        tag = self._tag()
         if implicit:
-            return tag, b"", struct.unpack(self.order + "L", self._read(4))[0]
-        vr = self._read(2)
+            return tag, b"", self._u32()
+        start = self._need(2)
+        vr = bytes(self.buffer[start:start + 2])
         if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):  # implicit VR inside an explicit dataset (as pydicom)
-            self.handle.seek(-2, io.SEEK_CUR)
-            return tag, b"", struct.unpack(self.order + "L", self._read(4))[0]
+            self.position = start
+            return tag, b"", self._u32()
         if vr in _LONG_VRS:
-            self._read(2)
-            return tag, vr, struct.unpack(self.order + "L", self._read(4))[0]
-        return tag, vr, struct.unpack(self.order + "H", self._read(2))[0]
+            self._need(2)
+            return tag, vr, self._u32()
+        return tag, vr, struct.unpack_from(self.order + "H", self.buffer, self._need(2))[0]
 
     def skip_element(self, implicit: bool | None = None) -> None:
         implicit = self.implicit if implicit is None else implicit
@@ -166,7 +172,7 @@ class _Walker:
             # An undefined-length UN holds implicit VR little endian items (PS3.5 §6.2.2).
             self._skip_items(encapsulated=tag in PIXEL_TAGS, implicit=implicit or vr == b"UN")
         else:
-            self._skip(length)
+            self._need(length)
 
     def read_group(self, group: int, wanted: dict[int, str]) -> dict[str, str]:
         """Read the elements of `group` at the current position (the file meta)."""
@@ -176,7 +182,7 @@ class _Walker:
         return values
 
     def read_until_pixels(self, wanted: dict[int, str]) -> dict[str, str]:
-        """Read the top-level dataset up to the pixel data; raises if the file ends first."""
+        """Read the top-level dataset up to the pixel data; raises if the data ends first."""
         values: dict[str, str] = {}
         while (tag := self.peek_tag()) not in PIXEL_TAGS:
             if tag is None:
@@ -187,7 +193,8 @@ class _Walker:
     def _read_value_or_skip(self, wanted: dict[int, str], values: dict[str, str]) -> None:
         tag, vr, length = self._element_header(self.implicit)
         if tag in wanted and length <= MAX_VALUE_READ:
-            values[wanted[tag]] = self._read(length).decode("ascii", "replace").strip("\x00 ")
+            start = self._need(length)
+            values[wanted[tag]] = bytes(self.buffer[start:start + length]).decode("ascii", "replace").strip("\x00 ")
         else:
             self._skip_value(tag, vr, length, self.implicit)
 
@@ -195,17 +202,16 @@ class _Walker:
         """Items until the sequence delimiter; nested datasets are walked element by element."""
         order = "<" if encapsulated else None
         while True:
-            item_tag = self._read_tag(order)
-            (length,) = struct.unpack((order or self.order) + "L", self._read(4))
+            item_tag, length = self._tag(order), self._u32(order)
             if item_tag == SEQUENCE_DELIMITER:
                 return
             if item_tag != ITEM:
                 raise IncompleteDatasetError(f"unexpected tag {item_tag:08X} inside a sequence")
             if length != UNDEFINED_LENGTH:
-                self._skip(length)
+                self._need(length)
                 continue
             while (tag := self.peek_tag()) != ITEM_DELIMITER:
                 if tag is None:
                     raise IncompleteDatasetError("the dataset is truncated (inside a sequence item)")
                 self.skip_element(implicit)
-            self._read(8)
+            self._need(8)
