@@ -10,7 +10,8 @@ Selection (documented behaviour, tested):
 - An eye with a CFP or an OCT gets an SR (the missing modality is stated in it); an eye with neither gets
   none. A study with no analysable eye FAILS with the reason.
 Idempotency: the SR of (study, version, bundle version, eye) has a derived UID; a DELIVERED or FAILED one
-is kept as it is (not re-analysed, not re-sent), anything else is rebuilt and replaces the earlier copy.
+is kept as it is (not re-analysed, not re-sent); one already written but not yet delivered (a restart) is
+delivered as it is, without running the model again; a missing one is built.
 """
 
 from __future__ import annotations
@@ -176,6 +177,12 @@ def _study_is_current(index: StudyIndex, study_uid: str, version: int) -> StudyO
     return None
 
 
+def _no_analysable_eye(index: StudyIndex, study_uid: str, notes: list[str]) -> NoAnalysableEyeError:
+    held = ", ".join(sorted({f"{i.modality}/{i.laterality or '-'}" for i in index.instances(study_uid)})) or "nothing"
+    return NoAnalysableEyeError(f"no readable CFP or OCT of a right or left eye (study holds {held})"
+                                + (f"; {'; '.join(notes)}" if notes else ""))
+
+
 def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Callable[[], "Engine | AnalysisEngine"],
               bundle_version: str, study_uid: str, version: int) -> StudyResult:
     """Analyse one study version into outbox rows (delivery is the caller's next step).
@@ -189,18 +196,23 @@ def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Cal
         return StudyResult(study_uid, version, void)
     eyes, notes = select_candidates(index.instances(study_uid), settings)
     keys = {eye: SRKey(study_uid, version, bundle_version, eye) for eye in Eye}
-    delivered = {eye: outbox.get(key.sop_instance_uid) for eye, key in keys.items()}  # finished: terminal rows
-    delivered = {eye: e for eye, e in delivered.items()
-                 if e is not None and e.state in (OutboxState.DELIVERED, OutboxState.FAILED)}
-    pending = [eye for eye in Eye if eye not in delivered and (eyes[eye].cfp or eyes[eye].oct)]
-    if delivered and not pending:
-        return StudyResult(study_uid, version, StudyOutcome.ALREADY_DONE, tuple(delivered.values()), tuple(notes))
+    existing = {eye: outbox.get(key.sop_instance_uid) for eye, key in keys.items()}
+    finished = {eye: e for eye, e in existing.items()
+                if e is not None and e.state in (OutboxState.DELIVERED, OutboxState.FAILED)}
+    built = {eye: e for eye, e in existing.items()  # SR written by an earlier run, not yet delivered: reuse
+             if e is not None and eye not in finished and resolve_inside(Path(settings.data_dir), e.path).is_file()}
+    pending = [eye for eye in Eye if eye not in finished and eye not in built and (eyes[eye].cfp or eyes[eye].oct)]
+    if finished and not pending and not built:
+        return StudyResult(study_uid, version, StudyOutcome.ALREADY_DONE, tuple(finished.values()), tuple(notes))
+    entries = [*finished.values(), *built.values()]
+    if not pending and entries:
+        return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
+    if not pending:
+        raise _no_analysable_eye(index, study_uid, notes)
     index.set_state(study_uid, StudyState.ANALYSING, f"bundle {bundle_version}", version=version)
-    entries = list(delivered.values())
-    loaded = engine() if pending else None
+    loaded = engine()
     written: list[tuple[Eye, str]] = []
     for eye in pending:
-        assert loaded is not None
         analysed = analyse_eye(settings, loaded, eyes[eye])
         notes.extend(eyes[eye].notes)
         if analysed is not None:
@@ -211,7 +223,5 @@ def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Cal
                                   bundle_version=bundle_version, eye=eye.value, path=relpath,
                                   note="; ".join(notes)))
     if not entries:
-        held = ", ".join(sorted({f"{i.modality}/{i.laterality or '-'}" for i in index.instances(study_uid)})) or "nothing"
-        raise NoAnalysableEyeError(f"no readable CFP or OCT of a right or left eye (study holds {held})"
-                                   + (f"; {'; '.join(notes)}" if notes else ""))
+        raise _no_analysable_eye(index, study_uid, notes)
     return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))

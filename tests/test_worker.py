@@ -21,7 +21,7 @@ from grok_pacs import worker
 from grok_pacs.assembly import recover
 from grok_pacs.celery_app import create_app
 from grok_pacs.config import load_settings
-from grok_pacs.index import StudyIndex, StudyState
+from grok_pacs.index import StudyState
 from grok_pacs.outbox import OutboxState
 from grok_pacs.tasks import analyze_study
 from grok_pacs.uids import instance_relpath
@@ -204,3 +204,19 @@ def test_selection_by_sop_class_laterality_and_acquisition_time(tmp_path):
     legacy = load_settings(data_dir=tmp_path, accept_legacy_photography=True)
     eyes, _ = select_candidates(instances, legacy)
     assert [r.sop_uid for r in eyes[Eye.RIGHT].cfp] == ["1.3", "1.2", "1.1"]
+
+
+def test_rerun_after_a_failed_delivery_sends_the_written_sr_without_the_model(ctx, pacs):
+    patient = Patient()
+    study_uid = _ingest(ctx, [make_cfp(patient, "R")])
+    pacs.stop()  # the PACS is down: the first attempt fails, a retry goes on the broker
+    assert list(analyze_study(study_uid=study_uid, version=1)["srs"].values()) == ["transient"]
+    assert ctx.index.study(study_uid).state is StudyState.DELIVERING
+    pacs.start()
+    restarted = worker.configure(ctx.settings)  # a new process, e.g. `grok-pacs serve` requeueing at start
+    summary = analyze_study(study_uid=study_uid, version=1)
+    assert list(summary["srs"].values()) == ["delivered"]
+    assert not restarted.engine_loaded  # the SR written before was sent as it is
+    (entry,) = restarted.outbox.for_study(study_uid)
+    assert pacs.received_sop_uids() == [entry.sr_uid] and entry.attempts == 2
+    assert restarted.index.study(study_uid).state is StudyState.DONE
