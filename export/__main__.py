@@ -18,6 +18,11 @@ Model export for grok-pacs (local files only; nothing is downloaded).
 """
 
 
+PRECISIONS = ("float32", "float16", "int8")
+PRECISION_HELP = ("encoder ONNX precision: float32 (default), float16 (GPU serving) or int8 (CPU serving: int8 "
+                  "weight MatMuls, several times faster on CPU, looser parity tolerance)")
+
+
 def _config(value: str):
     from grok_pacs.model.config import GrokConfig
 
@@ -38,9 +43,9 @@ def _cmd_encoder(args: argparse.Namespace) -> int:
     with tqdm(total=3, desc=f"{args.kind} encoder", unit="step") as bar:
         encoder = load_encoder(args.checkpoint, cfg)
         bar.set_postfix_str("loaded"); bar.update()
-        export_encoder(encoder, args.out, fp16=args.fp16)
+        export_encoder(encoder, args.out, precision=args.precision)
         bar.set_postfix_str("exported"); bar.update()
-        result = check_encoder_parity(encoder, args.out, dtype="float16" if args.fp16 else "float32",
+        result = check_encoder_parity(encoder, args.out, dtype=args.precision,
                                       name=args.kind, raise_on_fail=False)
         bar.set_postfix_str("parity checked"); bar.update()
     print(result)
@@ -57,7 +62,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
         heads=[BiomarkerHead.load(args.oct_head), BiomarkerHead.load(args.cfp_head)], projectors=args.projectors,
         llm_dir=args.llm_dir, base_dir=args.base_dir, adapter_dir=args.adapter_dir, merge=not args.no_merge,
         tokenizer_dir=args.tokenizer_dir, name=args.name, version=args.version, provenance=provenance,
-        config=_config(args.config), fp16=args.fp16, overwrite=args.overwrite)
+        config=_config(args.config), precision=args.precision, overwrite=args.overwrite)
     print(f"bundle written: {path}")
     return 0
 
@@ -86,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--checkpoint", type=Path, required=True, help="RETFound/RetiZero .pth or encoder .safetensors")
     enc.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     enc.add_argument("--config", default="full", help="'full', 'tiny' or a GrokConfig JSON file (default full)")
-    enc.add_argument("--fp16", action="store_true", help="float16 weights behind a float32 interface (for GPUs)")
+    enc.add_argument("--precision", choices=PRECISIONS, default="float32", help=PRECISION_HELP)
     enc.set_defaults(func=_cmd_encoder)
     bun = sub.add_parser("bundle", help="build a verified model bundle")
     bun.add_argument("--out", type=Path, required=True, help="bundle directory to create")
@@ -103,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     bun.add_argument("--version", required=True, help="bundle version, e.g. 1.0.0")
     bun.add_argument("--provenance", type=Path, help="JSON file: training data, configs, commits")
     bun.add_argument("--config", default="full", help="'full', 'tiny' or a GrokConfig JSON file (default full)")
-    bun.add_argument("--fp16", action="store_true", help="export the encoders in float16")
+    bun.add_argument("--precision", choices=PRECISIONS, default="float32", help=PRECISION_HELP)
     bun.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     bun.set_defaults(func=_cmd_bundle)
     ver = sub.add_parser("verify", help="verify a bundle's files against its manifest")

@@ -90,8 +90,8 @@ def _check_tokenizer(tokenizer_dir: Path, llm_config: Path) -> None:
         raise ValueError(f"tokenizer {tokenizer_dir} lacks {IMAGE_TOKEN}")
 
 
-def _encoder_entry(rel: str, cfg: EncoderConfig, fp16: bool, parity: Any) -> dict[str, Any]:
-    return {"file": rel, "dtype": "float16" if fp16 else "float32", "input": INPUT_NAME, "outputs": list(OUTPUT_NAMES),
+def _encoder_entry(rel: str, cfg: EncoderConfig, precision: str, parity: Any) -> dict[str, Any]:
+    return {"file": rel, "precision": precision, "input": INPUT_NAME, "outputs": list(OUTPUT_NAMES),
             "image_size": cfg.img_size, "tokens": cfg.num_patches, "dim": cfg.embed_dim,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
             "parity": parity.to_dict() if parity is not None else None}
@@ -116,17 +116,16 @@ def _manifest(name: str, version: str, config: GrokConfig, llm: dict, encoders: 
     }
 
 
-def _export_encoders(work: Path, config: GrokConfig, cfp_encoder: Any, oct_encoder: Any, fp16: bool, parity: bool,
-                     step: Any) -> dict[str, Any]:
+def _export_encoders(work: Path, config: GrokConfig, cfp_encoder: Any, oct_encoder: Any, precision: str,
+                     parity: bool, step: Any) -> dict[str, Any]:
     """Both encoders to ONNX, each checked against torch (ParityError beyond tolerance)."""
     encoders = {}
     for key, rel, value, cfg in (("cfp", layout.CFP_ENCODER, cfp_encoder, config.cfp_encoder),
                                  ("oct", layout.OCT_ENCODER, oct_encoder, config.oct_encoder)):
         encoder = _encoder(value, cfg, f"{key}_encoder")
-        export_encoder(encoder, work / rel, fp16=fp16)
-        result = check_encoder_parity(encoder, work / rel, dtype="float16" if fp16 else "float32",
-                                      name=f"{key}_encoder") if parity else None
-        encoders[key] = _encoder_entry(rel, cfg, fp16, result)
+        export_encoder(encoder, work / rel, precision=precision)
+        result = check_encoder_parity(encoder, work / rel, dtype=precision, name=f"{key}_encoder") if parity else None
+        encoders[key] = _encoder_entry(rel, cfg, precision, result)
         step(f"{key} encoder exported")
     return encoders
 
@@ -158,13 +157,14 @@ def build_bundle(out_dir: str | Path, *, cfp_encoder: RetinaEncoder | str | Path
                  heads: Mapping[Any, BiomarkerHead] | Iterable[BiomarkerHead], projectors: Projectors | str | Path,
                  tokenizer_dir: str | Path, name: str, version: str, provenance: dict, config: GrokConfig,
                  llm_dir: str | Path | None = None, base_dir: str | Path | None = None,
-                 adapter_dir: str | Path | None = None, merge: bool = True, fp16: bool = False,
+                 adapter_dir: str | Path | None = None, merge: bool = True, precision: str = "float32",
                  parity: bool = True, overwrite: bool = False, progress: bool = True) -> Path:
     """Export, copy, hash and verify everything into a bundle directory; returns its path.
 
     LLM: `llm_dir` (LoRA already merged), or `base_dir` + `adapter_dir` (merged here when merge=True,
-    else stored side by side and merged at load). Raises ValueError naming the bad input, ParityError
-    when an encoder export drifts from torch.
+    else stored side by side and merged at load). Encoder `precision`: "float32" (default), "float16"
+    (GPU serving) or "int8" (CPU serving; see export.onnx_export). Raises ValueError naming the bad input,
+    ParityError when an encoder export drifts from torch beyond the precision's tolerance.
     """
     config.check()
     if (llm_dir is None) == (base_dir is None or adapter_dir is None):
@@ -182,7 +182,7 @@ def build_bundle(out_dir: str | Path, *, cfp_encoder: RetinaEncoder | str | Path
         steps.set_postfix_str(label)
         steps.update(1)
 
-    encoders = _export_encoders(work, config, cfp_encoder, oct_encoder, fp16, parity, step)
+    encoders = _export_encoders(work, config, cfp_encoder, oct_encoder, precision, parity, step)
     _write_heads(work, config, heads)
     step("heads")
     proj = projectors if isinstance(projectors, Projectors) else Projectors.load(projectors, config.projector)

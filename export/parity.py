@@ -22,8 +22,11 @@ class Tolerance:
     min_cosine: float  #: smallest allowed cosine similarity of the flattened outputs
 
 
-#: fp32 differs from torch only by kernel order; fp16 by its 10-bit mantissa through 24 blocks.
-TOLERANCES = {"float32": Tolerance(max_abs=5e-3, min_cosine=0.99999), "float16": Tolerance(max_abs=0.1, min_cosine=0.999)}
+#: float32 differs from torch only by kernel order; float16 by its 10-bit mantissa through the blocks; int8 by
+#: per-channel weight and per-tensor dynamic activation quantisation (ViT-L/16, random weights: cosine 0.9995).
+TOLERANCES = {"float32": Tolerance(max_abs=5e-3, min_cosine=0.99999),
+              "float16": Tolerance(max_abs=0.1, min_cosine=0.999),
+              "int8": Tolerance(max_abs=1.0, min_cosine=0.999)}
 
 
 class ParityError(AssertionError):

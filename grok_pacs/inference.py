@@ -185,7 +185,6 @@ class Engine:
                                   temperature=gen.temperature, eos_token_id=self.eos_id,
                                   pad_token_id=self.tokenizer.pad_token_id or self.eos_id)
         timings["generate"] = time.perf_counter() - t
-        timings["generated_tokens"] = float(out.shape[1])
         raw = self.tokenizer.decode(out[0], skip_special_tokens=True)
         scores: dict[str, float] = {}
         if gen.score_labels:

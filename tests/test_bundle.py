@@ -47,11 +47,11 @@ def test_encoder_onnx_has_a_dynamic_batch_axis(tiny_bundle):
         assert tokens.shape == (batch, 196, 32) and pooled.shape == (batch, 32)
 
 
-@pytest.mark.parametrize("fp16", [False, True])
-def test_onnx_parity_within_tolerance(tmp_path, fp16):
+@pytest.mark.parametrize("precision", ["float32", "float16", "int8"])
+def test_onnx_parity_within_tolerance(tmp_path, precision):
     encoder = build_encoder(EncoderConfig(embed_dim=32, depth=2, num_heads=2))
-    path = export_encoder(encoder, tmp_path / "enc.onnx", fp16=fp16)
-    result = check_encoder_parity(encoder, path, dtype="float16" if fp16 else "float32", batch_sizes=(1, 2))
+    path = export_encoder(encoder, tmp_path / "enc.onnx", precision=precision)
+    result = check_encoder_parity(encoder, path, dtype=precision, batch_sizes=(1, 2))
     assert result.passed and 0 <= result.max_abs <= result.tolerance.max_abs and result.cosine >= 0.999
     assert "max abs diff" in str(result) and "cosine" in str(result)
 
