@@ -157,6 +157,7 @@ def main() -> int:
     scratch = args.work_dir / "runs"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
+    load_before = os.getloadavg()
     results = {
         "opt_32mb": measure("OPT ~32 MB", files["opt"], [], args.repeats, scratch),
         "op_jpeg_300kb": measure("OP JPEG ~300 KB", files["op"], ["-xy"], args.repeats, scratch),
@@ -164,7 +165,9 @@ def main() -> int:
     report = {
         "benchmark": "ingest: DCMTK storescu -> grok-pacs listen vs DCMTK storescp (+xa), loopback",
         "targets": {"opt_32mb": {"ratio_mb_s": 1.0}, "op_jpeg_300kb": {"ratio_inst_s": 0.5}},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    # other work on the machine slows Python (two threads per association) more than DCMTK
+                    "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
         "repeats": args.repeats,
         "results": results,
     }
