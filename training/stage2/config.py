@@ -64,8 +64,8 @@ class Stage2Config:
     def small(cls, manifest: str = "", out_dir: str = "", modality: str = "OCT", **changes: Any) -> "Stage2Config":
         """The CPU demo/benchmark run: tiny ViT, short schedule, tuned to beat the plain encoder reliably."""
         base = cls(manifest=manifest, out_dir=out_dir, modality=modality, model_preset="tiny", proj_dim=128,
-                   loss="clip", temperature=0.1, epochs=12, batch_size=32, lr=1e-3, encoder_lr=1e-3,
-                   weight_decay=0.05, warmup_epochs=1, augment=False, num_threads=0)
+                   loss="ntxent", temperature=0.5, epochs=20, batch_size=32, lr=2e-3, encoder_lr=2e-3,
+                   weight_decay=0.05, warmup_epochs=1, augment=False, num_threads=1)
         return replace(base, **changes)
 
     @classmethod

@@ -198,15 +198,12 @@ def _meta(cfg: Stage2Config, stats: BiomarkerStats, epoch: int, step: int, best:
             "epoch": epoch, "step": step, "best": best}
 
 
-def train(cfg: Stage2Config, data: Stage2Data, *, stop_after: int | None = None) -> TrainOutcome:
-    """Train (or resume) in cfg.out_dir. `stop_after` ends after that many epochs in total (to test resume)."""
-    cfg.check()
+def _start(cfg: Stage2Config, data: Stage2Data, device: torch.device):
+    """Model, optimizer, statistics and (epoch, step, best): fresh, or from `last.*` when resuming."""
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / CONFIG_NAME)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = pick_device(cfg.device)
+    if len(data.rows("train")) < 2:
+        raise ValueError(f"stage 2 needs at least 2 training eyes (a contrastive batch needs negatives), "
+                         f"the cohort has {len(data.rows('train'))}")
     stats = BiomarkerStats.fit(data.keys, data.values[data.rows("train")])
     model = make_model(cfg)
     save_encoder(model.encoder, out / INIT_ENCODER)  # the plain encoder: same seed, same weights on resume
@@ -218,23 +215,44 @@ def train(cfg: Stage2Config, data: Stage2Data, *, stop_after: int | None = None)
         meta = load_checkpoint(out / LAST, model, optimizer)
         epoch, step, best = meta["epoch"], meta["step"], meta["best"]
         log.info("stage 2: resuming %s at epoch %d, step %d", out, epoch, step)
-    metrics = MetricsLog(out, keep_epochs=epoch)
-    last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
-    while epoch < last_epoch:
-        started = time.monotonic()
-        train_loss, step = train_epoch(cfg, model, optimizer, data, stats, epoch + 1, step, device)
-        epoch += 1
-        record = {"epoch": epoch, "step": step, "train_loss": train_loss, **validate(cfg, model, data, stats, device),
-                  "lr": optimizer.param_groups[0]["lr"], "temperature": float(model.loss_fn.temperature),
-                  "seconds": round(time.monotonic() - started, 3)}
-        value = _selection_value(cfg, record)
-        if best["value"] is None and value is None or value is not None and (best["value"] is None or value < best["value"]):
-            best = {"epoch": epoch, "value": value}
-            save_checkpoint(out / BEST, model, _meta(cfg, stats, epoch, step, best))
-        metrics.append(record)
-        save_checkpoint(out / LAST, model, _meta(cfg, stats, epoch, step, best), optimizer)
-        log.info("stage 2 epoch %d: %s", epoch, record)
-    metrics.plot()
+    return model, optimizer, stats, epoch, step, best
+
+
+def _improves(best: float | None, value: float | None) -> bool:
+    """Lower is better; without a validation split every epoch counts as the best so far (last wins)."""
+    return value is None and best is None or value is not None and (best is None or value < best)
+
+
+def train(cfg: Stage2Config, data: Stage2Data, *, stop_after: int | None = None) -> TrainOutcome:
+    """Train (or resume) in cfg.out_dir. `stop_after` ends after that many epochs in total (to test resume)."""
+    cfg.check()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / CONFIG_NAME)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.num_threads or threads)
+    try:
+        device = pick_device(cfg.device)
+        model, optimizer, stats, epoch, step, best = _start(cfg, data, device)
+        metrics = MetricsLog(out, keep_epochs=epoch)
+        last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
+        while epoch < last_epoch:
+            started = time.monotonic()
+            train_loss, step = train_epoch(cfg, model, optimizer, data, stats, epoch + 1, step, device)
+            epoch += 1
+            record = {"epoch": epoch, "step": step, "train_loss": train_loss,
+                      **validate(cfg, model, data, stats, device), "lr": optimizer.param_groups[0]["lr"],
+                      "temperature": float(model.loss_fn.temperature), "seconds": round(time.monotonic() - started, 3)}
+            value = _selection_value(cfg, record)
+            if _improves(best["value"], value):
+                best = {"epoch": epoch, "value": value}
+                save_checkpoint(out / BEST, model, _meta(cfg, stats, epoch, step, best))
+            metrics.append(record)
+            save_checkpoint(out / LAST, model, _meta(cfg, stats, epoch, step, best), optimizer)
+            log.info("stage 2 epoch %d: %s", epoch, record)
+        metrics.plot()
+    finally:
+        torch.set_num_threads(threads)
     return TrainOutcome(out / BEST, int(best["epoch"]), epoch, stats)
 
 
