@@ -173,10 +173,21 @@ class Listener:
                  self.settings.ae_title, address[0], self.port, self.settings.tls_enabled,
                  len(self.settings.accepted_sop_classes), ",".join(self.settings.allowed_aes) or "any")
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()  # stops accepting, closes the socket, ends open associations
-            self._server = None
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting; let open associations finish for up to `grace` seconds, then abort them.
+
+        An aborted transfer was never acknowledged: the sender retries it, recovery removes its file.
+        """
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server = None
+        deadline = time.monotonic() + grace
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            log.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
+            assoc.abort()
 
     # --- association bookkeeping (one log line per association) -----------------------------------
     def _stats_for(self, event) -> _AssociationStats:
