@@ -11,6 +11,9 @@ worker on it). That transport passes its transport options to `sqlalchemy.create
 the SQLite busy timeout there instead of a visibility timeout (it has none: a message taken by a worker
 that is killed outright is not redelivered; a worker's child dying is handled by
 `task_reject_on_worker_lost`).
+
+Signals: `worker_ready` logs the worker and queues the SRs a previous run left in the outbox
+(`grok_pacs.worker.on_worker_ready`). Tasks live in `grok_pacs.tasks`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_ready
 
 from grok_pacs.config import Settings
 
@@ -75,3 +79,11 @@ def create_app(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+@worker_ready.connect(weak=False, dispatch_uid="grok_pacs.celery_app.worker_ready")
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """A worker is consuming: log it and queue the SRs a previous run left undelivered (restart safety)."""
+    from grok_pacs.worker import on_worker_ready  # lazy: the worker side (index, outbox) only in workers
+
+    on_worker_ready()

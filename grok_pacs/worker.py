@@ -101,7 +101,7 @@ def context() -> WorkerContext:
     return _context
 
 
-def _redeliver_outbox(sender: Any = None, **_: Any) -> None:
+def on_worker_ready() -> None:
     """At start: say so, and queue a delivery for every SR a previous run left undelivered."""
     from grok_pacs.delivery import claim_lease_s
     from grok_pacs.tasks import deliver_sr
@@ -125,9 +125,6 @@ def node_name(settings: Settings) -> str:
 
 def build_worker(app: "Celery", settings: Settings, loglevel: str = "INFO") -> Any:
     """A solo-pool Celery worker consuming `settings.queue` (one job at a time)."""
-    from celery.signals import worker_ready
-
-    worker_ready.connect(_redeliver_outbox, weak=False, dispatch_uid="grok_pacs.worker.redeliver_outbox")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied module otherwise
     import grok_pacs.inference  # noqa: F401 - torch/transformers imported now, not inside the first job
     return app.Worker(

@@ -2,7 +2,8 @@
 
 - the worker killed with SIGKILL mid-job: Redis redelivers the unacknowledged job to a new worker and
   exactly one SR arrives; SIGTERM mid-job: the job finishes, then the worker exits 0;
-- the PACS down, then up: the SR arrives once (delivery retried with backoff);
+- the PACS down, then up: the SR arrives once (delivery retried with backoff), also when the worker is
+  killed while the SR waits in the outbox;
 - a permanent rejection: the study FAILS with the reason after one attempt, no retry loop.
 """
 
@@ -146,6 +147,20 @@ def test_pacs_down_then_up_sr_arrives_once(box, pacs):
     pacs.start()
     assert _arrived_once(pacs) == [entry.sr_uid]
     assert box.wait_state(study_uid, (StudyState.DONE,), 20).state is StudyState.DONE
+
+
+def test_undelivered_sr_survives_a_worker_restart(box, pacs):
+    first = box.worker()
+    study_uid = box.send_study("R")
+    wait_until(lambda: [e for e in box.outbox(study_uid) if e.attempts >= 1 and e.state is OutboxState.PENDING],
+               90, "a failed first delivery", interval=0.02)
+    first.signal(signal.SIGKILL)  # the host goes down with the SR still in the outbox
+    first.wait(10)
+    pacs.start()
+    box.worker()  # at start it queues every undelivered SR of the outbox
+    (entry,) = box.outbox(study_uid)
+    assert _arrived_once(pacs) == [entry.sr_uid]
+    assert box.wait_state(study_uid, (StudyState.DONE,), 30).state is StudyState.DONE
 
 
 def test_permanent_rejection_fails_without_retry_loop(tmp_path, tiny_bundle, redis):
