@@ -40,6 +40,7 @@ log = logging.getLogger("grok_pacs.scu")
 REJECTED_PERMANENT = 0x01
 REJECTED_TRANSIENT = 0x02
 NO_RESPONSE = -1  # pseudo-status: the association ended before the peer answered
+NOT_DICOM = -2  # pseudo-status: the file was not sent, it has no readable DICOM file meta
 
 
 class StoreError(RuntimeError):
@@ -63,7 +64,7 @@ class StoreResult:
     path: str  # the file sent ('' for an in-memory dataset)
     sop_class_uid: str
     sop_instance_uid: str
-    status: int  # DIMSE status, or NO_RESPONSE
+    status: int  # DIMSE status, or NO_RESPONSE / NOT_DICOM
     category: StatusCategory
     message: str = ""
 
@@ -74,7 +75,8 @@ class StoreResult:
 
     @property
     def status_name(self) -> str:
-        return "NO_RESPONSE" if self.status == NO_RESPONSE else status_name(self.status)
+        pseudo = {NO_RESPONSE: "NO_RESPONSE", NOT_DICOM: "NOT_DICOM"}
+        return pseudo.get(self.status) or status_name(self.status)
 
 
 def _make_ae(calling_ae: str, timeout: float, max_pdu: int) -> AE:
@@ -134,17 +136,19 @@ def echo(peer: Peer, calling_ae: str, timeout: float = 30.0, tls: ssl.SSLContext
         raise PermanentStoreError(f"C-ECHO to {peer} answered {status_name(code)} (0x{code:04X})")
 
 
-def _file_keys(paths: Iterable[Path]) -> list[tuple[Path, str, str, str]]:
-    """(path, SOP class, SOP instance, transfer syntax) from each file's meta; raises on non-DICOM."""
-    keys = []
+def _file_keys(paths: Iterable[Path]) -> tuple[list[tuple[Path, str, str, str]], list[StoreResult]]:
+    """(path, SOP class, SOP instance, transfer syntax) from each file's meta, and a NOT_DICOM result
+    for each file that has no readable DICOM file meta (it is not sent)."""
+    keys, unreadable = [], []
     for path in paths:
         try:
             meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
-        except (InvalidDicomError, OSError) as exc:
-            raise PermanentStoreError(f"{path} is not a DICOM file: {exc}") from exc
-        keys.append((path, str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
-                     str(meta.TransferSyntaxUID)))
-    return keys
+            keys.append((path, str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
+                         str(meta.TransferSyntaxUID)))
+        except (InvalidDicomError, OSError, AttributeError) as exc:
+            unreadable.append(StoreResult(str(path), "", "", NOT_DICOM, StatusCategory.PERMANENT,
+                                          f"not a DICOM file with file meta: {exc}"))
+    return keys, unreadable
 
 
 def _result(path: str, sop_class: str, sop_uid: str, response: Dataset) -> StoreResult:
@@ -163,16 +167,16 @@ def store_files(peer: Peer, paths: Iterable[Path | str], calling_ae: str, timeou
     Raises PermanentStoreError/TransientStoreError only when no association comes up; per-file
     failures (including SOP classes the peer did not accept) are results.
     """
-    keys = _file_keys(Path(p) for p in paths)
+    keys, unreadable = _file_keys(Path(p) for p in paths)
     if not keys:
-        return []
+        return unreadable
     _config.STORE_SEND_CHUNKED_DATASET = True  # stream files as they are (process-wide, send-only switch)
     contexts = requested_contexts((sop_class, ts) for _, sop_class, _, ts in keys)
     try:
-        return _store_keys(peer, keys, calling_ae, contexts, timeout, max_pdu, tls)
+        return _store_keys(peer, keys, calling_ae, contexts, timeout, max_pdu, tls) + unreadable
     except NoAcceptedContextError as exc:
         return [StoreResult(str(path), sop_class, sop_uid, SOP_CLASS_NOT_SUPPORTED, StatusCategory.PERMANENT,
-                            str(exc)) for path, sop_class, sop_uid, _ in keys]
+                            str(exc)) for path, sop_class, sop_uid, _ in keys] + unreadable
 
 
 def _store_keys(peer: Peer, keys: list[tuple[Path, str, str, str]], calling_ae: str, contexts, timeout: float,

@@ -45,6 +45,9 @@ def test_echo_send_and_studies(tmp_path: Path) -> None:
         sent = grok("send", str(tmp_path / "study"), "--to", peer, "--calling-ae", "ADMIN")
         assert sent.returncode == 0, sent.stderr
         assert f"{len(files)} of {len(files)} stored" in sent.stdout
+        (tmp_path / "study" / "notes.txt").write_text("not DICOM")
+        mixed = grok("send", str(tmp_path / "study"), "--to", peer)
+        assert mixed.returncode == 1 and "NOT_DICOM" in mixed.stdout and f"{len(files)} of {len(files) + 1} stored" in mixed.stdout
         ct = grok("send", get_testdata_file("CT_small.dcm"), "--to", peer)
         assert ct.returncode == 1 and "SOP_CLASS_NOT_SUPPORTED" in ct.stdout
         wait_until(lambda: service.index.study(study).state is StudyState.QUEUED, 10, "the study to be queued")
