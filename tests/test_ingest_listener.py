@@ -144,3 +144,16 @@ def test_association_limit_rejects_then_recovers(tmp_path: Path) -> None:
         assert refused.returncode != 0 and "Rejected" in refused.stderr + refused.stdout
         assoc.release()
         wait_until(lambda: echoscu(service.port).returncode == 0, 10, "a free association slot", step=0.2)
+
+
+def test_legacy_photography_only_when_enabled(tmp_path: Path) -> None:
+    ds = fundus_photograph(generate_uid(), "R", size=32)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture
+    path = write(ds, tmp_path / "sc.dcm")
+    for enabled, expected in ((False, dimse_status.SOP_CLASS_NOT_SUPPORTED), (True, dimse_status.SUCCESS)):
+        settings = ingest_settings(tmp_path / str(enabled), accept_legacy_photography=enabled)
+        with running(settings):
+            peer = Peer(ae_title=OUR_AE, host="127.0.0.1", port=settings.port)
+            [result] = store_files(peer, [path], calling_ae="GROKSCU", timeout=10)
+        assert result.status == expected
+        assert len(stored_files(settings)) == int(enabled)
