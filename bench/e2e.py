@@ -10,7 +10,10 @@ Measured:
   study written by the destination, minus the quiet period (the wait that makes a study complete), one
   study at a time, one warm worker. Target <= 5 s.
 - throughput: studies per minute for a burst of studies sent back to back, with 1 and with 2 warm
-  workers; scale_2_over_1 is their ratio. Target >= 1.8 (needs at least two free cores).
+  workers; scale_2_over_1 is their ratio. Target >= 1.8 (needs at least two free cores). Worker CPU
+  seconds per study and the workers' CPU utilisation (CPU time / wall time / workers) are recorded too:
+  equal CPU per study with 1 and 2 workers means no contention inside grok-pacs; utilisation well below
+  1 with 2 workers means the machine had no second free core.
 Writes bench/results/e2e.json.
 """
 
@@ -107,14 +110,24 @@ def measure_latency(rig: Rig, studies: int) -> list[float]:
     return latencies
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), to tell our cost from the machine's load."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure_throughput(rig: Rig, studies: int, label: str) -> dict:
     expected = len(rig.received()) + SRS_PER_STUDY * studies
+    cpu_before = sum(cpu_seconds(w.pid) for w in rig.workers)
     start = time.time()
     for _ in tqdm(range(studies), desc=f"throughput burst, {label}"):
         rig.send()
     last = rig.wait_for(expected, timeout=1800)
     elapsed = last - start
-    return {"studies": studies, "elapsed_s": round(elapsed, 3), "studies_per_min": round(studies * 60 / elapsed, 2)}
+    worker_cpu = sum(cpu_seconds(w.pid) for w in rig.workers) - cpu_before
+    return {"studies": studies, "elapsed_s": round(elapsed, 3), "studies_per_min": round(studies * 60 / elapsed, 2),
+            "worker_cpu_s_per_study": round(worker_cpu / studies, 3),
+            "worker_cpu_utilisation": round(worker_cpu / elapsed / len(rig.workers), 3)}
 
 
 def warm_up(rig: Rig) -> None:
