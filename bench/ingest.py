@@ -58,6 +58,31 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
 
 
+def fsync_latency_ms(directory: Path, samples: int = 30) -> dict[str, float]:
+    """Median fsync time of a new 300 KB file and of its directory after a rename, on the bench disk:
+    the two ordered barriers every durably stored instance pays (DCMTK storescp pays none)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    data, file_ms, dir_ms = os.urandom(300 * 1024), [], []
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        for number in range(samples):
+            path = directory / f"probe{number}"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.write(fd, data)
+            start = time.perf_counter()
+            os.fsync(fd)
+            file_ms.append((time.perf_counter() - start) * 1000)
+            os.close(fd)
+            os.replace(path, directory / f"done{number}")
+            start = time.perf_counter()
+            os.fsync(dir_fd)
+            dir_ms.append((time.perf_counter() - start) * 1000)
+    finally:
+        os.close(dir_fd)
+        shutil.rmtree(directory, ignore_errors=True)
+    return {"file_300kb": round(statistics.median(file_ms), 2), "directory": round(statistics.median(dir_ms), 2)}
+
+
 def make_files(directory: Path, opt_count: int, op_count: int) -> dict[str, list[Path]]:
     """The two workloads, generated once (pixel content reused, UIDs unique per instance)."""
     opt_dir, op_dir = directory / "opt", directory / "op"
@@ -158,6 +183,7 @@ def main() -> int:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     load_before = os.getloadavg()
+    fsync_ms = fsync_latency_ms(scratch / "fsync-probe")
     results = {
         "opt_32mb": measure("OPT ~32 MB", files["opt"], [], args.repeats, scratch),
         "op_jpeg_300kb": measure("OP JPEG ~300 KB", files["op"], ["-xy"], args.repeats, scratch),
@@ -167,7 +193,8 @@ def main() -> int:
         "targets": {"opt_32mb": {"ratio_mb_s": 1.0}, "op_jpeg_300kb": {"ratio_inst_s": 0.5}},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     # other work on the machine slows Python (two threads per association) more than DCMTK
-                    "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
+                    "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+                    "fsync_median_ms": fsync_ms},
         "repeats": args.repeats,
         "results": results,
     }
