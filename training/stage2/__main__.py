@@ -17,6 +17,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from training.manifest import ManifestError
 from training.stage2.config import MODALITIES, Stage2Config
 from training.stage2.train import Stage2Result, run
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for modality in args.modality:
         try:
             result = run(config_for(args, modality))
-        except (ValueError, FileNotFoundError) as exc:
+        except (ManifestError, ValueError, FileNotFoundError) as exc:
             print(f"stage 2 ({modality}) failed: {exc}", file=sys.stderr)
             return 2
         results[modality] = str(result.report_path)

@@ -32,9 +32,10 @@ from grok_pacs.model.vit import RetinaEncoder
 from training.stage2.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from training.stage2.config import CONFIG_NAME, Stage2Config
 from training.stage2.data import BiomarkerStats, Stage2Data, augment, load_data
-from training.stage2.evaluate import evaluate_encoders, fit_probe, pooled_features, save_head, score_split, write_report
+from training.stage2.evaluate import evaluate_encoders, pooled_features, save_head, write_report
 from training.stage2.metrics_log import MetricsLog
 from training.stage2.model import AlignmentModel, build_alignment_model
+from training.stage2.probe import fit_ridge, probe_errors
 
 log = logging.getLogger(__name__)
 
@@ -141,14 +142,14 @@ def train_epoch(cfg: Stage2Config, model: AlignmentModel, optimizer: torch.optim
                disable=not cfg.progress, leave=False, unit="batch")
     for b in bar:
         idx = order[b * batch:(b + 1) * batch]
-        images = data.images[idx].float()
+        images = data.images[idx].to(device).float()  # float16 cache: half the bytes to move
         if cfg.augment:
             images = augment(images, generator)
-        values = stats.standardise(data.values[idx])
+        values = stats.standardise(data.values[idx]).to(device)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, total, warmup)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = model(images.to(device), values.to(device))
+            loss = model(images, values)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -173,9 +174,12 @@ def validate(cfg: Stage2Config, model: AlignmentModel, data: Stage2Data, stats: 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(data.images[idx].float().to(device), stats.standardise(data.values[idx]).to(device))
         losses.append(float(loss))
-    feats = pooled_features(model.encoder, data.images, device, cfg.eval_batch_size, cfg.bf16)
-    probe = fit_probe(data, feats, cfg.ridge_alphas, cfg.seed)
-    errors = score_split(data, probe, feats, "val")["overall"]
+    train_rows = data.rows("train")
+    feats = {split: pooled_features(model.encoder, data.images[r], device, cfg.eval_batch_size, cfg.bf16)
+             for split, r in (("train", train_rows), ("val", rows))}  # never the test eyes
+    probe = fit_ridge(feats["train"], data.values[train_rows].double().numpy(), data.keys,
+                      np.array(data.subjects)[train_rows.numpy()], cfg.ridge_alphas, cfg.seed)
+    errors = probe_errors(probe, feats["val"], data.values[rows].double().numpy())["overall"]
     return {"val_loss": float(np.mean(losses)) if losses else None,
             "val_probe_mae": errors["mae"], "val_probe_mae_std": errors["mae_std"]}
 
