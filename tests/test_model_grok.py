@@ -187,3 +187,13 @@ def test_head_from_torch_weights_and_shape_errors():
         BiomarkerHead.from_ridge("CFP", np.ones((5, 4)), np.zeros(5))
     with pytest.raises(ValueError, match="expects 4-d features"):
         head.predict(np.ones(3))
+
+
+def test_head_saved_from_a_transposed_weight_reloads_identically(tmp_path):
+    """Ridge solvers often return W^T views; the saved head must not come back scrambled."""
+    rng = np.random.default_rng(1)
+    weight = np.asfortranarray(rng.normal(size=(len(CFP_KEYS), 8)))  # non-C-contiguous
+    head = BiomarkerHead.from_ridge("CFP", weight, np.arange(len(CFP_KEYS), dtype=float))
+    again = BiomarkerHead.load(head.save(tmp_path / "cfp.safetensors"))
+    x = rng.normal(size=(3, 8))
+    np.testing.assert_allclose(again.predict(x), head.predict(x), rtol=1e-5)

@@ -99,7 +99,10 @@ class BiomarkerHead:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.weight.astype(np.float32), "bias": self.bias.astype(np.float32)}, str(path),
+        # safetensors copies raw memory: a transposed (non-contiguous) array would reload scrambled.
+        tensors = {"weight": np.ascontiguousarray(self.weight, dtype=np.float32),
+                   "bias": np.ascontiguousarray(self.bias, dtype=np.float32)}
+        save_file(tensors, str(path),
                   metadata={"format": "grok-pacs-biomarker-head/1", "modality": str(self.modality),
                             "keys": json.dumps(list(self.keys))})
         return path
