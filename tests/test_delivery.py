@@ -123,6 +123,24 @@ def test_permanent_rejection_fails_at_once_without_retry(tmp_path):
     assert "delivery failed" in detail and "Calling AE title not recognised" in detail
 
 
+def test_pacs_that_does_not_support_sr_fails_at_once(tmp_path):
+    """A peer that accepts the association but no SR presentation context: permanent, no retry loop."""
+    pacs_settings = load_settings(data_dir=tmp_path / "pacs", port=free_port(), bind_address="127.0.0.1",
+                                  ae_title="PACS")  # a grok-pacs listener offers no SR storage class
+    pacs = Listener(pacs_settings, StudyIndex(pacs_settings.index_path))
+    pacs.start()
+    try:
+        settings = _settings(tmp_path / "data", f"PACS@127.0.0.1:{pacs_settings.port}")
+        index, outbox, sr_uid = _queued_study(settings)
+        with pytest.raises(PermanentStoreError, match="not supported"):
+            deliver(settings, outbox, sr_uid, owner="job-1")
+    finally:
+        pacs.stop()
+    entry = outbox.get(sr_uid)
+    assert (entry.state, entry.attempts) == (OutboxState.FAILED, 1)
+    assert update_study_state(settings, index, outbox, entry.study_uid, 1) is StudyState.FAILED
+
+
 def test_retries_exhausted_give_up_and_backoff_doubles(tmp_path):
     settings = _settings(tmp_path / "data", f"PACS@127.0.0.1:{free_port()}", delivery_backoff_s=2,
                          delivery_backoff_max_s=10)
