@@ -49,7 +49,3 @@ def cached_tiny_bundle(cache_root: Path) -> Path:
 
 CACHE_ROOT = ROOT / ".cache" / "grok-bundles"  # git-ignored; shared with bench/e2e.py
 
-
-def session_tiny_bundle(request) -> Path:
-    """For a session fixture: the cached bundle (built on first use of this source version)."""
-    return cached_tiny_bundle(CACHE_ROOT)

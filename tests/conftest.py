@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -35,14 +36,15 @@ def port() -> int:
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory):
-    """A complete tiny model bundle built through `export.build_bundle`, once per test session.
+def tiny_bundle() -> Path:
+    """A complete tiny model bundle built through `export.build_bundle` (tests/bundle_cache.py caches it
+    under .cache/grok-bundles/, keyed by the sources that shape it).
 
     Shared by every test that needs a model: never modify it (copy it with helpers.tiny_bundle.copy_bundle).
     """
     import torch
 
-    from helpers.tiny_bundle import build_tiny_bundle
+    from bundle_cache import CACHE_ROOT, cached_tiny_bundle
 
     torch.set_num_threads(1)
-    return build_tiny_bundle(tmp_path_factory.mktemp("tiny-bundle") / "bundle")
+    return cached_tiny_bundle(CACHE_ROOT)

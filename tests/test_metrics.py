@@ -333,12 +333,11 @@ def test_sr_delivery_outcomes_are_counted(tmp_path: Path) -> None:
     assert [a - b for a, b in zip(after, before)] == [1, 0, 1, 1]
 
 
-def test_one_box_serve_metrics_from_ingest_to_delivered_sr(tmp_path: Path, request) -> None:
+def test_one_box_serve_metrics_from_ingest_to_delivered_sr(tmp_path: Path, tiny_bundle: Path) -> None:
     """`grok-pacs serve` end to end: storescu in, SR out to storescp, every stage visible in /metrics."""
-    from bundle_cache import session_tiny_bundle
     from storescp import StoreSCP
 
-    bundle = session_tiny_bundle(request)
+    bundle = tiny_bundle
     pacs = StoreSCP(free_port(), tmp_path / "pacs").start()
     dicom_port, metrics_port = free_port(), free_port()
     env = {"GROK_PACS_DATA_DIR": str(tmp_path / "data"), "GROK_PACS_PORT": str(dicom_port),

@@ -11,12 +11,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pydicom
-import pytest
 
-from bundle_cache import session_tiny_bundle
 from conftest import free_port
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 from orthanc import Orthanc
@@ -25,10 +22,6 @@ from worker_harness import GrokProcess, grok_env, wait_until
 
 GROK_AE = "GROK_PACS"
 
-
-@pytest.fixture(scope="session")
-def tiny_bundle(request) -> Path:
-    return session_tiny_bundle(request)
 
 
 def test_study_from_orthanc_comes_back_with_srs_in_the_same_study(tmp_path, tiny_bundle):

@@ -15,7 +15,6 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from bundle_cache import session_tiny_bundle
 from conftest import free_port
 from grok_pacs import worker
 from grok_pacs.assembly import recover
@@ -32,10 +31,6 @@ from storescp import StoreSCP
 EARLY = dt.datetime(2025, 1, 1, 9, 0, 0)
 LATE = dt.datetime(2025, 1, 1, 11, 0, 0)
 
-
-@pytest.fixture(scope="session")
-def tiny_bundle(request) -> Path:
-    return session_tiny_bundle(request)
 
 
 @pytest.fixture

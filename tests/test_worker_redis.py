@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from bundle_cache import session_tiny_bundle
 from conftest import free_port
 from grok_pacs.config import load_settings
 from grok_pacs.index import StudyIndex, StudyState
@@ -29,10 +28,6 @@ from worker_harness import GrokProcess, Redis, grok_env, storescu, wait_until
 JOB_TIME_LIMIT_S = 10  # -> Redis visibility timeout 20 s: a killed worker's job comes back within ~21 s
 READY = "worker ready"
 
-
-@pytest.fixture(scope="session")
-def tiny_bundle(request) -> Path:
-    return session_tiny_bundle(request)
 
 
 @pytest.fixture
@@ -105,7 +100,7 @@ def box(tmp_path, tiny_bundle, redis, pacs):
 
 
 def _arrived_once(pacs: StoreSCP, settle_s: float = 3.0) -> list[str]:
-    uids = wait_until(pacs.received_sop_uids, 90, "an SR at the PACS", interval=0.2)
+    wait_until(pacs.received_sop_uids, 90, "an SR at the PACS", interval=0.2)
     time.sleep(settle_s)  # a duplicate would arrive in this time
     return pacs.received_sop_uids()
 
