@@ -219,6 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=PipelineConfig.seed, help="cohort seed")
     parser.add_argument("--no-estimates", action="store_true",
                         help="train stage 3 without the biomarker estimates in the prompt")
+    parser.add_argument("--json-out", type=Path, default=None, help="also write the result paths to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -229,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PipelineConfig.small(n_subjects=args.subjects, seed=args.seed,
                                stage3=Stage3Config.small(biomarker_estimates=not args.no_estimates))
     result = run_pipeline(cfg, args.cache, progress=not args.quiet)
-    print(json.dumps(result.to_dict(), indent=1))
+    text = json.dumps(result.to_dict(), indent=1)
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(text + "\n")
+    print(text)
     return 0
 
 

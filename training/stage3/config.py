@@ -32,10 +32,10 @@ class StandInLLMConfig:
     num_attention_heads: int = 4  # query heads
     num_key_value_heads: int = 2  # KV heads (grouped-query attention, as Qwen2)
     intermediate_size: int = 256  # MLP width
-    epochs: int = 3  # passes over the report corpus
-    lr: float = 2e-3  # AdamW learning rate (cosine, 5 % warmup)
+    epochs: int = 10  # passes over the report corpus
+    lr: float = 3e-3  # AdamW learning rate (cosine, 5 % warmup)
     batch_size: int = 8  # sequences per step
-    max_length: int = 640  # longest pretraining sequence in tokens
+    max_length: int = 2048  # longest pretraining sequence in tokens
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Stage3Config:
     # --- language model and tokenizer -----------------------------------------------------------------
     base_llm_dir: Path | None = None  # local Qwen2(-Instruct) directory; None = pretrain the stand-in
     tokenizer_dir: Path | None = None  # tokenizer directory; None = base_llm_dir's, else train a phantom BPE
-    tokenizer_vocab_size: int = 1024  # phantom BPE vocabulary (ignored with a real tokenizer)
+    tokenizer_vocab_size: int = 2048  # phantom BPE vocabulary (ignored with a real tokenizer)
     stand_in: StandInLLMConfig = field(default_factory=StandInLLMConfig)  # used only without base_llm_dir
     # --- LoRA ------------------------------------------------------------------------------------------
     lora_r: int = 16  # LoRA rank

@@ -1,0 +1,79 @@
+"""Held-out evaluation of a stage-3 bundle through the runtime itself (`grok_pacs.inference.Engine`).
+
+The benchmark must measure what a hospital would be served: the bundle is loaded and verified like the
+worker does, each held-out eye goes through the same pixel reading, foveal B-scan choice, ONNX encoders,
+heads, prompt, generation and report parsing. References are the stage-1 records of those eyes (reference
+report and measured biomarkers); `training.benchmark.evaluate` scores the pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from grok_pacs.inference import Engine
+from grok_pacs.report import Report
+from training.benchmark.records import Prediction, Reference, biomarkers_from_prompt_json
+from training.stage3.data import load_instructions, record_label
+from training.stage3.features import eye_id
+
+
+class PromptWithoutEstimatesEngine(Engine):
+    """The runtime engine for a bundle trained WITHOUT the biomarker block in its prompt.
+
+    Only the prompt differs: the heads still run and their estimates still go to the report (and the SR).
+    """
+
+    def _generate(self, tokens: Any, estimates: Any, missing: Any, timings: Any) -> Any:
+        return super()._generate(tokens, {}, missing, timings)
+
+
+def bundle_uses_estimates(bundle_dir: Path) -> bool:
+    """Whether the bundle's stage 3 was trained with the biomarker estimates in the prompt (its provenance)."""
+    manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
+    stage3 = manifest.get("provenance", {}).get("stage3", {})
+    return bool(stage3.get("config", {}).get("biomarker_estimates", True))
+
+
+def load_engine(bundle_dir: Path, threads: int = 0) -> Engine:
+    """The CPU/GPU engine for a bundle, with the prompt its stage 3 was trained with."""
+    cls = Engine if bundle_uses_estimates(bundle_dir) else PromptWithoutEstimatesEngine
+    return cls.from_bundle(bundle_dir, threads=threads)
+
+
+def references(instructions: Path, split: str = "test") -> list[Reference]:
+    """The reference of every `split` eye: its label, stage-1 report and measured biomarkers."""
+    out = []
+    for record in load_instructions(instructions):
+        if record.get("split") != split:
+            continue
+        reply = next(t["value"] for t in record["conversations"] if t.get("from") in ("gpt", "assistant"))
+        out.append(Reference(case_id=eye_id(str(record["subject_id"]), str(record["eye"])),
+                             label=record_label(record), text=reply,
+                             biomarkers=biomarkers_from_prompt_json(record["biomarkers"])))
+    if not out:
+        raise ValueError(f"{instructions}: no records in the {split!r} split")
+    return out
+
+
+def predict(engine: Engine, manifest: Path, case_ids: list[str], progress: bool = True
+            ) -> tuple[list[Prediction], list[Report], float]:
+    """Run the engine on the manifest's eyes `case_ids`; predictions, reports and seconds per eye."""
+    from training.manifest import load_manifest
+
+    by_id = {eye_id(r.subject_id, r.eye): r for r in load_manifest(manifest)}
+    missing = [c for c in case_ids if c not in by_id]
+    if missing:
+        raise ValueError(f"{manifest} lacks the eyes {missing[:3]}")
+    predictions, reports = [], []
+    started = time.monotonic()
+    for case in tqdm(case_ids, desc=f"evaluate {engine.bundle.name}", unit="eye", disable=not progress):
+        record = by_id[case]
+        report = engine.analyze_eye(record.eye, cfp=record.cfp_path, oct=record.oct_path)
+        reports.append(report)
+        predictions.append(Prediction.from_report(case, report))
+    return predictions, reports, (time.monotonic() - started) / max(len(case_ids), 1)
