@@ -7,7 +7,9 @@ content is a cheap synthetic pattern: these files exercise transport and storage
 
 from __future__ import annotations
 
+import datetime as dt
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +17,10 @@ from PIL import Image
 from pydicom import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
-    ExplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 
@@ -49,40 +51,82 @@ def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def _base(sop_class: str, modality: str, study_uid: str, series_uid: str, laterality: str,
-          syntax: str) -> Dataset:
+@dataclass
+class Patient:
+    """Patient and study attributes shared by every instance of one synthetic study (the demo's phantom
+    by default)."""
+
+    patient_id: str = "PHANTOM-0001"
+    patient_name: str = PATIENT_NAME
+    birth_date: str = ""
+    sex: str = "O"
+    study_uid: str = field(default_factory=generate_uid)
+    accession: str = "GROKDEMO"
+    study_id: str = "1"
+    study_date: str = "20250101"
+    study_time: str = "090000"
+
+
+ACQUIRED = dt.datetime(2025, 1, 1, 9, 0, 0)
+
+
+def base_dataset(patient: Patient, sop_class: str, modality: str, series_uid: str,
+                 acquired: dt.datetime = ACQUIRED, manufacturer: str = "grok-pacs synthetic") -> Dataset:
+    """The attributes every synthetic OP/OPT instance carries: SOP, patient, study, series, equipment,
+    acquisition date/time and an 8-bit unsigned pixel module; no pixels, laterality or file meta."""
     ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.PatientName, ds.PatientID = patient.patient_name, patient.patient_id
+    ds.PatientBirthDate, ds.PatientSex = patient.birth_date, patient.sex
+    ds.StudyInstanceUID, ds.StudyID, ds.AccessionNumber = patient.study_uid, patient.study_id, patient.accession
+    ds.StudyDate, ds.StudyTime = patient.study_date, patient.study_time
+    ds.ReferringPhysicianName = ""
+    ds.SeriesInstanceUID, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = series_uid, modality, 1, 1
+    ds.Manufacturer = manufacturer
+    ds.AcquisitionDateTime = acquired.strftime("%Y%m%d%H%M%S")
+    ds.ContentDate, ds.ContentTime = acquired.strftime("%Y%m%d"), acquired.strftime("%H%M%S")
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    return ds
+
+
+def with_file_meta(ds: Dataset, syntax: str) -> Dataset:
+    """Give `ds` the file meta of a Part 10 file in transfer syntax `syntax` (built from its SOP UIDs)."""
     meta = FileMetaDataset()
-    ds.SOPInstanceUID = generate_uid()
-    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = syntax
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta = meta
-    ds.SOPClassUID = sop_class
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = PATIENT_NAME, "PHANTOM-0001", "", "O"
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20250101", "090000", "GROKDEMO", "1"
-    ds.ReferringPhysicianName = ""
-    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, 1
-    ds.ImageLaterality = laterality
-    ds.AcquisitionDateTime = "20250101090000"
-    ds.ContentDate, ds.ContentTime = "20250101", "090000"
-    ds.Manufacturer = "grok-pacs synthetic"
+    return ds
+
+
+def set_jpeg_frame(ds: Dataset, jpeg: bytes) -> Dataset:
+    """Make `ds` carry one encapsulated JPEG baseline colour frame (YBR_FULL_422, lossy) and say so in its
+    file meta; Rows and Columns are the caller's."""
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0
+    ds.LossyImageCompression, ds.LossyImageCompressionMethod = "01", "ISO_10918_1"
+    ds.PixelData = encapsulate([jpeg])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    return with_file_meta(ds, JPEGBaseline8Bit)
+
+
+def set_monochrome_frames(ds: Dataset, volume: np.ndarray) -> Dataset:
+    """Make `ds` carry `volume` (uint8 [frames, rows, columns]) as uncompressed MONOCHROME2 frames."""
+    ds.NumberOfFrames, ds.Rows, ds.Columns = volume.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = np.ascontiguousarray(volume, np.uint8).tobytes()
+    ds["PixelData"].VR = "OB"
     return ds
 
 
 def fundus_photograph(study_uid: str, laterality: str, size: int = 256, series_uid: str | None = None,
                       quality: int = 90, seed: int = 0) -> Dataset:
     """An OP 8 Bit instance with one JPEG-baseline (YBR_FULL_422 signalled as YBR_FULL) RGB frame."""
-    ds = _base(OP_8BIT, "OP", study_uid, series_uid or generate_uid(), laterality, JPEGBaseline8Bit)
+    ds = base_dataset(Patient(study_uid=study_uid), OP_8BIT, "OP", series_uid or generate_uid())
+    ds.ImageLaterality = laterality
     ds.Rows = ds.Columns = size
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.LossyImageCompression, ds.LossyImageCompressionMethod = "01", "ISO_10918_1"
-    ds.PixelData = encapsulate([jpeg_bytes(fundus_rgb(size, laterality, seed), quality)])
-    ds["PixelData"].VR = "OB"
-    return ds
+    return set_jpeg_frame(ds, jpeg_bytes(fundus_rgb(size, laterality, seed), quality))
 
 
 def oct_volume_array(frames: int, rows: int, columns: int, seed: int = 0) -> np.ndarray:
@@ -103,12 +147,9 @@ def oct_tomography(study_uid: str, laterality: str, frames: int = 16, rows: int 
                    syntax: str = ExplicitVRLittleEndian, series_uid: str | None = None,
                    seed: int = 0) -> Dataset:
     """A multi-frame Ophthalmic Tomography Image (OPT), uncompressed or JPEG 2000 lossless."""
-    ds = _base(OPT, "OPT", study_uid, series_uid or generate_uid(), laterality, ExplicitVRLittleEndian)
-    ds.NumberOfFrames, ds.Rows, ds.Columns = frames, rows, columns
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = oct_volume_array(frames, rows, columns, seed).tobytes()
-    ds["PixelData"].VR = "OB"
+    ds = base_dataset(Patient(study_uid=study_uid), OPT, "OPT", series_uid or generate_uid())
+    ds.ImageLaterality = laterality
+    set_monochrome_frames(with_file_meta(ds, ExplicitVRLittleEndian), oct_volume_array(frames, rows, columns, seed))
     if syntax == JPEG2000Lossless:
         ds.compress(JPEG2000Lossless)
     elif syntax != ExplicitVRLittleEndian:
@@ -116,8 +157,11 @@ def oct_tomography(study_uid: str, laterality: str, frames: int = 16, rows: int 
     return ds
 
 
-def write(ds: Dataset, path: Path) -> Path:
-    """Save `ds` as a DICOM file (with file meta) at `path`."""
+def write(ds: Dataset, path: Path, syntax: str | None = None) -> Path:
+    """Save `ds` as a DICOM Part 10 file at `path`, its file meta rebuilt from its SOP UIDs; transfer
+    syntax `syntax`, else the one its file meta names, else explicit VR little endian."""
+    current = getattr(ds, "file_meta", FileMetaDataset()).get("TransferSyntaxUID")
+    with_file_meta(ds, syntax or current or ExplicitVRLittleEndian)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -8,63 +8,38 @@ fundus / retina-like pattern, enough for the tiny model bundle to run on.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
-OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
-OPT = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
+from grok_pacs import sample_dicom
+from grok_pacs.config import OP_8BIT, OPT
+from grok_pacs.sample_dicom import set_jpeg_frame, set_monochrome_frames, write
+
+__all__ = ["Patient", "fundus_pixels", "hand_built_report", "make_cfp", "make_oct", "make_undecodable_cfp",
+           "oct_pixels", "write"]
 
 
 @dataclass
-class Patient:
-    """Patient and study attributes shared by every instance of one synthetic study."""
+class Patient(sample_dicom.Patient):
+    """The tests' patient: the runtime's synthetic patient/study record with the tests' own defaults."""
 
     patient_id: str = "GROK-TEST-001"
     patient_name: str = "Test^Retina"
     birth_date: str = "19600101"
     sex: str = "F"
-    study_uid: str = field(default_factory=generate_uid)
     accession: str = "ACC0001"
     study_id: str = "S1"
-    study_date: str = "20250101"
     study_time: str = "101500"
 
 
 def _base(patient: Patient, sop_class: str, modality: str, series_uid: str, acquired: dt.datetime) -> Dataset:
-    ds = Dataset()
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = generate_uid()
+    """The runtime's base attributes, made by the tests' camera (its equipment and character set)."""
+    ds = sample_dicom.base_dataset(patient, sop_class, modality, series_uid, acquired, "Synthetic Optics")
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.PatientID = patient.patient_id
-    ds.PatientName = patient.patient_name
-    ds.PatientBirthDate = patient.birth_date
-    ds.PatientSex = patient.sex
-    ds.StudyInstanceUID = patient.study_uid
-    ds.StudyDate = patient.study_date
-    ds.StudyTime = patient.study_time
-    ds.StudyID = patient.study_id
-    ds.AccessionNumber = patient.accession
-    ds.ReferringPhysicianName = ""
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.Modality = modality
-    ds.Manufacturer = "Synthetic Optics"
-    ds.ManufacturerModelName = "Phantom 1"
-    ds.SoftwareVersions = "1.0"
-    ds.DeviceSerialNumber = "SN-1"
-    ds.AcquisitionDateTime = acquired.strftime("%Y%m%d%H%M%S")
-    ds.ContentDate = acquired.strftime("%Y%m%d")
-    ds.ContentTime = acquired.strftime("%H%M%S")
-    ds.PixelRepresentation = 0
-    ds.BitsAllocated = 8
-    ds.BitsStored = 8
-    ds.HighBit = 7
+    ds.ManufacturerModelName, ds.SoftwareVersions, ds.DeviceSerialNumber = "Phantom 1", "1.0", "SN-1"
     return ds
 
 
@@ -117,19 +92,15 @@ def make_cfp(patient: Patient, laterality: str, *, acquired: dt.datetime | None 
 
 
 def make_oct(patient: Patient, laterality: str, *, acquired: dt.datetime | None = None,
-             series_uid: str | None = None, frames: int = 8, seed: int = 0) -> Dataset:
-    """A multi-frame Ophthalmic Tomography instance (B-scans) of one eye."""
+             series_uid: str | None = None, frames: int = 8, seed: int = 0,
+             volume: np.ndarray | None = None) -> Dataset:
+    """A multi-frame Ophthalmic Tomography instance (B-scans) of one eye: `volume` (uint8 [frames, rows,
+    cols]) when given, else `frames` synthetic B-scans."""
     acquired = acquired or dt.datetime(2025, 1, 1, 10, 5, 0)
     ds = _base(patient, OPT, "OPT", series_uid or generate_uid(), acquired)
-    pixels = oct_pixels(frames=frames, seed=seed)
-    ds.NumberOfFrames = pixels.shape[0]
-    ds.Rows, ds.Columns = pixels.shape[1:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.ImageLaterality = laterality
-    ds.PixelData = pixels.tobytes()
-    return ds
+    return set_monochrome_frames(ds, oct_pixels(frames=frames, seed=seed) if volume is None else volume)
 
 
 def make_undecodable_cfp(patient: Patient, laterality: str, **kwargs) -> Dataset:
@@ -137,26 +108,7 @@ def make_undecodable_cfp(patient: Patient, laterality: str, **kwargs) -> Dataset
 
     It passes the listener (which never decodes pixels) and fails only when the worker reads pixels.
     """
-    ds = make_cfp(patient, laterality, **kwargs)
-    ds.PixelData = encapsulate([b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8])
-    ds["PixelData"].VR = "OB"
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-    ds.PhotometricInterpretation = "YBR_FULL_422"
-    return ds
-
-
-def write(ds: Dataset, path: Path) -> Path:
-    """Write `ds` as a DICOM Part 10 file (its own transfer syntax if set, else explicit VR little endian)."""
-    syntax = getattr(ds, "file_meta", FileMetaDataset()).get("TransferSyntaxUID", ExplicitVRLittleEndian)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = syntax
-    ds.file_meta = meta
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return set_jpeg_frame(make_cfp(patient, laterality, **kwargs), b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)
 
 
 def hand_built_report(eye: str, datasets: list[Dataset], *, label: str = "Glaucoma",

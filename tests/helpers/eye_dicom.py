@@ -1,22 +1,18 @@
 """Synthetic eye images for model tests: OCT volumes with a foveal pit at a chosen frame/column, and real
 DICOM files (JPEG-baseline Ophthalmic Photography, multi-frame Ophthalmic Tomography) built with pydicom.
 
-Headers come from tests/ophthalmic_dicom.py; the CFP's pixels are re-encoded as JPEG baseline (PIL) and
-encapsulated, the transfer syntax fundus cameras really send.
+Headers come from tests/ophthalmic_dicom.py; JPEG encoding, encapsulation and file writing are the runtime's
+(grok_pacs.sample_dicom): the CFP is one JPEG baseline frame, the transfer syntax fundus cameras really send.
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from pydicom.dataset import FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
-
 from ophthalmic_dicom import Patient, fundus_pixels, make_cfp, make_oct
+
+from grok_pacs.sample_dicom import jpeg_bytes, set_jpeg_frame, write
 
 
 def oct_volume(frames: int = 15, rows: int = 96, cols: int = 128, *, pit_frame: int | None = None,
@@ -39,37 +35,14 @@ def oct_volume(frames: int = 15, rows: int = 96, cols: int = 128, *, pit_frame: 
     return np.clip(volume, 0, 255).astype(np.uint8)
 
 
-def _save(ds, path: Path, syntax) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = syntax
-    ds.file_meta = meta
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
 def write_jpeg_cfp(path: Path, patient: Patient, laterality: str, pixels: np.ndarray | None = None) -> Path:
     """An OP 8-bit instance whose pixels are one JPEG baseline frame (YBR_FULL_422)."""
     ds = make_cfp(patient, laterality)
     rgb = fundus_pixels() if pixels is None else pixels
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="JPEG", quality=92)
     ds.Rows, ds.Columns = rgb.shape[:2]
-    ds.PhotometricInterpretation = "YBR_FULL_422"
-    ds.LossyImageCompression = "01"
-    ds.LossyImageCompressionMethod = "ISO_10918_1"
-    ds.PixelData = encapsulate([buffer.getvalue()])
-    ds["PixelData"].VR = "OB"
-    ds["PixelData"].is_undefined_length = True
-    return _save(ds, path, JPEGBaseline8Bit)
+    return write(set_jpeg_frame(ds, jpeg_bytes(rgb, quality=92)), path)
 
 
 def write_oct(path: Path, patient: Patient, laterality: str, volume: np.ndarray) -> Path:
     """A multi-frame OPT instance holding `volume` (uncompressed MONOCHROME2)."""
-    ds = make_oct(patient, laterality, frames=volume.shape[0])
-    ds.NumberOfFrames = volume.shape[0]
-    ds.Rows, ds.Columns = volume.shape[1:]
-    ds.PixelData = volume.tobytes()
-    return _save(ds, path, ExplicitVRLittleEndian)
+    return write(make_oct(patient, laterality, volume=volume), path)
