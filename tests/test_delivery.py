@@ -102,15 +102,19 @@ def test_pacs_down_then_up_delivers_exactly_once(tmp_path):
     assert_valid_sr(kept, "Glaucoma")
 
 
-def test_permanent_rejection_fails_at_once_without_retry(tmp_path):
+@pytest.mark.parametrize("allowed_aes, reason", [
+    (["SOMEONE_ELSE"], "Calling AE title not recognised"),  # the PACS rejects our AE title
+    ([], "not supported"),  # a grok-pacs listener accepts us but offers no SR storage class
+])
+def test_permanent_failure_fails_at_once_without_retry(tmp_path, allowed_aes, reason):
     pacs_settings = load_settings(data_dir=tmp_path / "pacs", port=free_port(), bind_address="127.0.0.1",
-                                  ae_title="PACS", allowed_aes=["SOMEONE_ELSE"])
+                                  ae_title="PACS", allowed_aes=allowed_aes)
     pacs = Listener(pacs_settings, StudyIndex(pacs_settings.index_path))
     pacs.start()
     try:
         settings = _settings(tmp_path / "data", f"PACS@127.0.0.1:{pacs_settings.port}")
         index, outbox, sr_uid = _queued_study(settings)
-        with pytest.raises(PermanentStoreError, match="Calling AE title not recognised"):
+        with pytest.raises(PermanentStoreError, match=reason):
             deliver(settings, outbox, sr_uid, owner="job-1")
         # Nothing is sent again: the row is FAILED, a second call returns without a network attempt.
         assert deliver(settings, outbox, sr_uid, owner="job-2") is DeliveryOutcome.GAVE_UP
@@ -120,25 +124,7 @@ def test_permanent_rejection_fails_at_once_without_retry(tmp_path):
     assert (entry.state, entry.attempts) == (OutboxState.FAILED, 1)
     assert update_study_state(settings, index, outbox, entry.study_uid, 1) is StudyState.FAILED
     detail = index.study(entry.study_uid).detail
-    assert "delivery failed" in detail and "Calling AE title not recognised" in detail
-
-
-def test_pacs_that_does_not_support_sr_fails_at_once(tmp_path):
-    """A peer that accepts the association but no SR presentation context: permanent, no retry loop."""
-    pacs_settings = load_settings(data_dir=tmp_path / "pacs", port=free_port(), bind_address="127.0.0.1",
-                                  ae_title="PACS")  # a grok-pacs listener offers no SR storage class
-    pacs = Listener(pacs_settings, StudyIndex(pacs_settings.index_path))
-    pacs.start()
-    try:
-        settings = _settings(tmp_path / "data", f"PACS@127.0.0.1:{pacs_settings.port}")
-        index, outbox, sr_uid = _queued_study(settings)
-        with pytest.raises(PermanentStoreError, match="not supported"):
-            deliver(settings, outbox, sr_uid, owner="job-1")
-    finally:
-        pacs.stop()
-    entry = outbox.get(sr_uid)
-    assert (entry.state, entry.attempts) == (OutboxState.FAILED, 1)
-    assert update_study_state(settings, index, outbox, entry.study_uid, 1) is StudyState.FAILED
+    assert "delivery failed" in detail and reason in detail
 
 
 def test_retries_exhausted_give_up_and_backoff_doubles(tmp_path):
