@@ -59,11 +59,3 @@ def test_echo_send_and_studies(tmp_path: Path) -> None:
     assert study in table.stdout and "QUEUED" in table.stdout
     dead = grok("echo", f"{AE}@127.0.0.1:{free_port()}", "--timeout", "3")
     assert dead.returncode == 1 and "FAILED" in dead.stderr
-
-
-def test_demo_stores_a_study_and_queues_its_job(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "grok_pacs.demo", "--data-dir", str(tmp_path / "demo")],
-                          capture_output=True, text=True, timeout=180, cwd=ROOT)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "demo OK" in done.stdout and "'version': 1" in done.stdout
-    assert len(list((tmp_path / "demo" / "incoming").rglob("*.dcm"))) == 4
