@@ -7,9 +7,9 @@ import datetime as dt
 import json
 import logging
 import signal
+import time
 import ssl
 import sys
-import threading
 from pathlib import Path
 
 from grok_pacs.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, settings_from_args
@@ -58,16 +58,19 @@ def run_listen(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args, port=args.port, ae_title=args.ae_title, bind_address=args.bind,
                                   data_dir=args.data_dir)
-    stop = threading.Event()
+    # The handler only flips a flag: a handler that takes a lock (Event.set) can deadlock against the
+    # main thread holding that same lock inside Event.wait when the signal lands.
+    stopping: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda signum, _frame: stopping.append(signum))
     service = IngestService(settings)
     observability = metrics.maybe_start_server(settings, "listener")  # /metrics, /health when metrics_port
     metrics.watch_studies(service.index.count_by_state)
     service.start()
     log.info("ready: data_dir=%s broker=%s queue=%s quiet_period=%.1fs", settings.data_dir,
              settings.resolved_broker_url.split("://", 1)[0], settings.queue, settings.quiet_period)
-    stop.wait()
+    while not stopping:
+        time.sleep(0.2)
     log.info("stopping")
     if observability is not None:
         observability.close()
