@@ -32,10 +32,12 @@ class StandInLLMConfig:
     num_attention_heads: int = 4  # query heads
     num_key_value_heads: int = 2  # KV heads (grouped-query attention, as Qwen2)
     intermediate_size: int = 256  # MLP width
-    epochs: int = 10  # passes over the report corpus
+    epochs: int = 6  # passes over the report corpus (jittered copies included)
     lr: float = 3e-3  # AdamW learning rate (cosine, 5 % warmup)
     batch_size: int = 8  # sequences per step
     max_length: int = 2048  # longest pretraining sequence in tokens
+    jittered_copies: int = 1  # extra teacher-written copies of each record with jittered values (guideline only)
+    jitter: float = 0.5  # jitter in training-set standard deviations of each biomarker
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class Stage3Config:
     # --- language model and tokenizer -----------------------------------------------------------------
     base_llm_dir: Path | None = None  # local Qwen2(-Instruct) directory; None = pretrain the stand-in
     tokenizer_dir: Path | None = None  # tokenizer directory; None = base_llm_dir's, else train a phantom BPE
-    tokenizer_vocab_size: int = 2048  # phantom BPE vocabulary (ignored with a real tokenizer)
+    tokenizer_vocab_size: int = 4096  # phantom BPE vocabulary (ignored with a real tokenizer)
     stand_in: StandInLLMConfig = field(default_factory=StandInLLMConfig)  # used only without base_llm_dir
     # --- LoRA ------------------------------------------------------------------------------------------
     lora_r: int = 16  # LoRA rank

@@ -36,7 +36,7 @@ from training.stage3.data import SFTDataset, build_samples, chat_text, load_inst
 from training.stage3.features import FeatureStore, compute_features, eye_id
 from training.stage3.lora import attach_lora, load_base_llm, save_adapter
 from training.stage3.pretrain_llm import STAND_IN_FILE, pretrain_stand_in
-from training.stage3.targets import estimate_grounded
+from training.stage3.targets import estimate_grounded, jittered_variants
 from training.stage3.train import SFTTrainer, TrainResult
 from training.tokenizer import load_tokenizer, save_tokenizer, train_phantom_tokenizer
 
@@ -129,13 +129,13 @@ def pretraining_texts(cfg: Stage3Config, records: list[dict]) -> list[str]:
     """The stand-in's corpus: the training conversations in stage 3's prompt format.
 
     With `biomarker_estimates`, the prompt carries the eye's measured biomarkers, which its stage-1 report
-    cites: the stand-in learns the language of the reports and to cite the numbers its prompt gives.
+    cites: the stand-in learns the language of the reports and to cite the numbers its prompt gives. The
+    corpus also holds `stand_in.jittered_copies` teacher-written variants of each guideline record
+    (`targets.jittered_variants`).
     """
-    texts = []
-    for record in records:
-        values = biomarkers_from_prompt_json(record["biomarkers"]) if cfg.biomarker_estimates else None
-        texts.append(chat_text(record, values))
-    return texts
+    pairs = [(r, biomarkers_from_prompt_json(r["biomarkers"])) for r in records]
+    pairs += jittered_variants(records, cfg.stand_in.jittered_copies, cfg.stand_in.jitter, seed=cfg.seed)
+    return [chat_text(record, values if cfg.biomarker_estimates else None) for record, values in pairs]
 
 
 def head_estimates(store: FeatureStore, cfp_head: Path, oct_head: Path) -> dict[str, dict[str, float]]:

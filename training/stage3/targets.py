@@ -72,3 +72,42 @@ def estimate_grounded(records: Sequence[Mapping[str, Any]], estimates: Mapping[s
         turns[index]["value"] = text
         out.append({**record, "conversations": turns, "target_biomarkers": "estimates"})
     return out
+
+
+def jittered_variants(records: Sequence[Mapping[str, Any]], copies: int, noise: float,
+                      seed: int = 0) -> list[tuple[dict, dict[str, float]]]:
+    """`copies` extra (record, biomarkers) pairs per guideline record, for the stand-in's pretraining corpus.
+
+    Each copy jitters every measured biomarker by `noise` training-set standard deviations (clipped to the
+    plausible range) and has the guideline teacher write the report again from the jittered values, with
+    the record's label: more text of the same kind, with numbers that vary, so that the stand-in learns to
+    cite the values its prompt gives and to read a label from imperfect values. Records from other
+    teachers get no copies (their reports cannot be rewritten consistently).
+    """
+    import numpy as np
+
+    from training.benchmark.records import biomarkers_from_prompt_json
+    from training.teachers.guideline import GuidelineTeacher
+
+    guided = [r for r in records if r.get("teacher") == GUIDELINE and "subject_id" in r and "biomarkers" in r]
+    if copies <= 0 or not guided:
+        return []
+    values = [biomarkers_from_prompt_json(r["biomarkers"]) for r in guided]
+    keys = sorted({k for v in values for k in v})
+    spread = {k: float(np.nanstd([v.get(k, math.nan) for v in values])) for k in keys}
+    rng = np.random.default_rng(seed)
+    teacher = GuidelineTeacher()
+    out = []
+    for copy in range(copies):
+        for record, measured in zip(guided, values):
+            jittered = {}
+            for key, value in measured.items():
+                low, high = BY_KEY[key].plausible
+                jittered[key] = float(min(max(value + noise * spread[key] * rng.standard_normal(), low), high))
+            eye = _Eye(str(record["subject_id"]), f"{record['eye']}~{copy}", parse_label(str(record["label"])),
+                       jittered)
+            index, _ = _reply(record)
+            turns = [dict(t) for t in record["conversations"]]
+            turns[index]["value"] = teacher.write(eye)
+            out.append(({**record, "conversations": turns}, jittered))
+    return out
