@@ -241,3 +241,24 @@ def test_estimate_targets_cite_the_heads_estimates_not_the_measurements() -> Non
         assert "glaucoma" in text.lower() and record["conversations"][1]["value"] == report
     assert rewrite_cited_numbers("The RNFL thickness of 30.0 µm is normal.", {"rnfl_average": 24.56}) == \
         "The RNFL thickness of 24.6 µm is normal."
+
+
+def test_a_qwen2_style_tokenizer_directory_gets_the_image_token(tmp_path: Path) -> None:
+    """A real Qwen2 tokenizer has the ChatML tokens but no <image>: loading adds it as one special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["Retinal images of both eyes. Diagnosis: Normal"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", IM_START, IM_END], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token="<|endoftext|>").save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert image_id == len(tokenizer) - 1
+    assert tokenizer(f"x{IMAGE_TOKEN}y", add_special_tokens=False)["input_ids"].count(image_id) == 1
+    assert tokenizer.chat_template  # ChatML template set when the directory has none
+    with pytest.raises(Exception, match="tokenizer"):
+        load_tokenizer(tmp_path / "missing")

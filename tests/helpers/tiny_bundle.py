@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from export.build_bundle import build_bundle
@@ -27,7 +26,7 @@ from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.heads import BiomarkerHead
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.vit import LoraQKV, apply_qkv_lora, build_encoder
-from grok_pacs.prompt import IM_END, IM_START, IMAGE_TOKEN, build_prompt, build_training_example, format_target
+from grok_pacs.prompt import IM_END, IMAGE_TOKEN, build_prompt, build_training_example, format_target
 
 ENDOFTEXT = "<|endoftext|>"
 TINY_NARRATIVE = ("The optic disc shows an enlarged cup with a cup-to-disc ratio of 0.72. "
@@ -38,17 +37,16 @@ TINY_REPORT = format_target(TINY_NARRATIVE, TINY_LABEL)
 
 
 def train_tokenizer(vocab_size: int = 1000) -> PreTrainedTokenizerFast:
-    """Byte-level BPE on the prompt, the report and the label names; ChatML tokens and <image> special."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT, IM_START, IM_END, IMAGE_TOKEN],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    """Byte-level BPE on the prompt, the report and the label names; ChatML tokens and <image> special.
+
+    The project's one BPE trainer (`training.tokenizer.train_bpe`, the phantom pipeline's), word-level
+    pieces like Qwen2's.
+    """
+    from training.tokenizer import train_bpe
+
     corpus = [build_prompt({b.key: float(np.mean(b.normal)) for b in BIOMARKERS}), TINY_REPORT,
               *(f"Diagnosis: {label.value}" for label in DIAGNOSTIC_LABELS)]
-    tok.train_from_iterator(corpus * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token=ENDOFTEXT,
-                                   additional_special_tokens=[IM_START, IM_END, IMAGE_TOKEN])
+    return train_bpe(corpus * 4, vocab_size=vocab_size, min_frequency=1, phrases=False)
 
 
 def write_retfound_pth(encoder: torch.nn.Module, path: Path) -> Path:
