@@ -262,3 +262,15 @@ def test_a_qwen2_style_tokenizer_directory_gets_the_image_token(tmp_path: Path) 
     assert tokenizer.chat_template  # ChatML template set when the directory has none
     with pytest.raises(Exception, match="tokenizer"):
         load_tokenizer(tmp_path / "missing")
+
+
+def test_decision_tokens_weigh_more_only_when_asked() -> None:
+    from training.stage3.train import token_weights
+
+    ignore = IGNORE_INDEX
+    targets = torch.tensor([[ignore, ignore, 5, 6, 7, 8, 9, 10, ignore], [ignore, 5, 6, 7, ignore, ignore, ignore, ignore, ignore]])
+    plain = token_weights(targets, 1.0, (2, 1))
+    assert plain.tolist() == (targets != ignore).float().tolist()
+    weighted = token_weights(targets, 3.0, (2, 1))
+    assert weighted[0].tolist() == [0, 0, 3, 3, 1, 1, 1, 3, 0]
+    assert weighted[1].tolist() == [0, 3, 3, 3, 0, 0, 0, 0, 0]

@@ -37,7 +37,7 @@ DEFAULT_CACHE = Path(".cache") / "pipeline"
 class PipelineConfig:
     """The phantom pipeline's settings; the `small` preset is what `make demo` and `make benchmark` run."""
 
-    n_subjects: int = 140  # phantom subjects (two eyes each); 15 % val and 15 % test, stratified by label
+    n_subjects: int = 70  # phantom subjects (two eyes each); 15 % val and 15 % test, stratified by label
     seed: int = 7  # cohort seed (every image and number follows from it)
     dicom: bool = True  # also write DICOM OP/OPT studies (the demo sends one)
     workers: int = 2  # processes rendering the cohort

@@ -67,6 +67,8 @@ class Stage3Config:
     precision: str = "auto"  # "auto" = bf16 on CUDA with bf16 support, else fp32; or force "bf16"/"fp32"
     max_length: int = 2048  # sequence limit in tokens, the visual embeddings included; longer targets are cut
     gradient_checkpointing: bool = False  # recompute activations in backward (saves memory, costs time)
+    decision_weight: float = 1.0  # loss weight of the reply's first and last tokens (1 = plain SFT)
+    decision_tokens: tuple[int, int] = (12, 4)  # how many first / last reply tokens get decision_weight
     # --- prompt ----------------------------------------------------------------------------------------
     biomarker_estimates: bool = False  # give the LLM the heads' estimates as text (trained on predictions)
     # --- bookkeeping -----------------------------------------------------------------------------------
@@ -127,8 +129,9 @@ class Stage3Config:
                 values[key] = Path(values[key])
         if "stand_in" in values and isinstance(values["stand_in"], dict):
             values["stand_in"] = StandInLLMConfig(**values["stand_in"])
-        if "lora_targets" in values:
-            values["lora_targets"] = tuple(values["lora_targets"])
+        for key in ("lora_targets", "decision_tokens"):
+            if key in values:
+                values[key] = tuple(values[key])
         return cls(**values)
 
     def digest(self, exclude: tuple[str, ...] = ("checkpoint_every", "eval_every", "num_threads")) -> str:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from grok_pacs.model.grok import GrokModel
+from grok_pacs.prompt import IGNORE_INDEX
 from training.stage3.checkpoint import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.stage3.config import Stage3Config
 from training.stage3.data import SFTDataset, collate, target_token_count
@@ -63,6 +64,23 @@ class TrainResult:
     @property
     def last_val_loss(self) -> float | None:
         return self.val_losses[-1][1] if self.val_losses else None
+
+
+def token_weights(targets: torch.Tensor, weight: float, decision_tokens: tuple[int, int]) -> torch.Tensor:
+    """Per-token loss weights: 0 off the reply, 1 on it, `weight` on its first and last tokens.
+
+    The first tokens of the reply commit to a reading of the images and the last ones are the diagnosis
+    line: `decision_tokens` = (how many first, how many last) get `weight` (1 = plain SFT).
+    """
+    mask = targets != IGNORE_INDEX
+    weights = mask.float()
+    if weight != 1.0:
+        first, last = decision_tokens
+        rank = mask.long().cumsum(dim=1)
+        total = mask.long().sum(dim=1, keepdim=True)
+        decision = mask & ((rank <= first) | (rank > total - last))
+        weights = torch.where(decision, torch.full_like(weights, weight), weights)
+    return weights
 
 
 class SFTTrainer:
@@ -126,20 +144,29 @@ class SFTTrainer:
             return torch.autocast(device_type=self.device.type, enabled=False)
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def _loss_sum(self, batch: dict[str, Any], denominator: int) -> torch.Tensor:
-        """Sum of the batch's assistant-token losses divided by `denominator` (the window's token count)."""
+    def _loss_sum(self, batch: dict[str, Any], denominator: float, weight: float = 1.0) -> torch.Tensor:
+        """Weighted sum of the batch's assistant-token losses divided by `denominator` (the window's weight)."""
+        dev = self._to_device(batch)
         with self._autocast():
-            out = self.model(**self._to_device(batch), num_items_in_batch=denominator)
-        return out.loss.float()
+            inputs = self.model.splice(dev["input_ids"], dev["attention_mask"], dev["labels"], dev["cfp_tokens"],
+                                       dev["oct_tokens"])
+            labels = inputs.pop("labels")
+            logits = self.model.llm(**inputs).logits
+        targets = labels[:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0),
+                                                   reduction="none")
+        weights = token_weights(targets, weight, self.cfg.decision_tokens)
+        return (losses * weights).sum() / denominator
 
     def _step(self, window: list[list[int]]) -> float:
         batches = [collate((self.train_ds[i] for i in idx), self.pad_id) for idx in window]
-        tokens = sum(target_token_count(b) for b in batches)
+        weight = self.cfg.decision_weight
+        tokens = sum(float(token_weights(b["labels"][:, 1:], weight, self.cfg.decision_tokens).sum()) for b in batches)
         if tokens == 0:
             raise ValueError(f"records {batches[0]['record_ids'][:3]}... carry no assistant tokens")
         total = 0.0
         for batch in batches:
-            loss = self._loss_sum(batch, tokens)
+            loss = self._loss_sum(batch, tokens, weight)
             loss.backward()
             total += float(loss.detach())
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
