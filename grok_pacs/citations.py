@@ -19,17 +19,25 @@ list of as many names joined the same way just before the first number; without 
 take the first number's biomarker ("cup-to-disc ratio 0.72 and 0.70"). A number with a non-length unit
 (mmHg, years, °) is never tied to a biomarker. Values are kept as written; `Citation.value_in_um`
 converts millimetres.
+
+Grounding (`ground_cited_numbers`): the runtime writes each cited number that disagrees with its
+biomarker's estimate as that estimate, so a report never contradicts the measurements its SR carries;
+the model's own words stay in `Report.raw_text` and the count of rewritten numbers in the Report.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from typing import Mapping
 
 from grok_pacs.biomarker_aliases import ALIASES, AliasHit, alias_hits
+from grok_pacs.biomarkers import BY_KEY, format_value
 from grok_pacs.report import CitedNumber
 
-__all__ = ["ALIASES", "Citation", "extract_cited_numbers", "find_citations"]
+__all__ = ["ALIASES", "Citation", "extract_cited_numbers", "find_citations", "ground_cited_numbers",
+           "in_biomarker_unit", "within_rounding"]
 
 
 @dataclass(frozen=True)
@@ -203,3 +211,38 @@ def find_citations(text: str) -> list[Citation]:
 def extract_cited_numbers(text: str) -> list[CitedNumber]:
     """The numbers a narrative cites, for `Report.cited_numbers` (see the module docstring for the rules)."""
     return [citation.to_cited_number() for citation in find_citations(text)]
+
+
+def in_biomarker_unit(citation: Citation, key: str) -> float:
+    """The cited value in the biomarker's unit: mm become um for OCT biomarkers, else as written."""
+    return citation.value_in_um if BY_KEY[key].unit == "um" else citation.value
+
+
+def within_rounding(citation: Citation, key: str, truth: float) -> bool:
+    """True when `truth`, rounded to the decimals the citation shows, gives the cited value.
+
+    Tolerance: half a unit of the last written decimal (in the written unit), plus 1e-9 for float noise:
+    "24.1" agrees with 24.13 and 24.05, "0.720" with 0.7204, "1.82 mm" with 1823 um.
+    """
+    scale = 1000.0 if citation.unit == "mm" and BY_KEY[key].unit == "um" else 1.0
+    tolerance = 0.5 * 10.0 ** -citation.decimals * scale + 1e-9
+    return abs(in_biomarker_unit(citation, key) - truth) <= tolerance
+
+
+def ground_cited_numbers(text: str, estimates: Mapping[str, float]) -> tuple[str, int]:
+    """`text` with every cited number that disagrees with its biomarker's estimate written as the estimate.
+
+    Returns the grounded text and how many numbers were rewritten. Numbers tied to no biomarker, or to one
+    without an estimate, stay as written (the benchmark's grounding check still counts them). Millimetres
+    stay millimetres (two decimals); other values take the biomarker's usual format (`format_value`).
+    """
+    pieces, last, rewritten = [], 0, 0
+    for citation in find_citations(text):
+        key = citation.biomarker_key
+        value = estimates.get(key) if key else None
+        if value is None or math.isnan(value) or within_rounding(citation, key, value):
+            continue
+        mm = citation.unit == "mm" and BY_KEY[key].unit == "um"
+        pieces += [text[last:citation.start], f"{value / 1000.0:.2f}" if mm else format_value(BY_KEY[key], value)]
+        last, rewritten = citation.end, rewritten + 1
+    return "".join(pieces) + text[last:], rewritten

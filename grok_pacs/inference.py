@@ -3,8 +3,9 @@
 Steps: read pixels (grok_pacs.imaging) -> preprocess (CFP square/224/ImageNet; OCT foveal B-scan) -> ONNX
 encoders (onnxruntime; CUDA provider only when present, no spin-waiting) -> biomarker heads (numpy) ->
 prompt with the estimates -> Qwen2 + projectors (transformers; LoRA merged; greedy, bounded tokens) ->
-parse (grok_pacs.report_parse) -> label scores: each label's continuation after "Diagnosis:" scored in one
-batched pass over a shared prefill. The label is the model's diagnosis line when valid; otherwise the best
+grounding (a cited number that disagrees with its biomarker's estimate is written as the estimate,
+grok_pacs.citations; the model's words stay in `raw_text`) -> parse (grok_pacs.report_parse) -> label
+scores: each label's continuation after "Diagnosis:" scored in one batched pass over a shared prefill. The label is the model's diagnosis line when valid; otherwise the best
 scored label when its probability reaches `min_label_probability`; otherwise Indeterminate.
 """
 
@@ -23,6 +24,7 @@ import torch
 
 from grok_pacs.biomarkers import BY_KEY, Modality
 from grok_pacs.bundle import Bundle, load_bundle
+from grok_pacs.citations import ground_cited_numbers
 from grok_pacs.config import OPT
 from grok_pacs.imaging import read_cfp, read_oct_volume
 from grok_pacs.labels import DIAGNOSTIC_LABELS, Label
@@ -125,7 +127,11 @@ class Engine:
         tokens, estimates, frame, method = self._encode(cfp_image, oct_volume, timings)
         missing = tuple(m for m, t in (("CFP", tokens["cfp"]), ("OCT", tokens["oct"])) if t is None)
         raw, scores = self._generate(tokens, estimates, missing, timings)
-        parsed = parse_generation(raw)
+        grounded, rewritten = (ground_cited_numbers(raw, estimates) if self.config.generation.ground_numbers
+                               else (raw, 0))
+        if rewritten:
+            log.info("grounding: %d cited number(s) rewritten to the estimates the SR carries", rewritten)
+        parsed = parse_generation(grounded)
         label = parsed.label
         if label == Label.INDETERMINATE and scores:
             best = max(scores, key=scores.get)
@@ -141,7 +147,7 @@ class Engine:
             sources=tuple(dataclasses.replace(s, frame=frame + 1) if s.sop_class_uid == OPT and frame is not None
                           else s for s in sources),
             oct_frame_index=frame, oct_frame_method=method, bundle_name=self.bundle.name,
-            bundle_version=self.bundle.version, timings_s=timings)
+            bundle_version=self.bundle.version, timings_s=timings, numbers_rewritten=rewritten)
 
     # --- steps ---------------------------------------------------------------------------------------
     def _encode(self, cfp_image: np.ndarray | None, oct_volume: np.ndarray | None, timings: dict[str, float]):

@@ -60,6 +60,18 @@ class Report:
     bundle_name: str
     bundle_version: str
     timings_s: dict[str, float] = field(default_factory=dict)  #: stage name -> seconds
+    numbers_rewritten: int = 0  #: cited numbers the runtime wrote as the SR's estimates (raw_text has the model's)
+
+    @property
+    def text(self) -> str:
+        """Findings and impression as one text (the impression once, when it is the narrative's last sentence)."""
+        return findings_text(self.narrative, self.impression)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def findings_text(narrative: str, impression: str) -> str:
+    """`narrative` then `impression`, leaving the impression out when the narrative already contains it."""
+    narrative, impression = narrative.strip(), impression.strip()
+    return narrative if impression and impression in narrative else " ".join(p for p in (narrative, impression) if p)

@@ -181,6 +181,9 @@ def _notes(report: Report) -> list[str]:
     if report.oct_frame_index is not None:
         notes.append(f"OCT B-scan used: frame {report.oct_frame_index + 1} ({report.oct_frame_method or 'unknown'} "
                      "selection).")
+    if report.numbers_rewritten:
+        notes.append(f"{report.numbers_rewritten} value(s) cited in the findings were written as the measurements "
+                     "of this report, which the model's text had misquoted.")
     return notes
 
 

@@ -13,7 +13,7 @@ from grok_pacs.labels import Label
 from grok_pacs.report import BiomarkerEstimate, Eye, Report
 from training.benchmark import Prediction, Reference, compare, evaluate, write_comparison, write_report
 from training.benchmark.classification import classify, plot_confusion
-from training.benchmark.grounding import check_grounding, check_report_grounding
+from training.benchmark.grounding import check_grounding, check_model_grounding, check_report_grounding
 from training.benchmark.judge import CRITERIA, Judge, JudgeAnswerError, JudgeConfig, JudgeError, parse_verdict
 from training.benchmark.rubric import coverage_completeness, diagnosis_accuracy, quantitative_accuracy
 from training.benchmark.text import corpus_bleu, lcs_length, rouge_l, sentence_bleu, tokenize
@@ -166,9 +166,9 @@ def test_grounding_against_the_sr_estimates() -> None:
     assert check_grounding("No numbers.", estimates).agreement is None
 
 
-def runtime_report(narrative: str, estimates: dict[str, float]) -> Report:
+def runtime_report(narrative: str, estimates: dict[str, float], raw_text: str | None = None) -> Report:
     return Report(eye=Eye.RIGHT, label=G, narrative=narrative, impression="Consistent with glaucoma.",
-                  raw_text=narrative, biomarkers=tuple(BiomarkerEstimate(k, v, "1") for k, v in estimates.items()),
+                  raw_text=narrative if raw_text is None else raw_text, biomarkers=tuple(BiomarkerEstimate(k, v, "1") for k, v in estimates.items()),
                   cited_numbers=(), label_scores={}, missing_modalities=("OCT",), sources=(), oct_frame_index=None,
                   oct_frame_method=None, bundle_name="b", bundle_version="0")
 
@@ -180,6 +180,17 @@ def test_grounding_and_prediction_from_a_runtime_report() -> None:
     prediction = Prediction.from_report("case-1", report)
     assert prediction.label == G and prediction.text.endswith("Consistent with glaucoma.")
     assert prediction.biomarkers == {"cup_to_disc": 0.8121, "avr": 0.64}
+
+
+def test_model_grounding_reads_what_the_model_wrote_not_the_served_text() -> None:
+    """The runtime writes misquoted numbers as the estimates; the benchmark still sees the model's own."""
+    raw = "The cup-to-disc ratio is 0.700 and the AVR 0.64.\nDiagnosis: Glaucoma"
+    report = runtime_report("The cup-to-disc ratio is 0.812 and the AVR 0.64.", {"cup_to_disc": 0.8121, "avr": 0.64},
+                            raw_text=raw)
+    assert check_report_grounding(report).agreement == 1.0
+    model = check_model_grounding(report)
+    assert (model.n_cited, model.n_agree) == (2, 1)
+    assert [(m.text, m.biomarker_key) for m in model.mismatches] == [("0.700", "cup_to_disc")]
 
 
 # --- LLM judge ----------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from grok_pacs.biomarkers import BIOMARKERS, BY_KEY, format_value
-from grok_pacs.citations import ALIASES, extract_cited_numbers, find_citations
+from grok_pacs.citations import ALIASES, extract_cited_numbers, find_citations, ground_cited_numbers
 from grok_pacs.report import CitedNumber
 
 
@@ -93,3 +93,20 @@ def test_shared_measures_and_lists() -> None:
 def test_list_without_a_list_of_names_keeps_the_one_name() -> None:
     text = "RNFL and GCIPL thinning with cup-to-disc ratio 0.72 and 0.70. INL-ELM inner 90.1, ELM-ISOS central 25.0."
     assert [k for _, k in keys(text)] == ["cup_to_disc", "cup_to_disc", "inl_elm_inner", "elm_isos_central"]
+
+
+def test_grounding_writes_disagreeing_numbers_as_the_estimates_and_keeps_the_rest() -> None:
+    text = ("The cup-to-disc ratio of 0.72 is enlarged; the average RNFL thickness is 24.1 um and the vertical "
+            "disc diameter is 1.76 mm. Intraocular pressure 21 mmHg, age 64 years.")
+    estimates = {"cup_to_disc": 0.6149, "rnfl_average": 24.08, "disc_diameter_vertical": 1912.0}
+    grounded, rewritten = ground_cited_numbers(text, estimates)
+    assert rewritten == 2  # 24.1 already agrees with 24.08 as written: untouched
+    assert grounded == ("The cup-to-disc ratio of 0.615 is enlarged; the average RNFL thickness is 24.1 um and the "
+                        "vertical disc diameter is 1.91 mm. Intraocular pressure 21 mmHg, age 64 years.")
+    assert ground_cited_numbers(grounded, estimates) == (grounded, 0)
+
+
+def test_grounding_leaves_numbers_without_an_estimate() -> None:
+    text = "The cup-to-disc ratio of 0.72 is enlarged."
+    assert ground_cited_numbers(text, {}) == (text, 0)
+    assert ground_cited_numbers(text, {"cup_to_disc": float("nan")}) == (text, 0)

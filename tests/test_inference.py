@@ -10,6 +10,7 @@ import torch
 
 from grok_pacs.biomarkers import CFP_KEYS, OCT_KEYS, BY_KEY
 from grok_pacs.bundle import BundleError
+from grok_pacs.citations import ground_cited_numbers
 from grok_pacs.inference import Engine, EyeInput
 from grok_pacs.labels import DIAGNOSTIC_LABELS, Label
 from grok_pacs.report import Eye, SourceImage
@@ -52,9 +53,16 @@ def test_study_with_both_eyes_gives_one_grounded_report_per_eye(engine, study):
         pit = study[report.eye][1]
         assert report.label == Label.GLAUCOMA
         assert "Diagnosis: Glaucoma" in report.raw_text
-        assert report.narrative == TINY_NARRATIVE and "Diagnosis" not in report.narrative
+        assert TINY_NARRATIVE in report.raw_text  # the model's own words, kept for audit
+        estimates = {b.key: b.value for b in report.biomarkers}
+        grounded, rewritten = ground_cited_numbers(TINY_NARRATIVE, estimates)
+        assert report.narrative == grounded and "Diagnosis" not in report.narrative
+        assert report.numbers_rewritten == rewritten == 2  # the tiny model quotes fixed numbers
         assert report.impression == "These findings indicate glaucoma."
-        assert {(c.value, c.biomarker_key) for c in report.cited_numbers} >= {(0.72, "cup_to_disc"), (24.1, "rnfl_average")}
+        cited = {c.biomarker_key: c.value for c in report.cited_numbers}
+        assert set(cited) == {"cup_to_disc", "rnfl_average"}
+        assert cited["cup_to_disc"] == round(estimates["cup_to_disc"], 3)  # the SR's measurement, as written
+        assert cited["rnfl_average"] == round(estimates["rnfl_average"], 1)
         assert [b.key for b in report.biomarkers] == list(OCT_KEYS + CFP_KEYS)
         assert all(b.unit == BY_KEY[b.key].unit and BY_KEY[b.key].plausible[0] <= b.value <= BY_KEY[b.key].plausible[1]
                    for b in report.biomarkers)
@@ -68,6 +76,19 @@ def test_study_with_both_eyes_gives_one_grounded_report_per_eye(engine, study):
         assert (report.bundle_name, report.bundle_version) == ("grok-tiny", "0.0.1-test")
         assert {"read", "cfp_encoder", "oct_encoder", "generate", "label_scores", "total"} <= set(report.timings_s)
         assert report.to_dict()["label"] == "Glaucoma"
+
+
+def test_grounding_can_be_turned_off_and_then_the_narrative_is_the_models(engine, study):
+    item = study[Eye.RIGHT][0]
+    original = engine.config
+    try:
+        engine.config = dataclasses.replace(original, generation=dataclasses.replace(original.generation,
+                                                                                     ground_numbers=False))
+        report = engine.analyze_eye(item.eye, item.cfp, item.oct)
+    finally:
+        engine.config = original
+    assert report.narrative == TINY_NARRATIVE and report.numbers_rewritten == 0
+    assert {(c.value, c.biomarker_key) for c in report.cited_numbers} == {(0.72, "cup_to_disc"), (24.1, "rnfl_average")}
 
 
 def test_generation_is_deterministic(engine, study):

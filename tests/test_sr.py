@@ -74,6 +74,15 @@ def test_cfp_and_oct_report_is_valid_and_renders(study, tmp_path):
     assert evidence == {cfp.SOPInstanceUID, oct_ds.SOPInstanceUID}
     equipment = {item.Manufacturer for item in ds.ContributingEquipmentSequence}
     assert "grok-pacs" in equipment
+    assert "written as the measurements" not in rendered  # nothing was rewritten in this report
+
+
+def test_rewritten_numbers_are_disclosed_to_the_reader(study, tmp_path):
+    patient, cfp, oct_ds = study
+    report = dataclasses.replace(_report(Eye.RIGHT, Label.GLAUCOMA, [_source(cfp), _source(oct_ds, frame=4)]),
+                                 numbers_rewritten=2)
+    path = _save(build_sr(report, [cfp, oct_ds], SRKey(patient.study_uid, 1, "0.1.0", Eye.RIGHT)), tmp_path)
+    assert_valid_sr(path, "2 value(s) cited in the findings were written as the measurements of this report")
 
 
 def test_every_biomarker_is_a_numeric_measurement_with_ucum_unit(study, tmp_path):

@@ -220,7 +220,7 @@ def test_estimate_targets_cite_the_heads_estimates_not_the_measurements() -> Non
     """With estimates in the prompt, the training report must cite those estimates (what the SR carries)."""
     from grok_pacs.biomarkers import BIOMARKERS, to_prompt_json
     from training.benchmark.grounding import check_grounding
-    from training.stage3.targets import estimate_grounded, rewrite_cited_numbers
+    from training.stage3.targets import estimate_grounded
     from training.teachers.guideline import GuidelineTeacher
     from training.stage3.targets import _Eye
 
@@ -239,8 +239,6 @@ def test_estimate_targets_cite_the_heads_estimates_not_the_measurements() -> Non
         result = check_grounding(text, estimates)
         assert result.n_cited >= 3 and result.agreement == 1.0, (teacher, result.mismatches)
         assert "glaucoma" in text.lower() and record["conversations"][1]["value"] == report
-    assert rewrite_cited_numbers("The RNFL thickness of 30.0 µm is normal.", {"rnfl_average": 24.56}) == \
-        "The RNFL thickness of 24.6 µm is normal."
 
 
 def test_a_qwen2_style_tokenizer_directory_gets_the_image_token(tmp_path: Path) -> None:

@@ -68,6 +68,7 @@ class GenerationConfig:
     score_labels: bool = True  # also score each label after "Diagnosis:" (7 short continuations, one prefill)
     min_label_probability: float = 0.5  # without a valid diagnosis line, use the scored label only above this
     biomarkers_in_prompt: bool = True  # the prompt carries the head estimates block (must match stage-3 training)
+    ground_numbers: bool = True  # write cited numbers that disagree with the estimates as the estimates
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from grok_pacs.report import Report
+from grok_pacs.report import Report, findings_text
+from grok_pacs.report_parse import parse_generation
 from training.benchmark.numbers import find_citations, within_rounding
 
 
@@ -64,8 +65,18 @@ def check_grounding(text: str, estimates: Mapping[str, float]) -> GroundingResul
 
 def check_report_grounding(report: Report) -> GroundingResult:
     """The grounding of a runtime `Report`: its narrative and impression against its own estimates."""
-    text = " ".join(part for part in (report.narrative, report.impression) if part)
-    return check_grounding(text, {b.key: b.value for b in report.biomarkers})
+    return _grounding_of(report.narrative, report.impression, report)
+
+
+def check_model_grounding(report: Report) -> GroundingResult:
+    """The grounding of what the model wrote (`raw_text`), before the runtime wrote misquoted numbers as
+    the estimates (`grok_pacs.citations.ground_cited_numbers`): how well the LLM itself cites its prompt."""
+    parsed = parse_generation(report.raw_text)
+    return _grounding_of(parsed.narrative, parsed.impression, report)
+
+
+def _grounding_of(narrative: str, impression: str, report: Report) -> GroundingResult:
+    return check_grounding(findings_text(narrative, impression), {b.key: b.value for b in report.biomarkers})
 
 
 def pooled(results: Iterable[GroundingResult]) -> dict:

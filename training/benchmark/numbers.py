@@ -10,31 +10,15 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from grok_pacs.biomarkers import BY_KEY
-from grok_pacs.citations import Citation, extract_cited_numbers, find_citations
+from grok_pacs.citations import Citation, extract_cited_numbers, find_citations, in_biomarker_unit, within_rounding
 
 __all__ = ["Citation", "ValueCheck", "check_value", "extract_cited_numbers", "find_citations",
            "in_biomarker_unit", "relative_error", "within_rounding"]
 
 
-def in_biomarker_unit(citation: Citation, key: str) -> float:
-    """The cited value in the biomarker's unit: mm become um for OCT biomarkers, else as written."""
-    return citation.value_in_um if BY_KEY[key].unit == "um" else citation.value
-
-
 def relative_error(value: float, truth: float) -> float:
     """|value - truth| / |truth| (absolute error when the truth is 0)."""
     return abs(value - truth) / abs(truth) if truth else abs(value - truth)
-
-
-def within_rounding(citation: Citation, key: str, truth: float) -> bool:
-    """True when `truth`, rounded to the decimals the citation shows, gives the cited value.
-
-    Tolerance: half a unit of the last written decimal (in the written unit), plus 1e-9 for float noise:
-    "24.1" agrees with 24.13 and 24.05, "0.720" with 0.7204, "1.82 mm" with 1823 um.
-    """
-    scale = 1000.0 if citation.unit == "mm" and BY_KEY[key].unit == "um" else 1.0
-    tolerance = 0.5 * 10.0 ** -citation.decimals * scale + 1e-9
-    return abs(in_biomarker_unit(citation, key) - truth) <= tolerance
 
 
 def _unit_is_wrong(citation: Citation, key: str, truth: float) -> bool:

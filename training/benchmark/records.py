@@ -36,9 +36,8 @@ class Prediction:
     @classmethod
     def from_report(cls, case_id: str, report: Report) -> "Prediction":
         """From the runtime's `Report`: narrative + impression as text, head estimates as biomarkers."""
-        text = " ".join(part for part in (report.narrative.strip(), report.impression.strip()) if part)
         values = {b.key: b.value for b in report.biomarkers}
-        return cls(case_id=case_id, label=report.label, text=text, biomarkers=values)
+        return cls(case_id=case_id, label=report.label, text=report.text, biomarkers=values)
 
 
 @dataclass(frozen=True)

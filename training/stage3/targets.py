@@ -5,7 +5,8 @@ grounded when it cites exactly those. Stage-1 reports cite the measured (ground-
 `biomarker_estimates`, stage 3 therefore trains on reports that cite each eye's head estimates (predicted
 for that eye by the same heads the bundle serves): the deterministic guideline teacher simply writes the
 report again from the estimates; a report from another teacher (o3, ...) keeps its words and has every
-number that `grok_pacs.citations` ties to a biomarker replaced by that biomarker's estimate.
+number that `grok_pacs.citations` ties to a biomarker written as that biomarker's estimate
+(`ground_cited_numbers`, the same rewrite the runtime applies).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from grok_pacs.biomarkers import BY_KEY, format_value
-from grok_pacs.citations import find_citations
+from grok_pacs.biomarkers import BY_KEY
+from grok_pacs.citations import ground_cited_numbers
 from grok_pacs.labels import Label, parse_label
 
 GUIDELINE = "guideline"
@@ -30,20 +31,6 @@ class _Eye:
     label: Label
     biomarkers: Mapping[str, float]
     meta: Mapping[str, str] = field(default_factory=dict)
-
-
-def rewrite_cited_numbers(text: str, estimates: Mapping[str, float]) -> str:
-    """`text` with every number tied to a biomarker replaced by that biomarker's estimate (same unit)."""
-    pieces, last = [], 0
-    for citation in find_citations(text):
-        key = citation.biomarker_key
-        value = estimates.get(key) if key else None
-        if value is None or math.isnan(value):
-            continue
-        written = f"{value / 1000.0:.2f}" if citation.unit == "mm" else format_value(BY_KEY[key], value)
-        pieces += [text[last:citation.start], written]
-        last = citation.end
-    return "".join(pieces) + text[last:]
 
 
 def _reply(record: Mapping[str, Any]) -> tuple[int, str]:
@@ -67,7 +54,7 @@ def estimate_grounded(records: Sequence[Mapping[str, Any]], estimates: Mapping[s
             eye = _Eye(str(record["subject_id"]), str(record["eye"]), parse_label(str(record["label"])), values)
             text = teacher.write(eye)
         else:
-            text = rewrite_cited_numbers(text, values)
+            text, _ = ground_cited_numbers(text, values)
         turns = [dict(t) for t in record["conversations"]]
         turns[index]["value"] = text
         out.append({**record, "conversations": turns, "target_biomarkers": "estimates"})
