@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' real-peer harness and tiny-bundle builder
 
 from bundle_cache import CACHE_ROOT, cached_tiny_bundle  # noqa: E402
-from conftest import free_port  # noqa: E402
+from grok_pacs.ports import free_port  # noqa: E402
 from storescp import StoreSCP  # noqa: E402
 from worker_harness import GrokProcess, Redis, grok_env, wait_until  # noqa: E402
 

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from grok_pacs.ports import free_port, wait_for_port  # noqa: E402
 from grok_pacs.sample_dicom import fundus_photograph, oct_tomography, write  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ingest.json"
@@ -40,22 +40,6 @@ AE = "GROK_PACS"
 # small-instance C-STORE waits ~40 ms for a delayed ACK and DCMTK looks 20x slower than it is. Both DCMTK
 # processes get it (pynetdicom's sockets are unaffected), so the reference is DCMTK at its best.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
 
 
 def fsync_latency_ms(directory: Path, samples: int = 30) -> dict[str, float]:

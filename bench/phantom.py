@@ -69,8 +69,7 @@ def _run_variant(cfg: PipelineConfig, cache: Path, progress: bool) -> tuple[Pipe
 
 
 def _headline(bench, mae: dict, info: dict) -> dict:
-    cls = bench.classification.to_dict()
-    return {"macro_f1": bench.classification.macro_f1, "per_label_f1": _per_label(cls),
+    return {"macro_f1": bench.classification.macro_f1, "per_label_f1": _per_label(bench),
             "mae_aligned": mae["mae_aligned"], "mae_plain": mae["mae_plain"],
             "grounding_agreement": bench.grounding["agreement_pooled"],
             "model_grounding_agreement": info["model_grounding_agreement"],
@@ -78,11 +77,8 @@ def _headline(bench, mae: dict, info: dict) -> dict:
             "n_test_eyes": bench.n}
 
 
-def _per_label(cls: dict) -> dict:
-    rows = cls.get("per_label") or cls.get("labels") or []
-    if isinstance(rows, dict):
-        return {k: (v.get("f1") if isinstance(v, dict) else v) for k, v in rows.items()}
-    return {row["label"]: row["f1"] for row in rows}
+def _per_label(bench) -> dict[str, float]:
+    return {scores.label: scores.f1 for scores in bench.classification.per_label}
 
 
 def _markdown(payload: dict, comparison_md: str, plots: dict[str, str]) -> str:
@@ -180,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_grounding_agreement")},
         "targets": TARGETS, "targets_met": met, "stage2": mae,
         "variants": {name: {**infos[name], "summary": benches[name].summary(),
-                            "per_label_f1": _per_label(benches[name].classification.to_dict())}
+                            "per_label_f1": _per_label(benches[name])}
                      for name in variants},
         "cohort": {"n_subjects": args.subjects, "seed": args.seed}, "stage3_changes": STAGE3_CHANGES,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},

@@ -16,7 +16,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,30 +23,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from grok_pacs.config import Peer
+from grok_pacs.ports import free_port, wait_for_port
 from grok_pacs.scu import store_files
 from grok_pacs.srprint import render
 
 PACS_AE = "DEMO_PACS"
 SR_TIMEOUT_S = 300.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {proc.returncode} before listening")
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} does not listen on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
 def build_model(cache: Path, work: Path) -> dict:
@@ -74,18 +55,18 @@ def start_pacs(stack: ExitStack, pacs_dir: Path) -> Peer:
     tool = shutil.which("storescp")
     if tool is None:
         raise RuntimeError("DCMTK storescp is not installed (run scripts/install-system-deps.sh)")
-    port = _free_port()
+    port = free_port()
     pacs_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([tool, "-aet", PACS_AE, "+uf", "-od", str(pacs_dir), str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stack.callback(_stop, proc)
-    _wait_for_port(port, proc, "storescp")
+    wait_for_port(port, 120.0, proc=proc, what="storescp")
     return Peer(ae_title=PACS_AE, host="127.0.0.1", port=port)
 
 
 def start_serve(stack: ExitStack, bundle: Path, data_dir: Path, pacs: Peer, log_path: Path) -> Peer:
     """`grok-pacs serve` on a free port, logging to `log_path`."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, GROK_PACS_DATA_DIR=str(data_dir), GROK_PACS_PORT=str(port),
                GROK_PACS_BIND_ADDRESS="127.0.0.1", GROK_PACS_BUNDLE=str(bundle),
                GROK_PACS_DESTINATION=str(pacs), GROK_PACS_QUIET_PERIOD="1", GROK_PACS_BROKER_URL="")
@@ -93,7 +74,7 @@ def start_serve(stack: ExitStack, bundle: Path, data_dir: Path, pacs: Peer, log_
     proc = subprocess.Popen([sys.executable, "-m", "grok_pacs.cli", "serve"], env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     stack.callback(_stop, proc)
-    _wait_for_port(port, proc, "grok-pacs serve")
+    wait_for_port(port, 120.0, proc=proc, what="grok-pacs serve")
     return Peer(ae_title="GROK_PACS", host="127.0.0.1", port=port)
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
+
+from grok_pacs.ports import free_port
 
 # Two cores are shared by everything the suite starts: keep torch/BLAS from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -21,13 +22,6 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.fail(f"required tool {name!r} is not installed (run scripts/install-system-deps.sh)")
     return path
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

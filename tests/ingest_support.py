@@ -17,7 +17,8 @@ from kombu import Connection
 from grok_pacs.config import Settings, load_settings
 from grok_pacs.ingest import IngestService
 from grok_pacs.sample_dicom import fundus_rgb, jpeg_bytes
-from tests.conftest import free_port, require_tool
+from tests.conftest import require_tool
+from grok_pacs.ports import free_port
 
 # Debian's DCMTK keeps Nagle's algorithm on unless TCP_NODELAY=1 is set (40 ms stalls per small message).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -79,13 +80,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, step: f
             return
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def wait_for_port(port: int, timeout: float = 30) -> None:
-    def listening() -> bool:
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", port)) == 0
-    wait_until(listening, timeout, f"a listener on port {port}")
 
 
 def drain_jobs(settings: Settings, expect: int, timeout: float = 10) -> list[tuple[str, dict]]:

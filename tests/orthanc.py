@@ -11,7 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from conftest import free_port, require_tool
+from conftest import require_tool
+from grok_pacs.ports import free_port
 
 
 class Orthanc:

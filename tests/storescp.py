@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pydicom
 
 from conftest import require_tool
-
-
-def wait_for_port(port: int, timeout: float = 15.0) -> None:
-    """Return once 127.0.0.1:`port` accepts TCP connections; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+from grok_pacs.ports import wait_for_port
 
 
 class StoreSCP:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from grok_pacs.ports import free_port
 from grok_pacs.config import load_settings
 from grok_pacs.delivery import DeliveryOutcome, deliver, give_up, retry_delay_s, update_study_state, write_sr
 from grok_pacs.index import InstanceRecord, StudyIndex, StudyState

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port, require_tool
+from conftest import require_tool
+from grok_pacs.ports import free_port
 from grok_pacs.config import Settings, load_settings
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 

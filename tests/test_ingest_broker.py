@@ -15,8 +15,10 @@ from pydicom.uid import generate_uid
 
 from grok_pacs.index import StudyState
 from grok_pacs.sample_dicom import fundus_photograph, write
-from ingest_support import drain_jobs, ingest_settings, running, storescu, wait_for_port, wait_until
-from tests.conftest import free_port, require_tool
+from grok_pacs.ports import wait_for_port
+from ingest_support import drain_jobs, ingest_settings, running, storescu, wait_until
+from tests.conftest import require_tool
+from grok_pacs.ports import free_port
 
 TESTS = Path(__file__).resolve().parent
 

@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 from grok_pacs.index import StudyState
 from grok_pacs.sample_dicom import demo_study
 from ingest_support import AE, ingest_settings, running, wait_until
-from tests.conftest import free_port
+from grok_pacs.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, require_tool
+from conftest import require_tool
+from grok_pacs.ports import free_port
 from grok_pacs import health, metrics
 from grok_pacs.config import OP_8BIT, OPT, load_settings
 from grok_pacs.ingest import IngestService

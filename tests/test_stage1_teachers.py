@@ -19,7 +19,7 @@ from PIL import Image
 from grok_pacs.biomarkers import BIOMARKERS, format_value
 from grok_pacs.citations import find_citations
 from grok_pacs.labels import DIAGNOSTIC_LABELS
-from tests.conftest import free_port
+from grok_pacs.ports import free_port
 from training.manifest import load_manifest
 from training.phantom import generate_cohort
 from training.phantom.sampling import sample_subject

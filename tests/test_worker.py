@@ -15,7 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import free_port
+from grok_pacs.ports import free_port
 from grok_pacs import worker
 from grok_pacs.assembly import recover
 from grok_pacs.celery_app import create_app

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from grok_pacs.ports import free_port
 from grok_pacs.config import load_settings
 from grok_pacs.index import StudyIndex, StudyState
 from grok_pacs.ingest import IngestService

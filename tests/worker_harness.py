@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from conftest import free_port, require_tool
-from storescp import wait_for_port
+from conftest import require_tool
+from grok_pacs.ports import free_port
+from grok_pacs.ports import wait_for_port
 
 T = TypeVar("T")
 
