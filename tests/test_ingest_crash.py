@@ -12,6 +12,7 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from grok_pacs.index import StudyIndex, StudyState
+from grok_pacs.ports import wait_for_port
 from grok_pacs.sample_dicom import fundus_photograph, oct_tomography, write
 from ingest_support import (
     DCMTK_ENV,
@@ -22,7 +23,6 @@ from ingest_support import (
     stored_files,
     storescu,
     temp_files,
-    wait_for_port,
     wait_until,
 )
 from tests.conftest import require_tool
