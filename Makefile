@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) -m grok_pacs.demo
+	$(PY) -m devtools.demo
 
 benchmark: setup
 	$(PY) bench/phantom.py

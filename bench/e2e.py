@@ -35,14 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' real-peer harness and tiny-bundle builder
 
 from bundle_cache import CACHE_ROOT, cached_tiny_bundle  # noqa: E402
-from grok_pacs.ports import free_port  # noqa: E402
+from devtools.ports import free_port  # noqa: E402
 from storescp import StoreSCP  # noqa: E402
 from worker_harness import GrokProcess, Redis, grok_env, wait_until  # noqa: E402
 
 from grok_pacs.config import Peer, load_settings  # noqa: E402
-from grok_pacs.ingest import IngestService  # noqa: E402
-from grok_pacs.sample_dicom import demo_study  # noqa: E402
-from grok_pacs.scu import store_files  # noqa: E402
+from grok_pacs.ingest.service import IngestService  # noqa: E402
+from devtools.sample_dicom import demo_study  # noqa: E402
+from grok_pacs.dicom.scu import store_files  # noqa: E402
 
 LATENCY_TARGET_S = 5.0
 SCALE_TARGET = 1.8

@@ -31,7 +31,7 @@ from export.onnx_export import export_encoder, quantize_int8  # noqa: E402
 from export.parity import check_encoder_parity  # noqa: E402
 from grok_pacs.model.config import GrokConfig  # noqa: E402
 from grok_pacs.model.vit import build_encoder  # noqa: E402
-from grok_pacs.onnx_session import create_session, run_encoder  # noqa: E402
+from grok_pacs.analysis.onnx_session import create_session, run_encoder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench"  # ignored by git: the ViT-L graphs are 0.3-1.2 GB

@@ -30,8 +30,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from grok_pacs.ports import free_port, wait_for_port  # noqa: E402
-from grok_pacs.sample_dicom import fundus_photograph, oct_tomography, write  # noqa: E402
+from devtools.ports import free_port, wait_for_port  # noqa: E402
+from devtools.sample_dicom import fundus_photograph, oct_tomography, write  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ingest.json"
 OP_PER_SERIES = 5

@@ -21,7 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from grok_pacs.report_parse import parse_generation
+from grok_pacs.analysis.parsing import parse_generation
 from training.benchmark.evaluate import evaluate
 from training.benchmark.grounding import check_model_grounding, pooled
 from training.benchmark.report import write_comparison, write_report

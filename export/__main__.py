@@ -68,7 +68,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from grok_pacs.bundle import BundleError, load_bundle
+    from grok_pacs.analysis.bundle import BundleError, load_bundle
 
     try:
         bundle = load_bundle(args.bundle)

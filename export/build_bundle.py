@@ -1,4 +1,4 @@
-"""Build a verified model bundle (layout: grok_pacs.bundle) from trained parts.
+"""Build a verified model bundle (layout: grok_pacs.analysis.bundle) from trained parts.
 
 The stage-3 engineer calls `build_bundle(...)`; `python -m export bundle` is the same from the command line.
 The bundle is written under `<out_dir>.partial` and renamed into place only after it verified, so an
@@ -18,15 +18,15 @@ from tqdm import tqdm
 
 from export.onnx_export import INPUT_NAME, OUTPUT_NAMES, export_encoder
 from export.parity import check_encoder_parity
-from grok_pacs import bundle as layout
-from grok_pacs.biomarkers import BIOMARKERS, Modality
-from grok_pacs.labels import DIAGNOSTIC_LABELS
+from grok_pacs.analysis import bundle as layout
+from grok_pacs.domain.biomarkers import BIOMARKERS, Modality
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from grok_pacs.model.checkpoints import load_encoder
 from grok_pacs.model.config import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig, GrokConfig
 from grok_pacs.model.heads import BiomarkerHead
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.vit import RetinaEncoder
-from grok_pacs.prompt import IMAGE_TOKEN, SPECIAL_TOKENS, prompt_template
+from grok_pacs.model.prompt import IMAGE_TOKEN, SPECIAL_TOKENS, prompt_template
 
 #: Weight formats that are pickle: never copied into a bundle.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")

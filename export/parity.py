@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from grok_pacs.model.vit import RetinaEncoder
-from grok_pacs.onnx_session import create_session, run_encoder
+from grok_pacs.analysis.onnx_session import create_session, run_encoder
 
 
 @dataclass(frozen=True)

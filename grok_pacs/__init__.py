@@ -1,0 +1,13 @@
+"""grok-pacs: the hospital runtime. CFP + OCT arrive by C-STORE, a grounded DICOM SR goes back.
+
+The sub-packages follow the data flow, lowest layer first (tests/test_layers.py checks the order):
+
+    config, domain, dicom      settings; labels and biomarkers; DICOM vocabulary and SCU
+    ops, store, model          metrics/health/logs; index, outbox, files; the GROK network
+    ingest, analysis, report   receive and assemble; run the model; build the SR
+    delivery                   send each SR to the PACS exactly once
+    jobs                       Celery app, tasks, the per-study pipeline, the one-box service
+    cli                        the `grok-pacs` command
+
+Nothing here imports `training` or `export`; development helpers live in `devtools/` (not shipped).
+"""

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-_SOURCES = ("tests/helpers/tiny_bundle.py", "export", "grok_pacs/model", "grok_pacs/bundle.py",
-            "grok_pacs/prompt.py", "grok_pacs/biomarkers.py", "grok_pacs/labels.py", "grok_pacs/onnx_session.py")
+_SOURCES = ("tests/helpers/tiny_bundle.py", "export", "grok_pacs/model", "grok_pacs/analysis/bundle.py",
+            "grok_pacs/model/prompt.py", "grok_pacs/domain/biomarkers.py", "grok_pacs/domain/labels.py", "grok_pacs/analysis/onnx_session.py")
 
 
 def source_key() -> str:

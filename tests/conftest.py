@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from grok_pacs.ports import free_port
+from devtools.ports import free_port
 
 # Two cores are shared by everything the suite starts: keep torch/BLAS from oversubscribing them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

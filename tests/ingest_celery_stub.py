@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from grok_pacs.celery_app import TASK_ANALYZE_STUDY, create_app
+from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, create_app
 from grok_pacs.config import load_settings
 
 app = create_app(load_settings())

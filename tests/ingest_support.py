@@ -15,10 +15,10 @@ from queue import Empty
 from kombu import Connection
 
 from grok_pacs.config import Settings, load_settings
-from grok_pacs.ingest import IngestService
-from grok_pacs.sample_dicom import fundus_rgb, jpeg_bytes
+from grok_pacs.ingest.service import IngestService
+from devtools.sample_dicom import fundus_rgb, jpeg_bytes
 from tests.conftest import require_tool
-from grok_pacs.ports import free_port
+from devtools.ports import free_port
 
 # Debian's DCMTK keeps Nagle's algorithm on unless TCP_NODELAY=1 is set (40 ms stalls per small message).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}

@@ -14,9 +14,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from grok_pacs import sample_dicom
+from devtools import sample_dicom
 from grok_pacs.config import OP_8BIT, OPT
-from grok_pacs.sample_dicom import set_jpeg_frame, set_monochrome_frames, write
+from devtools.sample_dicom import set_jpeg_frame, set_monochrome_frames, write
 
 __all__ = ["Patient", "fundus_pixels", "hand_built_report", "make_cfp", "make_oct", "make_undecodable_cfp",
            "oct_pixels", "write"]
@@ -115,9 +115,9 @@ def hand_built_report(eye: str, datasets: list[Dataset], *, label: str = "Glauco
                       bundle_version: str = "0.1.0"):
     """A `Report` written by hand (no model) for the given source datasets: every biomarker of the
     modalities present at its normal mid-range, a fixed narrative; for SR and delivery tests."""
-    from grok_pacs.biomarkers import CFP_BIOMARKERS, OCT_BIOMARKERS
-    from grok_pacs.labels import Label
-    from grok_pacs.report import BiomarkerEstimate, Eye, Report, SourceImage
+    from grok_pacs.domain.biomarkers import CFP_BIOMARKERS, OCT_BIOMARKERS
+    from grok_pacs.domain.labels import Label
+    from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Report, SourceImage
 
     has_cfp = any(ds.SOPClassUID == OP_8BIT for ds in datasets)
     has_oct = any(ds.SOPClassUID == OPT for ds in datasets)

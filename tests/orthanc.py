@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from conftest import require_tool
-from grok_pacs.ports import free_port
+from devtools.ports import free_port
 
 
 class Orthanc:

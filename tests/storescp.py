@@ -8,7 +8,7 @@ from pathlib import Path
 import pydicom
 
 from conftest import require_tool
-from grok_pacs.ports import wait_for_port
+from devtools.ports import wait_for_port
 
 
 class StoreSCP:

@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from grok_pacs.labels import Label
-from grok_pacs.report import BiomarkerEstimate, Eye, Report
+from grok_pacs.domain.labels import Label
+from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Report
 from training.benchmark import Prediction, Reference, compare, evaluate, write_comparison, write_report
 from training.benchmark.classification import classify, plot_confusion
 from training.benchmark.grounding import check_grounding, check_model_grounding, check_report_grounding
@@ -45,7 +45,7 @@ def test_reference_must_be_a_diagnostic_label() -> None:
 
 
 def test_reference_biomarkers_from_prompt_json() -> None:
-    from grok_pacs.biomarkers import to_prompt_json
+    from grok_pacs.domain.biomarkers import to_prompt_json
     from training.benchmark.records import biomarkers_from_prompt_json
 
     values = {"cup_to_disc": 0.72, "rnfl_average": 24.1, "mt_inner_inferior": 355.0}

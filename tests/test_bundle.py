@@ -12,12 +12,12 @@ import torch
 
 from export.onnx_export import export_encoder
 from export.parity import ParityError, Tolerance, check_encoder_parity
-from grok_pacs.biomarkers import BIOMARKERS
-from grok_pacs.bundle import CFP_ENCODER, MANIFEST, OCT_HEAD, BundleError, load_bundle
-from grok_pacs.labels import DIAGNOSTIC_LABELS
+from grok_pacs.domain.biomarkers import BIOMARKERS
+from grok_pacs.analysis.bundle import CFP_ENCODER, MANIFEST, OCT_HEAD, BundleError, load_bundle
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from grok_pacs.model.config import EncoderConfig
 from grok_pacs.model.vit import build_encoder
-from grok_pacs.onnx_session import create_session, run_encoder
+from grok_pacs.analysis.onnx_session import create_session, run_encoder
 from helpers.tiny_bundle import copy_bundle
 
 torch.set_num_threads(1)

@@ -1,12 +1,12 @@
-"""grok_pacs.citations: numbers a report cites, tied to the biomarker they describe."""
+"""grok_pacs.analysis.grounding: numbers a report cites, tied to the biomarker they describe."""
 
 from __future__ import annotations
 
 import pytest
 
-from grok_pacs.biomarkers import BIOMARKERS, BY_KEY, format_value
-from grok_pacs.citations import ALIASES, extract_cited_numbers, find_citations, ground_cited_numbers
-from grok_pacs.report import CitedNumber
+from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, format_value
+from grok_pacs.analysis.grounding import ALIASES, extract_cited_numbers, find_citations, ground_cited_numbers
+from grok_pacs.analysis.result import CitedNumber
 
 
 def keys(text: str) -> list[tuple[str, str | None]]:

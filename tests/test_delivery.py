@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from grok_pacs.ports import free_port
+from devtools.ports import free_port
 from grok_pacs.config import load_settings
-from grok_pacs.delivery import DeliveryOutcome, deliver, give_up, retry_delay_s, update_study_state, write_sr
-from grok_pacs.index import InstanceRecord, StudyIndex, StudyState
-from grok_pacs.listener import Listener
-from grok_pacs.outbox import Outbox, OutboxError, OutboxState
-from grok_pacs.report import Eye
-from grok_pacs.scu import PermanentStoreError, TransientStoreError
-from grok_pacs.sr import SRKey, build_sr
+from grok_pacs.delivery.sender import DeliveryOutcome, deliver, give_up, retry_delay_s, update_study_state, write_sr
+from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
+from grok_pacs.ingest.listener import Listener
+from grok_pacs.store.outbox import Outbox, OutboxError, OutboxState
+from grok_pacs.analysis.result import Eye
+from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError
+from grok_pacs.report.sr import SRKey, build_sr
 from ophthalmic_dicom import Patient, hand_built_report, make_cfp
 from srcheck import assert_valid_sr
 from storescp import StoreSCP

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from conftest import require_tool
-from grok_pacs.labels import Label
+from grok_pacs.domain.labels import Label
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "pipeline"
@@ -28,7 +28,7 @@ LABEL_WORDS = {label.value for label in Label}
 def test_make_demo_prints_the_sr_of_a_sent_phantom_study(tmp_path: Path) -> None:
     require_tool("storescp")
     demo_dir = tmp_path / "demo"
-    done = subprocess.run([sys.executable, "-m", "grok_pacs.demo", "--demo-dir", str(demo_dir), "--cache", str(CACHE)],
+    done = subprocess.run([sys.executable, "-m", "devtools.demo", "--demo-dir", str(demo_dir), "--cache", str(CACHE)],
                           capture_output=True, text=True, timeout=1700, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from conftest import require_tool
-from grok_pacs.ports import free_port
+from devtools.ports import free_port
 from grok_pacs.config import Settings, load_settings
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 
@@ -176,7 +176,8 @@ def test_probes_and_healthchecks_use_paths_the_metrics_server_serves(tmp_path: P
     import urllib.error
     import urllib.request
 
-    from grok_pacs import health, metrics
+    from grok_pacs.ops import health
+    from grok_pacs.ops import metrics
 
     paths = set()
     for doc in _k8s_docs():
@@ -332,7 +333,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def test_orthanc_lua_autoroute_forwards_op_and_opt_only(tmp_path: Path) -> None:
     """The shipped orthanc.json + autoroute.lua in a real Orthanc, routing to a grok-pacs listener that
     runs the shipped compose config.toml (its AE title and allow-list): OP and OPT arrive, OT does not."""
-    from grok_pacs.ingest import IngestService
+    from grok_pacs.ingest.service import IngestService
 
     orthanc, storescu = require_tool("Orthanc"), require_tool("storescu")
     config = json.loads((DEPLOY / "compose/orthanc/orthanc.json").read_text())

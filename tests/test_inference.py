@@ -8,12 +8,12 @@ import pydicom
 import pytest
 import torch
 
-from grok_pacs.biomarkers import CFP_KEYS, OCT_KEYS, BY_KEY
-from grok_pacs.bundle import BundleError
-from grok_pacs.citations import ground_cited_numbers
-from grok_pacs.inference import Engine, EyeInput
-from grok_pacs.labels import DIAGNOSTIC_LABELS, Label
-from grok_pacs.report import Eye, SourceImage
+from grok_pacs.domain.biomarkers import CFP_KEYS, OCT_KEYS, BY_KEY
+from grok_pacs.analysis.bundle import BundleError
+from grok_pacs.analysis.grounding import ground_cited_numbers
+from grok_pacs.analysis.engine import Engine, EyeInput
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
+from grok_pacs.analysis.result import Eye, SourceImage
 from helpers.eye_dicom import oct_volume, write_jpeg_cfp, write_oct
 from helpers.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle, copy_bundle
 from ophthalmic_dicom import Patient

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from grok_pacs.index import StudyState
-from grok_pacs.sample_dicom import fundus_photograph, write
-from grok_pacs.ports import wait_for_port
+from grok_pacs.store.index import StudyState
+from devtools.sample_dicom import fundus_photograph, write
+from devtools.ports import wait_for_port
 from ingest_support import drain_jobs, ingest_settings, running, storescu, wait_until
 from tests.conftest import require_tool
-from grok_pacs.ports import free_port
+from devtools.ports import free_port
 
 TESTS = Path(__file__).resolve().parent
 

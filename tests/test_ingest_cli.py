@@ -11,10 +11,10 @@ from pathlib import Path
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from grok_pacs.index import StudyState
-from grok_pacs.sample_dicom import demo_study
+from grok_pacs.store.index import StudyState
+from devtools.sample_dicom import demo_study
 from ingest_support import AE, ingest_settings, running, wait_until
-from grok_pacs.ports import free_port
+from devtools.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

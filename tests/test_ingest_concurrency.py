@@ -11,8 +11,8 @@ from pydicom.uid import generate_uid
 
 from pynetdicom.dsutils import split_dataset
 
-from grok_pacs.index import StudyState
-from grok_pacs.sample_dicom import fundus_photograph, write
+from grok_pacs.store.index import StudyState
+from devtools.sample_dicom import fundus_photograph, write
 from ingest_support import AE, DCMTK_ENV, drain_jobs, ingest_settings, running, stored_files, temp_files, wait_until
 from tests.conftest import require_tool
 

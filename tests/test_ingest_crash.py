@@ -11,9 +11,9 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
-from grok_pacs.index import StudyIndex, StudyState
-from grok_pacs.ports import wait_for_port
-from grok_pacs.sample_dicom import fundus_photograph, oct_tomography, write
+from grok_pacs.store.index import StudyIndex, StudyState
+from devtools.ports import wait_for_port
+from devtools.sample_dicom import fundus_photograph, oct_tomography, write
 from ingest_support import (
     DCMTK_ENV,
     AE,

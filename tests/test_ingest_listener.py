@@ -11,11 +11,11 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, generate_uid
 from pynetdicom import AE
 
-from grok_pacs import dimse_status
+from grok_pacs.dicom import status as dimse_status
 from grok_pacs.config import Peer
-from grok_pacs.index import StudyState
-from grok_pacs.sample_dicom import fundus_photograph, oct_tomography, write
-from grok_pacs.scu import PermanentStoreError, TransientStoreError, store_dataset, store_files
+from grok_pacs.store.index import StudyState
+from devtools.sample_dicom import fundus_photograph, oct_tomography, write
+from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError, store_dataset, store_files
 from ingest_support import (
     AE as OUR_AE,
     drain_jobs,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from grok_pacs.sample_dicom import fundus_photograph, write
+from devtools.sample_dicom import fundus_photograph, write
 from ingest_support import dcmtk, echoscu, ingest_settings, running, stored_files, storescu
 from tests.conftest import require_tool
 

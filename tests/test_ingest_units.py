@@ -9,15 +9,15 @@ from pathlib import Path, PurePosixPath
 import pytest
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
-from grok_pacs.assembly import Assembler, recover
-from grok_pacs.celery_app import TASK_ANALYZE_STUDY, create_app
+from grok_pacs.ingest.assembly import Assembler, recover
+from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, create_app
 from grok_pacs.config import load_settings
-from grok_pacs.contexts import TRANSFER_SYNTAXES, scp_contexts
-from grok_pacs.dicom_header import IncompleteDatasetError, read_header
-from grok_pacs.index import InstanceRecord, StudyIndex, StudyState
-from grok_pacs.sample_dicom import fundus_photograph, oct_tomography, write
-from grok_pacs.storage import atomic_write_bytes, remove_temp_files, tmp_dir
-from grok_pacs.uids import InvalidUIDError, instance_relpath, is_valid_uid, resolve_inside
+from grok_pacs.dicom.contexts import TRANSFER_SYNTAXES, scp_contexts
+from grok_pacs.dicom.header import IncompleteDatasetError, read_header
+from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
+from devtools.sample_dicom import fundus_photograph, oct_tomography, write
+from grok_pacs.store.files import atomic_write_bytes, remove_temp_files, tmp_dir
+from grok_pacs.dicom.uids import InvalidUIDError, instance_relpath, is_valid_uid, resolve_inside
 
 
 @pytest.mark.parametrize("uid", ["1.2.840.10008.1.2.1", "0.0", "2.25.12345678901234567890", "1." + "2" * 62])
@@ -187,7 +187,7 @@ def test_recovery_forgets_rows_whose_file_is_missing(tmp_path: Path) -> None:
 
 def test_pynetdicom_tuning_applies_to_this_pynetdicom() -> None:
     """If a pynetdicom upgrade changes the internals the tuning relies on, this fails (it would fall back)."""
-    from grok_pacs import pynetdicom_tuning
+    from grok_pacs.dicom import fastpath as pynetdicom_tuning
 
     assert pynetdicom_tuning.install() and pynetdicom_tuning.install(), "installs once, idempotently"
 
@@ -225,7 +225,7 @@ def test_fast_store_response_is_byte_identical_to_pynetdicom(status: int) -> Non
     from pynetdicom.dimse_messages import C_STORE_RSP
     from pynetdicom.dimse_primitives import C_STORE
 
-    from grok_pacs.pynetdicom_tuning import _encode_store_response
+    from grok_pacs.dicom.fastpath import _encode_store_response
 
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo, rsp.Status = 65535, status

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from grok_pacs.biomarkers import BIOMARKERS
-from grok_pacs.labels import Label
+from grok_pacs.domain.biomarkers import BIOMARKERS
+from grok_pacs.domain.labels import Label
 from training.manifest import MANIFEST_COLUMNS, CohortRecord, ManifestError, load_manifest, write_manifest
 
 

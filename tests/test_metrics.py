@@ -23,10 +23,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import require_tool
-from grok_pacs.ports import free_port
-from grok_pacs import health, metrics
+from devtools.ports import free_port
+from grok_pacs.ops import health
+from grok_pacs.ops import metrics
 from grok_pacs.config import OP_8BIT, OPT, load_settings
-from grok_pacs.ingest import IngestService
+from grok_pacs.ingest.service import IngestService
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,8 +305,8 @@ def test_metrics_port_in_use_fails_with_the_port_named(tmp_path: Path) -> None:
 
 def test_sr_delivery_outcomes_are_counted(tmp_path: Path) -> None:
     """A real delivery: PACS down (transient failure), then DCMTK storescp up (delivered)."""
-    from grok_pacs.delivery import DeliveryOutcome, deliver
-    from grok_pacs.scu import TransientStoreError
+    from grok_pacs.delivery.sender import DeliveryOutcome, deliver
+    from grok_pacs.dicom.scu import TransientStoreError
     from storescp import StoreSCP
     from test_delivery import _queued_study
 

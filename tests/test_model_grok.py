@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from grok_pacs.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, OCT_KEYS
+from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, OCT_KEYS
 from grok_pacs.model.config import GrokConfig, ProjectorConfig
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.heads import BiomarkerHead
 from grok_pacs.model.projector import Projectors
-from grok_pacs.prompt import (IGNORE_INDEX, IM_END, IMAGE_TOKEN, INSTRUCTION, SYSTEM_PROMPT, biomarker_block,
+from grok_pacs.model.prompt import (IGNORE_INDEX, IM_END, IMAGE_TOKEN, INSTRUCTION, SYSTEM_PROMPT, biomarker_block,
                               build_prompt, build_training_example, format_target, human_turn)
 from helpers.tiny_bundle import TINY_REPORT, train_tokenizer
 

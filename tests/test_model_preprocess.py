@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grok_pacs.imaging import ImageReadError, read_cfp, read_oct_volume
+from grok_pacs.analysis.imaging import ImageReadError, read_cfp, read_oct_volume
 from grok_pacs.model.config import IMAGENET_MEAN, IMAGENET_STD
-from grok_pacs.preprocess import preprocess_cfp, preprocess_oct, select_foveal_bscan
+from grok_pacs.analysis.preprocess import preprocess_cfp, preprocess_oct, select_foveal_bscan
 from helpers.eye_dicom import oct_volume, write_jpeg_cfp, write_oct
 from ophthalmic_dicom import Patient, fundus_pixels
 

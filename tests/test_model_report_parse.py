@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from grok_pacs.labels import DIAGNOSTIC_LABELS, Label
-from grok_pacs.report_parse import parse_generation
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
+from grok_pacs.analysis.parsing import parse_generation
 
 VALID = ("The optic disc shows a cup-to-disc ratio of 0.72 with inferior rim thinning. The average retinal nerve "
          "fibre layer (RNFL) thickness is 24.1 um, below normal. These findings indicate glaucoma.\n"

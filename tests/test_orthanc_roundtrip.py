@@ -14,7 +14,7 @@ import sys
 
 import pydicom
 
-from grok_pacs.ports import free_port
+from devtools.ports import free_port
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 from orthanc import Orthanc
 from srcheck import assert_valid_sr

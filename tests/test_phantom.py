@@ -13,8 +13,8 @@ import pydicom
 import pytest
 from PIL import Image
 
-from grok_pacs.biomarkers import BIOMARKERS
-from grok_pacs.labels import DIAGNOSTIC_LABELS, Label
+from grok_pacs.domain.biomarkers import BIOMARKERS
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 from tests.conftest import require_tool
 from training.manifest import load_manifest
 from training.phantom import generate_cohort, plan_cohort

@@ -11,12 +11,12 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from grok_pacs import codes
-from grok_pacs.biomarkers import BIOMARKERS, CFP_BIOMARKERS, BY_KEY
-from grok_pacs.labels import Label
-from grok_pacs.report import BiomarkerEstimate, Eye, Report, SourceImage
-from grok_pacs.sr import AI_STATEMENT, SRBuildError, SRKey, build_sr
-from grok_pacs.srprint import render
+from grok_pacs.report import codes
+from grok_pacs.domain.biomarkers import BIOMARKERS, CFP_BIOMARKERS, BY_KEY
+from grok_pacs.domain.labels import Label
+from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Report, SourceImage
+from grok_pacs.report.sr import AI_STATEMENT, SRBuildError, SRKey, build_sr
+from grok_pacs.report.render import render
 from ophthalmic_dicom import Patient, make_cfp, make_oct
 from srcheck import assert_valid_sr
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from grok_pacs.citations import find_citations
-from grok_pacs.labels import Label
+from grok_pacs.analysis.grounding import find_citations
+from grok_pacs.domain.labels import Label
 from training.manifest import load_manifest
 from training.phantom import generate_cohort
 from training.stage1 import run_stage1, validate_report

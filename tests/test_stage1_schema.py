@@ -1,4 +1,4 @@
-"""The biomarker schema (grok_pacs.biomarkers) against SPEC §2: exact names, order, UCUM units, ranges."""
+"""The biomarker schema (grok_pacs.domain.biomarkers) against SPEC §2: exact names, order, UCUM units, ranges."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import math
 import re
 
-from grok_pacs.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, OCT_KEYS, Modality, format_value, to_prompt_json
+from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, OCT_KEYS, Modality, format_value, to_prompt_json
 
 _LAYER = ("central subfield", "inner subfield", "outer subfield", "average")
 SPEC_OCT_NAMES = [

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grok_pacs.biomarkers import BIOMARKERS, format_value
-from grok_pacs.citations import find_citations
-from grok_pacs.labels import DIAGNOSTIC_LABELS
-from grok_pacs.ports import free_port
+from grok_pacs.domain.biomarkers import BIOMARKERS, format_value
+from grok_pacs.analysis.grounding import find_citations
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
+from devtools.ports import free_port
 from training.manifest import load_manifest
 from training.phantom import generate_cohort
 from training.phantom.sampling import sample_subject

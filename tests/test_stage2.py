@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from grok_pacs.biomarkers import CFP_KEYS, OCT_KEYS
+from grok_pacs.domain.biomarkers import CFP_KEYS, OCT_KEYS
 from grok_pacs.model.checkpoints import load_encoder
 from grok_pacs.model.heads import BiomarkerHead
 from training.stage2.checkpoint import read_meta
@@ -254,8 +254,8 @@ def phantom_manifest(tmp_path_factory) -> Path:
 
 def test_oct_images_are_the_runtime_foveal_bscan_preprocessed_by_the_runtime(phantom_manifest: Path,
                                                                               tmp_path: Path) -> None:
-    from grok_pacs.imaging import read_oct_volume
-    from grok_pacs.preprocess import preprocess_oct, select_foveal_bscan
+    from grok_pacs.analysis.imaging import read_oct_volume
+    from grok_pacs.analysis.preprocess import preprocess_oct, select_foveal_bscan
     from training.manifest import load_manifest
     from training.stage2.data import load_data
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from grok_pacs.labels import DIAGNOSTIC_LABELS
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from grok_pacs.model.config import GrokConfig, ProjectorConfig
 from grok_pacs.model.grok import GrokModel, ensure_image_token
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.vit import build_encoder
-from grok_pacs.prompt import IGNORE_INDEX, human_turn
+from grok_pacs.model.prompt import IGNORE_INDEX, human_turn
 from training.stage3.checkpoint import CheckpointMismatch
 from training.stage3.config import Stage3Config, StandInLLMConfig
 from training.stage3.data import SFTDataset, build_samples, chat_text, collate
@@ -218,7 +218,7 @@ def test_phantom_tokenizer_keeps_chatml_and_image_tokens_whole(tmp_path: Path) -
 
 def test_estimate_targets_cite_the_heads_estimates_not_the_measurements() -> None:
     """With estimates in the prompt, the training report must cite those estimates (what the SR carries)."""
-    from grok_pacs.biomarkers import BIOMARKERS, to_prompt_json
+    from grok_pacs.domain.biomarkers import BIOMARKERS, to_prompt_json
     from training.benchmark.grounding import check_grounding
     from training.stage3.targets import estimate_grounded
     from training.teachers.guideline import GuidelineTeacher

@@ -1,7 +1,7 @@
 """The analyse task in-process with the tiny bundle: per-eye selection, SRs, delivery to DCMTK storescp.
 
 Studies enter the data directory the way crash recovery indexes them (the listener's own header reader),
-then `analyze_study` runs as a worker would run it. Documented results (grok_pacs.pipeline):
+then `analyze_study` runs as a worker would run it. Documented results (grok_pacs.jobs.pipeline):
 - both eyes -> two SRs (one per eye), newest CFP of an eye used; only CFP / only OCT -> one SR that says
   which modality was missing; an undecodable instance is skipped (the next newest is used) and the skip
   is shown with the study; no usable eye -> FAILED with the reason; a re-run never sends a second copy.
@@ -15,15 +15,15 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from grok_pacs.ports import free_port
-from grok_pacs import worker
-from grok_pacs.assembly import recover
-from grok_pacs.celery_app import create_app
+from devtools.ports import free_port
+from grok_pacs.jobs import worker
+from grok_pacs.ingest.assembly import recover
+from grok_pacs.jobs.app import create_app
 from grok_pacs.config import load_settings
-from grok_pacs.index import StudyState
-from grok_pacs.outbox import OutboxState
-from grok_pacs.tasks import analyze_study
-from grok_pacs.uids import instance_relpath
+from grok_pacs.store.index import StudyState
+from grok_pacs.store.outbox import OutboxState
+from grok_pacs.jobs.tasks import analyze_study
+from grok_pacs.dicom.uids import instance_relpath
 from ophthalmic_dicom import Patient, make_cfp, make_oct, make_undecodable_cfp, write
 from srcheck import assert_valid_sr
 from storescp import StoreSCP
@@ -179,9 +179,9 @@ def test_job_of_an_outdated_version_does_nothing(ctx, pacs):
 
 def test_selection_by_sop_class_laterality_and_acquisition_time(tmp_path):
     from grok_pacs.config import SECONDARY_CAPTURE, THICKNESS_MAP
-    from grok_pacs.index import InstanceRecord
-    from grok_pacs.pipeline import select_candidates
-    from grok_pacs.report import Eye
+    from grok_pacs.store.index import InstanceRecord
+    from grok_pacs.jobs.pipeline import select_candidates
+    from grok_pacs.analysis.result import Eye
 
     def rec(sop: str, sop_class: str, laterality: str, acquired: str, received: float) -> InstanceRecord:
         return InstanceRecord("1.2", "1.2.3", sop, sop_class, "OP", laterality, 1, 1, f"incoming/{sop}.dcm",

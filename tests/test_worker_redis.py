@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from grok_pacs.ports import free_port
+from devtools.ports import free_port
 from grok_pacs.config import load_settings
-from grok_pacs.index import StudyIndex, StudyState
-from grok_pacs.ingest import IngestService
-from grok_pacs.listener import Listener
-from grok_pacs.outbox import Outbox, OutboxState
+from grok_pacs.store.index import StudyIndex, StudyState
+from grok_pacs.ingest.service import IngestService
+from grok_pacs.ingest.listener import Listener
+from grok_pacs.store.outbox import Outbox, OutboxState
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 from storescp import StoreSCP
 from worker_harness import GrokProcess, Redis, grok_env, storescu, wait_until

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from conftest import require_tool
-from grok_pacs.ports import free_port
-from grok_pacs.ports import wait_for_port
+from devtools.ports import free_port
+from devtools.ports import wait_for_port
 
 T = TypeVar("T")
 
@@ -62,7 +62,7 @@ def grok_env(**settings: object) -> dict[str, str]:
 
 
 class GrokProcess:
-    """`python -m grok_pacs.cli <command>` with the given environment, output to a log file."""
+    """`python -m grok_pacs.cli.main <command>` with the given environment, output to a log file."""
 
     def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path

@@ -21,8 +21,8 @@ from typing import Iterable, Sequence
 
 import pydicom
 
-from grok_pacs.biomarkers import BIOMARKERS, BY_KEY, format_value
-from grok_pacs.labels import DIAGNOSTIC_LABELS, Label
+from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, format_value
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 
 log = logging.getLogger(__name__)
 

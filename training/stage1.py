@@ -3,7 +3,7 @@
 Each eye of the chosen splits gets a report from a teacher (the deterministic guideline teacher, or an
 OpenAI-compatible chat-completions model). Every report is validated (`validate_report`): one paragraph,
 at most 300 words, a concluding sentence that names the eye's label and no other, at least
-MIN_GROUNDED_NUMBERS numbers that grok_pacs.citations ties to the right biomarker with the right value and
+MIN_GROUNDED_NUMBERS numbers that grok_pacs.analysis.grounding ties to the right biomarker with the right value and
 none that it cannot tie, at least MIN_RULED_OUT other labels discussed, no hint that the label was given.
 Valid records go to instructions.jsonl in the paper's format; the others to rejected.jsonl with reasons.
 
@@ -25,9 +25,9 @@ from typing import Mapping, Sequence
 
 from tqdm import tqdm
 
-from grok_pacs.biomarkers import BY_KEY, format_value, to_prompt_json
-from grok_pacs.citations import find_citations
-from grok_pacs.labels import DIAGNOSTIC_LABELS, LABEL_SYNONYMS, Label
+from grok_pacs.domain.biomarkers import BY_KEY, format_value, to_prompt_json
+from grok_pacs.analysis.grounding import find_citations
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, LABEL_SYNONYMS, Label
 
 from training.manifest import SPLITS, CohortRecord, bscan_files, load_manifest
 from training.teachers.knowledge import HUMAN_TURN
@@ -62,7 +62,7 @@ _LABEL_RE = _label_patterns()
 
 
 def labels_named(text: str) -> set[Label]:
-    """The diagnostic labels a text names (canonical names and grok_pacs.labels synonyms)."""
+    """The diagnostic labels a text names (canonical names and grok_pacs.domain.labels synonyms)."""
     return {label for label, pattern in _LABEL_RE.items() if pattern.search(text)}
 
 

@@ -3,7 +3,7 @@
 A pretrained Qwen2 cannot be brought onto these machines, so the phantom pipeline trains its own byte-level
 BPE (the same kind of model as Qwen2's) on the instruction corpus, with the ChatML special tokens and the
 `<image>` placeholder as single tokens. Both kinds are saved and loaded as ordinary transformers tokenizer
-directories, so the runtime (`grok_pacs.inference`) and the bundle treat them alike.
+directories, so the runtime (`grok_pacs.analysis.engine`) and the bundle treat them alike.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from grok_pacs.model.projector import Projectors
-from grok_pacs.prompt import IGNORE_INDEX, IMAGE_TOKEN
+from grok_pacs.model.prompt import IGNORE_INDEX, IMAGE_TOKEN
 
 Tokens = torch.Tensor | Sequence[torch.Tensor | None] | None
 

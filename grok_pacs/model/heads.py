@@ -1,6 +1,6 @@
 """Biomarker heads: linear regressors from an encoder's pooled feature to biomarker values.
 
-OCT head: 31 outputs in `grok_pacs.biomarkers.OCT_KEYS` order (micrometres); CFP head: 6 outputs in
+OCT head: 31 outputs in `grok_pacs.domain.biomarkers.OCT_KEYS` order (micrometres); CFP head: 6 outputs in
 `CFP_KEYS` order (unitless). Stage 2 fits them (ridge on frozen features: `BiomarkerHead.fit_ridge`, or its
 own solver and then `from_ridge(weight, bias)`); the runtime applies them with numpy, so serving needs no
 torch for this step. Stored as safetensors with the modality and key order in the metadata.
@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from grok_pacs.biomarkers import BY_KEY, CFP_KEYS, OCT_KEYS, Modality
+from grok_pacs.domain.biomarkers import BY_KEY, CFP_KEYS, OCT_KEYS, Modality
 
 KEYS_BY_MODALITY: dict[Modality, tuple[str, ...]] = {Modality.OCT: OCT_KEYS, Modality.CFP: CFP_KEYS}
 
@@ -118,7 +118,7 @@ class BiomarkerHead:
         modality = Modality(meta.get("modality", ""))  # ValueError names the bad value
         keys = tuple(json.loads(meta.get("keys", "[]")))
         if keys != KEYS_BY_MODALITY[modality]:
-            raise ValueError(f"head file {path}: biomarker order {keys[:3]}... differs from grok_pacs.biomarkers")
+            raise ValueError(f"head file {path}: biomarker order {keys[:3]}... differs from grok_pacs.domain.biomarkers")
         tensors = load_file(str(path))
         return cls(modality, tensors["weight"].astype(np.float64), tensors["bias"].astype(np.float64))
 

@@ -2,7 +2,7 @@
 DICOM files (JPEG-baseline Ophthalmic Photography, multi-frame Ophthalmic Tomography) built with pydicom.
 
 Headers come from tests/ophthalmic_dicom.py; JPEG encoding, encapsulation and file writing are the runtime's
-(grok_pacs.sample_dicom): the CFP is one JPEG baseline frame, the transfer syntax fundus cameras really send.
+(devtools.sample_dicom): the CFP is one JPEG baseline frame, the transfer syntax fundus cameras really send.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from ophthalmic_dicom import Patient, fundus_pixels, make_cfp, make_oct
 
-from grok_pacs.sample_dicom import jpeg_bytes, set_jpeg_frame, write
+from devtools.sample_dicom import jpeg_bytes, set_jpeg_frame, write
 
 
 def oct_volume(frames: int = 15, rows: int = 96, cols: int = 128, *, pit_frame: int | None = None,

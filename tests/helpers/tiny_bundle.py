@@ -18,15 +18,15 @@ import torch
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from export.build_bundle import build_bundle
-from grok_pacs.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, OCT_KEYS
-from grok_pacs.labels import DIAGNOSTIC_LABELS
+from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, OCT_KEYS
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from grok_pacs.model.checkpoints import load_retfound, load_retizero
 from grok_pacs.model.config import GrokConfig
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.heads import BiomarkerHead
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.vit import LoraQKV, apply_qkv_lora, build_encoder
-from grok_pacs.prompt import IM_END, IMAGE_TOKEN, build_prompt, build_training_example, format_target
+from grok_pacs.model.prompt import IM_END, IMAGE_TOKEN, build_prompt, build_training_example, format_target
 
 ENDOFTEXT = "<|endoftext|>"
 TINY_NARRATIVE = ("The optic disc shows an enlarged cup with a cup-to-disc ratio of 0.72. "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from grok_pacs.labels import DIAGNOSTIC_LABELS, Label
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 
 ROWS: tuple[Label, ...] = DIAGNOSTIC_LABELS
 COLUMNS: tuple[Label, ...] = (*DIAGNOSTIC_LABELS, Label.INDETERMINATE)

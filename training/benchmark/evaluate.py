@@ -7,7 +7,7 @@ from statistics import fmean
 
 from tqdm import tqdm
 
-from grok_pacs.labels import Label
+from grok_pacs.domain.labels import Label
 from training.benchmark.classification import ClassificationResult, classify
 from training.benchmark.grounding import GroundingResult, check_grounding, pooled
 from training.benchmark.judge import CRITERIA, Judge, JudgeError, JudgeVerdict

@@ -2,7 +2,7 @@
 
 A report is grounded when the numbers in its text are the biomarker estimates written next to it in the
 SR (`Report.biomarkers`), not numbers the language model made up. For each cited number
-(`grok_pacs.citations`): agreed = tied to a biomarker whose estimate, rounded as the text rounds it,
+(`grok_pacs.analysis.grounding`): agreed = tied to a biomarker whose estimate, rounded as the text rounds it,
 gives the cited value (`numbers.within_rounding`). Agreement = agreed / cited, so unmatched numbers and
 numbers about biomarkers without an estimate count against it. A report citing nothing has no agreement
 (None), and pooled results say how many such reports there were.
@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from grok_pacs.report import Report, findings_text
-from grok_pacs.report_parse import parse_generation
+from grok_pacs.analysis.result import Report, findings_text
+from grok_pacs.analysis.parsing import parse_generation
 from training.benchmark.numbers import find_citations, within_rounding
 
 
@@ -70,7 +70,7 @@ def check_report_grounding(report: Report) -> GroundingResult:
 
 def check_model_grounding(report: Report) -> GroundingResult:
     """The grounding of what the model wrote (`raw_text`), before the runtime wrote misquoted numbers as
-    the estimates (`grok_pacs.citations.ground_cited_numbers`): how well the LLM itself cites its prompt."""
+    the estimates (`grok_pacs.analysis.grounding.ground_cited_numbers`): how well the LLM itself cites its prompt."""
     parsed = parse_generation(report.raw_text)
     return _grounding_of(parsed.narrative, parsed.impression, report)
 

@@ -19,8 +19,8 @@ from typing import Mapping
 
 import httpx
 
-from grok_pacs.biomarkers import to_prompt_json
-from grok_pacs.labels import DIAGNOSTIC_LABELS, Label, parse_label
+from grok_pacs.domain.biomarkers import to_prompt_json
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label, parse_label
 
 #: Criterion -> (lowest, highest) score, SPEC §4 order. Totals are at most 100.
 CRITERIA: dict[str, tuple[int, int]] = {

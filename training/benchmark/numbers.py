@@ -1,6 +1,6 @@
 """Cited numbers of a report compared with measured values (used by the rubric and the grounding check).
 
-Extraction and biomarker matching live in `grok_pacs.citations` (the runtime fills `Report.cited_numbers`
+Extraction and biomarker matching live in `grok_pacs.analysis.grounding` (the runtime fills `Report.cited_numbers`
 with the same code); this module adds the comparisons: unit handling, relative error, rounding tolerance.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from grok_pacs.biomarkers import BY_KEY
-from grok_pacs.citations import Citation, extract_cited_numbers, find_citations, in_biomarker_unit, within_rounding
+from grok_pacs.domain.biomarkers import BY_KEY
+from grok_pacs.analysis.grounding import Citation, extract_cited_numbers, find_citations, in_biomarker_unit, within_rounding
 
 __all__ = ["Citation", "ValueCheck", "check_value", "extract_cited_numbers", "find_citations",
            "in_biomarker_unit", "relative_error", "within_rounding"]

@@ -7,13 +7,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from grok_pacs.biomarkers import BIOMARKERS, BY_KEY
-from grok_pacs.labels import DIAGNOSTIC_LABELS, Label
-from grok_pacs.report import Report
+from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
+from grok_pacs.analysis.result import Report
 
 
 def _checked_values(values: Mapping[str, float], what: str) -> dict[str, float]:
-    """Biomarker values keyed by `grok_pacs.biomarkers` keys, NaN/None dropped; unknown keys are errors."""
+    """Biomarker values keyed by `grok_pacs.domain.biomarkers` keys, NaN/None dropped; unknown keys are errors."""
     unknown = sorted(set(values) - set(BY_KEY))
     if unknown:
         raise ValueError(f"{what}: unknown biomarker keys {unknown}")

@@ -2,7 +2,7 @@
 
 Deterministic stand-ins for the LLM judge on the criteria that can be checked mechanically:
 
-QuantitativeAccuracy (0-20): start at 20; for every number the report cites (`grok_pacs.citations`):
+QuantitativeAccuracy (0-20): start at 20; for every number the report cites (`grok_pacs.analysis.grounding`):
 - tied to a measured biomarker: 0 when within 10 % of the measurement; -1 when 10-20 % off or in a wrong
   unit (a length on a ratio, micrometre digits labelled mm); -2 when more than 20 % off. A value both
   off and in a wrong unit costs the larger of the two deductions, never both;
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Mapping
 
-from grok_pacs.labels import Label
+from grok_pacs.domain.labels import Label
 from training.benchmark.numbers import Citation, check_value, find_citations
 
 QUANTITATIVE_MAX = 20

@@ -10,7 +10,7 @@ Layers, from Bruch's membrane (BM) up: drusen, RPE, subretinal fluid, photorecep
 RNFL. Biomarker groups: RPE thickness = RPE + drusen; ISOS-RPE = outer segments + subretinal fluid;
 INL-ELM = INL + ONL/OPL + cysts; INL-RPE = INL-ELM + ELM-ISOS + ISOS-RPE; macular thickness = ILM to BM.
 Layer "averages" (INL-ELM average, ...) are the mean of the central, inner and outer subfield values,
-the convention of grok_pacs.biomarkers' normal ranges; "overall macular thickness" is area-weighted.
+the convention of grok_pacs.domain.biomarkers' normal ranges; "overall macular thickness" is area-weighted.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from grok_pacs.biomarkers import OCT_KEYS
+from grok_pacs.domain.biomarkers import OCT_KEYS
 
 LAYERS = ("drusen", "rpe", "fluid", "os", "is", "onl", "cyst", "inl", "gcipl", "rnfl")
 PROFILE_LAYERS = ("rpe", "os", "is", "onl", "inl", "gcipl", "rnfl")  #: layers with a radial profile
@@ -29,7 +29,7 @@ CENTRAL_R, INNER_R, OUTER_R = 0.5, 1.5, 3.0  #: ETDRS radii, mm
 
 _KNOTS_R = np.array([0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.5])
 #: Healthy radial profiles (um at _KNOTS_R), tuned so their subfield values sit inside the normal ranges of
-#: grok_pacs.biomarkers (see tests/test_phantom.py).
+#: grok_pacs.domain.biomarkers (see tests/test_phantom.py).
 _TEMPLATE = {
     "rnfl": (1.5, 5.0, 14.0, 23.0, 30.0, 38.0, 44.0, 49.0, 52.0, 54.0),
     "gcipl": (6.0, 28.0, 80.0, 112.0, 117.0, 105.0, 89.0, 77.0, 70.0, 66.0),

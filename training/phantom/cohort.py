@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from grok_pacs.labels import DIAGNOSTIC_LABELS, Label
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 
 from training.manifest import MANIFEST_NAME, CohortRecord, write_manifest
 from training.phantom.cfp_render import CFP_SIZE, PX_PER_MM, render_cfp

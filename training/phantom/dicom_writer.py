@@ -19,7 +19,7 @@ from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
-from grok_pacs.codes import EYE, FUNDUS_CAMERA, OCT_SCANNER, RETINA, Code
+from grok_pacs.report.codes import EYE, FUNDUS_CAMERA, OCT_SCANNER, RETINA, Code
 
 from training.phantom.cfp_render import PX_PER_MM
 from training.phantom.oct_render import AXIAL_UM_PER_PX, LATERAL_UM_PER_PX, OCT_HEIGHT, OCT_WIDTH

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from grok_pacs.biomarkers import BY_KEY, CFP_KEYS
-from grok_pacs.labels import Label
+from grok_pacs.domain.biomarkers import BY_KEY, CFP_KEYS
+from grok_pacs.domain.labels import Label
 
 from training.phantom.anatomy import PROFILE_LAYERS, Blob, RetinaModel, layer_stack, oct_biomarkers, total_thickness
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from grok_pacs.biomarkers import CFP_KEYS, OCT_KEYS
+from grok_pacs.domain.biomarkers import CFP_KEYS, OCT_KEYS
 from grok_pacs.model.config import EncoderConfig, GrokConfig
 
 MODALITIES = ("OCT", "CFP")

@@ -1,6 +1,6 @@
 """Stage-2 data: one preprocessed 224 image and one biomarker vector per eye, cached as a tensor file.
 
-OCT: the foveal B-scan chosen by `grok_pacs.preprocess.select_foveal_bscan` (the function the runtime uses),
+OCT: the foveal B-scan chosen by `grok_pacs.analysis.preprocess.select_foveal_bscan` (the function the runtime uses),
 preprocessed by the runtime's OCT preprocessing. CFP: the fundus photograph through the runtime's CFP
 preprocessing. Targets are the modality's biomarkers (31 OCT / 6 CFP) in their units, NaN where missing;
 `BiomarkerStats` standardises them with training-split statistics (saved with the checkpoint).
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from grok_pacs.imaging import read_cfp, read_oct_volume
-from grok_pacs.preprocess import preprocess_cfp, preprocess_oct, select_foveal_bscan
+from grok_pacs.analysis.imaging import read_cfp, read_oct_volume
+from grok_pacs.analysis.preprocess import preprocess_cfp, preprocess_oct, select_foveal_bscan
 from training.manifest import CohortRecord, load_manifest
 
 log = logging.getLogger(__name__)

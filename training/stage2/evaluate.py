@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grok_pacs.biomarkers import BY_KEY
+from grok_pacs.domain.biomarkers import BY_KEY
 from grok_pacs.model.heads import BiomarkerHead
 from grok_pacs.model.vit import RetinaEncoder
 from training.stage2.data import Stage2Data

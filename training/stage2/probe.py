@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from grok_pacs.biomarkers import BY_KEY
+from grok_pacs.domain.biomarkers import BY_KEY
 
 CV_FOLDS = 5
 

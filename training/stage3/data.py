@@ -1,6 +1,6 @@
 """Stage-3 data: stage-1 instruction records -> (input_ids, labels) with cached visual tokens, batched.
 
-Prompts and targets are built by `grok_pacs.prompt` only (the runtime builds its prompts there too), so
+Prompts and targets are built by `grok_pacs.model.prompt` only (the runtime builds its prompts there too), so
 training and serving cannot drift apart: the loss falls on the assistant reply (paragraph + `Diagnosis:`
 line + `<|im_end|>`) only. With `biomarker_estimates`, the human turn carries the biomarker heads'
 PREDICTIONS for that eye (never the ground truth), exactly as the runtime will show them.
@@ -17,8 +17,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from grok_pacs.labels import Label, parse_label
-from grok_pacs.prompt import DIAGNOSIS_PREFIX, IGNORE_INDEX, IM_END, build_prompt, build_training_example, format_target
+from grok_pacs.domain.labels import Label, parse_label
+from grok_pacs.model.prompt import DIAGNOSIS_PREFIX, IGNORE_INDEX, IM_END, build_prompt, build_training_example, format_target
 from training.stage3.features import FeatureStore
 
 _DIAGNOSIS_LINE = re.compile(rf"\n?\s*{re.escape(DIAGNOSIS_PREFIX)}[^\n]*\s*$")
@@ -49,7 +49,7 @@ def record_label(record: Mapping[str, Any]) -> Label:
 
 
 def assistant_text(record: Mapping[str, Any]) -> str:
-    """The assistant target: the record's report paragraph, then `Diagnosis: <label>` (grok_pacs.prompt)."""
+    """The assistant target: the record's report paragraph, then `Diagnosis: <label>` (grok_pacs.model.prompt)."""
     turns = record.get("conversations") or []
     replies = [t["value"] for t in turns if t.get("from") in ("gpt", "assistant")]
     if len(replies) != 1:

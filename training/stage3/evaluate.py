@@ -1,4 +1,4 @@
-"""Held-out evaluation of a stage-3 bundle through the runtime itself (`grok_pacs.inference.Engine`).
+"""Held-out evaluation of a stage-3 bundle through the runtime itself (`grok_pacs.analysis.engine.Engine`).
 
 The benchmark must measure what a hospital would be served: the bundle is loaded and verified like the
 worker does, each held-out eye goes through the same pixel reading, foveal B-scan choice, ONNX encoders,
@@ -15,8 +15,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from grok_pacs.inference import Engine
-from grok_pacs.report import Report
+from grok_pacs.analysis.engine import Engine
+from grok_pacs.analysis.result import Report
 from training.benchmark.records import Prediction, Reference, biomarkers_from_prompt_json
 from training.stage3.data import load_instructions, record_label
 from training.stage3.features import eye_id

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from grok_pacs.biomarkers import CFP_KEYS, OCT_KEYS
+from grok_pacs.domain.biomarkers import CFP_KEYS, OCT_KEYS
 
 log = logging.getLogger(__name__)
 

@@ -23,13 +23,13 @@ from typing import Any, Mapping
 
 import torch
 
-from grok_pacs.biomarkers import CFP_KEYS, OCT_KEYS
+from grok_pacs.domain.biomarkers import CFP_KEYS, OCT_KEYS
 from grok_pacs.model.checkpoints import load_encoder
 from grok_pacs.model.config import GenerationConfig, GrokConfig, LLMConfig, ProjectorConfig
 from grok_pacs.model.grok import GrokModel, ensure_image_token
 from grok_pacs.model.heads import BiomarkerHead, estimates_in_range
 from grok_pacs.model.projector import Projectors
-from grok_pacs.prompt import build_prompt
+from grok_pacs.model.prompt import build_prompt
 from training.benchmark.records import biomarkers_from_prompt_json
 from training.stage3.config import Stage3Config
 from training.stage3.data import SFTDataset, build_samples, chat_text, load_instructions

@@ -5,7 +5,7 @@ grounded when it cites exactly those. Stage-1 reports cite the measured (ground-
 `biomarker_estimates`, stage 3 therefore trains on reports that cite each eye's head estimates (predicted
 for that eye by the same heads the bundle serves): the deterministic guideline teacher simply writes the
 report again from the estimates; a report from another teacher (o3, ...) keeps its words and has every
-number that `grok_pacs.citations` ties to a biomarker written as that biomarker's estimate
+number that `grok_pacs.analysis.grounding` ties to a biomarker written as that biomarker's estimate
 (`ground_cited_numbers`, the same rewrite the runtime applies).
 """
 
@@ -15,9 +15,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from grok_pacs.biomarkers import BY_KEY
-from grok_pacs.citations import ground_cited_numbers
-from grok_pacs.labels import Label, parse_label
+from grok_pacs.domain.biomarkers import BY_KEY
+from grok_pacs.analysis.grounding import ground_cited_numbers
+from grok_pacs.domain.labels import Label, parse_label
 
 GUIDELINE = "guideline"
 

@@ -1,6 +1,6 @@
 """The stage-3 SFT loop: LoRA + projectors train, everything else is frozen.
 
-Loss on assistant tokens only (labels from `grok_pacs.prompt`; spliced visual positions carry none), summed
+Loss on assistant tokens only (labels from `grok_pacs.model.prompt`; spliced visual positions carry none), summed
 over the tokens of a whole accumulation window and divided by their count (so gradient accumulation gives
 the same update as one big batch), AdamW with two learning rates (LoRA / projectors), linear warmup then
 cosine decay, gradient clipping, bf16 autocast on a GPU that supports it and fp32 on the CPU, optional
@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from grok_pacs.model.grok import GrokModel
-from grok_pacs.prompt import IGNORE_INDEX
+from grok_pacs.model.prompt import IGNORE_INDEX
 from training.stage3.checkpoint import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.stage3.config import Stage3Config
 from training.stage3.data import SFTDataset, collate, target_token_count

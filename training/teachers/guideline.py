@@ -3,8 +3,8 @@
 It follows the prompt rules of SPEC §3: biomarker assessment (numbers tied to findings) -> sub-inference
 -> integration -> the other labels ruled out one at a time, each with a finding -> a concluding sentence
 naming the diagnosis; one paragraph of at most 300 words; never a hint that the label was given.
-Numbers are written with grok_pacs.biomarkers.format_value right after a name that
-grok_pacs.citations ties to that biomarker, so a grounding check can match every number.
+Numbers are written with grok_pacs.domain.biomarkers.format_value right after a name that
+grok_pacs.analysis.grounding ties to that biomarker, so a grounding check can match every number.
 
 Variety: which signs are cited, sentence templates, the order of blocks and of the rule-outs all vary per
 eye (seeded by subject and eye, so the same record always gets the same report): a student must learn
@@ -18,14 +18,14 @@ import math
 import random
 from typing import Mapping, Protocol
 
-from grok_pacs.biomarkers import BY_KEY, CFP_KEYS, format_value
-from grok_pacs.labels import DIAGNOSTIC_LABELS, Label
+from grok_pacs.domain.biomarkers import BY_KEY, CFP_KEYS, format_value
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 
 from training.teachers.knowledge import Knowledge, Sign, load_knowledge
 
 MAX_WORDS = 300
 
-#: How the report names each biomarker: phrases grok_pacs.citations ties to that key.
+#: How the report names each biomarker: phrases grok_pacs.analysis.grounding ties to that key.
 PROSE: dict[str, str] = {
     "cup_to_disc": "cup-to-disc ratio", "avr": "arteriolar-to-venular ratio",
     "tortuosity_arterial": "arterial tortuosity", "tortuosity_venular": "venular tortuosity",

@@ -1,6 +1,6 @@
 """The Eye-Guideline knowledge (training/data/eye_guideline.yaml), loaded and checked.
 
-Reference ranges are attached from grok_pacs.biomarkers (never repeated in the YAML). Loading fails with
+Reference ranges are attached from grok_pacs.domain.biomarkers (never repeated in the YAML). Loading fails with
 a message naming the entry when the YAML names an unknown biomarker or label, misses a label, or when its
 human turn drifts from SPEC §3's.
 """
@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from grok_pacs.biomarkers import BIOMARKERS, BY_KEY, Biomarker, format_value
-from grok_pacs.labels import DIAGNOSTIC_LABELS, Label
+from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, Biomarker, format_value
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 
 DEFAULT_GUIDELINE = Path(__file__).resolve().parent.parent / "data" / "eye_guideline.yaml"
 #: The human turn of every stage-1 record, exactly as SPEC §3 gives it.
@@ -123,8 +123,8 @@ def load_knowledge(path: Path | str = DEFAULT_GUIDELINE) -> Knowledge:
                                tuple(str(r) for r in prompt["rules"]), str(prompt["example"]).strip(),
                                str(prompt["formatting"]).strip())
     ranges = data.get("reference_ranges") or {}
-    if ranges.get("source") != "grok_pacs.biomarkers":
-        raise KnowledgeError(f"{path}: reference_ranges.source must be grok_pacs.biomarkers (the one source of truth)")
+    if ranges.get("source") != "grok_pacs.domain.biomarkers":
+        raise KnowledgeError(f"{path}: reference_ranges.source must be grok_pacs.domain.biomarkers (the one source of truth)")
     return Knowledge(labels, overrides, prompt_k, tuple(data.get("regions") or ()),
                      float(ranges.get("borderline_fraction", 0.2)))
 

@@ -27,9 +27,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from grok_pacs.biomarkers import to_prompt_json
-from grok_pacs.imaging import is_dicom, read_cfp, read_oct_volume
-from grok_pacs.preprocess import select_foveal_bscan
+from grok_pacs.domain.biomarkers import to_prompt_json
+from grok_pacs.analysis.imaging import is_dicom, read_cfp, read_oct_volume
+from grok_pacs.analysis.preprocess import select_foveal_bscan
 
 from training.manifest import CohortRecord, bscan_files
 from training.teachers.knowledge import Knowledge

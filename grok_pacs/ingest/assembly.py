@@ -1,0 +1,165 @@
+"""Study assembly: a study is complete after `quiet_period` seconds without a new instance; then its
+job goes on the broker. Also crash recovery at start-up.
+
+Publishing comes before recording: publish (study, version N+1), then mark the study QUEUED at N+1 in
+the index (only if nothing arrived meanwhile). A crash in between publishes the same (study, version)
+again after restart; the worker treats a job whose version the study has already moved past, or whose
+study is not QUEUED at that version, as done. Nothing is lost; a duplicate is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+from grok_pacs.config import Settings
+from grok_pacs.dicom.header import IncompleteDatasetError, read_header
+from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyRecord
+from grok_pacs.store.files import quarantine, remove_temp_files
+from grok_pacs.dicom.uids import INCOMING_DIR, InvalidUIDError, uids_from_relpath
+
+log = logging.getLogger("grok_pacs.ingest.assembly")
+
+TEMP_SWEEP_EVERY_S = 60.0
+
+
+class Publisher(Protocol):
+    def publish(self, study_uid: str, version: int) -> str: ...
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    temp_files_removed: int
+    orphans_indexed: int
+    quarantined: int
+    missing_files: int
+
+
+def recover(settings: Settings, index: StudyIndex) -> RecoveryReport:
+    """Before the listener starts: remove temp files, index files on disk that the index lacks, and
+    forget index rows whose file is missing (the sender never got Success for them and sends again).
+
+    Complete studies that were never queued stay RECEIVING in the index and are queued by the first
+    assembly pass. Unreadable or misnamed files in `incoming/` are moved to `quarantine/`.
+    """
+    data_dir = Path(settings.data_dir)
+    removed = remove_temp_files(data_dir)
+    known = index.instance_paths()
+    indexed = quarantined = 0
+    incoming = data_dir / INCOMING_DIR
+    on_disk: set[str] = set()
+    for path in sorted(incoming.glob("*/*/*")) if incoming.is_dir() else []:
+        relpath = PurePosixPath(path.relative_to(data_dir).as_posix())
+        on_disk.add(str(relpath))
+        if str(relpath) in known:
+            continue
+        if _index_orphan(data_dir, path, relpath, index):
+            indexed += 1
+        else:
+            quarantined += 1
+    missing = known - on_disk
+    if missing:  # a crash between the index commit and the rename's fsync: never acknowledged
+        log.warning("recovery: %d indexed instances have no file; removed from the index", len(missing))
+        index.forget_paths(missing)
+    report = RecoveryReport(removed, indexed, quarantined, len(missing))
+    log.info("recovery: temp_files_removed=%d orphans_indexed=%d quarantined=%d missing=%d", *(
+        report.temp_files_removed, report.orphans_indexed, report.quarantined, report.missing_files))
+    return report
+
+
+def _index_orphan(data_dir: Path, path: Path, relpath: PurePosixPath, index: StudyIndex) -> bool:
+    """Index one file found on disk; quarantine it (False) if its name or content is not usable."""
+    uids = uids_from_relpath(relpath)
+    try:
+        if uids is None or not path.is_file():
+            raise ValueError("not an incoming/<study>/<series>/<sop>.dcm path")
+        header = read_header(path)
+        if (header.study_uid, header.series_uid, header.sop_uid) != uids:
+            raise ValueError("file's UIDs differ from its path")
+    except (ValueError, InvalidUIDError, IncompleteDatasetError, OSError) as exc:
+        target = quarantine(data_dir, path) if path.is_file() else path
+        log.warning("recovery: %s is unusable (%s); moved to %s", relpath, exc, target)
+        return False
+    stat = path.stat()
+    index.add_instance(InstanceRecord(
+        study_uid=header.study_uid, series_uid=header.series_uid, sop_uid=header.sop_uid,
+        sop_class_uid=header.sop_class_uid, modality=header.modality, laterality=header.laterality,
+        frames=header.frames, size=stat.st_size, path=relpath.as_posix(), received_at=stat.st_mtime,
+        calling_ae=header.source_ae, acquisition_datetime=header.acquisition_datetime,
+        transfer_syntax=header.transfer_syntax,
+    ))
+    return True
+
+
+class Assembler:
+    """Queues quiet studies. `run_once()` does one pass; `start()` runs passes in a daemon thread."""
+
+    def __init__(self, settings: Settings, index: StudyIndex, publisher: Publisher,
+                 interval: float | None = None) -> None:
+        self.settings = settings
+        self.index = index
+        self.publisher = publisher
+        self.interval = interval if interval is not None else min(1.0, max(0.05, settings.quiet_period / 4))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_sweep = time.monotonic()
+        self.failed_passes = 0  # passes that raised (e.g. broker unreachable); jobs are retried next pass
+
+    def run_once(self, now: float | None = None) -> list[tuple[str, int]]:
+        """Queue every RECEIVING study quiet since `quiet_period`; returns [(study_uid, version)]."""
+        now = time.time() if now is None else now
+        queued = []
+        for study in self.index.due_studies(now - self.settings.quiet_period):
+            version = self._queue(study)
+            if version is not None:
+                queued.append((study.study_uid, version))
+        return queued
+
+    def _queue(self, study: StudyRecord) -> int | None:
+        version = study.version + 1
+        task_id = self.publisher.publish(study.study_uid, version)
+        if not self.index.mark_queued(study.study_uid, version, study.last_received_at):
+            log.info("study %s grew while being queued; it will be queued again when quiet", study.study_uid)
+            return None
+        instances = self.index.instances(study.study_uid)
+        log.info("study queued: study=%s version=%d task=%s instances=%d series=%d bytes=%d modalities=%s "
+                 "calling_aes=%s", study.study_uid, version, task_id, len(instances),
+                 len({i.series_uid for i in instances}), sum(i.size for i in instances),
+                 ",".join(sorted({i.modality for i in instances})),
+                 ",".join(sorted({i.calling_ae for i in instances if i.calling_ae})) or "-")
+        return version
+
+    def _sweep_temp_files(self) -> None:
+        """Remove temp files of transfers abandoned long ago (aborted associations leave them)."""
+        if time.monotonic() - self._last_sweep < TEMP_SWEEP_EVERY_S:
+            return
+        self._last_sweep = time.monotonic()
+        stale_after = 2 * max(self.settings.network_timeout, self.settings.dimse_timeout)
+        removed = remove_temp_files(Path(self.settings.data_dir), older_than=stale_after)
+        if removed:
+            log.info("removed %d abandoned temporary files", removed)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.run_once()
+                self._sweep_temp_files()
+            except Exception as exc:  # noqa: BLE001 - survive a broker or disk outage; retried next pass
+                self.failed_passes += 1
+                log.error("assembly pass failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc,
+                          self.interval)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="grok-assembly", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+

@@ -1,0 +1,313 @@
+"""The C-STORE listener: a pynetdicom AE that durably stores ophthalmic instances and indexes them.
+
+The handler is thin: pynetdicom streams each received dataset straight into a temporary file in
+`<data>/tmp/` (`STORE_RECV_CHUNKED_DATASET`, redirected here from the system temp directory), the
+handler checks the UIDs and that the file is whole (header only, no pixel decoding), fsyncs it,
+renames it to `<data>/incoming/<study>/<series>/<sop>.dcm`, commits the index row, and only then
+answers Success. It never calls out over the network; assembly (another thread) queues the jobs.
+
+Note: `STORE_RECV_CHUNKED_DATASET` is a process-wide pynetdicom switch; it is turned on when a
+Listener starts. Other SCPs in the same process then get `event.dataset` read from a file (works as
+before) but not `event.encoded_dataset()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import ssl
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from grok_pacs.dicom import status
+from grok_pacs.dicom import fastpath as pynetdicom_tuning
+from grok_pacs.ops import metrics
+from grok_pacs.config import Settings
+from grok_pacs.dicom.contexts import scp_contexts
+from grok_pacs.dicom.header import IncompleteDatasetError, read_header
+from grok_pacs.store.index import InstanceRecord, StudyIndex
+from grok_pacs.store.files import TMP_PREFIX, atomic_copy, free_bytes, publish_file, start_fsync, tmp_dir
+from grok_pacs.dicom.uids import InvalidUIDError, instance_relpath, is_valid_uid
+
+log = logging.getLogger("grok_pacs.ingest.listener")
+MB = 1024 * 1024
+
+# Each AE's temporary directory, looked up from the DUL thread that receives the dataset.
+_TMP_DIRS: "weakref.WeakKeyDictionary[AE, Path]" = weakref.WeakKeyDictionary()
+_ORIGINAL_NTF = tempfile.NamedTemporaryFile
+
+
+def _named_temporary_file(*args, **kwargs):
+    """pynetdicom's temporary file for a received dataset, placed in the receiving AE's `<data>/tmp`."""
+    assoc = getattr(threading.current_thread(), "assoc", None)
+    directory = _TMP_DIRS.get(getattr(assoc, "ae", None)) if assoc is not None else None
+    if directory is not None:
+        kwargs.setdefault("dir", directory)
+        kwargs.setdefault("prefix", TMP_PREFIX)
+    return _ORIGINAL_NTF(*args, **kwargs)
+
+
+def _enable_streaming_receive() -> None:
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    # pynetdicom's default handlers log every PDU and DIMSE message (datasets at debug level); this
+    # module logs one line per association instead, and skipping them saves CPU per instance.
+    _config.LOG_HANDLER_LEVEL = "none"
+    dimse_messages.NamedTemporaryFile = _named_temporary_file
+
+
+@dataclass
+class _AssociationStats:
+    calling_ae: str
+    called_ae: str
+    peer: str
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    bytes: int = 0
+    outcome: str = "closed"
+
+
+class _HandshakeInThreadServer(ThreadedAssociationServer):
+    """TLS handshakes in each association's thread instead of the accept loop.
+
+    pynetdicom's server completes the handshake inside `accept`, so one client that connects and stays
+    silent would block every new association. Here the socket is wrapped with a deferred handshake
+    (done on the first read, in the association thread, bounded by network_timeout); a plain DICOM
+    client on the TLS port fails that read and its connection is closed.
+    """
+
+    def get_request(self):
+        client, address = self.socket.accept()
+        if self.ssl_context is not None:
+            client.settimeout(self.ae.network_timeout)
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+
+class StoreRefused(Exception):
+    """A C-STORE request answered with a failure status; `status` is the code to return."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server TLS context from settings (client certificates required when tls_ca is set)."""
+    if not settings.tls_enabled:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(settings.tls_certificate), str(settings.tls_key))
+    if settings.tls_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(str(settings.tls_ca))
+    return context
+
+
+class Listener:
+    """The DICOM storage SCP. `start()` serves in background threads; `stop()` shuts it down."""
+
+    def __init__(self, settings: Settings, index: StudyIndex,
+                 on_stored: Callable[[InstanceRecord], None] | None = None) -> None:
+        self.settings = settings
+        self.index = index
+        self.on_stored = on_stored
+        self.data_dir = Path(settings.data_dir).resolve()
+        self.tmp_dir = tmp_dir(self.data_dir)
+        self._stats: dict[int, _AssociationStats] = {}
+        self._lock = threading.Lock()
+        self._server = None
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.supported_contexts = scp_contexts(s.accepted_sop_classes)
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu
+        ae.acse_timeout = s.acse_timeout
+        ae.dimse_timeout = s.dimse_timeout
+        ae.network_timeout = s.network_timeout
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(s.allowed_aes)
+        _TMP_DIRS[ae] = self.tmp_dir
+        return ae
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("listener is not started")
+        return self._server.server_address[1]
+
+    def start(self) -> None:
+        """Bind and serve in background threads (returns at once)."""
+        _enable_streaming_receive()
+        pynetdicom_tuning.install()
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_CONN_CLOSE, self._on_close),
+        ]
+        address = (self.settings.bind_address, self.settings.port)
+        self._server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context(self.settings),
+                                           server_class=_HandshakeInThreadServer)
+        self.ae._servers.append(self._server)  # as AE.start_server does; server.shutdown() removes it
+        thread = threading.Thread(target=self._server.serve_forever, name="grok-listener", daemon=True)
+        thread.start()
+        log.info("listening: ae=%s address=%s:%d tls=%s sop_classes=%d allowed_aes=%s",
+                 self.settings.ae_title, address[0], self.port, self.settings.tls_enabled,
+                 len(self.settings.accepted_sop_classes), ",".join(self.settings.allowed_aes) or "any")
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting; let open associations finish for up to `grace` seconds, then abort them.
+
+        An aborted transfer was never acknowledged: the sender retries it, recovery removes its file.
+        """
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server = None
+        deadline = time.monotonic() + grace
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            log.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
+            assoc.abort()
+
+    # --- association bookkeeping (one log line per association) -----------------------------------
+    def _stats_for(self, event) -> _AssociationStats:
+        assoc = event.assoc
+        with self._lock:
+            stats = self._stats.get(id(assoc))
+            if stats is None:
+                request = assoc.requestor.primitive
+                called = request.called_ae_title if request is not None else assoc.acceptor.ae_title
+                stats = _AssociationStats(
+                    calling_ae=str(assoc.requestor.ae_title or "").strip(),
+                    called_ae=str(called or "").strip(),
+                    peer=f"{assoc.requestor.address}:{assoc.requestor.port}",
+                )
+                self._stats[id(assoc)] = stats
+            return stats
+
+    def _on_accepted(self, event) -> None:
+        self._stats_for(event).outcome = "released"
+        metrics.association_accepted()
+
+    def _on_rejected(self, event) -> None:
+        metrics.association_rejected()
+        stats = self._stats_for(event)
+        if self.settings.allowed_aes and stats.calling_ae not in self.settings.allowed_aes:
+            stats.outcome = "rejected (calling AE not allowed)"
+        elif stats.called_ae != self.settings.ae_title:
+            stats.outcome = "rejected (called AE is not ours)"
+        else:
+            stats.outcome = "rejected (association limit or negotiation)"
+
+    def _on_aborted(self, event) -> None:
+        self._stats_for(event).outcome = "aborted"
+
+    def _on_released(self, event) -> None:
+        self._stats_for(event).outcome = "released"
+
+    def _on_close(self, event) -> None:
+        with self._lock:
+            stats = self._stats.pop(id(event.assoc), None)
+        if stats is None:
+            return  # connection closed before any association (e.g. a failed TLS handshake)
+        log.info("association %s: calling=%s called=%s peer=%s stored=%d duplicates=%d failed=%d "
+                 "bytes=%d seconds=%.2f", stats.outcome, stats.calling_ae, stats.called_ae, stats.peer,
+                 stats.stored, stats.duplicates, stats.failed, stats.bytes,
+                 time.monotonic() - stats.started)
+
+    def _on_echo(self, event) -> int:
+        return status.SUCCESS
+
+    # --- C-STORE ------------------------------------------------------------------------------------
+    def _on_store(self, event) -> int:
+        stats = self._stats_for(event)
+        request = event.request
+        try:
+            code = self._store(Path(event.dataset_path), request, stats.calling_ae, stats)
+        except StoreRefused as refusal:
+            stats.failed += 1
+            metrics.instance_failed(status.status_name(refusal.code))
+            log.warning("refused instance from %s: status=%s (0x%04X): %s", stats.calling_ae,
+                        status.status_name(refusal.code), refusal.code, refusal)
+            return refusal.code
+        return code
+
+    def _store(self, received: Path, request, calling_ae: str, stats: _AssociationStats) -> int:
+        sop_uid = str(request.AffectedSOPInstanceUID or "")
+        if not is_valid_uid(sop_uid):
+            raise StoreRefused(status.ERROR_INVALID_UID, f"AffectedSOPInstanceUID {sop_uid[:80]!r} is invalid")
+        self._check_disk(received)
+        synced = start_fsync(received)  # runs on the disk while the header is checked here
+        try:
+            header = read_header(received)
+        except InvalidUIDError as exc:
+            raise StoreRefused(status.ERROR_INVALID_UID, str(exc)) from exc
+        except IncompleteDatasetError as exc:
+            raise StoreRefused(status.ERROR_INCOMPLETE_DATASET, str(exc)) from exc
+        if header.sop_uid != sop_uid:
+            raise StoreRefused(status.ERROR_UID_MISMATCH, "dataset SOPInstanceUID differs from the request's")
+        if header.sop_class_uid != str(request.AffectedSOPClassUID):
+            raise StoreRefused(status.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                               "dataset SOPClassUID differs from the request's")
+        relpath = instance_relpath(header.study_uid, header.series_uid, header.sop_uid)
+        dest = self.data_dir / relpath
+        if self.index.has_instance(sop_uid) and dest.is_file():
+            stats.duplicates += 1
+            metrics.instance_duplicate()
+            return status.SUCCESS  # idempotent: the first copy is already durable
+        record = InstanceRecord(
+            study_uid=header.study_uid, series_uid=header.series_uid, sop_uid=header.sop_uid,
+            sop_class_uid=header.sop_class_uid, modality=header.modality, laterality=header.laterality,
+            frames=header.frames, size=received.stat().st_size, path=relpath.as_posix(), received_at=time.time(),
+            calling_ae=calling_ae, acquisition_datetime=header.acquisition_datetime,
+            transfer_syntax=header.transfer_syntax,
+        )
+        if not self._persist(received, dest, record, synced):
+            stats.duplicates += 1
+            metrics.instance_duplicate()
+            return status.SUCCESS
+        stats.stored += 1
+        stats.bytes += record.size
+        metrics.instance_received(record.sop_class_uid, record.size)
+        if self.on_stored is not None:
+            self.on_stored(record)
+        return status.SUCCESS
+
+    def _check_disk(self, received: Path) -> None:
+        needed = self.settings.min_free_disk_mb * MB + received.stat().st_size
+        if free_bytes(self.data_dir) < needed:
+            raise StoreRefused(status.REFUSED_OUT_OF_RESOURCES,
+                               f"free disk below min_free_disk_mb={self.settings.min_free_disk_mb}")
+
+    def _persist(self, received: Path, dest: Path, record: InstanceRecord, synced: Future) -> bool:
+        """File and index row, both durable (see storage.publish_file); False if the row existed."""
+        try:
+            if received.parent != self.tmp_dir:  # not streamed into our tmp dir (should not happen)
+                atomic_copy(self.data_dir, received, dest)
+                return self.index.add_instance(record)
+            return bool(publish_file(received, dest, commit=lambda: self.index.add_instance(record), synced=synced))
+        except sqlite3.Error as exc:
+            log.error("index write failed for %s: %s", record.path, exc)
+            raise StoreRefused(status.PROCESSING_FAILURE, f"index write failed: {exc}") from exc
+        except OSError as exc:
+            raise StoreRefused(status.REFUSED_OUT_OF_RESOURCES, f"cannot store {dest.name}: {exc}") from exc

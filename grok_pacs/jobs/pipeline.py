@@ -1,0 +1,227 @@
+"""One study, end to end inside a worker: index -> per-eye CFP/OCT selection -> engine -> SR -> outbox.
+
+Selection (documented behaviour, tested):
+- CFP: Ophthalmic Photography 8/16 bit (VL Photographic and Secondary Capture too when
+  `accept_legacy_photography` is on); OCT: Ophthalmic Tomography. Other instances are ignored.
+- Eye: ImageLaterality, else Laterality (the index records that). R and L are analysed; an instance with
+  laterality B or none cannot be attributed to an eye and is skipped (noted in the study's detail).
+- Several candidates: the newest AcquisitionDateTime wins (then the latest received). An instance whose
+  header or pixels cannot be read is skipped, the next newest is used, and the skip is noted.
+- An eye with a CFP or an OCT gets an SR (the missing modality is stated in it); an eye with neither gets
+  none. A study with no analysable eye FAILS with the reason.
+Idempotency: the SR of (study, version, bundle version, eye) has a derived UID; a DELIVERED or FAILED one
+is kept as it is (not re-analysed, not re-sent); one already written but not yet delivered (a restart) is
+delivered as it is, without running the model again; a missing one is built.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from grok_pacs.config import LEGACY_SOP_CLASSES, OP_8BIT, OP_16BIT, OPT, Settings
+from grok_pacs.delivery.sender import write_sr
+from grok_pacs.analysis.imaging import ImageReadError, read_cfp, read_oct_volume
+from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
+from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxState
+from grok_pacs.analysis.result import Eye, Report, SourceImage
+from grok_pacs.report.sr import SRKey, build_sr
+from grok_pacs.dicom.uids import resolve_inside
+
+if TYPE_CHECKING:
+    from grok_pacs.analysis.engine import Engine
+
+log = logging.getLogger("grok_pacs.jobs.pipeline")
+
+CFP_SOP_CLASSES = (OP_8BIT, OP_16BIT)
+OCT_SOP_CLASSES = (OPT,)
+
+
+class Kind(StrEnum):
+    CFP = "CFP"
+    OCT = "OCT"
+
+
+class StudyOutcome(StrEnum):
+    ANALYSED = "analysed"  # SRs are in the outbox (new or rebuilt)
+    ALREADY_DONE = "already-done"  # every SR of this key was delivered (or failed) before: nothing to do
+    OUTDATED = "outdated"  # the study has a newer version (or is receiving again): this job is void
+    UNKNOWN_STUDY = "unknown-study"
+
+
+class NoAnalysableEyeError(ValueError):
+    """No eye of the study has a usable CFP or OCT; the message says what the study holds."""
+
+
+class AnalysisEngine(Protocol):
+    """What the pipeline needs of `grok_pacs.analysis.engine.Engine`."""
+
+    def analyze_images(self, eye: Eye, cfp_image: Any, oct_volume: Any, *,
+                       sources: Sequence[SourceImage] = ()) -> Report: ...
+
+
+@dataclass
+class EyeCandidates:
+    """The usable instances of one eye, newest first, and what was skipped on the way."""
+
+    eye: Eye
+    cfp: list[InstanceRecord] = field(default_factory=list)
+    oct: list[InstanceRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StudyResult:
+    study_uid: str
+    version: int
+    outcome: StudyOutcome
+    entries: tuple[OutboxEntry, ...] = ()  #: outbox rows of this run, one per analysed eye
+    notes: tuple[str, ...] = ()
+
+
+def classify(rec: InstanceRecord, settings: Settings) -> Kind | None:
+    """CFP, OCT, or None (not an input of the model)."""
+    if rec.sop_class_uid in CFP_SOP_CLASSES:
+        return Kind.CFP
+    if settings.accept_legacy_photography and rec.sop_class_uid in LEGACY_SOP_CLASSES:
+        return Kind.CFP
+    if rec.sop_class_uid in OCT_SOP_CLASSES:
+        return Kind.OCT
+    return None
+
+
+def _newest_first(rec: InstanceRecord) -> tuple[str, float, str]:
+    """Sort key: acquisition date-time (DICOM DT sorts as text once the fraction is cut), then receipt."""
+    return (rec.acquisition_datetime.split(".")[0].split("+")[0].split("-")[0], rec.received_at, rec.sop_uid)
+
+
+def select_candidates(instances: list[InstanceRecord], settings: Settings) -> tuple[dict[Eye, EyeCandidates], list[str]]:
+    """Per eye, the CFP and OCT candidates newest first; plus notes on instances no eye can use."""
+    eyes = {eye: EyeCandidates(eye) for eye in Eye}
+    notes: list[str] = []
+    for rec in sorted(instances, key=_newest_first, reverse=True):
+        kind = classify(rec, settings)
+        if kind is None:
+            continue
+        if rec.laterality not in (Eye.RIGHT.value, Eye.LEFT.value):
+            notes.append(f"{kind.value} {rec.sop_uid} skipped: laterality {rec.laterality or 'missing'!s}")
+            continue
+        target = eyes[Eye(rec.laterality)]
+        (target.cfp if kind is Kind.CFP else target.oct).append(rec)
+    return eyes, notes
+
+
+def _header(settings: Settings, rec: InstanceRecord) -> Dataset:
+    """The instance's header (SR evidence); ImageReadError when the file cannot be parsed."""
+    path = resolve_inside(Path(settings.data_dir), rec.path)
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, pydicom.errors.InvalidDicomError, ValueError, EOFError) as exc:
+        raise ImageReadError(f"{rec.path}: unreadable DICOM header: {exc}") from exc
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an error, shortened: study details stay one readable line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_pixels(settings: Settings, rec: InstanceRecord, kind: Kind):
+    path = resolve_inside(Path(settings.data_dir), rec.path)
+    return read_cfp(path) if kind is Kind.CFP else read_oct_volume(path)
+
+
+def _first_usable(settings: Settings, queue: list[InstanceRecord], kind: Kind,
+                  notes: list[str]) -> tuple[InstanceRecord, Dataset, Any] | None:
+    """The newest candidate whose header and pixels read; unreadable ones are skipped and noted."""
+    for rec in queue:
+        try:
+            return rec, _header(settings, rec), _read_pixels(settings, rec, kind)
+        except ImageReadError as exc:
+            notes.append(f"{kind.value} {rec.sop_uid} skipped: {_first_line(exc)}")
+    return None
+
+
+def analyse_eye(settings: Settings, engine: AnalysisEngine, cands: EyeCandidates
+                ) -> tuple[Report, list[Dataset]] | None:
+    """Run the engine on the newest readable CFP and OCT of one eye; None when it has neither."""
+    cfp = _first_usable(settings, cands.cfp, Kind.CFP, cands.notes)
+    oct_pick = _first_usable(settings, cands.oct, Kind.OCT, cands.notes)
+    picks = [pick for pick in (cfp, oct_pick) if pick is not None]
+    if not picks:
+        return None
+    sources = tuple(SourceImage(rec.sop_class_uid, rec.sop_uid, rec.series_uid) for rec, _, _ in picks)
+    report = engine.analyze_images(cands.eye, cfp[2] if cfp else None, oct_pick[2] if oct_pick else None,
+                                   sources=sources)
+    return report, [header for _, header, _ in picks]
+
+
+class StudyNotYetQueuedError(RuntimeError):
+    """The job arrived before assembly recorded its version (it publishes first): try again shortly."""
+
+
+def _study_is_current(index: StudyIndex, study_uid: str, version: int) -> StudyOutcome | None:
+    study = index.study(study_uid)
+    if study is None:
+        return StudyOutcome.UNKNOWN_STUDY
+    if study.version < version:
+        raise StudyNotYetQueuedError(f"study {study_uid} is at version {study.version}, the job at {version}")
+    if study.version > version or study.state is StudyState.RECEIVING:
+        return StudyOutcome.OUTDATED
+    return None
+
+
+def _no_analysable_eye(index: StudyIndex, study_uid: str, notes: list[str]) -> NoAnalysableEyeError:
+    held = ", ".join(sorted({f"{i.modality}/{i.laterality or '-'}" for i in index.instances(study_uid)})) or "nothing"
+    return NoAnalysableEyeError(f"no readable CFP or OCT of a right or left eye (study holds {held})"
+                                + (f"; {'; '.join(notes)}" if notes else ""))
+
+
+def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Callable[[], "Engine | AnalysisEngine"],
+              bundle_version: str, study_uid: str, version: int) -> StudyResult:
+    """Analyse one study version into outbox rows (delivery is the caller's next step).
+
+    `engine()` is called only once the study needs analysing (the first call in a worker loads the model,
+    while the study already shows ANALYSING).
+    """
+    void = _study_is_current(index, study_uid, version)
+    if void is not None:
+        log.info("job for study %s v%d skipped: %s", study_uid, version, void.value)
+        return StudyResult(study_uid, version, void)
+    eyes, notes = select_candidates(index.instances(study_uid), settings)
+    keys = {eye: SRKey(study_uid, version, bundle_version, eye) for eye in Eye}
+    existing = {eye: outbox.get(key.sop_instance_uid) for eye, key in keys.items()}
+    finished = {eye: e for eye, e in existing.items()
+                if e is not None and e.state in (OutboxState.DELIVERED, OutboxState.FAILED)}
+    built = {eye: e for eye, e in existing.items()  # SR written by an earlier run, not yet delivered: reuse
+             if e is not None and eye not in finished and resolve_inside(Path(settings.data_dir), e.path).is_file()}
+    pending = [eye for eye in Eye if eye not in finished and eye not in built and (eyes[eye].cfp or eyes[eye].oct)]
+    if finished and not pending and not built:
+        return StudyResult(study_uid, version, StudyOutcome.ALREADY_DONE, tuple(finished.values()), tuple(notes))
+    entries = [*finished.values(), *built.values()]
+    if not pending and entries:
+        return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
+    if not pending:
+        raise _no_analysable_eye(index, study_uid, notes)
+    index.set_state(study_uid, StudyState.ANALYSING, f"bundle {bundle_version}", version=version)
+    loaded = engine()
+    written: list[tuple[Eye, str]] = []
+    for eye in pending:
+        analysed = analyse_eye(settings, loaded, eyes[eye])
+        notes.extend(eyes[eye].notes)
+        if analysed is not None:
+            report, evidence = analysed
+            written.append((eye, str(write_sr(Path(settings.data_dir), build_sr(report, evidence, keys[eye])))))
+    for eye, relpath in written:  # every SR row carries all notes: also those of an eye without an SR
+        entries.append(outbox.put(sr_uid=keys[eye].sop_instance_uid, study_uid=study_uid, study_version=version,
+                                  bundle_version=bundle_version, eye=eye.value, path=relpath,
+                                  note="; ".join(notes)))
+    if not entries:
+        raise _no_analysable_eye(index, study_uid, notes)
+    return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))

@@ -1,0 +1,130 @@
+"""Celery tasks of the worker: analyse a study, deliver an SR. Arguments are keyword-only UIDs (JSON).
+
+`analyze_study(study_uid=, version=)` runs the pipeline into the outbox and tries each SR's delivery at
+once (lowest latency). A transient delivery failure schedules `deliver_sr(sr_uid=)` with exponential
+backoff, at most `delivery_max_retries` times, then the SR is FAILED; a permanent failure is FAILED at
+once. Analysis is retried (bounded, with backoff) only for transient errors (a busy index database);
+any other error fails the study with its reason and is not retried. Both tasks are idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from typing import Any
+
+from celery import shared_task
+
+from grok_pacs.delivery import sender as delivery
+from grok_pacs.ops import metrics
+from grok_pacs.jobs import pipeline
+from grok_pacs.jobs import worker
+from grok_pacs.jobs.app import TASK_ANALYZE_STUDY
+from grok_pacs.store.index import StudyState
+from grok_pacs.store.outbox import OutboxState
+from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError
+
+log = logging.getLogger("grok_pacs.jobs.tasks")
+
+TASK_DELIVER_SR = "grok_pacs.tasks.deliver_sr"  # a wire name (see TASK_ANALYZE_STUDY)
+TRANSIENT_ANALYSIS_ERRORS = (sqlite3.OperationalError,)  # "database is locked" beyond the busy timeout
+ANALYSIS_MAX_RETRIES = 3
+ANALYSIS_BACKOFF_MAX_S = 60
+NOT_YET_QUEUED_DELAY_S = 0.5  # assembly records the version right after publishing: this is ample
+NOT_YET_QUEUED_RETRIES = 20
+
+
+def _schedule_retry(ctx: worker.WorkerContext, sr_uid: str, retry_number: int, reason: str) -> None:
+    """Queue retry `retry_number` (1-based) of a delivery, or give the SR up when none are left."""
+    settings = ctx.settings
+    if retry_number > settings.delivery_max_retries:
+        delivery.give_up(ctx.outbox, sr_uid, f"gave-up-{sr_uid}",
+                         f"gave up after {retry_number} attempts; last: {reason}")
+        return
+    countdown = delivery.retry_delay_s(settings, retry_number - 1)
+    deliver_sr.apply_async(kwargs={"sr_uid": sr_uid, "retry_number": retry_number}, countdown=countdown,
+                           queue=settings.queue)
+    log.info("SR %s: delivery retry %d/%d in %.1f s", sr_uid, retry_number, settings.delivery_max_retries,
+             countdown)
+
+
+def _deliver_and_record(ctx: worker.WorkerContext, sr_uid: str, owner: str) -> str:
+    """One delivery attempt; outbox and study state record the outcome. Returns the outcome's name
+    ("transient" when the SR is PENDING again and a retry is due, "failed" when it is FAILED)."""
+    try:
+        outcome = delivery.deliver(ctx.settings, ctx.outbox, sr_uid, owner=owner).value
+    except TransientStoreError:
+        outcome = "transient"
+    except PermanentStoreError:
+        outcome = "failed"
+    finally:
+        entry = ctx.outbox.get(sr_uid)
+        if entry is not None:
+            delivery.update_study_state(ctx.settings, ctx.index, ctx.outbox, entry.study_uid, entry.study_version)
+    return outcome
+
+
+def _fail_study(ctx: worker.WorkerContext, study_uid: str, version: int, exc: BaseException) -> dict[str, Any]:
+    reason = f"analysis failed: {type(exc).__name__}: {exc}"
+    ctx.index.set_state(study_uid, StudyState.FAILED, reason[:2000], version=version)
+    log.error("study %s v%d: %s", study_uid, version, reason, exc_info=exc)
+    return {"study_uid": study_uid, "version": version, "outcome": "failed", "reason": reason}
+
+
+@shared_task(bind=True, name=TASK_ANALYZE_STUDY, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+             autoretry_for=TRANSIENT_ANALYSIS_ERRORS, max_retries=ANALYSIS_MAX_RETRIES, retry_backoff=True,
+             retry_backoff_max=ANALYSIS_BACKOFF_MAX_S, retry_jitter=True)
+def analyze_study(self: Any, *, study_uid: str, version: int) -> dict[str, Any]:
+    """Analyse (study, version), put its SRs in the outbox and deliver them."""
+    ctx = worker.context()
+    owner = str(self.request.id or f"analyze-{study_uid}-v{version}")
+    study = ctx.index.study(study_uid)
+    received_at = study.last_received_at if study is not None else None  # for the latency metrics
+    metrics.job_started(received_at, ctx.settings.quiet_period)
+    try:
+        with metrics.time_stage("analysis"):
+            result = pipeline.run_study(ctx.settings, ctx.index, ctx.outbox, ctx.engine, ctx.bundle_version(),
+                                        study_uid, version)
+    except TRANSIENT_ANALYSIS_ERRORS:
+        raise  # retried by Celery (autoretry_for), bounded, with backoff
+    except pipeline.StudyNotYetQueuedError as exc:
+        if self.request.retries >= NOT_YET_QUEUED_RETRIES:
+            log.warning("study %s v%d: %s; giving the job up", study_uid, version, exc)
+            return {"study_uid": study_uid, "version": version, "outcome": "not-queued"}
+        raise self.retry(exc=exc, countdown=NOT_YET_QUEUED_DELAY_S, max_retries=NOT_YET_QUEUED_RETRIES)
+    except Exception as exc:  # noqa: BLE001 - any other analysis error is permanent: record it, no retry
+        metrics.job_done(received_at, succeeded=False)
+        return _fail_study(ctx, study_uid, version, exc)
+    summary: dict[str, Any] = {"study_uid": study_uid, "version": version, "outcome": result.outcome.value,
+                               "srs": {}}
+    if result.outcome is not pipeline.StudyOutcome.ANALYSED:
+        return summary
+    ctx.index.set_state(study_uid, StudyState.DELIVERING, f"{len(result.entries)} SR(s) to deliver", version=version)
+    for entry in result.entries:
+        if entry.state is OutboxState.DELIVERED:
+            summary["srs"][entry.sr_uid] = delivery.DeliveryOutcome.ALREADY_DELIVERED.value
+            continue
+        outcome = _deliver_and_record(ctx, entry.sr_uid, owner)
+        summary["srs"][entry.sr_uid] = outcome
+        if outcome == "transient":
+            _schedule_retry(ctx, entry.sr_uid, 1, _last_error(ctx, entry.sr_uid))
+    delivery.update_study_state(ctx.settings, ctx.index, ctx.outbox, study_uid, version)
+    metrics.job_done(received_at, succeeded=True)
+    return summary
+
+
+def _last_error(ctx: worker.WorkerContext, sr_uid: str) -> str:
+    entry = ctx.outbox.get(sr_uid)
+    return entry.last_error if entry is not None else ""
+
+
+@shared_task(bind=True, name=TASK_DELIVER_SR, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def deliver_sr(self: Any, *, sr_uid: str, retry_number: int = 0) -> str:
+    """Deliver one SR of the outbox: retry `retry_number` (0: a restart's recovery); idempotent per SR UID."""
+    ctx = worker.context()
+    owner = str(self.request.id or f"deliver-{sr_uid}")
+    log.info("SR %s: delivery attempt (retry %d, task %s)", sr_uid, retry_number, owner)
+    outcome = _deliver_and_record(ctx, sr_uid, owner)
+    if outcome == "transient":
+        _schedule_retry(ctx, sr_uid, retry_number + 1, _last_error(ctx, sr_uid))
+    return outcome

@@ -1,0 +1,142 @@
+"""The GROK prompt (SPEC §3): ChatML, the paper's system and human turns, the assistant target format,
+and the (input_ids, labels) builder with loss on assistant tokens only.
+
+Training (stage 3) and the runtime build prompts only here, so they cannot drift apart. The human turn
+optionally carries the biomarker estimates (quantitative values first, then a qualitative reading against
+the normal ranges of `grok_pacs.domain.biomarkers`) and a note naming a missing modality. The assistant writes one
+findings paragraph and then a final line `Diagnosis: <Label>`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from grok_pacs.domain.biomarkers import BIOMARKERS, CFP_BIOMARKERS, OCT_BIOMARKERS, Biomarker, format_value
+from grok_pacs.domain.labels import Label
+
+SYSTEM_PROMPT = "You are a helpful assistant."
+IMAGE_TOKEN = "<image>"
+INSTRUCTION = (
+    "Interpret the retinal images, identify and analyze the key features and abnormalities, then write a "
+    "single-paragraph evidence-based clinical diagnosis report that is supported by the findings."
+)
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+#: Tokens the tokenizer must treat as special (never split).
+SPECIAL_TOKENS = (IM_START, IM_END, IMAGE_TOKEN)
+DIAGNOSIS_PREFIX = "Diagnosis:"
+IGNORE_INDEX = -100  #: label of tokens that carry no loss (transformers' convention)
+MODALITY_NAMES = {"CFP": "colour fundus photograph", "OCT": "OCT volume"}
+
+
+def _present(values: Mapping[str, float], b: Biomarker) -> bool:
+    value = values.get(b.key)
+    return value is not None and not math.isnan(float(value))
+
+
+def _unit_suffix(b: Biomarker) -> str:
+    return f" {b.unit}" if b.unit != "1" else ""
+
+
+def biomarker_block(values: Mapping[str, float]) -> str:
+    """The estimates as prompt text: quantitative values first, then a qualitative reading.
+
+    Values outside a biomarker's normal range are listed as below / above normal; the rest are summarised as
+    within normal limits. Missing or NaN values are left out. Empty string when nothing is known.
+    """
+    lines = []
+    for title, group in (("OCT", OCT_BIOMARKERS), ("CFP", CFP_BIOMARKERS)):
+        items = [f"{b.name} {format_value(b, float(values[b.key]))}{_unit_suffix(b)}" for b in group if _present(values, b)]
+        if items:
+            lines.append(f"{title}: " + "; ".join(items) + ".")
+    if not lines:
+        return ""
+    known = [b for b in BIOMARKERS if _present(values, b)]
+    low = [b.name for b in known if float(values[b.key]) < b.normal[0]]
+    high = [b.name for b in known if float(values[b.key]) > b.normal[1]]
+    qualitative = []
+    if low:
+        qualitative.append("Below normal: " + "; ".join(low) + ".")
+    if high:
+        qualitative.append("Above normal: " + "; ".join(high) + ".")
+    qualitative.append("All other estimates are within normal limits." if low or high
+                       else "All estimates are within normal limits.")
+    return "\n".join(["Biomarker estimates (quantitative):", *lines,
+                      "Biomarker interpretation (qualitative):", *qualitative])
+
+
+def human_turn(biomarkers: Mapping[str, float] | None = None, missing: Sequence[str] = ()) -> str:
+    """The user message: `<image>`, the paper's instruction, optional estimates and missing-modality note."""
+    parts = [f"{IMAGE_TOKEN}\n{INSTRUCTION}"]
+    for modality in missing:
+        if modality not in MODALITY_NAMES:
+            raise ValueError(f"unknown modality {modality!r}; expected CFP or OCT")
+        parts.append(f"No {MODALITY_NAMES[modality]} ({modality}) is available for this eye.")
+    block = biomarker_block(biomarkers or {})
+    if block:
+        parts.append(block)
+    return "\n\n".join(parts)
+
+
+def chat_prompt(human: str) -> str:
+    """ChatML up to and including the assistant header (what generation continues)."""
+    return (f"{IM_START}system\n{SYSTEM_PROMPT}{IM_END}\n"
+            f"{IM_START}user\n{human}{IM_END}\n"
+            f"{IM_START}assistant\n")
+
+
+def build_prompt(biomarkers: Mapping[str, float] | None = None, missing: Sequence[str] = ()) -> str:
+    """The full generation prompt for one eye."""
+    return chat_prompt(human_turn(biomarkers, missing))
+
+
+def format_target(narrative: str, label: Label | str) -> str:
+    """The assistant target: one findings paragraph (newlines flattened), then `Diagnosis: <Label>`."""
+    label = Label(label)
+    if label == Label.INDETERMINATE:
+        raise ValueError("Indeterminate is never a training label")
+    paragraph = " ".join(narrative.split())
+    return f"{paragraph}\n{DIAGNOSIS_PREFIX} {label.value}"
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    input_ids: list[int]  #: prompt + target + <|im_end|>; one image token
+    labels: list[int]  #: IGNORE_INDEX on the prompt, token ids on the assistant reply (incl. <|im_end|>)
+    truncated: bool  #: the target was cut to fit max_length
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_training_example(tokenizer: Any, target: str, *, biomarkers: Mapping[str, float] | None = None,
+                           missing: Sequence[str] = (), max_length: int = 2048,
+                           visual_tokens: int = 392) -> TrainingExample:
+    """Token ids and labels for one SFT record; the loss falls on the assistant reply only.
+
+    `max_length` counts the visual embeddings that will replace the image token (`visual_tokens`; 392 with
+    both modalities, 197 with one, since a missing modality is one placeholder). The target is truncated
+    when needed, never the prompt.
+    """
+    prompt_ids = _encode(tokenizer, build_prompt(biomarkers, missing))
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if prompt_ids.count(image_id) != 1:
+        raise ValueError(f"the tokenizer does not keep {IMAGE_TOKEN} as one special token")
+    target_ids = _encode(tokenizer, target + IM_END)
+    room = max_length - (len(prompt_ids) - 1 + visual_tokens)
+    if room <= 0:
+        raise ValueError(f"max_length {max_length} leaves no room for the answer (prompt + visual tokens = "
+                         f"{len(prompt_ids) - 1 + visual_tokens})")
+    truncated = len(target_ids) > room
+    target_ids = target_ids[:room]
+    return TrainingExample(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, truncated)
+
+
+def prompt_template() -> dict[str, str]:
+    """What the bundle manifest records about the prompt."""
+    return {"format": "chatml", "system": SYSTEM_PROMPT, "human": f"{IMAGE_TOKEN}\n{INSTRUCTION}",
+            "image_token": IMAGE_TOKEN, "diagnosis_prefix": DIAGNOSIS_PREFIX,
+            "target": "<one findings paragraph>\\nDiagnosis: <Label>"}

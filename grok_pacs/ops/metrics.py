@@ -1,0 +1,305 @@
+"""Prometheus metrics of grok-pacs and the small HTTP server that exposes them with /health.
+
+Every process (listener, worker, one-box serve) keeps its own counters in `REGISTRY` and serves them on
+`settings.metrics_port` when that is non-zero. Label values come from small fixed sets (outcomes,
+stages, SOP class UIDs we accept), never from patients or studies, so the series count stays bounded.
+
+Routes: `/metrics` (Prometheus text or OpenMetrics), `/health` (readiness: JSON, 200 when every check
+passes, 503 otherwise) and `/health/live` (liveness: 200 while the process serves HTTP).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily
+
+from grok_pacs.ops import health
+from grok_pacs.config import Settings
+
+log = logging.getLogger(__name__)
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+# Job stages (the `stage` label of JOB_SECONDS): queue_wait = study complete (last instance + quiet
+# period) to analysis start; analysis = reading pixels, the model and building the SRs (the first job of a
+# worker includes loading the bundle); delivery = one SR's C-STORE; total = last instance received to the
+# end of the job (SRs delivered or their delivery scheduled), the latency a clinician notices.
+STAGES = ("queue_wait", "analysis", "delivery", "total")
+# Seconds: a queue wait can be hours on a backlog, inference tens of seconds on a GPU, minutes on CPU.
+JOB_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200, 3600, float("inf"))
+
+ASSOCIATIONS = Counter(
+    "grok_pacs_associations",
+    "DICOM associations requested of the listener, by outcome (accepted or rejected)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+INSTANCES_RECEIVED = Counter(
+    "grok_pacs_instances_received",
+    "Instances stored by the listener (C-STORE answered Success), by SOP class UID",
+    ["sop_class"],
+    registry=REGISTRY,
+)
+INSTANCES_FAILED = Counter(
+    "grok_pacs_instances_failed",
+    "C-STORE requests the listener answered with a failure status, by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
+INSTANCES_DUPLICATE = Counter(
+    "grok_pacs_instances_duplicate",
+    "Instances received again that were already stored (answered Success, not stored twice)",
+    registry=REGISTRY,
+)
+BYTES_RECEIVED = Counter(
+    "grok_pacs_received_bytes",
+    "Bytes of DICOM instances (file meta included) written by the listener",
+    registry=REGISTRY,
+)
+JOB_SECONDS = Histogram(
+    "grok_pacs_job_duration_seconds",
+    "Seconds an analysis job spends in each stage (queue_wait, analysis, delivery, total)",
+    ["stage"],
+    buckets=JOB_BUCKETS,
+    registry=REGISTRY,
+)
+JOBS = Counter(
+    "grok_pacs_jobs",
+    "Analysis jobs finished by this worker, by outcome (succeeded or failed)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+SR_DELIVERED = Counter(
+    "grok_pacs_sr_deliveries",
+    "Structured Reports accepted by the destination PACS",
+    registry=REGISTRY,
+)
+SR_DELIVERY_FAILURES = Counter(
+    "grok_pacs_sr_delivery_failures",
+    "Failed SR delivery attempts, by kind (transient: retried later; permanent: given up)",
+    ["kind"],
+    registry=REGISTRY,
+)
+MODEL_LOAD_SECONDS = Gauge(
+    "grok_pacs_model_load_seconds",
+    "Seconds the last load of each model component took",
+    ["component"],
+    registry=REGISTRY,
+)
+BUNDLE_INFO = Info(
+    "grok_pacs_bundle",
+    "The model bundle this process has loaded",
+    registry=REGISTRY,
+)
+
+# Series with a fixed label set start at 0, so dashboards and rate() see them before the first event.
+for _outcome in ("accepted", "rejected"):
+    ASSOCIATIONS.labels(outcome=_outcome)
+for _outcome in ("succeeded", "failed"):
+    JOBS.labels(outcome=_outcome)
+for _kind in ("transient", "permanent"):
+    SR_DELIVERY_FAILURES.labels(kind=_kind)
+
+
+def association_accepted() -> None:
+    ASSOCIATIONS.labels(outcome="accepted").inc()
+
+
+def association_rejected() -> None:
+    ASSOCIATIONS.labels(outcome="rejected").inc()
+
+
+def instance_received(sop_class_uid: str, nbytes: int) -> None:
+    """Count one stored instance and the bytes written for it."""
+    INSTANCES_RECEIVED.labels(sop_class=sop_class_uid).inc()
+    BYTES_RECEIVED.inc(nbytes)
+
+
+def instance_duplicate() -> None:
+    INSTANCES_DUPLICATE.inc()
+
+
+def instance_failed(reason: str) -> None:
+    """Count one refused or failed C-STORE; `reason` is a short fixed word such as "disk_full"."""
+    INSTANCES_FAILED.labels(reason=reason).inc()
+
+
+def observe_stage(stage: str, seconds: float) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"unknown job stage {stage!r}; expected one of {', '.join(STAGES)}")
+    JOB_SECONDS.labels(stage=stage).observe(seconds)
+
+
+@contextmanager
+def time_stage(stage: str) -> Iterator[None]:
+    """Time the block as one observation of `stage` (also when it raises: slow failures count)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        observe_stage(stage, time.perf_counter() - start)
+
+
+def job_finished(succeeded: bool) -> None:
+    JOBS.labels(outcome="succeeded" if succeeded else "failed").inc()
+
+
+def job_started(last_received_at: float | None, quiet_period: float) -> None:
+    """Observe queue_wait for a job starting now on a study last received at `last_received_at` (epoch s)."""
+    if last_received_at is not None:
+        observe_stage("queue_wait", max(0.0, time.time() - last_received_at - quiet_period))
+
+
+def job_done(last_received_at: float | None, succeeded: bool) -> None:
+    """Count a finished job and observe its total latency from the study's last instance."""
+    job_finished(succeeded)
+    if last_received_at is not None:
+        observe_stage("total", max(0.0, time.time() - last_received_at))
+
+
+def sr_delivered() -> None:
+    SR_DELIVERED.inc()
+
+
+def sr_delivery_failed(permanent: bool) -> None:
+    SR_DELIVERY_FAILURES.labels(kind="permanent" if permanent else "transient").inc()
+
+
+def model_loaded(component: str, seconds: float, bundle: Path | str | None = None, version: str = "") -> None:
+    """Record a model load; with `bundle`, also mark the bundle loaded for the health check."""
+    MODEL_LOAD_SECONDS.labels(component=component).set(seconds)
+    if bundle is not None:
+        BUNDLE_INFO.info({"path": str(bundle), "version": version})
+        health.BUNDLE_STATE.mark_loaded(Path(bundle), version)
+
+
+class _CallbackGauges:
+    """A collector that asks its sources for their values at scrape time (studies by state, disk)."""
+
+    def __init__(self) -> None:
+        self._study_source: Callable[[], Mapping[str, int]] | None = None
+        self._data_dir: Path | None = None
+        self._lock = threading.Lock()
+
+    def set_study_source(self, source: Callable[[], Mapping[str, int]] | None) -> None:
+        with self._lock:
+            self._study_source = source
+
+    def set_data_dir(self, data_dir: Path | None) -> None:
+        with self._lock:
+            self._data_dir = data_dir
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            source, data_dir = self._study_source, self._data_dir
+        if source is not None:
+            studies = GaugeMetricFamily("grok_pacs_studies", "Studies in the index, by state", labels=["state"])
+            for state, count in sorted(source().items()):
+                studies.add_metric([state], count)
+            yield studies
+        if data_dir is not None:
+            free = health.free_bytes(data_dir)
+            if free is not None:
+                yield GaugeMetricFamily(
+                    "grok_pacs_data_dir_free_bytes", "Free bytes on the data directory's filesystem", value=free
+                )
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []  # values only exist at scrape time; nothing to describe up front
+
+
+_CALLBACKS = _CallbackGauges()
+REGISTRY.register(_CALLBACKS)
+
+
+def watch_studies(source: Callable[[], Mapping[str, int]] | None) -> None:
+    """Export `grok_pacs_studies{state}` from `source()` (e.g. the index's counts) at every scrape."""
+    _CALLBACKS.set_study_source(source)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "ObservabilityServer"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._send(HTTPStatus.OK, encoder(REGISTRY), content_type)
+        elif path == "/health":
+            report = self.server.checker.report()
+            status = HTTPStatus.OK if report["status"] == "ok" else HTTPStatus.SERVICE_UNAVAILABLE
+            self._send(status, json.dumps(report).encode(), "application/json")
+        elif path == "/health/live":
+            self._send(HTTPStatus.OK, json.dumps({"status": "ok"}).encode(), "application/json")
+        else:
+            self._send(HTTPStatus.NOT_FOUND, b"not found: try /metrics, /health or /health/live\n", "text/plain")
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (base class signature)
+        log.debug("metrics http: " + format, *args)
+
+
+class ObservabilityServer(ThreadingHTTPServer):
+    """Serves /metrics and /health from a daemon thread; `close()` stops it."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], checker: health.HealthChecker) -> None:
+        super().__init__(address, _Handler)
+        self.checker = checker
+        self._thread = threading.Thread(target=self.serve_forever, name="grok-pacs-metrics", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def start(self) -> "ObservabilityServer":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_server(settings: Settings, role: str, checker: health.HealthChecker | None = None) -> ObservabilityServer:
+    """Start the metrics/health server for `role` ("listener", "worker" or "serve") on metrics_port.
+
+    Binds `settings.bind_address` (the listener's address). Raises OSError naming the port when it is
+    taken, so a misconfigured second process fails at start rather than running unobserved.
+    """
+    if settings.metrics_port == 0:
+        raise ValueError("metrics_port is 0 (off); set GROK_PACS_METRICS_PORT to serve metrics")
+    _CALLBACKS.set_data_dir(settings.data_dir)
+    checker = checker or health.HealthChecker.for_role(settings, role)
+    try:
+        server = ObservabilityServer((settings.bind_address, settings.metrics_port), checker)
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"metrics_port {settings.metrics_port} on {settings.bind_address}: {exc.strerror}"
+        ) from exc
+    log.info("metrics and health on http://%s:%d/metrics", settings.bind_address, server.port)
+    return server.start()
+
+
+def maybe_start_server(settings: Settings, role: str) -> ObservabilityServer | None:
+    """`start_server` when metrics_port is set, else None: the call every entry point makes."""
+    return start_server(settings, role) if settings.metrics_port else None

@@ -1,0 +1,5 @@
+"""Report: the DICOM SR built from an analysis result (`sr`), the coded concepts it uses (`codes`) and
+the plain-text rendering of an SR for people (`render`).
+
+May import: `grok_pacs.config`, `grok_pacs.domain`, `grok_pacs.dicom`, `grok_pacs.analysis.result`.
+"""
