@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, ge=0, le=65535)  # Prometheus / health HTTP port; 0 = off
 
     # --- gradability gate (grok_pacs.analysis.quality; an eye failing it gets no diagnosis) -----------
+    disposition_table: Path | None = None  # TOML [[rule]] table replacing grok_pacs.report.dispositions' default
+    min_label_probability: float | None = Field(None, ge=0, le=1)  # Indeterminate threshold; None = the bundle's
     gate_min_cfp_side: int = Field(224, ge=1)  # px, shorter side of a CFP
     gate_min_oct_rows: int = Field(64, ge=1)  # px, both axes of an OCT B-scan
     gate_min_oct_frames: int = Field(1, ge=1)  # B-scans per OCT volume

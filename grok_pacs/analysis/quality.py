@@ -23,30 +23,11 @@ import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from grok_pacs.analysis.result import Eye, Gradability, ModalityQuality, QualityReason, Report, SourceImage
+from grok_pacs.analysis.result import (QUALITY_REASONS as REASONS, Eye, Gradability, ModalityQuality, QualityReason,
+                                       Report, SourceImage)
 from grok_pacs.config import LEGACY_SOP_CLASSES, OP_8BIT, OP_16BIT, OPT, Settings
 from grok_pacs.domain.labels import Label
 
-#: Reason code -> meaning (the SR codes them: grok_pacs.report.codes.QUALITY_REASON_CODES).
-REASONS: dict[str, str] = {
-    "sop-class-modality": "SOP class and Modality disagree",
-    "laterality": "Laterality missing or not R/L",
-    "photometric": "Photometric interpretation not supported for this modality",
-    "bit-depth": "Bit depth not supported",
-    "resolution": "Image below the minimum resolution",
-    "frames": "Too few OCT frames",
-    "undecodable": "Pixel data cannot be decoded",
-    "field-coverage": "Insufficient retinal field coverage",
-    "off-centre": "Retinal field off centre",
-    "underexposed": "Image underexposed",
-    "overexposed": "Image overexposed or saturated",
-    "low-contrast": "Image contrast too low",
-    "blur": "Image out of focus",
-    "decoder-fill": "Image partly filled by the decoder (corrupted data)",
-    "blank-frames": "Blank OCT frames",
-    "saturated-frames": "Saturated OCT frames",
-    "low-signal": "OCT signal strength too low",
-}
 _OUT_OF_SCOPE = {"sop-class-modality", "laterality", "photometric", "bit-depth"}
 _MODALITY_OF_CLASS = {OP_8BIT: ("OP",), OP_16BIT: ("OP",), OPT: ("OPT",)}
 WORK_SIDE = 512  #: CFP measures are taken at this shorter side (resolution independence)
@@ -128,6 +109,15 @@ def check_header(modality: str, ds: Dataset, limits: QualityThresholds) -> list[
 def undecodable(modality: str, error: str, sop_uid: str | None) -> ModalityQuality:
     """The verdict on an image whose pixels cannot be read."""
     return ModalityQuality(modality, Gradability.UNGRADABLE, (_reason("undecodable", error),), {}, sop_uid)
+
+
+def judge(modality: str, header: Dataset, pixels: np.ndarray | None, error: str | None, sop_uid: str,
+          limits: QualityThresholds) -> ModalityQuality:
+    """The gate's verdict on one instance: undecodable when `pixels` is None (with `error`), else assessed."""
+    if pixels is None:
+        return undecodable(modality, error or "no pixel data", sop_uid)
+    assess = assess_cfp if modality == "CFP" else assess_oct
+    return assess(pixels, limits, header, sop_uid)
 
 
 def ungradable_report(eye: Eye, verdicts: Sequence[ModalityQuality], sources: Sequence[SourceImage],

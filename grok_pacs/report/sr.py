@@ -20,10 +20,10 @@ from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
-from grok_pacs.report import codes
+from grok_pacs.report import codes, safety
 from grok_pacs.domain.biomarkers import BY_KEY, format_value
 from grok_pacs.domain.labels import Label
-from grok_pacs.analysis.result import Eye, Report
+from grok_pacs.analysis.result import Eye, Gradability, Report
 
 MANUFACTURER = "grok-pacs"
 SR_SERIES_NUMBER = 9100
@@ -166,8 +166,10 @@ def _eye_group(report: Report, key: SRKey, algorithm: hd.sr.AlgorithmIdentificat
         algorithm_id=algorithm,
         finding_sites=[hd.sr.FindingSite(_concept(codes.RETINA), _concept(codes.LATERALITY_CODES[key.eye.value]))],
         measurements=_measurements(report) or None,
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(_concept(codes.DIAGNOSIS), _concept(codes.LABEL_CODES[report.label]))
+        qualitative_evaluations=[  # an eye that failed the gate has no diagnosis item at all
+            *([hd.sr.QualitativeEvaluation(_concept(codes.DIAGNOSIS), _concept(codes.LABEL_CODES[report.label]))]
+              if report.gradability is Gradability.GRADABLE else []),
+            *safety.eye_evaluations(report),
         ],
         source_images=_source_refs(report),
     )
@@ -175,8 +177,10 @@ def _eye_group(report: Report, key: SRKey, algorithm: hd.sr.AlgorithmIdentificat
 
 def _notes(report: Report) -> list[str]:
     notes = []
-    if report.missing_modalities:
-        notes.append(f"Not available for this eye: {', '.join(report.missing_modalities)}; "
+    left_out = {q.modality for q in report.left_out}
+    missing = [m for m in report.missing_modalities if m not in left_out]
+    if missing:
+        notes.append(f"Not available for this eye: {', '.join(missing)}; "
                      "the assessment used the remaining modality only.")
     if report.oct_frame_index is not None:
         notes.append(f"OCT B-scan used: frame {report.oct_frame_index + 1} ({report.oct_frame_method or 'unknown'} "
@@ -184,7 +188,7 @@ def _notes(report: Report) -> list[str]:
     if report.numbers_rewritten:
         notes.append(f"{report.numbers_rewritten} value(s) cited in the findings were written as the measurements "
                      "of this report, which the model's text had misquoted.")
-    return notes
+    return notes + safety.notes(report)
 
 
 def _text_container(report: Report) -> hd.sr.ContainerContentItem:
@@ -194,13 +198,16 @@ def _text_container(report: Report) -> hd.sr.ContainerContentItem:
                                      relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
                                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    gradable = report.gradability is Gradability.GRADABLE
     items = [
-        text(codes.FINDING, report.narrative.strip() or "The model produced no findings text."),
+        text(codes.FINDING, report.narrative.strip() or ("The model produced no findings text." if gradable
+                                                         else safety.NOT_ANALYSED)),
         text(codes.IMPRESSION, report.impression.strip() or f"{report.label.value}."),
         text(codes.COMMENT, AI_STATEMENT),
         *(text(codes.COMMENT, note) for note in _notes(report)),
     ]
-    container.ContentSequence = hd.sr.ContentSequence(items)
+    patient = safety.patient_item(report)
+    container.ContentSequence = hd.sr.ContentSequence(items + ([patient] if patient is not None else []))
     return container
 
 
