@@ -214,3 +214,33 @@ def test_rerun_after_a_failed_delivery_sends_the_written_sr_without_the_model(ct
     (entry,) = restarted.outbox.for_study(study_uid)
     assert pacs.received_sop_uids() == [entry.sr_uid] and entry.attempts == 2
     assert restarted.index.study(study_uid).state is StudyState.DONE
+
+
+def test_job_reads_the_study_once_and_writes_it_at_start_and_end(ctx, pacs, monkeypatch):
+    patient = Patient()
+    study_uid = _ingest(ctx, [make_cfp(patient, "R"), make_oct(patient, "R"), make_cfp(patient, "L")])
+    reads, writes = [], []
+    real_read, real_set = ctx.index.read_study, ctx.index.set_state
+    monkeypatch.setattr(ctx.index, "study", lambda *a, **k: pytest.fail("the job re-read the study row"))
+    monkeypatch.setattr(ctx.index, "instances", lambda *a, **k: pytest.fail("the job re-read the instances"))
+    monkeypatch.setattr(ctx.index, "read_study", lambda uid: reads.append(uid) or real_read(uid))
+    monkeypatch.setattr(ctx.index, "set_state", lambda uid, state, *a, **k: writes.append(state) or real_set(
+        uid, state, *a, **k))
+    summary = analyze_study(study_uid=study_uid, version=1)
+    assert sorted(summary["srs"].values()) == ["delivered", "delivered"]
+    assert reads == [study_uid] and writes == [StudyState.ANALYSING, StudyState.DONE]
+
+
+def test_delivery_retries_exhausted_fail_the_study_with_the_reason(ctx, pacs):
+    from grok_pacs.jobs.tasks import deliver_sr
+
+    ctx.settings = ctx.settings.model_copy(update={"delivery_max_retries": 1})
+    study_uid = _ingest(ctx, [make_cfp(Patient(), "R")])
+    pacs.stop()
+    (sr_uid,) = analyze_study(study_uid=study_uid, version=1)["srs"]
+    assert ctx.index.study(study_uid).state is StudyState.DELIVERING
+    assert deliver_sr(sr_uid=sr_uid, retry_number=1) == "transient"  # the last retry allowed: given up
+    assert ctx.outbox.get(sr_uid).state is OutboxState.FAILED
+    study = ctx.index.study(study_uid)
+    assert study.state is StudyState.FAILED and "gave up after 2 attempts" in study.detail
+    assert pacs.received() == []

@@ -43,6 +43,67 @@ class SourceImage:
     frame: int | None = None  #: 1-based frame number used (the foveal B-scan for OCT)
 
 
+class Gradability(StrEnum):
+    """Whether an eye (or one modality of it) can be read at all, decided before any diagnosis."""
+
+    GRADABLE = "gradable"
+    UNGRADABLE = "ungradable"  #: image quality insufficient: retake, or refer
+    OUT_OF_SCOPE = "out-of-scope"  #: not an input this device is indicated for (wrong class, no laterality...)
+
+
+@dataclass(frozen=True)
+class QualityReason:
+    """Why an image is not gradable: a stable code (grok_pacs.analysis.quality.REASONS) and what was measured."""
+
+    code: str  #: e.g. "blur"; its SR code is grok_pacs.report.codes.QUALITY_REASON_CODES[code]
+    detail: str  #: measured value against its threshold, e.g. "sharpness 0.8 < 2.0"
+
+
+@dataclass(frozen=True)
+class ModalityQuality:
+    """The gate's verdict on one modality's image of one eye."""
+
+    modality: str  #: "CFP" or "OCT"
+    gradability: Gradability
+    reasons: tuple[QualityReason, ...] = ()  #: empty when gradable
+    measures: dict[str, float] = field(default_factory=dict)  #: measure name -> value (documented in quality)
+    sop_instance_uid: str | None = None  #: the instance judged
+
+
+class Action(StrEnum):
+    """What should happen next for an eye or a patient, most urgent first (see `ACTION_ORDER`)."""
+
+    URGENT_REFERRAL = "urgent-referral"
+    REFERRAL = "referral"
+    RETAKE = "retake"  #: image quality insufficient: retake, or refer
+    RESCREEN = "rescreen"
+
+
+#: Severity, highest first: the patient-level roll-up takes the most severe eye.
+ACTION_ORDER: tuple[Action, ...] = (Action.URGENT_REFERRAL, Action.REFERRAL, Action.RETAKE, Action.RESCREEN)
+
+
+@dataclass(frozen=True)
+class Disposition:
+    """One row of the disposition table applied to an eye (or the roll-up over a patient's eyes)."""
+
+    action: Action
+    text: str  #: what to do, in words, e.g. "Refer to ophthalmology (referable diabetic retinopathy)"
+    source: str  #: the guideline the row comes from (SPEC §7), e.g. "NHS DESP R3/M1"
+    rule: str  #: the table row's id, e.g. "dr-oedema"
+    rescreen_months: int | None = None  #: for RESCREEN: the interval
+    systemic: tuple[str, ...] = ()  #: patient level only: systemic labels reported once per patient
+    eyes: tuple[str, ...] = ()  #: patient level only: the eye(s) whose disposition decided
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.action, Action):
+            raise ValueError(f"disposition {self.rule!r}: action {self.action!r} is not an Action")
+        if (self.action is Action.RESCREEN) != (self.rescreen_months is not None):
+            raise ValueError(f"disposition {self.rule!r}: a rescreen interval goes with (only) a rescreen action")
+        if not self.text.strip() or not self.source.strip():
+            raise ValueError(f"disposition {self.rule!r}: text and guideline source are required")
+
+
 @dataclass(frozen=True)
 class Report:
     eye: Eye
@@ -61,6 +122,26 @@ class Report:
     bundle_version: str
     timings_s: dict[str, float] = field(default_factory=dict)  #: stage name -> seconds
     numbers_rewritten: int = 0  #: cited numbers the runtime wrote as the SR's estimates (raw_text has the model's)
+    gradability: Gradability = Gradability.GRADABLE  #: the eye's gate outcome; not gradable -> no diagnosis, no narrative
+    quality: tuple[ModalityQuality, ...] = ()  #: the gate's verdict per modality judged (ungradable ones were left out)
+    disposition: Disposition | None = None  #: this eye's disposition (grok_pacs.report.dispositions)
+    patient_disposition: Disposition | None = None  #: roll-up over the patient's eyes in this study
+    probabilities_calibrated: bool = False  #: label_scores were temperature-calibrated (bundle calibration)
+    operating_point: float | None = None  #: the Indeterminate threshold: a scored label below it is not used
+
+    def __post_init__(self) -> None:
+        if self.gradability is not Gradability.GRADABLE and (self.label is not Label.INDETERMINATE or self.narrative):
+            raise ValueError(f"eye {self.eye}: a {self.gradability.value} eye gets no diagnosis and no narrative")
+
+    @property
+    def diagnosed(self) -> bool:
+        """True when the report states a diagnosis (gradable eye, label other than Indeterminate)."""
+        return self.gradability is Gradability.GRADABLE and self.label is not Label.INDETERMINATE
+
+    @property
+    def left_out(self) -> tuple[ModalityQuality, ...]:
+        """Modalities judged and not used because they were not gradable."""
+        return tuple(q for q in self.quality if q.gradability is not Gradability.GRADABLE)
 
     @property
     def text(self) -> str:

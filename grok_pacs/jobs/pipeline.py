@@ -1,4 +1,5 @@
-"""One study, end to end inside a worker: index -> per-eye CFP/OCT selection -> engine -> SR -> outbox.
+"""One study, end to end inside a worker: one snapshot of the index (`read_study`: instances, version,
+per-eye candidates) handed down one way -> engine per eye -> SR written -> outbox rows.
 
 Selection (documented behaviour, tested):
 - CFP: Ophthalmic Photography 8/16 bit (VL Photographic and Secondary Capture too when
@@ -20,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -68,12 +69,11 @@ class AnalysisEngine(Protocol):
 
 @dataclass
 class EyeCandidates:
-    """The usable instances of one eye, newest first, and what was skipped on the way."""
+    """The usable instances of one eye, newest first."""
 
     eye: Eye
     cfp: list[InstanceRecord] = field(default_factory=list)
     oct: list[InstanceRecord] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -148,11 +148,12 @@ def _first_usable(settings: Settings, queue: list[InstanceRecord], kind: Kind,
     return None
 
 
-def analyse_eye(settings: Settings, engine: AnalysisEngine, cands: EyeCandidates
+def analyse_eye(settings: Settings, engine: AnalysisEngine, cands: EyeCandidates, notes: list[str]
                 ) -> tuple[Report, list[Dataset]] | None:
-    """Run the engine on the newest readable CFP and OCT of one eye; None when it has neither."""
-    cfp = _first_usable(settings, cands.cfp, Kind.CFP, cands.notes)
-    oct_pick = _first_usable(settings, cands.oct, Kind.OCT, cands.notes)
+    """Run the engine on the newest readable CFP and OCT of one eye (skips noted in `notes`); None when
+    it has neither."""
+    cfp = _first_usable(settings, cands.cfp, Kind.CFP, notes)
+    oct_pick = _first_usable(settings, cands.oct, Kind.OCT, notes)
     picks = [pick for pick in (cfp, oct_pick) if pick is not None]
     if not picks:
         return None
@@ -166,35 +167,58 @@ class StudyNotYetQueuedError(RuntimeError):
     """The job arrived before assembly recorded its version (it publishes first): try again shortly."""
 
 
-def _study_is_current(index: StudyIndex, study_uid: str, version: int) -> StudyOutcome | None:
-    study = index.study(study_uid)
-    if study is None:
-        return StudyOutcome.UNKNOWN_STUDY
+@dataclass(frozen=True)
+class StudySnapshot:
+    """What a job knows of its study: one read of the index, handed down select -> analyse -> outbox.
+
+    `void` says why the job has nothing to do (unknown study, newer version, receiving again); otherwise
+    `eyes` holds each eye's candidates newest first and `notes` the instances no eye can use.
+    """
+
+    study_uid: str
+    version: int
+    void: StudyOutcome | None
+    last_received_at: float | None = None  #: for the latency metrics
+    instances: tuple[InstanceRecord, ...] = ()
+    eyes: Mapping[Eye, EyeCandidates] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def holdings(self) -> str:
+        """What the study holds (modality/laterality), for the reason of a study no eye can use."""
+        return ", ".join(sorted({f"{i.modality}/{i.laterality or '-'}" for i in self.instances})) or "nothing"
+
+
+def read_study(index: StudyIndex, settings: Settings, study_uid: str, version: int) -> StudySnapshot:
+    """The job's one read of the index; raises StudyNotYetQueuedError when the job is ahead of assembly."""
+    stored = index.read_study(study_uid)
+    if stored is None:
+        return StudySnapshot(study_uid, version, StudyOutcome.UNKNOWN_STUDY)
+    study = stored.study
     if study.version < version:
         raise StudyNotYetQueuedError(f"study {study_uid} is at version {study.version}, the job at {version}")
-    if study.version > version or study.state is StudyState.RECEIVING:
-        return StudyOutcome.OUTDATED
-    return None
+    void = StudyOutcome.OUTDATED if study.version > version or study.state is StudyState.RECEIVING else None
+    eyes, notes = select_candidates(list(stored.instances), settings)
+    return StudySnapshot(study_uid, version, void, study.last_received_at, stored.instances, eyes, tuple(notes))
 
 
-def _no_analysable_eye(index: StudyIndex, study_uid: str, notes: list[str]) -> NoAnalysableEyeError:
-    held = ", ".join(sorted({f"{i.modality}/{i.laterality or '-'}" for i in index.instances(study_uid)})) or "nothing"
-    return NoAnalysableEyeError(f"no readable CFP or OCT of a right or left eye (study holds {held})"
+def _no_analysable_eye(snapshot: StudySnapshot, notes: list[str]) -> NoAnalysableEyeError:
+    return NoAnalysableEyeError(f"no readable CFP or OCT of a right or left eye (study holds {snapshot.holdings()})"
                                 + (f"; {'; '.join(notes)}" if notes else ""))
 
 
 def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Callable[[], "Engine | AnalysisEngine"],
-              bundle_version: str, study_uid: str, version: int) -> StudyResult:
+              bundle_version: str, snapshot: StudySnapshot) -> StudyResult:
     """Analyse one study version into outbox rows (delivery is the caller's next step).
 
-    `engine()` is called only once the study needs analysing (the first call in a worker loads the model,
-    while the study already shows ANALYSING).
+    The index is written once here (ANALYSING, when the model must run); the caller writes the end
+    state. `engine()` is called only once the study needs analysing (the first call in a worker loads
+    the model, while the study already shows ANALYSING).
     """
-    void = _study_is_current(index, study_uid, version)
-    if void is not None:
-        log.info("job for study %s v%d skipped: %s", study_uid, version, void.value)
-        return StudyResult(study_uid, version, void)
-    eyes, notes = select_candidates(index.instances(study_uid), settings)
+    study_uid, version = snapshot.study_uid, snapshot.version
+    if snapshot.void is not None:
+        log.info("job for study %s v%d skipped: %s", study_uid, version, snapshot.void.value)
+        return StudyResult(study_uid, version, snapshot.void)
+    eyes, notes = snapshot.eyes, list(snapshot.notes)
     keys = {eye: SRKey(study_uid, version, bundle_version, eye) for eye in Eye}
     existing = {eye: outbox.get(key.sop_instance_uid) for eye, key in keys.items()}
     finished = {eye: e for eye, e in existing.items()
@@ -208,20 +232,25 @@ def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Cal
     if not pending and entries:
         return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
     if not pending:
-        raise _no_analysable_eye(index, study_uid, notes)
+        raise _no_analysable_eye(snapshot, notes)
     index.set_state(study_uid, StudyState.ANALYSING, f"bundle {bundle_version}", version=version)
-    loaded = engine()
-    written: list[tuple[Eye, str]] = []
-    for eye in pending:
-        analysed = analyse_eye(settings, loaded, eyes[eye])
-        notes.extend(eyes[eye].notes)
-        if analysed is not None:
-            report, evidence = analysed
-            written.append((eye, str(write_sr(Path(settings.data_dir), build_sr(report, evidence, keys[eye])))))
+    written = _analyse_and_write(settings, engine(), eyes, pending, keys, notes)
     for eye, relpath in written:  # every SR row carries all notes: also those of an eye without an SR
         entries.append(outbox.put(sr_uid=keys[eye].sop_instance_uid, study_uid=study_uid, study_version=version,
                                   bundle_version=bundle_version, eye=eye.value, path=relpath,
                                   note="; ".join(notes)))
     if not entries:
-        raise _no_analysable_eye(index, study_uid, notes)
+        raise _no_analysable_eye(snapshot, notes)
     return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
+
+
+def _analyse_and_write(settings: Settings, engine: AnalysisEngine, eyes: Mapping[Eye, EyeCandidates],
+                       pending: list[Eye], keys: Mapping[Eye, SRKey], notes: list[str]) -> list[tuple[Eye, str]]:
+    """Analyse each pending eye and write its SR under sr/; returns (eye, SR path); skips go to `notes`."""
+    written: list[tuple[Eye, str]] = []
+    for eye in pending:
+        analysed = analyse_eye(settings, engine, eyes[eye], notes)
+        if analysed is not None:
+            report, evidence = analysed
+            written.append((eye, str(write_sr(Path(settings.data_dir), build_sr(report, evidence, keys[eye])))))
+    return written

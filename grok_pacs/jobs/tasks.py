@@ -48,20 +48,15 @@ def _schedule_retry(ctx: worker.WorkerContext, sr_uid: str, retry_number: int, r
              countdown)
 
 
-def _deliver_and_record(ctx: worker.WorkerContext, sr_uid: str, owner: str) -> str:
-    """One delivery attempt; outbox and study state record the outcome. Returns the outcome's name
-    ("transient" when the SR is PENDING again and a retry is due, "failed" when it is FAILED)."""
+def _deliver_once(ctx: worker.WorkerContext, sr_uid: str, owner: str) -> tuple[str, str]:
+    """One delivery attempt, recorded in the outbox. Returns the outcome's name ("transient" when the SR
+    is PENDING again and a retry is due, "failed" when it is FAILED) and the reason of a failure."""
     try:
-        outcome = delivery.deliver(ctx.settings, ctx.outbox, sr_uid, owner=owner).value
-    except TransientStoreError:
-        outcome = "transient"
-    except PermanentStoreError:
-        outcome = "failed"
-    finally:
-        entry = ctx.outbox.get(sr_uid)
-        if entry is not None:
-            delivery.update_study_state(ctx.settings, ctx.index, ctx.outbox, entry.study_uid, entry.study_version)
-    return outcome
+        return delivery.deliver(ctx.settings, ctx.outbox, sr_uid, owner=owner).value, ""
+    except TransientStoreError as exc:
+        return "transient", f"transient: {exc}"
+    except PermanentStoreError as exc:
+        return "failed", str(exc)
 
 
 def _fail_study(ctx: worker.WorkerContext, study_uid: str, version: int, exc: BaseException) -> dict[str, Any]:
@@ -75,16 +70,21 @@ def _fail_study(ctx: worker.WorkerContext, study_uid: str, version: int, exc: Ba
              autoretry_for=TRANSIENT_ANALYSIS_ERRORS, max_retries=ANALYSIS_MAX_RETRIES, retry_backoff=True,
              retry_backoff_max=ANALYSIS_BACKOFF_MAX_S, retry_jitter=True)
 def analyze_study(self: Any, *, study_uid: str, version: int) -> dict[str, Any]:
-    """Analyse (study, version), put its SRs in the outbox and deliver them."""
+    """Analyse (study, version), put its SRs in the outbox and deliver them.
+
+    The study is read from the index once (a snapshot handed down the pipeline); the index is written
+    when analysis starts (ANALYSING) and once at the end (the state its SRs imply, or FAILED).
+    """
     ctx = worker.context()
     owner = str(self.request.id or f"analyze-{study_uid}-v{version}")
-    study = ctx.index.study(study_uid)
-    received_at = study.last_received_at if study is not None else None  # for the latency metrics
-    metrics.job_started(received_at, ctx.settings.quiet_period)
+    received_at: float | None = None  # the study's last instance, for the latency metrics
     try:
+        snapshot = pipeline.read_study(ctx.index, ctx.settings, study_uid, version)
+        received_at = snapshot.last_received_at
+        metrics.job_started(received_at, ctx.settings.quiet_period)
         with metrics.time_stage("analysis"):
             result = pipeline.run_study(ctx.settings, ctx.index, ctx.outbox, ctx.engine, ctx.bundle_version(),
-                                        study_uid, version)
+                                        snapshot)
     except TRANSIENT_ANALYSIS_ERRORS:
         raise  # retried by Celery (autoretry_for), bounded, with backoff
     except pipeline.StudyNotYetQueuedError as exc:
@@ -99,23 +99,17 @@ def analyze_study(self: Any, *, study_uid: str, version: int) -> dict[str, Any]:
                                "srs": {}}
     if result.outcome is not pipeline.StudyOutcome.ANALYSED:
         return summary
-    ctx.index.set_state(study_uid, StudyState.DELIVERING, f"{len(result.entries)} SR(s) to deliver", version=version)
     for entry in result.entries:
         if entry.state is OutboxState.DELIVERED:
             summary["srs"][entry.sr_uid] = delivery.DeliveryOutcome.ALREADY_DELIVERED.value
             continue
-        outcome = _deliver_and_record(ctx, entry.sr_uid, owner)
+        outcome, reason = _deliver_once(ctx, entry.sr_uid, owner)
         summary["srs"][entry.sr_uid] = outcome
         if outcome == "transient":
-            _schedule_retry(ctx, entry.sr_uid, 1, _last_error(ctx, entry.sr_uid))
-    delivery.update_study_state(ctx.settings, ctx.index, ctx.outbox, study_uid, version)
+            _schedule_retry(ctx, entry.sr_uid, 1, reason)
+    delivery.update_study_state(ctx.settings, ctx.index, ctx.outbox, study_uid, version)  # the end write
     metrics.job_done(received_at, succeeded=True)
     return summary
-
-
-def _last_error(ctx: worker.WorkerContext, sr_uid: str) -> str:
-    entry = ctx.outbox.get(sr_uid)
-    return entry.last_error if entry is not None else ""
 
 
 @shared_task(bind=True, name=TASK_DELIVER_SR, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -124,7 +118,10 @@ def deliver_sr(self: Any, *, sr_uid: str, retry_number: int = 0) -> str:
     ctx = worker.context()
     owner = str(self.request.id or f"deliver-{sr_uid}")
     log.info("SR %s: delivery attempt (retry %d, task %s)", sr_uid, retry_number, owner)
-    outcome = _deliver_and_record(ctx, sr_uid, owner)
+    outcome, reason = _deliver_once(ctx, sr_uid, owner)
     if outcome == "transient":
-        _schedule_retry(ctx, sr_uid, retry_number + 1, _last_error(ctx, sr_uid))
+        _schedule_retry(ctx, sr_uid, retry_number + 1, reason)  # may give the SR up: FAILED
+    entry = ctx.outbox.get(sr_uid)
+    if entry is not None:  # then the study's state follows its SRs (a given-up SR fails the study)
+        delivery.update_study_state(ctx.settings, ctx.index, ctx.outbox, entry.study_uid, entry.study_version)
     return outcome
