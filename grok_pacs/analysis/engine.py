@@ -183,7 +183,8 @@ class Engine:
 
     def _generate(self, tokens, estimates, missing, timings) -> tuple[str, dict[str, float]]:
         gen = self.config.generation
-        prompt = build_prompt(estimates if gen.biomarkers_in_prompt else None, missing)
+        prompt = build_prompt(estimates if gen.biomarkers_in_prompt else None, missing,
+                              compact=gen.compact_biomarkers)
         ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
         cfp, oct = self._visual(tokens)
         t = time.perf_counter()
