@@ -23,7 +23,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 from grok_pacs.report import codes
 from grok_pacs.domain.biomarkers import BY_KEY, format_value
 from grok_pacs.domain.labels import Label
-from grok_pacs.analysis.result import Eye, Report
+from grok_pacs.analysis.result import REASON_TEXT, Eye, Report
 
 MANUFACTURER = "grok-pacs"
 SR_SERIES_NUMBER = 9100
@@ -32,6 +32,8 @@ AI_STATEMENT = (
     "This report was generated automatically by an artificial intelligence system (GROK). "
     "It is preliminary and unverified, and must be reviewed by a clinician before any clinical use."
 )
+NARRATIVE_WITHHELD = ("Findings text withheld: the model's generated narrative failed automatic validation "
+                      "and is not shown as findings (see the comment below).")
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 _UID_NAMESPACE = "grok-pacs/sr/v1"
 _UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:grok-pacs:sr:v1")
@@ -181,6 +183,12 @@ def _notes(report: Report) -> list[str]:
     if report.oct_frame_index is not None:
         notes.append(f"OCT B-scan used: frame {report.oct_frame_index + 1} ({report.oct_frame_method or 'unknown'} "
                      "selection).")
+    if report.narrative_withheld:
+        reasons = report.narrative_check.reasons
+        source = ("the diagnosis is the model's best-scored label" if report.label is not Label.INDETERMINATE
+                  else "no scored label reached the threshold, so the diagnosis is Indeterminate")
+        notes.append(f"Narrative validation failed ({', '.join(r.value for r in reasons)}): "
+                     f"{'; '.join(REASON_TEXT[r] for r in reasons)}. The measurements are unaffected; {source}.")
     if report.numbers_rewritten:
         notes.append(f"{report.numbers_rewritten} value(s) cited in the findings were written as the measurements "
                      "of this report, which the model's text had misquoted.")
@@ -195,7 +203,8 @@ def _text_container(report: Report) -> hd.sr.ContainerContentItem:
     container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
                                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     items = [
-        text(codes.FINDING, report.narrative.strip() or "The model produced no findings text."),
+        text(codes.FINDING, NARRATIVE_WITHHELD if report.narrative_withheld
+             else report.narrative.strip() or "The model produced no findings text."),
         text(codes.IMPRESSION, report.impression.strip() or f"{report.label.value}."),
         text(codes.COMMENT, AI_STATEMENT),
         *(text(codes.COMMENT, note) for note in _notes(report)),
