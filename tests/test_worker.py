@@ -4,7 +4,8 @@ Studies enter the data directory the way crash recovery indexes them (the listen
 then `analyze_study` runs as a worker would run it. Documented results (grok_pacs.jobs.pipeline):
 - both eyes -> two SRs (one per eye), newest CFP of an eye used; only CFP / only OCT -> one SR that says
   which modality was missing; an undecodable instance is skipped (the next newest is used) and the skip
-  is shown with the study; no usable eye -> FAILED with the reason; a re-run never sends a second copy.
+  is shown with the study; an eye with nothing decodable gets an SR without diagnosis giving the reason;
+  no usable eye -> FAILED with the reason; a re-run never sends a second copy.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from grok_pacs.store.outbox import OutboxState
 from grok_pacs.jobs.tasks import analyze_study
 from grok_pacs.dicom.uids import instance_relpath
 from ophthalmic_dicom import Patient, make_cfp, make_oct, make_undecodable_cfp, write
-from srcheck import assert_valid_sr
+from srcheck import assert_valid_sr, sr_eye
 from storescp import StoreSCP
 
 EARLY = dt.datetime(2025, 1, 1, 9, 0, 0)
@@ -71,8 +72,7 @@ def _refs(sr: pydicom.Dataset) -> set[str]:
 def _sr_by_eye(pacs: StoreSCP) -> dict[str, pydicom.Dataset]:
     out = {}
     for sr in pacs.received():
-        text = str(sr.ContentSequence)
-        eye = "R" if "Right eye retina" in text else "L"
+        eye = sr_eye(sr)
         assert eye not in out, "two SRs for one eye"
         out[eye] = sr
     return out
@@ -115,7 +115,7 @@ def test_only_cfp_gives_one_sr_stating_oct_missing(ctx, pacs):
     study_uid = _ingest(ctx, [make_cfp(patient, "L")])
     analyze_study(study_uid=study_uid, version=1)
     (sr,) = pacs.received()
-    assert _num_count(sr) == 6 and "Left eye retina" in str(sr.ContentSequence)
+    assert _num_count(sr) == 6 and sr_eye(sr) == "L"
     path = Path(ctx.settings.data_dir) / ctx.outbox.for_study(study_uid)[0].path
     assert_valid_sr(path, "Not available for this eye: OCT")
     assert ctx.index.study(study_uid).state is StudyState.DONE
@@ -139,8 +139,14 @@ def test_undecodable_instance_is_skipped_and_noted(ctx, pacs):
     broken_only_l = make_undecodable_cfp(patient, "L")
     study_uid = _ingest(ctx, [broken_newest, older_r, oct_r, broken_only_l])
     analyze_study(study_uid=study_uid, version=1)
-    (sr,) = pacs.received()  # the left eye had nothing readable: no SR for it
-    assert _refs(sr) == {older_r.SOPInstanceUID, oct_r.SOPInstanceUID}
+    srs = _sr_by_eye(pacs)
+    assert _refs(srs["R"]) == {older_r.SOPInstanceUID, oct_r.SOPInstanceUID}
+    # The left eye had nothing decodable: an SR without diagnosis that says why (issue 15's gate).
+    assert _refs(srs["L"]) == {broken_only_l.SOPInstanceUID} and _num_count(srs["L"]) == 0
+    left = next(e for e in ctx.outbox.for_study(study_uid) if e.eye == "L")
+    text = assert_valid_sr(Path(ctx.settings.data_dir) / left.path, "Pixel data cannot be decoded",
+                           "Image quality insufficient: retake, or refer")
+    assert "Diagnosis" not in text
     study = ctx.index.study(study_uid)
     assert study.state is StudyState.DONE
     assert f"CFP {broken_newest.SOPInstanceUID} skipped" in study.detail
@@ -151,7 +157,7 @@ def test_no_usable_eye_fails_with_reason(ctx, pacs):
     patient = Patient()
     no_side = make_cfp(patient, "R")
     del no_side.ImageLaterality
-    study_uid = _ingest(ctx, [no_side, make_undecodable_cfp(patient, "L")])
+    study_uid = _ingest(ctx, [no_side])  # (an undecodable eye now gets an ungradable SR: test above)
     summary = analyze_study(study_uid=study_uid, version=1)
     assert summary["outcome"] == "failed"
     study = ctx.index.study(study_uid)
