@@ -24,7 +24,7 @@ from grok_pacs.store.outbox import OutboxState
 from grok_pacs.jobs.tasks import analyze_study
 from grok_pacs.dicom.uids import instance_relpath
 from ophthalmic_dicom import Patient, make_cfp, make_oct, make_undecodable_cfp, write
-from srcheck import assert_valid_sr
+from srcheck import assert_valid_sr, sr_eye
 from storescp import StoreSCP
 
 EARLY = dt.datetime(2025, 1, 1, 9, 0, 0)
@@ -73,8 +73,7 @@ def _refs(sr: pydicom.Dataset) -> set[str]:
 def _sr_by_eye(pacs: StoreSCP) -> dict[str, pydicom.Dataset]:
     out = {}
     for sr in pacs.received():
-        text = str(sr.ContentSequence)
-        eye = "R" if "Right eye retina" in text else "L"
+        eye = sr_eye(sr)
         assert eye not in out, "two SRs for one eye"
         out[eye] = sr
     return out
@@ -117,7 +116,7 @@ def test_only_cfp_gives_one_sr_stating_oct_missing(ctx, pacs):
     study_uid = _ingest(ctx, [make_cfp(patient, "L")])
     analyze_study(study_uid=study_uid, version=1)
     (sr,) = pacs.received()
-    assert _num_count(sr) == 6 and "Left eye retina" in str(sr.ContentSequence)
+    assert _num_count(sr) == 6 and sr_eye(sr) == "L"
     path = Path(ctx.settings.data_dir) / ctx.outbox.for_study(study_uid)[0].path
     assert_valid_sr(path, "Not available for this eye: OCT")
     assert ctx.index.study(study_uid).state is StudyState.DONE

@@ -58,6 +58,11 @@ IMPRESSION = Code("121073", DCM, "Impression")
 COMMENT = Code("121106", DCM, "Comment")
 PROCESSING_EQUIPMENT = Code("109102", DCM, "Processing Equipment")
 
+# --- the PDF report (encapsulated.py) ------------------------------------------------------------------
+LN = "LN"
+#: Concept name of the Encapsulated PDF (LOINC document type, as IHE displayable reports use).
+AI_REPORT_DOCUMENT = Code("18748-4", LN, "Diagnostic imaging study")
+
 #: UCUM unit code (as `grok_pacs.domain.biomarkers` spells it) -> coded unit.
 UNIT_CODES: dict[str, Code] = {
     "um": Code("um", UCUM, "micrometer"),

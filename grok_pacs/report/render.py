@@ -44,6 +44,10 @@ def _value(item: Dataset) -> str:
         frames = ref.get("ReferencedFrameNumber")
         suffix = f" frame {frames}" if frames is not None else ""
         return f"{ref.ReferencedSOPInstanceUID}{suffix}"
+    if kind == "SCOORD":
+        points = [float(v) for v in item.GraphicData]
+        pairs = ", ".join(f"({x:g}, {y:g})" for x, y in zip(points[::2], points[1::2]))
+        return f"{item.GraphicType} {pairs}"
     if kind in ("DATETIME", "DATE", "TIME"):
         return str(item.get(kind.capitalize() if kind != "DATETIME" else "DateTime", ""))
     return ""
