@@ -4,7 +4,8 @@ Studies enter the data directory the way crash recovery indexes them (the listen
 then `analyze_study` runs as a worker would run it. Documented results (grok_pacs.jobs.pipeline):
 - both eyes -> two SRs (one per eye), newest CFP of an eye used; only CFP / only OCT -> one SR that says
   which modality was missing; an undecodable instance is skipped (the next newest is used) and the skip
-  is shown with the study; no usable eye -> FAILED with the reason; a re-run never sends a second copy.
+  is shown with the study; an eye with nothing decodable gets an SR without diagnosis giving the reason;
+  no usable eye -> FAILED with the reason; a re-run never sends a second copy.
 """
 
 from __future__ import annotations
@@ -140,8 +141,14 @@ def test_undecodable_instance_is_skipped_and_noted(ctx, pacs):
     broken_only_l = make_undecodable_cfp(patient, "L")
     study_uid = _ingest(ctx, [broken_newest, older_r, oct_r, broken_only_l])
     analyze_study(study_uid=study_uid, version=1)
-    (sr,) = pacs.received()  # the left eye had nothing readable: no SR for it
-    assert _refs(sr) == {older_r.SOPInstanceUID, oct_r.SOPInstanceUID}
+    srs = _sr_by_eye(pacs)
+    assert _refs(srs["R"]) == {older_r.SOPInstanceUID, oct_r.SOPInstanceUID}
+    # The left eye had nothing decodable: an SR without diagnosis that says why (issue 15's gate).
+    assert _refs(srs["L"]) == {broken_only_l.SOPInstanceUID} and _num_count(srs["L"]) == 0
+    left = next(e for e in ctx.outbox.for_study(study_uid) if e.eye == "L")
+    text = assert_valid_sr(Path(ctx.settings.data_dir) / left.path, "Pixel data cannot be decoded",
+                           "Image quality insufficient: retake, or refer")
+    assert "Diagnosis" not in text
     study = ctx.index.study(study_uid)
     assert study.state is StudyState.DONE
     assert f"CFP {broken_newest.SOPInstanceUID} skipped" in study.detail
@@ -152,7 +159,7 @@ def test_no_usable_eye_fails_with_reason(ctx, pacs):
     patient = Patient()
     no_side = make_cfp(patient, "R")
     del no_side.ImageLaterality
-    study_uid = _ingest(ctx, [no_side, make_undecodable_cfp(patient, "L")])
+    study_uid = _ingest(ctx, [no_side])  # (an undecodable eye now gets an ungradable SR: test above)
     summary = analyze_study(study_uid=study_uid, version=1)
     assert summary["outcome"] == "failed"
     study = ctx.index.study(study_uid)

@@ -51,12 +51,37 @@ class Gradability(StrEnum):
     OUT_OF_SCOPE = "out-of-scope"  #: not an input this device is indicated for (wrong class, no laterality...)
 
 
+#: Gate reason code (grok_pacs.analysis.quality) -> meaning; the SR codes them (grok_pacs.report.codes).
+QUALITY_REASONS: dict[str, str] = {
+    "sop-class-modality": "SOP class and Modality disagree",
+    "laterality": "Laterality missing or not R/L",
+    "photometric": "Photometric interpretation not supported for this modality",
+    "bit-depth": "Bit depth not supported",
+    "resolution": "Image below the minimum resolution",
+    "frames": "Too few OCT frames",
+    "undecodable": "Pixel data cannot be decoded",
+    "field-coverage": "Insufficient retinal field coverage",
+    "off-centre": "Retinal field off centre",
+    "underexposed": "Image underexposed",
+    "overexposed": "Image overexposed or saturated",
+    "low-contrast": "Image contrast too low",
+    "blur": "Image out of focus",
+    "decoder-fill": "Image partly filled by the decoder (corrupted data)",
+    "blank-frames": "Blank OCT frames",
+    "saturated-frames": "Saturated OCT frames",
+    "low-signal": "OCT signal strength too low",
+}
+
 @dataclass(frozen=True)
 class QualityReason:
     """Why an image is not gradable: a stable code (grok_pacs.analysis.quality.REASONS) and what was measured."""
 
-    code: str  #: e.g. "blur"; its SR code is grok_pacs.report.codes.QUALITY_REASON_CODES[code]
-    detail: str  #: measured value against its threshold, e.g. "sharpness 0.8 < 2.0"
+    code: str  #: a QUALITY_REASONS key, e.g. "blur"
+    detail: str  #: meaning, measured value against its threshold, e.g. "Image out of focus: sharpness 0.01 < 0.04"
+
+    def __post_init__(self) -> None:
+        if self.code not in QUALITY_REASONS:
+            raise ValueError(f"quality reason {self.code!r} is not one of {sorted(QUALITY_REASONS)}")
 
 
 @dataclass(frozen=True)
