@@ -41,6 +41,7 @@ from worker_harness import GrokProcess, Redis, grok_env, wait_until  # noqa: E40
 
 from grok_pacs.config import Peer, load_settings  # noqa: E402
 from grok_pacs.ingest.service import IngestService  # noqa: E402
+from grok_pacs.jobs.publisher import JobPublisher  # noqa: E402
 from devtools.sample_dicom import demo_study  # noqa: E402
 from grok_pacs.dicom.scu import store_files  # noqa: E402
 
@@ -59,7 +60,7 @@ class Rig:
         self.values = dict(data_dir=work / "data", broker_url=self.redis.url, bundle=bundle, quiet_period=quiet_period,
                            destination=f"PACS@127.0.0.1:{self.pacs.port}", job_time_limit=300)
         self.settings = load_settings(**self.values, port=free_port(), bind_address="127.0.0.1")
-        self.ingest = IngestService(self.settings)
+        self.ingest = IngestService(self.settings, JobPublisher(self.settings))
         self.ingest.start()
         self.workers: list[GrokProcess] = []
         self.sent = 0

@@ -334,6 +334,7 @@ def test_orthanc_lua_autoroute_forwards_op_and_opt_only(tmp_path: Path) -> None:
     """The shipped orthanc.json + autoroute.lua in a real Orthanc, routing to a grok-pacs listener that
     runs the shipped compose config.toml (its AE title and allow-list): OP and OPT arrive, OT does not."""
     from grok_pacs.ingest.service import IngestService
+    from grok_pacs.jobs.publisher import JobPublisher
 
     orthanc, storescu = require_tool("Orthanc"), require_tool("storescu")
     config = json.loads((DEPLOY / "compose/orthanc/orthanc.json").read_text())
@@ -357,7 +358,7 @@ def test_orthanc_lua_autoroute_forwards_op_and_opt_only(tmp_path: Path) -> None:
     other.Modality = "OT"  # not an ophthalmic modality: must stay in Orthanc
     files = [write(other, tmp_path / "in/ot.dcm"), write(make_cfp(patient, "R"), tmp_path / "in/cfp.dcm"),
              write(make_oct(patient, "R"), tmp_path / "in/oct.dcm")]
-    service = IngestService(settings)
+    service = IngestService(settings, JobPublisher(settings))
     service.start()
     log_path = tmp_path / "orthanc.log"
     with log_path.open("w") as log:

@@ -28,6 +28,7 @@ from grok_pacs.ops import health
 from grok_pacs.ops import metrics
 from grok_pacs.config import OP_8BIT, OPT, load_settings
 from grok_pacs.ingest.service import IngestService
+from grok_pacs.jobs.publisher import JobPublisher
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,7 +182,7 @@ def test_refused_instance_is_counted_and_health_reports_the_disk(tmp_path: Path)
                              metrics_port=free_port(), min_free_disk_mb=10**9, broker_url="")
     reason = {"reason": "REFUSED_OUT_OF_RESOURCES"}
     start = scrape_local(reason)
-    service = IngestService(settings)
+    service = IngestService(settings, JobPublisher(settings))
     server = metrics.start_server(settings, "listener")
     try:
         service.start()

@@ -19,7 +19,6 @@ import pytest
 from devtools.ports import free_port
 from grok_pacs.jobs import worker
 from grok_pacs.ingest.assembly import recover
-from grok_pacs.jobs.app import create_app
 from grok_pacs.config import load_settings
 from grok_pacs.store.index import StudyState
 from grok_pacs.store.outbox import OutboxState
@@ -42,14 +41,17 @@ def pacs(tmp_path):
 
 
 @pytest.fixture
-def ctx(tmp_path, tiny_bundle, pacs):
+def app(tmp_path, tiny_bundle, pacs):
     settings = load_settings(data_dir=tmp_path / "data", bundle=tiny_bundle, quiet_period=0,
                              destination=f"PACS@127.0.0.1:{pacs.port}", dimse_timeout=20)
-    app = create_app(settings, include=worker.TASK_MODULES)
-    app.set_current()
-    context = worker.configure(settings)
-    yield context
+    app = worker.worker_app(settings)
+    yield app
     app.close()
+
+
+@pytest.fixture
+def ctx(app):
+    return worker.context_of(app)
 
 
 def _ingest(ctx: worker.WorkerContext, datasets) -> str:
@@ -207,14 +209,14 @@ def test_selection_by_sop_class_laterality_and_acquisition_time(tmp_path):
     assert [r.sop_uid for r in eyes[Eye.RIGHT].cfp] == ["1.3", "1.2", "1.1"]
 
 
-def test_rerun_after_a_failed_delivery_sends_the_written_sr_without_the_model(ctx, pacs):
+def test_rerun_after_a_failed_delivery_sends_the_written_sr_without_the_model(app, ctx, pacs):
     patient = Patient()
     study_uid = _ingest(ctx, [make_cfp(patient, "R")])
     pacs.stop()  # the PACS is down: the first attempt fails, a retry goes on the broker
     assert list(analyze_study(study_uid=study_uid, version=1)["srs"].values()) == ["transient"]
     assert ctx.index.study(study_uid).state is StudyState.DELIVERING
     pacs.start()
-    restarted = worker.configure(ctx.settings)  # a new process, e.g. `grok-pacs serve` requeueing at start
+    restarted = worker.configure(app, ctx.settings)  # a new process, e.g. `grok-pacs serve` requeueing at start
     summary = analyze_study(study_uid=study_uid, version=1)
     assert list(summary["srs"].values()) == ["delivered"]
     assert not restarted.engine_loaded  # the SR written before was sent as it is
