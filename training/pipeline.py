@@ -174,27 +174,34 @@ def run_pipeline(cfg: PipelineConfig, cache_dir: Path = DEFAULT_CACHE, *, progre
         return _run_locked(cfg, cache_dir, progress)
 
 
-def _run_locked(cfg: PipelineConfig, cache_dir: Path, progress: bool) -> PipelineResult:
-    steps = _Steps(cache_dir)
-    d_cohort = cfg.step_digest("cohort")
-    cohort_dir, cohort = steps.run("cohort", d_cohort, lambda out: _cohort(cfg, out, progress))
-    manifest = Path(cohort["manifest"])
-    d_stage1 = cfg.step_digest("stage1", d_cohort)
-    _, stage1 = steps.run("stage1", d_stage1, lambda out: _stage1(manifest, out, progress))
-    d_stage2 = cfg.step_digest("stage2", d_cohort)
-    images = cache_dir / f"images-{d_cohort}"
-    _, stage2 = steps.run("stage2", d_stage2, lambda out: _stage2(cfg, manifest, images, out, progress))
-    stage3_cfg, parents = cfg.stage3, [d_stage1, d_stage2]
+def step_digests(cfg: PipelineConfig) -> dict[str, str]:
+    """Every step's cache key, each chained to the keys of the steps it consumes."""
+    d = {"cohort": cfg.step_digest("cohort")}
+    d["stage1"] = cfg.step_digest("stage1", d["cohort"])
+    d["stage2"] = cfg.step_digest("stage2", d["cohort"])
+    parents = [d["stage1"], d["stage2"]]
     if cfg.llm == "smollm2":
-        d_base = cfg.step_digest("base_llm")
-        base_dir, _ = steps.run("base_llm", d_base, _convert_smollm)
-        stage3_cfg = replace(stage3_cfg, base_llm_dir=base_dir / "qwen2")
-        parents.append(d_base)
-    d_stage3 = cfg.step_digest("stage3", *parents)
+        d["base_llm"] = cfg.step_digest("base_llm")
+        parents.append(d["base_llm"])
+    d["stage3"] = cfg.step_digest("stage3", *parents)
+    d["bundle"] = cfg.step_digest("bundle", d["stage3"])
+    return d
+
+
+def _run_locked(cfg: PipelineConfig, cache_dir: Path, progress: bool) -> PipelineResult:
+    steps, d = _Steps(cache_dir), step_digests(cfg)
+    _, cohort = steps.run("cohort", d["cohort"], lambda out: _cohort(cfg, out, progress))
+    manifest = Path(cohort["manifest"])
+    _, stage1 = steps.run("stage1", d["stage1"], lambda out: _stage1(manifest, out, progress))
+    images = cache_dir / f"images-{d['cohort']}"
+    _, stage2 = steps.run("stage2", d["stage2"], lambda out: _stage2(cfg, manifest, images, out, progress))
+    stage3_cfg = cfg.stage3
+    if "base_llm" in d:
+        _, base = steps.run("base_llm", d["base_llm"], _convert_smollm)
+        stage3_cfg = replace(stage3_cfg, base_llm_dir=Path(base["qwen2"]))
     inputs = _stage3_inputs(stage1, stage2, manifest, images)
-    stage3_dir, _ = steps.run("stage3", d_stage3, lambda out: _stage3(stage3_cfg, inputs, out, progress))
-    d_bundle = cfg.step_digest("bundle", d_stage3)
-    _, bundle = steps.run("bundle", d_bundle, lambda out: _bundle(cfg, stage3_dir, inputs, out, progress))
+    stage3_dir, _ = steps.run("stage3", d["stage3"], lambda out: _stage3(stage3_cfg, inputs, out, progress))
+    _, bundle = steps.run("bundle", d["bundle"], lambda out: _bundle(cfg, stage3_dir, inputs, out, progress))
     return PipelineResult(manifest, Path(stage1["instructions"]), stage2["modalities"], stage3_dir,
                           Path(bundle["bundle"]), steps.timings, steps.reused)
 

@@ -69,7 +69,7 @@ def biomarker_block(values: Mapping[str, float]) -> str:
 
 
 def compact_biomarker_block(values: Mapping[str, float]) -> str:
-    """The estimates in about a third of the tokens: short prose names, values, `(low)`/`(high)` flags.
+    """The estimates in fewer tokens: short prose names, values, `(low)`/`(high)` flags, no qualitative list.
 
     For CPU presets where every prompt token costs training and decoding time; the names are the ones the
     reports use (`PROSE_NAMES`), so a cited number sits next to the same words in prompt and report.

@@ -96,6 +96,24 @@ def split_records(records: list[dict], manifest: Path) -> dict[str, list[dict]]:
     return out
 
 
+def balanced_subset(records: list[dict], limit: int) -> list[dict]:
+    """At most `limit` records (0 = all), taken round-robin over the labels in the records' order, so every
+    label keeps its share; deterministic (the order is the stage-1 file's)."""
+    if not limit or len(records) <= limit:
+        return records
+    by_label: dict[str, list[dict]] = {}
+    for record in records:
+        by_label.setdefault(str(record["label"]), []).append(record)
+    queues = [list(group) for group in by_label.values()]
+    picked: list[dict] = []
+    while len(picked) < limit:
+        for queue in queues:
+            if queue and len(picked) < limit:
+                picked.append(queue.pop(0))
+    chosen = {id(r) for r in picked}
+    return [r for r in records if id(r) in chosen]
+
+
 def prepare_tokenizer(cfg: Stage3Config, train_records: list[dict], instructions: Path, out_dir: Path) -> Any:
     """The tokenizer stage 3 trains with, saved under out_dir/tokenizer (what the bundle ships)."""
     target = out_dir / TOKENIZER_DIR
@@ -186,6 +204,8 @@ def run(cfg: Stage3Config, inputs: Stage3Inputs, out_dir: Path, *, resume: bool 
     splits = split_records(load_instructions(inputs.instructions), inputs.manifest)
     if not splits["train"]:
         raise ValueError(f"{inputs.manifest}: no eyes in the train split")
+    splits["train"] = balanced_subset(splits["train"], cfg.max_train_records)
+    splits["val"] = balanced_subset(splits["val"], cfg.max_val_records)
     tokenizer = prepare_tokenizer(cfg, splits["train"], inputs.instructions, out_dir)
     llm_dtype = torch.bfloat16 if (cfg.precision != "fp32" and torch.cuda.is_available()
                                    and torch.cuda.is_bf16_supported() and not cfg.uses_stand_in) else torch.float32
