@@ -143,3 +143,22 @@ def test_no_import_cycles():
 def test_the_checker_tells_right_from_wrong(source, target, expected):
     assert _allowed(source, target) is expected
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def _test_module_names() -> set[str]:
+    """Names under which test code can be imported: tests' own modules and packages, and `tests`."""
+    tests = ROOT / "tests"
+    return {"tests", *(p.stem for p in tests.glob("*.py")), *(p.name for p in tests.iterdir() if p.is_dir())}
+
+
+@pytest.mark.parametrize("folder", ["bench", "devtools"])
+def test_benchmarks_and_devtools_use_no_test_code(folder):
+    test_names = _test_module_names() - {"__init__"}
+    wrong = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        text = path.read_text()
+        imported = _imports(_module_name(path), path, set())
+        wrong += [f"{path.relative_to(ROOT)} imports {name}" for name in imported if name.split(".")[0] in test_names]
+        if '"tests"' in text or "'tests'" in text:
+            wrong.append(f"{path.relative_to(ROOT)} names the tests folder (sys.path?)")
+    assert wrong == []

@@ -308,7 +308,7 @@ def test_sr_delivery_outcomes_are_counted(tmp_path: Path) -> None:
     """A real delivery: PACS down (transient failure), then DCMTK storescp up (delivered)."""
     from grok_pacs.delivery.sender import DeliveryOutcome, deliver
     from grok_pacs.dicom.scu import TransientStoreError
-    from storescp import StoreSCP
+    from devtools.storescp import StoreSCP
     from test_delivery import _queued_study
 
     port = free_port()
@@ -338,7 +338,7 @@ def test_sr_delivery_outcomes_are_counted(tmp_path: Path) -> None:
 
 def test_one_box_serve_metrics_from_ingest_to_delivered_sr(tmp_path: Path, tiny_bundle: Path) -> None:
     """`grok-pacs serve` end to end: storescu in, SR out to storescp, every stage visible in /metrics."""
-    from storescp import StoreSCP
+    from devtools.storescp import StoreSCP
 
     bundle = tiny_bundle
     pacs = StoreSCP(free_port(), tmp_path / "pacs").start()

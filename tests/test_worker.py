@@ -26,7 +26,7 @@ from grok_pacs.jobs.tasks import analyze_study
 from grok_pacs.dicom.uids import instance_relpath
 from ophthalmic_dicom import Patient, make_cfp, make_oct, make_undecodable_cfp, write
 from srcheck import assert_valid_sr, sr_eye
-from storescp import StoreSCP
+from devtools.storescp import StoreSCP
 
 EARLY = dt.datetime(2025, 1, 1, 9, 0, 0)
 LATE = dt.datetime(2025, 1, 1, 11, 0, 0)

@@ -23,8 +23,8 @@ from grok_pacs.jobs.publisher import JobPublisher
 from grok_pacs.ingest.listener import Listener
 from grok_pacs.store.outbox import Outbox, OutboxState
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
-from storescp import StoreSCP
-from worker_harness import GrokProcess, Redis, grok_env, storescu, wait_until
+from devtools.storescp import StoreSCP
+from devtools.processes import GrokProcess, Redis, grok_env, storescu, wait_until
 
 JOB_TIME_LIMIT_S = 10  # -> Redis visibility timeout 20 s: a killed worker's job comes back within ~21 s
 READY = "worker ready"
