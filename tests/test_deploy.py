@@ -106,6 +106,8 @@ def test_dockerfile_copies_files_that_exist_and_runs_as_the_k8s_user() -> None:
         *sources, _dest = line.split()
         for source in sources:
             assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
+            assert source.split("/")[0] not in ("training", "export", "devtools", "tests", "bench", "."), \
+                f"the runtime image copies {source}: it holds grok_pacs only"
     uid = int(re.search(r"useradd .*--uid (\d+)", text)[1])
     for doc in _k8s_docs():
         if doc["kind"] == "Deployment" and "grok-pacs:" in json.dumps(doc):

@@ -11,6 +11,8 @@ inside functions and under TYPE_CHECKING: a lazy import is still a dependency).
 from __future__ import annotations
 
 import ast
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,3 +164,36 @@ def test_benchmarks_and_devtools_use_no_test_code(folder):
         if '"tests"' in text or "'tests'" in text:
             wrong.append(f"{path.relative_to(ROOT)} names the tests folder (sys.path?)")
     assert wrong == []
+
+
+def _project() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _distribution_name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_the_wheel_ships_the_runtime_only_with_runtime_dependencies():
+    import setuptools
+
+    project = _project()
+    find = project["tool"]["setuptools"]["packages"]["find"]
+    assert {name.split(".")[0] for name in setuptools.find_packages(str(ROOT), include=find["include"])} == {"grok_pacs"}
+    runtime = {_distribution_name(req) for req in project["project"]["dependencies"]}
+    assert not runtime & {"tqdm", "matplotlib", "pyyaml", "httpx", "gguf", "onnx", "onnxscript", "pytest"}
+
+
+def test_every_library_the_runtime_imports_is_a_runtime_dependency():
+    from importlib.metadata import packages_distributions
+
+    runtime = {_distribution_name(req) for req in _project()["project"]["dependencies"]}
+    providers = packages_distributions()
+    third_party = {target.split(".")[0] for targets in GRAPH.values() for target in targets
+                   if target and target.split(".")[0] not in sys.stdlib_module_names
+                   and target.split(".")[0] not in ("grok_pacs", "__future__")}
+    missing = sorted(name for name in third_party
+                     if not {_distribution_name(dist) for dist in providers.get(name, [])} & runtime)
+    assert missing == [], "imported by grok_pacs but only installed through an extra (or not at all)"
