@@ -19,7 +19,6 @@ import pytest
 from devtools.ports import free_port
 from grok_pacs.jobs import worker
 from grok_pacs.ingest.assembly import recover
-from grok_pacs.jobs.app import create_app
 from grok_pacs.config import load_settings
 from grok_pacs.store.index import StudyState
 from grok_pacs.store.outbox import OutboxState
@@ -27,7 +26,7 @@ from grok_pacs.jobs.tasks import analyze_study
 from grok_pacs.dicom.uids import instance_relpath
 from ophthalmic_dicom import Patient, make_cfp, make_oct, make_undecodable_cfp, write
 from srcheck import assert_valid_sr, sr_eye
-from storescp import StoreSCP
+from devtools.storescp import StoreSCP
 
 EARLY = dt.datetime(2025, 1, 1, 9, 0, 0)
 LATE = dt.datetime(2025, 1, 1, 11, 0, 0)
@@ -42,14 +41,17 @@ def pacs(tmp_path):
 
 
 @pytest.fixture
-def ctx(tmp_path, tiny_bundle, pacs):
+def app(tmp_path, tiny_bundle, pacs):
     settings = load_settings(data_dir=tmp_path / "data", bundle=tiny_bundle, quiet_period=0,
                              destination=f"PACS@127.0.0.1:{pacs.port}", dimse_timeout=20)
-    app = create_app(settings, include=worker.TASK_MODULES)
-    app.set_current()
-    context = worker.configure(settings)
-    yield context
+    app = worker.worker_app(settings)
+    yield app
     app.close()
+
+
+@pytest.fixture
+def ctx(app):
+    return worker.context_of(app)
 
 
 def _ingest(ctx: worker.WorkerContext, datasets) -> str:
@@ -207,14 +209,14 @@ def test_selection_by_sop_class_laterality_and_acquisition_time(tmp_path):
     assert [r.sop_uid for r in eyes[Eye.RIGHT].cfp] == ["1.3", "1.2", "1.1"]
 
 
-def test_rerun_after_a_failed_delivery_sends_the_written_sr_without_the_model(ctx, pacs):
+def test_rerun_after_a_failed_delivery_sends_the_written_sr_without_the_model(app, ctx, pacs):
     patient = Patient()
     study_uid = _ingest(ctx, [make_cfp(patient, "R")])
     pacs.stop()  # the PACS is down: the first attempt fails, a retry goes on the broker
     assert list(analyze_study(study_uid=study_uid, version=1)["srs"].values()) == ["transient"]
     assert ctx.index.study(study_uid).state is StudyState.DELIVERING
     pacs.start()
-    restarted = worker.configure(ctx.settings)  # a new process, e.g. `grok-pacs serve` requeueing at start
+    restarted = worker.configure(app, ctx.settings)  # a new process, e.g. `grok-pacs serve` requeueing at start
     summary = analyze_study(study_uid=study_uid, version=1)
     assert list(summary["srs"].values()) == ["delivered"]
     assert not restarted.engine_loaded  # the SR written before was sent as it is
@@ -251,3 +253,14 @@ def test_delivery_retries_exhausted_fail_the_study_with_the_reason(ctx, pacs):
     study = ctx.index.study(study_uid)
     assert study.state is StudyState.FAILED and "gave up after 2 attempts" in study.detail
     assert pacs.received() == []
+
+
+def test_both_eyes_of_a_study_share_one_batched_generation(ctx, pacs, monkeypatch):
+    """The model runs once per study (one batched generation and label scoring), not once per eye."""
+    engine, calls = ctx.engine(), []
+    original = engine.analyze_batch
+    monkeypatch.setattr(engine, "analyze_batch", lambda eyes: calls.append([e.eye.value for e in eyes]) or original(eyes))
+    patient = Patient()
+    study_uid = _ingest(ctx, [make_cfp(patient, "R"), make_oct(patient, "R"), make_cfp(patient, "L")])
+    assert analyze_study(study_uid=study_uid, version=1)["outcome"] == "analysed"
+    assert calls == [["R", "L"]] and set(_sr_by_eye(pacs)) == {"R", "L"}

@@ -23,7 +23,7 @@ from grok_pacs.config import OPT
 from grok_pacs.report import codes, safety
 from grok_pacs.domain.biomarkers import BY_KEY, Modality, format_value
 from grok_pacs.domain.labels import Label
-from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Gradability, Report, SourceImage
+from grok_pacs.analysis.result import REASON_TEXT, BiomarkerEstimate, Eye, Gradability, Report, SourceImage
 from grok_pacs.report.keys import _UID_NAMESPACE, SRKey, derived_uid
 
 MANUFACTURER = "grok-pacs"
@@ -32,6 +32,8 @@ AI_STATEMENT = (
     "This report was generated automatically by an artificial intelligence system (GROK). "
     "It is preliminary and unverified, and must be reviewed by a clinician before any clinical use."
 )
+NARRATIVE_WITHHELD = ("Findings text withheld: the model's generated narrative failed automatic validation "
+                      "and is not shown as findings (see the comment below).")
 POINT_STATEMENT = (
     "The point drawn on each image marks the image (for OCT, the B-scan) the measurements were read from; "
     "it is placed at the image centre and is not a detected anatomical location."
@@ -191,6 +193,12 @@ def _notes(report: Report) -> list[str]:
     if report.oct_frame_index is not None:
         notes.append(f"OCT B-scan used: frame {report.oct_frame_index + 1} ({report.oct_frame_method or 'unknown'} "
                      "selection).")
+    if report.narrative_withheld:
+        reasons = report.narrative_check.reasons
+        source = ("the diagnosis is the model's best-scored label" if report.label is not Label.INDETERMINATE
+                  else "no scored label reached the threshold, so the diagnosis is Indeterminate")
+        notes.append(f"Narrative validation failed ({', '.join(r.value for r in reasons)}): "
+                     f"{'; '.join(REASON_TEXT[r] for r in reasons)}. The measurements are unaffected; {source}.")
     if report.numbers_rewritten:
         notes.append(f"{report.numbers_rewritten} value(s) cited in the findings were written as the measurements "
                      "of this report, which the model's text had misquoted.")
@@ -206,8 +214,8 @@ def _text_container(report: Report) -> hd.sr.ContainerContentItem:
                                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     gradable = report.gradability is Gradability.GRADABLE
     items = [
-        text(codes.FINDING, report.narrative.strip() or ("The model produced no findings text." if gradable
-                                                         else safety.NOT_ANALYSED)),
+        text(codes.FINDING, NARRATIVE_WITHHELD if report.narrative_withheld else report.narrative.strip()
+             or ("The model produced no findings text." if gradable else safety.NOT_ANALYSED)),
         text(codes.IMPRESSION, report.impression.strip() or f"{report.label.value}."),
         text(codes.COMMENT, AI_STATEMENT),
         text(codes.COMMENT, POINT_STATEMENT),
