@@ -19,9 +19,9 @@ from devtools.ports import free_port
 from grok_pacs.report.codes import GRADABILITY_CODES, LABEL_CODES
 from ophthalmic_dicom import Patient, fundus_pixels, make_cfp, make_oct, write
 from srcheck import assert_valid_sr
-from storescp import StoreSCP
+from devtools.storescp import StoreSCP
 from test_gate import blurred, corrupted_jpeg
-from worker_harness import GrokProcess, grok_env, wait_until
+from devtools.processes import GrokProcess, grok_env, wait_until
 
 RETAKE = "Image quality insufficient: retake, or refer"
 
