@@ -18,7 +18,7 @@ from devtools.ports import free_port
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 from orthanc import Orthanc
 from srcheck import assert_valid_sr, dciodvfy_errors, pdf_text, sr_eye
-from worker_harness import GrokProcess, grok_env, wait_until
+from devtools.processes import GrokProcess, grok_env, wait_until
 
 GROK_AE = "GROK_PACS"
 

@@ -10,7 +10,7 @@ from grok_pacs.analysis.validation import REASON_TEXT, NarrativeCheck, Reason, V
 from grok_pacs.domain.biomarkers import BIOMARKERS, CFP_KEYS
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from grok_pacs.model.prompt import format_target
-from helpers.tiny_bundle import TINY_REPORT
+from devtools.tiny_bundle import TINY_REPORT
 from training.phantom.sampling import sample_subject
 from training.teachers.guideline import GuidelineTeacher
 

@@ -4,7 +4,8 @@ Studies enter the data directory the way crash recovery indexes them (the listen
 then `analyze_study` runs as a worker would run it. Documented results (grok_pacs.jobs.pipeline):
 - both eyes -> two SRs (one per eye), newest CFP of an eye used; only CFP / only OCT -> one SR that says
   which modality was missing; an undecodable instance is skipped (the next newest is used) and the skip
-  is shown with the study; no usable eye -> FAILED with the reason; a re-run never sends a second copy.
+  is shown with the study; an eye with nothing decodable gets an SR without diagnosis giving the reason;
+  no usable eye -> FAILED with the reason; a re-run never sends a second copy.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import pytest
 from devtools.ports import free_port
 from grok_pacs.jobs import worker
 from grok_pacs.ingest.assembly import recover
-from grok_pacs.jobs.app import create_app
 from grok_pacs.config import load_settings
 from grok_pacs.store.index import StudyState
 from grok_pacs.store.outbox import OutboxState, ResultKind
@@ -26,7 +26,7 @@ from grok_pacs.jobs.tasks import analyze_study
 from grok_pacs.dicom.uids import instance_relpath
 from ophthalmic_dicom import Patient, make_cfp, make_oct, make_undecodable_cfp, write
 from srcheck import assert_valid_sr, dciodvfy_errors, pdf_text, sr_eye
-from storescp import StoreSCP
+from devtools.storescp import StoreSCP
 
 EARLY = dt.datetime(2025, 1, 1, 9, 0, 0)
 LATE = dt.datetime(2025, 1, 1, 11, 0, 0)
@@ -41,14 +41,17 @@ def pacs(tmp_path):
 
 
 @pytest.fixture
-def ctx(tmp_path, tiny_bundle, pacs):
+def app(tmp_path, tiny_bundle, pacs):
     settings = load_settings(data_dir=tmp_path / "data", bundle=tiny_bundle, quiet_period=0,
                              destination=f"PACS@127.0.0.1:{pacs.port}", dimse_timeout=20)
-    app = create_app(settings, include=worker.TASK_MODULES)
-    app.set_current()
-    context = worker.configure(settings)
-    yield context
+    app = worker.worker_app(settings)
+    yield app
     app.close()
+
+
+@pytest.fixture
+def ctx(app):
+    return worker.context_of(app)
 
 
 def _ingest(ctx: worker.WorkerContext, datasets) -> str:
@@ -166,8 +169,14 @@ def test_undecodable_instance_is_skipped_and_noted(ctx, pacs):
     broken_only_l = make_undecodable_cfp(patient, "L")
     study_uid = _ingest(ctx, [broken_newest, older_r, oct_r, broken_only_l])
     analyze_study(study_uid=study_uid, version=1)
-    (sr,) = pacs.received_srs()  # the left eye had nothing readable: no SR for it
-    assert _refs(sr) == {older_r.SOPInstanceUID, oct_r.SOPInstanceUID}
+    srs = _sr_by_eye(pacs)
+    assert _refs(srs["R"]) == {older_r.SOPInstanceUID, oct_r.SOPInstanceUID}
+    # The left eye had nothing decodable: an SR without diagnosis that says why (issue 15's gate).
+    assert _refs(srs["L"]) == {broken_only_l.SOPInstanceUID} and _num_count(srs["L"]) == 0
+    left = next(e for e in ctx.outbox.for_study(study_uid) if e.eye == "L")
+    text = assert_valid_sr(Path(ctx.settings.data_dir) / left.path, "Pixel data cannot be decoded",
+                           "Image quality insufficient: retake, or refer")
+    assert "Diagnosis" not in text
     study = ctx.index.study(study_uid)
     assert study.state is StudyState.DONE
     assert f"CFP {broken_newest.SOPInstanceUID} skipped" in study.detail
@@ -178,7 +187,7 @@ def test_no_usable_eye_fails_with_reason(ctx, pacs):
     patient = Patient()
     no_side = make_cfp(patient, "R")
     del no_side.ImageLaterality
-    study_uid = _ingest(ctx, [no_side, make_undecodable_cfp(patient, "L")])
+    study_uid = _ingest(ctx, [no_side])  # (an undecodable eye now gets an ungradable SR: test above)
     summary = analyze_study(study_uid=study_uid, version=1)
     assert summary["outcome"] == "failed"
     study = ctx.index.study(study_uid)
@@ -228,7 +237,7 @@ def test_selection_by_sop_class_laterality_and_acquisition_time(tmp_path):
     assert [r.sop_uid for r in eyes[Eye.RIGHT].cfp] == ["1.3", "1.2", "1.1"]
 
 
-def test_rerun_after_a_failed_delivery_sends_the_written_sr_without_the_model(ctx, pacs):
+def test_rerun_after_a_failed_delivery_sends_the_written_sr_without_the_model(app, ctx, pacs):
     patient = Patient()
     study_uid = _ingest(ctx, [make_cfp(patient, "R")])
     pacs.stop()  # the PACS is down: the first attempt fails, a retry goes on the broker
@@ -236,7 +245,7 @@ def test_rerun_after_a_failed_delivery_sends_the_written_sr_without_the_model(ct
     assert list(first["srs"].values()) == ["transient"] and first["pdf"] == "transient"
     assert ctx.index.study(study_uid).state is StudyState.DELIVERING
     pacs.start()
-    restarted = worker.configure(ctx.settings)  # a new process, e.g. `grok-pacs serve` requeueing at start
+    restarted = worker.configure(app, ctx.settings)  # a new process, e.g. `grok-pacs serve` requeueing at start
     summary = analyze_study(study_uid=study_uid, version=1)
     assert list(summary["srs"].values()) == ["delivered"] and summary["pdf"] == "delivered"
     assert not restarted.engine_loaded  # the SR and PDF written before were sent as they are

@@ -51,12 +51,37 @@ class Gradability(StrEnum):
     OUT_OF_SCOPE = "out-of-scope"  #: not an input this device is indicated for (wrong class, no laterality...)
 
 
+#: Gate reason code (grok_pacs.analysis.quality) -> meaning; the SR codes them (grok_pacs.report.codes).
+QUALITY_REASONS: dict[str, str] = {
+    "sop-class-modality": "SOP class and Modality disagree",
+    "laterality": "Laterality missing or not R/L",
+    "photometric": "Photometric interpretation not supported for this modality",
+    "bit-depth": "Bit depth not supported",
+    "resolution": "Image below the minimum resolution",
+    "frames": "Too few OCT frames",
+    "undecodable": "Pixel data cannot be decoded",
+    "field-coverage": "Insufficient retinal field coverage",
+    "off-centre": "Retinal field off centre",
+    "underexposed": "Image underexposed",
+    "overexposed": "Image overexposed or saturated",
+    "low-contrast": "Image contrast too low",
+    "blur": "Image out of focus",
+    "decoder-fill": "Image partly filled by the decoder (corrupted data)",
+    "blank-frames": "Blank OCT frames",
+    "saturated-frames": "Saturated OCT frames",
+    "low-signal": "OCT signal strength too low",
+}
+
 @dataclass(frozen=True)
 class QualityReason:
     """Why an image is not gradable: a stable code (grok_pacs.analysis.quality.REASONS) and what was measured."""
 
-    code: str  #: e.g. "blur"; its SR code is grok_pacs.report.codes.QUALITY_REASON_CODES[code]
-    detail: str  #: measured value against its threshold, e.g. "sharpness 0.8 < 2.0"
+    code: str  #: a QUALITY_REASONS key, e.g. "blur"
+    detail: str  #: meaning, measured value against its threshold, e.g. "Image out of focus: sharpness 0.01 < 0.04"
+
+    def __post_init__(self) -> None:
+        if self.code not in QUALITY_REASONS:
+            raise ValueError(f"quality reason {self.code!r} is not one of {sorted(QUALITY_REASONS)}")
 
 
 @dataclass(frozen=True)
@@ -104,6 +129,70 @@ class Disposition:
             raise ValueError(f"disposition {self.rule!r}: text and guideline source are required")
 
 
+class NarrativeReason(StrEnum):
+    """Why a generation failed validation (grok_pacs.analysis.validation); the code in metrics, SR, benchmark."""
+
+    REPEATED_SENTENCE = "repeated_sentence"
+    REPEATED_PHRASE = "repeated_phrase"
+    MALFORMED_NUMBER = "malformed_number"
+    MISSING_DIAGNOSIS = "missing_diagnosis"
+    INVALID_DIAGNOSIS = "invalid_diagnosis"
+    TOO_SHORT = "too_short"
+    TOO_LONG = "too_long"
+    IMPLAUSIBLE_VALUE = "implausible_value"
+    UNMEASURED_VALUE = "unmeasured_value"
+
+
+#: One human sentence per reason (the SR and logs show it; details add the offending text).
+REASON_TEXT: dict[NarrativeReason, str] = {
+    NarrativeReason.REPEATED_SENTENCE: "a sentence is repeated",
+    NarrativeReason.REPEATED_PHRASE: "a phrase is repeated over and over",
+    NarrativeReason.MALFORMED_NUMBER: "a number is malformed",
+    NarrativeReason.MISSING_DIAGNOSIS: "the diagnosis line is missing",
+    NarrativeReason.INVALID_DIAGNOSIS: "the diagnosis line names no single valid label",
+    NarrativeReason.TOO_SHORT: "the findings text is too short",
+    NarrativeReason.TOO_LONG: "the findings text is too long",
+    NarrativeReason.IMPLAUSIBLE_VALUE: "a cited value is outside its biomarker's plausible range",
+    NarrativeReason.UNMEASURED_VALUE: "a value is cited for a biomarker that was not measured",
+}
+assert set(REASON_TEXT) == set(NarrativeReason)
+
+
+@dataclass(frozen=True)
+class NarrativeIssue:
+    reason: NarrativeReason
+    detail: str  #: what was found, e.g. the repeated sentence (shortened)
+
+    @property
+    def text(self) -> str:
+        """The reason's sentence and the detail: "a number is malformed: '0.375.0.0'"."""
+        return f"{REASON_TEXT[self.reason]}: {self.detail}" if self.detail else REASON_TEXT[self.reason]
+
+
+@dataclass(frozen=True)
+class NarrativeCheck:
+    """The validator's verdict on one generation, with a few text-health figures for the benchmark."""
+
+    passed: bool
+    issues: tuple[NarrativeIssue, ...]
+    words: int  #: words of findings (the diagnosis line excluded)
+    repeated_sentences: int  #: sentences that repeat an earlier one
+    distinct_2: float  #: distinct word bigrams / all bigrams of the findings (1.0 when fewer than 2 words)
+
+    def __post_init__(self) -> None:
+        if self.passed != (not self.issues):
+            raise ValueError(f"NarrativeCheck: passed={self.passed} contradicts {len(self.issues)} issue(s)")
+
+    @property
+    def reasons(self) -> tuple[NarrativeReason, ...]:
+        """The distinct reasons, in the order first found."""
+        return tuple(dict.fromkeys(issue.reason for issue in self.issues))
+
+    def summary(self) -> str:
+        """One line for an SR or a log: "passed" or the issues joined by "; "."""
+        return "passed" if self.passed else "; ".join(issue.text for issue in self.issues)
+
+
 @dataclass(frozen=True)
 class Report:
     eye: Eye
@@ -128,6 +217,12 @@ class Report:
     patient_disposition: Disposition | None = None  #: roll-up over the patient's eyes in this study
     probabilities_calibrated: bool = False  #: label_scores were temperature-calibrated (bundle calibration)
     operating_point: float | None = None  #: the Indeterminate threshold: a scored label below it is not used
+    narrative_check: NarrativeCheck | None = None  #: the validator on raw_text; failed -> narrative withheld (""); None: not run
+
+    @property
+    def narrative_withheld(self) -> bool:
+        """The model's narrative failed validation and is not shipped as its findings."""
+        return self.narrative_check is not None and not self.narrative_check.passed
 
     def __post_init__(self) -> None:
         if self.gradability is not Gradability.GRADABLE and (self.label is not Label.INDETERMINATE or self.narrative):

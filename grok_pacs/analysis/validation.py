@@ -25,43 +25,18 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Mapping
 
 from grok_pacs.analysis.grounding import find_citations, in_biomarker_unit
 from grok_pacs.analysis.parsing import parse_generation
+from grok_pacs.analysis.result import REASON_TEXT, NarrativeCheck, NarrativeIssue, NarrativeReason
 from grok_pacs.domain.biomarkers import BY_KEY
 
 __all__ = ["REASON_TEXT", "Issue", "NarrativeCheck", "Reason", "ValidationLimits", "validate_narrative"]
 
-
-class Reason(StrEnum):
-    """Why a generation failed validation (the coded value in metrics, SR and benchmark)."""
-
-    REPEATED_SENTENCE = "repeated_sentence"
-    REPEATED_PHRASE = "repeated_phrase"
-    MALFORMED_NUMBER = "malformed_number"
-    MISSING_DIAGNOSIS = "missing_diagnosis"
-    INVALID_DIAGNOSIS = "invalid_diagnosis"
-    TOO_SHORT = "too_short"
-    TOO_LONG = "too_long"
-    IMPLAUSIBLE_VALUE = "implausible_value"
-    UNMEASURED_VALUE = "unmeasured_value"
-
-
-#: One human sentence per reason (the SR and logs show it; details add the offending text).
-REASON_TEXT: dict[Reason, str] = {
-    Reason.REPEATED_SENTENCE: "a sentence is repeated",
-    Reason.REPEATED_PHRASE: "a phrase is repeated over and over",
-    Reason.MALFORMED_NUMBER: "a number is malformed",
-    Reason.MISSING_DIAGNOSIS: "the diagnosis line is missing",
-    Reason.INVALID_DIAGNOSIS: "the diagnosis line names no single valid label",
-    Reason.TOO_SHORT: "the findings text is too short",
-    Reason.TOO_LONG: "the findings text is too long",
-    Reason.IMPLAUSIBLE_VALUE: "a cited value is outside its biomarker's plausible range",
-    Reason.UNMEASURED_VALUE: "a value is cited for a biomarker that was not measured",
-}
-assert set(REASON_TEXT) == set(Reason)
+#: Short names (the types live in `result`, beside the Report that carries them).
+Reason = NarrativeReason
+Issue = NarrativeIssue
 
 
 @dataclass(frozen=True)
@@ -83,41 +58,6 @@ class ValidationLimits:
                 raise ValueError(f"ValidationLimits.{name} must be >= 1, got {getattr(self, name)}")
         if self.min_words > self.max_words:
             raise ValueError(f"ValidationLimits: min_words {self.min_words} > max_words {self.max_words}")
-
-
-@dataclass(frozen=True)
-class Issue:
-    reason: Reason
-    detail: str  #: what was found, e.g. the repeated sentence (shortened)
-
-    @property
-    def text(self) -> str:
-        """The reason's sentence and the detail: "a number is malformed: '0.375.0.0'"."""
-        return f"{REASON_TEXT[self.reason]}: {self.detail}" if self.detail else REASON_TEXT[self.reason]
-
-
-@dataclass(frozen=True)
-class NarrativeCheck:
-    """The validator's verdict on one generation, with a few text-health figures for the benchmark."""
-
-    passed: bool
-    issues: tuple[Issue, ...]
-    words: int  #: words of findings (the diagnosis line excluded)
-    repeated_sentences: int  #: sentences that repeat an earlier one
-    distinct_2: float  #: distinct word bigrams / all bigrams of the findings (1.0 when fewer than 2 words)
-
-    def __post_init__(self) -> None:
-        if self.passed != (not self.issues):
-            raise ValueError(f"NarrativeCheck: passed={self.passed} contradicts {len(self.issues)} issue(s)")
-
-    @property
-    def reasons(self) -> tuple[Reason, ...]:
-        """The distinct reasons, in the order first found."""
-        return tuple(dict.fromkeys(issue.reason for issue in self.issues))
-
-    def summary(self) -> str:
-        """One line for an SR or a log: "passed" or the issues joined by "; "."""
-        return "passed" if self.passed else "; ".join(issue.text for issue in self.issues)
 
 
 _WORD = re.compile(r"[a-z0-9]+(?:[.'-][a-z0-9]+)*")

@@ -8,8 +8,11 @@ Selection (documented behaviour, tested):
   laterality B or none cannot be attributed to an eye and is skipped (noted in the study's detail).
 - Several candidates: the newest AcquisitionDateTime wins (then the latest received). An instance whose
   header or pixels cannot be read is skipped, the next newest is used, and the skip is noted.
-- An eye with a CFP or an OCT gets an SR (the missing modality is stated in it); an eye with neither gets
-  none. A study with no analysable eye FAILS with the reason.
+- Gate (grok_pacs.analysis.quality), before any diagnosis: each modality's pick is judged gradable,
+  ungradable or out of scope (a pick whose pixels never decode is ungradable). Only gradable modalities
+  reach the engine; an eye with none gets an SR without diagnosis that gives the coded reasons.
+- An eye with a CFP or an OCT gets an SR (a missing or left-out modality is stated in it); an eye with
+  neither gets none. A study with no analysable eye FAILS with the reason.
 Idempotency: the SR of (study, version, bundle version, eye) has a derived UID; a DELIVERED or FAILED one
 is kept as it is (not re-analysed, not re-sent); one already written but not yet delivered (a restart) is
 delivered as it is, without running the model again; a missing one is built.
@@ -32,8 +35,10 @@ from grok_pacs.delivery.sender import write_sr
 from grok_pacs.analysis.imaging import ImageReadError, read_cfp, read_oct_volume
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxRow, OutboxState, ResultKind
-from grok_pacs.analysis.result import Eye, Report, SourceImage
+from grok_pacs.analysis.quality import QualityThresholds, judge, ungradable_report
+from grok_pacs.analysis.result import Eye, Gradability, Report, SourceImage
 from grok_pacs.jobs.pdf_report import write_pdf_report
+from grok_pacs.report import dispositions
 from grok_pacs.report.keys import ReportKey
 from grok_pacs.report.sr import SRKey, build_sr
 from grok_pacs.dicom.uids import resolve_inside
@@ -65,6 +70,8 @@ class NoAnalysableEyeError(ValueError):
 
 class AnalysisEngine(Protocol):
     """What the pipeline needs of `grok_pacs.analysis.engine.Engine`."""
+
+    bundle: Any  #: the served bundle (name, version): for reports made without running the model
 
     def analyze_images(self, eye: Eye, cfp_image: Any, oct_volume: Any, *,
                        sources: Sequence[SourceImage] = ()) -> Report: ...
@@ -141,29 +148,45 @@ def _read_pixels(settings: Settings, rec: InstanceRecord, kind: Kind):
 
 
 def _first_usable(settings: Settings, queue: list[InstanceRecord], kind: Kind,
-                  notes: list[str]) -> tuple[InstanceRecord, Dataset, Any] | None:
-    """The newest candidate whose header and pixels read; unreadable ones are skipped and noted."""
+                  notes: list[str]) -> tuple[InstanceRecord, Dataset, Any, str | None] | None:
+    """The newest candidate whose header and pixels read (unreadable ones skipped and noted); when none
+    decodes, the newest with a readable header and its decode error (the gate calls it ungradable)."""
+    undecoded = None
     for rec in queue:
+        header = None
         try:
-            return rec, _header(settings, rec), _read_pixels(settings, rec, kind)
+            header = _header(settings, rec)
+            return rec, header, _read_pixels(settings, rec, kind), None
         except ImageReadError as exc:
             notes.append(f"{kind.value} {rec.sop_uid} skipped: {_first_line(exc)}")
-    return None
+            if undecoded is None and header is not None:
+                undecoded = (rec, header, None, _first_line(exc))
+    return undecoded
 
 
 def analyse_eye(settings: Settings, engine: AnalysisEngine, cands: EyeCandidates, notes: list[str]
                 ) -> tuple[Report, list[Dataset]] | None:
-    """Run the engine on the newest readable CFP and OCT of one eye (skips noted in `notes`); None when
-    it has neither."""
-    cfp = _first_usable(settings, cands.cfp, Kind.CFP, notes)
-    oct_pick = _first_usable(settings, cands.oct, Kind.OCT, notes)
-    picks = [pick for pick in (cfp, oct_pick) if pick is not None]
+    """Gate, then run the engine on the newest readable CFP and OCT of one eye that the gate passes (skips
+    noted in `notes`); an eye no modality of which passes gets a report without diagnosis; None when the
+    eye has neither modality."""
+    picks = {kind: pick for kind in Kind
+             if (pick := _first_usable(settings, cands.cfp if kind is Kind.CFP else cands.oct, kind, notes))}
     if not picks:
         return None
-    sources = tuple(SourceImage(rec.sop_class_uid, rec.sop_uid, rec.series_uid) for rec, _, _ in picks)
-    report = engine.analyze_images(cands.eye, cfp[2] if cfp else None, oct_pick[2] if oct_pick else None,
-                                   sources=sources)
-    return report, [header for _, header, _ in picks]
+    limits = QualityThresholds.from_settings(settings)
+    verdicts = {kind: judge(kind.value, header, pixels, error, rec.sop_uid, limits)
+                for kind, (rec, header, pixels, error) in picks.items()}
+    usable = {kind: pick for kind, pick in picks.items() if verdicts[kind].gradability is Gradability.GRADABLE}
+    chosen = usable or picks  # nothing gradable: the SR references what was judged
+    sources = tuple(SourceImage(rec.sop_class_uid, rec.sop_uid, rec.series_uid) for rec, _, _, _ in chosen.values())
+    if usable:
+        report = engine.analyze_images(cands.eye, usable[Kind.CFP][2] if Kind.CFP in usable else None,
+                                       usable[Kind.OCT][2] if Kind.OCT in usable else None, sources=sources)
+        report = dataclasses.replace(report, quality=tuple(verdicts.values()))
+    else:
+        report = ungradable_report(cands.eye, tuple(verdicts.values()), sources, engine.bundle.name,
+                                   engine.bundle.version)
+    return report, [header for _, header, _, _ in chosen.values()]
 
 
 class StudyNotYetQueuedError(RuntimeError):
@@ -267,13 +290,10 @@ def _pdf_row(settings: Settings, snapshot: StudySnapshot, analysed: list[tuple[R
 def _analyse_and_write(settings: Settings, engine: AnalysisEngine, eyes: Mapping[Eye, EyeCandidates],
                        pending: list[Eye], keys: Mapping[Eye, SRKey], notes: list[str]
                        ) -> list[tuple[Report, list[Dataset], str]]:
-    """Analyse each pending eye and write its SR under sr/; returns (report, evidence headers, SR path);
-    skips go to `notes`."""
-    written = []
-    for eye in pending:
-        analysed = analyse_eye(settings, engine, eyes[eye], notes)
-        if analysed is not None:
-            report, evidence = analysed
-            written.append((report, evidence,
-                            str(write_sr(Path(settings.data_dir), build_sr(report, evidence, keys[eye])))))
-    return written
+    """Analyse each pending eye, give each its disposition and the patient roll-up over them, and write
+    their SRs under sr/; returns (report, evidence headers, SR path); skips go to `notes`."""
+    analysed = [a for eye in pending if (a := analyse_eye(settings, engine, eyes[eye], notes)) is not None]
+    reports = dispositions.apply([report for report, _ in analysed], dispositions.load_table(settings.disposition_table))
+    data_dir = Path(settings.data_dir)
+    return [(report, evidence, str(write_sr(data_dir, build_sr(report, evidence, keys[report.eye]))))
+            for report, (_, evidence) in zip(reports, analysed)]

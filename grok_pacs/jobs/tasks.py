@@ -18,15 +18,14 @@ from celery import shared_task
 from grok_pacs.delivery import sender as delivery
 from grok_pacs.ops import metrics
 from grok_pacs.jobs import pipeline
-from grok_pacs.jobs import worker
-from grok_pacs.jobs.app import TASK_ANALYZE_STUDY
+from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, TASK_DELIVER_SR
+from grok_pacs.jobs.worker import ContextTask, WorkerContext
 from grok_pacs.store.index import StudyState
 from grok_pacs.store.outbox import OutboxState, ResultKind
 from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError
 
 log = logging.getLogger("grok_pacs.jobs.tasks")
 
-TASK_DELIVER_SR = "grok_pacs.tasks.deliver_sr"  # a wire name (see TASK_ANALYZE_STUDY)
 TRANSIENT_ANALYSIS_ERRORS = (sqlite3.OperationalError,)  # "database is locked" beyond the busy timeout
 ANALYSIS_MAX_RETRIES = 3
 ANALYSIS_BACKOFF_MAX_S = 60
@@ -34,21 +33,22 @@ NOT_YET_QUEUED_DELAY_S = 0.5  # assembly records the version right after publish
 NOT_YET_QUEUED_RETRIES = 20
 
 
-def _schedule_retry(ctx: worker.WorkerContext, sr_uid: str, retry_number: int, reason: str) -> None:
+def _schedule_retry(task: ContextTask, sr_uid: str, retry_number: int, reason: str) -> None:
     """Queue retry `retry_number` (1-based) of a delivery, or give the SR up when none are left."""
+    ctx = task.ctx
     settings = ctx.settings
     if retry_number > settings.delivery_max_retries:
         delivery.give_up(ctx.outbox, sr_uid, f"gave-up-{sr_uid}",
                          f"gave up after {retry_number} attempts; last: {reason}")
         return
     countdown = delivery.retry_delay_s(settings, retry_number - 1)
-    deliver_sr.apply_async(kwargs={"sr_uid": sr_uid, "retry_number": retry_number}, countdown=countdown,
-                           queue=settings.queue)
+    task.app.send_task(TASK_DELIVER_SR, kwargs={"sr_uid": sr_uid, "retry_number": retry_number},
+                       countdown=countdown, queue=settings.queue)
     log.info("SR %s: delivery retry %d/%d in %.1f s", sr_uid, retry_number, settings.delivery_max_retries,
              countdown)
 
 
-def _deliver_once(ctx: worker.WorkerContext, sr_uid: str, owner: str) -> tuple[str, str]:
+def _deliver_once(ctx: WorkerContext, sr_uid: str, owner: str) -> tuple[str, str]:
     """One delivery attempt, recorded in the outbox. Returns the outcome's name ("transient" when the SR
     is PENDING again and a retry is due, "failed" when it is FAILED) and the reason of a failure."""
     try:
@@ -59,23 +59,23 @@ def _deliver_once(ctx: worker.WorkerContext, sr_uid: str, owner: str) -> tuple[s
         return "failed", str(exc)
 
 
-def _fail_study(ctx: worker.WorkerContext, study_uid: str, version: int, exc: BaseException) -> dict[str, Any]:
+def _fail_study(ctx: WorkerContext, study_uid: str, version: int, exc: BaseException) -> dict[str, Any]:
     reason = f"analysis failed: {type(exc).__name__}: {exc}"
     ctx.index.set_state(study_uid, StudyState.FAILED, reason[:2000], version=version)
     log.error("study %s v%d: %s", study_uid, version, reason, exc_info=exc)
     return {"study_uid": study_uid, "version": version, "outcome": "failed", "reason": reason}
 
 
-@shared_task(bind=True, name=TASK_ANALYZE_STUDY, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+@shared_task(bind=True, base=ContextTask, name=TASK_ANALYZE_STUDY, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
              autoretry_for=TRANSIENT_ANALYSIS_ERRORS, max_retries=ANALYSIS_MAX_RETRIES, retry_backoff=True,
              retry_backoff_max=ANALYSIS_BACKOFF_MAX_S, retry_jitter=True)
-def analyze_study(self: Any, *, study_uid: str, version: int) -> dict[str, Any]:
+def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[str, Any]:
     """Analyse (study, version), put its SRs in the outbox and deliver them.
 
     The study is read from the index once (a snapshot handed down the pipeline); the index is written
     when analysis starts (ANALYSING) and once at the end (the state its SRs imply, or FAILED).
     """
-    ctx = worker.context()
+    ctx = self.ctx
     owner = str(self.request.id or f"analyze-{study_uid}-v{version}")
     received_at: float | None = None  # the study's last instance, for the latency metrics
     try:
@@ -109,21 +109,21 @@ def analyze_study(self: Any, *, study_uid: str, version: int) -> dict[str, Any]:
         else:
             summary["srs"][entry.sr_uid] = outcome
         if outcome == "transient":
-            _schedule_retry(ctx, entry.sr_uid, 1, reason)
+            _schedule_retry(self, entry.sr_uid, 1, reason)
     delivery.update_study_state(ctx.settings, ctx.index, ctx.outbox, study_uid, version)  # the end write
     metrics.job_done(received_at, succeeded=True)
     return summary
 
 
-@shared_task(bind=True, name=TASK_DELIVER_SR, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def deliver_sr(self: Any, *, sr_uid: str, retry_number: int = 0) -> str:
+@shared_task(bind=True, base=ContextTask, name=TASK_DELIVER_SR, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def deliver_sr(self: ContextTask, *, sr_uid: str, retry_number: int = 0) -> str:
     """Deliver one SR of the outbox: retry `retry_number` (0: a restart's recovery); idempotent per SR UID."""
-    ctx = worker.context()
+    ctx = self.ctx
     owner = str(self.request.id or f"deliver-{sr_uid}")
     log.info("SR %s: delivery attempt (retry %d, task %s)", sr_uid, retry_number, owner)
     outcome, reason = _deliver_once(ctx, sr_uid, owner)
     if outcome == "transient":
-        _schedule_retry(ctx, sr_uid, retry_number + 1, reason)  # may give the SR up: FAILED
+        _schedule_retry(self, sr_uid, retry_number + 1, reason)  # may give the SR up: FAILED
     entry = ctx.outbox.get(sr_uid)
     if entry is not None:  # then the study's state follows its SRs (a given-up SR fails the study)
         delivery.update_study_state(ctx.settings, ctx.index, ctx.outbox, entry.study_uid, entry.study_version)

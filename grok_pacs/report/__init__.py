@@ -2,5 +2,6 @@
 DICOM Encapsulated PDF by `encapsulated`; patient/study header in `study`), the idempotency keys and UIDs
 of both (`keys`), the coded concepts they use (`codes`) and the plain-text rendering for people (`render`).
 
-May import: `grok_pacs.config`, `grok_pacs.domain`, `grok_pacs.dicom`, `grok_pacs.analysis.result`.
+May import: `grok_pacs.config`, `grok_pacs.domain`, `grok_pacs.dicom`, `grok_pacs.analysis` (the result
+and its checks; never `analysis.engine` or `analysis.onnx_session`: building a report loads no model).
 """

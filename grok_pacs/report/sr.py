@@ -20,10 +20,10 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
 from grok_pacs.config import OPT
-from grok_pacs.report import codes
+from grok_pacs.report import codes, safety
 from grok_pacs.domain.biomarkers import BY_KEY, Modality, format_value
 from grok_pacs.domain.labels import Label
-from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Report, SourceImage
+from grok_pacs.analysis.result import REASON_TEXT, BiomarkerEstimate, Eye, Gradability, Report, SourceImage
 from grok_pacs.report.keys import _UID_NAMESPACE, SRKey, derived_uid
 
 MANUFACTURER = "grok-pacs"
@@ -32,6 +32,8 @@ AI_STATEMENT = (
     "This report was generated automatically by an artificial intelligence system (GROK). "
     "It is preliminary and unverified, and must be reviewed by a clinician before any clinical use."
 )
+NARRATIVE_WITHHELD = ("Findings text withheld: the model's generated narrative failed automatic validation "
+                      "and is not shown as findings (see the comment below).")
 POINT_STATEMENT = (
     "The point drawn on each image marks the image (for OCT, the B-scan) the measurements were read from; "
     "it is placed at the image centre and is not a detected anatomical location."
@@ -139,7 +141,16 @@ def _image_name(report: Report, src: SourceImage) -> str:
 
 
 def _diagnosis(report: Report) -> list[hd.sr.QualitativeEvaluation]:
-    return [hd.sr.QualitativeEvaluation(_concept(codes.DIAGNOSIS), _concept(codes.LABEL_CODES[report.label]))]
+    """The coded diagnosis (only for an eye that passed the gate), then gradability, reasons, disposition."""
+    gradable = report.gradability is Gradability.GRADABLE
+    return ([hd.sr.QualitativeEvaluation(_concept(codes.DIAGNOSIS), _concept(codes.LABEL_CODES[report.label]))]
+            if gradable else []) + safety.eye_evaluations(report)
+
+
+def _conclusion(report: Report) -> str:
+    if report.gradability is not Gradability.GRADABLE:
+        return codes.GRADABILITY_CODES[report.gradability.value].meaning.split(":")[0].lower()
+    return codes.LABEL_CODES[report.label].meaning
 
 
 def _eye_groups(report: Report, key: SRKey, headers: dict[str, Dataset],
@@ -157,7 +168,7 @@ def _eye_groups(report: Report, key: SRKey, headers: dict[str, Dataset],
     groups = []
     for index, src in enumerate(sources):
         estimates = by_modality.pop(_modality(src), [])
-        title = (f"{EYE_NAMES[key.eye]} retina: {codes.LABEL_CODES[report.label].meaning} (AI, unverified)"
+        title = (f"{EYE_NAMES[key.eye]} retina: {_conclusion(report)} (AI, unverified)"
                  if index == 0 else f"{EYE_NAMES[key.eye]} retina, {_image_name(report, src)}")
         groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
@@ -174,16 +185,24 @@ def _eye_groups(report: Report, key: SRKey, headers: dict[str, Dataset],
 
 def _notes(report: Report) -> list[str]:
     notes = []
-    if report.missing_modalities:
-        notes.append(f"Not available for this eye: {', '.join(report.missing_modalities)}; "
+    left_out = {q.modality for q in report.left_out}
+    missing = [m for m in report.missing_modalities if m not in left_out]
+    if missing:
+        notes.append(f"Not available for this eye: {', '.join(missing)}; "
                      "the assessment used the remaining modality only.")
     if report.oct_frame_index is not None:
         notes.append(f"OCT B-scan used: frame {report.oct_frame_index + 1} ({report.oct_frame_method or 'unknown'} "
                      "selection).")
+    if report.narrative_withheld:
+        reasons = report.narrative_check.reasons
+        source = ("the diagnosis is the model's best-scored label" if report.label is not Label.INDETERMINATE
+                  else "no scored label reached the threshold, so the diagnosis is Indeterminate")
+        notes.append(f"Narrative validation failed ({', '.join(r.value for r in reasons)}): "
+                     f"{'; '.join(REASON_TEXT[r] for r in reasons)}. The measurements are unaffected; {source}.")
     if report.numbers_rewritten:
         notes.append(f"{report.numbers_rewritten} value(s) cited in the findings were written as the measurements "
                      "of this report, which the model's text had misquoted.")
-    return notes
+    return notes + safety.notes(report)
 
 
 def _text_container(report: Report) -> hd.sr.ContainerContentItem:
@@ -193,14 +212,17 @@ def _text_container(report: Report) -> hd.sr.ContainerContentItem:
                                      relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
                                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    gradable = report.gradability is Gradability.GRADABLE
     items = [
-        text(codes.FINDING, report.narrative.strip() or "The model produced no findings text."),
+        text(codes.FINDING, NARRATIVE_WITHHELD if report.narrative_withheld else report.narrative.strip()
+             or ("The model produced no findings text." if gradable else safety.NOT_ANALYSED)),
         text(codes.IMPRESSION, report.impression.strip() or f"{report.label.value}."),
         text(codes.COMMENT, AI_STATEMENT),
         text(codes.COMMENT, POINT_STATEMENT),
         *(text(codes.COMMENT, note) for note in _notes(report)),
     ]
-    container.ContentSequence = hd.sr.ContentSequence(items)
+    patient = safety.patient_item(report)
+    container.ContentSequence = hd.sr.ContentSequence(items + ([patient] if patient is not None else []))
     return container
 
 
