@@ -284,3 +284,14 @@ def test_delivery_retries_exhausted_fail_the_study_with_the_reason(ctx, pacs):
     study = ctx.index.study(study_uid)
     assert study.state is StudyState.FAILED and "gave up after 2 attempts" in study.detail
     assert pacs.received() == []
+
+
+def test_both_eyes_of_a_study_share_one_batched_generation(ctx, pacs, monkeypatch):
+    """The model runs once per study (one batched generation and label scoring), not once per eye."""
+    engine, calls = ctx.engine(), []
+    original = engine.analyze_batch
+    monkeypatch.setattr(engine, "analyze_batch", lambda eyes: calls.append([e.eye.value for e in eyes]) or original(eyes))
+    patient = Patient()
+    study_uid = _ingest(ctx, [make_cfp(patient, "R"), make_oct(patient, "R"), make_cfp(patient, "L")])
+    assert analyze_study(study_uid=study_uid, version=1)["outcome"] == "analysed"
+    assert calls == [["R", "L"]] and set(_sr_by_eye(pacs)) == {"R", "L"}

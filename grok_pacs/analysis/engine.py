@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -31,7 +31,7 @@ from grok_pacs.domain.biomarkers import BY_KEY, Modality
 from grok_pacs.analysis.bundle import Bundle, load_bundle
 from grok_pacs.analysis.grounding import ground_cited_numbers
 from grok_pacs.config import OPT
-from grok_pacs.analysis.imaging import read_cfp, read_oct_volume
+from grok_pacs.analysis.imaging import EyeImages, read_cfp, read_oct_volume
 from grok_pacs.domain.labels import Label
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.heads import BiomarkerHead, estimates_in_range
@@ -46,22 +46,6 @@ from grok_pacs.analysis.validation import validate_narrative
 from grok_pacs.ops import metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EyeImages:
-    """One eye's pixels for `Engine.analyze_batch`: uint8 [H,W,3] CFP and/or [F,H,W] OCT volume."""
-
-    eye: Eye
-    cfp_image: np.ndarray | None = None
-    oct_volume: np.ndarray | None = None
-    sources: tuple[SourceImage, ...] = ()
-    timings: dict[str, float] = field(default_factory=dict)  #: e.g. {"read": seconds} measured by the caller
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "eye", Eye(self.eye))
-        if self.cfp_image is None and self.oct_volume is None:
-            raise ValueError(f"analyze needs a CFP or an OCT for eye {self.eye.value}; both are missing")
 
 
 @dataclass(frozen=True)

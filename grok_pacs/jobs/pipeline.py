@@ -1,5 +1,6 @@
 """One study, end to end inside a worker: one snapshot of the index (`read_study`: instances, version,
-per-eye candidates) handed down one way -> engine per eye -> SR written -> outbox rows.
+per-eye candidates) handed down one way -> gate per eye -> the engine once for all gradable eyes (one
+batched generation) -> SR written -> outbox rows.
 
 Selection (documented behaviour, tested):
 - CFP: Ophthalmic Photography 8/16 bit (VL Photographic and Secondary Capture too when
@@ -32,11 +33,11 @@ from pydicom.dataset import Dataset
 
 from grok_pacs.config import LEGACY_SOP_CLASSES, OP_8BIT, OP_16BIT, OPT, Settings
 from grok_pacs.delivery.sender import write_sr
-from grok_pacs.analysis.imaging import ImageReadError, read_cfp, read_oct_volume
+from grok_pacs.analysis.imaging import EyeImages, ImageReadError, read_cfp, read_oct_volume
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxRow, OutboxState, ResultKind
 from grok_pacs.analysis.quality import QualityThresholds, judge, ungradable_report
-from grok_pacs.analysis.result import Eye, Gradability, Report, SourceImage
+from grok_pacs.analysis.result import Eye, Gradability, ModalityQuality, Report, SourceImage
 from grok_pacs.jobs.pdf_report import write_pdf_report
 from grok_pacs.report import dispositions
 from grok_pacs.report.keys import ReportKey
@@ -73,8 +74,7 @@ class AnalysisEngine(Protocol):
 
     bundle: Any  #: the served bundle (name, version): for reports made without running the model
 
-    def analyze_images(self, eye: Eye, cfp_image: Any, oct_volume: Any, *,
-                       sources: Sequence[SourceImage] = ()) -> Report: ...
+    def analyze_batch(self, eyes: Sequence[EyeImages]) -> list[Report]: ...
 
 
 @dataclass
@@ -164,11 +164,20 @@ def _first_usable(settings: Settings, queue: list[InstanceRecord], kind: Kind,
     return undecoded
 
 
-def analyse_eye(settings: Settings, engine: AnalysisEngine, cands: EyeCandidates, notes: list[str]
-                ) -> tuple[Report, list[Dataset]] | None:
-    """Gate, then run the engine on the newest readable CFP and OCT of one eye that the gate passes (skips
-    noted in `notes`); an eye no modality of which passes gets a report without diagnosis; None when the
-    eye has neither modality."""
+@dataclass(frozen=True)
+class EyePlan:
+    """One eye after selection and the gate: what goes to the engine (`images`, None when no modality is
+    gradable), the gate's verdicts, and the headers the SR references."""
+
+    eye: Eye
+    verdicts: tuple[ModalityQuality, ...]
+    sources: tuple[SourceImage, ...]
+    evidence: tuple[Dataset, ...]
+    images: EyeImages | None
+
+
+def plan_eye(settings: Settings, cands: EyeCandidates, notes: list[str]) -> EyePlan | None:
+    """Gate the newest readable CFP and OCT of one eye (skips noted in `notes`); None when it has neither."""
     picks = {kind: pick for kind in Kind
              if (pick := _first_usable(settings, cands.cfp if kind is Kind.CFP else cands.oct, kind, notes))}
     if not picks:
@@ -179,14 +188,28 @@ def analyse_eye(settings: Settings, engine: AnalysisEngine, cands: EyeCandidates
     usable = {kind: pick for kind, pick in picks.items() if verdicts[kind].gradability is Gradability.GRADABLE}
     chosen = usable or picks  # nothing gradable: the SR references what was judged
     sources = tuple(SourceImage(rec.sop_class_uid, rec.sop_uid, rec.series_uid) for rec, _, _, _ in chosen.values())
-    if usable:
-        report = engine.analyze_images(cands.eye, usable[Kind.CFP][2] if Kind.CFP in usable else None,
-                                       usable[Kind.OCT][2] if Kind.OCT in usable else None, sources=sources)
-        report = dataclasses.replace(report, quality=tuple(verdicts.values()))
-    else:
-        report = ungradable_report(cands.eye, tuple(verdicts.values()), sources, engine.bundle.name,
-                                   engine.bundle.version)
-    return report, [header for _, header, _, _ in chosen.values()]
+    images = EyeImages(cands.eye, usable[Kind.CFP][2] if Kind.CFP in usable else None,
+                       usable[Kind.OCT][2] if Kind.OCT in usable else None, sources) if usable else None
+    return EyePlan(cands.eye, tuple(verdicts.values()), sources, tuple(h for _, h, _, _ in chosen.values()), images)
+
+
+def analyse_eyes(settings: Settings, engine: AnalysisEngine, eyes: Sequence[EyeCandidates], notes: list[str]
+                 ) -> list[tuple[Report, list[Dataset]]]:
+    """Gate each eye, then run the engine ONCE on every eye with a gradable modality (both eyes of a study
+    in one batched generation); an eye none of whose modalities passes gets a report without diagnosis;
+    an eye with neither modality gets nothing."""
+    plans = [plan for cands in eyes if (plan := plan_eye(settings, cands, notes)) is not None]
+    batch = [plan.images for plan in plans if plan.images is not None]
+    analysed = iter(engine.analyze_batch(batch) if batch else [])
+    out = []
+    for plan in plans:
+        if plan.images is not None:
+            report = dataclasses.replace(next(analysed), quality=plan.verdicts)
+        else:
+            report = ungradable_report(plan.eye, plan.verdicts, plan.sources, engine.bundle.name,
+                                       engine.bundle.version)
+        out.append((report, list(plan.evidence)))
+    return out
 
 
 class StudyNotYetQueuedError(RuntimeError):
@@ -292,7 +315,7 @@ def _analyse_and_write(settings: Settings, engine: AnalysisEngine, eyes: Mapping
                        ) -> list[tuple[Report, list[Dataset], str]]:
     """Analyse each pending eye, give each its disposition and the patient roll-up over them, and write
     their SRs under sr/; returns (report, evidence headers, SR path); skips go to `notes`."""
-    analysed = [a for eye in pending if (a := analyse_eye(settings, engine, eyes[eye], notes)) is not None]
+    analysed = analyse_eyes(settings, engine, [eyes[eye] for eye in pending], notes)
     reports = dispositions.apply([report for report, _ in analysed], dispositions.load_table(settings.disposition_table))
     data_dir = Path(settings.data_dir)
     return [(report, evidence, str(write_sr(data_dir, build_sr(report, evidence, keys[report.eye]))))
