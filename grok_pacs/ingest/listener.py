@@ -25,6 +25,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -40,6 +41,7 @@ from grok_pacs.dicom.uids import InvalidUIDError, instance_relpath, is_valid_uid
 
 log = logging.getLogger("grok_pacs.ingest.listener")
 MB = 1024 * 1024
+ERROR_COMMENT_MAX = 64  # LO
 
 # Each AE's temporary directory, looked up from the DUL thread that receives the dataset.
 _TMP_DIRS: "weakref.WeakKeyDictionary[AE, Path]" = weakref.WeakKeyDictionary()
@@ -102,6 +104,17 @@ class StoreRefused(Exception):
         self.code = code
 
 
+def failure_response(code: int, reason: str) -> Dataset:
+    """A C-STORE failure status with the log line's reason as ErrorComment (0000,0902), so that the
+    sending PACS can show why. ErrorComment is LO: at most 64 printable ASCII characters, no backslash
+    (the value delimiter)."""
+    text = "".join(ch if " " <= ch <= "~" and ch != "\\" else "?" for ch in reason.strip())
+    response = Dataset()
+    response.Status = code
+    response.ErrorComment = text if len(text) <= ERROR_COMMENT_MAX else text[: ERROR_COMMENT_MAX - 3] + "..."
+    return response
+
+
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """The server TLS context from settings (client certificates required when tls_ca is set)."""
     if not settings.tls_enabled:
@@ -153,7 +166,8 @@ class Listener:
     def start(self) -> None:
         """Bind and serve in background threads (returns at once)."""
         _enable_streaming_receive()
-        pynetdicom_tuning.install()
+        if self.settings.pynetdicom_fast_path:
+            pynetdicom_tuning.install()
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -239,7 +253,7 @@ class Listener:
         return status.SUCCESS
 
     # --- C-STORE ------------------------------------------------------------------------------------
-    def _on_store(self, event) -> int:
+    def _on_store(self, event) -> int | Dataset:
         stats = self._stats_for(event)
         request = event.request
         try:
@@ -249,7 +263,7 @@ class Listener:
             metrics.instance_failed(status.status_name(refusal.code))
             log.warning("refused instance from %s: status=%s (0x%04X): %s", stats.calling_ae,
                         status.status_name(refusal.code), refusal.code, refusal)
-            return refusal.code
+            return failure_response(refusal.code, str(refusal))
         return code
 
     def _store(self, received: Path, request, calling_ae: str, stats: _AssociationStats) -> int:
