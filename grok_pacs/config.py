@@ -102,6 +102,7 @@ class Settings(BaseSettings):
     queue: str = "grok"  # Celery queue for analyse jobs (name it per GPU type on many nodes)
     bundle: Path | None = None  # model bundle directory the worker serves
     destination: Peer | None = None  # PACS that receives the SRs (AE@HOST:PORT)
+    pdf_report: bool = True  # also send one Encapsulated PDF report per study (for viewers without SR display)
     delivery_max_retries: int = Field(8, ge=0)  # transient delivery failures retried this many times
     delivery_backoff_s: float = Field(2.0, gt=0)  # first delivery retry after this long; doubles per retry
     delivery_backoff_max_s: float = Field(300.0, gt=0)  # longest wait between two delivery retries

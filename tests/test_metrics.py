@@ -351,7 +351,7 @@ def test_one_box_serve_metrics_from_ingest_to_delivered_sr(tmp_path: Path, tiny_
     try:
         with running(tmp_path, "serve", env, metrics_port) as log_path:
             _one_box_session(url, metrics_port, dicom_port, tmp_path, log_path)
-            assert len(pacs.received()) == 1
+            assert len(pacs.received_srs()) == 1 and len(pacs.received_pdfs()) == 1
     finally:
         pacs.stop()
 
