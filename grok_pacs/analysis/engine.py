@@ -95,9 +95,7 @@ class Engine:
 
         self.bundle = bundle
         self.calibration = load_calibration(bundle.root, bundle.manifest)  # None: scores stay uncalibrated
-        #: the Indeterminate threshold: a site setting when given, else the bundle's
-        self.operating_point = (bundle.config.generation.min_label_probability if min_label_probability is None
-                                else float(min_label_probability))
+        self._min_label_probability = min_label_probability  # site setting; None: the bundle's
         self.device = resolve_device(device)
         self.config = bundle.config
         self.cfp_session = create_session(bundle.path(bundle.manifest["encoders"]["cfp"]["file"]), self.device, threads)
@@ -111,6 +109,12 @@ class Engine:
         self.eos_id = int(self.tokenizer.convert_tokens_to_ids(IM_END))
         self.decoder = Decoder(self.model, self.tokenizer, self.eos_id, self.device)
         metrics.narrative_reasons(reason.value for reason in NarrativeReason)
+
+    @property
+    def operating_point(self) -> float:
+        """The Indeterminate threshold: the site's setting when given, else the bundle's generation config."""
+        site = self._min_label_probability
+        return self.config.generation.min_label_probability if site is None else float(site)
 
     @classmethod
     def from_bundle(cls, path: str | Path, device: str = "auto", *, threads: int = 0,
