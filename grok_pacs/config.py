@@ -168,6 +168,8 @@ class Settings(BaseSettings):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}: file {path} does not exist")
+        if self.disposition_table is not None and not Path(self.disposition_table).is_file():
+            raise ValueError(f"disposition_table: file {self.disposition_table} does not exist")
         if self.tls_ca is not None and self.tls_certificate is None:
             raise ValueError("tls_ca needs tls_certificate and tls_key")
         return self

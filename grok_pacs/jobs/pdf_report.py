@@ -23,7 +23,7 @@ from grok_pacs.delivery.sender import write_sr
 from grok_pacs.dicom.uids import resolve_inside
 from grok_pacs.report.encapsulated import build_encapsulated_pdf
 from grok_pacs.report.keys import ReportKey
-from grok_pacs.report.pdf import EyeImages, build_pdf, made_at
+from grok_pacs.report.pdf import ReportImages, build_pdf, made_at
 from grok_pacs.report.study import StudyHeader
 from grok_pacs.store.index import InstanceRecord
 
@@ -52,13 +52,13 @@ def _pixels(settings: Settings, rec: InstanceRecord, src: SourceImage):
     return "oct", to_uint8(volume[frame]), volume.shape[0]
 
 
-def eye_images(settings: Settings, instances: Mapping[str, InstanceRecord], report: Report) -> EyeImages:
+def eye_images(settings: Settings, instances: Mapping[str, InstanceRecord], report: Report) -> ReportImages:
     found: dict[str, object] = {}
     for src in report.sources:
         if src.sop_instance_uid in instances:
             kind, pixels, frames = _pixels(settings, instances[src.sop_instance_uid], src)
             found[kind], found[f"{kind}_frames"] = pixels, frames
-    return EyeImages(cfp=found.get("cfp"), oct_bscan=found.get("oct"), oct_frames=found.get("oct_frames"))
+    return ReportImages(cfp=found.get("cfp"), oct_bscan=found.get("oct"), oct_frames=found.get("oct_frames"))
 
 
 def write_pdf_report(settings: Settings, instances: Sequence[InstanceRecord],
