@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTHON ?= python3
+# training/, export/ and devtools/ are not installed (the wheel ships grok_pacs only): run from the checkout.
+RUN := PYTHONPATH=$(CURDIR) $(PY)
 
 .PHONY: setup system test demo benchmark bench clean
 
@@ -14,10 +16,11 @@ system:
 	@scripts/fetch-ohif.sh
 
 # The virtual environment, rebuilt when pyproject.toml changes.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements-nodeps.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[train,export,test]'
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	@touch $(STAMP)
 
 setup: system $(STAMP)
@@ -26,16 +29,16 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) -m devtools.demo
+	$(RUN) -m devtools.demo
 
 benchmark: setup
-	$(PY) bench/phantom.py
+	$(RUN) bench/phantom.py
 
 bench: setup
-	$(PY) bench/ingest.py
-	$(PY) bench/encoders.py
-	$(PY) bench/generate.py
-	$(PY) bench/e2e.py
+	$(RUN) bench/ingest.py
+	$(RUN) bench/encoders.py
+	$(RUN) bench/generate.py
+	$(RUN) bench/e2e.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,6 +1,7 @@
 """grok-pacs: the hospital runtime. CFP + OCT arrive by C-STORE, a grounded DICOM SR goes back.
 
-The sub-packages follow the data flow, lowest layer first (tests/test_layers.py checks the order):
+The sub-packages follow the data flow, lowest layer first (tests/test_layers.py checks each package's
+imports against its `__init__` docstring, and that there are no import cycles):
 
     config, domain, dicom      settings; labels and biomarkers; DICOM vocabulary and SCU
     ops, store, model          metrics/health/logs; index, outbox, files; the GROK network

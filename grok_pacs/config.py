@@ -105,6 +105,24 @@ class Settings(BaseSettings):
     job_time_limit: float = Field(3600.0, gt=0)  # seconds an analyse job may run (broker visibility above)
     metrics_port: int = Field(0, ge=0, le=65535)  # Prometheus / health HTTP port; 0 = off
 
+    # --- gradability gate (grok_pacs.analysis.quality; an eye failing it gets no diagnosis) -----------
+    disposition_table: Path | None = None  # TOML [[rule]] table replacing grok_pacs.report.dispositions' default
+    min_label_probability: float | None = Field(None, ge=0, le=1)  # Indeterminate threshold; None = the bundle's
+    gate_min_cfp_side: int = Field(224, ge=1)  # px, shorter side of a CFP
+    gate_min_oct_rows: int = Field(64, ge=1)  # px, both axes of an OCT B-scan
+    gate_min_oct_frames: int = Field(1, ge=1)  # B-scans per OCT volume
+    gate_min_field_coverage: float = Field(0.25, ge=0, le=1)  # fraction of the CFP frame that is lit retina
+    gate_max_field_offset: float = Field(0.25, ge=0, le=1)  # field centroid from image centre, fraction of side
+    gate_min_exposure: float = Field(0.08, ge=0, le=1)  # mean luminance inside the field
+    gate_max_exposure: float = Field(0.92, ge=0, le=1)
+    gate_max_saturated: float = Field(0.25, ge=0, le=1)  # fraction of field pixels saturated in every channel
+    gate_min_contrast: float = Field(0.015, ge=0, le=1)  # luminance std inside the field
+    gate_min_sharpness: float = Field(0.04, ge=0)  # std(Laplacian) / std(image) inside the field at 512 px
+    gate_max_decoder_fill: float = Field(0.05, ge=0, le=1)  # fraction of 16-px block rows repeating one lit tile
+    gate_max_blank_frames: float = Field(0.5, ge=0, le=1)  # fraction of blank OCT frames
+    gate_max_saturated_frames: float = Field(0.5, ge=0, le=1)  # fraction of saturated OCT frames
+    gate_min_oct_signal: float = Field(0.15, ge=0, le=1)  # (p99 - median) / full scale, central B-scans
+
     @field_validator("ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:

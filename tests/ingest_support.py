@@ -16,6 +16,7 @@ from kombu import Connection
 
 from grok_pacs.config import Settings, load_settings
 from grok_pacs.ingest.service import IngestService
+from grok_pacs.jobs.publisher import JobPublisher
 from devtools.sample_dicom import fundus_rgb, jpeg_bytes
 from tests.conftest import require_tool
 from devtools.ports import free_port
@@ -35,7 +36,7 @@ def ingest_settings(tmp_path: Path, **overrides) -> Settings:
 
 @contextmanager
 def running(settings: Settings) -> Iterator[IngestService]:
-    service = IngestService(settings)
+    service = IngestService(settings, JobPublisher(settings))
     service.start()
     try:
         yield service

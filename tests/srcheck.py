@@ -35,3 +35,18 @@ def assert_valid_sr(path: Path, *expected_texts: str) -> str:
     for text in expected_texts:
         assert re.sub(r"\s+", " ", text.strip()) in rendered, f"dsr2html of {path} lacks {text!r}"
     return rendered
+
+
+def sr_eye(ds) -> str:
+    """"R" or "L": the laterality of the SR's finding site (what a reader sees as "Laterality: Right")."""
+    found = set()
+
+    def walk(items):
+        for item in items:
+            name = item.get("ConceptNameCodeSequence")
+            if name and name[0].CodeValue == "272741003" and item.get("ConceptCodeSequence"):
+                found.add({"24028007": "R", "7771000": "L"}.get(item.ConceptCodeSequence[0].CodeValue, "?"))
+            walk(item.get("ContentSequence", []))
+    walk(ds.ContentSequence)
+    assert len(found) == 1, f"SR {ds.SOPInstanceUID}: finding site lateralities {found}"
+    return found.pop()

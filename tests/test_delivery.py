@@ -21,7 +21,7 @@ from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError
 from grok_pacs.report.sr import SRKey, build_sr
 from ophthalmic_dicom import Patient, hand_built_report, make_cfp
 from srcheck import assert_valid_sr
-from storescp import StoreSCP
+from devtools.storescp import StoreSCP
 
 
 def _settings(data_dir: Path, destination: str | None, **extra):

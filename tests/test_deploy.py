@@ -106,6 +106,8 @@ def test_dockerfile_copies_files_that_exist_and_runs_as_the_k8s_user() -> None:
         *sources, _dest = line.split()
         for source in sources:
             assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
+            assert source.split("/")[0] not in ("training", "export", "devtools", "tests", "bench", "."), \
+                f"the runtime image copies {source}: it holds grok_pacs only"
     uid = int(re.search(r"useradd .*--uid (\d+)", text)[1])
     for doc in _k8s_docs():
         if doc["kind"] == "Deployment" and "grok-pacs:" in json.dumps(doc):
@@ -334,6 +336,7 @@ def test_orthanc_lua_autoroute_forwards_op_and_opt_only(tmp_path: Path) -> None:
     """The shipped orthanc.json + autoroute.lua in a real Orthanc, routing to a grok-pacs listener that
     runs the shipped compose config.toml (its AE title and allow-list): OP and OPT arrive, OT does not."""
     from grok_pacs.ingest.service import IngestService
+    from grok_pacs.jobs.publisher import JobPublisher
 
     orthanc, storescu = require_tool("Orthanc"), require_tool("storescu")
     config = json.loads((DEPLOY / "compose/orthanc/orthanc.json").read_text())
@@ -357,7 +360,7 @@ def test_orthanc_lua_autoroute_forwards_op_and_opt_only(tmp_path: Path) -> None:
     other.Modality = "OT"  # not an ophthalmic modality: must stay in Orthanc
     files = [write(other, tmp_path / "in/ot.dcm"), write(make_cfp(patient, "R"), tmp_path / "in/cfp.dcm"),
              write(make_oct(patient, "R"), tmp_path / "in/oct.dcm")]
-    service = IngestService(settings)
+    service = IngestService(settings, JobPublisher(settings))
     service.start()
     log_path = tmp_path / "orthanc.log"
     with log_path.open("w") as log:

@@ -28,6 +28,7 @@ from grok_pacs.ops import health
 from grok_pacs.ops import metrics
 from grok_pacs.config import OP_8BIT, OPT, load_settings
 from grok_pacs.ingest.service import IngestService
+from grok_pacs.jobs.publisher import JobPublisher
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,7 +182,7 @@ def test_refused_instance_is_counted_and_health_reports_the_disk(tmp_path: Path)
                              metrics_port=free_port(), min_free_disk_mb=10**9, broker_url="")
     reason = {"reason": "REFUSED_OUT_OF_RESOURCES"}
     start = scrape_local(reason)
-    service = IngestService(settings)
+    service = IngestService(settings, JobPublisher(settings))
     server = metrics.start_server(settings, "listener")
     try:
         service.start()
@@ -307,7 +308,7 @@ def test_sr_delivery_outcomes_are_counted(tmp_path: Path) -> None:
     """A real delivery: PACS down (transient failure), then DCMTK storescp up (delivered)."""
     from grok_pacs.delivery.sender import DeliveryOutcome, deliver
     from grok_pacs.dicom.scu import TransientStoreError
-    from storescp import StoreSCP
+    from devtools.storescp import StoreSCP
     from test_delivery import _queued_study
 
     port = free_port()
@@ -337,7 +338,7 @@ def test_sr_delivery_outcomes_are_counted(tmp_path: Path) -> None:
 
 def test_one_box_serve_metrics_from_ingest_to_delivered_sr(tmp_path: Path, tiny_bundle: Path) -> None:
     """`grok-pacs serve` end to end: storescu in, SR out to storescp, every stage visible in /metrics."""
-    from storescp import StoreSCP
+    from devtools.storescp import StoreSCP
 
     bundle = tiny_bundle
     pacs = StoreSCP(free_port(), tmp_path / "pacs").start()

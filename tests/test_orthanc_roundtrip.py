@@ -17,8 +17,8 @@ import pydicom
 from devtools.ports import free_port
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 from orthanc import Orthanc
-from srcheck import assert_valid_sr
-from worker_harness import GrokProcess, grok_env, wait_until
+from srcheck import assert_valid_sr, sr_eye
+from devtools.processes import GrokProcess, grok_env, wait_until
 
 GROK_AE = "GROK_PACS"
 
@@ -51,7 +51,12 @@ def test_study_from_orthanc_comes_back_with_srs_in_the_same_study(tmp_path, tiny
         study = orthanc.get(f"/studies/{study_id}")
         assert study["MainDicomTags"]["StudyInstanceUID"] == patient.study_uid
         assert study["PatientMainDicomTags"]["PatientID"] == patient.patient_id
-        assert len(study["Series"]) == 4  # CFP R, OCT R, CFP L, and one SR series holding both SRs
+        # CFP R, OCT R, CFP L, and one SR series per eye (OHIF opens only the last SR of a series), dated
+        # (Orthanc Explorer files an undated series under "?").
+        assert len(study["Series"]) == 5
+        sr_series = [s for s in orthanc.get(f"/studies/{study_id}/series") if s["MainDicomTags"]["Modality"] == "SR"]
+        assert len(sr_series) == 2 and all(len(s["Instances"]) == 1 for s in sr_series)
+        assert all(s["MainDicomTags"].get("SeriesDate") for s in sr_series)
         laterality_texts = set()
         for inst in srs:
             path = tmp_path / f"{inst['ID']}.dcm"
@@ -59,8 +64,8 @@ def test_study_from_orthanc_comes_back_with_srs_in_the_same_study(tmp_path, tiny
             assert_valid_sr(path, "Glaucoma", "must be reviewed by a clinician")
             sr = pydicom.dcmread(path)
             assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
-            laterality_texts.add("Right eye retina" if "Right eye retina" in str(sr.ContentSequence) else "Left")
-        assert laterality_texts == {"Right eye retina", "Left"}
+            laterality_texts.add(sr_eye(sr))
+        assert laterality_texts == {"R", "L"}
         studies = subprocess.run([sys.executable, "-m", "grok_pacs.cli", "studies", "--json"],
                                  env=grok_env(**settings), capture_output=True, text=True, timeout=120)
         (row,) = json.loads(studies.stdout)

@@ -204,3 +204,54 @@ def test_report_command_prints_diagnosis_measurements_and_narrative(study, tmp_p
     proc = subprocess.run([sys.executable, "-m", "grok_pacs.cli", "report", str(bad)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not a readable DICOM file" in proc.stderr
+
+
+def _groups(ds) -> list:
+    (measurements,) = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return [g for g in measurements.ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "125007"]
+
+
+def test_sr_is_displayable_in_ohif_each_eye_in_its_own_dated_series(tmp_path):
+    """What OHIF's SR viewport needs (SPEC §8): every measurement group has a SCOORD POINT SELECTED FROM
+    the image it was read from (the OCT B-scan with its frame), one SR per series, SeriesDate set;
+    containers SEPARATE so text viewers print "name: value"."""
+    patient = Patient()
+    right = [make_cfp(patient, "R"), make_oct(patient, "R")]
+    left = [make_cfp(patient, "L"), make_oct(patient, "L")]
+    paths = {}
+    for eye, (cfp, oct_ds) in ((Eye.RIGHT, right), (Eye.LEFT, left)):
+        report = _report(eye, Label.AMD, [_source(cfp), _source(oct_ds, frame=4)])
+        key = SRKey(patient.study_uid, 1, "0.1.0", eye)
+        paths[eye] = _save(build_sr(report, [cfp, oct_ds], key), tmp_path, f"{eye.value}.dcm")
+        assert_valid_sr(paths[eye], "Age-related macular degeneration")
+    ds = {eye: pydicom.dcmread(path) for eye, path in paths.items()}  # read back from the files
+    assert ds[Eye.RIGHT].SeriesInstanceUID != ds[Eye.LEFT].SeriesInstanceUID
+    assert ds[Eye.RIGHT].SeriesNumber != ds[Eye.LEFT].SeriesNumber
+    for eye, sr in ds.items():
+        assert sr.SeriesDate == sr.ContentDate and sr.SeriesTime
+        assert ("right" if eye is Eye.RIGHT else "left") in sr.SeriesDescription
+        groups = _groups(sr)
+        assert len(groups) == 2  # OCT first, then the fundus photograph
+        cfp, oct_ds = right if eye is Eye.RIGHT else left
+        referenced = []
+        for group in groups:
+            (scoord,) = [i for i in group.ContentSequence if i.ValueType == "SCOORD"]
+            assert scoord.GraphicType == "POINT" and len(scoord.GraphicData) == 2
+            (image,) = scoord.ContentSequence
+            assert image.RelationshipType == "SELECTED FROM"
+            ref = image.ReferencedSOPSequence[0]
+            referenced.append((ref.ReferencedSOPInstanceUID, ref.get("ReferencedFrameNumber")))
+            assert any(i.ValueType == "NUM" for i in group.ContentSequence)
+        assert referenced == [(oct_ds.SOPInstanceUID, 4), (cfp.SOPInstanceUID, None)]
+        title = next(i.TextValue for i in groups[0].ContentSequence if i.ValueType == "TEXT")
+        assert "retina" in title and "Age-related macular degeneration" in title
+
+        def containers(items):
+            for item in items:
+                if item.ValueType == "CONTAINER":
+                    yield item
+                yield from containers(item.get("ContentSequence", []))
+        assert sr.ContinuityOfContent == "SEPARATE"
+        assert {c.ContinuityOfContent for c in containers(sr.ContentSequence)} == {"SEPARATE"}
+    text = render(paths[Eye.RIGHT])
+    assert "Image Region: POINT" in text and f"{right[1].SOPInstanceUID} frame 4" in text

@@ -179,6 +179,17 @@ def test_resume_continues_as_if_never_interrupted(tiny: dict, tmp_path: Path) ->
         other.fit()
 
 
+def test_checkpoint_carries_its_full_config_and_a_changed_field_is_refused_by_name(tiny: dict,
+                                                                                  tmp_path: Path) -> None:
+    _trainer(tiny, tmp_path).fit(max_steps=1)
+    saved = json.loads((tmp_path / "checkpoints" / "latest" / "config.json").read_text())
+    assert Stage3Config.from_dict(saved) == CFG  # the whole configuration, not a digest
+    changed = replace(CFG, lora_dropout=0.1, stand_in=replace(STAND_IN, epochs=2), checkpoint_every=5)
+    with pytest.raises(CheckpointMismatch, match=r"\['lora_dropout', 'stand_in'\]"):
+        _trainer(tiny, tmp_path, changed).fit()
+    _trainer(tiny, tmp_path, replace(CFG, checkpoint_every=5)).fit(max_steps=2)  # bookkeeping may change
+
+
 def test_merged_lora_generates_like_the_adapter(tiny: dict, tmp_path: Path) -> None:
     trainer = _trainer(tiny, tmp_path)
     trainer.fit(max_steps=2)

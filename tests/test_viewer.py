@@ -18,7 +18,7 @@ from devtools.ports import free_port
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 from orthanc import Orthanc
 from viewer import TIMEOUT_MS, Browser, ohif_server, pixels
-from worker_harness import GrokProcess, grok_env, wait_until
+from devtools.processes import GrokProcess, grok_env, wait_until
 
 GROK_AE = "GROK_PACS"
 REPORT_DESCRIPTION = "GROK AI report"  # the SR series' description as the study browser shows it

@@ -4,7 +4,8 @@ Studies enter the data directory the way crash recovery indexes them (the listen
 then `analyze_study` runs as a worker would run it. Documented results (grok_pacs.jobs.pipeline):
 - both eyes -> two SRs (one per eye), newest CFP of an eye used; only CFP / only OCT -> one SR that says
   which modality was missing; an undecodable instance is skipped (the next newest is used) and the skip
-  is shown with the study; no usable eye -> FAILED with the reason; a re-run never sends a second copy.
+  is shown with the study; an eye with nothing decodable gets an SR without diagnosis giving the reason;
+  no usable eye -> FAILED with the reason; a re-run never sends a second copy.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ import pytest
 from devtools.ports import free_port
 from grok_pacs.jobs import worker
 from grok_pacs.ingest.assembly import recover
-from grok_pacs.jobs.app import create_app
 from grok_pacs.config import load_settings
 from grok_pacs.store.index import StudyState
 from grok_pacs.store.outbox import OutboxState
 from grok_pacs.jobs.tasks import analyze_study
 from grok_pacs.dicom.uids import instance_relpath
 from ophthalmic_dicom import Patient, make_cfp, make_oct, make_undecodable_cfp, write
-from srcheck import assert_valid_sr
-from storescp import StoreSCP
+from srcheck import assert_valid_sr, sr_eye
+from devtools.storescp import StoreSCP
 
 EARLY = dt.datetime(2025, 1, 1, 9, 0, 0)
 LATE = dt.datetime(2025, 1, 1, 11, 0, 0)
@@ -41,14 +41,17 @@ def pacs(tmp_path):
 
 
 @pytest.fixture
-def ctx(tmp_path, tiny_bundle, pacs):
+def app(tmp_path, tiny_bundle, pacs):
     settings = load_settings(data_dir=tmp_path / "data", bundle=tiny_bundle, quiet_period=0,
                              destination=f"PACS@127.0.0.1:{pacs.port}", dimse_timeout=20)
-    app = create_app(settings, include=worker.TASK_MODULES)
-    app.set_current()
-    context = worker.configure(settings)
-    yield context
+    app = worker.worker_app(settings)
+    yield app
     app.close()
+
+
+@pytest.fixture
+def ctx(app):
+    return worker.context_of(app)
 
 
 def _ingest(ctx: worker.WorkerContext, datasets) -> str:
@@ -71,8 +74,7 @@ def _refs(sr: pydicom.Dataset) -> set[str]:
 def _sr_by_eye(pacs: StoreSCP) -> dict[str, pydicom.Dataset]:
     out = {}
     for sr in pacs.received():
-        text = str(sr.ContentSequence)
-        eye = "R" if "Right eye retina" in text else "L"
+        eye = sr_eye(sr)
         assert eye not in out, "two SRs for one eye"
         out[eye] = sr
     return out
@@ -115,7 +117,7 @@ def test_only_cfp_gives_one_sr_stating_oct_missing(ctx, pacs):
     study_uid = _ingest(ctx, [make_cfp(patient, "L")])
     analyze_study(study_uid=study_uid, version=1)
     (sr,) = pacs.received()
-    assert _num_count(sr) == 6 and "Left eye retina" in str(sr.ContentSequence)
+    assert _num_count(sr) == 6 and sr_eye(sr) == "L"
     path = Path(ctx.settings.data_dir) / ctx.outbox.for_study(study_uid)[0].path
     assert_valid_sr(path, "Not available for this eye: OCT")
     assert ctx.index.study(study_uid).state is StudyState.DONE
@@ -139,8 +141,14 @@ def test_undecodable_instance_is_skipped_and_noted(ctx, pacs):
     broken_only_l = make_undecodable_cfp(patient, "L")
     study_uid = _ingest(ctx, [broken_newest, older_r, oct_r, broken_only_l])
     analyze_study(study_uid=study_uid, version=1)
-    (sr,) = pacs.received()  # the left eye had nothing readable: no SR for it
-    assert _refs(sr) == {older_r.SOPInstanceUID, oct_r.SOPInstanceUID}
+    srs = _sr_by_eye(pacs)
+    assert _refs(srs["R"]) == {older_r.SOPInstanceUID, oct_r.SOPInstanceUID}
+    # The left eye had nothing decodable: an SR without diagnosis that says why (issue 15's gate).
+    assert _refs(srs["L"]) == {broken_only_l.SOPInstanceUID} and _num_count(srs["L"]) == 0
+    left = next(e for e in ctx.outbox.for_study(study_uid) if e.eye == "L")
+    text = assert_valid_sr(Path(ctx.settings.data_dir) / left.path, "Pixel data cannot be decoded",
+                           "Image quality insufficient: retake, or refer")
+    assert "Diagnosis" not in text
     study = ctx.index.study(study_uid)
     assert study.state is StudyState.DONE
     assert f"CFP {broken_newest.SOPInstanceUID} skipped" in study.detail
@@ -151,7 +159,7 @@ def test_no_usable_eye_fails_with_reason(ctx, pacs):
     patient = Patient()
     no_side = make_cfp(patient, "R")
     del no_side.ImageLaterality
-    study_uid = _ingest(ctx, [no_side, make_undecodable_cfp(patient, "L")])
+    study_uid = _ingest(ctx, [no_side])  # (an undecodable eye now gets an ungradable SR: test above)
     summary = analyze_study(study_uid=study_uid, version=1)
     assert summary["outcome"] == "failed"
     study = ctx.index.study(study_uid)
@@ -201,17 +209,58 @@ def test_selection_by_sop_class_laterality_and_acquisition_time(tmp_path):
     assert [r.sop_uid for r in eyes[Eye.RIGHT].cfp] == ["1.3", "1.2", "1.1"]
 
 
-def test_rerun_after_a_failed_delivery_sends_the_written_sr_without_the_model(ctx, pacs):
+def test_rerun_after_a_failed_delivery_sends_the_written_sr_without_the_model(app, ctx, pacs):
     patient = Patient()
     study_uid = _ingest(ctx, [make_cfp(patient, "R")])
     pacs.stop()  # the PACS is down: the first attempt fails, a retry goes on the broker
     assert list(analyze_study(study_uid=study_uid, version=1)["srs"].values()) == ["transient"]
     assert ctx.index.study(study_uid).state is StudyState.DELIVERING
     pacs.start()
-    restarted = worker.configure(ctx.settings)  # a new process, e.g. `grok-pacs serve` requeueing at start
+    restarted = worker.configure(app, ctx.settings)  # a new process, e.g. `grok-pacs serve` requeueing at start
     summary = analyze_study(study_uid=study_uid, version=1)
     assert list(summary["srs"].values()) == ["delivered"]
     assert not restarted.engine_loaded  # the SR written before was sent as it is
     (entry,) = restarted.outbox.for_study(study_uid)
     assert pacs.received_sop_uids() == [entry.sr_uid] and entry.attempts == 2
     assert restarted.index.study(study_uid).state is StudyState.DONE
+
+
+def test_job_reads_the_study_once_and_writes_it_at_start_and_end(ctx, pacs, monkeypatch):
+    patient = Patient()
+    study_uid = _ingest(ctx, [make_cfp(patient, "R"), make_oct(patient, "R"), make_cfp(patient, "L")])
+    reads, writes = [], []
+    real_read, real_set = ctx.index.read_study, ctx.index.set_state
+    monkeypatch.setattr(ctx.index, "study", lambda *a, **k: pytest.fail("the job re-read the study row"))
+    monkeypatch.setattr(ctx.index, "instances", lambda *a, **k: pytest.fail("the job re-read the instances"))
+    monkeypatch.setattr(ctx.index, "read_study", lambda uid: reads.append(uid) or real_read(uid))
+    monkeypatch.setattr(ctx.index, "set_state", lambda uid, state, *a, **k: writes.append(state) or real_set(
+        uid, state, *a, **k))
+    summary = analyze_study(study_uid=study_uid, version=1)
+    assert sorted(summary["srs"].values()) == ["delivered", "delivered"]
+    assert reads == [study_uid] and writes == [StudyState.ANALYSING, StudyState.DONE]
+
+
+def test_delivery_retries_exhausted_fail_the_study_with_the_reason(ctx, pacs):
+    from grok_pacs.jobs.tasks import deliver_sr
+
+    ctx.settings = ctx.settings.model_copy(update={"delivery_max_retries": 1})
+    study_uid = _ingest(ctx, [make_cfp(Patient(), "R")])
+    pacs.stop()
+    (sr_uid,) = analyze_study(study_uid=study_uid, version=1)["srs"]
+    assert ctx.index.study(study_uid).state is StudyState.DELIVERING
+    assert deliver_sr(sr_uid=sr_uid, retry_number=1) == "transient"  # the last retry allowed: given up
+    assert ctx.outbox.get(sr_uid).state is OutboxState.FAILED
+    study = ctx.index.study(study_uid)
+    assert study.state is StudyState.FAILED and "gave up after 2 attempts" in study.detail
+    assert pacs.received() == []
+
+
+def test_both_eyes_of_a_study_share_one_batched_generation(ctx, pacs, monkeypatch):
+    """The model runs once per study (one batched generation and label scoring), not once per eye."""
+    engine, calls = ctx.engine(), []
+    original = engine.analyze_batch
+    monkeypatch.setattr(engine, "analyze_batch", lambda eyes: calls.append([e.eye.value for e in eyes]) or original(eyes))
+    patient = Patient()
+    study_uid = _ingest(ctx, [make_cfp(patient, "R"), make_oct(patient, "R"), make_cfp(patient, "L")])
+    assert analyze_study(study_uid=study_uid, version=1)["outcome"] == "analysed"
+    assert calls == [["R", "L"]] and set(_sr_by_eye(pacs)) == {"R", "L"}

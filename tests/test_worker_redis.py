@@ -19,11 +19,12 @@ from devtools.ports import free_port
 from grok_pacs.config import load_settings
 from grok_pacs.store.index import StudyIndex, StudyState
 from grok_pacs.ingest.service import IngestService
+from grok_pacs.jobs.publisher import JobPublisher
 from grok_pacs.ingest.listener import Listener
 from grok_pacs.store.outbox import Outbox, OutboxState
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
-from storescp import StoreSCP
-from worker_harness import GrokProcess, Redis, grok_env, storescu, wait_until
+from devtools.storescp import StoreSCP
+from devtools.processes import GrokProcess, Redis, grok_env, storescu, wait_until
 
 JOB_TIME_LIMIT_S = 10  # -> Redis visibility timeout 20 s: a killed worker's job comes back within ~21 s
 READY = "worker ready"
@@ -46,7 +47,7 @@ class Box:
                            quiet_period=0.5, job_time_limit=JOB_TIME_LIMIT_S, delivery_backoff_s=1,
                            delivery_max_retries=8, dimse_timeout=10, acse_timeout=10, network_timeout=10)
         self.settings = load_settings(**self.values, port=free_port(), bind_address="127.0.0.1")
-        self.ingest = IngestService(self.settings)
+        self.ingest = IngestService(self.settings, JobPublisher(self.settings))
         self.ingest.start()
         self.workers: list[GrokProcess] = []
 

@@ -24,12 +24,26 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from training.cache_keys import plain, step_key
+from training.stage2.config import MODALITIES, RESUME_FREE_FIELDS, Stage2Config
+from training.stage3.config import RESUME_FREE_FIELDS as STAGE3_FREE_FIELDS
 from training.stage3.config import Stage3Config
 
 log = logging.getLogger(__name__)
 
 DONE = "DONE.json"
-PIPELINE_VERSION = 1  #: bump when a step's outputs change meaning
+PIPELINE_VERSION = 2  #: bump when a step's outputs change meaning
+#: The code each step runs, named by module (a package means all of its files): part of the step's cache key.
+STEP_SOURCES: dict[str, tuple[str, ...]] = {
+    "cohort": ("training.phantom", "training.manifest", "grok_pacs.domain", "grok_pacs.report.codes"),
+    "stage1": ("training.stage1", "training.teachers", "training/data", "training.manifest", "grok_pacs.domain"),
+    "stage2": ("training.stage2", "training.contrastive", "training.manifest", "grok_pacs.model", "grok_pacs.domain",
+               "grok_pacs.analysis.imaging", "grok_pacs.analysis.preprocess"),
+    "stage3": ("training.stage3", "training.tokenizer", "training.benchmark.records", "training.manifest",
+               "grok_pacs.model", "grok_pacs.domain", "grok_pacs.analysis.grounding"),
+    "bundle": ("export", "training.stage3.run", "grok_pacs.model", "grok_pacs.analysis.bundle",
+               "grok_pacs.analysis.onnx_session"),
+}
 DEFAULT_CACHE = Path(".cache") / "pipeline"
 
 
@@ -51,17 +65,33 @@ class PipelineConfig:
     def small(cls, **changes: Any) -> "PipelineConfig":
         return replace(cls(), **changes)
 
+    def stage2_config(self, modality: str, manifest: str = "", out_dir: str = "", cache_dir: str = "",
+                      progress: bool = False) -> Stage2Config:
+        """The resolved stage-2 configuration of one modality (paths empty when only its content matters)."""
+        changes = dict(self.stage2_changes)
+        if self.stage2_epochs is not None:
+            changes["epochs"] = self.stage2_epochs
+        return Stage2Config.small(manifest=manifest, out_dir=out_dir, modality=modality, cache_dir=cache_dir,
+                                  progress=progress, **changes)
+
+    def step_config(self, step: str) -> Any:
+        """Everything of the configuration that can change one step's output, resolved (whole dataclasses)."""
+        if step == "cohort":
+            return {"n": self.n_subjects, "seed": self.seed, "dicom": self.dicom}
+        if step == "stage1":
+            return {"teacher": "guideline"}
+        if step == "stage2":
+            return {m: {k: v for k, v in self.stage2_config(m).to_dict().items() if k not in RESUME_FREE_FIELDS}
+                    for m in MODALITIES}
+        if step == "stage3":
+            return {k: v for k, v in plain(self.stage3).items() if k not in STAGE3_FREE_FIELDS}
+        if step == "bundle":
+            return {"name": self.bundle_name, "version": self.bundle_version}
+        raise ValueError(f"unknown pipeline step {step!r}")
+
     def step_digest(self, step: str, *parents: str) -> str:
-        """Hash of one step's settings and its parents' digests."""
-        own: dict[str, Any] = {
-            "cohort": {"n": self.n_subjects, "seed": self.seed, "dicom": self.dicom},
-            "stage1": {"teacher": "guideline"},
-            "stage2": {"epochs": self.stage2_epochs, "changes": self.stage2_changes},
-            "stage3": self.stage3.digest(),
-            "bundle": {"name": self.bundle_name, "version": self.bundle_version},
-        }[step]
-        text = json.dumps([PIPELINE_VERSION, step, own, parents], sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        """Hash of one step's resolved configuration, the source of the code that builds it and its parents."""
+        return step_key(PIPELINE_VERSION, step, self.step_config(step), STEP_SOURCES[step], parents)
 
 
 @dataclass(frozen=True)
@@ -162,16 +192,12 @@ def _stage1(manifest: Path, out: Path, progress: bool) -> dict[str, Any]:
 
 
 def _stage2(cfg: PipelineConfig, manifest: Path, images: Path, out: Path, progress: bool) -> dict[str, Any]:
-    from training.stage2.config import Stage2Config
     from training.stage2.train import run
 
     modalities = {}
-    for modality in ("OCT", "CFP"):
-        changes = dict(cfg.stage2_changes)
-        if cfg.stage2_epochs is not None:
-            changes["epochs"] = cfg.stage2_epochs
-        s2 = Stage2Config.small(manifest=str(manifest), out_dir=str(out / modality.lower()), modality=modality,
-                                cache_dir=str(images), progress=progress, **changes)
+    for modality in MODALITIES:
+        s2 = cfg.stage2_config(modality, manifest=str(manifest), out_dir=str(out / modality.lower()),
+                               cache_dir=str(images), progress=progress)
         result = run(s2)
         modalities[modality] = {"encoder": str(result.encoder_path), "head": str(result.heads_path),
                                 "report": str(result.report_path)}

@@ -1,18 +1,23 @@
-"""The runtime: one eye's CFP and/or OCT -> a typed `Report`, from a verified model bundle.
+"""The runtime: each eye's CFP and/or OCT -> a typed `Report`, from a verified model bundle.
 
-Steps: read pixels (grok_pacs.analysis.imaging) -> preprocess (CFP square/224/ImageNet; OCT foveal B-scan) -> ONNX
-encoders (onnxruntime; CUDA provider only when present, no spin-waiting) -> biomarker heads (numpy) ->
-prompt with the estimates -> Qwen2 + projectors (transformers; LoRA merged; greedy, bounded tokens) ->
-grounding (a cited number that disagrees with its biomarker's estimate is written as the estimate,
-grok_pacs.analysis.grounding; the model's words stay in `raw_text`) -> parse (grok_pacs.analysis.parsing) -> label
-scores: each label's continuation after "Diagnosis:" scored in one batched pass over a shared prefill. The label is the model's diagnosis line when valid; otherwise the best
-scored label when its probability reaches `min_label_probability`; otherwise Indeterminate.
+Steps: read pixels (grok_pacs.analysis.imaging) -> preprocess (CFP square/224/ImageNet; OCT foveal B-scan) ->
+ONNX encoders (onnxruntime; CUDA provider only when present, no spin-waiting) -> biomarker heads (numpy) ->
+prompt with the estimates -> Qwen2 + projectors (transformers; LoRA merged; greedy, bounded, guarded:
+grok_pacs.analysis.decoding), all eyes of a call in ONE batched generation and ONE batched label scoring ->
+validation of the model's text (grok_pacs.analysis.validation, counted in /metrics) -> grounding (a cited
+number that disagrees with its biomarker's estimate is written as the estimate, grok_pacs.analysis.grounding;
+the model's words stay in `raw_text`) -> parse (grok_pacs.analysis.parsing).
+
+The label rule: the model's diagnosis line when its generation passed validation and the line names a
+valid label; otherwise the best scored label (each label's continuation after "Diagnosis:") when its
+probability reaches `min_label_probability`; otherwise Indeterminate. A generation that failed
+validation is never shipped as the model's findings: the Report's narrative is empty, its impression
+states the label only, `narrative_check` says why, and `raw_text` keeps the words for audit.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -26,16 +31,19 @@ from grok_pacs.domain.biomarkers import BY_KEY, Modality
 from grok_pacs.analysis.bundle import Bundle, load_bundle
 from grok_pacs.analysis.grounding import ground_cited_numbers
 from grok_pacs.config import OPT
-from grok_pacs.analysis.imaging import read_cfp, read_oct_volume
-from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
+from grok_pacs.analysis.imaging import EyeImages, read_cfp, read_oct_volume
+from grok_pacs.domain.labels import Label
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.heads import BiomarkerHead, estimates_in_range
 from grok_pacs.model.projector import Projectors
 from grok_pacs.analysis.onnx_session import create_session, cuda_available, run_encoder
 from grok_pacs.analysis.preprocess import preprocess_cfp, preprocess_oct, select_foveal_bscan
-from grok_pacs.model.prompt import DIAGNOSIS_PREFIX, IM_END, IMAGE_TOKEN, build_prompt
-from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Report, SourceImage
+from grok_pacs.model.prompt import IM_END, IMAGE_TOKEN, build_prompt
+from grok_pacs.analysis.result import BiomarkerEstimate, Eye, NarrativeCheck, NarrativeReason, Report, SourceImage
 from grok_pacs.analysis.parsing import parse_generation
+from grok_pacs.analysis.decoding import Decoder
+from grok_pacs.analysis.validation import validate_narrative
+from grok_pacs.ops import metrics
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +101,8 @@ class Engine:
         llm = load_llm(bundle, self.device)
         self.model = GrokModel(llm, projectors.to(self.device), self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).eval()
         self.eos_id = int(self.tokenizer.convert_tokens_to_ids(IM_END))
+        self.decoder = Decoder(self.model, self.tokenizer, self.eos_id, self.device)
+        metrics.narrative_reasons(reason.value for reason in NarrativeReason)
 
     @classmethod
     def from_bundle(cls, path: str | Path, device: str = "auto", *, threads: int = 0) -> "Engine":
@@ -103,51 +113,98 @@ class Engine:
                  time.perf_counter() - start)
         return engine
 
-    # --- one eye -------------------------------------------------------------------------------------
+    # --- eyes ---------------------------------------------------------------------------------------
     def analyze_eye(self, eye: Eye | str, cfp: Path | str | None = None, oct: Path | str | None = None, *,
                     sources: Sequence[SourceImage] = ()) -> Report:
         """Report for one eye from a CFP file and/or an OCT file (DICOM or images); at least one is needed."""
-        start = time.perf_counter()
-        image = read_cfp(cfp) if cfp is not None else None
-        volume = read_oct_volume(oct) if oct is not None else None
-        read_s = time.perf_counter() - start
-        return self.analyze_images(eye, image, volume, sources=sources, timings={"read": read_s})
+        return self.analyze_study([EyeInput(Eye(eye), cfp, oct, tuple(sources))])[0]
 
     def analyze_study(self, eyes: Iterable[EyeInput]) -> list[Report]:
-        """One report per eye (a study with both eyes gives two)."""
-        return [self.analyze_eye(e.eye, e.cfp, e.oct, sources=e.sources) for e in eyes]
+        """One report per eye (a study with both eyes gives two), all eyes in one batched generation."""
+        batch = []
+        for item in eyes:
+            start = time.perf_counter()
+            image = read_cfp(item.cfp) if item.cfp is not None else None
+            volume = read_oct_volume(item.oct) if item.oct is not None else None
+            batch.append(EyeImages(item.eye, image, volume, tuple(item.sources), {"read": time.perf_counter() - start}))
+        return self.analyze_batch(batch)
 
     def analyze_images(self, eye: Eye | str, cfp_image: np.ndarray | None, oct_volume: np.ndarray | None, *,
                        sources: Sequence[SourceImage] = (), timings: dict[str, float] | None = None) -> Report:
         """Report for one eye from pixels: uint8 [H,W,3] CFP and/or [F,H,W] OCT volume."""
-        if cfp_image is None and oct_volume is None:
-            raise ValueError("analyze needs a CFP or an OCT for the eye; both are missing")
-        timings = dict(timings or {})
-        total = time.perf_counter()
-        tokens, estimates, frame, method = self._encode(cfp_image, oct_volume, timings)
-        missing = tuple(m for m, t in (("CFP", tokens["cfp"]), ("OCT", tokens["oct"])) if t is None)
-        raw, scores = self._generate(tokens, estimates, missing, timings)
-        grounded, rewritten = (ground_cited_numbers(raw, estimates) if self.config.generation.ground_numbers
-                               else (raw, 0))
-        if rewritten:
-            log.info("grounding: %d cited number(s) rewritten to the estimates the SR carries", rewritten)
-        parsed = parse_generation(grounded)
-        label = parsed.label
-        if label == Label.INDETERMINATE and scores:
+        return self.analyze_batch([EyeImages(Eye(eye), cfp_image, oct_volume, tuple(sources), dict(timings or {}))])[0]
+
+    def analyze_batch(self, eyes: Sequence[EyeImages]) -> list[Report]:
+        """One report per eye: encoders per image, then ONE generation and ONE label scoring for all eyes.
+
+        Timings: "generate" and "label_scores" are the batch's seconds (shared by its eyes); "total" is
+        the eye's reading plus the whole batch.
+        """
+        start = time.perf_counter()
+        timings = [dict(item.timings) for item in eyes]
+        encoded = [self._encode(item.cfp_image, item.oct_volume, timing) for item, timing in zip(eyes, timings)]
+        gen = self.config.generation
+        missing = [tuple(m for m in ("CFP", "OCT") if tokens[m.lower()] is None) for tokens, *_ in encoded]
+        ids = self.decoder.encode([build_prompt(self.prompt_estimates(estimates), gone)
+                                   for (_, estimates, *_), gone in zip(encoded, missing)])
+        cfp, oct = self._visual([tokens for tokens, *_ in encoded])
+        t = time.perf_counter()
+        raws = self.decoder.generate(ids, cfp, oct, gen) if eyes else []
+        shared = {"generate": time.perf_counter() - t}
+        checks = [validate_narrative(raw, estimates) for raw, (_, estimates, *_) in zip(raws, encoded)]
+        for item, check in zip(eyes, checks):
+            metrics.narrative_validated(check.passed, [reason.value for reason in check.reasons])
+            if not check.passed:
+                log.warning("eye %s: narrative withheld, it failed validation: %s", item.eye.value,
+                            ", ".join(reason.value for reason in check.reasons))  # codes only: no report text in logs
+        scores: list[dict[str, float]] = [{} for _ in eyes]
+        if gen.score_labels and eyes:
+            t = time.perf_counter()
+            scores = self.decoder.label_scores(ids, cfp, oct, [parse_generation(raw).narrative for raw in raws])
+            shared["label_scores"] = time.perf_counter() - t
+        batch_s = time.perf_counter() - start
+        for timing in timings:
+            timing.update(shared)
+            timing["total"] = batch_s + timing.get("read", 0.0)
+        return [self._report(*args) for args in zip(eyes, encoded, missing, raws, checks, scores, timings)]
+
+    def prompt_estimates(self, estimates: dict[str, float]) -> dict[str, float] | None:
+        """The estimates the prompt carries (None when the bundle's stage 3 was trained without them)."""
+        return estimates if self.config.generation.biomarkers_in_prompt else None
+
+    def _scored_label(self, scores: dict[str, float]) -> Label:
+        """The best scored label when its probability reaches min_label_probability, else Indeterminate."""
+        if scores:
             best = max(scores, key=scores.get)
             if scores[best] >= self.config.generation.min_label_probability:
-                label = Label(best)
-        timings["total"] = time.perf_counter() - total + timings.get("read", 0.0)
-        impression = parsed.impression or (f"Diagnosis: {label.value}" if label != Label.INDETERMINATE
-                                           else "No diagnosis could be determined.")
+                return Label(best)
+        return Label.INDETERMINATE
+
+    def _report(self, item: EyeImages, encoded: tuple, missing: tuple[str, ...], raw: str, check: NarrativeCheck,
+                scores: dict[str, float], timings: dict[str, float]) -> Report:
+        """The Report of one eye, by the label rule of the module docstring."""
+        _, estimates, frame, method = encoded
+        narrative, impression, cited, rewritten = "", "", (), 0
+        label = self._scored_label(scores)
+        if check.passed:  # only a validated text is shipped as the model's findings
+            grounded, rewritten = (ground_cited_numbers(raw, estimates) if self.config.generation.ground_numbers
+                                   else (raw, 0))
+            if rewritten:
+                log.info("grounding: %d cited number(s) rewritten to the estimates the SR carries", rewritten)
+            parsed = parse_generation(grounded)
+            label = parsed.label if parsed.label_found else label
+            narrative, impression, cited = parsed.narrative, parsed.impression, parsed.cited_numbers
+        impression = impression or (f"Diagnosis: {label.value}" if label != Label.INDETERMINATE
+                                    else "No diagnosis could be determined.")
         return Report(
-            eye=Eye(eye), label=label, narrative=parsed.narrative, impression=impression, raw_text=raw,
+            eye=item.eye, label=label, narrative=narrative, impression=impression, raw_text=raw,
             biomarkers=tuple(BiomarkerEstimate(k, v, BY_KEY[k].unit) for k, v in estimates.items()),
-            cited_numbers=parsed.cited_numbers, label_scores=scores, missing_modalities=missing,
+            cited_numbers=cited, label_scores=scores, missing_modalities=missing,
             sources=tuple(dataclasses.replace(s, frame=frame + 1) if s.sop_class_uid == OPT and frame is not None
-                          else s for s in sources),
+                          else s for s in item.sources),
             oct_frame_index=frame, oct_frame_method=method, bundle_name=self.bundle.name,
-            bundle_version=self.bundle.version, timings_s=timings, numbers_rewritten=rewritten)
+            bundle_version=self.bundle.version, timings_s=timings, numbers_rewritten=rewritten,
+            narrative_check=check)
 
     # --- steps ---------------------------------------------------------------------------------------
     def _encode(self, cfp_image: np.ndarray | None, oct_volume: np.ndarray | None, timings: dict[str, float]):
@@ -176,51 +233,8 @@ class Engine:
             estimates = {**oct_values, **estimates}  # OCT first, then CFP: the schema's order
         return tokens, estimates_in_range(estimates), frame, method
 
-    def _visual(self, tokens: dict[str, np.ndarray | None]) -> tuple[list, list]:
-        def one(value: np.ndarray | None) -> list:
-            return [None if value is None else torch.from_numpy(value).to(self.device)]
-        return one(tokens["cfp"]), one(tokens["oct"])
-
-    def _generate(self, tokens, estimates, missing, timings) -> tuple[str, dict[str, float]]:
-        gen = self.config.generation
-        prompt = build_prompt(estimates if gen.biomarkers_in_prompt else None, missing)
-        ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
-        cfp, oct = self._visual(tokens)
-        t = time.perf_counter()
-        out = self.model.generate(ids, cfp_tokens=cfp, oct_tokens=oct, max_new_tokens=gen.max_new_tokens,
-                                  temperature=gen.temperature, eos_token_id=self.eos_id,
-                                  pad_token_id=self.tokenizer.pad_token_id or self.eos_id)
-        timings["generate"] = time.perf_counter() - t
-        raw = self.tokenizer.decode(out[0], skip_special_tokens=True)
-        scores: dict[str, float] = {}
-        if gen.score_labels:
-            t = time.perf_counter()
-            scores = self.label_scores(ids, cfp, oct, parse_generation(raw).narrative)
-            timings["label_scores"] = time.perf_counter() - t
-        return raw, scores
-
-    @torch.no_grad()
-    def label_scores(self, prompt_ids: torch.Tensor, cfp: list, oct: list, narrative: str) -> dict[str, float]:
-        """P(label | prompt, narrative, "Diagnosis:") over the 7 labels: one prefill, 7 batched continuations."""
-        prefix = self.tokenizer(f"{narrative}\n{DIAGNOSIS_PREFIX}", add_special_tokens=False,
-                                return_tensors="pt")["input_ids"].to(self.device)
-        inputs = self.model.splice(torch.cat([prompt_ids, prefix], dim=1), None, None, cfp, oct)
-        llm = self.model.llm
-        params = inspect.signature(llm.forward).parameters
-        first = llm(**inputs, use_cache=True, **({"logits_to_keep": 1} if "logits_to_keep" in params else {}))
-        new_api = "cache" in params  # newer transformers call it `cache`
-        cache = first.cache if new_api else first.past_key_values
-        options = [self.tokenizer(f" {label.value}{IM_END}", add_special_tokens=False)["input_ids"]
-                   for label in DIAGNOSTIC_LABELS]
-        width = max(len(o) for o in options)
-        batch = torch.full((len(options), width), self.eos_id, dtype=torch.long, device=self.device)
-        for i, option in enumerate(options):
-            batch[i, : len(option)] = torch.tensor(option)
-        cache.batch_repeat_interleave(len(options))
-        key = "cache" if new_api else "past_key_values"
-        rest = llm(input_ids=batch, use_cache=True, **{key: cache})
-        logprobs = torch.cat([first.logits[:, -1:].expand(len(options), -1, -1), rest.logits[:, :-1]], 1).float()
-        logprobs = logprobs.log_softmax(-1).gather(-1, batch[..., None])[..., 0]
-        totals = torch.stack([logprobs[i, : len(o)].sum() for i, o in enumerate(options)])
-        probs = totals.softmax(0).tolist()
-        return {label.value: float(p) for label, p in zip(DIAGNOSTIC_LABELS, probs)}
+    def _visual(self, tokens: list[dict[str, np.ndarray | None]]) -> tuple[list, list]:
+        """Per-row CFP and OCT token tensors on the device (None for a missing modality)."""
+        def rows(name: str) -> list:
+            return [None if t[name] is None else torch.from_numpy(t[name]).to(self.device) for t in tokens]
+        return rows("cfp"), rows("oct")

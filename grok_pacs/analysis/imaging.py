@@ -6,13 +6,19 @@ PNG/JPEG; an OCT as a folder of B-scan images in natural order). Errors name the
 
 from __future__ import annotations
 
+import io
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from PIL import Image
+from pydicom.encaps import generate_frames
 
+from grok_pacs.analysis.result import Eye, SourceImage
+
+_STRICT_JPEG_SYNTAXES = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")  #: JPEG baseline, extended
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
@@ -29,9 +35,27 @@ def is_dicom(path: Path) -> bool:
         return handle.read(4) == b"DICM"
 
 
+def verify_jpeg(ds: pydicom.Dataset) -> None:
+    """Decode each JPEG baseline/extended frame strictly (libjpeg-turbo via Pillow); ValueError when corrupt.
+
+    pydicom's decoder silently fills whatever follows corrupted entropy-coded data; a fill is not an image.
+    """
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    if syntax not in _STRICT_JPEG_SYNTAXES or "PixelData" not in ds:
+        return
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    for number, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=frames), 1):
+        try:
+            with Image.open(io.BytesIO(frame)) as img:
+                img.load()
+        except (OSError, SyntaxError) as exc:
+            raise ValueError(f"JPEG frame {number} is corrupt ({exc})") from exc
+
+
 def _dicom_pixels(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
     try:
         ds = pydicom.dcmread(path)
+        verify_jpeg(ds)
         pixels = ds.pixel_array  # pydicom 3 converts YBR to RGB by default
     except Exception as exc:  # pydicom raises several types for unreadable / undecodable pixel data
         raise ImageReadError(f"{path}: cannot decode DICOM pixel data: {exc}") from exc
@@ -108,3 +132,19 @@ def read_oct_volume(path: str | Path) -> np.ndarray:
     if pixels.ndim != 3:
         raise ImageReadError(f"{path}: expected [frames, rows, cols], got shape {pixels.shape}")
     return pixels if pixels.dtype == np.uint8 else pixels.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class EyeImages:
+    """One eye's pixels for `Engine.analyze_batch`: uint8 [H,W,3] CFP and/or [F,H,W] OCT volume."""
+
+    eye: Eye
+    cfp_image: np.ndarray | None = None
+    oct_volume: np.ndarray | None = None
+    sources: tuple[SourceImage, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)  #: e.g. {"read": seconds} measured by the caller
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eye", Eye(self.eye))
+        if self.cfp_image is None and self.oct_volume is None:
+            raise ValueError(f"analyze needs a CFP or an OCT for eye {self.eye.value}; both are missing")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from grok_pacs.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, settings_from_args
+from grok_pacs.cli.options import add_data_dir, add_listener_options, listener_overrides
 from grok_pacs.config import Peer, Settings
 
 log = logging.getLogger("grok_pacs.cli.main")
@@ -32,11 +33,6 @@ def _peer(text: str) -> Peer:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _add_data_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="data directory (overrides GROK_PACS_DATA_DIR / data_dir)")
-
-
 # --- listen ------------------------------------------------------------------------------------------
 def _register_listen(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -45,25 +41,22 @@ def _register_listen(subparsers: argparse._SubParsersAction) -> None:
         "thickness maps) by DICOM C-STORE, store each durably under DATA_DIR/incoming/, index it, and "
         "queue an analyse job once a study has been quiet for quiet_period seconds. On start, files left "
         "by a crash are indexed and temporary files removed. Stops on SIGINT/SIGTERM.")
-    parser.add_argument("--port", type=int, default=None, help="DICOM port (overrides GROK_PACS_PORT)")
-    parser.add_argument("--ae-title", default=None, help="our AE title (overrides GROK_PACS_AE_TITLE)")
-    parser.add_argument("--bind", default=None, help="bind address (overrides GROK_PACS_BIND_ADDRESS)")
-    _add_data_dir(parser)
+    add_listener_options(parser)
     parser.set_defaults(func=run_listen)
 
 
 def run_listen(args: argparse.Namespace) -> int:
-    from grok_pacs.ops import metrics
     from grok_pacs.ingest.service import IngestService
+    from grok_pacs.jobs.publisher import JobPublisher
+    from grok_pacs.ops import metrics
 
-    settings = settings_from_args(args, port=args.port, ae_title=args.ae_title, bind_address=args.bind,
-                                  data_dir=args.data_dir)
+    settings = settings_from_args(args, **listener_overrides(args))
     # The handler only flips a flag: a handler that takes a lock (Event.set) can deadlock against the
     # main thread holding that same lock inside Event.wait when the signal lands.
     stopping: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, _frame: stopping.append(signum))
-    service = IngestService(settings)
+    service = IngestService(settings, JobPublisher(settings))
     observability = metrics.maybe_start_server(settings, "listener")  # /metrics, /health when metrics_port
     metrics.watch_studies(service.index.count_by_state)
     service.start()
@@ -175,7 +168,7 @@ def _register_studies(subparsers: argparse._SubParsersAction) -> None:
         description="List the studies in the index (newest first) with state (RECEIVING, QUEUED, "
         "ANALYSING, DELIVERING, DONE, FAILED), queued version, instance count and times.")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _add_data_dir(parser)
+    add_data_dir(parser)
     parser.set_defaults(func=run_studies)
 
 

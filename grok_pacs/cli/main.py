@@ -25,9 +25,8 @@ from grok_pacs.ops.logs import configure_logging
 #: Modules that contribute subcommands, in help order. Each defines `register(subparsers)`.
 COMMAND_MODULES: list[str] = [
     "grok_pacs.cli.ingest",  # listen, echo, send, studies
-    "grok_pacs.jobs.serve",  # serve (listener + embedded worker, one box)
-    "grok_pacs.jobs.worker",  # worker (one per GPU, against a broker)
-    "grok_pacs.report.render",  # report FILE.dcm
+    "grok_pacs.cli.jobs",  # serve (listener + embedded worker, one box), worker (one per GPU)
+    "grok_pacs.cli.report",  # report FILE.dcm
 ]
 
 EXIT_OK = 0

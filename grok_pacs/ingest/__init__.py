@@ -1,6 +1,6 @@
 """Receive and assemble: the C-STORE listener (`listener`), quiet-period assembly and crash recovery
 (`assembly`) and the process that runs both (`service`).
 
-May import: `grok_pacs.config`, `grok_pacs.domain`, `grok_pacs.dicom`, `grok_pacs.store`, `grok_pacs.ops`,
-and `grok_pacs.jobs.publisher` (the one door to the queue).
+May import: `grok_pacs.config`, `grok_pacs.domain`, `grok_pacs.dicom`, `grok_pacs.store`, `grok_pacs.ops`.
+The job publisher is handed to `IngestService` by its caller (`grok_pacs.jobs.publisher.JobPublisher`).
 """

@@ -1,29 +1,38 @@
 """The ingest service: recovery, then the C-STORE listener and the assembly loop, in one process.
 
-This is what `grok-pacs listen` runs; the demo and tests start it in-process the same way.
+This is what `grok-pacs listen` runs; the demo and tests start it in-process the same way. The job
+publisher is handed in (`grok_pacs.jobs.publisher.JobPublisher` in production): ingest never imports the
+queue side; the service closes the publisher when it stops.
 """
 
 from __future__ import annotations
 
 import logging
 
-from grok_pacs.ingest.assembly import Assembler, RecoveryReport, recover
+from typing import Protocol
+
 from grok_pacs.config import Settings
-from grok_pacs.store.index import StudyIndex
+from grok_pacs.ingest.assembly import Assembler, Publisher, RecoveryReport, recover
 from grok_pacs.ingest.listener import Listener
-from grok_pacs.jobs.publisher import JobPublisher
+from grok_pacs.store.index import StudyIndex
 
 log = logging.getLogger("grok_pacs.ingest.service")
+
+
+class ClosablePublisher(Publisher, Protocol):
+    """What the service needs of its publisher: publish jobs, and be closed when the service stops."""
+
+    def close(self) -> None: ...
 
 
 class IngestService:
     """Start with `start()`, stop with `stop()`; `port` is the bound DICOM port."""
 
-    def __init__(self, settings: Settings, publisher: JobPublisher | None = None) -> None:
+    def __init__(self, settings: Settings, publisher: ClosablePublisher) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.index = StudyIndex(settings.index_path)
-        self.publisher = publisher or JobPublisher(settings)
+        self.publisher = publisher
         self.listener = Listener(settings, self.index)
         self.assembler = Assembler(settings, self.index, self.publisher)
         self.recovery: RecoveryReport | None = None

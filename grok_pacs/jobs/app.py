@@ -12,8 +12,9 @@ the SQLite busy timeout there instead of a visibility timeout (it has none: a me
 that is killed outright is not redelivered; a worker's child dying is handled by
 `task_reject_on_worker_lost`).
 
-Signals: `worker_ready` logs the worker and queues the SRs a previous run left in the outbox
-(`grok_pacs.jobs.worker.on_worker_ready`). Tasks live in `grok_pacs.jobs.tasks`.
+This module only configures an app: no signal handlers, no worker resources. A worker's app carries its
+`WorkerContext` and connects its `worker_ready` handler when the worker is built (`grok_pacs.jobs.worker`).
+Tasks live in `grok_pacs.jobs.tasks`.
 """
 
 from __future__ import annotations
@@ -21,11 +22,13 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready
 
 from grok_pacs.config import Settings
 
-TASK_ANALYZE_STUDY = "grok_pacs.tasks.analyze_study"  # a wire name: queued jobs outlive upgrades, so it never follows the module
+# Wire names: queued jobs outlive upgrades, so they never follow the module that defines the task.
+TASK_ANALYZE_STUDY = "grok_pacs.tasks.analyze_study"
+TASK_DELIVER_SR = "grok_pacs.tasks.deliver_sr"
+TASK_MODULES = ("grok_pacs.jobs.tasks",)  # what a worker's app includes
 VISIBILITY_MARGIN_S = 600.0  # redelivery only this long after a job could at most have finished
 SQLITE_BUSY_TIMEOUT_S = 30
 
@@ -79,11 +82,3 @@ def create_app(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
-
-
-@worker_ready.connect(weak=False, dispatch_uid="grok_pacs.jobs.app.worker_ready")
-def _on_worker_ready(sender: Any = None, **_: Any) -> None:
-    """A worker is consuming: log it and queue the SRs a previous run left undelivered (restart safety)."""
-    from grok_pacs.jobs.worker import on_worker_ready  # lazy: the worker side (index, outbox) only in workers
-
-    on_worker_ready()

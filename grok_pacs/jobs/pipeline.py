@@ -1,4 +1,6 @@
-"""One study, end to end inside a worker: index -> per-eye CFP/OCT selection -> engine -> SR -> outbox.
+"""One study, end to end inside a worker: one snapshot of the index (`read_study`: instances, version,
+per-eye candidates) handed down one way -> gate per eye -> the engine once for all gradable eyes (one
+batched generation) -> SR written -> outbox rows.
 
 Selection (documented behaviour, tested):
 - CFP: Ophthalmic Photography 8/16 bit (VL Photographic and Secondary Capture too when
@@ -7,8 +9,11 @@ Selection (documented behaviour, tested):
   laterality B or none cannot be attributed to an eye and is skipped (noted in the study's detail).
 - Several candidates: the newest AcquisitionDateTime wins (then the latest received). An instance whose
   header or pixels cannot be read is skipped, the next newest is used, and the skip is noted.
-- An eye with a CFP or an OCT gets an SR (the missing modality is stated in it); an eye with neither gets
-  none. A study with no analysable eye FAILS with the reason.
+- Gate (grok_pacs.analysis.quality), before any diagnosis: each modality's pick is judged gradable,
+  ungradable or out of scope (a pick whose pixels never decode is ungradable). Only gradable modalities
+  reach the engine; an eye with none gets an SR without diagnosis that gives the coded reasons.
+- An eye with a CFP or an OCT gets an SR (a missing or left-out modality is stated in it); an eye with
+  neither gets none. A study with no analysable eye FAILS with the reason.
 Idempotency: the SR of (study, version, bundle version, eye) has a derived UID; a DELIVERED or FAILED one
 is kept as it is (not re-analysed, not re-sent); one already written but not yet delivered (a restart) is
 delivered as it is, without running the model again; a missing one is built.
@@ -16,21 +21,24 @@ delivered as it is, without running the model again; a missing one is built.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import pydicom
 from pydicom.dataset import Dataset
 
 from grok_pacs.config import LEGACY_SOP_CLASSES, OP_8BIT, OP_16BIT, OPT, Settings
 from grok_pacs.delivery.sender import write_sr
-from grok_pacs.analysis.imaging import ImageReadError, read_cfp, read_oct_volume
+from grok_pacs.analysis.imaging import EyeImages, ImageReadError, read_cfp, read_oct_volume
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxState
-from grok_pacs.analysis.result import Eye, Report, SourceImage
+from grok_pacs.analysis.quality import QualityThresholds, judge, ungradable_report
+from grok_pacs.analysis.result import Eye, Gradability, ModalityQuality, Report, SourceImage
+from grok_pacs.report import dispositions
 from grok_pacs.report.sr import SRKey, build_sr
 from grok_pacs.dicom.uids import resolve_inside
 
@@ -62,18 +70,18 @@ class NoAnalysableEyeError(ValueError):
 class AnalysisEngine(Protocol):
     """What the pipeline needs of `grok_pacs.analysis.engine.Engine`."""
 
-    def analyze_images(self, eye: Eye, cfp_image: Any, oct_volume: Any, *,
-                       sources: Sequence[SourceImage] = ()) -> Report: ...
+    bundle: Any  #: the served bundle (name, version): for reports made without running the model
+
+    def analyze_batch(self, eyes: Sequence[EyeImages]) -> list[Report]: ...
 
 
 @dataclass
 class EyeCandidates:
-    """The usable instances of one eye, newest first, and what was skipped on the way."""
+    """The usable instances of one eye, newest first."""
 
     eye: Eye
     cfp: list[InstanceRecord] = field(default_factory=list)
     oct: list[InstanceRecord] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -138,63 +146,126 @@ def _read_pixels(settings: Settings, rec: InstanceRecord, kind: Kind):
 
 
 def _first_usable(settings: Settings, queue: list[InstanceRecord], kind: Kind,
-                  notes: list[str]) -> tuple[InstanceRecord, Dataset, Any] | None:
-    """The newest candidate whose header and pixels read; unreadable ones are skipped and noted."""
+                  notes: list[str]) -> tuple[InstanceRecord, Dataset, Any, str | None] | None:
+    """The newest candidate whose header and pixels read (unreadable ones skipped and noted); when none
+    decodes, the newest with a readable header and its decode error (the gate calls it ungradable)."""
+    undecoded = None
     for rec in queue:
+        header = None
         try:
-            return rec, _header(settings, rec), _read_pixels(settings, rec, kind)
+            header = _header(settings, rec)
+            return rec, header, _read_pixels(settings, rec, kind), None
         except ImageReadError as exc:
             notes.append(f"{kind.value} {rec.sop_uid} skipped: {_first_line(exc)}")
-    return None
+            if undecoded is None and header is not None:
+                undecoded = (rec, header, None, _first_line(exc))
+    return undecoded
 
 
-def analyse_eye(settings: Settings, engine: AnalysisEngine, cands: EyeCandidates
-                ) -> tuple[Report, list[Dataset]] | None:
-    """Run the engine on the newest readable CFP and OCT of one eye; None when it has neither."""
-    cfp = _first_usable(settings, cands.cfp, Kind.CFP, cands.notes)
-    oct_pick = _first_usable(settings, cands.oct, Kind.OCT, cands.notes)
-    picks = [pick for pick in (cfp, oct_pick) if pick is not None]
+@dataclass(frozen=True)
+class EyePlan:
+    """One eye after selection and the gate: what goes to the engine (`images`, None when no modality is
+    gradable), the gate's verdicts, and the headers the SR references."""
+
+    eye: Eye
+    verdicts: tuple[ModalityQuality, ...]
+    sources: tuple[SourceImage, ...]
+    evidence: tuple[Dataset, ...]
+    images: EyeImages | None
+
+
+def plan_eye(settings: Settings, cands: EyeCandidates, notes: list[str]) -> EyePlan | None:
+    """Gate the newest readable CFP and OCT of one eye (skips noted in `notes`); None when it has neither."""
+    picks = {kind: pick for kind in Kind
+             if (pick := _first_usable(settings, cands.cfp if kind is Kind.CFP else cands.oct, kind, notes))}
     if not picks:
         return None
-    sources = tuple(SourceImage(rec.sop_class_uid, rec.sop_uid, rec.series_uid) for rec, _, _ in picks)
-    report = engine.analyze_images(cands.eye, cfp[2] if cfp else None, oct_pick[2] if oct_pick else None,
-                                   sources=sources)
-    return report, [header for _, header, _ in picks]
+    limits = QualityThresholds.from_settings(settings)
+    verdicts = {kind: judge(kind.value, header, pixels, error, rec.sop_uid, limits)
+                for kind, (rec, header, pixels, error) in picks.items()}
+    usable = {kind: pick for kind, pick in picks.items() if verdicts[kind].gradability is Gradability.GRADABLE}
+    chosen = usable or picks  # nothing gradable: the SR references what was judged
+    sources = tuple(SourceImage(rec.sop_class_uid, rec.sop_uid, rec.series_uid) for rec, _, _, _ in chosen.values())
+    images = EyeImages(cands.eye, usable[Kind.CFP][2] if Kind.CFP in usable else None,
+                       usable[Kind.OCT][2] if Kind.OCT in usable else None, sources) if usable else None
+    return EyePlan(cands.eye, tuple(verdicts.values()), sources, tuple(h for _, h, _, _ in chosen.values()), images)
+
+
+def analyse_eyes(settings: Settings, engine: AnalysisEngine, eyes: Sequence[EyeCandidates], notes: list[str]
+                 ) -> list[tuple[Report, list[Dataset]]]:
+    """Gate each eye, then run the engine ONCE on every eye with a gradable modality (both eyes of a study
+    in one batched generation); an eye none of whose modalities passes gets a report without diagnosis;
+    an eye with neither modality gets nothing."""
+    plans = [plan for cands in eyes if (plan := plan_eye(settings, cands, notes)) is not None]
+    batch = [plan.images for plan in plans if plan.images is not None]
+    analysed = iter(engine.analyze_batch(batch) if batch else [])
+    out = []
+    for plan in plans:
+        if plan.images is not None:
+            report = dataclasses.replace(next(analysed), quality=plan.verdicts)
+        else:
+            report = ungradable_report(plan.eye, plan.verdicts, plan.sources, engine.bundle.name,
+                                       engine.bundle.version)
+        out.append((report, list(plan.evidence)))
+    return out
 
 
 class StudyNotYetQueuedError(RuntimeError):
     """The job arrived before assembly recorded its version (it publishes first): try again shortly."""
 
 
-def _study_is_current(index: StudyIndex, study_uid: str, version: int) -> StudyOutcome | None:
-    study = index.study(study_uid)
-    if study is None:
-        return StudyOutcome.UNKNOWN_STUDY
+@dataclass(frozen=True)
+class StudySnapshot:
+    """What a job knows of its study: one read of the index, handed down select -> analyse -> outbox.
+
+    `void` says why the job has nothing to do (unknown study, newer version, receiving again); otherwise
+    `eyes` holds each eye's candidates newest first and `notes` the instances no eye can use.
+    """
+
+    study_uid: str
+    version: int
+    void: StudyOutcome | None
+    last_received_at: float | None = None  #: for the latency metrics
+    instances: tuple[InstanceRecord, ...] = ()
+    eyes: Mapping[Eye, EyeCandidates] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def holdings(self) -> str:
+        """What the study holds (modality/laterality), for the reason of a study no eye can use."""
+        return ", ".join(sorted({f"{i.modality}/{i.laterality or '-'}" for i in self.instances})) or "nothing"
+
+
+def read_study(index: StudyIndex, settings: Settings, study_uid: str, version: int) -> StudySnapshot:
+    """The job's one read of the index; raises StudyNotYetQueuedError when the job is ahead of assembly."""
+    stored = index.read_study(study_uid)
+    if stored is None:
+        return StudySnapshot(study_uid, version, StudyOutcome.UNKNOWN_STUDY)
+    study = stored.study
     if study.version < version:
         raise StudyNotYetQueuedError(f"study {study_uid} is at version {study.version}, the job at {version}")
-    if study.version > version or study.state is StudyState.RECEIVING:
-        return StudyOutcome.OUTDATED
-    return None
+    void = StudyOutcome.OUTDATED if study.version > version or study.state is StudyState.RECEIVING else None
+    eyes, notes = select_candidates(list(stored.instances), settings)
+    return StudySnapshot(study_uid, version, void, study.last_received_at, stored.instances, eyes, tuple(notes))
 
 
-def _no_analysable_eye(index: StudyIndex, study_uid: str, notes: list[str]) -> NoAnalysableEyeError:
-    held = ", ".join(sorted({f"{i.modality}/{i.laterality or '-'}" for i in index.instances(study_uid)})) or "nothing"
-    return NoAnalysableEyeError(f"no readable CFP or OCT of a right or left eye (study holds {held})"
+def _no_analysable_eye(snapshot: StudySnapshot, notes: list[str]) -> NoAnalysableEyeError:
+    return NoAnalysableEyeError(f"no readable CFP or OCT of a right or left eye (study holds {snapshot.holdings()})"
                                 + (f"; {'; '.join(notes)}" if notes else ""))
 
 
 def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Callable[[], "Engine | AnalysisEngine"],
-              bundle_version: str, study_uid: str, version: int) -> StudyResult:
+              bundle_version: str, snapshot: StudySnapshot) -> StudyResult:
     """Analyse one study version into outbox rows (delivery is the caller's next step).
 
-    `engine()` is called only once the study needs analysing (the first call in a worker loads the model,
-    while the study already shows ANALYSING).
+    The index is written once here (ANALYSING, when the model must run); the caller writes the end
+    state. `engine()` is called only once the study needs analysing (the first call in a worker loads
+    the model, while the study already shows ANALYSING).
     """
-    void = _study_is_current(index, study_uid, version)
-    if void is not None:
-        log.info("job for study %s v%d skipped: %s", study_uid, version, void.value)
-        return StudyResult(study_uid, version, void)
-    eyes, notes = select_candidates(index.instances(study_uid), settings)
+    study_uid, version = snapshot.study_uid, snapshot.version
+    if snapshot.void is not None:
+        log.info("job for study %s v%d skipped: %s", study_uid, version, snapshot.void.value)
+        return StudyResult(study_uid, version, snapshot.void)
+    eyes, notes = snapshot.eyes, list(snapshot.notes)
     keys = {eye: SRKey(study_uid, version, bundle_version, eye) for eye in Eye}
     existing = {eye: outbox.get(key.sop_instance_uid) for eye, key in keys.items()}
     finished = {eye: e for eye, e in existing.items()
@@ -208,20 +279,23 @@ def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Cal
     if not pending and entries:
         return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
     if not pending:
-        raise _no_analysable_eye(index, study_uid, notes)
+        raise _no_analysable_eye(snapshot, notes)
     index.set_state(study_uid, StudyState.ANALYSING, f"bundle {bundle_version}", version=version)
-    loaded = engine()
-    written: list[tuple[Eye, str]] = []
-    for eye in pending:
-        analysed = analyse_eye(settings, loaded, eyes[eye])
-        notes.extend(eyes[eye].notes)
-        if analysed is not None:
-            report, evidence = analysed
-            written.append((eye, str(write_sr(Path(settings.data_dir), build_sr(report, evidence, keys[eye])))))
+    written = _analyse_and_write(settings, engine(), eyes, pending, keys, notes)
     for eye, relpath in written:  # every SR row carries all notes: also those of an eye without an SR
         entries.append(outbox.put(sr_uid=keys[eye].sop_instance_uid, study_uid=study_uid, study_version=version,
                                   bundle_version=bundle_version, eye=eye.value, path=relpath,
                                   note="; ".join(notes)))
     if not entries:
-        raise _no_analysable_eye(index, study_uid, notes)
+        raise _no_analysable_eye(snapshot, notes)
     return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
+
+
+def _analyse_and_write(settings: Settings, engine: AnalysisEngine, eyes: Mapping[Eye, EyeCandidates],
+                       pending: list[Eye], keys: Mapping[Eye, SRKey], notes: list[str]) -> list[tuple[Eye, str]]:
+    """Analyse each pending eye, give each its disposition and the patient roll-up over them, and write
+    their SRs under sr/; returns (eye, SR path); skips go to `notes`."""
+    analysed = analyse_eyes(settings, engine, [eyes[eye] for eye in pending], notes)
+    reports = dispositions.apply([report for report, _ in analysed], dispositions.load_table(settings.disposition_table))
+    return [(report.eye, str(write_sr(Path(settings.data_dir), build_sr(report, evidence, keys[report.eye]))))
+            for report, (_, evidence) in zip(reports, analysed)]

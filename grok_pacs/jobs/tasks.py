@@ -18,15 +18,14 @@ from celery import shared_task
 from grok_pacs.delivery import sender as delivery
 from grok_pacs.ops import metrics
 from grok_pacs.jobs import pipeline
-from grok_pacs.jobs import worker
-from grok_pacs.jobs.app import TASK_ANALYZE_STUDY
+from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, TASK_DELIVER_SR
+from grok_pacs.jobs.worker import ContextTask, WorkerContext
 from grok_pacs.store.index import StudyState
 from grok_pacs.store.outbox import OutboxState
 from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError
 
 log = logging.getLogger("grok_pacs.jobs.tasks")
 
-TASK_DELIVER_SR = "grok_pacs.tasks.deliver_sr"  # a wire name (see TASK_ANALYZE_STUDY)
 TRANSIENT_ANALYSIS_ERRORS = (sqlite3.OperationalError,)  # "database is locked" beyond the busy timeout
 ANALYSIS_MAX_RETRIES = 3
 ANALYSIS_BACKOFF_MAX_S = 60
@@ -34,57 +33,58 @@ NOT_YET_QUEUED_DELAY_S = 0.5  # assembly records the version right after publish
 NOT_YET_QUEUED_RETRIES = 20
 
 
-def _schedule_retry(ctx: worker.WorkerContext, sr_uid: str, retry_number: int, reason: str) -> None:
+def _schedule_retry(task: ContextTask, sr_uid: str, retry_number: int, reason: str) -> None:
     """Queue retry `retry_number` (1-based) of a delivery, or give the SR up when none are left."""
+    ctx = task.ctx
     settings = ctx.settings
     if retry_number > settings.delivery_max_retries:
         delivery.give_up(ctx.outbox, sr_uid, f"gave-up-{sr_uid}",
                          f"gave up after {retry_number} attempts; last: {reason}")
         return
     countdown = delivery.retry_delay_s(settings, retry_number - 1)
-    deliver_sr.apply_async(kwargs={"sr_uid": sr_uid, "retry_number": retry_number}, countdown=countdown,
-                           queue=settings.queue)
+    task.app.send_task(TASK_DELIVER_SR, kwargs={"sr_uid": sr_uid, "retry_number": retry_number},
+                       countdown=countdown, queue=settings.queue)
     log.info("SR %s: delivery retry %d/%d in %.1f s", sr_uid, retry_number, settings.delivery_max_retries,
              countdown)
 
 
-def _deliver_and_record(ctx: worker.WorkerContext, sr_uid: str, owner: str) -> str:
-    """One delivery attempt; outbox and study state record the outcome. Returns the outcome's name
-    ("transient" when the SR is PENDING again and a retry is due, "failed" when it is FAILED)."""
+def _deliver_once(ctx: WorkerContext, sr_uid: str, owner: str) -> tuple[str, str]:
+    """One delivery attempt, recorded in the outbox. Returns the outcome's name ("transient" when the SR
+    is PENDING again and a retry is due, "failed" when it is FAILED) and the reason of a failure."""
     try:
-        outcome = delivery.deliver(ctx.settings, ctx.outbox, sr_uid, owner=owner).value
-    except TransientStoreError:
-        outcome = "transient"
-    except PermanentStoreError:
-        outcome = "failed"
-    finally:
-        entry = ctx.outbox.get(sr_uid)
-        if entry is not None:
-            delivery.update_study_state(ctx.settings, ctx.index, ctx.outbox, entry.study_uid, entry.study_version)
-    return outcome
+        return delivery.deliver(ctx.settings, ctx.outbox, sr_uid, owner=owner).value, ""
+    except TransientStoreError as exc:
+        return "transient", f"transient: {exc}"
+    except PermanentStoreError as exc:
+        return "failed", str(exc)
 
 
-def _fail_study(ctx: worker.WorkerContext, study_uid: str, version: int, exc: BaseException) -> dict[str, Any]:
+def _fail_study(ctx: WorkerContext, study_uid: str, version: int, exc: BaseException) -> dict[str, Any]:
     reason = f"analysis failed: {type(exc).__name__}: {exc}"
     ctx.index.set_state(study_uid, StudyState.FAILED, reason[:2000], version=version)
     log.error("study %s v%d: %s", study_uid, version, reason, exc_info=exc)
     return {"study_uid": study_uid, "version": version, "outcome": "failed", "reason": reason}
 
 
-@shared_task(bind=True, name=TASK_ANALYZE_STUDY, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+@shared_task(bind=True, base=ContextTask, name=TASK_ANALYZE_STUDY, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
              autoretry_for=TRANSIENT_ANALYSIS_ERRORS, max_retries=ANALYSIS_MAX_RETRIES, retry_backoff=True,
              retry_backoff_max=ANALYSIS_BACKOFF_MAX_S, retry_jitter=True)
-def analyze_study(self: Any, *, study_uid: str, version: int) -> dict[str, Any]:
-    """Analyse (study, version), put its SRs in the outbox and deliver them."""
-    ctx = worker.context()
+def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[str, Any]:
+    """Analyse (study, version), put its SRs in the outbox and deliver them.
+
+    The study is read from the index once (a snapshot handed down the pipeline); the index is written
+    when analysis starts (ANALYSING) and once at the end (the state its SRs imply, or FAILED).
+    """
+    ctx = self.ctx
     owner = str(self.request.id or f"analyze-{study_uid}-v{version}")
-    study = ctx.index.study(study_uid)
-    received_at = study.last_received_at if study is not None else None  # for the latency metrics
-    metrics.job_started(received_at, ctx.settings.quiet_period)
+    received_at: float | None = None  # the study's last instance, for the latency metrics
     try:
+        snapshot = pipeline.read_study(ctx.index, ctx.settings, study_uid, version)
+        received_at = snapshot.last_received_at
+        metrics.job_started(received_at, ctx.settings.quiet_period)
         with metrics.time_stage("analysis"):
             result = pipeline.run_study(ctx.settings, ctx.index, ctx.outbox, ctx.engine, ctx.bundle_version(),
-                                        study_uid, version)
+                                        snapshot)
     except TRANSIENT_ANALYSIS_ERRORS:
         raise  # retried by Celery (autoretry_for), bounded, with backoff
     except pipeline.StudyNotYetQueuedError as exc:
@@ -99,32 +99,29 @@ def analyze_study(self: Any, *, study_uid: str, version: int) -> dict[str, Any]:
                                "srs": {}}
     if result.outcome is not pipeline.StudyOutcome.ANALYSED:
         return summary
-    ctx.index.set_state(study_uid, StudyState.DELIVERING, f"{len(result.entries)} SR(s) to deliver", version=version)
     for entry in result.entries:
         if entry.state is OutboxState.DELIVERED:
             summary["srs"][entry.sr_uid] = delivery.DeliveryOutcome.ALREADY_DELIVERED.value
             continue
-        outcome = _deliver_and_record(ctx, entry.sr_uid, owner)
+        outcome, reason = _deliver_once(ctx, entry.sr_uid, owner)
         summary["srs"][entry.sr_uid] = outcome
         if outcome == "transient":
-            _schedule_retry(ctx, entry.sr_uid, 1, _last_error(ctx, entry.sr_uid))
-    delivery.update_study_state(ctx.settings, ctx.index, ctx.outbox, study_uid, version)
+            _schedule_retry(self, entry.sr_uid, 1, reason)
+    delivery.update_study_state(ctx.settings, ctx.index, ctx.outbox, study_uid, version)  # the end write
     metrics.job_done(received_at, succeeded=True)
     return summary
 
 
-def _last_error(ctx: worker.WorkerContext, sr_uid: str) -> str:
-    entry = ctx.outbox.get(sr_uid)
-    return entry.last_error if entry is not None else ""
-
-
-@shared_task(bind=True, name=TASK_DELIVER_SR, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def deliver_sr(self: Any, *, sr_uid: str, retry_number: int = 0) -> str:
+@shared_task(bind=True, base=ContextTask, name=TASK_DELIVER_SR, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def deliver_sr(self: ContextTask, *, sr_uid: str, retry_number: int = 0) -> str:
     """Deliver one SR of the outbox: retry `retry_number` (0: a restart's recovery); idempotent per SR UID."""
-    ctx = worker.context()
+    ctx = self.ctx
     owner = str(self.request.id or f"deliver-{sr_uid}")
     log.info("SR %s: delivery attempt (retry %d, task %s)", sr_uid, retry_number, owner)
-    outcome = _deliver_and_record(ctx, sr_uid, owner)
+    outcome, reason = _deliver_once(ctx, sr_uid, owner)
     if outcome == "transient":
-        _schedule_retry(ctx, sr_uid, retry_number + 1, _last_error(ctx, sr_uid))
+        _schedule_retry(self, sr_uid, retry_number + 1, reason)  # may give the SR up: FAILED
+    entry = ctx.outbox.get(sr_uid)
+    if entry is not None:  # then the study's state follows its SRs (a given-up SR fails the study)
+        delivery.update_study_state(ctx.settings, ctx.index, ctx.outbox, entry.study_uid, entry.study_version)
     return outcome

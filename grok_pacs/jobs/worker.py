@@ -1,4 +1,7 @@
-"""`grok-pacs worker`: one Celery worker process per GPU (solo pool) serving analyse and delivery jobs.
+"""A worker process: one Celery worker per GPU (solo pool) serving analyse and delivery jobs.
+
+Its resources (settings, index, outbox, the engine) are a `WorkerContext` carried by its Celery app;
+tasks reach them through their base class (`ContextTask.ctx`), never through a module global.
 
 The model bundle is loaded lazily, once per process, by the first job that needs it: Celery kills
 `worker_process_init` handlers after 4 s, and CUDA cannot be re-initialised in a forked child, so a
@@ -9,7 +12,6 @@ exits; a job interrupted harder (SIGKILL, power loss) is unacknowledged and the 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import socket
@@ -18,20 +20,22 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from grok_pacs.ops import health
-from grok_pacs.ops import metrics
-from grok_pacs.config import Settings, SettingsError, load_settings
+from celery import Task
+from celery.signals import worker_ready
+
+from grok_pacs.config import Settings, SettingsError
+from grok_pacs.delivery.sender import claim_lease_s
+from grok_pacs.jobs.app import TASK_DELIVER_SR, TASK_MODULES, create_app
+from grok_pacs.ops import health, metrics
 from grok_pacs.store.index import StudyIndex
 from grok_pacs.store.outbox import Outbox
 
-if TYPE_CHECKING:  # celery and the engine are imported by the functions that need them (fast CLI start)
+if TYPE_CHECKING:  # the engine (torch) is imported only by the worker that loads it
     from celery import Celery
 
     from grok_pacs.analysis.engine import Engine
 
 log = logging.getLogger("grok_pacs.jobs.worker")
-
-TASK_MODULES = ("grok_pacs.jobs.tasks",)
 
 
 class WorkerContext:
@@ -80,41 +84,56 @@ class WorkerContext:
         return self._engine
 
 
-_context: WorkerContext | None = None
-_context_lock = threading.Lock()
+APP_ATTRIBUTE = "grok_context"  # the app attribute holding its WorkerContext
 
 
-def configure(settings: Settings) -> WorkerContext:
-    """Install the process's worker context (the CLI does this before the worker starts)."""
-    global _context
-    with _context_lock:
-        _context = WorkerContext(settings)
-        return _context
+def configure(app: "Celery", settings: Settings) -> WorkerContext:
+    """Give `app` a fresh worker context for `settings`; its tasks reach it as `self.ctx`."""
+    context = WorkerContext(settings)
+    setattr(app, APP_ATTRIBUTE, context)
+    return context
 
 
-def context() -> WorkerContext:
-    """The process's worker context; from `load_settings()` when a worker was started another way."""
-    global _context
-    if _context is None:
-        with _context_lock:
-            if _context is None:
-                _context = WorkerContext(load_settings())
-    return _context
+def context_of(app: "Celery") -> WorkerContext:
+    """The worker context of `app`; raises when the app was not configured as a grok-pacs worker."""
+    context = getattr(app, APP_ATTRIBUTE, None)
+    if context is None:
+        raise RuntimeError(f"Celery app {app.main!r} has no grok-pacs worker context: "
+                           "build it with grok_pacs.jobs.worker.worker_app(settings)")
+    return context
 
 
-def on_worker_ready() -> None:
-    """At start: say so, and queue a delivery for every SR a previous run left undelivered."""
-    from grok_pacs.delivery.sender import claim_lease_s
-    from grok_pacs.jobs.tasks import deliver_sr
+class ContextTask(Task):
+    """Base of the worker's tasks: their resources come from the app that runs them."""
 
-    ctx = context()
+    @property
+    def ctx(self) -> WorkerContext:
+        return context_of(self.app)
+
+
+def worker_app(settings: Settings) -> "Celery":
+    """A Celery app for a worker: the task modules included, its context attached, set as current (the
+    tasks' follow-up messages, e.g. delivery retries, go to its broker)."""
+    app = create_app(settings, include=TASK_MODULES)
+    configure(app, settings)
+    app.set_current()
+    app.set_default()
+    return app
+
+
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """A worker consumes: say so, and queue a delivery for every SR a previous run left undelivered."""
+    app = getattr(sender, "app", None)
+    if app is None or getattr(app, APP_ATTRIBUTE, None) is None:
+        return  # a worker of another Celery app in this process: not ours
+    ctx = context_of(app)
     log.info("worker ready: pid=%d queue=%s broker=%s bundle=%s", os.getpid(), ctx.settings.queue,
              ctx.settings.resolved_broker_url.split("://", 1)[0], ctx.settings.bundle)
     if ctx.settings.destination is None:
         return
     entries = ctx.outbox.undelivered(lease_s=claim_lease_s(ctx.settings))
     for entry in entries:
-        deliver_sr.apply_async(kwargs={"sr_uid": entry.sr_uid}, queue=ctx.settings.queue)
+        app.send_task(TASK_DELIVER_SR, kwargs={"sr_uid": entry.sr_uid}, queue=ctx.settings.queue)
     if entries:
         log.info("queued %d undelivered SR(s) from the outbox", len(entries))
 
@@ -125,9 +144,12 @@ def node_name(settings: Settings) -> str:
 
 
 def build_worker(app: "Celery", settings: Settings, loglevel: str = "INFO") -> Any:
-    """A solo-pool Celery worker consuming `settings.queue` (one job at a time)."""
+    """A solo-pool Celery worker consuming `settings.queue` (one job at a time), its ready handler
+    connected (once per process; it serves whichever configured app's worker becomes ready)."""
+    context_of(app)  # fail now, not in the first job, when the app has no context
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied module otherwise
     import grok_pacs.analysis.engine  # noqa: F401 - torch/transformers imported now, not inside the first job
+    worker_ready.connect(_on_worker_ready, weak=False, dispatch_uid="grok_pacs.jobs.worker.ready")
     return app.Worker(
         pool="solo", concurrency=1, queues=[settings.queue], hostname=node_name(settings),
         loglevel=loglevel, without_gossip=True, without_mingle=True, without_heartbeat=True,
@@ -139,12 +161,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> int:
     """Run a worker in this process until SIGTERM/SIGINT (warm shutdown); returns its exit code."""
     if settings.bundle is None or not Path(settings.bundle).is_dir():
         raise SettingsError(f"bundle: model bundle directory {settings.bundle} does not exist")
-    from grok_pacs.jobs.app import create_app
-
-    configure(settings)
-    app = create_app(settings, include=TASK_MODULES)
-    app.set_current()  # tasks' follow-up messages (delivery retries) go to this app's broker
-    app.set_default()
+    app = worker_app(settings)
     worker = build_worker(app, settings, loglevel)
     observability = metrics.maybe_start_server(settings, "worker")  # /metrics, /health when metrics_port
     try:
@@ -153,28 +170,3 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> int:
         if observability is not None:
             observability.close()
     return int(worker.exitcode or 0)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Register `grok-pacs worker` (see grok_pacs.cli.main)."""
-    parser = subparsers.add_parser(
-        "worker", help="run one analysis worker (one per GPU) against a broker",
-        description="Run a Celery worker (solo pool: one process, one job at a time; start one per GPU) that "
-                    "analyses queued studies with the model bundle, writes the SRs and delivers them. The "
-                    "data directory (index, incoming/, sr/) must be the listener's (same host or shared "
-                    "volume). SIGTERM finishes the current job, then exits.",
-    )
-    parser.add_argument("--broker-url", help="broker URL, e.g. redis://host:6379/0 (default: embedded SQLite)")
-    parser.add_argument("--queue", help="queue to consume; name it per GPU type (e.g. grok-h100)")
-    parser.add_argument("--bundle", type=Path, help="model bundle directory")
-    parser.add_argument("--data-dir", type=Path, help="data directory shared with the listener")
-    parser.add_argument("--destination", help="PACS receiving the SRs, AE@HOST:PORT")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from grok_pacs.cli.main import settings_from_args
-
-    settings = settings_from_args(args, broker_url=args.broker_url, queue=args.queue, bundle=args.bundle,
-                                  data_dir=args.data_dir, destination=args.destination)
-    return run_worker(settings, str(getattr(args, "log_level", "INFO")).upper())

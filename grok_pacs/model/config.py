@@ -69,6 +69,19 @@ class GenerationConfig:
     min_label_probability: float = 0.5  # without a valid diagnosis line, use the scored label only above this
     biomarkers_in_prompt: bool = True  # the prompt carries the head estimates block (must match stage-3 training)
     ground_numbers: bool = True  # write cited numbers that disagree with the estimates as the estimates
+    stop_at_diagnosis: bool = True  # end a generation once "Diagnosis: <label>" is complete (nothing after it)
+    no_repeat_ngram_size: int = 12  # no token 12-gram twice (0 = off); healthy reports never repeat one that long
+    repetition_penalty: float = 1.0  # 1.0 = off: a penalty would also punish the words and digits reports repeat
+    max_number_digits: int = 6  # forbid a digit run longer than this and a second decimal point (0 = off)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.temperature < 0:
+            raise ValueError(f"generation: max_new_tokens {self.max_new_tokens} must be >= 1 and temperature "
+                             f"{self.temperature} >= 0")
+        if self.no_repeat_ngram_size < 0 or self.max_number_digits < 0 or self.repetition_penalty <= 0:
+            raise ValueError("generation: no_repeat_ngram_size and max_number_digits must be >= 0 (0 = off) and "
+                             f"repetition_penalty > 0; got {self.no_repeat_ngram_size}, {self.max_number_digits}, "
+                             f"{self.repetition_penalty}")
 
 
 @dataclass(frozen=True)

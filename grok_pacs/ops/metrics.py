@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -97,6 +97,18 @@ MODEL_LOAD_SECONDS = Gauge(
     ["component"],
     registry=REGISTRY,
 )
+NARRATIVES = Counter(
+    "grok_pacs_narratives",
+    "Generated narratives checked by the validator, by outcome (passed, or failed: withheld from the SR)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+NARRATIVE_FAILURES = Counter(
+    "grok_pacs_narrative_failures",
+    "Failed narrative validations by reason (grok_pacs.analysis.validation; one generation may fail several)",
+    ["reason"],
+    registry=REGISTRY,
+)
 BUNDLE_INFO = Info(
     "grok_pacs_bundle",
     "The model bundle this process has loaded",
@@ -110,6 +122,8 @@ for _outcome in ("succeeded", "failed"):
     JOBS.labels(outcome=_outcome)
 for _kind in ("transient", "permanent"):
     SR_DELIVERY_FAILURES.labels(kind=_kind)
+for _outcome in ("passed", "failed"):
+    NARRATIVES.labels(outcome=_outcome)
 
 
 def association_accepted() -> None:
@@ -174,6 +188,19 @@ def sr_delivered() -> None:
 
 def sr_delivery_failed(permanent: bool) -> None:
     SR_DELIVERY_FAILURES.labels(kind="permanent" if permanent else "transient").inc()
+
+
+def narrative_reasons(reasons: Iterable[str]) -> None:
+    """Start every reason's failure series at 0 (the analysis layer owns the reason codes)."""
+    for reason in reasons:
+        NARRATIVE_FAILURES.labels(reason=reason)
+
+
+def narrative_validated(passed: bool, reasons: Iterable[str] = ()) -> None:
+    """Count one validated generation and, when it failed, each distinct reason once."""
+    NARRATIVES.labels(outcome="passed" if passed else "failed").inc()
+    for reason in dict.fromkeys(reasons):
+        NARRATIVE_FAILURES.labels(reason=reason).inc()
 
 
 def model_loaded(component: str, seconds: float, bundle: Path | str | None = None, version: str = "") -> None:

@@ -58,6 +58,11 @@ IMPRESSION = Code("121073", DCM, "Impression")
 COMMENT = Code("121106", DCM, "Comment")
 PROCESSING_EQUIPMENT = Code("109102", DCM, "Processing Equipment")
 
+# --- the PDF report (encapsulated.py) ------------------------------------------------------------------
+LN = "LN"
+#: Concept name of the Encapsulated PDF (LOINC document type, as IHE displayable reports use).
+AI_REPORT_DOCUMENT = Code("18748-4", LN, "Diagnostic imaging study")
+
 #: UCUM unit code (as `grok_pacs.domain.biomarkers` spells it) -> coded unit.
 UNIT_CODES: dict[str, Code] = {
     "um": Code("um", UCUM, "micrometer"),
@@ -96,3 +101,45 @@ def biomarker_code(key: str) -> Code:
     if key not in BIOMARKER_CODE_VALUES or key not in BY_KEY:
         raise KeyError(f"biomarker {key!r} has no code in grok_pacs.report.codes.BIOMARKER_CODE_VALUES")
     return Code(BIOMARKER_CODE_VALUES[key], GROK, BY_KEY[key].name)
+
+# --- safety gate and dispositions (grok_pacs.analysis.quality, grok_pacs.report.dispositions) ---------
+# No SNOMED CT or DICOM code for image gradability, its reasons or a screening disposition could be verified
+# offline, so these use the private 99GROK scheme (values never change once written); the concept name of a
+# disposition is DICOM's "Recommendation".
+RECOMMENDATION = Code("121075", DCM, "Recommendation")
+PATIENT_RECOMMENDATION = Code("GROK-DISP-000", GROK, "Patient-level recommendation (worse eye decides)")
+GRADABILITY = Code("GROK-Q-000", GROK, "Image gradability")
+QUALITY_REASON = Code("GROK-Q-100", GROK, "Image quality finding")
+
+#: Gradability value -> coded outcome (grok_pacs.analysis.result.Gradability values).
+GRADABILITY_CODES: dict[str, Code] = {
+    "gradable": Code("GROK-Q-001", GROK, "Gradable"),
+    "ungradable": Code("GROK-Q-002", GROK, "Ungradable: image quality insufficient"),
+    "out-of-scope": Code("GROK-Q-003", GROK, "Out of scope: not an indicated input"),
+}
+
+#: Quality reason (grok_pacs.analysis.quality.REASONS keys) -> code value in the GROK scheme.
+QUALITY_REASON_VALUES: dict[str, str] = {
+    "sop-class-modality": "GROK-Q-101", "laterality": "GROK-Q-102", "photometric": "GROK-Q-103",
+    "bit-depth": "GROK-Q-104", "resolution": "GROK-Q-105", "frames": "GROK-Q-106", "undecodable": "GROK-Q-107",
+    "field-coverage": "GROK-Q-108", "off-centre": "GROK-Q-109", "underexposed": "GROK-Q-110",
+    "overexposed": "GROK-Q-111", "low-contrast": "GROK-Q-112", "blur": "GROK-Q-113", "decoder-fill": "GROK-Q-114",
+    "blank-frames": "GROK-Q-115", "saturated-frames": "GROK-Q-116", "low-signal": "GROK-Q-117",
+}
+
+#: Disposition action (grok_pacs.analysis.result.Action values) -> coded action.
+ACTION_CODES: dict[str, Code] = {
+    "urgent-referral": Code("GROK-DISP-001", GROK, "Urgent referral to ophthalmology"),
+    "referral": Code("GROK-DISP-002", GROK, "Referral"),
+    "retake": Code("GROK-DISP-003", GROK, "Image quality insufficient: retake, or refer"),
+    "rescreen": Code("GROK-DISP-004", GROK, "Rescreen"),
+}
+
+
+def quality_reason_code(reason: str) -> Code:
+    """The coded concept of a gate reason; KeyError names unknown reasons."""
+    from grok_pacs.analysis.result import QUALITY_REASONS  # local: keeps this module import-free at load time
+
+    if reason not in QUALITY_REASON_VALUES or reason not in QUALITY_REASONS:
+        raise KeyError(f"quality reason {reason!r} has no code in grok_pacs.report.codes.QUALITY_REASON_VALUES")
+    return Code(QUALITY_REASON_VALUES[reason], GROK, QUALITY_REASONS[reason])

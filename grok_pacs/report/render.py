@@ -1,12 +1,10 @@
-"""`grok-pacs report FILE.dcm`: an SR as indented plain text, for a person at a terminal.
+"""An SR as indented plain text, for a person at a terminal (`grok-pacs report FILE.dcm`).
 
 Walks the content tree with pydicom only (no rendering library), so it prints any SR, not only ours.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -46,6 +44,10 @@ def _value(item: Dataset) -> str:
         frames = ref.get("ReferencedFrameNumber")
         suffix = f" frame {frames}" if frames is not None else ""
         return f"{ref.ReferencedSOPInstanceUID}{suffix}"
+    if kind == "SCOORD":
+        points = [float(v) for v in item.GraphicData]
+        pairs = ", ".join(f"({x:g}, {y:g})" for x, y in zip(points[::2], points[1::2]))
+        return f"{item.GraphicType} {pairs}"
     if kind in ("DATETIME", "DATE", "TIME"):
         return str(item.get(kind.capitalize() if kind != "DATETIME" else "DateTime", ""))
     return ""
@@ -83,22 +85,3 @@ def render(path: Path) -> str:
         raise ValueError(f"{path}: not a DICOM Structured Report (Modality {ds.get('Modality')!r})")
     lines = [*header_lines(ds), "", *content_lines(list(ds.ContentSequence))]
     return "\n".join(lines) + "\n"
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Register `grok-pacs report`."""
-    parser = subparsers.add_parser(
-        "report", help="print a DICOM SR (e.g. one grok-pacs wrote under <data>/sr/) as readable text",
-        description="Print the header and the content tree of a DICOM Structured Report as indented text.",
-    )
-    parser.add_argument("file", type=Path, help="the SR file (.dcm)")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        sys.stdout.write(render(args.file))
-    except ValueError as exc:
-        print(f"grok-pacs report: {exc}", file=sys.stderr)
-        return 2
-    return 0

@@ -10,31 +10,35 @@ from __future__ import annotations
 
 import copy
 import math
-import uuid
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Sequence
 
 import highdicom as hd
+import numpy as np
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
-from grok_pacs.report import codes
-from grok_pacs.domain.biomarkers import BY_KEY, format_value
+from grok_pacs.config import OPT
+from grok_pacs.report import codes, safety
+from grok_pacs.domain.biomarkers import BY_KEY, Modality, format_value
 from grok_pacs.domain.labels import Label
-from grok_pacs.analysis.result import Eye, Report
+from grok_pacs.analysis.result import REASON_TEXT, BiomarkerEstimate, Eye, Gradability, Report, SourceImage
+from grok_pacs.report.keys import _UID_NAMESPACE, SRKey, derived_uid
 
 MANUFACTURER = "grok-pacs"
-SR_SERIES_NUMBER = 9100
 SR_SERIES_DESCRIPTION = "GROK AI report - UNVERIFIED"
 AI_STATEMENT = (
     "This report was generated automatically by an artificial intelligence system (GROK). "
     "It is preliminary and unverified, and must be reviewed by a clinician before any clinical use."
 )
+NARRATIVE_WITHHELD = ("Findings text withheld: the model's generated narrative failed automatic validation "
+                      "and is not shown as findings (see the comment below).")
+POINT_STATEMENT = (
+    "The point drawn on each image marks the image (for OCT, the B-scan) the measurements were read from; "
+    "it is placed at the image centre and is not a detected anatomical location."
+)
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
-_UID_NAMESPACE = "grok-pacs/sr/v1"
-_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:grok-pacs:sr:v1")
 _TYPE2_PATIENT_STUDY = (
     "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
     "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
@@ -42,42 +46,8 @@ _TYPE2_PATIENT_STUDY = (
 EYE_NAMES = {Eye.RIGHT: "Right eye", Eye.LEFT: "Left eye"}
 
 
-def derived_uid(*parts: str) -> str:
-    """A DICOM UID under 2.25 (PS3.5 B.2) from a name-based UUID: same parts, same UID, any machine."""
-    return f"2.25.{uuid.uuid5(_UUID_NAMESPACE, chr(31).join(parts)).int}"
-
-
 class SRBuildError(ValueError):
     """The inputs cannot make a correct SR; the message names what is wrong."""
-
-
-@dataclass(frozen=True)
-class SRKey:
-    """The idempotency key of one SR: the same key always gives the same SOP Instance UID."""
-
-    study_uid: str
-    study_version: int
-    bundle_version: str
-    eye: Eye
-
-    def _parts(self) -> list[str]:
-        return [_UID_NAMESPACE, self.study_uid, str(self.study_version), self.bundle_version, self.eye.value]
-
-    @property
-    def sop_instance_uid(self) -> str:
-        return derived_uid(*self._parts())
-
-    @property
-    def series_uid(self) -> str:
-        """One SR series per analysis run (study version x bundle version); both eyes share it."""
-        return derived_uid(*self._parts()[:-1], "series")
-
-    @property
-    def instance_number(self) -> int:
-        return 1 if self.eye is Eye.RIGHT else 2
-
-    def __str__(self) -> str:
-        return f"{self.study_uid} v{self.study_version} bundle {self.bundle_version} eye {self.eye.value}"
 
 
 def device_uid(bundle_name: str, bundle_version: str) -> str:
@@ -119,6 +89,8 @@ def validate(report: Report, sources: Sequence[Dataset], key: SRKey) -> None:
             raise SRBuildError(f"{key}: source {ds.SOPInstanceUID} belongs to study {ds.StudyInstanceUID}")
         if _laterality(ds) != key.eye.value:
             raise SRBuildError(f"{key}: source {ds.SOPInstanceUID} has laterality {_laterality(ds)!r}")
+        if not (ds.get("Rows") and ds.get("Columns")):
+            raise SRBuildError(f"{key}: source {ds.SOPInstanceUID} has no Rows/Columns (the SR points into it)")
     seen: set[str] = set()
     for estimate in report.biomarkers:
         marker = BY_KEY.get(estimate.key)
@@ -133,58 +105,104 @@ def validate(report: Report, sources: Sequence[Dataset], key: SRKey) -> None:
         seen.add(estimate.key)
 
 
-def _measurements(report: Report) -> list[hd.sr.Measurement]:
+def _measurements(estimates: Sequence[BiomarkerEstimate]) -> list[hd.sr.Measurement]:
     return [
         hd.sr.Measurement(
             name=_concept(codes.biomarker_code(est.key)),
             value=float(format_value(BY_KEY[est.key], est.value)),
             unit=_concept(codes.UNIT_CODES[est.unit]),
         )
-        for est in report.biomarkers
+        for est in estimates
     ]
 
 
-def _source_refs(report: Report) -> list[hd.sr.SourceImageForMeasurementGroup]:
-    return [
-        hd.sr.SourceImageForMeasurementGroup(
-            referenced_sop_class_uid=src.sop_class_uid,
-            referenced_sop_instance_uid=src.sop_instance_uid,
-            referenced_frame_numbers=[src.frame] if src.frame is not None else None,
-        )
-        for src in report.sources
-    ]
+def _modality(src: SourceImage) -> Modality:
+    return Modality.OCT if src.sop_class_uid == OPT else Modality.CFP
 
 
-def _eye_group(report: Report, key: SRKey, algorithm: hd.sr.AlgorithmIdentification
-               ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group of one eye: finding site Retina + laterality, biomarkers, coded diagnosis."""
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(*key._parts(), "group"),
-            identifier=f"{EYE_NAMES[key.eye]} retina",
-        ),
-        algorithm_id=algorithm,
-        finding_sites=[hd.sr.FindingSite(_concept(codes.RETINA), _concept(codes.LATERALITY_CODES[key.eye.value]))],
-        measurements=_measurements(report) or None,
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(_concept(codes.DIAGNOSIS), _concept(codes.LABEL_CODES[report.label]))
-        ],
-        source_images=_source_refs(report),
+def _point(src: SourceImage, header: Dataset) -> hd.sr.ImageRegion:
+    """A SCOORD POINT at the centre of the image (of the B-scan used, for OCT), SELECTED FROM it.
+
+    OHIF's SR viewport takes the image and the place to draw a group's labels only from such a SCOORD;
+    a group of NUMs without one leaves it black. The centre is an anchor, not a detected structure.
+    """
+    centre = np.array([[float(header.Columns) / 2.0, float(header.Rows) / 2.0]])
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POINT, graphic_data=centre,
+        source_image=hd.sr.SourceImageForRegion(src.sop_class_uid, src.sop_instance_uid,
+                                                [src.frame] if src.frame is not None else None),
     )
+
+
+def _image_name(report: Report, src: SourceImage) -> str:
+    if _modality(src) is Modality.OCT:
+        return f"OCT B-scan {src.frame}" if src.frame is not None else "OCT"
+    return "fundus photograph"
+
+
+def _diagnosis(report: Report) -> list[hd.sr.QualitativeEvaluation]:
+    """The coded diagnosis (only for an eye that passed the gate), then gradability, reasons, disposition."""
+    gradable = report.gradability is Gradability.GRADABLE
+    return ([hd.sr.QualitativeEvaluation(_concept(codes.DIAGNOSIS), _concept(codes.LABEL_CODES[report.label]))]
+            if gradable else []) + safety.eye_evaluations(report)
+
+
+def _conclusion(report: Report) -> str:
+    if report.gradability is not Gradability.GRADABLE:
+        return codes.GRADABILITY_CODES[report.gradability.value].meaning.split(":")[0].lower()
+    return codes.LABEL_CODES[report.label].meaning
+
+
+def _eye_groups(report: Report, key: SRKey, headers: dict[str, Dataset],
+                algorithm: hd.sr.AlgorithmIdentification) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """TID 1410 groups, one per source image (OCT first): its point, finding site, its biomarkers.
+
+    The first group also carries the coded diagnosis, and its tracking identifier names it, since that
+    identifier is what OHIF lists for a group. Biomarkers of a modality without an image stay in the first.
+    """
+    sources = sorted(report.sources, key=lambda s: _modality(s) is not Modality.OCT)
+    by_modality = {_modality(s): [] for s in sources}
+    first = _modality(sources[0])
+    for est in report.biomarkers:
+        by_modality.get(BY_KEY[est.key].modality, by_modality[first]).append(est)
+    groups = []
+    for index, src in enumerate(sources):
+        estimates = by_modality.pop(_modality(src), [])
+        title = (f"{EYE_NAMES[key.eye]} retina: {_conclusion(report)} (AI, unverified)"
+                 if index == 0 else f"{EYE_NAMES[key.eye]} retina, {_image_name(report, src)}")
+        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derived_uid(*key._parts(), "group", src.sop_instance_uid), identifier=title),
+            referenced_region=_point(src, headers[src.sop_instance_uid]),
+            algorithm_id=algorithm,
+            finding_sites=[hd.sr.FindingSite(_concept(codes.RETINA),
+                                             _concept(codes.LATERALITY_CODES[key.eye.value]))],
+            measurements=_measurements(estimates) or None,
+            qualitative_evaluations=_diagnosis(report) if index == 0 else None,
+        ))
+    return groups
 
 
 def _notes(report: Report) -> list[str]:
     notes = []
-    if report.missing_modalities:
-        notes.append(f"Not available for this eye: {', '.join(report.missing_modalities)}; "
+    left_out = {q.modality for q in report.left_out}
+    missing = [m for m in report.missing_modalities if m not in left_out]
+    if missing:
+        notes.append(f"Not available for this eye: {', '.join(missing)}; "
                      "the assessment used the remaining modality only.")
     if report.oct_frame_index is not None:
         notes.append(f"OCT B-scan used: frame {report.oct_frame_index + 1} ({report.oct_frame_method or 'unknown'} "
                      "selection).")
+    if report.narrative_withheld:
+        reasons = report.narrative_check.reasons
+        source = ("the diagnosis is the model's best-scored label" if report.label is not Label.INDETERMINATE
+                  else "no scored label reached the threshold, so the diagnosis is Indeterminate")
+        notes.append(f"Narrative validation failed ({', '.join(r.value for r in reasons)}): "
+                     f"{'; '.join(REASON_TEXT[r] for r in reasons)}. The measurements are unaffected; {source}.")
     if report.numbers_rewritten:
         notes.append(f"{report.numbers_rewritten} value(s) cited in the findings were written as the measurements "
                      "of this report, which the model's text had misquoted.")
-    return notes
+    return notes + safety.notes(report)
 
 
 def _text_container(report: Report) -> hd.sr.ContainerContentItem:
@@ -194,14 +212,27 @@ def _text_container(report: Report) -> hd.sr.ContainerContentItem:
                                      relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
     container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
                                            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    gradable = report.gradability is Gradability.GRADABLE
     items = [
-        text(codes.FINDING, report.narrative.strip() or "The model produced no findings text."),
+        text(codes.FINDING, NARRATIVE_WITHHELD if report.narrative_withheld else report.narrative.strip()
+             or ("The model produced no findings text." if gradable else safety.NOT_ANALYSED)),
         text(codes.IMPRESSION, report.impression.strip() or f"{report.label.value}."),
         text(codes.COMMENT, AI_STATEMENT),
+        text(codes.COMMENT, POINT_STATEMENT),
         *(text(codes.COMMENT, note) for note in _notes(report)),
     ]
-    container.ContentSequence = hd.sr.ContentSequence(items)
+    patient = safety.patient_item(report)
+    container.ContentSequence = hd.sr.ContentSequence(items + ([patient] if patient is not None else []))
     return container
+
+
+def _separate_containers(item: Dataset) -> None:
+    """Every CONTAINER SEPARATE: text viewers (OHIF's, DCMTK's) then print each child as "name: value"
+    instead of running the values of a CONTINUOUS container together."""
+    if item.get("ValueType") == "CONTAINER":
+        item.ContinuityOfContent = "SEPARATE"
+    for child in item.get("ContentSequence", []):
+        _separate_containers(child)
 
 
 def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
@@ -251,14 +282,15 @@ def build_sr(report: Report, sources: Sequence[Dataset], key: SRKey) -> hd.sr.Co
     content = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_concept(codes.IMAGING_PROCEDURE),
-        imaging_measurements=[_eye_group(report, key, algorithm)],
+        imaging_measurements=_eye_groups(report, key, {str(ds.SOPInstanceUID): ds for ds in sources}, algorithm),
     )
     content[0].ContentSequence.append(_text_container(report))
+    _separate_containers(content[0])
     sr = hd.sr.ComprehensiveSR(
         evidence=_evidence(sources),
         content=content[0],
         series_instance_uid=key.series_uid,
-        series_number=SR_SERIES_NUMBER,
+        series_number=key.series_number,
         sop_instance_uid=key.sop_instance_uid,
         instance_number=key.instance_number,
         manufacturer=MANUFACTURER,
@@ -266,8 +298,10 @@ def build_sr(report: Report, sources: Sequence[Dataset], key: SRKey) -> hd.sr.Co
         is_final=False,
         is_verified=False,
         contributing_equipment=[_equipment(report)],
-        series_description=SR_SERIES_DESCRIPTION,
+        series_description=f"{SR_SERIES_DESCRIPTION} ({EYE_NAMES[key.eye].lower()})",
     )
+    # Without SeriesDate, Orthanc Explorer files the series under "?".
+    sr.SeriesDate, sr.SeriesTime = sr.ContentDate, sr.ContentTime
     scheme = Dataset()
     scheme.CodingSchemeDesignator = codes.GROK
     scheme.CodingSchemeName = codes.GROK_SCHEME_NAME

@@ -59,6 +59,14 @@ class StudyRecord:
     last_received_at: float
 
 
+@dataclass(frozen=True)
+class StoredStudy:
+    """A study row and its instances, read in one transaction (a job's snapshot of the index)."""
+
+    study: StudyRecord
+    instances: tuple[InstanceRecord, ...]
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY,
@@ -181,21 +189,38 @@ class StudyIndex:
                 self._conn.execute("DELETE FROM studies WHERE study_uid = ? AND instance_count = 0", (study_uid,))
             return sum(studies.values())
 
+    def _select_instances(self, study_uid: str) -> list[InstanceRecord]:
+        rows = self._conn.execute(
+            f"SELECT {','.join(_INSTANCE_FIELDS)} FROM instances WHERE study_uid = ? "
+            "ORDER BY series_uid, received_at, sop_uid",
+            (study_uid,),
+        ).fetchall()
+        return [InstanceRecord(*row) for row in rows]
+
+    def _select_study(self, study_uid: str) -> StudyRecord | None:
+        row = self._conn.execute(
+            f"SELECT {','.join(_STUDY_FIELDS)} FROM studies WHERE study_uid = ?", (study_uid,)
+        ).fetchone()
+        return None if row is None else _study(row)
+
     def instances(self, study_uid: str) -> list[InstanceRecord]:
         with self._lock:
-            rows = self._conn.execute(
-                f"SELECT {','.join(_INSTANCE_FIELDS)} FROM instances WHERE study_uid = ? "
-                "ORDER BY series_uid, received_at, sop_uid",
-                (study_uid,),
-            ).fetchall()
-        return [InstanceRecord(*row) for row in rows]
+            return self._select_instances(study_uid)
 
     def study(self, study_uid: str) -> StudyRecord | None:
         with self._lock:
-            row = self._conn.execute(
-                f"SELECT {','.join(_STUDY_FIELDS)} FROM studies WHERE study_uid = ?", (study_uid,)
-            ).fetchone()
-        return None if row is None else _study(row)
+            return self._select_study(study_uid)
+
+    def read_study(self, study_uid: str) -> StoredStudy | None:
+        """The study and its instances as of one moment (one read transaction); None if unknown."""
+        with self._lock:
+            self._conn.execute("BEGIN")  # WAL: both SELECTs see the same committed state
+            try:
+                study = self._select_study(study_uid)
+                instances = tuple(self._select_instances(study_uid)) if study is not None else ()
+            finally:
+                self._conn.execute("COMMIT")
+        return None if study is None else StoredStudy(study, instances)
 
     def studies(self) -> list[StudyRecord]:
         """All studies, most recently received first."""

@@ -20,6 +20,9 @@ MODALITIES = ("OCT", "CFP")
 MODEL_PRESETS = ("tiny", "full")
 SELECT_METRICS = ("val_probe_mae", "val_loss")
 CONFIG_NAME = "stage2-config.json"
+#: Fields that may differ between a run and the run it resumes (they do not change what is computed).
+RESUME_FREE_FIELDS = frozenset({"out_dir", "manifest", "cache_dir", "device", "progress", "num_threads",
+                                "eval_batch_size", "resume"})
 
 
 @dataclass

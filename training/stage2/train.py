@@ -30,7 +30,7 @@ from grok_pacs.model.checkpoints import load_encoder, save_encoder
 from grok_pacs.model.config import EncoderConfig
 from grok_pacs.model.vit import RetinaEncoder
 from training.stage2.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from training.stage2.config import CONFIG_NAME, Stage2Config
+from training.stage2.config import CONFIG_NAME, RESUME_FREE_FIELDS, Stage2Config
 from training.stage2.data import BiomarkerStats, Stage2Data, augment, load_data
 from training.stage2.evaluate import evaluate_encoders, pooled_features, save_head, write_report
 from training.stage2.metrics_log import MetricsLog
@@ -41,9 +41,6 @@ log = logging.getLogger(__name__)
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 INIT_ENCODER, ENCODER = "encoder-init.safetensors", "encoder.safetensors"
-#: Fields that may differ between a run and the run it resumes (they do not change what is computed).
-RESUME_FREE_FIELDS = {"out_dir", "manifest", "cache_dir", "device", "progress", "num_threads", "eval_batch_size",
-                      "resume"}
 
 
 @dataclass(frozen=True)

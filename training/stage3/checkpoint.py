@@ -1,7 +1,9 @@
 """Stage-3 checkpoints without pickle: safetensors for tensors, JSON for the rest.
 
 A checkpoint holds what resuming needs: the trainable weights (LoRA + projectors), the AdamW state, the RNG
-state, and where the loop was (epoch, micro-batch, optimiser step, loss history). The scheduler is rebuilt
+state, where the loop was (epoch, micro-batch, optimiser step, loss history) and the run's full
+`Stage3Config` (`config.json`, so a checkpoint explains itself). A resume under another configuration is
+refused, naming the fields that differ. The scheduler is rebuilt
 and fast-forwarded to the step. Writes go to a temporary folder that is renamed into place, so a run killed
 mid-write leaves the previous checkpoint intact.
 """
@@ -17,6 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from training.stage3.config import RESUME_FREE_FIELDS
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -36,6 +40,14 @@ class LoopState:
     train_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     config_digest: str = ""
+    config: dict[str, Any] = field(default_factory=dict)  # the full Stage3Config.to_dict() of the run
+
+
+def changed_fields(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Config fields whose values differ between a checkpoint and this run (resume-free fields aside)."""
+    current = json.loads(json.dumps(current))  # tuples -> lists, as the saved JSON has them
+    keys = (set(saved) | set(current)) - RESUME_FREE_FIELDS
+    return sorted(k for k in keys if saved.get(k) != current.get(k))
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -82,6 +94,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         rng["cuda"] = torch.cuda.get_rng_state()
     save_file(rng, str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({"loop": asdict(loop), "optimizer": opt_meta}, indent=1))
+    (tmp / "config.json").write_text(json.dumps(loop.config, indent=1, sort_keys=True))
     final = root / LATEST
     old = root / ".old"
     shutil.rmtree(old, ignore_errors=True)
@@ -97,15 +110,25 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config_digest: str) -> LoopState:
-    """Restore weights, optimiser and RNG from `path`; refuses a checkpoint of another configuration."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    config: dict[str, Any]) -> LoopState:
+    """Restore weights, optimiser and RNG from `path`; refuses a checkpoint of another configuration.
+
+    `config` is this run's `Stage3Config.to_dict()`; the refusal names every field that differs.
+    """
     meta = json.loads((path / "state.json").read_text())
     loop = LoopState(**meta["loop"])
     loop.train_losses = [tuple(x) for x in loop.train_losses]  # type: ignore[misc]
     loop.val_losses = [tuple(x) for x in loop.val_losses]  # type: ignore[misc]
-    if loop.config_digest != config_digest:
-        raise CheckpointMismatch(f"checkpoint {path} was written by config {loop.config_digest}, this run is "
-                                 f"{config_digest}: use a new output folder or --no-resume")
+    if not loop.config:
+        raise CheckpointMismatch(f"checkpoint {path} carries no configuration (written by an older version): "
+                                 "use a new output folder or --no-resume")
+    changed = changed_fields(loop.config, config)
+    config = json.loads(json.dumps(config))
+    if changed:
+        detail = ", ".join(f"{k}: {loop.config.get(k)!r} -> {config.get(k)!r}" for k in changed[:6])
+        raise CheckpointMismatch(f"cannot resume {path}: config fields changed since it was written: {changed} "
+                                 f"({detail}); use a new output folder or --no-resume")
     weights = load_file(str(path / "trainable.safetensors"))
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:

@@ -17,6 +17,8 @@ from typing import Any
 
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRECISIONS = ("auto", "bf16", "fp32")
+#: Fields that may differ between a run and the run it resumes (they do not change what is computed).
+RESUME_FREE_FIELDS = frozenset({"checkpoint_every", "eval_every", "num_threads"})
 
 
 @dataclass(frozen=True)
@@ -134,9 +136,9 @@ class Stage3Config:
                 values[key] = tuple(values[key])
         return cls(**values)
 
-    def digest(self, exclude: tuple[str, ...] = ("checkpoint_every", "eval_every", "num_threads")) -> str:
-        """A short hash of the settings that change the result (for caching)."""
-        data = {k: v for k, v in self.to_dict().items() if k not in exclude}
+    def digest(self) -> str:
+        """A short hash of the settings that change the result."""
+        data = {k: v for k, v in self.to_dict().items() if k not in RESUME_FREE_FIELDS}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
@@ -28,8 +27,8 @@ class PromptWithoutEstimatesEngine(Engine):
     Only the prompt differs: the heads still run and their estimates still go to the report (and the SR).
     """
 
-    def _generate(self, tokens: Any, estimates: Any, missing: Any, timings: Any) -> Any:
-        return super()._generate(tokens, {}, missing, timings)
+    def prompt_estimates(self, estimates: dict[str, float]) -> None:
+        return None
 
 
 def bundle_uses_estimates(bundle_dir: Path) -> bool:

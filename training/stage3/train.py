@@ -199,10 +199,10 @@ class SFTTrainer:
         an interruption would; a later `fit()` continues from it.
         """
         torch.manual_seed(self.cfg.seed)
-        loop = LoopState(config_digest=self.cfg.digest())
+        loop = LoopState(config_digest=self.cfg.digest(), config=self.cfg.to_dict())
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if checkpoint is not None:
-            loop = load_checkpoint(checkpoint, self.model, self.optimizer, self.cfg.digest())
+            loop = load_checkpoint(checkpoint, self.model, self.optimizer, self.cfg.to_dict())
             log.info("stage 3: resumed from %s at step %d", checkpoint, loop.step)
         scheduler = self._scheduler(loop.step)
         if not loop.val_losses and self.val_ds is not None:

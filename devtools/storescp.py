@@ -1,4 +1,4 @@
-"""DCMTK storescp as a destination PACS for delivery tests: every reception becomes its own file."""
+"""DCMTK storescp as a destination PACS (delivery tests, e2e benchmark): every reception becomes its own file."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pydicom
 
-from conftest import require_tool
+from devtools.tools import require_tool
 from devtools.ports import wait_for_port
 
 

@@ -1,0 +1,244 @@
+"""The gradability gate: is this image one the model may read? Decided per eye and modality, before any diagnosis.
+
+Two kinds of checks (thresholds in `QualityThresholds`, from Settings `gate_*`; defaults documented there):
+- indication, from the DICOM header: SOP class and Modality agree, laterality R or L, colour CFP
+  (3 samples) and grey OCT (MONOCHROME2), 8-16 bit, minimum rows/columns and OCT frame count. A wrong
+  class, modality, laterality or photometric interpretation is OUT_OF_SCOPE; too small is UNGRADABLE.
+- image quality, from the pixels, at a fixed working size so the measures do not depend on the camera:
+  CFP field coverage (fraction of the frame that is lit retina) and field centring, exposure (mean and
+  saturated fraction inside the field), contrast (grey-level spread inside the field), sharpness (the
+  normalised variance of the Laplacian: std of the Laplacian over std of the image, inside the eroded
+  field; blur removes the fine detail first) and decoder fill (block rows repeating one tile, what a JPEG
+  decoder leaves after corrupted entropy-coded data); OCT blank and saturated frames and signal strength
+  (99th percentile minus median of the central B-scans, as a fraction of full scale).
+Pixel data that cannot be decoded is UNGRADABLE with reason `undecodable`, never an exception.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from grok_pacs.analysis.result import (QUALITY_REASONS as REASONS, Eye, Gradability, ModalityQuality, QualityReason,
+                                       Report, SourceImage)
+from grok_pacs.config import LEGACY_SOP_CLASSES, OP_8BIT, OP_16BIT, OPT, Settings
+from grok_pacs.domain.labels import Label
+
+_OUT_OF_SCOPE = {"sop-class-modality", "laterality", "photometric", "bit-depth"}
+_MODALITY_OF_CLASS = {OP_8BIT: ("OP",), OP_16BIT: ("OP",), OPT: ("OPT",)}
+WORK_SIDE = 512  #: CFP measures are taken at this shorter side (resolution independence)
+
+
+@dataclass(frozen=True)
+class QualityThresholds:
+    """Where the gate draws its lines; `from_settings` reads the `gate_*` Settings fields of the same names."""
+
+    min_cfp_side: int = 224  # px, shorter side of a CFP (the encoder's input side)
+    min_oct_rows: int = 64  # px per B-scan, both axes
+    min_oct_frames: int = 1  # B-scans per OCT volume
+    min_field_coverage: float = 0.25  # fraction of the CFP frame that is lit retina
+    max_field_offset: float = 0.25  # distance of the field centroid from the image centre, fraction of the side
+    min_exposure: float = 0.08  # mean luminance inside the field, 0..1
+    max_exposure: float = 0.92
+    max_saturated: float = 0.25  # fraction of field pixels at >= 250 in every channel
+    min_contrast: float = 0.015  # std of luminance inside the field, 0..1
+    min_sharpness: float = 0.04  # std(Laplacian) / std(image) inside the eroded field
+    max_decoder_fill: float = 0.05  # fraction of 16-px block rows that repeat one lit tile across the width
+    max_blank_frames: float = 0.5  # fraction of OCT frames with (almost) no signal variation
+    max_saturated_frames: float = 0.5  # fraction of OCT frames mostly at full scale
+    min_oct_signal: float = 0.15  # (p99 - median) / full scale of the central B-scans
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 0:
+                raise ValueError(f"gate_{f.name}: must be >= 0, got {getattr(self, f.name)}")
+        if self.min_exposure >= self.max_exposure:
+            raise ValueError("gate_min_exposure must be below gate_max_exposure")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "QualityThresholds":
+        return cls(**{f.name: getattr(settings, f"gate_{f.name}") for f in fields(cls)})
+
+
+def _verdict(modality: str, reasons: list[QualityReason], measures: dict[str, float],
+             sop_uid: str | None) -> ModalityQuality:
+    if not reasons:
+        return ModalityQuality(modality, Gradability.GRADABLE, (), measures, sop_uid)
+    scope = any(r.code in _OUT_OF_SCOPE for r in reasons)
+    return ModalityQuality(modality, Gradability.OUT_OF_SCOPE if scope else Gradability.UNGRADABLE,
+                           tuple(reasons), measures, sop_uid)
+
+
+def _reason(code: str, detail: str) -> QualityReason:
+    return QualityReason(code, f"{REASONS[code]}: {detail}")
+
+
+# --- header ------------------------------------------------------------------------------------------
+def check_header(modality: str, ds: Dataset, limits: QualityThresholds) -> list[QualityReason]:
+    """Indication checks of one instance's header (no pixels needed)."""
+    out: list[QualityReason] = []
+    sop, dicom_modality = str(ds.get("SOPClassUID", "")), str(ds.get("Modality", "")).upper()
+    allowed = _MODALITY_OF_CLASS.get(sop, ("OP", "XC", "OT") if sop in LEGACY_SOP_CLASSES else ())
+    if dicom_modality not in allowed:
+        out.append(_reason("sop-class-modality", f"class {sop} with Modality {dicom_modality or 'missing'}"))
+    laterality = str(ds.get("ImageLaterality") or ds.get("Laterality") or "").strip().upper()
+    if laterality not in ("R", "L"):
+        out.append(_reason("laterality", f"{laterality or 'missing'}"))
+    photometric, samples = str(ds.get("PhotometricInterpretation", "")), int(ds.get("SamplesPerPixel", 0) or 0)
+    if modality == "CFP" and samples != 3:
+        out.append(_reason("photometric", f"CFP needs colour (3 samples), got {photometric or 'none'}"))
+    if modality == "OCT" and photometric != "MONOCHROME2":
+        out.append(_reason("photometric", f"OCT needs MONOCHROME2, got {photometric or 'none'}"))
+    allocated, stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
+    if allocated not in (8, 16) or not 8 <= stored <= allocated:
+        out.append(_reason("bit-depth", f"BitsAllocated {allocated}, BitsStored {stored}"))
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    least = limits.min_cfp_side if modality == "CFP" else limits.min_oct_rows
+    if min(rows, cols) < least:
+        out.append(_reason("resolution", f"{rows}x{cols} < {least} px"))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if modality == "OCT" and frames < limits.min_oct_frames:
+        out.append(_reason("frames", f"{frames} < {limits.min_oct_frames}"))
+    return out
+
+
+def undecodable(modality: str, error: str, sop_uid: str | None) -> ModalityQuality:
+    """The verdict on an image whose pixels cannot be read."""
+    return ModalityQuality(modality, Gradability.UNGRADABLE, (_reason("undecodable", error),), {}, sop_uid)
+
+
+def judge(modality: str, header: Dataset, pixels: np.ndarray | None, error: str | None, sop_uid: str,
+          limits: QualityThresholds) -> ModalityQuality:
+    """The gate's verdict on one instance: undecodable when `pixels` is None (with `error`), else assessed."""
+    if pixels is None:
+        return undecodable(modality, error or "no pixel data", sop_uid)
+    assess = assess_cfp if modality == "CFP" else assess_oct
+    return assess(pixels, limits, header, sop_uid)
+
+
+def ungradable_report(eye: Eye, verdicts: Sequence[ModalityQuality], sources: Sequence[SourceImage],
+                      bundle_name: str, bundle_version: str) -> Report:
+    """The report of an eye no modality of which passed the gate: no diagnosis, no narrative, the reasons."""
+    if not verdicts or any(v.gradability is Gradability.GRADABLE for v in verdicts):
+        raise ValueError(f"eye {eye}: an ungradable report needs verdicts, none of them gradable")
+    worst = (Gradability.OUT_OF_SCOPE if all(v.gradability is Gradability.OUT_OF_SCOPE for v in verdicts)
+             else Gradability.UNGRADABLE)
+    reasons = "; ".join(f"{v.modality}: {', '.join(r.detail for r in v.reasons)}" for v in verdicts)
+    return Report(eye=Eye(eye), label=Label.INDETERMINATE, narrative="",
+                  impression=f"No diagnosis: the images of this eye are {worst.value} ({reasons}).",
+                  raw_text="", biomarkers=(), cited_numbers=(), label_scores={},
+                  missing_modalities=tuple(m for m in ("CFP", "OCT") if m not in {v.modality for v in verdicts}),
+                  sources=tuple(sources), oct_frame_index=None, oct_frame_method=None, bundle_name=bundle_name,
+                  bundle_version=bundle_version, gradability=worst, quality=tuple(verdicts))
+
+
+# --- pixels ------------------------------------------------------------------------------------------
+def _laplacian(img: np.ndarray) -> np.ndarray:
+    return (img[1:-1, :-2] + img[1:-1, 2:] + img[:-2, 1:-1] + img[2:, 1:-1] - 4 * img[1:-1, 1:-1])
+
+
+def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
+    out = mask.copy()
+    for _ in range(steps):
+        out[1:-1, 1:-1] &= out[:-2, 1:-1] & out[2:, 1:-1] & out[1:-1, :-2] & out[1:-1, 2:]
+        out[0], out[-1], out[:, 0], out[:, -1] = False, False, False, False
+    return out
+
+
+def _decoder_fill(rgb: np.ndarray) -> float:
+    """Fraction of 16-px block rows made of one repeated, lit 16x16 tile across the whole width.
+
+    A JPEG decoder that meets corrupted entropy-coded data fills the rest of the frame with one repeated
+    MCU; a photograph never repeats a lit tile exactly across its width (the field is round, sensors noisy).
+    """
+    h, w = (rgb.shape[0] // 16) * 16, (rgb.shape[1] // 16) * 16
+    if h == 0 or w < 32:
+        return 0.0
+    tiles = rgb[:h, :w].reshape(h // 16, 16, w // 16, 16, -1)
+    repeated = (tiles == tiles[:, :, :1]).all(axis=(1, 2, 3, 4))
+    level = tiles[:, :, 0].reshape(h // 16, -1).mean(axis=1)
+    return float((repeated & (level > 20) & (level < 250)).mean())
+
+
+def cfp_measures(rgb: np.ndarray) -> dict[str, float]:
+    """The CFP quality measures (module docstring), from uint8 [H, W, 3]."""
+    scale = WORK_SIDE / min(rgb.shape[:2])
+    size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+    work = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR), dtype=np.float32) / 255.0
+    native = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / np.float32(255.0)
+    lum = np.asarray(Image.fromarray(native, "F").resize(size, Image.BILINEAR))  # float: no re-quantisation
+    field = lum > 0.06
+    coverage = float(field.mean())
+    m: dict[str, float] = {"field_coverage": coverage, "decoder_fill": _decoder_fill(rgb)}
+    if coverage == 0.0:
+        return {**m, "field_offset": 1.0, "exposure": 0.0, "saturated": 0.0, "contrast": 0.0, "sharpness": 0.0}
+    yy, xx = np.nonzero(field)
+    m["field_offset"] = float(np.hypot(yy.mean() / lum.shape[0] - 0.5, xx.mean() / lum.shape[1] - 0.5))
+    inside = lum[field]
+    m["exposure"] = float(inside.mean())
+    m["saturated"] = float((work[field] >= 250 / 255).all(axis=-1).mean())
+    m["contrast"] = float(inside.std())
+    core = _erode(field, 6)[1:-1, 1:-1]
+    lap = _laplacian(lum)[core]
+    spread = float(lum[1:-1, 1:-1][core].std()) if lap.size > 16 else 0.0
+    m["sharpness"] = float(lap.std() / spread) if spread > 1e-6 else 0.0
+    return m
+
+
+def assess_cfp(rgb: np.ndarray, limits: QualityThresholds, header: Dataset | None = None,
+               sop_uid: str | None = None) -> ModalityQuality:
+    """Verdict on a CFP: header checks (when a header is given), then the pixel measures against `limits`."""
+    reasons = check_header("CFP", header, limits) if header is not None else []
+    if header is None and min(rgb.shape[:2]) < limits.min_cfp_side:
+        reasons.append(_reason("resolution", f"{rgb.shape[0]}x{rgb.shape[1]} < {limits.min_cfp_side} px"))
+    m = cfp_measures(rgb)
+    checks = (
+        ("field-coverage", m["field_coverage"] < limits.min_field_coverage,
+         f"{m['field_coverage']:.2f} < {limits.min_field_coverage}"),
+        ("off-centre", m["field_offset"] > limits.max_field_offset, f"{m['field_offset']:.2f} > {limits.max_field_offset}"),
+        ("underexposed", m["exposure"] < limits.min_exposure, f"mean {m['exposure']:.2f} < {limits.min_exposure}"),
+        ("overexposed", m["exposure"] > limits.max_exposure or m["saturated"] > limits.max_saturated,
+         f"mean {m['exposure']:.2f}, saturated {m['saturated']:.2f}"),
+        ("low-contrast", m["contrast"] < limits.min_contrast, f"{m['contrast']:.3f} < {limits.min_contrast}"),
+        ("blur", m["sharpness"] < limits.min_sharpness, f"sharpness {m['sharpness']:.3f} < {limits.min_sharpness}"),
+        ("decoder-fill", m["decoder_fill"] > limits.max_decoder_fill,
+         f"{m['decoder_fill']:.2f} of block rows repeat one tile > {limits.max_decoder_fill}"),
+    )
+    reasons += [_reason(code, detail) for code, failed, detail in checks if failed]
+    return _verdict("CFP", reasons, m, sop_uid)
+
+
+def oct_measures(volume: np.ndarray, full_scale: float) -> dict[str, float]:
+    """The OCT quality measures (module docstring), from [frames, rows, cols] and the sample full scale."""
+    data = volume.astype(np.float32) / np.float32(full_scale)
+    flat = data.reshape(data.shape[0], -1)
+    blank = flat.std(axis=1) < 0.01
+    saturated = (flat >= 0.98).mean(axis=1) > 0.5
+    n = data.shape[0]
+    central = flat[max(0, n // 2 - 1): n // 2 + 2]
+    signal = np.percentile(central, 99, axis=1) - np.median(central, axis=1)
+    return {"blank_frames": float(blank.mean()), "saturated_frames": float(saturated.mean()),
+            "signal": float(np.median(signal)), "central_blank": float(blank[n // 2])}
+
+
+def assess_oct(volume: np.ndarray, limits: QualityThresholds, header: Dataset | None = None,
+               sop_uid: str | None = None) -> ModalityQuality:
+    """Verdict on an OCT volume: header checks (when given), then the pixel measures against `limits`."""
+    reasons = check_header("OCT", header, limits) if header is not None else []
+    if header is None and min(volume.shape[1:]) < limits.min_oct_rows:
+        reasons.append(_reason("resolution", f"{volume.shape[1]}x{volume.shape[2]} < {limits.min_oct_rows} px"))
+    bits = int(header.get("BitsStored", 8) or 8) if header is not None else (8 if volume.dtype == np.uint8 else 16)
+    m = oct_measures(volume, float(2 ** bits - 1))
+    checks = (
+        ("blank-frames", m["blank_frames"] > limits.max_blank_frames or m["central_blank"] > 0,
+         f"{m['blank_frames']:.2f} of frames blank (central {'blank' if m['central_blank'] else 'not blank'})"),
+        ("saturated-frames", m["saturated_frames"] > limits.max_saturated_frames,
+         f"{m['saturated_frames']:.2f} > {limits.max_saturated_frames}"),
+        ("low-signal", m["signal"] < limits.min_oct_signal, f"{m['signal']:.3f} < {limits.min_oct_signal}"),
+    )
+    reasons += [_reason(code, detail) for code, failed, detail in checks if failed]
+    return _verdict("OCT", reasons, m, sop_uid)

@@ -1,0 +1,175 @@
+"""Dispositions: what should happen next, per eye and per patient, from one ordered table (SPEC §7).
+
+Each row names its guideline source. The first row that matches an eye's gradability, label and biomarker
+condition gives its disposition. The patient-level roll-up takes the most severe eye (urgent referral >
+referral > retake > rescreen; among rescreens the shortest interval), adds a referral for cup-to-disc
+asymmetry between the eyes, and reports systemic labels (diabetes, hypertension, Alzheimer's) once per
+patient. A site replaces the table with a TOML file (`disposition_table` setting) of `[[rule]]` rows with
+the same fields as `Rule` (see docs/ARCHITECTURE.md, "Safety gate and dispositions").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from grok_pacs.analysis.result import ACTION_ORDER, Action, Disposition, Gradability, Report
+from grok_pacs.domain.biomarkers import BY_KEY
+from grok_pacs.domain.labels import Label
+
+SYSTEMIC_LABELS = (Label.DIABETES, Label.HYPERTENSION, Label.ALZHEIMER)
+CDR_ASYMMETRY = 0.2  #: cup-to-disc difference between the eyes that suggests glaucoma (SPEC section 7)
+_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+class DispositionTableError(ValueError):
+    """A disposition table that cannot work; names the row and the field."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row: when (gradability, label, optional biomarker condition) -> what (action, text, source)."""
+
+    rule: str  #: row id, written in the SR
+    action: Action
+    text: str
+    source: str  #: guideline the row comes from
+    gradability: str = "gradable"  #: "gradable", "not-gradable" (ungradable or out of scope) or "*"
+    label: str = "*"  #: a Label value or "*"
+    biomarker: str | None = None  #: grok_pacs.domain.biomarkers key the condition reads
+    op: str | None = None  #: ">=", ">", "<=", "<"
+    value: float | None = None
+    rescreen_months: int | None = None
+
+    def __post_init__(self) -> None:
+        where = f"disposition rule {self.rule!r}"
+        if not isinstance(self.action, Action):
+            object.__setattr__(self, "action", _enum(Action, self.action, f"{where}: action"))
+        if self.gradability not in ("gradable", "not-gradable", "*"):
+            raise DispositionTableError(f"{where}: gradability {self.gradability!r} is not gradable/not-gradable/*")
+        if self.label != "*":
+            _enum(Label, self.label, f"{where}: label")
+        if (self.biomarker, self.op, self.value).count(None) not in (0, 3):
+            raise DispositionTableError(f"{where}: biomarker, op and value go together")
+        if self.biomarker is not None and (self.biomarker not in BY_KEY or self.op not in _OPS):
+            raise DispositionTableError(f"{where}: unknown biomarker {self.biomarker!r} or op {self.op!r}")
+        try:
+            self.disposition()
+        except ValueError as exc:
+            raise DispositionTableError(f"{where}: {exc}") from exc
+
+    def matches(self, report: Report) -> bool:
+        gradable = report.gradability is Gradability.GRADABLE
+        if self.gradability != "*" and (self.gradability == "gradable") != gradable:
+            return False
+        if self.label != "*" and report.label.value != self.label:
+            return False
+        if self.biomarker is None:
+            return True
+        values = {b.key: b.value for b in report.biomarkers}
+        return self.biomarker in values and _OPS[self.op](values[self.biomarker], self.value)
+
+    def disposition(self) -> Disposition:
+        return Disposition(self.action, self.text, self.source, self.rule, self.rescreen_months)
+
+
+def _enum(kind, value, where):
+    try:
+        return kind(value)
+    except ValueError as exc:
+        raise DispositionTableError(f"{where} {value!r} is not one of {[k.value for k in kind]}") from exc
+
+
+_DESP = "NHS Diabetic Eye Screening Programme grading (SPEC section 7)"
+#: The default table, first match wins (SPEC §7 names each source).
+DEFAULT_TABLE: tuple[Rule, ...] = (
+    Rule("ungradable", Action.RETAKE, "Image quality insufficient: retake, or refer", gradability="not-gradable",
+         source="IDx-DR / EyeArt practice: no result means refer; ungradable -> retake, then refer (SPEC section 7)"),
+    Rule("dr-oedema", Action.URGENT_REFERRAL, "Urgent referral: diabetic retinopathy with centre-involving "
+         "oedema signs", label="DiabeticRetinopathy", biomarker="mt_central", op=">=", value=300.0,
+         source=f"{_DESP}: R3/M1 urgent"),
+    Rule("dr", Action.REFERRAL, "Refer to ophthalmology: referable diabetic retinopathy",
+         label="DiabeticRetinopathy", source=f"{_DESP}: referable DR"),
+    Rule("amd-wet", Action.URGENT_REFERRAL, "Urgent referral (within about 2 weeks): suspected neovascular AMD "
+         "(central thickening)", label="AMD", biomarker="mt_central", op=">=", value=300.0,
+         source="RCOphth AMD guidance: suspected wet AMD seen within 2 weeks (SPEC section 7)"),
+    Rule("amd", Action.REFERRAL, "Routine referral: dry age-related macular degeneration", label="AMD",
+         source="RCOphth AMD guidance: dry AMD routine (SPEC section 7)"),
+    Rule("glaucoma-cdr", Action.REFERRAL, "Refer to ophthalmology: glaucoma suspicion (cup-to-disc >= 0.7)",
+         biomarker="cup_to_disc", op=">=", value=0.7, source="Glaucoma suspicion: CDR >= 0.7 (SPEC section 7)"),
+    Rule("glaucoma", Action.REFERRAL, "Refer to ophthalmology: glaucoma suspicion", label="Glaucoma",
+         source="Glaucoma suspicion -> refer (SPEC section 7)"),
+    Rule("hypertension", Action.REFERRAL, "Blood-pressure assessment by the physician (hypertensive signs)",
+         label="Hypertension", source="Hypertensive signs -> blood-pressure assessment by the physician (SPEC section 7)"),
+    Rule("alzheimer", Action.REFERRAL, "Physician review: retinal signs associated with Alzheimer's disease",
+         label="Alzheimer", source="No screening guideline; project rule: a systemic finding goes to the physician"),
+    Rule("diabetes", Action.RESCREEN, "Diabetes without retinopathy signs: rescreen in 12 months",
+         label="Diabetes", rescreen_months=12, source=f"{_DESP}: R0 annual rescreen"),
+    Rule("normal", Action.RESCREEN, "No abnormality found: routine rescreen", label="Normal", rescreen_months=24,
+         source="Normal -> routine rescreen (SPEC section 7); interval a site choice"),
+    Rule("indeterminate", Action.REFERRAL, "No diagnosis could be determined: refer for clinical review",
+         source="IDx-DR practice: no result means refer (SPEC section 7)"),
+)
+
+
+def load_table(path: Path | None) -> tuple[Rule, ...]:
+    """The site's table (TOML `[[rule]]` rows) or the default; DispositionTableError names what is wrong."""
+    if path is None:
+        return DEFAULT_TABLE
+    try:
+        rows = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("rule", [])
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise DispositionTableError(f"disposition table {path}: {exc}") from exc
+    if not rows:
+        raise DispositionTableError(f"disposition table {path}: no [[rule]] rows")
+    names = {f.name for f in dataclasses.fields(Rule)}
+    for row in rows:
+        if set(row) - names:
+            raise DispositionTableError(f"disposition table {path}: unknown field(s) {sorted(set(row) - names)}")
+    table = tuple(Rule(**row) for row in rows)
+    if not any(r.gradability in ("not-gradable", "*") and r.label == "*" and r.biomarker is None for r in table) \
+            or not any(r.gradability in ("gradable", "*") and r.label == "*" and r.biomarker is None for r in table):
+        raise DispositionTableError(f"disposition table {path}: needs catch-all rows for gradable and not-gradable eyes")
+    return table
+
+
+def for_eye(report: Report, table: Sequence[Rule] = DEFAULT_TABLE) -> Disposition:
+    """The first matching row's disposition; a table without a match is an error (never a silent none)."""
+    for rule in table:
+        if rule.matches(report):
+            return rule.disposition()
+    raise DispositionTableError(f"no disposition rule matches eye {report.eye.value} "
+                                f"({report.gradability.value}, {report.label.value})")
+
+
+def _severity(d: Disposition) -> tuple[int, int]:
+    return ACTION_ORDER.index(d.action), d.rescreen_months or 0
+
+
+def roll_up(reports: Sequence[Report]) -> Disposition:
+    """Patient level over the eyes' dispositions (each report must carry one): the most severe decides."""
+    if not reports or any(r.disposition is None for r in reports):
+        raise ValueError("roll_up needs reports that carry their eye's disposition")
+    worst = min(_severity(r.disposition) for r in reports)
+    deciding = [r for r in reports if _severity(r.disposition) == worst]
+    chosen = deciding[0].disposition
+    cdr = [b.value for r in reports if r.gradability is Gradability.GRADABLE
+           for b in r.biomarkers if b.key == "cup_to_disc"]
+    if len(cdr) == 2 and abs(cdr[0] - cdr[1]) >= CDR_ASYMMETRY and ACTION_ORDER.index(chosen.action) > 1:
+        chosen = Disposition(Action.REFERRAL, f"Refer to ophthalmology: cup-to-disc asymmetry "
+                             f"{abs(cdr[0] - cdr[1]):.2f} >= {CDR_ASYMMETRY}", "Glaucoma suspicion: CDR "
+                             "asymmetry >= 0.2 between the eyes (SPEC section 7)", "glaucoma-asymmetry")
+        deciding = list(reports)
+    systemic = tuple(sorted({r.label.value for r in reports if r.diagnosed and r.label in SYSTEMIC_LABELS}))
+    return dataclasses.replace(chosen, systemic=systemic, eyes=tuple(r.eye.value for r in deciding))
+
+
+def apply(reports: Sequence[Report], table: Sequence[Rule] = DEFAULT_TABLE) -> list[Report]:
+    """The reports with their eye disposition and the patient roll-up over all of them."""
+    with_eye = [dataclasses.replace(r, disposition=for_eye(r, table)) for r in reports]
+    patient = roll_up(with_eye) if with_eye else None
+    return [dataclasses.replace(r, patient_disposition=patient) for r in with_eye]
