@@ -78,6 +78,7 @@ def browser(delivered, viewer):
     """Chromium with a fresh profile."""
     chromium = Browser(delivered.work_dir / "chromium-profile")
     yield chromium
+    chromium.page.screenshot(path=str(delivered.work_dir / "viewer-last.png"))  # what it showed at the end
     chromium.close()
 
 
@@ -115,7 +116,8 @@ def test_the_study_opens_with_its_images_and_our_report_listed(delivered, viewer
     assert thumbnail(page, "OP").count() == 2 and thumbnail(page, "OPT").count() == 2
     reports = thumbnail(page, "SR")
     assert REPORT_DESCRIPTION in reports.first.inner_text(), reports.first.inner_text()
-    # The OCT opens first (hanging protocol): all 8 B-scans loaded, a retina drawn (not a black viewport).
+    # An OCT volume opens with all 8 B-scans, a retina drawn (not a black viewport).
+    thumbnail(page, "OPT").first.dblclick()
     overlay = page.locator('[data-cy="viewport-overlay-bottom-right"]')
     expect(overlay).to_have_text(re.compile(r"\b1/8\b"), timeout=TIMEOUT_MS)
     oct_view = viewport(page)
