@@ -26,7 +26,7 @@ from celery.signals import worker_ready
 from grok_pacs.config import Settings, SettingsError
 from grok_pacs.delivery.sender import claim_lease_s
 from grok_pacs.jobs.app import TASK_DELIVER_SR, TASK_MODULES, create_app
-from grok_pacs.ops import health, metrics
+from grok_pacs.ops import health, metrics, observability
 from grok_pacs.store.index import StudyIndex
 from grok_pacs.store.outbox import Outbox
 
@@ -163,10 +163,10 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> int:
         raise SettingsError(f"bundle: model bundle directory {settings.bundle} does not exist")
     app = worker_app(settings)
     worker = build_worker(app, settings, loglevel)
-    observability = metrics.maybe_start_server(settings, "worker")  # /metrics, /health when metrics_port
+    server = observability.maybe_start_server(settings, "worker")  # /metrics, /health when metrics_port
     try:
         worker.start()
     finally:
-        if observability is not None:
-            observability.close()
+        if server is not None:
+            server.close()
     return int(worker.exitcode or 0)
