@@ -35,7 +35,7 @@ window.config = {
         supportsFuzzyMatching: false,
         supportsWildcard: true,
         staticWado: false,
-        singlepart: 'bulkdata,video,pdf',
+        singlepart: 'bulkdata,video',  // not 'pdf': that asks /rendered, which Orthanc's DICOMweb 1.7 refuses (400) for a PDF
         bulkDataURI: { enabled: true, relativeResolution: 'studies' },
         omitQuotationForMultipartRequest: true,
       },
