@@ -7,7 +7,7 @@ PYTHON ?= python3
 # training/, export/ and devtools/ are not installed (the wheel ships grok_pacs only): run from the checkout.
 RUN := PYTHONPATH=$(CURDIR) $(PY)
 
-.PHONY: setup system test demo benchmark bench clean
+.PHONY: setup system test lint demo benchmark bench clean
 
 # System peers (DCMTK, dicom3tools, Redis, Orthanc) via Debian packages when missing.
 system:
@@ -25,6 +25,11 @@ setup: system $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q
+
+# ruff (settings in pyproject.toml): lint rules and the format check; not yet part of `test`.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 demo: setup
 	$(RUN) -m devtools.demo

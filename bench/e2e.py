@@ -84,7 +84,8 @@ class Rig:
         return Peer(ae_title=self.settings.ae_title, host="127.0.0.1", port=self.ingest.port)
 
     def received(self) -> list[Path]:
-        return sorted(p for p in self.pacs.out_dir.iterdir() if p.is_file())
+        """The SRs received (storescp names files by modality; the PDF reports, "DOC...", are not timed)."""
+        return sorted(p for p in self.pacs.out_dir.iterdir() if p.is_file() and p.name.startswith("SR"))
 
     def wait_for(self, count: int, timeout: float) -> float:
         """Wait until `count` SRs have arrived; returns the newest SR file's write time."""

@@ -36,5 +36,12 @@ class StoreSCP:
         """Every dataset received so far (one per C-STORE, duplicates included)."""
         return [pydicom.dcmread(path) for path in sorted(self.out_dir.iterdir()) if path.is_file()]
 
+    def received_srs(self) -> list[pydicom.Dataset]:
+        return [ds for ds in self.received() if ds.Modality == "SR"]
+
+    def received_pdfs(self) -> list[pydicom.Dataset]:
+        """The Encapsulated PDF reports received (Modality DOC)."""
+        return [ds for ds in self.received() if ds.Modality == "DOC"]
+
     def received_sop_uids(self) -> list[str]:
         return [str(ds.SOPInstanceUID) for ds in self.received()]

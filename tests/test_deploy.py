@@ -179,7 +179,7 @@ def test_probes_and_healthchecks_use_paths_the_metrics_server_serves(tmp_path: P
     import urllib.request
 
     from grok_pacs.ops import health
-    from grok_pacs.ops import metrics
+    from grok_pacs.ops import observability
 
     paths = set()
     for doc in _k8s_docs():
@@ -197,7 +197,7 @@ def test_probes_and_healthchecks_use_paths_the_metrics_server_serves(tmp_path: P
 
     settings = load_settings(data_dir=tmp_path, metrics_port=free_port(), bind_address="127.0.0.1")
     checker = health.HealthChecker({"always": lambda: health.CheckResult(True, "fine")})
-    server = metrics.start_server(settings, "listener", checker=checker)
+    server = observability.start_server(settings, "listener", checker=checker)
     try:
         for path in sorted(paths):
             with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=10) as reply:

@@ -108,12 +108,13 @@ def test_refusals_leave_nothing_behind_and_listener_keeps_serving(tmp_path: Path
         evil_path = write(evil, tmp_path / "evil" / "evil.dcm")
         [evil_result] = store_files(peer, [evil_path], calling_ae="GROKSCU", timeout=10)
         assert evil_result.status == dimse_status.ERROR_INVALID_UID
+        assert "UID" in evil_result.message  # the reason travels as ErrorComment
         # A truncated dataset: failure status.
         whole = write(oct_tomography(generate_uid(), "R", frames=4, rows=32, columns=32), tmp_path / "t.dcm")
         data = whole.read_bytes()
         whole.write_bytes(data[: len(data) - 1000])
         [cut_result] = store_files(peer, [whole], calling_ae="GROKSCU", timeout=10)
-        assert cut_result.status == dimse_status.ERROR_INCOMPLETE_DATASET
+        assert cut_result.status == dimse_status.ERROR_INCOMPLETE_DATASET and cut_result.message
         assert stored_files(settings) == [] and temp_files(settings) == []
         assert service.index.studies() == []
         # ...and the listener still serves.
@@ -131,6 +132,29 @@ def test_disk_watermark_answers_out_of_resources(tmp_path: Path) -> None:
         with pytest.raises(TransientStoreError, match="REFUSED_OUT_OF_RESOURCES"):
             store_dataset(peer, fundus_photograph(generate_uid(), "R", size=32), calling_ae="GROKSCU", timeout=10)
     assert stored_files(settings) == [] and temp_files(settings) == []
+
+
+def test_refusal_reason_reaches_the_sender_as_error_comment(tmp_path: Path) -> None:
+    """What the log line says is what the sending PACS shows: DCMTK storescu prints the ErrorComment."""
+    settings = ingest_settings(tmp_path, min_free_disk_mb=1 << 40)
+    photo = write(fundus_photograph(generate_uid(), "R", size=32), tmp_path / "photo.dcm")
+    reason = f"free disk below min_free_disk_mb={1 << 40}"
+    with running(settings) as service:
+        done = storescu(service.port, photo, options=("-d", "-xy"))
+        peer = Peer(ae_title=OUR_AE, host="127.0.0.1", port=settings.port)
+        [result] = store_files(peer, [photo], calling_ae="GROKSCU", timeout=10)
+    shown = done.stdout + done.stderr
+    assert "0xa700" in shown.lower() and f"(0000,0902) LO [{reason}]" in shown
+    assert result.status == dimse_status.REFUSED_OUT_OF_RESOURCES and result.message == reason
+
+
+def test_error_comment_is_a_valid_lo_value() -> None:
+    from grok_pacs.ingest.listener import failure_response
+
+    response = failure_response(dimse_status.ERROR_INVALID_UID, "UID '1.2\\..\\x' is invalid\n" + "é" * 80)
+    comment = response.ErrorComment
+    assert response.Status == dimse_status.ERROR_INVALID_UID and len(comment) == 64 and comment.endswith("...")
+    assert comment.startswith("UID '1.2?..?x' is invalid?") and comment.isascii()
 
 
 def test_association_limit_rejects_then_recovers(tmp_path: Path) -> None:

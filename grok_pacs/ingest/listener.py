@@ -4,64 +4,39 @@ The handler is thin: pynetdicom streams each received dataset straight into a te
 `<data>/tmp/` (`STORE_RECV_CHUNKED_DATASET`, redirected here from the system temp directory), the
 handler checks the UIDs and that the file is whole (header only, no pixel decoding), fsyncs it,
 renames it to `<data>/incoming/<study>/<series>/<sop>.dcm`, commits the index row, and only then
-answers Success. It never calls out over the network; assembly (another thread) queues the jobs.
-
-Note: `STORE_RECV_CHUNKED_DATASET` is a process-wide pynetdicom switch; it is turned on when a
-Listener starts. Other SCPs in the same process then get `event.dataset` read from a file (works as
-before) but not `event.encoded_dataset()`.
+answers Success (a refusal answers a failure status with the reason as ErrorComment). It never calls
+out over the network; assembly (another thread) queues the jobs. The pynetdicom receive set-up (streaming,
+TLS) is in `grok_pacs.ingest.transport`.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-import ssl
-import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pynetdicom import AE, _config, dimse_messages, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
 
-from grok_pacs.dicom import status
-from grok_pacs.dicom import fastpath as pynetdicom_tuning
-from grok_pacs.ops import metrics
 from grok_pacs.config import Settings
+from grok_pacs.dicom import fastpath, status
 from grok_pacs.dicom.contexts import scp_contexts
 from grok_pacs.dicom.header import IncompleteDatasetError, read_header
-from grok_pacs.store.index import InstanceRecord, StudyIndex
-from grok_pacs.store.files import TMP_PREFIX, atomic_copy, free_bytes, publish_file, start_fsync, tmp_dir
 from grok_pacs.dicom.uids import InvalidUIDError, instance_relpath, is_valid_uid
+from grok_pacs.ingest.transport import HandshakeInThreadServer, enable_streaming_receive, receive_into, ssl_context
+from grok_pacs.ops import metrics
+from grok_pacs.store.files import atomic_copy, free_bytes, publish_file, start_fsync, tmp_dir
+from grok_pacs.store.index import InstanceRecord, StudyIndex
 
 log = logging.getLogger("grok_pacs.ingest.listener")
 MB = 1024 * 1024
+ERROR_COMMENT_MAX = 64  # LO
 
-# Each AE's temporary directory, looked up from the DUL thread that receives the dataset.
-_TMP_DIRS: "weakref.WeakKeyDictionary[AE, Path]" = weakref.WeakKeyDictionary()
-_ORIGINAL_NTF = tempfile.NamedTemporaryFile
-
-
-def _named_temporary_file(*args, **kwargs):
-    """pynetdicom's temporary file for a received dataset, placed in the receiving AE's `<data>/tmp`."""
-    assoc = getattr(threading.current_thread(), "assoc", None)
-    directory = _TMP_DIRS.get(getattr(assoc, "ae", None)) if assoc is not None else None
-    if directory is not None:
-        kwargs.setdefault("dir", directory)
-        kwargs.setdefault("prefix", TMP_PREFIX)
-    return _ORIGINAL_NTF(*args, **kwargs)
-
-
-def _enable_streaming_receive() -> None:
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    # pynetdicom's default handlers log every PDU and DIMSE message (datasets at debug level); this
-    # module logs one line per association instead, and skipping them saves CPU per instance.
-    _config.LOG_HANDLER_LEVEL = "none"
-    dimse_messages.NamedTemporaryFile = _named_temporary_file
 
 
 @dataclass
@@ -77,23 +52,6 @@ class _AssociationStats:
     outcome: str = "closed"
 
 
-class _HandshakeInThreadServer(ThreadedAssociationServer):
-    """TLS handshakes in each association's thread instead of the accept loop.
-
-    pynetdicom's server completes the handshake inside `accept`, so one client that connects and stays
-    silent would block every new association. Here the socket is wrapped with a deferred handshake
-    (done on the first read, in the association thread, bounded by network_timeout); a plain DICOM
-    client on the TLS port fails that read and its connection is closed.
-    """
-
-    def get_request(self):
-        client, address = self.socket.accept()
-        if self.ssl_context is not None:
-            client.settimeout(self.ae.network_timeout)
-            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
-        return client, address
-
-
 class StoreRefused(Exception):
     """A C-STORE request answered with a failure status; `status` is the code to return."""
 
@@ -102,17 +60,15 @@ class StoreRefused(Exception):
         self.code = code
 
 
-def ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    """The server TLS context from settings (client certificates required when tls_ca is set)."""
-    if not settings.tls_enabled:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(settings.tls_certificate), str(settings.tls_key))
-    if settings.tls_ca is not None:
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(str(settings.tls_ca))
-    return context
+def failure_response(code: int, reason: str) -> Dataset:
+    """A C-STORE failure status with the log line's reason as ErrorComment (0000,0902), so that the
+    sending PACS can show why. ErrorComment is LO: at most 64 printable ASCII characters, no backslash
+    (the value delimiter)."""
+    text = "".join(ch if " " <= ch <= "~" and ch != "\\" else "?" for ch in reason.strip())
+    response = Dataset()
+    response.Status = code
+    response.ErrorComment = text if len(text) <= ERROR_COMMENT_MAX else text[: ERROR_COMMENT_MAX - 3] + "..."
+    return response
 
 
 class Listener:
@@ -141,7 +97,7 @@ class Listener:
         ae.network_timeout = s.network_timeout
         ae.require_called_aet = True
         ae.require_calling_aet = list(s.allowed_aes)
-        _TMP_DIRS[ae] = self.tmp_dir
+        receive_into(ae, self.tmp_dir)
         return ae
 
     @property
@@ -152,8 +108,9 @@ class Listener:
 
     def start(self) -> None:
         """Bind and serve in background threads (returns at once)."""
-        _enable_streaming_receive()
-        pynetdicom_tuning.install()
+        enable_streaming_receive()
+        if self.settings.pynetdicom_fast_path:
+            fastpath.install()
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -165,7 +122,7 @@ class Listener:
         ]
         address = (self.settings.bind_address, self.settings.port)
         self._server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context(self.settings),
-                                           server_class=_HandshakeInThreadServer)
+                                           server_class=HandshakeInThreadServer)
         self.ae._servers.append(self._server)  # as AE.start_server does; server.shutdown() removes it
         thread = threading.Thread(target=self._server.serve_forever, name="grok-listener", daemon=True)
         thread.start()
@@ -239,7 +196,7 @@ class Listener:
         return status.SUCCESS
 
     # --- C-STORE ------------------------------------------------------------------------------------
-    def _on_store(self, event) -> int:
+    def _on_store(self, event) -> int | Dataset:
         stats = self._stats_for(event)
         request = event.request
         try:
@@ -249,7 +206,7 @@ class Listener:
             metrics.instance_failed(status.status_name(refusal.code))
             log.warning("refused instance from %s: status=%s (0x%04X): %s", stats.calling_ae,
                         status.status_name(refusal.code), refusal.code, refusal)
-            return refusal.code
+            return failure_response(refusal.code, str(refusal))
         return code
 
     def _store(self, received: Path, request, calling_ae: str, stats: _AssociationStats) -> int:

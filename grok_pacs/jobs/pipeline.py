@@ -35,10 +35,12 @@ from grok_pacs.config import LEGACY_SOP_CLASSES, OP_8BIT, OP_16BIT, OPT, Setting
 from grok_pacs.delivery.sender import write_sr
 from grok_pacs.analysis.imaging import EyeImages, ImageReadError, read_cfp, read_oct_volume
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
-from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxState
+from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxRow, OutboxState, ResultKind
 from grok_pacs.analysis.quality import QualityThresholds, judge, ungradable_report
 from grok_pacs.analysis.result import Eye, Gradability, ModalityQuality, Report, SourceImage
+from grok_pacs.jobs.pdf_report import write_pdf_report
 from grok_pacs.report import dispositions
+from grok_pacs.report.keys import ReportKey
 from grok_pacs.report.sr import SRKey, build_sr
 from grok_pacs.dicom.uids import resolve_inside
 
@@ -267,10 +269,12 @@ def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Cal
         return StudyResult(study_uid, version, snapshot.void)
     eyes, notes = snapshot.eyes, list(snapshot.notes)
     keys = {eye: SRKey(study_uid, version, bundle_version, eye) for eye in Eye}
+    pdf_key = ReportKey(study_uid, version, bundle_version)
     existing = {eye: outbox.get(key.sop_instance_uid) for eye, key in keys.items()}
-    finished = {eye: e for eye, e in existing.items()
+    existing_pdf = outbox.get(pdf_key.sop_instance_uid)  # treated like one more SR, so it is reused too
+    finished = {eye: e for eye, e in [*existing.items(), (None, existing_pdf)]
                 if e is not None and e.state in (OutboxState.DELIVERED, OutboxState.FAILED)}
-    built = {eye: e for eye, e in existing.items()  # SR written by an earlier run, not yet delivered: reuse
+    built = {eye: e for eye, e in [*existing.items(), (None, existing_pdf)]  # written, not delivered: reuse
              if e is not None and eye not in finished and resolve_inside(Path(settings.data_dir), e.path).is_file()}
     pending = [eye for eye in Eye if eye not in finished and eye not in built and (eyes[eye].cfp or eyes[eye].oct)]
     if finished and not pending and not built:
@@ -281,21 +285,38 @@ def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Cal
     if not pending:
         raise _no_analysable_eye(snapshot, notes)
     index.set_state(study_uid, StudyState.ANALYSING, f"bundle {bundle_version}", version=version)
-    written = _analyse_and_write(settings, engine(), eyes, pending, keys, notes)
-    for eye, relpath in written:  # every SR row carries all notes: also those of an eye without an SR
-        entries.append(outbox.put(sr_uid=keys[eye].sop_instance_uid, study_uid=study_uid, study_version=version,
-                                  bundle_version=bundle_version, eye=eye.value, path=relpath,
-                                  note="; ".join(notes)))
+    analysed = _analyse_and_write(settings, engine(), eyes, pending, keys, notes)
+    rows = [OutboxRow(keys[report.eye].sop_instance_uid, study_uid, version, bundle_version, report.eye.value, path)
+            for report, _, path in analysed]
+    if settings.pdf_report and analysed and not entries:  # every eye's report is at hand
+        rows.extend(_pdf_row(settings, snapshot, analysed, pdf_key, notes))
+    # One transaction: SRs and PDF queued together; every row carries all notes (also an eye without an SR).
+    entries.extend(outbox.put_many([dataclasses.replace(row, note="; ".join(notes)) for row in rows]))
     if not entries:
         raise _no_analysable_eye(snapshot, notes)
     return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
 
 
+def _pdf_row(settings: Settings, snapshot: StudySnapshot, analysed: list[tuple[Report, list[Dataset], str]],
+             key: ReportKey, notes: list[str]) -> list[OutboxRow]:
+    """The study's PDF report as an outbox row; a PDF that cannot be made is noted, never holds the SRs back."""
+    try:
+        path = write_pdf_report(settings, snapshot.instances, [(r, ev) for r, ev, _ in analysed], key)
+    except Exception as exc:  # noqa: BLE001 - the SRs go out regardless; the reason shows with the study
+        log.exception("study %s v%d: PDF report not made", snapshot.study_uid, snapshot.version)
+        notes.append(f"PDF report not made: {type(exc).__name__}: {_first_line(exc)}")
+        return []
+    return [OutboxRow(key.sop_instance_uid, snapshot.study_uid, snapshot.version, key.bundle_version, "", path,
+                      kind=ResultKind.PDF)]
+
+
 def _analyse_and_write(settings: Settings, engine: AnalysisEngine, eyes: Mapping[Eye, EyeCandidates],
-                       pending: list[Eye], keys: Mapping[Eye, SRKey], notes: list[str]) -> list[tuple[Eye, str]]:
+                       pending: list[Eye], keys: Mapping[Eye, SRKey], notes: list[str]
+                       ) -> list[tuple[Report, list[Dataset], str]]:
     """Analyse each pending eye, give each its disposition and the patient roll-up over them, and write
-    their SRs under sr/; returns (eye, SR path); skips go to `notes`."""
+    their SRs under sr/; returns (report, evidence headers, SR path); skips go to `notes`."""
     analysed = analyse_eyes(settings, engine, [eyes[eye] for eye in pending], notes)
     reports = dispositions.apply([report for report, _ in analysed], dispositions.load_table(settings.disposition_table))
-    return [(report.eye, str(write_sr(Path(settings.data_dir), build_sr(report, evidence, keys[report.eye]))))
+    data_dir = Path(settings.data_dir)
+    return [(report, evidence, str(write_sr(data_dir, build_sr(report, evidence, keys[report.eye]))))
             for report, (_, evidence) in zip(reports, analysed)]

@@ -21,7 +21,7 @@ from grok_pacs.jobs import pipeline
 from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, TASK_DELIVER_SR
 from grok_pacs.jobs.worker import ContextTask, WorkerContext
 from grok_pacs.store.index import StudyState
-from grok_pacs.store.outbox import OutboxState
+from grok_pacs.store.outbox import OutboxState, ResultKind
 from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError
 
 log = logging.getLogger("grok_pacs.jobs.tasks")
@@ -99,12 +99,15 @@ def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[st
                                "srs": {}}
     if result.outcome is not pipeline.StudyOutcome.ANALYSED:
         return summary
-    for entry in result.entries:
+    for entry in result.entries:  # SRs under "srs" by UID; the study's PDF report under "pdf"
         if entry.state is OutboxState.DELIVERED:
-            summary["srs"][entry.sr_uid] = delivery.DeliveryOutcome.ALREADY_DELIVERED.value
-            continue
-        outcome, reason = _deliver_once(ctx, entry.sr_uid, owner)
-        summary["srs"][entry.sr_uid] = outcome
+            outcome, reason = delivery.DeliveryOutcome.ALREADY_DELIVERED.value, ""
+        else:
+            outcome, reason = _deliver_once(ctx, entry.sr_uid, owner)
+        if entry.kind is ResultKind.PDF:
+            summary["pdf"] = outcome
+        else:
+            summary["srs"][entry.sr_uid] = outcome
         if outcome == "transient":
             _schedule_retry(self, entry.sr_uid, 1, reason)
     delivery.update_study_state(ctx.settings, ctx.index, ctx.outbox, study_uid, version)  # the end write

@@ -26,7 +26,7 @@ from celery.signals import worker_ready
 from grok_pacs.config import Settings, SettingsError
 from grok_pacs.delivery.sender import claim_lease_s
 from grok_pacs.jobs.app import TASK_DELIVER_SR, TASK_MODULES, create_app
-from grok_pacs.ops import health, metrics
+from grok_pacs.ops import health, metrics, observability
 from grok_pacs.store.index import StudyIndex
 from grok_pacs.store.outbox import Outbox
 
@@ -75,7 +75,8 @@ class WorkerContext:
                     log.info("loading model bundle %s (pid %d)", self.settings.bundle, os.getpid())
                     started = time.perf_counter()
                     try:
-                        self._engine = Engine.from_bundle(Path(self.settings.bundle))
+                        self._engine = Engine.from_bundle(Path(self.settings.bundle),
+                                                          min_label_probability=self.settings.min_label_probability)
                     except Exception as exc:  # noqa: BLE001 - recorded for /health, then raised unchanged
                         health.BUNDLE_STATE.mark_failed(f"{type(exc).__name__}: {exc}")
                         raise
@@ -163,10 +164,10 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> int:
         raise SettingsError(f"bundle: model bundle directory {settings.bundle} does not exist")
     app = worker_app(settings)
     worker = build_worker(app, settings, loglevel)
-    observability = metrics.maybe_start_server(settings, "worker")  # /metrics, /health when metrics_port
+    server = observability.maybe_start_server(settings, "worker")  # /metrics, /health when metrics_port
     try:
         worker.start()
     finally:
-        if observability is not None:
-            observability.close()
+        if server is not None:
+            server.close()
     return int(worker.exitcode or 0)
