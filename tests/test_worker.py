@@ -23,6 +23,7 @@ from grok_pacs.config import load_settings
 from grok_pacs.store.index import StudyState
 from grok_pacs.store.outbox import OutboxState, ResultKind
 from grok_pacs.jobs.tasks import analyze_study
+from grok_pacs.report.render import render
 from grok_pacs.dicom.uids import instance_relpath
 from ophthalmic_dicom import Patient, make_cfp, make_oct, make_undecodable_cfp, write
 from srcheck import assert_valid_sr, dciodvfy_errors, pdf_text, sr_eye
@@ -177,6 +178,13 @@ def test_undecodable_instance_is_skipped_and_noted(ctx, pacs):
     text = assert_valid_sr(Path(ctx.settings.data_dir) / left.path, "Pixel data cannot be decoded",
                            "Image quality insufficient: retake, or refer")
     assert "Diagnosis" not in text
+    # Still displayable in OHIF: its one group points into the image it judged.
+    assert "Image Region: POINT" in render(Path(ctx.settings.data_dir) / left.path)
+    # The PDF report says the same to a reader: no diagnosis for the left eye, and why.
+    (pdf,) = pacs.received_pdfs()
+    pdf_words = pdf_text(pdf.EncapsulatedDocument)
+    assert "Left eye (OS)" in pdf_words and "No diagnosis: the images of this eye are ungradable." in pdf_words
+    assert "the language model was not run" in pdf_words
     study = ctx.index.study(study_uid)
     assert study.state is StudyState.DONE
     assert f"CFP {broken_newest.SOPInstanceUID} skipped" in study.detail

@@ -28,6 +28,7 @@ from reportlab.platypus import Image, Paragraph, SimpleDocTemplate, Spacer, Tabl
 from xml.sax.saxutils import escape
 
 from grok_pacs.analysis.result import Eye, Gradability, Report
+from grok_pacs.config import OPT
 from grok_pacs.domain.biomarkers import BY_KEY, format_value
 from grok_pacs.domain.labels import Label
 from grok_pacs.report import codes
@@ -74,7 +75,8 @@ def _styles() -> dict[str, ParagraphStyle]:
         "small": ParagraphStyle("small", parent=base, fontSize=7.5, leading=9),
         "title": ParagraphStyle("title", parent=base, fontName=FONT_BOLD, fontSize=16, leading=20),
         "banner": ParagraphStyle("banner", parent=base, fontName=FONT_BOLD, fontSize=10, leading=13,
-                                 borderColor=colors.black, borderWidth=1.2, borderPadding=5, spaceAfter=6),
+                                 borderColor=colors.black, borderWidth=1.2, borderPadding=5, spaceBefore=9,
+                                 spaceAfter=9),
         "h2": ParagraphStyle("h2", parent=base, fontName=FONT_BOLD, fontSize=12.5, leading=16, spaceBefore=10),
         "h3": ParagraphStyle("h3", parent=base, fontName=FONT_BOLD, fontSize=10, leading=13, spaceBefore=6),
     }
@@ -164,14 +166,19 @@ def _biomarker_table(report: Report, styles: dict[str, ParagraphStyle]) -> Table
 
 
 def _images_row(report: Report, images: ReportImages, styles: dict[str, ParagraphStyle]) -> Table:
-    frame = next((s.frame for s in report.sources if s.frame is not None), None)
+    has_oct = any(s.sop_class_uid == OPT for s in report.sources)
+    frame = next((s.frame for s in report.sources if s.sop_class_uid == OPT and s.frame is not None), None)
     of = f" of {images.oct_frames}" if images.oct_frames else ""
-    oct_caption = (f"OCT B-scan used: frame {frame}{of} ({report.oct_frame_method or 'unknown'} selection)"
-                   if frame is not None else "OCT: not available")
-    cells = [[_image(images.cfp, 80) or _p("Colour fundus photograph: not available", styles["body"]),
-              _image(images.oct_bscan, 80) or _p(oct_caption, styles["body"])],
+    used = (f"OCT B-scan used: frame {frame}{of} ({report.oct_frame_method or 'unknown'} selection)"
+            if frame is not None else "OCT B-scan")
+    not_shown = ": image not shown (it did not decode or was not gradable)"
+    no_oct = f"{used}{not_shown}" if has_oct else "OCT: not available"
+    no_cfp = "Colour fundus photograph" + (not_shown if any(s.sop_class_uid != OPT for s in report.sources)
+                                           else ": not available")
+    cells = [[_image(images.cfp, 80) or _p(no_cfp, styles["body"]),
+              _image(images.oct_bscan, 80) or _p(no_oct, styles["body"])],
              [_p("Colour fundus photograph" if images.cfp is not None else "", styles["small"]),
-              _p(oct_caption if images.oct_bscan is not None else "", styles["small"])]]
+              _p(used if images.oct_bscan is not None else "", styles["small"])]]
     table = Table(cells, colWidths=[85 * mm, 85 * mm])
     table.setStyle(TableStyle([*_BASE, ("VALIGN", (0, 0), (-1, -1), "TOP")]))
     return table
