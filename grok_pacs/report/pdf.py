@@ -51,6 +51,7 @@ class ReportImages:
     cfp: np.ndarray | None = None  #: [H,W,3] or [H,W]
     oct_bscan: np.ndarray | None = None  #: [H,W], the B-scan used
     oct_frames: int | None = None  #: frames in the OCT volume, to say "frame 12 of 25"
+    oct_pit: tuple[float, float] | None = None  #: (column, row) of the foveal pit in the B-scan, when found
 
     def __post_init__(self) -> None:
         for name in ("cfp", "oct_bscan"):
