@@ -42,3 +42,9 @@ def tiny_bundle() -> Path:
 
     torch.set_num_threads(1)
     return cached_tiny_bundle(CACHE_ROOT)
+
+
+@pytest.fixture(params=[True, False], ids=["fast-path", "pynetdicom-as-released"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    """Setting `pynetdicom_fast_path`: listener tests run with grok_pacs.dicom.fastpath and without it."""
+    return request.param

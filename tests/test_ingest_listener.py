@@ -31,8 +31,8 @@ from ingest_support import (
 
 
 @pytest.fixture
-def settings(tmp_path: Path):
-    return ingest_settings(tmp_path)
+def settings(tmp_path: Path, fast_path: bool):
+    return ingest_settings(tmp_path, pynetdicom_fast_path=fast_path)
 
 
 def _sha(path: Path) -> str:
@@ -61,7 +61,10 @@ def test_dcmtk_echo_and_ophthalmic_study_stored_indexed_and_queued(settings, tmp
         record = records[original.SOPInstanceUID]
         assert record.calling_ae == "TESTSCU" and record.size == (settings.data_dir / record.path).stat().st_size
         stored = pydicom.dcmread(settings.data_dir / record.path)
-        assert stored.file_meta.SourceApplicationEntityTitle == "TESTSCU"
+        if settings.pynetdicom_fast_path:  # its file meta names the sender (crash recovery reads it back)
+            assert stored.file_meta.SourceApplicationEntityTitle == "TESTSCU"
+        else:  # pynetdicom as released writes none: a recovered orphan then has no calling AE
+            assert "SourceApplicationEntityTitle" not in stored.file_meta
         assert stored.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
         assert stored.PixelData == original.PixelData, "pixel bytes are stored exactly as sent"
         assert (stored.pixel_array == original.pixel_array).all()
@@ -88,8 +91,8 @@ def test_same_instance_twice_is_idempotent_and_growth_requeues(settings, tmp_pat
     assert [kwargs["version"] for _, kwargs in jobs] == [1, 2]
 
 
-def test_refusals_leave_nothing_behind_and_listener_keeps_serving(tmp_path: Path) -> None:
-    settings = ingest_settings(tmp_path, allowed_aes=["TESTSCU", "GROKSCU"])
+def test_refusals_leave_nothing_behind_and_listener_keeps_serving(tmp_path: Path, fast_path: bool) -> None:
+    settings = ingest_settings(tmp_path, allowed_aes=["TESTSCU", "GROKSCU"], pynetdicom_fast_path=fast_path)
     peer = Peer(ae_title=OUR_AE, host="127.0.0.1", port=settings.port)
     with running(settings) as service:
         # Unknown calling AE: association rejected (permanent).
@@ -134,9 +137,9 @@ def test_disk_watermark_answers_out_of_resources(tmp_path: Path) -> None:
     assert stored_files(settings) == [] and temp_files(settings) == []
 
 
-def test_refusal_reason_reaches_the_sender_as_error_comment(tmp_path: Path) -> None:
+def test_refusal_reason_reaches_the_sender_as_error_comment(tmp_path: Path, fast_path: bool) -> None:
     """What the log line says is what the sending PACS shows: DCMTK storescu prints the ErrorComment."""
-    settings = ingest_settings(tmp_path, min_free_disk_mb=1 << 40)
+    settings = ingest_settings(tmp_path, min_free_disk_mb=1 << 40, pynetdicom_fast_path=fast_path)
     photo = write(fundus_photograph(generate_uid(), "R", size=32), tmp_path / "photo.dcm")
     reason = f"free disk below min_free_disk_mb={1 << 40}"
     with running(settings) as service:

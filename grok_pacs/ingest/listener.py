@@ -111,6 +111,8 @@ class Listener:
         enable_streaming_receive()
         if self.settings.pynetdicom_fast_path:
             fastpath.install()
+        else:
+            fastpath.uninstall()  # process-wide: pynetdicom exactly as released
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),

@@ -75,7 +75,8 @@ class WorkerContext:
                     log.info("loading model bundle %s (pid %d)", self.settings.bundle, os.getpid())
                     started = time.perf_counter()
                     try:
-                        self._engine = Engine.from_bundle(Path(self.settings.bundle))
+                        self._engine = Engine.from_bundle(Path(self.settings.bundle),
+                                                          min_label_probability=self.settings.min_label_probability)
                     except Exception as exc:  # noqa: BLE001 - recorded for /health, then raised unchanged
                         health.BUNDLE_STATE.mark_failed(f"{type(exc).__name__}: {exc}")
                         raise
