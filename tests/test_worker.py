@@ -225,7 +225,7 @@ def test_job_of_an_outdated_version_does_nothing(ctx, pacs):
 def test_selection_by_sop_class_laterality_and_acquisition_time(tmp_path):
     from grok_pacs.config import SECONDARY_CAPTURE, THICKNESS_MAP
     from grok_pacs.store.index import InstanceRecord
-    from grok_pacs.jobs.pipeline import select_candidates
+    from grok_pacs.jobs.snapshot import select_candidates
     from grok_pacs.analysis.result import Eye
 
     def rec(sop: str, sop_class: str, laterality: str, acquired: str, received: float) -> InstanceRecord:

@@ -242,3 +242,23 @@ def assess_oct(volume: np.ndarray, limits: QualityThresholds, header: Dataset | 
     )
     reasons += [_reason(code, detail) for code, failed, detail in checks if failed]
     return _verdict("OCT", reasons, m, sop_uid)
+
+
+def quality_margin(verdict: ModalityQuality, limits: QualityThresholds) -> float:
+    """The smallest relative margin of the verdict's pixel measures to their thresholds (negative: a check
+    failed; -1 when there are no measures, e.g. undecodable). Its negation ranks images by ungradability."""
+    m = verdict.measures
+    if verdict.modality == "CFP":
+        checks = [("field_coverage", limits.min_field_coverage, 1), ("field_offset", limits.max_field_offset, -1),
+                  ("exposure", limits.min_exposure, 1), ("exposure", limits.max_exposure, -1),
+                  ("saturated", limits.max_saturated, -1), ("contrast", limits.min_contrast, 1),
+                  ("sharpness", limits.min_sharpness, 1), ("decoder_fill", limits.max_decoder_fill, -1)]
+    else:
+        checks = [("blank_frames", limits.max_blank_frames, -1), ("saturated_frames", limits.max_saturated_frames, -1),
+                  ("signal", limits.min_oct_signal, 1)]
+    if not m or any(name not in m for name, _, _ in checks):
+        return -1.0
+    margins = [sign * (m[name] - limit) / max(limit, 1e-6) for name, limit, sign in checks]
+    if verdict.modality == "OCT" and m.get("central_blank"):
+        margins.append(-1.0)
+    return float(min(margins))

@@ -9,9 +9,9 @@ SRs and gets no PDF rather than a second model run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from pydicom.dataset import Dataset
 
