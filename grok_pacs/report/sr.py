@@ -197,8 +197,9 @@ def _notes(report: Report) -> list[str]:
     left_out = {q.modality for q in report.left_out}
     missing = [m for m in report.missing_modalities if m not in left_out]
     if missing:
-        notes.append(f"Not available for this eye: {', '.join(missing)}; "
-                     "the assessment used the remaining modality only.")
+        notes.append(f"Not available for this eye: {', '.join(missing)}"
+                     + ("; the assessment used the remaining modality only." if report.diagnosed
+                        or report.gradability is Gradability.GRADABLE else "."))
     if report.oct_frame_index is not None:
         notes.append(f"OCT B-scan used: frame {report.oct_frame_index + 1} ({report.oct_frame_method or 'unknown'} "
                      "selection).")
