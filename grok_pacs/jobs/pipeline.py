@@ -32,10 +32,11 @@ from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxRow, OutboxState, ResultKind
 from grok_pacs.analysis.quality import QualityThresholds, judge, ungradable_report
 from grok_pacs.analysis.result import Eye, Gradability, ModalityQuality, Report, SourceImage
-from grok_pacs.jobs.pdf_report import write_pdf_report
+from grok_pacs.jobs.pdf_report import eye_images, write_pdf_report
 from grok_pacs.jobs.snapshot import EyeCandidates, Kind, StudyOutcome, StudySnapshot
 from grok_pacs.report import dispositions
 from grok_pacs.report.keys import ReportKey
+from grok_pacs.report.pdf import ReportImages
 from grok_pacs.report.sr import SRKey, build_sr
 from grok_pacs.dicom.uids import resolve_inside
 
@@ -185,9 +186,10 @@ def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Cal
     if not pending:
         raise _no_analysable_eye(snapshot, notes)
     index.set_state(study_uid, StudyState.ANALYSING, f"bundle {bundle_version}", version=version)
-    analysed = _analyse_and_write(settings, engine(), eyes, pending, keys, notes)
+    analysed = _analyse_and_write(settings, engine(), eyes, pending, keys, notes,
+                                  {rec.sop_uid: rec for rec in snapshot.instances})
     rows = [OutboxRow(keys[report.eye].sop_instance_uid, study_uid, version, bundle_version, report.eye.value, path)
-            for report, _, path in analysed]
+            for report, _, path, _ in analysed]
     if settings.pdf_report and analysed and not entries:  # every eye's report is at hand
         rows.extend(_pdf_row(settings, snapshot, analysed, pdf_key, notes))
     # One transaction: SRs and PDF queued together; every row carries all notes (also an eye without an SR).
@@ -197,11 +199,13 @@ def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Cal
     return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
 
 
-def _pdf_row(settings: Settings, snapshot: StudySnapshot, analysed: list[tuple[Report, list[Dataset], str]],
+def _pdf_row(settings: Settings, snapshot: StudySnapshot, analysed: list[tuple[Report, list[Dataset], str,
+                                                                                ReportImages]],
              key: ReportKey, notes: list[str]) -> list[OutboxRow]:
     """The study's PDF report as an outbox row; a PDF that cannot be made is noted, never holds the SRs back."""
     try:
-        path = write_pdf_report(settings, snapshot.instances, [(r, ev) for r, ev, _ in analysed], key)
+        path = write_pdf_report(settings, [(r, ev) for r, ev, _, _ in analysed],
+                                {r.eye: pictures for r, _, _, pictures in analysed}, key)
     except Exception as exc:  # noqa: BLE001 - the SRs go out regardless; the reason shows with the study
         log.exception("study %s v%d: PDF report not made", snapshot.study_uid, snapshot.version)
         notes.append(f"PDF report not made: {type(exc).__name__}: {_first_line(exc)}")
@@ -211,12 +215,17 @@ def _pdf_row(settings: Settings, snapshot: StudySnapshot, analysed: list[tuple[R
 
 
 def _analyse_and_write(settings: Settings, engine: AnalysisEngine, eyes: Mapping[Eye, EyeCandidates],
-                       pending: list[Eye], keys: Mapping[Eye, SRKey], notes: list[str]
-                       ) -> list[tuple[Report, list[Dataset], str]]:
+                       pending: list[Eye], keys: Mapping[Eye, SRKey], notes: list[str],
+                       instances: Mapping[str, InstanceRecord]
+                       ) -> list[tuple[Report, list[Dataset], str, ReportImages]]:
     """Analyse each pending eye, give each its disposition and the patient roll-up over them, and write
-    their SRs under sr/; returns (report, evidence headers, SR path); skips go to `notes`."""
+    their SRs under sr/; returns (report, evidence headers, SR path, images used); skips go to `notes`."""
     analysed = analyse_eyes(settings, engine, [eyes[eye] for eye in pending], notes)
     reports = dispositions.apply([report for report, _ in analysed], dispositions.load_table(settings.disposition_table))
     data_dir = Path(settings.data_dir)
-    return [(report, evidence, str(write_sr(data_dir, build_sr(report, evidence, keys[report.eye]))))
-            for report, (_, evidence) in zip(reports, analysed)]
+    written = []
+    for report, (_, evidence) in zip(reports, analysed):
+        pictures = eye_images(settings, instances, report)  # for the SR's point on the pit, and the PDF
+        sr = build_sr(report, evidence, keys[report.eye], oct_pit=pictures.oct_pit)
+        written.append((report, evidence, str(write_sr(data_dir, sr)), pictures))
+    return written
