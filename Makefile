@@ -4,18 +4,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTHON ?= python3
+# training/, export/ and devtools/ are not installed (the wheel ships grok_pacs only): run from the checkout.
+RUN := PYTHONPATH=$(CURDIR) $(PY)
 
-.PHONY: setup system test demo benchmark bench clean
+.PHONY: setup system test lint demo benchmark bench clean
 
-# System peers (DCMTK, dicom3tools, Redis, Orthanc) via Debian packages when missing.
+# System peers (DCMTK, dicom3tools, Redis, Orthanc + DICOMweb, chromium, npm) via Debian packages when
+# missing; the OHIF viewer build (npm @ohif/app) under .cache/ohif/ for the browser test.
 system:
 	@scripts/install-system-deps.sh
+	@scripts/fetch-ohif.sh
 
 # The virtual environment, rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml requirements-nodeps.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[train,export,test]'
 	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	@touch $(STAMP)
 
@@ -24,17 +28,22 @@ setup: system $(STAMP)
 test: setup
 	$(PY) -m pytest -q
 
+# ruff (settings in pyproject.toml): lint rules and the format check; not yet part of `test`.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
 demo: setup
-	$(PY) -m devtools.demo
+	$(RUN) -m devtools.demo
 
 benchmark: setup
-	$(PY) bench/phantom.py
+	$(RUN) bench/phantom.py
 
 bench: setup
-	$(PY) bench/ingest.py
-	$(PY) bench/encoders.py
-	$(PY) bench/generate.py
-	$(PY) bench/e2e.py
+	$(RUN) bench/ingest.py
+	$(RUN) bench/encoders.py
+	$(RUN) bench/generate.py
+	$(RUN) bench/e2e.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -32,18 +32,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the tests' real-peer harness and tiny-bundle builder
+sys.path.insert(0, str(ROOT))  # devtools/ (not installed): the real-peer harness and the tiny bundle
 
-from bundle_cache import CACHE_ROOT, cached_tiny_bundle  # noqa: E402
+from devtools.bundle_cache import CACHE_ROOT, cached_tiny_bundle  # noqa: E402
 from devtools.ports import free_port  # noqa: E402
-from storescp import StoreSCP  # noqa: E402
-from worker_harness import GrokProcess, Redis, grok_env, wait_until  # noqa: E402
-
+from devtools.processes import GrokProcess, Redis, grok_env, wait_until  # noqa: E402
+from devtools.sample_dicom import demo_study  # noqa: E402
+from devtools.storescp import StoreSCP  # noqa: E402
 from grok_pacs.config import Peer, load_settings  # noqa: E402
+from grok_pacs.dicom.scu import store_files  # noqa: E402
 from grok_pacs.ingest.service import IngestService  # noqa: E402
 from grok_pacs.jobs.publisher import JobPublisher  # noqa: E402
-from devtools.sample_dicom import demo_study  # noqa: E402
-from grok_pacs.dicom.scu import store_files  # noqa: E402
 
 LATENCY_TARGET_S = 5.0
 SCALE_TARGET = 1.8
@@ -85,7 +84,8 @@ class Rig:
         return Peer(ae_title=self.settings.ae_title, host="127.0.0.1", port=self.ingest.port)
 
     def received(self) -> list[Path]:
-        return sorted(p for p in self.pacs.out_dir.iterdir() if p.is_file())
+        """The SRs received (storescp names files by modality; the PDF reports, "DOC...", are not timed)."""
+        return sorted(p for p in self.pacs.out_dir.iterdir() if p.is_file() and p.name.startswith("SR"))
 
     def wait_for(self, count: int, timeout: float) -> float:
         """Wait until `count` SRs have arrived; returns the newest SR file's write time."""
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> dict:
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
                     "note": "shared machine: other processes compete for the same cores"},
-        "setup": {"bundle": "tiny test bundle (tests/helpers/tiny_bundle.py), CPU, 1 BLAS thread per worker",
+        "setup": {"bundle": "tiny test bundle (devtools/tiny_bundle.py), CPU, 1 BLAS thread per worker",
                   "broker": "redis", "destination": "DCMTK storescp", "quiet_period_s": args.quiet_period,
                   "study": "demo study: 2 eyes x (JPEG CFP 256 px + OCT 16x128x128), 2 SRs per study"},
         "latency_s": [round(x, 3) for x in latencies],

@@ -8,6 +8,14 @@ Writes bench/results/generate.json with tokens/s for both and merged_over_unmerg
 
   python bench/generate.py                          # CPU, Qwen2-0.5B shapes
   python bench/generate.py --preset 7b --device cuda  # GPU path; not run on CPU-only machines
+
+Two-eye mode: a study's two eyes through the runtime engine in ONE batched generation and label scoring,
+against one eye alone (and against the two eyes one after the other, as before batching). Bundles: the
+tiny test bundle (always) and any `--bundle DIR` (e.g. the phantom pipeline's). Writes
+bench/results/generate_two_eye.json with, per bundle, medians and two_eye_over_one_eye for generation
+(generate + label scoring) and for the whole analysis (encoders run once per image, so they scale).
+
+  python bench/generate.py --two-eye [--bundle DIR ...]
 """
 
 from __future__ import annotations
@@ -62,6 +70,78 @@ def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
+def _eye_images(seed: int):
+    """Synthetic pixels of one eye (fundus-like CFP, layered OCT): prompts differ per eye, like a study's."""
+    from devtools.sample_dicom import fundus_rgb, oct_volume_array
+    from grok_pacs.analysis.imaging import EyeImages
+
+    eye = "R" if seed % 2 == 0 else "L"
+    return EyeImages(eye, fundus_rgb(512, eye, seed=seed), oct_volume_array(16, 128, 128, seed=seed))
+
+
+def _run(engine, eyes) -> dict:
+    start = time.perf_counter()
+    reports = engine.analyze_batch(eyes)
+    wall = time.perf_counter() - start
+    timings = reports[0].timings_s
+    return {"analysis_s": wall, "generation_s": timings["generate"] + timings.get("label_scores", 0.0),
+            "new_tokens": [len(engine.tokenizer(r.raw_text, add_special_tokens=False)["input_ids"]) for r in reports],
+            "passed_validation": [r.narrative_check.passed for r in reports]}
+
+
+def two_eye(bundle: Path, repeats: int, threads: int) -> dict:
+    """Medians of one eye, two eyes batched and two eyes one after the other, for one bundle."""
+    from grok_pacs.analysis.engine import Engine
+
+    engine = Engine.from_bundle(bundle, device="cpu", threads=threads)
+    right, left = _eye_images(0), _eye_images(1)
+    _run(engine, [right]), _run(engine, [right, left])  # warm-up
+    runs: dict[str, list[dict]] = {"one_eye": [], "two_eyes_batched": [], "two_eyes_sequential": []}
+    for _ in tqdm(range(repeats), desc=f"two-eye {engine.bundle.name}", unit="round"):
+        runs["one_eye"].append(_run(engine, [right]))
+        runs["two_eyes_batched"].append(_run(engine, [right, left]))
+        first, second = _run(engine, [right]), _run(engine, [left])
+        runs["two_eyes_sequential"].append({k: first[k] + second[k] for k in first})
+    med = {name: {key: statistics.median(r[key] for r in rows) for key in ("analysis_s", "generation_s")}
+           for name, rows in runs.items()}
+    best = {name: min(r["generation_s"] for r in rows) for name, rows in runs.items()}  # least disturbed by load
+    return {"bundle": engine.bundle.name, "version": engine.bundle.version, "path": str(bundle),
+            "llm": engine.config.llm.__dict__, "medians_s": med,
+            "new_tokens_two_eyes": runs["two_eyes_batched"][-1]["new_tokens"],
+            "passed_validation_two_eyes": runs["two_eyes_batched"][-1]["passed_validation"],
+            "generation_two_eye_over_one_eye": med["two_eyes_batched"]["generation_s"] / med["one_eye"]["generation_s"],
+            "analysis_two_eye_over_one_eye": med["two_eyes_batched"]["analysis_s"] / med["one_eye"]["analysis_s"],
+            "sequential_generation_over_one_eye": (med["two_eyes_sequential"]["generation_s"]
+                                                   / med["one_eye"]["generation_s"]),
+            "fastest_generation_s": best,
+            "fastest_generation_two_eye_over_one_eye": best["two_eyes_batched"] / best["one_eye"],
+            "runs": runs}
+
+
+def main_two_eye(args: argparse.Namespace, threads: int) -> int:
+    sys.path.insert(0, str(ROOT))  # devtools/ (not installed): the tiny bundle and synthetic pixels
+    from devtools.bundle_cache import CACHE_ROOT, cached_tiny_bundle
+
+    bundles = [cached_tiny_bundle(CACHE_ROOT), *args.bundle]
+    results = [two_eye(Path(b), args.repeats, threads) for b in bundles]
+    out = args.out if args.out != DEFAULT_OUT else ROOT / "bench" / "results" / "generate_two_eye.json"
+    result = {"what": "a study's two eyes in one batched generation + label scoring vs one eye (runtime engine, "
+                      "greedy, guards on); generation = generate + label scoring, analysis = the whole engine call",
+              "device": "cpu", "threads": threads, "repeats": args.repeats, "load_average_at_end": os.getloadavg()[0],
+              "bundles": results}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({r["bundle"]: {k: round(r[k], 3) for k in ("generation_two_eye_over_one_eye",
+                                                               "fastest_generation_two_eye_over_one_eye",
+                                                               "analysis_two_eye_over_one_eye",
+                                                               "sequential_generation_over_one_eye")}
+                      for r in results}))
+    return 0
+
+
+DEFAULT_OUT = ROOT / "bench" / "results" / "generate.json"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="0.5b", help="Qwen2 shapes (default 0.5b)")
@@ -71,10 +151,15 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default 32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (default 3)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "generate.json")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--two-eye", action="store_true", help="two eyes batched vs one eye through the engine")
+    parser.add_argument("--bundle", type=Path, action="append", default=[],
+                        help="--two-eye: a bundle to measure besides the tiny test bundle (repeatable)")
     args = parser.parse_args()
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
+    if args.two_eye:
+        return main_two_eye(args, threads)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     unmerged, merged = build(args.preset, args.rank, args.device, dtype)
     prompt = torch.randint(10, 1000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(args.device)

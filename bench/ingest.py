@@ -6,7 +6,8 @@ process (one association), each time into a fresh, empty receiver (grok-pacs wou
 duplicates without storing them), alternating targets; the median wall time counts.
 
 grok-pacs runs as `grok-pacs listen` (its own process, defaults: max PDU unlimited, fsync + atomic rename
-+ SQLite commit per instance). DCMTK storescp runs with its defaults plus +xa (accept JPEG), writing
++ SQLite commit per instance), once with the pynetdicom fast path (grok_pacs.dicom.fastpath, the default)
+and once without it (`grok-nofast`: GROK_PACS_PYNETDICOM_FAST_PATH=false, pynetdicom as released). DCMTK storescp runs with its defaults plus +xa (accept JPEG), writing
 each file to disk without fsync; both DCMTK tools run with TCP_NODELAY=1 (see DCMTK_ENV). Writes bench/results/ingest.json.
 """
 
@@ -90,9 +91,13 @@ def make_files(directory: Path, opt_count: int, op_count: int) -> dict[str, list
     return {"opt": sorted(opt_dir.iterdir()), "op": sorted(op_dir.iterdir())}
 
 
-def start_grok(port: int, data_dir: Path) -> subprocess.Popen:
+TARGETS = ("dcmtk", "grok", "grok-nofast")
+
+
+def start_grok(port: int, data_dir: Path, fast_path: bool = True) -> subprocess.Popen:
     env = {**os.environ, "GROK_PACS_PORT": str(port), "GROK_PACS_DATA_DIR": str(data_dir),
-           "GROK_PACS_BIND_ADDRESS": "127.0.0.1", "GROK_PACS_QUIET_PERIOD": "2", "GROK_PACS_MIN_FREE_DISK_MB": "100"}
+           "GROK_PACS_BIND_ADDRESS": "127.0.0.1", "GROK_PACS_QUIET_PERIOD": "2", "GROK_PACS_MIN_FREE_DISK_MB": "100",
+           "GROK_PACS_PYNETDICOM_FAST_PATH": str(fast_path).lower()}
     return subprocess.Popen([sys.executable, "-m", "grok_pacs.cli", "--log-level", "WARNING", "listen"], env=env,
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -116,12 +121,14 @@ def send(port: int, files: list[Path], propose: list[str]) -> float:
 
 def run_once(target: str, files: list[Path], propose: list[str], scratch: Path) -> float:
     port, data_dir = free_port(), Path(tempfile.mkdtemp(dir=scratch, prefix=f"{target}-"))
-    starter = start_grok if target == "grok" else start_dcmtk
-    process = starter(port, data_dir / "data")
+    if target == "dcmtk":
+        process = start_dcmtk(port, data_dir / "data")
+    else:
+        process = start_grok(port, data_dir / "data", fast_path=target == "grok")
     try:
         wait_for_port(port)
         seconds = send(port, files, propose)
-        where = data_dir / "data" / ("incoming" if target == "grok" else "")
+        where = data_dir / "data" / ("" if target == "dcmtk" else "incoming")
         stored = sum(1 for p in where.rglob("*") if p.is_file())
         if stored != len(files):
             raise RuntimeError(f"{target}: {stored} of {len(files)} files stored")
@@ -134,9 +141,9 @@ def run_once(target: str, files: list[Path], propose: list[str], scratch: Path) 
 
 def measure(name: str, files: list[Path], propose: list[str], repeats: int, scratch: Path) -> dict:
     total_mb = sum(p.stat().st_size for p in files) / 1e6
-    times: dict[str, list[float]] = {"grok": [], "dcmtk": []}
+    times: dict[str, list[float]] = {target: [] for target in TARGETS}
     for _ in tqdm(range(repeats), desc=name, leave=False):
-        for target in ("dcmtk", "grok"):
+        for target in TARGETS:
             times[target].append(run_once(target, files, propose, scratch))
     row: dict = {"instances": len(files), "total_mb": round(total_mb, 1),
                  "mean_instance_mb": round(total_mb / len(files), 3)}
@@ -146,6 +153,8 @@ def measure(name: str, files: list[Path], propose: list[str], repeats: int, scra
                        "mb_s": round(total_mb / median, 1), "inst_s": round(len(files) / median, 1)}
     row["ratio_mb_s"] = round(row["grok"]["mb_s"] / row["dcmtk"]["mb_s"], 3)
     row["ratio_inst_s"] = round(row["grok"]["inst_s"] / row["dcmtk"]["inst_s"], 3)
+    row["nofast_ratio_mb_s"] = round(row["grok-nofast"]["mb_s"] / row["dcmtk"]["mb_s"], 3)
+    row["fast_path_speedup"] = round(row["grok"]["inst_s"] / row["grok-nofast"]["inst_s"], 3)
     return row
 
 
@@ -184,11 +193,12 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'workload':16} {'grok MB/s':>10} {'DCMTK MB/s':>11} {'ratio':>6} {'grok inst/s':>12} "
-          f"{'DCMTK inst/s':>13} {'ratio':>6}")
+    print(f"{'workload':16} {'grok MB/s':>10} {'no-fast MB/s':>13} {'DCMTK MB/s':>11} {'ratio':>6} "
+          f"{'grok inst/s':>12} {'no-fast inst/s':>15} {'DCMTK inst/s':>13} {'ratio':>6} {'fast/no-fast':>13}")
     for name, row in results.items():
-        print(f"{name:16} {row['grok']['mb_s']:10.1f} {row['dcmtk']['mb_s']:11.1f} {row['ratio_mb_s']:6.2f} "
-              f"{row['grok']['inst_s']:12.1f} {row['dcmtk']['inst_s']:13.1f} {row['ratio_inst_s']:6.2f}")
+        print(f"{name:16} {row['grok']['mb_s']:10.1f} {row['grok-nofast']['mb_s']:13.1f} {row['dcmtk']['mb_s']:11.1f} "
+              f"{row['ratio_mb_s']:6.2f} {row['grok']['inst_s']:12.1f} {row['grok-nofast']['inst_s']:15.1f} "
+              f"{row['dcmtk']['inst_s']:13.1f} {row['ratio_inst_s']:6.2f} {row['fast_path_speedup']:13.2f}")
     print(f"wrote {args.out}")
     return 0
 

@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     network_timeout: float = Field(60.0, gt=0)  # seconds of silence before an association is dropped
     accept_legacy_photography: bool = False  # also accept VL Photographic and Secondary Capture
     sop_classes: Annotated[list[str], NoDecode] = list(DEFAULT_SOP_CLASSES)  # storage classes offered
+    # grok_pacs.dicom.fastpath: event-driven wakeups, bulk reads and direct encoding inside pynetdicom 3.0
+    # (process-wide: in `serve` also the SR sender). Off = pynetdicom as released; stored files then carry
+    # no SourceApplicationEntityTitle, so an instance recovered after a crash has no calling AE.
+    pynetdicom_fast_path: bool = True
 
     # --- TLS (all optional; certificate and key together turn TLS on) --------------------------------
     tls_certificate: Path | None = None  # PEM server certificate
@@ -99,6 +103,7 @@ class Settings(BaseSettings):
     queue: str = "grok"  # Celery queue for analyse jobs (name it per GPU type on many nodes)
     bundle: Path | None = None  # model bundle directory the worker serves
     destination: Peer | None = None  # PACS that receives the SRs (AE@HOST:PORT)
+    pdf_report: bool = True  # also send one Encapsulated PDF report per study (for viewers without SR display)
     delivery_max_retries: int = Field(8, ge=0)  # transient delivery failures retried this many times
     delivery_backoff_s: float = Field(2.0, gt=0)  # first delivery retry after this long; doubles per retry
     delivery_backoff_max_s: float = Field(300.0, gt=0)  # longest wait between two delivery retries
@@ -163,6 +168,8 @@ class Settings(BaseSettings):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}: file {path} does not exist")
+        if self.disposition_table is not None and not Path(self.disposition_table).is_file():
+            raise ValueError(f"disposition_table: file {self.disposition_table} does not exist")
         if self.tls_ca is not None and self.tls_certificate is None:
             raise ValueError("tls_ca needs tls_certificate and tls_key")
         return self

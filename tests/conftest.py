@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
+import devtools.tools
 from devtools.ports import free_port
 
 # Two cores are shared by everything the suite starts: keep torch/BLAS from oversubscribing them.
@@ -18,10 +18,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def require_tool(name: str) -> str:
     """Path of an executable the test needs; fails (never skips) when it is missing."""
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"required tool {name!r} is not installed (run scripts/install-system-deps.sh)")
-    return path
+    try:
+        return devtools.tools.require_tool(name)
+    except devtools.tools.MissingToolError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture
@@ -31,14 +31,20 @@ def port() -> int:
 
 @pytest.fixture(scope="session")
 def tiny_bundle() -> Path:
-    """A complete tiny model bundle built through `export.build_bundle` (tests/bundle_cache.py caches it
+    """A complete tiny model bundle built through `export.build_bundle` (devtools/bundle_cache.py caches it
     under .cache/grok-bundles/, keyed by the sources that shape it).
 
-    Shared by every test that needs a model: never modify it (copy it with helpers.tiny_bundle.copy_bundle).
+    Shared by every test that needs a model: never modify it (copy it with devtools.tiny_bundle.copy_bundle).
     """
     import torch
 
-    from bundle_cache import CACHE_ROOT, cached_tiny_bundle
+    from devtools.bundle_cache import CACHE_ROOT, cached_tiny_bundle
 
     torch.set_num_threads(1)
     return cached_tiny_bundle(CACHE_ROOT)
+
+
+@pytest.fixture(params=[True, False], ids=["fast-path", "pynetdicom-as-released"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    """Setting `pynetdicom_fast_path`: listener tests run with grok_pacs.dicom.fastpath and without it."""
+    return request.param

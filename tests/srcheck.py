@@ -50,3 +50,13 @@ def sr_eye(ds) -> str:
     walk(ds.ContentSequence)
     assert len(found) == 1, f"SR {ds.SOPInstanceUID}: finding site lateralities {found}"
     return found.pop()
+
+
+def pdf_text(document: bytes) -> str:
+    """The text of a PDF as a reader would copy it (pypdf extraction), whitespace normalised."""
+    import io
+
+    import pypdf
+
+    reader = pypdf.PdfReader(io.BytesIO(bytes(document)))
+    return re.sub(r"\s+", " ", " ".join(page.extract_text() for page in reader.pages))

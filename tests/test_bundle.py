@@ -18,7 +18,7 @@ from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from grok_pacs.model.config import EncoderConfig
 from grok_pacs.model.vit import build_encoder
 from grok_pacs.analysis.onnx_session import create_session, run_encoder
-from helpers.tiny_bundle import copy_bundle
+from devtools.tiny_bundle import copy_bundle
 
 torch.set_num_threads(1)
 

@@ -21,7 +21,7 @@ from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError
 from grok_pacs.report.sr import SRKey, build_sr
 from ophthalmic_dicom import Patient, hand_built_report, make_cfp
 from srcheck import assert_valid_sr
-from storescp import StoreSCP
+from devtools.storescp import StoreSCP
 
 
 def _settings(data_dir: Path, destination: str | None, **extra):
@@ -146,3 +146,69 @@ def test_no_destination_keeps_the_sr(tmp_path):
     assert deliver(settings, outbox, sr_uid, owner="job-1") is DeliveryOutcome.NO_DESTINATION
     assert outbox.get(sr_uid).state is OutboxState.PENDING
     assert update_study_state(settings, index, outbox, outbox.get(sr_uid).study_uid, 1) is StudyState.DONE
+
+
+def _queued_pdf(settings, index: StudyIndex, outbox: Outbox, sr_uid: str) -> str:
+    """The study's PDF report beside its SR, queued with it in one transaction; returns the PDF's UID."""
+    import pydicom
+
+    from grok_pacs.report.encapsulated import build_encapsulated_pdf
+    from grok_pacs.report.keys import ReportKey
+    from grok_pacs.report.pdf import build_pdf
+    from grok_pacs.report.study import StudyHeader
+    from grok_pacs.store.outbox import OutboxRow, ResultKind
+
+    sr = pydicom.dcmread(settings.data_dir / outbox.get(sr_uid).path)
+    key = ReportKey(str(sr.StudyInstanceUID), 1, "0.1.0")
+    patient_cfp = make_cfp(Patient(patient_id=str(sr.PatientID), study_uid=key.study_uid), "R")
+    report = hand_built_report("R", [patient_cfp])
+    pdf = build_pdf(StudyHeader.from_dataset(patient_cfp, software="test", made_at="now"), {Eye.RIGHT: report}, {})
+    relpath = write_sr(settings.data_dir, build_encapsulated_pdf(pdf, patient_cfp, report.sources, key,
+                                                                 software_version="test"))
+    outbox.put_many([OutboxRow(key.sop_instance_uid, key.study_uid, 1, "0.1.0", "", str(relpath),
+                               kind=ResultKind.PDF)])
+    return key.sop_instance_uid
+
+
+def test_pacs_down_then_up_delivers_sr_and_pdf_report_exactly_once(tmp_path):
+    port = free_port()
+    settings = _settings(tmp_path / "data", f"PACS@127.0.0.1:{port}")
+    index, outbox, sr_uid = _queued_study(settings)
+    pdf_uid = _queued_pdf(settings, index, outbox, sr_uid)
+    for uid in (sr_uid, pdf_uid):
+        with pytest.raises(TransientStoreError):
+            deliver(settings, outbox, uid, owner="job-1")
+    study_uid = outbox.get(sr_uid).study_uid
+    assert update_study_state(settings, index, outbox, study_uid, 1) is StudyState.DELIVERING
+    assert "2 result(s) waiting" in index.study(study_uid).detail
+    restarted = Outbox(settings.index_path)
+    assert {e.sr_uid for e in restarted.undelivered(lease_s=60)} == {sr_uid, pdf_uid}
+    pacs = StoreSCP(port, tmp_path / "pacs").start()
+    try:
+        for uid in (sr_uid, pdf_uid, sr_uid, pdf_uid):  # the second round finds them delivered
+            deliver(settings, restarted, uid, owner="job-2")
+        assert sorted(pacs.received_sop_uids()) == sorted([sr_uid, pdf_uid])
+        (pdf,) = pacs.received_pdfs()
+        assert pdf.MIMETypeOfEncapsulatedDocument == "application/pdf" and pdf.StudyInstanceUID == study_uid
+    finally:
+        pacs.stop()
+    assert update_study_state(settings, index, outbox, study_uid, 1) is StudyState.DONE
+    assert "1 SR(s) and the PDF report delivered" in index.study(study_uid).detail
+
+
+def test_an_outbox_made_before_result_kinds_gets_the_column(tmp_path):
+    import sqlite3
+
+    from grok_pacs.store.outbox import ResultKind
+
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    db.executescript("""CREATE TABLE outbox (sr_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL,
+        study_version INTEGER NOT NULL, bundle_version TEXT NOT NULL, eye TEXT NOT NULL, path TEXT NOT NULL,
+        state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '',
+        claimed_by TEXT NOT NULL DEFAULT '', claimed_at REAL, destination TEXT NOT NULL DEFAULT '',
+        note TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, updated_at REAL NOT NULL, delivered_at REAL);
+        INSERT INTO outbox (sr_uid, study_uid, study_version, bundle_version, eye, path, state, created_at,
+        updated_at) VALUES ('2.25.7', '1.2', 1, '0.1', 'R', 'sr/1.2/2.25.7.dcm', 'PENDING', 1, 1);""")
+    db.commit()
+    db.close()
+    assert Outbox(tmp_path / "index.sqlite").get("2.25.7").kind is ResultKind.SR

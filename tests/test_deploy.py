@@ -106,6 +106,8 @@ def test_dockerfile_copies_files_that_exist_and_runs_as_the_k8s_user() -> None:
         *sources, _dest = line.split()
         for source in sources:
             assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
+            assert source.split("/")[0] not in ("training", "export", "devtools", "tests", "bench", "."), \
+                f"the runtime image copies {source}: it holds grok_pacs only"
     uid = int(re.search(r"useradd .*--uid (\d+)", text)[1])
     for doc in _k8s_docs():
         if doc["kind"] == "Deployment" and "grok-pacs:" in json.dumps(doc):
@@ -177,7 +179,7 @@ def test_probes_and_healthchecks_use_paths_the_metrics_server_serves(tmp_path: P
     import urllib.request
 
     from grok_pacs.ops import health
-    from grok_pacs.ops import metrics
+    from grok_pacs.ops import observability
 
     paths = set()
     for doc in _k8s_docs():
@@ -195,7 +197,7 @@ def test_probes_and_healthchecks_use_paths_the_metrics_server_serves(tmp_path: P
 
     settings = load_settings(data_dir=tmp_path, metrics_port=free_port(), bind_address="127.0.0.1")
     checker = health.HealthChecker({"always": lambda: health.CheckResult(True, "fine")})
-    server = metrics.start_server(settings, "listener", checker=checker)
+    server = observability.start_server(settings, "listener", checker=checker)
     try:
         for path in sorted(paths):
             with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=10) as reply:

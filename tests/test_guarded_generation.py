@@ -19,7 +19,7 @@ from grok_pacs.domain.labels import Label
 from grok_pacs.ops.metrics import REGISTRY
 from grok_pacs.report.sr import NARRATIVE_WITHHELD, SRKey, build_sr
 from helpers.eye_dicom import oct_volume, write_jpeg_cfp, write_oct
-from helpers.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle
+from devtools.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle
 from ophthalmic_dicom import Patient
 from srcheck import assert_valid_sr
 

@@ -15,7 +15,7 @@ from grok_pacs.analysis.engine import Engine, EyeInput
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 from grok_pacs.analysis.result import Eye, SourceImage
 from helpers.eye_dicom import oct_volume, write_jpeg_cfp, write_oct
-from helpers.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle, copy_bundle
+from devtools.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle, copy_bundle
 from ophthalmic_dicom import Patient
 
 torch.set_num_threads(1)

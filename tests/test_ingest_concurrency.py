@@ -25,8 +25,8 @@ def _body_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()[offset:]).hexdigest()
 
 
-def test_concurrent_associations_lose_nothing(tmp_path: Path) -> None:
-    settings = ingest_settings(tmp_path, quiet_period=3.0)
+def test_concurrent_associations_lose_nothing(tmp_path: Path, fast_path: bool) -> None:
+    settings = ingest_settings(tmp_path, quiet_period=3.0, pynetdicom_fast_path=fast_path)
     studies = [generate_uid() for _ in range(STUDIES)]
     batches: list[list[Path]] = []
     digests: dict[str, str] = {}

@@ -34,15 +34,15 @@ QUIET = 8.0  # longer than kill + restart + resend, so the interrupted study is 
 def _listen(settings, log: Path) -> subprocess.Popen:
     env = {**os.environ, "GROK_PACS_DATA_DIR": str(settings.data_dir), "GROK_PACS_PORT": str(settings.port),
            "GROK_PACS_BIND_ADDRESS": "127.0.0.1", "GROK_PACS_QUIET_PERIOD": str(QUIET),
-           "GROK_PACS_MIN_FREE_DISK_MB": "1"}
+           "GROK_PACS_MIN_FREE_DISK_MB": "1", "GROK_PACS_PYNETDICOM_FAST_PATH": str(settings.pynetdicom_fast_path)}
     process = subprocess.Popen([sys.executable, "-m", "grok_pacs.cli", "listen"], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=log.open("ab"))
     wait_for_port(settings.port, timeout=60)
     return process
 
 
-def test_kill_9_during_transfer_then_restart(tmp_path: Path) -> None:
-    settings = ingest_settings(tmp_path, quiet_period=QUIET)
+def test_kill_9_during_transfer_then_restart(tmp_path: Path, fast_path: bool) -> None:
+    settings = ingest_settings(tmp_path, quiet_period=QUIET, pynetdicom_fast_path=fast_path)
     study = generate_uid()
     early = [write(fundus_photograph(study, "RL"[n % 2], size=64, seed=n), tmp_path / f"early{n}.dcm") for n in range(5)]
     big = write(oct_tomography(study, "R", frames=64, rows=128, columns=256), tmp_path / "big.dcm")  # 2 MB

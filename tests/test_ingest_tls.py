@@ -36,9 +36,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_tls_store_with_client_certificate_and_plain_peer_refused(pki: Path, tmp_path: Path) -> None:
+def test_tls_store_with_client_certificate_and_plain_peer_refused(pki: Path, tmp_path: Path, fast_path: bool) -> None:
     settings = ingest_settings(tmp_path, tls_certificate=pki / "server.crt", tls_key=pki / "server.key",
-                               tls_ca=pki / "ca.crt")
+                               tls_ca=pki / "ca.crt", pynetdicom_fast_path=fast_path)
     tls = ("+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt"))
     instance = write(fundus_photograph(generate_uid(), "R", size=64), tmp_path / "cfp.dcm")
     with running(settings) as service:

@@ -192,6 +192,23 @@ def test_pynetdicom_tuning_applies_to_this_pynetdicom() -> None:
     assert pynetdicom_tuning.install() and pynetdicom_tuning.install(), "installs once, idempotently"
 
 
+def test_fast_path_off_restores_pynetdicom_as_released() -> None:
+    from pynetdicom import association, dimse, dul
+
+    from grok_pacs.dicom import fastpath
+
+    was_installed = fastpath.installed()
+    try:
+        assert fastpath.install() and dul.time is not time and association.time is not time
+        fastpath.uninstall()
+        assert not fastpath.installed() and dul.time is time and association.time is time
+        assert all(getattr(owner, name) is value for owner, name, value in fastpath._RELEASED)
+        assert dimse.DIMSEServiceProvider.send_msg.__module__ == "pynetdicom.dimse"
+    finally:
+        if was_installed:
+            fastpath.install()
+
+
 def test_header_agrees_with_pydicom_on_its_test_files() -> None:
     """pydicom's bundled files cover implicit/explicit/big endian, deflated, JPEG, JPEG-LS, J2K, RLE."""
     import warnings
@@ -225,7 +242,7 @@ def test_fast_store_response_is_byte_identical_to_pynetdicom(status: int) -> Non
     from pynetdicom.dimse_messages import C_STORE_RSP
     from pynetdicom.dimse_primitives import C_STORE
 
-    from grok_pacs.dicom.fastpath import _encode_store_response
+    from grok_pacs.dicom.direct_codec import encode_store_response as _encode_store_response
 
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo, rsp.Status = 65535, status
@@ -236,3 +253,20 @@ def test_fast_store_response_is_byte_identical_to_pynetdicom(status: int) -> Non
     assert _encode_store_response(rsp) == pdata.presentation_data_value_list[0][1][1:]
     rsp.ErrorComment = "details"
     assert _encode_store_response(rsp) is None, "anything beyond a status goes through pynetdicom"
+
+
+@pytest.mark.parametrize("code, name, kind", [
+    (0x0000, "SUCCESS", "success"),
+    (0xB007, "WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS", "warning"),
+    (0xA7FF, "REFUSED_OUT_OF_RESOURCES", "transient"),  # the A7xx range: the sender retries later
+    (0x0110, "PROCESSING_FAILURE", "transient"),
+    (0xC002, "ERROR_INCOMPLETE_DATASET", "permanent"),
+    (0xC0AB, "ERROR_CANNOT_UNDERSTAND", "permanent"),
+    (0xFE00, "STATUS_0xFE00", "permanent"),
+])
+def test_dimse_status_names_and_how_a_sender_treats_them(code: int, name: str, kind: str) -> None:
+    from grok_pacs.dicom.status import DimseStatus, category, status_name
+
+    assert status_name(code) == name and category(code).value == kind
+    if code in DimseStatus._value2member_map_:
+        assert DimseStatus(code) == code and DimseStatus[name] == code

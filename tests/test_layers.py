@@ -11,6 +11,8 @@ inside functions and under TYPE_CHECKING: a lazy import is still a dependency).
 from __future__ import annotations
 
 import ast
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,65 @@ def test_no_import_cycles():
 def test_the_checker_tells_right_from_wrong(source, target, expected):
     assert _allowed(source, target) is expected
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def _test_module_names() -> set[str]:
+    """Names under which test code can be imported: tests' own modules and packages, and `tests`."""
+    tests = ROOT / "tests"
+    return {"tests", *(p.stem for p in tests.glob("*.py")), *(p.name for p in tests.iterdir() if p.is_dir())}
+
+
+@pytest.mark.parametrize("folder", ["bench", "devtools"])
+def test_benchmarks_and_devtools_use_no_test_code(folder):
+    test_names = _test_module_names() - {"__init__"}
+    wrong = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        text = path.read_text()
+        imported = _imports(_module_name(path), path, set())
+        wrong += [f"{path.relative_to(ROOT)} imports {name}" for name in imported if name.split(".")[0] in test_names]
+        if '"tests"' in text or "'tests'" in text:
+            wrong.append(f"{path.relative_to(ROOT)} names the tests folder (sys.path?)")
+    assert wrong == []
+
+
+def _project() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _distribution_name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_the_wheel_ships_the_runtime_only_with_runtime_dependencies():
+    import setuptools
+
+    project = _project()
+    find = project["tool"]["setuptools"]["packages"]["find"]
+    assert {name.split(".")[0] for name in setuptools.find_packages(str(ROOT), include=find["include"])} == {"grok_pacs"}
+    runtime = {_distribution_name(req) for req in project["project"]["dependencies"]}
+    assert not runtime & {"tqdm", "matplotlib", "pyyaml", "httpx", "gguf", "onnx", "onnxscript", "pytest"}
+
+
+def test_every_library_the_runtime_imports_is_a_runtime_dependency():
+    from importlib.metadata import packages_distributions
+
+    runtime = {_distribution_name(req) for req in _project()["project"]["dependencies"]}
+    providers = packages_distributions()
+    third_party = {target.split(".")[0] for targets in GRAPH.values() for target in targets
+                   if target and target.split(".")[0] not in sys.stdlib_module_names
+                   and target.split(".")[0] not in ("grok_pacs", "__future__")}
+    missing = sorted(name for name in third_party
+                     if not {_distribution_name(dist) for dist in providers.get(name, [])} & runtime)
+    assert missing == [], "imported by grok_pacs but only installed through an extra (or not at all)"
+
+
+def test_every_module_is_named_in_its_rooms_docstring():
+    """A newcomer finds the room of a change from the tree: each room's docstring names all its modules."""
+    unnamed = []
+    for package in sorted(p for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()):
+        doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+        unnamed += [f"{package.name}/{m.name}" for m in sorted(package.glob("*.py"))
+                    if m.stem not in ("__init__", "__main__") and f"`{m.stem}`" not in doc]
+    assert unnamed == [], "add each module, with what it owns, to its package's __init__ docstring"

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import require_tool
 from devtools.ports import free_port
 from grok_pacs.ops import health
-from grok_pacs.ops import metrics
+from grok_pacs.ops import metrics, observability
 from grok_pacs.config import OP_8BIT, OPT, load_settings
 from grok_pacs.ingest.service import IngestService
 from grok_pacs.jobs.publisher import JobPublisher
@@ -183,7 +183,7 @@ def test_refused_instance_is_counted_and_health_reports_the_disk(tmp_path: Path)
     reason = {"reason": "REFUSED_OUT_OF_RESOURCES"}
     start = scrape_local(reason)
     service = IngestService(settings, JobPublisher(settings))
-    server = metrics.start_server(settings, "listener")
+    server = observability.start_server(settings, "listener")
     try:
         service.start()
         cfp = write(make_cfp(Patient(), "L"), tmp_path / "send/cfp.dcm")
@@ -221,7 +221,7 @@ def test_worker_health_follows_the_broker_and_the_bundle(tmp_path: Path) -> None
     checker = health.HealthChecker({"broker": health.broker_check(settings),
                                     "bundle": health.bundle_check(settings, state),
                                     "disk": health.disk_check(settings)})
-    server = metrics.start_server(settings, "worker", checker=checker)
+    server = observability.start_server(settings, "worker", checker=checker)
     url = f"http://127.0.0.1:{server.port}/health"
     try:
         wait_for(lambda: json.loads(get(url)[1])["checks"]["broker"]["ok"], "Redis to answer", timeout=30)
@@ -254,7 +254,7 @@ def test_worker_health_follows_the_broker_and_the_bundle(tmp_path: Path) -> None
 def test_worker_metrics_exported_in_prometheus_and_openmetrics(tmp_path: Path) -> None:
     """Job stage histograms, SR delivery outcomes and model load time, as a worker records them."""
     settings = load_settings(data_dir=tmp_path, metrics_port=free_port(), bind_address="127.0.0.1")
-    server = metrics.start_server(settings, "worker",
+    server = observability.start_server(settings, "worker",
                                   checker=health.HealthChecker({"ok": lambda: health.CheckResult(True, "")}))
     try:
         before = scrape(server.port)
@@ -296,10 +296,10 @@ def test_worker_metrics_exported_in_prometheus_and_openmetrics(tmp_path: Path) -
 
 def test_metrics_port_in_use_fails_with_the_port_named(tmp_path: Path) -> None:
     settings = load_settings(data_dir=tmp_path, metrics_port=free_port(), bind_address="127.0.0.1")
-    first = metrics.start_server(settings, "worker")
+    first = observability.start_server(settings, "worker")
     try:
         with pytest.raises(OSError, match=f"metrics_port {settings.metrics_port}"):
-            metrics.start_server(settings, "worker")
+            observability.start_server(settings, "worker")
     finally:
         first.close()
 
@@ -308,7 +308,7 @@ def test_sr_delivery_outcomes_are_counted(tmp_path: Path) -> None:
     """A real delivery: PACS down (transient failure), then DCMTK storescp up (delivered)."""
     from grok_pacs.delivery.sender import DeliveryOutcome, deliver
     from grok_pacs.dicom.scu import TransientStoreError
-    from storescp import StoreSCP
+    from devtools.storescp import StoreSCP
     from test_delivery import _queued_study
 
     port = free_port()
@@ -338,7 +338,7 @@ def test_sr_delivery_outcomes_are_counted(tmp_path: Path) -> None:
 
 def test_one_box_serve_metrics_from_ingest_to_delivered_sr(tmp_path: Path, tiny_bundle: Path) -> None:
     """`grok-pacs serve` end to end: storescu in, SR out to storescp, every stage visible in /metrics."""
-    from storescp import StoreSCP
+    from devtools.storescp import StoreSCP
 
     bundle = tiny_bundle
     pacs = StoreSCP(free_port(), tmp_path / "pacs").start()
@@ -351,7 +351,7 @@ def test_one_box_serve_metrics_from_ingest_to_delivered_sr(tmp_path: Path, tiny_
     try:
         with running(tmp_path, "serve", env, metrics_port) as log_path:
             _one_box_session(url, metrics_port, dicom_port, tmp_path, log_path)
-            assert len(pacs.received()) == 1
+            assert len(pacs.received_srs()) == 1 and len(pacs.received_pdfs()) == 1
     finally:
         pacs.stop()
 

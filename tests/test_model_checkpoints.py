@@ -12,7 +12,7 @@ from grok_pacs.model.checkpoints import (CheckpointError, load_encoder, load_ret
                                          save_encoder)
 from grok_pacs.model.config import EncoderConfig
 from grok_pacs.model.vit import LoraQKV, apply_qkv_lora, build_encoder, has_lora
-from helpers.tiny_bundle import write_retfound_pth, write_retizero_pth
+from devtools.tiny_bundle import write_retfound_pth, write_retizero_pth
 
 torch.set_num_threads(1)
 CFG = EncoderConfig(embed_dim=32, depth=2, num_heads=2)

@@ -16,7 +16,7 @@ from grok_pacs.model.heads import BiomarkerHead
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.prompt import (IGNORE_INDEX, IM_END, IMAGE_TOKEN, INSTRUCTION, SYSTEM_PROMPT, biomarker_block,
                               build_prompt, build_training_example, format_target, human_turn)
-from helpers.tiny_bundle import TINY_REPORT, train_tokenizer
+from devtools.tiny_bundle import TINY_REPORT, train_tokenizer
 
 torch.set_num_threads(1)
 

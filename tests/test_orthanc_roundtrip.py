@@ -17,8 +17,8 @@ import pydicom
 from devtools.ports import free_port
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 from orthanc import Orthanc
-from srcheck import assert_valid_sr, sr_eye
-from worker_harness import GrokProcess, grok_env, wait_until
+from srcheck import assert_valid_sr, dciodvfy_errors, pdf_text, sr_eye
+from devtools.processes import GrokProcess, grok_env, wait_until
 
 GROK_AE = "GROK_PACS"
 
@@ -46,14 +46,27 @@ def test_study_from_orthanc_comes_back_with_srs_in_the_same_study(tmp_path, tiny
             return [inst for s in series if s["MainDicomTags"].get("Modality") == "SR"
                     for inst in orthanc.get(f"/series/{s['ID']}/instances")]
 
-        srs = wait_until(lambda: len(sr_instances()) >= 2 and sr_instances(), 180, "two SRs in Orthanc", interval=0.5)
+        def all_results() -> bool:  # two SRs and the PDF report (delivered after the SRs)
+            return len(sr_instances()) >= 2 and len(orthanc.get(f"/studies/{study_id}")["Series"]) >= 6
+
+        wait_until(all_results, 180, "two SRs and the PDF in Orthanc", interval=0.5)
+        srs = sr_instances()
         assert orthanc.get("/studies") == [study_id]  # no new study: the SRs filed into the original one
         study = orthanc.get(f"/studies/{study_id}")
         assert study["MainDicomTags"]["StudyInstanceUID"] == patient.study_uid
         assert study["PatientMainDicomTags"]["PatientID"] == patient.patient_id
-        # CFP R, OCT R, CFP L, and one SR series per eye (OHIF opens only the last SR of a series), dated
-        # (Orthanc Explorer files an undated series under "?").
-        assert len(study["Series"]) == 5
+        # CFP R, OCT R, CFP L, one SR series per eye (OHIF opens only the last SR of a series) and the PDF
+        # report's series, dated (Orthanc Explorer files an undated series under "?").
+        assert len(study["Series"]) == 6
+        (pdf_series,) = [s for s in orthanc.get(f"/studies/{study_id}/series")
+                         if s["MainDicomTags"]["Modality"] == "DOC"]
+        (pdf_id,) = pdf_series["Instances"]
+        assert pdf_series["MainDicomTags"].get("SeriesDate")
+        pdf_path = tmp_path / "report.dcm"
+        pdf_path.write_bytes(orthanc.file(pdf_id))
+        assert dciodvfy_errors(pdf_path) == []
+        text = pdf_text(pydicom.dcmread(pdf_path).EncapsulatedDocument)
+        assert "Right eye (OD)" in text and "Left eye (OS)" in text and "Glaucoma" in text
         sr_series = [s for s in orthanc.get(f"/studies/{study_id}/series") if s["MainDicomTags"]["Modality"] == "SR"]
         assert len(sr_series) == 2 and all(len(s["Instances"]) == 1 for s in sr_series)
         assert all(s["MainDicomTags"].get("SeriesDate") for s in sr_series)
@@ -70,7 +83,7 @@ def test_study_from_orthanc_comes_back_with_srs_in_the_same_study(tmp_path, tiny
                                  env=grok_env(**settings), capture_output=True, text=True, timeout=120)
         (row,) = json.loads(studies.stdout)
         assert row["study_uid"] == patient.study_uid and row["state"] == "DONE"
-        assert "2 SR(s) delivered to ORTHANC@" in row["detail"]
+        assert "2 SR(s) and the PDF report delivered to ORTHANC@" in row["detail"]
     finally:
         serve.stop()
         orthanc.stop()

@@ -7,21 +7,33 @@ import dataclasses
 import io
 import re
 import subprocess
+import sys
 
 import numpy as np
 import pydicom
 import pypdf
-
 from conftest import require_tool
-from grok_pacs.analysis.result import (Action, Disposition, Eye, Gradability, ModalityQuality, QualityReason)
+from ophthalmic_dicom import Patient, make_cfp, make_oct
+from test_sr import _report, _source
+
+from grok_pacs.analysis.result import (
+    Action,
+    Disposition,
+    Eye,
+    Gradability,
+    ModalityQuality,
+    NarrativeCheck,
+    NarrativeIssue,
+    NarrativeReason,
+    QualityReason,
+)
 from grok_pacs.domain.biomarkers import BY_KEY, CFP_BIOMARKERS, format_value
 from grok_pacs.domain.labels import Label
 from grok_pacs.report.encapsulated import ENCAPSULATED_PDF, build_encapsulated_pdf
 from grok_pacs.report.keys import ReportKey, SRKey
-from grok_pacs.report.pdf import BANNER, UNIT_TEXT, EyeImages, build_pdf
+from grok_pacs.report.pdf import BANNER, UNIT_TEXT, ReportImages, build_pdf
+from grok_pacs.report.sr import build_sr
 from grok_pacs.report.study import StudyHeader
-from ophthalmic_dicom import Patient, make_cfp, make_oct
-from test_sr import _report, _source
 
 REFER = Disposition(Action.REFERRAL, "Refer to ophthalmology (glaucoma suspected)", "RCOphth glaucoma", "glaucoma")
 PATIENT_REFER = dataclasses.replace(REFER, eyes=("R",))
@@ -32,9 +44,9 @@ def _text(pdf: bytes) -> str:
     return re.sub(r"\s+", " ", " ".join(page.extract_text() for page in reader.pages))
 
 
-def _images(seed: int = 0) -> EyeImages:
+def _images(seed: int = 0) -> ReportImages:
     rng = np.random.default_rng(seed)
-    return EyeImages(cfp=rng.integers(0, 255, (300, 400, 3), dtype=np.uint8),
+    return ReportImages(cfp=rng.integers(0, 255, (300, 400, 3), dtype=np.uint8),
                      oct_bscan=rng.integers(0, 255, (128, 256), dtype=np.uint8), oct_frames=8)
 
 
@@ -56,7 +68,7 @@ def _study():
 
 def test_pdf_text_has_header_dispositions_diagnosis_and_every_biomarker_with_unit():
     patient, _, reports, header = _study()
-    text = _text(build_pdf(header, reports, {Eye.RIGHT: _images(), Eye.LEFT: EyeImages(cfp=_images(1).cfp)}))
+    text = _text(build_pdf(header, reports, {Eye.RIGHT: _images(), Eye.LEFT: ReportImages(cfp=_images(1).cfp)}))
     assert BANNER in text
     assert f"ID {patient.patient_id}" in text and "Test Retina" in text and patient.study_uid in text
     assert "GROK tiny 0.1.0" in text
@@ -91,21 +103,13 @@ def test_pdf_embeds_its_fonts():
 
 def test_withheld_narrative_is_stated_not_shown():
     _, _, reports, header = _study()
-
-    class FailedCheck:  # the narrative validator's verdict, as Report.narrative_check carries it
-        passed = False
-
-        @staticmethod
-        def summary() -> str:
-            return "a phrase is repeated over and over: 'the the the'"
-    right = reports[Eye.RIGHT]
-    if not any(f.name == "narrative_check" for f in dataclasses.fields(right)):
-        object.__setattr__(right, "narrative_check", FailedCheck())  # before the validator's field exists
-    else:
-        right = dataclasses.replace(right, narrative_check=FailedCheck(), narrative="")
+    check = NarrativeCheck(passed=False, issues=(NarrativeIssue(NarrativeReason.REPEATED_PHRASE, "'the the the'"),),
+                           words=40, repeated_sentences=0, distinct_2=0.1)
+    right = dataclasses.replace(reports[Eye.RIGHT], narrative="", narrative_check=check)
     text = _text(build_pdf(header, {Eye.RIGHT: right}, {}))
     assert "The model's findings text failed validation and is not shown" in text
-    assert "a phrase is repeated over and over" in text
+    assert "a phrase is repeated over and over: 'the the the'" in text
+    assert reports[Eye.RIGHT].narrative not in text
     assert "Glaucoma (calibrated probability 0.83)" in text
 
 
@@ -131,3 +135,25 @@ def test_encapsulated_pdf_is_valid_in_the_same_study_in_its_own_series(tmp_path)
         cfp_r.SOPInstanceUID, oct_r.SOPInstanceUID, cfp_l.SOPInstanceUID}
     assert ds.EncapsulatedDocument[: ds.EncapsulatedDocumentLength] == pdf
     assert "cup-to-disc ratio" in _text(pdf) and len(CFP_BIOMARKERS) == 6
+
+
+def test_report_command_prints_the_sr_then_the_pdf_path_and_text(tmp_path):
+    patient, (cfp_r, oct_r, cfp_l), reports, header = _study()
+    folder = tmp_path / "sr" / patient.study_uid
+    folder.mkdir(parents=True)
+    sr_path = folder / "sr.dcm"
+    build_sr(reports[Eye.RIGHT], [cfp_r, oct_r], SRKey(patient.study_uid, 1, "0.1.0", Eye.RIGHT)).save_as(
+        sr_path, enforce_file_format=True)
+    pdf_path = folder / "pdf.dcm"
+    sources = [s for r in reports.values() for s in r.sources]
+    build_encapsulated_pdf(build_pdf(header, reports, {}), cfp_r, sources, ReportKey(patient.study_uid, 1, "0.1.0"),
+                           software_version="test").save_as(pdf_path, enforce_file_format=True)
+    (folder / "notes.txt").write_text("not DICOM")  # something else in the folder is not a report
+    for target in (sr_path, pdf_path):
+        proc = subprocess.run([sys.executable, "-m", "grok_pacs.cli", "report", str(target)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        out = re.sub(r"\s+", " ", proc.stdout)
+        assert f"PDF report: {pdf_path}" in out
+        assert "Refer to ophthalmology (glaucoma suspected)" in out and "Glaucoma (calibrated probability 0.83)" in out
+        assert ("Diagnosis: Glaucoma (23986001, SCT)" in out) == (target == sr_path)  # the SR tree, for an SR

@@ -10,7 +10,7 @@ from grok_pacs.analysis.validation import REASON_TEXT, NarrativeCheck, Reason, V
 from grok_pacs.domain.biomarkers import BIOMARKERS, CFP_KEYS
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from grok_pacs.model.prompt import format_target
-from helpers.tiny_bundle import TINY_REPORT
+from devtools.tiny_bundle import TINY_REPORT
 from training.phantom.sampling import sample_subject
 from training.teachers.guideline import GuidelineTeacher
 
@@ -48,7 +48,10 @@ def test_phrase_repeated_twelve_times_fails() -> None:
     text = ("The retina shows " + ", ".join([phrase] * 12) + ". Diagnosis: Normal")
     check = validate_narrative(text)
     assert not check.passed and check.reasons == (Reason.REPEATED_PHRASE,)
-    assert "haemorrhages microaneurysms" in check.issues[0].detail and "times" in check.issues[0].detail
+    assert "haemorrhages microaneurysms" in check.issues[0].detail
+    spread = "The retina shows " + ", ".join(f"{phrase} in zone {i}" for i in range(12)) + ". Diagnosis: Normal"
+    check = validate_narrative(spread)  # never twice in a row, but 12 times
+    assert check.reasons == (Reason.REPEATED_PHRASE,) and "12 times" in check.issues[0].detail
 
 
 def test_repeated_sentence_fails_and_is_counted() -> None:
@@ -110,3 +113,12 @@ def test_check_and_limits_are_typed_and_refuse_contradictions() -> None:
         ValidationLimits(min_words=0)
     with pytest.raises(ValueError, match="max_words"):
         ValidationLimits(min_words=50, max_words=10)
+
+
+def test_a_phrase_written_twice_in_a_row_fails() -> None:
+    """What the phantom stand-in model wrote: the phrase three times, each time back to back."""
+    text = HEALTHY.replace("no haemorrhages, microaneurysms or exudates",
+                           "no haemorrhages, microaneurysms or exudates no haemorrhages, microaneurysms or exudates")
+    check = validate_narrative(text)
+    assert check.reasons == (Reason.REPEATED_PHRASE,) and "twice in a row" in check.summary()
+    assert validate_narrative(HEALTHY.replace("is healthy", "is very, very healthy")).passed  # one word: fine

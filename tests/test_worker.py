@@ -21,12 +21,13 @@ from grok_pacs.jobs import worker
 from grok_pacs.ingest.assembly import recover
 from grok_pacs.config import load_settings
 from grok_pacs.store.index import StudyState
-from grok_pacs.store.outbox import OutboxState
+from grok_pacs.store.outbox import OutboxState, ResultKind
 from grok_pacs.jobs.tasks import analyze_study
+from grok_pacs.report.render import render
 from grok_pacs.dicom.uids import instance_relpath
 from ophthalmic_dicom import Patient, make_cfp, make_oct, make_undecodable_cfp, write
-from srcheck import assert_valid_sr, sr_eye
-from storescp import StoreSCP
+from srcheck import assert_valid_sr, dciodvfy_errors, pdf_text, sr_eye
+from devtools.storescp import StoreSCP
 
 EARLY = dt.datetime(2025, 1, 1, 9, 0, 0)
 LATE = dt.datetime(2025, 1, 1, 11, 0, 0)
@@ -73,11 +74,27 @@ def _refs(sr: pydicom.Dataset) -> set[str]:
 
 def _sr_by_eye(pacs: StoreSCP) -> dict[str, pydicom.Dataset]:
     out = {}
-    for sr in pacs.received():
+    for sr in pacs.received_srs():
         eye = sr_eye(sr)
         assert eye not in out, "two SRs for one eye"
         out[eye] = sr
     return out
+
+
+def _sr_entry(ctx: worker.WorkerContext, study_uid: str):
+    (entry,) = [e for e in ctx.outbox.for_study(study_uid) if e.kind is ResultKind.SR]
+    return entry
+
+
+def _diagnosis(sr: pydicom.Dataset) -> str:
+    """The coded diagnosis' meaning, as the SR states it."""
+    def walk(items):
+        for item in items:
+            if item.get("ValueType") == "CODE" and item.ConceptNameCodeSequence[0].CodeMeaning == "Diagnosis":
+                yield item.ConceptCodeSequence[0].CodeMeaning
+            yield from walk(item.get("ContentSequence", []))
+    (meaning,) = walk(sr.ContentSequence)
+    return meaning
 
 
 def _num_count(sr: pydicom.Dataset) -> int:
@@ -94,31 +111,41 @@ def test_both_eyes_newest_cfp_two_srs_once(ctx, pacs):
     study_uid = _ingest(ctx, [old_r, new_r, oct_r, cfp_l, oct_l])
     summary = analyze_study(study_uid=study_uid, version=1)
     assert summary["outcome"] == "analysed" and sorted(summary["srs"].values()) == ["delivered", "delivered"]
+    assert summary["pdf"] == "delivered"
     srs = _sr_by_eye(pacs)
-    assert set(srs) == {"R", "L"} and len(pacs.received()) == 2
+    assert set(srs) == {"R", "L"} and len(pacs.received()) == 3  # and one PDF report for the study
+    (pdf,) = pacs.received_pdfs()
+    assert pdf.StudyInstanceUID == study_uid and pdf.PatientID == patient.patient_id
+    text = pdf_text(pdf.EncapsulatedDocument)
+    assert "Right eye (OD)" in text and "Left eye (OS)" in text and "UNVERIFIED / PRELIMINARY" in text
+    for sr in srs.values():
+        assert _diagnosis(sr) in text
     assert _refs(srs["R"]) == {new_r.SOPInstanceUID, oct_r.SOPInstanceUID}  # newest CFP, not the older one
     assert _refs(srs["L"]) == {cfp_l.SOPInstanceUID, oct_l.SOPInstanceUID}
     for sr in srs.values():
         assert sr.StudyInstanceUID == study_uid and sr.PatientID == patient.patient_id
         assert _num_count(sr) == 37
     kept = sorted((Path(ctx.settings.data_dir) / "sr" / study_uid).iterdir())
-    assert len(kept) == 2
+    assert len(kept) == 3
     for path in kept:
-        assert_valid_sr(path, "Glaucoma", "This report was generated automatically")
+        if pydicom.dcmread(path).Modality == "SR":
+            assert_valid_sr(path, "Glaucoma", "This report was generated automatically")
+        else:
+            assert dciodvfy_errors(path) == []
     study = ctx.index.study(study_uid)
-    assert study.state is StudyState.DONE and "2 SR(s) delivered" in study.detail
+    assert study.state is StudyState.DONE and "2 SR(s) and the PDF report delivered" in study.detail
     # Idempotent: the same job again (a redelivery) sends nothing new.
     assert analyze_study(study_uid=study_uid, version=1)["outcome"] == "already-done"
-    assert len(pacs.received()) == 2
+    assert len(pacs.received()) == 3
 
 
 def test_only_cfp_gives_one_sr_stating_oct_missing(ctx, pacs):
     patient = Patient()
     study_uid = _ingest(ctx, [make_cfp(patient, "L")])
     analyze_study(study_uid=study_uid, version=1)
-    (sr,) = pacs.received()
-    assert _num_count(sr) == 6 and sr_eye(sr) == "L"
-    path = Path(ctx.settings.data_dir) / ctx.outbox.for_study(study_uid)[0].path
+    (sr,) = pacs.received_srs()
+    assert _num_count(sr) == 6 and sr_eye(sr) == "L" and len(pacs.received_pdfs()) == 1
+    path = Path(ctx.settings.data_dir) / _sr_entry(ctx, study_uid).path
     assert_valid_sr(path, "Not available for this eye: OCT")
     assert ctx.index.study(study_uid).state is StudyState.DONE
 
@@ -128,10 +155,13 @@ def test_only_oct_gives_one_sr_stating_cfp_missing(ctx, pacs):
     oct_r = make_oct(patient, "R", frames=12)
     study_uid = _ingest(ctx, [oct_r])
     analyze_study(study_uid=study_uid, version=1)
-    (sr,) = pacs.received()
+    (sr,) = pacs.received_srs()
     assert _num_count(sr) == 31 and _refs(sr) == {oct_r.SOPInstanceUID}
-    path = Path(ctx.settings.data_dir) / ctx.outbox.for_study(study_uid)[0].path
-    assert_valid_sr(path, "Not available for this eye: CFP", "OCT B-scan used: frame")
+    (pdf,) = pacs.received_pdfs()
+    assert "OCT B-scan used: frame" in pdf_text(pdf.EncapsulatedDocument)
+    path = Path(ctx.settings.data_dir) / _sr_entry(ctx, study_uid).path
+    assert_valid_sr(path, "Not available for this eye: CFP", "OCT B-scan used: frame",
+                    "On the OCT B-scan the point marks the foveal pit found in it.")  # the test OCT has a pit
 
 
 def test_undecodable_instance_is_skipped_and_noted(ctx, pacs):
@@ -149,6 +179,13 @@ def test_undecodable_instance_is_skipped_and_noted(ctx, pacs):
     text = assert_valid_sr(Path(ctx.settings.data_dir) / left.path, "Pixel data cannot be decoded",
                            "Image quality insufficient: retake, or refer")
     assert "Diagnosis" not in text
+    # Still displayable in OHIF: its one group points into the image it judged.
+    assert "Image Region: POINT" in render(Path(ctx.settings.data_dir) / left.path)
+    # The PDF report says the same to a reader: no diagnosis for the left eye, and why.
+    (pdf,) = pacs.received_pdfs()
+    pdf_words = pdf_text(pdf.EncapsulatedDocument)
+    assert "Left eye (OS)" in pdf_words and "No diagnosis: the images of this eye are ungradable." in pdf_words
+    assert "the language model was not run" in pdf_words
     study = ctx.index.study(study_uid)
     assert study.state is StudyState.DONE
     assert f"CFP {broken_newest.SOPInstanceUID} skipped" in study.detail
@@ -180,15 +217,15 @@ def test_job_of_an_outdated_version_does_nothing(ctx, pacs):
     study = ctx.index.study(study_uid)
     assert ctx.index.mark_queued(study_uid, 2, study.last_received_at)
     analyze_study(study_uid=study_uid, version=2)
-    (sr,) = pacs.received()
+    (sr,) = pacs.received_srs()
     assert _refs(sr) == {late.SOPInstanceUID, *(i.sop_uid for i in ctx.index.instances(study_uid))}
-    assert [e.state for e in ctx.outbox.for_study(study_uid)] == [OutboxState.DELIVERED]
+    assert [e.state for e in ctx.outbox.for_study(study_uid)] == [OutboxState.DELIVERED] * 2  # SR and PDF
 
 
 def test_selection_by_sop_class_laterality_and_acquisition_time(tmp_path):
     from grok_pacs.config import SECONDARY_CAPTURE, THICKNESS_MAP
     from grok_pacs.store.index import InstanceRecord
-    from grok_pacs.jobs.pipeline import select_candidates
+    from grok_pacs.jobs.snapshot import select_candidates
     from grok_pacs.analysis.result import Eye
 
     def rec(sop: str, sop_class: str, laterality: str, acquired: str, received: float) -> InstanceRecord:
@@ -213,15 +250,18 @@ def test_rerun_after_a_failed_delivery_sends_the_written_sr_without_the_model(ap
     patient = Patient()
     study_uid = _ingest(ctx, [make_cfp(patient, "R")])
     pacs.stop()  # the PACS is down: the first attempt fails, a retry goes on the broker
-    assert list(analyze_study(study_uid=study_uid, version=1)["srs"].values()) == ["transient"]
+    first = analyze_study(study_uid=study_uid, version=1)
+    assert list(first["srs"].values()) == ["transient"] and first["pdf"] == "transient"
     assert ctx.index.study(study_uid).state is StudyState.DELIVERING
     pacs.start()
     restarted = worker.configure(app, ctx.settings)  # a new process, e.g. `grok-pacs serve` requeueing at start
     summary = analyze_study(study_uid=study_uid, version=1)
-    assert list(summary["srs"].values()) == ["delivered"]
-    assert not restarted.engine_loaded  # the SR written before was sent as it is
-    (entry,) = restarted.outbox.for_study(study_uid)
-    assert pacs.received_sop_uids() == [entry.sr_uid] and entry.attempts == 2
+    assert list(summary["srs"].values()) == ["delivered"] and summary["pdf"] == "delivered"
+    assert not restarted.engine_loaded  # the SR and PDF written before were sent as they are
+    entries = restarted.outbox.for_study(study_uid)
+    assert sorted(e.kind for e in entries) == [ResultKind.PDF, ResultKind.SR]
+    assert sorted(pacs.received_sop_uids()) == sorted(e.sr_uid for e in entries)  # each once
+    assert all(e.attempts == 2 for e in entries)
     assert restarted.index.study(study_uid).state is StudyState.DONE
 
 
@@ -253,3 +293,14 @@ def test_delivery_retries_exhausted_fail_the_study_with_the_reason(ctx, pacs):
     study = ctx.index.study(study_uid)
     assert study.state is StudyState.FAILED and "gave up after 2 attempts" in study.detail
     assert pacs.received() == []
+
+
+def test_both_eyes_of_a_study_share_one_batched_generation(ctx, pacs, monkeypatch):
+    """The model runs once per study (one batched generation and label scoring), not once per eye."""
+    engine, calls = ctx.engine(), []
+    original = engine.analyze_batch
+    monkeypatch.setattr(engine, "analyze_batch", lambda eyes: calls.append([e.eye.value for e in eyes]) or original(eyes))
+    patient = Patient()
+    study_uid = _ingest(ctx, [make_cfp(patient, "R"), make_oct(patient, "R"), make_cfp(patient, "L")])
+    assert analyze_study(study_uid=study_uid, version=1)["outcome"] == "analysed"
+    assert calls == [["R", "L"]] and set(_sr_by_eye(pacs)) == {"R", "L"}

@@ -21,10 +21,10 @@ from grok_pacs.store.index import StudyIndex, StudyState
 from grok_pacs.ingest.service import IngestService
 from grok_pacs.jobs.publisher import JobPublisher
 from grok_pacs.ingest.listener import Listener
-from grok_pacs.store.outbox import Outbox, OutboxState
+from grok_pacs.store.outbox import Outbox, OutboxState, ResultKind
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
-from storescp import StoreSCP
-from worker_harness import GrokProcess, Redis, grok_env, storescu, wait_until
+from devtools.storescp import StoreSCP
+from devtools.processes import GrokProcess, Redis, grok_env, storescu, wait_until
 
 JOB_TIME_LIMIT_S = 10  # -> Redis visibility timeout 20 s: a killed worker's job comes back within ~21 s
 READY = "worker ready"
@@ -100,10 +100,18 @@ def box(tmp_path, tiny_bundle, redis, pacs):
     instance.close()
 
 
-def _arrived_once(pacs: StoreSCP, settle_s: float = 3.0) -> list[str]:
-    wait_until(pacs.received_sop_uids, 90, "an SR at the PACS", interval=0.2)
+def _arrived_once(pacs: StoreSCP, count: int = 2, settle_s: float = 3.0) -> list[str]:
+    """The SOP Instance UIDs received, sorted, once `count` arrived (an eye's SR and the study's PDF)."""
+    wait_until(lambda: len(pacs.received_sop_uids()) >= count, 90, f"{count} results at the PACS", interval=0.2)
     time.sleep(settle_s)  # a duplicate would arrive in this time
-    return pacs.received_sop_uids()
+    return sorted(pacs.received_sop_uids())
+
+
+def _results(box: Box, study_uid: str, count: int = 2) -> list:
+    """The study's outbox rows: one SR per eye and the PDF report."""
+    entries = box.outbox(study_uid)
+    assert sorted(e.kind for e in entries) == sorted([ResultKind.PDF] + [ResultKind.SR] * (count - 1))
+    return entries
 
 
 def test_sigkill_mid_job_redelivers_and_one_sr_arrives(box, pacs):
@@ -116,8 +124,7 @@ def test_sigkill_mid_job_redelivers_and_one_sr_arrives(box, pacs):
     assert pacs.received_sop_uids() == []  # killed before delivering
     box.worker()
     uids = _arrived_once(pacs)
-    (entry,) = box.outbox(study_uid)
-    assert uids == [entry.sr_uid]
+    assert uids == sorted(e.sr_uid for e in _results(box, study_uid))  # the SR and the PDF, each once
     assert box.wait_state(study_uid, (StudyState.DONE,), 20).state is StudyState.DONE
 
 
@@ -128,7 +135,8 @@ def test_sigterm_mid_job_finishes_the_job_then_exits(box, pacs):
     box.wait_state(study_uid, (StudyState.ANALYSING,), 60)
     proc.signal(signal.SIGTERM)
     assert proc.wait(120) == 0
-    assert len(pacs.received_sop_uids()) == 2  # both eyes' SRs, delivered before the exit
+    assert len(pacs.received_srs()) == 2  # both eyes' SRs, delivered before the exit
+    assert len(pacs.received_pdfs()) == 1 and len(pacs.received_sop_uids()) == 3  # and the PDF report
     assert box.study(study_uid).state is StudyState.DONE
 
 
@@ -136,12 +144,13 @@ def test_pacs_down_then_up_sr_arrives_once(box, pacs):
     box.worker()
     study_uid = box.send_study("R")
     waiting = box.wait_state(study_uid, (StudyState.DELIVERING,), 90)
-    (entry,) = wait_until(lambda: [e for e in box.outbox(study_uid) if e.attempts >= 2 and e.state is OutboxState.PENDING],
-                          30, "a retried delivery waiting for its next attempt", interval=0.02)
-    assert entry.last_error.startswith("transient")
+    entries = wait_until(lambda: len(es := [e for e in box.outbox(study_uid) if e.attempts >= 2
+                                            and e.state is OutboxState.PENDING]) == 2 and es,
+                         30, "retried deliveries (SR and PDF) waiting for their next attempt", interval=0.02)
+    assert all(e.last_error.startswith("transient") for e in entries)
     assert "waiting for PACS@" in (box.study(study_uid).detail or waiting.detail)
     pacs.start()
-    assert _arrived_once(pacs) == [entry.sr_uid]
+    assert _arrived_once(pacs) == sorted(e.sr_uid for e in _results(box, study_uid))
     assert box.wait_state(study_uid, (StudyState.DONE,), 20).state is StudyState.DONE
 
 
@@ -154,8 +163,7 @@ def test_undelivered_sr_survives_a_worker_restart(box, pacs):
     first.wait(10)
     pacs.start()
     box.worker()  # at start it queues every undelivered SR of the outbox
-    (entry,) = box.outbox(study_uid)
-    assert _arrived_once(pacs) == [entry.sr_uid]
+    assert _arrived_once(pacs) == sorted(e.sr_uid for e in _results(box, study_uid))
     assert box.wait_state(study_uid, (StudyState.DONE,), 30).state is StudyState.DONE
 
 
@@ -171,8 +179,8 @@ def test_permanent_rejection_fails_without_retry_loop(tmp_path, tiny_bundle, red
         failed = box.wait_state(study_uid, (StudyState.FAILED,), 90)
         assert "Calling AE title not recognised" in failed.detail
         time.sleep(4)  # backoff would have retried (1 s, 2 s) by now
-        (entry,) = box.outbox(study_uid)
-        assert (entry.state, entry.attempts) == (OutboxState.FAILED, 1)
+        for entry in _results(box, study_uid):
+            assert (entry.state, entry.attempts) == (OutboxState.FAILED, 1)
     finally:
         box.close()
         rejecting.stop()

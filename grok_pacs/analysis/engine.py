@@ -10,7 +10,9 @@ the model's words stay in `raw_text`) -> parse (grok_pacs.analysis.parsing).
 
 The label rule: the model's diagnosis line when its generation passed validation and the line names a
 valid label; otherwise the best scored label (each label's continuation after "Diagnosis:") when its
-probability reaches `min_label_probability`; otherwise Indeterminate. A generation that failed
+probability (temperature-calibrated when the bundle has a calibration, grok_pacs.analysis.calibration)
+reaches the operating point (`min_label_probability`, a site setting over the bundle's); otherwise
+Indeterminate. A generation that failed
 validation is never shipped as the model's findings: the Report's narrative is empty, its impression
 states the label only, `narrative_check` says why, and `raw_text` keeps the words for audit.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -29,9 +31,10 @@ import torch
 
 from grok_pacs.domain.biomarkers import BY_KEY, Modality
 from grok_pacs.analysis.bundle import Bundle, load_bundle
+from grok_pacs.analysis.calibration import load_calibration
 from grok_pacs.analysis.grounding import ground_cited_numbers
 from grok_pacs.config import OPT
-from grok_pacs.analysis.imaging import read_cfp, read_oct_volume
+from grok_pacs.analysis.imaging import EyeImages, read_cfp, read_oct_volume
 from grok_pacs.domain.labels import Label
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.heads import BiomarkerHead, estimates_in_range
@@ -46,22 +49,6 @@ from grok_pacs.analysis.validation import validate_narrative
 from grok_pacs.ops import metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EyeImages:
-    """One eye's pixels for `Engine.analyze_batch`: uint8 [H,W,3] CFP and/or [F,H,W] OCT volume."""
-
-    eye: Eye
-    cfp_image: np.ndarray | None = None
-    oct_volume: np.ndarray | None = None
-    sources: tuple[SourceImage, ...] = ()
-    timings: dict[str, float] = field(default_factory=dict)  #: e.g. {"read": seconds} measured by the caller
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "eye", Eye(self.eye))
-        if self.cfp_image is None and self.oct_volume is None:
-            raise ValueError(f"analyze needs a CFP or an OCT for eye {self.eye.value}; both are missing")
 
 
 @dataclass(frozen=True)
@@ -102,10 +89,13 @@ def load_llm(bundle: Bundle, device: str) -> torch.nn.Module:
 class Engine:
     """A loaded bundle. Build with `Engine.from_bundle(path)`; thread-compatible, not thread-safe."""
 
-    def __init__(self, bundle: Bundle, device: str = "auto", threads: int = 0) -> None:
+    def __init__(self, bundle: Bundle, device: str = "auto", threads: int = 0, *,
+                 min_label_probability: float | None = None) -> None:
         from transformers import AutoTokenizer
 
         self.bundle = bundle
+        self.calibration = load_calibration(bundle.root, bundle.manifest)  # None: scores stay uncalibrated
+        self._min_label_probability = min_label_probability  # site setting; None: the bundle's
         self.device = resolve_device(device)
         self.config = bundle.config
         self.cfp_session = create_session(bundle.path(bundle.manifest["encoders"]["cfp"]["file"]), self.device, threads)
@@ -120,11 +110,18 @@ class Engine:
         self.decoder = Decoder(self.model, self.tokenizer, self.eos_id, self.device)
         metrics.narrative_reasons(reason.value for reason in NarrativeReason)
 
+    @property
+    def operating_point(self) -> float:
+        """The Indeterminate threshold: the site's setting when given, else the bundle's generation config."""
+        site = self._min_label_probability
+        return self.config.generation.min_label_probability if site is None else float(site)
+
     @classmethod
-    def from_bundle(cls, path: str | Path, device: str = "auto", *, threads: int = 0) -> "Engine":
+    def from_bundle(cls, path: str | Path, device: str = "auto", *, threads: int = 0,
+                    min_label_probability: float | None = None) -> "Engine":
         """Verify (every sha256) and load a bundle; BundleError names a missing or modified file."""
         start = time.perf_counter()
-        engine = cls(load_bundle(path), device, threads)
+        engine = cls(load_bundle(path), device, threads, min_label_probability=min_label_probability)
         log.info("bundle %s %s loaded on %s in %.1f s", engine.bundle.name, engine.bundle.version, engine.device,
                  time.perf_counter() - start)
         return engine
@@ -178,6 +175,8 @@ class Engine:
         if gen.score_labels and eyes:
             t = time.perf_counter()
             scores = self.decoder.label_scores(ids, cfp, oct, [parse_generation(raw).narrative for raw in raws])
+            if self.calibration is not None:
+                scores = [self.calibration.apply(s) for s in scores]
             shared["label_scores"] = time.perf_counter() - t
         batch_s = time.perf_counter() - start
         for timing in timings:
@@ -190,10 +189,10 @@ class Engine:
         return estimates if self.config.generation.biomarkers_in_prompt else None
 
     def _scored_label(self, scores: dict[str, float]) -> Label:
-        """The best scored label when its probability reaches min_label_probability, else Indeterminate."""
+        """The best scored label when its probability reaches the operating point, else Indeterminate."""
         if scores:
             best = max(scores, key=scores.get)
-            if scores[best] >= self.config.generation.min_label_probability:
+            if scores[best] >= self.operating_point:
                 return Label(best)
         return Label.INDETERMINATE
 
@@ -221,7 +220,8 @@ class Engine:
                           else s for s in item.sources),
             oct_frame_index=frame, oct_frame_method=method, bundle_name=self.bundle.name,
             bundle_version=self.bundle.version, timings_s=timings, numbers_rewritten=rewritten,
-            narrative_check=check)
+            narrative_check=check, probabilities_calibrated=bool(scores) and self.calibration is not None,
+            operating_point=self.operating_point)
 
     # --- steps ---------------------------------------------------------------------------------------
     def _encode(self, cfp_image: np.ndarray | None, oct_volume: np.ndarray | None, timings: dict[str, float]):

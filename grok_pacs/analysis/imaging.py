@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import io
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.encaps import generate_frames
+
+from grok_pacs.analysis.result import Eye, SourceImage
 
 _STRICT_JPEG_SYNTAXES = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")  #: JPEG baseline, extended
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -129,3 +132,19 @@ def read_oct_volume(path: str | Path) -> np.ndarray:
     if pixels.ndim != 3:
         raise ImageReadError(f"{path}: expected [frames, rows, cols], got shape {pixels.shape}")
     return pixels if pixels.dtype == np.uint8 else pixels.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class EyeImages:
+    """One eye's pixels for `Engine.analyze_batch`: uint8 [H,W,3] CFP and/or [F,H,W] OCT volume."""
+
+    eye: Eye
+    cfp_image: np.ndarray | None = None
+    oct_volume: np.ndarray | None = None
+    sources: tuple[SourceImage, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)  #: e.g. {"read": seconds} measured by the caller
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eye", Eye(self.eye))
+        if self.cfp_image is None and self.oct_volume is None:
+            raise ValueError(f"analyze needs a CFP or an OCT for eye {self.eye.value}; both are missing")

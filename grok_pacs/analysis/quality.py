@@ -27,6 +27,7 @@ from grok_pacs.analysis.result import (QUALITY_REASONS as REASONS, Eye, Gradabil
                                        Report, SourceImage)
 from grok_pacs.config import LEGACY_SOP_CLASSES, OP_8BIT, OP_16BIT, OPT, Settings
 from grok_pacs.domain.labels import Label
+from grok_pacs.ops import metrics
 
 _OUT_OF_SCOPE = {"sop-class-modality", "laterality", "photometric", "bit-depth"}
 _MODALITY_OF_CLASS = {OP_8BIT: ("OP",), OP_16BIT: ("OP",), OPT: ("OPT",)}
@@ -115,9 +116,11 @@ def judge(modality: str, header: Dataset, pixels: np.ndarray | None, error: str 
           limits: QualityThresholds) -> ModalityQuality:
     """The gate's verdict on one instance: undecodable when `pixels` is None (with `error`), else assessed."""
     if pixels is None:
-        return undecodable(modality, error or "no pixel data", sop_uid)
-    assess = assess_cfp if modality == "CFP" else assess_oct
-    return assess(pixels, limits, header, sop_uid)
+        verdict = undecodable(modality, error or "no pixel data", sop_uid)
+    else:
+        verdict = (assess_cfp if modality == "CFP" else assess_oct)(pixels, limits, header, sop_uid)
+    metrics.gate_judged(modality, verdict.gradability.value, [r.code for r in verdict.reasons])
+    return verdict
 
 
 def ungradable_report(eye: Eye, verdicts: Sequence[ModalityQuality], sources: Sequence[SourceImage],
@@ -242,3 +245,23 @@ def assess_oct(volume: np.ndarray, limits: QualityThresholds, header: Dataset | 
     )
     reasons += [_reason(code, detail) for code, failed, detail in checks if failed]
     return _verdict("OCT", reasons, m, sop_uid)
+
+
+def quality_margin(verdict: ModalityQuality, limits: QualityThresholds) -> float:
+    """The smallest relative margin of the verdict's pixel measures to their thresholds (negative: a check
+    failed; -1 when there are no measures, e.g. undecodable). Its negation ranks images by ungradability."""
+    m = verdict.measures
+    if verdict.modality == "CFP":
+        checks = [("field_coverage", limits.min_field_coverage, 1), ("field_offset", limits.max_field_offset, -1),
+                  ("exposure", limits.min_exposure, 1), ("exposure", limits.max_exposure, -1),
+                  ("saturated", limits.max_saturated, -1), ("contrast", limits.min_contrast, 1),
+                  ("sharpness", limits.min_sharpness, 1), ("decoder_fill", limits.max_decoder_fill, -1)]
+    else:
+        checks = [("blank_frames", limits.max_blank_frames, -1), ("saturated_frames", limits.max_saturated_frames, -1),
+                  ("signal", limits.min_oct_signal, 1)]
+    if not m or any(name not in m for name, _, _ in checks):
+        return -1.0
+    margins = [sign * (m[name] - limit) / max(limit, 1e-6) for name, limit, sign in checks]
+    if verdict.modality == "OCT" and m.get("central_blank"):
+        margins.append(-1.0)
+    return float(min(margins))

@@ -7,7 +7,8 @@ with a coded `Reason` and a human sentence. It never raises on any string.
 Rules (limits in `ValidationLimits`, defaults set on the phantom teacher reports, where the worst healthy
 report repeats a 4-word phrase 4 times and an 8-word phrase twice, and runs to 295 words):
 - repeated sentence: the same sentence (case and spacing ignored) twice;
-- repeated phrase: a 4-word phrase more than 5 times, or an 8-word phrase more than twice;
+- repeated phrase: a phrase of 3 or more words written twice in a row, a 4-word phrase more than 5 times,
+  or an 8-word phrase more than twice;
 - malformed number: a second decimal point inside a number ("0.375.0.0") or a digit run longer than
   `max_digits` ("0.3750000000");
 - missing diagnosis line, or one that names no valid label (or several);
@@ -49,11 +50,12 @@ class ValidationLimits:
     short_phrase_max: int = 5  # ... may occur at most this often
     long_phrase_words: int = 8  # a phrase of this many words ...
     long_phrase_max: int = 2  # ... may occur at most this often
+    back_to_back_words: int = 3  # a phrase of at least this many words written twice in a row (none in 280 teacher reports)
     max_digits: int = 6  # longest digit run in a number (4000.0 um is the largest plausible value: 5)
 
     def __post_init__(self) -> None:
         for name in ("min_words", "max_words", "short_phrase_words", "short_phrase_max", "long_phrase_words",
-                     "long_phrase_max", "max_digits"):
+                     "long_phrase_max", "back_to_back_words", "max_digits"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ValidationLimits.{name} must be >= 1, got {getattr(self, name)}")
         if self.min_words > self.max_words:
@@ -70,7 +72,20 @@ def _short(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
+def _back_to_back(words: list[str], shortest: int) -> str | None:
+    """The first phrase of `shortest`..40 words that is immediately written again ("x y z x y z"), if any
+    (longer blocks written twice are caught as repeated sentences or 8-word phrases)."""
+    for size in range(shortest, min(40, len(words) // 2) + 1):
+        for i in range(len(words) - 2 * size + 1):
+            if words[i:i + size] == words[i + size:i + 2 * size]:
+                return " ".join(words[i:i + size])
+    return None
+
+
 def _repeats(words: list[str], limits: ValidationLimits) -> list[Issue]:
+    twice = _back_to_back(words, limits.back_to_back_words)
+    if twice is not None:
+        return [Issue(Reason.REPEATED_PHRASE, f"{_short(twice)} twice in a row")]
     issues = []
     for size, most in ((limits.long_phrase_words, limits.long_phrase_max),
                        (limits.short_phrase_words, limits.short_phrase_max)):

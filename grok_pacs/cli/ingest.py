@@ -48,7 +48,7 @@ def _register_listen(subparsers: argparse._SubParsersAction) -> None:
 def run_listen(args: argparse.Namespace) -> int:
     from grok_pacs.ingest.service import IngestService
     from grok_pacs.jobs.publisher import JobPublisher
-    from grok_pacs.ops import metrics
+    from grok_pacs.ops import metrics, observability
 
     settings = settings_from_args(args, **listener_overrides(args))
     # The handler only flips a flag: a handler that takes a lock (Event.set) can deadlock against the
@@ -57,7 +57,7 @@ def run_listen(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda signum, _frame: stopping.append(signum))
     service = IngestService(settings, JobPublisher(settings))
-    observability = metrics.maybe_start_server(settings, "listener")  # /metrics, /health when metrics_port
+    server = observability.maybe_start_server(settings, "listener")  # /metrics, /health when metrics_port
     metrics.watch_studies(service.index.count_by_state)
     service.start()
     log.info("ready: data_dir=%s broker=%s queue=%s quiet_period=%.1fs", settings.data_dir,
@@ -65,8 +65,8 @@ def run_listen(args: argparse.Namespace) -> int:
     while not stopping:
         time.sleep(0.2)
     log.info("stopping")
-    if observability is not None:
-        observability.close()
+    if server is not None:
+        server.close()
     metrics.watch_studies(None)
     service.stop()
     return EXIT_OK

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from grok_pacs.ops import metrics
 from grok_pacs.config import Settings
 from grok_pacs.store.index import StudyIndex, StudyState
-from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxState
+from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxState, ResultKind
 from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError, store_dataset
 from grok_pacs.store.files import atomic_write_bytes
 from grok_pacs.dicom.uids import require_uid, resolve_inside
@@ -72,9 +72,15 @@ def _skip_outcome(entry: OutboxEntry) -> DeliveryOutcome:
     return DeliveryOutcome.BUSY
 
 
+def _count_failure(entry: OutboxEntry, *, permanent: bool) -> None:
+    if entry.kind is ResultKind.SR:
+        metrics.sr_delivery_failed(permanent=permanent)
+
+
 def deliver(settings: Settings, outbox: Outbox, sr_uid: str, *, owner: str) -> DeliveryOutcome:
-    """Send one SR of the outbox once. Raises TransientStoreError (row PENDING again, retry later) or
-    PermanentStoreError (row FAILED, do not retry); both name the destination and the reason."""
+    """Send one result (SR or PDF report) of the outbox once. Raises TransientStoreError (row PENDING
+    again, retry later) or PermanentStoreError (row FAILED, do not retry); both name the destination and
+    the reason."""
     if settings.destination is None:
         return DeliveryOutcome.NO_DESTINATION
     entry = outbox.claim(sr_uid, owner, lease_s=claim_lease_s(settings))
@@ -86,28 +92,29 @@ def deliver(settings: Settings, outbox: Outbox, sr_uid: str, *, owner: str) -> D
     try:
         sr = pydicom.dcmread(resolve_inside(Path(settings.data_dir), entry.path))
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
-        outbox.mark_failed(sr_uid, owner, f"SR file {entry.path} unreadable: {exc}")
-        metrics.sr_delivery_failed(permanent=True)
-        raise PermanentStoreError(f"SR file {entry.path} unreadable: {exc}") from exc
+        outbox.mark_failed(sr_uid, owner, f"{_name(entry)} file {entry.path} unreadable: {exc}")
+        _count_failure(entry, permanent=True)
+        raise PermanentStoreError(f"{_name(entry)} file {entry.path} unreadable: {exc}") from exc
     started = time.perf_counter()
     try:
         result = store_dataset(settings.destination, sr, calling_ae=settings.ae_title, timeout=settings.dimse_timeout)
     except TransientStoreError as exc:
         outbox.release(sr_uid, owner, f"transient: {exc}")
-        metrics.sr_delivery_failed(permanent=False)
-        log.warning("delivery of SR %s to %s failed (transient, attempt %d): %s", sr_uid, destination,
+        _count_failure(entry, permanent=False)
+        log.warning("delivery of %s %s to %s failed (transient, attempt %d): %s", _name(entry), sr_uid, destination,
                     entry.attempts, exc)
         raise
     except PermanentStoreError as exc:
         outbox.mark_failed(sr_uid, owner, f"rejected by {destination}: {exc}")
-        metrics.sr_delivery_failed(permanent=True)
-        log.error("delivery of SR %s to %s failed permanently: %s", sr_uid, destination, exc)
+        _count_failure(entry, permanent=True)
+        log.error("delivery of %s %s to %s failed permanently: %s", _name(entry), sr_uid, destination, exc)
         raise
     outbox.mark_delivered(sr_uid, owner, destination)
-    metrics.sr_delivered()
-    metrics.observe_stage("delivery", time.perf_counter() - started)
-    log.info("delivered SR %s of study %s to %s (%s, attempt %d)", sr_uid, entry.study_uid, destination,
-             result.status_name, entry.attempts)
+    if entry.kind is ResultKind.SR:  # the SR metrics count SRs; the PDF shows in the outbox and the log
+        metrics.sr_delivered()
+        metrics.observe_stage("delivery", time.perf_counter() - started)
+    log.info("delivered %s %s of study %s to %s (%s, attempt %d)", _name(entry), sr_uid, entry.study_uid,
+             destination, result.status_name, entry.attempts)
     return DeliveryOutcome.DELIVERED
 
 
@@ -120,25 +127,31 @@ def give_up(outbox: Outbox, sr_uid: str, owner: str, reason: str) -> None:
         if outbox.claim(sr_uid, owner, lease_s=float("inf")) is None:
             return
     outbox.mark_failed(sr_uid, owner, reason)
-    metrics.sr_delivery_failed(permanent=True)  # retries exhausted: the SR is given up
+    _count_failure(entry, permanent=True)  # retries exhausted: the result is given up
+
+
+def _name(entry: OutboxEntry) -> str:
+    return f"SR {entry.eye}" if entry.kind is ResultKind.SR else "PDF report"
 
 
 def study_summary(entries: list[OutboxEntry], destination: str) -> tuple[StudyState, str]:
-    """The study state its SRs imply, with the reason shown by `grok-pacs studies`."""
-    notes = [f"{e.eye}: {e.note}" for e in entries if e.note]
+    """The study state its results (SRs, PDF report) imply, with the reason shown by `grok-pacs studies`."""
+    notes = list(dict.fromkeys(e.note for e in entries if e.note))
     failed = [e for e in entries if e.state is OutboxState.FAILED]
     if failed:
-        reasons = "; ".join(f"SR {e.eye} {e.last_error}" for e in failed)
+        reasons = "; ".join(f"{_name(e)} {e.last_error}" for e in failed)
         return StudyState.FAILED, f"delivery failed: {reasons}"
     waiting = [e for e in entries if e.state is not OutboxState.DELIVERED]
     if waiting:
-        errors = "; ".join(f"{e.eye}: {e.last_error}" for e in waiting if e.last_error)
+        errors = "; ".join(f"{_name(e)}: {e.last_error}" for e in waiting if e.last_error)
         if not destination:
-            return StudyState.DONE, "no destination configured: SR kept under sr/ and in the outbox"
-        return StudyState.DELIVERING, f"{len(waiting)} SR(s) waiting for {destination}" + (
+            return StudyState.DONE, "no destination configured: results kept under sr/ and in the outbox"
+        return StudyState.DELIVERING, f"{len(waiting)} result(s) waiting for {destination}" + (
             f" ({errors})" if errors else "")
-    eyes = ",".join(e.eye for e in entries)
-    detail = f"{len(entries)} SR(s) delivered to {destination or entries[0].destination} (eyes {eyes})"
+    srs = [e for e in entries if e.kind is ResultKind.SR]
+    pdf = " and the PDF report" if any(e.kind is ResultKind.PDF for e in entries) else ""
+    detail = (f"{len(srs)} SR(s){pdf} delivered to {destination or entries[0].destination} "
+              f"(eyes {','.join(e.eye for e in srs)})")
     return StudyState.DONE, detail + (f"; {'; '.join(notes)}" if notes else "")
 
 

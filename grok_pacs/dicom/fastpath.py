@@ -1,4 +1,6 @@
-"""Lower per-message latency in pynetdicom 3: event-driven wakeups of its polling threads, bulk reads.
+"""The pynetdicom fast path (setting `pynetdicom_fast_path`, on by default): event-driven wakeups of
+pynetdicom 3.0's polling threads, bulk reads, direct encoding. Process-wide while installed (in `serve`
+also the SR sender); `uninstall()` restores pynetdicom as released.
 
 pynetdicom's two threads per association poll: the DUL thread (socket reader / PDU writer) and the
 association thread (runs the C-STORE handler) each sleep 1 ms whenever a loop found nothing to do, so
@@ -11,7 +13,8 @@ every C-STORE waits for several sleeps; on a busy 2-core machine each sleep last
   sleep, are unchanged, so the polling logic behaves as before, only without the idle delay.
 - `AssociationSocket.recv` reads into one preallocated buffer instead of 4 KiB `recv` calls.
 - C-STORE responses (status only) are encoded directly instead of through a pydicom dataset, byte for
-  byte the same; other messages, or any association with an EVT_DIMSE_SENT handler, go the usual way.
+  byte the same; other messages (a failure with an ErrorComment, say), or any association with an
+  EVT_DIMSE_SENT handler, go the usual way (`grok_pacs.dicom.direct_codec`).
 - The file meta of each received dataset (STORE_RECV_CHUNKED_DATASET) is encoded directly instead of
   through a pydicom dataset, and records the calling AE as SourceApplicationEntityTitle.
 
@@ -29,21 +32,20 @@ import queue
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom import association as _association
 from pynetdicom import dimse as _dimse
-from pynetdicom import evt as _evt
 from pynetdicom import dimse_messages as _dimse_messages
+from pynetdicom import dul as _dul
+from pynetdicom import evt as _evt
+from pynetdicom import transport as _transport
 from pynetdicom.dimse_primitives import C_STORE as _C_STORE
 from pynetdicom.pdu_primitives import P_DATA as _P_DATA
-from pynetdicom import dul as _dul
-from pynetdicom import transport as _transport
+
+from grok_pacs.dicom.direct_codec import create_file_meta, encode_store_response, write_file_meta_info
 
 log = logging.getLogger("grok_pacs.dicom.fastpath")
 
@@ -51,7 +53,6 @@ POLL_DELAY = 0.001  # the reactors' idle sleep in pynetdicom 3 (dul._run_loop_de
 _real_sleep = time.sleep
 _lock = threading.Lock()
 _installed = False
-_original_write_file_meta_info = _dimse_messages.write_file_meta_info
 
 
 class _RingingQueue(queue.Queue):
@@ -176,88 +177,13 @@ def _recv(self, nr_bytes: int) -> bytearray:
     return buffer
 
 
-class _FileMeta(NamedTuple):
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax: str
-    source_ae: str
-
-
-def _create_file_meta(*, sop_class_uid, sop_instance_uid, transfer_syntax, **_ignored) -> _FileMeta:
-    """What pynetdicom's receive path asks for, without building a pydicom dataset per instance."""
-    assoc = getattr(threading.current_thread(), "assoc", None)  # the receiving DUL thread
-    calling = str(getattr(getattr(assoc, "requestor", None), "ae_title", "") or "").strip()
-    return _FileMeta(str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax), calling)
-
-
-def _ascii(value: str) -> bytes:
-    return value.encode("ascii", "replace")
-
-
-def _meta_element(element: int, vr: bytes, value: bytes, pad: bytes = b"\0") -> bytes:
-    if len(value) % 2:
-        value += pad
-    if vr == b"OB":
-        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
-    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
-
-
-def _write_file_meta_info(fp, file_meta, enforce_standard: bool = True) -> None:
-    """The file meta (explicit VR little endian) of a received dataset, plus the calling AE as
-    SourceApplicationEntityTitle so that the stored file records who sent it."""
-    if not isinstance(file_meta, _FileMeta):
-        _original_write_file_meta_info(fp, file_meta, enforce_standard)
-        return
-    text = _ascii
-    body = b"".join((
-        _meta_element(0x0001, b"OB", b"\x00\x01"),
-        _meta_element(0x0002, b"UI", text(file_meta.sop_class_uid)),
-        _meta_element(0x0003, b"UI", text(file_meta.sop_instance_uid)),
-        _meta_element(0x0010, b"UI", text(file_meta.transfer_syntax)),
-        _meta_element(0x0012, b"UI", text(PYNETDICOM_IMPLEMENTATION_UID)),
-        _meta_element(0x0013, b"SH", text(PYNETDICOM_IMPLEMENTATION_VERSION), b" "),
-        *([_meta_element(0x0016, b"AE", text(file_meta.source_ae), b" ")] if file_meta.source_ae else []),
-    ))
-    fp.write(_meta_element(0x0000, b"UL", struct.pack("<L", len(body))) + body)
-
-
-_C_STORE_RSP = 0x8001
-_NO_DATASET = 0x0101
-
-
-def _command_element(element: int, value: bytes) -> bytes:
-    """One implicit VR little endian command element of group 0000."""
-    return struct.pack("<HHL", 0x0000, element, len(value)) + value
-
-
-def _uid(value: object) -> bytes:
-    data = _ascii(str(value))
-    return data + b"\0" if len(data) % 2 else data
-
-
-def _encode_store_response(primitive) -> bytes | None:
-    """The command set of a plain C-STORE-RSP (status only), or None when it carries more."""
-    if (primitive.MessageIDBeingRespondedTo is None or primitive.ErrorComment is not None
-            or primitive.OffendingElement is not None or primitive.Status is None):
-        return None
-    body = b"".join((
-        _command_element(0x0002, _uid(primitive.AffectedSOPClassUID)),
-        _command_element(0x0100, struct.pack("<H", _C_STORE_RSP)),
-        _command_element(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
-        _command_element(0x0800, struct.pack("<H", _NO_DATASET)),
-        _command_element(0x0900, struct.pack("<H", primitive.Status)),
-        _command_element(0x1000, _uid(primitive.AffectedSOPInstanceUID)),
-    ))
-    return _command_element(0x0000, struct.pack("<L", len(body))) + body
-
-
 def _patch_send_msg(cls) -> None:
     """C-STORE responses (one per received instance) encoded directly; all else as before."""
     original = cls.send_msg
 
     def send_msg(self, primitive, context_id: int) -> None:
         if type(primitive) is _C_STORE and not self.assoc.get_handlers(_evt.EVT_DIMSE_SENT):
-            command = _encode_store_response(primitive)
+            command = encode_store_response(primitive)
             limit = self.maximum_pdu_size
             if command is not None and (not limit or len(command) + 6 <= limit):
                 pdata = _P_DATA()
@@ -278,21 +204,44 @@ def _internals_present() -> bool:
             and hasattr(_transport.AssociationSocket, "recv"))
 
 
+# Every attribute `install` replaces, as pynetdicom defines it: `uninstall` puts these back.
+_RELEASED = [(owner, name, getattr(owner, name)) for owner, name in (
+    (_dul.DULServiceProvider, "__init__"), (_dul.DULServiceProvider, "run_reactor"),
+    (_association.Association, "__init__"), (_dul, "time"), (_association, "time"),
+    (_transport.AssociationSocket, "recv"), (_dimse_messages, "create_file_meta"),
+    (_dimse.DIMSEServiceProvider, "send_msg"), (_dimse_messages, "write_file_meta_info"),
+)]
+
+
 def install() -> bool:
-    """Apply the tuning once per process; False (pynetdicom unchanged) if its internals differ."""
+    """Apply the fast path once per process; False (pynetdicom unchanged) if its internals differ."""
     global _installed
     with _lock:
         if _installed:
             return True
         if not _internals_present():
-            log.warning("pynetdicom internals differ from 3.0: running without latency tuning")
+            log.warning("pynetdicom internals differ from 3.0: running without the fast path")
             return False
         _patch_dul(_dul.DULServiceProvider)
         _patch_association(_association.Association)
         _dul.time = _association.time = _TimeModule()
         _transport.AssociationSocket.recv = _recv
-        _dimse_messages.create_file_meta = _create_file_meta
+        _dimse_messages.create_file_meta = create_file_meta
         _patch_send_msg(_dimse.DIMSEServiceProvider)
-        _dimse_messages.write_file_meta_info = _write_file_meta_info
+        _dimse_messages.write_file_meta_info = write_file_meta_info
         _installed = True
         return True
+
+
+def uninstall() -> None:
+    """pynetdicom as released again (setting `pynetdicom_fast_path` off). Associations opened with the
+    fast path keep their queues; switch it only while no association is open (a listener's start)."""
+    global _installed
+    with _lock:
+        for owner, name, value in _RELEASED:
+            setattr(owner, name, value)
+        _installed = False
+
+
+def installed() -> bool:
+    return _installed

@@ -4,64 +4,40 @@ The handler is thin: pynetdicom streams each received dataset straight into a te
 `<data>/tmp/` (`STORE_RECV_CHUNKED_DATASET`, redirected here from the system temp directory), the
 handler checks the UIDs and that the file is whole (header only, no pixel decoding), fsyncs it,
 renames it to `<data>/incoming/<study>/<series>/<sop>.dcm`, commits the index row, and only then
-answers Success. It never calls out over the network; assembly (another thread) queues the jobs.
-
-Note: `STORE_RECV_CHUNKED_DATASET` is a process-wide pynetdicom switch; it is turned on when a
-Listener starts. Other SCPs in the same process then get `event.dataset` read from a file (works as
-before) but not `event.encoded_dataset()`.
+answers Success (a refusal answers a failure status with the reason as ErrorComment). It never calls
+out over the network; assembly (another thread) queues the jobs. The pynetdicom receive set-up (streaming,
+TLS) is in `grok_pacs.ingest.transport`.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-import ssl
-import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pynetdicom import AE, _config, dimse_messages, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
 
-from grok_pacs.dicom import status
-from grok_pacs.dicom import fastpath as pynetdicom_tuning
-from grok_pacs.ops import metrics
 from grok_pacs.config import Settings
+from grok_pacs.dicom import fastpath
+from grok_pacs.dicom.status import DimseStatus, status_name
 from grok_pacs.dicom.contexts import scp_contexts
 from grok_pacs.dicom.header import IncompleteDatasetError, read_header
-from grok_pacs.store.index import InstanceRecord, StudyIndex
-from grok_pacs.store.files import TMP_PREFIX, atomic_copy, free_bytes, publish_file, start_fsync, tmp_dir
 from grok_pacs.dicom.uids import InvalidUIDError, instance_relpath, is_valid_uid
+from grok_pacs.ingest.transport import HandshakeInThreadServer, enable_streaming_receive, receive_into, ssl_context
+from grok_pacs.ops import metrics
+from grok_pacs.store.files import atomic_copy, free_bytes, publish_file, start_fsync, tmp_dir
+from grok_pacs.store.index import InstanceRecord, StudyIndex
 
 log = logging.getLogger("grok_pacs.ingest.listener")
 MB = 1024 * 1024
+ERROR_COMMENT_MAX = 64  # LO
 
-# Each AE's temporary directory, looked up from the DUL thread that receives the dataset.
-_TMP_DIRS: "weakref.WeakKeyDictionary[AE, Path]" = weakref.WeakKeyDictionary()
-_ORIGINAL_NTF = tempfile.NamedTemporaryFile
-
-
-def _named_temporary_file(*args, **kwargs):
-    """pynetdicom's temporary file for a received dataset, placed in the receiving AE's `<data>/tmp`."""
-    assoc = getattr(threading.current_thread(), "assoc", None)
-    directory = _TMP_DIRS.get(getattr(assoc, "ae", None)) if assoc is not None else None
-    if directory is not None:
-        kwargs.setdefault("dir", directory)
-        kwargs.setdefault("prefix", TMP_PREFIX)
-    return _ORIGINAL_NTF(*args, **kwargs)
-
-
-def _enable_streaming_receive() -> None:
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    # pynetdicom's default handlers log every PDU and DIMSE message (datasets at debug level); this
-    # module logs one line per association instead, and skipping them saves CPU per instance.
-    _config.LOG_HANDLER_LEVEL = "none"
-    dimse_messages.NamedTemporaryFile = _named_temporary_file
 
 
 @dataclass
@@ -77,23 +53,6 @@ class _AssociationStats:
     outcome: str = "closed"
 
 
-class _HandshakeInThreadServer(ThreadedAssociationServer):
-    """TLS handshakes in each association's thread instead of the accept loop.
-
-    pynetdicom's server completes the handshake inside `accept`, so one client that connects and stays
-    silent would block every new association. Here the socket is wrapped with a deferred handshake
-    (done on the first read, in the association thread, bounded by network_timeout); a plain DICOM
-    client on the TLS port fails that read and its connection is closed.
-    """
-
-    def get_request(self):
-        client, address = self.socket.accept()
-        if self.ssl_context is not None:
-            client.settimeout(self.ae.network_timeout)
-            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
-        return client, address
-
-
 class StoreRefused(Exception):
     """A C-STORE request answered with a failure status; `status` is the code to return."""
 
@@ -102,17 +61,15 @@ class StoreRefused(Exception):
         self.code = code
 
 
-def ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    """The server TLS context from settings (client certificates required when tls_ca is set)."""
-    if not settings.tls_enabled:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(settings.tls_certificate), str(settings.tls_key))
-    if settings.tls_ca is not None:
-        context.verify_mode = ssl.CERT_REQUIRED
-        context.load_verify_locations(str(settings.tls_ca))
-    return context
+def failure_response(code: int, reason: str) -> Dataset:
+    """A C-STORE failure status with the log line's reason as ErrorComment (0000,0902), so that the
+    sending PACS can show why. ErrorComment is LO: at most 64 printable ASCII characters, no backslash
+    (the value delimiter)."""
+    text = "".join(ch if " " <= ch <= "~" and ch != "\\" else "?" for ch in reason.strip())
+    response = Dataset()
+    response.Status = int(code)
+    response.ErrorComment = text if len(text) <= ERROR_COMMENT_MAX else text[: ERROR_COMMENT_MAX - 3] + "..."
+    return response
 
 
 class Listener:
@@ -141,7 +98,7 @@ class Listener:
         ae.network_timeout = s.network_timeout
         ae.require_called_aet = True
         ae.require_calling_aet = list(s.allowed_aes)
-        _TMP_DIRS[ae] = self.tmp_dir
+        receive_into(ae, self.tmp_dir)
         return ae
 
     @property
@@ -152,8 +109,11 @@ class Listener:
 
     def start(self) -> None:
         """Bind and serve in background threads (returns at once)."""
-        _enable_streaming_receive()
-        pynetdicom_tuning.install()
+        enable_streaming_receive()
+        if self.settings.pynetdicom_fast_path:
+            fastpath.install()
+        else:
+            fastpath.uninstall()  # process-wide: pynetdicom exactly as released
         handlers = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -165,7 +125,7 @@ class Listener:
         ]
         address = (self.settings.bind_address, self.settings.port)
         self._server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context(self.settings),
-                                           server_class=_HandshakeInThreadServer)
+                                           server_class=HandshakeInThreadServer)
         self.ae._servers.append(self._server)  # as AE.start_server does; server.shutdown() removes it
         thread = threading.Thread(target=self._server.serve_forever, name="grok-listener", daemon=True)
         thread.start()
@@ -236,45 +196,45 @@ class Listener:
                  time.monotonic() - stats.started)
 
     def _on_echo(self, event) -> int:
-        return status.SUCCESS
+        return DimseStatus.SUCCESS
 
     # --- C-STORE ------------------------------------------------------------------------------------
-    def _on_store(self, event) -> int:
+    def _on_store(self, event) -> int | Dataset:
         stats = self._stats_for(event)
         request = event.request
         try:
             code = self._store(Path(event.dataset_path), request, stats.calling_ae, stats)
         except StoreRefused as refusal:
             stats.failed += 1
-            metrics.instance_failed(status.status_name(refusal.code))
+            metrics.instance_failed(status_name(refusal.code))
             log.warning("refused instance from %s: status=%s (0x%04X): %s", stats.calling_ae,
-                        status.status_name(refusal.code), refusal.code, refusal)
-            return refusal.code
+                        status_name(refusal.code), refusal.code, refusal)
+            return failure_response(refusal.code, str(refusal))
         return code
 
     def _store(self, received: Path, request, calling_ae: str, stats: _AssociationStats) -> int:
         sop_uid = str(request.AffectedSOPInstanceUID or "")
         if not is_valid_uid(sop_uid):
-            raise StoreRefused(status.ERROR_INVALID_UID, f"AffectedSOPInstanceUID {sop_uid[:80]!r} is invalid")
+            raise StoreRefused(DimseStatus.ERROR_INVALID_UID, f"AffectedSOPInstanceUID {sop_uid[:80]!r} is invalid")
         self._check_disk(received)
         synced = start_fsync(received)  # runs on the disk while the header is checked here
         try:
             header = read_header(received)
         except InvalidUIDError as exc:
-            raise StoreRefused(status.ERROR_INVALID_UID, str(exc)) from exc
+            raise StoreRefused(DimseStatus.ERROR_INVALID_UID, str(exc)) from exc
         except IncompleteDatasetError as exc:
-            raise StoreRefused(status.ERROR_INCOMPLETE_DATASET, str(exc)) from exc
+            raise StoreRefused(DimseStatus.ERROR_INCOMPLETE_DATASET, str(exc)) from exc
         if header.sop_uid != sop_uid:
-            raise StoreRefused(status.ERROR_UID_MISMATCH, "dataset SOPInstanceUID differs from the request's")
+            raise StoreRefused(DimseStatus.ERROR_UID_MISMATCH, "dataset SOPInstanceUID differs from the request's")
         if header.sop_class_uid != str(request.AffectedSOPClassUID):
-            raise StoreRefused(status.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            raise StoreRefused(DimseStatus.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                "dataset SOPClassUID differs from the request's")
         relpath = instance_relpath(header.study_uid, header.series_uid, header.sop_uid)
         dest = self.data_dir / relpath
         if self.index.has_instance(sop_uid) and dest.is_file():
             stats.duplicates += 1
             metrics.instance_duplicate()
-            return status.SUCCESS  # idempotent: the first copy is already durable
+            return DimseStatus.SUCCESS  # idempotent: the first copy is already durable
         record = InstanceRecord(
             study_uid=header.study_uid, series_uid=header.series_uid, sop_uid=header.sop_uid,
             sop_class_uid=header.sop_class_uid, modality=header.modality, laterality=header.laterality,
@@ -285,18 +245,18 @@ class Listener:
         if not self._persist(received, dest, record, synced):
             stats.duplicates += 1
             metrics.instance_duplicate()
-            return status.SUCCESS
+            return DimseStatus.SUCCESS
         stats.stored += 1
         stats.bytes += record.size
         metrics.instance_received(record.sop_class_uid, record.size)
         if self.on_stored is not None:
             self.on_stored(record)
-        return status.SUCCESS
+        return DimseStatus.SUCCESS
 
     def _check_disk(self, received: Path) -> None:
         needed = self.settings.min_free_disk_mb * MB + received.stat().st_size
         if free_bytes(self.data_dir) < needed:
-            raise StoreRefused(status.REFUSED_OUT_OF_RESOURCES,
+            raise StoreRefused(DimseStatus.REFUSED_OUT_OF_RESOURCES,
                                f"free disk below min_free_disk_mb={self.settings.min_free_disk_mb}")
 
     def _persist(self, received: Path, dest: Path, record: InstanceRecord, synced: Future) -> bool:
@@ -308,6 +268,6 @@ class Listener:
             return bool(publish_file(received, dest, commit=lambda: self.index.add_instance(record), synced=synced))
         except sqlite3.Error as exc:
             log.error("index write failed for %s: %s", record.path, exc)
-            raise StoreRefused(status.PROCESSING_FAILURE, f"index write failed: {exc}") from exc
+            raise StoreRefused(DimseStatus.PROCESSING_FAILURE, f"index write failed: {exc}") from exc
         except OSError as exc:
-            raise StoreRefused(status.REFUSED_OUT_OF_RESOURCES, f"cannot store {dest.name}: {exc}") from exc
+            raise StoreRefused(DimseStatus.REFUSED_OUT_OF_RESOURCES, f"cannot store {dest.name}: {exc}") from exc

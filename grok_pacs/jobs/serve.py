@@ -18,7 +18,7 @@ from grok_pacs.ingest.service import IngestService
 from grok_pacs.jobs import worker
 from grok_pacs.jobs.app import broker_scheme
 from grok_pacs.jobs.publisher import JobPublisher
-from grok_pacs.ops import metrics
+from grok_pacs.ops import metrics, observability
 from grok_pacs.store.index import StudyIndex, StudyState
 
 log = logging.getLogger("grok_pacs.jobs.serve")
@@ -47,7 +47,7 @@ def run_serve(settings: Settings, loglevel: str = "INFO") -> int:
     service = IngestService(settings, JobPublisher(settings))
     if broker_scheme(settings.resolved_broker_url) in EMBEDDED_SCHEMES:
         requeue_unfinished(service.index, service.publisher)
-    observability = metrics.maybe_start_server(settings, "serve")  # /metrics, /health when metrics_port
+    server = observability.maybe_start_server(settings, "serve")  # /metrics, /health when metrics_port
     metrics.watch_studies(service.index.count_by_state)
     service.start()
     log.info("serving: ae=%s port=%d data_dir=%s broker=%s queue=%s destination=%s", settings.ae_title,
@@ -59,7 +59,7 @@ def run_serve(settings: Settings, loglevel: str = "INFO") -> int:
         return int(celery_worker.exitcode or 0)
     finally:
         log.info("stopping listener and assembly")
-        if observability is not None:
-            observability.close()
+        if server is not None:
+            server.close()
         metrics.watch_studies(None)
         service.stop()

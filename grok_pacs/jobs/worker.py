@@ -26,7 +26,8 @@ from celery.signals import worker_ready
 from grok_pacs.config import Settings, SettingsError
 from grok_pacs.delivery.sender import claim_lease_s
 from grok_pacs.jobs.app import TASK_DELIVER_SR, TASK_MODULES, create_app
-from grok_pacs.ops import health, metrics
+from grok_pacs.ops import health, metrics, observability
+from grok_pacs.report import dispositions
 from grok_pacs.store.index import StudyIndex
 from grok_pacs.store.outbox import Outbox
 
@@ -43,6 +44,10 @@ class WorkerContext:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        try:  # a broken site disposition table stops the worker at start, not every study later
+            dispositions.load_table(settings.disposition_table)
+        except dispositions.DispositionTableError as exc:
+            raise SettingsError(f"disposition_table: {exc}") from exc
         self.index = StudyIndex(settings.index_path)
         self.outbox = Outbox(settings.index_path)
         self._engine: Engine | None = None
@@ -75,7 +80,8 @@ class WorkerContext:
                     log.info("loading model bundle %s (pid %d)", self.settings.bundle, os.getpid())
                     started = time.perf_counter()
                     try:
-                        self._engine = Engine.from_bundle(Path(self.settings.bundle))
+                        self._engine = Engine.from_bundle(Path(self.settings.bundle),
+                                                          min_label_probability=self.settings.min_label_probability)
                     except Exception as exc:  # noqa: BLE001 - recorded for /health, then raised unchanged
                         health.BUNDLE_STATE.mark_failed(f"{type(exc).__name__}: {exc}")
                         raise
@@ -163,10 +169,10 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> int:
         raise SettingsError(f"bundle: model bundle directory {settings.bundle} does not exist")
     app = worker_app(settings)
     worker = build_worker(app, settings, loglevel)
-    observability = metrics.maybe_start_server(settings, "worker")  # /metrics, /health when metrics_port
+    server = observability.maybe_start_server(settings, "worker")  # /metrics, /health when metrics_port
     try:
         worker.start()
     finally:
-        if observability is not None:
-            observability.close()
+        if server is not None:
+            server.close()
     return int(worker.exitcode or 0)

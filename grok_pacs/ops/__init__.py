@@ -1,5 +1,5 @@
-"""Operations: Prometheus metrics (`metrics`), the health/metrics HTTP server (`health`) and log set-up
-(`logs`).
+"""Operations: Prometheus metrics (`metrics`), health checks (`health`), the HTTP server that serves both
+on metrics_port (`observability`) and log set-up (`logs`).
 
 May import: `grok_pacs.config`, `grok_pacs.domain`.
 """

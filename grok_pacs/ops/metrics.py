@@ -1,31 +1,24 @@
-"""Prometheus metrics of grok-pacs and the small HTTP server that exposes them with /health.
+"""Prometheus metrics of grok-pacs: the counters, histograms and gauges, and the calls that record them.
 
-Every process (listener, worker, one-box serve) keeps its own counters in `REGISTRY` and serves them on
-`settings.metrics_port` when that is non-zero. Label values come from small fixed sets (outcomes,
-stages, SOP class UIDs we accept), never from patients or studies, so the series count stays bounded.
-
-Routes: `/metrics` (Prometheus text or OpenMetrics), `/health` (readiness: JSON, 200 when every check
-passes, 503 otherwise) and `/health/live` (liveness: 200 while the process serves HTTP).
+Every process (listener, worker, one-box serve) keeps its own counters in `REGISTRY`; `grok_pacs.ops.http`
+serves them on `settings.metrics_port` when that is non-zero. Label values come from small fixed sets
+(outcomes, stages, SOP class UIDs we accept), never from patients or studies, so the series count stays
+bounded.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily
 
 from grok_pacs.ops import health
-from grok_pacs.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +99,18 @@ NARRATIVES = Counter(
 NARRATIVE_FAILURES = Counter(
     "grok_pacs_narrative_failures",
     "Failed narrative validations by reason (grok_pacs.analysis.validation; one generation may fail several)",
+    ["reason"],
+    registry=REGISTRY,
+)
+GATE_VERDICTS = Counter(
+    "grok_pacs_gate_verdicts",
+    "Images judged by the gradability gate (grok_pacs.analysis.quality), by modality and outcome",
+    ["modality", "gradability"],
+    registry=REGISTRY,
+)
+GATE_REASONS = Counter(
+    "grok_pacs_gate_reasons",
+    "Reasons the gate gave for images it did not pass (one image may have several)",
     ["reason"],
     registry=REGISTRY,
 )
@@ -196,6 +201,13 @@ def narrative_reasons(reasons: Iterable[str]) -> None:
         NARRATIVE_FAILURES.labels(reason=reason)
 
 
+def gate_judged(modality: str, gradability: str, reasons: Iterable[str] = ()) -> None:
+    """Count one gate verdict (the real-world ungradable rate is a quality figure a site watches)."""
+    GATE_VERDICTS.labels(modality=modality, gradability=gradability).inc()
+    for reason in dict.fromkeys(reasons):
+        GATE_REASONS.labels(reason=reason).inc()
+
+
 def narrative_validated(passed: bool, reasons: Iterable[str] = ()) -> None:
     """Count one validated generation and, when it failed, each distinct reason once."""
     NARRATIVES.labels(outcome="passed" if passed else "failed").inc()
@@ -255,78 +267,6 @@ def watch_studies(source: Callable[[], Mapping[str, int]] | None) -> None:
     _CALLBACKS.set_study_source(source)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: "ObservabilityServer"
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            self._send(HTTPStatus.OK, encoder(REGISTRY), content_type)
-        elif path == "/health":
-            report = self.server.checker.report()
-            status = HTTPStatus.OK if report["status"] == "ok" else HTTPStatus.SERVICE_UNAVAILABLE
-            self._send(status, json.dumps(report).encode(), "application/json")
-        elif path == "/health/live":
-            self._send(HTTPStatus.OK, json.dumps({"status": "ok"}).encode(), "application/json")
-        else:
-            self._send(HTTPStatus.NOT_FOUND, b"not found: try /metrics, /health or /health/live\n", "text/plain")
-
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (base class signature)
-        log.debug("metrics http: " + format, *args)
-
-
-class ObservabilityServer(ThreadingHTTPServer):
-    """Serves /metrics and /health from a daemon thread; `close()` stops it."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], checker: health.HealthChecker) -> None:
-        super().__init__(address, _Handler)
-        self.checker = checker
-        self._thread = threading.Thread(target=self.serve_forever, name="grok-pacs-metrics", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-    def start(self) -> "ObservabilityServer":
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self._thread.join(timeout=5)
-
-
-def start_server(settings: Settings, role: str, checker: health.HealthChecker | None = None) -> ObservabilityServer:
-    """Start the metrics/health server for `role` ("listener", "worker" or "serve") on metrics_port.
-
-    Binds `settings.bind_address` (the listener's address). Raises OSError naming the port when it is
-    taken, so a misconfigured second process fails at start rather than running unobserved.
-    """
-    if settings.metrics_port == 0:
-        raise ValueError("metrics_port is 0 (off); set GROK_PACS_METRICS_PORT to serve metrics")
-    _CALLBACKS.set_data_dir(settings.data_dir)
-    checker = checker or health.HealthChecker.for_role(settings, role)
-    try:
-        server = ObservabilityServer((settings.bind_address, settings.metrics_port), checker)
-    except OSError as exc:
-        raise OSError(
-            exc.errno, f"metrics_port {settings.metrics_port} on {settings.bind_address}: {exc.strerror}"
-        ) from exc
-    log.info("metrics and health on http://%s:%d/metrics", settings.bind_address, server.port)
-    return server.start()
-
-
-def maybe_start_server(settings: Settings, role: str) -> ObservabilityServer | None:
-    """`start_server` when metrics_port is set, else None: the call every entry point makes."""
-    return start_server(settings, role) if settings.metrics_port else None
+def watch_data_dir(data_dir: Path | None) -> None:
+    """Export `grok_pacs_data_dir_free_bytes` of `data_dir`'s filesystem at every scrape."""
+    _CALLBACKS.set_data_dir(data_dir)

@@ -10,10 +10,11 @@ ungradable eye, a narrative that failed validation, a missing modality) rather t
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Mapping
+from xml.sax.saxutils import escape
 
 import numpy as np
 import reportlab
@@ -25,9 +26,9 @@ from reportlab.lib.units import mm
 from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.platypus import Image, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
-from xml.sax.saxutils import escape
 
 from grok_pacs.analysis.result import Eye, Gradability, Report
+from grok_pacs.config import OPT
 from grok_pacs.domain.biomarkers import BY_KEY, format_value
 from grok_pacs.domain.labels import Label
 from grok_pacs.report import codes
@@ -44,18 +45,19 @@ THUMB_PX = 480  # longest side of an embedded image: sharp in print at ~80 mm, s
 
 
 @dataclass(frozen=True)
-class EyeImages:
+class ReportImages:
     """What the PDF shows of one eye: the CFP and the OCT B-scan the report used (uint8 pixels)."""
 
     cfp: np.ndarray | None = None  #: [H,W,3] or [H,W]
     oct_bscan: np.ndarray | None = None  #: [H,W], the B-scan used
     oct_frames: int | None = None  #: frames in the OCT volume, to say "frame 12 of 25"
+    oct_pit: tuple[float, float] | None = None  #: (column, row) of the foveal pit in the B-scan, when found
 
     def __post_init__(self) -> None:
         for name in ("cfp", "oct_bscan"):
             pixels = getattr(self, name)
             if pixels is not None and (pixels.dtype != np.uint8 or pixels.ndim not in (2, 3)):
-                raise ValueError(f"EyeImages.{name}: expected uint8 [H,W] or [H,W,3], got {pixels.dtype} "
+                raise ValueError(f"ReportImages.{name}: expected uint8 [H,W] or [H,W,3], got {pixels.dtype} "
                                  f"{pixels.shape}")
 
 
@@ -74,7 +76,8 @@ def _styles() -> dict[str, ParagraphStyle]:
         "small": ParagraphStyle("small", parent=base, fontSize=7.5, leading=9),
         "title": ParagraphStyle("title", parent=base, fontName=FONT_BOLD, fontSize=16, leading=20),
         "banner": ParagraphStyle("banner", parent=base, fontName=FONT_BOLD, fontSize=10, leading=13,
-                                 borderColor=colors.black, borderWidth=1.2, borderPadding=5, spaceAfter=6),
+                                 borderColor=colors.black, borderWidth=1.2, borderPadding=5, spaceBefore=9,
+                                 spaceAfter=9),
         "h2": ParagraphStyle("h2", parent=base, fontName=FONT_BOLD, fontSize=12.5, leading=16, spaceBefore=10),
         "h3": ParagraphStyle("h3", parent=base, fontName=FONT_BOLD, fontSize=10, leading=13, spaceBefore=6),
     }
@@ -163,15 +166,20 @@ def _biomarker_table(report: Report, styles: dict[str, ParagraphStyle]) -> Table
     return table
 
 
-def _images_row(report: Report, images: EyeImages, styles: dict[str, ParagraphStyle]) -> Table:
-    frame = next((s.frame for s in report.sources if s.frame is not None), None)
+def _images_row(report: Report, images: ReportImages, styles: dict[str, ParagraphStyle]) -> Table:
+    has_oct = any(s.sop_class_uid == OPT for s in report.sources)
+    frame = next((s.frame for s in report.sources if s.sop_class_uid == OPT and s.frame is not None), None)
     of = f" of {images.oct_frames}" if images.oct_frames else ""
-    oct_caption = (f"OCT B-scan used: frame {frame}{of} ({report.oct_frame_method or 'unknown'} selection)"
-                   if frame is not None else "OCT: not available")
-    cells = [[_image(images.cfp, 80) or _p("Colour fundus photograph: not available", styles["body"]),
-              _image(images.oct_bscan, 80) or _p(oct_caption, styles["body"])],
+    used = (f"OCT B-scan used: frame {frame}{of} ({report.oct_frame_method or 'unknown'} selection)"
+            if frame is not None else "OCT B-scan")
+    not_shown = ": image not shown (it did not decode or was not gradable)"
+    no_oct = f"{used}{not_shown}" if has_oct else "OCT: not available"
+    no_cfp = "Colour fundus photograph" + (not_shown if any(s.sop_class_uid != OPT for s in report.sources)
+                                           else ": not available")
+    cells = [[_image(images.cfp, 80) or _p(no_cfp, styles["body"]),
+              _image(images.oct_bscan, 80) or _p(no_oct, styles["body"])],
              [_p("Colour fundus photograph" if images.cfp is not None else "", styles["small"]),
-              _p(oct_caption if images.oct_bscan is not None else "", styles["small"])]]
+              _p(used if images.oct_bscan is not None else "", styles["small"])]]
     table = Table(cells, colWidths=[85 * mm, 85 * mm])
     table.setStyle(TableStyle([*_BASE, ("VALIGN", (0, 0), (-1, -1), "TOP")]))
     return table
@@ -182,9 +190,9 @@ def narrative_lines(report: Report) -> list[str]:
     if report.gradability is not Gradability.GRADABLE:
         return [f"No narrative: the images of this eye are {report.gradability.value}, so the language model "
                 "was not run. Retake the images, or refer."]
-    check = getattr(report, "narrative_check", None)  # set by the narrative validator where it runs
-    if check is not None and not check.passed:
-        return [f"The model's findings text failed validation and is not shown ({check.summary()}).",
+    if report.narrative_withheld:
+        return [f"The model's findings text failed validation and is not shown "
+                f"({report.narrative_check.summary()}). The measurements are unaffected.",
                 f"Impression: {report.impression}"]
     lines = [report.narrative.strip() or "The model produced no findings text.", f"Impression: {report.impression}"]
     if report.numbers_rewritten:
@@ -193,7 +201,7 @@ def narrative_lines(report: Report) -> list[str]:
     return lines
 
 
-def _eye_section(report: Report, images: EyeImages, styles: dict[str, ParagraphStyle]) -> list:
+def _eye_section(report: Report, images: ReportImages, styles: dict[str, ParagraphStyle]) -> list:
     flow: list = [_p(EYE_TITLES[report.eye], styles["h2"]), _images_row(report, images, styles), Spacer(1, 3 * mm)]
     flow.append(_kv_table([("Gradability", gradability_text(report)),
                            ("Disposition", disposition_text(report.disposition)),
@@ -218,7 +226,7 @@ def _header(study: StudyHeader, reports: list[Report], styles: dict[str, Paragra
             _p("Patient-level disposition", styles["h2"]), _p(disposition_text(patient), styles["body"])]
 
 
-def build_pdf(study: StudyHeader, reports: Mapping[Eye, Report], images: Mapping[Eye, EyeImages]) -> bytes:
+def build_pdf(study: StudyHeader, reports: Mapping[Eye, Report], images: Mapping[Eye, ReportImages]) -> bytes:
     """The PDF report of one study: header, patient-level disposition, then each analysed eye."""
     if not reports:
         raise ValueError(f"study {study.study_uid}: a PDF report needs at least one eye's report")
@@ -227,7 +235,7 @@ def build_pdf(study: StudyHeader, reports: Mapping[Eye, Report], images: Mapping
     ordered = [reports[eye] for eye in Eye if eye in reports]
     flow = _header(study, ordered, styles)
     for report in ordered:
-        flow += _eye_section(report, images.get(report.eye, EyeImages()), styles)
+        flow += _eye_section(report, images.get(report.eye, ReportImages()), styles)
 
     def footer(canvas, doc) -> None:
         canvas.saveState()

@@ -1,18 +1,24 @@
-"""An SR as indented plain text, for a person at a terminal (`grok-pacs report FILE.dcm`).
+"""An SR as indented plain text, for a person at a terminal (`grok-pacs report FILE.dcm`), followed by the
+path and text of the study's PDF report when one lies beside it (grok-pacs writes both under
+`<data>/sr/<study>/`); given an Encapsulated PDF, its header and text.
 
-Walks the content tree with pydicom only (no rendering library), so it prints any SR, not only ours.
+Walks the content tree with pydicom only (no rendering library), so it prints any SR, not only ours; the
+PDF's text is what pypdf extracts (what a reader would copy from the document).
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Iterator
 
 import pydicom
+import pypdf
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 SR_MODALITY = "SR"
+DOC_MODALITY = "DOC"
 
 
 def _name(item: Dataset) -> str:
@@ -75,13 +81,45 @@ def header_lines(ds: Dataset) -> Iterator[str]:
     yield f"Content:      {ds.get('ContentDate', '')} {ds.get('ContentTime', '')}"
 
 
+def pdf_text(document: bytes) -> str:
+    """The text of a PDF document, page by page."""
+    reader = pypdf.PdfReader(io.BytesIO(bytes(document)))
+    return "\n".join(page.extract_text() for page in reader.pages)
+
+
+def _pdf_lines(path: Path, ds: Dataset) -> list[str]:
+    size = int(ds.get("EncapsulatedDocumentLength") or len(ds.EncapsulatedDocument))
+    return [f"PDF report:   {path}", f"Title:        {ds.get('DocumentTitle', '')}", "",
+            pdf_text(ds.EncapsulatedDocument[:size])]
+
+
+def _companion_pdfs(path: Path, ds: Dataset) -> list[Path]:
+    """Encapsulated PDFs of the same study beside the SR (the study's PDF report)."""
+    found = []
+    for other in sorted(path.parent.glob("*.dcm")):
+        if other == path:
+            continue
+        try:
+            head = pydicom.dcmread(other, stop_before_pixels=True, specific_tags=["Modality", "StudyInstanceUID"])
+        except (InvalidDicomError, OSError):
+            continue  # not a readable DICOM file: not a report of this study
+        if head.get("Modality") == DOC_MODALITY and head.get("StudyInstanceUID") == ds.get("StudyInstanceUID"):
+            found.append(other)
+    return found
+
+
 def render(path: Path) -> str:
-    """The SR at `path` as text; ValueError when the file is not a DICOM SR."""
+    """The SR at `path` (and the study's PDF beside it), or the Encapsulated PDF at `path`, as text;
+    ValueError when the file is neither."""
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError) as exc:
         raise ValueError(f"{path}: not a readable DICOM file ({exc})") from exc
+    if ds.get("Modality") == DOC_MODALITY and ds.get("MIMETypeOfEncapsulatedDocument") == "application/pdf":
+        return "\n".join([*header_lines(ds), *_pdf_lines(path, ds)]) + "\n"
     if ds.get("Modality") != SR_MODALITY or "ContentSequence" not in ds:
         raise ValueError(f"{path}: not a DICOM Structured Report (Modality {ds.get('Modality')!r})")
     lines = [*header_lines(ds), "", *content_lines(list(ds.ContentSequence))]
+    for pdf in _companion_pdfs(path, ds):
+        lines += ["", *_pdf_lines(pdf, pydicom.dcmread(pdf))]
     return "\n".join(lines) + "\n"

@@ -1,6 +1,8 @@
-"""Durable outbox of SRs waiting for delivery: one row per SR UID in the index SQLite file.
+"""Durable outbox of result instances waiting for delivery: one row per SOP Instance UID in the index
+SQLite file. A result is an eye's SR (`kind` SR) or the study's PDF report (`kind` PDF, eye empty); the
+column keeps its historical name `sr_uid`.
 
-The row is the delivery's state machine, so that an SR survives worker restarts and is sent to the PACS
+The row is the delivery's state machine, so that a result survives worker restarts and is sent to the PACS
 at most once per claim:
 
     PENDING --claim--> SENDING --stored--> DELIVERED          (terminal)
@@ -41,11 +43,21 @@ CREATE TABLE IF NOT EXISTS outbox (
     note TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    delivered_at REAL
+    delivered_at REAL,
+    kind TEXT NOT NULL DEFAULT 'SR'
 );
 CREATE INDEX IF NOT EXISTS outbox_study ON outbox(study_uid, study_version);
 CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state);
 """
+
+
+#: Added after the first release: an outbox created before it gets the column (every old row is an SR).
+_ADD_KIND = "ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT 'SR'"
+
+
+class ResultKind(StrEnum):
+    SR = "SR"  #: one eye's DICOM SR
+    PDF = "PDF"  #: the study's Encapsulated PDF report
 
 
 class OutboxState(StrEnum):
@@ -73,6 +85,21 @@ class OutboxEntry:
     created_at: float
     updated_at: float
     delivered_at: float | None
+    kind: ResultKind = ResultKind.SR
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """What `put_many` adds: one result file to deliver."""
+
+    sr_uid: str  #: the result's SOP Instance UID
+    study_uid: str
+    study_version: int
+    bundle_version: str
+    eye: str  #: "R"/"L" for an SR, "" for the study's PDF
+    path: str  #: relative to the data directory
+    note: str = ""
+    kind: ResultKind = ResultKind.SR
 
 
 class OutboxError(RuntimeError):
@@ -87,6 +114,12 @@ class Outbox:
         db = open_connection(self.db_path)
         try:
             db.executescript(SCHEMA)
+            if "kind" not in {row[1] for row in db.execute("PRAGMA table_info(outbox)")}:
+                try:
+                    db.execute(_ADD_KIND)
+                except sqlite3.OperationalError as exc:  # another process added it between our two lines
+                    if "duplicate column" not in str(exc):
+                        raise
         finally:
             db.close()
 
@@ -112,6 +145,7 @@ class Outbox:
             return None
         values = dict(row)
         values["state"] = OutboxState(values["state"])
+        values["kind"] = ResultKind(values["kind"])
         return OutboxEntry(**values)
 
     def _get(self, db: sqlite3.Connection, sr_uid: str) -> OutboxEntry | None:
@@ -122,32 +156,37 @@ class Outbox:
             return self._get(db, sr_uid)
 
     def put(self, *, sr_uid: str, study_uid: str, study_version: int, bundle_version: str, eye: str,
-            path: str, note: str = "") -> OutboxEntry:
-        """Add an SR, or replace a not-yet-sent one with the same UID (a re-run of the same job).
+            path: str, note: str = "", kind: ResultKind = ResultKind.SR) -> OutboxEntry:
+        """Add a result, or replace a not-yet-sent one with the same UID (a re-run of the same job).
 
-        DELIVERED and FAILED rows are terminal and left as they are: exactly one delivery per SR UID, and
+        DELIVERED and FAILED rows are terminal and left as they are: exactly one delivery per UID, and
         a permanent rejection is never retried by a redelivered job. (A study that changes gets a new
-        version, hence new SR UIDs.)
+        version, hence new UIDs.)
         """
+        return self.put_many([OutboxRow(sr_uid, study_uid, study_version, bundle_version, eye, path, note, kind)])[0]
+
+    def put_many(self, rows: list[OutboxRow]) -> list[OutboxEntry]:
+        """`put` for several results in ONE transaction: a study run's SRs and PDF appear together or not
+        at all, so a crash never leaves some of them queued and the others unmade."""
         now = time.time()
+        entries = []
         with self._tx() as db:
-            current = self._get(db, sr_uid)
-            if current is None:
-                db.execute(
-                    "INSERT INTO outbox (sr_uid, study_uid, study_version, bundle_version, eye, path, state,"
-                    " note, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (sr_uid, study_uid, study_version, bundle_version, eye, path, OutboxState.PENDING, note,
-                     now, now),
-                )
-            elif current.state is OutboxState.PENDING:
-                db.execute(
-                    "UPDATE outbox SET path = ?, state = ?, last_error = '', note = ?, updated_at = ?"
-                    " WHERE sr_uid = ?",
-                    (path, OutboxState.PENDING, note, now, sr_uid),
-                )
-            entry = self._get(db, sr_uid)
-            assert entry is not None
-            return entry
+            for row in rows:
+                current = self._get(db, row.sr_uid)
+                if current is None:
+                    db.execute(
+                        "INSERT INTO outbox (sr_uid, study_uid, study_version, bundle_version, eye, path, state,"
+                        " note, created_at, updated_at, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (row.sr_uid, row.study_uid, row.study_version, row.bundle_version, row.eye, row.path,
+                         OutboxState.PENDING, row.note, now, now, ResultKind(row.kind)),
+                    )
+                elif current.state is OutboxState.PENDING:
+                    db.execute("UPDATE outbox SET path = ?, state = ?, last_error = '', note = ?, updated_at = ?"
+                               " WHERE sr_uid = ?", (row.path, OutboxState.PENDING, row.note, now, row.sr_uid))
+                entry = self._get(db, row.sr_uid)
+                assert entry is not None
+                entries.append(entry)
+        return entries
 
     def claim(self, sr_uid: str, owner: str, *, lease_s: float) -> OutboxEntry | None:
         """Take the row for sending: PENDING, or SENDING by the same owner or with an expired lease.

@@ -1,6 +1,6 @@
 """One tiny model bundle for the worker, delivery, round-trip tests and the e2e benchmark.
 
-The bundle is built by the real export path (tests/helpers/tiny_bundle.py). Building takes 15-60 s on a
+The bundle is built by the real export path (devtools/tiny_bundle.py). Building takes 15-60 s on a
 shared 2-core box, so it is kept under `.cache/grok-bundles/`, keyed by a hash of every source file
 that shapes it: any change to the builder, the export code, the model code or the schema rebuilds it.
 """
@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-_SOURCES = ("tests/helpers/tiny_bundle.py", "export", "grok_pacs/model", "grok_pacs/analysis/bundle.py",
+_SOURCES = ("devtools/tiny_bundle.py", "export", "grok_pacs/model", "grok_pacs/analysis/bundle.py",
             "grok_pacs/model/prompt.py", "grok_pacs/domain/biomarkers.py", "grok_pacs/domain/labels.py", "grok_pacs/analysis/onnx_session.py")
 
 
@@ -32,7 +32,7 @@ def source_key() -> str:
 
 def cached_tiny_bundle(cache_root: Path) -> Path:
     """The tiny bundle under `cache_root`, built first if this source version has none."""
-    from helpers.tiny_bundle import build_tiny_bundle
+    from devtools.tiny_bundle import build_tiny_bundle
 
     target = Path(cache_root) / f"grok-tiny-bundle-{source_key()}"
     if (target / "manifest.json").is_file():

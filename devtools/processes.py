@@ -1,4 +1,4 @@
-"""Real processes for worker tests: redis-server, `grok-pacs worker` / `serve` subprocesses, DCMTK storescu.
+"""Real processes for worker tests and the e2e benchmark: redis-server, `grok-pacs worker` / `serve` subprocesses, DCMTK storescu.
 
 Everything binds 127.0.0.1 on free ports; every wait is bounded; processes are stopped by their own pid.
 """
@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from conftest import require_tool
-from devtools.ports import free_port
-from devtools.ports import wait_for_port
+from devtools.tools import require_tool
+from devtools.ports import free_port, wait_for_port
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""DCMTK storescp as a destination PACS for delivery tests: every reception becomes its own file."""
+"""DCMTK storescp as a destination PACS (delivery tests, e2e benchmark): every reception becomes its own file."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pydicom
 
-from conftest import require_tool
+from devtools.tools import require_tool
 from devtools.ports import wait_for_port
 
 
@@ -35,6 +35,13 @@ class StoreSCP:
     def received(self) -> list[pydicom.Dataset]:
         """Every dataset received so far (one per C-STORE, duplicates included)."""
         return [pydicom.dcmread(path) for path in sorted(self.out_dir.iterdir()) if path.is_file()]
+
+    def received_srs(self) -> list[pydicom.Dataset]:
+        return [ds for ds in self.received() if ds.Modality == "SR"]
+
+    def received_pdfs(self) -> list[pydicom.Dataset]:
+        """The Encapsulated PDF reports received (Modality DOC)."""
+        return [ds for ds in self.received() if ds.Modality == "DOC"]
 
     def received_sop_uids(self) -> list[str]:
         return [str(ds.SOPInstanceUID) for ds in self.received()]

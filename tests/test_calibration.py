@@ -1,0 +1,108 @@
+"""Calibrated probabilities: temperature fitted in training (training.calibration), stored in the bundle with
+its manifest entry and hash, loaded and applied by the engine; the Indeterminate threshold a site setting."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from devtools.tiny_bundle import copy_bundle
+from grok_pacs.analysis.bundle import BundleError, load_bundle
+from grok_pacs.analysis.calibration import CALIBRATION_FILE, Calibration, CalibrationError
+from grok_pacs.analysis.engine import Engine
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
+from ophthalmic_dicom import fundus_pixels, oct_pixels
+from training.calibration import add_to_bundle, calibrate, expected_calibration_error, fit_temperature
+
+LABELS = [label.value for label in DIAGNOSTIC_LABELS]
+
+
+def overconfident(n: int = 4000, sharpen: float = 3.0, seed: int = 0):
+    """Scores from a model whose logits are `sharpen` times too large (true temperature = sharpen)."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, len(LABELS), n)
+    logits = rng.normal(0, 1.0, (n, len(LABELS)))
+    logits[np.arange(n), truth] += 1.2
+    # Draw the true labels from the calibrated model so that T = sharpen is the right answer.
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = [LABELS[int(rng.choice(len(LABELS), p=p))] for p in probs]
+    sharp = np.exp(sharpen * logits)
+    sharp /= sharp.sum(1, keepdims=True)
+    return [dict(zip(LABELS, map(float, row))) for row in sharp], labels
+
+
+def test_temperature_fit_recovers_overconfidence_and_lowers_ece():
+    scores, labels = overconfident()
+    temperature = fit_temperature(scores, labels)
+    assert 2.4 < temperature < 3.6
+    cal = calibrate(scores, labels, "synthetic")
+    assert cal.ece_before > 0.15 and cal.ece_after <= 0.05
+    assert expected_calibration_error([cal.apply(s) for s in scores], labels) == pytest.approx(cal.ece_after)
+
+
+def test_apply_keeps_the_ranking_and_sums_to_one():
+    cal = Calibration(temperature=2.0)
+    scores = {"AMD": 0.7, "Normal": 0.2, "Glaucoma": 0.1}
+    out = cal.apply(scores)
+    assert max(out, key=out.get) == "AMD" and out["AMD"] < 0.7 and sum(out.values()) == pytest.approx(1.0)
+    assert cal.apply({}) == {}
+    for bad in (0.0, -1.0, float("nan"), 1000.0):
+        with pytest.raises(CalibrationError):
+            Calibration(temperature=bad)
+
+
+def test_calibration_stored_in_the_bundle_loaded_and_applied(tiny_bundle, tmp_path):
+    bundle = copy_bundle(tiny_bundle, tmp_path / "calibrated")
+    plain = Engine.from_bundle(tiny_bundle)
+    cfp, volume = fundus_pixels(), oct_pixels()
+    before = plain.analyze_images("R", cfp, volume)
+    assert plain.calibration is None and not before.probabilities_calibrated and before.label_scores
+    cal = Calibration(temperature=2.5, fitted_on="test", n=10, ece_before=0.2, ece_after=0.03)
+    add_to_bundle(bundle, cal, version="0.0.1-test+cal")
+    manifest = load_bundle(bundle).manifest
+    assert manifest["calibration"]["file"] == CALIBRATION_FILE and CALIBRATION_FILE in manifest["files"]
+    assert manifest["version"] == "0.0.1-test+cal"
+    engine = Engine.from_bundle(bundle, min_label_probability=0.9)
+    assert engine.calibration == cal and engine.operating_point == 0.9
+    after = engine.analyze_images("R", cfp, volume)
+    assert after.probabilities_calibrated and after.operating_point == 0.9
+    expected = cal.apply(before.label_scores)
+    assert after.label_scores == pytest.approx(expected)
+    # The file is hashed like every other: a changed temperature is refused.
+    path = bundle / CALIBRATION_FILE
+    path.write_text(json.dumps({**cal.to_dict(), "temperature": 0.5}))
+    with pytest.raises(BundleError, match="calibration.json"):
+        load_bundle(bundle)
+
+
+def test_training_cli_fits_on_the_validation_split_and_extends_the_bundle(tiny_bundle, tmp_path, capsys):
+    """`python -m training.calibration BUNDLE MANIFEST`: the engine on the val eyes, T fitted, bundle extended."""
+    import math
+
+    from PIL import Image
+
+    from grok_pacs.domain.biomarkers import BIOMARKERS
+    from grok_pacs.domain.labels import Label
+    from training.calibration import main
+    from training.manifest import CohortRecord, write_manifest
+
+    records = []
+    for i, label in enumerate([Label.GLAUCOMA, Label.NORMAL, Label.AMD, Label.GLAUCOMA]):
+        eye_dir = tmp_path / "cohort" / f"S{i}"
+        (eye_dir / "oct").mkdir(parents=True)
+        Image.fromarray(fundus_pixels(seed=i)).save(eye_dir / "cfp.png")
+        for k, frame in enumerate(oct_pixels(seed=i)):
+            Image.fromarray(frame).save(eye_dir / "oct" / f"{k:03d}.png")
+        records.append(CohortRecord(f"S{i}", "R", label, "val" if i < 3 else "train", eye_dir / "cfp.png",
+                                    eye_dir / "oct", {b.key: math.nan for b in BIOMARKERS}, None, None, 0))
+    manifest = write_manifest(tmp_path / "cohort" / "manifest.csv", records)
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    assert main([str(bundle), str(manifest), "--version", "0.0.1-test+cal"]) == 0
+    fitted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fitted["n"] == 3 and "val split" in fitted["fitted_on"]
+    assert fitted["ece_after"] <= fitted["ece_before"] + 1e-9
+    stored = load_bundle(bundle)
+    assert stored.version == "0.0.1-test+cal" and stored.manifest["calibration"]["file"] == CALIBRATION_FILE
+    assert Engine.from_bundle(bundle).calibration.temperature == pytest.approx(fitted["temperature"])
