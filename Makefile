@@ -9,9 +9,11 @@ RUN := PYTHONPATH=$(CURDIR) $(PY)
 
 .PHONY: setup system test lint demo benchmark bench clean
 
-# System peers (DCMTK, dicom3tools, Redis, Orthanc) via Debian packages when missing.
+# System peers (DCMTK, dicom3tools, Redis, Orthanc + DICOMweb, chromium, npm) via Debian packages when
+# missing; the OHIF viewer build (npm @ohif/app) under .cache/ohif/ for the browser test.
 system:
 	@scripts/install-system-deps.sh
+	@scripts/fetch-ohif.sh
 
 # The virtual environment, rebuilt when pyproject.toml changes.
 $(STAMP): pyproject.toml requirements-nodeps.txt

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system programs grok-pacs' tests and demo use as real peers, when missing:
 # DCMTK (storescu/storescp/echoscu/img2dcm/dcmdump/dsr2html), dicom3tools (dciodvfy), Redis, Orthanc,
-# systemd-analyze (the systemd package; only its tools are used, nothing is booted).
+# systemd-analyze (the systemd package; only its tools are used, nothing is booted); for the browser test
+# (tests/test_viewer.py): Orthanc's DICOMweb plugin, chromium (driven headless by Playwright) and npm
+# (scripts/fetch-ohif.sh fetches the OHIF viewer with it).
 # Debian packages; needs root (or sudo). Does nothing when everything is already there.
 set -euo pipefail
 need=()
@@ -11,6 +13,9 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)  # verifies deploy/systemd units
+test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || need+=(orthanc-dicomweb)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -1,5 +1,6 @@
 """Orthanc (the Debian package) as a real PACS for tests: started on free loopback ports with a config
 file the test writes, storage and index under the test's temporary directory, REST API over httpx.
+With `dicomweb=True` it loads Debian's DICOMweb plugin (`orthanc-dicomweb`), served under /dicom-web/.
 """
 
 from __future__ import annotations
@@ -10,15 +11,27 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from conftest import require_tool
 from devtools.ports import free_port
 
 
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def dicomweb_plugin() -> Path:
+    """The DICOMweb plugin's library; fails (never skips) when the package is missing."""
+    if not DICOMWEB_PLUGIN.is_file():
+        pytest.fail(f"{DICOMWEB_PLUGIN} is missing: install orthanc-dicomweb (scripts/install-system-deps.sh)")
+    return DICOMWEB_PLUGIN
+
+
 class Orthanc:
     """One Orthanc process; `modalities` maps a name to (AE, host, port) for DicomModalities."""
 
-    def __init__(self, work_dir: Path, modalities: dict[str, tuple[str, str, int]], aet: str = "ORTHANC") -> None:
+    def __init__(self, work_dir: Path, modalities: dict[str, tuple[str, str, int]], aet: str = "ORTHANC",
+                 dicomweb: bool = False) -> None:
         self.work_dir = Path(work_dir)
         self.aet = aet
         self.http_port, self.dicom_port = free_port(), free_port()
@@ -43,9 +56,15 @@ class Orthanc:
             "HttpTimeout": 60,
             "DicomScuTimeout": 30,
         }
+        if dicomweb:
+            config["Plugins"] = [str(dicomweb_plugin())]
+            # Full metadata from the stored files: viewers need pixel-module and SR tags, not only main tags.
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
+                                  "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"}
         self.config_path.write_text(json.dumps(config, indent=2))
         self.proc: subprocess.Popen | None = None
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=60)
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.http = httpx.Client(base_url=self.url, timeout=60)
 
     def start(self, timeout: float = 60.0) -> "Orthanc":
         log = open(self.log_path, "ab")

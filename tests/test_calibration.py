@@ -75,3 +75,34 @@ def test_calibration_stored_in_the_bundle_loaded_and_applied(tiny_bundle, tmp_pa
     path.write_text(json.dumps({**cal.to_dict(), "temperature": 0.5}))
     with pytest.raises(BundleError, match="calibration.json"):
         load_bundle(bundle)
+
+
+def test_training_cli_fits_on_the_validation_split_and_extends_the_bundle(tiny_bundle, tmp_path, capsys):
+    """`python -m training.calibration BUNDLE MANIFEST`: the engine on the val eyes, T fitted, bundle extended."""
+    import math
+
+    from PIL import Image
+
+    from grok_pacs.domain.biomarkers import BIOMARKERS
+    from grok_pacs.domain.labels import Label
+    from training.calibration import main
+    from training.manifest import CohortRecord, write_manifest
+
+    records = []
+    for i, label in enumerate([Label.GLAUCOMA, Label.NORMAL, Label.AMD, Label.GLAUCOMA]):
+        eye_dir = tmp_path / "cohort" / f"S{i}"
+        (eye_dir / "oct").mkdir(parents=True)
+        Image.fromarray(fundus_pixels(seed=i)).save(eye_dir / "cfp.png")
+        for k, frame in enumerate(oct_pixels(seed=i)):
+            Image.fromarray(frame).save(eye_dir / "oct" / f"{k:03d}.png")
+        records.append(CohortRecord(f"S{i}", "R", label, "val" if i < 3 else "train", eye_dir / "cfp.png",
+                                    eye_dir / "oct", {b.key: math.nan for b in BIOMARKERS}, None, None, 0))
+    manifest = write_manifest(tmp_path / "cohort" / "manifest.csv", records)
+    bundle = copy_bundle(tiny_bundle, tmp_path / "b")
+    assert main([str(bundle), str(manifest), "--version", "0.0.1-test+cal"]) == 0
+    fitted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fitted["n"] == 3 and "val split" in fitted["fitted_on"]
+    assert fitted["ece_after"] <= fitted["ece_before"] + 1e-9
+    stored = load_bundle(bundle)
+    assert stored.version == "0.0.1-test+cal" and stored.manifest["calibration"]["file"] == CALIBRATION_FILE
+    assert Engine.from_bundle(bundle).calibration.temperature == pytest.approx(fitted["temperature"])

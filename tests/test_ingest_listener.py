@@ -11,7 +11,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, generate_uid
 from pynetdicom import AE
 
-from grok_pacs.dicom import status as dimse_status
+from grok_pacs.dicom.status import DimseStatus
 from grok_pacs.config import Peer
 from grok_pacs.store.index import StudyState
 from devtools.sample_dicom import fundus_photograph, oct_tomography, write
@@ -104,20 +104,20 @@ def test_refusals_leave_nothing_behind_and_listener_keeps_serving(tmp_path: Path
         done = storescu(service.port, ct, options=("-R",))
         assert done.returncode != 0
         [ct_result] = store_files(peer, [ct], calling_ae="GROKSCU", timeout=10)
-        assert ct_result.status == dimse_status.SOP_CLASS_NOT_SUPPORTED and not ct_result.ok
+        assert ct_result.status == DimseStatus.SOP_CLASS_NOT_SUPPORTED and not ct_result.ok
         # Path traversal in UIDs: failure status, nothing written anywhere.
         evil = fundus_photograph("1.2.3/../../x", "R", size=32)
         evil.SeriesInstanceUID = "../../../../escape"
         evil_path = write(evil, tmp_path / "evil" / "evil.dcm")
         [evil_result] = store_files(peer, [evil_path], calling_ae="GROKSCU", timeout=10)
-        assert evil_result.status == dimse_status.ERROR_INVALID_UID
+        assert evil_result.status == DimseStatus.ERROR_INVALID_UID
         assert "UID" in evil_result.message  # the reason travels as ErrorComment
         # A truncated dataset: failure status.
         whole = write(oct_tomography(generate_uid(), "R", frames=4, rows=32, columns=32), tmp_path / "t.dcm")
         data = whole.read_bytes()
         whole.write_bytes(data[: len(data) - 1000])
         [cut_result] = store_files(peer, [whole], calling_ae="GROKSCU", timeout=10)
-        assert cut_result.status == dimse_status.ERROR_INCOMPLETE_DATASET and cut_result.message
+        assert cut_result.status == DimseStatus.ERROR_INCOMPLETE_DATASET and cut_result.message
         assert stored_files(settings) == [] and temp_files(settings) == []
         assert service.index.studies() == []
         # ...and the listener still serves.
@@ -148,15 +148,15 @@ def test_refusal_reason_reaches_the_sender_as_error_comment(tmp_path: Path, fast
         [result] = store_files(peer, [photo], calling_ae="GROKSCU", timeout=10)
     shown = done.stdout + done.stderr
     assert "0xa700" in shown.lower() and f"(0000,0902) LO [{reason}]" in shown
-    assert result.status == dimse_status.REFUSED_OUT_OF_RESOURCES and result.message == reason
+    assert result.status == DimseStatus.REFUSED_OUT_OF_RESOURCES and result.message == reason
 
 
 def test_error_comment_is_a_valid_lo_value() -> None:
     from grok_pacs.ingest.listener import failure_response
 
-    response = failure_response(dimse_status.ERROR_INVALID_UID, "UID '1.2\\..\\x' is invalid\n" + "é" * 80)
+    response = failure_response(DimseStatus.ERROR_INVALID_UID, "UID '1.2\\..\\x' is invalid\n" + "é" * 80)
     comment = response.ErrorComment
-    assert response.Status == dimse_status.ERROR_INVALID_UID and len(comment) == 64 and comment.endswith("...")
+    assert response.Status == DimseStatus.ERROR_INVALID_UID and len(comment) == 64 and comment.endswith("...")
     assert comment.startswith("UID '1.2?..?x' is invalid?") and comment.isascii()
 
 
@@ -177,7 +177,7 @@ def test_legacy_photography_only_when_enabled(tmp_path: Path) -> None:
     ds = fundus_photograph(generate_uid(), "R", size=32)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture
     path = write(ds, tmp_path / "sc.dcm")
-    for enabled, expected in ((False, dimse_status.SOP_CLASS_NOT_SUPPORTED), (True, dimse_status.SUCCESS)):
+    for enabled, expected in ((False, DimseStatus.SOP_CLASS_NOT_SUPPORTED), (True, DimseStatus.SUCCESS)):
         settings = ingest_settings(tmp_path / str(enabled), accept_legacy_photography=enabled)
         with running(settings):
             peer = Peer(ae_title=OUR_AE, host="127.0.0.1", port=settings.port)

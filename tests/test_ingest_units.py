@@ -253,3 +253,20 @@ def test_fast_store_response_is_byte_identical_to_pynetdicom(status: int) -> Non
     assert _encode_store_response(rsp) == pdata.presentation_data_value_list[0][1][1:]
     rsp.ErrorComment = "details"
     assert _encode_store_response(rsp) is None, "anything beyond a status goes through pynetdicom"
+
+
+@pytest.mark.parametrize("code, name, kind", [
+    (0x0000, "SUCCESS", "success"),
+    (0xB007, "WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS", "warning"),
+    (0xA7FF, "REFUSED_OUT_OF_RESOURCES", "transient"),  # the A7xx range: the sender retries later
+    (0x0110, "PROCESSING_FAILURE", "transient"),
+    (0xC002, "ERROR_INCOMPLETE_DATASET", "permanent"),
+    (0xC0AB, "ERROR_CANNOT_UNDERSTAND", "permanent"),
+    (0xFE00, "STATUS_0xFE00", "permanent"),
+])
+def test_dimse_status_names_and_how_a_sender_treats_them(code: int, name: str, kind: str) -> None:
+    from grok_pacs.dicom.status import DimseStatus, category, status_name
+
+    assert status_name(code) == name and category(code).value == kind
+    if code in DimseStatus._value2member_map_:
+        assert DimseStatus(code) == code and DimseStatus[name] == code

@@ -8,7 +8,7 @@ from PIL import Image
 
 from grok_pacs.analysis.imaging import ImageReadError, read_cfp, read_oct_volume
 from grok_pacs.model.config import IMAGENET_MEAN, IMAGENET_STD
-from grok_pacs.analysis.preprocess import preprocess_cfp, preprocess_oct, select_foveal_bscan
+from grok_pacs.analysis.preprocess import foveal_pit, preprocess_cfp, preprocess_oct, select_foveal_bscan
 from helpers.eye_dicom import oct_volume, write_jpeg_cfp, write_oct
 from ophthalmic_dicom import Patient, fundus_pixels
 
@@ -88,3 +88,14 @@ def test_png_cfp_and_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ImageReadError, match="no B-scan images"):
         read_oct_volume(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("pit_col", [0.3, 0.5, 0.72])
+def test_foveal_pit_is_found_in_the_bscan_used(pit_col):
+    volume = oct_volume(frames=15, rows=96, cols=384, pit_frame=7, pit_col=pit_col, seed=1)
+    column, row = foveal_pit(volume[7])
+    assert column == pytest.approx(pit_col * 384, abs=384 * 0.03)  # within 3 % of the width
+    assert row == pytest.approx(96 * 0.3 + 0.2 * 96, abs=4)  # the surface at the pit's bottom
+    assert foveal_pit(np.random.default_rng(0).integers(0, 256, (96, 128)).astype(np.uint8)) is None  # speckle
+    assert foveal_pit(np.zeros((64, 64), np.uint8)) is None
+    assert foveal_pit(oct_volume(frames=3, rows=96, cols=128)[1]) is None  # a flat retina has no pit

@@ -12,19 +12,28 @@ import sys
 import numpy as np
 import pydicom
 import pypdf
-
 from conftest import require_tool
-from grok_pacs.analysis.result import (Action, Disposition, Eye, Gradability, ModalityQuality, NarrativeCheck,
-                                       NarrativeIssue, NarrativeReason, QualityReason)
+from ophthalmic_dicom import Patient, make_cfp, make_oct
+from test_sr import _report, _source
+
+from grok_pacs.analysis.result import (
+    Action,
+    Disposition,
+    Eye,
+    Gradability,
+    ModalityQuality,
+    NarrativeCheck,
+    NarrativeIssue,
+    NarrativeReason,
+    QualityReason,
+)
 from grok_pacs.domain.biomarkers import BY_KEY, CFP_BIOMARKERS, format_value
 from grok_pacs.domain.labels import Label
 from grok_pacs.report.encapsulated import ENCAPSULATED_PDF, build_encapsulated_pdf
 from grok_pacs.report.keys import ReportKey, SRKey
-from grok_pacs.report.sr import build_sr
 from grok_pacs.report.pdf import BANNER, UNIT_TEXT, ReportImages, build_pdf
+from grok_pacs.report.sr import build_sr
 from grok_pacs.report.study import StudyHeader
-from ophthalmic_dicom import Patient, make_cfp, make_oct
-from test_sr import _report, _source
 
 REFER = Disposition(Action.REFERRAL, "Refer to ophthalmology (glaucoma suspected)", "RCOphth glaucoma", "glaucoma")
 PATIENT_REFER = dataclasses.replace(REFER, eyes=("R",))

@@ -255,3 +255,19 @@ def test_sr_is_displayable_in_ohif_each_eye_in_its_own_dated_series(tmp_path):
         assert {c.ContinuityOfContent for c in containers(sr.ContentSequence)} == {"SEPARATE"}
     text = render(paths[Eye.RIGHT])
     assert "Image Region: POINT" in text and f"{right[1].SOPInstanceUID} frame 4" in text
+
+
+def test_oct_point_is_on_the_foveal_pit_when_one_was_found(tmp_path):
+    patient = Patient()
+    cfp, oct_ds = make_cfp(patient, "R"), make_oct(patient, "R")
+    report = _report(Eye.RIGHT, Label.NORMAL, [_source(cfp), _source(oct_ds, frame=4)])
+    key = SRKey(patient.study_uid, 1, "0.1.0", Eye.RIGHT)
+    pit = (float(oct_ds.Columns) * 0.6, float(oct_ds.Rows) * 0.3)
+    for given, point, statement in ((pit, pit, "marks the foveal pit found in it"),
+                                    (None, (oct_ds.Columns / 2, oct_ds.Rows / 2), "no foveal pit was found")):
+        path = _save(build_sr(report, [cfp, oct_ds], key, oct_pit=given), tmp_path, f"{given is None}.dcm")
+        assert_valid_sr(path, statement)
+        (scoord,) = [i for i in _groups(pydicom.dcmread(path))[0].ContentSequence if i.ValueType == "SCOORD"]
+        assert [float(v) for v in scoord.GraphicData] == pytest.approx(list(point))
+    with pytest.raises(SRBuildError, match="outside"):
+        build_sr(report, [cfp, oct_ds], key, oct_pit=(float(oct_ds.Columns) + 5, 1.0))

@@ -160,7 +160,8 @@ def test_only_oct_gives_one_sr_stating_cfp_missing(ctx, pacs):
     (pdf,) = pacs.received_pdfs()
     assert "OCT B-scan used: frame" in pdf_text(pdf.EncapsulatedDocument)
     path = Path(ctx.settings.data_dir) / _sr_entry(ctx, study_uid).path
-    assert_valid_sr(path, "Not available for this eye: CFP", "OCT B-scan used: frame")
+    assert_valid_sr(path, "Not available for this eye: CFP", "OCT B-scan used: frame",
+                    "On the OCT B-scan the point marks the foveal pit found in it.")  # the test OCT has a pit
 
 
 def test_undecodable_instance_is_skipped_and_noted(ctx, pacs):
@@ -224,7 +225,7 @@ def test_job_of_an_outdated_version_does_nothing(ctx, pacs):
 def test_selection_by_sop_class_laterality_and_acquisition_time(tmp_path):
     from grok_pacs.config import SECONDARY_CAPTURE, THICKNESS_MAP
     from grok_pacs.store.index import InstanceRecord
-    from grok_pacs.jobs.pipeline import select_candidates
+    from grok_pacs.jobs.snapshot import select_candidates
     from grok_pacs.analysis.result import Eye
 
     def rec(sop: str, sop_class: str, laterality: str, acquired: str, received: float) -> InstanceRecord:

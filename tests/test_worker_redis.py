@@ -107,7 +107,7 @@ def _arrived_once(pacs: StoreSCP, count: int = 2, settle_s: float = 3.0) -> list
     return sorted(pacs.received_sop_uids())
 
 
-def _results(box: "Box", study_uid: str, count: int = 2) -> list:
+def _results(box: Box, study_uid: str, count: int = 2) -> list:
     """The study's outbox rows: one SR per eye and the PDF report."""
     entries = box.outbox(study_uid)
     assert sorted(e.kind for e in entries) == sorted([ResultKind.PDF] + [ResultKind.SR] * (count - 1))

@@ -134,6 +134,26 @@ def select_foveal_bscan(volume: np.ndarray) -> tuple[int, str]:
     return best, "fovea"
 
 
+def foveal_pit(bscan: np.ndarray) -> tuple[float, float] | None:
+    """(column, row) pixel coordinates of the foveal pit in one B-scan [rows, cols]: where the inner
+    retinal surface dips deepest in the central 80 % of columns (as `select_foveal_bscan` judges frames).
+    None when no retinal surface is found across most columns (no pit to point at)."""
+    if bscan.ndim != 2 or min(bscan.shape) < 8:
+        return None
+    tops, bottoms = _retina_boundaries(bscan[None])
+    if np.isnan(tops).mean() > 0.2 or not _coherent_frames(tops, bscan.shape[0])[0]:  # no retina, or speckle
+        return None
+    top = tops[0]
+    step = max(1, bscan.shape[1] // 128)  # the column grouping _retina_boundaries used
+    smooth = _box_smooth(np.nan_to_num(top, nan=float(np.nanmedian(top)))[None], 3, axis=1)[0]
+    band = slice(len(top) // 10, len(top) - len(top) // 10)
+    column = band.start + int(np.argmax(smooth[band]))
+    typical = float(np.nanmedian(bottoms[0] - top))
+    if not typical > 0 or smooth[column] - float(np.nanmedian(top)) < MIN_PIT_FRACTION * typical:
+        return None  # a flat surface: no pit
+    return (column + 0.5) * step, float(smooth[column]) + 0.5
+
+
 def _coherent_frames(top: np.ndarray, rows: int) -> np.ndarray:
     """Frames whose inner surface is found in most columns and is smooth (a retina, not speckle):
     the median step between neighbouring columns is at most 1 % of the frame height (2 rows minimum)."""

@@ -5,7 +5,7 @@ Failures are typed so a caller can decide whether to retry:
   or transfer syntax not accepted, a failure status such as Cxxx/A9xx).
 - `TransientStoreError`: try again later (connection refused or timed out, association aborted or
   rejected transiently, e.g. the peer's association limit, or an A7xx out-of-resources status).
-Status codes are named in `grok_pacs.dicom.status` (re-exported here).
+Status codes are named in `grok_pacs.dicom.status.DimseStatus`.
 """
 
 from __future__ import annotations
@@ -24,16 +24,7 @@ from pynetdicom.association import Association
 
 from grok_pacs.config import Peer
 from grok_pacs.dicom.contexts import VERIFICATION, requested_contexts
-from grok_pacs.dicom.status import (  # noqa: F401 - re-exported status names for SCU callers
-    ERROR_CANNOT_UNDERSTAND,
-    PROCESSING_FAILURE,
-    REFUSED_OUT_OF_RESOURCES,
-    SOP_CLASS_NOT_SUPPORTED,
-    SUCCESS,
-    StatusCategory,
-    category,
-    status_name,
-)
+from grok_pacs.dicom.status import DimseStatus, StatusCategory, category, status_name
 
 log = logging.getLogger("grok_pacs.dicom.scu")
 
@@ -132,7 +123,7 @@ def echo(peer: Peer, calling_ae: str, timeout: float = 30.0, tls: ssl.SSLContext
         code = int(response.Status) if "Status" in response else NO_RESPONSE
     if code == NO_RESPONSE:
         raise TransientStoreError(f"no C-ECHO response from {peer}")
-    if code != SUCCESS:
+    if code != DimseStatus.SUCCESS:
         raise PermanentStoreError(f"C-ECHO to {peer} answered {status_name(code)} (0x{code:04X})")
 
 
@@ -175,7 +166,7 @@ def store_files(peer: Peer, paths: Iterable[Path | str], calling_ae: str, timeou
     try:
         return _store_keys(peer, keys, calling_ae, contexts, timeout, max_pdu, tls) + unreadable
     except NoAcceptedContextError as exc:
-        return [StoreResult(str(path), sop_class, sop_uid, SOP_CLASS_NOT_SUPPORTED, StatusCategory.PERMANENT,
+        return [StoreResult(str(path), sop_class, sop_uid, DimseStatus.SOP_CLASS_NOT_SUPPORTED, StatusCategory.PERMANENT,
                             str(exc)) for path, sop_class, sop_uid, _ in keys] + unreadable
 
 
@@ -191,7 +182,7 @@ def _store_keys(peer: Peer, keys: list[tuple[Path, str, str, str]], calling_ae: 
             try:
                 response = assoc.send_c_store(path)
             except ValueError as exc:  # no accepted presentation context for this class/syntax
-                results.append(StoreResult(str(path), sop_class, sop_uid, SOP_CLASS_NOT_SUPPORTED,
+                results.append(StoreResult(str(path), sop_class, sop_uid, DimseStatus.SOP_CLASS_NOT_SUPPORTED,
                                            StatusCategory.PERMANENT, str(exc)))
                 continue
             results.append(_result(str(path), sop_class, sop_uid, response))

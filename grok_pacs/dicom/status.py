@@ -5,26 +5,29 @@ Shared by the listener (what it answers) and the SCU (how it reads a peer's answ
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
-SUCCESS = 0x0000
-# Warnings (the instance was stored).
-WARNING_COERCION_OF_DATA_ELEMENTS = 0xB000
-WARNING_ELEMENTS_DISCARDED = 0xB006
-WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
-# Failures.
-REFUSED_OUT_OF_RESOURCES = 0xA700  # A7xx: the peer may retry later
-ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # A9xx
-ERROR_CANNOT_UNDERSTAND = 0xC000  # Cxxx
-PROCESSING_FAILURE = 0x0110
-DUPLICATE_SOP_INSTANCE = 0x0111
-NO_SUCH_SOP_CLASS = 0x0118
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-NOT_AUTHORIZED = 0x0124
-# grok-pacs' own failure codes inside the Cxxx range (cannot understand), one per reason, for logs.
-ERROR_INVALID_UID = 0xC001
-ERROR_INCOMPLETE_DATASET = 0xC002
-ERROR_UID_MISMATCH = 0xC003
+class DimseStatus(IntEnum):
+    """The status codes grok-pacs answers or reads, by name; members are ints (pynetdicom takes them)."""
+
+    SUCCESS = 0x0000
+    # Warnings (the instance was stored).
+    WARNING_COERCION_OF_DATA_ELEMENTS = 0xB000
+    WARNING_ELEMENTS_DISCARDED = 0xB006
+    WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
+    # Failures.
+    REFUSED_OUT_OF_RESOURCES = 0xA700  # A7xx: the peer may retry later
+    ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # A9xx
+    ERROR_CANNOT_UNDERSTAND = 0xC000  # Cxxx
+    PROCESSING_FAILURE = 0x0110
+    DUPLICATE_SOP_INSTANCE = 0x0111
+    NO_SUCH_SOP_CLASS = 0x0118
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    NOT_AUTHORIZED = 0x0124
+    # grok-pacs' own failure codes inside the Cxxx range (cannot understand), one per reason, for logs.
+    ERROR_INVALID_UID = 0xC001
+    ERROR_INCOMPLETE_DATASET = 0xC002
+    ERROR_UID_MISMATCH = 0xC003
 
 
 class StatusCategory(StrEnum):
@@ -36,24 +39,23 @@ class StatusCategory(StrEnum):
 
 def category(status: int) -> StatusCategory:
     """How a C-STORE response status should be treated by a sender."""
-    if status == SUCCESS:
+    if status == DimseStatus.SUCCESS:
         return StatusCategory.SUCCESS
     if (status & 0xF000) == 0xB000:
         return StatusCategory.WARNING
-    if (status & 0xFF00) == 0xA700 or status == PROCESSING_FAILURE:
+    if (status & 0xFF00) == 0xA700 or status == DimseStatus.PROCESSING_FAILURE:
         return StatusCategory.TRANSIENT
     return StatusCategory.PERMANENT
 
 
 def status_name(status: int) -> str:
-    """A readable name for a status code (for logs and the CLI)."""
-    for name, value in globals().items():
-        if name.isupper() and isinstance(value, int) and value == status:
-            return name
+    """A readable name for a status code (for logs and the CLI); a code we do not name, by its range."""
+    if status in DimseStatus._value2member_map_:
+        return DimseStatus(status).name
     if (status & 0xFF00) == 0xA700:
-        return "REFUSED_OUT_OF_RESOURCES"
+        return DimseStatus.REFUSED_OUT_OF_RESOURCES.name
     if (status & 0xF000) == 0xC000:
-        return "ERROR_CANNOT_UNDERSTAND"
+        return DimseStatus.ERROR_CANNOT_UNDERSTAND.name
     if (status & 0xFF00) == 0xA900:
-        return "ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS"
+        return DimseStatus.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS.name
     return f"STATUS_0x{status:04X}"

@@ -24,7 +24,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 
 from grok_pacs.config import Settings
-from grok_pacs.dicom import fastpath, status
+from grok_pacs.dicom import fastpath
+from grok_pacs.dicom.status import DimseStatus, status_name
 from grok_pacs.dicom.contexts import scp_contexts
 from grok_pacs.dicom.header import IncompleteDatasetError, read_header
 from grok_pacs.dicom.uids import InvalidUIDError, instance_relpath, is_valid_uid
@@ -66,7 +67,7 @@ def failure_response(code: int, reason: str) -> Dataset:
     (the value delimiter)."""
     text = "".join(ch if " " <= ch <= "~" and ch != "\\" else "?" for ch in reason.strip())
     response = Dataset()
-    response.Status = code
+    response.Status = int(code)
     response.ErrorComment = text if len(text) <= ERROR_COMMENT_MAX else text[: ERROR_COMMENT_MAX - 3] + "..."
     return response
 
@@ -195,7 +196,7 @@ class Listener:
                  time.monotonic() - stats.started)
 
     def _on_echo(self, event) -> int:
-        return status.SUCCESS
+        return DimseStatus.SUCCESS
 
     # --- C-STORE ------------------------------------------------------------------------------------
     def _on_store(self, event) -> int | Dataset:
@@ -205,35 +206,35 @@ class Listener:
             code = self._store(Path(event.dataset_path), request, stats.calling_ae, stats)
         except StoreRefused as refusal:
             stats.failed += 1
-            metrics.instance_failed(status.status_name(refusal.code))
+            metrics.instance_failed(status_name(refusal.code))
             log.warning("refused instance from %s: status=%s (0x%04X): %s", stats.calling_ae,
-                        status.status_name(refusal.code), refusal.code, refusal)
+                        status_name(refusal.code), refusal.code, refusal)
             return failure_response(refusal.code, str(refusal))
         return code
 
     def _store(self, received: Path, request, calling_ae: str, stats: _AssociationStats) -> int:
         sop_uid = str(request.AffectedSOPInstanceUID or "")
         if not is_valid_uid(sop_uid):
-            raise StoreRefused(status.ERROR_INVALID_UID, f"AffectedSOPInstanceUID {sop_uid[:80]!r} is invalid")
+            raise StoreRefused(DimseStatus.ERROR_INVALID_UID, f"AffectedSOPInstanceUID {sop_uid[:80]!r} is invalid")
         self._check_disk(received)
         synced = start_fsync(received)  # runs on the disk while the header is checked here
         try:
             header = read_header(received)
         except InvalidUIDError as exc:
-            raise StoreRefused(status.ERROR_INVALID_UID, str(exc)) from exc
+            raise StoreRefused(DimseStatus.ERROR_INVALID_UID, str(exc)) from exc
         except IncompleteDatasetError as exc:
-            raise StoreRefused(status.ERROR_INCOMPLETE_DATASET, str(exc)) from exc
+            raise StoreRefused(DimseStatus.ERROR_INCOMPLETE_DATASET, str(exc)) from exc
         if header.sop_uid != sop_uid:
-            raise StoreRefused(status.ERROR_UID_MISMATCH, "dataset SOPInstanceUID differs from the request's")
+            raise StoreRefused(DimseStatus.ERROR_UID_MISMATCH, "dataset SOPInstanceUID differs from the request's")
         if header.sop_class_uid != str(request.AffectedSOPClassUID):
-            raise StoreRefused(status.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            raise StoreRefused(DimseStatus.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
                                "dataset SOPClassUID differs from the request's")
         relpath = instance_relpath(header.study_uid, header.series_uid, header.sop_uid)
         dest = self.data_dir / relpath
         if self.index.has_instance(sop_uid) and dest.is_file():
             stats.duplicates += 1
             metrics.instance_duplicate()
-            return status.SUCCESS  # idempotent: the first copy is already durable
+            return DimseStatus.SUCCESS  # idempotent: the first copy is already durable
         record = InstanceRecord(
             study_uid=header.study_uid, series_uid=header.series_uid, sop_uid=header.sop_uid,
             sop_class_uid=header.sop_class_uid, modality=header.modality, laterality=header.laterality,
@@ -244,18 +245,18 @@ class Listener:
         if not self._persist(received, dest, record, synced):
             stats.duplicates += 1
             metrics.instance_duplicate()
-            return status.SUCCESS
+            return DimseStatus.SUCCESS
         stats.stored += 1
         stats.bytes += record.size
         metrics.instance_received(record.sop_class_uid, record.size)
         if self.on_stored is not None:
             self.on_stored(record)
-        return status.SUCCESS
+        return DimseStatus.SUCCESS
 
     def _check_disk(self, received: Path) -> None:
         needed = self.settings.min_free_disk_mb * MB + received.stat().st_size
         if free_bytes(self.data_dir) < needed:
-            raise StoreRefused(status.REFUSED_OUT_OF_RESOURCES,
+            raise StoreRefused(DimseStatus.REFUSED_OUT_OF_RESOURCES,
                                f"free disk below min_free_disk_mb={self.settings.min_free_disk_mb}")
 
     def _persist(self, received: Path, dest: Path, record: InstanceRecord, synced: Future) -> bool:
@@ -267,6 +268,6 @@ class Listener:
             return bool(publish_file(received, dest, commit=lambda: self.index.add_instance(record), synced=synced))
         except sqlite3.Error as exc:
             log.error("index write failed for %s: %s", record.path, exc)
-            raise StoreRefused(status.PROCESSING_FAILURE, f"index write failed: {exc}") from exc
+            raise StoreRefused(DimseStatus.PROCESSING_FAILURE, f"index write failed: {exc}") from exc
         except OSError as exc:
-            raise StoreRefused(status.REFUSED_OUT_OF_RESOURCES, f"cannot store {dest.name}: {exc}") from exc
+            raise StoreRefused(DimseStatus.REFUSED_OUT_OF_RESOURCES, f"cannot store {dest.name}: {exc}") from exc

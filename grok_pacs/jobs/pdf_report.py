@@ -9,14 +9,14 @@ SRs and gets no PDF rather than a second model run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from pydicom.dataset import Dataset
 
 from grok_pacs.analysis.imaging import ImageReadError, read_cfp, read_oct_volume
-from grok_pacs.analysis.preprocess import to_uint8
+from grok_pacs.analysis.preprocess import foveal_pit, to_uint8
 from grok_pacs.analysis.result import Eye, Report, SourceImage
 from grok_pacs.config import OPT, Settings
 from grok_pacs.delivery.sender import write_sr
@@ -53,25 +53,27 @@ def _pixels(settings: Settings, rec: InstanceRecord, src: SourceImage):
 
 
 def eye_images(settings: Settings, instances: Mapping[str, InstanceRecord], report: Report) -> ReportImages:
+    """The images one eye's report used, read again from incoming/ (for the PDF and the SR's point on the
+    foveal pit, looked for only where the B-scan selection found one)."""
     found: dict[str, object] = {}
     for src in report.sources:
         if src.sop_instance_uid in instances:
             kind, pixels, frames = _pixels(settings, instances[src.sop_instance_uid], src)
             found[kind], found[f"{kind}_frames"] = pixels, frames
-    return ReportImages(cfp=found.get("cfp"), oct_bscan=found.get("oct"), oct_frames=found.get("oct_frames"))
+    bscan = found.get("oct")
+    pit = foveal_pit(bscan) if bscan is not None and report.oct_frame_method == "fovea" else None
+    return ReportImages(cfp=found.get("cfp"), oct_bscan=bscan, oct_frames=found.get("oct_frames"), oct_pit=pit)
 
 
-def write_pdf_report(settings: Settings, instances: Sequence[InstanceRecord],
-                     analysed: Sequence[tuple[Report, Sequence[Dataset]]], key: ReportKey) -> str:
-    """Build the study's PDF from the analysed eyes (report, evidence headers) and write it; returns its
-    path relative to the data directory."""
+def write_pdf_report(settings: Settings, analysed: Sequence[tuple[Report, Sequence[Dataset]]],
+                     images: Mapping[Eye, ReportImages], key: ReportKey) -> str:
+    """Build the study's PDF from the analysed eyes (report, evidence headers) and the images they used, and
+    write it; returns its path relative to the data directory."""
     if not analysed:
         raise ValueError(f"{key}: no analysed eye to report")
-    by_uid = {rec.sop_uid: rec for rec in instances}
     reports = {report.eye: report for report, _ in analysed}
     header_ds = analysed[0][1][0]
     header = StudyHeader.from_dataset(header_ds, software=software(), made_at=made_at())
-    images = {eye: eye_images(settings, by_uid, report) for eye, report in reports.items()}
     pdf = build_pdf(header, reports, images)
     sources = [src for eye in Eye if eye in reports for src in reports[eye].sources]
     ds = build_encapsulated_pdf(pdf, header_ds, sources, key, software_version=software())

@@ -2,13 +2,8 @@
 per-eye candidates) handed down one way -> gate per eye -> the engine once for all gradable eyes (one
 batched generation) -> SR written -> outbox rows.
 
-Selection (documented behaviour, tested):
-- CFP: Ophthalmic Photography 8/16 bit (VL Photographic and Secondary Capture too when
-  `accept_legacy_photography` is on); OCT: Ophthalmic Tomography. Other instances are ignored.
-- Eye: ImageLaterality, else Laterality (the index records that). R and L are analysed; an instance with
-  laterality B or none cannot be attributed to an eye and is skipped (noted in the study's detail).
-- Several candidates: the newest AcquisitionDateTime wins (then the latest received). An instance whose
-  header or pixels cannot be read is skipped, the next newest is used, and the skip is noted.
+Selection (`grok_pacs.jobs.snapshot`): per eye the newest CFP and OCT; an instance whose header or pixels
+cannot be read is skipped, the next newest is used, and the skip is noted.
 - Gate (grok_pacs.analysis.quality), before any diagnosis: each modality's pick is judged gradable,
   ungradable or out of scope (a pick whose pixels never decode is ungradable). Only gradable modalities
   reach the engine; an eye with none gets an SR without diagnosis that gives the coded reasons.
@@ -23,24 +18,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import pydicom
 from pydicom.dataset import Dataset
 
-from grok_pacs.config import LEGACY_SOP_CLASSES, OP_8BIT, OP_16BIT, OPT, Settings
+from grok_pacs.config import Settings
 from grok_pacs.delivery.sender import write_sr
 from grok_pacs.analysis.imaging import EyeImages, ImageReadError, read_cfp, read_oct_volume
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxRow, OutboxState, ResultKind
 from grok_pacs.analysis.quality import QualityThresholds, judge, ungradable_report
 from grok_pacs.analysis.result import Eye, Gradability, ModalityQuality, Report, SourceImage
-from grok_pacs.jobs.pdf_report import write_pdf_report
+from grok_pacs.jobs.pdf_report import eye_images, write_pdf_report
+from grok_pacs.jobs.snapshot import EyeCandidates, Kind, StudyOutcome, StudySnapshot
 from grok_pacs.report import dispositions
 from grok_pacs.report.keys import ReportKey
+from grok_pacs.report.pdf import ReportImages
 from grok_pacs.report.sr import SRKey, build_sr
 from grok_pacs.dicom.uids import resolve_inside
 
@@ -48,22 +44,6 @@ if TYPE_CHECKING:
     from grok_pacs.analysis.engine import Engine
 
 log = logging.getLogger("grok_pacs.jobs.pipeline")
-
-CFP_SOP_CLASSES = (OP_8BIT, OP_16BIT)
-OCT_SOP_CLASSES = (OPT,)
-
-
-class Kind(StrEnum):
-    CFP = "CFP"
-    OCT = "OCT"
-
-
-class StudyOutcome(StrEnum):
-    ANALYSED = "analysed"  # SRs are in the outbox (new or rebuilt)
-    ALREADY_DONE = "already-done"  # every SR of this key was delivered (or failed) before: nothing to do
-    OUTDATED = "outdated"  # the study has a newer version (or is receiving again): this job is void
-    UNKNOWN_STUDY = "unknown-study"
-
 
 class NoAnalysableEyeError(ValueError):
     """No eye of the study has a usable CFP or OCT; the message says what the study holds."""
@@ -77,15 +57,6 @@ class AnalysisEngine(Protocol):
     def analyze_batch(self, eyes: Sequence[EyeImages]) -> list[Report]: ...
 
 
-@dataclass
-class EyeCandidates:
-    """The usable instances of one eye, newest first."""
-
-    eye: Eye
-    cfp: list[InstanceRecord] = field(default_factory=list)
-    oct: list[InstanceRecord] = field(default_factory=list)
-
-
 @dataclass(frozen=True)
 class StudyResult:
     study_uid: str
@@ -93,38 +64,6 @@ class StudyResult:
     outcome: StudyOutcome
     entries: tuple[OutboxEntry, ...] = ()  #: outbox rows of this run, one per analysed eye
     notes: tuple[str, ...] = ()
-
-
-def classify(rec: InstanceRecord, settings: Settings) -> Kind | None:
-    """CFP, OCT, or None (not an input of the model)."""
-    if rec.sop_class_uid in CFP_SOP_CLASSES:
-        return Kind.CFP
-    if settings.accept_legacy_photography and rec.sop_class_uid in LEGACY_SOP_CLASSES:
-        return Kind.CFP
-    if rec.sop_class_uid in OCT_SOP_CLASSES:
-        return Kind.OCT
-    return None
-
-
-def _newest_first(rec: InstanceRecord) -> tuple[str, float, str]:
-    """Sort key: acquisition date-time (DICOM DT sorts as text once the fraction is cut), then receipt."""
-    return (rec.acquisition_datetime.split(".")[0].split("+")[0].split("-")[0], rec.received_at, rec.sop_uid)
-
-
-def select_candidates(instances: list[InstanceRecord], settings: Settings) -> tuple[dict[Eye, EyeCandidates], list[str]]:
-    """Per eye, the CFP and OCT candidates newest first; plus notes on instances no eye can use."""
-    eyes = {eye: EyeCandidates(eye) for eye in Eye}
-    notes: list[str] = []
-    for rec in sorted(instances, key=_newest_first, reverse=True):
-        kind = classify(rec, settings)
-        if kind is None:
-            continue
-        if rec.laterality not in (Eye.RIGHT.value, Eye.LEFT.value):
-            notes.append(f"{kind.value} {rec.sop_uid} skipped: laterality {rec.laterality or 'missing'!s}")
-            continue
-        target = eyes[Eye(rec.laterality)]
-        (target.cfp if kind is Kind.CFP else target.oct).append(rec)
-    return eyes, notes
 
 
 def _header(settings: Settings, rec: InstanceRecord) -> Dataset:
@@ -212,44 +151,6 @@ def analyse_eyes(settings: Settings, engine: AnalysisEngine, eyes: Sequence[EyeC
     return out
 
 
-class StudyNotYetQueuedError(RuntimeError):
-    """The job arrived before assembly recorded its version (it publishes first): try again shortly."""
-
-
-@dataclass(frozen=True)
-class StudySnapshot:
-    """What a job knows of its study: one read of the index, handed down select -> analyse -> outbox.
-
-    `void` says why the job has nothing to do (unknown study, newer version, receiving again); otherwise
-    `eyes` holds each eye's candidates newest first and `notes` the instances no eye can use.
-    """
-
-    study_uid: str
-    version: int
-    void: StudyOutcome | None
-    last_received_at: float | None = None  #: for the latency metrics
-    instances: tuple[InstanceRecord, ...] = ()
-    eyes: Mapping[Eye, EyeCandidates] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
-
-    def holdings(self) -> str:
-        """What the study holds (modality/laterality), for the reason of a study no eye can use."""
-        return ", ".join(sorted({f"{i.modality}/{i.laterality or '-'}" for i in self.instances})) or "nothing"
-
-
-def read_study(index: StudyIndex, settings: Settings, study_uid: str, version: int) -> StudySnapshot:
-    """The job's one read of the index; raises StudyNotYetQueuedError when the job is ahead of assembly."""
-    stored = index.read_study(study_uid)
-    if stored is None:
-        return StudySnapshot(study_uid, version, StudyOutcome.UNKNOWN_STUDY)
-    study = stored.study
-    if study.version < version:
-        raise StudyNotYetQueuedError(f"study {study_uid} is at version {study.version}, the job at {version}")
-    void = StudyOutcome.OUTDATED if study.version > version or study.state is StudyState.RECEIVING else None
-    eyes, notes = select_candidates(list(stored.instances), settings)
-    return StudySnapshot(study_uid, version, void, study.last_received_at, stored.instances, eyes, tuple(notes))
-
-
 def _no_analysable_eye(snapshot: StudySnapshot, notes: list[str]) -> NoAnalysableEyeError:
     return NoAnalysableEyeError(f"no readable CFP or OCT of a right or left eye (study holds {snapshot.holdings()})"
                                 + (f"; {'; '.join(notes)}" if notes else ""))
@@ -285,9 +186,10 @@ def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Cal
     if not pending:
         raise _no_analysable_eye(snapshot, notes)
     index.set_state(study_uid, StudyState.ANALYSING, f"bundle {bundle_version}", version=version)
-    analysed = _analyse_and_write(settings, engine(), eyes, pending, keys, notes)
+    analysed = _analyse_and_write(settings, engine(), eyes, pending, keys, notes,
+                                  {rec.sop_uid: rec for rec in snapshot.instances})
     rows = [OutboxRow(keys[report.eye].sop_instance_uid, study_uid, version, bundle_version, report.eye.value, path)
-            for report, _, path in analysed]
+            for report, _, path, _ in analysed]
     if settings.pdf_report and analysed and not entries:  # every eye's report is at hand
         rows.extend(_pdf_row(settings, snapshot, analysed, pdf_key, notes))
     # One transaction: SRs and PDF queued together; every row carries all notes (also an eye without an SR).
@@ -297,11 +199,13 @@ def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Cal
     return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
 
 
-def _pdf_row(settings: Settings, snapshot: StudySnapshot, analysed: list[tuple[Report, list[Dataset], str]],
+def _pdf_row(settings: Settings, snapshot: StudySnapshot, analysed: list[tuple[Report, list[Dataset], str,
+                                                                                ReportImages]],
              key: ReportKey, notes: list[str]) -> list[OutboxRow]:
     """The study's PDF report as an outbox row; a PDF that cannot be made is noted, never holds the SRs back."""
     try:
-        path = write_pdf_report(settings, snapshot.instances, [(r, ev) for r, ev, _ in analysed], key)
+        path = write_pdf_report(settings, [(r, ev) for r, ev, _, _ in analysed],
+                                {r.eye: pictures for r, _, _, pictures in analysed}, key)
     except Exception as exc:  # noqa: BLE001 - the SRs go out regardless; the reason shows with the study
         log.exception("study %s v%d: PDF report not made", snapshot.study_uid, snapshot.version)
         notes.append(f"PDF report not made: {type(exc).__name__}: {_first_line(exc)}")
@@ -311,12 +215,17 @@ def _pdf_row(settings: Settings, snapshot: StudySnapshot, analysed: list[tuple[R
 
 
 def _analyse_and_write(settings: Settings, engine: AnalysisEngine, eyes: Mapping[Eye, EyeCandidates],
-                       pending: list[Eye], keys: Mapping[Eye, SRKey], notes: list[str]
-                       ) -> list[tuple[Report, list[Dataset], str]]:
+                       pending: list[Eye], keys: Mapping[Eye, SRKey], notes: list[str],
+                       instances: Mapping[str, InstanceRecord]
+                       ) -> list[tuple[Report, list[Dataset], str, ReportImages]]:
     """Analyse each pending eye, give each its disposition and the patient roll-up over them, and write
-    their SRs under sr/; returns (report, evidence headers, SR path); skips go to `notes`."""
+    their SRs under sr/; returns (report, evidence headers, SR path, images used); skips go to `notes`."""
     analysed = analyse_eyes(settings, engine, [eyes[eye] for eye in pending], notes)
     reports = dispositions.apply([report for report, _ in analysed], dispositions.load_table(settings.disposition_table))
     data_dir = Path(settings.data_dir)
-    return [(report, evidence, str(write_sr(data_dir, build_sr(report, evidence, keys[report.eye]))))
-            for report, (_, evidence) in zip(reports, analysed)]
+    written = []
+    for report, (_, evidence) in zip(reports, analysed):
+        pictures = eye_images(settings, instances, report)  # for the SR's point on the pit, and the PDF
+        sr = build_sr(report, evidence, keys[report.eye], oct_pit=pictures.oct_pit)
+        written.append((report, evidence, str(write_sr(data_dir, sr)), pictures))
+    return written

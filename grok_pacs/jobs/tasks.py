@@ -18,6 +18,7 @@ from celery import shared_task
 from grok_pacs.delivery import sender as delivery
 from grok_pacs.ops import metrics
 from grok_pacs.jobs import pipeline
+from grok_pacs.jobs.snapshot import StudyNotYetQueuedError, StudyOutcome, read_study
 from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, TASK_DELIVER_SR
 from grok_pacs.jobs.worker import ContextTask, WorkerContext
 from grok_pacs.store.index import StudyState
@@ -79,7 +80,7 @@ def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[st
     owner = str(self.request.id or f"analyze-{study_uid}-v{version}")
     received_at: float | None = None  # the study's last instance, for the latency metrics
     try:
-        snapshot = pipeline.read_study(ctx.index, ctx.settings, study_uid, version)
+        snapshot = read_study(ctx.index, ctx.settings, study_uid, version)
         received_at = snapshot.last_received_at
         metrics.job_started(received_at, ctx.settings.quiet_period)
         with metrics.time_stage("analysis"):
@@ -87,7 +88,7 @@ def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[st
                                         snapshot)
     except TRANSIENT_ANALYSIS_ERRORS:
         raise  # retried by Celery (autoretry_for), bounded, with backoff
-    except pipeline.StudyNotYetQueuedError as exc:
+    except StudyNotYetQueuedError as exc:
         if self.request.retries >= NOT_YET_QUEUED_RETRIES:
             log.warning("study %s v%d: %s; giving the job up", study_uid, version, exc)
             return {"study_uid": study_uid, "version": version, "outcome": "not-queued"}
@@ -97,7 +98,7 @@ def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[st
         return _fail_study(ctx, study_uid, version, exc)
     summary: dict[str, Any] = {"study_uid": study_uid, "version": version, "outcome": result.outcome.value,
                                "srs": {}}
-    if result.outcome is not pipeline.StudyOutcome.ANALYSED:
+    if result.outcome is not StudyOutcome.ANALYSED:
         return summary
     for entry in result.entries:  # SRs under "srs" by UID; the study's PDF report under "pdf"
         if entry.state is OutboxState.DELIVERED:

@@ -7,8 +7,8 @@ bundle version as the SRs), so a re-run rebuilds the same instance; it sits in i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Sequence
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian

@@ -10,10 +10,11 @@ ungradable eye, a narrative that failed validation, a missing modality) rather t
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Mapping
+from xml.sax.saxutils import escape
 
 import numpy as np
 import reportlab
@@ -25,7 +26,6 @@ from reportlab.lib.units import mm
 from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.platypus import Image, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
-from xml.sax.saxutils import escape
 
 from grok_pacs.analysis.result import Eye, Gradability, Report
 from grok_pacs.config import OPT
@@ -51,6 +51,7 @@ class ReportImages:
     cfp: np.ndarray | None = None  #: [H,W,3] or [H,W]
     oct_bscan: np.ndarray | None = None  #: [H,W], the B-scan used
     oct_frames: int | None = None  #: frames in the OCT volume, to say "frame 12 of 25"
+    oct_pit: tuple[float, float] | None = None  #: (column, row) of the foveal pit in the B-scan, when found
 
     def __post_init__(self) -> None:
         for name in ("cfp", "oct_bscan"):

@@ -36,8 +36,12 @@ NARRATIVE_WITHHELD = ("Findings text withheld: the model's generated narrative f
                       "and is not shown as findings (see the comment below).")
 POINT_STATEMENT = (
     "The point drawn on each image marks the image (for OCT, the B-scan) the measurements were read from; "
-    "it is placed at the image centre and is not a detected anatomical location."
+    "on the fundus photograph it is placed at the image centre and is not a detected anatomical location."
 )
+OCT_POINT = {
+    True: "On the OCT B-scan the point marks the foveal pit found in it.",
+    False: "On the OCT B-scan the point is the image centre (no foveal pit was found), not a detected location.",
+}
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 _TYPE2_PATIENT_STUDY = (
     "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
@@ -120,13 +124,17 @@ def _modality(src: SourceImage) -> Modality:
     return Modality.OCT if src.sop_class_uid == OPT else Modality.CFP
 
 
-def _point(src: SourceImage, header: Dataset) -> hd.sr.ImageRegion:
-    """A SCOORD POINT at the centre of the image (of the B-scan used, for OCT), SELECTED FROM it.
+def _point(src: SourceImage, header: Dataset, pit: tuple[float, float] | None) -> hd.sr.ImageRegion:
+    """A SCOORD POINT SELECTED FROM the image: on the OCT B-scan used, the foveal pit when one was found;
+    otherwise (and on the photograph) the image centre, an anchor rather than a detected structure.
 
     OHIF's SR viewport takes the image and the place to draw a group's labels only from such a SCOORD;
-    a group of NUMs without one leaves it black. The centre is an anchor, not a detected structure.
+    a group of NUMs without one leaves it black.
     """
-    centre = np.array([[float(header.Columns) / 2.0, float(header.Rows) / 2.0]])
+    if _modality(src) is Modality.OCT and pit is not None:
+        centre = np.array([[pit[0], pit[1]]])
+    else:
+        centre = np.array([[float(header.Columns) / 2.0, float(header.Rows) / 2.0]])
     return hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POINT, graphic_data=centre,
         source_image=hd.sr.SourceImageForRegion(src.sop_class_uid, src.sop_instance_uid,
@@ -154,7 +162,8 @@ def _conclusion(report: Report) -> str:
 
 
 def _eye_groups(report: Report, key: SRKey, headers: dict[str, Dataset],
-                algorithm: hd.sr.AlgorithmIdentification) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+                algorithm: hd.sr.AlgorithmIdentification, pit: tuple[float, float] | None
+                ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """TID 1410 groups, one per source image (OCT first): its point, finding site, its biomarkers.
 
     The first group also carries the coded diagnosis, and its tracking identifier names it, since that
@@ -173,7 +182,7 @@ def _eye_groups(report: Report, key: SRKey, headers: dict[str, Dataset],
         groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=derived_uid(*key._parts(), "group", src.sop_instance_uid), identifier=title),
-            referenced_region=_point(src, headers[src.sop_instance_uid]),
+            referenced_region=_point(src, headers[src.sop_instance_uid], pit),
             algorithm_id=algorithm,
             finding_sites=[hd.sr.FindingSite(_concept(codes.RETINA),
                                              _concept(codes.LATERALITY_CODES[key.eye.value]))],
@@ -188,8 +197,9 @@ def _notes(report: Report) -> list[str]:
     left_out = {q.modality for q in report.left_out}
     missing = [m for m in report.missing_modalities if m not in left_out]
     if missing:
-        notes.append(f"Not available for this eye: {', '.join(missing)}; "
-                     "the assessment used the remaining modality only.")
+        notes.append(f"Not available for this eye: {', '.join(missing)}"
+                     + ("; the assessment used the remaining modality only." if report.diagnosed
+                        or report.gradability is Gradability.GRADABLE else "."))
     if report.oct_frame_index is not None:
         notes.append(f"OCT B-scan used: frame {report.oct_frame_index + 1} ({report.oct_frame_method or 'unknown'} "
                      "selection).")
@@ -205,7 +215,17 @@ def _notes(report: Report) -> list[str]:
     return notes + safety.notes(report)
 
 
-def _text_container(report: Report) -> hd.sr.ContainerContentItem:
+def _check_pit(pit: tuple[float, float] | None, sources: Sequence[Dataset], key: SRKey) -> None:
+    if pit is None:
+        return
+    oct_header = next((ds for ds in sources if str(ds.SOPClassUID) == OPT), None)
+    if oct_header is None:
+        raise SRBuildError(f"{key}: a foveal pit was given but the report used no OCT")
+    if not (0 <= pit[0] <= float(oct_header.Columns) and 0 <= pit[1] <= float(oct_header.Rows)):
+        raise SRBuildError(f"{key}: foveal pit {pit} lies outside the {oct_header.Columns}x{oct_header.Rows} B-scan")
+
+
+def _text_container(report: Report, pit_found: bool = False) -> hd.sr.ContainerContentItem:
     """TID 1500 'Qualitative Evaluations' container: narrative, impression, AI statement as TEXT."""
     def text(code: codes.Code, value: str) -> hd.sr.TextContentItem:
         return hd.sr.TextContentItem(name=_concept(code), value=value,
@@ -219,6 +239,7 @@ def _text_container(report: Report) -> hd.sr.ContainerContentItem:
         text(codes.IMPRESSION, report.impression.strip() or f"{report.label.value}."),
         text(codes.COMMENT, AI_STATEMENT),
         text(codes.COMMENT, POINT_STATEMENT),
+        *([text(codes.COMMENT, OCT_POINT[pit_found])] if any(s.sop_class_uid == OPT for s in report.sources) else []),
         *(text(codes.COMMENT, note) for note in _notes(report)),
     ]
     patient = safety.patient_item(report)
@@ -265,9 +286,12 @@ def _equipment(report: Report) -> hd.ContributingEquipment:
     )
 
 
-def build_sr(report: Report, sources: Sequence[Dataset], key: SRKey) -> hd.sr.ComprehensiveSR:
-    """The SR of one eye: TID 1500 report, AI device observer, UNVERIFIED / PRELIMINARY."""
+def build_sr(report: Report, sources: Sequence[Dataset], key: SRKey, *,
+             oct_pit: tuple[float, float] | None = None) -> hd.sr.ComprehensiveSR:
+    """The SR of one eye: TID 1500 report, AI device observer, UNVERIFIED / PRELIMINARY. `oct_pit` is the
+    (column, row) of the foveal pit in the OCT B-scan used, where the OCT group's point goes."""
     validate(report, sources, key)
+    _check_pit(oct_pit, sources, key)
     algorithm = hd.sr.AlgorithmIdentification(name=f"GROK {report.bundle_name}", version=report.bundle_version,
                                               manufacturer=MANUFACTURER)
     observer = hd.sr.ObserverContext(
@@ -282,9 +306,10 @@ def build_sr(report: Report, sources: Sequence[Dataset], key: SRKey) -> hd.sr.Co
     content = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_concept(codes.IMAGING_PROCEDURE),
-        imaging_measurements=_eye_groups(report, key, {str(ds.SOPInstanceUID): ds for ds in sources}, algorithm),
+        imaging_measurements=_eye_groups(report, key, {str(ds.SOPInstanceUID): ds for ds in sources}, algorithm,
+                                         oct_pit),
     )
-    content[0].ContentSequence.append(_text_container(report))
+    content[0].ContentSequence.append(_text_container(report, oct_pit is not None))
     _separate_containers(content[0])
     sr = hd.sr.ComprehensiveSR(
         evidence=_evidence(sources),

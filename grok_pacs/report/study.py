@@ -26,7 +26,7 @@ class StudyHeader:
             raise ValueError("StudyHeader: study_uid is required")
 
     @classmethod
-    def from_dataset(cls, ds: Dataset, *, software: str, made_at: str) -> "StudyHeader":
+    def from_dataset(cls, ds: Dataset, *, software: str, made_at: str) -> StudyHeader:
         def text(name: str) -> str:
             return str(ds.get(name) or "").strip()
         name = text("PatientName").replace("^", " ").strip()

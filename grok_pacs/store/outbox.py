@@ -165,7 +165,7 @@ class Outbox:
         """
         return self.put_many([OutboxRow(sr_uid, study_uid, study_version, bundle_version, eye, path, note, kind)])[0]
 
-    def put_many(self, rows: list["OutboxRow"]) -> list[OutboxEntry]:
+    def put_many(self, rows: list[OutboxRow]) -> list[OutboxEntry]:
         """`put` for several results in ONE transaction: a study run's SRs and PDF appear together or not
         at all, so a crash never leaves some of them queued and the others unmade."""
         now = time.time()

@@ -1,0 +1,76 @@
+"""A real viewer in a real browser for tests: OHIF (npm `@ohif/app`, served by devtools/ohif_server.py in
+front of Orthanc's DICOMweb) in Debian's chromium, headless, driven by Playwright for Python.
+
+Nothing downloads a browser: Playwright is pointed at /usr/bin/chromium (never `playwright install`).
+Every missing piece (chromium, the OHIF build, Playwright) fails the test with what to install.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import require_tool
+from devtools.ohif_server import OHIF_DIST, OhifServer
+from devtools.ports import free_port
+
+# Headless chromium as root needs --no-sandbox; WebGL without a GPU needs SwiftShader through ANGLE; the
+# rest keeps the browser from calling home (component updates, sync, background networking).
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--use-gl=angle", "--use-angle=swiftshader",
+                  "--enable-unsafe-swiftshader", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+# OHIF's first-run tour overlay swallows clicks; marking it shown before the app starts skips it.
+SKIP_TOUR = "window.localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));"
+SCREENSHOT_DIR_ENV = "VIEWER_SCREENSHOT_DIR"  # set (e.g. docs/images) to keep a copy of the screenshots
+TIMEOUT_MS = 90_000  # the first WebGL render on SwiftShader on a busy 2-core box takes seconds
+
+
+def ohif_server(orthanc_url: str, log_path: Path) -> OhifServer:
+    """The OHIF viewer in front of Orthanc; fails when the OHIF build is missing."""
+    if not (OHIF_DIST / "index.html").is_file():
+        pytest.fail(f"no OHIF build at {OHIF_DIST}: run scripts/fetch-ohif.sh (part of `make setup`)")
+    return OhifServer(orthanc_url, free_port(), log_path=log_path).start()
+
+
+class Browser:
+    """Debian's chromium under Playwright with a fresh profile; `page` is the one tab tests drive."""
+
+    def __init__(self, profile_dir: Path) -> None:
+        executable = require_tool("chromium")
+        from playwright.sync_api import sync_playwright  # the [test] extra; ImportError fails the test
+
+        self._playwright = sync_playwright().start()
+        self.context = self._playwright.chromium.launch_persistent_context(
+            str(profile_dir), executable_path=executable, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1600, "height": 1000})
+        self.context.set_default_timeout(TIMEOUT_MS)
+        self.context.add_init_script(SKIP_TOUR)
+        self.console: list[str] = []
+        self.page = self.context.new_page()
+        self.page.on("console", lambda msg: self.console.append(f"{msg.type}: {msg.text}"))
+        self.page.on("pageerror", lambda err: self.console.append(f"pageerror: {err}"))
+
+    def close(self) -> None:
+        self.context.close()
+        self._playwright.stop()
+
+    def screenshot(self, path: Path) -> Path:
+        """Save the whole tab to `path`, and a copy under $VIEWER_SCREENSHOT_DIR when it is set."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(path))
+        keep = os.environ.get(SCREENSHOT_DIR_ENV)
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, Path(keep) / path.name)
+        return path
+
+
+def pixels(png: bytes) -> np.ndarray:
+    """An element screenshot as an RGB array."""
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
