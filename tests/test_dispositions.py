@@ -129,3 +129,13 @@ def test_sr_codes_eye_and_patient_dispositions(tmp_path, study):
                                "Gradable", "Systemic findings (once per patient): Diabetes")
         assert "NHS Diabetic Eye Screening Programme" in text
     assert reports[0].gradability is Gradability.GRADABLE
+
+
+def test_a_broken_site_table_stops_the_worker_at_start(tmp_path):
+    from grok_pacs.config import SettingsError, load_settings
+    from grok_pacs.jobs.worker import WorkerContext
+
+    path = tmp_path / "table.toml"
+    path.write_text('[[rule]]\nrule = "x"\naction = "referral"\ntext = "t"\nsource = "s"\nlabel = "Flu"\n')
+    with pytest.raises(SettingsError, match="disposition_table: .*label 'Flu'"):
+        WorkerContext(load_settings(data_dir=tmp_path / "data", disposition_table=path))

@@ -154,6 +154,19 @@ def test_oct_blank_tiny_zero_16bit_and_low_signal():
     assert "low-signal" in codes_of(assess_oct(faint, LIMITS))
 
 
+def test_gate_verdicts_are_counted_in_metrics():
+    from grok_pacs.ops.metrics import REGISTRY
+
+    def count(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+    ds = make_cfp(Patient(), "R")
+    before = (count("grok_pacs_gate_verdicts_total", modality="CFP", gradability="ungradable"),
+              count("grok_pacs_gate_reasons_total", reason="undecodable"))
+    judge("CFP", ds, None, "broken", ds.SOPInstanceUID, LIMITS)
+    assert count("grok_pacs_gate_verdicts_total", modality="CFP", gradability="ungradable") == before[0] + 1
+    assert count("grok_pacs_gate_reasons_total", reason="undecodable") == before[1] + 1
+
+
 def test_header_out_of_scope_wrong_modality_laterality_photometric():
     ds = make_cfp(Patient(), "R")
     ds.Modality, ds.ImageLaterality = "OPT", "B"

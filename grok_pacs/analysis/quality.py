@@ -27,6 +27,7 @@ from grok_pacs.analysis.result import (QUALITY_REASONS as REASONS, Eye, Gradabil
                                        Report, SourceImage)
 from grok_pacs.config import LEGACY_SOP_CLASSES, OP_8BIT, OP_16BIT, OPT, Settings
 from grok_pacs.domain.labels import Label
+from grok_pacs.ops import metrics
 
 _OUT_OF_SCOPE = {"sop-class-modality", "laterality", "photometric", "bit-depth"}
 _MODALITY_OF_CLASS = {OP_8BIT: ("OP",), OP_16BIT: ("OP",), OPT: ("OPT",)}
@@ -115,9 +116,11 @@ def judge(modality: str, header: Dataset, pixels: np.ndarray | None, error: str 
           limits: QualityThresholds) -> ModalityQuality:
     """The gate's verdict on one instance: undecodable when `pixels` is None (with `error`), else assessed."""
     if pixels is None:
-        return undecodable(modality, error or "no pixel data", sop_uid)
-    assess = assess_cfp if modality == "CFP" else assess_oct
-    return assess(pixels, limits, header, sop_uid)
+        verdict = undecodable(modality, error or "no pixel data", sop_uid)
+    else:
+        verdict = (assess_cfp if modality == "CFP" else assess_oct)(pixels, limits, header, sop_uid)
+    metrics.gate_judged(modality, verdict.gradability.value, [r.code for r in verdict.reasons])
+    return verdict
 
 
 def ungradable_report(eye: Eye, verdicts: Sequence[ModalityQuality], sources: Sequence[SourceImage],

@@ -27,6 +27,7 @@ from grok_pacs.config import Settings, SettingsError
 from grok_pacs.delivery.sender import claim_lease_s
 from grok_pacs.jobs.app import TASK_DELIVER_SR, TASK_MODULES, create_app
 from grok_pacs.ops import health, metrics, observability
+from grok_pacs.report import dispositions
 from grok_pacs.store.index import StudyIndex
 from grok_pacs.store.outbox import Outbox
 
@@ -43,6 +44,10 @@ class WorkerContext:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        try:  # a broken site disposition table stops the worker at start, not every study later
+            dispositions.load_table(settings.disposition_table)
+        except dispositions.DispositionTableError as exc:
+            raise SettingsError(f"disposition_table: {exc}") from exc
         self.index = StudyIndex(settings.index_path)
         self.outbox = Outbox(settings.index_path)
         self._engine: Engine | None = None

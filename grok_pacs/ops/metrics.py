@@ -102,6 +102,18 @@ NARRATIVE_FAILURES = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+GATE_VERDICTS = Counter(
+    "grok_pacs_gate_verdicts",
+    "Images judged by the gradability gate (grok_pacs.analysis.quality), by modality and outcome",
+    ["modality", "gradability"],
+    registry=REGISTRY,
+)
+GATE_REASONS = Counter(
+    "grok_pacs_gate_reasons",
+    "Reasons the gate gave for images it did not pass (one image may have several)",
+    ["reason"],
+    registry=REGISTRY,
+)
 BUNDLE_INFO = Info(
     "grok_pacs_bundle",
     "The model bundle this process has loaded",
@@ -187,6 +199,13 @@ def narrative_reasons(reasons: Iterable[str]) -> None:
     """Start every reason's failure series at 0 (the analysis layer owns the reason codes)."""
     for reason in reasons:
         NARRATIVE_FAILURES.labels(reason=reason)
+
+
+def gate_judged(modality: str, gradability: str, reasons: Iterable[str] = ()) -> None:
+    """Count one gate verdict (the real-world ungradable rate is a quality figure a site watches)."""
+    GATE_VERDICTS.labels(modality=modality, gradability=gradability).inc()
+    for reason in dict.fromkeys(reasons):
+        GATE_REASONS.labels(reason=reason).inc()
 
 
 def narrative_validated(passed: bool, reasons: Iterable[str] = ()) -> None:
