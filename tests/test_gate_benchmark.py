@@ -42,3 +42,23 @@ def test_gate_separates_degraded_phantom_eyes():
     assert result["degraded_eyes_with_a_diagnosis"] == 0
     for modality in ("CFP", "OCT"):
         assert result[modality]["auroc"] >= 0.95 and result[modality]["gate_specificity"] == 1.0
+
+
+def test_referral_and_calibration_figures_for_the_phantom_benchmark():
+    from grok_pacs.report import dispositions
+    from ophthalmic_dicom import Patient, hand_built_report, make_cfp, make_oct
+    from test_calibration import overconfident
+    from training.benchmark.gate import calibration_figures, referral_figures
+
+    patient = Patient()
+    eyes = [make_cfp(patient, "R"), make_oct(patient, "R")]
+    served = [hand_built_report("R", eyes, label=label) for label in ("Normal", "Glaucoma", "Normal", "Diabetes")]
+    served = dispositions.apply(served[:2]) + dispositions.apply(served[2:])
+    base = {b.key: b.value for b in served[0].biomarkers}
+    truth = ["Normal", "Glaucoma", "DiabeticRetinopathy", "Diabetes"]
+    figures = referral_figures(served, truth, [base] * 4)
+    assert figures["sensitivity"] == 0.5 and figures["specificity"] == 1.0  # the DR eye was called Normal
+    assert figures["ungradable_with_diagnosis"] == 0
+    scores, labels = overconfident(n=4000)
+    out = calibration_figures(scores[:2000], labels[:2000], scores[2000:], labels[2000:])
+    assert out["ece_after"] < 0.05 < out["ece_before"]

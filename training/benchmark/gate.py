@@ -129,3 +129,47 @@ def gate_benchmark(eyes: Sequence[tuple[np.ndarray, np.ndarray]], seed: int = 0,
                          "gate_specificity": float(np.mean([r[3] for r in items if not r[1]])),
                          "flagged_ungradable_by_kind": {k: f"{v[0]}/{v[1]}" for k, v in per_kind.items()}}
     return out
+
+
+# --- wiring for bench/phantom.py (held-out eyes through the runtime) ----------------------------------
+def truth_dispositions(reports: Sequence, truth_labels: Sequence[str], truth_biomarkers: Sequence[dict]) -> list:
+    """The disposition each eye should get: the runtime's table applied to its true label and biomarkers."""
+    import dataclasses
+
+    from grok_pacs.analysis.result import BiomarkerEstimate
+    from grok_pacs.domain.biomarkers import BY_KEY
+    from grok_pacs.domain.labels import Label
+    from grok_pacs.report.dispositions import for_eye
+
+    out = []
+    for report, label, values in zip(reports, truth_labels, truth_biomarkers, strict=True):
+        markers = tuple(BiomarkerEstimate(k, float(v), BY_KEY[k].unit) for k, v in values.items() if v == v)
+        truth = dataclasses.replace(report, label=Label(label), biomarkers=markers,
+                                    gradability=Gradability.GRADABLE, narrative="", quality=())
+        out.append(for_eye(truth))
+    return out
+
+
+def referral_figures(reports: Sequence, truth_labels: Sequence[str], truth_biomarkers: Sequence[dict]) -> dict:
+    """Referral sensitivity/specificity of the served reports' dispositions against the truth's, plus the
+    number of not-gradable eyes that carry a diagnosis (must be 0)."""
+    from grok_pacs.report.dispositions import for_eye
+
+    predicted = [(r.disposition or for_eye(r)).action for r in reports]
+    truth = [d.action in REFER_ACTIONS for d in truth_dispositions(reports, truth_labels, truth_biomarkers)]
+    figures = referral_metrics(predicted, truth)
+    figures["ungradable_with_diagnosis"] = sum(
+        1 for r in reports if r.gradability is not Gradability.GRADABLE and r.diagnosed)
+    return figures
+
+
+def calibration_figures(val_scores: Sequence[dict], val_labels: Sequence[str], test_scores: Sequence[dict],
+                        test_labels: Sequence[str]) -> dict:
+    """Temperature fitted on the validation eyes; ECE of the held-out eyes before and after it."""
+    from training.calibration import expected_calibration_error, fit_temperature
+    from grok_pacs.analysis.calibration import Calibration
+
+    cal = Calibration(temperature=fit_temperature(val_scores, val_labels))
+    return {"temperature": cal.temperature, "n_val": len(val_labels), "n_test": len(test_labels),
+            "ece_before": expected_calibration_error(test_scores, test_labels),
+            "ece_after": expected_calibration_error([cal.apply(s) for s in test_scores], test_labels)}
