@@ -197,3 +197,13 @@ def test_every_library_the_runtime_imports_is_a_runtime_dependency():
     missing = sorted(name for name in third_party
                      if not {_distribution_name(dist) for dist in providers.get(name, [])} & runtime)
     assert missing == [], "imported by grok_pacs but only installed through an extra (or not at all)"
+
+
+def test_every_module_is_named_in_its_rooms_docstring():
+    """A newcomer finds the room of a change from the tree: each room's docstring names all its modules."""
+    unnamed = []
+    for package in sorted(p for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()):
+        doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
+        unnamed += [f"{package.name}/{m.name}" for m in sorted(package.glob("*.py"))
+                    if m.stem not in ("__init__", "__main__") and f"`{m.stem}`" not in doc]
+    assert unnamed == [], "add each module, with what it owns, to its package's __init__ docstring"

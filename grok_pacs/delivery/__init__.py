@@ -1,4 +1,5 @@
-"""Deliver: write an SR to disk and send it to the PACS exactly once through the outbox.
+"""Deliver (`sender`): write an SR or PDF to disk, send it to the PACS exactly once through the outbox,
+and set the study state its outbox rows imply.
 
 May import: `grok_pacs.config`, `grok_pacs.domain`, `grok_pacs.dicom`, `grok_pacs.store`, `grok_pacs.ops`.
 """
