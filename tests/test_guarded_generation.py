@@ -10,18 +10,18 @@ import dataclasses
 import pydicom
 import pytest
 import torch
+from helpers.eye_dicom import oct_volume, write_jpeg_cfp, write_oct
+from ophthalmic_dicom import Patient
+from srcheck import assert_valid_sr
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from devtools.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle
 from grok_pacs.analysis.decoding import Decoder, DiagnosisStop, NumberGuard, malformed_number
 from grok_pacs.analysis.engine import Engine, EyeInput
 from grok_pacs.analysis.result import REASON_TEXT, Eye, SourceImage
 from grok_pacs.domain.labels import Label
 from grok_pacs.ops.metrics import REGISTRY
 from grok_pacs.report.sr import NARRATIVE_WITHHELD, SRKey, build_sr
-from helpers.eye_dicom import oct_volume, write_jpeg_cfp, write_oct
-from devtools.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle
-from ophthalmic_dicom import Patient
-from srcheck import assert_valid_sr
 
 torch.set_num_threads(1)
 

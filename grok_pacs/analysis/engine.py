@@ -166,12 +166,8 @@ class Engine:
         t = time.perf_counter()
         raws = self.decoder.generate(ids, cfp, oct, gen) if eyes else []
         shared = {"generate": time.perf_counter() - t}
-        checks = [validate_narrative(raw, estimates) for raw, (_, estimates, *_) in zip(raws, encoded)]
-        for item, check in zip(eyes, checks):
-            metrics.narrative_validated(check.passed, [reason.value for reason in check.reasons])
-            if not check.passed:
-                log.warning("eye %s: narrative withheld, it failed validation: %s", item.eye.value,
-                            ", ".join(reason.value for reason in check.reasons))  # codes only: no report text in logs
+        checks = [self._validate(item.eye, raw, estimates)
+                  for item, raw, (_, estimates, *_) in zip(eyes, raws, encoded)]
         scores: list[dict[str, float]] = [{} for _ in eyes]
         if gen.score_labels and eyes:
             t = time.perf_counter()
@@ -184,6 +180,17 @@ class Engine:
             timing.update(shared)
             timing["total"] = batch_s + timing.get("read", 0.0)
         return [self._report(*args) for args in zip(eyes, encoded, missing, raws, checks, scores, timings)]
+
+    @staticmethod
+    def _validate(eye: Eye, raw: str, estimates: dict[str, float]) -> NarrativeCheck:
+        """Validate one generation and count the outcome in /metrics; a failure is logged by reason code
+        only (no report text in logs)."""
+        check = validate_narrative(raw, estimates)
+        metrics.narrative_validated(check.passed, [reason.value for reason in check.reasons])
+        if not check.passed:
+            log.warning("eye %s: narrative withheld, it failed validation: %s", eye.value,
+                        ", ".join(reason.value for reason in check.reasons))
+        return check
 
     def prompt_estimates(self, estimates: dict[str, float]) -> dict[str, float] | None:
         """The estimates the prompt carries (None when the bundle's stage 3 was trained without them)."""
