@@ -32,6 +32,7 @@ import torch
 from grok_pacs.domain.biomarkers import BY_KEY, Modality
 from grok_pacs.analysis.bundle import Bundle, load_bundle
 from grok_pacs.analysis.calibration import load_calibration
+from grok_pacs.analysis.quality_head import load_quality_head
 from grok_pacs.analysis.grounding import ground_cited_numbers
 from grok_pacs.config import OPT
 from grok_pacs.analysis.imaging import EyeImages, read_cfp, read_oct_volume
@@ -95,6 +96,7 @@ class Engine:
 
         self.bundle = bundle
         self.calibration = load_calibration(bundle.root, bundle.manifest)  # None: scores stay uncalibrated
+        self.quality_head = load_quality_head(bundle.root, bundle.manifest)  # None: the rule-based gate only
         self._min_label_probability = min_label_probability  # site setting; None: the bundle's
         self.device = resolve_device(device)
         self.config = bundle.config
@@ -230,6 +232,18 @@ class Engine:
             operating_point=self.operating_point)
 
     # --- steps ---------------------------------------------------------------------------------------
+    def pooled_feature(self, modality: str, pixels: np.ndarray) -> np.ndarray:
+        """The encoder's pooled feature [D] of a CFP (uint8 RGB) or an OCT volume (its foveal B-scan)."""
+        if modality == "CFP":
+            return run_encoder(self.cfp_session, preprocess_cfp(pixels)[None])[1][0]
+        frame, _ = select_foveal_bscan(pixels)
+        return run_encoder(self.oct_session, preprocess_oct(pixels[frame])[None])[1][0]
+
+    def learned_ungradability(self, modality: str, pixels: np.ndarray) -> float | None:
+        """P(ungradable) from the bundle's learned quality head (an extra encoder pass); None without one."""
+        model = self.quality_head.models.get(modality) if self.quality_head is not None else None
+        return None if model is None else model.probability(self.pooled_feature(modality, pixels))
+
     def _encode(self, cfp_image: np.ndarray | None, oct_volume: np.ndarray | None, timings: dict[str, float]):
         tokens: dict[str, np.ndarray | None] = {"cfp": None, "oct": None}
         estimates: dict[str, float] = {}
