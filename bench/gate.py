@@ -15,25 +15,9 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
-from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
-from training.benchmark.gate import gate_benchmark
-from training.phantom.cfp_render import render_cfp
-from training.phantom.oct_render import render_volume
-from training.phantom.sampling import sample_subject
+from training.benchmark.gate import gate_benchmark, phantom_eyes
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gate.json"
-
-
-def phantom_eyes(n_eyes: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    eyes = []
-    for i in range((n_eyes + 1) // 2):
-        truth = sample_subject(f"GATE{i}", DIAGNOSTIC_LABELS[i % len(DIAGNOSTIC_LABELS)], np.random.default_rng([seed, i]))
-        for k, eye in enumerate(truth.eyes):
-            eyes.append((render_cfp(eye.cfp, eye.eye, np.random.default_rng([seed, i, k, 1])).rgb,
-                         render_volume(eye, np.random.default_rng([seed, i, k, 2]))))
-    return eyes[:n_eyes]
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ tiny test bundle (always) and any `--bundle DIR` (e.g. the phantom pipeline's). 
 bench/results/generate_two_eye.json with, per bundle, medians and two_eye_over_one_eye for generation
 (generate + label scoring) and for the whole analysis (encoders run once per image, so they scale).
 
-  python bench/generate.py --two-eye [--bundle DIR ...]
+  python bench/generate.py --two-eye [--bundle DIR ...] [--shapes smollm2-135m --prompt-tokens 700 --new-tokens 256]
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
     "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                  intermediate_size=4864, vocab_size=151936),
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         intermediate_size=1536, vocab_size=49152),
     "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                intermediate_size=18944, vocab_size=152064),
 }
@@ -118,24 +120,59 @@ def two_eye(bundle: Path, repeats: int, threads: int) -> dict:
             "runs": runs}
 
 
+def shapes_two_eye(preset: str, prefix: int, new_tokens: int, repeats: int, device: str) -> dict:
+    """Decode `new_tokens` after `prefix` input embeddings (the spliced prompt), one row vs two rows (the
+    second 40 shorter, left-padded), at a preset's shapes with random weights (speed does not depend on
+    them); no-repeat-12-gram on, as in the runtime. What batching buys once decode dominates."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    llm = Qwen2ForCausalLM(Qwen2Config(**PRESETS[preset], max_position_embeddings=4096,
+                                       tie_word_embeddings=preset != "7b")).to(device).eval()
+    embeds = torch.randn(2, prefix, PRESETS[preset]["hidden_size"], device=device) * 0.02
+    mask = torch.ones(2, prefix, dtype=torch.long, device=device)
+    mask[1, :40] = 0  # the other eye's prompt is shorter: left padding
+
+    def seconds(rows: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = llm.generate(inputs_embeds=embeds[:rows], attention_mask=mask[:rows], max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False, no_repeat_ngram_size=12, pad_token_id=0)
+        assert out.shape == (rows, new_tokens)
+        return time.perf_counter() - start
+
+    seconds(1), seconds(2)  # warm-up
+    runs = {"one_eye": [], "two_eyes_batched": []}
+    for _ in tqdm(range(repeats), desc=f"two-eye {preset} shapes", unit="round"):
+        runs["one_eye"].append(seconds(1))
+        runs["two_eyes_batched"].append(seconds(2))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {"preset": preset, "shapes": PRESETS[preset], "prefix_embeddings": prefix, "new_tokens": new_tokens,
+            "medians_s": med, "generation_two_eye_over_one_eye": med["two_eyes_batched"] / med["one_eye"],
+            "fastest_generation_two_eye_over_one_eye": min(runs["two_eyes_batched"]) / min(runs["one_eye"]),
+            "seconds": runs}
+
+
 def main_two_eye(args: argparse.Namespace, threads: int) -> int:
     sys.path.insert(0, str(ROOT))  # devtools/ (not installed): the tiny bundle and synthetic pixels
     from devtools.bundle_cache import CACHE_ROOT, cached_tiny_bundle
 
     bundles = [cached_tiny_bundle(CACHE_ROOT), *args.bundle]
     results = [two_eye(Path(b), args.repeats, threads) for b in bundles]
+    shapes = [shapes_two_eye(p, args.prompt_tokens, args.new_tokens, args.repeats, args.device) for p in args.shapes]
     out = args.out if args.out != DEFAULT_OUT else ROOT / "bench" / "results" / "generate_two_eye.json"
     result = {"what": "a study's two eyes in one batched generation + label scoring vs one eye (runtime engine, "
                       "greedy, guards on); generation = generate + label scoring, analysis = the whole engine call",
               "device": "cpu", "threads": threads, "repeats": args.repeats, "load_average_at_end": os.getloadavg()[0],
-              "bundles": results}
+              "bundles": results, "shapes": shapes}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({r["bundle"]: {k: round(r[k], 3) for k in ("generation_two_eye_over_one_eye",
                                                                "fastest_generation_two_eye_over_one_eye",
                                                                "analysis_two_eye_over_one_eye",
                                                                "sequential_generation_over_one_eye")}
-                      for r in results}))
+                      for r in results} | {f"{r['preset']} shapes": round(r["generation_two_eye_over_one_eye"], 3)
+                                          for r in shapes}))
     return 0
 
 
@@ -155,6 +192,9 @@ def main() -> int:
     parser.add_argument("--two-eye", action="store_true", help="two eyes batched vs one eye through the engine")
     parser.add_argument("--bundle", type=Path, action="append", default=[],
                         help="--two-eye: a bundle to measure besides the tiny test bundle (repeatable)")
+    parser.add_argument("--shapes", action="append", default=[], choices=sorted(PRESETS),
+                        help="--two-eye: also decode --new-tokens after --prompt-tokens embeddings at these shapes "
+                             "(random weights), one row vs two")
     args = parser.parse_args()
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)

@@ -32,11 +32,7 @@ def test_referral_metrics_count_retake_as_refer():
 
 
 def test_gate_separates_degraded_phantom_eyes():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from gate import phantom_eyes
+    from training.benchmark.gate import phantom_eyes
 
     result = gate_benchmark(phantom_eyes(6, seed=1), seed=1)
     assert result["degraded_eyes_with_a_diagnosis"] == 0

@@ -304,3 +304,14 @@ def test_both_eyes_of_a_study_share_one_batched_generation(ctx, pacs, monkeypatc
     study_uid = _ingest(ctx, [make_cfp(patient, "R"), make_oct(patient, "R"), make_cfp(patient, "L")])
     assert analyze_study(study_uid=study_uid, version=1)["outcome"] == "analysed"
     assert calls == [["R", "L"]] and set(_sr_by_eye(pacs)) == {"R", "L"}
+
+
+def test_pdf_report_setting_off_sends_the_srs_only(ctx, pacs):
+    ctx.settings = ctx.settings.model_copy(update={"pdf_report": False})
+    patient = Patient()
+    study_uid = _ingest(ctx, [make_cfp(patient, "R"), make_oct(patient, "R")])
+    summary = analyze_study(study_uid=study_uid, version=1)
+    assert list(summary["srs"].values()) == ["delivered"] and "pdf" not in summary
+    assert len(pacs.received_srs()) == 1 and pacs.received_pdfs() == []
+    assert [e.kind for e in ctx.outbox.for_study(study_uid)] == [ResultKind.SR]
+    assert "1 SR(s) delivered" in ctx.index.study(study_uid).detail

@@ -1,7 +1,8 @@
 """Analyse: one eye's images in, one `result.Report` out.
 
 Owns the model bundle (`bundle`), pixel reading (`imaging`), preprocessing shared with training
-(`preprocess`), the gradability gate every image passes before any diagnosis (`quality`), the ONNX encoder
+(`preprocess`), the gradability gate every image passes before any diagnosis (`quality`; its optional
+learned head on encoder features, `quality_head`), the ONNX encoder
 sessions (`onnx_session`), the engine that runs encoders, heads and the language model (`engine`), guarded
 batched generation and label scoring (`decoding`), the validator every generation passes (`validation`),
 parsing the generated text (`parsing`), tying its numbers to the estimates (`grounding`) and calibrated

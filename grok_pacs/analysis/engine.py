@@ -15,6 +15,10 @@ reaches the operating point (`min_label_probability`, a site setting over the bu
 Indeterminate. A generation that failed
 validation is never shipped as the model's findings: the Report's narrative is empty, its impression
 states the label only, `narrative_check` says why, and `raw_text` keeps the words for audit.
+
+The gradability gate (grok_pacs.analysis.quality) runs before the engine, in the per-study pipeline
+(grok_pacs.jobs.pipeline): only gradable images reach `analyze_batch` there. Direct engine calls
+(training evaluation, benchmarks on phantom eyes) are not gated.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch
 from grok_pacs.domain.biomarkers import BY_KEY, Modality
 from grok_pacs.analysis.bundle import Bundle, load_bundle
 from grok_pacs.analysis.calibration import load_calibration
+from grok_pacs.analysis.quality_head import load_quality_head
 from grok_pacs.analysis.grounding import ground_cited_numbers
 from grok_pacs.config import OPT
 from grok_pacs.analysis.imaging import EyeImages, read_cfp, read_oct_volume
@@ -95,6 +100,7 @@ class Engine:
 
         self.bundle = bundle
         self.calibration = load_calibration(bundle.root, bundle.manifest)  # None: scores stay uncalibrated
+        self.quality_head = load_quality_head(bundle.root, bundle.manifest)  # None: the rule-based gate only
         self._min_label_probability = min_label_probability  # site setting; None: the bundle's
         self.device = resolve_device(device)
         self.config = bundle.config
@@ -165,12 +171,8 @@ class Engine:
         t = time.perf_counter()
         raws = self.decoder.generate(ids, cfp, oct, gen) if eyes else []
         shared = {"generate": time.perf_counter() - t}
-        checks = [validate_narrative(raw, estimates) for raw, (_, estimates, *_) in zip(raws, encoded)]
-        for item, check in zip(eyes, checks):
-            metrics.narrative_validated(check.passed, [reason.value for reason in check.reasons])
-            if not check.passed:
-                log.warning("eye %s: narrative withheld, it failed validation: %s", item.eye.value,
-                            ", ".join(reason.value for reason in check.reasons))  # codes only: no report text in logs
+        checks = [self._validate(item.eye, raw, estimates)
+                  for item, raw, (_, estimates, *_) in zip(eyes, raws, encoded)]
         scores: list[dict[str, float]] = [{} for _ in eyes]
         if gen.score_labels and eyes:
             t = time.perf_counter()
@@ -183,6 +185,17 @@ class Engine:
             timing.update(shared)
             timing["total"] = batch_s + timing.get("read", 0.0)
         return [self._report(*args) for args in zip(eyes, encoded, missing, raws, checks, scores, timings)]
+
+    @staticmethod
+    def _validate(eye: Eye, raw: str, estimates: dict[str, float]) -> NarrativeCheck:
+        """Validate one generation and count the outcome in /metrics; a failure is logged by reason code
+        only (no report text in logs)."""
+        check = validate_narrative(raw, estimates)
+        metrics.narrative_validated(check.passed, [reason.value for reason in check.reasons])
+        if not check.passed:
+            log.warning("eye %s: narrative withheld, it failed validation: %s", eye.value,
+                        ", ".join(reason.value for reason in check.reasons))
+        return check
 
     def prompt_estimates(self, estimates: dict[str, float]) -> dict[str, float] | None:
         """The estimates the prompt carries (None when the bundle's stage 3 was trained without them)."""
@@ -224,6 +237,18 @@ class Engine:
             operating_point=self.operating_point)
 
     # --- steps ---------------------------------------------------------------------------------------
+    def pooled_feature(self, modality: str, pixels: np.ndarray) -> np.ndarray:
+        """The encoder's pooled feature [D] of a CFP (uint8 RGB) or an OCT volume (its foveal B-scan)."""
+        if modality == "CFP":
+            return run_encoder(self.cfp_session, preprocess_cfp(pixels)[None])[1][0]
+        frame, _ = select_foveal_bscan(pixels)
+        return run_encoder(self.oct_session, preprocess_oct(pixels[frame])[None])[1][0]
+
+    def learned_ungradability(self, modality: str, pixels: np.ndarray) -> float | None:
+        """P(ungradable) from the bundle's learned quality head (an extra encoder pass); None without one."""
+        model = self.quality_head.models.get(modality) if self.quality_head is not None else None
+        return None if model is None else model.probability(self.pooled_feature(modality, pixels))
+
     def _encode(self, cfp_image: np.ndarray | None, oct_volume: np.ndarray | None, timings: dict[str, float]):
         tokens: dict[str, np.ndarray | None] = {"cfp": None, "oct": None}
         estimates: dict[str, float] = {}

@@ -265,3 +265,15 @@ def quality_margin(verdict: ModalityQuality, limits: QualityThresholds) -> float
     if verdict.modality == "OCT" and m.get("central_blank"):
         margins.append(-1.0)
     return float(min(margins))
+
+
+def with_learned(verdict: ModalityQuality, probability: float | None, threshold: float) -> ModalityQuality:
+    """A gradable verdict made ungradable when the learned head's P(ungradable) reaches `threshold`."""
+    if probability is None or verdict.gradability is not Gradability.GRADABLE:
+        return verdict
+    measures = {**verdict.measures, "learned_ungradable": float(probability)}
+    if probability < threshold:
+        return ModalityQuality(verdict.modality, verdict.gradability, verdict.reasons, measures, verdict.sop_instance_uid)
+    reason = _reason("learned-quality", f"P(ungradable) {probability:.2f} >= {threshold:.2f}")
+    metrics.gate_judged(verdict.modality, Gradability.UNGRADABLE.value, [reason.code])
+    return ModalityQuality(verdict.modality, Gradability.UNGRADABLE, (reason,), measures, verdict.sop_instance_uid)

@@ -70,6 +70,7 @@ QUALITY_REASONS: dict[str, str] = {
     "blank-frames": "Blank OCT frames",
     "saturated-frames": "Saturated OCT frames",
     "low-signal": "OCT signal strength too low",
+    "learned-quality": "Learned quality model: image likely ungradable",
 }
 
 @dataclass(frozen=True)
@@ -217,7 +218,7 @@ class Report:
     patient_disposition: Disposition | None = None  #: roll-up over the patient's eyes in this study
     probabilities_calibrated: bool = False  #: label_scores were temperature-calibrated (bundle calibration)
     operating_point: float | None = None  #: the Indeterminate threshold: a scored label below it is not used
-    narrative_check: NarrativeCheck | None = None  #: the validator on raw_text; failed -> narrative withheld (""); None: not run
+    narrative_check: NarrativeCheck | None = None  #: validator on raw_text; failed: narrative "" (withheld)
 
     @property
     def narrative_withheld(self) -> bool:

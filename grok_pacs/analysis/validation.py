@@ -25,8 +25,8 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from grok_pacs.analysis.grounding import find_citations, in_biomarker_unit
 from grok_pacs.analysis.parsing import parse_generation
@@ -50,7 +50,7 @@ class ValidationLimits:
     short_phrase_max: int = 5  # ... may occur at most this often
     long_phrase_words: int = 8  # a phrase of this many words ...
     long_phrase_max: int = 2  # ... may occur at most this often
-    back_to_back_words: int = 3  # a phrase of at least this many words written twice in a row (none in 280 teacher reports)
+    back_to_back_words: int = 3  # a phrase of >= this many words twice in a row (none in 280 teacher reports)
     max_digits: int = 6  # longest digit run in a number (4000.0 um is the largest plausible value: 5)
 
     def __post_init__(self) -> None:

@@ -1,13 +1,13 @@
 """`grok-pacs`: the command line. Subcommands come from the modules in `COMMAND_MODULES`.
 
-To add commands (e.g. serve, worker, report), write a module with
+To add commands, write a module in `grok_pacs/cli/` (runtime modules never import the CLI) with
 
     def register(subparsers: argparse._SubParsersAction) -> None:
         parser = subparsers.add_parser("worker", help="...", description="...")
         parser.set_defaults(func=run_worker)      # run_worker(args) -> int exit status
 
 and append its name to `COMMAND_MODULES`. Modules are imported when the CLI starts, so keep heavy
-imports (torch, onnxruntime) inside the command functions. `settings_from_args(args)` loads Settings
+imports (torch, onnxruntime, celery) inside the command functions; shared options are in `options`. `settings_from_args(args)` loads Settings
 from `--config`, the environment and any `args.overrides`.
 """
 

@@ -30,7 +30,7 @@ from grok_pacs.delivery.sender import write_sr
 from grok_pacs.analysis.imaging import EyeImages, ImageReadError, read_cfp, read_oct_volume
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxRow, OutboxState, ResultKind
-from grok_pacs.analysis.quality import QualityThresholds, judge, ungradable_report
+from grok_pacs.analysis.quality import QualityThresholds, judge, ungradable_report, with_learned
 from grok_pacs.analysis.result import Eye, Gradability, ModalityQuality, Report, SourceImage
 from grok_pacs.jobs.pdf_report import eye_images, write_pdf_report
 from grok_pacs.jobs.snapshot import EyeCandidates, Kind, StudyOutcome, StudySnapshot
@@ -115,8 +115,9 @@ class EyePlan:
     images: EyeImages | None
 
 
-def plan_eye(settings: Settings, cands: EyeCandidates, notes: list[str]) -> EyePlan | None:
-    """Gate the newest readable CFP and OCT of one eye (skips noted in `notes`); None when it has neither."""
+def plan_eye(settings: Settings, cands: EyeCandidates, notes: list[str], engine: Any = None) -> EyePlan | None:
+    """Gate the newest readable CFP and OCT of one eye (skips noted in `notes`), then the engine's learned
+    quality head when its bundle has one; None when the eye has neither modality."""
     picks = {kind: pick for kind in Kind
              if (pick := _first_usable(settings, cands.cfp if kind is Kind.CFP else cands.oct, kind, notes))}
     if not picks:
@@ -124,6 +125,11 @@ def plan_eye(settings: Settings, cands: EyeCandidates, notes: list[str]) -> EyeP
     limits = QualityThresholds.from_settings(settings)
     verdicts = {kind: judge(kind.value, header, pixels, error, rec.sop_uid, limits)
                 for kind, (rec, header, pixels, error) in picks.items()}
+    head = getattr(engine, "quality_head", None)
+    if head is not None:
+        verdicts = {kind: with_learned(v, engine.learned_ungradability(kind.value, picks[kind][2])
+                                       if v.gradability is Gradability.GRADABLE else None, head.threshold)
+                    for kind, v in verdicts.items()}
     usable = {kind: pick for kind, pick in picks.items() if verdicts[kind].gradability is Gradability.GRADABLE}
     chosen = usable or picks  # nothing gradable: the SR references what was judged
     sources = tuple(SourceImage(rec.sop_class_uid, rec.sop_uid, rec.series_uid) for rec, _, _, _ in chosen.values())
@@ -137,7 +143,7 @@ def analyse_eyes(settings: Settings, engine: AnalysisEngine, eyes: Sequence[EyeC
     """Gate each eye, then run the engine ONCE on every eye with a gradable modality (both eyes of a study
     in one batched generation); an eye none of whose modalities passes gets a report without diagnosis;
     an eye with neither modality gets nothing."""
-    plans = [plan for cands in eyes if (plan := plan_eye(settings, cands, notes)) is not None]
+    plans = [plan for cands in eyes if (plan := plan_eye(settings, cands, notes, engine)) is not None]
     batch = [plan.images for plan in plans if plan.images is not None]
     analysed = iter(engine.analyze_batch(batch) if batch else [])
     out = []

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from grok_pacs.config import Settings, SettingsError
+from grok_pacs.ingest.assembly import Publisher
 from grok_pacs.ingest.service import IngestService
 from grok_pacs.jobs import worker
 from grok_pacs.jobs.app import broker_scheme
@@ -27,7 +28,7 @@ UNFINISHED = (StudyState.QUEUED, StudyState.ANALYSING, StudyState.DELIVERING)
 EMBEDDED_SCHEMES = ("sqla", "sqlalchemy")
 
 
-def requeue_unfinished(index: StudyIndex, publisher) -> list[tuple[str, int]]:
+def requeue_unfinished(index: StudyIndex, publisher: Publisher) -> list[tuple[str, int]]:
     """Publish the job of every study a previous run left unfinished; returns [(study, version)]."""
     requeued = []
     for study in index.studies():

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from celery import Task
+from celery import Celery, Task
 from celery.signals import worker_ready
 
 from grok_pacs.config import Settings, SettingsError
@@ -32,8 +32,6 @@ from grok_pacs.store.index import StudyIndex
 from grok_pacs.store.outbox import Outbox
 
 if TYPE_CHECKING:  # the engine (torch) is imported only by the worker that loads it
-    from celery import Celery
-
     from grok_pacs.analysis.engine import Engine
 
 log = logging.getLogger("grok_pacs.jobs.worker")
@@ -93,14 +91,14 @@ class WorkerContext:
 APP_ATTRIBUTE = "grok_context"  # the app attribute holding its WorkerContext
 
 
-def configure(app: "Celery", settings: Settings) -> WorkerContext:
+def configure(app: Celery, settings: Settings) -> WorkerContext:
     """Give `app` a fresh worker context for `settings`; its tasks reach it as `self.ctx`."""
     context = WorkerContext(settings)
     setattr(app, APP_ATTRIBUTE, context)
     return context
 
 
-def context_of(app: "Celery") -> WorkerContext:
+def context_of(app: Celery) -> WorkerContext:
     """The worker context of `app`; raises when the app was not configured as a grok-pacs worker."""
     context = getattr(app, APP_ATTRIBUTE, None)
     if context is None:
@@ -117,7 +115,7 @@ class ContextTask(Task):
         return context_of(self.app)
 
 
-def worker_app(settings: Settings) -> "Celery":
+def worker_app(settings: Settings) -> Celery:
     """A Celery app for a worker: the task modules included, its context attached, set as current (the
     tasks' follow-up messages, e.g. delivery retries, go to its broker)."""
     app = create_app(settings, include=TASK_MODULES)
@@ -149,7 +147,7 @@ def node_name(settings: Settings) -> str:
     return f"grok-{settings.queue}@{socket.gethostname()}.{os.getpid()}"
 
 
-def build_worker(app: "Celery", settings: Settings, loglevel: str = "INFO") -> Any:
+def build_worker(app: Celery, settings: Settings, loglevel: str = "INFO") -> Any:
     """A solo-pool Celery worker consuming `settings.queue` (one job at a time), its ready handler
     connected (once per process; it serves whichever configured app's worker becomes ready)."""
     context_of(app)  # fail now, not in the first job, when the app has no context

@@ -1,8 +1,8 @@
-"""Report: the DICOM SR built from an analysis result (`sr`), the study's PDF report (`pdf`, wrapped as a
-DICOM Encapsulated PDF by `encapsulated`; patient/study header in `study`), the idempotency keys and UIDs
-of both (`keys`), the coded concepts they use (`codes`), the SR's safety content (`safety`: gradability,
-dispositions, probabilities), the disposition table (`dispositions`) and the plain-text rendering for
-people (`render`).
+"""Report: the DICOM SR built from an analysis result (`sr`; its measurement groups in `sr_groups`), the
+study's PDF report (`pdf`, wrapped as a DICOM Encapsulated PDF by `encapsulated`; patient/study header in
+`study`), the idempotency keys and UIDs of both (`keys`), the coded concepts they use (`codes`), the SR's
+safety content (`safety`: gradability, dispositions, probabilities), the disposition table
+(`dispositions`) and the plain-text rendering for people (`render`).
 
 May import: `grok_pacs.config`, `grok_pacs.domain`, `grok_pacs.dicom`, `grok_pacs.analysis` (the result
 and its checks; never `analysis.engine` or `analysis.onnx_session`: building a report loads no model).

@@ -125,6 +125,7 @@ QUALITY_REASON_VALUES: dict[str, str] = {
     "field-coverage": "GROK-Q-108", "off-centre": "GROK-Q-109", "underexposed": "GROK-Q-110",
     "overexposed": "GROK-Q-111", "low-contrast": "GROK-Q-112", "blur": "GROK-Q-113", "decoder-fill": "GROK-Q-114",
     "blank-frames": "GROK-Q-115", "saturated-frames": "GROK-Q-116", "low-signal": "GROK-Q-117",
+    "learned-quality": "GROK-Q-118",
 }
 
 #: Disposition action (grok_pacs.analysis.result.Action values) -> coded action.

@@ -14,17 +14,17 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Sequence
 
 import highdicom as hd
-import numpy as np
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
 from grok_pacs.config import OPT
 from grok_pacs.report import codes, safety
-from grok_pacs.domain.biomarkers import BY_KEY, Modality, format_value
+from grok_pacs.domain.biomarkers import BY_KEY
 from grok_pacs.domain.labels import Label
-from grok_pacs.analysis.result import REASON_TEXT, BiomarkerEstimate, Eye, Gradability, Report, SourceImage
+from grok_pacs.analysis.result import REASON_TEXT, Gradability, Report
 from grok_pacs.report.keys import _UID_NAMESPACE, SRKey, derived_uid
+from grok_pacs.report.sr_groups import EYE_NAMES, eye_groups
 
 MANUFACTURER = "grok-pacs"
 SR_SERIES_DESCRIPTION = "GROK AI report - UNVERIFIED"
@@ -47,7 +47,6 @@ _TYPE2_PATIENT_STUDY = (
     "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
     "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
 )
-EYE_NAMES = {Eye.RIGHT: "Right eye", Eye.LEFT: "Left eye"}
 
 
 class SRBuildError(ValueError):
@@ -107,89 +106,6 @@ def validate(report: Report, sources: Sequence[Dataset], key: SRKey) -> None:
         if estimate.key in seen:
             raise SRBuildError(f"{key}: biomarker {estimate.key} given twice")
         seen.add(estimate.key)
-
-
-def _measurements(estimates: Sequence[BiomarkerEstimate]) -> list[hd.sr.Measurement]:
-    return [
-        hd.sr.Measurement(
-            name=_concept(codes.biomarker_code(est.key)),
-            value=float(format_value(BY_KEY[est.key], est.value)),
-            unit=_concept(codes.UNIT_CODES[est.unit]),
-        )
-        for est in estimates
-    ]
-
-
-def _modality(src: SourceImage) -> Modality:
-    return Modality.OCT if src.sop_class_uid == OPT else Modality.CFP
-
-
-def _point(src: SourceImage, header: Dataset, pit: tuple[float, float] | None) -> hd.sr.ImageRegion:
-    """A SCOORD POINT SELECTED FROM the image: on the OCT B-scan used, the foveal pit when one was found;
-    otherwise (and on the photograph) the image centre, an anchor rather than a detected structure.
-
-    OHIF's SR viewport takes the image and the place to draw a group's labels only from such a SCOORD;
-    a group of NUMs without one leaves it black.
-    """
-    if _modality(src) is Modality.OCT and pit is not None:
-        centre = np.array([[pit[0], pit[1]]])
-    else:
-        centre = np.array([[float(header.Columns) / 2.0, float(header.Rows) / 2.0]])
-    return hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POINT, graphic_data=centre,
-        source_image=hd.sr.SourceImageForRegion(src.sop_class_uid, src.sop_instance_uid,
-                                                [src.frame] if src.frame is not None else None),
-    )
-
-
-def _image_name(report: Report, src: SourceImage) -> str:
-    if _modality(src) is Modality.OCT:
-        return f"OCT B-scan {src.frame}" if src.frame is not None else "OCT"
-    return "fundus photograph"
-
-
-def _diagnosis(report: Report) -> list[hd.sr.QualitativeEvaluation]:
-    """The coded diagnosis (only for an eye that passed the gate), then gradability, reasons, disposition."""
-    gradable = report.gradability is Gradability.GRADABLE
-    return ([hd.sr.QualitativeEvaluation(_concept(codes.DIAGNOSIS), _concept(codes.LABEL_CODES[report.label]))]
-            if gradable else []) + safety.eye_evaluations(report)
-
-
-def _conclusion(report: Report) -> str:
-    if report.gradability is not Gradability.GRADABLE:
-        return codes.GRADABILITY_CODES[report.gradability.value].meaning.split(":")[0].lower()
-    return codes.LABEL_CODES[report.label].meaning
-
-
-def _eye_groups(report: Report, key: SRKey, headers: dict[str, Dataset],
-                algorithm: hd.sr.AlgorithmIdentification, pit: tuple[float, float] | None
-                ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
-    """TID 1410 groups, one per source image (OCT first): its point, finding site, its biomarkers.
-
-    The first group also carries the coded diagnosis, and its tracking identifier names it, since that
-    identifier is what OHIF lists for a group. Biomarkers of a modality without an image stay in the first.
-    """
-    sources = sorted(report.sources, key=lambda s: _modality(s) is not Modality.OCT)
-    by_modality = {_modality(s): [] for s in sources}
-    first = _modality(sources[0])
-    for est in report.biomarkers:
-        by_modality.get(BY_KEY[est.key].modality, by_modality[first]).append(est)
-    groups = []
-    for index, src in enumerate(sources):
-        estimates = by_modality.pop(_modality(src), [])
-        title = (f"{EYE_NAMES[key.eye]} retina: {_conclusion(report)} (AI, unverified)"
-                 if index == 0 else f"{EYE_NAMES[key.eye]} retina, {_image_name(report, src)}")
-        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=derived_uid(*key._parts(), "group", src.sop_instance_uid), identifier=title),
-            referenced_region=_point(src, headers[src.sop_instance_uid], pit),
-            algorithm_id=algorithm,
-            finding_sites=[hd.sr.FindingSite(_concept(codes.RETINA),
-                                             _concept(codes.LATERALITY_CODES[key.eye.value]))],
-            measurements=_measurements(estimates) or None,
-            qualitative_evaluations=_diagnosis(report) if index == 0 else None,
-        ))
-    return groups
 
 
 def _notes(report: Report) -> list[str]:
@@ -306,7 +222,7 @@ def build_sr(report: Report, sources: Sequence[Dataset], key: SRKey, *,
     content = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_concept(codes.IMAGING_PROCEDURE),
-        imaging_measurements=_eye_groups(report, key, {str(ds.SOPInstanceUID): ds for ds in sources}, algorithm,
+        imaging_measurements=eye_groups(report, key, {str(ds.SOPInstanceUID): ds for ds in sources}, algorithm,
                                          oct_pit),
     )
     content[0].ContentSequence.append(_text_container(report, oct_pit is not None))

@@ -96,6 +96,22 @@ OCT_DEGRADATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarr
 }
 
 
+def phantom_eyes(n_eyes: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(CFP, OCT volume) of `n_eyes` phantom eyes, labels in turn (fixed seed)."""
+    from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
+    from training.phantom.cfp_render import render_cfp
+    from training.phantom.oct_render import render_volume
+    from training.phantom.sampling import sample_subject
+
+    eyes = []
+    for i in range((n_eyes + 1) // 2):
+        truth = sample_subject(f"GATE{i}", DIAGNOSTIC_LABELS[i % len(DIAGNOSTIC_LABELS)], np.random.default_rng([seed, i]))
+        for k, eye in enumerate(truth.eyes):
+            eyes.append((render_cfp(eye.cfp, eye.eye, np.random.default_rng([seed, i, k, 1])).rgb,
+                         render_volume(eye, np.random.default_rng([seed, i, k, 2]))))
+    return eyes[:n_eyes]
+
+
 def gate_benchmark(eyes: Sequence[tuple[np.ndarray, np.ndarray]], seed: int = 0,
                    limits: QualityThresholds | None = None) -> dict:
     """Each (cfp, oct volume) eye once clean and once degraded (degradations in turn): detection figures."""

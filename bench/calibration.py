@@ -1,0 +1,56 @@
+"""Benchmark: calibration and the learned quality head on a trained phantom bundle (issue 15).
+
+Runs the bundle's engine on the cohort's validation and test eyes (through the runtime, as served), fits the
+temperature on the validation eyes (training.calibration) and reports the test eyes' expected calibration
+error before and after; trains the learned quality head on the bundle's encoders (training.quality_head,
+phantom images and degraded copies) and reports its held-out AUROC. The bundle is copied, never modified.
+Writes bench/results/calibration.json.
+Usage: python bench/calibration.py --bundle .cache/pipeline/bundle-*/bundle --manifest .cache/pipeline/cohort-*/manifest.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from grok_pacs.analysis.engine import Engine
+from training.benchmark.gate import calibration_figures, phantom_eyes
+from training.manifest import load_manifest
+from training.quality_head import train_head
+
+RESULTS = Path(__file__).resolve().parent / "results" / "calibration.json"
+
+
+def split_scores(engine: Engine, records, split: str) -> tuple[list[dict], list[str]]:
+    chosen = [r for r in records if r.split == split]
+    return ([engine.analyze_eye(r.eye, cfp=r.cfp_path, oct=r.oct_path).label_scores for r in chosen],
+            [r.label.value for r in chosen])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--head-eyes", type=int, default=42)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(shutil.copytree(args.bundle, Path(tmp) / "bundle"))
+        engine = Engine.from_bundle(bundle)
+        records = load_manifest(args.manifest)
+        val, test = split_scores(engine, records, "val"), split_scores(engine, records, "test")
+        calibration = calibration_figures(*val, *test)
+        _, head = train_head(engine, phantom_eyes(args.head_eyes, 11), seed=11)
+    result = {"bundle": f"{engine.bundle.name} {engine.bundle.version}", "calibration": calibration,
+              "quality_head": head, "wall_s": round(time.perf_counter() - start, 1),
+              "data": "synthetic phantom cohort (training.phantom); no real images"}
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
