@@ -169,7 +169,8 @@ def test_degenerate_generation_is_withheld_and_the_sr_says_why(junk_engine, engi
     assert report.raw_text.strip() and not check.passed and report.narrative_withheld
     assert report.narrative == "" and report.cited_numbers == () and report.numbers_rewritten == 0
     best = max(report.label_scores, key=report.label_scores.get)
-    min_p = junk_engine.config.generation.min_label_probability
+    min_p = report.operating_point  # the threshold the engine applied (the bundle's or the site's)
+    assert min_p is not None
     assert report.label == (Label(best) if report.label_scores[best] >= min_p else Label.INDETERMINATE)
     assert report.impression in (f"Diagnosis: {report.label.value}", "No diagnosis could be determined.")
     assert len(report.biomarkers) == 37
@@ -196,3 +197,16 @@ def _walk(items):
     for item in items:
         yield item
         yield from _walk(item.get("ContentSequence", []))
+
+
+def test_a_bundle_trained_without_estimates_is_prompted_without_them(tiny_bundle, study, monkeypatch):
+    """The evaluation engine for such a bundle changes the prompt only: estimates still reach the report."""
+    from training.stage3.evaluate import PromptWithoutEstimatesEngine
+
+    engine, prompts = PromptWithoutEstimatesEngine.from_bundle(tiny_bundle, device="cpu"), []
+    original = engine.decoder.encode
+    monkeypatch.setattr(engine.decoder, "encode", lambda texts: prompts.extend(texts) or original(texts))
+    item = study[Eye.RIGHT][0]
+    report = engine.analyze_eye(item.eye, item.cfp, item.oct)
+    assert prompts and not any("Biomarker estimates" in p for p in prompts[:1])
+    assert len(report.biomarkers) == 37

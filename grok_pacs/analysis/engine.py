@@ -15,6 +15,10 @@ reaches the operating point (`min_label_probability`, a site setting over the bu
 Indeterminate. A generation that failed
 validation is never shipped as the model's findings: the Report's narrative is empty, its impression
 states the label only, `narrative_check` says why, and `raw_text` keeps the words for audit.
+
+The gradability gate (grok_pacs.analysis.quality) runs before the engine, in the per-study pipeline
+(grok_pacs.jobs.pipeline): only gradable images reach `analyze_batch` there. Direct engine calls
+(training evaluation, benchmarks on phantom eyes) are not gated.
 """
 
 from __future__ import annotations
@@ -160,7 +164,8 @@ class Engine:
         encoded = [self._encode(item.cfp_image, item.oct_volume, timing) for item, timing in zip(eyes, timings)]
         gen = self.config.generation
         missing = [tuple(m for m in ("CFP", "OCT") if tokens[m.lower()] is None) for tokens, *_ in encoded]
-        ids = self.decoder.encode([build_prompt(self.prompt_estimates(estimates), gone)
+        ids = self.decoder.encode([build_prompt(self.prompt_estimates(estimates), gone,
+                                                compact=gen.compact_biomarkers)
                                    for (_, estimates, *_), gone in zip(encoded, missing)])
         cfp, oct = self._visual([tokens for tokens, *_ in encoded])
         t = time.perf_counter()
