@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # ONNX export chatter, one line per initializer
         logging.getLogger(noisy).setLevel(logging.WARNING)
     progress = not args.quiet
-    base = PipelineConfig.small(n_subjects=args.subjects, seed=args.seed, dicom=False)
+    base = PipelineConfig.tiny(n_subjects=args.subjects, seed=args.seed, dicom=False)  # SmolLM2 not yet here
     variants = {name: flag for name, flag in VARIANTS.items() if flag or not args.only_estimates}
     results, benches, infos = {}, {}, {}
     for name, flag in variants.items():

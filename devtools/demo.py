@@ -28,7 +28,7 @@ from grok_pacs.dicom.scu import store_files
 from grok_pacs.report.render import render
 
 PACS_AE = "DEMO_PACS"
-SR_TIMEOUT_S = 300.0
+SR_TIMEOUT_S = 900.0  # two eyes of SmolLM2 decoding on a loaded 2-core machine
 
 
 def build_model(cache: Path, work: Path) -> dict:
@@ -121,7 +121,8 @@ def run(demo_dir: Path, cache: Path) -> int:
         import pydicom
 
         study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-        print(f"sent study {study_uid} of held-out phantom subject {subject} (true label {label})", flush=True)
+        print(f"sent study {study_uid} of held-out phantom subject {subject} (the first test-split subject; "
+              f"true label {label})", flush=True)
         print(f"[4/5] waiting for {len(eyes)} SRs (one per eye) at {pacs}", flush=True)
         srs = wait_for_srs(demo_dir / "pacs", len(eyes))
     print("[5/5] the SRs as the PACS received them:\n", flush=True)

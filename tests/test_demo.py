@@ -1,7 +1,8 @@
 """`make demo` end to end: the very command the Makefile runs, bounded, on the shared pipeline cache.
 
-The first run in a fresh checkout trains the phantom model (a few minutes on 2 cores); `make demo` and this
-test share `.cache/pipeline/`, so whichever runs second reuses the bundle.
+The first run in a fresh checkout trains the phantom model (SmolLM2 stage 3: minutes on 2 cores); `make demo`
+and this test share `.cache/pipeline/`, so whichever runs second reuses the bundle. The SRs must read as a
+report: their findings pass the narrative validator and the diagnosis is the held-out subject's label.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import pydicom
 import pytest
 
 from conftest import require_tool
+from grok_pacs.analysis.validation import validate_narrative
 from grok_pacs.domain.labels import Label
+from grok_pacs.report.codes import DIAGNOSIS, FINDING, LABEL_CODES
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "pipeline"
@@ -34,7 +37,8 @@ def test_make_demo_prints_the_sr_of_a_sent_phantom_study(tmp_path: Path) -> None
     lines = done.stdout.strip().splitlines()
     sr_lines = [line for line in lines if line.startswith("SR: ")]
     assert re.fullmatch(r"SR: /\S+", lines[-1]) and len(sr_lines) == 2, lines[-5:]
-    sent = re.search(r"sent study (\S+) of held-out phantom subject (\S+) \(true label (\w+)\)", done.stdout)
+    sent = re.search(r"sent study (\S+) of held-out phantom subject (\S+) \(the first test-split subject; "
+                     r"true label ([^)]+)\)", done.stdout)
     assert sent, done.stdout
     eyes = set()
     for line in sr_lines:
@@ -43,6 +47,10 @@ def test_make_demo_prints_the_sr_of_a_sent_phantom_study(tmp_path: Path) -> None
         ds = pydicom.dcmread(path)
         assert ds.Modality == "SR" and ds.StudyInstanceUID == sent.group(1)
         eyes.add(_laterality(ds))
+        diagnosis, findings = _coded(ds, DIAGNOSIS.value), _text(ds, FINDING.value)
+        assert diagnosis == [_label_code(sent.group(3))], (diagnosis, findings)  # the held-out subject's label
+        check = validate_narrative(f"{findings[0]}\nDiagnosis: {_label_name(sent.group(3))}")
+        assert check.passed, (check.summary(), findings[0])  # reads as a report: no repeats, no runaway numbers
         assert str(path) in done.stdout.split("\nFiles:")[0]  # printed readably above the file list
     assert len(sr_lines) == len(set(sr_lines))
     assert eyes == {"R", "L"}  # one SR per eye of the study
@@ -56,6 +64,35 @@ def test_make_demo_prints_the_sr_of_a_sent_phantom_study(tmp_path: Path) -> None
     assert again.returncode == 0, again.stderr[-2000:]
     result = json.loads((tmp_path / "again.json").read_text())
     assert all(result["reused"].values()) and Path(result["bundle"]).is_dir()
+
+
+def _items(item: pydicom.Dataset):
+    for child in item.get("ContentSequence", []):
+        yield child
+        yield from _items(child)
+
+
+def _concept(item: pydicom.Dataset) -> str:
+    seq = item.get("ConceptNameCodeSequence")
+    return str(seq[0].CodeValue) if seq else ""
+
+
+def _coded(ds: pydicom.Dataset, concept: str) -> list[str]:
+    return [str(i.ConceptCodeSequence[0].CodeValue) for i in _items(ds) if _concept(i) == concept
+            and i.get("ValueType") == "CODE"]
+
+
+def _text(ds: pydicom.Dataset, concept: str) -> list[str]:
+    return [str(i.TextValue) for i in _items(ds) if _concept(i) == concept and i.get("ValueType") == "TEXT"]
+
+
+def _label_name(printed: str) -> str:
+    """The manifest's label as the demo prints it, as a Label value."""
+    return next(label.value for label in Label if label.name == printed or label.value == printed)
+
+
+def _label_code(printed: str) -> str:
+    return LABEL_CODES[Label(_label_name(printed))].value
 
 
 def _laterality(ds: pydicom.Dataset) -> str:

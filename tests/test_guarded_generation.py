@@ -110,8 +110,8 @@ def test_a_runaway_number_is_cut_inside_generate(engine):
 @pytest.mark.parametrize(("text", "finished"), [
     ("Findings.\nDiagnosis: Glaucoma", True), ("Findings.\nDiagnosis: Gl", False),
     ("Findings.\nDiagnosis: Diabetes", True), ("Findings.\nDiagnosis: Diabetic", False),
-    ("Findings. Diagnosis: **Normal**", True), ("Findings.\nDiagnosis: no", False),
-    ("The diagnosis is glaucoma", False)])
+    ("Findings.\n**Diagnosis:** Normal", True), ("Findings.\nDiagnosis: no", False),
+    ("The diagnosis is glaucoma", False), ("The differential diagnosis: glaucoma", False)])
 def test_diagnosis_stop_waits_for_a_complete_label(engine, text, finished):
     assert DiagnosisStop(engine.tokenizer).finished(text) is finished
 
@@ -197,3 +197,16 @@ def _walk(items):
     for item in items:
         yield item
         yield from _walk(item.get("ContentSequence", []))
+
+
+def test_a_bundle_trained_without_estimates_is_prompted_without_them(tiny_bundle, study, monkeypatch):
+    """The evaluation engine for such a bundle changes the prompt only: estimates still reach the report."""
+    from training.stage3.evaluate import PromptWithoutEstimatesEngine
+
+    engine, prompts = PromptWithoutEstimatesEngine.from_bundle(tiny_bundle, device="cpu"), []
+    original = engine.decoder.encode
+    monkeypatch.setattr(engine.decoder, "encode", lambda texts: prompts.extend(texts) or original(texts))
+    item = study[Eye.RIGHT][0]
+    report = engine.analyze_eye(item.eye, item.cfp, item.oct)
+    assert prompts and not any("Biomarker estimates" in p for p in prompts[:1])
+    assert len(report.biomarkers) == 37

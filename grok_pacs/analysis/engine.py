@@ -164,7 +164,8 @@ class Engine:
         encoded = [self._encode(item.cfp_image, item.oct_volume, timing) for item, timing in zip(eyes, timings)]
         gen = self.config.generation
         missing = [tuple(m for m in ("CFP", "OCT") if tokens[m.lower()] is None) for tokens, *_ in encoded]
-        ids = self.decoder.encode([build_prompt(self.prompt_estimates(estimates), gone)
+        ids = self.decoder.encode([build_prompt(self.prompt_estimates(estimates), gone,
+                                                compact=gen.compact_biomarkers)
                                    for (_, estimates, *_), gone in zip(encoded, missing)])
         cfp, oct = self._visual([tokens for tokens, *_ in encoded])
         t = time.perf_counter()

@@ -96,6 +96,23 @@ CFP_KEYS: tuple[str, ...] = tuple(b.key for b in CFP_BIOMARKERS)
 
 assert len(OCT_BIOMARKERS) == 31 and len(CFP_BIOMARKERS) == 6 and len(BY_KEY) == 37
 
+#: Short prose names (how reports name each biomarker; grok_pacs.analysis.grounding ties them to their key).
+#: The guideline teacher writes them and the compact prompt block lists the estimates under them.
+PROSE_NAMES: dict[str, str] = {
+    "cup_to_disc": "cup-to-disc ratio", "avr": "arteriolar-to-venular ratio",
+    "tortuosity_arterial": "arterial tortuosity", "tortuosity_venular": "venular tortuosity",
+    "fd_arterial": "arterial fractal dimension", "fd_venular": "venular fractal dimension",
+    "disc_diameter_vertical": "vertical disc diameter", "rnfl_average": "RNFL thickness",
+    "gcipl_average": "GCIPL thickness", "inl_average": "INL thickness", "rpe_average": "RPE thickness",
+    "mt_central": "central subfield thickness", "mt_overall": "overall macular thickness",
+    **{f"mt_{r}_{s}": f"{r} {s} macular thickness" for r in ("inner", "outer")
+       for s in ("inferior", "nasal", "superior", "temporal")},
+    **{f"{p}_{r}": f"{r} {n} thickness" for p, n in (("inl_elm", "INL-ELM"), ("elm_isos", "ELM-IS/OS"),
+                                                        ("isos_rpe", "IS/OS-RPE"), ("inl_rpe", "INL-RPE"))
+       for r in ("central", "inner", "outer", "average")},
+}
+assert set(PROSE_NAMES) == set(BY_KEY)
+
 
 def format_value(biomarker: Biomarker, value: float) -> str:
     """The value as text: micrometres to one decimal, unitless ratios to three."""

@@ -42,6 +42,11 @@ class ProjectorConfig:
     vision_dim: int = 1024  # encoder token width (both encoders must agree)
     llm_hidden_size: int = 3584  # LLM embedding width H (Qwen2-7B: 3584)
     missing_modality: str = "learned"  # how an absent modality is fed: "learned" = one learned placeholder embedding
+    token_grid: int = 0  # 0 = every patch token (196 per modality, the paper); k = average-pooled to k x k (CPU presets)
+
+    def tokens_per_image(self, num_patches: int) -> int:
+        """Visual embeddings one image contributes after pooling."""
+        return self.token_grid ** 2 if self.token_grid else num_patches
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class GenerationConfig:
     min_label_probability: float = 0.5  # without a valid diagnosis line, use the scored label only above this
     biomarkers_in_prompt: bool = True  # the prompt carries the head estimates block (must match stage-3 training)
     ground_numbers: bool = True  # write cited numbers that disagree with the estimates as the estimates
+    compact_biomarkers: bool = False  # the prompt's estimates as grok_pacs.model.prompt.compact_biomarker_block
     stop_at_diagnosis: bool = True  # end a generation once "Diagnosis: <label>" is complete (nothing after it)
     no_repeat_ngram_size: int = 12  # no token 12-gram twice (0 = off); healthy reports never repeat one that long
     repetition_penalty: float = 1.0  # 1.0 = off: a penalty would also punish the words and digits reports repeat
@@ -120,7 +126,8 @@ class GrokConfig:
     @property
     def visual_tokens(self) -> int:
         """Visual embeddings spliced at the image token when both modalities are present (392)."""
-        return self.cfp_encoder.num_patches + self.oct_encoder.num_patches
+        return (self.projector.tokens_per_image(self.cfp_encoder.num_patches)
+                + self.projector.tokens_per_image(self.oct_encoder.num_patches))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

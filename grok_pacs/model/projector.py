@@ -9,6 +9,7 @@ would be indistinguishable from a black image after the projector's biases.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -37,15 +38,30 @@ class Projectors(nn.Module):
         """[..., N, D] OCT patch tokens -> [..., N, H] (OCT MLP, then the CFP projector)."""
         return self.cfp(self.oct(tokens))
 
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, D] patch tokens of a square grid -> [k*k, D] averages over a k x k grid (`cfg.token_grid`).
+
+        CPU presets pool so that a 135M-parameter stand-in LLM trains and decodes in minutes; the paper's
+        preset keeps every token (token_grid 0).
+        """
+        if not self.cfg.token_grid:
+            return tokens
+        side = math.isqrt(tokens.shape[0])
+        if side * side != tokens.shape[0]:
+            raise ValueError(f"{tokens.shape[0]} patch tokens do not form a square grid; cannot pool them")
+        grid = tokens.T.reshape(1, tokens.shape[1], side, side)
+        pooled = nn.functional.adaptive_avg_pool2d(grid, self.cfg.token_grid)
+        return pooled.reshape(tokens.shape[1], -1).T
+
     def visual_embeddings(self, cfp: torch.Tensor | None, oct: torch.Tensor | None) -> torch.Tensor:
         """One sample's embeddings for the <image> slot: CFP first, then OCT; placeholders where absent.
 
-        cfp / oct: [N, D] (or None). Returns [N_cfp + N_oct, H] in the projector's dtype.
+        cfp / oct: [N, D] (or None). Returns [N_cfp + N_oct, H] in the projector's dtype (N after pooling).
         """
         dtype = self.missing_cfp.dtype
         parts = [
-            self.project_cfp(cfp.to(dtype)) if cfp is not None else self.missing_cfp,
-            self.project_oct(oct.to(dtype)) if oct is not None else self.missing_oct,
+            self.project_cfp(self.pool(cfp.to(dtype))) if cfp is not None else self.missing_cfp,
+            self.project_oct(self.pool(oct.to(dtype))) if oct is not None else self.missing_oct,
         ]
         return torch.cat(parts, dim=0)
 

@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from grok_pacs.domain.biomarkers import BIOMARKERS, CFP_BIOMARKERS, OCT_BIOMARKERS, Biomarker, format_value
+from grok_pacs.domain.biomarkers import (BIOMARKERS, CFP_BIOMARKERS, OCT_BIOMARKERS, PROSE_NAMES, Biomarker,
+                                         format_value)
 from grok_pacs.domain.labels import Label
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -67,14 +68,38 @@ def biomarker_block(values: Mapping[str, float]) -> str:
                       "Biomarker interpretation (qualitative):", *qualitative])
 
 
-def human_turn(biomarkers: Mapping[str, float] | None = None, missing: Sequence[str] = ()) -> str:
-    """The user message: `<image>`, the paper's instruction, optional estimates and missing-modality note."""
+def compact_biomarker_block(values: Mapping[str, float]) -> str:
+    """The estimates in fewer tokens: short prose names, values, `(low)`/`(high)` flags, no qualitative list.
+
+    For CPU presets where every prompt token costs training and decoding time; the names are the ones the
+    reports use (`PROSE_NAMES`), so a cited number sits next to the same words in prompt and report.
+    """
+    lines = []
+    for title, group in (("OCT (um)", OCT_BIOMARKERS), ("CFP", CFP_BIOMARKERS)):
+        items = []
+        for b in group:
+            if _present(values, b):
+                value = float(values[b.key])
+                flag = " (low)" if value < b.normal[0] else " (high)" if value > b.normal[1] else ""
+                items.append(f"{PROSE_NAMES[b.key]} {format_value(b, value)}{flag}")
+        if items:
+            lines.append(f"{title}: " + "; ".join(items) + ".")
+    return "\n".join(["Biomarker estimates:", *lines]) if lines else ""
+
+
+def human_turn(biomarkers: Mapping[str, float] | None = None, missing: Sequence[str] = (), *,
+               compact: bool = False) -> str:
+    """The user message: `<image>`, the paper's instruction, optional estimates and missing-modality note.
+
+    `compact` writes the estimates with `compact_biomarker_block` (the bundle's
+    `generation.compact_biomarkers` says which block its model was trained with).
+    """
     parts = [f"{IMAGE_TOKEN}\n{INSTRUCTION}"]
     for modality in missing:
         if modality not in MODALITY_NAMES:
             raise ValueError(f"unknown modality {modality!r}; expected CFP or OCT")
         parts.append(f"No {MODALITY_NAMES[modality]} ({modality}) is available for this eye.")
-    block = biomarker_block(biomarkers or {})
+    block = (compact_biomarker_block if compact else biomarker_block)(biomarkers or {})
     if block:
         parts.append(block)
     return "\n\n".join(parts)
@@ -87,9 +112,10 @@ def chat_prompt(human: str) -> str:
             f"{IM_START}assistant\n")
 
 
-def build_prompt(biomarkers: Mapping[str, float] | None = None, missing: Sequence[str] = ()) -> str:
+def build_prompt(biomarkers: Mapping[str, float] | None = None, missing: Sequence[str] = (), *,
+                 compact: bool = False) -> str:
     """The full generation prompt for one eye."""
-    return chat_prompt(human_turn(biomarkers, missing))
+    return chat_prompt(human_turn(biomarkers, missing, compact=compact))
 
 
 def format_target(narrative: str, label: Label | str) -> str:
@@ -114,14 +140,14 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 def build_training_example(tokenizer: Any, target: str, *, biomarkers: Mapping[str, float] | None = None,
                            missing: Sequence[str] = (), max_length: int = 2048,
-                           visual_tokens: int = 392) -> TrainingExample:
+                           visual_tokens: int = 392, compact: bool = False) -> TrainingExample:
     """Token ids and labels for one SFT record; the loss falls on the assistant reply only.
 
     `max_length` counts the visual embeddings that will replace the image token (`visual_tokens`; 392 with
     both modalities, 197 with one, since a missing modality is one placeholder). The target is truncated
     when needed, never the prompt.
     """
-    prompt_ids = _encode(tokenizer, build_prompt(biomarkers, missing))
+    prompt_ids = _encode(tokenizer, build_prompt(biomarkers, missing, compact=compact))
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if prompt_ids.count(image_id) != 1:
         raise ValueError(f"the tokenizer does not keep {IMAGE_TOKEN} as one special token")

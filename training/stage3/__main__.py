@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Stage 3: supervised fine-tuning of the multimodal Qwen2 with frozen encoders, trainable "
                     "projectors and LoRA adapters on q/k/v/o/gate/up/down_proj; loss on assistant tokens only.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                        help="small: CPU, phantom, stand-in LLM (default); paper: r=128, alpha=256, lr 2e-4, bf16")
+                        help="small: CPU, phantom, tiny stand-in LLM (default); smollm: CPU, phantom, --base-llm = the "
+                             "converted SmolLM2 (training.pipeline does it); paper: r=128, alpha=256, lr 2e-4, bf16")
     parser.add_argument("--instructions", type=Path, required=True, help="stage-1 instruction JSONL")
     parser.add_argument("--manifest", type=Path, required=True, help="cohort manifest CSV (images and splits)")
     parser.add_argument("--cfp-encoder", type=Path, required=True, help="CFP encoder (.safetensors or RetiZero .pth)")
@@ -56,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> Stage3Config:
-    cfg = Stage3Config.paper(args.base_llm) if args.preset == "paper" else Stage3Config.small(base_llm_dir=args.base_llm)
+    if args.preset == "smollm" and args.base_llm is None:
+        raise SystemExit("--preset smollm needs --base-llm (the Qwen2 directory training.stage3.smollm converts)")
+    cfg = PRESETS[args.preset](base_llm_dir=args.base_llm)
     changes = {"tokenizer_dir": args.tokenizer, "biomarker_estimates": args.biomarker_estimates or None,
                "epochs": args.epochs, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
                "gradient_checkpointing": args.gradient_checkpointing or None}

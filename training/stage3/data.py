@@ -58,9 +58,10 @@ def assistant_text(record: Mapping[str, Any]) -> str:
     return format_target(narrative, record_label(record))
 
 
-def chat_text(record: Mapping[str, Any], biomarkers: Mapping[str, float] | None = None) -> str:
+def chat_text(record: Mapping[str, Any], biomarkers: Mapping[str, float] | None = None, *,
+              compact: bool = False) -> str:
     """One record as the full ChatML text stage 3 trains on (prompt, report, diagnosis line, end token)."""
-    return build_prompt(biomarkers) + assistant_text(record) + IM_END
+    return build_prompt(biomarkers, compact=compact) + assistant_text(record) + IM_END
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,10 @@ class SFTSample:
 
 
 def build_samples(records: Sequence[Mapping[str, Any]], tokenizer: Any, features: FeatureStore, *,
-                  max_length: int, estimates: Mapping[str, Mapping[str, float]] | None = None) -> list[SFTSample]:
-    """One SFT sample per record; `estimates` (record id -> head predictions) turns on the biomarker block."""
+                  max_length: int, estimates: Mapping[str, Mapping[str, float]] | None = None,
+                  compact: bool = False) -> list[SFTSample]:
+    """One SFT sample per record; `estimates` (record id -> head predictions) turns on the biomarker block
+    (`compact`: the compact one)."""
     samples = []
     for record in records:
         rid = str(record["id"])
@@ -85,7 +88,8 @@ def build_samples(records: Sequence[Mapping[str, Any]], tokenizer: Any, features
                 raise InstructionError(f"record {rid!r}: no biomarker estimates were computed for it")
             values = estimates[rid]
         example = build_training_example(tokenizer, assistant_text(record), biomarkers=values, missing=missing,
-                                         max_length=max_length, visual_tokens=features.visual_tokens(rid))
+                                         max_length=max_length, visual_tokens=features.visual_tokens(rid),
+                                         compact=compact)
         samples.append(SFTSample(rid, record_label(record), example.input_ids, example.labels, example.truncated))
     return samples
 

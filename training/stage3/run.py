@@ -96,6 +96,24 @@ def split_records(records: list[dict], manifest: Path) -> dict[str, list[dict]]:
     return out
 
 
+def balanced_subset(records: list[dict], limit: int) -> list[dict]:
+    """At most `limit` records (0 = all), taken round-robin over the labels in the records' order, so every
+    label keeps its share; deterministic (the order is the stage-1 file's)."""
+    if not limit or len(records) <= limit:
+        return records
+    by_label: dict[str, list[dict]] = {}
+    for record in records:
+        by_label.setdefault(str(record["label"]), []).append(record)
+    queues = [list(group) for group in by_label.values()]
+    picked: list[dict] = []
+    while len(picked) < limit:
+        for queue in queues:
+            if queue and len(picked) < limit:
+                picked.append(queue.pop(0))
+    chosen = {id(r) for r in picked}
+    return [r for r in records if id(r) in chosen]
+
+
 def prepare_tokenizer(cfg: Stage3Config, train_records: list[dict], instructions: Path, out_dir: Path) -> Any:
     """The tokenizer stage 3 trains with, saved under out_dir/tokenizer (what the bundle ships)."""
     target = out_dir / TOKENIZER_DIR
@@ -158,10 +176,16 @@ def grok_config(cfp_encoder: Any, oct_encoder: Any, llm: Any, cfg: Stage3Config)
                         num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
                         intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
                         max_position_embeddings=c.max_position_embeddings, rope_theta=_rope_theta(c))
-    generation = GenerationConfig() if not cfg.uses_stand_in else GenerationConfig(max_new_tokens=768)
-    return GrokConfig(cfp_encoder=cfp_encoder.cfg, oct_encoder=oct_encoder.cfg,
-                      projector=ProjectorConfig(vision_dim=cfp_encoder.cfg.embed_dim, llm_hidden_size=c.hidden_size),
+    generation = GenerationConfig(max_new_tokens=768 if cfg.uses_stand_in else cfg.max_new_tokens,
+                                  biomarkers_in_prompt=cfg.biomarker_estimates,
+                                  compact_biomarkers=cfg.compact_biomarkers)
+    return GrokConfig(cfp_encoder=cfp_encoder.cfg, oct_encoder=oct_encoder.cfg, projector=projector_config(cfg, cfp_encoder, c),
                       llm=llm_cfg, generation=generation, max_length=cfg.max_length)
+
+
+def projector_config(cfg: Stage3Config, cfp_encoder: Any, llm_config: Any) -> ProjectorConfig:
+    return ProjectorConfig(vision_dim=cfp_encoder.cfg.embed_dim, llm_hidden_size=llm_config.hidden_size,
+                           token_grid=cfg.token_grid)
 
 
 def _rope_theta(config: Any) -> float:
@@ -180,6 +204,8 @@ def run(cfg: Stage3Config, inputs: Stage3Inputs, out_dir: Path, *, resume: bool 
     splits = split_records(load_instructions(inputs.instructions), inputs.manifest)
     if not splits["train"]:
         raise ValueError(f"{inputs.manifest}: no eyes in the train split")
+    splits["train"] = balanced_subset(splits["train"], cfg.max_train_records)
+    splits["val"] = balanced_subset(splits["val"], cfg.max_val_records)
     tokenizer = prepare_tokenizer(cfg, splits["train"], inputs.instructions, out_dir)
     llm_dtype = torch.bfloat16 if (cfg.precision != "fp32" and torch.cuda.is_available()
                                    and torch.cuda.is_bf16_supported() and not cfg.uses_stand_in) else torch.float32
@@ -197,14 +223,14 @@ def run(cfg: Stage3Config, inputs: Stage3Inputs, out_dir: Path, *, resume: bool 
     datasets = {}
     for split in ("train", "val"):
         records = estimate_grounded(splits[split], estimates) if estimates is not None else splits[split]
-        samples = build_samples(records, tokenizer, store, max_length=cfg.max_length, estimates=estimates)
+        samples = build_samples(records, tokenizer, store, max_length=cfg.max_length, estimates=estimates,
+                                compact=cfg.compact_biomarkers)
         truncated = sum(s.truncated for s in samples)
         if truncated:
             log.warning("stage 3: %d %s targets were cut to max_length %d", truncated, split, cfg.max_length)
         datasets[split] = SFTDataset(samples, store)
     torch.manual_seed(cfg.seed)
-    projectors = Projectors(ProjectorConfig(vision_dim=cfp_encoder.cfg.embed_dim,
-                                            llm_hidden_size=llm.config.hidden_size))
+    projectors = Projectors(projector_config(cfg, cfp_encoder, llm.config))
     model = GrokModel(attach_lora(llm, cfg), projectors, image_id)
     trainer = SFTTrainer(model, cfg, datasets["train"], datasets["val"] if len(datasets["val"]) else None,
                          out_dir, tokenizer.pad_token_id, progress=progress)
@@ -227,7 +253,7 @@ def _write_outputs(cfg: Stage3Config, inputs: Stage3Inputs, out_dir: Path, model
     timings["total_s"] = time.monotonic() - started
     report = {
         "config": cfg.to_dict(), "config_digest": cfg.digest(), "inputs": {k: str(v) for k, v in inputs.__dict__.items()},
-        "llm_base": str(base_dir), "stand_in": cfg.uses_stand_in, "records": {k: len(v) for k, v in splits.items()},
+        "llm_base": str(base_dir), "stand_in": cfg.uses_stand_in, "llm_source": llm_source(base_dir), "records": {k: len(v) for k, v in splits.items()},
         "steps": result.steps, "train_losses": result.train_losses, "val_losses": result.val_losses,
         "first_val_loss": result.first_val_loss, "last_val_loss": result.last_val_loss,
         "curve_png": str(result.curve_png), "timings_s": {k: round(v, 2) for k, v in timings.items()},
@@ -247,6 +273,7 @@ def pack_bundle(result: Stage3Result, inputs: Stage3Inputs, bundle_dir: Path, *,
     report = result.report
     prov = {"stage3": {"config": report["config"], "config_digest": report["config_digest"],
                        "stand_in_llm": report["stand_in"], "llm_base": report["llm_base"],
+                       "llm_source": report.get("llm_source"),
                        "val_loss": [report["first_val_loss"], report["last_val_loss"]], "steps": report["steps"],
                        "records": report["records"]},
             "inputs": report["inputs"], **(provenance or {})}
@@ -255,6 +282,12 @@ def pack_bundle(result: Stage3Result, inputs: Stage3Inputs, bundle_dir: Path, *,
                         projectors=result.projectors_path, tokenizer_dir=result.tokenizer_dir, name=name,
                         version=version, provenance=prov, config=result.grok_config, llm_dir=result.merged_llm_dir,
                         overwrite=True, progress=progress)
+
+
+def llm_source(base_dir: Path) -> dict[str, Any] | None:
+    """What the LLM base is, from its `stand_in.json` (the tiny stand-in's or the SmolLM2 conversion's)."""
+    note = Path(base_dir) / STAND_IN_FILE
+    return json.loads(note.read_text()) if note.is_file() else None
 
 
 def load_result(out_dir: Path) -> Stage3Result:

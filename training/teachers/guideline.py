@@ -18,7 +18,7 @@ import math
 import random
 from typing import Mapping, Protocol
 
-from grok_pacs.domain.biomarkers import BY_KEY, CFP_KEYS, format_value
+from grok_pacs.domain.biomarkers import BY_KEY, CFP_KEYS, PROSE_NAMES, format_value
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 
 from training.teachers.knowledge import Knowledge, Sign, load_knowledge
@@ -26,19 +26,7 @@ from training.teachers.knowledge import Knowledge, Sign, load_knowledge
 MAX_WORDS = 300
 
 #: How the report names each biomarker: phrases grok_pacs.analysis.grounding ties to that key.
-PROSE: dict[str, str] = {
-    "cup_to_disc": "cup-to-disc ratio", "avr": "arteriolar-to-venular ratio",
-    "tortuosity_arterial": "arterial tortuosity", "tortuosity_venular": "venular tortuosity",
-    "fd_arterial": "arterial fractal dimension", "fd_venular": "venular fractal dimension",
-    "disc_diameter_vertical": "vertical disc diameter", "rnfl_average": "RNFL thickness",
-    "gcipl_average": "GCIPL thickness", "inl_average": "INL thickness", "rpe_average": "RPE thickness",
-    "mt_central": "central subfield thickness", "mt_overall": "overall macular thickness",
-    **{f"mt_{r}_{s}": f"{r} {s} macular thickness" for r in ("inner", "outer")
-       for s in ("inferior", "nasal", "superior", "temporal")},
-    **{f"{p}_{r}": f"{r} {n} thickness" for p, n in (("inl_elm", "INL-ELM"), ("elm_isos", "ELM-IS/OS"),
-                                                        ("isos_rpe", "IS/OS-RPE"), ("inl_rpe", "INL-RPE"))
-       for r in ("central", "inner", "outer", "average")},
-}
+PROSE: dict[str, str] = PROSE_NAMES
 _REGION = {"cup_to_disc": "disc", "disc_diameter_vertical": "disc", "avr": "vessels",
            "tortuosity_arterial": "vessels", "tortuosity_venular": "vessels", "fd_arterial": "vessels",
            "fd_venular": "vessels"}
