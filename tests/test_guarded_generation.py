@@ -110,8 +110,8 @@ def test_a_runaway_number_is_cut_inside_generate(engine):
 @pytest.mark.parametrize(("text", "finished"), [
     ("Findings.\nDiagnosis: Glaucoma", True), ("Findings.\nDiagnosis: Gl", False),
     ("Findings.\nDiagnosis: Diabetes", True), ("Findings.\nDiagnosis: Diabetic", False),
-    ("Findings. Diagnosis: **Normal**", True), ("Findings.\nDiagnosis: no", False),
-    ("The diagnosis is glaucoma", False)])
+    ("Findings.\n**Diagnosis:** Normal", True), ("Findings.\nDiagnosis: no", False),
+    ("The diagnosis is glaucoma", False), ("The differential diagnosis: glaucoma", False)])
 def test_diagnosis_stop_waits_for_a_complete_label(engine, text, finished):
     assert DiagnosisStop(engine.tokenizer).finished(text) is finished
 
