@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from ophthalmic_dicom import Patient, make_cfp, write
+from orthanc import Orthanc
 
 from devtools.ohif_server import APP_CONFIG, OhifServer
 from devtools.ports import free_port
-from ophthalmic_dicom import Patient, make_cfp, write
-from orthanc import Orthanc
 
 
 @pytest.fixture
@@ -35,6 +35,9 @@ def test_serves_our_config_the_app_and_nothing_outside_dist(dist):
             assert http.get("/viewer?StudyInstanceUIDs=1.2.3").text == "<html>OHIF</html>"  # the app's route
             escape = http.get("/%2E%2E/secret.txt")
             assert "outside dist" not in escape.text
+            # No PACS behind it: a clear 502 naming Orthanc, not a dropped connection.
+            down = http.get("/dicom-web/studies")
+            assert down.status_code == 502 and "Orthanc at 127.0.0.1:9" in down.text
     finally:
         server.stop()
 

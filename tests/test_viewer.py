@@ -15,13 +15,13 @@ from pathlib import Path
 import pydicom
 import pypdf
 import pytest
-from playwright.sync_api import expect
-from pydicom.dataset import Dataset
-
-from devtools.ports import free_port
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 from orthanc import Orthanc
+from playwright.sync_api import expect
+from pydicom.dataset import Dataset
 from viewer import TIMEOUT_MS, Browser, ohif_server, pixels, screen_text
+
+from devtools.ports import free_port
 from devtools.processes import GrokProcess, grok_env, wait_until
 
 GROK_AE = "GROK_PACS"

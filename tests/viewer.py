@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_tool
 from PIL import Image
 
-from conftest import require_tool
 from devtools.ohif_server import OHIF_DIST, OhifServer
 from devtools.ports import free_port
 
