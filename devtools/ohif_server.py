@@ -39,7 +39,7 @@ def orthanc_query(query: str) -> str:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
@@ -61,6 +61,9 @@ class _Handler(BaseHTTPRequestHandler):
             upstream.request("GET", target, headers=headers)
             response = upstream.getresponse()
             body = response.read()
+        except OSError as exc:  # Orthanc down or gone: the viewer shows a failed request, the log says why
+            self.send_error(502, f"Orthanc at {self.server.orthanc.netloc} did not answer: {exc}")
+            return
         finally:
             upstream.close()
         self.send_response(response.status)
@@ -114,7 +117,7 @@ class OhifServer:
         self._server = _Server(port, dist, orthanc_url, log_path)
         self._thread = threading.Thread(target=self._server.serve_forever, name="ohif-server", daemon=True)
 
-    def start(self) -> "OhifServer":
+    def start(self) -> OhifServer:
         self._thread.start()
         return self
 

@@ -2,8 +2,8 @@
 # Installs the system programs grok-pacs' tests and demo use as real peers, when missing:
 # DCMTK (storescu/storescp/echoscu/img2dcm/dcmdump/dsr2html), dicom3tools (dciodvfy), Redis, Orthanc,
 # systemd-analyze (the systemd package; only its tools are used, nothing is booted); for the browser test
-# (tests/test_viewer.py): Orthanc's DICOMweb plugin, chromium (driven headless by Playwright) and npm
-# (scripts/fetch-ohif.sh fetches the OHIF viewer with it).
+# (tests/test_viewer.py): Orthanc's DICOMweb plugin, chromium (driven headless by Playwright), npm
+# (scripts/fetch-ohif.sh fetches the OHIF viewer with it) and tesseract (OCR of what the viewer shows).
 # Debian packages; needs root (or sudo). Does nothing when everything is already there.
 set -euo pipefail
 need=()
@@ -16,6 +16,7 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)  # verifies deploy
 test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || need+=(orthanc-dicomweb)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+command -v tesseract >/dev/null 2>&1 || need+=(tesseract-ocr tesseract-ocr-eng)  # reads the viewer's PDF on screen
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

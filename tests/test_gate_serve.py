@@ -85,12 +85,15 @@ def test_hostile_inputs_get_no_diagnosis_through_serve(tmp_path, tiny_bundle):
                                    "127.0.0.1", str(port), *map(str, batch)], capture_output=True, text=True,
                                   timeout=120)
             assert sent.returncode == 0, sent.stderr
-        srs = wait_until(lambda: len(pacs.received()) >= 4 and pacs.received(), 240, "four SRs at the PACS",
-                         interval=0.5)
-        assert len(srs) == 4
+        def srs() -> list[pydicom.Dataset]:  # each study also gets its PDF report: count the SRs
+            return [ds for ds in pacs.received() if ds.Modality == "SR"]
+        wait_until(lambda: len(srs()) >= 4, 240, "four SRs at the PACS", interval=0.5)
+        assert len(srs()) == 4
         by_key = {}
         for path in sorted(p for p in pacs.out_dir.iterdir() if p.is_file()):
             sr = pydicom.dcmread(path)
+            if sr.Modality != "SR":
+                continue
             eye = "R" if "(right eye)" in sr.SeriesDescription else "L"
             by_key[(sr.PatientID, eye)] = (sr, path)
         expected = {

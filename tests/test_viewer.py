@@ -8,16 +8,20 @@ $VIEWER_SCREENSHOT_DIR when it is set, e.g. `VIEWER_SCREENSHOT_DIR=docs/images`)
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
+import pydicom
+import pypdf
 import pytest
-from playwright.sync_api import expect
-
-from devtools.ports import free_port
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 from orthanc import Orthanc
-from viewer import TIMEOUT_MS, Browser, ohif_server, pixels
+from playwright.sync_api import expect
+from pydicom.dataset import Dataset
+from viewer import TIMEOUT_MS, Browser, ohif_server, pixels, screen_text
+
+from devtools.ports import free_port
 from devtools.processes import GrokProcess, grok_env, wait_until
 
 GROK_AE = "GROK_PACS"
@@ -30,11 +34,18 @@ class DeliveredStudy:
     def __init__(self, orthanc: Orthanc, patient: Patient, work_dir: Path) -> None:
         self.orthanc, self.patient, self.work_dir = orthanc, patient, work_dir
 
-    def instances(self, modality: str) -> list[dict]:
+    def instances(self, modality: str, description: str = "") -> list[dict]:
+        """Orthanc's instances of this modality in series whose description contains `description`."""
         (study_id,) = self.orthanc.get("/studies")
         return [inst for s in self.orthanc.get(f"/studies/{study_id}/series")
                 if s["MainDicomTags"].get("Modality") == modality
+                and description in s["MainDicomTags"].get("SeriesDescription", "")
                 for inst in self.orthanc.get(f"/series/{s['ID']}/instances")]
+
+    def dataset(self, modality: str, description: str = "") -> Dataset:
+        """The one instance of this modality (and series description) as stored in Orthanc."""
+        (instance,) = self.instances(modality, description)
+        return pydicom.dcmread(io.BytesIO(self.orthanc.file(instance["ID"])))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +66,8 @@ def delivered(tmp_path_factory, tiny_bundle):
         (study_id,) = orthanc.get("/studies")
         orthanc.send_to_modality("grok", [study_id])
         study = DeliveredStudy(orthanc, patient, work)
-        wait_until(lambda: len(study.instances("SR")) >= 2, 180, "one SR per eye in Orthanc", interval=0.5)
+        wait_until(lambda: len(study.instances("SR")) >= 2 and study.instances("DOC"), 180,
+                   "one SR per eye and the PDF report in Orthanc", interval=0.5)
     except BaseException:
         orthanc.stop()
         raise
@@ -78,8 +90,16 @@ def browser(delivered, viewer):
     """Chromium with a fresh profile."""
     chromium = Browser(delivered.work_dir / "chromium-profile")
     yield chromium
-    chromium.page.screenshot(path=str(delivered.work_dir / "viewer-last.png"))  # what it showed at the end
     chromium.close()
+
+
+@pytest.fixture
+def page(browser, delivered, request):
+    """A fresh tab for one test; what it showed at the end is kept beside the study's work files."""
+    tab = browser.open_tab()
+    yield tab
+    tab.screenshot(path=str(delivered.work_dir / f"last-{request.node.name}.png"))
+    tab.close()
 
 
 def thumbnail(page, modality: str):
@@ -101,8 +121,7 @@ def colour_fundus(page):
     return image if drawn and lit[:, 0].mean() > lit[:, 2].mean() + 60 else None
 
 
-def test_the_study_opens_with_its_images_and_our_report_listed(delivered, viewer, browser, tmp_path):
-    page = browser.page
+def test_the_study_opens_with_its_images_and_our_report_listed(delivered, viewer, browser, page, tmp_path):
     # The study list (QIDO-RS through the proxy) shows the patient's study with our report's modality in it.
     page.goto(f"{viewer.url}/")
     row = page.locator("tr", has_text=delivered.patient.patient_id)
@@ -129,3 +148,69 @@ def test_the_study_opens_with_its_images_and_our_report_listed(delivered, viewer
     wait_until(lambda: colour_fundus(page) is not None, 60, "the fundus photograph drawn in colour", interval=1)
     browser.screenshot(tmp_path / "viewer-cfp.png")
     assert not [line for line in browser.console if line.startswith("pageerror")], browser.console
+
+
+def pdf_lines(document: Dataset) -> list[str]:
+    """The text lines of an Encapsulated PDF instance."""
+    reader = pypdf.PdfReader(io.BytesIO(document.EncapsulatedDocument))
+    return [line.strip() for page in reader.pages for line in page.extract_text().splitlines()]
+
+
+def test_the_pdf_report_shows_the_disposition_and_diagnosis(delivered, viewer, browser, page, tmp_path):
+    # What the report says, read from the PDF grok-pacs delivered (pypdf), e.g. "Refer to ophthalmology:
+    # glaucoma suspicion [...]" after the patient-level heading and "Glaucoma (model score ...)" after "Diagnosis".
+    lines = pdf_lines(delivered.dataset("DOC"))
+    disposition = lines[lines.index("Patient-level disposition") + 1].split(" [")[0]
+    diagnosis = lines[lines.index("Diagnosis") + 1].split(" (")[0]
+    page.goto(viewer.study_url(delivered.patient.study_uid))
+    thumbnail(page, "DOC").first.dblclick()
+    page.locator('object[type="application/pdf"]').wait_for()
+    pane = page.locator('[data-cy="viewport-pane"]')
+    # What the clinician reads on screen (OCR of the browser's PDF viewer inside OHIF's viewport).
+    def drawn_report() -> str | None:
+        text = screen_text(pane.screenshot(), tmp_path)
+        return text if "Patient-level disposition" in text else None
+
+    text = wait_until(drawn_report, 120, "the PDF report drawn in the viewer", interval=1)
+    browser.screenshot(tmp_path / "viewer-pdf-report.png")
+    assert "UNVERIFIED" in text and "AI-generated" in text.replace("Al-", "AI-"), text  # OCR reads AI as Al
+    assert f"Patient-level disposition {disposition}" in text, (disposition, text)
+    assert f"Diagnosis {diagnosis}" in text, (diagnosis, text)
+
+
+def content_items(item: Dataset):
+    """Every content item under `item`, depth first."""
+    for child in item.get("ContentSequence", []):
+        yield child
+        yield from content_items(child)
+
+
+def sr_measurements(sr: Dataset) -> dict[str, float]:
+    """Every NUM of an SR: concept name -> value."""
+    return {item.ConceptNameCodeSequence[0].CodeMeaning: float(item.MeasuredValueSequence[0].NumericValue)
+            for item in content_items(sr) if item.ValueType == "NUM"}
+
+
+def shown_measurements(page) -> dict[str, float]:
+    """The measurement labels OHIF draws on the viewport ("name: value unit", one SVG tspan per line)."""
+    labels = page.locator('[data-cy="viewport-pane"] svg tspan').filter(has_text=re.compile(r": [-\d.]+ \S+$"))
+    shown = {}
+    for label in labels.all_text_contents():  # SVG has no innerText
+        name, value = label.rsplit(": ", 1)
+        shown[name] = float(value.split()[0])
+    return shown
+
+
+@pytest.mark.parametrize("eye", ["right", "left"])
+def test_each_eye_s_sr_opens_on_its_oct_b_scan_with_measurements(delivered, viewer, browser, page, tmp_path, eye):
+    sr = delivered.dataset("SR", f"{eye} eye")  # each eye's SR in its own series: neither hides the other
+    measurements = sr_measurements(sr)
+    frame = next(int(e.value) for e in sr.iterall() if e.keyword == "ReferencedFrameNumber")
+    page.goto(viewer.study_url(delivered.patient.study_uid))
+    thumbnail(page, "SR").filter(has_text=f"{eye} eye").dblclick()
+    # OHIF's SR viewport opens the B-scan the report used and draws this SR's measurements beside its point.
+    shown = wait_until(lambda: shown_measurements(page), 90, f"measurements drawn from the {eye} eye's SR")
+    expect(page.locator('[data-cy="viewport-overlay-bottom-right"]')).to_contain_text(f"({frame}/")
+    assert set(shown) <= set(measurements), (shown, sorted(measurements))
+    assert all(abs(shown[name] - measurements[name]) < 0.01 for name in shown), (shown, measurements)
+    browser.screenshot(tmp_path / f"viewer-sr-{eye}-eye.png")

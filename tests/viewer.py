@@ -10,13 +10,14 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_tool
 from PIL import Image
 
-from conftest import require_tool
 from devtools.ohif_server import OHIF_DIST, OhifServer
 from devtools.ports import free_port
 
@@ -39,7 +40,9 @@ def ohif_server(orthanc_url: str, log_path: Path) -> OhifServer:
 
 
 class Browser:
-    """Debian's chromium under Playwright with a fresh profile; `page` is the one tab tests drive."""
+    """Debian's chromium under Playwright with a fresh profile; each test drives its own tab (`open_tab`):
+    OHIF keeps per-tab session state, and a tab that opened one eye's SR drew no measurements for the
+    other eye's SR after a reload (seen with 3.13.2)."""
 
     def __init__(self, profile_dir: Path) -> None:
         executable = require_tool("chromium")
@@ -52,9 +55,14 @@ class Browser:
         self.context.set_default_timeout(TIMEOUT_MS)
         self.context.add_init_script(SKIP_TOUR)
         self.console: list[str] = []
+        self.page = None
+
+    def open_tab(self):
+        """A new tab, which `screenshot` then captures; its console messages go to `console`."""
         self.page = self.context.new_page()
         self.page.on("console", lambda msg: self.console.append(f"{msg.type}: {msg.text}"))
         self.page.on("pageerror", lambda err: self.console.append(f"pageerror: {err}"))
+        return self.page
 
     def close(self) -> None:
         self.context.close()
@@ -74,3 +82,18 @@ class Browser:
 def pixels(png: bytes) -> np.ndarray:
     """An element screenshot as an RGB array."""
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+
+
+def screen_text(png: bytes, work_dir: Path) -> str:
+    """What a reader sees in a screenshot, by OCR (Debian tesseract), whitespace collapsed to single spaces.
+
+    The image is made grey and doubled first: the viewer's 100 % zoom gives ~12 px glyphs, which tesseract
+    reads reliably only when enlarged.
+    """
+    image = Image.open(io.BytesIO(png)).convert("L")
+    image = image.resize((image.width * 2, image.height * 2), Image.LANCZOS)
+    path = work_dir / "ocr-input.png"
+    image.save(path)
+    result = subprocess.run([require_tool("tesseract"), str(path), "-"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return " ".join(result.stdout.split())

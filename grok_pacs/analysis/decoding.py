@@ -74,9 +74,12 @@ def _complete_labels() -> set[str]:
 
 
 class DiagnosisStop(StoppingCriteria):
-    """Stops a row once its last line reads "Diagnosis: <label>" with a complete, unambiguous label."""
+    """Stops a row once its last line reads "Diagnosis: <label>" with a complete, unambiguous label.
 
-    _LINE = re.compile(r"(?:^|[\s.;*_>#])diagnosis[ \t*_]*[:\-][ \t*_]*([^\n]*)$", re.IGNORECASE)
+    The mark must start a line (the trained format), so a "differential diagnosis: glaucoma ..." inside
+    the findings does not end the report early."""
+
+    _LINE = re.compile(r"\n[ \t*_>#]*(?:final\s+)?diagnosis[ \t*_]*[:\-][ \t*_]*([^\n]*)$", re.IGNORECASE)
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
@@ -88,7 +91,9 @@ class DiagnosisStop(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         texts = self.tokenizer.batch_decode(input_ids[:, -_TAIL_TOKENS:], skip_special_tokens=True)
-        return torch.tensor([self.finished(text) for text in texts], dtype=torch.bool, device=input_ids.device)
+        whole = input_ids.shape[1] <= _TAIL_TOKENS  # the window holds the whole text: its start is a line start
+        return torch.tensor([self.finished("\n" + text if whole else text) for text in texts], dtype=torch.bool,
+                            device=input_ids.device)
 
 
 def _left_padded(rows: Sequence[Sequence[int]], pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
