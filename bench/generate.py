@@ -123,8 +123,10 @@ def two_eye(bundle: Path, repeats: int, threads: int) -> dict:
 def shapes_two_eye(preset: str, prefix: int, new_tokens: int, repeats: int, device: str) -> dict:
     """Decode `new_tokens` after `prefix` input embeddings (the spliced prompt), one row vs two rows (the
     second 40 shorter, left-padded), at a preset's shapes with random weights (speed does not depend on
-    them); no-repeat-12-gram on, as in the runtime. What batching buys once decode dominates."""
+    them); the runtime's no-repeat n-gram guard on. What batching buys once decode dominates."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from grok_pacs.model.config import GenerationConfig
 
     torch.manual_seed(0)
     llm = Qwen2ForCausalLM(Qwen2Config(**PRESETS[preset], max_position_embeddings=4096,
@@ -137,7 +139,8 @@ def shapes_two_eye(preset: str, prefix: int, new_tokens: int, repeats: int, devi
         start = time.perf_counter()
         with torch.inference_mode():
             out = llm.generate(inputs_embeds=embeds[:rows], attention_mask=mask[:rows], max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, no_repeat_ngram_size=12, pad_token_id=0)
+                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                               no_repeat_ngram_size=GenerationConfig().no_repeat_ngram_size)
         assert out.shape == (rows, new_tokens)
         return time.perf_counter() - start
 

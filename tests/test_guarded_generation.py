@@ -210,3 +210,35 @@ def test_a_bundle_trained_without_estimates_is_prompted_without_them(tiny_bundle
     report = engine.analyze_eye(item.eye, item.cfp, item.oct)
     assert prompts and not any("Biomarker estimates" in p for p in prompts[:1])
     assert len(report.biomarkers) == 37
+
+
+def test_guard_defaults_leave_healthy_reports_alone():
+    """The n-gram guard must never block a run a healthy report repeats (it would force another token, maybe a
+    wrong digit), and max_new_tokens must fit the longest report, in the SmolLM2 stand-in's tokens."""
+    from collections import Counter
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
+    from grok_pacs.model.config import GenerationConfig
+    from grok_pacs.model.prompt import format_target
+    from training.phantom.sampling import sample_subject
+    from training.stage3.smollm import gguf_path
+    from training.teachers.guideline import GuidelineTeacher
+
+    path = gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    teacher, defaults, longest_repeat, longest = GuidelineTeacher(), GenerationConfig(), 0, 0
+    for label in DIAGNOSTIC_LABELS:
+        for i in range(4):
+            truth = sample_subject(f"G{i}", label, np.random.default_rng([11, i, DIAGNOSTIC_LABELS.index(label)]))
+            eye = truth.eyes[i % 2]
+            record = type("Record", (), dict(subject_id=truth.subject_id, eye=eye.eye, label=label,
+                                             biomarkers=eye.biomarkers, meta={"subtype": eye.subtype}))
+            ids = tokenizer(format_target(teacher.write(record), label), add_special_tokens=False)["input_ids"]
+            longest = max(longest, len(ids) + 1)  # + <|im_end|>
+            size = longest_repeat + 1
+            while Counter(tuple(ids[j:j + size]) for j in range(len(ids) - size + 1)).most_common(1)[0][1] > 1:
+                longest_repeat, size = size, size + 1
+    assert 10 < longest_repeat < defaults.no_repeat_ngram_size and longest < defaults.max_new_tokens

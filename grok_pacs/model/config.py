@@ -68,7 +68,9 @@ class LLMConfig:
 class GenerationConfig:
     """Decoding defaults of the runtime (deterministic, bounded)."""
 
-    max_new_tokens: int = 512  # hard bound on generated tokens per eye (the paper allows 1024; reports are <= 300 words)
+    # Hard bound on generated tokens per eye (the paper allows 1024): the 280 phantom teacher reports (<= 300
+    # words) take up to 518 SmolLM2 tokens, so 512 would cut some; a cut report has no diagnosis line.
+    max_new_tokens: int = 768
     temperature: float = 0.0  # 0 = greedy (deterministic); > 0 samples (the paper used 0.2)
     score_labels: bool = True  # also score each label after "Diagnosis:" (7 short continuations, one prefill)
     min_label_probability: float = 0.5  # without a valid diagnosis line, use the scored label only above this
@@ -76,7 +78,10 @@ class GenerationConfig:
     ground_numbers: bool = True  # write cited numbers that disagree with the estimates as the estimates
     compact_biomarkers: bool = False  # the prompt's estimates as grok_pacs.model.prompt.compact_biomarker_block
     stop_at_diagnosis: bool = True  # end a generation once "Diagnosis: <label>" is complete (nothing after it)
-    no_repeat_ngram_size: int = 12  # no token 12-gram twice (0 = off); healthy reports never repeat one that long
+    # No token n-gram of this size twice (0 = off). Healthy reports do repeat long runs (a rule-out citing
+    # "is unlikely with an arteriolar-to-venular ratio of 0.768" twice: 20 SmolLM2 tokens), and blocking one
+    # would force a different token, maybe a wrong digit; 32 only stops a loop that repeats whole sentences.
+    no_repeat_ngram_size: int = 32
     repetition_penalty: float = 1.0  # 1.0 = off: a penalty would also punish the words and digits reports repeat
     max_number_digits: int = 6  # forbid a digit run longer than this and a second decimal point (0 = off)
 
