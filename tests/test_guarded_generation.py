@@ -183,7 +183,8 @@ def test_degenerate_generation_is_withheld_and_the_sr_says_why(junk_engine, engi
                                REASON_TEXT[first], "The measurements are unaffected")
     assert report.raw_text.strip()[:40] not in rendered  # the model's words are not shipped as findings
     nums = [item for item in _walk(pydicom.dcmread(path).ContentSequence) if item.ValueType == "NUM"]
-    assert len(nums) == 37
+    scores = [n for n in nums if n.ConceptNameCodeSequence[0].CodeValue.startswith("GROK-DX")]
+    assert len(nums) - len(scores) == 37 and len(scores) == 1  # the biomarkers, and the diagnosis' score
 
     assert engine.analyze_eye(item.eye, item.cfp, item.oct).narrative_check.passed
     assert _sample("grok_pacs_narratives_total", {"outcome": "failed"}) == failed_before + 1

@@ -191,6 +191,13 @@ def sr_measurements(sr: Dataset) -> dict[str, float]:
             for item in content_items(sr) if item.ValueType == "NUM"}
 
 
+def sr_diagnosis(sr: Dataset) -> str:
+    """The SR's coded diagnosis (its meaning), e.g. "Glaucoma" or "Indeterminate"."""
+    (meaning,) = [item.ConceptCodeSequence[0].CodeMeaning for item in content_items(sr)
+                  if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeMeaning == "Diagnosis"]
+    return meaning
+
+
 def shown_measurements(page) -> dict[str, float]:
     """The measurement labels OHIF draws on the viewport ("name: value unit", one SVG tspan per line)."""
     labels = page.locator('[data-cy="viewport-pane"] svg tspan').filter(has_text=re.compile(r": [-\d.]+ \S+$"))
@@ -201,16 +208,38 @@ def shown_measurements(page) -> dict[str, float]:
     return shown
 
 
+def open_sr(page, study_url: str, series_text: str, attempts: int = 3) -> dict[str, float]:
+    """Open the study, double-click the SR series, and return the measurements OHIF draws from it.
+
+    OHIF 3.13.2 sometimes opens an SR on the right image and draws nothing (seen 1 time in 8 with the same
+    SR, the other 7 drawn within 3 s; moving the mouse does not help, reloading does): like a clinician,
+    the test reloads and opens it again, at most `attempts` times; an SR that never draws still fails.
+    """
+    for _ in range(attempts):
+        page.goto(study_url)
+        thumbnail(page, "SR").filter(has_text=series_text).dblclick()
+        try:
+            return wait_until(lambda: shown_measurements(page), 30, f"measurements drawn from the {series_text} SR")
+        except AssertionError as missing:
+            failure = missing
+    raise failure
+
+
 @pytest.mark.parametrize("eye", ["right", "left"])
-def test_each_eye_s_sr_opens_on_its_oct_b_scan_with_measurements(delivered, viewer, browser, page, tmp_path, eye):
+def test_each_eye_s_sr_opens_on_its_oct_b_scan_with_diagnosis_and_measurements(delivered, viewer, browser, page,
+                                                                               tmp_path, eye):
     sr = delivered.dataset("SR", f"{eye} eye")  # each eye's SR in its own series: neither hides the other
     measurements = sr_measurements(sr)
+    diagnosis = sr_diagnosis(sr)
     frame = next(int(e.value) for e in sr.iterall() if e.keyword == "ReferencedFrameNumber")
-    page.goto(viewer.study_url(delivered.patient.study_uid))
-    thumbnail(page, "SR").filter(has_text=f"{eye} eye").dblclick()
     # OHIF's SR viewport opens the B-scan the report used and draws this SR's measurements beside its point.
-    shown = wait_until(lambda: shown_measurements(page), 90, f"measurements drawn from the {eye} eye's SR")
+    shown = open_sr(page, viewer.study_url(delivered.patient.study_uid), f"{eye} eye")
     expect(page.locator('[data-cy="viewport-overlay-bottom-right"]')).to_contain_text(f"({frame}/")
     assert set(shown) <= set(measurements), (shown, sorted(measurements))
     assert all(abs(shown[name] - measurements[name]) < 0.01 for name in shown), (shown, measurements)
+    # The diagnosis, drawn as its score ("Probability of Glaucoma (AI): 87 %"; Indeterminate names no label),
+    # and at least one biomarker measurement beside it.
+    assert [name for name in shown if diagnosis in name and name.endswith(("(AI)", "probability", "score"))], \
+        (diagnosis, shown)
+    assert [name for name in shown if "(AI)" not in name], shown
     browser.screenshot(tmp_path / f"viewer-sr-{eye}-eye.png")

@@ -97,10 +97,24 @@ def _diagnosis(sr: pydicom.Dataset) -> str:
     return meaning
 
 
-def _num_count(sr: pydicom.Dataset) -> int:
+def _nums(sr: pydicom.Dataset) -> list[str]:
+    """The code values of every NUM in the SR."""
     def walk(items):
-        return sum((item.ValueType == "NUM") + walk(item.get("ContentSequence", [])) for item in items)
-    return walk(sr.ContentSequence)
+        for item in items:
+            if item.ValueType == "NUM":
+                yield item.ConceptNameCodeSequence[0].CodeValue
+            yield from walk(item.get("ContentSequence", []))
+    return list(walk(sr.ContentSequence))
+
+
+def _num_count(sr: pydicom.Dataset) -> int:
+    """The biomarker measurements (the diagnosis' score, a GROK-DX NUM, is counted by `_score_count`)."""
+    return sum(1 for value in _nums(sr) if not value.startswith("GROK-DX"))
+
+
+def _score_count(sr: pydicom.Dataset) -> int:
+    """NUMs stating the diagnosis' score (what OHIF's SR viewport draws as the diagnosis)."""
+    return sum(1 for value in _nums(sr) if value.startswith("GROK-DX"))
 
 
 def test_both_eyes_newest_cfp_two_srs_once(ctx, pacs):
@@ -124,7 +138,7 @@ def test_both_eyes_newest_cfp_two_srs_once(ctx, pacs):
     assert _refs(srs["L"]) == {cfp_l.SOPInstanceUID, oct_l.SOPInstanceUID}
     for sr in srs.values():
         assert sr.StudyInstanceUID == study_uid and sr.PatientID == patient.patient_id
-        assert _num_count(sr) == 37
+        assert _num_count(sr) == 37 and _score_count(sr) == 1
     kept = sorted((Path(ctx.settings.data_dir) / "sr" / study_uid).iterdir())
     assert len(kept) == 3
     for path in kept:
@@ -144,7 +158,7 @@ def test_only_cfp_gives_one_sr_stating_oct_missing(ctx, pacs):
     study_uid = _ingest(ctx, [make_cfp(patient, "L")])
     analyze_study(study_uid=study_uid, version=1)
     (sr,) = pacs.received_srs()
-    assert _num_count(sr) == 6 and sr_eye(sr) == "L" and len(pacs.received_pdfs()) == 1
+    assert _num_count(sr) == 6 and _score_count(sr) == 1 and sr_eye(sr) == "L" and len(pacs.received_pdfs()) == 1
     path = Path(ctx.settings.data_dir) / _sr_entry(ctx, study_uid).path
     assert_valid_sr(path, "Not available for this eye: OCT")
     assert ctx.index.study(study_uid).state is StudyState.DONE
@@ -156,7 +170,7 @@ def test_only_oct_gives_one_sr_stating_cfp_missing(ctx, pacs):
     study_uid = _ingest(ctx, [oct_r])
     analyze_study(study_uid=study_uid, version=1)
     (sr,) = pacs.received_srs()
-    assert _num_count(sr) == 31 and _refs(sr) == {oct_r.SOPInstanceUID}
+    assert _num_count(sr) == 31 and _score_count(sr) == 1 and _refs(sr) == {oct_r.SOPInstanceUID}
     (pdf,) = pacs.received_pdfs()
     assert "OCT B-scan used: frame" in pdf_text(pdf.EncapsulatedDocument)
     path = Path(ctx.settings.data_dir) / _sr_entry(ctx, study_uid).path
@@ -175,6 +189,7 @@ def test_undecodable_instance_is_skipped_and_noted(ctx, pacs):
     assert _refs(srs["R"]) == {older_r.SOPInstanceUID, oct_r.SOPInstanceUID}
     # The left eye had nothing decodable: an SR without diagnosis that says why (issue 15's gate).
     assert _refs(srs["L"]) == {broken_only_l.SOPInstanceUID} and _num_count(srs["L"]) == 0
+    assert _score_count(srs["L"]) == 0 and _score_count(srs["R"]) == 1  # no diagnosis drawn for the left eye
     left = next(e for e in ctx.outbox.for_study(study_uid) if e.eye == "L")
     text = assert_valid_sr(Path(ctx.settings.data_dir) / left.path, "Pixel data cannot be decoded",
                            "Image quality insufficient: retake, or refer")

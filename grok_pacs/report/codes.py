@@ -58,6 +58,25 @@ IMPRESSION = Code("121073", DCM, "Impression")
 COMMENT = Code("121106", DCM, "Comment")
 PROCESSING_EQUIPMENT = Code("109102", DCM, "Processing Equipment")
 
+#: The first NUM of an eye's first measurement group states the diagnosis with its score: OHIF's SR viewport
+#: draws a group's NUMs ("name: value unit") and never its coded diagnosis, so this is how the diagnosis is seen
+#: there. One code value per label and kind (calibrated probability / uncalibrated model score); values never
+#: change once written. Indeterminate's value is the highest label's score, which reached no operating point.
+_SCORE_VALUES: dict[Label, str] = {
+    Label.AMD: "01", Label.GLAUCOMA: "02", Label.DIABETES: "03", Label.HYPERTENSION: "04",
+    Label.ALZHEIMER: "05", Label.DIABETIC_RETINOPATHY: "06", Label.NORMAL: "07", Label.INDETERMINATE: "08",
+}
+PERCENT = Code("%", UCUM, "percent")
+
+
+def diagnosis_score_code(label: Label, calibrated: bool) -> Code:
+    """'Probability of Glaucoma (AI)' (calibrated) or 'Model score of Glaucoma (AI)' (not calibrated)."""
+    kind = "probability" if calibrated else "model score"
+    meaning = (f"Indeterminate (AI): highest label {kind}" if label is Label.INDETERMINATE
+               else f"{kind.capitalize()} of {LABEL_CODES[label].meaning} (AI)")
+    return Code(f"GROK-DX-{'P' if calibrated else 'S'}{_SCORE_VALUES[label]}", GROK, meaning)
+
+
 # --- the PDF report (encapsulated.py) ------------------------------------------------------------------
 LN = "LN"
 #: Concept name of the Encapsulated PDF (LOINC document type, as IHE displayable reports use).

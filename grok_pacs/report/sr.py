@@ -94,6 +94,9 @@ def validate(report: Report, sources: Sequence[Dataset], key: SRKey) -> None:
             raise SRBuildError(f"{key}: source {ds.SOPInstanceUID} has laterality {_laterality(ds)!r}")
         if not (ds.get("Rows") and ds.get("Columns")):
             raise SRBuildError(f"{key}: source {ds.SOPInstanceUID} has no Rows/Columns (the SR points into it)")
+    for name, score in report.label_scores.items():
+        if not (math.isfinite(score) and 0.0 <= score <= 1.0):
+            raise SRBuildError(f"{key}: label score {name}={score} is not a probability in [0, 1]")
     seen: set[str] = set()
     for estimate in report.biomarkers:
         marker = BY_KEY.get(estimate.key)

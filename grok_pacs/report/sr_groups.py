@@ -3,7 +3,9 @@
 Each group has a SCOORD POINT SELECTED FROM its image (the OCT B-scan used, with its frame; the fundus
 photograph), finding site Retina + laterality and that image's biomarkers (TID 300 NUMs, UCUM units); the
 first also holds the coded diagnosis and the gate's items (`safety`), and its tracking identifier names the
-conclusion, which is what OHIF lists. OHIF takes a group's image and position only from such a SCOORD: a
+conclusion. OHIF draws neither a coded diagnosis nor a tracking identifier, only a group's first NUMs, so the
+first NUM of a gradable eye's first group is the diagnosis' score ("Probability of Glaucoma (AI): 87 %");
+an eye that was not gradable gets none, so no diagnosis is ever drawn for it. OHIF takes a group's image and position only from such a SCOORD: a
 group of NUMs without one gives a black viewport (SPEC §8).
 """
 
@@ -19,6 +21,7 @@ from pydicom.dataset import Dataset
 from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Gradability, Report, SourceImage
 from grok_pacs.config import OPT
 from grok_pacs.domain.biomarkers import BY_KEY, Modality, format_value
+from grok_pacs.domain.labels import Label
 from grok_pacs.report import codes, safety
 from grok_pacs.report.keys import SRKey, derived_uid
 
@@ -38,6 +41,25 @@ def _measurements(estimates: Sequence[BiomarkerEstimate]) -> list[hd.sr.Measurem
         )
         for est in estimates
     ]
+
+
+def diagnosis_score(report: Report) -> float | None:
+    """The score (0-1) the diagnosis is shown with: the label's, or for Indeterminate the highest label's.
+    None when the eye was not gradable or no scores were computed (then nothing states a diagnosis in OHIF)."""
+    if report.gradability is not Gradability.GRADABLE or not report.label_scores:
+        return None
+    if report.label is Label.INDETERMINATE:
+        return max(report.label_scores.values())
+    return report.label_scores.get(report.label.value)
+
+
+def _score_measurement(report: Report) -> list[hd.sr.Measurement]:
+    """The diagnosis as a NUM in percent, which is how OHIF's SR viewport shows it (it draws NUMs only)."""
+    score = diagnosis_score(report)
+    if score is None:
+        return []
+    code = codes.diagnosis_score_code(report.label, report.probabilities_calibrated)
+    return [hd.sr.Measurement(name=_concept(code), value=round(100.0 * score, 1), unit=_concept(codes.PERCENT))]
 
 
 def _modality(src: SourceImage) -> Modality:
@@ -86,8 +108,8 @@ def eye_groups(report: Report, key: SRKey, headers: dict[str, Dataset],
                 ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """TID 1410 groups, one per source image (OCT first): its point, finding site, its biomarkers.
 
-    The first group also carries the coded diagnosis, and its tracking identifier names it, since that
-    identifier is what OHIF lists for a group. Biomarkers of a modality without an image stay in the first.
+    The first group also carries the coded diagnosis, its score as the group's first NUM (what OHIF draws)
+    and a tracking identifier that names it. Biomarkers of a modality without an image stay in the first.
     """
     sources = sorted(report.sources, key=lambda s: _modality(s) is not Modality.OCT)
     by_modality = {_modality(s): [] for s in sources}
@@ -106,7 +128,7 @@ def eye_groups(report: Report, key: SRKey, headers: dict[str, Dataset],
             algorithm_id=algorithm,
             finding_sites=[hd.sr.FindingSite(_concept(codes.RETINA),
                                              _concept(codes.LATERALITY_CODES[key.eye.value]))],
-            measurements=_measurements(estimates) or None,
+            measurements=((_score_measurement(report) if index == 0 else []) + _measurements(estimates)) or None,
             qualitative_evaluations=_diagnosis(report) if index == 0 else None,
         ))
     return groups

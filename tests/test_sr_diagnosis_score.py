@@ -1,0 +1,79 @@
+"""The diagnosis as OHIF's SR viewport shows it: the first NUM of an eye's first measurement group.
+
+OHIF draws a group's first NUMs ("name: value unit") and never its coded diagnosis or tracking identifier
+(SPEC §8), so a gradable eye's SR carries the diagnosis' score there ("Probability of Glaucoma (AI): 87 %");
+an eye that was not gradable carries none, so no diagnosis can be drawn for it. The SR stays dciodvfy clean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pydicom
+import pytest
+from ophthalmic_dicom import Patient, make_cfp, make_oct
+from srcheck import assert_valid_sr
+from test_sr import _groups, _report, _save, _source
+
+from grok_pacs.analysis.result import Eye, Gradability
+from grok_pacs.domain.labels import Label
+from grok_pacs.report.sr import SRBuildError, SRKey, build_sr
+
+SCORES = {"Glaucoma": 0.87, "AMD": 0.05, "Normal": 0.31}
+
+
+def _nums(item) -> list[tuple[str, str, float, str]]:
+    """(code value, meaning, value, unit) of every NUM under `item`, in document order."""
+    out = []
+    for child in item.get("ContentSequence", []):
+        if child.ValueType == "NUM":
+            measured = child.MeasuredValueSequence[0]
+            out.append((child.ConceptNameCodeSequence[0].CodeValue, child.ConceptNameCodeSequence[0].CodeMeaning,
+                        float(measured.NumericValue), measured.MeasurementUnitsCodeSequence[0].CodeValue))
+        out.extend(_nums(child))
+    return out
+
+
+def _built(tmp_path, label: Label, **changes) -> tuple[pydicom.Dataset, str]:
+    patient = Patient()
+    cfp, oct_ds = make_cfp(patient, "R"), make_oct(patient, "R")
+    report = dataclasses.replace(_report(Eye.RIGHT, label, [_source(cfp), _source(oct_ds, 4)]), **changes)
+    path = _save(build_sr(report, [cfp, oct_ds], SRKey(patient.study_uid, 1, "0.1.0", Eye.RIGHT)), tmp_path)
+    return pydicom.dcmread(path), path
+
+
+@pytest.mark.parametrize("calibrated, meaning", [(True, "Probability of Glaucoma (AI)"),
+                                                 (False, "Model score of Glaucoma (AI)")])
+def test_the_diagnosis_is_the_first_measurement_of_the_first_group(tmp_path, calibrated, meaning):
+    sr, path = _built(tmp_path, Label.GLAUCOMA, label_scores=SCORES, probabilities_calibrated=calibrated)
+    assert_valid_sr(path, meaning, "Glaucoma")  # dciodvfy clean; DCMTK renders it
+    first_group = _nums(_groups(sr)[0])
+    assert first_group[0][1:] == (meaning, 87.0, "%")
+    everything = _nums(sr)
+    assert len(everything) == 38 and [n[1] for n in everything].count(meaning) == 1  # 37 biomarkers + the score
+
+
+def test_indeterminate_shows_the_highest_score_and_names_no_label(tmp_path):
+    sr, path = _built(tmp_path, Label.INDETERMINATE, label_scores=SCORES, probabilities_calibrated=True)
+    assert_valid_sr(path, "Indeterminate (AI): highest label probability")
+    code, meaning, value, unit = _nums(_groups(sr)[0])[0]
+    assert (meaning, value, unit) == ("Indeterminate (AI): highest label probability", 87.0, "%")
+    assert "Glaucoma" not in meaning
+
+
+def test_an_ungradable_eye_shows_no_diagnosis_score(tmp_path):
+    sr, path = _built(tmp_path, Label.INDETERMINATE, label_scores=SCORES, narrative="",
+                      gradability=Gradability.UNGRADABLE)
+    assert_valid_sr(path)
+    assert not [n for n in _nums(sr) if n[0].startswith("GROK-DX")], _nums(sr)
+
+
+def test_without_scores_there_is_no_score_item(tmp_path):
+    sr, _ = _built(tmp_path, Label.GLAUCOMA)  # label_scores={}: the engine computed none
+    assert len(_nums(sr)) == 37 and not [n for n in _nums(sr) if n[0].startswith("GROK-DX")]
+
+
+@pytest.mark.parametrize("score", [1.5, -0.1, float("nan")])
+def test_a_score_that_is_not_a_probability_fails_loudly(tmp_path, score):
+    with pytest.raises(SRBuildError, match="not a probability"):
+        _built(tmp_path, Label.GLAUCOMA, label_scores={"Glaucoma": score})
