@@ -119,7 +119,7 @@ class Stage3Config:
         base = cls(name="smollm", lora_r=16, lora_alpha=32, lora_dropout=0.05, lr=5e-4,
                    projector_lr=1e-3, epochs=1, batch_size=1, grad_accum=1, warmup_ratio=0.05, precision="fp32",
                    max_length=1536, biomarker_estimates=True, compact_biomarkers=True, token_grid=3,
-                   max_new_tokens=448, max_train_records=48, max_val_records=8)
+                   max_new_tokens=768, max_train_records=48, max_val_records=8)
         return replace(base, **overrides)
 
     @classmethod
