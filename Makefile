@@ -25,10 +25,10 @@ $(STAMP): pyproject.toml requirements-nodeps.txt
 
 setup: system $(STAMP)
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
 
-# ruff (settings in pyproject.toml): lint rules and the format check; not yet part of `test`.
+# ruff (settings in pyproject.toml): lint rules and the format check; part of `make test`.
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

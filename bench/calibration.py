@@ -5,7 +5,8 @@ temperature on the validation eyes (training.calibration) and reports the test e
 error before and after; trains the learned quality head on the bundle's encoders (training.quality_head,
 phantom images and degraded copies) and reports its held-out AUROC. The bundle is copied, never modified.
 Writes bench/results/calibration.json.
-Usage: python bench/calibration.py --bundle .cache/pipeline/bundle-*/bundle --manifest .cache/pipeline/cohort-*/manifest.csv
+Usage: python bench/calibration.py --bundle .cache/pipeline/bundle-*/bundle --manifest
+.cache/pipeline/cohort-*/manifest.csv
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ RESULTS = Path(__file__).resolve().parent / "results" / "calibration.json"
 
 def split_scores(engine: Engine, records, split: str) -> tuple[list[dict], list[str]]:
     chosen = [r for r in records if r.split == split]
-    return ([engine.analyze_eye(r.eye, cfp=r.cfp_path, oct=r.oct_path).label_scores for r in chosen],
-            [r.label.value for r in chosen])
+    return (
+        [engine.analyze_eye(r.eye, cfp=r.cfp_path, oct=r.oct_path).label_scores for r in chosen],
+        [r.label.value for r in chosen],
+    )
 
 
 def main() -> None:
@@ -45,9 +48,13 @@ def main() -> None:
         val, test = split_scores(engine, records, "val"), split_scores(engine, records, "test")
         calibration = calibration_figures(*val, *test)
         _, head = train_head(engine, phantom_eyes(args.head_eyes, 11), seed=11)
-    result = {"bundle": f"{engine.bundle.name} {engine.bundle.version}", "calibration": calibration,
-              "quality_head": head, "wall_s": round(time.perf_counter() - start, 1),
-              "data": "synthetic phantom cohort (training.phantom); no real images"}
+    result = {
+        "bundle": f"{engine.bundle.name} {engine.bundle.version}",
+        "calibration": calibration,
+        "quality_head": head,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "data": "synthetic phantom cohort (training.phantom); no real images",
+    }
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -56,8 +56,14 @@ class Rig:
         self.work = work
         self.redis = Redis(work)
         self.pacs = StoreSCP(free_port(), work / "pacs").start()
-        self.values = dict(data_dir=work / "data", broker_url=self.redis.url, bundle=bundle, quiet_period=quiet_period,
-                           destination=f"PACS@127.0.0.1:{self.pacs.port}", job_time_limit=300)
+        self.values = dict(
+            data_dir=work / "data",
+            broker_url=self.redis.url,
+            bundle=bundle,
+            quiet_period=quiet_period,
+            destination=f"PACS@127.0.0.1:{self.pacs.port}",
+            job_time_limit=300,
+        )
         self.settings = load_settings(**self.values, port=free_port(), bind_address="127.0.0.1")
         self.ingest = IngestService(self.settings, JobPublisher(self.settings))
         self.ingest.start()
@@ -89,8 +95,12 @@ class Rig:
 
     def wait_for(self, count: int, timeout: float) -> float:
         """Wait until `count` SRs have arrived; returns the newest SR file's write time."""
-        files = wait_until(lambda: f if len(f := self.received()) >= count else None, timeout,
-                           f"{count} SRs at the destination", interval=0.02)
+        files = wait_until(
+            lambda: f if len(f := self.received()) >= count else None,
+            timeout,
+            f"{count} SRs at the destination",
+            interval=0.02,
+        )
         return max(f.stat().st_mtime for f in files)
 
     def close(self) -> None:
@@ -126,9 +136,13 @@ def measure_throughput(rig: Rig, studies: int, label: str) -> dict:
     last = rig.wait_for(expected, timeout=1800)
     elapsed = last - start
     worker_cpu = sum(cpu_seconds(w.pid) for w in rig.workers) - cpu_before
-    return {"studies": studies, "elapsed_s": round(elapsed, 3), "studies_per_min": round(studies * 60 / elapsed, 2),
-            "worker_cpu_s_per_study": round(worker_cpu / studies, 3),
-            "worker_cpu_utilisation": round(worker_cpu / elapsed / len(rig.workers), 3)}
+    return {
+        "studies": studies,
+        "elapsed_s": round(elapsed, 3),
+        "studies_per_min": round(studies * 60 / elapsed, 2),
+        "worker_cpu_s_per_study": round(worker_cpu / studies, 3),
+        "worker_cpu_utilisation": round(worker_cpu / elapsed / len(rig.workers), 3),
+    }
 
 
 def warm_up(rig: Rig) -> None:
@@ -157,12 +171,19 @@ def run(args: argparse.Namespace) -> dict:
     scale = two["studies_per_min"] / one["studies_per_min"]
     return {
         "benchmark": "e2e",
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-                    "note": "shared machine: other processes compete for the same cores"},
-        "setup": {"bundle": "tiny test bundle (devtools/tiny_bundle.py), CPU, 1 BLAS thread per worker",
-                  "broker": "redis", "destination": "DCMTK storescp", "quiet_period_s": args.quiet_period,
-                  "study": "demo study: 2 eyes x (JPEG CFP 256 px + OCT 16x128x128), 2 SRs per study"},
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "note": "shared machine: other processes compete for the same cores",
+        },
+        "setup": {
+            "bundle": "tiny test bundle (devtools/tiny_bundle.py), CPU, 1 BLAS thread per worker",
+            "broker": "redis",
+            "destination": "DCMTK storescp",
+            "quiet_period_s": args.quiet_period,
+            "study": "demo study: 2 eyes x (JPEG CFP 256 px + OCT 16x128x128), 2 SRs per study",
+        },
         "latency_s": [round(x, 3) for x in latencies],
         "latency_s_p50": round(p50, 3),
         "latency_s_max": round(max(latencies), 3),

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.onnx_export import export_encoder, quantize_int8  # noqa: E402
 from export.parity import check_encoder_parity  # noqa: E402
+from grok_pacs.analysis.onnx_session import create_session, run_encoder  # noqa: E402
 from grok_pacs.model.config import GrokConfig  # noqa: E402
 from grok_pacs.model.vit import build_encoder  # noqa: E402
-from grok_pacs.analysis.onnx_session import create_session, run_encoder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench"  # ignored by git: the ViT-L graphs are 0.3-1.2 GB
@@ -72,8 +72,10 @@ def run_batch(model, sessions: dict, batch: int, repeats: int, device: str) -> d
     for _ in tqdm(range(repeats), desc=f"batch {batch}", unit="round"):
         for name, fn in runs.items():
             seconds[name].append(timed(fn))
-    return {name: {"images_per_s": batch / statistics.median(s), "s_median": statistics.median(s), "s_all": s}
-            for name, s in seconds.items()}
+    return {
+        name: {"images_per_s": batch / statistics.median(s), "s_median": statistics.median(s), "s_all": s}
+        for name, s in seconds.items()
+    }
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -82,9 +84,15 @@ def measure(args: argparse.Namespace) -> dict:
     torch.set_num_threads(threads)
     encoder = build_encoder(GrokConfig.full().oct_encoder)
     paths = {p: onnx_graph(encoder, p) for p in args.precisions}
-    sessions = {p: create_session(path, args.device, threads if args.device == "cpu" else 0) for p, path in paths.items()}
-    parity = {p: check_encoder_parity(encoder, path, dtype=p, batch_sizes=(1,), device=args.device,
-                                      raise_on_fail=False).to_dict() for p, path in paths.items()}
+    sessions = {
+        p: create_session(path, args.device, threads if args.device == "cpu" else 0) for p, path in paths.items()
+    }
+    parity = {
+        p: check_encoder_parity(
+            encoder, path, dtype=p, batch_sizes=(1,), device=args.device, raise_on_fail=False
+        ).to_dict()
+        for p, path in paths.items()
+    }
     model = encoder.to(args.device).eval()
     batches = {b: run_batch(model, sessions, b, args.repeats, args.device) for b in args.batches}
     ratios = {}
@@ -94,9 +102,15 @@ def measure(args: argparse.Namespace) -> dict:
             ratios[f"{key}_b{b}"] = r[p]["images_per_s"] / r["torch"]["images_per_s"]
     return {
         "what": "ViT-L/16 encoder (224 px, 196 tokens, 1024-d): onnxruntime vs torch eager (float32), images/s",
-        "device": args.device, "threads": threads, "cpu": platform.processor() or platform.machine(),
-        "load_average_at_end": os.getloadavg()[0], "repeats": args.repeats, **ratios,
-        "target": "ort_over_torch >= 1.5", "parity": parity, "batches": {str(b): r for b, r in batches.items()},
+        "device": args.device,
+        "threads": threads,
+        "cpu": platform.processor() or platform.machine(),
+        "load_average_at_end": os.getloadavg()[0],
+        "repeats": args.repeats,
+        **ratios,
+        "target": "ort_over_torch >= 1.5",
+        "parity": parity,
+        "batches": {str(b): r for b, r in batches.items()},
         "versions": {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__},
     }
 
@@ -105,8 +119,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
-    parser.add_argument("--precisions", nargs="+", default=["float32", "int8"],
-                        choices=["float32", "float16", "int8"], help="ONNX graphs to time (default float32 int8)")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["float32", "int8"],
+        choices=["float32", "float16", "int8"],
+        help="ONNX graphs to time (default float32 int8)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per batch size (default 3)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for both (default: all cores)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "encoders.json")

@@ -27,8 +27,11 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     result = gate_benchmark(phantom_eyes(args.eyes, args.seed), seed=args.seed)
-    result.update(seed=args.seed, wall_s=round(time.perf_counter() - start, 1),
-                  data="synthetic phantom renders (training.phantom); no real photographs")
+    result.update(
+        seed=args.seed,
+        wall_s=round(time.perf_counter() - start, 1),
+        data="synthetic phantom renders (training.phantom); no real photographs",
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

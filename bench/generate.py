@@ -36,12 +36,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Qwen2 shapes (config.json of the public checkpoints).
 PRESETS = {
-    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                 intermediate_size=4864, vocab_size=151936),
-    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         intermediate_size=1536, vocab_size=49152),
-    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-               intermediate_size=18944, vocab_size=152064),
+    "0.5b": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+    ),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+    ),
+    "7b": dict(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+        vocab_size=152064,
+    ),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -64,8 +82,14 @@ def build(preset: str, rank: int, device: str, dtype: torch.dtype):
 def decode_seconds(model, prompt: torch.Tensor, new_tokens: int) -> float:
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
     if prompt.is_cuda:
         torch.cuda.synchronize()
     assert out.shape[1] == prompt.shape[1] + new_tokens
@@ -86,9 +110,12 @@ def _run(engine, eyes) -> dict:
     reports = engine.analyze_batch(eyes)
     wall = time.perf_counter() - start
     timings = reports[0].timings_s
-    return {"analysis_s": wall, "generation_s": timings["generate"] + timings.get("label_scores", 0.0),
-            "new_tokens": [len(engine.tokenizer(r.raw_text, add_special_tokens=False)["input_ids"]) for r in reports],
-            "passed_validation": [r.narrative_check.passed for r in reports]}
+    return {
+        "analysis_s": wall,
+        "generation_s": timings["generate"] + timings.get("label_scores", 0.0),
+        "new_tokens": [len(engine.tokenizer(r.raw_text, add_special_tokens=False)["input_ids"]) for r in reports],
+        "passed_validation": [r.narrative_check.passed for r in reports],
+    }
 
 
 def two_eye(bundle: Path, repeats: int, threads: int) -> dict:
@@ -104,20 +131,28 @@ def two_eye(bundle: Path, repeats: int, threads: int) -> dict:
         runs["two_eyes_batched"].append(_run(engine, [right, left]))
         first, second = _run(engine, [right]), _run(engine, [left])
         runs["two_eyes_sequential"].append({k: first[k] + second[k] for k in first})
-    med = {name: {key: statistics.median(r[key] for r in rows) for key in ("analysis_s", "generation_s")}
-           for name, rows in runs.items()}
+    med = {
+        name: {key: statistics.median(r[key] for r in rows) for key in ("analysis_s", "generation_s")}
+        for name, rows in runs.items()
+    }
     best = {name: min(r["generation_s"] for r in rows) for name, rows in runs.items()}  # least disturbed by load
-    return {"bundle": engine.bundle.name, "version": engine.bundle.version, "path": str(bundle),
-            "llm": engine.config.llm.__dict__, "medians_s": med,
-            "new_tokens_two_eyes": runs["two_eyes_batched"][-1]["new_tokens"],
-            "passed_validation_two_eyes": runs["two_eyes_batched"][-1]["passed_validation"],
-            "generation_two_eye_over_one_eye": med["two_eyes_batched"]["generation_s"] / med["one_eye"]["generation_s"],
-            "analysis_two_eye_over_one_eye": med["two_eyes_batched"]["analysis_s"] / med["one_eye"]["analysis_s"],
-            "sequential_generation_over_one_eye": (med["two_eyes_sequential"]["generation_s"]
-                                                   / med["one_eye"]["generation_s"]),
-            "fastest_generation_s": best,
-            "fastest_generation_two_eye_over_one_eye": best["two_eyes_batched"] / best["one_eye"],
-            "runs": runs}
+    return {
+        "bundle": engine.bundle.name,
+        "version": engine.bundle.version,
+        "path": str(bundle),
+        "llm": engine.config.llm.__dict__,
+        "medians_s": med,
+        "new_tokens_two_eyes": runs["two_eyes_batched"][-1]["new_tokens"],
+        "passed_validation_two_eyes": runs["two_eyes_batched"][-1]["passed_validation"],
+        "generation_two_eye_over_one_eye": med["two_eyes_batched"]["generation_s"] / med["one_eye"]["generation_s"],
+        "analysis_two_eye_over_one_eye": med["two_eyes_batched"]["analysis_s"] / med["one_eye"]["analysis_s"],
+        "sequential_generation_over_one_eye": (
+            med["two_eyes_sequential"]["generation_s"] / med["one_eye"]["generation_s"]
+        ),
+        "fastest_generation_s": best,
+        "fastest_generation_two_eye_over_one_eye": best["two_eyes_batched"] / best["one_eye"],
+        "runs": runs,
+    }
 
 
 def shapes_two_eye(preset: str, prefix: int, new_tokens: int, repeats: int, device: str) -> dict:
@@ -129,8 +164,13 @@ def shapes_two_eye(preset: str, prefix: int, new_tokens: int, repeats: int, devi
     from grok_pacs.model.config import GenerationConfig
 
     torch.manual_seed(0)
-    llm = Qwen2ForCausalLM(Qwen2Config(**PRESETS[preset], max_position_embeddings=4096,
-                                       tie_word_embeddings=preset != "7b")).to(device).eval()
+    llm = (
+        Qwen2ForCausalLM(
+            Qwen2Config(**PRESETS[preset], max_position_embeddings=4096, tie_word_embeddings=preset != "7b")
+        )
+        .to(device)
+        .eval()
+    )
     embeds = torch.randn(2, prefix, PRESETS[preset]["hidden_size"], device=device) * 0.02
     mask = torch.ones(2, prefix, dtype=torch.long, device=device)
     mask[1, :40] = 0  # the other eye's prompt is shorter: left padding
@@ -138,9 +178,15 @@ def shapes_two_eye(preset: str, prefix: int, new_tokens: int, repeats: int, devi
     def seconds(rows: int) -> float:
         start = time.perf_counter()
         with torch.inference_mode():
-            out = llm.generate(inputs_embeds=embeds[:rows], attention_mask=mask[:rows], max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                               no_repeat_ngram_size=GenerationConfig().no_repeat_ngram_size)
+            out = llm.generate(
+                inputs_embeds=embeds[:rows],
+                attention_mask=mask[:rows],
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                no_repeat_ngram_size=GenerationConfig().no_repeat_ngram_size,
+            )
         assert out.shape == (rows, new_tokens)
         return time.perf_counter() - start
 
@@ -150,10 +196,16 @@ def shapes_two_eye(preset: str, prefix: int, new_tokens: int, repeats: int, devi
         runs["one_eye"].append(seconds(1))
         runs["two_eyes_batched"].append(seconds(2))
     med = {k: statistics.median(v) for k, v in runs.items()}
-    return {"preset": preset, "shapes": PRESETS[preset], "prefix_embeddings": prefix, "new_tokens": new_tokens,
-            "medians_s": med, "generation_two_eye_over_one_eye": med["two_eyes_batched"] / med["one_eye"],
-            "fastest_generation_two_eye_over_one_eye": min(runs["two_eyes_batched"]) / min(runs["one_eye"]),
-            "seconds": runs}
+    return {
+        "preset": preset,
+        "shapes": PRESETS[preset],
+        "prefix_embeddings": prefix,
+        "new_tokens": new_tokens,
+        "medians_s": med,
+        "generation_two_eye_over_one_eye": med["two_eyes_batched"] / med["one_eye"],
+        "fastest_generation_two_eye_over_one_eye": min(runs["two_eyes_batched"]) / min(runs["one_eye"]),
+        "seconds": runs,
+    }
 
 
 def main_two_eye(args: argparse.Namespace, threads: int) -> int:
@@ -164,18 +216,35 @@ def main_two_eye(args: argparse.Namespace, threads: int) -> int:
     results = [two_eye(Path(b), args.repeats, threads) for b in bundles]
     shapes = [shapes_two_eye(p, args.prompt_tokens, args.new_tokens, args.repeats, args.device) for p in args.shapes]
     out = args.out if args.out != DEFAULT_OUT else ROOT / "bench" / "results" / "generate_two_eye.json"
-    result = {"what": "a study's two eyes in one batched generation + label scoring vs one eye (runtime engine, "
-                      "greedy, guards on); generation = generate + label scoring, analysis = the whole engine call",
-              "device": "cpu", "threads": threads, "repeats": args.repeats, "load_average_at_end": os.getloadavg()[0],
-              "bundles": results, "shapes": shapes}
+    result = {
+        "what": "a study's two eyes in one batched generation + label scoring vs one eye (runtime engine, "
+        "greedy, guards on); generation = generate + label scoring, analysis = the whole engine call",
+        "device": "cpu",
+        "threads": threads,
+        "repeats": args.repeats,
+        "load_average_at_end": os.getloadavg()[0],
+        "bundles": results,
+        "shapes": shapes,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({r["bundle"]: {k: round(r[k], 3) for k in ("generation_two_eye_over_one_eye",
-                                                               "fastest_generation_two_eye_over_one_eye",
-                                                               "analysis_two_eye_over_one_eye",
-                                                               "sequential_generation_over_one_eye")}
-                      for r in results} | {f"{r['preset']} shapes": round(r["generation_two_eye_over_one_eye"], 3)
-                                          for r in shapes}))
+    print(
+        json.dumps(
+            {
+                r["bundle"]: {
+                    k: round(r[k], 3)
+                    for k in (
+                        "generation_two_eye_over_one_eye",
+                        "fastest_generation_two_eye_over_one_eye",
+                        "analysis_two_eye_over_one_eye",
+                        "sequential_generation_over_one_eye",
+                    )
+                }
+                for r in results
+            }
+            | {f"{r['preset']} shapes": round(r["generation_two_eye_over_one_eye"], 3) for r in shapes}
+        )
+    )
     return 0
 
 
@@ -193,11 +262,21 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--two-eye", action="store_true", help="two eyes batched vs one eye through the engine")
-    parser.add_argument("--bundle", type=Path, action="append", default=[],
-                        help="--two-eye: a bundle to measure besides the tiny test bundle (repeatable)")
-    parser.add_argument("--shapes", action="append", default=[], choices=sorted(PRESETS),
-                        help="--two-eye: also decode --new-tokens after --prompt-tokens embeddings at these shapes "
-                             "(random weights), one row vs two")
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        action="append",
+        default=[],
+        help="--two-eye: a bundle to measure besides the tiny test bundle (repeatable)",
+    )
+    parser.add_argument(
+        "--shapes",
+        action="append",
+        default=[],
+        choices=sorted(PRESETS),
+        help="--two-eye: also decode --new-tokens after --prompt-tokens embeddings at these shapes "
+        "(random weights), one row vs two",
+    )
     args = parser.parse_args()
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
@@ -205,7 +284,9 @@ def main() -> int:
         return main_two_eye(args, threads)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     unmerged, merged = build(args.preset, args.rank, args.device, dtype)
-    prompt = torch.randint(10, 1000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(args.device)
+    prompt = torch.randint(10, 1000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0)).to(
+        args.device
+    )
     decode_seconds(merged, prompt, 2), decode_seconds(unmerged, prompt, 2)  # warm-up
     times: dict[str, list[float]] = {"merged": [], "unmerged": []}
     for _ in tqdm(range(args.repeats), desc="generate", unit="round"):
@@ -214,12 +295,20 @@ def main() -> int:
     rate = {k: args.new_tokens / statistics.median(v) for k, v in times.items()}
     result = {
         "what": "greedy generation tokens/s (prompt prefill included), Qwen2 with LoRA merged vs unmerged",
-        "preset": args.preset, "shapes": PRESETS[args.preset], "device": args.device, "dtype": str(dtype),
-        "threads": threads, "lora": {"r": args.rank, "alpha": 2 * args.rank, "targets": TARGETS},
-        "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+        "preset": args.preset,
+        "shapes": PRESETS[args.preset],
+        "device": args.device,
+        "dtype": str(dtype),
+        "threads": threads,
+        "lora": {"r": args.rank, "alpha": 2 * args.rank, "targets": TARGETS},
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
         "load_average_at_end": os.getloadavg()[0],
-        "merged_tokens_per_s": rate["merged"], "unmerged_tokens_per_s": rate["unmerged"],
-        "merged_over_unmerged": rate["merged"] / rate["unmerged"], "seconds": times,
+        "merged_tokens_per_s": rate["merged"],
+        "unmerged_tokens_per_s": rate["unmerged"],
+        "merged_over_unmerged": rate["merged"] / rate["unmerged"],
+        "seconds": times,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

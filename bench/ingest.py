@@ -1,14 +1,17 @@
 """Ingest benchmark: DCMTK storescu -> grok-pacs listener vs -> DCMTK storescp, same files, one run.
 
 Workloads (SPEC §6, issue 3): 20 multi-frame OPT instances of ~32 MB (uncompressed, 128 x 512 x 512), and
-200 OP JPEG-baseline instances of ~300 KB (20 studies x 2 eyes x 5 photographs). Each (target, workload) is sent REPEATS times by one storescu
+200 OP JPEG-baseline instances of ~300 KB (20 studies x 2 eyes x 5 photographs). Each (target, workload) is sent
+REPEATS times by one storescu
 process (one association), each time into a fresh, empty receiver (grok-pacs would otherwise answer
 duplicates without storing them), alternating targets; the median wall time counts.
 
 grok-pacs runs as `grok-pacs listen` (its own process, defaults: max PDU unlimited, fsync + atomic rename
 + SQLite commit per instance), once with the pynetdicom fast path (grok_pacs.dicom.fastpath, the default)
-and once without it (`grok-nofast`: GROK_PACS_PYNETDICOM_FAST_PATH=false, pynetdicom as released). DCMTK storescp runs with its defaults plus +xa (accept JPEG), writing
-each file to disk without fsync; both DCMTK tools run with TCP_NODELAY=1 (see DCMTK_ENV). Writes bench/results/ingest.json.
+and once without it (`grok-nofast`: GROK_PACS_PYNETDICOM_FAST_PATH=false, pynetdicom as released). DCMTK storescp
+runs with its defaults plus +xa (accept JPEG), writing
+each file to disk without fsync; both DCMTK tools run with TCP_NODELAY=1 (see DCMTK_ENV). Writes
+bench/results/ingest.json.
 """
 
 from __future__ import annotations
@@ -95,17 +98,32 @@ TARGETS = ("dcmtk", "grok", "grok-nofast")
 
 
 def start_grok(port: int, data_dir: Path, fast_path: bool = True) -> subprocess.Popen:
-    env = {**os.environ, "GROK_PACS_PORT": str(port), "GROK_PACS_DATA_DIR": str(data_dir),
-           "GROK_PACS_BIND_ADDRESS": "127.0.0.1", "GROK_PACS_QUIET_PERIOD": "2", "GROK_PACS_MIN_FREE_DISK_MB": "100",
-           "GROK_PACS_PYNETDICOM_FAST_PATH": str(fast_path).lower()}
-    return subprocess.Popen([sys.executable, "-m", "grok_pacs.cli", "--log-level", "WARNING", "listen"], env=env,
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        "GROK_PACS_PORT": str(port),
+        "GROK_PACS_DATA_DIR": str(data_dir),
+        "GROK_PACS_BIND_ADDRESS": "127.0.0.1",
+        "GROK_PACS_QUIET_PERIOD": "2",
+        "GROK_PACS_MIN_FREE_DISK_MB": "100",
+        "GROK_PACS_PYNETDICOM_FAST_PATH": str(fast_path).lower(),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "grok_pacs.cli", "--log-level", "WARNING", "listen"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def start_dcmtk(port: int, data_dir: Path) -> subprocess.Popen:
     data_dir.mkdir(parents=True)
-    return subprocess.Popen(["storescp", "+xa", "-aet", AE, "-od", str(data_dir), str(port)], env=DCMTK_ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        ["storescp", "+xa", "-aet", AE, "-od", str(data_dir), str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def send(port: int, files: list[Path], propose: list[str]) -> float:
@@ -145,12 +163,19 @@ def measure(name: str, files: list[Path], propose: list[str], repeats: int, scra
     for _ in tqdm(range(repeats), desc=name, leave=False):
         for target in TARGETS:
             times[target].append(run_once(target, files, propose, scratch))
-    row: dict = {"instances": len(files), "total_mb": round(total_mb, 1),
-                 "mean_instance_mb": round(total_mb / len(files), 3)}
+    row: dict = {
+        "instances": len(files),
+        "total_mb": round(total_mb, 1),
+        "mean_instance_mb": round(total_mb / len(files), 3),
+    }
     for target, samples in times.items():
         median = statistics.median(samples)
-        row[target] = {"seconds_median": round(median, 3), "seconds_all": [round(s, 3) for s in samples],
-                       "mb_s": round(total_mb / median, 1), "inst_s": round(len(files) / median, 1)}
+        row[target] = {
+            "seconds_median": round(median, 3),
+            "seconds_all": [round(s, 3) for s in samples],
+            "mb_s": round(total_mb / median, 1),
+            "inst_s": round(len(files) / median, 1),
+        }
     row["ratio_mb_s"] = round(row["grok"]["mb_s"] / row["dcmtk"]["mb_s"], 3)
     row["ratio_inst_s"] = round(row["grok"]["inst_s"] / row["dcmtk"]["inst_s"], 3)
     row["nofast_ratio_mb_s"] = round(row["grok-nofast"]["mb_s"] / row["dcmtk"]["mb_s"], 3)
@@ -163,8 +188,12 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per target and workload (median counts)")
     parser.add_argument("--opt", type=int, default=20, help="number of ~32 MB OPT instances (20)")
     parser.add_argument("--op", type=int, default=200, help="number of ~300 KB JPEG OP instances (200)")
-    parser.add_argument("--work-dir", type=Path, default=ROOT / ".cache" / "bench-ingest",
-                        help="where test files and receivers' data go (same disk as a real data dir)")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=ROOT / ".cache" / "bench-ingest",
+        help="where test files and receivers' data go (same disk as a real data dir)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     for tool in ("storescu", "storescp"):
@@ -184,21 +213,29 @@ def main() -> int:
     report = {
         "benchmark": "ingest: DCMTK storescu -> grok-pacs listen vs DCMTK storescp (+xa), loopback",
         "targets": {"opt_32mb": {"ratio_mb_s": 1.0}, "op_jpeg_300kb": {"ratio_inst_s": 0.5}},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    # other work on the machine slows Python (two threads per association) more than DCMTK
-                    "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-                    "fsync_median_ms": fsync_ms},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            # other work on the machine slows Python (two threads per association) more than DCMTK
+            "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+            "fsync_median_ms": fsync_ms,
+        },
         "repeats": args.repeats,
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'workload':16} {'grok MB/s':>10} {'no-fast MB/s':>13} {'DCMTK MB/s':>11} {'ratio':>6} "
-          f"{'grok inst/s':>12} {'no-fast inst/s':>15} {'DCMTK inst/s':>13} {'ratio':>6} {'fast/no-fast':>13}")
+    print(
+        f"{'workload':16} {'grok MB/s':>10} {'no-fast MB/s':>13} {'DCMTK MB/s':>11} {'ratio':>6} "
+        f"{'grok inst/s':>12} {'no-fast inst/s':>15} {'DCMTK inst/s':>13} {'ratio':>6} {'fast/no-fast':>13}"
+    )
     for name, row in results.items():
-        print(f"{name:16} {row['grok']['mb_s']:10.1f} {row['grok-nofast']['mb_s']:13.1f} {row['dcmtk']['mb_s']:11.1f} "
-              f"{row['ratio_mb_s']:6.2f} {row['grok']['inst_s']:12.1f} {row['grok-nofast']['inst_s']:15.1f} "
-              f"{row['dcmtk']['inst_s']:13.1f} {row['ratio_inst_s']:6.2f} {row['fast_path_speedup']:13.2f}")
+        print(
+            f"{name:16} {row['grok']['mb_s']:10.1f} {row['grok-nofast']['mb_s']:13.1f} {row['dcmtk']['mb_s']:11.1f} "
+            f"{row['ratio_mb_s']:6.2f} {row['grok']['inst_s']:12.1f} {row['grok-nofast']['inst_s']:15.1f} "
+            f"{row['dcmtk']['inst_s']:13.1f} {row['ratio_inst_s']:6.2f} {row['fast_path_speedup']:13.2f}"
+        )
     print(f"wrote {args.out}")
     return 0
 

@@ -3,7 +3,8 @@
 A two-eye study at clinical sizes (CFP 2048 x 1536 RGB, OCT B-scan 1024 x 496 of a 49-frame volume) with
 all 37 biomarkers per eye: build the PDF (reportlab, JPEG thumbnails, embedded fonts) and its DICOM
 Encapsulated PDF, then write it as the worker does. Not included: reading the two images again from
-`incoming/` (the worker re-decodes the CFP and the OCT volume used, for the PDF and the SR's foveal point). Images are smooth synthetic pictures (not noise, which
+`incoming/` (the worker re-decodes the CFP and the OCT volume used, for the PDF and the SR's foveal point). Images
+are smooth synthetic pictures (not noise, which
 no camera produces and which would inflate JPEG sizes). Medians of several runs; writes
 bench/results/pdf_report.json.
 
@@ -25,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
+from devtools.sample_dicom import Patient, base_dataset  # noqa: E402
 from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Report, SourceImage  # noqa: E402
 from grok_pacs.config import OP_8BIT, OPT  # noqa: E402
 from grok_pacs.domain.biomarkers import BIOMARKERS  # noqa: E402
@@ -33,17 +35,29 @@ from grok_pacs.report.encapsulated import build_encapsulated_pdf  # noqa: E402
 from grok_pacs.report.keys import ReportKey  # noqa: E402
 from grok_pacs.report.pdf import ReportImages, build_pdf  # noqa: E402
 from grok_pacs.report.study import StudyHeader  # noqa: E402
-from devtools.sample_dicom import Patient, base_dataset  # noqa: E402
 
 
 def _report(eye: Eye) -> Report:
-    sources = (SourceImage(OP_8BIT, f"2.25.{1 + (eye is Eye.LEFT)}1", "2.25.9"),
-               SourceImage(OPT, f"2.25.{1 + (eye is Eye.LEFT)}2", "2.25.9", 25))
-    return Report(eye=eye, label=Label.GLAUCOMA, narrative="The cup-to-disc ratio is 0.72. " * 6,
-                  impression="Findings are consistent with Glaucoma.", raw_text="", label_scores={"Glaucoma": 0.8},
-                  biomarkers=tuple(BiomarkerEstimate(b.key, sum(b.normal) / 2, b.unit) for b in BIOMARKERS),
-                  cited_numbers=(), missing_modalities=(), sources=sources, oct_frame_index=24,
-                  oct_frame_method="fovea", bundle_name="bench", bundle_version="1")
+    sources = (
+        SourceImage(OP_8BIT, f"2.25.{1 + (eye is Eye.LEFT)}1", "2.25.9"),
+        SourceImage(OPT, f"2.25.{1 + (eye is Eye.LEFT)}2", "2.25.9", 25),
+    )
+    return Report(
+        eye=eye,
+        label=Label.GLAUCOMA,
+        narrative="The cup-to-disc ratio is 0.72. " * 6,
+        impression="Findings are consistent with Glaucoma.",
+        raw_text="",
+        label_scores={"Glaucoma": 0.8},
+        biomarkers=tuple(BiomarkerEstimate(b.key, sum(b.normal) / 2, b.unit) for b in BIOMARKERS),
+        cited_numbers=(),
+        missing_modalities=(),
+        sources=sources,
+        oct_frame_index=24,
+        oct_frame_method="fovea",
+        bundle_name="bench",
+        bundle_version="1",
+    )
 
 
 def _images() -> ReportImages:
@@ -73,15 +87,20 @@ def main() -> int:
         built = time.perf_counter()
         buffer = io.BytesIO()
         build_encapsulated_pdf(pdf, header_ds, sources, key, software_version="bench").save_as(
-            buffer, enforce_file_format=True)
+            buffer, enforce_file_format=True
+        )
         pdf_s.append(built - start)
         dicom_s.append(time.perf_counter() - built)
         sizes.append(len(buffer.getvalue()))
-    result = {"runs": args.runs, "pdf_build_s_median": statistics.median(pdf_s),
-              "dicom_wrap_s_median": statistics.median(dicom_s),
-              "total_s_median": statistics.median(p + d for p, d in zip(pdf_s, dicom_s)),
-              "dicom_bytes": sizes[-1], "study": "2 eyes, CFP 2048x1536, OCT B-scan 1024x496, 37 biomarkers each",
-              "machine": "shared 2-core CPU (other engineers' jobs running: figures are upper bounds)"}
+    result = {
+        "runs": args.runs,
+        "pdf_build_s_median": statistics.median(pdf_s),
+        "dicom_wrap_s_median": statistics.median(dicom_s),
+        "total_s_median": statistics.median(p + d for p, d in zip(pdf_s, dicom_s)),
+        "dicom_bytes": sizes[-1],
+        "study": "2 eyes, CFP 2048x1536, OCT B-scan 1024x496, 37 biomarkers each",
+        "machine": "shared 2-core CPU (other engineers' jobs running: figures are upper bounds)",
+    }
     out = ROOT / "bench" / "results" / "pdf_report.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

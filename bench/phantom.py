@@ -43,9 +43,13 @@ def _stage2_mae(result: PipelineResult) -> dict:
     report = json.loads(Path(result.stage2["OCT"]["report"]).read_text())
     cfp = json.loads(Path(result.stage2["CFP"]["report"]).read_text())
     overall = {name: enc["overall"] for name, enc in report["encoders"].items()}
-    return {"mae_aligned": overall["aligned"]["mae"], "mae_plain": overall["plain"]["mae"],
-            "oct": overall, "cfp": {name: enc["overall"] for name, enc in cfp["encoders"].items()},
-            "n_test_eyes": report["n_test_eyes"]}
+    return {
+        "mae_aligned": overall["aligned"]["mae"],
+        "mae_plain": overall["plain"]["mae"],
+        "oct": overall,
+        "cfp": {name: enc["overall"] for name, enc in cfp["encoders"].items()},
+        "n_test_eyes": report["n_test_eyes"],
+    }
 
 
 def _run_variant(cfg: PipelineConfig, cache: Path, progress: bool) -> tuple[PipelineResult, object, dict]:
@@ -58,23 +62,35 @@ def _run_variant(cfg: PipelineConfig, cache: Path, progress: bool) -> tuple[Pipe
     bench = evaluate(preds, refs, progress=progress)
     model = pooled(check_model_grounding(report) for report in reports)
     stage3 = json.loads((result.stage3_dir / "stage3.json").read_text())
-    info = {"pipeline_s": round(trained, 1), "pipeline_steps_s": result.timings_s, "reused": result.reused,
-            "seconds_per_eye": round(per_eye, 2), "bundle": str(result.bundle),
-            "stage3_val_loss": [stage3["first_val_loss"], stage3["last_val_loss"]],
-            "stage3_timings_s": stage3["timings_s"], "curve": stage3["curve_png"],
-            "model_grounding_agreement": model["agreement_pooled"], "model_grounding": model,
-            "numbers_rewritten_per_report": sum(r.numbers_rewritten for r in reports) / len(reports),
-            "diagnosis_line_share": sum(parse_generation(r.raw_text).label_found for r in reports) / len(reports)}
+    info = {
+        "pipeline_s": round(trained, 1),
+        "pipeline_steps_s": result.timings_s,
+        "reused": result.reused,
+        "seconds_per_eye": round(per_eye, 2),
+        "bundle": str(result.bundle),
+        "stage3_val_loss": [stage3["first_val_loss"], stage3["last_val_loss"]],
+        "stage3_timings_s": stage3["timings_s"],
+        "curve": stage3["curve_png"],
+        "model_grounding_agreement": model["agreement_pooled"],
+        "model_grounding": model,
+        "numbers_rewritten_per_report": sum(r.numbers_rewritten for r in reports) / len(reports),
+        "diagnosis_line_share": sum(parse_generation(r.raw_text).label_found for r in reports) / len(reports),
+    }
     return result, bench, info
 
 
 def _headline(bench, mae: dict, info: dict) -> dict:
-    return {"macro_f1": bench.classification.macro_f1, "per_label_f1": _per_label(bench),
-            "mae_aligned": mae["mae_aligned"], "mae_plain": mae["mae_plain"],
-            "grounding_agreement": bench.grounding["agreement_pooled"],
-            "model_grounding_agreement": info["model_grounding_agreement"],
-            "numbers_rewritten_per_report": info["numbers_rewritten_per_report"], "accuracy": bench.classification.accuracy,
-            "n_test_eyes": bench.n}
+    return {
+        "macro_f1": bench.classification.macro_f1,
+        "per_label_f1": _per_label(bench),
+        "mae_aligned": mae["mae_aligned"],
+        "mae_plain": mae["mae_plain"],
+        "grounding_agreement": bench.grounding["agreement_pooled"],
+        "model_grounding_agreement": info["model_grounding_agreement"],
+        "numbers_rewritten_per_report": info["numbers_rewritten_per_report"],
+        "accuracy": bench.classification.accuracy,
+        "n_test_eyes": bench.n,
+    }
 
 
 def _per_label(bench) -> dict[str, float]:
@@ -85,15 +101,19 @@ def _markdown(payload: dict, comparison_md: str, plots: dict[str, str]) -> str:
     h = payload["headline"]
     met = payload["targets_met"]
     lines = [
-        "# Phantom benchmark (Grounded Ophthalmic Understanding, SPEC §4)", "",
+        "# Phantom benchmark (Grounded Ophthalmic Understanding, SPEC §4)",
+        "",
         f"Fixed-seed phantom cohort: {payload['cohort']['n_subjects']} synthetic subjects (seed "
         f"{payload['cohort']['seed']}), stages 1-3 with the small configurations on the CPU, evaluated through "
         f"the runtime engine on {h['n_test_eyes']} held-out test eyes (subjects never seen in training). "
         "Synthetic data: these numbers say the pipeline learns what the phantom makes visible, nothing clinical. "
         f"Stage 3: the small preset with {payload['stage3_changes']}, chosen among a few settings by macro-F1 on "
         "these same test eyes (docs/training.md lists them), so the macro-F1 is optimistic by that choice.",
-        "", "## Headline (with the biomarker estimates in the prompt)", "",
-        "| metric | value | target | met |", "|---|---|---|---|",
+        "",
+        "## Headline (with the biomarker estimates in the prompt)",
+        "",
+        "| metric | value | target | met |",
+        "|---|---|---|---|",
         f"| macro-F1 (7 labels; chance 0.14) | {h['macro_f1']:.3f} | >= {TARGETS['macro_f1']} | {met['macro_f1']} |",
         f"| OCT biomarker MAE, aligned encoder (um) | {h['mae_aligned']:.3f} | below plain | {met['mae']} |",
         f"| OCT biomarker MAE, plain encoder (um) | {h['mae_plain']:.3f} | | |",
@@ -102,21 +122,35 @@ def _markdown(payload: dict, comparison_md: str, plots: dict[str, str]) -> str:
         f"| grounding of the model's own text (before the runtime writes misquoted numbers as the estimates) | "
         f"{_fmt(h['model_grounding_agreement'])} | | |",
         f"| numbers rewritten per report | {h['numbers_rewritten_per_report']:.2f} | | |",
-        f"| accuracy | {h['accuracy']:.3f} | | |", "",
-        "Per-label F1: " + ", ".join(f"{k} {_fmt(v)}" for k, v in h["per_label_f1"].items()), "",
-        "## With vs without the biomarker estimates in the prompt", "", comparison_md, "",
+        f"| accuracy | {h['accuracy']:.3f} | | |",
+        "",
+        "Per-label F1: " + ", ".join(f"{k} {_fmt(v)}" for k, v in h["per_label_f1"].items()),
+        "",
+        "## With vs without the biomarker estimates in the prompt",
+        "",
+        comparison_md,
+        "",
         "Grounding of the model's own text (before the runtime writes misquoted numbers as the estimates): "
-        + "; ".join(f"{name} {_fmt(info['model_grounding_agreement'])} ({info['numbers_rewritten_per_report']:.1f} "
-                    "numbers rewritten per report)" for name, info in payload["variants"].items()) + ". "
-        "The table's grounding rows are the served reports, after that rewrite.", "",
-        "## Timings", "",
+        + "; ".join(
+            f"{name} {_fmt(info['model_grounding_agreement'])} ({info['numbers_rewritten_per_report']:.1f} "
+            "numbers rewritten per report)"
+            for name, info in payload["variants"].items()
+        )
+        + ". "
+        "The table's grounding rows are the served reports, after that rewrite.",
+        "",
+        "## Timings",
+        "",
     ]
     for name, info in payload["variants"].items():
-        lines.append(f"- {name}: pipeline {info['pipeline_s']} s this run (steps: "
-                     + ", ".join(f"{k} {v} s{' (cached)' if info['reused'].get(k) else ''}"
-                                 for k, v in info["pipeline_steps_s"].items())
-                     + f"); stage 3 {info['stage3_timings_s']}; {info['seconds_per_eye']} s per eye at evaluation; "
-                     f"{info['diagnosis_line_share']:.0%} of the generations end with a valid diagnosis line.")
+        lines.append(
+            f"- {name}: pipeline {info['pipeline_s']} s this run (steps: "
+            + ", ".join(
+                f"{k} {v} s{' (cached)' if info['reused'].get(k) else ''}" for k, v in info["pipeline_steps_s"].items()
+            )
+            + f"); stage 3 {info['stage3_timings_s']}; {info['seconds_per_eye']} s per eye at evaluation; "
+            f"{info['diagnosis_line_share']:.0%} of the generations end with a valid diagnosis line."
+        )
     lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()]
     lines += ["", f"Machine: {payload['machine']['cpus']} CPUs, {payload['machine']['platform']}.", ""]
     return "\n".join(lines)
@@ -154,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         a, b = benches.values()
         paths = write_comparison(a, b, plots_dir, "phantom benchmark", names=tuple(variants))
         comparison_md = "\n".join(paths["markdown"].read_text().splitlines()[2:])
-        comparison_md = comparison_md.replace("](phantom-benchmark", "](phantom/phantom-benchmark")  # links from results/
+        comparison_md = comparison_md.replace(
+            "](phantom-benchmark", "](phantom/phantom-benchmark"
+        )  # links from results/
     else:
         paths = write_report(benches[first], plots_dir, f"phantom benchmark {first}")
         comparison_md = "(only the variant with estimates was run)"
@@ -168,24 +204,46 @@ def main(argv: list[str] | None = None) -> int:
         if curve.is_file():
             shutil.copyfile(curve, plots_dir / f"stage2-{modality.lower()}-curve.png")
             plots[f"stage-2 {modality} curve"] = f"phantom/stage2-{modality.lower()}-curve.png"
-    met = {"macro_f1": headline["macro_f1"] >= TARGETS["macro_f1"], "mae": mae["mae_aligned"] < mae["mae_plain"],
-           "grounding_agreement": (headline["grounding_agreement"] or 0.0) >= TARGETS["grounding_agreement"]}
+    met = {
+        "macro_f1": headline["macro_f1"] >= TARGETS["macro_f1"],
+        "mae": mae["mae_aligned"] < mae["mae_plain"],
+        "grounding_agreement": (headline["grounding_agreement"] or 0.0) >= TARGETS["grounding_agreement"],
+    }
     payload = {
-        "headline_variant": first, "headline": headline, **{k: headline[k] for k in (
-            "macro_f1", "per_label_f1", "mae_aligned", "mae_plain", "grounding_agreement",
-            "model_grounding_agreement")},
-        "targets": TARGETS, "targets_met": met, "stage2": mae,
-        "variants": {name: {**infos[name], "summary": benches[name].summary(),
-                            "per_label_f1": _per_label(benches[name])}
-                     for name in variants},
-        "cohort": {"n_subjects": args.subjects, "seed": args.seed}, "stage3_changes": STAGE3_CHANGES,
+        "headline_variant": first,
+        "headline": headline,
+        **{
+            k: headline[k]
+            for k in (
+                "macro_f1",
+                "per_label_f1",
+                "mae_aligned",
+                "mae_plain",
+                "grounding_agreement",
+                "model_grounding_agreement",
+            )
+        },
+        "targets": TARGETS,
+        "targets_met": met,
+        "stage2": mae,
+        "variants": {
+            name: {**infos[name], "summary": benches[name].summary(), "per_label_f1": _per_label(benches[name])}
+            for name in variants
+        },
+        "cohort": {"n_subjects": args.subjects, "seed": args.seed},
+        "stage3_changes": STAGE3_CHANGES,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "phantom.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     (results_dir / "phantom.md").write_text(_markdown(payload, comparison_md, plots))
-    print(json.dumps({k: payload[k] for k in ("macro_f1", "mae_aligned", "mae_plain", "grounding_agreement",
-                                              "targets_met")}, indent=2, default=str))
+    print(
+        json.dumps(
+            {k: payload[k] for k in ("macro_f1", "mae_aligned", "mae_plain", "grounding_agreement", "targets_met")},
+            indent=2,
+            default=str,
+        )
+    )
     print(f"report: {results_dir / 'phantom.md'}")
     return 0
 

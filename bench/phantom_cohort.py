@@ -27,23 +27,36 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=500)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="keep the cohort here (default: a temporary folder, removed)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="keep the cohort here (default: a temporary folder, removed)"
+    )
     parser.add_argument("--no-dicom", action="store_true")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="phantom-bench-"))
     start = time.monotonic()
     manifest = generate_cohort(out, args.subjects, args.seed, dicom=not args.no_dicom, workers=args.workers)
     wall = time.monotonic() - start
-    cpu = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for field in ("ru_utime", "ru_stime"))
+    cpu = sum(
+        getattr(resource.getrusage(who), field)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for field in ("ru_utime", "ru_stime")
+    )
     size = sum(p.stat().st_size for p in manifest.parent.rglob("*") if p.is_file())
     result = {
-        "benchmark": "phantom_cohort", "subjects": args.subjects, "workers": args.workers, "dicom": not args.no_dicom,
-        "wall_s": round(wall, 1), "subjects_per_s": round(args.subjects / wall, 2), "bytes": size,
-        "cpu_s": round(cpu, 1), "cpu_s_per_subject": round(cpu / args.subjects, 3),
+        "benchmark": "phantom_cohort",
+        "subjects": args.subjects,
+        "workers": args.workers,
+        "dicom": not args.no_dicom,
+        "wall_s": round(wall, 1),
+        "subjects_per_s": round(args.subjects / wall, 2),
+        "bytes": size,
+        "cpu_s": round(cpu, 1),
+        "cpu_s_per_subject": round(cpu / args.subjects, 3),
         "wall_s_on_free_cores_estimate": round(cpu / min(args.workers, os.cpu_count() or 1), 1),
-        "cpu_count": os.cpu_count(), "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
-        "machine": platform.platform(), "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+        "machine": platform.platform(),
+        "python": platform.python_version(),
     }
     if args.out is None:
         shutil.rmtree(out)

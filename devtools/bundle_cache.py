@@ -13,8 +13,16 @@ import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-_SOURCES = ("devtools/tiny_bundle.py", "export", "grok_pacs/model", "grok_pacs/analysis/bundle.py",
-            "grok_pacs/model/prompt.py", "grok_pacs/domain/biomarkers.py", "grok_pacs/domain/labels.py", "grok_pacs/analysis/onnx_session.py")
+_SOURCES = (
+    "devtools/tiny_bundle.py",
+    "export",
+    "grok_pacs/model",
+    "grok_pacs/analysis/bundle.py",
+    "grok_pacs/model/prompt.py",
+    "grok_pacs/domain/biomarkers.py",
+    "grok_pacs/domain/labels.py",
+    "grok_pacs/analysis/onnx_session.py",
+)
 
 
 def source_key() -> str:
@@ -48,4 +56,3 @@ def cached_tiny_bundle(cache_root: Path) -> Path:
 
 
 CACHE_ROOT = ROOT / ".cache" / "grok-bundles"  # git-ignored; shared with bench/e2e.py
-

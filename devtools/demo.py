@@ -22,8 +22,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from grok_pacs.config import Peer
 from devtools.ports import free_port, wait_for_port
+from grok_pacs.config import Peer
 from grok_pacs.dicom.scu import store_files
 from grok_pacs.report.render import render
 
@@ -33,8 +33,7 @@ SR_TIMEOUT_S = 900.0  # two eyes of SmolLM2 decoding on a loaded 2-core machine
 
 def build_model(cache: Path, work: Path) -> dict:
     """Run (or reuse) the phantom training pipeline; returns its result paths."""
-    print("[1/5] training pipeline (phantom cohort -> stages 1-3 -> bundle; cached after the first run)",
-          flush=True)
+    print("[1/5] training pipeline (phantom cohort -> stages 1-3 -> bundle; cached after the first run)", flush=True)
     out = work / "pipeline.json"
     cmd = [sys.executable, "-m", "training.pipeline", "--cache", str(cache), "--json-out", str(out)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -57,8 +56,11 @@ def start_pacs(stack: ExitStack, pacs_dir: Path) -> Peer:
         raise RuntimeError("DCMTK storescp is not installed (run scripts/install-system-deps.sh)")
     port = free_port()
     pacs_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([tool, "-aet", PACS_AE, "+uf", "-od", str(pacs_dir), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [tool, "-aet", PACS_AE, "+uf", "-od", str(pacs_dir), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     stack.callback(_stop, proc)
     wait_for_port(port, 120.0, proc=proc, what="storescp")
     return Peer(ae_title=PACS_AE, host="127.0.0.1", port=port)
@@ -67,12 +69,20 @@ def start_pacs(stack: ExitStack, pacs_dir: Path) -> Peer:
 def start_serve(stack: ExitStack, bundle: Path, data_dir: Path, pacs: Peer, log_path: Path) -> Peer:
     """`grok-pacs serve` on a free port, logging to `log_path`."""
     port = free_port()
-    env = dict(os.environ, GROK_PACS_DATA_DIR=str(data_dir), GROK_PACS_PORT=str(port),
-               GROK_PACS_BIND_ADDRESS="127.0.0.1", GROK_PACS_BUNDLE=str(bundle),
-               GROK_PACS_DESTINATION=str(pacs), GROK_PACS_QUIET_PERIOD="1", GROK_PACS_BROKER_URL="")
+    env = dict(
+        os.environ,
+        GROK_PACS_DATA_DIR=str(data_dir),
+        GROK_PACS_PORT=str(port),
+        GROK_PACS_BIND_ADDRESS="127.0.0.1",
+        GROK_PACS_BUNDLE=str(bundle),
+        GROK_PACS_DESTINATION=str(pacs),
+        GROK_PACS_QUIET_PERIOD="1",
+        GROK_PACS_BROKER_URL="",
+    )
     log = stack.enter_context(log_path.open("w"))
-    proc = subprocess.Popen([sys.executable, "-m", "grok_pacs.cli", "serve"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grok_pacs.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     stack.callback(_stop, proc)
     wait_for_port(port, 120.0, proc=proc, what="grok-pacs serve")
     return Peer(ae_title="GROK_PACS", host="127.0.0.1", port=port)
@@ -121,8 +131,11 @@ def run(demo_dir: Path, cache: Path) -> int:
         import pydicom
 
         study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-        print(f"sent study {study_uid} of held-out phantom subject {subject} (the first test-split subject; "
-              f"true label {label})", flush=True)
+        print(
+            f"sent study {study_uid} of held-out phantom subject {subject} (the first test-split subject; "
+            f"true label {label})",
+            flush=True,
+        )
         print(f"[4/5] waiting for {len(eyes)} SRs (one per eye) at {pacs}", flush=True)
         srs = wait_for_srs(demo_dir / "pacs", len(eyes))
     print("[5/5] the SRs as the PACS received them:\n", flush=True)
@@ -140,11 +153,16 @@ def run(demo_dir: Path, cache: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m devtools.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--demo-dir", type=Path, default=Path(".demo"), help="where the demo writes (default .demo)")
-    parser.add_argument("--cache", type=Path, default=Path(".cache") / "pipeline",
-                        help="training pipeline cache (default .cache/pipeline)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(".cache") / "pipeline",
+        help="training pipeline cache (default .cache/pipeline)",
+    )
     args = parser.parse_args(argv)
     return run(args.demo_dir, args.cache)
 

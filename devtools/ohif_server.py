@@ -23,10 +23,22 @@ OHIF_DIST = ROOT / ".cache" / "ohif" / OHIF_VERSION / "dist"
 APP_CONFIG = Path(__file__).resolve().parent / "ohif" / "app-config.js"
 PROXIED = ("/dicom-web/", "/wado")
 # Types Python's mimetypes may not know; a wasm codec served as text/plain fails to compile in the browser.
-CONTENT_TYPES = {".js": "application/javascript", ".mjs": "application/javascript", ".wasm": "application/wasm",
-                 ".css": "text/css", ".html": "text/html; charset=utf-8", ".json": "application/json",
-                 ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon", ".woff2": "font/woff2",
-                 ".woff": "font/woff", ".ttf": "font/ttf", ".map": "application/json", ".xml": "application/xml"}
+CONTENT_TYPES = {
+    ".js": "application/javascript",
+    ".mjs": "application/javascript",
+    ".wasm": "application/wasm",
+    ".css": "text/css",
+    ".html": "text/html; charset=utf-8",
+    ".json": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".woff2": "font/woff2",
+    ".woff": "font/woff",
+    ".ttf": "font/ttf",
+    ".map": "application/json",
+    ".xml": "application/xml",
+}
 
 
 def orthanc_query(query: str) -> str:

@@ -23,8 +23,9 @@ def is_listening(port: int) -> bool:
         return sock.connect_ex((LOOPBACK, port)) == 0
 
 
-def wait_for_port(port: int, timeout: float = 30.0, *, proc: subprocess.Popen | None = None,
-                  what: str = "a listener") -> None:
+def wait_for_port(
+    port: int, timeout: float = 30.0, *, proc: subprocess.Popen | None = None, what: str = "a listener"
+) -> None:
     """Return once 127.0.0.1:`port` listens; TimeoutError after `timeout` s, RuntimeError if `proc` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,4 +1,5 @@
-"""Real processes for worker tests and the e2e benchmark: redis-server, `grok-pacs worker` / `serve` subprocesses, DCMTK storescu.
+"""Real processes for worker tests and the e2e benchmark: redis-server, `grok-pacs worker` / `serve` subprocesses,
+DCMTK storescu.
 
 Everything binds 127.0.0.1 on free ports; every wait is bounded; processes are stopped by their own pid.
 """
@@ -10,11 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
-from devtools.tools import require_tool
 from devtools.ports import free_port, wait_for_port
+from devtools.tools import require_tool
 
 T = TypeVar("T")
 
@@ -36,9 +38,22 @@ class Redis:
     def __init__(self, work_dir: Path) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [require_tool("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(work_dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                require_tool("redis-server"),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(work_dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for_port(self.port)
 
     @property
@@ -55,8 +70,9 @@ def grok_env(**settings: object) -> dict[str, str]:
     """The environment of a grok-pacs subprocess: GROK_PACS_<NAME> for each setting, one BLAS thread."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GROK_PACS_")}
     env.update({f"GROK_PACS_{name.upper()}": str(value) for name, value in settings.items() if value is not None})
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONUNBUFFERED="1")
+    env.update(
+        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1"
+    )
     return env
 
 
@@ -66,9 +82,13 @@ class GrokProcess:
     def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "grok_pacs.cli", *command], env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=Path(__file__).resolve().parents[1])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "grok_pacs.cli", *command],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[1],
+        )
 
     @property
     def pid(self) -> int:
@@ -79,10 +99,12 @@ class GrokProcess:
 
     def wait_ready(self, marker: str, timeout: float = 120.0) -> None:
         """Wait for `marker` in the log (e.g. Celery's 'ready.'); fail with the log if it exits first."""
+
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"process exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             return marker in self.log()
+
         wait_until(ready, timeout, f"{marker!r} in {self.log_path}", interval=0.2)
 
     def signal(self, signum: int) -> None:
@@ -104,6 +126,10 @@ class GrokProcess:
 
 def storescu(port: int, files: list[Path], called_ae: str = "GROK_PACS", calling_ae: str = "MODALITY") -> None:
     """Send files with DCMTK storescu (a real modality's client); fails on a non-zero exit."""
-    proc = subprocess.run([require_tool("storescu"), "-aec", called_ae, "-aet", calling_ae, "127.0.0.1", str(port),
-                           *map(str, files)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [require_tool("storescu"), "-aec", called_ae, "-aet", calling_ae, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, f"storescu failed: {proc.stdout}\n{proc.stderr}"

@@ -70,8 +70,14 @@ class Patient:
 ACQUIRED = dt.datetime(2025, 1, 1, 9, 0, 0)
 
 
-def base_dataset(patient: Patient, sop_class: str, modality: str, series_uid: str,
-                 acquired: dt.datetime = ACQUIRED, manufacturer: str = "grok-pacs synthetic") -> Dataset:
+def base_dataset(
+    patient: Patient,
+    sop_class: str,
+    modality: str,
+    series_uid: str,
+    acquired: dt.datetime = ACQUIRED,
+    manufacturer: str = "grok-pacs synthetic",
+) -> Dataset:
     """The attributes every synthetic OP/OPT instance carries: SOP, patient, study, series, equipment,
     acquisition date/time and an 8-bit unsigned pixel module; no pixels, laterality or file meta."""
     ds = Dataset()
@@ -120,8 +126,9 @@ def set_monochrome_frames(ds: Dataset, volume: np.ndarray) -> Dataset:
     return ds
 
 
-def fundus_photograph(study_uid: str, laterality: str, size: int = 256, series_uid: str | None = None,
-                      quality: int = 90, seed: int = 0) -> Dataset:
+def fundus_photograph(
+    study_uid: str, laterality: str, size: int = 256, series_uid: str | None = None, quality: int = 90, seed: int = 0
+) -> Dataset:
     """An OP 8 Bit instance with one JPEG-baseline (YBR_FULL_422 signalled as YBR_FULL) RGB frame."""
     ds = base_dataset(Patient(study_uid=study_uid), OP_8BIT, "OP", series_uid or generate_uid())
     ds.ImageLaterality = laterality
@@ -143,9 +150,16 @@ def oct_volume_array(frames: int, rows: int, columns: int, seed: int = 0) -> np.
     return volume
 
 
-def oct_tomography(study_uid: str, laterality: str, frames: int = 16, rows: int = 128, columns: int = 128,
-                   syntax: str = ExplicitVRLittleEndian, series_uid: str | None = None,
-                   seed: int = 0) -> Dataset:
+def oct_tomography(
+    study_uid: str,
+    laterality: str,
+    frames: int = 16,
+    rows: int = 128,
+    columns: int = 128,
+    syntax: str = ExplicitVRLittleEndian,
+    series_uid: str | None = None,
+    seed: int = 0,
+) -> Dataset:
     """A multi-frame Ophthalmic Tomography Image (OPT), uncompressed or JPEG 2000 lossless."""
     ds = base_dataset(Patient(study_uid=study_uid), OPT, "OPT", series_uid or generate_uid())
     ds.ImageLaterality = laterality

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pydicom
 
-from devtools.tools import require_tool
 from devtools.ports import wait_for_port
+from devtools.tools import require_tool
 
 
 class StoreSCP:
@@ -19,10 +19,13 @@ class StoreSCP:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "StoreSCP":
+    def start(self) -> StoreSCP:
         tool = require_tool("storescp")
-        self.proc = subprocess.Popen([tool, "-aet", self.ae_title, "+uf", "-od", str(self.out_dir), str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [tool, "-aet", self.ae_title, "+uf", "-od", str(self.out_dir), str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         wait_for_port(self.port)
         return self
 

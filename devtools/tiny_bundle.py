@@ -25,13 +25,15 @@ from grok_pacs.model.config import GrokConfig
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.heads import BiomarkerHead
 from grok_pacs.model.projector import Projectors
-from grok_pacs.model.vit import LoraQKV, apply_qkv_lora, build_encoder
 from grok_pacs.model.prompt import IM_END, IMAGE_TOKEN, build_prompt, build_training_example, format_target
+from grok_pacs.model.vit import LoraQKV, apply_qkv_lora, build_encoder
 
 ENDOFTEXT = "<|endoftext|>"
-TINY_NARRATIVE = ("The optic disc shows an enlarged cup with a cup-to-disc ratio of 0.72. "
-                  "The average retinal nerve fibre layer (RNFL) thickness is 24.1 um, below normal. "
-                  "The macula and vessels look unremarkable. These findings indicate glaucoma.")
+TINY_NARRATIVE = (
+    "The optic disc shows an enlarged cup with a cup-to-disc ratio of 0.72. "
+    "The average retinal nerve fibre layer (RNFL) thickness is 24.1 um, below normal. "
+    "The macula and vessels look unremarkable. These findings indicate glaucoma."
+)
 TINY_LABEL = "Glaucoma"
 TINY_REPORT = format_target(TINY_NARRATIVE, TINY_LABEL)
 
@@ -44,8 +46,11 @@ def train_tokenizer(vocab_size: int = 1000) -> PreTrainedTokenizerFast:
     """
     from training.tokenizer import train_bpe
 
-    corpus = [build_prompt({b.key: float(np.mean(b.normal)) for b in BIOMARKERS}), TINY_REPORT,
-              *(f"Diagnosis: {label.value}" for label in DIAGNOSTIC_LABELS)]
+    corpus = [
+        build_prompt({b.key: float(np.mean(b.normal)) for b in BIOMARKERS}),
+        TINY_REPORT,
+        *(f"Diagnosis: {label.value}" for label in DIAGNOSTIC_LABELS),
+    ]
     return train_bpe(corpus * 4, vocab_size=vocab_size, min_frequency=1, phrases=False)
 
 
@@ -53,8 +58,13 @@ def write_retfound_pth(encoder: torch.nn.Module, path: Path) -> Path:
     """RETFound's layout: MAE weights under `model` (decoder keys included), args Namespace beside them."""
     state = dict(encoder.state_dict())
     dim = state["pos_embed"].shape[-1]
-    state.update({"mask_token": torch.zeros(1, 1, dim), "decoder_embed.weight": torch.zeros(dim, dim),
-                  "decoder_norm.weight": torch.ones(dim)})
+    state.update(
+        {
+            "mask_token": torch.zeros(1, 1, dim),
+            "decoder_embed.weight": torch.zeros(dim, dim),
+            "decoder_norm.weight": torch.ones(dim),
+        }
+    )
     torch.save({"model": state, "args": argparse.Namespace(model="vit_large_patch16"), "epoch": 799}, path)
     return path
 
@@ -63,10 +73,14 @@ def write_retizero_pth(lora_encoder: torch.nn.Module, path: Path) -> Path:
     """RetiZero's layout: the CLIP model's flat state dict, the LoRA ViT under vision_model.model.lora_vit."""
     state = {f"vision_model.model.lora_vit.{k}": v for k, v in lora_encoder.state_dict().items()}
     dim = lora_encoder.embed_dim
-    state.update({"vision_model.projection_head_vision.projection.weight": torch.randn(8, dim),
-                  "text_model.model.embeddings.word_embeddings.weight": torch.randn(10, 8),
-                  "text_model.projection_head_text.projection.weight": torch.randn(8, 8),
-                  "logit_scale": torch.tensor(math.log(1 / 0.07))})
+    state.update(
+        {
+            "vision_model.projection_head_vision.projection.weight": torch.randn(8, dim),
+            "text_model.model.embeddings.word_embeddings.weight": torch.randn(10, 8),
+            "text_model.projection_head_text.projection.weight": torch.randn(8, 8),
+            "logit_scale": torch.tensor(math.log(1 / 0.07)),
+        }
+    )
     torch.save(state, path)
     return path
 
@@ -86,7 +100,10 @@ def _encoders(config: GrokConfig, work: Path) -> tuple[torch.nn.Module, torch.nn
 
 def _heads(config: GrokConfig, rng: np.random.Generator) -> list[BiomarkerHead]:
     heads = []
-    for modality, keys, dim in (("OCT", OCT_KEYS, config.oct_encoder.embed_dim), ("CFP", CFP_KEYS, config.cfp_encoder.embed_dim)):
+    for modality, keys, dim in (
+        ("OCT", OCT_KEYS, config.oct_encoder.embed_dim),
+        ("CFP", CFP_KEYS, config.cfp_encoder.embed_dim),
+    ):
         mid = np.array([np.mean(BY_KEY[k].normal) for k in keys])
         weight = rng.normal(0, 0.01, (len(keys), dim)) * mid[:, None]
         heads.append(BiomarkerHead.from_ridge(modality, weight, mid))
@@ -102,11 +119,19 @@ def _fit_llm(model: GrokModel, tokenizer, config: GrokConfig, steps: int, rng: n
     for step in range(steps):
         missing = ((), ("OCT",), ("CFP",))[step % 3]
         values = {b.key: float(rng.uniform(*b.normal)) for b in BIOMARKERS if b.modality.value not in missing}
-        ex = build_training_example(tokenizer, TINY_REPORT, biomarkers=values, missing=missing,
-                                    max_length=config.max_length, visual_tokens=config.visual_tokens)
+        ex = build_training_example(
+            tokenizer,
+            TINY_REPORT,
+            biomarkers=values,
+            missing=missing,
+            max_length=config.max_length,
+            visual_tokens=config.visual_tokens,
+        )
         cfp = None if "CFP" in missing else [torch.randn(196, dim)]
         oct_tokens = None if "OCT" in missing else [torch.randn(196, dim)]
-        out = model(torch.tensor([ex.input_ids]), labels=torch.tensor([ex.labels]), cfp_tokens=cfp, oct_tokens=oct_tokens)
+        out = model(
+            torch.tensor([ex.input_ids]), labels=torch.tensor([ex.labels]), cfp_tokens=cfp, oct_tokens=oct_tokens
+        )
         optimiser.zero_grad()
         out.loss.backward()
         optimiser.step()
@@ -124,21 +149,39 @@ def build_tiny_bundle(out_dir: Path, *, layout: str = "merged", train_steps: int
     tokenizer = train_tokenizer()
     tokenizer.save_pretrained(work / "tokenizer")
     config = GrokConfig.tiny(vocab_size=64 * math.ceil(len(tokenizer) / 64))
-    llm = Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=config.llm.vocab_size, hidden_size=config.llm.hidden_size,
-        num_hidden_layers=config.llm.num_hidden_layers, num_attention_heads=config.llm.num_attention_heads,
-        num_key_value_heads=config.llm.num_key_value_heads, intermediate_size=config.llm.intermediate_size,
-        max_position_embeddings=config.llm.max_position_embeddings, rope_theta=config.llm.rope_theta,
-        tie_word_embeddings=False, eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=None))
+    llm = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=config.llm.vocab_size,
+            hidden_size=config.llm.hidden_size,
+            num_hidden_layers=config.llm.num_hidden_layers,
+            num_attention_heads=config.llm.num_attention_heads,
+            num_key_value_heads=config.llm.num_key_value_heads,
+            intermediate_size=config.llm.intermediate_size,
+            max_position_embeddings=config.llm.max_position_embeddings,
+            rope_theta=config.llm.rope_theta,
+            tie_word_embeddings=False,
+            eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+        )
+    )
     projectors = Projectors(config.projector)
     model = GrokModel(llm, projectors, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     _fit_llm(model, tokenizer, config, train_steps, rng)
     cfp, oct_encoder = _encoders(config, work)
-    common = dict(cfp_encoder=cfp, oct_encoder=oct_encoder, heads=_heads(config, rng), projectors=projectors,
-                  tokenizer_dir=work / "tokenizer", name="grok-tiny", version="0.0.1-test",
-                  provenance={"training_data": "none: random tiny test model", "seed": seed}, config=config,
-                  overwrite=True, progress=False)
+    common = dict(
+        cfp_encoder=cfp,
+        oct_encoder=oct_encoder,
+        heads=_heads(config, rng),
+        projectors=projectors,
+        tokenizer_dir=work / "tokenizer",
+        name="grok-tiny",
+        version="0.0.1-test",
+        provenance={"training_data": "none: random tiny test model", "seed": seed},
+        config=config,
+        overwrite=True,
+        progress=False,
+    )
     if layout == "merged":
         llm.save_pretrained(work / "llm")
         path = build_bundle(out_dir, llm_dir=work / "llm", **common)
@@ -153,8 +196,14 @@ def _adapter_dirs(llm: Qwen2ForCausalLM, work: Path) -> dict[str, Path]:
     from peft import LoraConfig, get_peft_model
 
     llm.save_pretrained(work / "base")
-    lora = get_peft_model(llm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                            "gate_proj", "up_proj", "down_proj"]))
+    lora = get_peft_model(
+        llm,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     for name, param in lora.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)

@@ -19,8 +19,10 @@ Model export for grok-pacs (local files only; nothing is downloaded).
 
 
 PRECISIONS = ("float32", "float16", "int8")
-PRECISION_HELP = ("encoder ONNX precision: float32 (default), float16 (GPU serving) or int8 (CPU serving: int8 "
-                  "weight MatMuls, several times faster on CPU, looser parity tolerance)")
+PRECISION_HELP = (
+    "encoder ONNX precision: float32 (default), float16 (GPU serving) or int8 (CPU serving: int8 "
+    "weight MatMuls, several times faster on CPU, looser parity tolerance)"
+)
 
 
 def _config(value: str):
@@ -42,12 +44,14 @@ def _cmd_encoder(args: argparse.Namespace) -> int:
     cfg = config.cfp_encoder if args.kind == "cfp" else config.oct_encoder
     with tqdm(total=3, desc=f"{args.kind} encoder", unit="step") as bar:
         encoder = load_encoder(args.checkpoint, cfg)
-        bar.set_postfix_str("loaded"); bar.update()
+        bar.set_postfix_str("loaded")
+        bar.update()
         export_encoder(encoder, args.out, precision=args.precision)
-        bar.set_postfix_str("exported"); bar.update()
-        result = check_encoder_parity(encoder, args.out, dtype=args.precision,
-                                      name=args.kind, raise_on_fail=False)
-        bar.set_postfix_str("parity checked"); bar.update()
+        bar.set_postfix_str("exported")
+        bar.update()
+        result = check_encoder_parity(encoder, args.out, dtype=args.precision, name=args.kind, raise_on_fail=False)
+        bar.set_postfix_str("parity checked")
+        bar.update()
     print(result)
     return 0 if result.passed else 1
 
@@ -58,11 +62,23 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
 
     provenance = json.loads(Path(args.provenance).read_text()) if args.provenance else {}
     path = build_bundle(
-        args.out, cfp_encoder=args.cfp_encoder, oct_encoder=args.oct_encoder,
-        heads=[BiomarkerHead.load(args.oct_head), BiomarkerHead.load(args.cfp_head)], projectors=args.projectors,
-        llm_dir=args.llm_dir, base_dir=args.base_dir, adapter_dir=args.adapter_dir, merge=not args.no_merge,
-        tokenizer_dir=args.tokenizer_dir, name=args.name, version=args.version, provenance=provenance,
-        config=_config(args.config), precision=args.precision, overwrite=args.overwrite)
+        args.out,
+        cfp_encoder=args.cfp_encoder,
+        oct_encoder=args.oct_encoder,
+        heads=[BiomarkerHead.load(args.oct_head), BiomarkerHead.load(args.cfp_head)],
+        projectors=args.projectors,
+        llm_dir=args.llm_dir,
+        base_dir=args.base_dir,
+        adapter_dir=args.adapter_dir,
+        merge=not args.no_merge,
+        tokenizer_dir=args.tokenizer_dir,
+        name=args.name,
+        version=args.version,
+        provenance=provenance,
+        config=_config(args.config),
+        precision=args.precision,
+        overwrite=args.overwrite,
+    )
     print(f"bundle written: {path}")
     return 0
 
@@ -77,14 +93,17 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return 1
     files = bundle.manifest["files"]
     size = sum(entry["bytes"] for entry in files.values())
-    print(f"ok: {bundle.name} {bundle.version} ({bundle.layout}), {len(files)} files, {size / 1e6:.1f} MB, "
-          f"created {bundle.manifest['created']}")
+    print(
+        f"ok: {bundle.name} {bundle.version} ({bundle.layout}), {len(files)} files, {size / 1e6:.1f} MB, "
+        f"created {bundle.manifest['created']}"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m export", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m export", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encoder", help="export one encoder to ONNX and check parity with torch")
     enc.add_argument("--kind", choices=("cfp", "oct"), required=True, help="which tower (shape from --config)")
@@ -95,10 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     enc.set_defaults(func=_cmd_encoder)
     bun = sub.add_parser("bundle", help="build a verified model bundle")
     bun.add_argument("--out", type=Path, required=True, help="bundle directory to create")
-    for name, text in (("cfp-encoder", "CFP encoder (.safetensors or RetiZero .pth)"),
-                       ("oct-encoder", "OCT encoder (.safetensors or RETFound .pth)"),
-                       ("oct-head", "OCT biomarker head .safetensors"), ("cfp-head", "CFP biomarker head .safetensors"),
-                       ("projectors", "projectors .safetensors"), ("tokenizer-dir", "tokenizer directory")):
+    for name, text in (
+        ("cfp-encoder", "CFP encoder (.safetensors or RetiZero .pth)"),
+        ("oct-encoder", "OCT encoder (.safetensors or RETFound .pth)"),
+        ("oct-head", "OCT biomarker head .safetensors"),
+        ("cfp-head", "CFP biomarker head .safetensors"),
+        ("projectors", "projectors .safetensors"),
+        ("tokenizer-dir", "tokenizer directory"),
+    ):
         bun.add_argument(f"--{name}", type=Path, required=True, help=text)
     bun.add_argument("--llm-dir", type=Path, help="Qwen2 directory with the LoRA already merged")
     bun.add_argument("--base-dir", type=Path, help="base Qwen2 directory (with --adapter-dir)")

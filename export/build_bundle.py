@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime, timezone
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -25,8 +26,8 @@ from grok_pacs.model.checkpoints import load_encoder
 from grok_pacs.model.config import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig, GrokConfig
 from grok_pacs.model.heads import BiomarkerHead
 from grok_pacs.model.projector import Projectors
-from grok_pacs.model.vit import RetinaEncoder
 from grok_pacs.model.prompt import IMAGE_TOKEN, SPECIAL_TOKENS, prompt_template
+from grok_pacs.model.vit import RetinaEncoder
 
 #: Weight formats that are pickle: never copied into a bundle.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -35,8 +36,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 def _encoder(value: RetinaEncoder | str | Path, cfg: EncoderConfig, name: str) -> RetinaEncoder:
     encoder = value if isinstance(value, RetinaEncoder) else load_encoder(value, cfg)
     if encoder.embed_dim != cfg.embed_dim or encoder.patch_embed.num_patches != cfg.num_patches:
-        raise ValueError(f"{name}: encoder is {encoder.embed_dim}-d with {encoder.patch_embed.num_patches} patches, "
-                         f"config says {cfg.embed_dim}-d with {cfg.num_patches}")
+        raise ValueError(
+            f"{name}: encoder is {encoder.embed_dim}-d with {encoder.patch_embed.num_patches} patches, "
+            f"config says {cfg.embed_dim}-d with {cfg.num_patches}"
+        )
     return encoder.eval()
 
 
@@ -91,10 +94,18 @@ def _check_tokenizer(tokenizer_dir: Path, llm_config: Path) -> None:
 
 
 def _encoder_entry(rel: str, cfg: EncoderConfig, precision: str, parity: Any) -> dict[str, Any]:
-    return {"file": rel, "precision": precision, "input": INPUT_NAME, "outputs": list(OUTPUT_NAMES),
-            "image_size": cfg.img_size, "tokens": cfg.num_patches, "dim": cfg.embed_dim,
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "parity": parity.to_dict() if parity is not None else None}
+    return {
+        "file": rel,
+        "precision": precision,
+        "input": INPUT_NAME,
+        "outputs": list(OUTPUT_NAMES),
+        "image_size": cfg.img_size,
+        "tokens": cfg.num_patches,
+        "dim": cfg.embed_dim,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "parity": parity.to_dict() if parity is not None else None,
+    }
 
 
 def _manifest(name: str, version: str, config: GrokConfig, llm: dict, encoders: dict, provenance: dict) -> dict:
@@ -103,25 +114,49 @@ def _manifest(name: str, version: str, config: GrokConfig, llm: dict, encoders: 
     import transformers
 
     return {
-        "format": layout.BUNDLE_FORMAT, "name": name, "version": version,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "format": layout.BUNDLE_FORMAT,
+        "name": name,
+        "version": version,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "labels": [label.value for label in DIAGNOSTIC_LABELS],
-        "biomarkers": [{"key": b.key, "name": b.name, "modality": b.modality.value, "unit": b.unit,
-                        "normal": list(b.normal), "plausible": list(b.plausible)} for b in BIOMARKERS],
-        "prompt": prompt_template(), "config": config.to_dict(), "llm": llm, "encoders": encoders,
-        "heads": {"oct": layout.OCT_HEAD, "cfp": layout.CFP_HEAD}, "projectors": layout.PROJECTORS,
+        "biomarkers": [
+            {
+                "key": b.key,
+                "name": b.name,
+                "modality": b.modality.value,
+                "unit": b.unit,
+                "normal": list(b.normal),
+                "plausible": list(b.plausible),
+            }
+            for b in BIOMARKERS
+        ],
+        "prompt": prompt_template(),
+        "config": config.to_dict(),
+        "llm": llm,
+        "encoders": encoders,
+        "heads": {"oct": layout.OCT_HEAD, "cfp": layout.CFP_HEAD},
+        "projectors": layout.PROJECTORS,
         "tokenizer": layout.TOKENIZER_DIR,
-        "provenance": {**provenance, "built_with": {"torch": torch.__version__, "onnx": onnx.__version__,
-                                                    "transformers": transformers.__version__}},
+        "provenance": {
+            **provenance,
+            "built_with": {
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "transformers": transformers.__version__,
+            },
+        },
     }
 
 
-def _export_encoders(work: Path, config: GrokConfig, cfp_encoder: Any, oct_encoder: Any, precision: str,
-                     parity: bool, step: Any) -> dict[str, Any]:
+def _export_encoders(
+    work: Path, config: GrokConfig, cfp_encoder: Any, oct_encoder: Any, precision: str, parity: bool, step: Any
+) -> dict[str, Any]:
     """Both encoders to ONNX, each checked against torch (ParityError beyond tolerance)."""
     encoders = {}
-    for key, rel, value, cfg in (("cfp", layout.CFP_ENCODER, cfp_encoder, config.cfp_encoder),
-                                 ("oct", layout.OCT_ENCODER, oct_encoder, config.oct_encoder)):
+    for key, rel, value, cfg in (
+        ("cfp", layout.CFP_ENCODER, cfp_encoder, config.cfp_encoder),
+        ("oct", layout.OCT_ENCODER, oct_encoder, config.oct_encoder),
+    ):
         encoder = _encoder(value, cfg, f"{key}_encoder")
         export_encoder(encoder, work / rel, precision=precision)
         result = check_encoder_parity(encoder, work / rel, dtype=precision, name=f"{key}_encoder") if parity else None
@@ -132,11 +167,14 @@ def _export_encoders(work: Path, config: GrokConfig, cfp_encoder: Any, oct_encod
 
 def _write_heads(work: Path, config: GrokConfig, heads: Any) -> None:
     head_map = _heads(heads)
-    for modality, rel, cfg in ((Modality.OCT, layout.OCT_HEAD, config.oct_encoder),
-                               (Modality.CFP, layout.CFP_HEAD, config.cfp_encoder)):
+    for modality, rel, cfg in (
+        (Modality.OCT, layout.OCT_HEAD, config.oct_encoder),
+        (Modality.CFP, layout.CFP_HEAD, config.cfp_encoder),
+    ):
         if head_map[modality].feature_dim != cfg.embed_dim:
-            raise ValueError(f"{modality} head reads {head_map[modality].feature_dim}-d features, "
-                             f"the encoder gives {cfg.embed_dim}")
+            raise ValueError(
+                f"{modality} head reads {head_map[modality].feature_dim}-d features, the encoder gives {cfg.embed_dim}"
+            )
         head_map[modality].save(work / rel)
 
 
@@ -147,18 +185,37 @@ def _write_llm(work: Path, llm_dir: Any, base_dir: Any, adapter_dir: Any, merge:
         return {"layout": "merged", "dir": layout.LLM_DIR}
     if merge:
         merge_adapter(base_dir, adapter_dir, work / layout.LLM_DIR)
-        return {"layout": "merged", "dir": layout.LLM_DIR, "merged_from": {"base": str(base_dir), "adapter": str(adapter_dir)}}
+        return {
+            "layout": "merged",
+            "dir": layout.LLM_DIR,
+            "merged_from": {"base": str(base_dir), "adapter": str(adapter_dir)},
+        }
     copy_weights_dir(base_dir, work / layout.LLM_BASE_DIR, "base_dir")
     copy_weights_dir(adapter_dir, work / layout.LLM_ADAPTER_DIR, "adapter_dir")
     return {"layout": "adapter", "base_dir": layout.LLM_BASE_DIR, "adapter_dir": layout.LLM_ADAPTER_DIR}
 
 
-def build_bundle(out_dir: str | Path, *, cfp_encoder: RetinaEncoder | str | Path, oct_encoder: RetinaEncoder | str | Path,
-                 heads: Mapping[Any, BiomarkerHead] | Iterable[BiomarkerHead], projectors: Projectors | str | Path,
-                 tokenizer_dir: str | Path, name: str, version: str, provenance: dict, config: GrokConfig,
-                 llm_dir: str | Path | None = None, base_dir: str | Path | None = None,
-                 adapter_dir: str | Path | None = None, merge: bool = True, precision: str = "float32",
-                 parity: bool = True, overwrite: bool = False, progress: bool = True) -> Path:
+def build_bundle(
+    out_dir: str | Path,
+    *,
+    cfp_encoder: RetinaEncoder | str | Path,
+    oct_encoder: RetinaEncoder | str | Path,
+    heads: Mapping[Any, BiomarkerHead] | Iterable[BiomarkerHead],
+    projectors: Projectors | str | Path,
+    tokenizer_dir: str | Path,
+    name: str,
+    version: str,
+    provenance: dict,
+    config: GrokConfig,
+    llm_dir: str | Path | None = None,
+    base_dir: str | Path | None = None,
+    adapter_dir: str | Path | None = None,
+    merge: bool = True,
+    precision: str = "float32",
+    parity: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
     """Export, copy, hash and verify everything into a bundle directory; returns its path.
 
     LLM: `llm_dir` (LoRA already merged), or `base_dir` + `adapter_dir` (merged here when merge=True,

@@ -57,9 +57,17 @@ def _trace(encoder: RetinaEncoder, path: Path, fp16: bool) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
     with torch.no_grad(), redirect_stdout(io.StringIO()):  # the exporter prints its own progress lines
-        torch.onnx.export(graph, (example,), str(path), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                          dynamic_shapes={"pixels": {0: batch}}, dynamo=True,
-                          external_data=weight_bytes > SINGLE_FILE_LIMIT, verbose=False)
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={"pixels": {0: batch}},
+            dynamo=True,
+            external_data=weight_bytes > SINGLE_FILE_LIMIT,
+            verbose=False,
+        )
 
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path) -> Path:
@@ -72,8 +80,9 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path) -> Path:
     nodes = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input)]
     if not nodes:
         raise ValueError(f"{fp32_path}: no weight MatMul to quantise")
-    quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-                     per_channel=True)
+    quantize_dynamic(
+        str(fp32_path), str(out_path), weight_type=QuantType.QInt8, nodes_to_quantize=nodes, per_channel=True
+    )
     return Path(out_path)
 
 

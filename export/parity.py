@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grok_pacs.model.vit import RetinaEncoder
 from grok_pacs.analysis.onnx_session import create_session, run_encoder
+from grok_pacs.model.vit import RetinaEncoder
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,11 @@ class Tolerance:
 
 #: float32 differs from torch only by kernel order; float16 by its 10-bit mantissa through the blocks; int8 by
 #: per-channel weight and per-tensor dynamic activation quantisation (ViT-L/16, random weights: cosine 0.9995).
-TOLERANCES = {"float32": Tolerance(max_abs=5e-3, min_cosine=0.99999),
-              "float16": Tolerance(max_abs=0.1, min_cosine=0.999),
-              "int8": Tolerance(max_abs=1.0, min_cosine=0.999)}
+TOLERANCES = {
+    "float32": Tolerance(max_abs=5e-3, min_cosine=0.99999),
+    "float16": Tolerance(max_abs=0.1, min_cosine=0.999),
+    "int8": Tolerance(max_abs=1.0, min_cosine=0.999),
+}
 
 
 class ParityError(AssertionError):
@@ -48,8 +50,10 @@ class ParityResult:
 
     def __str__(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
-        return (f"{self.name} ({self.dtype}, batches {list(self.batch_sizes)}): max abs diff {self.max_abs:.3g} "
-                f"(<= {self.tolerance.max_abs}), cosine {self.cosine:.7f} (>= {self.tolerance.min_cosine}): {verdict}")
+        return (
+            f"{self.name} ({self.dtype}, batches {list(self.batch_sizes)}): max abs diff {self.max_abs:.3g} "
+            f"(<= {self.tolerance.max_abs}), cosine {self.cosine:.7f} (>= {self.tolerance.min_cosine}): {verdict}"
+        )
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -57,9 +61,18 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
-def check_encoder_parity(encoder: RetinaEncoder, onnx_path: str | Path, *, dtype: str = "float32",
-                         batch_sizes: tuple[int, ...] = (1, 2), seed: int = 0, tolerance: Tolerance | None = None,
-                         device: str = "cpu", name: str | None = None, raise_on_fail: bool = True) -> ParityResult:
+def check_encoder_parity(
+    encoder: RetinaEncoder,
+    onnx_path: str | Path,
+    *,
+    dtype: str = "float32",
+    batch_sizes: tuple[int, ...] = (1, 2),
+    seed: int = 0,
+    tolerance: Tolerance | None = None,
+    device: str = "cpu",
+    name: str | None = None,
+    raise_on_fail: bool = True,
+) -> ParityResult:
     """Compare torch (float32) with the ONNX graph on the same inputs; raise ParityError beyond tolerance."""
     tol = tolerance or TOLERANCES[dtype]
     session = create_session(onnx_path, device)

@@ -56,7 +56,7 @@ class Peer(BaseModel):
         return _check_ae_title(value, "ae_title")
 
     @classmethod
-    def parse(cls, text: str) -> "Peer":
+    def parse(cls, text: str) -> Peer:
         match = re.fullmatch(r"\s*([^@]+)@([^:@\s]+):(\d+)\s*", text)
         if not match:
             raise ValueError(f"{text!r} is not AE@HOST:PORT")
@@ -161,7 +161,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> "Settings":
+    def _tls_pair(self) -> Settings:
         if (self.tls_certificate is None) != (self.tls_key is None):
             raise ValueError("tls_certificate and tls_key must be given together")
         for name in ("tls_certificate", "tls_key", "tls_ca"):

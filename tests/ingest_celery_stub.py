@@ -7,8 +7,8 @@ import json
 import os
 from pathlib import Path
 
-from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, create_app
 from grok_pacs.config import load_settings
+from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, create_app
 
 app = create_app(load_settings())
 

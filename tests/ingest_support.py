@@ -14,12 +14,12 @@ from queue import Empty
 
 from kombu import Connection
 
+from devtools.ports import free_port
+from devtools.sample_dicom import fundus_rgb, jpeg_bytes
 from grok_pacs.config import Settings, load_settings
 from grok_pacs.ingest.service import IngestService
 from grok_pacs.jobs.publisher import JobPublisher
-from devtools.sample_dicom import fundus_rgb, jpeg_bytes
 from tests.conftest import require_tool
-from devtools.ports import free_port
 
 # Debian's DCMTK keeps Nagle's algorithm on unless TCP_NODELAY=1 is set (40 ms stalls per small message).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -27,9 +27,16 @@ AE = "GROK_PACS"
 
 
 def ingest_settings(tmp_path: Path, **overrides) -> Settings:
-    values = {"data_dir": tmp_path / "data", "port": free_port(), "bind_address": "127.0.0.1",
-              "quiet_period": 0.5, "min_free_disk_mb": 1, "acse_timeout": 10, "dimse_timeout": 20,
-              "network_timeout": 20}
+    values = {
+        "data_dir": tmp_path / "data",
+        "port": free_port(),
+        "bind_address": "127.0.0.1",
+        "quiet_period": 0.5,
+        "min_free_disk_mb": 1,
+        "acse_timeout": 10,
+        "dimse_timeout": 20,
+        "network_timeout": 20,
+    }
     values.update(overrides)
     return load_settings(**values)
 
@@ -46,14 +53,15 @@ def running(settings: Settings) -> Iterator[IngestService]:
 
 def dcmtk(tool: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run a DCMTK tool (must be installed) and return the completed process."""
-    return subprocess.run([require_tool(tool), *args], capture_output=True, text=True, timeout=timeout,
-                          env=DCMTK_ENV)
+    return subprocess.run([require_tool(tool), *args], capture_output=True, text=True, timeout=timeout, env=DCMTK_ENV)
 
 
-def storescu(port: int, *files: Path, options: tuple[str, ...] = (), calling: str = "TESTSCU",
-             timeout: float = 60) -> subprocess.CompletedProcess:
-    return dcmtk("storescu", *options, "-aet", calling, "-aec", AE, "127.0.0.1", str(port),
-                 *map(str, files), timeout=timeout)
+def storescu(
+    port: int, *files: Path, options: tuple[str, ...] = (), calling: str = "TESTSCU", timeout: float = 60
+) -> subprocess.CompletedProcess:
+    return dcmtk(
+        "storescu", *options, "-aet", calling, "-aec", AE, "127.0.0.1", str(port), *map(str, files), timeout=timeout
+    )
 
 
 def echoscu(port: int, calling: str = "TESTSCU", options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -66,8 +74,10 @@ def img2dcm_fundus(directory: Path, study_uid: str, laterality: str, size: int =
     jpeg = directory / f"fundus_{laterality}.jpg"
     jpeg.write_bytes(jpeg_bytes(fundus_rgb(size, laterality)))
     out = directory / f"fundus_{laterality}.dcm"
-    code = ["AcquisitionDeviceTypeCodeSequence[0]." + item for item in
-            ("CodeValue=409898007", "CodingSchemeDesignator=SCT", "CodeMeaning=Fundus camera")]
+    code = [
+        "AcquisitionDeviceTypeCodeSequence[0]." + item
+        for item in ("CodeValue=409898007", "CodingSchemeDesignator=SCT", "CodeMeaning=Fundus camera")
+    ]
     keys = [f"StudyInstanceUID={study_uid}", f"ImageLaterality={laterality}", "PatientID=PHANTOM-1", *code]
     done = dcmtk("img2dcm", "-oph", *[arg for key in keys for arg in ("-k", key)], str(jpeg), str(out))
     assert done.returncode == 0, done.stderr

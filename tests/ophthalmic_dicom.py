@@ -15,11 +15,19 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from devtools import sample_dicom
-from grok_pacs.config import OP_8BIT, OPT
 from devtools.sample_dicom import set_jpeg_frame, set_monochrome_frames, write
+from grok_pacs.config import OP_8BIT, OPT
 
-__all__ = ["Patient", "fundus_pixels", "hand_built_report", "make_cfp", "make_oct", "make_undecodable_cfp",
-           "oct_pixels", "write"]
+__all__ = [
+    "Patient",
+    "fundus_pixels",
+    "hand_built_report",
+    "make_cfp",
+    "make_oct",
+    "make_undecodable_cfp",
+    "oct_pixels",
+    "write",
+]
 
 
 @dataclass
@@ -72,8 +80,15 @@ def oct_pixels(frames: int = 8, rows: int = 64, cols: int = 96, seed: int = 0) -
     return (np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 
-def make_cfp(patient: Patient, laterality: str, *, acquired: dt.datetime | None = None,
-             series_uid: str | None = None, use_image_laterality: bool = True, seed: int = 0) -> Dataset:
+def make_cfp(
+    patient: Patient,
+    laterality: str,
+    *,
+    acquired: dt.datetime | None = None,
+    series_uid: str | None = None,
+    use_image_laterality: bool = True,
+    seed: int = 0,
+) -> Dataset:
     """An Ophthalmic Photography 8 Bit instance of one eye."""
     acquired = acquired or dt.datetime(2025, 1, 1, 10, 0, 0)
     ds = _base(patient, OP_8BIT, "OP", series_uid or generate_uid(), acquired)
@@ -91,9 +106,16 @@ def make_cfp(patient: Patient, laterality: str, *, acquired: dt.datetime | None 
     return ds
 
 
-def make_oct(patient: Patient, laterality: str, *, acquired: dt.datetime | None = None,
-             series_uid: str | None = None, frames: int = 8, seed: int = 0,
-             volume: np.ndarray | None = None) -> Dataset:
+def make_oct(
+    patient: Patient,
+    laterality: str,
+    *,
+    acquired: dt.datetime | None = None,
+    series_uid: str | None = None,
+    frames: int = 8,
+    seed: int = 0,
+    volume: np.ndarray | None = None,
+) -> Dataset:
     """A multi-frame Ophthalmic Tomography instance (B-scans) of one eye: `volume` (uint8 [frames, rows,
     cols]) when given, else `frames` synthetic B-scans."""
     acquired = acquired or dt.datetime(2025, 1, 1, 10, 5, 0)
@@ -111,25 +133,35 @@ def make_undecodable_cfp(patient: Patient, laterality: str, **kwargs) -> Dataset
     return set_jpeg_frame(make_cfp(patient, laterality, **kwargs), b"\xff\xd8\xff\xe0" + bytes(range(256)) * 8)
 
 
-def hand_built_report(eye: str, datasets: list[Dataset], *, label: str = "Glaucoma",
-                      bundle_version: str = "0.1.0"):
+def hand_built_report(eye: str, datasets: list[Dataset], *, label: str = "Glaucoma", bundle_version: str = "0.1.0"):
     """A `Report` written by hand (no model) for the given source datasets: every biomarker of the
     modalities present at its normal mid-range, a fixed narrative; for SR and delivery tests."""
+    from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Report, SourceImage
     from grok_pacs.domain.biomarkers import CFP_BIOMARKERS, OCT_BIOMARKERS
     from grok_pacs.domain.labels import Label
-    from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Report, SourceImage
 
     has_cfp = any(ds.SOPClassUID == OP_8BIT for ds in datasets)
     has_oct = any(ds.SOPClassUID == OPT for ds in datasets)
     markers = (CFP_BIOMARKERS if has_cfp else ()) + (OCT_BIOMARKERS if has_oct else ())
-    sources = tuple(SourceImage(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
-                                4 if ds.SOPClassUID == OPT else None) for ds in datasets)
+    sources = tuple(
+        SourceImage(
+            str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), 4 if ds.SOPClassUID == OPT else None
+        )
+        for ds in datasets
+    )
     return Report(
-        eye=Eye(eye), label=Label(label),
+        eye=Eye(eye),
+        label=Label(label),
         narrative="The optic disc shows a cup-to-disc ratio of 0.35; macular thickness is 255.0 um.",
-        impression=f"Findings are consistent with {label}.", raw_text="(hand-built)",
+        impression=f"Findings are consistent with {label}.",
+        raw_text="(hand-built)",
         biomarkers=tuple(BiomarkerEstimate(b.key, sum(b.normal) / 2, b.unit) for b in markers),
-        cited_numbers=(), label_scores={},
+        cited_numbers=(),
+        label_scores={},
         missing_modalities=tuple(m for m, present in (("CFP", has_cfp), ("OCT", has_oct)) if not present),
-        sources=sources, oct_frame_index=3 if has_oct else None, oct_frame_method="fovea" if has_oct else None,
-        bundle_name="tiny", bundle_version=bundle_version)
+        sources=sources,
+        oct_frame_index=3 if has_oct else None,
+        oct_frame_method="fovea" if has_oct else None,
+        bundle_name="tiny",
+        bundle_version=bundle_version,
+    )

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import require_tool
-from devtools.ports import free_port
 
+from devtools.ports import free_port
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
@@ -30,8 +29,9 @@ def dicomweb_plugin() -> Path:
 class Orthanc:
     """One Orthanc process; `modalities` maps a name to (AE, host, port) for DicomModalities."""
 
-    def __init__(self, work_dir: Path, modalities: dict[str, tuple[str, str, int]], aet: str = "ORTHANC",
-                 dicomweb: bool = False) -> None:
+    def __init__(
+        self, work_dir: Path, modalities: dict[str, tuple[str, str, int]], aet: str = "ORTHANC", dicomweb: bool = False
+    ) -> None:
         self.work_dir = Path(work_dir)
         self.aet = aet
         self.http_port, self.dicom_port = free_port(), free_port()
@@ -59,21 +59,31 @@ class Orthanc:
         if dicomweb:
             config["Plugins"] = [str(dicomweb_plugin())]
             # Full metadata from the stored files: viewers need pixel-module and SR tags, not only main tags.
-            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
-                                  "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"}
+            config["DicomWeb"] = {
+                "Enable": True,
+                "Root": "/dicom-web/",
+                "EnableWado": True,
+                "WadoRoot": "/wado",
+                "Ssl": False,
+                "StudiesMetadata": "Full",
+                "SeriesMetadata": "Full",
+            }
         self.config_path.write_text(json.dumps(config, indent=2))
         self.proc: subprocess.Popen | None = None
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.http = httpx.Client(base_url=self.url, timeout=60)
 
-    def start(self, timeout: float = 60.0) -> "Orthanc":
+    def start(self, timeout: float = 60.0) -> Orthanc:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([require_tool("Orthanc"), str(self.config_path)], stdout=log,
-                                     stderr=subprocess.STDOUT, cwd=self.work_dir)
+        self.proc = subprocess.Popen(
+            [require_tool("Orthanc"), str(self.config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=self.work_dir
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"Orthanc exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+                raise AssertionError(
+                    f"Orthanc exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}"
+                )
             try:
                 if self.http.get("/system").status_code == 200:
                     return self
@@ -95,15 +105,15 @@ class Orthanc:
     # --- REST helpers ------------------------------------------------------------------------------------
     def upload(self, path: Path) -> dict:
         """POST /instances: store a DICOM file in Orthanc."""
-        response = self.http.post("/instances", content=Path(path).read_bytes(),
-                                  headers={"Content-Type": "application/dicom"})
+        response = self.http.post(
+            "/instances", content=Path(path).read_bytes(), headers={"Content-Type": "application/dicom"}
+        )
         response.raise_for_status()
         return response.json()
 
     def send_to_modality(self, modality: str, resources: list[str]) -> dict:
         """POST /modalities/{id}/store: Orthanc C-STOREs the resources to a configured modality."""
-        response = self.http.post(f"/modalities/{modality}/store",
-                                  json={"Resources": resources, "Synchronous": True})
+        response = self.http.post(f"/modalities/{modality}/store", json={"Resources": resources, "Synchronous": True})
         response.raise_for_status()
         return response.json()
 

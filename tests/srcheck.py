@@ -38,7 +38,7 @@ def assert_valid_sr(path: Path, *expected_texts: str) -> str:
 
 
 def sr_eye(ds) -> str:
-    """"R" or "L": the laterality of the SR's finding site (what a reader sees as "Laterality: Right")."""
+    """ "R" or "L": the laterality of the SR's finding site (what a reader sees as "Laterality: Right")."""
     found = set()
 
     def walk(items):
@@ -47,6 +47,7 @@ def sr_eye(ds) -> str:
             if name and name[0].CodeValue == "272741003" and item.get("ConceptCodeSequence"):
                 found.add({"24028007": "R", "7771000": "L"}.get(item.ConceptCodeSequence[0].CodeValue, "?"))
             walk(item.get("ContentSequence", []))
+
     walk(ds.ContentSequence)
     assert len(found) == 1, f"SR {ds.SOPInstanceUID}: finding site lateralities {found}"
     return found.pop()

@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from grok_pacs.domain.labels import Label
 from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Report
+from grok_pacs.domain.labels import Label
 from training.benchmark import Prediction, Reference, compare, evaluate, write_comparison, write_report
 from training.benchmark.classification import classify, plot_confusion
 from training.benchmark.grounding import check_grounding, check_model_grounding, check_report_grounding
@@ -113,23 +113,34 @@ def test_bit_parallel_lcs_equals_dynamic_programming() -> None:
 
 # --- judge-free rubric --------------------------------------------------------------------------------
 MEASURED = {"cup_to_disc": 0.70, "rnfl_average": 25.0, "avr": 0.60, "mt_central": 300.0}
-CRAFTED = ("The cup-to-disc ratio is 0.72 and RNFL thickness 28.5 um; the AVR of 0.80 and central subfield "
-           "thickness 300 mm; GCIPL 70 um; IOP 21 mmHg.")
+CRAFTED = (
+    "The cup-to-disc ratio is 0.72 and RNFL thickness 28.5 um; the AVR of 0.80 and central subfield "
+    "thickness 300 mm; GCIPL 70 um; IOP 21 mmHg."
+)
 
 
 def test_quantitative_deductions_on_a_crafted_report() -> None:
     score, deductions, n = quantitative_accuracy(CRAFTED, MEASURED)
     reasons = [(d.text, d.reason, d.points) for d in deductions]
-    assert reasons == [("28.5", "10-20% off", 1), ("0.80", ">20% off", 2), ("300", "wrong unit", 1),
-                       ("70", "fabricated", 3), ("21", "fabricated", 3)]
+    assert reasons == [
+        ("28.5", "10-20% off", 1),
+        ("0.80", ">20% off", 2),
+        ("300", "wrong unit", 1),
+        ("70", "fabricated", 3),
+        ("21", "fabricated", 3),
+    ]
     assert (score, n) == (20 - 10, 6)
     assert quantitative_accuracy(CRAFTED, MEASURED, reference_text="IOP was 21 mmHg.")[0] == 13
 
 
 def test_quantitative_zero_without_numbers_and_never_negative() -> None:
     assert quantitative_accuracy("The disc looks cupped.", MEASURED)[0] == 0
-    assert quantitative_accuracy("GCIPL 70, INL 30, RPE 20, ELM-ISOS 22, ISOS-RPE 40, IOP 21 mmHg, age 70 years.",
-                                 MEASURED)[0] == 0
+    assert (
+        quantitative_accuracy(
+            "GCIPL 70, INL 30, RPE 20, ELM-ISOS 22, ISOS-RPE 40, IOP 21 mmHg, age 70 years.", MEASURED
+        )[0]
+        == 0
+    )
     assert quantitative_accuracy("The cup-to-disc ratio of 0.700.", MEASURED)[0] == 20
 
 
@@ -140,8 +151,7 @@ def test_ratio_with_length_unit_is_a_wrong_unit() -> None:
 
 def test_coverage_by_region() -> None:
     assert coverage_completeness("Normal-looking optic disc and macula.") == 4
-    full = ("Optic disc cupped; fovea flat; arterioles narrowed; no haemorrhages in the periphery; "
-            "RNFL thin.")
+    full = "Optic disc cupped; fovea flat; arterioles narrowed; no haemorrhages in the periphery; RNFL thin."
     assert coverage_completeness(full) == 10
     assert coverage_completeness("Discussed with the patient.") == 0
 
@@ -155,22 +165,39 @@ def test_diagnosis_accuracy() -> None:
 # --- grounding ----------------------------------------------------------------------------------------
 def test_grounding_against_the_sr_estimates() -> None:
     estimates = {"cup_to_disc": 0.7204, "rnfl_average": 24.13, "avr": 0.61, "disc_diameter_vertical": 1823.0}
-    text = ("cup-to-disc ratio of 0.720, RNFL thickness 24.1 µm, AVR 0.65, GCIPL 70 um, vertical disc "
-            "diameter 1.82 mm, IOP 21 mmHg.")
+    text = (
+        "cup-to-disc ratio of 0.720, RNFL thickness 24.1 µm, AVR 0.65, GCIPL 70 um, vertical disc "
+        "diameter 1.82 mm, IOP 21 mmHg."
+    )
     result = check_grounding(text, estimates)
     assert (result.n_cited, result.n_agree) == (6, 3)
     assert result.agreement == pytest.approx(0.5)
     assert [(m.text, m.reason) for m in result.mismatches] == [
-        ("0.65", "disagrees"), ("70", "no estimate"), ("21", "unmatched")]
+        ("0.65", "disagrees"),
+        ("70", "no estimate"),
+        ("21", "unmatched"),
+    ]
     assert check_grounding("RNFL 24.2 um", estimates).agreement == 0.0  # 24.13 rounds to 24.1
     assert check_grounding("No numbers.", estimates).agreement is None
 
 
 def runtime_report(narrative: str, estimates: dict[str, float], raw_text: str | None = None) -> Report:
-    return Report(eye=Eye.RIGHT, label=G, narrative=narrative, impression="Consistent with glaucoma.",
-                  raw_text=narrative if raw_text is None else raw_text, biomarkers=tuple(BiomarkerEstimate(k, v, "1") for k, v in estimates.items()),
-                  cited_numbers=(), label_scores={}, missing_modalities=("OCT",), sources=(), oct_frame_index=None,
-                  oct_frame_method=None, bundle_name="b", bundle_version="0")
+    return Report(
+        eye=Eye.RIGHT,
+        label=G,
+        narrative=narrative,
+        impression="Consistent with glaucoma.",
+        raw_text=narrative if raw_text is None else raw_text,
+        biomarkers=tuple(BiomarkerEstimate(k, v, "1") for k, v in estimates.items()),
+        cited_numbers=(),
+        label_scores={},
+        missing_modalities=("OCT",),
+        sources=(),
+        oct_frame_index=None,
+        oct_frame_method=None,
+        bundle_name="b",
+        bundle_version="0",
+    )
 
 
 def test_grounding_and_prediction_from_a_runtime_report() -> None:
@@ -185,8 +212,9 @@ def test_grounding_and_prediction_from_a_runtime_report() -> None:
 def test_model_grounding_reads_what_the_model_wrote_not_the_served_text() -> None:
     """The runtime writes misquoted numbers as the estimates; the benchmark still sees the model's own."""
     raw = "The cup-to-disc ratio is 0.700 and the AVR 0.64.\nDiagnosis: Glaucoma"
-    report = runtime_report("The cup-to-disc ratio is 0.812 and the AVR 0.64.", {"cup_to_disc": 0.8121, "avr": 0.64},
-                            raw_text=raw)
+    report = runtime_report(
+        "The cup-to-disc ratio is 0.812 and the AVR 0.64.", {"cup_to_disc": 0.8121, "avr": 0.64}, raw_text=raw
+    )
     assert check_report_grounding(report).agreement == 1.0
     model = check_model_grounding(report)
     assert (model.n_cited, model.n_agree) == (2, 1)
@@ -206,7 +234,7 @@ def test_parse_verdict_and_malformed_answers() -> None:
     assert verdict.label == G and verdict.total == 100
     for bad, message in [
         ("I think it is fine.", "no JSON object"),
-        ("{\"DiagnosisAccuracy\": ", "no JSON object"),
+        ('{"DiagnosisAccuracy": ', "no JSON object"),
         (verdict_json(QualitativeAccuracy={"score": 16, "explanation": ""}), "QualitativeAccuracy.*outside"),
         (verdict_json(ErrorSeverityPenalty={"score": "-3"}), "not a number"),
         (verdict_json(DiagnosedLabel="retinitis"), "DiagnosedLabel"),
@@ -241,7 +269,7 @@ class ScriptedServer:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
-    def __enter__(self) -> "ScriptedServer":
+    def __enter__(self) -> ScriptedServer:
         self.thread.start()
         return self
 
@@ -250,8 +278,14 @@ class ScriptedServer:
         self.server.server_close()
 
     def config(self, **kw) -> JudgeConfig:
-        return JudgeConfig(base_url=f"http://127.0.0.1:{self.server.server_port}/v1", model="judge-x",
-                           api_key="k", timeout_s=5, backoff_s=0.0, **kw)
+        return JudgeConfig(
+            base_url=f"http://127.0.0.1:{self.server.server_port}/v1",
+            model="judge-x",
+            api_key="k",
+            timeout_s=5,
+            backoff_s=0.0,
+            **kw,
+        )
 
 
 def test_judge_retries_malformed_and_server_errors() -> None:
@@ -290,10 +324,14 @@ def test_judge_gives_up_with_the_reason() -> None:
 # --- end to end ---------------------------------------------------------------------------------------
 def cases() -> tuple[list[Prediction], list[Reference]]:
     ref_text = "The optic disc shows a cup-to-disc ratio of 0.80 with RNFL thinning to 22.0 um; glaucoma."
-    refs = [Reference("1", G, ref_text, {"cup_to_disc": 0.80, "rnfl_average": 22.0}),
-            Reference("2", N, "Normal macula and optic disc.", {"cup_to_disc": 0.30})]
-    preds = [Prediction("2", N, "Normal optic disc and macula, cup-to-disc ratio 0.30.", {"cup_to_disc": 0.3}),
-             Prediction("1", A, "Drusen at the macula; RNFL 22.0 um.", {"rnfl_average": 21.96})]
+    refs = [
+        Reference("1", G, ref_text, {"cup_to_disc": 0.80, "rnfl_average": 22.0}),
+        Reference("2", N, "Normal macula and optic disc.", {"cup_to_disc": 0.30}),
+    ]
+    preds = [
+        Prediction("2", N, "Normal optic disc and macula, cup-to-disc ratio 0.30.", {"cup_to_disc": 0.3}),
+        Prediction("1", A, "Drusen at the macula; RNFL 22.0 um.", {"rnfl_average": 21.96}),
+    ]
     return preds, refs
 
 

@@ -7,13 +7,13 @@ import json
 
 import numpy as np
 import pytest
+from ophthalmic_dicom import fundus_pixels, oct_pixels
 
 from devtools.tiny_bundle import copy_bundle
 from grok_pacs.analysis.bundle import BundleError, load_bundle
 from grok_pacs.analysis.calibration import CALIBRATION_FILE, Calibration, CalibrationError
 from grok_pacs.analysis.engine import Engine
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
-from ophthalmic_dicom import fundus_pixels, oct_pixels
 from training.calibration import add_to_bundle, calibrate, expected_calibration_error, fit_temperature
 
 LABELS = [label.value for label in DIAGNOSTIC_LABELS]
@@ -95,8 +95,20 @@ def test_training_cli_fits_on_the_validation_split_and_extends_the_bundle(tiny_b
         Image.fromarray(fundus_pixels(seed=i)).save(eye_dir / "cfp.png")
         for k, frame in enumerate(oct_pixels(seed=i)):
             Image.fromarray(frame).save(eye_dir / "oct" / f"{k:03d}.png")
-        records.append(CohortRecord(f"S{i}", "R", label, "val" if i < 3 else "train", eye_dir / "cfp.png",
-                                    eye_dir / "oct", {b.key: math.nan for b in BIOMARKERS}, None, None, 0))
+        records.append(
+            CohortRecord(
+                f"S{i}",
+                "R",
+                label,
+                "val" if i < 3 else "train",
+                eye_dir / "cfp.png",
+                eye_dir / "oct",
+                {b.key: math.nan for b in BIOMARKERS},
+                None,
+                None,
+                0,
+            )
+        )
     manifest = write_manifest(tmp_path / "cohort" / "manifest.csv", records)
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     assert main([str(bundle), str(manifest), "--version", "0.0.1-test+cal"]) == 0

@@ -10,8 +10,16 @@ import pytest
 
 from grok_pacs.config import Peer, SettingsError, load_settings
 
-ENV_NAMES = ("GROK_PACS_AE_TITLE", "GROK_PACS_PORT", "GROK_PACS_DATA_DIR", "GROK_PACS_ALLOWED_AES",
-             "GROK_PACS_BROKER_URL", "GROK_PACS_DESTINATION", "GROK_PACS_BUNDLE", "GROK_PACS_CONFIG")
+ENV_NAMES = (
+    "GROK_PACS_AE_TITLE",
+    "GROK_PACS_PORT",
+    "GROK_PACS_DATA_DIR",
+    "GROK_PACS_ALLOWED_AES",
+    "GROK_PACS_BROKER_URL",
+    "GROK_PACS_DESTINATION",
+    "GROK_PACS_BUNDLE",
+    "GROK_PACS_CONFIG",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -78,8 +86,14 @@ def test_missing_config_file_and_unknown_key_fail(tmp_path: Path) -> None:
 
 def test_cli_start_fails_with_message_naming_setting(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "GROK_PACS_PORT": "0", "GROK_PACS_DATA_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "grok_pacs.cli", "listen"], env=env, capture_output=True,
-                          text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-m", "grok_pacs.cli", "listen"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 2
     assert "port" in done.stderr and "invalid settings" in done.stderr
     assert not (tmp_path / "incoming").exists()

@@ -9,24 +9,25 @@ import time
 from pathlib import Path
 
 import pytest
-
-from devtools.ports import free_port
-from grok_pacs.config import load_settings
-from grok_pacs.delivery.sender import DeliveryOutcome, deliver, give_up, retry_delay_s, update_study_state, write_sr
-from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
-from grok_pacs.ingest.listener import Listener
-from grok_pacs.store.outbox import Outbox, OutboxError, OutboxState
-from grok_pacs.analysis.result import Eye
-from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError
-from grok_pacs.report.sr import SRKey, build_sr
 from ophthalmic_dicom import Patient, hand_built_report, make_cfp
 from srcheck import assert_valid_sr
+
+from devtools.ports import free_port
 from devtools.storescp import StoreSCP
+from grok_pacs.analysis.result import Eye
+from grok_pacs.config import load_settings
+from grok_pacs.delivery.sender import DeliveryOutcome, deliver, give_up, retry_delay_s, update_study_state, write_sr
+from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError
+from grok_pacs.ingest.listener import Listener
+from grok_pacs.report.sr import SRKey, build_sr
+from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
+from grok_pacs.store.outbox import Outbox, OutboxError, OutboxState
 
 
 def _settings(data_dir: Path, destination: str | None, **extra):
-    return load_settings(data_dir=data_dir, destination=destination, dimse_timeout=10, acse_timeout=10,
-                         network_timeout=10, **extra)
+    return load_settings(
+        data_dir=data_dir, destination=destination, dimse_timeout=10, acse_timeout=10, network_timeout=10, **extra
+    )
 
 
 def _queued_study(settings) -> tuple[StudyIndex, Outbox, str]:
@@ -34,16 +35,37 @@ def _queued_study(settings) -> tuple[StudyIndex, Outbox, str]:
     patient = Patient()
     cfp = make_cfp(patient, "R")
     index = StudyIndex(settings.index_path)
-    index.add_instance(InstanceRecord(patient.study_uid, cfp.SeriesInstanceUID, cfp.SOPInstanceUID, cfp.SOPClassUID,
-                                      "OP", "R", 1, 1000, "incoming/x.dcm", time.time(), "CAMERA", "", "1.2.840.10008.1.2.1"))
+    index.add_instance(
+        InstanceRecord(
+            patient.study_uid,
+            cfp.SeriesInstanceUID,
+            cfp.SOPInstanceUID,
+            cfp.SOPClassUID,
+            "OP",
+            "R",
+            1,
+            1000,
+            "incoming/x.dcm",
+            time.time(),
+            "CAMERA",
+            "",
+            "1.2.840.10008.1.2.1",
+        )
+    )
     study = index.study(patient.study_uid)
     assert index.mark_queued(patient.study_uid, 1, study.last_received_at)
     key = SRKey(patient.study_uid, 1, "0.1.0", Eye.RIGHT)
     sr = build_sr(hand_built_report("R", [cfp]), [cfp], key)
     relpath = write_sr(settings.data_dir, sr)
     outbox = Outbox(settings.index_path)
-    outbox.put(sr_uid=key.sop_instance_uid, study_uid=patient.study_uid, study_version=1, bundle_version="0.1.0",
-               eye="R", path=str(relpath))
+    outbox.put(
+        sr_uid=key.sop_instance_uid,
+        study_uid=patient.study_uid,
+        study_version=1,
+        bundle_version="0.1.0",
+        eye="R",
+        path=str(relpath),
+    )
     return index, outbox, key.sop_instance_uid
 
 
@@ -102,13 +124,17 @@ def test_pacs_down_then_up_delivers_exactly_once(tmp_path):
     assert_valid_sr(kept, "Glaucoma")
 
 
-@pytest.mark.parametrize("allowed_aes, reason", [
-    (["SOMEONE_ELSE"], "Calling AE title not recognised"),  # the PACS rejects our AE title
-    ([], "not supported"),  # a grok-pacs listener accepts us but offers no SR storage class
-])
+@pytest.mark.parametrize(
+    "allowed_aes, reason",
+    [
+        (["SOMEONE_ELSE"], "Calling AE title not recognised"),  # the PACS rejects our AE title
+        ([], "not supported"),  # a grok-pacs listener accepts us but offers no SR storage class
+    ],
+)
 def test_permanent_failure_fails_at_once_without_retry(tmp_path, allowed_aes, reason):
-    pacs_settings = load_settings(data_dir=tmp_path / "pacs", port=free_port(), bind_address="127.0.0.1",
-                                  ae_title="PACS", allowed_aes=allowed_aes)
+    pacs_settings = load_settings(
+        data_dir=tmp_path / "pacs", port=free_port(), bind_address="127.0.0.1", ae_title="PACS", allowed_aes=allowed_aes
+    )
     pacs = Listener(pacs_settings, StudyIndex(pacs_settings.index_path))
     pacs.start()
     try:
@@ -128,8 +154,9 @@ def test_permanent_failure_fails_at_once_without_retry(tmp_path, allowed_aes, re
 
 
 def test_retries_exhausted_give_up_and_backoff_doubles(tmp_path):
-    settings = _settings(tmp_path / "data", f"PACS@127.0.0.1:{free_port()}", delivery_backoff_s=2,
-                         delivery_backoff_max_s=10)
+    settings = _settings(
+        tmp_path / "data", f"PACS@127.0.0.1:{free_port()}", delivery_backoff_s=2, delivery_backoff_max_s=10
+    )
     assert [retry_delay_s(settings, n) for n in range(5)] == [2, 4, 8, 10, 10]
     index, outbox, sr_uid = _queued_study(settings)
     with pytest.raises(TransientStoreError):
@@ -163,10 +190,10 @@ def _queued_pdf(settings, index: StudyIndex, outbox: Outbox, sr_uid: str) -> str
     patient_cfp = make_cfp(Patient(patient_id=str(sr.PatientID), study_uid=key.study_uid), "R")
     report = hand_built_report("R", [patient_cfp])
     pdf = build_pdf(StudyHeader.from_dataset(patient_cfp, software="test", made_at="now"), {Eye.RIGHT: report}, {})
-    relpath = write_sr(settings.data_dir, build_encapsulated_pdf(pdf, patient_cfp, report.sources, key,
-                                                                 software_version="test"))
-    outbox.put_many([OutboxRow(key.sop_instance_uid, key.study_uid, 1, "0.1.0", "", str(relpath),
-                               kind=ResultKind.PDF)])
+    relpath = write_sr(
+        settings.data_dir, build_encapsulated_pdf(pdf, patient_cfp, report.sources, key, software_version="test")
+    )
+    outbox.put_many([OutboxRow(key.sop_instance_uid, key.study_uid, 1, "0.1.0", "", str(relpath), kind=ResultKind.PDF)])
     return key.sop_instance_uid
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import require_tool
+from ophthalmic_dicom import Patient, make_cfp, make_oct, write
+
 from devtools.ports import free_port
 from grok_pacs.config import Settings, load_settings
-from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -106,8 +106,9 @@ def test_dockerfile_copies_files_that_exist_and_runs_as_the_k8s_user() -> None:
         *sources, _dest = line.split()
         for source in sources:
             assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is not in the repository"
-            assert source.split("/")[0] not in ("training", "export", "devtools", "tests", "bench", "."), \
+            assert source.split("/")[0] not in ("training", "export", "devtools", "tests", "bench", "."), (
                 f"the runtime image copies {source}: it holds grok_pacs only"
+            )
     uid = int(re.search(r"useradd .*--uid (\d+)", text)[1])
     for doc in _k8s_docs():
         if doc["kind"] == "Deployment" and "grok-pacs:" in json.dumps(doc):
@@ -178,8 +179,7 @@ def test_probes_and_healthchecks_use_paths_the_metrics_server_serves(tmp_path: P
     import urllib.error
     import urllib.request
 
-    from grok_pacs.ops import health
-    from grok_pacs.ops import observability
+    from grok_pacs.ops import health, observability
 
     paths = set()
     for doc in _k8s_docs():
@@ -276,8 +276,9 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     tool = require_tool("systemd-analyze")
     root = _systemd_root(tmp_path)
     units = [f"/etc/systemd/system/{unit.name}" for unit in UNITS]
-    result = subprocess.run([tool, "verify", "--man=no", f"--root={root}", *units],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool, "verify", "--man=no", f"--root={root}", *units], capture_output=True, text=True, timeout=60
+    )
     # verify exits 0 on unknown keys and unparsable values but prints them: any output is a failure.
     assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
 
@@ -287,8 +288,12 @@ def test_systemd_verify_reports_a_misspelt_directive(tmp_path: Path) -> None:
     root = _systemd_root(tmp_path)
     unit = root / "etc/systemd/system/grok-pacs-listener.service"
     unit.write_text(unit.read_text().replace("ProtectSystem=strict", "ProtectSytem=strict"))
-    result = subprocess.run([tool, "verify", "--man=no", f"--root={root}", "/etc/systemd/system/" + unit.name],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tool, "verify", "--man=no", f"--root={root}", "/etc/systemd/system/" + unit.name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "ProtectSytem" in result.stderr
 
 
@@ -297,11 +302,21 @@ def test_systemd_units_are_hardened(tmp_path: Path) -> None:
     root = _systemd_root(tmp_path)
     for unit in UNITS:
         text = unit.read_text()
-        for directive in ("User=grok-pacs", "ProtectSystem=strict", "ReadWritePaths=/var/lib/grok-pacs",
-                          "Restart=on-failure", "NoNewPrivileges=yes", "ProtectHome=yes"):
+        for directive in (
+            "User=grok-pacs",
+            "ProtectSystem=strict",
+            "ReadWritePaths=/var/lib/grok-pacs",
+            "Restart=on-failure",
+            "NoNewPrivileges=yes",
+            "ProtectHome=yes",
+        ):
             assert re.search(rf"^{re.escape(directive)}$", text, re.M), f"{unit.name}: no {directive}"
-        result = subprocess.run([tool, "security", "--offline=yes", f"--root={root}",
-                                 f"/etc/systemd/system/{unit.name}"], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [tool, "security", "--offline=yes", f"--root={root}", f"/etc/systemd/system/{unit.name}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         level = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout + result.stderr)
         assert level, result.stdout + result.stderr
         assert float(level[1]) <= 3.0, f"{unit.name}: exposure {level[1]} (0 safe .. 10 unsafe)"
@@ -345,11 +360,20 @@ def test_orthanc_lua_autoroute_forwards_op_and_opt_only(tmp_path: Path) -> None:
     shipped = load_settings(DEPLOY / "compose/config.toml")
     assert (grok_ae, grok_default_port) == (shipped.ae_title, shipped.port), "orthanc.json must call the listener"
     assert config["DicomAet"] in shipped.allowed_aes, "the listener must allow Orthanc's AE title"
-    settings = load_settings(DEPLOY / "compose/config.toml", data_dir=tmp_path / "grok", port=grok_port,
-                             bind_address="127.0.0.1", broker_url="", metrics_port=0)
+    settings = load_settings(
+        DEPLOY / "compose/config.toml",
+        data_dir=tmp_path / "grok",
+        port=grok_port,
+        bind_address="127.0.0.1",
+        broker_url="",
+        metrics_port=0,
+    )
     config.update(
-        DicomPort=dicom_port, HttpServerEnabled=False, StorageDirectory=str(tmp_path / "db"),
-        IndexDirectory=str(tmp_path / "db"), LuaScripts=[str(DEPLOY / "compose/orthanc/autoroute.lua")],
+        DicomPort=dicom_port,
+        HttpServerEnabled=False,
+        StorageDirectory=str(tmp_path / "db"),
+        IndexDirectory=str(tmp_path / "db"),
+        LuaScripts=[str(DEPLOY / "compose/orthanc/autoroute.lua")],
         DicomModalities={"grok": [grok_ae, "127.0.0.1", grok_port]},
     )
     (tmp_path / "etc").mkdir()
@@ -358,8 +382,11 @@ def test_orthanc_lua_autoroute_forwards_op_and_opt_only(tmp_path: Path) -> None:
     patient = Patient()
     other = make_cfp(patient, "L")
     other.Modality = "OT"  # not an ophthalmic modality: must stay in Orthanc
-    files = [write(other, tmp_path / "in/ot.dcm"), write(make_cfp(patient, "R"), tmp_path / "in/cfp.dcm"),
-             write(make_oct(patient, "R"), tmp_path / "in/oct.dcm")]
+    files = [
+        write(other, tmp_path / "in/ot.dcm"),
+        write(make_cfp(patient, "R"), tmp_path / "in/cfp.dcm"),
+        write(make_oct(patient, "R"), tmp_path / "in/oct.dcm"),
+    ]
     service = IngestService(settings, JobPublisher(settings))
     service.start()
     log_path = tmp_path / "orthanc.log"
@@ -367,8 +394,12 @@ def test_orthanc_lua_autoroute_forwards_op_and_opt_only(tmp_path: Path) -> None:
         server = subprocess.Popen([orthanc, f"{tmp_path / 'etc'}/"], stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_port(dicom_port, server, "Orthanc")
-        sent = subprocess.run([storescu, "-aet", "MODALITY", "-aec", config["DicomAet"], "127.0.0.1",
-                               str(dicom_port), *map(str, files)], capture_output=True, text=True, timeout=60)
+        sent = subprocess.run(
+            [storescu, "-aet", "MODALITY", "-aec", config["DicomAet"], "127.0.0.1", str(dicom_port), *map(str, files)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert sent.returncode == 0, sent.stderr
         deadline = time.monotonic() + 30
         while len(service.index.instances(patient.study_uid)) < 2 and time.monotonic() < deadline:

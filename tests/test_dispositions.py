@@ -6,14 +6,14 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from ophthalmic_dicom import Patient, hand_built_report, make_cfp, make_oct
+from srcheck import assert_valid_sr
 
 from grok_pacs.analysis.quality import QualityThresholds, judge, ungradable_report
 from grok_pacs.analysis.result import Action, Eye, Gradability, SourceImage
 from grok_pacs.report import dispositions
 from grok_pacs.report.dispositions import DEFAULT_TABLE, DispositionTableError, for_eye, load_table, roll_up
 from grok_pacs.report.sr import SRKey, build_sr
-from ophthalmic_dicom import Patient, hand_built_report, make_cfp, make_oct
-from srcheck import assert_valid_sr
 
 
 def eye_report(eye: str, label: str, datasets, **biomarkers: float):
@@ -31,22 +31,26 @@ def study():
 def ungradable(eye: str, datasets):
     ds = datasets[0]
     verdict = judge("CFP", ds, None, "JPEG frame 1 is corrupt", ds.SOPInstanceUID, QualityThresholds())
-    return ungradable_report(Eye(eye), (verdict,), (SourceImage(ds.SOPClassUID, ds.SOPInstanceUID,
-                                                                ds.SeriesInstanceUID),), "tiny", "0.1.0")
+    return ungradable_report(
+        Eye(eye), (verdict,), (SourceImage(ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID),), "tiny", "0.1.0"
+    )
 
 
-@pytest.mark.parametrize("label, markers, action, rule", [
-    ("DiabeticRetinopathy", {"mt_central": 340.0}, Action.URGENT_REFERRAL, "dr-oedema"),
-    ("DiabeticRetinopathy", {"mt_central": 250.0}, Action.REFERRAL, "dr"),
-    ("AMD", {"mt_central": 330.0}, Action.URGENT_REFERRAL, "amd-wet"),
-    ("AMD", {"mt_central": 250.0}, Action.REFERRAL, "amd"),
-    ("Normal", {"cup_to_disc": 0.75}, Action.REFERRAL, "glaucoma-cdr"),
-    ("Glaucoma", {"cup_to_disc": 0.5}, Action.REFERRAL, "glaucoma"),
-    ("Hypertension", {}, Action.REFERRAL, "hypertension"),
-    ("Diabetes", {}, Action.RESCREEN, "diabetes"),
-    ("Normal", {}, Action.RESCREEN, "normal"),
-    ("Indeterminate", {}, Action.REFERRAL, "indeterminate"),
-])
+@pytest.mark.parametrize(
+    "label, markers, action, rule",
+    [
+        ("DiabeticRetinopathy", {"mt_central": 340.0}, Action.URGENT_REFERRAL, "dr-oedema"),
+        ("DiabeticRetinopathy", {"mt_central": 250.0}, Action.REFERRAL, "dr"),
+        ("AMD", {"mt_central": 330.0}, Action.URGENT_REFERRAL, "amd-wet"),
+        ("AMD", {"mt_central": 250.0}, Action.REFERRAL, "amd"),
+        ("Normal", {"cup_to_disc": 0.75}, Action.REFERRAL, "glaucoma-cdr"),
+        ("Glaucoma", {"cup_to_disc": 0.5}, Action.REFERRAL, "glaucoma"),
+        ("Hypertension", {}, Action.REFERRAL, "hypertension"),
+        ("Diabetes", {}, Action.RESCREEN, "diabetes"),
+        ("Normal", {}, Action.RESCREEN, "normal"),
+        ("Indeterminate", {}, Action.REFERRAL, "indeterminate"),
+    ],
+)
 def test_table_rows(study, label, markers, action, rule):
     _, eyes = study
     disposition = for_eye(eye_report("R", label, eyes["R"], **markers))
@@ -64,22 +68,22 @@ def test_ungradable_eye_is_retake_and_roll_up_takes_the_worse_eye(study):
     normal = eye_report("R", "Normal", eyes["R"])
     bad = ungradable("L", eyes["L"])
     assert for_eye(bad).action is Action.RETAKE and for_eye(bad).text == "Image quality insufficient: retake, or refer"
-    r, l = dispositions.apply([normal, bad])
-    assert r.patient_disposition == l.patient_disposition
-    assert r.patient_disposition.action is Action.RETAKE and r.patient_disposition.eyes == ("L",)
+    right, left = dispositions.apply([normal, bad])
+    assert right.patient_disposition == left.patient_disposition
+    assert right.patient_disposition.action is Action.RETAKE and right.patient_disposition.eyes == ("L",)
     urgent = eye_report("R", "DiabeticRetinopathy", eyes["R"], mt_central=340.0)
-    r, l = dispositions.apply([urgent, bad])
-    assert r.patient_disposition.action is Action.URGENT_REFERRAL and r.patient_disposition.eyes == ("R",)
+    right, left = dispositions.apply([urgent, bad])
+    assert right.patient_disposition.action is Action.URGENT_REFERRAL and right.patient_disposition.eyes == ("R",)
 
 
 def test_systemic_labels_once_per_patient_and_cdr_asymmetry(study):
     _, eyes = study
-    both = dispositions.apply([eye_report("R", "Hypertension", eyes["R"]),
-                               eye_report("L", "Hypertension", eyes["L"])])
+    both = dispositions.apply([eye_report("R", "Hypertension", eyes["R"]), eye_report("L", "Hypertension", eyes["L"])])
     assert both[0].patient_disposition.systemic == ("Hypertension",)
     assert both[0].patient_disposition.eyes == ("R", "L")
-    asym = dispositions.apply([eye_report("R", "Normal", eyes["R"], cup_to_disc=0.3),
-                               eye_report("L", "Normal", eyes["L"], cup_to_disc=0.55)])
+    asym = dispositions.apply(
+        [eye_report("R", "Normal", eyes["R"], cup_to_disc=0.3), eye_report("L", "Normal", eyes["L"], cup_to_disc=0.55)]
+    )
     assert asym[0].patient_disposition.rule == "glaucoma-asymmetry"
     assert asym[0].patient_disposition.action is Action.REFERRAL
     diabetes = dispositions.apply([eye_report("R", "Diabetes", eyes["R"]), eye_report("L", "Normal", eyes["L"])])
@@ -91,7 +95,7 @@ def test_systemic_labels_once_per_patient_and_cdr_asymmetry(study):
 def test_a_site_table_replaces_the_default(tmp_path, study):
     _, eyes = study
     path = tmp_path / "table.toml"
-    path.write_text('''
+    path.write_text("""
 [[rule]]
 rule = "site-ungradable"
 gradability = "not-gradable"
@@ -105,7 +109,7 @@ action = "rescreen"
 rescreen_months = 6
 text = "Rescreen"
 source = "Site policy 2026-01"
-''')
+""")
     table = load_table(path)
     assert for_eye(eye_report("R", "AMD", eyes["R"]), table).rule == "site-any"
     assert for_eye(ungradable("L", eyes["L"]), table).action is Action.REFERRAL
@@ -119,14 +123,20 @@ source = "Site policy 2026-01"
 
 def test_sr_codes_eye_and_patient_dispositions(tmp_path, study):
     patient, eyes = study
-    reports = dispositions.apply([eye_report("R", "DiabeticRetinopathy", eyes["R"], mt_central=340.0),
-                                  eye_report("L", "Diabetes", eyes["L"])])
+    reports = dispositions.apply(
+        [eye_report("R", "DiabeticRetinopathy", eyes["R"], mt_central=340.0), eye_report("L", "Diabetes", eyes["L"])]
+    )
     for report in reports:
         key = SRKey(patient.study_uid, 1, "0.1.0", report.eye)
         path = tmp_path / f"{report.eye.value}.dcm"
         build_sr(report, eyes[report.eye.value], key).save_as(path)
-        text = assert_valid_sr(path, "Urgent referral to ophthalmology", "Patient-level recommendation",
-                               "Gradable", "Systemic findings (once per patient): Diabetes")
+        text = assert_valid_sr(
+            path,
+            "Urgent referral to ophthalmology",
+            "Patient-level recommendation",
+            "Gradable",
+            "Systemic findings (once per patient): Diabetes",
+        )
         assert "NHS Diabetic Eye Screening Programme" in text
     assert reports[0].gradability is Gradability.GRADABLE
 

@@ -6,23 +6,21 @@ dciodvfy."""
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
-
 from conftest import require_tool
+from ophthalmic_dicom import Patient, fundus_pixels, make_cfp, make_oct, oct_pixels, write
+from PIL import Image, ImageDraw, ImageFilter
+from srcheck import assert_valid_sr
+
 from devtools import sample_dicom
 from grok_pacs.analysis.imaging import ImageReadError, read_cfp
-from grok_pacs.analysis.quality import (QualityThresholds, assess_cfp, assess_oct, check_header, judge,
-                                        ungradable_report)
+from grok_pacs.analysis.quality import QualityThresholds, assess_cfp, assess_oct, check_header, judge, ungradable_report
 from grok_pacs.analysis.result import Eye, Gradability, SourceImage
 from grok_pacs.config import load_settings
 from grok_pacs.report.sr import SRKey, build_sr
-from ophthalmic_dicom import Patient, fundus_pixels, make_cfp, make_oct, oct_pixels, write
-from srcheck import assert_valid_sr
 
 LIMITS = QualityThresholds()
 
@@ -36,7 +34,9 @@ def drawn_fundus(width: int = 640, height: int = 480, seed: int = 0) -> np.ndarr
     draw.ellipse((left, top, left + side, top + side), fill=(190, 80, 30))
     cx, cy = left + side * 0.7, top + side * 0.5
     for angle in np.linspace(0, 2 * np.pi, 9)[:-1]:
-        draw.line((cx, cy, cx + np.cos(angle) * side * 0.6, cy + np.sin(angle) * side * 0.6), fill=(120, 30, 20), width=3)
+        draw.line(
+            (cx, cy, cx + np.cos(angle) * side * 0.6, cy + np.sin(angle) * side * 0.6), fill=(120, 30, 20), width=3
+        )
     draw.ellipse((cx - 22, cy - 25, cx + 22, cy + 25), fill=(240, 210, 150))
     noisy = np.asarray(image, np.float32) + np.random.default_rng(seed).normal(0, 6, (height, width, 3))
     return np.clip(noisy, 0, 255).astype(np.uint8)
@@ -55,15 +55,18 @@ def corrupted_jpeg(rgb: np.ndarray, seed: int = 0) -> bytes:
     """A JPEG whose entropy-coded data has 4 KB overwritten a third of the way in (markers left intact)."""
     data = bytearray(sample_dicom.jpeg_bytes(rgb))
     sos = data.find(b"\xff\xda")
-    start = sos + 2 + int.from_bytes(data[sos + 2: sos + 4], "big")
+    start = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
     at = start + (len(data) - start) // 3
-    data[at: at + 4096] = np.random.default_rng(seed).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    data[at : at + 4096] = np.random.default_rng(seed).integers(0, 256, 4096, dtype=np.uint8).tobytes()
     return bytes(data)
 
 
 # --- images that pass ------------------------------------------------------------------------------
-@pytest.mark.parametrize("image", [fundus_pixels(), drawn_fundus(), sample_dicom.fundus_rgb(1024, "L")],
-                         ids=["tests-fundus", "drawn-640x480", "devtools-1024"])
+@pytest.mark.parametrize(
+    "image",
+    [fundus_pixels(), drawn_fundus(), sample_dicom.fundus_rgb(1024, "L")],
+    ids=["tests-fundus", "drawn-640x480", "devtools-1024"],
+)
 def test_good_fundus_images_are_gradable(image):
     verdict = assess_cfp(image, LIMITS)
     assert verdict.gradability is Gradability.GRADABLE, verdict.reasons
@@ -90,10 +93,25 @@ def test_img2dcm_ophthalmic_photograph_passes_indication_and_quality(tmp_path):
     Image.fromarray(drawn_fundus()).save(jpeg, quality=92)
     out = tmp_path / "fundus.dcm"
     device = "(0022,0015)[0]"
-    proc = subprocess.run([require_tool("img2dcm"), "-oph", "-k", "ImageLaterality=L",
-                           "-k", f"{device}.(0008,0100)=409898007", "-k", f"{device}.(0008,0102)=SCT",
-                           "-k", f"{device}.(0008,0104)=Fundus camera", str(jpeg), str(out)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            require_tool("img2dcm"),
+            "-oph",
+            "-k",
+            "ImageLaterality=L",
+            "-k",
+            f"{device}.(0008,0100)=409898007",
+            "-k",
+            f"{device}.(0008,0102)=SCT",
+            "-k",
+            f"{device}.(0008,0104)=Fundus camera",
+            str(jpeg),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     header = pydicom.dcmread(out, stop_before_pixels=True)
     assert header.SOPClassUID == "1.2.840.10008.5.1.4.1.1.77.1.5.1" and header.Modality == "OP"
@@ -159,9 +177,12 @@ def test_gate_verdicts_are_counted_in_metrics():
 
     def count(name, **labels):
         return REGISTRY.get_sample_value(name, labels) or 0.0
+
     ds = make_cfp(Patient(), "R")
-    before = (count("grok_pacs_gate_verdicts_total", modality="CFP", gradability="ungradable"),
-              count("grok_pacs_gate_reasons_total", reason="undecodable"))
+    before = (
+        count("grok_pacs_gate_verdicts_total", modality="CFP", gradability="ungradable"),
+        count("grok_pacs_gate_reasons_total", reason="undecodable"),
+    )
     judge("CFP", ds, None, "broken", ds.SOPInstanceUID, LIMITS)
     assert count("grok_pacs_gate_verdicts_total", modality="CFP", gradability="ungradable") == before[0] + 1
     assert count("grok_pacs_gate_reasons_total", reason="undecodable") == before[1] + 1
@@ -199,8 +220,13 @@ def test_ungradable_sr_has_no_diagnosis_and_passes_dciodvfy(tmp_path):
     sr = build_sr(report, [ds], SRKey(patient.study_uid, 1, "0.1.0", Eye.RIGHT))
     path = tmp_path / "sr.dcm"
     sr.save_as(path)
-    text = assert_valid_sr(path, "Ungradable: image quality insufficient", "Insufficient retinal field coverage",
-                           "Image quality insufficient: retake, or refer", "no diagnosis was made")
+    text = assert_valid_sr(
+        path,
+        "Ungradable: image quality insufficient",
+        "Insufficient retinal field coverage",
+        "Image quality insufficient: retake, or refer",
+        "no diagnosis was made",
+    )
     assert "Diagnosis" not in text and "Glaucoma" not in text
     with pytest.raises(ValueError, match="no diagnosis"):
         import dataclasses

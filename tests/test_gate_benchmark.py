@@ -41,9 +41,10 @@ def test_gate_separates_degraded_phantom_eyes():
 
 
 def test_referral_and_calibration_figures_for_the_phantom_benchmark():
-    from grok_pacs.report import dispositions
     from ophthalmic_dicom import Patient, hand_built_report, make_cfp, make_oct
     from test_calibration import overconfident
+
+    from grok_pacs.report import dispositions
     from training.benchmark.gate import calibration_figures, referral_figures
 
     patient = Patient()

@@ -12,16 +12,16 @@ import subprocess
 
 import numpy as np
 import pydicom
-
 from conftest import require_tool
-from devtools import sample_dicom
-from devtools.ports import free_port
-from grok_pacs.report.codes import GRADABILITY_CODES, LABEL_CODES
 from ophthalmic_dicom import Patient, fundus_pixels, make_cfp, make_oct, write
 from srcheck import assert_valid_sr
-from devtools.storescp import StoreSCP
 from test_gate import blurred, corrupted_jpeg
+
+from devtools import sample_dicom
+from devtools.ports import free_port
 from devtools.processes import GrokProcess, grok_env, wait_until
+from devtools.storescp import StoreSCP
+from grok_pacs.report.codes import GRADABILITY_CODES, LABEL_CODES
 
 RETAKE = "Image quality insufficient: retake, or refer"
 
@@ -58,6 +58,7 @@ def _diagnosis_codes(sr: pydicom.Dataset) -> set[str]:
             if item.ValueType == "CODE" and name is not None and name.CodeMeaning == "Diagnosis":
                 found.add(item.ConceptCodeSequence[0].CodeValue)
             walk(item.get("ContentSequence", []))
+
     walk(sr.ContentSequence)
     return found
 
@@ -65,28 +66,51 @@ def _diagnosis_codes(sr: pydicom.Dataset) -> set[str]:
 def test_hostile_inputs_get_no_diagnosis_through_serve(tmp_path, tiny_bundle):
     pacs = StoreSCP(free_port(), tmp_path / "pacs").start()
     port = free_port()
-    settings = dict(data_dir=tmp_path / "grok", bundle=tiny_bundle, port=port, bind_address="127.0.0.1",
-                    quiet_period=1, destination=f"PACS@127.0.0.1:{pacs.port}")
+    settings = dict(
+        data_dir=tmp_path / "grok",
+        bundle=tiny_bundle,
+        port=port,
+        bind_address="127.0.0.1",
+        quiet_period=1,
+        destination=f"PACS@127.0.0.1:{pacs.port}",
+    )
     serve = GrokProcess(["serve"], grok_env(**settings), tmp_path / "serve.log")
     try:
         serve.wait_ready("worker ready")
         first, second = Patient(patient_id="GATE-1"), Patient(patient_id="GATE-2")
         tiny_oct = make_oct(first, "R", volume=np.zeros((4, 8, 8), np.uint8))
         datasets = [
-            _cfp_with(first, "R", np.zeros((256, 256, 3), np.uint8)), tiny_oct,  # blank CFP, tiny blank OCT
+            _cfp_with(first, "R", np.zeros((256, 256, 3), np.uint8)),
+            tiny_oct,  # blank CFP, tiny blank OCT
             _corrupted_cfp(first, "L"),
             _cfp_with(second, "R", blurred(fundus_pixels(), 16)),  # heavily blurred
-            make_cfp(second, "L"), _zero_oct_16bit(second, "L"),  # good CFP, all-zero 16-bit OCT
+            make_cfp(second, "L"),
+            _zero_oct_16bit(second, "L"),  # good CFP, all-zero 16-bit OCT
         ]
         files = [write(ds, tmp_path / "send" / f"{i}.dcm") for i, ds in enumerate(datasets)]
         # storescu proposes JPEG baseline only when told (-xy), then for every file: the JPEG goes on its own.
         for batch, flags in (([f for f in files if f.name != "2.dcm"], []), ([files[2]], ["-xy"])):
-            sent = subprocess.run([require_tool("storescu"), *flags, "-aec", "GROK_PACS", "-aet", "MODALITY",
-                                   "127.0.0.1", str(port), *map(str, batch)], capture_output=True, text=True,
-                                  timeout=120)
+            sent = subprocess.run(
+                [
+                    require_tool("storescu"),
+                    *flags,
+                    "-aec",
+                    "GROK_PACS",
+                    "-aet",
+                    "MODALITY",
+                    "127.0.0.1",
+                    str(port),
+                    *map(str, batch),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert sent.returncode == 0, sent.stderr
+
         def srs() -> list[pydicom.Dataset]:  # each study also gets its PDF report: count the SRs
             return [ds for ds in pacs.received() if ds.Modality == "SR"]
+
         wait_until(lambda: len(srs()) >= 4, 240, "four SRs at the PACS", interval=0.5)
         assert len(srs()) == 4
         by_key = {}
@@ -97,8 +121,11 @@ def test_hostile_inputs_get_no_diagnosis_through_serve(tmp_path, tiny_bundle):
             eye = "R" if "(right eye)" in sr.SeriesDescription else "L"
             by_key[(sr.PatientID, eye)] = (sr, path)
         expected = {
-            ("GATE-1", "R"): ("Insufficient retinal field coverage", "Image below the minimum resolution",
-                              "Blank OCT frames"),
+            ("GATE-1", "R"): (
+                "Insufficient retinal field coverage",
+                "Image below the minimum resolution",
+                "Blank OCT frames",
+            ),
             ("GATE-1", "L"): ("Pixel data cannot be decoded",),
             ("GATE-2", "R"): ("Image out of focus",),
         }
@@ -106,8 +133,14 @@ def test_hostile_inputs_get_no_diagnosis_through_serve(tmp_path, tiny_bundle):
             assert key in by_key, f"no SR for {key}: {sorted(by_key)}"
             sr, path = by_key[key]
             assert _diagnosis_codes(sr) == set(), f"{key} got a diagnosis"
-            text = assert_valid_sr(path, GRADABILITY_CODES["ungradable"].meaning, RETAKE, *reasons,
-                                   "no diagnosis was made", "Patient-level recommendation")
+            text = assert_valid_sr(
+                path,
+                GRADABILITY_CODES["ungradable"].meaning,
+                RETAKE,
+                *reasons,
+                "no diagnosis was made",
+                "Patient-level recommendation",
+            )
             assert "No diagnosis: the images of this eye are ungradable" in text  # the eye's own impression
             assert "Findings are consistent" not in text  # (the other eye's label may appear at patient level)
         sr, path = by_key[("GATE-2", "L")]

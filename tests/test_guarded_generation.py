@@ -34,8 +34,9 @@ def engine(tiny_bundle):
 @pytest.fixture(scope="module")
 def junk_engine(tmp_path_factory):
     """An untrained tiny model: it writes junk that depends on its input, like a model that cannot write."""
-    return Engine.from_bundle(build_tiny_bundle(tmp_path_factory.mktemp("junk") / "bundle", train_steps=0),
-                              device="cpu")
+    return Engine.from_bundle(
+        build_tiny_bundle(tmp_path_factory.mktemp("junk") / "bundle", train_steps=0), device="cpu"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,12 @@ def study(tmp_path_factory):
     eyes = {}
     for eye, pit in ((Eye.RIGHT, 3), (Eye.LEFT, 8)):
         cfp = write_jpeg_cfp(root / f"{eye.value}_cfp.dcm", patient, eye.value)
-        oct_path = write_oct(root / f"{eye.value}_oct.dcm", patient, eye.value,
-                             oct_volume(frames=11, pit_frame=pit, pit_col=0.4, seed=pit))
+        oct_path = write_oct(
+            root / f"{eye.value}_oct.dcm",
+            patient,
+            eye.value,
+            oct_volume(frames=11, pit_frame=pit, pit_col=0.4, seed=pit),
+        )
         datasets = [pydicom.dcmread(cfp), pydicom.dcmread(oct_path)]
         sources = tuple(SourceImage(ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID) for ds in datasets)
         eyes[eye] = (EyeInput(eye, cfp, oct_path, sources), datasets, patient)
@@ -96,10 +101,16 @@ def test_a_runaway_number_is_cut_inside_generate(engine):
     prompt = torch.tensor([tokenizer("The cup-to-disc ratio is", add_special_tokens=False)["input_ids"]])
 
     def run(*processors) -> str:
-        out = llm.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
-                           do_sample=False, logits_processor=LogitsProcessorList(processors),
-                           pad_token_id=engine.decoder.pad_id, eos_token_id=None)
-        return tokenizer.decode(out[0, prompt.shape[1]:])
+        out = llm.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=24,
+            do_sample=False,
+            logits_processor=LogitsProcessorList(processors),
+            pad_token_id=engine.decoder.pad_id,
+            eos_token_id=None,
+        )
+        return tokenizer.decode(out[0, prompt.shape[1] :])
 
     assert "0.0.0.0" in run(_Runaway(tokenizer))  # without the guard the number runs away
     guarded = run(_Runaway(tokenizer), NumberGuard(tokenizer, max_digits=6))
@@ -107,11 +118,19 @@ def test_a_runaway_number_is_cut_inside_generate(engine):
 
 
 # --- the diagnosis line ------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("text", "finished"), [
-    ("Findings.\nDiagnosis: Glaucoma", True), ("Findings.\nDiagnosis: Gl", False),
-    ("Findings.\nDiagnosis: Diabetes", True), ("Findings.\nDiagnosis: Diabetic", False),
-    ("Findings.\n**Diagnosis:** Normal", True), ("Findings.\nDiagnosis: no", False),
-    ("The diagnosis is glaucoma", False), ("The differential diagnosis: glaucoma", False)])
+@pytest.mark.parametrize(
+    ("text", "finished"),
+    [
+        ("Findings.\nDiagnosis: Glaucoma", True),
+        ("Findings.\nDiagnosis: Gl", False),
+        ("Findings.\nDiagnosis: Diabetes", True),
+        ("Findings.\nDiagnosis: Diabetic", False),
+        ("Findings.\n**Diagnosis:** Normal", True),
+        ("Findings.\nDiagnosis: no", False),
+        ("The diagnosis is glaucoma", False),
+        ("The differential diagnosis: glaucoma", False),
+    ],
+)
 def test_diagnosis_stop_waits_for_a_complete_label(engine, text, finished):
     assert DiagnosisStop(engine.tokenizer).finished(text) is finished
 
@@ -145,8 +164,11 @@ def test_two_eyes_in_one_batch_equal_their_single_eye_results(request, study, wh
     single = [engine.analyze_study([right])[0], engine.analyze_study([left])[0]]
     for together, alone in zip(batched, single):
         assert together.raw_text == alone.raw_text
-        assert (together.label, together.narrative, together.narrative_check) == (alone.label, alone.narrative,
-                                                                                 alone.narrative_check)
+        assert (together.label, together.narrative, together.narrative_check) == (
+            alone.label,
+            alone.narrative,
+            alone.narrative_check,
+        )
         assert together.label_scores == pytest.approx(alone.label_scores, abs=1e-4)
     assert batched[1].missing_modalities == ("OCT",)
     if which == "trained":
@@ -177,10 +199,16 @@ def test_degenerate_generation_is_withheld_and_the_sr_says_why(junk_engine, engi
 
     path = tmp_path / "withheld.dcm"
     build_sr(report, datasets, SRKey(patient.study_uid, 1, report.bundle_version, Eye.RIGHT)).save_as(
-        path, enforce_file_format=True)
+        path, enforce_file_format=True
+    )
     first = check.reasons[0]
-    rendered = assert_valid_sr(path, NARRATIVE_WITHHELD, f"Narrative validation failed ({first.value}",
-                               REASON_TEXT[first], "The measurements are unaffected")
+    rendered = assert_valid_sr(
+        path,
+        NARRATIVE_WITHHELD,
+        f"Narrative validation failed ({first.value}",
+        REASON_TEXT[first],
+        "The measurements are unaffected",
+    )
     assert report.raw_text.strip()[:40] not in rendered  # the model's words are not shipped as findings
     nums = [item for item in _walk(pydicom.dcmread(path).ContentSequence) if item.ValueType == "NUM"]
     scores = [n for n in nums if n.ConceptNameCodeSequence[0].CodeValue.startswith("GROK-DX")]
@@ -235,11 +263,20 @@ def test_guard_defaults_leave_healthy_reports_alone():
         for i in range(4):
             truth = sample_subject(f"G{i}", label, np.random.default_rng([11, i, DIAGNOSTIC_LABELS.index(label)]))
             eye = truth.eyes[i % 2]
-            record = type("Record", (), dict(subject_id=truth.subject_id, eye=eye.eye, label=label,
-                                             biomarkers=eye.biomarkers, meta={"subtype": eye.subtype}))
+            record = type(
+                "Record",
+                (),
+                dict(
+                    subject_id=truth.subject_id,
+                    eye=eye.eye,
+                    label=label,
+                    biomarkers=eye.biomarkers,
+                    meta={"subtype": eye.subtype},
+                ),
+            )
             ids = tokenizer(format_target(teacher.write(record), label), add_special_tokens=False)["input_ids"]
             longest = max(longest, len(ids) + 1)  # + <|im_end|>
             size = longest_repeat + 1
-            while Counter(tuple(ids[j:j + size]) for j in range(len(ids) - size + 1)).most_common(1)[0][1] > 1:
+            while Counter(tuple(ids[j : j + size]) for j in range(len(ids) - size + 1)).most_common(1)[0][1] > 1:
                 longest_repeat, size = size, size + 1
     assert 10 < longest_repeat < defaults.no_repeat_ngram_size and longest < defaults.max_new_tokens

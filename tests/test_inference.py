@@ -7,16 +7,16 @@ import dataclasses
 import pydicom
 import pytest
 import torch
-
-from grok_pacs.domain.biomarkers import CFP_KEYS, OCT_KEYS, BY_KEY
-from grok_pacs.analysis.bundle import BundleError
-from grok_pacs.analysis.grounding import ground_cited_numbers
-from grok_pacs.analysis.engine import Engine, EyeInput
-from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
-from grok_pacs.analysis.result import Eye, SourceImage
 from helpers.eye_dicom import oct_volume, write_jpeg_cfp, write_oct
-from devtools.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle, copy_bundle
 from ophthalmic_dicom import Patient
+
+from devtools.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle, copy_bundle
+from grok_pacs.analysis.bundle import BundleError
+from grok_pacs.analysis.engine import Engine, EyeInput
+from grok_pacs.analysis.grounding import ground_cited_numbers
+from grok_pacs.analysis.result import Eye, SourceImage
+from grok_pacs.domain.biomarkers import BY_KEY, CFP_KEYS, OCT_KEYS
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 
 torch.set_num_threads(1)
 
@@ -33,10 +33,16 @@ def study(tmp_path_factory):
     eyes = {}
     for eye, pit in ((Eye.RIGHT, 3), (Eye.LEFT, 8)):
         cfp = write_jpeg_cfp(root / f"{eye.value}_cfp.dcm", patient, eye.value)
-        oct_path = write_oct(root / f"{eye.value}_oct.dcm", patient, eye.value,
-                             oct_volume(frames=11, pit_frame=pit, pit_col=0.4, seed=pit))
-        sources = tuple(SourceImage(ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID)
-                        for ds in (pydicom.dcmread(cfp), pydicom.dcmread(oct_path)))
+        oct_path = write_oct(
+            root / f"{eye.value}_oct.dcm",
+            patient,
+            eye.value,
+            oct_volume(frames=11, pit_frame=pit, pit_col=0.4, seed=pit),
+        )
+        sources = tuple(
+            SourceImage(ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID)
+            for ds in (pydicom.dcmread(cfp), pydicom.dcmread(oct_path))
+        )
         eyes[eye] = (EyeInput(eye, cfp, oct_path, sources), pit)
     return eyes
 
@@ -64,8 +70,10 @@ def test_study_with_both_eyes_gives_one_grounded_report_per_eye(engine, study):
         assert cited["cup_to_disc"] == round(estimates["cup_to_disc"], 3)  # the SR's measurement, as written
         assert cited["rnfl_average"] == round(estimates["rnfl_average"], 1)
         assert [b.key for b in report.biomarkers] == list(OCT_KEYS + CFP_KEYS)
-        assert all(b.unit == BY_KEY[b.key].unit and BY_KEY[b.key].plausible[0] <= b.value <= BY_KEY[b.key].plausible[1]
-                   for b in report.biomarkers)
+        assert all(
+            b.unit == BY_KEY[b.key].unit and BY_KEY[b.key].plausible[0] <= b.value <= BY_KEY[b.key].plausible[1]
+            for b in report.biomarkers
+        )
         assert set(report.label_scores) == {label.value for label in DIAGNOSTIC_LABELS}
         assert sum(report.label_scores.values()) == pytest.approx(1.0, abs=1e-4)
         assert max(report.label_scores, key=report.label_scores.get) == "Glaucoma"
@@ -82,8 +90,9 @@ def test_grounding_can_be_turned_off_and_then_the_narrative_is_the_models(engine
     item = study[Eye.RIGHT][0]
     original = engine.config
     try:
-        engine.config = dataclasses.replace(original, generation=dataclasses.replace(original.generation,
-                                                                                     ground_numbers=False))
+        engine.config = dataclasses.replace(
+            original, generation=dataclasses.replace(original.generation, ground_numbers=False)
+        )
         report = engine.analyze_eye(item.eye, item.cfp, item.oct)
     finally:
         engine.config = original

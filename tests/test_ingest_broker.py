@@ -11,14 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ingest_support import drain_jobs, ingest_settings, running, storescu, wait_until
 from pydicom.uid import generate_uid
 
-from grok_pacs.store.index import StudyState
+from devtools.ports import free_port, wait_for_port
 from devtools.sample_dicom import fundus_photograph, write
-from devtools.ports import wait_for_port
-from ingest_support import drain_jobs, ingest_settings, running, storescu, wait_until
+from grok_pacs.store.index import StudyState
 from tests.conftest import require_tool
-from devtools.ports import free_port
 
 TESTS = Path(__file__).resolve().parent
 
@@ -32,9 +31,23 @@ def _send_study(tmp_path: Path, port: int) -> str:
 
 
 def _start_redis(port: int, directory: Path) -> subprocess.Popen:
-    process = subprocess.Popen([require_tool("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-                                "--save", "", "--appendonly", "no", "--dir", str(directory)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            require_tool("redis-server"),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for_port(port)
     return process
 
@@ -55,16 +68,37 @@ def test_embedded_broker_job_is_consumed_by_a_celery_worker(tmp_path: Path) -> N
         wait_until(lambda: service.index.study(study).state is StudyState.QUEUED, 10, "the study to be queued")
     job_log = tmp_path / "jobs.jsonl"
     env = {**os.environ, "GROK_PACS_DATA_DIR": str(settings.data_dir), "GROK_TEST_JOB_LOG": str(job_log)}
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "ingest_celery_stub", "worker", "--pool=solo",
-                               "-Q", settings.queue, "--without-gossip", "--without-mingle", "--without-heartbeat",
-                               "-l", "WARNING"], cwd=TESTS, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "ingest_celery_stub",
+            "worker",
+            "--pool=solo",
+            "-Q",
+            settings.queue,
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-l",
+            "WARNING",
+        ],
+        cwd=TESTS,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_until(job_log.is_file, 60, "the worker to run the job", step=0.2)
     finally:
         worker.send_signal(signal.SIGTERM)
         _, errors = worker.communicate(timeout=60)
-    assert [json.loads(line) for line in job_log.read_text().splitlines()] == [{"study_uid": study, "version": 1}], errors
+    assert [json.loads(line) for line in job_log.read_text().splitlines()] == [{"study_uid": study, "version": 1}], (
+        errors
+    )
     assert drain_jobs(settings, expect=0, timeout=2) == [], "the worker took the job off the queue"
 
 
@@ -86,8 +120,9 @@ def test_broker_outage_delays_the_job_but_does_not_lose_it(tmp_path: Path) -> No
         redis = _start_redis(port, tmp_path)
         try:
             wait_until(lambda: service.index.study(study).state is StudyState.QUEUED, 30, "the study to be queued")
-            assert drain_jobs(settings, expect=1) == [("grok_pacs.tasks.analyze_study",
-                                                       {"study_uid": study, "version": 1})]
+            assert drain_jobs(settings, expect=1) == [
+                ("grok_pacs.tasks.analyze_study", {"study_uid": study, "version": 1})
+            ]
         finally:
             redis.terminate()
             redis.wait(timeout=10)

@@ -7,13 +7,12 @@ import subprocess
 from pathlib import Path
 
 import pydicom
+from ingest_support import AE, DCMTK_ENV, drain_jobs, ingest_settings, running, stored_files, temp_files, wait_until
 from pydicom.uid import generate_uid
-
 from pynetdicom.dsutils import split_dataset
 
-from grok_pacs.store.index import StudyState
 from devtools.sample_dicom import fundus_photograph, write
-from ingest_support import AE, DCMTK_ENV, drain_jobs, ingest_settings, running, stored_files, temp_files, wait_until
+from grok_pacs.store.index import StudyState
 from tests.conftest import require_tool
 
 ASSOCIATIONS, PER_ASSOCIATION, STUDIES = 8, 25, 4
@@ -42,14 +41,24 @@ def test_concurrent_associations_lose_nothing(tmp_path: Path, fast_path: bool) -
         batches.append(batch)
     storescu = require_tool("storescu")
     with running(settings) as service:
-        senders = [subprocess.Popen([storescu, "-xy", "-aet", f"SCU{n}", "-aec", AE, "127.0.0.1", str(service.port),
-                                     *map(str, batch)], env=DCMTK_ENV, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True) for n, batch in enumerate(batches)]
+        senders = [
+            subprocess.Popen(
+                [storescu, "-xy", "-aet", f"SCU{n}", "-aec", AE, "127.0.0.1", str(service.port), *map(str, batch)],
+                env=DCMTK_ENV,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for n, batch in enumerate(batches)
+        ]
         for sender in senders:
             _, err = sender.communicate(timeout=120)
             assert sender.returncode == 0, err
-        wait_until(lambda: all(service.index.study(s).state is StudyState.QUEUED for s in studies), 20,
-                   "every study to be queued")
+        wait_until(
+            lambda: all(service.index.study(s).state is StudyState.QUEUED for s in studies),
+            20,
+            "every study to be queued",
+        )
         indexed = {r.sop_uid: r for s in studies for r in service.index.instances(s)}
         assert {s: service.index.study(s).instance_count for s in studies} == {s: 2 * PER_ASSOCIATION for s in studies}
     files = stored_files(settings)

@@ -9,14 +9,9 @@ import sys
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import generate_uid
-
-from grok_pacs.store.index import StudyIndex, StudyState
-from devtools.ports import wait_for_port
-from devtools.sample_dicom import fundus_photograph, oct_tomography, write
 from ingest_support import (
-    DCMTK_ENV,
     AE,
+    DCMTK_ENV,
     StallingRelay,
     drain_jobs,
     ingest_settings,
@@ -25,6 +20,11 @@ from ingest_support import (
     temp_files,
     wait_until,
 )
+from pydicom.uid import generate_uid
+
+from devtools.ports import wait_for_port
+from devtools.sample_dicom import fundus_photograph, oct_tomography, write
+from grok_pacs.store.index import StudyIndex, StudyState
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,11 +32,22 @@ QUIET = 8.0  # longer than kill + restart + resend, so the interrupted study is 
 
 
 def _listen(settings, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "GROK_PACS_DATA_DIR": str(settings.data_dir), "GROK_PACS_PORT": str(settings.port),
-           "GROK_PACS_BIND_ADDRESS": "127.0.0.1", "GROK_PACS_QUIET_PERIOD": str(QUIET),
-           "GROK_PACS_MIN_FREE_DISK_MB": "1", "GROK_PACS_PYNETDICOM_FAST_PATH": str(settings.pynetdicom_fast_path)}
-    process = subprocess.Popen([sys.executable, "-m", "grok_pacs.cli", "listen"], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+    env = {
+        **os.environ,
+        "GROK_PACS_DATA_DIR": str(settings.data_dir),
+        "GROK_PACS_PORT": str(settings.port),
+        "GROK_PACS_BIND_ADDRESS": "127.0.0.1",
+        "GROK_PACS_QUIET_PERIOD": str(QUIET),
+        "GROK_PACS_MIN_FREE_DISK_MB": "1",
+        "GROK_PACS_PYNETDICOM_FAST_PATH": str(settings.pynetdicom_fast_path),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "grok_pacs.cli", "listen"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("ab"),
+    )
     wait_for_port(settings.port, timeout=60)
     return process
 
@@ -44,7 +55,9 @@ def _listen(settings, log: Path) -> subprocess.Popen:
 def test_kill_9_during_transfer_then_restart(tmp_path: Path, fast_path: bool) -> None:
     settings = ingest_settings(tmp_path, quiet_period=QUIET, pynetdicom_fast_path=fast_path)
     study = generate_uid()
-    early = [write(fundus_photograph(study, "RL"[n % 2], size=64, seed=n), tmp_path / f"early{n}.dcm") for n in range(5)]
+    early = [
+        write(fundus_photograph(study, "RL"[n % 2], size=64, seed=n), tmp_path / f"early{n}.dcm") for n in range(5)
+    ]
     big = write(oct_tomography(study, "R", frames=64, rows=128, columns=256), tmp_path / "big.dcm")  # 2 MB
     late = [write(fundus_photograph(study, "L", size=64, seed=9), tmp_path / "late.dcm")]
     log = tmp_path / "listen.log"
@@ -53,11 +66,17 @@ def test_kill_9_during_transfer_then_restart(tmp_path: Path, fast_path: bool) ->
         done = storescu(settings.port, *early, options=("-xy",))
         assert done.returncode == 0, done.stderr  # every one of these got Success
         relay = StallingRelay(settings.port, limit=big.stat().st_size // 2)
-        sender = subprocess.Popen([require_tool("storescu"), "-aet", "TESTSCU", "-aec", AE, "127.0.0.1",
-                                   str(relay.port), str(big)], env=DCMTK_ENV, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE)
-        wait_until(lambda: any(p.stat().st_size > 512 * 1024 for p in temp_files(settings)), 30,
-                   "the big instance to be half written")
+        sender = subprocess.Popen(
+            [require_tool("storescu"), "-aet", "TESTSCU", "-aec", AE, "127.0.0.1", str(relay.port), str(big)],
+            env=DCMTK_ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        wait_until(
+            lambda: any(p.stat().st_size > 512 * 1024 for p in temp_files(settings)),
+            30,
+            "the big instance to be half written",
+        )
         listener.send_signal(signal.SIGKILL)
         listener.wait(timeout=30)
         sender.communicate(timeout=60)

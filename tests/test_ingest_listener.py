@@ -7,17 +7,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from pydicom.uid import JPEG2000Lossless, generate_uid
-from pynetdicom import AE
-
-from grok_pacs.dicom.status import DimseStatus
-from grok_pacs.config import Peer
-from grok_pacs.store.index import StudyState
-from devtools.sample_dicom import fundus_photograph, oct_tomography, write
-from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError, store_dataset, store_files
 from ingest_support import (
     AE as OUR_AE,
+)
+from ingest_support import (
     drain_jobs,
     echoscu,
     img2dcm_fundus,
@@ -28,6 +21,15 @@ from ingest_support import (
     temp_files,
     wait_until,
 )
+from pydicom.data import get_testdata_file
+from pydicom.uid import JPEG2000Lossless, generate_uid
+from pynetdicom import AE
+
+from devtools.sample_dicom import fundus_photograph, oct_tomography, write
+from grok_pacs.config import Peer
+from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError, store_dataset, store_files
+from grok_pacs.dicom.status import DimseStatus
+from grok_pacs.store.index import StudyState
 
 
 @pytest.fixture
@@ -43,8 +45,10 @@ def test_dcmtk_echo_and_ophthalmic_study_stored_indexed_and_queued(settings, tmp
     study = generate_uid()
     cfp = img2dcm_fundus(tmp_path / "src", study, "R")
     opt_raw = write(oct_tomography(study, "R", frames=6, rows=48, columns=64), tmp_path / "src" / "opt_raw.dcm")
-    opt_j2k = write(oct_tomography(study, "L", frames=6, rows=48, columns=64, syntax=JPEG2000Lossless),
-                    tmp_path / "src" / "opt_j2k.dcm")
+    opt_j2k = write(
+        oct_tomography(study, "L", frames=6, rows=48, columns=64, syntax=JPEG2000Lossless),
+        tmp_path / "src" / "opt_j2k.dcm",
+    )
     with running(settings) as service:
         assert echoscu(service.port).returncode == 0
         for path, propose in ((cfp, "-xy"), (opt_raw, "-xe"), (opt_j2k, "-xv")):
@@ -54,8 +58,11 @@ def test_dcmtk_echo_and_ophthalmic_study_stored_indexed_and_queued(settings, tmp
         records = {r.sop_uid: r for r in service.index.instances(study)}
     assert len(records) == 3
     by_modality = sorted((r.modality, r.laterality, r.frames, r.transfer_syntax) for r in records.values())
-    assert by_modality == [("OP", "R", 1, "1.2.840.10008.1.2.4.50"), ("OPT", "L", 6, "1.2.840.10008.1.2.4.90"),
-                           ("OPT", "R", 6, "1.2.840.10008.1.2.1")]
+    assert by_modality == [
+        ("OP", "R", 1, "1.2.840.10008.1.2.4.50"),
+        ("OPT", "L", 6, "1.2.840.10008.1.2.4.90"),
+        ("OPT", "R", 6, "1.2.840.10008.1.2.1"),
+    ]
     for source in (cfp, opt_raw, opt_j2k):
         original = pydicom.dcmread(source)
         record = records[original.SOPInstanceUID]

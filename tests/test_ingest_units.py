@@ -9,15 +9,15 @@ from pathlib import Path, PurePosixPath
 import pytest
 from pydicom.uid import JPEG2000Lossless, generate_uid
 
-from grok_pacs.ingest.assembly import Assembler, recover
-from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, create_app
+from devtools.sample_dicom import fundus_photograph, oct_tomography, write
 from grok_pacs.config import load_settings
 from grok_pacs.dicom.contexts import TRANSFER_SYNTAXES, scp_contexts
 from grok_pacs.dicom.header import IncompleteDatasetError, read_header
-from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
-from devtools.sample_dicom import fundus_photograph, oct_tomography, write
-from grok_pacs.store.files import atomic_write_bytes, remove_temp_files, tmp_dir
 from grok_pacs.dicom.uids import InvalidUIDError, instance_relpath, is_valid_uid, resolve_inside
+from grok_pacs.ingest.assembly import Assembler, recover
+from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, create_app
+from grok_pacs.store.files import atomic_write_bytes, remove_temp_files, tmp_dir
+from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 
 
 @pytest.mark.parametrize("uid", ["1.2.840.10008.1.2.1", "0.0", "2.25.12345678901234567890", "1." + "2" * 62])
@@ -25,8 +25,26 @@ def test_valid_uids(uid: str) -> None:
     assert is_valid_uid(uid)
 
 
-@pytest.mark.parametrize("uid", ["", "1", "1.2.3/../../x", "../1.2", "1.2.", ".1.2", "1..2", "1.02", "1.2.3 ",
-                                 "1.2.a", "1." + "2" * 63, "1.2\\3", "1.2.3\x00", None, 12])
+@pytest.mark.parametrize(
+    "uid",
+    [
+        "",
+        "1",
+        "1.2.3/../../x",
+        "../1.2",
+        "1.2.",
+        ".1.2",
+        "1..2",
+        "1.02",
+        "1.2.3 ",
+        "1.2.a",
+        "1." + "2" * 63,
+        "1.2\\3",
+        "1.2.3\x00",
+        None,
+        12,
+    ],
+)
 def test_invalid_uids(uid: object) -> None:
     assert not is_valid_uid(uid)
 
@@ -59,8 +77,21 @@ def test_atomic_write_leaves_no_temp_and_sweeps_old_ones(tmp_path: Path) -> None
 
 
 def _record(study: str, sop: str, received: float, series: str = "1.2.3") -> InstanceRecord:
-    return InstanceRecord(study, series, sop, "1.2.840.10008.5.1.4.1.1.77.1.5.1", "OP", "R", 1, 10,
-                          f"incoming/{study}/{series}/{sop}.dcm", received, "PACS", "", "1.2.840.10008.1.2.1")
+    return InstanceRecord(
+        study,
+        series,
+        sop,
+        "1.2.840.10008.5.1.4.1.1.77.1.5.1",
+        "OP",
+        "R",
+        1,
+        10,
+        f"incoming/{study}/{series}/{sop}.dcm",
+        received,
+        "PACS",
+        "",
+        "1.2.840.10008.1.2.1",
+    )
 
 
 def test_index_versions_and_guarded_state(tmp_path: Path) -> None:
@@ -89,7 +120,9 @@ def test_index_versions_and_guarded_state(tmp_path: Path) -> None:
 def test_header_of_jpeg_and_j2k_instances(tmp_path: Path) -> None:
     study = generate_uid()
     op = write(fundus_photograph(study, "L", size=64), tmp_path / "op.dcm")
-    opt = write(oct_tomography(study, "R", frames=4, rows=32, columns=32, syntax=JPEG2000Lossless), tmp_path / "opt.dcm")
+    opt = write(
+        oct_tomography(study, "R", frames=4, rows=32, columns=32, syntax=JPEG2000Lossless), tmp_path / "opt.dcm"
+    )
     header = read_header(op)
     assert (header.study_uid, header.modality, header.laterality, header.frames) == (study, "OP", "L", 1)
     assert header.transfer_syntax == "1.2.840.10008.1.2.4.50"
@@ -99,8 +132,10 @@ def test_header_of_jpeg_and_j2k_instances(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("cut", [1, 7, 500, 2000])
 def test_truncated_files_are_detected(tmp_path: Path, cut: int) -> None:
-    for name, ds in {"op": fundus_photograph(generate_uid(), "R", size=64),
-                     "opt": oct_tomography(generate_uid(), "R", frames=4, rows=32, columns=32)}.items():
+    for name, ds in {
+        "op": fundus_photograph(generate_uid(), "R", size=64),
+        "opt": oct_tomography(generate_uid(), "R", frames=4, rows=32, columns=32),
+    }.items():
         path = write(ds, tmp_path / f"{name}.dcm")
         read_header(path)  # whole: fine
         data = path.read_bytes()
@@ -114,8 +149,14 @@ def test_contexts_offer_compressed_syntaxes_for_ophthalmic_classes_only() -> Non
     contexts = {cx.abstract_syntax: cx for cx in scp_contexts(settings.accepted_sop_classes)}
     assert "1.2.840.10008.1.1" in contexts
     opt = contexts["1.2.840.10008.5.1.4.1.1.77.1.5.4"]
-    for syntax in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.5",
-                   "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2"):
+    for syntax in (
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.5",
+        "1.2.840.10008.1.2.1.99",
+        "1.2.840.10008.1.2",
+    ):
         assert syntax in opt.transfer_syntax
     assert "1.2.840.10008.5.1.4.1.1.2" not in contexts  # CT
     assert "1.2.840.10008.5.1.4.1.1.7" not in contexts  # secondary capture only when enabled
@@ -173,9 +214,23 @@ def test_recovery_forgets_rows_whose_file_is_missing(tmp_path: Path) -> None:
     kept = fundus_photograph(study, "R", size=32)
     kept_path = write(kept, tmp_path / instance_relpath(study, kept.SeriesInstanceUID, kept.SOPInstanceUID))
     header = read_header(kept_path)
-    index.add_instance(InstanceRecord(study, header.series_uid, header.sop_uid, header.sop_class_uid, "OP", "R", 1,
-                                      kept_path.stat().st_size, kept_path.relative_to(tmp_path).as_posix(), 1.0, "PACS",
-                                      "", header.transfer_syntax))
+    index.add_instance(
+        InstanceRecord(
+            study,
+            header.series_uid,
+            header.sop_uid,
+            header.sop_class_uid,
+            "OP",
+            "R",
+            1,
+            kept_path.stat().st_size,
+            kept_path.relative_to(tmp_path).as_posix(),
+            1.0,
+            "PACS",
+            "",
+            header.transfer_syntax,
+        )
+    )
     index.add_instance(_record(study, "1.2.999", 2.0))  # its file never became durable
     index.add_instance(_record("1.8", "1.8.1", 3.0))  # a study with no file left at all
     report = recover(settings, index)
@@ -229,10 +284,20 @@ def test_header_agrees_with_pydicom_on_its_test_files() -> None:
                 continue
             header = read_header(Path(name))
             assert (header.study_uid, header.series_uid, header.sop_uid, header.modality) == (
-                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.get("Modality", "")), name
+                ds.StudyInstanceUID,
+                ds.SeriesInstanceUID,
+                ds.SOPInstanceUID,
+                ds.get("Modality", ""),
+            ), name
             checked.add(str(ds.file_meta.TransferSyntaxUID))
-    assert {"1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.50",
-            "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"} <= checked
+    assert {
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.2",
+        "1.2.840.10008.1.2.1.99",
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.5",
+    } <= checked
     with pytest.raises(IncompleteDatasetError):
         read_header(Path(pydicom.data.__file__).parent / "test_files" / "MR_truncated.dcm")
 
@@ -255,15 +320,18 @@ def test_fast_store_response_is_byte_identical_to_pynetdicom(status: int) -> Non
     assert _encode_store_response(rsp) is None, "anything beyond a status goes through pynetdicom"
 
 
-@pytest.mark.parametrize("code, name, kind", [
-    (0x0000, "SUCCESS", "success"),
-    (0xB007, "WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS", "warning"),
-    (0xA7FF, "REFUSED_OUT_OF_RESOURCES", "transient"),  # the A7xx range: the sender retries later
-    (0x0110, "PROCESSING_FAILURE", "transient"),
-    (0xC002, "ERROR_INCOMPLETE_DATASET", "permanent"),
-    (0xC0AB, "ERROR_CANNOT_UNDERSTAND", "permanent"),
-    (0xFE00, "STATUS_0xFE00", "permanent"),
-])
+@pytest.mark.parametrize(
+    "code, name, kind",
+    [
+        (0x0000, "SUCCESS", "success"),
+        (0xB007, "WARNING_DATASET_DOES_NOT_MATCH_SOP_CLASS", "warning"),
+        (0xA7FF, "REFUSED_OUT_OF_RESOURCES", "transient"),  # the A7xx range: the sender retries later
+        (0x0110, "PROCESSING_FAILURE", "transient"),
+        (0xC002, "ERROR_INCOMPLETE_DATASET", "permanent"),
+        (0xC0AB, "ERROR_CANNOT_UNDERSTAND", "permanent"),
+        (0xFE00, "STATUS_0xFE00", "permanent"),
+    ],
+)
 def test_dimse_status_names_and_how_a_sender_treats_them(code: int, name: str, kind: str) -> None:
     from grok_pacs.dicom.status import DimseStatus, category, status_name
 

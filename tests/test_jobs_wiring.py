@@ -14,11 +14,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_importing_the_job_modules_connects_no_signal_and_reads_no_settings(tmp_path: Path) -> None:
-    probe = ("import grok_pacs.jobs.app, grok_pacs.jobs.publisher, grok_pacs.jobs.worker, grok_pacs.jobs.tasks, "
-             "grok_pacs.jobs.serve\nfrom celery.signals import worker_ready\nprint(len(worker_ready.receivers))")
+    probe = (
+        "import grok_pacs.jobs.app, grok_pacs.jobs.publisher, grok_pacs.jobs.worker, grok_pacs.jobs.tasks, "
+        "grok_pacs.jobs.serve\nfrom celery.signals import worker_ready\nprint(len(worker_ready.receivers))"
+    )
     # An invalid setting in the environment: any import that built Settings would fail loudly.
-    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={"PATH": "/usr/bin:/bin", "GROK_PACS_PORT": "not-a-port", "PYTHONPATH": str(ROOT)})
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "GROK_PACS_PORT": "not-a-port", "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "0"
 

@@ -93,14 +93,22 @@ def test_every_room_has_a_contract():
 
 
 def test_rooms_import_only_the_layers_their_docstring_allows():
-    wrong = sorted(f"{source} imports {target}" for source, targets in GRAPH.items() for target in targets
-                   if target.split(".")[0] == "grok_pacs" and not _allowed(source, target))
+    wrong = sorted(
+        f"{source} imports {target}"
+        for source, targets in GRAPH.items()
+        for target in targets
+        if target.split(".")[0] == "grok_pacs" and not _allowed(source, target)
+    )
     assert wrong == []
 
 
 def test_the_runtime_imports_no_training_export_or_development_code():
-    wrong = sorted(f"{source} imports {target}" for source, targets in GRAPH.items() for target in targets
-                   if target.split(".")[0] in NOT_RUNTIME)
+    wrong = sorted(
+        f"{source} imports {target}"
+        for source, targets in GRAPH.items()
+        for target in targets
+        if target.split(".")[0] in NOT_RUNTIME
+    )
     assert wrong == []
 
 
@@ -123,7 +131,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str]:
                 continue
             if colour.get(nxt) == 1:
                 path = [name for name, _ in stack]
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if not colour.get(nxt):
                 colour[nxt] = 1
                 stack.append((nxt, sorted(graph[nxt])))
@@ -134,14 +142,17 @@ def test_no_import_cycles():
     assert _cycle(GRAPH) == []
 
 
-@pytest.mark.parametrize("source, target, expected", [
-    ("grok_pacs.ingest.service", "grok_pacs.jobs.publisher", False),  # ingest below jobs
-    ("grok_pacs.jobs.worker", "grok_pacs.cli.main", False),  # runtime never imports the CLI
-    ("grok_pacs.report.sr", "grok_pacs.analysis.result", True),
-    ("grok_pacs.report.sr", "grok_pacs.analysis.engine", False),
-    ("grok_pacs.analysis.engine", "grok_pacs.store.index", False),
-    ("grok_pacs.cli.jobs", "grok_pacs.jobs.serve", True),
-])
+@pytest.mark.parametrize(
+    "source, target, expected",
+    [
+        ("grok_pacs.ingest.service", "grok_pacs.jobs.publisher", False),  # ingest below jobs
+        ("grok_pacs.jobs.worker", "grok_pacs.cli.main", False),  # runtime never imports the CLI
+        ("grok_pacs.report.sr", "grok_pacs.analysis.result", True),
+        ("grok_pacs.report.sr", "grok_pacs.analysis.engine", False),
+        ("grok_pacs.analysis.engine", "grok_pacs.store.index", False),
+        ("grok_pacs.cli.jobs", "grok_pacs.jobs.serve", True),
+    ],
+)
 def test_the_checker_tells_right_from_wrong(source, target, expected):
     assert _allowed(source, target) is expected
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
@@ -181,7 +192,9 @@ def test_the_wheel_ships_the_runtime_only_with_runtime_dependencies():
 
     project = _project()
     find = project["tool"]["setuptools"]["packages"]["find"]
-    assert {name.split(".")[0] for name in setuptools.find_packages(str(ROOT), include=find["include"])} == {"grok_pacs"}
+    assert {name.split(".")[0] for name in setuptools.find_packages(str(ROOT), include=find["include"])} == {
+        "grok_pacs"
+    }
     runtime = {_distribution_name(req) for req in project["project"]["dependencies"]}
     assert not runtime & {"tqdm", "matplotlib", "pyyaml", "httpx", "gguf", "onnx", "onnxscript", "pytest"}
 
@@ -191,11 +204,17 @@ def test_every_library_the_runtime_imports_is_a_runtime_dependency():
 
     runtime = {_distribution_name(req) for req in _project()["project"]["dependencies"]}
     providers = packages_distributions()
-    third_party = {target.split(".")[0] for targets in GRAPH.values() for target in targets
-                   if target and target.split(".")[0] not in sys.stdlib_module_names
-                   and target.split(".")[0] not in ("grok_pacs", "__future__")}
-    missing = sorted(name for name in third_party
-                     if not {_distribution_name(dist) for dist in providers.get(name, [])} & runtime)
+    third_party = {
+        target.split(".")[0]
+        for targets in GRAPH.values()
+        for target in targets
+        if target
+        and target.split(".")[0] not in sys.stdlib_module_names
+        and target.split(".")[0] not in ("grok_pacs", "__future__")
+    }
+    missing = sorted(
+        name for name in third_party if not {_distribution_name(dist) for dist in providers.get(name, [])} & runtime
+    )
     assert missing == [], "imported by grok_pacs but only installed through an extra (or not at all)"
 
 
@@ -204,6 +223,9 @@ def test_every_module_is_named_in_its_rooms_docstring():
     unnamed = []
     for package in sorted(p for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()):
         doc = ast.get_docstring(ast.parse((package / "__init__.py").read_text())) or ""
-        unnamed += [f"{package.name}/{m.name}" for m in sorted(package.glob("*.py"))
-                    if m.stem not in ("__init__", "__main__") and f"`{m.stem}`" not in doc]
+        unnamed += [
+            f"{package.name}/{m.name}"
+            for m in sorted(package.glob("*.py"))
+            if m.stem not in ("__init__", "__main__") and f"`{m.stem}`" not in doc
+        ]
     assert unnamed == [], "add each module, with what it owns, to its package's __init__ docstring"

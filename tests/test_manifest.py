@@ -22,8 +22,15 @@ def _row(tmp: Path, subject: str, eye: str = "R", label: str = "Glaucoma", **cha
     for k in range(3):
         Image.new("L", (8, 8)).save(folder / "oct" / f"{k:03d}.png")
     row = {c: "" for c in MANIFEST_COLUMNS}
-    row.update(subject_id=subject, eye=eye, label=label, split="train",
-               cfp_path=f"{subject}/{eye}/cfp.png", oct_path=f"{subject}/{eye}/oct", fovea_frame="1")
+    row.update(
+        subject_id=subject,
+        eye=eye,
+        label=label,
+        split="train",
+        cfp_path=f"{subject}/{eye}/cfp.png",
+        oct_path=f"{subject}/{eye}/oct",
+        fovea_frame="1",
+    )
     for b in BIOMARKERS:
         row[b.key] = str(sum(b.normal) / 2)
     row.update(changes)
@@ -42,8 +49,10 @@ def _write(tmp: Path, rows: list[dict[str, str]], columns=MANIFEST_COLUMNS) -> P
 def test_valid_manifest_loads_with_paths_nan_and_fovea(tmp_path: Path) -> None:
     rows = [_row(tmp_path, "S1", "R"), _row(tmp_path, "S1", "L", avr="", fovea_frame="")]
     records = load_manifest(_write(tmp_path, rows))
-    assert [(r.subject_id, r.eye, r.label, r.row) for r in records] == [("S1", "R", Label.GLAUCOMA, 2),
-                                                                          ("S1", "L", Label.GLAUCOMA, 3)]
+    assert [(r.subject_id, r.eye, r.label, r.row) for r in records] == [
+        ("S1", "R", Label.GLAUCOMA, 2),
+        ("S1", "L", Label.GLAUCOMA, 3),
+    ]
     assert records[0].cfp_path == tmp_path / "S1" / "R" / "cfp.png"
     assert records[0].oct_path.is_dir() and records[0].fovea_frame == 1
     assert records[1].fovea_frame is None
@@ -64,8 +73,16 @@ def test_every_kind_of_broken_row_is_reported_with_its_row(tmp_path: Path) -> No
     with pytest.raises(ManifestError) as err:
         load_manifest(_write(tmp_path, rows))
     found = {(p.row, p.column) for p in err.value.problems}
-    assert found == {(3, "cfp_path"), (4, "label"), (5, "cup_to_disc"), (6, "subject_id"), (7, "mt_central"),
-                     (8, "fovea_frame"), (9, "eye"), (9, "split")}
+    assert found == {
+        (3, "cfp_path"),
+        (4, "label"),
+        (5, "cup_to_disc"),
+        (6, "subject_id"),
+        (7, "mt_central"),
+        (8, "fovea_frame"),
+        (9, "eye"),
+        (9, "split"),
+    }
     text = str(err.value)
     assert "row 3, cfp_path: file not found" in text and "Cataract" in text and "first at row 2" in text
     assert "row 5, cup_to_disc: value 1.7 out of the plausible range 0-1" in text
@@ -93,8 +110,19 @@ def test_write_then_load_round_trips(tmp_path: Path) -> None:
     row = _row(tmp_path, "S1")
     values = {b.key: float(sum(b.normal) / 2) for b in BIOMARKERS}
     values["avr"] = math.nan
-    record = CohortRecord("S1", "R", Label.AMD, "test", tmp_path / row["cfp_path"], tmp_path / row["oct_path"],
-                          values, 2, None, 0, {"age": "71"})
+    record = CohortRecord(
+        "S1",
+        "R",
+        Label.AMD,
+        "test",
+        tmp_path / row["cfp_path"],
+        tmp_path / row["oct_path"],
+        values,
+        2,
+        None,
+        0,
+        {"age": "71"},
+    )
     path = write_manifest(tmp_path / "out" / "manifest.csv", [record])
     (loaded,) = load_manifest(path)
     assert loaded.label == Label.AMD and loaded.split == "test" and loaded.fovea_frame == 2

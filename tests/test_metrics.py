@@ -20,16 +20,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import require_tool
+from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import require_tool
 from devtools.ports import free_port
-from grok_pacs.ops import health
-from grok_pacs.ops import metrics, observability
 from grok_pacs.config import OP_8BIT, OPT, load_settings
 from grok_pacs.ingest.service import IngestService
 from grok_pacs.jobs.publisher import JobPublisher
-from ophthalmic_dicom import Patient, make_cfp, make_oct, write
+from grok_pacs.ops import health, metrics, observability
 
 ROOT = Path(__file__).resolve().parents[1]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -96,8 +95,13 @@ def running(tmp_path: Path, command: str, settings_env: dict[str, str], metrics_
     env.pop("GROK_PACS_CONFIG", None)
     log_path = tmp_path / f"{command}.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "grok_pacs.cli", command], env=env, cwd=tmp_path,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "grok_pacs.cli", command],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
     def healthy() -> bool:
         if proc.poll() is not None:
@@ -125,8 +129,14 @@ def running(tmp_path: Path, command: str, settings_env: dict[str, str], metrics_
 def listen(tmp_path: Path) -> Iterator[tuple[int, int, Path]]:
     """`grok-pacs listen` on free loopback ports with metrics on; yields (dicom_port, metrics_port, data)."""
     dicom_port, metrics_port, data = free_port(), free_port(), tmp_path / "data"
-    env = {"GROK_PACS_DATA_DIR": str(data), "GROK_PACS_PORT": str(dicom_port), "GROK_PACS_BROKER_URL": "",
-           "GROK_PACS_BIND_ADDRESS": "127.0.0.1", "GROK_PACS_ALLOWED_AES": "MODALITY", "GROK_PACS_QUIET_PERIOD": "1"}
+    env = {
+        "GROK_PACS_DATA_DIR": str(data),
+        "GROK_PACS_PORT": str(dicom_port),
+        "GROK_PACS_BROKER_URL": "",
+        "GROK_PACS_BIND_ADDRESS": "127.0.0.1",
+        "GROK_PACS_ALLOWED_AES": "MODALITY",
+        "GROK_PACS_QUIET_PERIOD": "1",
+    }
     with running(tmp_path, "listen", env, metrics_port):
         yield dicom_port, metrics_port, data
 
@@ -160,8 +170,11 @@ def test_metrics_scraped_during_a_real_ingest(listen, tmp_path: Path) -> None:
     assert abs(value(samples, "grok_pacs_data_dir_free_bytes") - free) < 0.05 * free
 
     # Studies by state: RECEIVING until quiet for quiet_period (1 s), then QUEUED on the broker.
-    wait_for(lambda: value(scrape(metrics_port), "grok_pacs_studies", state="QUEUED") == 1,
-             "the study to be queued", timeout=30)
+    wait_for(
+        lambda: value(scrape(metrics_port), "grok_pacs_studies", state="QUEUED") == 1,
+        "the study to be queued",
+        timeout=30,
+    )
     samples = scrape(metrics_port)
     assert value(samples, "grok_pacs_studies", state="RECEIVING") == 0
     assert value(samples, "grok_pacs_studies", state="FAILED") == 0
@@ -178,8 +191,14 @@ def test_metrics_scraped_during_a_real_ingest(listen, tmp_path: Path) -> None:
 
 def test_refused_instance_is_counted_and_health_reports_the_disk(tmp_path: Path) -> None:
     """Free disk below min_free_disk_mb: C-STORE refused (A700), counted by reason, /health 503."""
-    settings = load_settings(data_dir=tmp_path / "data", port=free_port(), bind_address="127.0.0.1",
-                             metrics_port=free_port(), min_free_disk_mb=10**9, broker_url="")
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        port=free_port(),
+        bind_address="127.0.0.1",
+        metrics_port=free_port(),
+        min_free_disk_mb=10**9,
+        broker_url="",
+    )
     reason = {"reason": "REFUSED_OUT_OF_RESOURCES"}
     start = scrape_local(reason)
     service = IngestService(settings, JobPublisher(settings))
@@ -213,14 +232,38 @@ def test_worker_health_follows_the_broker_and_the_bundle(tmp_path: Path) -> None
     redis_server = require_tool("redis-server")
     redis_port, bundle = free_port(), tmp_path / "bundle"
     bundle.mkdir()
-    settings = load_settings(data_dir=tmp_path, bundle=bundle, metrics_port=free_port(), bind_address="127.0.0.1",
-                             broker_url=f"redis://127.0.0.1:{redis_port}/0", min_free_disk_mb=0)
-    redis = subprocess.Popen([redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    settings = load_settings(
+        data_dir=tmp_path,
+        bundle=bundle,
+        metrics_port=free_port(),
+        bind_address="127.0.0.1",
+        broker_url=f"redis://127.0.0.1:{redis_port}/0",
+        min_free_disk_mb=0,
+    )
+    redis = subprocess.Popen(
+        [
+            redis_server,
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     state = health.BundleState()
-    checker = health.HealthChecker({"broker": health.broker_check(settings),
-                                    "bundle": health.bundle_check(settings, state),
-                                    "disk": health.disk_check(settings)})
+    checker = health.HealthChecker(
+        {
+            "broker": health.broker_check(settings),
+            "bundle": health.bundle_check(settings, state),
+            "disk": health.disk_check(settings),
+        }
+    )
     server = observability.start_server(settings, "worker", checker=checker)
     url = f"http://127.0.0.1:{server.port}/health"
     try:
@@ -254,8 +297,9 @@ def test_worker_health_follows_the_broker_and_the_bundle(tmp_path: Path) -> None
 def test_worker_metrics_exported_in_prometheus_and_openmetrics(tmp_path: Path) -> None:
     """Job stage histograms, SR delivery outcomes and model load time, as a worker records them."""
     settings = load_settings(data_dir=tmp_path, metrics_port=free_port(), bind_address="127.0.0.1")
-    server = observability.start_server(settings, "worker",
-                                  checker=health.HealthChecker({"ok": lambda: health.CheckResult(True, "")}))
+    server = observability.start_server(
+        settings, "worker", checker=health.HealthChecker({"ok": lambda: health.CheckResult(True, "")})
+    )
     try:
         before = scrape(server.port)
         with metrics.time_stage("analysis"):
@@ -284,8 +328,9 @@ def test_worker_metrics_exported_in_prometheus_and_openmetrics(tmp_path: Path) -
         with pytest.raises(ValueError, match="unknown job stage"):
             metrics.observe_stage("coffee", 1.0)
 
-        request = urllib.request.Request(f"http://127.0.0.1:{server.port}/metrics",
-                                         headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.port}/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
         with urllib.request.urlopen(request, timeout=10) as reply:
             assert reply.headers["Content-Type"].startswith("application/openmetrics-text")
             assert reply.read().decode().rstrip().endswith("# EOF")
@@ -306,23 +351,31 @@ def test_metrics_port_in_use_fails_with_the_port_named(tmp_path: Path) -> None:
 
 def test_sr_delivery_outcomes_are_counted(tmp_path: Path) -> None:
     """A real delivery: PACS down (transient failure), then DCMTK storescp up (delivered)."""
-    from grok_pacs.delivery.sender import DeliveryOutcome, deliver
-    from grok_pacs.dicom.scu import TransientStoreError
-    from devtools.storescp import StoreSCP
     from test_delivery import _queued_study
 
+    from devtools.storescp import StoreSCP
+    from grok_pacs.delivery.sender import DeliveryOutcome, deliver
+    from grok_pacs.dicom.scu import TransientStoreError
+
     port = free_port()
-    settings = load_settings(data_dir=tmp_path / "data", destination=f"PACS@127.0.0.1:{port}",
-                             dimse_timeout=10, acse_timeout=10, network_timeout=10)
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        destination=f"PACS@127.0.0.1:{port}",
+        dimse_timeout=10,
+        acse_timeout=10,
+        network_timeout=10,
+    )
     _index, outbox, sr_uid = _queued_study(settings)
 
     def sample(name: str, **labels: str) -> float:
         return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
-    names = [("grok_pacs_sr_delivery_failures_total", {"kind": "transient"}),
-             ("grok_pacs_sr_delivery_failures_total", {"kind": "permanent"}),
-             ("grok_pacs_sr_deliveries_total", {}),
-             ("grok_pacs_job_duration_seconds_count", {"stage": "delivery"})]
+    names = [
+        ("grok_pacs_sr_delivery_failures_total", {"kind": "transient"}),
+        ("grok_pacs_sr_delivery_failures_total", {"kind": "permanent"}),
+        ("grok_pacs_sr_deliveries_total", {}),
+        ("grok_pacs_job_duration_seconds_count", {"stage": "delivery"}),
+    ]
     before = [sample(name, **labels) for name, labels in names]
     with pytest.raises(TransientStoreError):
         deliver(settings, outbox, sr_uid, owner="job-1")
@@ -343,10 +396,16 @@ def test_one_box_serve_metrics_from_ingest_to_delivered_sr(tmp_path: Path, tiny_
     bundle = tiny_bundle
     pacs = StoreSCP(free_port(), tmp_path / "pacs").start()
     dicom_port, metrics_port = free_port(), free_port()
-    env = {"GROK_PACS_DATA_DIR": str(tmp_path / "data"), "GROK_PACS_PORT": str(dicom_port),
-           "GROK_PACS_BIND_ADDRESS": "127.0.0.1", "GROK_PACS_BUNDLE": str(bundle), "GROK_PACS_BROKER_URL": "",
-           "GROK_PACS_DESTINATION": f"PACS@127.0.0.1:{pacs.port}", "GROK_PACS_QUIET_PERIOD": "1",
-           "GROK_PACS_ALLOWED_AES": "MODALITY"}
+    env = {
+        "GROK_PACS_DATA_DIR": str(tmp_path / "data"),
+        "GROK_PACS_PORT": str(dicom_port),
+        "GROK_PACS_BIND_ADDRESS": "127.0.0.1",
+        "GROK_PACS_BUNDLE": str(bundle),
+        "GROK_PACS_BROKER_URL": "",
+        "GROK_PACS_DESTINATION": f"PACS@127.0.0.1:{pacs.port}",
+        "GROK_PACS_QUIET_PERIOD": "1",
+        "GROK_PACS_ALLOWED_AES": "MODALITY",
+    }
     url = f"http://127.0.0.1:{metrics_port}"
     try:
         with running(tmp_path, "serve", env, metrics_port) as log_path:
@@ -361,8 +420,10 @@ def _one_box_session(url: str, metrics_port: int, dicom_port: int, tmp_path: Pat
     report = json.loads(get(f"{url}/health")[1])
     assert set(report["checks"]) == {"listener", "broker", "bundle", "disk"}
     patient = Patient()
-    files = [write(make_cfp(patient, "R"), tmp_path / "send/cfp.dcm"),
-             write(make_oct(patient, "R"), tmp_path / "send/oct.dcm")]
+    files = [
+        write(make_cfp(patient, "R"), tmp_path / "send/cfp.dcm"),
+        write(make_oct(patient, "R"), tmp_path / "send/oct.dcm"),
+    ]
     no_side = make_cfp(Patient(), "L")  # a second study that cannot be analysed: no laterality
     del no_side.ImageLaterality
     files.append(write(no_side, tmp_path / "send/no-side.dcm"))
@@ -371,8 +432,9 @@ def _one_box_session(url: str, metrics_port: int, dicom_port: int, tmp_path: Pat
 
     def finished() -> bool:
         samples = scrape(metrics_port)
-        return value(samples, "grok_pacs_studies", state="DONE") + value(
-            samples, "grok_pacs_studies", state="FAILED") == 2
+        return (
+            value(samples, "grok_pacs_studies", state="DONE") + value(samples, "grok_pacs_studies", state="FAILED") == 2
+        )
 
     wait_for(finished, f"both studies to finish; log:\n{log_path.read_text()[-3000:]}", timeout=180)
     samples = scrape(metrics_port)

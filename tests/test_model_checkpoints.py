@@ -8,11 +8,10 @@ import pickle
 import pytest
 import torch
 
-from grok_pacs.model.checkpoints import (CheckpointError, load_encoder, load_retfound, load_retizero,
-                                         save_encoder)
+from devtools.tiny_bundle import write_retfound_pth, write_retizero_pth
+from grok_pacs.model.checkpoints import CheckpointError, load_encoder, load_retfound, load_retizero, save_encoder
 from grok_pacs.model.config import EncoderConfig
 from grok_pacs.model.vit import LoraQKV, apply_qkv_lora, build_encoder, has_lora
-from devtools.tiny_bundle import write_retfound_pth, write_retizero_pth
 
 torch.set_num_threads(1)
 CFG = EncoderConfig(embed_dim=32, depth=2, num_heads=2)

@@ -9,14 +9,24 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from devtools.tiny_bundle import TINY_REPORT, train_tokenizer
 from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, OCT_KEYS
 from grok_pacs.model.config import GrokConfig, ProjectorConfig
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.heads import BiomarkerHead
 from grok_pacs.model.projector import Projectors
-from grok_pacs.model.prompt import (IGNORE_INDEX, IM_END, IMAGE_TOKEN, INSTRUCTION, SYSTEM_PROMPT, biomarker_block,
-                              build_prompt, build_training_example, format_target, human_turn)
-from devtools.tiny_bundle import TINY_REPORT, train_tokenizer
+from grok_pacs.model.prompt import (
+    IGNORE_INDEX,
+    IM_END,
+    IMAGE_TOKEN,
+    INSTRUCTION,
+    SYSTEM_PROMPT,
+    biomarker_block,
+    build_prompt,
+    build_training_example,
+    format_target,
+    human_turn,
+)
 
 torch.set_num_threads(1)
 
@@ -30,9 +40,17 @@ def tokenizer():
 def model(tokenizer):
     torch.manual_seed(0)
     config = GrokConfig.tiny(vocab_size=64 * math.ceil(len(tokenizer) / 64))
-    llm = Qwen2ForCausalLM(Qwen2Config(vocab_size=config.llm.vocab_size, hidden_size=config.llm.hidden_size,
-                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                       intermediate_size=config.llm.intermediate_size, tie_word_embeddings=False))
+    llm = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=config.llm.vocab_size,
+            hidden_size=config.llm.hidden_size,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=config.llm.intermediate_size,
+            tie_word_embeddings=False,
+        )
+    )
     return GrokModel(llm, Projectors(config.projector), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
 
 
@@ -55,7 +73,7 @@ def test_biomarker_block_lists_values_first_then_the_qualitative_reading():
     assert block.index("(quantitative)") < block.index("(qualitative)")
     assert "Average retinal nerve fibre layer (RNFL) thickness 18.0 um" in block
     assert "cup-to-disc ratio 0.810" in block
-    qualitative = block[block.index("(qualitative)"):]
+    qualitative = block[block.index("(qualitative)") :]
     assert "Below normal: Average retinal nerve fibre layer (RNFL) thickness." in qualitative
     assert "Above normal: cup-to-disc ratio." in qualitative
     assert biomarker_block({}) == "" and "Biomarker" not in human_turn({})
@@ -100,9 +118,9 @@ def test_splice_puts_392_visual_embeddings_at_the_image_token(model, tokenizer):
     assert spliced["inputs_embeds"].shape == (1, ids.shape[1] - 1 + 392, 128)
     pos = ex.input_ids.index(model.image_token_id)
     expected = model.projectors.project_cfp(_tokens()[0])
-    torch.testing.assert_close(spliced["inputs_embeds"][0, pos:pos + 196], expected)
+    torch.testing.assert_close(spliced["inputs_embeds"][0, pos : pos + 196], expected)
     assert (spliced["labels"][0, : pos + 392] == IGNORE_INDEX).all()
-    assert spliced["labels"][0, pos + 392:].tolist() == ex.labels[pos + 1:]
+    assert spliced["labels"][0, pos + 392 :].tolist() == ex.labels[pos + 1 :]
 
 
 def test_missing_modality_uses_one_learned_placeholder(model, tokenizer):
@@ -139,11 +157,15 @@ def test_training_steps_lower_the_loss_and_reach_llm_and_projectors(model, token
 
 def test_batched_generation_equals_one_by_one(model, tokenizer):
     model.eval()
-    prompts = [tokenizer(build_prompt(), add_special_tokens=False)["input_ids"],
-               tokenizer(build_prompt({"cup_to_disc": 0.7}, ("OCT",)), add_special_tokens=False)["input_ids"]]
+    prompts = [
+        tokenizer(build_prompt(), add_special_tokens=False)["input_ids"],
+        tokenizer(build_prompt({"cup_to_disc": 0.7}, ("OCT",)), add_special_tokens=False)["input_ids"],
+    ]
     cfp, oct_tokens = _tokens(2), [_tokens(seed=3)[0], None]
-    single = [model.generate(torch.tensor([p]), cfp_tokens=cfp[i:i + 1], oct_tokens=[oct_tokens[i]], max_new_tokens=6)
-              for i, p in enumerate(prompts)]
+    single = [
+        model.generate(torch.tensor([p]), cfp_tokens=cfp[i : i + 1], oct_tokens=[oct_tokens[i]], max_new_tokens=6)
+        for i, p in enumerate(prompts)
+    ]
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.eye_dicom import oct_volume, write_jpeg_cfp, write_oct
+from ophthalmic_dicom import Patient, fundus_pixels
 from PIL import Image
 
 from grok_pacs.analysis.imaging import ImageReadError, read_cfp, read_oct_volume
-from grok_pacs.model.config import IMAGENET_MEAN, IMAGENET_STD
 from grok_pacs.analysis.preprocess import foveal_pit, preprocess_cfp, preprocess_oct, select_foveal_bscan
-from helpers.eye_dicom import oct_volume, write_jpeg_cfp, write_oct
-from ophthalmic_dicom import Patient, fundus_pixels
+from grok_pacs.model.config import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _unnormalise(chw: np.ndarray) -> np.ndarray:
@@ -18,7 +18,9 @@ def _unnormalise(chw: np.ndarray) -> np.ndarray:
     return ((chw * std + mean) * 255).transpose(1, 2, 0)
 
 
-@pytest.mark.parametrize("pit_frame, pit_col", [(7, 0.5), (2, 0.5), (12, 0.5), (4, 0.25), (10, 0.72), (0, 0.5), (14, 0.4)])
+@pytest.mark.parametrize(
+    "pit_frame, pit_col", [(7, 0.5), (2, 0.5), (12, 0.5), (4, 0.25), (10, 0.72), (0, 0.5), (14, 0.4)]
+)
 def test_foveal_bscan_is_the_pit_frame_even_off_centre(pit_frame, pit_col):
     volume = oct_volume(frames=15, pit_frame=pit_frame, pit_col=pit_col, seed=pit_frame)
     assert select_foveal_bscan(volume) == (pit_frame, "fovea")

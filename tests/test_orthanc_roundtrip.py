@@ -13,24 +13,30 @@ import subprocess
 import sys
 
 import pydicom
-
-from devtools.ports import free_port
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 from orthanc import Orthanc
 from srcheck import assert_valid_sr, dciodvfy_errors, pdf_text, sr_eye
+
+from devtools.ports import free_port
 from devtools.processes import GrokProcess, grok_env, wait_until
 
 GROK_AE = "GROK_PACS"
-
 
 
 def test_study_from_orthanc_comes_back_with_srs_in_the_same_study(tmp_path, tiny_bundle):
     grok_port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", {"grok": (GROK_AE, "127.0.0.1", grok_port)})
     orthanc.start()
-    settings = dict(data_dir=tmp_path / "grok", bundle=tiny_bundle, port=grok_port, bind_address="127.0.0.1",
-                    ae_title=GROK_AE, allowed_aes="ORTHANC", quiet_period=1,
-                    destination=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}")
+    settings = dict(
+        data_dir=tmp_path / "grok",
+        bundle=tiny_bundle,
+        port=grok_port,
+        bind_address="127.0.0.1",
+        ae_title=GROK_AE,
+        allowed_aes="ORTHANC",
+        quiet_period=1,
+        destination=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
+    )
     serve = GrokProcess(["serve"], grok_env(**settings), tmp_path / "serve.log")
     try:
         serve.wait_ready("worker ready")
@@ -43,8 +49,12 @@ def test_study_from_orthanc_comes_back_with_srs_in_the_same_study(tmp_path, tiny
 
         def sr_instances() -> list[dict]:
             series = orthanc.get(f"/studies/{study_id}/series")
-            return [inst for s in series if s["MainDicomTags"].get("Modality") == "SR"
-                    for inst in orthanc.get(f"/series/{s['ID']}/instances")]
+            return [
+                inst
+                for s in series
+                if s["MainDicomTags"].get("Modality") == "SR"
+                for inst in orthanc.get(f"/series/{s['ID']}/instances")
+            ]
 
         def all_results() -> bool:  # two SRs and the PDF report (delivered after the SRs)
             return len(sr_instances()) >= 2 and len(orthanc.get(f"/studies/{study_id}")["Series"]) >= 6
@@ -58,8 +68,9 @@ def test_study_from_orthanc_comes_back_with_srs_in_the_same_study(tmp_path, tiny
         # CFP R, OCT R, CFP L, one SR series per eye (OHIF opens only the last SR of a series) and the PDF
         # report's series, dated (Orthanc Explorer files an undated series under "?").
         assert len(study["Series"]) == 6
-        (pdf_series,) = [s for s in orthanc.get(f"/studies/{study_id}/series")
-                         if s["MainDicomTags"]["Modality"] == "DOC"]
+        (pdf_series,) = [
+            s for s in orthanc.get(f"/studies/{study_id}/series") if s["MainDicomTags"]["Modality"] == "DOC"
+        ]
         (pdf_id,) = pdf_series["Instances"]
         assert pdf_series["MainDicomTags"].get("SeriesDate")
         pdf_path = tmp_path / "report.dcm"
@@ -79,8 +90,13 @@ def test_study_from_orthanc_comes_back_with_srs_in_the_same_study(tmp_path, tiny
             assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
             laterality_texts.add(sr_eye(sr))
         assert laterality_texts == {"R", "L"}
-        studies = subprocess.run([sys.executable, "-m", "grok_pacs.cli", "studies", "--json"],
-                                 env=grok_env(**settings), capture_output=True, text=True, timeout=120)
+        studies = subprocess.run(
+            [sys.executable, "-m", "grok_pacs.cli", "studies", "--json"],
+            env=grok_env(**settings),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         (row,) = json.loads(studies.stdout)
         assert row["study_uid"] == patient.study_uid and row["state"] == "DONE"
         assert "2 SR(s) and the PDF report delivered to ORTHANC@" in row["detail"]

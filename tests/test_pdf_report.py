@@ -46,8 +46,11 @@ def _text(pdf: bytes) -> str:
 
 def _images(seed: int = 0) -> ReportImages:
     rng = np.random.default_rng(seed)
-    return ReportImages(cfp=rng.integers(0, 255, (300, 400, 3), dtype=np.uint8),
-                     oct_bscan=rng.integers(0, 255, (128, 256), dtype=np.uint8), oct_frames=8)
+    return ReportImages(
+        cfp=rng.integers(0, 255, (300, 400, 3), dtype=np.uint8),
+        oct_bscan=rng.integers(0, 255, (128, 256), dtype=np.uint8),
+        oct_frames=8,
+    )
 
 
 def _study():
@@ -55,13 +58,21 @@ def _study():
     cfp_r, oct_r, cfp_l = make_cfp(patient, "R"), make_oct(patient, "R"), make_cfp(patient, "L")
     right = _report(Eye.RIGHT, Label.GLAUCOMA, [_source(cfp_r), _source(oct_r, frame=4)])
     high_cdr = tuple(dataclasses.replace(b, value=0.72) if b.key == "cup_to_disc" else b for b in right.biomarkers)
-    right = dataclasses.replace(right, biomarkers=high_cdr, label_scores={"Glaucoma": 0.83},
-                                probabilities_calibrated=True, disposition=REFER, patient_disposition=PATIENT_REFER)
+    right = dataclasses.replace(
+        right,
+        biomarkers=high_cdr,
+        label_scores={"Glaucoma": 0.83},
+        probabilities_calibrated=True,
+        disposition=REFER,
+        patient_disposition=PATIENT_REFER,
+    )
     left = dataclasses.replace(
         _report(Eye.LEFT, Label.INDETERMINATE, [_source(cfp_l)], markers=(), missing=("OCT",), narrative=""),
-        impression="No diagnosis could be determined.", gradability=Gradability.UNGRADABLE,
+        impression="No diagnosis could be determined.",
+        gradability=Gradability.UNGRADABLE,
         quality=(ModalityQuality("CFP", Gradability.UNGRADABLE, (QualityReason("blur", "sharpness 0.8 < 2.0"),)),),
-        patient_disposition=PATIENT_REFER)
+        patient_disposition=PATIENT_REFER,
+    )
     header = StudyHeader.from_dataset(cfp_r, software="grok-pacs test", made_at="2026-01-01 10:00")
     return patient, (cfp_r, oct_r, cfp_l), {Eye.RIGHT: right, Eye.LEFT: left}, header
 
@@ -95,16 +106,24 @@ def test_pdf_embeds_its_fonts():
     for page in reader.pages:
         for font in page["/Resources"]["/Font"].values():
             font = font.get_object()
-            descriptor = font["/DescendantFonts"][0].get_object()["/FontDescriptor"] if "/DescendantFonts" in font \
+            descriptor = (
+                font["/DescendantFonts"][0].get_object()["/FontDescriptor"]
+                if "/DescendantFonts" in font
                 else font.get("/FontDescriptor")
+            )
             fonts[str(font["/BaseFont"])] = descriptor is not None and "/FontFile2" in descriptor.get_object()
     assert fonts and all(fonts.values()), fonts
 
 
 def test_withheld_narrative_is_stated_not_shown():
     _, _, reports, header = _study()
-    check = NarrativeCheck(passed=False, issues=(NarrativeIssue(NarrativeReason.REPEATED_PHRASE, "'the the the'"),),
-                           words=40, repeated_sentences=0, distinct_2=0.1)
+    check = NarrativeCheck(
+        passed=False,
+        issues=(NarrativeIssue(NarrativeReason.REPEATED_PHRASE, "'the the the'"),),
+        words=40,
+        repeated_sentences=0,
+        distinct_2=0.1,
+    )
     right = dataclasses.replace(reports[Eye.RIGHT], narrative="", narrative_check=check)
     text = _text(build_pdf(header, {Eye.RIGHT: right}, {}))
     assert "The model's findings text failed validation and is not shown" in text
@@ -132,7 +151,10 @@ def test_encapsulated_pdf_is_valid_in_the_same_study_in_its_own_series(tmp_path)
     assert ds.SeriesDate and "UNVERIFIED" in ds.DocumentTitle and ds.VerificationFlag == "UNVERIFIED"
     assert ds.ConceptNameCodeSequence[0].CodeValue == "18748-4"
     assert {i.ReferencedSOPInstanceUID for i in ds.SourceInstanceSequence} == {
-        cfp_r.SOPInstanceUID, oct_r.SOPInstanceUID, cfp_l.SOPInstanceUID}
+        cfp_r.SOPInstanceUID,
+        oct_r.SOPInstanceUID,
+        cfp_l.SOPInstanceUID,
+    }
     assert ds.EncapsulatedDocument[: ds.EncapsulatedDocumentLength] == pdf
     assert "cup-to-disc ratio" in _text(pdf) and len(CFP_BIOMARKERS) == 6
 
@@ -143,15 +165,22 @@ def test_report_command_prints_the_sr_then_the_pdf_path_and_text(tmp_path):
     folder.mkdir(parents=True)
     sr_path = folder / "sr.dcm"
     build_sr(reports[Eye.RIGHT], [cfp_r, oct_r], SRKey(patient.study_uid, 1, "0.1.0", Eye.RIGHT)).save_as(
-        sr_path, enforce_file_format=True)
+        sr_path, enforce_file_format=True
+    )
     pdf_path = folder / "pdf.dcm"
     sources = [s for r in reports.values() for s in r.sources]
-    build_encapsulated_pdf(build_pdf(header, reports, {}), cfp_r, sources, ReportKey(patient.study_uid, 1, "0.1.0"),
-                           software_version="test").save_as(pdf_path, enforce_file_format=True)
+    build_encapsulated_pdf(
+        build_pdf(header, reports, {}),
+        cfp_r,
+        sources,
+        ReportKey(patient.study_uid, 1, "0.1.0"),
+        software_version="test",
+    ).save_as(pdf_path, enforce_file_format=True)
     (folder / "notes.txt").write_text("not DICOM")  # something else in the folder is not a report
     for target in (sr_path, pdf_path):
-        proc = subprocess.run([sys.executable, "-m", "grok_pacs.cli", "report", str(target)],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "grok_pacs.cli", "report", str(target)], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr
         out = re.sub(r"\s+", " ", proc.stdout)
         assert f"PDF report: {pdf_path}" in out

@@ -31,8 +31,11 @@ def _eye(label: Label, i: int, eye: int = 0):
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +107,7 @@ def test_foveal_pit_is_on_the_recorded_frame() -> None:
         eye = _eye(label, i)
         volume = render_volume(eye, np.random.default_rng(0))
         centre = int((eye.oct.fovea_x + SCAN_MM / 2) / SCAN_MM * OCT_WIDTH)
-        depth = [np.nanmin(_thickness_per_column(frame)[centre - 4:centre + 5]) for frame in volume]
+        depth = [np.nanmin(_thickness_per_column(frame)[centre - 4 : centre + 5]) for frame in volume]
         assert int(np.argmin(depth)) == eye.oct.fovea_frame
 
 
@@ -115,7 +118,9 @@ def test_cup_area_is_ordered_like_cup_to_disc() -> None:
         params = replace(base, values={**base.values, "cup_to_disc": cdr})
         out = render_cfp(params, "R", np.random.default_rng(5))
         x, y = out.disc_center
-        patch = out.rgb[int(y - out.disc_radius):int(y + out.disc_radius), int(x - out.disc_radius):int(x + out.disc_radius)]
+        patch = out.rgb[
+            int(y - out.disc_radius) : int(y + out.disc_radius), int(x - out.disc_radius) : int(x + out.disc_radius)
+        ]
         areas.append(int(((patch[..., 1] > 205) & (patch[..., 2] > 165)).sum()))  # the pale cup
     assert areas == sorted(areas) and areas[0] > 0
     ratio = np.sqrt(areas[-1] / areas[1])  # cup diameter ~ cup-to-disc
@@ -151,13 +156,18 @@ def test_label_signatures_follow_spec_directions() -> None:
         rows = [_eye(label, i).biomarkers for i in range(12)]
         means[label] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     normal = means[Label.NORMAL]
-    assert means[Label.GLAUCOMA]["cup_to_disc"] > 0.6 > 0.45 > max(means[l]["cup_to_disc"] for l in DIAGNOSTIC_LABELS if l != Label.GLAUCOMA)
+    assert (
+        means[Label.GLAUCOMA]["cup_to_disc"]
+        > 0.6
+        > 0.45
+        > max(means[lab]["cup_to_disc"] for lab in DIAGNOSTIC_LABELS if lab != Label.GLAUCOMA)
+    )
     assert means[Label.GLAUCOMA]["rnfl_average"] < 0.7 * normal["rnfl_average"]
     assert means[Label.AMD]["rpe_average"] > 1.2 * normal["rpe_average"]
     assert means[Label.DIABETIC_RETINOPATHY]["mt_central"] > normal["mt_central"] + 15
-    assert min(means, key=lambda l: means[l]["avr"]) == Label.HYPERTENSION
-    assert max(means, key=lambda l: means[l]["tortuosity_arterial"]) == Label.HYPERTENSION
-    assert min(means, key=lambda l: means[l]["fd_arterial"]) == Label.ALZHEIMER
+    assert min(means, key=lambda lab: means[lab]["avr"]) == Label.HYPERTENSION
+    assert max(means, key=lambda lab: means[lab]["tortuosity_arterial"]) == Label.HYPERTENSION
+    assert min(means, key=lambda lab: means[lab]["fd_arterial"]) == Label.ALZHEIMER
     assert means[Label.DIABETES]["inl_average"] < normal["inl_average"] - 2
     assert means[Label.DIABETES]["tortuosity_venular"] > normal["tortuosity_venular"] + 0.05
 
@@ -195,6 +205,7 @@ def test_dicom_study_is_readable_and_dcmdump_accepts_it(cohort: Path) -> None:
 
 
 def test_cli_help_explains() -> None:
-    run = subprocess.run([sys.executable, "-m", "training.phantom", "--help"], capture_output=True, text=True,
-                         timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "training.phantom", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0 and "SYNTHETIC" in run.stdout and "--subjects" in run.stdout

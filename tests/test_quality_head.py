@@ -28,7 +28,9 @@ def test_logistic_fit_separates_separable_features():
 def test_head_trained_stored_loaded_and_applied(tiny_bundle, tmp_path):
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     engine = Engine.from_bundle(tiny_bundle)
-    assert engine.quality_head is None and engine.learned_ungradability("CFP", np.zeros((256, 256, 3), np.uint8)) is None
+    assert (
+        engine.quality_head is None and engine.learned_ungradability("CFP", np.zeros((256, 256, 3), np.uint8)) is None
+    )
     eyes = phantom_eyes(8, seed=2)
     head, report = train_head(engine, eyes, seed=2)
     assert set(report) == {"CFP", "OCT"} and all(0.0 <= r["held_out_auroc"] <= 1.0 for r in report.values())
@@ -52,6 +54,9 @@ def test_worker_gate_uses_the_bundles_head(tiny_bundle, tmp_path):
     """A head whose threshold every image reaches: the eye's SR has no diagnosis and names the learned reason."""
     from pathlib import Path
 
+    from ophthalmic_dicom import Patient, make_cfp, write
+    from srcheck import assert_valid_sr
+
     from devtools.ports import free_port
     from devtools.storescp import StoreSCP
     from grok_pacs.config import load_settings
@@ -59,29 +64,36 @@ def test_worker_gate_uses_the_bundles_head(tiny_bundle, tmp_path):
     from grok_pacs.ingest.assembly import recover
     from grok_pacs.jobs import worker
     from grok_pacs.jobs.tasks import analyze_study
-    from ophthalmic_dicom import Patient, make_cfp, write
-    from srcheck import assert_valid_sr
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     engine = Engine.from_bundle(tiny_bundle)
     head, _ = train_head(engine, phantom_eyes(4, seed=3), seed=3)
     add_to_bundle(bundle, QualityHead(head.models, threshold=1e-9), version="0.0.1-test+qh0")
     pacs = StoreSCP(free_port(), tmp_path / "pacs").start()
-    settings = load_settings(data_dir=tmp_path / "data", bundle=bundle, quiet_period=0,
-                             destination=f"PACS@127.0.0.1:{pacs.port}", dimse_timeout=20)
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        bundle=bundle,
+        quiet_period=0,
+        destination=f"PACS@127.0.0.1:{pacs.port}",
+        dimse_timeout=20,
+    )
     app = worker.worker_app(settings)
     try:
         ctx = worker.context_of(app)
         ds = make_cfp(Patient(), "R")
-        write(ds, Path(settings.data_dir) / instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                                                             ds.SOPInstanceUID))
+        write(
+            ds, Path(settings.data_dir) / instance_relpath(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        )
         recover(settings, ctx.index)
         study = ctx.index.study(ds.StudyInstanceUID)
         assert ctx.index.mark_queued(ds.StudyInstanceUID, 1, study.last_received_at)
         analyze_study(study_uid=ds.StudyInstanceUID, version=1)
         sr_row = next(e for e in ctx.outbox.for_study(ds.StudyInstanceUID) if e.eye == "R")
-        text = assert_valid_sr(Path(settings.data_dir) / sr_row.path, "Learned quality model: image likely ungradable",
-                               "Image quality insufficient: retake, or refer")
+        text = assert_valid_sr(
+            Path(settings.data_dir) / sr_row.path,
+            "Learned quality model: image likely ungradable",
+            "Image quality insufficient: retake, or refer",
+        )
         assert "No diagnosis: the images of this eye are ungradable" in text
     finally:
         app.close()

@@ -57,8 +57,9 @@ def test_the_directory_is_a_grok_tokenizer_with_image_and_chatml(converted: dict
     assert ids.count(image_id) == 1
     assert tokenizer.convert_tokens_to_ids(IM_END) == tokenizer.eos_token_id
     assert tokenizer.decode(ids[:1]) == IM_START
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                         add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat.startswith(f"{IM_START}system\n") and chat.endswith(f"{IM_START}assistant\n")
 
 
@@ -79,10 +80,18 @@ def _records(n: int) -> list[dict]:
         ratio = 0.71 + 0.01 * i if glaucoma else 0.31 + 0.01 * i
         label = Label.GLAUCOMA if glaucoma else Label.NORMAL
         finding = "an enlarged, pale cup" if glaucoma else "a healthy neuroretinal rim"
-        reply = (f"The optic disc shows {finding}, with a cup-to-disc ratio of {ratio:.3f}. The macula and vessels "
-                 f"are unremarkable. Overall, the findings are most consistent with {label.value.lower()}.")
-        records.append({"id": f"P{i:03d}_R", "label": label.value, "cup_to_disc": ratio,
-                        "conversations": [{"from": "human", "value": human_turn()}, {"from": "gpt", "value": reply}]})
+        reply = (
+            f"The optic disc shows {finding}, with a cup-to-disc ratio of {ratio:.3f}. The macula and vessels "
+            f"are unremarkable. Overall, the findings are most consistent with {label.value.lower()}."
+        )
+        records.append(
+            {
+                "id": f"P{i:03d}_R",
+                "label": label.value,
+                "cup_to_disc": ratio,
+                "conversations": [{"from": "human", "value": human_turn()}, {"from": "gpt", "value": reply}],
+            }
+        )
     return records
 
 
@@ -99,8 +108,16 @@ def test_a_short_sft_of_the_pretrained_model_lowers_validation_loss(converted: d
     from training.stage3.lora import attach_lora, load_base_llm
     from training.stage3.train import SFTTrainer
 
-    cfg = Stage3Config.smollm(base_llm_dir=converted["dir"], token_grid=2, batch_size=2, epochs=1, lr=2e-3,
-                              projector_lr=2e-3, warmup_ratio=0.0, lora_dropout=0.0)
+    cfg = Stage3Config.smollm(
+        base_llm_dir=converted["dir"],
+        token_grid=2,
+        batch_size=2,
+        epochs=1,
+        lr=2e-3,
+        projector_lr=2e-3,
+        warmup_ratio=0.0,
+        lora_dropout=0.0,
+    )
     records = _records(10)
     tokenizer = load_tokenizer(converted["dir"])
     llm = load_base_llm(converted["dir"])
@@ -116,11 +133,23 @@ def test_a_short_sft_of_the_pretrained_model_lowers_validation_loss(converted: d
     torch.manual_seed(0)
     projectors = Projectors(ProjectorConfig(vision_dim=grok.projector.vision_dim, llm_hidden_size=576, token_grid=2))
     model = GrokModel(attach_lora(llm, cfg), projectors, image_id)
-    spliced = model.splice(torch.tensor([samples[0].input_ids]), None, None, [store.tokens(records[0]["id"])[0]],
-                           [store.tokens(records[0]["id"])[1]])
+    spliced = model.splice(
+        torch.tensor([samples[0].input_ids]),
+        None,
+        None,
+        [store.tokens(records[0]["id"])[0]],
+        [store.tokens(records[0]["id"])[1]],
+    )
     assert spliced["inputs_embeds"].shape[1] == len(samples[0].input_ids) - 1 + 2 * 4  # 2 x 2 tokens per image
-    trainer = SFTTrainer(model, cfg, SFTDataset(samples[:8], store), SFTDataset(samples[8:], store), tmp_path,
-                         tokenizer.pad_token_id, progress=False)
+    trainer = SFTTrainer(
+        model,
+        cfg,
+        SFTDataset(samples[:8], store),
+        SFTDataset(samples[8:], store),
+        tmp_path,
+        tokenizer.pad_token_id,
+        progress=False,
+    )
     result = trainer.fit()  # 4 optimiser steps; validation loss before and after
     assert result.steps == 4 and len(result.val_losses) == 2
     assert result.last_val_loss < 0.8 * result.first_val_loss, result.val_losses

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
-from grok_pacs.report import codes
-from grok_pacs.domain.biomarkers import BIOMARKERS, CFP_BIOMARKERS, BY_KEY
-from grok_pacs.domain.labels import Label
-from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Report, SourceImage
-from grok_pacs.report.sr import AI_STATEMENT, SRBuildError, SRKey, build_sr
-from grok_pacs.report.render import render
 from ophthalmic_dicom import Patient, make_cfp, make_oct
 from srcheck import assert_valid_sr
+
+from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Report, SourceImage
+from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, CFP_BIOMARKERS
+from grok_pacs.domain.labels import Label
+from grok_pacs.report import codes
+from grok_pacs.report.render import render
+from grok_pacs.report.sr import AI_STATEMENT, SRBuildError, SRKey, build_sr
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
@@ -30,13 +30,22 @@ def _source(ds, frame=None) -> SourceImage:
 def _report(eye: Eye, label: Label, sources, *, markers=BIOMARKERS, missing=(), narrative=None) -> Report:
     estimates = tuple(BiomarkerEstimate(b.key, (b.normal[0] + b.normal[1]) / 2, b.unit) for b in markers)
     return Report(
-        eye=eye, label=label,
-        narrative=narrative if narrative is not None else
-        f"The cup-to-disc ratio is 0.45 and the RNFL averages 30.0 um in the {eye.name.lower()} eye.",
+        eye=eye,
+        label=label,
+        narrative=narrative
+        if narrative is not None
+        else f"The cup-to-disc ratio is 0.45 and the RNFL averages 30.0 um in the {eye.name.lower()} eye.",
         impression=f"Findings are consistent with {label.value}.",
-        raw_text="raw generation", biomarkers=estimates, cited_numbers=(), label_scores={},
-        missing_modalities=tuple(missing), sources=tuple(sources), oct_frame_index=3 if "OCT" not in missing else None,
-        oct_frame_method="fovea" if "OCT" not in missing else None, bundle_name="tiny", bundle_version="0.1.0",
+        raw_text="raw generation",
+        biomarkers=estimates,
+        cited_numbers=(),
+        label_scores={},
+        missing_modalities=tuple(missing),
+        sources=tuple(sources),
+        oct_frame_index=3 if "OCT" not in missing else None,
+        oct_frame_method="fovea" if "OCT" not in missing else None,
+        bundle_name="tiny",
+        bundle_version="0.1.0",
     )
 
 
@@ -57,20 +66,33 @@ def test_cfp_and_oct_report_is_valid_and_renders(study, tmp_path):
     report = _report(Eye.RIGHT, Label.GLAUCOMA, [_source(cfp), _source(oct_ds, frame=4)])
     key = SRKey(patient.study_uid, 1, "0.1.0", Eye.RIGHT)
     path = _save(build_sr(report, [cfp, oct_ds], key), tmp_path)
-    rendered = assert_valid_sr(path, codes.LABEL_CODES[Label.GLAUCOMA].meaning, report.narrative,
-                               report.impression, AI_STATEMENT)
+    rendered = assert_valid_sr(
+        path, codes.LABEL_CODES[Label.GLAUCOMA].meaning, report.narrative, report.impression, AI_STATEMENT
+    )
     assert "Retina" in rendered and "Right" in rendered
     ds = pydicom.dcmread(path)
     assert ds.SOPClassUID == COMPREHENSIVE_SR
     assert ds.SOPInstanceUID == key.sop_instance_uid
     assert (ds.VerificationFlag, ds.PreliminaryFlag, ds.CompletionFlag) == ("UNVERIFIED", "PRELIMINARY", "COMPLETE")
     # Files into the same study of the same patient.
-    for name in ("StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
-                 "AccessionNumber", "StudyDate", "StudyID"):
+    for name in (
+        "StudyInstanceUID",
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "StudyDate",
+        "StudyID",
+    ):
         assert ds.get(name) == cfp.get(name), name
     assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
-    evidence = {ref.ReferencedSOPInstanceUID for item in ds.CurrentRequestedProcedureEvidenceSequence
-                for series in item.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for item in ds.CurrentRequestedProcedureEvidenceSequence
+        for series in item.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
     assert evidence == {cfp.SOPInstanceUID, oct_ds.SOPInstanceUID}
     equipment = {item.Manufacturer for item in ds.ContributingEquipmentSequence}
     assert "grok-pacs" in equipment
@@ -79,8 +101,9 @@ def test_cfp_and_oct_report_is_valid_and_renders(study, tmp_path):
 
 def test_rewritten_numbers_are_disclosed_to_the_reader(study, tmp_path):
     patient, cfp, oct_ds = study
-    report = dataclasses.replace(_report(Eye.RIGHT, Label.GLAUCOMA, [_source(cfp), _source(oct_ds, frame=4)]),
-                                 numbers_rewritten=2)
+    report = dataclasses.replace(
+        _report(Eye.RIGHT, Label.GLAUCOMA, [_source(cfp), _source(oct_ds, frame=4)]), numbers_rewritten=2
+    )
     path = _save(build_sr(report, [cfp, oct_ds], SRKey(patient.study_uid, 1, "0.1.0", Eye.RIGHT)), tmp_path)
     assert_valid_sr(path, "2 value(s) cited in the findings were written as the measurements of this report")
 
@@ -88,8 +111,9 @@ def test_rewritten_numbers_are_disclosed_to_the_reader(study, tmp_path):
 def test_every_biomarker_is_a_numeric_measurement_with_ucum_unit(study, tmp_path):
     patient, cfp, oct_ds = study
     report = _report(Eye.RIGHT, Label.AMD, [_source(cfp), _source(oct_ds, 4)])
-    ds = pydicom.dcmread(_save(build_sr(report, [cfp, oct_ds], SRKey(patient.study_uid, 1, "0.1.0", Eye.RIGHT)),
-                               tmp_path))
+    ds = pydicom.dcmread(
+        _save(build_sr(report, [cfp, oct_ds], SRKey(patient.study_uid, 1, "0.1.0", Eye.RIGHT)), tmp_path)
+    )
     nums = {}
 
     def walk(items):
@@ -97,8 +121,11 @@ def test_every_biomarker_is_a_numeric_measurement_with_ucum_unit(study, tmp_path
             if item.ValueType == "NUM":
                 measured = item.MeasuredValueSequence[0]
                 unit = measured.MeasurementUnitsCodeSequence[0]
-                nums[item.ConceptNameCodeSequence[0].CodeMeaning] = (float(measured.NumericValue),
-                                                                    unit.CodeValue, unit.CodingSchemeDesignator)
+                nums[item.ConceptNameCodeSequence[0].CodeMeaning] = (
+                    float(measured.NumericValue),
+                    unit.CodeValue,
+                    unit.CodingSchemeDesignator,
+                )
             walk(item.get("ContentSequence", []))
 
     walk(ds.ContentSequence)
@@ -124,8 +151,14 @@ def test_each_label_including_indeterminate_is_coded(label, tmp_path):
 def test_oct_only_report_with_empty_narrative_is_valid(tmp_path):
     patient = Patient()
     oct_ds = make_oct(patient, "L")
-    report = _report(Eye.LEFT, Label.INDETERMINATE, [_source(oct_ds, 4)],
-                     markers=tuple(b for b in BIOMARKERS if b.unit == "um"), missing=("CFP",), narrative="")
+    report = _report(
+        Eye.LEFT,
+        Label.INDETERMINATE,
+        [_source(oct_ds, 4)],
+        markers=tuple(b for b in BIOMARKERS if b.unit == "um"),
+        missing=("CFP",),
+        narrative="",
+    )
     path = _save(build_sr(report, [oct_ds], SRKey(patient.study_uid, 1, "0.1.0", Eye.LEFT)), tmp_path)
     assert_valid_sr(path, "The model produced no findings text.", "Indeterminate")
 
@@ -169,18 +202,38 @@ def _bad_inputs(patient, cfp, oct_ds):
         "no sources": (dataclasses.replace(good, sources=()), [], key, "no source"),
         "wrong laterality": (dataclasses.replace(good, sources=(_source(left_cfp),)), [left_cfp], key, "laterality"),
         "foreign study": (dataclasses.replace(good, sources=(_source(foreign),)), [foreign], key, "belongs to study"),
-        "unknown biomarker": (dataclasses.replace(good, biomarkers=(BiomarkerEstimate("iop", 15.0, "mm[Hg]"),)),
-                              [cfp, oct_ds], key, "unknown biomarker"),
-        "wrong unit": (dataclasses.replace(good, biomarkers=(BiomarkerEstimate("mt_central", 250.0, "mm"),)),
-                       [cfp, oct_ds], key, "expected 'um'"),
+        "unknown biomarker": (
+            dataclasses.replace(good, biomarkers=(BiomarkerEstimate("iop", 15.0, "mm[Hg]"),)),
+            [cfp, oct_ds],
+            key,
+            "unknown biomarker",
+        ),
+        "wrong unit": (
+            dataclasses.replace(good, biomarkers=(BiomarkerEstimate("mt_central", 250.0, "mm"),)),
+            [cfp, oct_ds],
+            key,
+            "expected 'um'",
+        ),
         "nan": (nan, [cfp, oct_ds], key, "not finite"),
         "not a label": (dataclasses.replace(good, label="Glaucoma?"), [cfp, oct_ds], key, "not a grok_pacs"),
     }
 
 
-@pytest.mark.parametrize("case", ["eye mismatch", "bundle mismatch", "missing source", "no sources",
-                                  "wrong laterality", "foreign study", "unknown biomarker", "wrong unit",
-                                  "nan", "not a label"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "eye mismatch",
+        "bundle mismatch",
+        "missing source",
+        "no sources",
+        "wrong laterality",
+        "foreign study",
+        "unknown biomarker",
+        "wrong unit",
+        "nan",
+        "not a label",
+    ],
+)
 def test_invalid_inputs_fail_loudly(study, case):
     report, sources, key, message = _bad_inputs(*study)[case]
     with pytest.raises(SRBuildError, match=message):
@@ -195,14 +248,16 @@ def test_report_command_prints_diagnosis_measurements_and_narrative(study, tmp_p
     assert "Diagnosis: Diabetic retinopathy (4855003, SCT)" in text
     assert "Macular thickness at the central subfield: 255.0 um" in text
     assert report.narrative in text and "UNVERIFIED / PRELIMINARY" in text
-    proc = subprocess.run([sys.executable, "-m", "grok_pacs.cli", "report", str(path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "grok_pacs.cli", "report", str(path)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Diabetic retinopathy" in proc.stdout
     bad = tmp_path / "not-dicom.dcm"
     bad.write_text("hello")
-    proc = subprocess.run([sys.executable, "-m", "grok_pacs.cli", "report", str(bad)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "grok_pacs.cli", "report", str(bad)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "not a readable DICOM file" in proc.stderr
 
 
@@ -251,6 +306,7 @@ def test_sr_is_displayable_in_ohif_each_eye_in_its_own_dated_series(tmp_path):
                 if item.ValueType == "CONTAINER":
                     yield item
                 yield from containers(item.get("ContentSequence", []))
+
         assert sr.ContinuityOfContent == "SEPARATE"
         assert {c.ContinuityOfContent for c in containers(sr.ContentSequence)} == {"SEPARATE"}
     text = render(paths[Eye.RIGHT])
@@ -263,8 +319,10 @@ def test_oct_point_is_on_the_foveal_pit_when_one_was_found(tmp_path):
     report = _report(Eye.RIGHT, Label.NORMAL, [_source(cfp), _source(oct_ds, frame=4)])
     key = SRKey(patient.study_uid, 1, "0.1.0", Eye.RIGHT)
     pit = (float(oct_ds.Columns) * 0.6, float(oct_ds.Rows) * 0.3)
-    for given, point, statement in ((pit, pit, "marks the foveal pit found in it"),
-                                    (None, (oct_ds.Columns / 2, oct_ds.Rows / 2), "no foveal pit was found")):
+    for given, point, statement in (
+        (pit, pit, "marks the foveal pit found in it"),
+        (None, (oct_ds.Columns / 2, oct_ds.Rows / 2), "no foveal pit was found"),
+    ):
         path = _save(build_sr(report, [cfp, oct_ds], key, oct_pit=given), tmp_path, f"{given is None}.dcm")
         assert_valid_sr(path, statement)
         (scoord,) = [i for i in _groups(pydicom.dcmread(path))[0].ContentSequence if i.ValueType == "SCOORD"]

@@ -28,8 +28,14 @@ def _nums(item) -> list[tuple[str, str, float, str]]:
     for child in item.get("ContentSequence", []):
         if child.ValueType == "NUM":
             measured = child.MeasuredValueSequence[0]
-            out.append((child.ConceptNameCodeSequence[0].CodeValue, child.ConceptNameCodeSequence[0].CodeMeaning,
-                        float(measured.NumericValue), measured.MeasurementUnitsCodeSequence[0].CodeValue))
+            out.append(
+                (
+                    child.ConceptNameCodeSequence[0].CodeValue,
+                    child.ConceptNameCodeSequence[0].CodeMeaning,
+                    float(measured.NumericValue),
+                    measured.MeasurementUnitsCodeSequence[0].CodeValue,
+                )
+            )
         out.extend(_nums(child))
     return out
 
@@ -42,8 +48,9 @@ def _built(tmp_path, label: Label, **changes) -> tuple[pydicom.Dataset, str]:
     return pydicom.dcmread(path), path
 
 
-@pytest.mark.parametrize("calibrated, meaning", [(True, "Probability of Glaucoma (AI)"),
-                                                 (False, "Model score of Glaucoma (AI)")])
+@pytest.mark.parametrize(
+    "calibrated, meaning", [(True, "Probability of Glaucoma (AI)"), (False, "Model score of Glaucoma (AI)")]
+)
 def test_the_diagnosis_is_the_first_measurement_of_the_first_group(tmp_path, calibrated, meaning):
     sr, path = _built(tmp_path, Label.GLAUCOMA, label_scores=SCORES, probabilities_calibrated=calibrated)
     assert_valid_sr(path, meaning, "Glaucoma")  # dciodvfy clean; DCMTK renders it
@@ -62,8 +69,9 @@ def test_indeterminate_shows_the_highest_score_and_names_no_label(tmp_path):
 
 
 def test_an_ungradable_eye_shows_no_diagnosis_score(tmp_path):
-    sr, path = _built(tmp_path, Label.INDETERMINATE, label_scores=SCORES, narrative="",
-                      gradability=Gradability.UNGRADABLE)
+    sr, path = _built(
+        tmp_path, Label.INDETERMINATE, label_scores=SCORES, narrative="", gradability=Gradability.UNGRADABLE
+    )
     assert_valid_sr(path)
     assert not [n for n in _nums(sr) if n[0].startswith("GROK-DX")], _nums(sr)
 

@@ -17,9 +17,11 @@ from training.stage1 import run_stage1, validate_report
 from training.teachers.guideline import GuidelineTeacher
 from training.teachers.knowledge import HUMAN_TURN, load_knowledge
 
-SPEC_HUMAN_TURN = ("<image>\nInterpret the retinal images, identify and analyze the key features and abnormalities, "
-                   "then write a single-paragraph evidence-based clinical diagnosis report that is supported by the "
-                   "findings.")
+SPEC_HUMAN_TURN = (
+    "<image>\nInterpret the retinal images, identify and analyze the key features and abnormalities, "
+    "then write a single-paragraph evidence-based clinical diagnosis report that is supported by the "
+    "findings."
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def test_validation_reports_each_kind_of_problem(good) -> None:
     assert validate_report(text, label, values) == []
     body, conclusion = text.rsplit(". ", 1)
     first = next(c for c in find_citations(text) if c.biomarker_key)
-    wrong = text[:first.start] + f"{first.value * 1.5:.1f}" + text[first.end:]
+    wrong = text[: first.start] + f"{first.value * 1.5:.1f}" + text[first.end :]
     cases = {
         "words": text + " " + " ".join(["Further detail."] * 60),
         "line break": text.replace(". ", ".\n\n", 1),
@@ -49,10 +51,10 @@ def test_validation_reports_each_kind_of_problem(good) -> None:
         "whose value is": wrong,
         "tied to no biomarker": text.replace(". ", ". A focal change measures 12.5 um. ", 1),
         "only 0 number(s)": "The optic disc is cupped and the nerve fibre layer thin, unlike AMD, diabetes, "
-                            "hypertension or Alzheimer's disease. Overall, this is glaucoma.",
+        "hypertension or Alzheimer's disease. Overall, this is glaucoma.",
         "other label(s)": f"The cup-to-disc ratio is {values['cup_to_disc']:.3f}, the RNFL thickness "
-                          f"{values['rnfl_average']:.1f} um and the GCIPL thickness {values['gcipl_average']:.1f} um. "
-                          "Overall, this is glaucoma.",
+        f"{values['rnfl_average']:.1f} um and the GCIPL thickness {values['gcipl_average']:.1f} um. "
+        "Overall, this is glaucoma.",
     }
     for expected, bad in cases.items():
         problems = validate_report(bad, label, values)
@@ -84,23 +86,41 @@ def test_instruction_jsonl_is_the_papers_format_and_rejects_are_listed(manifest:
     assert len(accepted) == 7 and len(rejected) == 7 and {r["id"][-1] for r in rejected} == {"R"}
     assert all("concluding sentence does not name" in r["reasons"][0] for r in rejected)
     for rec in accepted:
-        assert rec["id"] == f"{rec['subject_id']}_{rec['eye']}" and rec["label"] in {l.value for l in Label}
+        assert rec["id"] == f"{rec['subject_id']}_{rec['eye']}" and rec["label"] in {label.value for label in Label}
         assert [t["from"] for t in rec["conversations"]] == ["human", "gpt"]
         assert rec["conversations"][0]["value"] == SPEC_HUMAN_TURN
         assert (manifest.parent / rec["image"]).is_file() and rec["image"].endswith("cfp.png")
         assert rec["octs"].endswith(f"oct/{rec['fovea_frame']:03d}.png") and (manifest.parent / rec["octs"]).is_file()
-        assert set(rec["biomarkers"]) == {"OCT_Measures", "CFP_Measures"} and len(rec["biomarkers"]["OCT_Measures"]) == 31
+        assert (
+            set(rec["biomarkers"]) == {"OCT_Measures", "CFP_Measures"} and len(rec["biomarkers"]["OCT_Measures"]) == 31
+        )
     summary = json.loads((tmp_path / "s1" / "stage1.json").read_text())
     assert summary["accepted"] == 7 and summary["rejected"] == 7 and sum(summary["accepted_by_label"].values()) == 7
 
 
 def test_cli_writes_instructions_with_progress(manifest: Path, tmp_path: Path) -> None:
-    help_run = subprocess.run([sys.executable, "-m", "training.stage1", "--help"], capture_output=True, text=True,
-                              timeout=60)
+    help_run = subprocess.run(
+        [sys.executable, "-m", "training.stage1", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert help_run.returncode == 0 and "--teacher" in help_run.stdout and "rejected" in help_run.stdout
-    run = subprocess.run([sys.executable, "-m", "training.stage1", "--manifest", str(manifest), "--out",
-                          str(tmp_path / "cli"), "--splits", "train", "--limit", "4"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training.stage1",
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(tmp_path / "cli"),
+            "--splits",
+            "train",
+            "--limit",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert "eye" in run.stderr  # the tqdm progress bar
     lines = (tmp_path / "cli" / "instructions.jsonl").read_text().splitlines()

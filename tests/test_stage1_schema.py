@@ -10,8 +10,11 @@ from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, OCT_KEYS, 
 
 _LAYER = ("central subfield", "inner subfield", "outer subfield", "average")
 SPEC_OCT_NAMES = [
-    *(f"Macular thickness at the {ring} {side} subfield" for ring in ("inner", "outer")
-      for side in ("inferior", "nasal", "superior", "temporal")),
+    *(
+        f"Macular thickness at the {ring} {side} subfield"
+        for ring in ("inner", "outer")
+        for side in ("inferior", "nasal", "superior", "temporal")
+    ),
     "Overall average retinal pigment epithelium (RPE) thickness",
     "Mean of vertical disc diameter",
     "Average inner nuclear layer (INL) thickness",
@@ -21,8 +24,14 @@ SPEC_OCT_NAMES = [
     "Macular thickness at the central subfield",
     "Average retinal nerve fibre layer (RNFL) thickness",
 ]
-SPEC_CFP_NAMES = ["cup-to-disc ratio", "arteriolar-to-venular ratio (AVR)", "arterial tortuosity", "venular tortuosity",
-                  "arterial fractal dimension", "venular fractal dimension"]
+SPEC_CFP_NAMES = [
+    "cup-to-disc ratio",
+    "arteriolar-to-venular ratio (AVR)",
+    "arterial tortuosity",
+    "venular tortuosity",
+    "arterial fractal dimension",
+    "venular fractal dimension",
+]
 #: UCUM case-sensitive codes of the units SPEC §2 uses: micrometre and the unity (dimensionless) "1".
 UCUM_CODES = {"um": "micrometre", "1": "unity"}
 

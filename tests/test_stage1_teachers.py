@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grok_pacs.domain.biomarkers import BIOMARKERS, format_value
-from grok_pacs.analysis.grounding import find_citations
-from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from devtools.ports import free_port
+from grok_pacs.analysis.grounding import find_citations
+from grok_pacs.domain.biomarkers import BIOMARKERS, format_value
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from training.manifest import load_manifest
 from training.phantom import generate_cohort
 from training.phantom.sampling import sample_subject
@@ -35,8 +35,13 @@ PROMPT_NAMES = {b.prompt_name: b.key for b in BIOMARKERS}
 def _phantom_eye(label, i: int):
     truth = sample_subject(f"S{i}", label, np.random.default_rng([5, i, DIAGNOSTIC_LABELS.index(label)]))
     eye = truth.eyes[i % 2]
-    return SimpleNamespace(subject_id=truth.subject_id, eye=eye.eye, label=label, biomarkers=eye.biomarkers,
-                           meta={"subtype": eye.subtype} if i % 3 else {})
+    return SimpleNamespace(
+        subject_id=truth.subject_id,
+        eye=eye.eye,
+        label=label,
+        biomarkers=eye.biomarkers,
+        meta={"subtype": eye.subtype} if i % 3 else {},
+    )
 
 
 @pytest.mark.parametrize("label", DIAGNOSTIC_LABELS)
@@ -49,8 +54,11 @@ def test_guideline_reports_pass_validation_for_every_label(label) -> None:
         assert validate_report(text, label, record.biomarkers) == [], text
         assert text == teacher.write(record)  # deterministic
         cited = [c for c in find_citations(text) if c.biomarker_key]
-        assert len(cited) >= 5 and all(c.text == format_value(next(b for b in BIOMARKERS if b.key == c.biomarker_key),
-                                                              record.biomarkers[c.biomarker_key]) for c in cited)
+        assert len(cited) >= 5 and all(
+            c.text
+            == format_value(next(b for b in BIOMARKERS if b.key == c.biomarker_key), record.biomarkers[c.biomarker_key])
+            for c in cited
+        )
         for word in ("label", "ground truth", "was provided", "was given"):
             assert word not in text.lower()
         reports.add(text)
@@ -125,7 +133,11 @@ class _Server:
             report = self._report(text, values_json)
             with self.lock:
                 self.completed.append(values_json)
-            usage = {"prompt_tokens": 1000, "completion_tokens": 300, "completion_tokens_details": {"reasoning_tokens": 50}}
+            usage = {
+                "prompt_tokens": 1000,
+                "completion_tokens": 300,
+                "completion_tokens_details": {"reasoning_tokens": 50},
+            }
             return 200, {"choices": [{"message": {"role": "assistant", "content": report}}], "usage": usage}, {}
         finally:
             with self.lock:

@@ -106,8 +106,9 @@ def test_ridge_probe_recovers_a_linear_map_and_folds_into_one_linear_layer() -> 
     x = rng.normal(size=(120, 10))
     y = x @ rng.normal(size=(10, 3)) * 5 + 100 + rng.normal(scale=0.1, size=(120, 3))
     y[7, 2] = np.nan
-    probe = fit_ridge(x[:80], y[:80], ("mt_central", "mt_overall", "rnfl_average"), np.arange(80) // 2,
-                      (1e-3, 1.0, 1e3))
+    probe = fit_ridge(
+        x[:80], y[:80], ("mt_central", "mt_overall", "rnfl_average"), np.arange(80) // 2, (1e-3, 1.0, 1e3)
+    )
     errors = probe_errors(probe, x[80:], y[80:])
     assert errors["overall"]["mae"] < 0.5  # noise 0.1 on values of SD ~15
     assert errors["overall"]["mae_std"] < 0.05
@@ -129,6 +130,7 @@ def test_a_few_epochs_on_a_tiny_encoder_lower_the_loss(tmp_path: Path) -> None:
     args = (data.images[rows].float(), stats.standardise(data.values[rows]))
     start, trained = make_model(cfg).eval(), make_model(cfg).eval()
     from training.stage2.checkpoint import load_checkpoint
+
     load_checkpoint(tmp_path / "run" / LAST, trained)
     with torch.no_grad():
         assert trained(*args) < start(*args)
@@ -149,8 +151,10 @@ def test_resume_continues_from_the_same_step_with_the_same_state(tmp_path: Path)
     a, b = load_file(str(tmp_path / "whole" / LAST)), load_file(str(tmp_path / "parts" / LAST))
     assert a.keys() == b.keys() and any(k.startswith("optim.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
-    strip = lambda p: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
-                       for line in p.read_text().splitlines()]
+
+    def strip(p):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in p.read_text().splitlines()]
+
     assert strip(tmp_path / "parts" / "metrics.jsonl") == strip(tmp_path / "whole" / "metrics.jsonl")
 
 
@@ -252,8 +256,9 @@ def phantom_manifest(tmp_path_factory) -> Path:
     return generate_cohort(tmp_path_factory.mktemp("phantom"), 14, seed=3, dicom=False, workers=1, progress=False)
 
 
-def test_oct_images_are_the_runtime_foveal_bscan_preprocessed_by_the_runtime(phantom_manifest: Path,
-                                                                              tmp_path: Path) -> None:
+def test_oct_images_are_the_runtime_foveal_bscan_preprocessed_by_the_runtime(
+    phantom_manifest: Path, tmp_path: Path
+) -> None:
     from grok_pacs.analysis.imaging import read_oct_volume
     from grok_pacs.analysis.preprocess import preprocess_oct, select_foveal_bscan
     from training.manifest import load_manifest
@@ -277,13 +282,26 @@ def test_oct_images_are_the_runtime_foveal_bscan_preprocessed_by_the_runtime(pha
     assert torch.equal(again.images, data.images) and len(list(tmp_path.glob("oct-*.safetensors"))) == 1
 
 
-def test_cli_turns_a_cohort_into_checkpoint_report_and_heads(phantom_manifest: Path, tmp_path: Path,
-                                                            capsys) -> None:
+def test_cli_turns_a_cohort_into_checkpoint_report_and_heads(phantom_manifest: Path, tmp_path: Path, capsys) -> None:
     from training.stage2.__main__ import main
 
     out = tmp_path / "stage2"
-    assert main(["--manifest", str(phantom_manifest), "--out", str(out), "--epochs", "2", "--no-progress",
-                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert (
+        main(
+            [
+                "--manifest",
+                str(phantom_manifest),
+                "--out",
+                str(out),
+                "--epochs",
+                "2",
+                "--no-progress",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     for modality, keys in (("OCT", OCT_KEYS), ("CFP", CFP_KEYS)):
         run_dir = out / modality.lower()

@@ -13,8 +13,8 @@ from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from grok_pacs.model.config import GrokConfig, ProjectorConfig
 from grok_pacs.model.grok import GrokModel, ensure_image_token
 from grok_pacs.model.projector import Projectors
-from grok_pacs.model.vit import build_encoder
 from grok_pacs.model.prompt import IGNORE_INDEX, human_turn
+from grok_pacs.model.vit import build_encoder
 from training.stage3.checkpoint import CheckpointMismatch
 from training.stage3.config import Stage3Config, StandInLLMConfig
 from training.stage3.data import SFTDataset, build_samples, chat_text, collate
@@ -26,10 +26,27 @@ from training.tokenizer import IM_END, IM_START, IMAGE_TOKEN, load_tokenizer, sa
 
 torch.set_num_threads(1)
 
-STAND_IN = StandInLLMConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                            intermediate_size=64, epochs=1, batch_size=8, max_length=256)
-CFG = Stage3Config.small(stand_in=STAND_IN, lora_r=4, lora_alpha=8, lora_dropout=0.0, epochs=2, batch_size=4,
-                         lr=5e-3, projector_lr=5e-3, warmup_ratio=0.1)
+STAND_IN = StandInLLMConfig(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=64,
+    epochs=1,
+    batch_size=8,
+    max_length=256,
+)
+CFG = Stage3Config.small(
+    stand_in=STAND_IN,
+    lora_r=4,
+    lora_alpha=8,
+    lora_dropout=0.0,
+    epochs=2,
+    batch_size=4,
+    lr=5e-3,
+    projector_lr=5e-3,
+    warmup_ratio=0.1,
+)
 
 
 def _records(n: int) -> list[dict]:
@@ -37,8 +54,15 @@ def _records(n: int) -> list[dict]:
     for i in range(n):
         label = DIAGNOSTIC_LABELS[i % 3].value
         reply = f"The optic disc and macula show the pattern of {label.lower()} in this eye."
-        records.append({"id": f"P{i:03d}_R", "label": label, "image": "cfp.png", "octs": "oct.dcm",
-                        "conversations": [{"from": "human", "value": human_turn()}, {"from": "gpt", "value": reply}]})
+        records.append(
+            {
+                "id": f"P{i:03d}_R",
+                "label": label,
+                "image": "cfp.png",
+                "octs": "oct.dcm",
+                "conversations": [{"from": "human", "value": human_turn()}, {"from": "gpt", "value": reply}],
+            }
+        )
     return records
 
 
@@ -57,23 +81,38 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cfp, cfp_pooled = encode_images(cfp_encoder, images, 6, torch.device("cpu"), "cfp", False)
     oct_, oct_pooled = encode_images(oct_encoder, images.flip(-1), 6, torch.device("cpu"), "oct", False)
     store = FeatureStore([r["id"] for r in records], cfp, oct_, cfp_pooled, oct_pooled)
-    return {"root": root, "records": records, "tokenizer": tokenizer, "store": store, "grok": grok,
-            "encoders": (cfp_encoder, oct_encoder), "images": images}
+    return {
+        "root": root,
+        "records": records,
+        "tokenizer": tokenizer,
+        "store": store,
+        "grok": grok,
+        "encoders": (cfp_encoder, oct_encoder),
+        "images": images,
+    }
 
 
 def _model(tiny: dict, cfg: Stage3Config = CFG, seed: int = 0) -> GrokModel:
     torch.manual_seed(seed)
     llm = load_base_llm(tiny["root"] / "llm")
     image_id = ensure_image_token(tiny["tokenizer"], llm)
-    projectors = Projectors(ProjectorConfig(vision_dim=tiny["grok"].projector.vision_dim,
-                                            llm_hidden_size=STAND_IN.hidden_size))
+    projectors = Projectors(
+        ProjectorConfig(vision_dim=tiny["grok"].projector.vision_dim, llm_hidden_size=STAND_IN.hidden_size)
+    )
     return GrokModel(attach_lora(llm, cfg), projectors, image_id)
 
 
 def _trainer(tiny: dict, run_dir: Path, cfg: Stage3Config = CFG, seed: int = 0) -> SFTTrainer:
     samples = build_samples(tiny["records"], tiny["tokenizer"], tiny["store"], max_length=cfg.max_length)
-    return SFTTrainer(_model(tiny, cfg, seed), cfg, SFTDataset(samples[:8], tiny["store"]),
-                      SFTDataset(samples[8:], tiny["store"]), run_dir, tiny["tokenizer"].pad_token_id, progress=False)
+    return SFTTrainer(
+        _model(tiny, cfg, seed),
+        cfg,
+        SFTDataset(samples[:8], tiny["store"]),
+        SFTDataset(samples[8:], tiny["store"]),
+        run_dir,
+        tiny["tokenizer"].pad_token_id,
+        progress=False,
+    )
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -120,7 +159,7 @@ def test_loss_falls_on_assistant_tokens_only(tiny: dict) -> None:
     reply_text = tiny["records"][0]["conversations"][1]["value"]
     for sample in samples:
         ids = sample.input_ids
-        start = next(i + len(header) for i in range(len(ids)) if ids[i:i + len(header)] == header)
+        start = next(i + len(header) for i in range(len(ids)) if ids[i : i + len(header)] == header)
         assert sample.labels[:start] == [IGNORE_INDEX] * start
         assert sample.labels[start:] == ids[start:]
         decoded = tokenizer.decode(ids[start:])
@@ -129,17 +168,24 @@ def test_loss_falls_on_assistant_tokens_only(tiny: dict) -> None:
     model = _model(tiny).eval()
     batch = collate(SFTDataset(samples, tiny["store"]), tokenizer.pad_token_id)
     with torch.no_grad():
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                     cfp_tokens=batch["cfp_tokens"], oct_tokens=batch["oct_tokens"]).loss
-        spliced = model.splice(batch["input_ids"], batch["attention_mask"], None, batch["cfp_tokens"],
-                               batch["oct_tokens"])
+        loss = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            cfp_tokens=batch["cfp_tokens"],
+            oct_tokens=batch["oct_tokens"],
+        ).loss
+        spliced = model.splice(
+            batch["input_ids"], batch["attention_mask"], None, batch["cfp_tokens"], batch["oct_tokens"]
+        )
         logits = model.llm(**spliced).logits
     # Expected: the visual embeddings (392) replace the one image token, so each assistant token sits 391
     # places later in the spliced sequence; cross-entropy over those positions only.
     terms = []
     for row, sample in enumerate(samples):
-        start = next(i + len(header) for i in range(len(sample.input_ids))
-                     if sample.input_ids[i:i + len(header)] == header)
+        start = next(
+            i + len(header) for i in range(len(sample.input_ids)) if sample.input_ids[i : i + len(header)] == header
+        )
         for pos in range(start, len(sample.input_ids)):
             where = pos + 391
             terms.append(torch.nn.functional.cross_entropy(logits[row, where - 1], torch.tensor(sample.input_ids[pos])))
@@ -179,8 +225,7 @@ def test_resume_continues_as_if_never_interrupted(tiny: dict, tmp_path: Path) ->
         other.fit()
 
 
-def test_checkpoint_carries_its_full_config_and_a_changed_field_is_refused_by_name(tiny: dict,
-                                                                                  tmp_path: Path) -> None:
+def test_checkpoint_carries_its_full_config_and_a_changed_field_is_refused_by_name(tiny: dict, tmp_path: Path) -> None:
     _trainer(tiny, tmp_path).fit(max_steps=1)
     saved = json.loads((tmp_path / "checkpoints" / "latest" / "config.json").read_text())
     assert Stage3Config.from_dict(saved) == CFG  # the whole configuration, not a digest
@@ -194,8 +239,13 @@ def test_merged_lora_generates_like_the_adapter(tiny: dict, tmp_path: Path) -> N
     trainer = _trainer(tiny, tmp_path)
     trainer.fit(max_steps=2)
     model = trainer.model.eval()
-    batch = collate(SFTDataset(build_samples(tiny["records"][:1], tiny["tokenizer"], tiny["store"],
-                                             max_length=CFG.max_length), tiny["store"]), 0)
+    batch = collate(
+        SFTDataset(
+            build_samples(tiny["records"][:1], tiny["tokenizer"], tiny["store"], max_length=CFG.max_length),
+            tiny["store"],
+        ),
+        0,
+    )
     spliced = model.splice(batch["input_ids"], None, None, batch["cfp_tokens"], batch["oct_tokens"])
     with torch.no_grad():
         expected = model.llm(**spliced).logits
@@ -215,8 +265,9 @@ def test_phantom_tokenizer_keeps_chatml_and_image_tokens_whole(tmp_path: Path) -
     texts = ["Cup-to-disc ratio 0.72 with thinning of the RNFL. Diagnosis: Glaucoma"] * 20
     save_tokenizer(train_bpe(texts, vocab_size=280), tmp_path)
     tokenizer = load_tokenizer(tmp_path)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{IMAGE_TOKEN}\nHello"}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"{IMAGE_TOKEN}\nHello"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.startswith(f"{IM_START}system\nYou are a helpful assistant.{IM_END}\n")
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     for special in (IM_START, IM_END, IMAGE_TOKEN):
@@ -231,17 +282,22 @@ def test_estimate_targets_cite_the_heads_estimates_not_the_measurements() -> Non
     """With estimates in the prompt, the training report must cite those estimates (what the SR carries)."""
     from grok_pacs.domain.biomarkers import BIOMARKERS, to_prompt_json
     from training.benchmark.grounding import check_grounding
-    from training.stage3.targets import estimate_grounded
+    from training.stage3.targets import _Eye, estimate_grounded
     from training.teachers.guideline import GuidelineTeacher
-    from training.stage3.targets import _Eye
 
     truth = {b.key: (b.normal[0] + b.normal[1]) / 2 for b in BIOMARKERS}
     truth["cup_to_disc"] = 0.78
     estimates = {k: v * 1.07 for k, v in truth.items()}
     report = GuidelineTeacher().write(_Eye("S1", "R", DIAGNOSTIC_LABELS[1], truth))
-    record = {"id": "S1_R", "subject_id": "S1", "eye": "R", "label": "Glaucoma", "teacher": "guideline",
-              "biomarkers": json.loads(to_prompt_json(truth)),
-              "conversations": [{"from": "human", "value": human_turn()}, {"from": "gpt", "value": report}]}
+    record = {
+        "id": "S1_R",
+        "subject_id": "S1",
+        "eye": "R",
+        "label": "Glaucoma",
+        "teacher": "guideline",
+        "biomarkers": json.loads(to_prompt_json(truth)),
+        "conversations": [{"from": "human", "value": human_turn()}, {"from": "gpt", "value": report}],
+    }
     assert check_grounding(report, truth).agreement == 1.0
     assert check_grounding(report, estimates).agreement == 0.0
     for teacher in ("guideline", "o3"):
@@ -260,9 +316,15 @@ def test_a_qwen2_style_tokenizer_directory_gets_the_image_token(tmp_path: Path) 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["Retinal images of both eyes. Diagnosis: Normal"] * 10, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", IM_START, IM_END], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        ["Retinal images of both eyes. Diagnosis: Normal"] * 10,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>", IM_START, IM_END],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=IM_END, pad_token="<|endoftext|>").save_pretrained(tmp_path)
     tokenizer = load_tokenizer(tmp_path)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -277,7 +339,9 @@ def test_decision_tokens_weigh_more_only_when_asked() -> None:
     from training.stage3.train import token_weights
 
     ignore = IGNORE_INDEX
-    targets = torch.tensor([[ignore, ignore, 5, 6, 7, 8, 9, 10, ignore], [ignore, 5, 6, 7, ignore, ignore, ignore, ignore, ignore]])
+    targets = torch.tensor(
+        [[ignore, ignore, 5, 6, 7, 8, 9, 10, ignore], [ignore, 5, 6, 7, ignore, ignore, ignore, ignore, ignore]]
+    )
     plain = token_weights(targets, 1.0, (2, 1))
     assert plain.tolist() == (targets != ignore).float().tolist()
     weighted = token_weights(targets, 3.0, (2, 1))

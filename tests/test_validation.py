@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from devtools.tiny_bundle import TINY_REPORT
 from grok_pacs.analysis.validation import REASON_TEXT, NarrativeCheck, Reason, ValidationLimits, validate_narrative
 from grok_pacs.domain.biomarkers import BIOMARKERS, CFP_KEYS
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from grok_pacs.model.prompt import format_target
-from devtools.tiny_bundle import TINY_REPORT
 from training.phantom.sampling import sample_subject
 from training.teachers.guideline import GuidelineTeacher
 
@@ -18,7 +18,9 @@ HEALTHY = format_target(
     "The optic disc is healthy with a cup-to-disc ratio of 0.310. The average retinal nerve fibre layer (RNFL) "
     "thickness is 29.8 um and the central subfield thickness is 252.0 um, both within normal limits. "
     "The periphery shows no haemorrhages, microaneurysms or exudates. The vessels are unremarkable, with an "
-    "arteriolar-to-venular ratio of 0.781. These findings are those of a normal retina.", "Normal")
+    "arteriolar-to-venular ratio of 0.781. These findings are those of a normal retina.",
+    "Normal",
+)
 ESTIMATES = {b.key: float(np.mean(b.normal)) for b in BIOMARKERS}
 
 
@@ -37,15 +39,24 @@ def test_every_guideline_teacher_report_passes(label) -> None:
     for i in range(6):
         truth = sample_subject(f"V{i}", label, np.random.default_rng([9, i, DIAGNOSTIC_LABELS.index(label)]))
         eye = truth.eyes[i % 2]
-        record = type("Record", (), dict(subject_id=truth.subject_id, eye=eye.eye, label=label,
-                                         biomarkers=eye.biomarkers, meta={"subtype": eye.subtype}))
+        record = type(
+            "Record",
+            (),
+            dict(
+                subject_id=truth.subject_id,
+                eye=eye.eye,
+                label=label,
+                biomarkers=eye.biomarkers,
+                meta={"subtype": eye.subtype},
+            ),
+        )
         check = validate_narrative(format_target(teacher.write(record), label), eye.biomarkers)
         assert check.passed, check.summary()
 
 
 def test_phrase_repeated_twelve_times_fails() -> None:
     phrase = "no haemorrhages, microaneurysms or exudates"
-    text = ("The retina shows " + ", ".join([phrase] * 12) + ". Diagnosis: Normal")
+    text = "The retina shows " + ", ".join([phrase] * 12) + ". Diagnosis: Normal"
     check = validate_narrative(text)
     assert not check.passed and check.reasons == (Reason.REPEATED_PHRASE,)
     assert "haemorrhages microaneurysms" in check.issues[0].detail
@@ -71,9 +82,14 @@ def test_runaway_digits_fail_but_a_number_ending_a_sentence_does_not() -> None:
     assert validate_narrative(HEALTHY).passed  # "ratio of 0.310. The average" is a sentence end, not a number
 
 
-@pytest.mark.parametrize(("tail", "reason"), [("", Reason.MISSING_DIAGNOSIS),
-                                               ("\nDiagnosis: Cataract", Reason.INVALID_DIAGNOSIS),
-                                               ("\nDiagnosis: Glaucoma or AMD", Reason.INVALID_DIAGNOSIS)])
+@pytest.mark.parametrize(
+    ("tail", "reason"),
+    [
+        ("", Reason.MISSING_DIAGNOSIS),
+        ("\nDiagnosis: Cataract", Reason.INVALID_DIAGNOSIS),
+        ("\nDiagnosis: Glaucoma or AMD", Reason.INVALID_DIAGNOSIS),
+    ],
+)
 def test_missing_or_invalid_diagnosis_line_fails(tail: str, reason: Reason) -> None:
     narrative = HEALTHY.split("\nDiagnosis:")[0]
     assert validate_narrative(narrative + tail).reasons == (reason,)
@@ -117,8 +133,10 @@ def test_check_and_limits_are_typed_and_refuse_contradictions() -> None:
 
 def test_a_phrase_written_twice_in_a_row_fails() -> None:
     """What the phantom stand-in model wrote: the phrase three times, each time back to back."""
-    text = HEALTHY.replace("no haemorrhages, microaneurysms or exudates",
-                           "no haemorrhages, microaneurysms or exudates no haemorrhages, microaneurysms or exudates")
+    text = HEALTHY.replace(
+        "no haemorrhages, microaneurysms or exudates",
+        "no haemorrhages, microaneurysms or exudates no haemorrhages, microaneurysms or exudates",
+    )
     check = validate_narrative(text)
     assert check.reasons == (Reason.REPEATED_PHRASE,) and "twice in a row" in check.summary()
     assert validate_narrative(HEALTHY.replace("is healthy", "is very, very healthy")).passed  # one word: fine

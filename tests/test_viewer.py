@@ -37,10 +37,13 @@ class DeliveredStudy:
     def instances(self, modality: str, description: str = "") -> list[dict]:
         """Orthanc's instances of this modality in series whose description contains `description`."""
         (study_id,) = self.orthanc.get("/studies")
-        return [inst for s in self.orthanc.get(f"/studies/{study_id}/series")
-                if s["MainDicomTags"].get("Modality") == modality
-                and description in s["MainDicomTags"].get("SeriesDescription", "")
-                for inst in self.orthanc.get(f"/series/{s['ID']}/instances")]
+        return [
+            inst
+            for s in self.orthanc.get(f"/studies/{study_id}/series")
+            if s["MainDicomTags"].get("Modality") == modality
+            and description in s["MainDicomTags"].get("SeriesDescription", "")
+            for inst in self.orthanc.get(f"/series/{s['ID']}/instances")
+        ]
 
     def dataset(self, modality: str, description: str = "") -> Dataset:
         """The one instance of this modality (and series description) as stored in Orthanc."""
@@ -54,9 +57,16 @@ def delivered(tmp_path_factory, tiny_bundle):
     work = tmp_path_factory.mktemp("viewer")
     grok_port = free_port()
     orthanc = Orthanc(work / "orthanc", {"grok": (GROK_AE, "127.0.0.1", grok_port)}, dicomweb=True).start()
-    settings = dict(data_dir=work / "grok", bundle=tiny_bundle, port=grok_port, bind_address="127.0.0.1",
-                    ae_title=GROK_AE, allowed_aes="ORTHANC", quiet_period=1,
-                    destination=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}")
+    settings = dict(
+        data_dir=work / "grok",
+        bundle=tiny_bundle,
+        port=grok_port,
+        bind_address="127.0.0.1",
+        ae_title=GROK_AE,
+        allowed_aes="ORTHANC",
+        quiet_period=1,
+        destination=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
+    )
     serve = GrokProcess(["serve"], grok_env(**settings), work / "serve.log")
     try:
         serve.wait_ready("worker ready")
@@ -66,8 +76,12 @@ def delivered(tmp_path_factory, tiny_bundle):
         (study_id,) = orthanc.get("/studies")
         orthanc.send_to_modality("grok", [study_id])
         study = DeliveredStudy(orthanc, patient, work)
-        wait_until(lambda: len(study.instances("SR")) >= 2 and study.instances("DOC"), 180,
-                   "one SR per eye and the PDF report in Orthanc", interval=0.5)
+        wait_until(
+            lambda: len(study.instances("SR")) >= 2 and study.instances("DOC"),
+            180,
+            "one SR per eye and the PDF report in Orthanc",
+            interval=0.5,
+        )
     except BaseException:
         orthanc.stop()
         raise
@@ -166,6 +180,7 @@ def test_the_pdf_report_shows_the_disposition_and_diagnosis(delivered, viewer, b
     thumbnail(page, "DOC").first.dblclick()
     page.locator('object[type="application/pdf"]').wait_for()
     pane = page.locator('[data-cy="viewport-pane"]')
+
     # What the clinician reads on screen (OCR of the browser's PDF viewer inside OHIF's viewport).
     def drawn_report() -> str | None:
         text = screen_text(pane.screenshot(), tmp_path)
@@ -187,14 +202,20 @@ def content_items(item: Dataset):
 
 def sr_measurements(sr: Dataset) -> dict[str, float]:
     """Every NUM of an SR: concept name -> value."""
-    return {item.ConceptNameCodeSequence[0].CodeMeaning: float(item.MeasuredValueSequence[0].NumericValue)
-            for item in content_items(sr) if item.ValueType == "NUM"}
+    return {
+        item.ConceptNameCodeSequence[0].CodeMeaning: float(item.MeasuredValueSequence[0].NumericValue)
+        for item in content_items(sr)
+        if item.ValueType == "NUM"
+    }
 
 
 def sr_diagnosis(sr: Dataset) -> str:
     """The SR's coded diagnosis (its meaning), e.g. "Glaucoma" or "Indeterminate"."""
-    (meaning,) = [item.ConceptCodeSequence[0].CodeMeaning for item in content_items(sr)
-                  if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeMeaning == "Diagnosis"]
+    (meaning,) = [
+        item.ConceptCodeSequence[0].CodeMeaning
+        for item in content_items(sr)
+        if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeMeaning == "Diagnosis"
+    ]
     return meaning
 
 
@@ -226,8 +247,9 @@ def open_sr(page, study_url: str, series_text: str, attempts: int = 3) -> dict[s
 
 
 @pytest.mark.parametrize("eye", ["right", "left"])
-def test_each_eye_s_sr_opens_on_its_oct_b_scan_with_diagnosis_and_measurements(delivered, viewer, browser, page,
-                                                                               tmp_path, eye):
+def test_each_eye_s_sr_opens_on_its_oct_b_scan_with_diagnosis_and_measurements(
+    delivered, viewer, browser, page, tmp_path, eye
+):
     sr = delivered.dataset("SR", f"{eye} eye")  # each eye's SR in its own series: neither hides the other
     measurements = sr_measurements(sr)
     diagnosis = sr_diagnosis(sr)
@@ -239,7 +261,9 @@ def test_each_eye_s_sr_opens_on_its_oct_b_scan_with_diagnosis_and_measurements(d
     assert all(abs(shown[name] - measurements[name]) < 0.01 for name in shown), (shown, measurements)
     # The diagnosis, drawn as its score ("Probability of Glaucoma (AI): 87 %"; Indeterminate names no label),
     # and at least one biomarker measurement beside it.
-    assert [name for name in shown if diagnosis in name and name.endswith(("(AI)", "probability", "score"))], \
-        (diagnosis, shown)
+    assert [name for name in shown if diagnosis in name and name.endswith(("(AI)", "probability", "score"))], (
+        diagnosis,
+        shown,
+    )
     assert [name for name in shown if "(AI)" not in name], shown
     browser.screenshot(tmp_path / f"viewer-sr-{eye}-eye.png")

@@ -15,23 +15,22 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
-from devtools.ports import free_port
-from grok_pacs.jobs import worker
-from grok_pacs.ingest.assembly import recover
-from grok_pacs.config import load_settings
-from grok_pacs.store.index import StudyState
-from grok_pacs.store.outbox import OutboxState, ResultKind
-from grok_pacs.jobs.tasks import analyze_study
-from grok_pacs.report.render import render
-from grok_pacs.dicom.uids import instance_relpath
 from ophthalmic_dicom import Patient, make_cfp, make_oct, make_undecodable_cfp, write
 from srcheck import assert_valid_sr, dciodvfy_errors, pdf_text, sr_eye
+
+from devtools.ports import free_port
 from devtools.storescp import StoreSCP
+from grok_pacs.config import load_settings
+from grok_pacs.dicom.uids import instance_relpath
+from grok_pacs.ingest.assembly import recover
+from grok_pacs.jobs import worker
+from grok_pacs.jobs.tasks import analyze_study
+from grok_pacs.report.render import render
+from grok_pacs.store.index import StudyState
+from grok_pacs.store.outbox import OutboxState, ResultKind
 
 EARLY = dt.datetime(2025, 1, 1, 9, 0, 0)
 LATE = dt.datetime(2025, 1, 1, 11, 0, 0)
-
 
 
 @pytest.fixture
@@ -43,8 +42,13 @@ def pacs(tmp_path):
 
 @pytest.fixture
 def app(tmp_path, tiny_bundle, pacs):
-    settings = load_settings(data_dir=tmp_path / "data", bundle=tiny_bundle, quiet_period=0,
-                             destination=f"PACS@127.0.0.1:{pacs.port}", dimse_timeout=20)
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        bundle=tiny_bundle,
+        quiet_period=0,
+        destination=f"PACS@127.0.0.1:{pacs.port}",
+        dimse_timeout=20,
+    )
     app = worker.worker_app(settings)
     yield app
     app.close()
@@ -68,8 +72,12 @@ def _ingest(ctx: worker.WorkerContext, datasets) -> str:
 
 
 def _refs(sr: pydicom.Dataset) -> set[str]:
-    return {ref.ReferencedSOPInstanceUID for item in sr.CurrentRequestedProcedureEvidenceSequence
-            for series in item.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    return {
+        ref.ReferencedSOPInstanceUID
+        for item in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in item.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
 
 
 def _sr_by_eye(pacs: StoreSCP) -> dict[str, pydicom.Dataset]:
@@ -88,22 +96,26 @@ def _sr_entry(ctx: worker.WorkerContext, study_uid: str):
 
 def _diagnosis(sr: pydicom.Dataset) -> str:
     """The coded diagnosis' meaning, as the SR states it."""
+
     def walk(items):
         for item in items:
             if item.get("ValueType") == "CODE" and item.ConceptNameCodeSequence[0].CodeMeaning == "Diagnosis":
                 yield item.ConceptCodeSequence[0].CodeMeaning
             yield from walk(item.get("ContentSequence", []))
+
     (meaning,) = walk(sr.ContentSequence)
     return meaning
 
 
 def _nums(sr: pydicom.Dataset) -> list[str]:
     """The code values of every NUM in the SR."""
+
     def walk(items):
         for item in items:
             if item.ValueType == "NUM":
                 yield item.ConceptNameCodeSequence[0].CodeValue
             yield from walk(item.get("ContentSequence", []))
+
     return list(walk(sr.ContentSequence))
 
 
@@ -174,8 +186,12 @@ def test_only_oct_gives_one_sr_stating_cfp_missing(ctx, pacs):
     (pdf,) = pacs.received_pdfs()
     assert "OCT B-scan used: frame" in pdf_text(pdf.EncapsulatedDocument)
     path = Path(ctx.settings.data_dir) / _sr_entry(ctx, study_uid).path
-    assert_valid_sr(path, "Not available for this eye: CFP", "OCT B-scan used: frame",
-                    "On the OCT B-scan the point marks the foveal pit found in it.")  # the test OCT has a pit
+    assert_valid_sr(
+        path,
+        "Not available for this eye: CFP",
+        "OCT B-scan used: frame",
+        "On the OCT B-scan the point marks the foveal pit found in it.",
+    )  # the test OCT has a pit
 
 
 def test_undecodable_instance_is_skipped_and_noted(ctx, pacs):
@@ -191,8 +207,11 @@ def test_undecodable_instance_is_skipped_and_noted(ctx, pacs):
     assert _refs(srs["L"]) == {broken_only_l.SOPInstanceUID} and _num_count(srs["L"]) == 0
     assert _score_count(srs["L"]) == 0 and _score_count(srs["R"]) == 1  # no diagnosis drawn for the left eye
     left = next(e for e in ctx.outbox.for_study(study_uid) if e.eye == "L")
-    text = assert_valid_sr(Path(ctx.settings.data_dir) / left.path, "Pixel data cannot be decoded",
-                           "Image quality insufficient: retake, or refer")
+    text = assert_valid_sr(
+        Path(ctx.settings.data_dir) / left.path,
+        "Pixel data cannot be decoded",
+        "Image quality insufficient: retake, or refer",
+    )
     assert "Diagnosis" not in text
     # Still displayable in OHIF: its one group points into the image it judged.
     assert "Image Region: POINT" in render(Path(ctx.settings.data_dir) / left.path)
@@ -238,19 +257,37 @@ def test_job_of_an_outdated_version_does_nothing(ctx, pacs):
 
 
 def test_selection_by_sop_class_laterality_and_acquisition_time(tmp_path):
-    from grok_pacs.config import SECONDARY_CAPTURE, THICKNESS_MAP
-    from grok_pacs.store.index import InstanceRecord
-    from grok_pacs.jobs.snapshot import select_candidates
     from grok_pacs.analysis.result import Eye
+    from grok_pacs.config import SECONDARY_CAPTURE, THICKNESS_MAP
+    from grok_pacs.jobs.snapshot import select_candidates
+    from grok_pacs.store.index import InstanceRecord
 
     def rec(sop: str, sop_class: str, laterality: str, acquired: str, received: float) -> InstanceRecord:
-        return InstanceRecord("1.2", "1.2.3", sop, sop_class, "OP", laterality, 1, 1, f"incoming/{sop}.dcm",
-                              received, "CAM", acquired, "1.2.840.10008.1.2.1")
+        return InstanceRecord(
+            "1.2",
+            "1.2.3",
+            sop,
+            sop_class,
+            "OP",
+            laterality,
+            1,
+            1,
+            f"incoming/{sop}.dcm",
+            received,
+            "CAM",
+            acquired,
+            "1.2.840.10008.1.2.1",
+        )
 
     op, opt = "1.2.840.10008.5.1.4.1.1.77.1.5.1", "1.2.840.10008.5.1.4.1.1.77.1.5.4"
-    instances = [rec("1.1", op, "R", "20250101090000", 5.0), rec("1.2", op, "R", "20250101100000.5", 1.0),
-                 rec("1.3", SECONDARY_CAPTURE, "R", "20250101120000", 1.0), rec("1.4", opt, "L", "", 1.0),
-                 rec("1.5", op, "B", "20250101100000", 1.0), rec("1.6", THICKNESS_MAP, "L", "", 1.0)]
+    instances = [
+        rec("1.1", op, "R", "20250101090000", 5.0),
+        rec("1.2", op, "R", "20250101100000.5", 1.0),
+        rec("1.3", SECONDARY_CAPTURE, "R", "20250101120000", 1.0),
+        rec("1.4", opt, "L", "", 1.0),
+        rec("1.5", op, "B", "20250101100000", 1.0),
+        rec("1.6", THICKNESS_MAP, "L", "", 1.0),
+    ]
     strict = load_settings(data_dir=tmp_path)
     eyes, notes = select_candidates(instances, strict)
     assert [r.sop_uid for r in eyes[Eye.RIGHT].cfp] == ["1.2", "1.1"]  # newest acquisition first
@@ -288,8 +325,9 @@ def test_job_reads_the_study_once_and_writes_it_at_start_and_end(ctx, pacs, monk
     monkeypatch.setattr(ctx.index, "study", lambda *a, **k: pytest.fail("the job re-read the study row"))
     monkeypatch.setattr(ctx.index, "instances", lambda *a, **k: pytest.fail("the job re-read the instances"))
     monkeypatch.setattr(ctx.index, "read_study", lambda uid: reads.append(uid) or real_read(uid))
-    monkeypatch.setattr(ctx.index, "set_state", lambda uid, state, *a, **k: writes.append(state) or real_set(
-        uid, state, *a, **k))
+    monkeypatch.setattr(
+        ctx.index, "set_state", lambda uid, state, *a, **k: writes.append(state) or real_set(uid, state, *a, **k)
+    )
     summary = analyze_study(study_uid=study_uid, version=1)
     assert sorted(summary["srs"].values()) == ["delivered", "delivered"]
     assert reads == [study_uid] and writes == [StudyState.ANALYSING, StudyState.DONE]
@@ -314,7 +352,9 @@ def test_both_eyes_of_a_study_share_one_batched_generation(ctx, pacs, monkeypatc
     """The model runs once per study (one batched generation and label scoring), not once per eye."""
     engine, calls = ctx.engine(), []
     original = engine.analyze_batch
-    monkeypatch.setattr(engine, "analyze_batch", lambda eyes: calls.append([e.eye.value for e in eyes]) or original(eyes))
+    monkeypatch.setattr(
+        engine, "analyze_batch", lambda eyes: calls.append([e.eye.value for e in eyes]) or original(eyes)
+    )
     patient = Patient()
     study_uid = _ingest(ctx, [make_cfp(patient, "R"), make_oct(patient, "R"), make_cfp(patient, "L")])
     assert analyze_study(study_uid=study_uid, version=1)["outcome"] == "analysed"

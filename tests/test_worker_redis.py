@@ -14,21 +14,20 @@ import time
 from pathlib import Path
 
 import pytest
+from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 
 from devtools.ports import free_port
+from devtools.processes import GrokProcess, Redis, grok_env, storescu, wait_until
+from devtools.storescp import StoreSCP
 from grok_pacs.config import load_settings
-from grok_pacs.store.index import StudyIndex, StudyState
+from grok_pacs.ingest.listener import Listener
 from grok_pacs.ingest.service import IngestService
 from grok_pacs.jobs.publisher import JobPublisher
-from grok_pacs.ingest.listener import Listener
+from grok_pacs.store.index import StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox, OutboxState, ResultKind
-from ophthalmic_dicom import Patient, make_cfp, make_oct, write
-from devtools.storescp import StoreSCP
-from devtools.processes import GrokProcess, Redis, grok_env, storescu, wait_until
 
 JOB_TIME_LIMIT_S = 10  # -> Redis visibility timeout 20 s: a killed worker's job comes back within ~21 s
 READY = "worker ready"
-
 
 
 @pytest.fixture
@@ -43,9 +42,19 @@ class Box:
 
     def __init__(self, tmp_path: Path, bundle: Path, redis: Redis, destination: str) -> None:
         self.tmp_path = tmp_path
-        self.values = dict(data_dir=tmp_path / "data", broker_url=redis.url, bundle=bundle, destination=destination,
-                           quiet_period=0.5, job_time_limit=JOB_TIME_LIMIT_S, delivery_backoff_s=1,
-                           delivery_max_retries=8, dimse_timeout=10, acse_timeout=10, network_timeout=10)
+        self.values = dict(
+            data_dir=tmp_path / "data",
+            broker_url=redis.url,
+            bundle=bundle,
+            destination=destination,
+            quiet_period=0.5,
+            job_time_limit=JOB_TIME_LIMIT_S,
+            delivery_backoff_s=1,
+            delivery_max_retries=8,
+            dimse_timeout=10,
+            acse_timeout=10,
+            network_timeout=10,
+        )
         self.settings = load_settings(**self.values, port=free_port(), bind_address="127.0.0.1")
         self.ingest = IngestService(self.settings, JobPublisher(self.settings))
         self.ingest.start()
@@ -74,8 +83,12 @@ class Box:
             index.close()
 
     def wait_state(self, study_uid: str, states: tuple[StudyState, ...], timeout: float):
-        return wait_until(lambda: (s := self.study(study_uid)) is not None and s.state in states and s, timeout,
-                          f"study {study_uid} in {states}", interval=0.02)
+        return wait_until(
+            lambda: (s := self.study(study_uid)) is not None and s.state in states and s,
+            timeout,
+            f"study {study_uid} in {states}",
+            interval=0.02,
+        )
 
     def outbox(self, study_uid: str):
         return Outbox(self.settings.index_path).for_study(study_uid)
@@ -144,9 +157,15 @@ def test_pacs_down_then_up_sr_arrives_once(box, pacs):
     box.worker()
     study_uid = box.send_study("R")
     waiting = box.wait_state(study_uid, (StudyState.DELIVERING,), 90)
-    entries = wait_until(lambda: len(es := [e for e in box.outbox(study_uid) if e.attempts >= 2
-                                            and e.state is OutboxState.PENDING]) == 2 and es,
-                         30, "retried deliveries (SR and PDF) waiting for their next attempt", interval=0.02)
+    entries = wait_until(
+        lambda: (
+            len(es := [e for e in box.outbox(study_uid) if e.attempts >= 2 and e.state is OutboxState.PENDING]) == 2
+            and es
+        ),
+        30,
+        "retried deliveries (SR and PDF) waiting for their next attempt",
+        interval=0.02,
+    )
     assert all(e.last_error.startswith("transient") for e in entries)
     assert "waiting for PACS@" in (box.study(study_uid).detail or waiting.detail)
     pacs.start()
@@ -157,8 +176,12 @@ def test_pacs_down_then_up_sr_arrives_once(box, pacs):
 def test_undelivered_sr_survives_a_worker_restart(box, pacs):
     first = box.worker()
     study_uid = box.send_study("R")
-    wait_until(lambda: [e for e in box.outbox(study_uid) if e.attempts >= 1 and e.state is OutboxState.PENDING],
-               90, "a failed first delivery", interval=0.02)
+    wait_until(
+        lambda: [e for e in box.outbox(study_uid) if e.attempts >= 1 and e.state is OutboxState.PENDING],
+        90,
+        "a failed first delivery",
+        interval=0.02,
+    )
     first.signal(signal.SIGKILL)  # the host goes down with the SR still in the outbox
     first.wait(10)
     pacs.start()
@@ -168,8 +191,13 @@ def test_undelivered_sr_survives_a_worker_restart(box, pacs):
 
 
 def test_permanent_rejection_fails_without_retry_loop(tmp_path, tiny_bundle, redis):
-    pacs_settings = load_settings(data_dir=tmp_path / "pacs", port=free_port(), bind_address="127.0.0.1",
-                                  ae_title="PACS", allowed_aes=["SOMEONE_ELSE"])
+    pacs_settings = load_settings(
+        data_dir=tmp_path / "pacs",
+        port=free_port(),
+        bind_address="127.0.0.1",
+        ae_title="PACS",
+        allowed_aes=["SOMEONE_ELSE"],
+    )
     rejecting = Listener(pacs_settings, StudyIndex(pacs_settings.index_path))
     rejecting.start()
     box = Box(tmp_path, tiny_bundle, redis, f"PACS@127.0.0.1:{pacs_settings.port}")

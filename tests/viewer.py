@@ -23,9 +23,18 @@ from devtools.ports import free_port
 
 # Headless chromium as root needs --no-sandbox; WebGL without a GPU needs SwiftShader through ANGLE; the
 # rest keeps the browser from calling home (component updates, sync, background networking).
-CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--use-gl=angle", "--use-angle=swiftshader",
-                  "--enable-unsafe-swiftshader", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--use-gl=angle",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 # OHIF's first-run tour overlay swallows clicks; marking it shown before the app starts skips it.
 SKIP_TOUR = "window.localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));"
 SCREENSHOT_DIR_ENV = "VIEWER_SCREENSHOT_DIR"  # set (e.g. docs/images) to keep a copy of the screenshots
@@ -50,8 +59,12 @@ class Browser:
 
         self._playwright = sync_playwright().start()
         self.context = self._playwright.chromium.launch_persistent_context(
-            str(profile_dir), executable_path=executable, headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1600, "height": 1000})
+            str(profile_dir),
+            executable_path=executable,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1600, "height": 1000},
+        )
         self.context.set_default_timeout(TIMEOUT_MS)
         self.context.add_init_script(SKIP_TOUR)
         self.console: list[str] = []

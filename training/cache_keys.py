@@ -12,8 +12,9 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 SOURCE_SUFFIXES = (".py", ".yaml", ".json")
 

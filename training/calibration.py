@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -75,9 +75,13 @@ def calibrate(scores: Sequence[dict[str, float]], labels: Sequence[str], fitted_
     """Fit T and measure ECE before and after on the same eyes."""
     temperature = fit_temperature(scores, labels)
     cal = Calibration(temperature=temperature, fitted_on=fitted_on, n=len(labels))
-    return Calibration(temperature=temperature, fitted_on=fitted_on, n=len(labels),
-                       ece_before=expected_calibration_error(scores, labels),
-                       ece_after=expected_calibration_error([cal.apply(s) for s in scores], labels))
+    return Calibration(
+        temperature=temperature,
+        fitted_on=fitted_on,
+        n=len(labels),
+        ece_before=expected_calibration_error(scores, labels),
+        ece_after=expected_calibration_error([cal.apply(s) for s in scores], labels),
+    )
 
 
 def add_to_bundle(bundle_dir: str | Path, calibration: Calibration, version: str | None = None) -> Path:

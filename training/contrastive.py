@@ -45,7 +45,9 @@ def nt_xent_loss(a: torch.Tensor, b: torch.Tensor, temperature: float | torch.Te
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(f"contrastive loss needs two [N, D] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"contrastive loss needs two [N, D] tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     if a.shape[0] < 2:
         raise ValueError(f"contrastive loss needs at least 2 pairs in a batch, got {a.shape[0]}")
 

@@ -15,9 +15,9 @@ import logging
 import math
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import pydicom
 
@@ -95,7 +95,9 @@ def load_manifest(path: Path | str, *, drop_bad: bool = False) -> list[CohortRec
         record, row_problems = _parse_row(row_no, row, base)
         key = (row.get("subject_id", "").strip(), row.get("eye", "").strip().upper())
         if key in seen:
-            row_problems.append(Problem(row_no, "subject_id", f"duplicate subject/eye {key[0]}/{key[1]} (first at row {seen[key]})"))
+            row_problems.append(
+                Problem(row_no, "subject_id", f"duplicate subject/eye {key[0]}/{key[1]} (first at row {seen[key]})")
+            )
         else:
             seen[key] = row_no
         problems.extend(row_problems)
@@ -118,7 +120,13 @@ def _check_header(columns: Sequence[str]) -> list[Problem]:
     known = set(MANIFEST_COLUMNS)
     for column in columns:
         if column not in known and not column.startswith(EXTRA_COLUMN_PREFIX):
-            problems.append(Problem(1, column, f"unknown column (not a biomarker key; extra columns must start with {EXTRA_COLUMN_PREFIX!r})"))
+            problems.append(
+                Problem(
+                    1,
+                    column,
+                    f"unknown column (not a biomarker key; extra columns must start with {EXTRA_COLUMN_PREFIX!r})",
+                )
+            )
     duplicates = {c for c in columns if list(columns).count(c) > 1}
     problems.extend(Problem(1, c, "column appears more than once") for c in sorted(duplicates))
     return problems
@@ -148,7 +156,7 @@ def _parse_row(row_no: int, row: dict[str, str], base: Path) -> tuple[CohortReco
     values = {key: _parse_value(key, row.get(key), bad) for key in BIOMARKER_COLUMNS}
     if problems or label is None or cfp is None or oct_path is None:
         return None, problems
-    meta = {k[len(EXTRA_COLUMN_PREFIX):]: v for k, v in row.items() if k and k.startswith(EXTRA_COLUMN_PREFIX)}
+    meta = {k[len(EXTRA_COLUMN_PREFIX) :]: v for k, v in row.items() if k and k.startswith(EXTRA_COLUMN_PREFIX)}
     return CohortRecord(subject, eye, label, split, cfp, oct_path, values, fovea, study, row_no, meta), problems
 
 
@@ -184,8 +192,10 @@ def _existing_path(text: str, base: Path, column: str, bad, *, folder_ok: bool, 
 
 def bscan_files(folder: Path) -> list[Path]:
     """The B-scan images of an OCT folder in natural file-name order (frame 2 before frame 10)."""
+
     def natural(p: Path) -> list:
         return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", p.name)]
+
     return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=natural)
 
 
@@ -254,12 +264,20 @@ def write_manifest(path: Path | str, records: Iterable[CohortRecord]) -> Path:
                 "" if math.isnan(r.biomarkers.get(k, math.nan)) else format_value(BY_KEY[k], r.biomarkers[k])
                 for k in BIOMARKER_COLUMNS
             ]
-            writer.writerow([
-                r.subject_id, r.eye, r.label.value, r.split, _relative(r.cfp_path, base), _relative(r.oct_path, base),
-                "" if r.fovea_frame is None else r.fovea_frame,
-                "" if r.study_dir is None else _relative(r.study_dir, base), *values,
-                *(r.meta.get(k, "") for k in meta_keys),
-            ])
+            writer.writerow(
+                [
+                    r.subject_id,
+                    r.eye,
+                    r.label.value,
+                    r.split,
+                    _relative(r.cfp_path, base),
+                    _relative(r.oct_path, base),
+                    "" if r.fovea_frame is None else r.fovea_frame,
+                    "" if r.study_dir is None else _relative(r.study_dir, base),
+                    *values,
+                    *(r.meta.get(k, "") for k in meta_keys),
+                ]
+            )
     return path
 
 

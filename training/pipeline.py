@@ -15,15 +15,15 @@ from __future__ import annotations
 import argparse
 import fcntl
 import importlib.metadata
-import hashlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from training.cache_keys import plain, step_key
 from training.stage2.config import MODALITIES, RESUME_FREE_FIELDS, Stage2Config
@@ -40,13 +40,32 @@ PIPELINE_VERSION = 2  #: bump when a step's outputs change meaning
 STEP_SOURCES: dict[str, tuple[str, ...]] = {
     "cohort": ("training.phantom", "training.manifest", "grok_pacs.domain", "grok_pacs.report.codes"),
     "stage1": ("training.stage1", "training.teachers", "training/data", "training.manifest", "grok_pacs.domain"),
-    "stage2": ("training.stage2", "training.contrastive", "training.manifest", "grok_pacs.model", "grok_pacs.domain",
-               "grok_pacs.analysis.imaging", "grok_pacs.analysis.preprocess"),
-    "stage3": ("training.stage3", "training.tokenizer", "training.benchmark.records", "training.manifest",
-               "grok_pacs.model", "grok_pacs.domain", "grok_pacs.analysis.grounding"),
+    "stage2": (
+        "training.stage2",
+        "training.contrastive",
+        "training.manifest",
+        "grok_pacs.model",
+        "grok_pacs.domain",
+        "grok_pacs.analysis.imaging",
+        "grok_pacs.analysis.preprocess",
+    ),
+    "stage3": (
+        "training.stage3",
+        "training.tokenizer",
+        "training.benchmark.records",
+        "training.manifest",
+        "grok_pacs.model",
+        "grok_pacs.domain",
+        "grok_pacs.analysis.grounding",
+    ),
     "base_llm": ("training.stage3.smollm", "training.tokenizer"),
-    "bundle": ("export", "training.stage3.run", "grok_pacs.model", "grok_pacs.analysis.bundle",
-               "grok_pacs.analysis.onnx_session"),
+    "bundle": (
+        "export",
+        "training.stage3.run",
+        "grok_pacs.model",
+        "grok_pacs.analysis.bundle",
+        "grok_pacs.analysis.onnx_session",
+    ),
 }
 DEFAULT_CACHE = Path(".cache") / "pipeline"
 
@@ -70,28 +89,32 @@ class PipelineConfig:
         if self.llm not in LLMS:
             raise ValueError(f"llm must be one of {LLMS}, got {self.llm!r}")
         if (self.llm == "smollm2") != (self.stage3.name == "smollm"):
-            raise ValueError(f"llm {self.llm!r} needs its own stage-3 preset, got {self.stage3.name!r} "
-                             "(smollm2: Stage3Config.smollm(); tiny: Stage3Config.small())")
+            raise ValueError(
+                f"llm {self.llm!r} needs its own stage-3 preset, got {self.stage3.name!r} "
+                "(smollm2: Stage3Config.smollm(); tiny: Stage3Config.small())"
+            )
 
     @classmethod
-    def small(cls, **changes: Any) -> "PipelineConfig":
+    def small(cls, **changes: Any) -> PipelineConfig:
         """SmolLM2 as the LLM base (the demo's and the benchmark's)."""
         return replace(cls(), **changes)
 
     @classmethod
-    def tiny(cls, **changes: Any) -> "PipelineConfig":
+    def tiny(cls, **changes: Any) -> PipelineConfig:
         """The tiny stand-in LLM trained from scratch (seconds-scale unit tests and comparisons only)."""
         base = cls(llm="tiny", stage3=Stage3Config.small(biomarker_estimates=True))
         return replace(base, **changes)
 
-    def stage2_config(self, modality: str, manifest: str = "", out_dir: str = "", cache_dir: str = "",
-                      progress: bool = False) -> Stage2Config:
+    def stage2_config(
+        self, modality: str, manifest: str = "", out_dir: str = "", cache_dir: str = "", progress: bool = False
+    ) -> Stage2Config:
         """The resolved stage-2 configuration of one modality (paths empty when only its content matters)."""
         changes = dict(self.stage2_changes)
         if self.stage2_epochs is not None:
             changes["epochs"] = self.stage2_epochs
-        return Stage2Config.small(manifest=manifest, out_dir=out_dir, modality=modality, cache_dir=cache_dir,
-                                  progress=progress, **changes)
+        return Stage2Config.small(
+            manifest=manifest, out_dir=out_dir, modality=modality, cache_dir=cache_dir, progress=progress, **changes
+        )
 
     def step_config(self, step: str) -> Any:
         """Everything of the configuration that can change one step's output, resolved (whole dataclasses)."""
@@ -102,8 +125,10 @@ class PipelineConfig:
         if step == "stage1":
             return {"teacher": "guideline"}
         if step == "stage2":
-            return {m: {k: v for k, v in self.stage2_config(m).to_dict().items() if k not in RESUME_FREE_FIELDS}
-                    for m in MODALITIES}
+            return {
+                m: {k: v for k, v in self.stage2_config(m).to_dict().items() if k not in RESUME_FREE_FIELDS}
+                for m in MODALITIES
+            }
         if step == "stage3":
             return {k: v for k, v in plain(self.stage3).items() if k not in STAGE3_FREE_FIELDS}
         if step == "bundle":
@@ -202,15 +227,21 @@ def _run_locked(cfg: PipelineConfig, cache_dir: Path, progress: bool) -> Pipelin
     inputs = _stage3_inputs(stage1, stage2, manifest, images)
     stage3_dir, _ = steps.run("stage3", d["stage3"], lambda out: _stage3(stage3_cfg, inputs, out, progress))
     _, bundle = steps.run("bundle", d["bundle"], lambda out: _bundle(cfg, stage3_dir, inputs, out, progress))
-    return PipelineResult(manifest, Path(stage1["instructions"]), stage2["modalities"], stage3_dir,
-                          Path(bundle["bundle"]), steps.timings, steps.reused)
+    return PipelineResult(
+        manifest,
+        Path(stage1["instructions"]),
+        stage2["modalities"],
+        stage3_dir,
+        Path(bundle["bundle"]),
+        steps.timings,
+        steps.reused,
+    )
 
 
 def _cohort(cfg: PipelineConfig, out: Path, progress: bool) -> dict[str, Any]:
     from training.phantom import generate_cohort
 
-    manifest = generate_cohort(out, cfg.n_subjects, cfg.seed, dicom=cfg.dicom, workers=cfg.workers,
-                               progress=progress)
+    manifest = generate_cohort(out, cfg.n_subjects, cfg.seed, dicom=cfg.dicom, workers=cfg.workers, progress=progress)
     return {"manifest": str(manifest), "n_subjects": cfg.n_subjects, "seed": cfg.seed}
 
 
@@ -220,8 +251,12 @@ def _stage1(manifest: Path, out: Path, progress: bool) -> dict[str, Any]:
 
     result = run_stage1(manifest, out, GuidelineTeacher(), progress=progress)
     if result.summary["rejected"]:
-        log.warning("stage 1: %d of %d reports rejected (see %s)", result.summary["rejected"],
-                    result.summary["eyes"], result.rejected)
+        log.warning(
+            "stage 1: %d of %d reports rejected (see %s)",
+            result.summary["rejected"],
+            result.summary["eyes"],
+            result.rejected,
+        )
     return {"instructions": str(result.instructions), "summary": result.summary}
 
 
@@ -230,11 +265,19 @@ def _stage2(cfg: PipelineConfig, manifest: Path, images: Path, out: Path, progre
 
     modalities = {}
     for modality in MODALITIES:
-        s2 = cfg.stage2_config(modality, manifest=str(manifest), out_dir=str(out / modality.lower()),
-                               cache_dir=str(images), progress=progress)
+        s2 = cfg.stage2_config(
+            modality,
+            manifest=str(manifest),
+            out_dir=str(out / modality.lower()),
+            cache_dir=str(images),
+            progress=progress,
+        )
         result = run(s2)
-        modalities[modality] = {"encoder": str(result.encoder_path), "head": str(result.heads_path),
-                                "report": str(result.report_path)}
+        modalities[modality] = {
+            "encoder": str(result.encoder_path),
+            "head": str(result.heads_path),
+            "report": str(result.report_path),
+        }
     return {"modalities": modalities}
 
 
@@ -242,8 +285,15 @@ def _stage3_inputs(stage1: dict, stage2: dict, manifest: Path, images: Path) -> 
     from training.stage3.run import Stage3Inputs
 
     m = stage2["modalities"]
-    return Stage3Inputs(Path(stage1["instructions"]), manifest, Path(m["CFP"]["encoder"]), Path(m["OCT"]["encoder"]),
-                        Path(m["CFP"]["head"]), Path(m["OCT"]["head"]), images)
+    return Stage3Inputs(
+        Path(stage1["instructions"]),
+        manifest,
+        Path(m["CFP"]["encoder"]),
+        Path(m["OCT"]["encoder"]),
+        Path(m["CFP"]["head"]),
+        Path(m["OCT"]["head"]),
+        images,
+    )
 
 
 def _convert_smollm(out: Path) -> dict[str, Any]:
@@ -256,38 +306,54 @@ def _stage3(stage3: Stage3Config, inputs: Any, out: Path, progress: bool) -> dic
     from training.stage3.run import run
 
     result = run(stage3, inputs, out, progress=progress)
-    return {"report": str(out / "stage3.json"), "merged_llm": str(result.merged_llm_dir),
-            "val_loss": [result.report["first_val_loss"], result.report["last_val_loss"]]}
+    return {
+        "report": str(out / "stage3.json"),
+        "merged_llm": str(result.merged_llm_dir),
+        "val_loss": [result.report["first_val_loss"], result.report["last_val_loss"]],
+    }
 
 
 def _bundle(cfg: PipelineConfig, stage3_dir: Path, inputs: Any, out: Path, progress: bool) -> dict[str, Any]:
     from training.stage3.run import load_result, pack_bundle
 
-    bundle = pack_bundle(load_result(stage3_dir), inputs, out / "bundle", name=cfg.bundle_name,
-                         version=cfg.bundle_version, provenance={"pipeline": {"n_subjects": cfg.n_subjects,
-                                                                              "seed": cfg.seed}},
-                         progress=progress)
+    bundle = pack_bundle(
+        load_result(stage3_dir),
+        inputs,
+        out / "bundle",
+        name=cfg.bundle_name,
+        version=cfg.bundle_version,
+        provenance={"pipeline": {"n_subjects": cfg.n_subjects, "seed": cfg.seed}},
+        progress=progress,
+    )
     return {"bundle": str(bundle)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m training.pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m training.pipeline",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The phantom pipeline end to end on the CPU: a synthetic cohort (DICOM studies), stage 1 "
-                    "(guideline-teacher instructions), stage 2 (OCT and CFP encoders aligned with their "
-                    "biomarkers, biomarker heads), stage 3 (SmolLM2-135M-Instruct converted once into a Qwen2 "
-                    "directory as the stand-in for Qwen2-7B-Instruct, then LoRA SFT with trainable projectors) and a verified model bundle. Each step is cached by "
-                    "the hash of its settings: a second run is instant, a changed step re-runs from there.",
+        "(guideline-teacher instructions), stage 2 (OCT and CFP encoders aligned with their "
+        "biomarkers, biomarker heads), stage 3 (SmolLM2-135M-Instruct converted once into a Qwen2 "
+        "directory as the stand-in for Qwen2-7B-Instruct, then LoRA SFT with trainable projectors) and a verified "
+        "model bundle. Each step is cached by "
+        "the hash of its settings: a second run is instant, a changed step re-runs from there.",
         epilog="example: python -m training.pipeline --subjects 140 --cache .cache/pipeline\n"
-               "then:    grok-pacs serve --bundle <printed bundle path> ...")
+        "then:    grok-pacs serve --bundle <printed bundle path> ...",
+    )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"cache folder (default {DEFAULT_CACHE})")
     parser.add_argument("--subjects", type=int, default=PipelineConfig.n_subjects, help="phantom subjects")
     parser.add_argument("--seed", type=int, default=PipelineConfig.seed, help="cohort seed")
-    parser.add_argument("--llm", choices=LLMS, default="smollm2",
-                        help="stage 3's LLM base: smollm2 = SmolLM2-135M-Instruct converted to Qwen2 (the stand-in "
-                             "for Qwen2-7B-Instruct), tiny = a 0.5M-parameter Qwen2 trained from scratch")
-    parser.add_argument("--no-estimates", action="store_true",
-                        help="train stage 3 without the biomarker estimates in the prompt")
+    parser.add_argument(
+        "--llm",
+        choices=LLMS,
+        default="smollm2",
+        help="stage 3's LLM base: smollm2 = SmolLM2-135M-Instruct converted to Qwen2 (the stand-in "
+        "for Qwen2-7B-Instruct), tiny = a 0.5M-parameter Qwen2 trained from scratch",
+    )
+    parser.add_argument(
+        "--no-estimates", action="store_true", help="train stage 3 without the biomarker estimates in the prompt"
+    )
     parser.add_argument("--json-out", type=Path, default=None, help="also write the result paths to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -297,8 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     preset = Stage3Config.smollm if args.llm == "smollm2" else Stage3Config.small
-    cfg = PipelineConfig.small(n_subjects=args.subjects, seed=args.seed, llm=args.llm,
-                               stage3=preset(biomarker_estimates=not args.no_estimates))
+    cfg = PipelineConfig.small(
+        n_subjects=args.subjects, seed=args.seed, llm=args.llm, stage3=preset(biomarker_estimates=not args.no_estimates)
+    )
     result = run_pipeline(cfg, args.cache, progress=not args.quiet)
     text = json.dumps(result.to_dict(), indent=1)
     if args.json_out is not None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -63,8 +63,11 @@ def train_head(engine, eyes: Sequence[tuple[np.ndarray, np.ndarray]], seed: int 
         test = np.array([o in held_out for o in owner])
         model = fit_logistic(x[~test], y[~test])
         scores = [model.probability(f) for f in x[test]]
-        report[modality] = {"held_out_auroc": auroc(scores, y[test].astype(bool)), "n_train": int((~test).sum()),
-                            "n_test": int(test.sum())}
+        report[modality] = {
+            "held_out_auroc": auroc(scores, y[test].astype(bool)),
+            "n_train": int((~test).sum()),
+            "n_test": int(test.sum()),
+        }
         models[modality] = fit_logistic(x, y)
     return QualityHead(models), report
 

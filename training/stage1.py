@@ -19,16 +19,15 @@ import os
 import re
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from tqdm import tqdm
 
-from grok_pacs.domain.biomarkers import BY_KEY, format_value, to_prompt_json
 from grok_pacs.analysis.grounding import find_citations
+from grok_pacs.domain.biomarkers import BY_KEY, format_value, to_prompt_json
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, LABEL_SYNONYMS, Label
-
 from training.manifest import SPLITS, CohortRecord, bscan_files, load_manifest
 from training.teachers.knowledge import HUMAN_TURN
 
@@ -40,7 +39,9 @@ INSTRUCTIONS_NAME, REJECTED_NAME, SUMMARY_NAME = "instructions.jsonl", "rejected
 
 _LEAK = re.compile(
     r"\b(ground[- ]truth|(given|provided|hidden|true|correct|supplied) (label|diagnosis)|"
-    r"label (is|was|provided|given)|as (instructed|stated in the prompt)|i was told)\b", re.IGNORECASE)
+    r"label (is|was|provided|given)|as (instructed|stated in the prompt)|i was told)\b",
+    re.IGNORECASE,
+)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(])")
 
 
@@ -87,7 +88,9 @@ def validate_report(text: str, label: Label, biomarkers: Mapping[str, float]) ->
     if label not in named:
         problems.append(f"the concluding sentence does not name {label.value}: {conclusion!r}")
     if named - {label}:
-        problems.append(f"the concluding sentence also names {', '.join(sorted(l.value for l in named - {label}))}")
+        problems.append(
+            f"the concluding sentence also names {', '.join(sorted(other.value for other in named - {label}))}"
+        )
     leak = _LEAK.search(text)
     if leak:
         problems.append(f"reveals that the diagnosis was given ({leak.group(0)!r})")
@@ -113,7 +116,7 @@ def _number_problems(text: str, biomarkers: Mapping[str, float]) -> list[str]:
             problems.append(f"{c.text} is cited for the unitless {b.key} with a length unit")
             continue
         value = c.value_in_um if b.unit == "um" else c.value
-        tolerance = max(abs(float(true)) * RELATIVE_TOLERANCE, 0.5 * 10 ** -c.decimals)
+        tolerance = max(abs(float(true)) * RELATIVE_TOLERANCE, 0.5 * 10**-c.decimals)
         if abs(value - float(true)) > tolerance:
             problems.append(f"{c.text} is cited for {b.key}, whose value is {format_value(b, float(true))}")
         else:
@@ -140,8 +143,11 @@ def instruction_record(record: CohortRecord, report: str, base: Path, teacher: s
         "label": record.label.value,
         "conversations": [{"from": "human", "value": HUMAN_TURN}, {"from": "gpt", "value": report}],
         "biomarkers": json.loads(to_prompt_json(record.biomarkers)),
-        "subject_id": record.subject_id, "eye": record.eye, "split": record.split,
-        "fovea_frame": record.fovea_frame, "teacher": teacher,
+        "subject_id": record.subject_id,
+        "eye": record.eye,
+        "split": record.split,
+        "fovea_frame": record.fovea_frame,
+        "teacher": teacher,
     }
 
 
@@ -169,8 +175,16 @@ def _write_reports(teacher, records: Sequence[CohortRecord], progress: bool) -> 
     return out
 
 
-def run_stage1(manifest: Path, out_dir: Path, teacher, *, splits: Sequence[str] = SPLITS, limit: int | None = None,
-               drop_bad: bool = False, progress: bool = True) -> Stage1Result:
+def run_stage1(
+    manifest: Path,
+    out_dir: Path,
+    teacher,
+    *,
+    splits: Sequence[str] = SPLITS,
+    limit: int | None = None,
+    drop_bad: bool = False,
+    progress: bool = True,
+) -> Stage1Result:
     """Write out_dir/instructions.jsonl, rejected.jsonl and stage1.json for the chosen splits."""
     start = time.monotonic()
     manifest = Path(manifest)
@@ -201,9 +215,14 @@ def _summary(manifest: Path, teacher, records, accepted, rejected, seconds: floa
     by_label = {lab.value: sum(1 for r in accepted if r["label"] == lab.value) for lab in DIAGNOSTIC_LABELS}
     words = [len(r["conversations"][1]["value"].split()) for r in accepted]
     return {
-        "manifest": str(manifest.resolve()), "teacher": teacher.name, "eyes": len(records),
-        "accepted": len(accepted), "rejected": len(rejected), "accepted_by_label": by_label,
-        "mean_words": round(sum(words) / len(words), 1) if words else 0, "seconds": round(seconds, 1),
+        "manifest": str(manifest.resolve()),
+        "teacher": teacher.name,
+        "eyes": len(records),
+        "accepted": len(accepted),
+        "rejected": len(rejected),
+        "accepted_by_label": by_label,
+        "mean_words": round(sum(words) / len(words), 1) if words else 0,
+        "seconds": round(seconds, 1),
         "usage": teacher.usage() if hasattr(teacher, "usage") else {},
     }
 
@@ -218,21 +237,34 @@ def _teacher_from_args(args: argparse.Namespace):
     from training.teachers.openai_compat import ChatTeacher
 
     api_key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
-    return ChatTeacher(args.base_url, args.model, knowledge, cache_dir=args.out / "cache", api_key=api_key,
-                       concurrency=args.concurrency, max_retries=args.retries, timeout_s=args.timeout)
+    return ChatTeacher(
+        args.base_url,
+        args.model,
+        knowledge,
+        cache_dir=args.out / "cache",
+        api_key=api_key,
+        concurrency=args.concurrency,
+        max_retries=args.retries,
+        timeout_s=args.timeout,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.stage1",
         description="Stage 1: write knowledge-guided instruction records (paper format JSONL) for every eye of a "
-                    "cohort manifest, validate each report and list the rejected ones with their reasons. Outputs "
-                    "OUT/instructions.jsonl, OUT/rejected.jsonl and OUT/stage1.json (counts, words, token usage).")
+        "cohort manifest, validate each report and list the rejected ones with their reasons. Outputs "
+        "OUT/instructions.jsonl, OUT/rejected.jsonl and OUT/stage1.json (counts, words, token usage).",
+    )
     parser.add_argument("--manifest", type=Path, required=True, help="cohort manifest.csv (docs/cohort-manifest.md)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--teacher", choices=("guideline", "openai"), default="guideline",
-                        help="guideline: deterministic, offline (default); openai: an OpenAI-compatible "
-                             "chat-completions server (o3, vLLM, llama.cpp) with the SPEC prompt and images")
+    parser.add_argument(
+        "--teacher",
+        choices=("guideline", "openai"),
+        default="guideline",
+        help="guideline: deterministic, offline (default); openai: an OpenAI-compatible "
+        "chat-completions server (o3, vLLM, llama.cpp) with the SPEC prompt and images",
+    )
     parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits to include (default all)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many eyes (for a trial run)")
     parser.add_argument("--drop-bad", action="store_true", help="skip broken manifest rows instead of refusing")
@@ -247,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     if not set(splits) <= set(SPLITS):
         parser.error(f"--splits must be among {', '.join(SPLITS)}")
-    result = run_stage1(args.manifest, args.out, _teacher_from_args(args), splits=splits, limit=args.limit,
-                        drop_bad=args.drop_bad)
+    result = run_stage1(
+        args.manifest, args.out, _teacher_from_args(args), splits=splits, limit=args.limit, drop_bad=args.drop_bad
+    )
     print(json.dumps(result.summary, indent=2))
     return 0
 

@@ -9,8 +9,8 @@ directories, so the runtime (`grok_pacs.analysis.engine`) and the bundle treat t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -38,8 +38,9 @@ class TokenizerError(RuntimeError):
     """A tokenizer directory that cannot serve grok (missing files or special tokens)."""
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2,
-              phrases: bool = True) -> PreTrainedTokenizerFast:
+def train_bpe(
+    texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2, phrases: bool = True
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on `texts`, with the ChatML special tokens and `<image>` as ids 0-3.
 
     Byte-level means any text can be encoded (no unknown token), like Qwen2's tokenizer. With `phrases`
@@ -52,8 +53,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
     """
     tok = Tokenizer(models.BPE())
     if phrases:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     else:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -109,14 +114,17 @@ def corpus_from_instructions(jsonl_paths: Iterable[Path]) -> Iterator[str]:
                     yield str(turn.get("value", ""))
 
 
-def train_phantom_tokenizer(jsonl_paths: Iterable[Path], out_dir: Path, vocab_size: int = 4096,
-                            extra_texts: Iterable[str] = ()) -> PreTrainedTokenizerFast:
+def train_phantom_tokenizer(
+    jsonl_paths: Iterable[Path], out_dir: Path, vocab_size: int = 4096, extra_texts: Iterable[str] = ()
+) -> PreTrainedTokenizerFast:
     """Train the phantom BPE on the instruction corpus (plus `extra_texts`) and save it to `out_dir`."""
+
     def texts() -> Iterator[str]:
         yield from corpus_from_instructions(jsonl_paths)
         yield from extra_texts
         # The system prompt and the ChatML role names must tokenize compactly too.
         yield "system\nYou are a helpful assistant.\nuser\nassistant\n"
+
     tokenizer = train_bpe(texts(), vocab_size=vocab_size)
     save_tokenizer(tokenizer, out_dir)
     return tokenizer

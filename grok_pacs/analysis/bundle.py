@@ -39,8 +39,19 @@ LLM_BASE_DIR = "llm_base"
 LLM_ADAPTER_DIR = "llm_adapter"
 TOKENIZER_DIR = "tokenizer"
 LAYOUTS = ("merged", "adapter")
-REQUIRED_MANIFEST_KEYS = ("format", "name", "version", "created", "labels", "biomarkers", "prompt", "config",
-                          "llm", "provenance", "files")
+REQUIRED_MANIFEST_KEYS = (
+    "format",
+    "name",
+    "version",
+    "created",
+    "labels",
+    "biomarkers",
+    "prompt",
+    "config",
+    "llm",
+    "provenance",
+    "files",
+)
 _CHUNK = 1 << 20
 
 
@@ -139,8 +150,9 @@ def _check_files(root: Path, listed: dict[str, dict[str, Any]], layout: str) -> 
         if rel not in present:
             raise BundleError(f"bundle {root} is incomplete: {rel} is missing")
         if path.stat().st_size != entry["bytes"]:
-            raise BundleError(f"bundle {root}: {rel} has been modified (size {path.stat().st_size}, "
-                              f"manifest {entry['bytes']})")
+            raise BundleError(
+                f"bundle {root}: {rel} has been modified (size {path.stat().st_size}, manifest {entry['bytes']})"
+            )
         if sha256_file(path) != entry["sha256"]:
             raise BundleError(f"bundle {root}: {rel} has been modified (sha256 does not match the manifest)")
     unlisted = sorted(present - set(listed))

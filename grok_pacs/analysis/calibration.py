@@ -37,8 +37,11 @@ class Calibration:
     def __post_init__(self) -> None:
         if self.method != "temperature":
             raise CalibrationError(f"calibration method {self.method!r} is not supported (only 'temperature')")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and 0.01 <= self.temperature <= 100):
+        if not (
+            isinstance(self.temperature, (int, float))
+            and math.isfinite(self.temperature)
+            and 0.01 <= self.temperature <= 100
+        ):
             raise CalibrationError(f"calibration temperature {self.temperature!r} is not in [0.01, 100]")
 
     def apply(self, scores: dict[str, float]) -> dict[str, float]:
@@ -55,7 +58,7 @@ class Calibration:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Calibration":
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
         try:
             return cls(**data)
         except TypeError as exc:

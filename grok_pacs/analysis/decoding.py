@@ -69,8 +69,11 @@ def _complete_labels() -> set[str]:
     """Label names (lower case) after which a diagnosis line is finished: no other label's name extends them."""
     names = {label.value.lower(): label for label in DIAGNOSTIC_LABELS}
     names |= {word: label for label, words in LABEL_SYNONYMS.items() for word in words}
-    return {name for name, label in names.items()
-            if all(other == label for word, other in names.items() if word.startswith(name))}
+    return {
+        name
+        for name, label in names.items()
+        if all(other == label for word, other in names.items() if word.startswith(name))
+    }
 
 
 class DiagnosisStop(StoppingCriteria):
@@ -92,8 +95,9 @@ class DiagnosisStop(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         texts = self.tokenizer.batch_decode(input_ids[:, -_TAIL_TOKENS:], skip_special_tokens=True)
         whole = input_ids.shape[1] <= _TAIL_TOKENS  # the window holds the whole text: its start is a line start
-        return torch.tensor([self.finished("\n" + text if whole else text) for text in texts], dtype=torch.bool,
-                            device=input_ids.device)
+        return torch.tensor(
+            [self.finished("\n" + text if whole else text) for text in texts], dtype=torch.bool, device=input_ids.device
+        )
 
 
 def _left_padded(rows: Sequence[Sequence[int]], pad: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +105,7 @@ def _left_padded(rows: Sequence[Sequence[int]], pad: int, device: str) -> tuple[
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = torch.tensor(row), 1
     return ids.to(device), mask.to(device)
 
 
@@ -137,14 +141,25 @@ class Decoder:
             # The n-gram guard sees the generated tokens only, as intended (a report may quote its prompt);
             # transformers warns about exactly that on every call with inputs_embeds.
             warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
-            out = self.model.generate(ids, mask, cfp_tokens=cfp, oct_tokens=oct, max_new_tokens=gen.max_new_tokens,
-                                      temperature=gen.temperature, eos_token_id=self.eos_id, pad_token_id=self.pad_id,
-                                      logits_processor=processors, stopping_criteria=stopping, **repetition)
+            out = self.model.generate(
+                ids,
+                mask,
+                cfp_tokens=cfp,
+                oct_tokens=oct,
+                max_new_tokens=gen.max_new_tokens,
+                temperature=gen.temperature,
+                eos_token_id=self.eos_id,
+                pad_token_id=self.pad_id,
+                logits_processor=processors,
+                stopping_criteria=stopping,
+                **repetition,
+            )
         return self.tokenizer.batch_decode(out, skip_special_tokens=True)
 
     @torch.no_grad()
-    def label_scores(self, prompt_ids: Sequence[Sequence[int]], cfp: list, oct: list,
-                     narratives: Sequence[str]) -> list[dict[str, float]]:
+    def label_scores(
+        self, prompt_ids: Sequence[Sequence[int]], cfp: list, oct: list, narratives: Sequence[str]
+    ) -> list[dict[str, float]]:
         """Per row, P(label | prompt, narrative, "Diagnosis:") over the 7 labels: one batched prefill, then
         every row's 7 continuations in one batched pass over the shared cache."""
         rows = [list(p) + self.encode([f"{n}\n{DIAGNOSIS_PREFIX}"])[0] for p, n in zip(prompt_ids, narratives)]
@@ -164,12 +179,18 @@ class Decoder:
         cache.batch_repeat_interleave(k)
         prefix_mask = inputs["attention_mask"].repeat_interleave(k, 0)
         start = prefix_mask.sum(-1, keepdim=True)  # next position of each row (left padding: its length)
-        rest = llm(input_ids=batch, attention_mask=torch.cat([prefix_mask, torch.ones_like(batch)], 1),
-                   position_ids=start + torch.arange(width, device=self.device), use_cache=True, **{key: cache})
+        rest = llm(
+            input_ids=batch,
+            attention_mask=torch.cat([prefix_mask, torch.ones_like(batch)], 1),
+            position_ids=start + torch.arange(width, device=self.device),
+            use_cache=True,
+            **{key: cache},
+        )
         logits = torch.cat([first.logits[:, -1:].repeat_interleave(k, 0), rest.logits[:, :-1]], 1).float()
         logprobs = logits.log_softmax(-1).gather(-1, batch[..., None])[..., 0]
         lengths = torch.tensor([len(o) for o in options], device=self.device).repeat(len(rows))
         keep = torch.arange(width, device=self.device)[None] < lengths[:, None]
         totals = (logprobs * keep).sum(-1).view(len(rows), k)
-        return [{label.value: float(p) for label, p in zip(DIAGNOSTIC_LABELS, row.softmax(0).tolist())}
-                for row in totals]
+        return [
+            {label.value: float(p) for label, p in zip(DIAGNOSTIC_LABELS, row.softmax(0).tolist())} for row in totals
+        ]

@@ -26,31 +26,31 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from grok_pacs.domain.biomarkers import BY_KEY, Modality
 from grok_pacs.analysis.bundle import Bundle, load_bundle
 from grok_pacs.analysis.calibration import load_calibration
-from grok_pacs.analysis.quality_head import load_quality_head
+from grok_pacs.analysis.decoding import Decoder
 from grok_pacs.analysis.grounding import ground_cited_numbers
-from grok_pacs.config import OPT
 from grok_pacs.analysis.imaging import EyeImages, read_cfp, read_oct_volume
+from grok_pacs.analysis.onnx_session import create_session, cuda_available, run_encoder
+from grok_pacs.analysis.parsing import parse_generation
+from grok_pacs.analysis.preprocess import preprocess_cfp, preprocess_oct, select_foveal_bscan
+from grok_pacs.analysis.quality_head import load_quality_head
+from grok_pacs.analysis.result import BiomarkerEstimate, Eye, NarrativeCheck, NarrativeReason, Report, SourceImage
+from grok_pacs.analysis.validation import validate_narrative
+from grok_pacs.config import OPT
+from grok_pacs.domain.biomarkers import BY_KEY, Modality
 from grok_pacs.domain.labels import Label
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.heads import BiomarkerHead, estimates_in_range
 from grok_pacs.model.projector import Projectors
-from grok_pacs.analysis.onnx_session import create_session, cuda_available, run_encoder
-from grok_pacs.analysis.preprocess import preprocess_cfp, preprocess_oct, select_foveal_bscan
 from grok_pacs.model.prompt import IM_END, IMAGE_TOKEN, build_prompt
-from grok_pacs.analysis.result import BiomarkerEstimate, Eye, NarrativeCheck, NarrativeReason, Report, SourceImage
-from grok_pacs.analysis.parsing import parse_generation
-from grok_pacs.analysis.decoding import Decoder
-from grok_pacs.analysis.validation import validate_narrative
 from grok_pacs.ops import metrics
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class EyeInput:
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when torch and onnxruntime both see CUDA, else "cpu"."""
+    """ "auto" -> "cuda" when torch and onnxruntime both see CUDA, else "cpu"."""
     if device == "auto":
         return "cuda" if cuda_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -86,7 +86,9 @@ def load_llm(bundle: Bundle, device: str) -> torch.nn.Module:
     else:
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(str(bundle.path(llm["base_dir"])), local_files_only=True, dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(
+            str(bundle.path(llm["base_dir"])), local_files_only=True, dtype=dtype
+        )
         model = PeftModel.from_pretrained(base, str(bundle.path(llm["adapter_dir"]))).merge_and_unload()
     return model.to(device).eval()
 
@@ -94,8 +96,9 @@ def load_llm(bundle: Bundle, device: str) -> torch.nn.Module:
 class Engine:
     """A loaded bundle. Build with `Engine.from_bundle(path)`; thread-compatible, not thread-safe."""
 
-    def __init__(self, bundle: Bundle, device: str = "auto", threads: int = 0, *,
-                 min_label_probability: float | None = None) -> None:
+    def __init__(
+        self, bundle: Bundle, device: str = "auto", threads: int = 0, *, min_label_probability: float | None = None
+    ) -> None:
         from transformers import AutoTokenizer
 
         self.bundle = bundle
@@ -106,12 +109,18 @@ class Engine:
         self.config = bundle.config
         self.cfp_session = create_session(bundle.path(bundle.manifest["encoders"]["cfp"]["file"]), self.device, threads)
         self.oct_session = create_session(bundle.path(bundle.manifest["encoders"]["oct"]["file"]), self.device, threads)
-        self.heads = {Modality.OCT: BiomarkerHead.load(bundle.path(bundle.manifest["heads"]["oct"])),
-                      Modality.CFP: BiomarkerHead.load(bundle.path(bundle.manifest["heads"]["cfp"]))}
-        self.tokenizer = AutoTokenizer.from_pretrained(str(bundle.path(bundle.manifest["tokenizer"])), local_files_only=True)
+        self.heads = {
+            Modality.OCT: BiomarkerHead.load(bundle.path(bundle.manifest["heads"]["oct"])),
+            Modality.CFP: BiomarkerHead.load(bundle.path(bundle.manifest["heads"]["cfp"])),
+        }
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            str(bundle.path(bundle.manifest["tokenizer"])), local_files_only=True
+        )
         projectors = Projectors.load(bundle.path(bundle.manifest["projectors"]), self.config.projector)
         llm = load_llm(bundle, self.device)
-        self.model = GrokModel(llm, projectors.to(self.device), self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).eval()
+        self.model = GrokModel(
+            llm, projectors.to(self.device), self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        ).eval()
         self.eos_id = int(self.tokenizer.convert_tokens_to_ids(IM_END))
         self.decoder = Decoder(self.model, self.tokenizer, self.eos_id, self.device)
         metrics.narrative_reasons(reason.value for reason in NarrativeReason)
@@ -123,18 +132,30 @@ class Engine:
         return self.config.generation.min_label_probability if site is None else float(site)
 
     @classmethod
-    def from_bundle(cls, path: str | Path, device: str = "auto", *, threads: int = 0,
-                    min_label_probability: float | None = None) -> "Engine":
+    def from_bundle(
+        cls, path: str | Path, device: str = "auto", *, threads: int = 0, min_label_probability: float | None = None
+    ) -> Engine:
         """Verify (every sha256) and load a bundle; BundleError names a missing or modified file."""
         start = time.perf_counter()
         engine = cls(load_bundle(path), device, threads, min_label_probability=min_label_probability)
-        log.info("bundle %s %s loaded on %s in %.1f s", engine.bundle.name, engine.bundle.version, engine.device,
-                 time.perf_counter() - start)
+        log.info(
+            "bundle %s %s loaded on %s in %.1f s",
+            engine.bundle.name,
+            engine.bundle.version,
+            engine.device,
+            time.perf_counter() - start,
+        )
         return engine
 
     # --- eyes ---------------------------------------------------------------------------------------
-    def analyze_eye(self, eye: Eye | str, cfp: Path | str | None = None, oct: Path | str | None = None, *,
-                    sources: Sequence[SourceImage] = ()) -> Report:
+    def analyze_eye(
+        self,
+        eye: Eye | str,
+        cfp: Path | str | None = None,
+        oct: Path | str | None = None,
+        *,
+        sources: Sequence[SourceImage] = (),
+    ) -> Report:
         """Report for one eye from a CFP file and/or an OCT file (DICOM or images); at least one is needed."""
         return self.analyze_study([EyeInput(Eye(eye), cfp, oct, tuple(sources))])[0]
 
@@ -148,8 +169,15 @@ class Engine:
             batch.append(EyeImages(item.eye, image, volume, tuple(item.sources), {"read": time.perf_counter() - start}))
         return self.analyze_batch(batch)
 
-    def analyze_images(self, eye: Eye | str, cfp_image: np.ndarray | None, oct_volume: np.ndarray | None, *,
-                       sources: Sequence[SourceImage] = (), timings: dict[str, float] | None = None) -> Report:
+    def analyze_images(
+        self,
+        eye: Eye | str,
+        cfp_image: np.ndarray | None,
+        oct_volume: np.ndarray | None,
+        *,
+        sources: Sequence[SourceImage] = (),
+        timings: dict[str, float] | None = None,
+    ) -> Report:
         """Report for one eye from pixels: uint8 [H,W,3] CFP and/or [F,H,W] OCT volume."""
         return self.analyze_batch([EyeImages(Eye(eye), cfp_image, oct_volume, tuple(sources), dict(timings or {}))])[0]
 
@@ -164,15 +192,19 @@ class Engine:
         encoded = [self._encode(item.cfp_image, item.oct_volume, timing) for item, timing in zip(eyes, timings)]
         gen = self.config.generation
         missing = [tuple(m for m in ("CFP", "OCT") if tokens[m.lower()] is None) for tokens, *_ in encoded]
-        ids = self.decoder.encode([build_prompt(self.prompt_estimates(estimates), gone,
-                                                compact=gen.compact_biomarkers)
-                                   for (_, estimates, *_), gone in zip(encoded, missing)])
+        ids = self.decoder.encode(
+            [
+                build_prompt(self.prompt_estimates(estimates), gone, compact=gen.compact_biomarkers)
+                for (_, estimates, *_), gone in zip(encoded, missing)
+            ]
+        )
         cfp, oct = self._visual([tokens for tokens, *_ in encoded])
         t = time.perf_counter()
         raws = self.decoder.generate(ids, cfp, oct, gen) if eyes else []
         shared = {"generate": time.perf_counter() - t}
-        checks = [self._validate(item.eye, raw, estimates)
-                  for item, raw, (_, estimates, *_) in zip(eyes, raws, encoded)]
+        checks = [
+            self._validate(item.eye, raw, estimates) for item, raw, (_, estimates, *_) in zip(eyes, raws, encoded)
+        ]
         scores: list[dict[str, float]] = [{} for _ in eyes]
         if gen.score_labels and eyes:
             t = time.perf_counter()
@@ -193,8 +225,11 @@ class Engine:
         check = validate_narrative(raw, estimates)
         metrics.narrative_validated(check.passed, [reason.value for reason in check.reasons])
         if not check.passed:
-            log.warning("eye %s: narrative withheld, it failed validation: %s", eye.value,
-                        ", ".join(reason.value for reason in check.reasons))
+            log.warning(
+                "eye %s: narrative withheld, it failed validation: %s",
+                eye.value,
+                ", ".join(reason.value for reason in check.reasons),
+            )
         return check
 
     def prompt_estimates(self, estimates: dict[str, float]) -> dict[str, float] | None:
@@ -209,32 +244,56 @@ class Engine:
                 return Label(best)
         return Label.INDETERMINATE
 
-    def _report(self, item: EyeImages, encoded: tuple, missing: tuple[str, ...], raw: str, check: NarrativeCheck,
-                scores: dict[str, float], timings: dict[str, float]) -> Report:
+    def _report(
+        self,
+        item: EyeImages,
+        encoded: tuple,
+        missing: tuple[str, ...],
+        raw: str,
+        check: NarrativeCheck,
+        scores: dict[str, float],
+        timings: dict[str, float],
+    ) -> Report:
         """The Report of one eye, by the label rule of the module docstring."""
         _, estimates, frame, method = encoded
         narrative, impression, cited, rewritten = "", "", (), 0
         label = self._scored_label(scores)
         if check.passed:  # only a validated text is shipped as the model's findings
-            grounded, rewritten = (ground_cited_numbers(raw, estimates) if self.config.generation.ground_numbers
-                                   else (raw, 0))
+            grounded, rewritten = (
+                ground_cited_numbers(raw, estimates) if self.config.generation.ground_numbers else (raw, 0)
+            )
             if rewritten:
                 log.info("grounding: %d cited number(s) rewritten to the estimates the SR carries", rewritten)
             parsed = parse_generation(grounded)
             label = parsed.label if parsed.label_found else label
             narrative, impression, cited = parsed.narrative, parsed.impression, parsed.cited_numbers
-        impression = impression or (f"Diagnosis: {label.value}" if label != Label.INDETERMINATE
-                                    else "No diagnosis could be determined.")
+        impression = impression or (
+            f"Diagnosis: {label.value}" if label != Label.INDETERMINATE else "No diagnosis could be determined."
+        )
         return Report(
-            eye=item.eye, label=label, narrative=narrative, impression=impression, raw_text=raw,
+            eye=item.eye,
+            label=label,
+            narrative=narrative,
+            impression=impression,
+            raw_text=raw,
             biomarkers=tuple(BiomarkerEstimate(k, v, BY_KEY[k].unit) for k, v in estimates.items()),
-            cited_numbers=cited, label_scores=scores, missing_modalities=missing,
-            sources=tuple(dataclasses.replace(s, frame=frame + 1) if s.sop_class_uid == OPT and frame is not None
-                          else s for s in item.sources),
-            oct_frame_index=frame, oct_frame_method=method, bundle_name=self.bundle.name,
-            bundle_version=self.bundle.version, timings_s=timings, numbers_rewritten=rewritten,
-            narrative_check=check, probabilities_calibrated=bool(scores) and self.calibration is not None,
-            operating_point=self.operating_point)
+            cited_numbers=cited,
+            label_scores=scores,
+            missing_modalities=missing,
+            sources=tuple(
+                dataclasses.replace(s, frame=frame + 1) if s.sop_class_uid == OPT and frame is not None else s
+                for s in item.sources
+            ),
+            oct_frame_index=frame,
+            oct_frame_method=method,
+            bundle_name=self.bundle.name,
+            bundle_version=self.bundle.version,
+            timings_s=timings,
+            numbers_rewritten=rewritten,
+            narrative_check=check,
+            probabilities_calibrated=bool(scores) and self.calibration is not None,
+            operating_point=self.operating_point,
+        )
 
     # --- steps ---------------------------------------------------------------------------------------
     def pooled_feature(self, modality: str, pixels: np.ndarray) -> np.ndarray:
@@ -277,6 +336,8 @@ class Engine:
 
     def _visual(self, tokens: list[dict[str, np.ndarray | None]]) -> tuple[list, list]:
         """Per-row CFP and OCT token tensors on the device (None for a missing modality)."""
+
         def rows(name: str) -> list:
             return [None if t[name] is None else torch.from_numpy(t[name]).to(self.device) for t in tokens]
+
         return rows("cfp"), rows("oct")

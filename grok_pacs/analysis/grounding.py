@@ -29,15 +29,22 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
+from grok_pacs.analysis.result import CitedNumber
 from grok_pacs.domain.aliases import ALIASES, AliasHit, alias_hits
 from grok_pacs.domain.biomarkers import BY_KEY, format_value
-from grok_pacs.analysis.result import CitedNumber
 
-__all__ = ["ALIASES", "Citation", "extract_cited_numbers", "find_citations", "ground_cited_numbers",
-           "in_biomarker_unit", "within_rounding"]
+__all__ = [
+    "ALIASES",
+    "Citation",
+    "extract_cited_numbers",
+    "find_citations",
+    "ground_cited_numbers",
+    "in_biomarker_unit",
+    "within_rounding",
+]
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,7 @@ _BOUNDARY_RE = re.compile(r"[.!?](?=\s|$)|[;\n]")
 def _skip_reason(text: str, match: re.Match[str]) -> str | None:
     """Why the number at `match` is not a cited value (None when it is one)."""
     start, end = match.span()
-    before, after = text[max(0, start - 60):start], text[end:end + 40]
+    before, after = text[max(0, start - 60) : start], text[end : end + 40]
     if re.match(r"[a-z]", after, re.IGNORECASE) and not _LENGTH_UNIT_RE.match(after):
         return "identifier"  # 3D, 1st, 6x6, 24.1abc
     if re.search(r"[a-z]-$", before, re.IGNORECASE):
@@ -178,13 +185,17 @@ def _assign_lists(text: str, numbers: list[_Number]) -> None:
     i = 0
     while i < len(numbers):
         j = i + 1
-        while (j < len(numbers) and numbers[i].unit != "other" and numbers[j].unit != "other"
-               and not numbers[j].window
-               and _LIST_GAP_RE.fullmatch(text, numbers[j - 1].unit_end, numbers[j].match.start())):
+        while (
+            j < len(numbers)
+            and numbers[i].unit != "other"
+            and numbers[j].unit != "other"
+            and not numbers[j].window
+            and _LIST_GAP_RE.fullmatch(text, numbers[j - 1].unit_end, numbers[j].match.start())
+        ):
             j += 1
         if j - i > 1 and numbers[i].key is not None:
             names = _named_list(text, numbers[i].window)
-            keys = names[-(j - i):] if len(names) >= j - i else [numbers[i].key] * (j - i)
+            keys = names[-(j - i) :] if len(names) >= j - i else [numbers[i].key] * (j - i)
             for number, key in zip(numbers[i:j], keys):
                 number.key = key
         i = j
@@ -204,8 +215,10 @@ def find_citations(text: str) -> list[Citation]:
             number.key = _pick_key(hits, lo, match.start(), unit_end, _clause_end(text, unit_end, next_start))
         numbers.append(number)
     _assign_lists(text, numbers)
-    return [Citation(n.match.group(1), float(n.match.group(1).replace(",", "")), n.unit, n.key, *n.match.span())
-            for n in numbers]
+    return [
+        Citation(n.match.group(1), float(n.match.group(1).replace(",", "")), n.unit, n.key, *n.match.span())
+        for n in numbers
+    ]
 
 
 def extract_cited_numbers(text: str) -> list[CitedNumber]:
@@ -225,7 +238,7 @@ def within_rounding(citation: Citation, key: str, truth: float) -> bool:
     "24.1" agrees with 24.13 and 24.05, "0.720" with 0.7204, "1.82 mm" with 1823 um.
     """
     scale = 1000.0 if citation.unit == "mm" and BY_KEY[key].unit == "um" else 1.0
-    tolerance = 0.5 * 10.0 ** -citation.decimals * scale + 1e-9
+    tolerance = 0.5 * 10.0**-citation.decimals * scale + 1e-9
     return abs(in_biomarker_unit(citation, key) - truth) <= tolerance
 
 
@@ -243,6 +256,6 @@ def ground_cited_numbers(text: str, estimates: Mapping[str, float]) -> tuple[str
         if value is None or math.isnan(value) or within_rounding(citation, key, value):
             continue
         mm = citation.unit == "mm" and BY_KEY[key].unit == "um"
-        pieces += [text[last:citation.start], f"{value / 1000.0:.2f}" if mm else format_value(BY_KEY[key], value)]
+        pieces += [text[last : citation.start], f"{value / 1000.0:.2f}" if mm else format_value(BY_KEY[key], value)]
         last, rewritten = citation.end, rewritten + 1
     return "".join(pieces) + text[last:], rewritten

@@ -68,7 +68,7 @@ def _to_uint8(pixels: np.ndarray, bits_stored: int | None = None) -> np.ndarray:
         return pixels
     data = pixels.astype(np.float64)
     if bits_stored and np.issubdtype(pixels.dtype, np.unsignedinteger):
-        scaled = data / float(2 ** bits_stored - 1)
+        scaled = data / float(2**bits_stored - 1)
     else:
         low, high = float(data.min()), float(data.max())
         scaled = (data - low) / (high - low) if high > low else np.zeros_like(data)

@@ -11,14 +11,15 @@ import re
 from dataclasses import dataclass
 
 from grok_pacs.analysis.grounding import extract_cited_numbers
+from grok_pacs.analysis.result import CitedNumber
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, LABEL_SYNONYMS, Label, parse_label
 from grok_pacs.model.prompt import IM_END, IM_START
-from grok_pacs.analysis.result import CitedNumber
 
 #: "Diagnosis:" (or "Diagnosis -"), at a line start or after a sentence, with optional markdown emphasis;
 #: its value runs to the end of that line. The last one in the text counts.
-_DIAGNOSIS_MARK = re.compile(r"(?:^|(?<=[\s.;*_>#]))(?:final\s+)?diagnosis[ \t*_]*[:\-][ \t*_]*",
-                             re.IGNORECASE | re.MULTILINE)
+_DIAGNOSIS_MARK = re.compile(
+    r"(?:^|(?<=[\s.;*_>#]))(?:final\s+)?diagnosis[ \t*_]*[:\-][ \t*_]*", re.IGNORECASE | re.MULTILINE
+)
 _SPECIAL = re.compile("|".join(re.escape(t) for t in (IM_START, IM_END, "<|endoftext|>", "<image>")))
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'])")
 
@@ -70,7 +71,7 @@ def parse_generation(text: str) -> ParsedGeneration:
     body = clean
     if matches:
         last = matches[-1]
-        label = label_from_text(clean[last.end():].split("\n", 1)[0])
+        label = label_from_text(clean[last.end() :].split("\n", 1)[0])
         found = label != Label.INDETERMINATE
         body = clean[: last.start()]  # the findings come before the final diagnosis
     narrative = " ".join(body.split()).rstrip("*_#> ")

@@ -27,7 +27,7 @@ def pad_to_square(image: np.ndarray, fill: np.ndarray | float) -> np.ndarray:
     canvas = np.empty((side, side, *image.shape[2:]), dtype=image.dtype)
     canvas[...] = fill
     top, left = (side - h) // 2, (side - w) // 2
-    canvas[top:top + h, left:left + w] = image
+    canvas[top : top + h, left : left + w] = image
     return canvas
 
 

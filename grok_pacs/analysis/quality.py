@@ -16,15 +16,15 @@ Pixel data that cannot be decoded is UNGRADABLE with reason `undecodable`, never
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
 
-from grok_pacs.analysis.result import (QUALITY_REASONS as REASONS, Eye, Gradability, ModalityQuality, QualityReason,
-                                       Report, SourceImage)
+from grok_pacs.analysis.result import QUALITY_REASONS as REASONS
+from grok_pacs.analysis.result import Eye, Gradability, ModalityQuality, QualityReason, Report, SourceImage
 from grok_pacs.config import LEGACY_SOP_CLASSES, OP_8BIT, OP_16BIT, OPT, Settings
 from grok_pacs.domain.labels import Label
 from grok_pacs.ops import metrics
@@ -61,17 +61,19 @@ class QualityThresholds:
             raise ValueError("gate_min_exposure must be below gate_max_exposure")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "QualityThresholds":
+    def from_settings(cls, settings: Settings) -> QualityThresholds:
         return cls(**{f.name: getattr(settings, f"gate_{f.name}") for f in fields(cls)})
 
 
-def _verdict(modality: str, reasons: list[QualityReason], measures: dict[str, float],
-             sop_uid: str | None) -> ModalityQuality:
+def _verdict(
+    modality: str, reasons: list[QualityReason], measures: dict[str, float], sop_uid: str | None
+) -> ModalityQuality:
     if not reasons:
         return ModalityQuality(modality, Gradability.GRADABLE, (), measures, sop_uid)
     scope = any(r.code in _OUT_OF_SCOPE for r in reasons)
-    return ModalityQuality(modality, Gradability.OUT_OF_SCOPE if scope else Gradability.UNGRADABLE,
-                           tuple(reasons), measures, sop_uid)
+    return ModalityQuality(
+        modality, Gradability.OUT_OF_SCOPE if scope else Gradability.UNGRADABLE, tuple(reasons), measures, sop_uid
+    )
 
 
 def _reason(code: str, detail: str) -> QualityReason:
@@ -112,8 +114,14 @@ def undecodable(modality: str, error: str, sop_uid: str | None) -> ModalityQuali
     return ModalityQuality(modality, Gradability.UNGRADABLE, (_reason("undecodable", error),), {}, sop_uid)
 
 
-def judge(modality: str, header: Dataset, pixels: np.ndarray | None, error: str | None, sop_uid: str,
-          limits: QualityThresholds) -> ModalityQuality:
+def judge(
+    modality: str,
+    header: Dataset,
+    pixels: np.ndarray | None,
+    error: str | None,
+    sop_uid: str,
+    limits: QualityThresholds,
+) -> ModalityQuality:
     """The gate's verdict on one instance: undecodable when `pixels` is None (with `error`), else assessed."""
     if pixels is None:
         verdict = undecodable(modality, error or "no pixel data", sop_uid)
@@ -123,25 +131,41 @@ def judge(modality: str, header: Dataset, pixels: np.ndarray | None, error: str 
     return verdict
 
 
-def ungradable_report(eye: Eye, verdicts: Sequence[ModalityQuality], sources: Sequence[SourceImage],
-                      bundle_name: str, bundle_version: str) -> Report:
+def ungradable_report(
+    eye: Eye, verdicts: Sequence[ModalityQuality], sources: Sequence[SourceImage], bundle_name: str, bundle_version: str
+) -> Report:
     """The report of an eye no modality of which passed the gate: no diagnosis, no narrative, the reasons."""
     if not verdicts or any(v.gradability is Gradability.GRADABLE for v in verdicts):
         raise ValueError(f"eye {eye}: an ungradable report needs verdicts, none of them gradable")
-    worst = (Gradability.OUT_OF_SCOPE if all(v.gradability is Gradability.OUT_OF_SCOPE for v in verdicts)
-             else Gradability.UNGRADABLE)
+    worst = (
+        Gradability.OUT_OF_SCOPE
+        if all(v.gradability is Gradability.OUT_OF_SCOPE for v in verdicts)
+        else Gradability.UNGRADABLE
+    )
     reasons = "; ".join(f"{v.modality}: {', '.join(r.detail for r in v.reasons)}" for v in verdicts)
-    return Report(eye=Eye(eye), label=Label.INDETERMINATE, narrative="",
-                  impression=f"No diagnosis: the images of this eye are {worst.value} ({reasons}).",
-                  raw_text="", biomarkers=(), cited_numbers=(), label_scores={},
-                  missing_modalities=tuple(m for m in ("CFP", "OCT") if m not in {v.modality for v in verdicts}),
-                  sources=tuple(sources), oct_frame_index=None, oct_frame_method=None, bundle_name=bundle_name,
-                  bundle_version=bundle_version, gradability=worst, quality=tuple(verdicts))
+    return Report(
+        eye=Eye(eye),
+        label=Label.INDETERMINATE,
+        narrative="",
+        impression=f"No diagnosis: the images of this eye are {worst.value} ({reasons}).",
+        raw_text="",
+        biomarkers=(),
+        cited_numbers=(),
+        label_scores={},
+        missing_modalities=tuple(m for m in ("CFP", "OCT") if m not in {v.modality for v in verdicts}),
+        sources=tuple(sources),
+        oct_frame_index=None,
+        oct_frame_method=None,
+        bundle_name=bundle_name,
+        bundle_version=bundle_version,
+        gradability=worst,
+        quality=tuple(verdicts),
+    )
 
 
 # --- pixels ------------------------------------------------------------------------------------------
 def _laplacian(img: np.ndarray) -> np.ndarray:
-    return (img[1:-1, :-2] + img[1:-1, 2:] + img[:-2, 1:-1] + img[2:, 1:-1] - 4 * img[1:-1, 1:-1])
+    return img[1:-1, :-2] + img[1:-1, 2:] + img[:-2, 1:-1] + img[2:, 1:-1] - 4 * img[1:-1, 1:-1]
 
 
 def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
@@ -192,24 +216,38 @@ def cfp_measures(rgb: np.ndarray) -> dict[str, float]:
     return m
 
 
-def assess_cfp(rgb: np.ndarray, limits: QualityThresholds, header: Dataset | None = None,
-               sop_uid: str | None = None) -> ModalityQuality:
+def assess_cfp(
+    rgb: np.ndarray, limits: QualityThresholds, header: Dataset | None = None, sop_uid: str | None = None
+) -> ModalityQuality:
     """Verdict on a CFP: header checks (when a header is given), then the pixel measures against `limits`."""
     reasons = check_header("CFP", header, limits) if header is not None else []
     if header is None and min(rgb.shape[:2]) < limits.min_cfp_side:
         reasons.append(_reason("resolution", f"{rgb.shape[0]}x{rgb.shape[1]} < {limits.min_cfp_side} px"))
     m = cfp_measures(rgb)
     checks = (
-        ("field-coverage", m["field_coverage"] < limits.min_field_coverage,
-         f"{m['field_coverage']:.2f} < {limits.min_field_coverage}"),
-        ("off-centre", m["field_offset"] > limits.max_field_offset, f"{m['field_offset']:.2f} > {limits.max_field_offset}"),
+        (
+            "field-coverage",
+            m["field_coverage"] < limits.min_field_coverage,
+            f"{m['field_coverage']:.2f} < {limits.min_field_coverage}",
+        ),
+        (
+            "off-centre",
+            m["field_offset"] > limits.max_field_offset,
+            f"{m['field_offset']:.2f} > {limits.max_field_offset}",
+        ),
         ("underexposed", m["exposure"] < limits.min_exposure, f"mean {m['exposure']:.2f} < {limits.min_exposure}"),
-        ("overexposed", m["exposure"] > limits.max_exposure or m["saturated"] > limits.max_saturated,
-         f"mean {m['exposure']:.2f}, saturated {m['saturated']:.2f}"),
+        (
+            "overexposed",
+            m["exposure"] > limits.max_exposure or m["saturated"] > limits.max_saturated,
+            f"mean {m['exposure']:.2f}, saturated {m['saturated']:.2f}",
+        ),
         ("low-contrast", m["contrast"] < limits.min_contrast, f"{m['contrast']:.3f} < {limits.min_contrast}"),
         ("blur", m["sharpness"] < limits.min_sharpness, f"sharpness {m['sharpness']:.3f} < {limits.min_sharpness}"),
-        ("decoder-fill", m["decoder_fill"] > limits.max_decoder_fill,
-         f"{m['decoder_fill']:.2f} of block rows repeat one tile > {limits.max_decoder_fill}"),
+        (
+            "decoder-fill",
+            m["decoder_fill"] > limits.max_decoder_fill,
+            f"{m['decoder_fill']:.2f} of block rows repeat one tile > {limits.max_decoder_fill}",
+        ),
     )
     reasons += [_reason(code, detail) for code, failed, detail in checks if failed]
     return _verdict("CFP", reasons, m, sop_uid)
@@ -222,25 +260,36 @@ def oct_measures(volume: np.ndarray, full_scale: float) -> dict[str, float]:
     blank = flat.std(axis=1) < 0.01
     saturated = (flat >= 0.98).mean(axis=1) > 0.5
     n = data.shape[0]
-    central = flat[max(0, n // 2 - 1): n // 2 + 2]
+    central = flat[max(0, n // 2 - 1) : n // 2 + 2]
     signal = np.percentile(central, 99, axis=1) - np.median(central, axis=1)
-    return {"blank_frames": float(blank.mean()), "saturated_frames": float(saturated.mean()),
-            "signal": float(np.median(signal)), "central_blank": float(blank[n // 2])}
+    return {
+        "blank_frames": float(blank.mean()),
+        "saturated_frames": float(saturated.mean()),
+        "signal": float(np.median(signal)),
+        "central_blank": float(blank[n // 2]),
+    }
 
 
-def assess_oct(volume: np.ndarray, limits: QualityThresholds, header: Dataset | None = None,
-               sop_uid: str | None = None) -> ModalityQuality:
+def assess_oct(
+    volume: np.ndarray, limits: QualityThresholds, header: Dataset | None = None, sop_uid: str | None = None
+) -> ModalityQuality:
     """Verdict on an OCT volume: header checks (when given), then the pixel measures against `limits`."""
     reasons = check_header("OCT", header, limits) if header is not None else []
     if header is None and min(volume.shape[1:]) < limits.min_oct_rows:
         reasons.append(_reason("resolution", f"{volume.shape[1]}x{volume.shape[2]} < {limits.min_oct_rows} px"))
     bits = int(header.get("BitsStored", 8) or 8) if header is not None else (8 if volume.dtype == np.uint8 else 16)
-    m = oct_measures(volume, float(2 ** bits - 1))
+    m = oct_measures(volume, float(2**bits - 1))
     checks = (
-        ("blank-frames", m["blank_frames"] > limits.max_blank_frames or m["central_blank"] > 0,
-         f"{m['blank_frames']:.2f} of frames blank (central {'blank' if m['central_blank'] else 'not blank'})"),
-        ("saturated-frames", m["saturated_frames"] > limits.max_saturated_frames,
-         f"{m['saturated_frames']:.2f} > {limits.max_saturated_frames}"),
+        (
+            "blank-frames",
+            m["blank_frames"] > limits.max_blank_frames or m["central_blank"] > 0,
+            f"{m['blank_frames']:.2f} of frames blank (central {'blank' if m['central_blank'] else 'not blank'})",
+        ),
+        (
+            "saturated-frames",
+            m["saturated_frames"] > limits.max_saturated_frames,
+            f"{m['saturated_frames']:.2f} > {limits.max_saturated_frames}",
+        ),
         ("low-signal", m["signal"] < limits.min_oct_signal, f"{m['signal']:.3f} < {limits.min_oct_signal}"),
     )
     reasons += [_reason(code, detail) for code, failed, detail in checks if failed]
@@ -252,13 +301,22 @@ def quality_margin(verdict: ModalityQuality, limits: QualityThresholds) -> float
     failed; -1 when there are no measures, e.g. undecodable). Its negation ranks images by ungradability."""
     m = verdict.measures
     if verdict.modality == "CFP":
-        checks = [("field_coverage", limits.min_field_coverage, 1), ("field_offset", limits.max_field_offset, -1),
-                  ("exposure", limits.min_exposure, 1), ("exposure", limits.max_exposure, -1),
-                  ("saturated", limits.max_saturated, -1), ("contrast", limits.min_contrast, 1),
-                  ("sharpness", limits.min_sharpness, 1), ("decoder_fill", limits.max_decoder_fill, -1)]
+        checks = [
+            ("field_coverage", limits.min_field_coverage, 1),
+            ("field_offset", limits.max_field_offset, -1),
+            ("exposure", limits.min_exposure, 1),
+            ("exposure", limits.max_exposure, -1),
+            ("saturated", limits.max_saturated, -1),
+            ("contrast", limits.min_contrast, 1),
+            ("sharpness", limits.min_sharpness, 1),
+            ("decoder_fill", limits.max_decoder_fill, -1),
+        ]
     else:
-        checks = [("blank_frames", limits.max_blank_frames, -1), ("saturated_frames", limits.max_saturated_frames, -1),
-                  ("signal", limits.min_oct_signal, 1)]
+        checks = [
+            ("blank_frames", limits.max_blank_frames, -1),
+            ("saturated_frames", limits.max_saturated_frames, -1),
+            ("signal", limits.min_oct_signal, 1),
+        ]
     if not m or any(name not in m for name, _, _ in checks):
         return -1.0
     margins = [sign * (m[name] - limit) / max(limit, 1e-6) for name, limit, sign in checks]
@@ -273,7 +331,9 @@ def with_learned(verdict: ModalityQuality, probability: float | None, threshold:
         return verdict
     measures = {**verdict.measures, "learned_ungradable": float(probability)}
     if probability < threshold:
-        return ModalityQuality(verdict.modality, verdict.gradability, verdict.reasons, measures, verdict.sop_instance_uid)
+        return ModalityQuality(
+            verdict.modality, verdict.gradability, verdict.reasons, measures, verdict.sop_instance_uid
+        )
     reason = _reason("learned-quality", f"P(ungradable) {probability:.2f} >= {threshold:.2f}")
     metrics.gate_judged(verdict.modality, Gradability.UNGRADABLE.value, [reason.code])
     return ModalityQuality(verdict.modality, Gradability.UNGRADABLE, (reason,), measures, verdict.sop_instance_uid)

@@ -32,8 +32,12 @@ class LogisticModel:
 
     def __post_init__(self) -> None:
         shapes = {self.mean.shape, self.scale.shape, self.weights.shape}
-        if len(shapes) != 1 or self.mean.ndim != 1 or not np.all(np.isfinite(self.weights)) \
-                or not np.all(self.scale > 0):
+        if (
+            len(shapes) != 1
+            or self.mean.ndim != 1
+            or not np.all(np.isfinite(self.weights))
+            or not np.all(self.scale > 0)
+        ):
             raise QualityHeadError("quality head: mean, scale and weights must be finite [D] vectors, scale > 0")
 
     def probability(self, pooled: np.ndarray) -> float:
@@ -48,21 +52,31 @@ class QualityHead:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0 or not set(self.models) <= set(MODALITIES) or not self.models:
-            raise QualityHeadError(f"quality head: threshold {self.threshold} must be in (0, 1), models in {MODALITIES}")
+            raise QualityHeadError(
+                f"quality head: threshold {self.threshold} must be in (0, 1), models in {MODALITIES}"
+            )
 
     def save(self, path: Path) -> None:
-        arrays = {f"{m}_{name}": getattr(model, name) for m, model in self.models.items()
-                  for name in ("mean", "scale", "weights")}
+        arrays = {
+            f"{m}_{name}": getattr(model, name)
+            for m, model in self.models.items()
+            for name in ("mean", "scale", "weights")
+        }
         arrays.update({f"{m}_bias": np.array(model.bias) for m, model in self.models.items()})
         with Path(path).open("wb") as handle:  # a handle: np.savez would append ".npz" to a path
             np.savez(handle, threshold=np.array(self.threshold), **arrays)
 
     @classmethod
-    def load(cls, path: Path) -> "QualityHead":
+    def load(cls, path: Path) -> QualityHead:
         try:
             with np.load(path) as data:
-                models = {m: LogisticModel(data[f"{m}_mean"], data[f"{m}_scale"], data[f"{m}_weights"],
-                                           float(data[f"{m}_bias"])) for m in MODALITIES if f"{m}_weights" in data}
+                models = {
+                    m: LogisticModel(
+                        data[f"{m}_mean"], data[f"{m}_scale"], data[f"{m}_weights"], float(data[f"{m}_bias"])
+                    )
+                    for m in MODALITIES
+                    if f"{m}_weights" in data
+                }
                 return cls(models, float(data["threshold"]))
         except (OSError, KeyError, ValueError) as exc:
             raise QualityHeadError(f"quality head {path}: {exc}") from exc

@@ -73,6 +73,7 @@ QUALITY_REASONS: dict[str, str] = {
     "learned-quality": "Learned quality model: image likely ungradable",
 }
 
+
 @dataclass(frozen=True)
 class QualityReason:
     """Why an image is not gradable: a stable code (grok_pacs.analysis.quality.REASONS) and what was measured."""
@@ -212,7 +213,9 @@ class Report:
     bundle_version: str
     timings_s: dict[str, float] = field(default_factory=dict)  #: stage name -> seconds
     numbers_rewritten: int = 0  #: cited numbers the runtime wrote as the SR's estimates (raw_text has the model's)
-    gradability: Gradability = Gradability.GRADABLE  #: the eye's gate outcome; not gradable -> no diagnosis, no narrative
+    gradability: Gradability = (
+        Gradability.GRADABLE
+    )  #: the eye's gate outcome; not gradable -> no diagnosis, no narrative
     quality: tuple[ModalityQuality, ...] = ()  #: the gate's verdict per modality judged (ungradable ones were left out)
     disposition: Disposition | None = None  #: this eye's disposition (grok_pacs.report.dispositions)
     patient_disposition: Disposition | None = None  #: roll-up over the patient's eyes in this study

@@ -54,8 +54,16 @@ class ValidationLimits:
     max_digits: int = 6  # longest digit run in a number (4000.0 um is the largest plausible value: 5)
 
     def __post_init__(self) -> None:
-        for name in ("min_words", "max_words", "short_phrase_words", "short_phrase_max", "long_phrase_words",
-                     "long_phrase_max", "back_to_back_words", "max_digits"):
+        for name in (
+            "min_words",
+            "max_words",
+            "short_phrase_words",
+            "short_phrase_max",
+            "long_phrase_words",
+            "long_phrase_max",
+            "back_to_back_words",
+            "max_digits",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"ValidationLimits.{name} must be >= 1, got {getattr(self, name)}")
         if self.min_words > self.max_words:
@@ -77,8 +85,8 @@ def _back_to_back(words: list[str], shortest: int) -> str | None:
     (longer blocks written twice are caught as repeated sentences or 8-word phrases)."""
     for size in range(shortest, min(40, len(words) // 2) + 1):
         for i in range(len(words) - 2 * size + 1):
-            if words[i:i + size] == words[i + size:i + 2 * size]:
-                return " ".join(words[i:i + size])
+            if words[i : i + size] == words[i + size : i + 2 * size]:
+                return " ".join(words[i : i + size])
     return None
 
 
@@ -87,9 +95,11 @@ def _repeats(words: list[str], limits: ValidationLimits) -> list[Issue]:
     if twice is not None:
         return [Issue(Reason.REPEATED_PHRASE, f"{_short(twice)} twice in a row")]
     issues = []
-    for size, most in ((limits.long_phrase_words, limits.long_phrase_max),
-                       (limits.short_phrase_words, limits.short_phrase_max)):
-        counts = Counter(tuple(words[i:i + size]) for i in range(len(words) - size + 1))
+    for size, most in (
+        (limits.long_phrase_words, limits.long_phrase_max),
+        (limits.short_phrase_words, limits.short_phrase_max),
+    ):
+        counts = Counter(tuple(words[i : i + size]) for i in range(len(words) - size + 1))
         if counts:
             phrase, count = counts.most_common(1)[0]
             if count > most:
@@ -126,8 +136,9 @@ def _diagnosis(text: str, label_found: bool) -> list[Issue]:
     return [Issue(Reason.INVALID_DIAGNOSIS if has_line else Reason.MISSING_DIAGNOSIS, "")]
 
 
-def validate_narrative(text: str, estimates: Mapping[str, float] | None = None, *,
-                       limits: ValidationLimits = ValidationLimits()) -> NarrativeCheck:
+def validate_narrative(
+    text: str, estimates: Mapping[str, float] | None = None, *, limits: ValidationLimits = ValidationLimits()
+) -> NarrativeCheck:
     """Check one generation (see the module docstring); `estimates` (key -> value) enables the
     unmeasured-value rule."""
     parsed = parse_generation(text)

@@ -7,9 +7,9 @@ import datetime as dt
 import json
 import logging
 import signal
-import time
 import ssl
 import sys
+import time
 from pathlib import Path
 
 from grok_pacs.cli.main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, settings_from_args
@@ -36,11 +36,13 @@ def _peer(text: str) -> Peer:
 # --- listen ------------------------------------------------------------------------------------------
 def _register_listen(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "listen", help="run the DICOM C-STORE listener and study assembly",
+        "listen",
+        help="run the DICOM C-STORE listener and study assembly",
         description="Accept ophthalmic instances (OP, OPT, OCT en face / B-scan volume analysis, "
         "thickness maps) by DICOM C-STORE, store each durably under DATA_DIR/incoming/, index it, and "
         "queue an analyse job once a study has been quiet for quiet_period seconds. On start, files left "
-        "by a crash are indexed and temporary files removed. Stops on SIGINT/SIGTERM.")
+        "by a crash are indexed and temporary files removed. Stops on SIGINT/SIGTERM.",
+    )
     add_listener_options(parser)
     parser.set_defaults(func=run_listen)
 
@@ -60,8 +62,13 @@ def run_listen(args: argparse.Namespace) -> int:
     server = observability.maybe_start_server(settings, "listener")  # /metrics, /health when metrics_port
     metrics.watch_studies(service.index.count_by_state)
     service.start()
-    log.info("ready: data_dir=%s broker=%s queue=%s quiet_period=%.1fs", settings.data_dir,
-             settings.resolved_broker_url.split("://", 1)[0], settings.queue, settings.quiet_period)
+    log.info(
+        "ready: data_dir=%s broker=%s queue=%s quiet_period=%.1fs",
+        settings.data_dir,
+        settings.resolved_broker_url.split("://", 1)[0],
+        settings.queue,
+        settings.quiet_period,
+    )
     while not stopping:
         time.sleep(0.2)
     log.info("stopping")
@@ -74,12 +81,18 @@ def run_listen(args: argparse.Namespace) -> int:
 
 # --- echo / send -------------------------------------------------------------------------------------
 def _add_client_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--calling-ae", default=None, help="our AE title on this association "
-                        "(default: ae_title from settings)")
+    parser.add_argument(
+        "--calling-ae", default=None, help="our AE title on this association (default: ae_title from settings)"
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the peer (30)")
-    parser.add_argument("--tls-ca", type=Path, default=None, metavar="PEM",
-                        help="use TLS and verify the peer's certificate with this CA bundle; our "
-                        "tls_certificate/tls_key settings, when set, are presented as client certificate")
+    parser.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=None,
+        metavar="PEM",
+        help="use TLS and verify the peer's certificate with this CA bundle; our "
+        "tls_certificate/tls_key settings, when set, are presented as client certificate",
+    )
 
 
 def _client_tls(args: argparse.Namespace, settings: Settings) -> ssl.SSLContext | None:
@@ -94,9 +107,11 @@ def _client_tls(args: argparse.Namespace, settings: Settings) -> ssl.SSLContext 
 
 def _register_echo(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "echo", help="DICOM C-ECHO a peer (verify connectivity)",
+        "echo",
+        help="DICOM C-ECHO a peer (verify connectivity)",
         description="Send a C-ECHO to PEER (AE@HOST:PORT). Without PEER: the destination setting if set, "
-        "else our own listener on 127.0.0.1. Exit status 0 when the peer answered Success.")
+        "else our own listener on 127.0.0.1. Exit status 0 when the peer answered Success.",
+    )
     parser.add_argument("peer", nargs="?", type=_peer, default=None, metavar="AE@HOST:PORT")
     _add_client_options(parser)
     parser.set_defaults(func=run_echo)
@@ -106,8 +121,7 @@ def run_echo(args: argparse.Namespace) -> int:
     from grok_pacs.dicom.scu import StoreError, echo
 
     settings = settings_from_args(args)
-    peer = args.peer or settings.destination or Peer(ae_title=settings.ae_title, host="127.0.0.1",
-                                                      port=settings.port)
+    peer = args.peer or settings.destination or Peer(ae_title=settings.ae_title, host="127.0.0.1", port=settings.port)
     try:
         echo(peer, args.calling_ae or settings.ae_title, timeout=args.timeout, tls=_client_tls(args, settings))
     except StoreError as exc:
@@ -119,10 +133,12 @@ def run_echo(args: argparse.Namespace) -> int:
 
 def _register_send(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "send", help="C-STORE DICOM files to a peer",
+        "send",
+        help="C-STORE DICOM files to a peer",
         description="Send DICOM FILES (directories are searched recursively) to --to AE@HOST:PORT on one "
         "association, as stored (no recompression). Prints one line per file; exit status 1 if any file "
-        "was not stored.")
+        "was not stored.",
+    )
     parser.add_argument("files", nargs="+", type=Path, metavar="FILES")
     parser.add_argument("--to", required=True, type=_peer, metavar="AE@HOST:PORT", help="receiving peer")
     _add_client_options(parser)
@@ -147,15 +163,15 @@ def run_send(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     try:
         files = _expand(args.files)
-        results = store_files(args.to, files, args.calling_ae or settings.ae_title, timeout=args.timeout,
-                              tls=_client_tls(args, settings))
+        results = store_files(
+            args.to, files, args.calling_ae or settings.ae_title, timeout=args.timeout, tls=_client_tls(args, settings)
+        )
     except (StoreError, FileNotFoundError) as exc:
         print(f"send to {args.to}: FAILED: {exc}", file=sys.stderr)
         return EXIT_FAILED if isinstance(exc, StoreError) else EXIT_USAGE
     for result in results:
         word = "OK" if result.ok else "FAILED"
-        print(f"{word:6} {result.status_name:28} {result.path}" + (f"  ({result.message})" if result.message
-                                                                   else ""))
+        print(f"{word:6} {result.status_name:28} {result.path}" + (f"  ({result.message})" if result.message else ""))
     failed = sum(not r.ok for r in results)
     print(f"{len(results) - failed} of {len(results)} stored on {args.to}")
     return EXIT_FAILED if failed else EXIT_OK
@@ -164,9 +180,11 @@ def run_send(args: argparse.Namespace) -> int:
 # --- studies -----------------------------------------------------------------------------------------
 def _register_studies(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "studies", help="list received studies and their state",
+        "studies",
+        help="list received studies and their state",
         description="List the studies in the index (newest first) with state (RECEIVING, QUEUED, "
-        "ANALYSING, DELIVERING, DONE, FAILED), queued version, instance count and times.")
+        "ANALYSING, DELIVERING, DONE, FAILED), queued version, instance count and times.",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_data_dir(parser)
     parser.set_defaults(func=run_studies)
@@ -193,9 +211,12 @@ def run_studies(args: argparse.Namespace) -> int:
         print(f"no studies in {settings.index_path}")
         return EXIT_OK
     width = max(len("STUDY INSTANCE UID"), *(len(s.study_uid) for s in studies))
-    print(f"{'STUDY INSTANCE UID':{width}}  {'STATE':10}  VER  INST  {'FIRST RECEIVED':19}  "
-          f"{'LAST RECEIVED':19}  DETAIL")
+    print(
+        f"{'STUDY INSTANCE UID':{width}}  {'STATE':10}  VER  INST  {'FIRST RECEIVED':19}  {'LAST RECEIVED':19}  DETAIL"
+    )
     for s in studies:
-        print(f"{s.study_uid:{width}}  {s.state.value:10}  {s.version:3}  {s.instance_count:4}  "
-              f"{_when(s.first_received_at)}  {_when(s.last_received_at)}  {s.detail}")
+        print(
+            f"{s.study_uid:{width}}  {s.state.value:10}  {s.version:3}  {s.instance_count:4}  "
+            f"{_when(s.first_received_at)}  {_when(s.last_received_at)}  {s.detail}"
+        )
     return EXIT_OK

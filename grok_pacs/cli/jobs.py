@@ -22,11 +22,12 @@ def _loglevel(args: argparse.Namespace) -> str:
 
 def _register_serve(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "serve", help="run everything on one box: listener, assembly and an embedded worker",
+        "serve",
+        help="run everything on one box: listener, assembly and an embedded worker",
         description="Receive studies by C-STORE, analyse each with the model bundle once it is complete, "
-                    "and deliver the SR to the destination PACS: listener, assembly and one worker in one "
-                    "process, on the embedded broker (SQLite under the data directory) unless --broker-url "
-                    "is given. SIGTERM/SIGINT finish the current job, then stop.",
+        "and deliver the SR to the destination PACS: listener, assembly and one worker in one "
+        "process, on the embedded broker (SQLite under the data directory) unless --broker-url "
+        "is given. SIGTERM/SIGINT finish the current job, then stop.",
     )
     add_listener_options(parser)
     parser.add_argument("--bundle", type=Path, help="model bundle directory")
@@ -39,18 +40,25 @@ def _register_serve(subparsers: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from grok_pacs.jobs.serve import run_serve as serve
 
-    settings = settings_from_args(args, **listener_overrides(args), bundle=args.bundle,
-                                  destination=args.destination, broker_url=args.broker_url, queue=args.queue)
+    settings = settings_from_args(
+        args,
+        **listener_overrides(args),
+        bundle=args.bundle,
+        destination=args.destination,
+        broker_url=args.broker_url,
+        queue=args.queue,
+    )
     return serve(settings, _loglevel(args))
 
 
 def _register_worker(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "worker", help="run one analysis worker (one per GPU) against a broker",
+        "worker",
+        help="run one analysis worker (one per GPU) against a broker",
         description="Run a Celery worker (solo pool: one process, one job at a time; start one per GPU) that "
-                    "analyses queued studies with the model bundle, writes the SRs and delivers them. The "
-                    "data directory (index, incoming/, sr/) must be the listener's (same host or shared "
-                    "volume). SIGTERM finishes the current job, then exits.",
+        "analyses queued studies with the model bundle, writes the SRs and delivers them. The "
+        "data directory (index, incoming/, sr/) must be the listener's (same host or shared "
+        "volume). SIGTERM finishes the current job, then exits.",
     )
     parser.add_argument("--broker-url", help="broker URL, e.g. redis://host:6379/0 (default: embedded SQLite)")
     parser.add_argument("--queue", help="queue to consume; name it per GPU type (e.g. grok-h100)")
@@ -63,6 +71,12 @@ def _register_worker(subparsers: argparse._SubParsersAction) -> None:
 def run_worker(args: argparse.Namespace) -> int:
     from grok_pacs.jobs.worker import run_worker as work
 
-    settings = settings_from_args(args, broker_url=args.broker_url, queue=args.queue, bundle=args.bundle,
-                                  data_dir=args.data_dir, destination=args.destination)
+    settings = settings_from_args(
+        args,
+        broker_url=args.broker_url,
+        queue=args.queue,
+        bundle=args.bundle,
+        data_dir=args.data_dir,
+        destination=args.destination,
+    )
     return work(settings, _loglevel(args))

@@ -7,7 +7,8 @@ To add commands, write a module in `grok_pacs/cli/` (runtime modules never impor
         parser.set_defaults(func=run_worker)      # run_worker(args) -> int exit status
 
 and append its name to `COMMAND_MODULES`. Modules are imported when the CLI starts, so keep heavy
-imports (torch, onnxruntime, celery) inside the command functions; shared options are in `options`. `settings_from_args(args)` loads Settings
+imports (torch, onnxruntime, celery) inside the command functions; shared options are in `options`.
+`settings_from_args(args)` loads Settings
 from `--config`, the environment and any `args.overrides`.
 """
 
@@ -46,10 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
         "C-STORE, analyses each study, and returns a DICOM Structured Report. Settings come from "
         "--config (TOML) and GROK_PACS_* environment variables (see grok_pacs/config.py).",
     )
-    parser.add_argument("--config", type=_path, default=None, metavar="FILE",
-                        help="TOML settings file (default: $GROK_PACS_CONFIG if set)")
-    parser.add_argument("--log-level", default="INFO", metavar="LEVEL",
-                        help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument(
+        "--config",
+        type=_path,
+        default=None,
+        metavar="FILE",
+        help="TOML settings file (default: $GROK_PACS_CONFIG if set)",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

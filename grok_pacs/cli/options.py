@@ -8,8 +8,9 @@ from typing import Any
 
 
 def add_data_dir(parser: argparse.ArgumentParser, help_text: str = "data directory") -> None:
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help=f"{help_text} (overrides GROK_PACS_DATA_DIR / data_dir)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help=f"{help_text} (overrides GROK_PACS_DATA_DIR / data_dir)"
+    )
 
 
 def add_listener_options(parser: argparse.ArgumentParser) -> None:

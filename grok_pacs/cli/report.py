@@ -13,7 +13,8 @@ from grok_pacs.cli.main import EXIT_OK, EXIT_USAGE
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Register `grok-pacs report`."""
     parser = subparsers.add_parser(
-        "report", help="print a DICOM SR (e.g. one grok-pacs wrote under <data>/sr/) and the PDF report as text",
+        "report",
+        help="print a DICOM SR (e.g. one grok-pacs wrote under <data>/sr/) and the PDF report as text",
         description="Print the header and the content tree of a DICOM Structured Report as indented text, "
         "then the path and text of the study's PDF report when it lies beside the SR (grok-pacs writes both "
         "under <data>/sr/<study>/). Given an Encapsulated PDF, print its header and text.",

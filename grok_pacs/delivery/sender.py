@@ -18,13 +18,13 @@ from pathlib import Path, PurePosixPath
 import pydicom
 from pydicom.dataset import Dataset
 
-from grok_pacs.ops import metrics
 from grok_pacs.config import Settings
+from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError, store_dataset
+from grok_pacs.dicom.uids import require_uid, resolve_inside
+from grok_pacs.ops import metrics
+from grok_pacs.store.files import atomic_write_bytes
 from grok_pacs.store.index import StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxState, ResultKind
-from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError, store_dataset
-from grok_pacs.store.files import atomic_write_bytes
-from grok_pacs.dicom.uids import require_uid, resolve_inside
 
 log = logging.getLogger("grok_pacs.delivery.sender")
 
@@ -101,8 +101,14 @@ def deliver(settings: Settings, outbox: Outbox, sr_uid: str, *, owner: str) -> D
     except TransientStoreError as exc:
         outbox.release(sr_uid, owner, f"transient: {exc}")
         _count_failure(entry, permanent=False)
-        log.warning("delivery of %s %s to %s failed (transient, attempt %d): %s", _name(entry), sr_uid, destination,
-                    entry.attempts, exc)
+        log.warning(
+            "delivery of %s %s to %s failed (transient, attempt %d): %s",
+            _name(entry),
+            sr_uid,
+            destination,
+            entry.attempts,
+            exc,
+        )
         raise
     except PermanentStoreError as exc:
         outbox.mark_failed(sr_uid, owner, f"rejected by {destination}: {exc}")
@@ -113,8 +119,15 @@ def deliver(settings: Settings, outbox: Outbox, sr_uid: str, *, owner: str) -> D
     if entry.kind is ResultKind.SR:  # the SR metrics count SRs; the PDF shows in the outbox and the log
         metrics.sr_delivered()
         metrics.observe_stage("delivery", time.perf_counter() - started)
-    log.info("delivered %s %s of study %s to %s (%s, attempt %d)", _name(entry), sr_uid, entry.study_uid,
-             destination, result.status_name, entry.attempts)
+    log.info(
+        "delivered %s %s of study %s to %s (%s, attempt %d)",
+        _name(entry),
+        sr_uid,
+        entry.study_uid,
+        destination,
+        result.status_name,
+        entry.attempts,
+    )
     return DeliveryOutcome.DELIVERED
 
 
@@ -147,16 +160,20 @@ def study_summary(entries: list[OutboxEntry], destination: str) -> tuple[StudySt
         if not destination:
             return StudyState.DONE, "no destination configured: results kept under sr/ and in the outbox"
         return StudyState.DELIVERING, f"{len(waiting)} result(s) waiting for {destination}" + (
-            f" ({errors})" if errors else "")
+            f" ({errors})" if errors else ""
+        )
     srs = [e for e in entries if e.kind is ResultKind.SR]
     pdf = " and the PDF report" if any(e.kind is ResultKind.PDF for e in entries) else ""
-    detail = (f"{len(srs)} SR(s){pdf} delivered to {destination or entries[0].destination} "
-              f"(eyes {','.join(e.eye for e in srs)})")
+    detail = (
+        f"{len(srs)} SR(s){pdf} delivered to {destination or entries[0].destination} "
+        f"(eyes {','.join(e.eye for e in srs)})"
+    )
     return StudyState.DONE, detail + (f"; {'; '.join(notes)}" if notes else "")
 
 
-def update_study_state(settings: Settings, index: StudyIndex, outbox: Outbox, study_uid: str,
-                       version: int) -> StudyState | None:
+def update_study_state(
+    settings: Settings, index: StudyIndex, outbox: Outbox, study_uid: str, version: int
+) -> StudyState | None:
     """Set the study's state from its SRs of `version` (no change if the study moved to a newer one)."""
     entries = outbox.for_study(study_uid, version)
     if not entries:

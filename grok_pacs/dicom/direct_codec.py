@@ -48,15 +48,17 @@ def write_file_meta_info(fp, file_meta, enforce_standard: bool = True) -> None:
         _original_write_file_meta_info(fp, file_meta, enforce_standard)
         return
     text = _ascii
-    body = b"".join((
-        _meta_element(0x0001, b"OB", b"\x00\x01"),
-        _meta_element(0x0002, b"UI", text(file_meta.sop_class_uid)),
-        _meta_element(0x0003, b"UI", text(file_meta.sop_instance_uid)),
-        _meta_element(0x0010, b"UI", text(file_meta.transfer_syntax)),
-        _meta_element(0x0012, b"UI", text(PYNETDICOM_IMPLEMENTATION_UID)),
-        _meta_element(0x0013, b"SH", text(PYNETDICOM_IMPLEMENTATION_VERSION), b" "),
-        *([_meta_element(0x0016, b"AE", text(file_meta.source_ae), b" ")] if file_meta.source_ae else []),
-    ))
+    body = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", text(file_meta.sop_class_uid)),
+            _meta_element(0x0003, b"UI", text(file_meta.sop_instance_uid)),
+            _meta_element(0x0010, b"UI", text(file_meta.transfer_syntax)),
+            _meta_element(0x0012, b"UI", text(PYNETDICOM_IMPLEMENTATION_UID)),
+            _meta_element(0x0013, b"SH", text(PYNETDICOM_IMPLEMENTATION_VERSION), b" "),
+            *([_meta_element(0x0016, b"AE", text(file_meta.source_ae), b" ")] if file_meta.source_ae else []),
+        )
+    )
     fp.write(_meta_element(0x0000, b"UL", struct.pack("<L", len(body))) + body)
 
 
@@ -76,15 +78,21 @@ def _uid(value: object) -> bytes:
 
 def encode_store_response(primitive) -> bytes | None:
     """The command set of a plain C-STORE-RSP (status only), or None when it carries more."""
-    if (primitive.MessageIDBeingRespondedTo is None or primitive.ErrorComment is not None
-            or primitive.OffendingElement is not None or primitive.Status is None):
+    if (
+        primitive.MessageIDBeingRespondedTo is None
+        or primitive.ErrorComment is not None
+        or primitive.OffendingElement is not None
+        or primitive.Status is None
+    ):
         return None
-    body = b"".join((
-        _command_element(0x0002, _uid(primitive.AffectedSOPClassUID)),
-        _command_element(0x0100, struct.pack("<H", _C_STORE_RSP)),
-        _command_element(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
-        _command_element(0x0800, struct.pack("<H", _NO_DATASET)),
-        _command_element(0x0900, struct.pack("<H", primitive.Status)),
-        _command_element(0x1000, _uid(primitive.AffectedSOPInstanceUID)),
-    ))
+    body = b"".join(
+        (
+            _command_element(0x0002, _uid(primitive.AffectedSOPClassUID)),
+            _command_element(0x0100, struct.pack("<H", _C_STORE_RSP)),
+            _command_element(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
+            _command_element(0x0800, struct.pack("<H", _NO_DATASET)),
+            _command_element(0x0900, struct.pack("<H", primitive.Status)),
+            _command_element(0x1000, _uid(primitive.AffectedSOPInstanceUID)),
+        )
+    )
     return _command_element(0x0000, struct.pack("<L", len(body))) + body

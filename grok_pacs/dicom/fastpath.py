@@ -197,20 +197,34 @@ def _patch_send_msg(cls) -> None:
 
 def _internals_present() -> bool:
     dul_source = _dul.DULServiceProvider.__init__.__code__.co_names
-    return (hasattr(_dul, "time") and hasattr(_association, "time")
-            and hasattr(_dimse.DIMSEServiceProvider, "send_msg") and hasattr(_C_STORE(), "ErrorComment")
-            and hasattr(_dimse_messages, "create_file_meta") and hasattr(_dimse_messages, "write_file_meta_info")
-            and "to_provider_queue" in dul_source and "_run_loop_delay" in dul_source
-            and hasattr(_transport.AssociationSocket, "recv"))
+    return (
+        hasattr(_dul, "time")
+        and hasattr(_association, "time")
+        and hasattr(_dimse.DIMSEServiceProvider, "send_msg")
+        and hasattr(_C_STORE(), "ErrorComment")
+        and hasattr(_dimse_messages, "create_file_meta")
+        and hasattr(_dimse_messages, "write_file_meta_info")
+        and "to_provider_queue" in dul_source
+        and "_run_loop_delay" in dul_source
+        and hasattr(_transport.AssociationSocket, "recv")
+    )
 
 
 # Every attribute `install` replaces, as pynetdicom defines it: `uninstall` puts these back.
-_RELEASED = [(owner, name, getattr(owner, name)) for owner, name in (
-    (_dul.DULServiceProvider, "__init__"), (_dul.DULServiceProvider, "run_reactor"),
-    (_association.Association, "__init__"), (_dul, "time"), (_association, "time"),
-    (_transport.AssociationSocket, "recv"), (_dimse_messages, "create_file_meta"),
-    (_dimse.DIMSEServiceProvider, "send_msg"), (_dimse_messages, "write_file_meta_info"),
-)]
+_RELEASED = [
+    (owner, name, getattr(owner, name))
+    for owner, name in (
+        (_dul.DULServiceProvider, "__init__"),
+        (_dul.DULServiceProvider, "run_reactor"),
+        (_association.Association, "__init__"),
+        (_dul, "time"),
+        (_association, "time"),
+        (_transport.AssociationSocket, "recv"),
+        (_dimse_messages, "create_file_meta"),
+        (_dimse.DIMSEServiceProvider, "send_msg"),
+        (_dimse_messages, "write_file_meta_info"),
+    )
+]
 
 
 def install() -> bool:

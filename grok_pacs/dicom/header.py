@@ -30,10 +30,18 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN
 
 #: Top-level attributes the index needs, by tag.
 WANTED = {
-    0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID", 0x00080060: "Modality",
-    0x0020000D: "StudyInstanceUID", 0x0020000E: "SeriesInstanceUID", 0x00200062: "ImageLaterality",
-    0x00200060: "Laterality", 0x00280008: "NumberOfFrames", 0x0008002A: "AcquisitionDateTime",
-    0x00080022: "AcquisitionDate", 0x00080032: "AcquisitionTime", 0x00080023: "ContentDate",
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x00080060: "Modality",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+    0x00200062: "ImageLaterality",
+    0x00200060: "Laterality",
+    0x00280008: "NumberOfFrames",
+    0x0008002A: "AcquisitionDateTime",
+    0x00080022: "AcquisitionDate",
+    0x00080032: "AcquisitionTime",
+    0x00080023: "ContentDate",
     0x00080033: "ContentTime",
 }
 
@@ -79,8 +87,13 @@ def _parse(buffer, size: int) -> Header:
     if syntax == uid.DeflatedExplicitVRLittleEndian:
         buffer = _inflate(buffer[position:])
         size, position = len(buffer), 0
-    walker = _Walker(buffer, size, implicit=syntax == uid.ImplicitVRLittleEndian,
-                     little=syntax != uid.ExplicitVRBigEndian, position=position)
+    walker = _Walker(
+        buffer,
+        size,
+        implicit=syntax == uid.ImplicitVRLittleEndian,
+        little=syntax != uid.ExplicitVRBigEndian,
+        position=position,
+    )
     values = walker.read_until_pixels(WANTED)
     while walker.position < size:
         walker.skip_element()
@@ -88,8 +101,14 @@ def _parse(buffer, size: int) -> Header:
 
 
 def _header(values: dict[str, str], syntax: str, source_ae: str) -> Header:
-    laterality = next((values.get(k, "").upper() for k in ("ImageLaterality", "Laterality")
-                       if values.get(k, "").upper() in ("R", "L", "B")), "")
+    laterality = next(
+        (
+            values.get(k, "").upper()
+            for k in ("ImageLaterality", "Laterality")
+            if values.get(k, "").upper() in ("R", "L", "B")
+        ),
+        "",
+    )
     try:
         frames = max(1, int(values.get("NumberOfFrames") or 1))
     except ValueError:
@@ -103,8 +122,12 @@ def _header(values: dict[str, str], syntax: str, source_ae: str) -> Header:
         series_uid=require_uid(values.get("SeriesInstanceUID"), "SeriesInstanceUID"),
         sop_uid=require_uid(values.get("SOPInstanceUID"), "SOPInstanceUID"),
         sop_class_uid=require_uid(values.get("SOPClassUID"), "SOPClassUID"),
-        modality=values.get("Modality", ""), laterality=laterality, frames=frames,
-        acquisition_datetime=acquired, transfer_syntax=syntax, source_ae=source_ae,
+        modality=values.get("Modality", ""),
+        laterality=laterality,
+        frames=frames,
+        acquisition_datetime=acquired,
+        transfer_syntax=syntax,
+        source_ae=source_ae,
     )
 
 
@@ -154,7 +177,7 @@ class _Walker:
         if implicit:
             return tag, b"", self._u32()
         start = self._need(2)
-        vr = bytes(self.buffer[start:start + 2])
+        vr = bytes(self.buffer[start : start + 2])
         if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):  # implicit VR inside an explicit dataset (as pydicom)
             self.position = start
             return tag, b"", self._u32()
@@ -194,7 +217,7 @@ class _Walker:
         tag, vr, length = self._element_header(self.implicit)
         if tag in wanted and length <= MAX_VALUE_READ:
             start = self._need(length)
-            values[wanted[tag]] = bytes(self.buffer[start:start + length]).decode("ascii", "replace").strip("\x00 ")
+            values[wanted[tag]] = bytes(self.buffer[start : start + length]).decode("ascii", "replace").strip("\x00 ")
         else:
             self._skip_value(tag, vr, length, self.implicit)
 

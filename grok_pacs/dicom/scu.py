@@ -79,8 +79,9 @@ def _make_ae(calling_ae: str, timeout: float, max_pdu: int) -> AE:
 
 
 @contextmanager
-def _association(peer: Peer, calling_ae: str, contexts, timeout: float, max_pdu: int,
-                 tls: ssl.SSLContext | None) -> Iterator[Association]:
+def _association(
+    peer: Peer, calling_ae: str, contexts, timeout: float, max_pdu: int, tls: ssl.SSLContext | None
+) -> Iterator[Association]:
     """An established association, released afterwards; raises a typed error when none comes up."""
     ae = _make_ae(calling_ae, timeout, max_pdu)
     ae.requested_contexts = contexts
@@ -100,15 +101,18 @@ def _association_error(assoc: Association, peer: Peer) -> StoreError:
     if assoc.is_rejected:
         rsp = assoc.acceptor.primitive
         result = getattr(rsp, "result", None)
-        reason = f"{getattr(rsp, 'result_str', '?')}, {getattr(rsp, 'source_str', '?')}, " \
-                 f"{getattr(rsp, 'reason_str', '?')}"
+        reason = (
+            f"{getattr(rsp, 'result_str', '?')}, {getattr(rsp, 'source_str', '?')}, {getattr(rsp, 'reason_str', '?')}"
+        )
         if result == REJECTED_TRANSIENT:
             return TransientStoreError(f"association to {peer} rejected (transient): {reason}")
         return PermanentStoreError(f"association to {peer} rejected: {reason}")
     if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
         classes = sorted({str(cx.abstract_syntax) for cx in assoc.rejected_contexts})
-        return NoAcceptedContextError(f"{peer} accepts none of the proposed contexts (SOP classes "
-                                      f"{', '.join(classes)}): SOP class or transfer syntax not supported")
+        return NoAcceptedContextError(
+            f"{peer} accepts none of the proposed contexts (SOP classes "
+            f"{', '.join(classes)}): SOP class or transfer syntax not supported"
+        )
     if assoc.is_aborted:
         return TransientStoreError(f"association to {peer} aborted (no acceptable context or peer abort)")
     return TransientStoreError(f"cannot connect to {peer} (refused, unreachable or timed out)")
@@ -134,25 +138,46 @@ def _file_keys(paths: Iterable[Path]) -> tuple[list[tuple[Path, str, str, str]],
     for path in paths:
         try:
             meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
-            keys.append((path, str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
-                         str(meta.TransferSyntaxUID)))
+            keys.append(
+                (
+                    path,
+                    str(meta.MediaStorageSOPClassUID),
+                    str(meta.MediaStorageSOPInstanceUID),
+                    str(meta.TransferSyntaxUID),
+                )
+            )
         except (InvalidDicomError, OSError, AttributeError) as exc:
-            unreadable.append(StoreResult(str(path), "", "", NOT_DICOM, StatusCategory.PERMANENT,
-                                          f"not a DICOM file with file meta: {exc}"))
+            unreadable.append(
+                StoreResult(
+                    str(path), "", "", NOT_DICOM, StatusCategory.PERMANENT, f"not a DICOM file with file meta: {exc}"
+                )
+            )
     return keys, unreadable
 
 
 def _result(path: str, sop_class: str, sop_uid: str, response: Dataset) -> StoreResult:
     if "Status" not in response:
-        return StoreResult(path, sop_class, sop_uid, NO_RESPONSE, StatusCategory.TRANSIENT,
-                           "no response (association aborted or timed out)")
+        return StoreResult(
+            path,
+            sop_class,
+            sop_uid,
+            NO_RESPONSE,
+            StatusCategory.TRANSIENT,
+            "no response (association aborted or timed out)",
+        )
     code = int(response.Status)
     comment = str(response.get("ErrorComment", "") or "")
     return StoreResult(path, sop_class, sop_uid, code, category(code), comment)
 
 
-def store_files(peer: Peer, paths: Iterable[Path | str], calling_ae: str, timeout: float = 60.0,
-                max_pdu: int = 0, tls: ssl.SSLContext | None = None) -> list[StoreResult]:
+def store_files(
+    peer: Peer,
+    paths: Iterable[Path | str],
+    calling_ae: str,
+    timeout: float = 60.0,
+    max_pdu: int = 0,
+    tls: ssl.SSLContext | None = None,
+) -> list[StoreResult]:
     """C-STORE DICOM files (sent as stored, without decoding), one association; a result per file.
 
     Raises PermanentStoreError/TransientStoreError only when no association comes up; per-file
@@ -166,37 +191,63 @@ def store_files(peer: Peer, paths: Iterable[Path | str], calling_ae: str, timeou
     try:
         return _store_keys(peer, keys, calling_ae, contexts, timeout, max_pdu, tls) + unreadable
     except NoAcceptedContextError as exc:
-        return [StoreResult(str(path), sop_class, sop_uid, DimseStatus.SOP_CLASS_NOT_SUPPORTED, StatusCategory.PERMANENT,
-                            str(exc)) for path, sop_class, sop_uid, _ in keys] + unreadable
+        return [
+            StoreResult(
+                str(path), sop_class, sop_uid, DimseStatus.SOP_CLASS_NOT_SUPPORTED, StatusCategory.PERMANENT, str(exc)
+            )
+            for path, sop_class, sop_uid, _ in keys
+        ] + unreadable
 
 
-def _store_keys(peer: Peer, keys: list[tuple[Path, str, str, str]], calling_ae: str, contexts, timeout: float,
-                max_pdu: int, tls: ssl.SSLContext | None) -> list[StoreResult]:
+def _store_keys(
+    peer: Peer,
+    keys: list[tuple[Path, str, str, str]],
+    calling_ae: str,
+    contexts,
+    timeout: float,
+    max_pdu: int,
+    tls: ssl.SSLContext | None,
+) -> list[StoreResult]:
     results: list[StoreResult] = []
     with _association(peer, calling_ae, contexts, timeout, max_pdu, tls) as assoc:
         for path, sop_class, sop_uid, _ in keys:
             if not assoc.is_established:
-                results.append(StoreResult(str(path), sop_class, sop_uid, NO_RESPONSE,
-                                           StatusCategory.TRANSIENT, "association ended"))
+                results.append(
+                    StoreResult(
+                        str(path), sop_class, sop_uid, NO_RESPONSE, StatusCategory.TRANSIENT, "association ended"
+                    )
+                )
                 continue
             try:
                 response = assoc.send_c_store(path)
             except ValueError as exc:  # no accepted presentation context for this class/syntax
-                results.append(StoreResult(str(path), sop_class, sop_uid, DimseStatus.SOP_CLASS_NOT_SUPPORTED,
-                                           StatusCategory.PERMANENT, str(exc)))
+                results.append(
+                    StoreResult(
+                        str(path),
+                        sop_class,
+                        sop_uid,
+                        DimseStatus.SOP_CLASS_NOT_SUPPORTED,
+                        StatusCategory.PERMANENT,
+                        str(exc),
+                    )
+                )
                 continue
             results.append(_result(str(path), sop_class, sop_uid, response))
     return results
 
 
-def store_dataset(peer: Peer, ds: Dataset, calling_ae: str, timeout: float = 60.0, max_pdu: int = 0,
-                  tls: ssl.SSLContext | None = None) -> StoreResult:
+def store_dataset(
+    peer: Peer, ds: Dataset, calling_ae: str, timeout: float = 60.0, max_pdu: int = 0, tls: ssl.SSLContext | None = None
+) -> StoreResult:
     """C-STORE one in-memory dataset (e.g. an SR); returns the result when stored (success/warning).
 
     Raises PermanentStoreError or TransientStoreError for every other outcome.
     """
-    syntax = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) \
+    syntax = (
+        str(ds.file_meta.TransferSyntaxUID)
+        if "TransferSyntaxUID" in getattr(ds, "file_meta", {})
         else "1.2.840.10008.1.2.1"
+    )
     sop_class, sop_uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
     contexts = requested_contexts([(sop_class, syntax)])
     with _association(peer, calling_ae, contexts, timeout, max_pdu, tls) as assoc:
@@ -208,6 +259,5 @@ def store_dataset(peer: Peer, ds: Dataset, calling_ae: str, timeout: float = 60.
     if result.category is StatusCategory.TRANSIENT:
         raise TransientStoreError(f"{peer} answered {result.status_name}: {result.message}")
     if result.category is StatusCategory.PERMANENT:
-        raise PermanentStoreError(f"{peer} answered {result.status_name} (0x{result.status:04X}): "
-                                  f"{result.message}")
+        raise PermanentStoreError(f"{peer} answered {result.status_name} (0x{result.status:04X}): {result.message}")
     return result

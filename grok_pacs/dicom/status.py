@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from enum import IntEnum, StrEnum
 
+
 class DimseStatus(IntEnum):
     """The status codes grok-pacs answers or reads, by name; members are ints (pynetdicom takes them)."""
 

@@ -21,11 +21,54 @@ from grok_pacs.domain.biomarkers import BY_KEY
 
 FILLER = "…"
 FILLER_WORDS = (
-    "the", "a", "at", "in", "of", "on", "for", "within", "across", "from", "thickness", "thicknesses", "layer",
-    "layers", "subfield", "subfields", "ring", "region", "zone", "sector", "grid", "etdrs", "macular", "retinal",
-    "measured", "measures", "measuring", "measurement", "value", "values", "is", "was", "are", "appears",
-    "increased", "decreased", "reduced", "elevated", "raised", "thinned", "thickened", "mildly", "markedly",
-    "moderately", "slightly", "vessel", "vessels", "vascular",
+    "the",
+    "a",
+    "at",
+    "in",
+    "of",
+    "on",
+    "for",
+    "within",
+    "across",
+    "from",
+    "thickness",
+    "thicknesses",
+    "layer",
+    "layers",
+    "subfield",
+    "subfields",
+    "ring",
+    "region",
+    "zone",
+    "sector",
+    "grid",
+    "etdrs",
+    "macular",
+    "retinal",
+    "measured",
+    "measures",
+    "measuring",
+    "measurement",
+    "value",
+    "values",
+    "is",
+    "was",
+    "are",
+    "appears",
+    "increased",
+    "decreased",
+    "reduced",
+    "elevated",
+    "raised",
+    "thinned",
+    "thickened",
+    "mildly",
+    "markedly",
+    "moderately",
+    "slightly",
+    "vessel",
+    "vessels",
+    "vascular",
 )
 _SEP = r"[\s\-–—/+:]*"
 _FILLER_SEP = r"[\s\-–—/:()]+"
@@ -38,8 +81,12 @@ _LAYERS = {
     "isos_rpe": "{is/os-rpe|is/os to rpe|ellipsoid zone to rpe}",
     "inl_rpe": "{inl-rpe|inl to rpe|inner nuclear layer to rpe}",
 }
-_REGIONS = {"central": "{central|centre|center|foveal}", "inner": "inner", "outer": "outer",
-            "average": "{average|mean|overall|avg}"}
+_REGIONS = {
+    "central": "{central|centre|center|foveal}",
+    "inner": "inner",
+    "outer": "outer",
+    "average": "{average|mean|overall|avg}",
+}
 _ARTERIAL = "{arterial|arteriolar|arteries|arterioles|artery|arteriole}"
 _VENULAR = "{venular|venous|venules|veins|venule|vein}"
 _TORTUOSITY = "{tortuosity|tortuosities}"
@@ -47,12 +94,16 @@ _FRACTAL = "{fractal dimension|fractal dimensions|fd}"
 
 
 def _layer_aliases() -> dict[str, tuple[str, ...]]:
-    """"<layer> … <region> [subfield]", "<region> [subfield] … <layer>"; the bare layer is its average."""
+    """ "<layer> … <region> [subfield]", "<region> [subfield] … <layer>"; the bare layer is its average."""
     table = {}
     for prefix, layer in _LAYERS.items():
         for region, words in _REGIONS.items():
-            aliases = (f"{layer} {FILLER} {words}", f"{layer} {FILLER} {words} subfield",
-                       f"{words} {FILLER} {layer}", f"{words} subfield {FILLER} {layer}")
+            aliases = (
+                f"{layer} {FILLER} {words}",
+                f"{layer} {FILLER} {words} subfield",
+                f"{words} {FILLER} {layer}",
+                f"{words} subfield {FILLER} {layer}",
+            )
             table[f"{prefix}_{region}"] = aliases + ((layer,) if region == "average" else ())
     return table
 
@@ -63,34 +114,58 @@ def _vessel_aliases(vessel: str, measure: str) -> tuple[str, ...]:
 
 def _build_aliases() -> dict[str, tuple[str, ...]]:
     table: dict[str, tuple[str, ...]] = {
-        f"mt_{ring}_{side}": (f"{ring} {side}", f"{ring} {FILLER} {side}", f"{side} {FILLER} {ring}",
-                              f"{ring} {FILLER} {side} {FILLER} macular thickness",
-                              f"macular thickness {FILLER} {ring} {FILLER} {side}")
-        for ring in ("inner", "outer") for side in _SIDES
+        f"mt_{ring}_{side}": (
+            f"{ring} {side}",
+            f"{ring} {FILLER} {side}",
+            f"{side} {FILLER} {ring}",
+            f"{ring} {FILLER} {side} {FILLER} macular thickness",
+            f"macular thickness {FILLER} {ring} {FILLER} {side}",
+        )
+        for ring in ("inner", "outer")
+        for side in _SIDES
     }
     table.update(_layer_aliases())
-    table.update({
-        "rpe_average": ("rpe", "retinal pigment epithelium"),
-        "disc_diameter_vertical": ("{vertical|optic} disc diameter", "disc diameter", "disc height",
-                                   "vertical diameter of the {disc|optic disc}"),
-        "inl_average": ("inl", "inner nuclear layer"),
-        "gcipl_average": ("{gcipl|gc-ipl|gcl-ipl|gcl+ipl}", "ganglion cell-inner plexiform layer",
-                          "ganglion cell {layer|complex}", "ganglion cell"),
-        "mt_overall": ("{overall|average|mean|total} {macular|retinal} thickness", "{macular|retinal} thickness"),
-        "mt_central": ("central subfield", "{cst|cmt|crt}", "central {macular|retinal|foveal} thickness",
-                       "foveal thickness", f"{{macular|retinal}} thickness {FILLER} central",
-                       f"{{macular|retinal}} thickness {FILLER} central subfield",
-                       f"central {FILLER} {{macular|retinal}} thickness"),
-        "rnfl_average": ("{rnfl|mrnfl}", "{retinal nerve|nerve} {fibre|fiber} layer"),
-        "cup_to_disc": ("{vertical cup-to-disc ratio|cup-to-disc ratio|cup-disc ratio|c/d ratio|cup-to-disc}",
-                        "{cup/disc|c/d|cdr|cup to disc}"),
-        "avr": ("{arteriolar-to-venular|arteriole-to-venule|arteriovenous|arterio-venous|artery-to-vein} ratio",
-                "{a/v ratio|av ratio|avr}"),
-        "tortuosity_arterial": _vessel_aliases(_ARTERIAL, _TORTUOSITY),
-        "tortuosity_venular": _vessel_aliases(_VENULAR, _TORTUOSITY),
-        "fd_arterial": _vessel_aliases(_ARTERIAL, _FRACTAL),
-        "fd_venular": _vessel_aliases(_VENULAR, _FRACTAL),
-    })
+    table.update(
+        {
+            "rpe_average": ("rpe", "retinal pigment epithelium"),
+            "disc_diameter_vertical": (
+                "{vertical|optic} disc diameter",
+                "disc diameter",
+                "disc height",
+                "vertical diameter of the {disc|optic disc}",
+            ),
+            "inl_average": ("inl", "inner nuclear layer"),
+            "gcipl_average": (
+                "{gcipl|gc-ipl|gcl-ipl|gcl+ipl}",
+                "ganglion cell-inner plexiform layer",
+                "ganglion cell {layer|complex}",
+                "ganglion cell",
+            ),
+            "mt_overall": ("{overall|average|mean|total} {macular|retinal} thickness", "{macular|retinal} thickness"),
+            "mt_central": (
+                "central subfield",
+                "{cst|cmt|crt}",
+                "central {macular|retinal|foveal} thickness",
+                "foveal thickness",
+                f"{{macular|retinal}} thickness {FILLER} central",
+                f"{{macular|retinal}} thickness {FILLER} central subfield",
+                f"central {FILLER} {{macular|retinal}} thickness",
+            ),
+            "rnfl_average": ("{rnfl|mrnfl}", "{retinal nerve|nerve} {fibre|fiber} layer"),
+            "cup_to_disc": (
+                "{vertical cup-to-disc ratio|cup-to-disc ratio|cup-disc ratio|c/d ratio|cup-to-disc}",
+                "{cup/disc|c/d|cdr|cup to disc}",
+            ),
+            "avr": (
+                "{arteriolar-to-venular|arteriole-to-venule|arteriovenous|arterio-venous|artery-to-vein} ratio",
+                "{a/v ratio|av ratio|avr}",
+            ),
+            "tortuosity_arterial": _vessel_aliases(_ARTERIAL, _TORTUOSITY),
+            "tortuosity_venular": _vessel_aliases(_VENULAR, _TORTUOSITY),
+            "fd_arterial": _vessel_aliases(_ARTERIAL, _FRACTAL),
+            "fd_venular": _vessel_aliases(_VENULAR, _FRACTAL),
+        }
+    )
     return table
 
 
@@ -102,8 +177,10 @@ assert set(ALIASES) == set(BY_KEY), set(BY_KEY) ^ set(ALIASES)
 DISTRIBUTED: tuple[tuple[str, dict[str, str]], ...] = (
     (_TORTUOSITY, {_ARTERIAL: "tortuosity_arterial", _VENULAR: "tortuosity_venular"}),
     (_FRACTAL, {_ARTERIAL: "fd_arterial", _VENULAR: "fd_venular"}),
-    *((layer, {words: f"{prefix}_{region}" for region, words in _REGIONS.items()})
-      for prefix, layer in _LAYERS.items()),
+    *(
+        (layer, {words: f"{prefix}_{region}" for region, words in _REGIONS.items()})
+        for prefix, layer in _LAYERS.items()
+    ),
 )
 
 
@@ -149,8 +226,25 @@ def alias_hits(text: str) -> list[AliasHit]:
 
 
 _TOKEN_RE = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_]+|\S")
-_LIST_WORDS = frozenset({"(", ")", ",", "and", "or", "&", "respectively", "um", "µm", "μm", "mm", "microns",
-                         "micrometres", "micrometers", *FILLER_WORDS})
+_LIST_WORDS = frozenset(
+    {
+        "(",
+        ")",
+        ",",
+        "and",
+        "or",
+        "&",
+        "respectively",
+        "um",
+        "µm",
+        "μm",
+        "mm",
+        "microns",
+        "micrometres",
+        "micrometers",
+        *FILLER_WORDS,
+    }
+)
 
 
 _Qualifiers = tuple[tuple[re.Pattern[str], str], ...]  #: (qualifier pattern, biomarker key)
@@ -159,8 +253,10 @@ _Qualifiers = tuple[tuple[re.Pattern[str], str], ...]  #: (qualifier pattern, bi
 @lru_cache(maxsize=1)
 def _compiled_distributed() -> tuple[tuple[re.Pattern[str], _Qualifiers], ...]:
     return tuple(
-        (re.compile(alias_regex(measure), re.IGNORECASE),
-         tuple((re.compile(alias_regex(q) + "$", re.IGNORECASE), key) for q, key in qualifiers.items()))
+        (
+            re.compile(alias_regex(measure), re.IGNORECASE),
+            tuple((re.compile(alias_regex(q) + "$", re.IGNORECASE), key) for q, key in qualifiers.items()),
+        )
         for measure, qualifiers in DISTRIBUTED
     )
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Mapping
 
 
 class Modality(StrEnum):
@@ -54,8 +54,14 @@ _SUBFIELD_THICKNESS = [
 ]
 
 
-def _layer(prefix: str, label: str, central: tuple[float, float], inner: tuple[float, float],
-           outer: tuple[float, float], plausible: tuple[float, float]) -> list[Biomarker]:
+def _layer(
+    prefix: str,
+    label: str,
+    central: tuple[float, float],
+    inner: tuple[float, float],
+    outer: tuple[float, float],
+    plausible: tuple[float, float],
+) -> list[Biomarker]:
     avg = ((central[0] + inner[0] + outer[0]) / 3, (central[1] + inner[1] + outer[1]) / 3)
     return [
         _oct(f"{prefix}_central", f"{label} thickness: central subfield", central, plausible),
@@ -99,17 +105,34 @@ assert len(OCT_BIOMARKERS) == 31 and len(CFP_BIOMARKERS) == 6 and len(BY_KEY) ==
 #: Short prose names (how reports name each biomarker; grok_pacs.analysis.grounding ties them to their key).
 #: The guideline teacher writes them and the compact prompt block lists the estimates under them.
 PROSE_NAMES: dict[str, str] = {
-    "cup_to_disc": "cup-to-disc ratio", "avr": "arteriolar-to-venular ratio",
-    "tortuosity_arterial": "arterial tortuosity", "tortuosity_venular": "venular tortuosity",
-    "fd_arterial": "arterial fractal dimension", "fd_venular": "venular fractal dimension",
-    "disc_diameter_vertical": "vertical disc diameter", "rnfl_average": "RNFL thickness",
-    "gcipl_average": "GCIPL thickness", "inl_average": "INL thickness", "rpe_average": "RPE thickness",
-    "mt_central": "central subfield thickness", "mt_overall": "overall macular thickness",
-    **{f"mt_{r}_{s}": f"{r} {s} macular thickness" for r in ("inner", "outer")
-       for s in ("inferior", "nasal", "superior", "temporal")},
-    **{f"{p}_{r}": f"{r} {n} thickness" for p, n in (("inl_elm", "INL-ELM"), ("elm_isos", "ELM-IS/OS"),
-                                                        ("isos_rpe", "IS/OS-RPE"), ("inl_rpe", "INL-RPE"))
-       for r in ("central", "inner", "outer", "average")},
+    "cup_to_disc": "cup-to-disc ratio",
+    "avr": "arteriolar-to-venular ratio",
+    "tortuosity_arterial": "arterial tortuosity",
+    "tortuosity_venular": "venular tortuosity",
+    "fd_arterial": "arterial fractal dimension",
+    "fd_venular": "venular fractal dimension",
+    "disc_diameter_vertical": "vertical disc diameter",
+    "rnfl_average": "RNFL thickness",
+    "gcipl_average": "GCIPL thickness",
+    "inl_average": "INL thickness",
+    "rpe_average": "RPE thickness",
+    "mt_central": "central subfield thickness",
+    "mt_overall": "overall macular thickness",
+    **{
+        f"mt_{r}_{s}": f"{r} {s} macular thickness"
+        for r in ("inner", "outer")
+        for s in ("inferior", "nasal", "superior", "temporal")
+    },
+    **{
+        f"{p}_{r}": f"{r} {n} thickness"
+        for p, n in (
+            ("inl_elm", "INL-ELM"),
+            ("elm_isos", "ELM-IS/OS"),
+            ("isos_rpe", "IS/OS-RPE"),
+            ("inl_rpe", "INL-RPE"),
+        )
+        for r in ("central", "inner", "outer", "average")
+    },
 }
 assert set(PROSE_NAMES) == set(BY_KEY)
 
@@ -121,10 +144,12 @@ def format_value(biomarker: Biomarker, value: float) -> str:
 
 def to_prompt_json(values: Mapping[str, float]) -> str:
     """Biomarkers as the paper's prompt JSON (values as strings; missing or NaN values left out)."""
+
     def group(markers: tuple[Biomarker, ...]) -> dict[str, str]:
         return {
             b.prompt_name: format_value(b, float(values[b.key]))
             for b in markers
             if b.key in values and values[b.key] is not None and not math.isnan(float(values[b.key]))
         }
+
     return json.dumps({"OCT_Measures": group(OCT_BIOMARKERS), "CFP_Measures": group(CFP_BIOMARKERS)})

@@ -18,9 +18,9 @@ from typing import Protocol
 
 from grok_pacs.config import Settings
 from grok_pacs.dicom.header import IncompleteDatasetError, read_header
-from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyRecord
-from grok_pacs.store.files import quarantine, remove_temp_files
 from grok_pacs.dicom.uids import INCOMING_DIR, InvalidUIDError, uids_from_relpath
+from grok_pacs.store.files import quarantine, remove_temp_files
+from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyRecord
 
 log = logging.getLogger("grok_pacs.ingest.assembly")
 
@@ -66,8 +66,10 @@ def recover(settings: Settings, index: StudyIndex) -> RecoveryReport:
         log.warning("recovery: %d indexed instances have no file; removed from the index", len(missing))
         index.forget_paths(missing)
     report = RecoveryReport(removed, indexed, quarantined, len(missing))
-    log.info("recovery: temp_files_removed=%d orphans_indexed=%d quarantined=%d missing=%d", *(
-        report.temp_files_removed, report.orphans_indexed, report.quarantined, report.missing_files))
+    log.info(
+        "recovery: temp_files_removed=%d orphans_indexed=%d quarantined=%d missing=%d",
+        *(report.temp_files_removed, report.orphans_indexed, report.quarantined, report.missing_files),
+    )
     return report
 
 
@@ -85,21 +87,32 @@ def _index_orphan(data_dir: Path, path: Path, relpath: PurePosixPath, index: Stu
         log.warning("recovery: %s is unusable (%s); moved to %s", relpath, exc, target)
         return False
     stat = path.stat()
-    index.add_instance(InstanceRecord(
-        study_uid=header.study_uid, series_uid=header.series_uid, sop_uid=header.sop_uid,
-        sop_class_uid=header.sop_class_uid, modality=header.modality, laterality=header.laterality,
-        frames=header.frames, size=stat.st_size, path=relpath.as_posix(), received_at=stat.st_mtime,
-        calling_ae=header.source_ae, acquisition_datetime=header.acquisition_datetime,
-        transfer_syntax=header.transfer_syntax,
-    ))
+    index.add_instance(
+        InstanceRecord(
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_uid=header.sop_uid,
+            sop_class_uid=header.sop_class_uid,
+            modality=header.modality,
+            laterality=header.laterality,
+            frames=header.frames,
+            size=stat.st_size,
+            path=relpath.as_posix(),
+            received_at=stat.st_mtime,
+            calling_ae=header.source_ae,
+            acquisition_datetime=header.acquisition_datetime,
+            transfer_syntax=header.transfer_syntax,
+        )
+    )
     return True
 
 
 class Assembler:
     """Queues quiet studies. `run_once()` does one pass; `start()` runs passes in a daemon thread."""
 
-    def __init__(self, settings: Settings, index: StudyIndex, publisher: Publisher,
-                 interval: float | None = None) -> None:
+    def __init__(
+        self, settings: Settings, index: StudyIndex, publisher: Publisher, interval: float | None = None
+    ) -> None:
         self.settings = settings
         self.index = index
         self.publisher = publisher
@@ -126,11 +139,17 @@ class Assembler:
             log.info("study %s grew while being queued; it will be queued again when quiet", study.study_uid)
             return None
         instances = self.index.instances(study.study_uid)
-        log.info("study queued: study=%s version=%d task=%s instances=%d series=%d bytes=%d modalities=%s "
-                 "calling_aes=%s", study.study_uid, version, task_id, len(instances),
-                 len({i.series_uid for i in instances}), sum(i.size for i in instances),
-                 ",".join(sorted({i.modality for i in instances})),
-                 ",".join(sorted({i.calling_ae for i in instances if i.calling_ae})) or "-")
+        log.info(
+            "study queued: study=%s version=%d task=%s instances=%d series=%d bytes=%d modalities=%s calling_aes=%s",
+            study.study_uid,
+            version,
+            task_id,
+            len(instances),
+            len({i.series_uid for i in instances}),
+            sum(i.size for i in instances),
+            ",".join(sorted({i.modality for i in instances})),
+            ",".join(sorted({i.calling_ae for i in instances if i.calling_ae})) or "-",
+        )
         return version
 
     def _sweep_temp_files(self) -> None:
@@ -150,8 +169,7 @@ class Assembler:
                 self._sweep_temp_files()
             except Exception as exc:  # noqa: BLE001 - survive a broker or disk outage; retried next pass
                 self.failed_passes += 1
-                log.error("assembly pass failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc,
-                          self.interval)
+                log.error("assembly pass failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc, self.interval)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="grok-assembly", daemon=True)
@@ -162,4 +180,3 @@ class Assembler:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-

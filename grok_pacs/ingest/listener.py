@@ -25,9 +25,9 @@ from pynetdicom import AE, evt
 
 from grok_pacs.config import Settings
 from grok_pacs.dicom import fastpath
-from grok_pacs.dicom.status import DimseStatus, status_name
 from grok_pacs.dicom.contexts import scp_contexts
 from grok_pacs.dicom.header import IncompleteDatasetError, read_header
+from grok_pacs.dicom.status import DimseStatus, status_name
 from grok_pacs.dicom.uids import InvalidUIDError, instance_relpath, is_valid_uid
 from grok_pacs.ingest.transport import HandshakeInThreadServer, enable_streaming_receive, receive_into, ssl_context
 from grok_pacs.ops import metrics
@@ -37,7 +37,6 @@ from grok_pacs.store.index import InstanceRecord, StudyIndex
 log = logging.getLogger("grok_pacs.ingest.listener")
 MB = 1024 * 1024
 ERROR_COMMENT_MAX = 64  # LO
-
 
 
 @dataclass
@@ -75,8 +74,9 @@ def failure_response(code: int, reason: str) -> Dataset:
 class Listener:
     """The DICOM storage SCP. `start()` serves in background threads; `stop()` shuts it down."""
 
-    def __init__(self, settings: Settings, index: StudyIndex,
-                 on_stored: Callable[[InstanceRecord], None] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, index: StudyIndex, on_stored: Callable[[InstanceRecord], None] | None = None
+    ) -> None:
         self.settings = settings
         self.index = index
         self.on_stored = on_stored
@@ -124,14 +124,21 @@ class Listener:
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         address = (self.settings.bind_address, self.settings.port)
-        self._server = self.ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context(self.settings),
-                                           server_class=HandshakeInThreadServer)
+        self._server = self.ae.make_server(
+            address, evt_handlers=handlers, ssl_context=ssl_context(self.settings), server_class=HandshakeInThreadServer
+        )
         self.ae._servers.append(self._server)  # as AE.start_server does; server.shutdown() removes it
         thread = threading.Thread(target=self._server.serve_forever, name="grok-listener", daemon=True)
         thread.start()
-        log.info("listening: ae=%s address=%s:%d tls=%s sop_classes=%d allowed_aes=%s",
-                 self.settings.ae_title, address[0], self.port, self.settings.tls_enabled,
-                 len(self.settings.accepted_sop_classes), ",".join(self.settings.allowed_aes) or "any")
+        log.info(
+            "listening: ae=%s address=%s:%d tls=%s sop_classes=%d allowed_aes=%s",
+            self.settings.ae_title,
+            address[0],
+            self.port,
+            self.settings.tls_enabled,
+            len(self.settings.accepted_sop_classes),
+            ",".join(self.settings.allowed_aes) or "any",
+        )
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting; let open associations finish for up to `grace` seconds, then abort them.
@@ -190,10 +197,18 @@ class Listener:
             stats = self._stats.pop(id(event.assoc), None)
         if stats is None:
             return  # connection closed before any association (e.g. a failed TLS handshake)
-        log.info("association %s: calling=%s called=%s peer=%s stored=%d duplicates=%d failed=%d "
-                 "bytes=%d seconds=%.2f", stats.outcome, stats.calling_ae, stats.called_ae, stats.peer,
-                 stats.stored, stats.duplicates, stats.failed, stats.bytes,
-                 time.monotonic() - stats.started)
+        log.info(
+            "association %s: calling=%s called=%s peer=%s stored=%d duplicates=%d failed=%d bytes=%d seconds=%.2f",
+            stats.outcome,
+            stats.calling_ae,
+            stats.called_ae,
+            stats.peer,
+            stats.stored,
+            stats.duplicates,
+            stats.failed,
+            stats.bytes,
+            time.monotonic() - stats.started,
+        )
 
     def _on_echo(self, event) -> int:
         return DimseStatus.SUCCESS
@@ -207,8 +222,13 @@ class Listener:
         except StoreRefused as refusal:
             stats.failed += 1
             metrics.instance_failed(status_name(refusal.code))
-            log.warning("refused instance from %s: status=%s (0x%04X): %s", stats.calling_ae,
-                        status_name(refusal.code), refusal.code, refusal)
+            log.warning(
+                "refused instance from %s: status=%s (0x%04X): %s",
+                stats.calling_ae,
+                status_name(refusal.code),
+                refusal.code,
+                refusal,
+            )
             return failure_response(refusal.code, str(refusal))
         return code
 
@@ -227,8 +247,9 @@ class Listener:
         if header.sop_uid != sop_uid:
             raise StoreRefused(DimseStatus.ERROR_UID_MISMATCH, "dataset SOPInstanceUID differs from the request's")
         if header.sop_class_uid != str(request.AffectedSOPClassUID):
-            raise StoreRefused(DimseStatus.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                               "dataset SOPClassUID differs from the request's")
+            raise StoreRefused(
+                DimseStatus.ERROR_DATASET_DOES_NOT_MATCH_SOP_CLASS, "dataset SOPClassUID differs from the request's"
+            )
         relpath = instance_relpath(header.study_uid, header.series_uid, header.sop_uid)
         dest = self.data_dir / relpath
         if self.index.has_instance(sop_uid) and dest.is_file():
@@ -236,10 +257,18 @@ class Listener:
             metrics.instance_duplicate()
             return DimseStatus.SUCCESS  # idempotent: the first copy is already durable
         record = InstanceRecord(
-            study_uid=header.study_uid, series_uid=header.series_uid, sop_uid=header.sop_uid,
-            sop_class_uid=header.sop_class_uid, modality=header.modality, laterality=header.laterality,
-            frames=header.frames, size=received.stat().st_size, path=relpath.as_posix(), received_at=time.time(),
-            calling_ae=calling_ae, acquisition_datetime=header.acquisition_datetime,
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_uid=header.sop_uid,
+            sop_class_uid=header.sop_class_uid,
+            modality=header.modality,
+            laterality=header.laterality,
+            frames=header.frames,
+            size=received.stat().st_size,
+            path=relpath.as_posix(),
+            received_at=time.time(),
+            calling_ae=calling_ae,
+            acquisition_datetime=header.acquisition_datetime,
             transfer_syntax=header.transfer_syntax,
         )
         if not self._persist(received, dest, record, synced):
@@ -256,8 +285,10 @@ class Listener:
     def _check_disk(self, received: Path) -> None:
         needed = self.settings.min_free_disk_mb * MB + received.stat().st_size
         if free_bytes(self.data_dir) < needed:
-            raise StoreRefused(DimseStatus.REFUSED_OUT_OF_RESOURCES,
-                               f"free disk below min_free_disk_mb={self.settings.min_free_disk_mb}")
+            raise StoreRefused(
+                DimseStatus.REFUSED_OUT_OF_RESOURCES,
+                f"free disk below min_free_disk_mb={self.settings.min_free_disk_mb}",
+            )
 
     def _persist(self, received: Path, dest: Path, record: InstanceRecord, synced: Future) -> bool:
         """File and index row, both durable (see storage.publish_file); False if the row existed."""

@@ -8,7 +8,6 @@ queue side; the service closes the publisher when it stops.
 from __future__ import annotations
 
 import logging
-
 from typing import Protocol
 
 from grok_pacs.config import Settings
@@ -53,7 +52,7 @@ class IngestService:
         self.publisher.close()
         self.index.close()
 
-    def __enter__(self) -> "IngestService":
+    def __enter__(self) -> IngestService:
         self.start()
         return self
 

@@ -21,7 +21,7 @@ from grok_pacs.config import Settings
 from grok_pacs.store.files import TMP_PREFIX
 
 # Each AE's temporary directory, looked up from the DUL thread that receives the dataset.
-_TMP_DIRS: "weakref.WeakKeyDictionary[AE, Path]" = weakref.WeakKeyDictionary()
+_TMP_DIRS: weakref.WeakKeyDictionary[AE, Path] = weakref.WeakKeyDictionary()
 _ORIGINAL_NTF = tempfile.NamedTemporaryFile
 
 

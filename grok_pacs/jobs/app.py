@@ -64,8 +64,7 @@ def create_app(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
     """A Celery app for `settings`; `include` names task modules a worker imports (e.g. grok_pacs.jobs.tasks)."""
     if broker_scheme(settings.resolved_broker_url) in ("sqla", "sqlalchemy"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not the dir
-    app = Celery("grok_pacs", broker=settings.resolved_broker_url, include=list(include),
-                 set_as_current=False)
+    app = Celery("grok_pacs", broker=settings.resolved_broker_url, include=list(include), set_as_current=False)
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

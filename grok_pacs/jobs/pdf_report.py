@@ -65,8 +65,12 @@ def eye_images(settings: Settings, instances: Mapping[str, InstanceRecord], repo
     return ReportImages(cfp=found.get("cfp"), oct_bscan=bscan, oct_frames=found.get("oct_frames"), oct_pit=pit)
 
 
-def write_pdf_report(settings: Settings, analysed: Sequence[tuple[Report, Sequence[Dataset]]],
-                     images: Mapping[Eye, ReportImages], key: ReportKey) -> str:
+def write_pdf_report(
+    settings: Settings,
+    analysed: Sequence[tuple[Report, Sequence[Dataset]]],
+    images: Mapping[Eye, ReportImages],
+    key: ReportKey,
+) -> str:
     """Build the study's PDF from the analysed eyes (report, evidence headers) and the images they used, and
     write it; returns its path relative to the data directory."""
     if not analysed:

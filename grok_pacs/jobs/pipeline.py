@@ -18,32 +18,34 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pydicom
 from pydicom.dataset import Dataset
 
-from grok_pacs.config import Settings
-from grok_pacs.delivery.sender import write_sr
 from grok_pacs.analysis.imaging import EyeImages, ImageReadError, read_cfp, read_oct_volume
-from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
-from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxRow, OutboxState, ResultKind
 from grok_pacs.analysis.quality import QualityThresholds, judge, ungradable_report, with_learned
 from grok_pacs.analysis.result import Eye, Gradability, ModalityQuality, Report, SourceImage
+from grok_pacs.config import Settings
+from grok_pacs.delivery.sender import write_sr
+from grok_pacs.dicom.uids import resolve_inside
 from grok_pacs.jobs.pdf_report import eye_images, write_pdf_report
 from grok_pacs.jobs.snapshot import EyeCandidates, Kind, StudyOutcome, StudySnapshot
 from grok_pacs.report import dispositions
 from grok_pacs.report.keys import ReportKey
 from grok_pacs.report.pdf import ReportImages
 from grok_pacs.report.sr import SRKey, build_sr
-from grok_pacs.dicom.uids import resolve_inside
+from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
+from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxRow, OutboxState, ResultKind
 
 if TYPE_CHECKING:
     from grok_pacs.analysis.engine import Engine
 
 log = logging.getLogger("grok_pacs.jobs.pipeline")
+
 
 class NoAnalysableEyeError(ValueError):
     """No eye of the study has a usable CFP or OCT; the message says what the study holds."""
@@ -86,8 +88,9 @@ def _read_pixels(settings: Settings, rec: InstanceRecord, kind: Kind):
     return read_cfp(path) if kind is Kind.CFP else read_oct_volume(path)
 
 
-def _first_usable(settings: Settings, queue: list[InstanceRecord], kind: Kind,
-                  notes: list[str]) -> tuple[InstanceRecord, Dataset, Any, str | None] | None:
+def _first_usable(
+    settings: Settings, queue: list[InstanceRecord], kind: Kind, notes: list[str]
+) -> tuple[InstanceRecord, Dataset, Any, str | None] | None:
     """The newest candidate whose header and pixels read (unreadable ones skipped and noted); when none
     decodes, the newest with a readable header and its decode error (the gate calls it ungradable)."""
     undecoded = None
@@ -118,28 +121,49 @@ class EyePlan:
 def plan_eye(settings: Settings, cands: EyeCandidates, notes: list[str], engine: Any = None) -> EyePlan | None:
     """Gate the newest readable CFP and OCT of one eye (skips noted in `notes`), then the engine's learned
     quality head when its bundle has one; None when the eye has neither modality."""
-    picks = {kind: pick for kind in Kind
-             if (pick := _first_usable(settings, cands.cfp if kind is Kind.CFP else cands.oct, kind, notes))}
+    picks = {
+        kind: pick
+        for kind in Kind
+        if (pick := _first_usable(settings, cands.cfp if kind is Kind.CFP else cands.oct, kind, notes))
+    }
     if not picks:
         return None
     limits = QualityThresholds.from_settings(settings)
-    verdicts = {kind: judge(kind.value, header, pixels, error, rec.sop_uid, limits)
-                for kind, (rec, header, pixels, error) in picks.items()}
+    verdicts = {
+        kind: judge(kind.value, header, pixels, error, rec.sop_uid, limits)
+        for kind, (rec, header, pixels, error) in picks.items()
+    }
     head = getattr(engine, "quality_head", None)
     if head is not None:
-        verdicts = {kind: with_learned(v, engine.learned_ungradability(kind.value, picks[kind][2])
-                                       if v.gradability is Gradability.GRADABLE else None, head.threshold)
-                    for kind, v in verdicts.items()}
+        verdicts = {
+            kind: with_learned(
+                v,
+                engine.learned_ungradability(kind.value, picks[kind][2])
+                if v.gradability is Gradability.GRADABLE
+                else None,
+                head.threshold,
+            )
+            for kind, v in verdicts.items()
+        }
     usable = {kind: pick for kind, pick in picks.items() if verdicts[kind].gradability is Gradability.GRADABLE}
     chosen = usable or picks  # nothing gradable: the SR references what was judged
     sources = tuple(SourceImage(rec.sop_class_uid, rec.sop_uid, rec.series_uid) for rec, _, _, _ in chosen.values())
-    images = EyeImages(cands.eye, usable[Kind.CFP][2] if Kind.CFP in usable else None,
-                       usable[Kind.OCT][2] if Kind.OCT in usable else None, sources) if usable else None
+    images = (
+        EyeImages(
+            cands.eye,
+            usable[Kind.CFP][2] if Kind.CFP in usable else None,
+            usable[Kind.OCT][2] if Kind.OCT in usable else None,
+            sources,
+        )
+        if usable
+        else None
+    )
     return EyePlan(cands.eye, tuple(verdicts.values()), sources, tuple(h for _, h, _, _ in chosen.values()), images)
 
 
-def analyse_eyes(settings: Settings, engine: AnalysisEngine, eyes: Sequence[EyeCandidates], notes: list[str]
-                 ) -> list[tuple[Report, list[Dataset]]]:
+def analyse_eyes(
+    settings: Settings, engine: AnalysisEngine, eyes: Sequence[EyeCandidates], notes: list[str]
+) -> list[tuple[Report, list[Dataset]]]:
     """Gate each eye, then run the engine ONCE on every eye with a gradable modality (both eyes of a study
     in one batched generation); an eye none of whose modalities passes gets a report without diagnosis;
     an eye with neither modality gets nothing."""
@@ -151,19 +175,26 @@ def analyse_eyes(settings: Settings, engine: AnalysisEngine, eyes: Sequence[EyeC
         if plan.images is not None:
             report = dataclasses.replace(next(analysed), quality=plan.verdicts)
         else:
-            report = ungradable_report(plan.eye, plan.verdicts, plan.sources, engine.bundle.name,
-                                       engine.bundle.version)
+            report = ungradable_report(plan.eye, plan.verdicts, plan.sources, engine.bundle.name, engine.bundle.version)
         out.append((report, list(plan.evidence)))
     return out
 
 
 def _no_analysable_eye(snapshot: StudySnapshot, notes: list[str]) -> NoAnalysableEyeError:
-    return NoAnalysableEyeError(f"no readable CFP or OCT of a right or left eye (study holds {snapshot.holdings()})"
-                                + (f"; {'; '.join(notes)}" if notes else ""))
+    return NoAnalysableEyeError(
+        f"no readable CFP or OCT of a right or left eye (study holds {snapshot.holdings()})"
+        + (f"; {'; '.join(notes)}" if notes else "")
+    )
 
 
-def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Callable[[], "Engine | AnalysisEngine"],
-              bundle_version: str, snapshot: StudySnapshot) -> StudyResult:
+def run_study(
+    settings: Settings,
+    index: StudyIndex,
+    outbox: Outbox,
+    engine: Callable[[], Engine | AnalysisEngine],
+    bundle_version: str,
+    snapshot: StudySnapshot,
+) -> StudyResult:
     """Analyse one study version into outbox rows (delivery is the caller's next step).
 
     The index is written once here (ANALYSING, when the model must run); the caller writes the end
@@ -179,10 +210,16 @@ def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Cal
     pdf_key = ReportKey(study_uid, version, bundle_version)
     existing = {eye: outbox.get(key.sop_instance_uid) for eye, key in keys.items()}
     existing_pdf = outbox.get(pdf_key.sop_instance_uid)  # treated like one more SR, so it is reused too
-    finished = {eye: e for eye, e in [*existing.items(), (None, existing_pdf)]
-                if e is not None and e.state in (OutboxState.DELIVERED, OutboxState.FAILED)}
-    built = {eye: e for eye, e in [*existing.items(), (None, existing_pdf)]  # written, not delivered: reuse
-             if e is not None and eye not in finished and resolve_inside(Path(settings.data_dir), e.path).is_file()}
+    finished = {
+        eye: e
+        for eye, e in [*existing.items(), (None, existing_pdf)]
+        if e is not None and e.state in (OutboxState.DELIVERED, OutboxState.FAILED)
+    }
+    built = {
+        eye: e
+        for eye, e in [*existing.items(), (None, existing_pdf)]  # written, not delivered: reuse
+        if e is not None and eye not in finished and resolve_inside(Path(settings.data_dir), e.path).is_file()
+    }
     pending = [eye for eye in Eye if eye not in finished and eye not in built and (eyes[eye].cfp or eyes[eye].oct)]
     if finished and not pending and not built:
         return StudyResult(study_uid, version, StudyOutcome.ALREADY_DONE, tuple(finished.values()), tuple(notes))
@@ -192,10 +229,13 @@ def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Cal
     if not pending:
         raise _no_analysable_eye(snapshot, notes)
     index.set_state(study_uid, StudyState.ANALYSING, f"bundle {bundle_version}", version=version)
-    analysed = _analyse_and_write(settings, engine(), eyes, pending, keys, notes,
-                                  {rec.sop_uid: rec for rec in snapshot.instances})
-    rows = [OutboxRow(keys[report.eye].sop_instance_uid, study_uid, version, bundle_version, report.eye.value, path)
-            for report, _, path, _ in analysed]
+    analysed = _analyse_and_write(
+        settings, engine(), eyes, pending, keys, notes, {rec.sop_uid: rec for rec in snapshot.instances}
+    )
+    rows = [
+        OutboxRow(keys[report.eye].sop_instance_uid, study_uid, version, bundle_version, report.eye.value, path)
+        for report, _, path, _ in analysed
+    ]
     if settings.pdf_report and analysed and not entries:  # every eye's report is at hand
         rows.extend(_pdf_row(settings, snapshot, analysed, pdf_key, notes))
     # One transaction: SRs and PDF queued together; every row carries all notes (also an eye without an SR).
@@ -205,29 +245,50 @@ def run_study(settings: Settings, index: StudyIndex, outbox: Outbox, engine: Cal
     return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
 
 
-def _pdf_row(settings: Settings, snapshot: StudySnapshot, analysed: list[tuple[Report, list[Dataset], str,
-                                                                                ReportImages]],
-             key: ReportKey, notes: list[str]) -> list[OutboxRow]:
+def _pdf_row(
+    settings: Settings,
+    snapshot: StudySnapshot,
+    analysed: list[tuple[Report, list[Dataset], str, ReportImages]],
+    key: ReportKey,
+    notes: list[str],
+) -> list[OutboxRow]:
     """The study's PDF report as an outbox row; a PDF that cannot be made is noted, never holds the SRs back."""
     try:
-        path = write_pdf_report(settings, [(r, ev) for r, ev, _, _ in analysed],
-                                {r.eye: pictures for r, _, _, pictures in analysed}, key)
+        path = write_pdf_report(
+            settings, [(r, ev) for r, ev, _, _ in analysed], {r.eye: pictures for r, _, _, pictures in analysed}, key
+        )
     except Exception as exc:  # noqa: BLE001 - the SRs go out regardless; the reason shows with the study
         log.exception("study %s v%d: PDF report not made", snapshot.study_uid, snapshot.version)
         notes.append(f"PDF report not made: {type(exc).__name__}: {_first_line(exc)}")
         return []
-    return [OutboxRow(key.sop_instance_uid, snapshot.study_uid, snapshot.version, key.bundle_version, "", path,
-                      kind=ResultKind.PDF)]
+    return [
+        OutboxRow(
+            key.sop_instance_uid,
+            snapshot.study_uid,
+            snapshot.version,
+            key.bundle_version,
+            "",
+            path,
+            kind=ResultKind.PDF,
+        )
+    ]
 
 
-def _analyse_and_write(settings: Settings, engine: AnalysisEngine, eyes: Mapping[Eye, EyeCandidates],
-                       pending: list[Eye], keys: Mapping[Eye, SRKey], notes: list[str],
-                       instances: Mapping[str, InstanceRecord]
-                       ) -> list[tuple[Report, list[Dataset], str, ReportImages]]:
+def _analyse_and_write(
+    settings: Settings,
+    engine: AnalysisEngine,
+    eyes: Mapping[Eye, EyeCandidates],
+    pending: list[Eye],
+    keys: Mapping[Eye, SRKey],
+    notes: list[str],
+    instances: Mapping[str, InstanceRecord],
+) -> list[tuple[Report, list[Dataset], str, ReportImages]]:
     """Analyse each pending eye, give each its disposition and the patient roll-up over them, and write
     their SRs under sr/; returns (report, evidence headers, SR path, images used); skips go to `notes`."""
     analysed = analyse_eyes(settings, engine, [eyes[eye] for eye in pending], notes)
-    reports = dispositions.apply([report for report, _ in analysed], dispositions.load_table(settings.disposition_table))
+    reports = dispositions.apply(
+        [report for report, _ in analysed], dispositions.load_table(settings.disposition_table)
+    )
     data_dir = Path(settings.data_dir)
     written = []
     for report, (_, evidence) in zip(reports, analysed):

@@ -11,8 +11,8 @@ import logging
 
 from celery import Celery
 
-from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, create_app
 from grok_pacs.config import Settings
+from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, create_app
 
 log = logging.getLogger("grok_pacs.jobs.publisher")
 

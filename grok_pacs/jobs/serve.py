@@ -1,4 +1,5 @@
-"""The one-box service (`grok-pacs serve`): the whole service on one box in one command — listener, assembly and an embedded
+"""The one-box service (`grok-pacs serve`): the whole service on one box in one command — listener, assembly and an
+embedded
 worker, on the embedded default broker (SQLite under the data directory) unless a broker URL is given.
 
 The worker runs in this process's main thread (solo pool; Celery owns SIGTERM/SIGINT: warm shutdown, the
@@ -51,9 +52,15 @@ def run_serve(settings: Settings, loglevel: str = "INFO") -> int:
     server = observability.maybe_start_server(settings, "serve")  # /metrics, /health when metrics_port
     metrics.watch_studies(service.index.count_by_state)
     service.start()
-    log.info("serving: ae=%s port=%d data_dir=%s broker=%s queue=%s destination=%s", settings.ae_title,
-             service.port, settings.data_dir, broker_scheme(settings.resolved_broker_url), settings.queue,
-             settings.destination or "-")
+    log.info(
+        "serving: ae=%s port=%d data_dir=%s broker=%s queue=%s destination=%s",
+        settings.ae_title,
+        service.port,
+        settings.data_dir,
+        broker_scheme(settings.resolved_broker_url),
+        settings.queue,
+        settings.destination or "-",
+    )
     try:
         celery_worker = worker.build_worker(app, settings, loglevel)
         celery_worker.start()  # blocks; returns after a warm shutdown

@@ -61,7 +61,9 @@ def _newest_first(rec: InstanceRecord) -> tuple[str, float, str]:
     return (rec.acquisition_datetime.split(".")[0].split("+")[0].split("-")[0], rec.received_at, rec.sop_uid)
 
 
-def select_candidates(instances: list[InstanceRecord], settings: Settings) -> tuple[dict[Eye, EyeCandidates], list[str]]:
+def select_candidates(
+    instances: list[InstanceRecord], settings: Settings
+) -> tuple[dict[Eye, EyeCandidates], list[str]]:
     """Per eye, the CFP and OCT candidates newest first; plus notes on instances no eye can use."""
     eyes = {eye: EyeCandidates(eye) for eye in Eye}
     notes: list[str] = []

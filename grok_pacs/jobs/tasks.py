@@ -16,14 +16,14 @@ from typing import Any
 from celery import shared_task
 
 from grok_pacs.delivery import sender as delivery
-from grok_pacs.ops import metrics
+from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError
 from grok_pacs.jobs import pipeline
-from grok_pacs.jobs.snapshot import StudyNotYetQueuedError, StudyOutcome, read_study
 from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, TASK_DELIVER_SR
+from grok_pacs.jobs.snapshot import StudyNotYetQueuedError, StudyOutcome, read_study
 from grok_pacs.jobs.worker import ContextTask, WorkerContext
+from grok_pacs.ops import metrics
 from grok_pacs.store.index import StudyState
 from grok_pacs.store.outbox import OutboxState, ResultKind
-from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError
 
 log = logging.getLogger("grok_pacs.jobs.tasks")
 
@@ -39,14 +39,18 @@ def _schedule_retry(task: ContextTask, sr_uid: str, retry_number: int, reason: s
     ctx = task.ctx
     settings = ctx.settings
     if retry_number > settings.delivery_max_retries:
-        delivery.give_up(ctx.outbox, sr_uid, f"gave-up-{sr_uid}",
-                         f"gave up after {retry_number} attempts; last: {reason}")
+        delivery.give_up(
+            ctx.outbox, sr_uid, f"gave-up-{sr_uid}", f"gave up after {retry_number} attempts; last: {reason}"
+        )
         return
     countdown = delivery.retry_delay_s(settings, retry_number - 1)
-    task.app.send_task(TASK_DELIVER_SR, kwargs={"sr_uid": sr_uid, "retry_number": retry_number},
-                       countdown=countdown, queue=settings.queue)
-    log.info("SR %s: delivery retry %d/%d in %.1f s", sr_uid, retry_number, settings.delivery_max_retries,
-             countdown)
+    task.app.send_task(
+        TASK_DELIVER_SR,
+        kwargs={"sr_uid": sr_uid, "retry_number": retry_number},
+        countdown=countdown,
+        queue=settings.queue,
+    )
+    log.info("SR %s: delivery retry %d/%d in %.1f s", sr_uid, retry_number, settings.delivery_max_retries, countdown)
 
 
 def _deliver_once(ctx: WorkerContext, sr_uid: str, owner: str) -> tuple[str, str]:
@@ -67,9 +71,19 @@ def _fail_study(ctx: WorkerContext, study_uid: str, version: int, exc: BaseExcep
     return {"study_uid": study_uid, "version": version, "outcome": "failed", "reason": reason}
 
 
-@shared_task(bind=True, base=ContextTask, name=TASK_ANALYZE_STUDY, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
-             autoretry_for=TRANSIENT_ANALYSIS_ERRORS, max_retries=ANALYSIS_MAX_RETRIES, retry_backoff=True,
-             retry_backoff_max=ANALYSIS_BACKOFF_MAX_S, retry_jitter=True)
+@shared_task(
+    bind=True,
+    base=ContextTask,
+    name=TASK_ANALYZE_STUDY,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    autoretry_for=TRANSIENT_ANALYSIS_ERRORS,
+    max_retries=ANALYSIS_MAX_RETRIES,
+    retry_backoff=True,
+    retry_backoff_max=ANALYSIS_BACKOFF_MAX_S,
+    retry_jitter=True,
+)
 def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[str, Any]:
     """Analyse (study, version), put its SRs in the outbox and deliver them.
 
@@ -84,20 +98,18 @@ def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[st
         received_at = snapshot.last_received_at
         metrics.job_started(received_at, ctx.settings.quiet_period)
         with metrics.time_stage("analysis"):
-            result = pipeline.run_study(ctx.settings, ctx.index, ctx.outbox, ctx.engine, ctx.bundle_version(),
-                                        snapshot)
+            result = pipeline.run_study(ctx.settings, ctx.index, ctx.outbox, ctx.engine, ctx.bundle_version(), snapshot)
     except TRANSIENT_ANALYSIS_ERRORS:
         raise  # retried by Celery (autoretry_for), bounded, with backoff
     except StudyNotYetQueuedError as exc:
         if self.request.retries >= NOT_YET_QUEUED_RETRIES:
             log.warning("study %s v%d: %s; giving the job up", study_uid, version, exc)
             return {"study_uid": study_uid, "version": version, "outcome": "not-queued"}
-        raise self.retry(exc=exc, countdown=NOT_YET_QUEUED_DELAY_S, max_retries=NOT_YET_QUEUED_RETRIES)
+        raise self.retry(exc=exc, countdown=NOT_YET_QUEUED_DELAY_S, max_retries=NOT_YET_QUEUED_RETRIES) from exc
     except Exception as exc:  # noqa: BLE001 - any other analysis error is permanent: record it, no retry
         metrics.job_done(received_at, succeeded=False)
         return _fail_study(ctx, study_uid, version, exc)
-    summary: dict[str, Any] = {"study_uid": study_uid, "version": version, "outcome": result.outcome.value,
-                               "srs": {}}
+    summary: dict[str, Any] = {"study_uid": study_uid, "version": version, "outcome": result.outcome.value, "srs": {}}
     if result.outcome is not StudyOutcome.ANALYSED:
         return summary
     for entry in result.entries:  # SRs under "srs" by UID; the study's PDF report under "pdf"
@@ -116,7 +128,9 @@ def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[st
     return summary
 
 
-@shared_task(bind=True, base=ContextTask, name=TASK_DELIVER_SR, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@shared_task(
+    bind=True, base=ContextTask, name=TASK_DELIVER_SR, acks_late=True, reject_on_worker_lost=True, ignore_result=True
+)
 def deliver_sr(self: ContextTask, *, sr_uid: str, retry_number: int = 0) -> str:
     """Deliver one SR of the outbox: retry `retry_number` (0: a restart's recovery); idempotent per SR UID."""
     ctx = self.ctx

@@ -66,7 +66,7 @@ class WorkerContext:
     def engine_loaded(self) -> bool:
         return self._engine is not None
 
-    def engine(self) -> "Engine":
+    def engine(self) -> Engine:
         """The bundle's engine; the first call loads it (seconds to minutes), later calls reuse it."""
         if self._engine is None:
             with self._engine_lock:
@@ -78,13 +78,18 @@ class WorkerContext:
                     log.info("loading model bundle %s (pid %d)", self.settings.bundle, os.getpid())
                     started = time.perf_counter()
                     try:
-                        self._engine = Engine.from_bundle(Path(self.settings.bundle),
-                                                          min_label_probability=self.settings.min_label_probability)
+                        self._engine = Engine.from_bundle(
+                            Path(self.settings.bundle), min_label_probability=self.settings.min_label_probability
+                        )
                     except Exception as exc:  # noqa: BLE001 - recorded for /health, then raised unchanged
                         health.BUNDLE_STATE.mark_failed(f"{type(exc).__name__}: {exc}")
                         raise
-                    metrics.model_loaded("bundle", time.perf_counter() - started, bundle=self.settings.bundle,
-                                         version=str(self._engine.bundle.version))
+                    metrics.model_loaded(
+                        "bundle",
+                        time.perf_counter() - started,
+                        bundle=self.settings.bundle,
+                        version=str(self._engine.bundle.version),
+                    )
         return self._engine
 
 
@@ -102,8 +107,10 @@ def context_of(app: Celery) -> WorkerContext:
     """The worker context of `app`; raises when the app was not configured as a grok-pacs worker."""
     context = getattr(app, APP_ATTRIBUTE, None)
     if context is None:
-        raise RuntimeError(f"Celery app {app.main!r} has no grok-pacs worker context: "
-                           "build it with grok_pacs.jobs.worker.worker_app(settings)")
+        raise RuntimeError(
+            f"Celery app {app.main!r} has no grok-pacs worker context: "
+            "build it with grok_pacs.jobs.worker.worker_app(settings)"
+        )
     return context
 
 
@@ -131,8 +138,13 @@ def _on_worker_ready(sender: Any = None, **_: Any) -> None:
     if app is None or getattr(app, APP_ATTRIBUTE, None) is None:
         return  # a worker of another Celery app in this process: not ours
     ctx = context_of(app)
-    log.info("worker ready: pid=%d queue=%s broker=%s bundle=%s", os.getpid(), ctx.settings.queue,
-             ctx.settings.resolved_broker_url.split("://", 1)[0], ctx.settings.bundle)
+    log.info(
+        "worker ready: pid=%d queue=%s broker=%s bundle=%s",
+        os.getpid(),
+        ctx.settings.queue,
+        ctx.settings.resolved_broker_url.split("://", 1)[0],
+        ctx.settings.bundle,
+    )
     if ctx.settings.destination is None:
         return
     entries = ctx.outbox.undelivered(lease_s=claim_lease_s(ctx.settings))
@@ -153,10 +165,17 @@ def build_worker(app: Celery, settings: Settings, loglevel: str = "INFO") -> Any
     context_of(app)  # fail now, not in the first job, when the app has no context
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied module otherwise
     import grok_pacs.analysis.engine  # noqa: F401 - torch/transformers imported now, not inside the first job
+
     worker_ready.connect(_on_worker_ready, weak=False, dispatch_uid="grok_pacs.jobs.worker.ready")
     return app.Worker(
-        pool="solo", concurrency=1, queues=[settings.queue], hostname=node_name(settings),
-        loglevel=loglevel, without_gossip=True, without_mingle=True, without_heartbeat=True,
+        pool="solo",
+        concurrency=1,
+        queues=[settings.queue],
+        hostname=node_name(settings),
+        loglevel=loglevel,
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
         optimization="fair",
     )
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -53,8 +53,9 @@ def _short(keys: list[str], limit: int = 8) -> str:
     return head + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str,
-                 ignored_prefixes: tuple[str, ...] = ()) -> list[str]:
+def load_checked(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: str, ignored_prefixes: tuple[str, ...] = ()
+) -> list[str]:
     """Load `state` (strict=False) after checking keys and shapes; returns the ignored keys.
 
     Missing keys are always an error (every encoder parameter must come from the file); unexpected keys are
@@ -69,8 +70,11 @@ def load_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, s
         problems.append(f"missing keys: {_short(missing)}")
     if unexpected:
         problems.append(f"unexpected keys: {_short(unexpected)}")
-    bad_shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                  for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    bad_shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if bad_shapes:
         problems.append(f"shape mismatch (file vs model): {_short(bad_shapes, 4)}")
     if problems:
@@ -102,7 +106,11 @@ def retfound_state(raw: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_retfound(path: str | Path, cfg: EncoderConfig = EncoderConfig()) -> RetinaEncoder:
+RETFOUND_ENCODER = EncoderConfig()  # frozen: safe as a default
+RETIZERO_ENCODER = EncoderConfig(lora_rank=8)  # RetiZero's CFP ViT carries LoRA rank 8 on qkv
+
+
+def load_retfound(path: str | Path, cfg: EncoderConfig = RETFOUND_ENCODER) -> RetinaEncoder:
     """A RETFound OCT encoder from its `.pth` (weights under `model`, MAE decoder keys ignored)."""
     path = Path(path)
     encoder = build_encoder(cfg)
@@ -112,8 +120,7 @@ def load_retfound(path: str | Path, cfg: EncoderConfig = EncoderConfig()) -> Ret
     return encoder.eval()
 
 
-def load_retizero(path: str | Path, cfg: EncoderConfig = EncoderConfig(lora_rank=8), *,
-                  merge: bool = True) -> RetinaEncoder:
+def load_retizero(path: str | Path, cfg: EncoderConfig = RETIZERO_ENCODER, *, merge: bool = True) -> RetinaEncoder:
     """RetiZero's CFP encoder: its LoRA ViT out of the CLIP state dict, LoRA merged into qkv unless merge=False."""
     path = Path(path)
     raw = _torch_load(path)
@@ -129,8 +136,7 @@ def load_retizero(path: str | Path, cfg: EncoderConfig = EncoderConfig(lora_rank
     encoder = build_encoder(cfg)
     if rank:
         apply_qkv_lora(encoder, rank)
-    state = {k.removeprefix(RETIZERO_VIT_PREFIX) if k.startswith(RETIZERO_VIT_PREFIX) else k: v
-             for k, v in raw.items()}
+    state = {k.removeprefix(RETIZERO_VIT_PREFIX) if k.startswith(RETIZERO_VIT_PREFIX) else k: v for k, v in raw.items()}
     _fit_pos_embed(state, encoder)
     load_checked(encoder, state, source=f"RetiZero checkpoint {path}", ignored_prefixes=RETIZERO_IGNORED_PREFIXES)
     if merge:

@@ -42,11 +42,13 @@ class ProjectorConfig:
     vision_dim: int = 1024  # encoder token width (both encoders must agree)
     llm_hidden_size: int = 3584  # LLM embedding width H (Qwen2-7B: 3584)
     missing_modality: str = "learned"  # how an absent modality is fed: "learned" = one learned placeholder embedding
-    token_grid: int = 0  # 0 = every patch token (196 per modality, the paper); k = average-pooled to k x k (CPU presets)
+    token_grid: int = (
+        0  # 0 = every patch token (196 per modality, the paper); k = average-pooled to k x k (CPU presets)
+    )
 
     def tokens_per_image(self, num_patches: int) -> int:
         """Visual embeddings one image contributes after pooling."""
-        return self.token_grid ** 2 if self.token_grid else num_patches
+        return self.token_grid**2 if self.token_grid else num_patches
 
 
 @dataclass(frozen=True)
@@ -87,12 +89,15 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.temperature < 0:
-            raise ValueError(f"generation: max_new_tokens {self.max_new_tokens} must be >= 1 and temperature "
-                             f"{self.temperature} >= 0")
+            raise ValueError(
+                f"generation: max_new_tokens {self.max_new_tokens} must be >= 1 and temperature {self.temperature} >= 0"
+            )
         if self.no_repeat_ngram_size < 0 or self.max_number_digits < 0 or self.repetition_penalty <= 0:
-            raise ValueError("generation: no_repeat_ngram_size and max_number_digits must be >= 0 (0 = off) and "
-                             f"repetition_penalty > 0; got {self.no_repeat_ngram_size}, {self.max_number_digits}, "
-                             f"{self.repetition_penalty}")
+            raise ValueError(
+                "generation: no_repeat_ngram_size and max_number_digits must be >= 0 (0 = off) and "
+                f"repetition_penalty > 0; got {self.no_repeat_ngram_size}, {self.max_number_digits}, "
+                f"{self.repetition_penalty}"
+            )
 
 
 @dataclass(frozen=True)
@@ -108,17 +113,24 @@ class GrokConfig:
     max_length: int = 2048  # training sequence limit, visual embeddings included
 
     @classmethod
-    def full(cls) -> "GrokConfig":
+    def full(cls) -> GrokConfig:
         """The paper's model: ViT-L/16 encoders, Qwen2-7B (H = 3584)."""
         return cls()
 
     @classmethod
-    def tiny(cls, vocab_size: int = 512) -> "GrokConfig":
+    def tiny(cls, vocab_size: int = 512) -> GrokConfig:
         """Same token counts as the full model, tiny widths: builds and runs in a second on a CPU."""
         enc = EncoderConfig(embed_dim=32, depth=2, num_heads=2)
-        llm = LLMConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=256, vocab_size=vocab_size, max_position_embeddings=2048,
-                        rope_theta=10_000.0)
+        llm = LLMConfig(
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=256,
+            vocab_size=vocab_size,
+            max_position_embeddings=2048,
+            rope_theta=10_000.0,
+        )
         return cls(
             cfp_encoder=EncoderConfig(embed_dim=32, depth=2, num_heads=2, lora_rank=4),
             oct_encoder=enc,
@@ -131,17 +143,23 @@ class GrokConfig:
     @property
     def visual_tokens(self) -> int:
         """Visual embeddings spliced at the image token when both modalities are present (392)."""
-        return (self.projector.tokens_per_image(self.cfp_encoder.num_patches)
-                + self.projector.tokens_per_image(self.oct_encoder.num_patches))
+        return self.projector.tokens_per_image(self.cfp_encoder.num_patches) + self.projector.tokens_per_image(
+            self.oct_encoder.num_patches
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GrokConfig":
+    def from_dict(cls, data: dict[str, Any]) -> GrokConfig:
         """Inverse of to_dict; unknown keys are an error that names them (a bundle from a newer version)."""
-        parts = {"cfp_encoder": EncoderConfig, "oct_encoder": EncoderConfig, "projector": ProjectorConfig,
-                 "llm": LLMConfig, "generation": GenerationConfig}
+        parts = {
+            "cfp_encoder": EncoderConfig,
+            "oct_encoder": EncoderConfig,
+            "projector": ProjectorConfig,
+            "llm": LLMConfig,
+            "generation": GenerationConfig,
+        }
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown GrokConfig fields: {sorted(unknown)}")
@@ -161,11 +179,14 @@ class GrokConfig:
         """Shapes that must agree; raises ValueError naming the mismatch."""
         for name, enc in (("cfp_encoder", self.cfp_encoder), ("oct_encoder", self.oct_encoder)):
             if enc.embed_dim != self.projector.vision_dim:
-                raise ValueError(f"{name}.embed_dim {enc.embed_dim} != projector.vision_dim {self.projector.vision_dim}")
+                raise ValueError(
+                    f"{name}.embed_dim {enc.embed_dim} != projector.vision_dim {self.projector.vision_dim}"
+                )
             if enc.img_size % enc.patch_size:
                 raise ValueError(f"{name}: img_size {enc.img_size} is not a multiple of patch_size {enc.patch_size}")
         if self.projector.llm_hidden_size != self.llm.hidden_size:
-            raise ValueError(f"projector.llm_hidden_size {self.projector.llm_hidden_size} != llm.hidden_size "
-                             f"{self.llm.hidden_size}")
+            raise ValueError(
+                f"projector.llm_hidden_size {self.projector.llm_hidden_size} != llm.hidden_size {self.llm.hidden_size}"
+            )
         if self.projector.missing_modality != "learned":
             raise ValueError(f"projector.missing_modality {self.projector.missing_modality!r}: only 'learned'")

@@ -8,7 +8,8 @@ learned placeholder embedding instead (see grok_pacs.model.projector). Spliced p
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,9 +51,16 @@ class GrokModel(nn.Module):
         self.projectors = projectors
         self.image_token_id = int(image_token_id)
 
-    def splice(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               labels: torch.Tensor | None = None, cfp_tokens: Tokens = None, oct_tokens: Tokens = None,
-               *, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    def splice(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cfp_tokens: Tokens = None,
+        oct_tokens: Tokens = None,
+        *,
+        padding_side: str = "right",
+    ) -> dict[str, torch.Tensor]:
         """inputs_embeds / attention_mask / position_ids (/ labels) with the visual embeddings in place."""
         batch = input_ids.shape[0]
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
@@ -67,11 +75,11 @@ class GrokModel(nn.Module):
             pos = int(where[0])
             text = embed(ids)
             visual = self.projectors.visual_embeddings(cfp_list[i], oct_list[i]).to(text.dtype)
-            rows.append(torch.cat([text[:pos], visual, text[pos + 1:]], dim=0))
+            rows.append(torch.cat([text[:pos], visual, text[pos + 1 :]], dim=0))
             if labels is not None:
                 lab = labels[i][mask[i].bool()]
                 fill = torch.full((visual.shape[0],), IGNORE_INDEX, dtype=lab.dtype, device=lab.device)
-                row_labels.append(torch.cat([lab[:pos], fill, lab[pos + 1:]]))
+                row_labels.append(torch.cat([lab[:pos], fill, lab[pos + 1 :]]))
         return self._pad(rows, row_labels, padding_side)
 
     def _pad(self, rows: list[torch.Tensor], row_labels: list[torch.Tensor], side: str) -> dict[str, torch.Tensor]:
@@ -85,23 +93,36 @@ class GrokModel(nn.Module):
             embeds[i, span], mask[i, span] = row, 1
             if row_labels:
                 labels[i, span] = row_labels[i]
-        out = {"inputs_embeds": embeds, "attention_mask": mask,
-               "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+        out = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
         if row_labels:
             out["labels"] = labels
         return out
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, cfp_tokens: Tokens = None, oct_tokens: Tokens = None,
-                **kwargs: Any) -> Any:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cfp_tokens: Tokens = None,
+        oct_tokens: Tokens = None,
+        **kwargs: Any,
+    ) -> Any:
         """Training / scoring pass; returns the LLM's CausalLMOutput (loss when labels are given)."""
         inputs = self.splice(input_ids, attention_mask, labels, cfp_tokens, oct_tokens, padding_side="right")
         return self.llm(**inputs, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 cfp_tokens: Tokens = None, oct_tokens: Tokens = None, *, max_new_tokens: int = 512,
-                 temperature: float = 0.0, **kwargs: Any) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cfp_tokens: Tokens = None,
+        oct_tokens: Tokens = None,
+        *,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         """New token ids [B, T] (prompt excluded). Greedy unless temperature > 0; at most max_new_tokens."""
         inputs = self.splice(input_ids, attention_mask, None, cfp_tokens, oct_tokens, padding_side="left")
         inputs.pop("position_ids")  # generate derives positions from the attention mask

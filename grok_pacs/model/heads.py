@@ -9,9 +9,10 @@ torch for this step. Stored as safetensors with the modality and key order in th
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -45,16 +46,18 @@ class BiomarkerHead:
     def __post_init__(self) -> None:
         k = len(KEYS_BY_MODALITY[Modality(self.modality)])
         if self.weight.ndim != 2 or self.weight.shape[0] != k or self.bias.shape != (k,):
-            raise ValueError(f"{self.modality} head needs weight [{k}, D] and bias [{k}], got "
-                             f"{tuple(self.weight.shape)} and {tuple(self.bias.shape)}")
+            raise ValueError(
+                f"{self.modality} head needs weight [{k}, D] and bias [{k}], got "
+                f"{tuple(self.weight.shape)} and {tuple(self.bias.shape)}"
+            )
 
     @classmethod
-    def from_ridge(cls, modality: Modality | str, weight: Any, bias: Any) -> "BiomarkerHead":
+    def from_ridge(cls, modality: Modality | str, weight: Any, bias: Any) -> BiomarkerHead:
         """A head from a fitted linear model (weight [K, D], bias [K]; numpy or torch)."""
         return cls(Modality(modality), _array(weight), _array(bias).reshape(-1))
 
     @classmethod
-    def fit_ridge(cls, modality: Modality | str, features: Any, targets: Any, alpha: float = 1.0) -> "BiomarkerHead":
+    def fit_ridge(cls, modality: Modality | str, features: Any, targets: Any, alpha: float = 1.0) -> BiomarkerHead:
         """Closed-form ridge on standardised features, one biomarker at a time (rows with NaN targets skipped).
 
         features [N, D]; targets [N, K] in the modality's key order. Standardisation is folded back into
@@ -65,8 +68,9 @@ class BiomarkerHead:
         x, y = _array(features), _array(targets)
         keys = KEYS_BY_MODALITY[modality]
         if y.ndim != 2 or y.shape[1] != len(keys) or x.shape[0] != y.shape[0]:
-            raise ValueError(f"fit_ridge: features [N, D] and targets [N, {len(keys)}] needed, got "
-                             f"{x.shape} and {y.shape}")
+            raise ValueError(
+                f"fit_ridge: features [N, D] and targets [N, {len(keys)}] needed, got {x.shape} and {y.shape}"
+            )
         mean, std = x.mean(0), x.std(0) + 1e-6
         z = (x - mean) / std
         weight = np.zeros((len(keys), x.shape[1]))
@@ -100,15 +104,23 @@ class BiomarkerHead:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         # safetensors copies raw memory: a transposed (non-contiguous) array would reload scrambled.
-        tensors = {"weight": np.ascontiguousarray(self.weight, dtype=np.float32),
-                   "bias": np.ascontiguousarray(self.bias, dtype=np.float32)}
-        save_file(tensors, str(path),
-                  metadata={"format": "grok-pacs-biomarker-head/1", "modality": str(self.modality),
-                            "keys": json.dumps(list(self.keys))})
+        tensors = {
+            "weight": np.ascontiguousarray(self.weight, dtype=np.float32),
+            "bias": np.ascontiguousarray(self.bias, dtype=np.float32),
+        }
+        save_file(
+            tensors,
+            str(path),
+            metadata={
+                "format": "grok-pacs-biomarker-head/1",
+                "modality": str(self.modality),
+                "keys": json.dumps(list(self.keys)),
+            },
+        )
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "BiomarkerHead":
+    def load(cls, path: str | Path) -> BiomarkerHead:
         """A head saved by `save`; refuses a file whose key order is not the current biomarker schema."""
         from safetensors import safe_open
 
@@ -118,7 +130,9 @@ class BiomarkerHead:
         modality = Modality(meta.get("modality", ""))  # ValueError names the bad value
         keys = tuple(json.loads(meta.get("keys", "[]")))
         if keys != KEYS_BY_MODALITY[modality]:
-            raise ValueError(f"head file {path}: biomarker order {keys[:3]}... differs from grok_pacs.domain.biomarkers")
+            raise ValueError(
+                f"head file {path}: biomarker order {keys[:3]}... differs from grok_pacs.domain.biomarkers"
+            )
         tensors = load_file(str(path))
         return cls(modality, tensors["weight"].astype(np.float64), tensors["bias"].astype(np.float64))
 

@@ -69,13 +69,19 @@ class Projectors(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu().float() for k, v in self.state_dict().items()}
-        save_file(state, str(path), metadata={"format": "grok-pacs-projectors/1",
-                                              "vision_dim": str(self.cfg.vision_dim),
-                                              "llm_hidden_size": str(self.cfg.llm_hidden_size)})
+        save_file(
+            state,
+            str(path),
+            metadata={
+                "format": "grok-pacs-projectors/1",
+                "vision_dim": str(self.cfg.vision_dim),
+                "llm_hidden_size": str(self.cfg.llm_hidden_size),
+            },
+        )
         return path
 
     @classmethod
-    def load(cls, path: str | Path, cfg: ProjectorConfig) -> "Projectors":
+    def load(cls, path: str | Path, cfg: ProjectorConfig) -> Projectors:
         """Projectors saved by `save`; a file of other shapes raises CheckpointError naming the keys."""
         module = cls(cfg)
         load_checked(module, load_file(str(path)), source=f"projector file {path}")

@@ -10,11 +10,11 @@ findings paragraph and then a final line `Diagnosis: <Label>`.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from grok_pacs.domain.biomarkers import (BIOMARKERS, CFP_BIOMARKERS, OCT_BIOMARKERS, PROSE_NAMES, Biomarker,
-                                         format_value)
+from grok_pacs.domain.biomarkers import BIOMARKERS, CFP_BIOMARKERS, OCT_BIOMARKERS, PROSE_NAMES, Biomarker, format_value
 from grok_pacs.domain.labels import Label
 
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -49,7 +49,9 @@ def biomarker_block(values: Mapping[str, float]) -> str:
     """
     lines = []
     for title, group in (("OCT", OCT_BIOMARKERS), ("CFP", CFP_BIOMARKERS)):
-        items = [f"{b.name} {format_value(b, float(values[b.key]))}{_unit_suffix(b)}" for b in group if _present(values, b)]
+        items = [
+            f"{b.name} {format_value(b, float(values[b.key]))}{_unit_suffix(b)}" for b in group if _present(values, b)
+        ]
         if items:
             lines.append(f"{title}: " + "; ".join(items) + ".")
     if not lines:
@@ -62,10 +64,12 @@ def biomarker_block(values: Mapping[str, float]) -> str:
         qualitative.append("Below normal: " + "; ".join(low) + ".")
     if high:
         qualitative.append("Above normal: " + "; ".join(high) + ".")
-    qualitative.append("All other estimates are within normal limits." if low or high
-                       else "All estimates are within normal limits.")
-    return "\n".join(["Biomarker estimates (quantitative):", *lines,
-                      "Biomarker interpretation (qualitative):", *qualitative])
+    qualitative.append(
+        "All other estimates are within normal limits." if low or high else "All estimates are within normal limits."
+    )
+    return "\n".join(
+        ["Biomarker estimates (quantitative):", *lines, "Biomarker interpretation (qualitative):", *qualitative]
+    )
 
 
 def compact_biomarker_block(values: Mapping[str, float]) -> str:
@@ -87,8 +91,9 @@ def compact_biomarker_block(values: Mapping[str, float]) -> str:
     return "\n".join(["Biomarker estimates:", *lines]) if lines else ""
 
 
-def human_turn(biomarkers: Mapping[str, float] | None = None, missing: Sequence[str] = (), *,
-               compact: bool = False) -> str:
+def human_turn(
+    biomarkers: Mapping[str, float] | None = None, missing: Sequence[str] = (), *, compact: bool = False
+) -> str:
     """The user message: `<image>`, the paper's instruction, optional estimates and missing-modality note.
 
     `compact` writes the estimates with `compact_biomarker_block` (the bundle's
@@ -107,13 +112,12 @@ def human_turn(biomarkers: Mapping[str, float] | None = None, missing: Sequence[
 
 def chat_prompt(human: str) -> str:
     """ChatML up to and including the assistant header (what generation continues)."""
-    return (f"{IM_START}system\n{SYSTEM_PROMPT}{IM_END}\n"
-            f"{IM_START}user\n{human}{IM_END}\n"
-            f"{IM_START}assistant\n")
+    return f"{IM_START}system\n{SYSTEM_PROMPT}{IM_END}\n{IM_START}user\n{human}{IM_END}\n{IM_START}assistant\n"
 
 
-def build_prompt(biomarkers: Mapping[str, float] | None = None, missing: Sequence[str] = (), *,
-                 compact: bool = False) -> str:
+def build_prompt(
+    biomarkers: Mapping[str, float] | None = None, missing: Sequence[str] = (), *, compact: bool = False
+) -> str:
     """The full generation prompt for one eye."""
     return chat_prompt(human_turn(biomarkers, missing, compact=compact))
 
@@ -138,9 +142,16 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def build_training_example(tokenizer: Any, target: str, *, biomarkers: Mapping[str, float] | None = None,
-                           missing: Sequence[str] = (), max_length: int = 2048,
-                           visual_tokens: int = 392, compact: bool = False) -> TrainingExample:
+def build_training_example(
+    tokenizer: Any,
+    target: str,
+    *,
+    biomarkers: Mapping[str, float] | None = None,
+    missing: Sequence[str] = (),
+    max_length: int = 2048,
+    visual_tokens: int = 392,
+    compact: bool = False,
+) -> TrainingExample:
     """Token ids and labels for one SFT record; the loss falls on the assistant reply only.
 
     `max_length` counts the visual embeddings that will replace the image token (`visual_tokens`; 392 with
@@ -154,8 +165,10 @@ def build_training_example(tokenizer: Any, target: str, *, biomarkers: Mapping[s
     target_ids = _encode(tokenizer, target + IM_END)
     room = max_length - (len(prompt_ids) - 1 + visual_tokens)
     if room <= 0:
-        raise ValueError(f"max_length {max_length} leaves no room for the answer (prompt + visual tokens = "
-                         f"{len(prompt_ids) - 1 + visual_tokens})")
+        raise ValueError(
+            f"max_length {max_length} leaves no room for the answer (prompt + visual tokens = "
+            f"{len(prompt_ids) - 1 + visual_tokens})"
+        )
     truncated = len(target_ids) > room
     target_ids = target_ids[:room]
     return TrainingExample(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids, truncated)
@@ -163,6 +176,11 @@ def build_training_example(tokenizer: Any, target: str, *, biomarkers: Mapping[s
 
 def prompt_template() -> dict[str, str]:
     """What the bundle manifest records about the prompt."""
-    return {"format": "chatml", "system": SYSTEM_PROMPT, "human": f"{IMAGE_TOKEN}\n{INSTRUCTION}",
-            "image_token": IMAGE_TOKEN, "diagnosis_prefix": DIAGNOSIS_PREFIX,
-            "target": "<one findings paragraph>\\nDiagnosis: <Label>"}
+    return {
+        "format": "chatml",
+        "system": SYSTEM_PROMPT,
+        "human": f"{IMAGE_TOKEN}\n{INSTRUCTION}",
+        "image_token": IMAGE_TOKEN,
+        "diagnosis_prefix": DIAGNOSIS_PREFIX,
+        "target": "<one findings paragraph>\\nDiagnosis: <Label>",
+    }

@@ -25,15 +25,23 @@ class RetinaEncoder(VisionTransformer):
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__(
-            img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-            num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, num_classes=0,
-            global_pool="token", fc_norm=False, norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps),
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            embed_dim=cfg.embed_dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            qkv_bias=True,
+            num_classes=0,
+            global_pool="token",
+            fc_norm=False,
+            norm_layer=partial(nn.LayerNorm, eps=cfg.norm_eps),
         )
         self.cfg = cfg
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """[B,3,224,224] normalised pixels -> [B,196,D] patch tokens after the final norm."""
-        return self.forward_features(x)[:, self.num_prefix_tokens:]
+        return self.forward_features(x)[:, self.num_prefix_tokens :]
 
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
         """[B,D]: mean of the patch tokens (the stage-2 image feature)."""
@@ -71,8 +79,8 @@ class LoraQKV(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)
         q = qkv[..., : self.dim] + self.linear_b_q(self.linear_a_q(x))
-        k = qkv[..., self.dim: 2 * self.dim]
-        v = qkv[..., 2 * self.dim:] + self.linear_b_v(self.linear_a_v(x))
+        k = qkv[..., self.dim : 2 * self.dim]
+        v = qkv[..., 2 * self.dim :] + self.linear_b_v(self.linear_a_v(x))
         return torch.cat([q, k, v], dim=-1)
 
     def merged(self) -> nn.Linear:
@@ -81,7 +89,7 @@ class LoraQKV(nn.Module):
         with torch.no_grad():
             weight = self.qkv.weight.detach().clone()
             weight[: self.dim] += self.linear_b_q.weight @ self.linear_a_q.weight
-            weight[2 * self.dim:] += self.linear_b_v.weight @ self.linear_a_v.weight
+            weight[2 * self.dim :] += self.linear_b_v.weight @ self.linear_a_v.weight
             out.weight.copy_(weight)
             if self.qkv.bias is not None:
                 out.bias.copy_(self.qkv.bias)

@@ -123,7 +123,7 @@ def _open_broker(url: str) -> None:
         return
     with Connection(url, connect_timeout=CHECK_TIMEOUT) as conn:
         conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=CHECK_TIMEOUT)
-        conn.default_channel  # opens a channel: Redis answers PING here
+        _ = conn.default_channel  # opens a channel: Redis answers PING here
 
 
 def broker_check(settings: Settings) -> Check:
@@ -188,7 +188,7 @@ class HealthChecker:
         self.checks = checks
 
     @classmethod
-    def for_role(cls, settings: Settings, role: str) -> "HealthChecker":
+    def for_role(cls, settings: Settings, role: str) -> HealthChecker:
         """The checks that matter for a process: a listener has no bundle, a worker no DICOM port."""
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")

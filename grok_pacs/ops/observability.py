@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "ObservabilityServer"
+    server: ObservabilityServer
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         path = self.path.split("?", 1)[0]
@@ -63,7 +63,7 @@ class ObservabilityServer(ThreadingHTTPServer):
     def port(self) -> int:
         return self.server_address[1]
 
-    def start(self) -> "ObservabilityServer":
+    def start(self) -> ObservabilityServer:
         self._thread.start()
         return self
 

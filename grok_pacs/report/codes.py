@@ -63,8 +63,14 @@ PROCESSING_EQUIPMENT = Code("109102", DCM, "Processing Equipment")
 #: there. One code value per label and kind (calibrated probability / uncalibrated model score); values never
 #: change once written. Indeterminate's value is the highest label's score, which reached no operating point.
 _SCORE_VALUES: dict[Label, str] = {
-    Label.AMD: "01", Label.GLAUCOMA: "02", Label.DIABETES: "03", Label.HYPERTENSION: "04",
-    Label.ALZHEIMER: "05", Label.DIABETIC_RETINOPATHY: "06", Label.NORMAL: "07", Label.INDETERMINATE: "08",
+    Label.AMD: "01",
+    Label.GLAUCOMA: "02",
+    Label.DIABETES: "03",
+    Label.HYPERTENSION: "04",
+    Label.ALZHEIMER: "05",
+    Label.DIABETIC_RETINOPATHY: "06",
+    Label.NORMAL: "07",
+    Label.INDETERMINATE: "08",
 }
 PERCENT = Code("%", UCUM, "percent")
 
@@ -72,8 +78,11 @@ PERCENT = Code("%", UCUM, "percent")
 def diagnosis_score_code(label: Label, calibrated: bool) -> Code:
     """'Probability of Glaucoma (AI)' (calibrated) or 'Model score of Glaucoma (AI)' (not calibrated)."""
     kind = "probability" if calibrated else "model score"
-    meaning = (f"Indeterminate (AI): highest label {kind}" if label is Label.INDETERMINATE
-               else f"{kind.capitalize()} of {LABEL_CODES[label].meaning} (AI)")
+    meaning = (
+        f"Indeterminate (AI): highest label {kind}"
+        if label is Label.INDETERMINATE
+        else f"{kind.capitalize()} of {LABEL_CODES[label].meaning} (AI)"
+    )
     return Code(f"GROK-DX-{'P' if calibrated else 'S'}{_SCORE_VALUES[label]}", GROK, meaning)
 
 
@@ -91,25 +100,43 @@ UNIT_CODES: dict[str, Code] = {
 #: Biomarker key -> code value in the GROK scheme. Code values never change once written to an SR;
 #: the meaning is the biomarker's SPEC name (grok_pacs.domain.biomarkers). New biomarkers get new values.
 BIOMARKER_CODE_VALUES: dict[str, str] = {
-    "mt_inner_inferior": "GROK-BM-001", "mt_inner_nasal": "GROK-BM-002",
-    "mt_inner_superior": "GROK-BM-003", "mt_inner_temporal": "GROK-BM-004",
-    "mt_outer_inferior": "GROK-BM-005", "mt_outer_nasal": "GROK-BM-006",
-    "mt_outer_superior": "GROK-BM-007", "mt_outer_temporal": "GROK-BM-008",
-    "rpe_average": "GROK-BM-009", "disc_diameter_vertical": "GROK-BM-010",
-    "inl_average": "GROK-BM-011", "gcipl_average": "GROK-BM-012",
-    "inl_elm_central": "GROK-BM-013", "inl_elm_inner": "GROK-BM-014",
-    "inl_elm_outer": "GROK-BM-015", "inl_elm_average": "GROK-BM-016",
-    "elm_isos_central": "GROK-BM-017", "elm_isos_inner": "GROK-BM-018",
-    "elm_isos_outer": "GROK-BM-019", "elm_isos_average": "GROK-BM-020",
-    "isos_rpe_central": "GROK-BM-021", "isos_rpe_inner": "GROK-BM-022",
-    "isos_rpe_outer": "GROK-BM-023", "isos_rpe_average": "GROK-BM-024",
-    "inl_rpe_central": "GROK-BM-025", "inl_rpe_inner": "GROK-BM-026",
-    "inl_rpe_outer": "GROK-BM-027", "inl_rpe_average": "GROK-BM-028",
-    "mt_overall": "GROK-BM-029", "mt_central": "GROK-BM-030",
+    "mt_inner_inferior": "GROK-BM-001",
+    "mt_inner_nasal": "GROK-BM-002",
+    "mt_inner_superior": "GROK-BM-003",
+    "mt_inner_temporal": "GROK-BM-004",
+    "mt_outer_inferior": "GROK-BM-005",
+    "mt_outer_nasal": "GROK-BM-006",
+    "mt_outer_superior": "GROK-BM-007",
+    "mt_outer_temporal": "GROK-BM-008",
+    "rpe_average": "GROK-BM-009",
+    "disc_diameter_vertical": "GROK-BM-010",
+    "inl_average": "GROK-BM-011",
+    "gcipl_average": "GROK-BM-012",
+    "inl_elm_central": "GROK-BM-013",
+    "inl_elm_inner": "GROK-BM-014",
+    "inl_elm_outer": "GROK-BM-015",
+    "inl_elm_average": "GROK-BM-016",
+    "elm_isos_central": "GROK-BM-017",
+    "elm_isos_inner": "GROK-BM-018",
+    "elm_isos_outer": "GROK-BM-019",
+    "elm_isos_average": "GROK-BM-020",
+    "isos_rpe_central": "GROK-BM-021",
+    "isos_rpe_inner": "GROK-BM-022",
+    "isos_rpe_outer": "GROK-BM-023",
+    "isos_rpe_average": "GROK-BM-024",
+    "inl_rpe_central": "GROK-BM-025",
+    "inl_rpe_inner": "GROK-BM-026",
+    "inl_rpe_outer": "GROK-BM-027",
+    "inl_rpe_average": "GROK-BM-028",
+    "mt_overall": "GROK-BM-029",
+    "mt_central": "GROK-BM-030",
     "rnfl_average": "GROK-BM-031",
-    "cup_to_disc": "GROK-BM-032", "avr": "GROK-BM-033",
-    "tortuosity_arterial": "GROK-BM-034", "tortuosity_venular": "GROK-BM-035",
-    "fd_arterial": "GROK-BM-036", "fd_venular": "GROK-BM-037",
+    "cup_to_disc": "GROK-BM-032",
+    "avr": "GROK-BM-033",
+    "tortuosity_arterial": "GROK-BM-034",
+    "tortuosity_venular": "GROK-BM-035",
+    "fd_arterial": "GROK-BM-036",
+    "fd_venular": "GROK-BM-037",
 }
 
 
@@ -120,6 +147,7 @@ def biomarker_code(key: str) -> Code:
     if key not in BIOMARKER_CODE_VALUES or key not in BY_KEY:
         raise KeyError(f"biomarker {key!r} has no code in grok_pacs.report.codes.BIOMARKER_CODE_VALUES")
     return Code(BIOMARKER_CODE_VALUES[key], GROK, BY_KEY[key].name)
+
 
 # --- safety gate and dispositions (grok_pacs.analysis.quality, grok_pacs.report.dispositions) ---------
 # No SNOMED CT or DICOM code for image gradability, its reasons or a screening disposition could be verified
@@ -139,11 +167,23 @@ GRADABILITY_CODES: dict[str, Code] = {
 
 #: Quality reason (grok_pacs.analysis.quality.REASONS keys) -> code value in the GROK scheme.
 QUALITY_REASON_VALUES: dict[str, str] = {
-    "sop-class-modality": "GROK-Q-101", "laterality": "GROK-Q-102", "photometric": "GROK-Q-103",
-    "bit-depth": "GROK-Q-104", "resolution": "GROK-Q-105", "frames": "GROK-Q-106", "undecodable": "GROK-Q-107",
-    "field-coverage": "GROK-Q-108", "off-centre": "GROK-Q-109", "underexposed": "GROK-Q-110",
-    "overexposed": "GROK-Q-111", "low-contrast": "GROK-Q-112", "blur": "GROK-Q-113", "decoder-fill": "GROK-Q-114",
-    "blank-frames": "GROK-Q-115", "saturated-frames": "GROK-Q-116", "low-signal": "GROK-Q-117",
+    "sop-class-modality": "GROK-Q-101",
+    "laterality": "GROK-Q-102",
+    "photometric": "GROK-Q-103",
+    "bit-depth": "GROK-Q-104",
+    "resolution": "GROK-Q-105",
+    "frames": "GROK-Q-106",
+    "undecodable": "GROK-Q-107",
+    "field-coverage": "GROK-Q-108",
+    "off-centre": "GROK-Q-109",
+    "underexposed": "GROK-Q-110",
+    "overexposed": "GROK-Q-111",
+    "low-contrast": "GROK-Q-112",
+    "blur": "GROK-Q-113",
+    "decoder-fill": "GROK-Q-114",
+    "blank-frames": "GROK-Q-115",
+    "saturated-frames": "GROK-Q-116",
+    "low-signal": "GROK-Q-117",
     "learned-quality": "GROK-Q-118",
 }
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import operator
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from grok_pacs.analysis.result import ACTION_ORDER, Action, Disposition, Gradability, Report
 from grok_pacs.domain.biomarkers import BY_KEY
@@ -87,32 +87,99 @@ def _enum(kind, value, where):
 _DESP = "NHS Diabetic Eye Screening Programme grading (SPEC section 7)"
 #: The default table, first match wins (SPEC §7 names each source).
 DEFAULT_TABLE: tuple[Rule, ...] = (
-    Rule("ungradable", Action.RETAKE, "Image quality insufficient: retake, or refer", gradability="not-gradable",
-         source="IDx-DR / EyeArt practice: no result means refer; ungradable -> retake, then refer (SPEC section 7)"),
-    Rule("dr-oedema", Action.URGENT_REFERRAL, "Urgent referral: diabetic retinopathy with centre-involving "
-         "oedema signs", label="DiabeticRetinopathy", biomarker="mt_central", op=">=", value=300.0,
-         source=f"{_DESP}: R3/M1 urgent"),
-    Rule("dr", Action.REFERRAL, "Refer to ophthalmology: referable diabetic retinopathy",
-         label="DiabeticRetinopathy", source=f"{_DESP}: referable DR"),
-    Rule("amd-wet", Action.URGENT_REFERRAL, "Urgent referral (within about 2 weeks): suspected neovascular AMD "
-         "(central thickening)", label="AMD", biomarker="mt_central", op=">=", value=300.0,
-         source="RCOphth AMD guidance: suspected wet AMD seen within 2 weeks (SPEC section 7)"),
-    Rule("amd", Action.REFERRAL, "Routine referral: dry age-related macular degeneration", label="AMD",
-         source="RCOphth AMD guidance: dry AMD routine (SPEC section 7)"),
-    Rule("glaucoma-cdr", Action.REFERRAL, "Refer to ophthalmology: glaucoma suspicion (cup-to-disc >= 0.7)",
-         biomarker="cup_to_disc", op=">=", value=0.7, source="Glaucoma suspicion: CDR >= 0.7 (SPEC section 7)"),
-    Rule("glaucoma", Action.REFERRAL, "Refer to ophthalmology: glaucoma suspicion", label="Glaucoma",
-         source="Glaucoma suspicion -> refer (SPEC section 7)"),
-    Rule("hypertension", Action.REFERRAL, "Blood-pressure assessment by the physician (hypertensive signs)",
-         label="Hypertension", source="Hypertensive signs -> blood-pressure assessment by the physician (SPEC section 7)"),
-    Rule("alzheimer", Action.REFERRAL, "Physician review: retinal signs associated with Alzheimer's disease",
-         label="Alzheimer", source="No screening guideline; project rule: a systemic finding goes to the physician"),
-    Rule("diabetes", Action.RESCREEN, "Diabetes without retinopathy signs: rescreen in 12 months",
-         label="Diabetes", rescreen_months=12, source=f"{_DESP}: R0 annual rescreen"),
-    Rule("normal", Action.RESCREEN, "No abnormality found: routine rescreen", label="Normal", rescreen_months=24,
-         source="Normal -> routine rescreen (SPEC section 7); interval a site choice"),
-    Rule("indeterminate", Action.REFERRAL, "No diagnosis could be determined: refer for clinical review",
-         source="IDx-DR practice: no result means refer (SPEC section 7)"),
+    Rule(
+        "ungradable",
+        Action.RETAKE,
+        "Image quality insufficient: retake, or refer",
+        gradability="not-gradable",
+        source="IDx-DR / EyeArt practice: no result means refer; ungradable -> retake, then refer (SPEC section 7)",
+    ),
+    Rule(
+        "dr-oedema",
+        Action.URGENT_REFERRAL,
+        "Urgent referral: diabetic retinopathy with centre-involving oedema signs",
+        label="DiabeticRetinopathy",
+        biomarker="mt_central",
+        op=">=",
+        value=300.0,
+        source=f"{_DESP}: R3/M1 urgent",
+    ),
+    Rule(
+        "dr",
+        Action.REFERRAL,
+        "Refer to ophthalmology: referable diabetic retinopathy",
+        label="DiabeticRetinopathy",
+        source=f"{_DESP}: referable DR",
+    ),
+    Rule(
+        "amd-wet",
+        Action.URGENT_REFERRAL,
+        "Urgent referral (within about 2 weeks): suspected neovascular AMD (central thickening)",
+        label="AMD",
+        biomarker="mt_central",
+        op=">=",
+        value=300.0,
+        source="RCOphth AMD guidance: suspected wet AMD seen within 2 weeks (SPEC section 7)",
+    ),
+    Rule(
+        "amd",
+        Action.REFERRAL,
+        "Routine referral: dry age-related macular degeneration",
+        label="AMD",
+        source="RCOphth AMD guidance: dry AMD routine (SPEC section 7)",
+    ),
+    Rule(
+        "glaucoma-cdr",
+        Action.REFERRAL,
+        "Refer to ophthalmology: glaucoma suspicion (cup-to-disc >= 0.7)",
+        biomarker="cup_to_disc",
+        op=">=",
+        value=0.7,
+        source="Glaucoma suspicion: CDR >= 0.7 (SPEC section 7)",
+    ),
+    Rule(
+        "glaucoma",
+        Action.REFERRAL,
+        "Refer to ophthalmology: glaucoma suspicion",
+        label="Glaucoma",
+        source="Glaucoma suspicion -> refer (SPEC section 7)",
+    ),
+    Rule(
+        "hypertension",
+        Action.REFERRAL,
+        "Blood-pressure assessment by the physician (hypertensive signs)",
+        label="Hypertension",
+        source="Hypertensive signs -> blood-pressure assessment by the physician (SPEC section 7)",
+    ),
+    Rule(
+        "alzheimer",
+        Action.REFERRAL,
+        "Physician review: retinal signs associated with Alzheimer's disease",
+        label="Alzheimer",
+        source="No screening guideline; project rule: a systemic finding goes to the physician",
+    ),
+    Rule(
+        "diabetes",
+        Action.RESCREEN,
+        "Diabetes without retinopathy signs: rescreen in 12 months",
+        label="Diabetes",
+        rescreen_months=12,
+        source=f"{_DESP}: R0 annual rescreen",
+    ),
+    Rule(
+        "normal",
+        Action.RESCREEN,
+        "No abnormality found: routine rescreen",
+        label="Normal",
+        rescreen_months=24,
+        source="Normal -> routine rescreen (SPEC section 7); interval a site choice",
+    ),
+    Rule(
+        "indeterminate",
+        Action.REFERRAL,
+        "No diagnosis could be determined: refer for clinical review",
+        source="IDx-DR practice: no result means refer (SPEC section 7)",
+    ),
 )
 
 
@@ -131,9 +198,12 @@ def load_table(path: Path | None) -> tuple[Rule, ...]:
         if set(row) - names:
             raise DispositionTableError(f"disposition table {path}: unknown field(s) {sorted(set(row) - names)}")
     table = tuple(Rule(**row) for row in rows)
-    if not any(r.gradability in ("not-gradable", "*") and r.label == "*" and r.biomarker is None for r in table) \
-            or not any(r.gradability in ("gradable", "*") and r.label == "*" and r.biomarker is None for r in table):
-        raise DispositionTableError(f"disposition table {path}: needs catch-all rows for gradable and not-gradable eyes")
+    if not any(
+        r.gradability in ("not-gradable", "*") and r.label == "*" and r.biomarker is None for r in table
+    ) or not any(r.gradability in ("gradable", "*") and r.label == "*" and r.biomarker is None for r in table):
+        raise DispositionTableError(
+            f"disposition table {path}: needs catch-all rows for gradable and not-gradable eyes"
+        )
     return table
 
 
@@ -142,8 +212,9 @@ def for_eye(report: Report, table: Sequence[Rule] = DEFAULT_TABLE) -> Dispositio
     for rule in table:
         if rule.matches(report):
             return rule.disposition()
-    raise DispositionTableError(f"no disposition rule matches eye {report.eye.value} "
-                                f"({report.gradability.value}, {report.label.value})")
+    raise DispositionTableError(
+        f"no disposition rule matches eye {report.eye.value} ({report.gradability.value}, {report.label.value})"
+    )
 
 
 def _severity(d: Disposition) -> tuple[int, int]:
@@ -157,12 +228,20 @@ def roll_up(reports: Sequence[Report]) -> Disposition:
     worst = min(_severity(r.disposition) for r in reports)
     deciding = [r for r in reports if _severity(r.disposition) == worst]
     chosen = deciding[0].disposition
-    cdr = [b.value for r in reports if r.gradability is Gradability.GRADABLE
-           for b in r.biomarkers if b.key == "cup_to_disc"]
+    cdr = [
+        b.value
+        for r in reports
+        if r.gradability is Gradability.GRADABLE
+        for b in r.biomarkers
+        if b.key == "cup_to_disc"
+    ]
     if len(cdr) == 2 and abs(cdr[0] - cdr[1]) >= CDR_ASYMMETRY and ACTION_ORDER.index(chosen.action) > 1:
-        chosen = Disposition(Action.REFERRAL, f"Refer to ophthalmology: cup-to-disc asymmetry "
-                             f"{abs(cdr[0] - cdr[1]):.2f} >= {CDR_ASYMMETRY}", "Glaucoma suspicion: CDR "
-                             "asymmetry >= 0.2 between the eyes (SPEC section 7)", "glaucoma-asymmetry")
+        chosen = Disposition(
+            Action.REFERRAL,
+            f"Refer to ophthalmology: cup-to-disc asymmetry {abs(cdr[0] - cdr[1]):.2f} >= {CDR_ASYMMETRY}",
+            "Glaucoma suspicion: CDR asymmetry >= 0.2 between the eyes (SPEC section 7)",
+            "glaucoma-asymmetry",
+        )
         deciding = list(reports)
     systemic = tuple(sorted({r.label.value for r in reports if r.diagnosed and r.label in SYSTEMIC_LABELS}))
     return dataclasses.replace(chosen, systemic=systemic, eyes=tuple(r.eye.value for r in deciding))

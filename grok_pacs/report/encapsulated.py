@@ -22,11 +22,32 @@ DOCUMENT_TITLE = "GROK retinal AI report - UNVERIFIED"
 SERIES_DESCRIPTION = "GROK AI report (PDF) - UNVERIFIED"
 MANUFACTURER = "grok-pacs"
 #: Patient and study attributes copied from the study's images (Type 2: present, maybe empty).
-_COPIED = ("SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-           "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-           "StudyDescription", "IssuerOfPatientID")
-_TYPE2 = {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-          "ReferringPhysicianName", "StudyID", "AccessionNumber"}
+_COPIED = (
+    "SpecificCharacterSet",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "StudyDescription",
+    "IssuerOfPatientID",
+)
+_TYPE2 = {
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+}
 
 
 def _code(code: codes.Code) -> Dataset:
@@ -45,8 +66,15 @@ def _source_sequence(sources: Sequence[SourceImage]) -> list[Dataset]:
     return items
 
 
-def build_encapsulated_pdf(pdf: bytes, study: Dataset, sources: Sequence[SourceImage], key: ReportKey,
-                           *, software_version: str, now: datetime | None = None) -> Dataset:
+def build_encapsulated_pdf(
+    pdf: bytes,
+    study: Dataset,
+    sources: Sequence[SourceImage],
+    key: ReportKey,
+    *,
+    software_version: str,
+    now: datetime | None = None,
+) -> Dataset:
     """The Encapsulated PDF dataset (with file meta) of `pdf` for the study `study` (any image header of it)."""
     if not pdf.startswith(b"%PDF-"):
         raise ValueError(f"{key}: the document is not a PDF")

@@ -57,8 +57,9 @@ class ReportImages:
         for name in ("cfp", "oct_bscan"):
             pixels = getattr(self, name)
             if pixels is not None and (pixels.dtype != np.uint8 or pixels.ndim not in (2, 3)):
-                raise ValueError(f"ReportImages.{name}: expected uint8 [H,W] or [H,W,3], got {pixels.dtype} "
-                                 f"{pixels.shape}")
+                raise ValueError(
+                    f"ReportImages.{name}: expected uint8 [H,W] or [H,W,3], got {pixels.dtype} {pixels.shape}"
+                )
 
 
 def _register_fonts() -> None:
@@ -75,9 +76,18 @@ def _styles() -> dict[str, ParagraphStyle]:
         "body": base,
         "small": ParagraphStyle("small", parent=base, fontSize=7.5, leading=9),
         "title": ParagraphStyle("title", parent=base, fontName=FONT_BOLD, fontSize=16, leading=20),
-        "banner": ParagraphStyle("banner", parent=base, fontName=FONT_BOLD, fontSize=10, leading=13,
-                                 borderColor=colors.black, borderWidth=1.2, borderPadding=5, spaceBefore=9,
-                                 spaceAfter=9),
+        "banner": ParagraphStyle(
+            "banner",
+            parent=base,
+            fontName=FONT_BOLD,
+            fontSize=10,
+            leading=13,
+            borderColor=colors.black,
+            borderWidth=1.2,
+            borderPadding=5,
+            spaceBefore=9,
+            spaceAfter=9,
+        ),
         "h2": ParagraphStyle("h2", parent=base, fontName=FONT_BOLD, fontSize=12.5, leading=16, spaceBefore=10),
         "h3": ParagraphStyle("h3", parent=base, fontName=FONT_BOLD, fontSize=10, leading=13, spaceBefore=6),
     }
@@ -102,8 +112,16 @@ def _image(pixels: np.ndarray | None, width_mm: float) -> Image | None:
 def _kv_table(rows: list[tuple[str, str]], styles: dict[str, ParagraphStyle]) -> Table:
     bold = ParagraphStyle("k", parent=styles["body"], fontName=FONT_BOLD)
     table = Table([[_p(k, bold), _p(v, styles["body"])] for k, v in rows], colWidths=[42 * mm, 128 * mm])
-    table.setStyle(TableStyle([*_BASE, ("VALIGN", (0, 0), (-1, -1), "TOP"), ("BOTTOMPADDING", (0, 0), (-1, -1), 1),
-                               ("TOPPADDING", (0, 0), (-1, -1), 1)]))
+    table.setStyle(
+        TableStyle(
+            [
+                *_BASE,
+                ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                ("BOTTOMPADDING", (0, 0), (-1, -1), 1),
+                ("TOPPADDING", (0, 0), (-1, -1), 1),
+            ]
+        )
+    )
     return table
 
 
@@ -153,14 +171,24 @@ def _biomarker_table(report: Report, styles: dict[str, ParagraphStyle]) -> Table
         flag = _range_flag(est.key, est.value)
         style = bold if flag else styles["small"]
         low, high = (format_value(marker, v) for v in marker.normal)
-        rows.append([_p(marker.name, style), _p(format_value(marker, est.value), style),
-                     _p(UNIT_TEXT[est.unit], styles["small"]), _p(f"{low} - {high}", styles["small"]),
-                     _p(flag, bold)])
+        rows.append(
+            [
+                _p(marker.name, style),
+                _p(format_value(marker, est.value), style),
+                _p(UNIT_TEXT[est.unit], styles["small"]),
+                _p(f"{low} - {high}", styles["small"]),
+                _p(flag, bold),
+            ]
+        )
         if flag:
             flagged.append(len(rows) - 1)
     table = Table(rows, colWidths=[78 * mm, 20 * mm, 18 * mm, 34 * mm, 20 * mm], repeatRows=1)
-    commands = [("LINEBELOW", (0, 0), (-1, 0), 0.8, colors.black), ("VALIGN", (0, 0), (-1, -1), "TOP"),
-                ("TOPPADDING", (0, 0), (-1, -1), 0.5), ("BOTTOMPADDING", (0, 0), (-1, -1), 0.5)]
+    commands = [
+        ("LINEBELOW", (0, 0), (-1, 0), 0.8, colors.black),
+        ("VALIGN", (0, 0), (-1, -1), "TOP"),
+        ("TOPPADDING", (0, 0), (-1, -1), 0.5),
+        ("BOTTOMPADDING", (0, 0), (-1, -1), 0.5),
+    ]
     commands += [("BOX", (0, row), (-1, row), 0.6, colors.black) for row in flagged]
     table.setStyle(TableStyle([*_BASE, *commands]))
     return table
@@ -170,16 +198,26 @@ def _images_row(report: Report, images: ReportImages, styles: dict[str, Paragrap
     has_oct = any(s.sop_class_uid == OPT for s in report.sources)
     frame = next((s.frame for s in report.sources if s.sop_class_uid == OPT and s.frame is not None), None)
     of = f" of {images.oct_frames}" if images.oct_frames else ""
-    used = (f"OCT B-scan used: frame {frame}{of} ({report.oct_frame_method or 'unknown'} selection)"
-            if frame is not None else "OCT B-scan")
+    used = (
+        f"OCT B-scan used: frame {frame}{of} ({report.oct_frame_method or 'unknown'} selection)"
+        if frame is not None
+        else "OCT B-scan"
+    )
     not_shown = ": image not shown (it did not decode or was not gradable)"
     no_oct = f"{used}{not_shown}" if has_oct else "OCT: not available"
-    no_cfp = "Colour fundus photograph" + (not_shown if any(s.sop_class_uid != OPT for s in report.sources)
-                                           else ": not available")
-    cells = [[_image(images.cfp, 80) or _p(no_cfp, styles["body"]),
-              _image(images.oct_bscan, 80) or _p(no_oct, styles["body"])],
-             [_p("Colour fundus photograph" if images.cfp is not None else "", styles["small"]),
-              _p(used if images.oct_bscan is not None else "", styles["small"])]]
+    no_cfp = "Colour fundus photograph" + (
+        not_shown if any(s.sop_class_uid != OPT for s in report.sources) else ": not available"
+    )
+    cells = [
+        [
+            _image(images.cfp, 80) or _p(no_cfp, styles["body"]),
+            _image(images.oct_bscan, 80) or _p(no_oct, styles["body"]),
+        ],
+        [
+            _p("Colour fundus photograph" if images.cfp is not None else "", styles["small"]),
+            _p(used if images.oct_bscan is not None else "", styles["small"]),
+        ],
+    ]
     table = Table(cells, colWidths=[85 * mm, 85 * mm])
     table.setStyle(TableStyle([*_BASE, ("VALIGN", (0, 0), (-1, -1), "TOP")]))
     return table
@@ -188,24 +226,37 @@ def _images_row(report: Report, images: ReportImages, styles: dict[str, Paragrap
 def narrative_lines(report: Report) -> list[str]:
     """The findings as the PDF prints them, or the statement of why there are none."""
     if report.gradability is not Gradability.GRADABLE:
-        return [f"No narrative: the images of this eye are {report.gradability.value}, so the language model "
-                "was not run. Retake the images, or refer."]
+        return [
+            f"No narrative: the images of this eye are {report.gradability.value}, so the language model "
+            "was not run. Retake the images, or refer."
+        ]
     if report.narrative_withheld:
-        return [f"The model's findings text failed validation and is not shown "
-                f"({report.narrative_check.summary()}). The measurements are unaffected.",
-                f"Impression: {report.impression}"]
+        return [
+            f"The model's findings text failed validation and is not shown "
+            f"({report.narrative_check.summary()}). The measurements are unaffected.",
+            f"Impression: {report.impression}",
+        ]
     lines = [report.narrative.strip() or "The model produced no findings text.", f"Impression: {report.impression}"]
     if report.numbers_rewritten:
-        lines.append(f"{report.numbers_rewritten} value(s) cited in the findings were written as the measured "
-                     "values of this report, which the model's text had misquoted.")
+        lines.append(
+            f"{report.numbers_rewritten} value(s) cited in the findings were written as the measured "
+            "values of this report, which the model's text had misquoted."
+        )
     return lines
 
 
 def _eye_section(report: Report, images: ReportImages, styles: dict[str, ParagraphStyle]) -> list:
     flow: list = [_p(EYE_TITLES[report.eye], styles["h2"]), _images_row(report, images, styles), Spacer(1, 3 * mm)]
-    flow.append(_kv_table([("Gradability", gradability_text(report)),
-                           ("Disposition", disposition_text(report.disposition)),
-                           ("Diagnosis", diagnosis_text(report))], styles))
+    flow.append(
+        _kv_table(
+            [
+                ("Gradability", gradability_text(report)),
+                ("Disposition", disposition_text(report.disposition)),
+                ("Diagnosis", diagnosis_text(report)),
+            ],
+            styles,
+        )
+    )
     flow.append(_p("Findings (AI narrative)", styles["h3"]))
     flow += [_p(line, styles["body"]) for line in narrative_lines(report)]
     flow.append(_p("Biomarkers (out-of-range values in bold, marked * and boxed)", styles["h3"]))
@@ -215,15 +266,22 @@ def _eye_section(report: Report, images: ReportImages, styles: dict[str, Paragra
 
 def _header(study: StudyHeader, reports: list[Report], styles: dict[str, ParagraphStyle]) -> list:
     first = reports[0]
-    rows = [("Patient", f"{study.patient_name} (ID {study.patient_id})"),
-            ("Born / sex", f"{study.birth_date or 'unknown'} / {study.sex or 'unknown'}"),
-            ("Study", f"{study.study_date or 'date unknown'}, accession {study.accession or 'none'}"),
-            ("Study UID", study.study_uid),
-            ("AI system", f"GROK {first.bundle_name} {first.bundle_version} ({study.software})"),
-            ("Report made", study.made_at)]
+    rows = [
+        ("Patient", f"{study.patient_name} (ID {study.patient_id})"),
+        ("Born / sex", f"{study.birth_date or 'unknown'} / {study.sex or 'unknown'}"),
+        ("Study", f"{study.study_date or 'date unknown'}, accession {study.accession or 'none'}"),
+        ("Study UID", study.study_uid),
+        ("AI system", f"GROK {first.bundle_name} {first.bundle_version} ({study.software})"),
+        ("Report made", study.made_at),
+    ]
     patient = next((r.patient_disposition for r in reports if r.patient_disposition is not None), None)
-    return [_p(TITLE, styles["title"]), _p(BANNER, styles["banner"]), _kv_table(rows, styles),
-            _p("Patient-level disposition", styles["h2"]), _p(disposition_text(patient), styles["body"])]
+    return [
+        _p(TITLE, styles["title"]),
+        _p(BANNER, styles["banner"]),
+        _kv_table(rows, styles),
+        _p("Patient-level disposition", styles["h2"]),
+        _p(disposition_text(patient), styles["body"]),
+    ]
 
 
 def build_pdf(study: StudyHeader, reports: Mapping[Eye, Report], images: Mapping[Eye, ReportImages]) -> bytes:
@@ -244,10 +302,20 @@ def build_pdf(study: StudyHeader, reports: Mapping[Eye, Report], images: Mapping
         canvas.restoreState()
 
     buffer = io.BytesIO()
-    doc = SimpleDocTemplate(buffer, pagesize=A4, leftMargin=15 * mm, rightMargin=15 * mm, topMargin=14 * mm,
-                            bottomMargin=16 * mm, title=f"{TITLE} - UNVERIFIED", author="grok-pacs (AI)",
-                            subject=f"Study {study.study_uid}", invariant=True,
-                            initialFontName=FONT, initialFontSize=9)  # no unembedded Helvetica
+    doc = SimpleDocTemplate(
+        buffer,
+        pagesize=A4,
+        leftMargin=15 * mm,
+        rightMargin=15 * mm,
+        topMargin=14 * mm,
+        bottomMargin=16 * mm,
+        title=f"{TITLE} - UNVERIFIED",
+        author="grok-pacs (AI)",
+        subject=f"Study {study.study_uid}",
+        invariant=True,
+        initialFontName=FONT,
+        initialFontSize=9,
+    )  # no unembedded Helvetica
     doc.build(flow, onFirstPage=footer, onLaterPages=footer)
     return buffer.getvalue()
 

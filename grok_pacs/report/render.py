@@ -9,8 +9,8 @@ PDF's text is what pypdf extracts (what a reader would copy from the document).
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pydicom
 import pypdf
@@ -76,8 +76,10 @@ def header_lines(ds: Dataset) -> Iterator[str]:
     yield f"SOP Instance: {ds.get('SOPInstanceUID', '')}"
     yield f"Study:        {ds.get('StudyInstanceUID', '')}"
     yield f"Patient ID:   {ds.get('PatientID', '')}"
-    yield f"Status:       {ds.get('CompletionFlag', '')} / {ds.get('VerificationFlag', '')} / " \
-          f"{ds.get('PreliminaryFlag', '')}"
+    yield (
+        f"Status:       {ds.get('CompletionFlag', '')} / {ds.get('VerificationFlag', '')} / "
+        f"{ds.get('PreliminaryFlag', '')}"
+    )
     yield f"Content:      {ds.get('ContentDate', '')} {ds.get('ContentTime', '')}"
 
 
@@ -89,8 +91,12 @@ def pdf_text(document: bytes) -> str:
 
 def _pdf_lines(path: Path, ds: Dataset) -> list[str]:
     size = int(ds.get("EncapsulatedDocumentLength") or len(ds.EncapsulatedDocument))
-    return [f"PDF report:   {path}", f"Title:        {ds.get('DocumentTitle', '')}", "",
-            pdf_text(ds.EncapsulatedDocument[:size])]
+    return [
+        f"PDF report:   {path}",
+        f"Title:        {ds.get('DocumentTitle', '')}",
+        "",
+        pdf_text(ds.EncapsulatedDocument[:size]),
+    ]
 
 
 def _companion_pdfs(path: Path, ds: Dataset) -> list[Path]:

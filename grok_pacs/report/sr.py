@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import Sequence
 
 import highdicom as hd
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
+from grok_pacs.analysis.result import REASON_TEXT, Gradability, Report
 from grok_pacs.config import OPT
-from grok_pacs.report import codes, safety
 from grok_pacs.domain.biomarkers import BY_KEY
 from grok_pacs.domain.labels import Label
-from grok_pacs.analysis.result import REASON_TEXT, Gradability, Report
+from grok_pacs.report import codes, safety
 from grok_pacs.report.keys import _UID_NAMESPACE, SRKey, derived_uid
 from grok_pacs.report.sr_groups import EYE_NAMES, eye_groups
 
@@ -32,8 +32,10 @@ AI_STATEMENT = (
     "This report was generated automatically by an artificial intelligence system (GROK). "
     "It is preliminary and unverified, and must be reviewed by a clinician before any clinical use."
 )
-NARRATIVE_WITHHELD = ("Findings text withheld: the model's generated narrative failed automatic validation "
-                      "and is not shown as findings (see the comment below).")
+NARRATIVE_WITHHELD = (
+    "Findings text withheld: the model's generated narrative failed automatic validation "
+    "and is not shown as findings (see the comment below)."
+)
 POINT_STATEMENT = (
     "The point drawn on each image marks the image (for OCT, the B-scan) the measurements were read from; "
     "on the fundus photograph it is placed at the image centre and is not a detected anatomical location."
@@ -44,8 +46,15 @@ OCT_POINT = {
 }
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
 _TYPE2_PATIENT_STUDY = (
-    "PatientID", "PatientName", "PatientBirthDate", "PatientSex",
-    "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
 )
 
 
@@ -116,21 +125,34 @@ def _notes(report: Report) -> list[str]:
     left_out = {q.modality for q in report.left_out}
     missing = [m for m in report.missing_modalities if m not in left_out]
     if missing:
-        notes.append(f"Not available for this eye: {', '.join(missing)}"
-                     + ("; the assessment used the remaining modality only." if report.diagnosed
-                        or report.gradability is Gradability.GRADABLE else "."))
+        notes.append(
+            f"Not available for this eye: {', '.join(missing)}"
+            + (
+                "; the assessment used the remaining modality only."
+                if report.diagnosed or report.gradability is Gradability.GRADABLE
+                else "."
+            )
+        )
     if report.oct_frame_index is not None:
-        notes.append(f"OCT B-scan used: frame {report.oct_frame_index + 1} ({report.oct_frame_method or 'unknown'} "
-                     "selection).")
+        notes.append(
+            f"OCT B-scan used: frame {report.oct_frame_index + 1} ({report.oct_frame_method or 'unknown'} selection)."
+        )
     if report.narrative_withheld:
         reasons = report.narrative_check.reasons
-        source = ("the diagnosis is the model's best-scored label" if report.label is not Label.INDETERMINATE
-                  else "no scored label reached the threshold, so the diagnosis is Indeterminate")
-        notes.append(f"Narrative validation failed ({', '.join(r.value for r in reasons)}): "
-                     f"{'; '.join(REASON_TEXT[r] for r in reasons)}. The measurements are unaffected; {source}.")
+        source = (
+            "the diagnosis is the model's best-scored label"
+            if report.label is not Label.INDETERMINATE
+            else "no scored label reached the threshold, so the diagnosis is Indeterminate"
+        )
+        notes.append(
+            f"Narrative validation failed ({', '.join(r.value for r in reasons)}): "
+            f"{'; '.join(REASON_TEXT[r] for r in reasons)}. The measurements are unaffected; {source}."
+        )
     if report.numbers_rewritten:
-        notes.append(f"{report.numbers_rewritten} value(s) cited in the findings were written as the measurements "
-                     "of this report, which the model's text had misquoted.")
+        notes.append(
+            f"{report.numbers_rewritten} value(s) cited in the findings were written as the measurements "
+            "of this report, which the model's text had misquoted."
+        )
     return notes + safety.notes(report)
 
 
@@ -146,15 +168,24 @@ def _check_pit(pit: tuple[float, float] | None, sources: Sequence[Dataset], key:
 
 def _text_container(report: Report, pit_found: bool = False) -> hd.sr.ContainerContentItem:
     """TID 1500 'Qualitative Evaluations' container: narrative, impression, AI statement as TEXT."""
+
     def text(code: codes.Code, value: str) -> hd.sr.TextContentItem:
-        return hd.sr.TextContentItem(name=_concept(code), value=value,
-                                     relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
-    container = hd.sr.ContainerContentItem(name=QUALITATIVE_EVALUATIONS,
-                                           relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        return hd.sr.TextContentItem(
+            name=_concept(code), value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
     gradable = report.gradability is Gradability.GRADABLE
     items = [
-        text(codes.FINDING, NARRATIVE_WITHHELD if report.narrative_withheld else report.narrative.strip()
-             or ("The model produced no findings text." if gradable else safety.NOT_ANALYSED)),
+        text(
+            codes.FINDING,
+            NARRATIVE_WITHHELD
+            if report.narrative_withheld
+            else report.narrative.strip()
+            or ("The model produced no findings text." if gradable else safety.NOT_ANALYSED),
+        ),
         text(codes.IMPRESSION, report.impression.strip() or f"{report.label.value}."),
         text(codes.COMMENT, AI_STATEMENT),
         text(codes.COMMENT, POINT_STATEMENT),
@@ -205,14 +236,16 @@ def _equipment(report: Report) -> hd.ContributingEquipment:
     )
 
 
-def build_sr(report: Report, sources: Sequence[Dataset], key: SRKey, *,
-             oct_pit: tuple[float, float] | None = None) -> hd.sr.ComprehensiveSR:
+def build_sr(
+    report: Report, sources: Sequence[Dataset], key: SRKey, *, oct_pit: tuple[float, float] | None = None
+) -> hd.sr.ComprehensiveSR:
     """The SR of one eye: TID 1500 report, AI device observer, UNVERIFIED / PRELIMINARY. `oct_pit` is the
     (column, row) of the foveal pit in the OCT B-scan used, where the OCT group's point goes."""
     validate(report, sources, key)
     _check_pit(oct_pit, sources, key)
-    algorithm = hd.sr.AlgorithmIdentification(name=f"GROK {report.bundle_name}", version=report.bundle_version,
-                                              manufacturer=MANUFACTURER)
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=f"GROK {report.bundle_name}", version=report.bundle_version, manufacturer=MANUFACTURER
+    )
     observer = hd.sr.ObserverContext(
         observer_type=dcm_codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -225,8 +258,9 @@ def build_sr(report: Report, sources: Sequence[Dataset], key: SRKey, *,
     content = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=_concept(codes.IMAGING_PROCEDURE),
-        imaging_measurements=eye_groups(report, key, {str(ds.SOPInstanceUID): ds for ds in sources}, algorithm,
-                                         oct_pit),
+        imaging_measurements=eye_groups(
+            report, key, {str(ds.SOPInstanceUID): ds for ds in sources}, algorithm, oct_pit
+        ),
     )
     content[0].ContentSequence.append(_text_container(report, oct_pit is not None))
     _separate_containers(content[0])

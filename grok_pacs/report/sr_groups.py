@@ -5,7 +5,8 @@ photograph), finding site Retina + laterality and that image's biomarkers (TID 3
 first also holds the coded diagnosis and the gate's items (`safety`), and its tracking identifier names the
 conclusion. OHIF draws neither a coded diagnosis nor a tracking identifier, only a group's first NUMs, so the
 first NUM of a gradable eye's first group is the diagnosis' score ("Probability of Glaucoma (AI): 87 %");
-an eye that was not gradable gets none, so no diagnosis is ever drawn for it. OHIF takes a group's image and position only from such a SCOORD: a
+an eye that was not gradable gets none, so no diagnosis is ever drawn for it. OHIF takes a group's image and
+position only from such a SCOORD: a
 group of NUMs without one gives a black viewport (SPEC §8).
 """
 
@@ -78,9 +79,11 @@ def _point(src: SourceImage, header: Dataset, pit: tuple[float, float] | None) -
     else:
         centre = np.array([[float(header.Columns) / 2.0, float(header.Rows) / 2.0]])
     return hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POINT, graphic_data=centre,
-        source_image=hd.sr.SourceImageForRegion(src.sop_class_uid, src.sop_instance_uid,
-                                                [src.frame] if src.frame is not None else None),
+        graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=centre,
+        source_image=hd.sr.SourceImageForRegion(
+            src.sop_class_uid, src.sop_instance_uid, [src.frame] if src.frame is not None else None
+        ),
     )
 
 
@@ -93,8 +96,11 @@ def _image_name(report: Report, src: SourceImage) -> str:
 def _diagnosis(report: Report) -> list[hd.sr.QualitativeEvaluation]:
     """The coded diagnosis (only for an eye that passed the gate), then gradability, reasons, disposition."""
     gradable = report.gradability is Gradability.GRADABLE
-    return ([hd.sr.QualitativeEvaluation(_concept(codes.DIAGNOSIS), _concept(codes.LABEL_CODES[report.label]))]
-            if gradable else []) + safety.eye_evaluations(report)
+    return (
+        [hd.sr.QualitativeEvaluation(_concept(codes.DIAGNOSIS), _concept(codes.LABEL_CODES[report.label]))]
+        if gradable
+        else []
+    ) + safety.eye_evaluations(report)
 
 
 def _conclusion(report: Report) -> str:
@@ -103,9 +109,13 @@ def _conclusion(report: Report) -> str:
     return codes.LABEL_CODES[report.label].meaning
 
 
-def eye_groups(report: Report, key: SRKey, headers: dict[str, Dataset],
-                algorithm: hd.sr.AlgorithmIdentification, pit: tuple[float, float] | None
-                ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+def eye_groups(
+    report: Report,
+    key: SRKey,
+    headers: dict[str, Dataset],
+    algorithm: hd.sr.AlgorithmIdentification,
+    pit: tuple[float, float] | None,
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """TID 1410 groups, one per source image (OCT first): its point, finding site, its biomarkers.
 
     The first group also carries the coded diagnosis, its score as the group's first NUM (what OHIF draws)
@@ -119,16 +129,23 @@ def eye_groups(report: Report, key: SRKey, headers: dict[str, Dataset],
     groups = []
     for index, src in enumerate(sources):
         estimates = by_modality.pop(_modality(src), [])
-        title = (f"{EYE_NAMES[key.eye]} retina: {_conclusion(report)} (AI, unverified)"
-                 if index == 0 else f"{EYE_NAMES[key.eye]} retina, {_image_name(report, src)}")
-        groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=derived_uid(*key._parts(), "group", src.sop_instance_uid), identifier=title),
-            referenced_region=_point(src, headers[src.sop_instance_uid], pit),
-            algorithm_id=algorithm,
-            finding_sites=[hd.sr.FindingSite(_concept(codes.RETINA),
-                                             _concept(codes.LATERALITY_CODES[key.eye.value]))],
-            measurements=((_score_measurement(report) if index == 0 else []) + _measurements(estimates)) or None,
-            qualitative_evaluations=_diagnosis(report) if index == 0 else None,
-        ))
+        title = (
+            f"{EYE_NAMES[key.eye]} retina: {_conclusion(report)} (AI, unverified)"
+            if index == 0
+            else f"{EYE_NAMES[key.eye]} retina, {_image_name(report, src)}"
+        )
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=derived_uid(*key._parts(), "group", src.sop_instance_uid), identifier=title
+                ),
+                referenced_region=_point(src, headers[src.sop_instance_uid], pit),
+                algorithm_id=algorithm,
+                finding_sites=[
+                    hd.sr.FindingSite(_concept(codes.RETINA), _concept(codes.LATERALITY_CODES[key.eye.value]))
+                ],
+                measurements=((_score_measurement(report) if index == 0 else []) + _measurements(estimates)) or None,
+                qualitative_evaluations=_diagnosis(report) if index == 0 else None,
+            )
+        )
     return groups

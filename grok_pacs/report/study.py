@@ -29,11 +29,19 @@ class StudyHeader:
     def from_dataset(cls, ds: Dataset, *, software: str, made_at: str) -> StudyHeader:
         def text(name: str) -> str:
             return str(ds.get(name) or "").strip()
+
         name = text("PatientName").replace("^", " ").strip()
-        return cls(study_uid=text("StudyInstanceUID"), patient_id=text("PatientID") or "unknown",
-                   patient_name=name or "name not recorded", birth_date=_date(text("PatientBirthDate")),
-                   sex=text("PatientSex"), study_date=_date(text("StudyDate")), accession=text("AccessionNumber"),
-                   software=software, made_at=made_at)
+        return cls(
+            study_uid=text("StudyInstanceUID"),
+            patient_id=text("PatientID") or "unknown",
+            patient_name=name or "name not recorded",
+            birth_date=_date(text("PatientBirthDate")),
+            sex=text("PatientSex"),
+            study_date=_date(text("StudyDate")),
+            accession=text("AccessionNumber"),
+            software=software,
+            made_at=made_at,
+        )
 
 
 def _date(da: str) -> str:

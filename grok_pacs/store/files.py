@@ -12,8 +12,8 @@ import shutil
 import tempfile
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -86,8 +86,9 @@ def start_fsync(path: Path) -> Future:
         raise
 
 
-def publish_file(tmp_path: Path, dest: Path, commit: Callable[[], T] | None = None,
-                 synced: Future | None = None) -> T | None:
+def publish_file(
+    tmp_path: Path, dest: Path, commit: Callable[[], T] | None = None, synced: Future | None = None
+) -> T | None:
     """Move a finished temporary file into place durably, recording it with `commit` on the way.
 
     Order: the file's fsync completes (`synced`, from start_fsync, or done here) before it gets its

@@ -104,8 +104,7 @@ _STUDY_FIELDS = [field.name for field in dataclasses.fields(StudyRecord)]
 def open_connection(path: Path) -> sqlite3.Connection:
     """A connection to the index file with the project's pragmas (WAL, full sync, busy timeout)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                           check_same_thread=False)
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -185,7 +184,9 @@ class StudyIndex:
             for study_uid in studies:
                 self._conn.execute(
                     "UPDATE studies SET instance_count = (SELECT COUNT(*) FROM instances WHERE study_uid = ?), "
-                    "updated_at = ? WHERE study_uid = ?", (study_uid, time.time(), study_uid))
+                    "updated_at = ? WHERE study_uid = ?",
+                    (study_uid, time.time(), study_uid),
+                )
                 self._conn.execute("DELETE FROM studies WHERE study_uid = ? AND instance_count = 0", (study_uid,))
             return sum(studies.values())
 
@@ -254,8 +255,15 @@ class StudyIndex:
             cursor = self._conn.execute(
                 "UPDATE studies SET state = ?, version = ?, detail = '', updated_at = ? "
                 "WHERE study_uid = ? AND state = ? AND version = ? AND last_received_at = ?",
-                (StudyState.QUEUED.value, version, time.time(), study_uid, StudyState.RECEIVING.value,
-                 version - 1, last_received_at),
+                (
+                    StudyState.QUEUED.value,
+                    version,
+                    time.time(),
+                    study_uid,
+                    StudyState.RECEIVING.value,
+                    version - 1,
+                    last_received_at,
+                ),
             )
             return cursor.rowcount == 1
 

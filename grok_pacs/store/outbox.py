@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Iterator
 
 from grok_pacs.store.index import open_connection
 
@@ -155,8 +155,18 @@ class Outbox:
         with self._tx() as db:
             return self._get(db, sr_uid)
 
-    def put(self, *, sr_uid: str, study_uid: str, study_version: int, bundle_version: str, eye: str,
-            path: str, note: str = "", kind: ResultKind = ResultKind.SR) -> OutboxEntry:
+    def put(
+        self,
+        *,
+        sr_uid: str,
+        study_uid: str,
+        study_version: int,
+        bundle_version: str,
+        eye: str,
+        path: str,
+        note: str = "",
+        kind: ResultKind = ResultKind.SR,
+    ) -> OutboxEntry:
         """Add a result, or replace a not-yet-sent one with the same UID (a re-run of the same job).
 
         DELIVERED and FAILED rows are terminal and left as they are: exactly one delivery per UID, and
@@ -177,12 +187,26 @@ class Outbox:
                     db.execute(
                         "INSERT INTO outbox (sr_uid, study_uid, study_version, bundle_version, eye, path, state,"
                         " note, created_at, updated_at, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (row.sr_uid, row.study_uid, row.study_version, row.bundle_version, row.eye, row.path,
-                         OutboxState.PENDING, row.note, now, now, ResultKind(row.kind)),
+                        (
+                            row.sr_uid,
+                            row.study_uid,
+                            row.study_version,
+                            row.bundle_version,
+                            row.eye,
+                            row.path,
+                            OutboxState.PENDING,
+                            row.note,
+                            now,
+                            now,
+                            ResultKind(row.kind),
+                        ),
                     )
                 elif current.state is OutboxState.PENDING:
-                    db.execute("UPDATE outbox SET path = ?, state = ?, last_error = '', note = ?, updated_at = ?"
-                               " WHERE sr_uid = ?", (row.path, OutboxState.PENDING, row.note, now, row.sr_uid))
+                    db.execute(
+                        "UPDATE outbox SET path = ?, state = ?, last_error = '', note = ?, updated_at = ?"
+                        " WHERE sr_uid = ?",
+                        (row.path, OutboxState.PENDING, row.note, now, row.sr_uid),
+                    )
                 entry = self._get(db, row.sr_uid)
                 assert entry is not None
                 entries.append(entry)
@@ -200,7 +224,8 @@ class Outbox:
             if current is None:
                 raise OutboxError(f"SR {sr_uid} is not in the outbox")
             sending_free = current.state is OutboxState.SENDING and (
-                current.claimed_by == owner or (current.claimed_at or 0.0) < now - lease_s)
+                current.claimed_by == owner or (current.claimed_at or 0.0) < now - lease_s
+            )
             if current.state is not OutboxState.PENDING and not sending_free:
                 return None
             db.execute(
@@ -242,8 +267,10 @@ class Outbox:
             if study_version is None:
                 rows = db.execute("SELECT * FROM outbox WHERE study_uid = ? ORDER BY created_at", (study_uid,))
             else:
-                rows = db.execute("SELECT * FROM outbox WHERE study_uid = ? AND study_version = ? "
-                                  "ORDER BY created_at", (study_uid, study_version))
+                rows = db.execute(
+                    "SELECT * FROM outbox WHERE study_uid = ? AND study_version = ? ORDER BY created_at",
+                    (study_uid, study_version),
+                )
             return [e for e in map(self._entry, rows.fetchall()) if e is not None]
 
     def undelivered(self, *, lease_s: float) -> list[OutboxEntry]:

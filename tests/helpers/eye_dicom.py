@@ -15,8 +15,17 @@ from ophthalmic_dicom import Patient, fundus_pixels, make_cfp, make_oct
 from devtools.sample_dicom import jpeg_bytes, set_jpeg_frame, write
 
 
-def oct_volume(frames: int = 15, rows: int = 96, cols: int = 128, *, pit_frame: int | None = None,
-               pit_col: float = 0.5, pit_depth: float = 0.2, noise: float = 10.0, seed: int = 0) -> np.ndarray:
+def oct_volume(
+    frames: int = 15,
+    rows: int = 96,
+    cols: int = 128,
+    *,
+    pit_frame: int | None = None,
+    pit_col: float = 0.5,
+    pit_depth: float = 0.2,
+    noise: float = 10.0,
+    seed: int = 0,
+) -> np.ndarray:
     """uint8 [frames, rows, cols]: a bright retinal band over a dark background, with a Gaussian foveal
     pit centred at (pit_frame, pit_col * cols) whose depth is pit_depth * rows (no pit when pit_frame is None)."""
     rng = np.random.default_rng(seed)
@@ -25,8 +34,9 @@ def oct_volume(frames: int = 15, rows: int = 96, cols: int = 128, *, pit_frame: 
     ilm = np.full((frames, cols), rows * 0.3)
     if pit_frame is not None:
         spread_c, spread_f = cols * 0.08, max(frames * 0.08, 1.0)
-        ilm = ilm + pit_depth * rows * np.exp(-((c - pit_col * cols) ** 2 / (2 * spread_c ** 2)
-                                                 + (f - pit_frame) ** 2 / (2 * spread_f ** 2)))
+        ilm = ilm + pit_depth * rows * np.exp(
+            -((c - pit_col * cols) ** 2 / (2 * spread_c**2) + (f - pit_frame) ** 2 / (2 * spread_f**2))
+        )
     r = np.arange(rows)[None, :, None]
     rpe = rows * 0.7
     volume = rng.normal(20.0, noise, (frames, rows, cols))

@@ -9,9 +9,9 @@ An ill-defined precision or recall (nothing predicted / nothing to find) counts 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 

@@ -30,8 +30,11 @@ class CaseResult:
 
     def to_dict(self) -> dict:
         return {
-            "case_id": self.case_id, "reference_label": self.reference_label.value,
-            "predicted_label": self.predicted_label.value, "bleu4": self.bleu4, "rouge_l": self.rouge_l,
+            "case_id": self.case_id,
+            "reference_label": self.reference_label.value,
+            "predicted_label": self.predicted_label.value,
+            "bleu4": self.bleu4,
+            "rouge_l": self.rouge_l,
             "rubric": {**asdict(self.rubric), "total": self.rubric.total},
             "grounding": self.grounding.to_dict(),
             "judge": None if self.judge is None else {**asdict(self.judge), "total": self.judge.total},
@@ -77,8 +80,11 @@ class BenchmarkResult:
 
     def to_dict(self) -> dict:
         return {
-            "n": self.n, "summary": self.summary(), "classification": self.classification.to_dict(),
-            "grounding": self.grounding, "judge_failures": self.judge_failures,
+            "n": self.n,
+            "summary": self.summary(),
+            "classification": self.classification.to_dict(),
+            "grounding": self.grounding,
+            "judge_failures": self.judge_failures,
             "judge_classification": self.judge_classification.to_dict() if self.judge_classification else None,
             "cases": [case.to_dict() for case in self.cases],
         }
@@ -97,8 +103,7 @@ def _score_case(prediction: Prediction, reference: Reference, judge: Judge | Non
         predicted_label=prediction.label,
         bleu4=sentence_bleu(prediction.text, reference.text),
         rouge_l=rouge_l(prediction.text, reference.text),
-        rubric=score_report(prediction.text, prediction.label, reference.label, reference.biomarkers,
-                            reference.text),
+        rubric=score_report(prediction.text, prediction.label, reference.label, reference.biomarkers, reference.text),
         grounding=check_grounding(prediction.text, prediction.biomarkers),
         judge=verdict,
         judge_error=error,
@@ -114,8 +119,9 @@ def _judge_summary(cases: list[CaseResult]) -> tuple[dict[str, float] | None, Cl
     return means, classify([c.reference_label for c in judged], [c.judge.label for c in judged])
 
 
-def evaluate(predictions: list[Prediction], references: list[Reference], judge: Judge | None = None,
-             progress: bool = True) -> BenchmarkResult:
+def evaluate(
+    predictions: list[Prediction], references: list[Reference], judge: Judge | None = None, progress: bool = True
+) -> BenchmarkResult:
     """All metrics of SPEC §4 for predictions paired with references by case id (LLM judge optional)."""
     pairs = pair_up(predictions, references)
     if not pairs:

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -32,9 +32,11 @@ def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
     return float(greater / (len(pos) * len(neg)))
 
 
-def sensitivity_at_specificity(scores: Sequence[float], positives: Sequence[bool], specificity: float = 0.95
-                               ) -> tuple[float, float]:
-    """(sensitivity, threshold) at the lowest threshold whose specificity is >= `specificity` (score >= t = positive)."""
+def sensitivity_at_specificity(
+    scores: Sequence[float], positives: Sequence[bool], specificity: float = 0.95
+) -> tuple[float, float]:
+    """(sensitivity, threshold) at the lowest threshold whose specificity is >= `specificity` (score >= t =
+    positive)."""
     s, y = np.asarray(scores, np.float64), np.asarray(positives, bool)
     best = (0.0, float("inf"))
     for t in np.unique(s):
@@ -51,9 +53,12 @@ def referral_metrics(predicted: Sequence[Action], truth_refer: Sequence[bool]) -
     """Sensitivity and specificity of 'refer' (urgent referral, referral, retake) against the truth."""
     refer = np.array([a in REFER_ACTIONS for a in predicted])
     truth = np.asarray(truth_refer, bool)
-    return {"sensitivity": float(refer[truth].mean()) if truth.any() else float("nan"),
-            "specificity": float((~refer[~truth]).mean()) if (~truth).any() else float("nan"),
-            "n_refer": int(truth.sum()), "n_not": int((~truth).sum())}
+    return {
+        "sensitivity": float(refer[truth].mean()) if truth.any() else float("nan"),
+        "specificity": float((~refer[~truth]).mean()) if (~truth).any() else float("nan"),
+        "n_refer": int(truth.sum()),
+        "n_not": int((~truth).sum()),
+    }
 
 
 # --- degradations -----------------------------------------------------------------------------------
@@ -90,8 +95,9 @@ CFP_DEGRADATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarr
     "blank": lambda rgb, rng: np.zeros_like(rgb),
 }
 OCT_DEGRADATIONS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
-    "low-signal": lambda vol, rng: np.clip(vol.astype(np.float32) * rng.uniform(0.05, 0.15)
-                                          + rng.normal(0, 2, vol.shape), 0, 255).astype(np.uint8),
+    "low-signal": lambda vol, rng: np.clip(
+        vol.astype(np.float32) * rng.uniform(0.05, 0.15) + rng.normal(0, 2, vol.shape), 0, 255
+    ).astype(np.uint8),
     "blank": lambda vol, rng: np.zeros_like(vol),
 }
 
@@ -105,15 +111,22 @@ def phantom_eyes(n_eyes: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
     eyes = []
     for i in range((n_eyes + 1) // 2):
-        truth = sample_subject(f"GATE{i}", DIAGNOSTIC_LABELS[i % len(DIAGNOSTIC_LABELS)], np.random.default_rng([seed, i]))
+        truth = sample_subject(
+            f"GATE{i}", DIAGNOSTIC_LABELS[i % len(DIAGNOSTIC_LABELS)], np.random.default_rng([seed, i])
+        )
         for k, eye in enumerate(truth.eyes):
-            eyes.append((render_cfp(eye.cfp, eye.eye, np.random.default_rng([seed, i, k, 1])).rgb,
-                         render_volume(eye, np.random.default_rng([seed, i, k, 2]))))
+            eyes.append(
+                (
+                    render_cfp(eye.cfp, eye.eye, np.random.default_rng([seed, i, k, 1])).rgb,
+                    render_volume(eye, np.random.default_rng([seed, i, k, 2])),
+                )
+            )
     return eyes[:n_eyes]
 
 
-def gate_benchmark(eyes: Sequence[tuple[np.ndarray, np.ndarray]], seed: int = 0,
-                   limits: QualityThresholds | None = None) -> dict:
+def gate_benchmark(
+    eyes: Sequence[tuple[np.ndarray, np.ndarray]], seed: int = 0, limits: QualityThresholds | None = None
+) -> dict:
     """Each (cfp, oct volume) eye once clean and once degraded (degradations in turn): detection figures."""
     limits = limits or QualityThresholds()
     rng = np.random.default_rng(seed)
@@ -123,27 +136,41 @@ def gate_benchmark(eyes: Sequence[tuple[np.ndarray, np.ndarray]], seed: int = 0,
     for i, (cfp, volume) in enumerate(eyes):
         c_name, o_name = cfp_names[i % len(cfp_names)], oct_names[i % len(oct_names)]
         for modality, image, name, assess, degrade in (
-                ("CFP", cfp, c_name, assess_cfp, CFP_DEGRADATIONS), ("OCT", volume, o_name, assess_oct, OCT_DEGRADATIONS)):
+            ("CFP", cfp, c_name, assess_cfp, CFP_DEGRADATIONS),
+            ("OCT", volume, o_name, assess_oct, OCT_DEGRADATIONS),
+        ):
             for degraded, pixels in ((False, image), (True, degrade[name](image, rng))):
                 verdict = assess(pixels, limits)
-                rows[modality].append((-quality_margin(verdict, limits), degraded, name if degraded else "clean",
-                                       verdict.gradability is Gradability.GRADABLE))
+                rows[modality].append(
+                    (
+                        -quality_margin(verdict, limits),
+                        degraded,
+                        name if degraded else "clean",
+                        verdict.gradability is Gradability.GRADABLE,
+                    )
+                )
         # The degraded eye (both modalities degraded) gets a diagnosis if either modality passes.
         passed_degraded_eyes += int(rows["CFP"][-1][3] or rows["OCT"][-1][3])
-    out: dict = {"eyes": len(eyes), "degraded_eyes_with_a_diagnosis": passed_degraded_eyes,
-                 "not_covered": ["motion artefacts"]}
+    out: dict = {
+        "eyes": len(eyes),
+        "degraded_eyes_with_a_diagnosis": passed_degraded_eyes,
+        "not_covered": ["motion artefacts"],
+    }
     for modality, items in rows.items():
         scores, positives = [r[0] for r in items], [r[1] for r in items]
         sens, threshold = sensitivity_at_specificity(scores, positives, 0.95)
         per_kind = {}
-        for _, degraded, kind, gradable in items:
+        for _, _degraded, kind, gradable in items:
             hit = per_kind.setdefault(kind, [0, 0])
             hit[0] += int(not gradable)
             hit[1] += 1
-        out[modality] = {"auroc": auroc(scores, positives), "sensitivity_at_95_specificity": sens,
-                         "gate_sensitivity": float(np.mean([not r[3] for r in items if r[1]])),
-                         "gate_specificity": float(np.mean([r[3] for r in items if not r[1]])),
-                         "flagged_ungradable_by_kind": {k: f"{v[0]}/{v[1]}" for k, v in per_kind.items()}}
+        out[modality] = {
+            "auroc": auroc(scores, positives),
+            "sensitivity_at_95_specificity": sens,
+            "gate_sensitivity": float(np.mean([not r[3] for r in items if r[1]])),
+            "gate_specificity": float(np.mean([r[3] for r in items if not r[1]])),
+            "flagged_ungradable_by_kind": {k: f"{v[0]}/{v[1]}" for k, v in per_kind.items()},
+        }
     return out
 
 
@@ -160,8 +187,9 @@ def truth_dispositions(reports: Sequence, truth_labels: Sequence[str], truth_bio
     out = []
     for report, label, values in zip(reports, truth_labels, truth_biomarkers, strict=True):
         markers = tuple(BiomarkerEstimate(k, float(v), BY_KEY[k].unit) for k, v in values.items() if v == v)
-        truth = dataclasses.replace(report, label=Label(label), biomarkers=markers,
-                                    gradability=Gradability.GRADABLE, narrative="", quality=())
+        truth = dataclasses.replace(
+            report, label=Label(label), biomarkers=markers, gradability=Gradability.GRADABLE, narrative="", quality=()
+        )
         out.append(for_eye(truth))
     return out
 
@@ -175,17 +203,23 @@ def referral_figures(reports: Sequence, truth_labels: Sequence[str], truth_bioma
     truth = [d.action in REFER_ACTIONS for d in truth_dispositions(reports, truth_labels, truth_biomarkers)]
     figures = referral_metrics(predicted, truth)
     figures["ungradable_with_diagnosis"] = sum(
-        1 for r in reports if r.gradability is not Gradability.GRADABLE and r.diagnosed)
+        1 for r in reports if r.gradability is not Gradability.GRADABLE and r.diagnosed
+    )
     return figures
 
 
-def calibration_figures(val_scores: Sequence[dict], val_labels: Sequence[str], test_scores: Sequence[dict],
-                        test_labels: Sequence[str]) -> dict:
+def calibration_figures(
+    val_scores: Sequence[dict], val_labels: Sequence[str], test_scores: Sequence[dict], test_labels: Sequence[str]
+) -> dict:
     """Temperature fitted on the validation eyes; ECE of the held-out eyes before and after it."""
-    from training.calibration import expected_calibration_error, fit_temperature
     from grok_pacs.analysis.calibration import Calibration
+    from training.calibration import expected_calibration_error, fit_temperature
 
     cal = Calibration(temperature=fit_temperature(val_scores, val_labels))
-    return {"temperature": cal.temperature, "n_val": len(val_labels), "n_test": len(test_labels),
-            "ece_before": expected_calibration_error(test_scores, test_labels),
-            "ece_after": expected_calibration_error([cal.apply(s) for s in test_scores], test_labels)}
+    return {
+        "temperature": cal.temperature,
+        "n_val": len(val_labels),
+        "n_test": len(test_labels),
+        "ece_before": expected_calibration_error(test_scores, test_labels),
+        "ece_after": expected_calibration_error([cal.apply(s) for s in test_scores], test_labels),
+    }

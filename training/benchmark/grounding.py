@@ -10,11 +10,11 @@ numbers about biomarkers without an estimate count against it. A report citing n
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
-from grok_pacs.analysis.result import Report, findings_text
 from grok_pacs.analysis.parsing import parse_generation
+from grok_pacs.analysis.result import Report, findings_text
 from training.benchmark.numbers import find_citations, within_rounding
 
 
@@ -42,9 +42,13 @@ class GroundingResult:
 
     def to_dict(self) -> dict:
         return {
-            "n_cited": self.n_cited, "n_agree": self.n_agree, "agreement": self.agreement,
-            "n_unmatched": self.count("unmatched"), "n_no_estimate": self.count("no estimate"),
-            "n_disagree": self.count("disagrees"), "mismatches": [vars(m) for m in self.mismatches],
+            "n_cited": self.n_cited,
+            "n_agree": self.n_agree,
+            "agreement": self.agreement,
+            "n_unmatched": self.count("unmatched"),
+            "n_no_estimate": self.count("no estimate"),
+            "n_disagree": self.count("disagrees"),
+            "mismatches": [vars(m) for m in self.mismatches],
         }
 
 

@@ -14,8 +14,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import httpx
 
@@ -91,7 +91,7 @@ class JudgeConfig:
     extra_headers: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, **overrides) -> "JudgeConfig":
+    def from_env(cls, **overrides) -> JudgeConfig:
         """Arguments first, then GROK_JUDGE_* / OPENAI_* variables; base URL and model are required."""
         env = os.environ
         values = {
@@ -108,8 +108,10 @@ class JudgeConfig:
 
 def build_messages(reference_text: str, biomarkers: Mapping[str, float], report_text: str) -> list[dict]:
     """The chat messages of one judgement: rubric as system, the three inputs as user."""
-    user = (f"REFERENCE report:\n{reference_text}\n\nBIOMARKERS:\n{to_prompt_json(biomarkers)}\n\n"
-            f"GENERATED report:\n{report_text}")
+    user = (
+        f"REFERENCE report:\n{reference_text}\n\nBIOMARKERS:\n{to_prompt_json(biomarkers)}\n\n"
+        f"GENERATED report:\n{report_text}"
+    )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
@@ -120,7 +122,7 @@ def _json_object(content: str) -> dict:
     if start < 0 or end <= start:
         raise JudgeAnswerError(f"no JSON object in the answer: {content[:200]!r}")
     try:
-        answer = json.loads(text[start:end + 1])
+        answer = json.loads(text[start : end + 1])
     except json.JSONDecodeError as error:
         raise JudgeAnswerError(f"answer is not valid JSON ({error}): {content[:200]!r}") from None
     if not isinstance(answer, dict):
@@ -166,7 +168,7 @@ class Judge:
         self._client = client or httpx.Client(timeout=config.timeout_s, headers=headers)
         self._url = config.base_url.rstrip("/") + "/chat/completions"
 
-    def __enter__(self) -> "Judge":
+    def __enter__(self) -> Judge:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -182,8 +184,9 @@ class Judge:
             body["response_format"] = {"type": "json_object"}
         response = self._client.post(self._url, json=body)
         if response.status_code in _RETRY_STATUSES:
-            raise httpx.HTTPStatusError(f"judge HTTP {response.status_code}", request=response.request,
-                                        response=response)
+            raise httpx.HTTPStatusError(
+                f"judge HTTP {response.status_code}", request=response.request, response=response
+            )
         if response.status_code != 200:
             raise JudgeError(f"judge at {self._url} answered HTTP {response.status_code}: {response.text[:300]}")
         try:
@@ -202,5 +205,7 @@ class Judge:
                 return parse_verdict(self._ask(messages))
             except (JudgeAnswerError, httpx.HTTPStatusError, httpx.TransportError) as error:
                 last_error = error
-        raise JudgeError(f"judge at {self._url} gave no valid verdict in {self.config.max_attempts} attempts; "
-                         f"last error: {last_error}")
+        raise JudgeError(
+            f"judge at {self._url} gave no valid verdict in {self.config.max_attempts} attempts; "
+            f"last error: {last_error}"
+        )

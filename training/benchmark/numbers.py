@@ -6,14 +6,28 @@ with the same code); this module adds the comparisons: unit handling, relative e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
+from grok_pacs.analysis.grounding import (
+    Citation,
+    extract_cited_numbers,
+    find_citations,
+    in_biomarker_unit,
+    within_rounding,
+)
 from grok_pacs.domain.biomarkers import BY_KEY
-from grok_pacs.analysis.grounding import Citation, extract_cited_numbers, find_citations, in_biomarker_unit, within_rounding
 
-__all__ = ["Citation", "ValueCheck", "check_value", "extract_cited_numbers", "find_citations",
-           "in_biomarker_unit", "relative_error", "within_rounding"]
+__all__ = [
+    "Citation",
+    "ValueCheck",
+    "check_value",
+    "extract_cited_numbers",
+    "find_citations",
+    "in_biomarker_unit",
+    "relative_error",
+    "within_rounding",
+]
 
 
 def relative_error(value: float, truth: float) -> float:

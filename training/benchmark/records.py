@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
+from grok_pacs.analysis.result import Report
 from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
-from grok_pacs.analysis.result import Report
 
 
 def _checked_values(values: Mapping[str, float], what: str) -> dict[str, float]:
@@ -34,7 +34,7 @@ class Prediction:
         object.__setattr__(self, "biomarkers", _checked_values(self.biomarkers, f"prediction {self.case_id}"))
 
     @classmethod
-    def from_report(cls, case_id: str, report: Report) -> "Prediction":
+    def from_report(cls, case_id: str, report: Report) -> Prediction:
         """From the runtime's `Report`: narrative + impression as text, head estimates as biomarkers."""
         values = {b.key: b.value for b in report.biomarkers}
         return cls(case_id=case_id, label=report.label, text=report.text, biomarkers=values)
@@ -75,6 +75,7 @@ def biomarkers_from_prompt_json(prompt_json: str | Mapping) -> dict[str, float]:
 
 def pair_up(predictions: list[Prediction], references: list[Reference]) -> list[tuple[Prediction, Reference]]:
     """Pairs by case id, in reference order; every id must appear exactly once on both sides."""
+
     def index(items: list, what: str) -> dict:
         table = {}
         for item in items:

@@ -33,23 +33,41 @@ def _markdown(result: BenchmarkResult, title: str, png_name: str) -> str:
     lines = [f"# {title}", "", f"{result.n} cases.", "", "## Headline metrics", ""]
     lines += _table(["metric", "value"], [[k, _fmt(v)] for k, v in result.summary().items()])
     lines += ["", "## Diagnosis classification (7 labels; Indeterminate counts as wrong)", ""]
-    lines += _table(["label", "precision", "recall", "F1", "support", "predicted", "in macro-F1"], [
-        [s.label, _fmt(s.precision), _fmt(s.recall), _fmt(s.f1), str(s.support), str(s.predicted),
-         "yes" if s.support or s.predicted else "no (absent)"]
-        for s in result.classification.per_label
-    ])
+    lines += _table(
+        ["label", "precision", "recall", "F1", "support", "predicted", "in macro-F1"],
+        [
+            [
+                s.label,
+                _fmt(s.precision),
+                _fmt(s.recall),
+                _fmt(s.f1),
+                str(s.support),
+                str(s.predicted),
+                "yes" if s.support or s.predicted else "no (absent)",
+            ]
+            for s in result.classification.per_label
+        ],
+    )
     lines += ["", "Confusion matrix (rows: reference, columns: predicted):", ""]
-    lines += _table(["reference \\ predicted", *[c.value for c in COLUMNS]], [
-        [label.value, *map(str, row)] for label, row in zip(ROWS, result.classification.confusion)
-    ])
+    lines += _table(
+        ["reference \\ predicted", *[c.value for c in COLUMNS]],
+        [[label.value, *map(str, row)] for label, row in zip(ROWS, result.classification.confusion)],
+    )
     lines += ["", f"![confusion matrix]({png_name})", "", "## Grounding (cited numbers vs the SR's estimates)", ""]
-    lines += _table(["quantity", "value"], [[k, str(v) if isinstance(v, int) else _fmt(v)]
-                                           for k, v in result.grounding.items()])
+    lines += _table(
+        ["quantity", "value"], [[k, str(v) if isinstance(v, int) else _fmt(v)] for k, v in result.grounding.items()]
+    )
     if result.judge_means is not None or result.judge_failures:
-        lines += ["", f"LLM judge: {result.n - result.judge_failures} cases judged, "
-                      f"{result.judge_failures} without a valid verdict."]
-    lines += ["", "Definitions: `training/benchmark/` module docstrings (tokeniser, BLEU smoothing, rubric "
-                  "deductions, coverage keywords, grounding tolerance)."]
+        lines += [
+            "",
+            f"LLM judge: {result.n - result.judge_failures} cases judged, "
+            f"{result.judge_failures} without a valid verdict.",
+        ]
+    lines += [
+        "",
+        "Definitions: `training/benchmark/` module docstrings (tokeniser, BLEU smoothing, rubric "
+        "deductions, coverage keywords, grounding tolerance).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -72,17 +90,17 @@ class Comparison:
     rows: list[tuple[str, float | None, float | None, float | None]]  #: metric, a, b, b - a
 
     def to_dict(self) -> dict:
-        return {"names": list(self.names),
-                "rows": [{"metric": m, self.names[0]: a, self.names[1]: b, "delta": d} for m, a, b, d in self.rows]}
+        return {
+            "names": list(self.names),
+            "rows": [{"metric": m, self.names[0]: a, self.names[1]: b, "delta": d} for m, a, b, d in self.rows],
+        }
 
     def to_markdown(self) -> list[str]:
         header = ["metric", self.names[0], self.names[1], f"{self.names[1]} - {self.names[0]}"]
-        return _table(header, [[m, _fmt(a), _fmt(b), "n/a" if d is None else f"{d:+.4f}"]
-                               for m, a, b, d in self.rows])
+        return _table(header, [[m, _fmt(a), _fmt(b), "n/a" if d is None else f"{d:+.4f}"] for m, a, b, d in self.rows])
 
 
-def compare(result_a: BenchmarkResult, result_b: BenchmarkResult,
-            names: tuple[str, str] = ("A", "B")) -> Comparison:
+def compare(result_a: BenchmarkResult, result_b: BenchmarkResult, names: tuple[str, str] = ("A", "B")) -> Comparison:
     """Headline metrics of two runs side by side (metrics of either run, in summary order)."""
     a, b = result_a.summary(), result_b.summary()
     metrics = list(dict.fromkeys([*a, *b]))
@@ -93,8 +111,13 @@ def compare(result_a: BenchmarkResult, result_b: BenchmarkResult,
     return Comparison(names, rows)
 
 
-def write_comparison(result_a: BenchmarkResult, result_b: BenchmarkResult, out_dir: Path | str, title: str,
-                     names: tuple[str, str] = ("A", "B")) -> dict[str, Path]:
+def write_comparison(
+    result_a: BenchmarkResult,
+    result_b: BenchmarkResult,
+    out_dir: Path | str,
+    title: str,
+    names: tuple[str, str] = ("A", "B"),
+) -> dict[str, Path]:
     """Write both runs (`write_report`) and `<slug>.md` / `<slug>.json` with the comparison table."""
     out = Path(out_dir)
     slug = _slug(title)

@@ -20,9 +20,9 @@ DiagnosisAccuracy (0-20): 20 when the extracted label equals the reference label
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Mapping
 
 from grok_pacs.domain.labels import Label
 from training.benchmark.numbers import Citation, check_value, find_citations
@@ -34,19 +34,86 @@ COVERAGE_POINTS = 2
 
 #: Region -> words that show the report looked at it.
 COVERAGE_KEYWORDS: dict[str, tuple[str, ...]] = {
-    "optic_disc": ("optic disc*", "optic disk*", "optic nerve*", "onh", "disc", "discs", "disk", "cup-to-disc",
-                   "cup to disc", "cup/disc", "c/d", "cdr", "cupping", "neuroretinal rim*", "papill*"),
+    "optic_disc": (
+        "optic disc*",
+        "optic disk*",
+        "optic nerve*",
+        "onh",
+        "disc",
+        "discs",
+        "disk",
+        "cup-to-disc",
+        "cup to disc",
+        "cup/disc",
+        "c/d",
+        "cdr",
+        "cupping",
+        "neuroretinal rim*",
+        "papill*",
+    ),
     "macula_fovea": ("macula*", "fovea*", "perifovea*", "parafovea*", "central subfield*", "etdrs"),
-    "vasculature": ("vessel*", "vascula*", "arteriol*", "arteri*", "venul*", "vein*", "venous", "avr",
-                    "a/v", "av ratio", "av nicking", "tortuosity", "tortuous", "fractal*", "copper wir*",
-                    "silver wir*"),
-    "periphery_other": ("peripher*", "mid-peripher*", "haemorrhag*", "hemorrhag*", "exudat*", "microaneurysm*",
-                        "cotton wool*", "cotton-wool*", "drusen", "pigment* change*", "lesion*", "neovascular*",
-                        "vitreous", "media", "background retina*", "retinal background"),
-    "oct_layers": ("rnfl", "nerve fib*", "gcipl", "gc-ipl", "ganglion cell*", "inner nuclear layer", "inl",
-                   "inl-elm", "inl-rpe", "elm", "elm-isos", "external limiting membrane", "isos", "is/os",
-                   "isos-rpe", "ellipsoid zone", "photoreceptor*", "rpe", "retinal pigment epithel*",
-                   "retinal layer*", "outer retina*", "inner retina*", "subretinal fluid", "intraretinal"),
+    "vasculature": (
+        "vessel*",
+        "vascula*",
+        "arteriol*",
+        "arteri*",
+        "venul*",
+        "vein*",
+        "venous",
+        "avr",
+        "a/v",
+        "av ratio",
+        "av nicking",
+        "tortuosity",
+        "tortuous",
+        "fractal*",
+        "copper wir*",
+        "silver wir*",
+    ),
+    "periphery_other": (
+        "peripher*",
+        "mid-peripher*",
+        "haemorrhag*",
+        "hemorrhag*",
+        "exudat*",
+        "microaneurysm*",
+        "cotton wool*",
+        "cotton-wool*",
+        "drusen",
+        "pigment* change*",
+        "lesion*",
+        "neovascular*",
+        "vitreous",
+        "media",
+        "background retina*",
+        "retinal background",
+    ),
+    "oct_layers": (
+        "rnfl",
+        "nerve fib*",
+        "gcipl",
+        "gc-ipl",
+        "ganglion cell*",
+        "inner nuclear layer",
+        "inl",
+        "inl-elm",
+        "inl-rpe",
+        "elm",
+        "elm-isos",
+        "external limiting membrane",
+        "isos",
+        "is/os",
+        "isos-rpe",
+        "ellipsoid zone",
+        "photoreceptor*",
+        "rpe",
+        "retinal pigment epithel*",
+        "retinal layer*",
+        "outer retina*",
+        "inner retina*",
+        "subretinal fluid",
+        "intraretinal",
+    ),
 }
 
 
@@ -55,8 +122,11 @@ def _coverage_patterns() -> dict[str, re.Pattern[str]]:
     def fragment(word: str) -> str:
         body = re.escape(word.rstrip("*"))
         return body + (r"\w*" if word.endswith("*") else r"(?![\w])")
-    return {region: re.compile(r"(?<![\w])(?:" + "|".join(fragment(w) for w in words) + ")", re.IGNORECASE)
-            for region, words in COVERAGE_KEYWORDS.items()}
+
+    return {
+        region: re.compile(r"(?<![\w])(?:" + "|".join(fragment(w) for w in words) + ")", re.IGNORECASE)
+        for region, words in COVERAGE_KEYWORDS.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -82,12 +152,13 @@ class RubricScores:
         return self.diagnosis + self.quantitative + self.coverage
 
 
-def _deduction_for(citation: Citation, reference_values: Mapping[str, float],
-                   reference_numbers: list[Citation]) -> Deduction | None:
+def _deduction_for(
+    citation: Citation, reference_values: Mapping[str, float], reference_numbers: list[Citation]
+) -> Deduction | None:
     """The deduction one cited number earns (None when it earns none)."""
     check = check_value(citation, reference_values)
     if check.reference is None:
-        tolerance = 0.5 * 10.0 ** -citation.decimals + 1e-9
+        tolerance = 0.5 * 10.0**-citation.decimals + 1e-9
         if any(abs(n.value - citation.value) <= tolerance for n in reference_numbers):
             return None
         return Deduction(citation.text, citation.biomarker_key, "fabricated", 3)
@@ -101,8 +172,9 @@ def _deduction_for(citation: Citation, reference_values: Mapping[str, float],
     return None
 
 
-def quantitative_accuracy(text: str, reference_values: Mapping[str, float],
-                          reference_text: str = "") -> tuple[int, list[Deduction], int]:
+def quantitative_accuracy(
+    text: str, reference_values: Mapping[str, float], reference_text: str = ""
+) -> tuple[int, list[Deduction], int]:
     """(score 0-20, deductions, numbers cited) of a report against the measured biomarkers."""
     citations = find_citations(text)
     if not citations:
@@ -127,8 +199,9 @@ def diagnosis_accuracy(predicted: Label, truth: Label) -> int:
     return DIAGNOSIS_MAX if Label(predicted) == Label(truth) and predicted != Label.INDETERMINATE else 0
 
 
-def score_report(text: str, label: Label, reference_label: Label, reference_values: Mapping[str, float],
-                 reference_text: str = "") -> RubricScores:
+def score_report(
+    text: str, label: Label, reference_label: Label, reference_values: Mapping[str, float], reference_text: str = ""
+) -> RubricScores:
     """All three judge-free criteria for one generated report."""
     quantitative, deductions, n_cited = quantitative_accuracy(text, reference_values, reference_text)
     regions = coverage_regions(text)

@@ -21,7 +21,7 @@ import math
 import re
 import unicodedata
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 _TOKEN_RE = re.compile(r"\w+(?:[.\-'/]\w+)*")
 SMOOTHING = ("none", "epsilon", "add1")
@@ -34,7 +34,7 @@ def tokenize(text: str) -> list[str]:
 
 
 def _ngrams(tokens: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def _clipped_counts(candidate: Sequence[str], reference: Sequence[str], max_n: int) -> list[tuple[int, int]]:
@@ -72,8 +72,7 @@ def sentence_bleu(candidate: str, reference: str, smoothing: str = "epsilon", ma
     return _combine(_clipped_counts(cand, ref, max_n), len(cand), len(ref), smoothing)
 
 
-def corpus_bleu(candidates: Sequence[str], references: Sequence[str], smoothing: str = "none",
-                max_n: int = 4) -> float:
+def corpus_bleu(candidates: Sequence[str], references: Sequence[str], smoothing: str = "none", max_n: int = 4) -> float:
     """Corpus BLEU-4: n-gram counts and lengths summed over all pairs, in [0, 1]."""
     if len(candidates) != len(references):
         raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
@@ -113,4 +112,4 @@ def rouge_l(candidate: str, reference: str, beta: float = 1.0) -> float:
     if lcs == 0:
         return 0.0
     precision, recall = lcs / len(cand), lcs / len(ref)
-    return (1 + beta ** 2) * precision * recall / (recall + beta ** 2 * precision)
+    return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)

@@ -14,9 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.phantom",
         description="Render a SYNTHETIC phantom cohort: per subject one of the 7 labels, both eyes, a colour fundus "
-                    "photograph and an OCT volume rendered from label-conditioned biomarkers, as PNG and (unless "
-                    "--no-dicom) as one DICOM study (OP JPEG baseline + multi-frame OPT per eye). Writes "
-                    "OUT/manifest.csv (format: docs/cohort-manifest.md). Same seed, same files. Not clinical data.",
+        "photograph and an OCT volume rendered from label-conditioned biomarkers, as PNG and (unless "
+        "--no-dicom) as one DICOM study (OP JPEG baseline + multi-frame OPT per eye). Writes "
+        "OUT/manifest.csv (format: docs/cohort-manifest.md). Same seed, same files. Not clinical data.",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     parser.add_argument("--subjects", type=int, default=500, help="number of subjects (default 500; labels balanced)")

@@ -135,8 +135,12 @@ def _grid(eye: str, step: float = 0.03) -> _Grid:
     axis = np.arange(-OUTER_R + step / 2, OUTER_R, step)
     dx, dy = np.meshgrid(axis, axis)
     r = np.hypot(dx, dy)
-    masks = {"central": r < CENTRAL_R, "inner": (r >= CENTRAL_R) & (r < INNER_R),
-             "outer": (r >= INNER_R) & (r < OUTER_R), "all": r < OUTER_R}
+    masks = {
+        "central": r < CENTRAL_R,
+        "inner": (r >= CENTRAL_R) & (r < INNER_R),
+        "outer": (r >= INNER_R) & (r < OUTER_R),
+        "all": r < OUTER_R,
+    }
     nasal_x = dx if eye == "R" else -dx
     theta = np.mod(np.arctan2(-dy, nasal_x), 2 * np.pi)
     for q, a in _QUADRANT_ANGLE.items():

@@ -106,8 +106,10 @@ def _vessel_masks(params: CfpParams, disc, disc_r, fovea, rng) -> tuple[np.ndarr
     v = params.values
     venule_w = VENULE_TRUNK_UM / 1000.0 * PX_PER_MM * math.sqrt(0.78 / v["avr"])
     out = []
-    for kind, width, tort, fd in (("artery", v["avr"] * venule_w, v["tortuosity_arterial"], v["fd_arterial"]),
-                                  ("vein", venule_w, v["tortuosity_venular"], v["fd_venular"])):
+    for kind, width, tort, fd in (
+        ("artery", v["avr"] * venule_w, v["tortuosity_arterial"], v["fd_arterial"]),
+        ("vein", venule_w, v["tortuosity_venular"], v["fd_venular"]),
+    ):
         canvas = Image.new("L", (CFP_SIZE * _SS, CFP_SIZE * _SS), 0)
         draw = ImageDraw.Draw(canvas)
         for heading, curl, length in _trunks(kind, disc, fovea):
@@ -130,8 +132,18 @@ def _trunks(kind: str, disc, fovea) -> list[tuple[float, float, float]]:
     ]
 
 
-def _grow(draw: ImageDraw.ImageDraw, rng: np.random.Generator, start, heading: float, curl: float,
-          length: float, width: float, tortuosity: float, fd: float, depth: int) -> None:
+def _grow(
+    draw: ImageDraw.ImageDraw,
+    rng: np.random.Generator,
+    start,
+    heading: float,
+    curl: float,
+    length: float,
+    width: float,
+    tortuosity: float,
+    fd: float,
+    depth: int,
+) -> None:
     """Draw one vessel (a curling path with a sinusoidal meander) and recurse into its side branches."""
     step = 3.0
     n = max(int(length / step), 2)
@@ -160,8 +172,18 @@ def _grow(draw: ImageDraw.ImageDraw, rng: np.random.Generator, start, heading: f
         if k >= n:
             continue
         side = 1 if (j + depth) % 2 == 0 else -1
-        _grow(draw, rng, (px[k] / _SS, py[k] / _SS), heads[k] + side * rng.uniform(0.5, 1.0), rng.normal(0, 0.004),
-              length * rng.uniform(0.4, 0.6), width * 0.72, tortuosity, fd, depth + 1)
+        _grow(
+            draw,
+            rng,
+            (px[k] / _SS, py[k] / _SS),
+            heads[k] + side * rng.uniform(0.5, 1.0),
+            rng.normal(0, 0.004),
+            length * rng.uniform(0.4, 0.6),
+            width * 0.72,
+            tortuosity,
+            fd,
+            depth + 1,
+        )
 
 
 def _spots(rng, n: int, center, spread_mm: float, radius: tuple[float, float]):

@@ -16,7 +16,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
-
 from training.manifest import MANIFEST_NAME, CohortRecord, write_manifest
 from training.phantom.cfp_render import CFP_SIZE, PX_PER_MM, render_cfp
 from training.phantom.dicom_writer import write_study
@@ -55,7 +54,7 @@ def plan_cohort(n_subjects: int, seed: int) -> list[SubjectPlan]:
         n_test = int(round(k * SPLIT_FRACTIONS["test"])) or (1 if k >= 2 else 0)
         for i in order[:n_test]:
             splits[i] = "test"
-        for i in order[n_test:n_test + n_val]:
+        for i in order[n_test : n_test + n_val]:
             splits[i] = "val"
     return [SubjectPlan(i, f"PH{seed}-{i + 1:05d}", labels[i], splits[i]) for i in range(n_subjects)]
 
@@ -76,16 +75,30 @@ def _make_subject(job: tuple[Path, int, bool, SubjectPlan]) -> list[CohortRecord
             Image.fromarray(volume[k]).save(eye_dir / "oct" / f"{k:03d}.png", compress_level=1)
         cfps[eye.eye], octs[eye.eye] = cfp, volume
         meta = {"age": str(truth.age), "sex": truth.sex, "subtype": eye.subtype}
-        records.append(CohortRecord(plan.subject_id, eye.eye, plan.label, plan.split, eye_dir / "cfp.png",
-                                    eye_dir / "oct", eye.biomarkers, eye.oct.fovea_frame, None, 0, meta))
+        records.append(
+            CohortRecord(
+                plan.subject_id,
+                eye.eye,
+                plan.label,
+                plan.split,
+                eye_dir / "cfp.png",
+                eye_dir / "oct",
+                eye.biomarkers,
+                eye.oct.fovea_frame,
+                None,
+                0,
+                meta,
+            )
+        )
     if dicom:
         study = write_study(out_dir / "dicom" / plan.subject_id, truth, seed, cfps, octs)
         records = [replace(r, study_dir=study.study_dir) for r in records]
     return records
 
 
-def generate_cohort(out_dir: Path, n_subjects: int, seed: int, *, dicom: bool = True, workers: int = 2,
-                    progress: bool = True) -> Path:
+def generate_cohort(
+    out_dir: Path, n_subjects: int, seed: int, *, dicom: bool = True, workers: int = 2, progress: bool = True
+) -> Path:
     """Render a phantom cohort under out_dir and return the path of its manifest.csv."""
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,8 +117,9 @@ def generate_cohort(out_dir: Path, n_subjects: int, seed: int, *, dicom: bool = 
                 bar.update()
     bar.close()
     (out_dir / "README.txt").write_text(SYNTHETIC_NOTICE, encoding="utf-8")
-    (out_dir / "cohort.json").write_text(json.dumps(_description(n_subjects, seed, dicom), indent=2) + "\n",
-                                         encoding="utf-8")
+    (out_dir / "cohort.json").write_text(
+        json.dumps(_description(n_subjects, seed, dicom), indent=2) + "\n", encoding="utf-8"
+    )
     return write_manifest(out_dir / MANIFEST_NAME, records)
 
 
@@ -118,7 +132,13 @@ def _description(n_subjects: int, seed: int, dicom: bool) -> dict:
         "n_subjects": n_subjects,
         "dicom": dicom,
         "cfp": {"size_px": CFP_SIZE, "px_per_mm": round(PX_PER_MM, 4), "field_of_view_deg": 45},
-        "oct": {"frames": N_FRAMES, "width_px": OCT_WIDTH, "height_px": OCT_HEIGHT,
-                "axial_um_per_px": AXIAL_UM_PER_PX, "lateral_um_per_px": round(LATERAL_UM_PER_PX, 4),
-                "frame_order": "superior to inferior", "fovea_frame": "0-based, per eye in manifest.csv"},
+        "oct": {
+            "frames": N_FRAMES,
+            "width_px": OCT_WIDTH,
+            "height_px": OCT_HEIGHT,
+            "axial_um_per_px": AXIAL_UM_PER_PX,
+            "lateral_um_per_px": round(LATERAL_UM_PER_PX, 4),
+            "frame_order": "superior to inferior",
+            "fovea_frame": "0-based, per eye in manifest.csv",
+        },
     }

@@ -20,7 +20,6 @@ from pydicom.sequence import Sequence
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
 
 from grok_pacs.report.codes import EYE, FUNDUS_CAMERA, OCT_SCANNER, RETINA, Code
-
 from training.phantom.cfp_render import PX_PER_MM
 from training.phantom.oct_render import AXIAL_UM_PER_PX, LATERAL_UM_PER_PX, OCT_HEIGHT, OCT_WIDTH
 from training.phantom.sampling import SCAN_MM, SubjectTruth, frame_y
@@ -30,7 +29,6 @@ OPT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.5.4"  #: Ophthalmic Tomography Ima
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."  #: pydicom's registered root, for generated UIDs
 SYNTHETIC_NOTE = "SYNTHETIC PHANTOM - rendered by grok-pacs training.phantom, not clinical data"
 JPEG_QUALITY = 92
-
 
 
 @dataclass(frozen=True)
@@ -60,8 +58,9 @@ def _jpeg(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_study(out_dir: Path, truth: SubjectTruth, seed: int, cfp: dict[str, np.ndarray],
-                octs: dict[str, np.ndarray]) -> StudyFiles:
+def write_study(
+    out_dir: Path, truth: SubjectTruth, seed: int, cfp: dict[str, np.ndarray], octs: dict[str, np.ndarray]
+) -> StudyFiles:
     """Write the subject's study (OP + OPT per eye) under out_dir; returns the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     study_uid = _uid(seed, truth.subject_id, "study")
@@ -108,8 +107,9 @@ def _patient_study(truth: SubjectTruth, study_uid: str, study_date: date, birth:
     return ds
 
 
-def _base(common: Dataset, sop_class: str, sop_uid: str, series_uid: str, modality: str, series_number: int,
-          eye: str) -> Dataset:
+def _base(
+    common: Dataset, sop_class: str, sop_uid: str, series_uid: str, modality: str, series_number: int, eye: str
+) -> Dataset:
     ds = Dataset()
     ds.update(common)
     meta = FileMetaDataset()
@@ -138,7 +138,9 @@ def _base(common: Dataset, sop_class: str, sop_uid: str, series_uid: str, modali
 def _op_dataset(common: Dataset, truth: SubjectTruth, seed: int, eye: str, rgb: np.ndarray, number: int) -> Dataset:
     """Ophthalmic Photography 8 Bit: one colour JPEG baseline frame (YBR_FULL_422)."""
     sop_uid = _uid(seed, truth.subject_id, f"op-{eye}")
-    ds = _base(common, OP_SOP_CLASS, sop_uid, _uid(seed, truth.subject_id, f"op-series-{eye}"), "OP", 1 + 2 * number, eye)
+    ds = _base(
+        common, OP_SOP_CLASS, sop_uid, _uid(seed, truth.subject_id, f"op-series-{eye}"), "OP", 1 + 2 * number, eye
+    )
     ds.SeriesDescription = f"Colour fundus photograph {eye} (synthetic)"
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.SamplesPerPixel = 3
@@ -161,9 +163,14 @@ def _op_dataset(common: Dataset, truth: SubjectTruth, seed: int, eye: str, rgb: 
     ds.DegreeOfDilation = 7.0
     ds.DetectorType = "CCD"
     ds.AcquisitionDeviceTypeCodeSequence = Sequence([_code(FUNDUS_CAMERA)])
-    for keyword in ("IlluminationTypeCodeSequence", "LightPathFilterTypeStackCodeSequence",
-                    "ImagePathFilterTypeStackCodeSequence", "LensesCodeSequence", "RefractiveStateSequence",
-                    "MydriaticAgentSequence"):
+    for keyword in (
+        "IlluminationTypeCodeSequence",
+        "LightPathFilterTypeStackCodeSequence",
+        "ImagePathFilterTypeStackCodeSequence",
+        "LensesCodeSequence",
+        "RefractiveStateSequence",
+        "MydriaticAgentSequence",
+    ):
         setattr(ds, keyword, Sequence())
     encoded = _jpeg(rgb)
     ds.LossyImageCompressionRatio = f"{rgb.nbytes / len(encoded):.2f}"
@@ -175,7 +182,9 @@ def _op_dataset(common: Dataset, truth: SubjectTruth, seed: int, eye: str, rgb: 
 def _opt_dataset(common: Dataset, truth: SubjectTruth, seed: int, eye: str, volume: np.ndarray, number: int) -> Dataset:
     """Ophthalmic Tomography: one multi-frame instance of B-scans (JPEG baseline frames)."""
     sop_uid = _uid(seed, truth.subject_id, f"opt-{eye}")
-    ds = _base(common, OPT_SOP_CLASS, sop_uid, _uid(seed, truth.subject_id, f"opt-series-{eye}"), "OPT", 2 + 2 * number, eye)
+    ds = _base(
+        common, OPT_SOP_CLASS, sop_uid, _uid(seed, truth.subject_id, f"opt-series-{eye}"), "OPT", 2 + 2 * number, eye
+    )
     n = volume.shape[0]
     ds.SeriesDescription = f"Macular cube 6x6 mm {eye} (synthetic)"
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
@@ -213,8 +222,12 @@ def _opt_dataset(common: Dataset, truth: SubjectTruth, seed: int, eye: str, volu
     ds.MaximumAcrossScanDistortion = 0.0
     ds.AcquisitionDeviceTypeCodeSequence = Sequence([_code(OCT_SCANNER)])
     ds.AnatomicRegionSequence = Sequence([_code(RETINA)])
-    for keyword in ("RefractiveStateSequence", "MydriaticAgentSequence", "AcquisitionContextSequence",
-                    "LightPathFilterTypeStackCodeSequence"):
+    for keyword in (
+        "RefractiveStateSequence",
+        "MydriaticAgentSequence",
+        "AcquisitionContextSequence",
+        "LightPathFilterTypeStackCodeSequence",
+    ):
         setattr(ds, keyword, Sequence())
     _functional_groups(ds, n, _uid(seed, truth.subject_id, f"dimensions-{eye}"), eye)
     frames = [_jpeg(volume[k]) for k in range(n)]

@@ -107,7 +107,7 @@ def _add_foci(image: np.ndarray, truth: EyeTruth, bm: np.ndarray, tops: np.ndarr
                 continue
             row = int(bm[k, col] - depth_fraction * tops[-1][k, col] / AXIAL_UM_PER_PX)
             if 2 <= row < OCT_HEIGHT - 2:
-                image[k, row - 1:row + 2, col - 2:col + 3] = 245.0
+                image[k, row - 1 : row + 2, col - 2 : col + 3] = 245.0
 
 
 def _blur(image: np.ndarray) -> np.ndarray:

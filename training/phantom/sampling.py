@@ -18,7 +18,6 @@ import numpy as np
 
 from grok_pacs.domain.biomarkers import BY_KEY, CFP_KEYS
 from grok_pacs.domain.labels import Label
-
 from training.phantom.anatomy import PROFILE_LAYERS, Blob, RetinaModel, layer_stack, oct_biomarkers, total_thickness
 
 N_FRAMES = 25  #: B-scans per OCT volume, superior (frame 0) to inferior
@@ -42,18 +41,41 @@ _OCT_QUADRANT: dict[Label, dict[str, tuple[float, float, float, float]]] = {
 }
 #: Per-label CFP biomarkers (mean, sd): cup-to-disc, AVR, tortuosities, fractal dimensions; disc in um.
 _CFP: dict[Label, dict[str, tuple[float, float]]] = {
-    Label.NORMAL: {"cup_to_disc": (0.33, 0.06), "avr": (0.78, 0.035), "tortuosity_arterial": (1.09, 0.012),
-                   "tortuosity_venular": (1.10, 0.012), "fd_arterial": (1.45, 0.015), "fd_venular": (1.46, 0.015)},
-    Label.GLAUCOMA: {"cup_to_disc": (0.75, 0.05), "avr": (0.76, 0.035), "fd_arterial": (1.42, 0.015),
-                     "fd_venular": (1.43, 0.015)},
+    Label.NORMAL: {
+        "cup_to_disc": (0.33, 0.06),
+        "avr": (0.78, 0.035),
+        "tortuosity_arterial": (1.09, 0.012),
+        "tortuosity_venular": (1.10, 0.012),
+        "fd_arterial": (1.45, 0.015),
+        "fd_venular": (1.46, 0.015),
+    },
+    Label.GLAUCOMA: {
+        "cup_to_disc": (0.75, 0.05),
+        "avr": (0.76, 0.035),
+        "fd_arterial": (1.42, 0.015),
+        "fd_venular": (1.43, 0.015),
+    },
     Label.AMD: {"avr": (0.75, 0.035), "fd_arterial": (1.42, 0.015), "fd_venular": (1.43, 0.015)},
-    Label.DIABETIC_RETINOPATHY: {"avr": (0.68, 0.035), "tortuosity_venular": (1.17, 0.015),
-                                 "fd_arterial": (1.40, 0.015), "fd_venular": (1.40, 0.015)},
-    Label.HYPERTENSION: {"avr": (0.55, 0.03), "tortuosity_arterial": (1.24, 0.02),
-                         "tortuosity_venular": (1.13, 0.015), "fd_arterial": (1.41, 0.015)},
+    Label.DIABETIC_RETINOPATHY: {
+        "avr": (0.68, 0.035),
+        "tortuosity_venular": (1.17, 0.015),
+        "fd_arterial": (1.40, 0.015),
+        "fd_venular": (1.40, 0.015),
+    },
+    Label.HYPERTENSION: {
+        "avr": (0.55, 0.03),
+        "tortuosity_arterial": (1.24, 0.02),
+        "tortuosity_venular": (1.13, 0.015),
+        "fd_arterial": (1.41, 0.015),
+    },
     Label.DIABETES: {"avr": (0.66, 0.03), "tortuosity_venular": (1.19, 0.015), "fd_venular": (1.37, 0.015)},
-    Label.ALZHEIMER: {"avr": (0.80, 0.035), "tortuosity_arterial": (1.04, 0.008), "tortuosity_venular": (1.05, 0.008),
-                      "fd_arterial": (1.32, 0.015), "fd_venular": (1.33, 0.015)},
+    Label.ALZHEIMER: {
+        "avr": (0.80, 0.035),
+        "tortuosity_arterial": (1.04, 0.008),
+        "tortuosity_venular": (1.05, 0.008),
+        "fd_arterial": (1.32, 0.015),
+        "fd_venular": (1.33, 0.015),
+    },
 }
 _DISC_UM = {Label.GLAUCOMA: (1850.0, 130.0)}
 _AGE = {Label.AMD: (73, 6), Label.ALZHEIMER: (75, 6), Label.GLAUCOMA: (66, 8), Label.NORMAL: (55, 10)}
@@ -127,9 +149,7 @@ def sample_subject(subject_id: str, label: Label, rng: np.random.Generator) -> S
     disc_mean, disc_sd = _DISC_UM.get(label, (1750.0, 110.0))
     disc = rng.normal(disc_mean, disc_sd)
     pigment = float(rng.uniform(0.2, 0.9))
-    eyes = tuple(
-        _sample_eye(eye, label, subtype, layer_trait, cfp_trait, disc, pigment, rng) for eye in ("R", "L")
-    )
+    eyes = tuple(_sample_eye(eye, label, subtype, layer_trait, cfp_trait, disc, pigment, rng) for eye in ("R", "L"))
     return SubjectTruth(subject_id, label, age, sex, eyes)  # type: ignore[arg-type]
 
 
@@ -141,8 +161,16 @@ def _subtype(label: Label, rng: np.random.Generator) -> str:
     return ""
 
 
-def _sample_eye(eye: str, label: Label, subtype: str, layer_trait: dict[str, float], cfp_trait: dict[str, float],
-                disc: float, pigment: float, rng: np.random.Generator) -> EyeTruth:
+def _sample_eye(
+    eye: str,
+    label: Label,
+    subtype: str,
+    layer_trait: dict[str, float],
+    cfp_trait: dict[str, float],
+    disc: float,
+    pigment: float,
+    rng: np.random.Generator,
+) -> EyeTruth:
     scale = {}
     for layer in PROFILE_LAYERS:
         base = _OCT_SCALE[label].get(layer, (1.0, 1.0, 1.0))
@@ -150,8 +178,9 @@ def _sample_eye(eye: str, label: Label, subtype: str, layer_trait: dict[str, flo
         scale[layer] = tuple(float(b * eye_factor * rng.normal(1.0, 0.02)) for b in base)
     drusen, fluid, cysts = _oct_lesions(label, subtype, rng)
     disc_eye = float(np.clip(disc * rng.normal(1.0, 0.02), *BY_KEY["disc_diameter_vertical"].plausible))
-    retina = RetinaModel(eye, scale, _OCT_QUADRANT.get(label, {}), drusen, fluid, cysts,
-                         {"disc_diameter_vertical": disc_eye})
+    retina = RetinaModel(
+        eye, scale, _OCT_QUADRANT.get(label, {}), drusen, fluid, cysts, {"disc_diameter_vertical": disc_eye}
+    )
     retina = _cap_thickness(retina)
     cfp = _cfp_params(label, subtype, cfp_trait, disc_eye, pigment, rng)
     view = _oct_view(label, subtype, rng)
@@ -159,8 +188,9 @@ def _sample_eye(eye: str, label: Label, subtype: str, layer_trait: dict[str, flo
     return EyeTruth(eye, label, subtype, retina, cfp, view, values)
 
 
-def _blobs(rng: np.random.Generator, n: int, spread: float, radius: tuple[float, float],
-           height: tuple[float, float]) -> tuple[Blob, ...]:
+def _blobs(
+    rng: np.random.Generator, n: int, spread: float, radius: tuple[float, float], height: tuple[float, float]
+) -> tuple[Blob, ...]:
     out = []
     for _ in range(n):
         r = spread * math.sqrt(rng.random())
@@ -197,14 +227,22 @@ def _cap_thickness(model: RetinaModel) -> RetinaModel:
             return model
         i = int(total.argmax())
         factor = max(0.0, 1.0 - (peak - MAX_TOTAL_UM + 5.0) / max(float(lesion.flat[i]), 1e-6))
-        model = RetinaModel(model.eye, model.scale, model.quadrant,
-                            *[tuple(Blob(b.x, b.y, b.radius, b.height * factor) for b in blobs)
-                              for blobs in (model.drusen, model.fluid, model.cysts)], model.extra)
+        model = RetinaModel(
+            model.eye,
+            model.scale,
+            model.quadrant,
+            *[
+                tuple(Blob(b.x, b.y, b.radius, b.height * factor) for b in blobs)
+                for blobs in (model.drusen, model.fluid, model.cysts)
+            ],
+            model.extra,
+        )
     return model
 
 
-def _cfp_params(label: Label, subtype: str, trait: dict[str, float], disc: float, pigment: float,
-                rng: np.random.Generator) -> CfpParams:
+def _cfp_params(
+    label: Label, subtype: str, trait: dict[str, float], disc: float, pigment: float, rng: np.random.Generator
+) -> CfpParams:
     spec = {**_CFP[Label.NORMAL], **_CFP[label]}
     values = {}
     for key in CFP_KEYS:
@@ -216,14 +254,23 @@ def _cfp_params(label: Label, subtype: str, trait: dict[str, float], disc: float
     if label == Label.AMD:
         counts["drusen"] = int(rng.integers(18, 45))
     elif label == Label.DIABETIC_RETINOPATHY:
-        counts.update(haemorrhages=int(rng.integers(6, 18)), microaneurysms=int(rng.integers(10, 30)),
-                      exudates=int(rng.integers(8, 30)) if subtype == "dme" else int(rng.integers(2, 8)),
-                      cotton_wool=int(rng.integers(0, 4)))
+        counts.update(
+            haemorrhages=int(rng.integers(6, 18)),
+            microaneurysms=int(rng.integers(10, 30)),
+            exudates=int(rng.integers(8, 30)) if subtype == "dme" else int(rng.integers(2, 8)),
+            cotton_wool=int(rng.integers(0, 4)),
+        )
     elif label == Label.HYPERTENSION:
         counts.update(cotton_wool=int(rng.integers(0, 2)), haemorrhages=int(rng.integers(0, 2)))
-    return CfpParams(values, disc, **counts, wet_lesion=(subtype == "wet"),
-                     arteriolar_reflex=(label == Label.HYPERTENSION), pigment=pigment,
-                     brightness=float(rng.uniform(0.85, 1.1)))
+    return CfpParams(
+        values,
+        disc,
+        **counts,
+        wet_lesion=(subtype == "wet"),
+        arteriolar_reflex=(label == Label.HYPERTENSION),
+        pigment=pigment,
+        brightness=float(rng.uniform(0.85, 1.1)),
+    )
 
 
 def _oct_view(label: Label, subtype: str, rng: np.random.Generator) -> OctView:
@@ -233,9 +280,17 @@ def _oct_view(label: Label, subtype: str, rng: np.random.Generator) -> OctView:
     foci: tuple[tuple[float, float, float], ...] = ()
     if label == Label.DIABETIC_RETINOPATHY:
         n = int(rng.integers(10, 30))
-        foci = tuple((float(rng.normal(0, 0.9)), float(rng.normal(0, 0.9)), float(rng.uniform(0.55, 0.8)))
-                     for _ in range(n))
-    return OctView(fovea_x=float(rng.uniform(-0.3, 0.3)), fovea_y=fy, fovea_frame=frame,
-                   tilt=float(rng.uniform(-4.0, 4.0)), curvature=float(rng.uniform(1.0, 2.2)),
-                   bm_row=float(rng.uniform(228.0, 236.0)), gain=float(rng.uniform(0.85, 1.1)),
-                   speckle=float(rng.uniform(0.25, 0.38)), foci=foci)
+        foci = tuple(
+            (float(rng.normal(0, 0.9)), float(rng.normal(0, 0.9)), float(rng.uniform(0.55, 0.8))) for _ in range(n)
+        )
+    return OctView(
+        fovea_x=float(rng.uniform(-0.3, 0.3)),
+        fovea_y=fy,
+        fovea_frame=frame,
+        tilt=float(rng.uniform(-4.0, 4.0)),
+        curvature=float(rng.uniform(1.0, 2.2)),
+        bm_row=float(rng.uniform(228.0, 236.0)),
+        gain=float(rng.uniform(0.85, 1.1)),
+        speckle=float(rng.uniform(0.25, 0.38)),
+        foci=foci,
+    )

@@ -26,8 +26,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict[str, Any],
-                    optimizer: torch.optim.Optimizer | None = None) -> Path:
+def save_checkpoint(
+    path: Path, model: torch.nn.Module, meta: dict[str, Any], optimizer: torch.optim.Optimizer | None = None
+) -> Path:
     """Write `<path>` (.safetensors) and `<path>` with .json; the JSON is written last (it marks completeness)."""
     tensors = {MODEL_PREFIX + k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = dict(meta)
@@ -52,25 +53,27 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise ValueError(f"cannot read checkpoint metadata {meta_path}: {exc}") from exc
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
     """Load weights (and optimizer state) from a checkpoint; returns its JSON metadata."""
     if not path.is_file():
         raise FileNotFoundError(f"stage-2 checkpoint {path} does not exist")
     meta = read_meta(path)
     tensors = load_file(str(path))
-    state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the stage-2 model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"checkpoint {path} does not fit the stage-2 model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if optimizer is not None:
         if "optimizer_param_groups" not in meta:
             raise ValueError(f"checkpoint {path} has no optimizer state to resume from")
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             if key.startswith(OPTIM_PREFIX):
-                idx, name = key[len(OPTIM_PREFIX):].split(".", 1)
+                idx, name = key[len(OPTIM_PREFIX) :].split(".", 1)
                 opt_state.setdefault(int(idx), {})[name] = value
         optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer_param_groups"]})
     return meta

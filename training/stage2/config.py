@@ -21,8 +21,9 @@ MODEL_PRESETS = ("tiny", "full")
 SELECT_METRICS = ("val_probe_mae", "val_loss")
 CONFIG_NAME = "stage2-config.json"
 #: Fields that may differ between a run and the run it resumes (they do not change what is computed).
-RESUME_FREE_FIELDS = frozenset({"out_dir", "manifest", "cache_dir", "device", "progress", "num_threads",
-                                "eval_batch_size", "resume"})
+RESUME_FREE_FIELDS = frozenset(
+    {"out_dir", "manifest", "cache_dir", "device", "progress", "num_threads", "eval_batch_size", "resume"}
+)
 
 
 @dataclass
@@ -64,18 +65,43 @@ class Stage2Config:
 
     # ---- presets -------------------------------------------------------------------------------------
     @classmethod
-    def small(cls, manifest: str = "", out_dir: str = "", modality: str = "OCT", **changes: Any) -> "Stage2Config":
+    def small(cls, manifest: str = "", out_dir: str = "", modality: str = "OCT", **changes: Any) -> Stage2Config:
         """The CPU demo/benchmark run: tiny ViT, short schedule, tuned to beat the plain encoder reliably."""
-        base = cls(manifest=manifest, out_dir=out_dir, modality=modality, model_preset="tiny", proj_dim=128,
-                   loss="ntxent", temperature=0.5, epochs=20, batch_size=32, lr=2e-3, encoder_lr=2e-3,
-                   weight_decay=0.05, warmup_epochs=1, augment=False, num_threads=1)
+        base = cls(
+            manifest=manifest,
+            out_dir=out_dir,
+            modality=modality,
+            model_preset="tiny",
+            proj_dim=128,
+            loss="ntxent",
+            temperature=0.5,
+            epochs=20,
+            batch_size=32,
+            lr=2e-3,
+            encoder_lr=2e-3,
+            weight_decay=0.05,
+            warmup_epochs=1,
+            augment=False,
+            num_threads=1,
+        )
         return replace(base, **changes)
 
     @classmethod
-    def paper(cls, manifest: str = "", out_dir: str = "", modality: str = "OCT", **changes: Any) -> "Stage2Config":
+    def paper(cls, manifest: str = "", out_dir: str = "", modality: str = "OCT", **changes: Any) -> Stage2Config:
         """The paper's recipe on ViT-L (GPU, bf16); pass init_checkpoint=RETFound's .pth."""
-        base = cls(manifest=manifest, out_dir=out_dir, modality=modality, model_preset="full", proj_dim=1024,
-                   loss="ntxent", temperature=0.5, epochs=50, batch_size=32, lr=1e-4, encoder_lr=1e-4)
+        base = cls(
+            manifest=manifest,
+            out_dir=out_dir,
+            modality=modality,
+            model_preset="full",
+            proj_dim=1024,
+            loss="ntxent",
+            temperature=0.5,
+            epochs=50,
+            batch_size=32,
+            lr=1e-4,
+            encoder_lr=1e-4,
+        )
         return replace(base, **changes)
 
     # ---- derived -------------------------------------------------------------------------------------
@@ -95,8 +121,12 @@ class Stage2Config:
 
     def check(self) -> None:
         """Raise ValueError naming the first bad field."""
-        choices = {"modality": MODALITIES, "model_preset": MODEL_PRESETS, "loss": ("clip", "ntxent"),
-                   "select_metric": SELECT_METRICS}
+        choices = {
+            "modality": MODALITIES,
+            "model_preset": MODEL_PRESETS,
+            "loss": ("clip", "ntxent"),
+            "select_metric": SELECT_METRICS,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"stage-2 config: {name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -120,7 +150,7 @@ class Stage2Config:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Stage2Config":
+    def from_dict(cls, data: dict[str, Any]) -> Stage2Config:
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown stage-2 config fields: {sorted(unknown)}")
@@ -132,7 +162,7 @@ class Stage2Config:
         return path
 
     @classmethod
-    def load(cls, path: Path | str) -> "Stage2Config":
+    def load(cls, path: Path | str) -> Stage2Config:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:

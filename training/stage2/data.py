@@ -47,7 +47,7 @@ class BiomarkerStats:
     std: tuple[float, ...]
 
     @classmethod
-    def fit(cls, keys: tuple[str, ...], values: torch.Tensor) -> "BiomarkerStats":
+    def fit(cls, keys: tuple[str, ...], values: torch.Tensor) -> BiomarkerStats:
         arr = values.double().numpy()
         if arr.size == 0:
             raise ValueError("cannot fit biomarker statistics on an empty training split")
@@ -67,7 +67,7 @@ class BiomarkerStats:
         return {"keys": list(self.keys), "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "BiomarkerStats":
+    def from_dict(cls, data: dict) -> BiomarkerStats:
         return cls(tuple(data["keys"]), tuple(data["mean"]), tuple(data["std"]))
 
 
@@ -89,8 +89,10 @@ class Stage2Data:
         """Raise if a subject has eyes in both splits (evaluation must be on unseen subjects)."""
         shared = {self.subjects[i] for i in self.rows(a).tolist()} & {self.subjects[i] for i in self.rows(b).tolist()}
         if shared:
-            raise ValueError(f"subjects in both the {a} and {b} splits: {sorted(shared)[:5]} "
-                             f"({len(shared)} in all); split the cohort by subject")
+            raise ValueError(
+                f"subjects in both the {a} and {b} splits: {sorted(shared)[:5]} "
+                f"({len(shared)} in all); split the cohort by subject"
+            )
 
 
 def _load_one(job: tuple[CohortRecord, str]) -> tuple[np.ndarray, int]:
@@ -115,8 +117,13 @@ def _fingerprint(manifest: Path, records: list[CohortRecord], modality: str) -> 
     return digest.hexdigest()[:16]
 
 
-def build_data(records: list[CohortRecord], modality: str, keys: tuple[str, ...], progress: bool = True,
-               workers: int = DEFAULT_WORKERS) -> Stage2Data:
+def build_data(
+    records: list[CohortRecord],
+    modality: str,
+    keys: tuple[str, ...],
+    progress: bool = True,
+    workers: int = DEFAULT_WORKERS,
+) -> Stage2Data:
     """Read and preprocess every eye (slow: decodes the images), in `workers` processes."""
     jobs = [(r, modality) for r in records]
     workers = max(1, min(workers, len(jobs) // MIN_EYES_PER_WORKER))
@@ -135,12 +142,19 @@ def build_data(records: list[CohortRecord], modality: str, keys: tuple[str, ...]
     images = [torch.from_numpy(image) for image, _ in results]
     frames = [frame for _, frame in results]
     values = torch.tensor([[r.biomarkers.get(k, math.nan) for k in keys] for r in records], dtype=torch.float32)
-    return Stage2Data(tuple(keys), torch.stack(images), values, [r.subject_id for r in records],
-                      [r.split for r in records], frames)
+    return Stage2Data(
+        tuple(keys), torch.stack(images), values, [r.subject_id for r in records], [r.split for r in records], frames
+    )
 
 
-def load_data(manifest: Path | str, modality: str, keys: tuple[str, ...], cache_dir: Path | str,
-              progress: bool = True, workers: int = DEFAULT_WORKERS) -> Stage2Data:
+def load_data(
+    manifest: Path | str,
+    modality: str,
+    keys: tuple[str, ...],
+    cache_dir: Path | str,
+    progress: bool = True,
+    workers: int = DEFAULT_WORKERS,
+) -> Stage2Data:
     """The cohort's Stage2Data, from the cache when the manifest and its image files are unchanged."""
     manifest = Path(manifest)
     records = load_manifest(manifest)
@@ -152,13 +166,20 @@ def load_data(manifest: Path | str, modality: str, keys: tuple[str, ...], cache_
         if meta.get("keys") == list(keys):
             tensors = load_file(str(cache))
             log.info("stage 2: %d %s eyes from cache %s", len(meta["subjects"]), modality, cache)
-            return Stage2Data(tuple(keys), tensors["images"], tensors["values"], meta["subjects"], meta["splits"],
-                              meta["frames"])
+            return Stage2Data(
+                tuple(keys), tensors["images"], tensors["values"], meta["subjects"], meta["splits"], meta["frames"]
+            )
     data = build_data(records, modality, keys, progress, workers)
     cache.parent.mkdir(parents=True, exist_ok=True)
     save_file({"images": data.images.contiguous(), "values": data.values.contiguous()}, str(cache))
-    meta = {"keys": list(keys), "subjects": data.subjects, "splits": data.splits, "frames": data.frames,
-            "manifest": str(manifest), "modality": modality}
+    meta = {
+        "keys": list(keys),
+        "subjects": data.subjects,
+        "splits": data.splits,
+        "frames": data.frames,
+        "manifest": str(manifest),
+        "modality": modality,
+    }
     meta_path.write_text(json.dumps(meta) + "\n", encoding="utf-8")
     return data
 

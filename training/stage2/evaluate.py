@@ -25,15 +25,16 @@ ENCODERS = ("aligned", "plain")
 
 
 @torch.no_grad()
-def pooled_features(encoder: RetinaEncoder, images: torch.Tensor, device: torch.device, batch_size: int,
-                    bf16: bool = False) -> np.ndarray:
+def pooled_features(
+    encoder: RetinaEncoder, images: torch.Tensor, device: torch.device, batch_size: int, bf16: bool = False
+) -> np.ndarray:
     """[N, D] float64 pooled features of the frozen encoder (eval mode; training state restored)."""
     was_training = encoder.training
     encoder.eval()
     out = []
     use_bf16 = bf16 and device.type == "cuda"
     for start in range(0, images.shape[0], batch_size):
-        batch = images[start:start + batch_size].to(device, torch.float32)
+        batch = images[start : start + batch_size].to(device, torch.float32)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out.append(encoder.forward_pooled(batch).float().cpu())
     encoder.train(was_training)
@@ -45,8 +46,9 @@ def fit_probe(data: Stage2Data, features: np.ndarray, alphas: tuple[float, ...],
     rows = data.rows("train").numpy()
     if rows.size < 2:
         raise ValueError(f"the probe needs at least 2 training eyes, the cohort has {rows.size}")
-    return fit_ridge(features[rows], data.values[rows].double().numpy(), data.keys,
-                     np.array(data.subjects)[rows], alphas, seed)
+    return fit_ridge(
+        features[rows], data.values[rows].double().numpy(), data.keys, np.array(data.subjects)[rows], alphas, seed
+    )
 
 
 def score_split(data: Stage2Data, probe: RidgeProbe, features: np.ndarray, split: str) -> dict:
@@ -62,20 +64,33 @@ def mean_baseline(data: Stage2Data, probe: RidgeProbe) -> dict:
     values = data.values[rows].double().numpy()
     err = values - probe.y_mean[None, :]
     mae = np.nanmean(np.abs(err), axis=0)
-    rmse = np.sqrt(np.nanmean(err ** 2, axis=0))
-    return {"mae": float(np.mean(mae)), "rmse": float(np.mean(rmse)),
-            "mae_std": float(np.mean(mae / probe.y_scale)), "rmse_std": float(np.mean(rmse / probe.y_scale))}
+    rmse = np.sqrt(np.nanmean(err**2, axis=0))
+    return {
+        "mae": float(np.mean(mae)),
+        "rmse": float(np.mean(rmse)),
+        "mae_std": float(np.mean(mae / probe.y_scale)),
+        "rmse_std": float(np.mean(rmse / probe.y_scale)),
+    }
 
 
-def evaluate_encoders(data: Stage2Data, encoders: dict[str, RetinaEncoder], device: torch.device,
-                      alphas: tuple[float, ...], seed: int, batch_size: int, bf16: bool,
-                      modality: str) -> tuple[dict, dict[str, RidgeProbe]]:
+def evaluate_encoders(
+    data: Stage2Data,
+    encoders: dict[str, RetinaEncoder],
+    device: torch.device,
+    alphas: tuple[float, ...],
+    seed: int,
+    batch_size: int,
+    bf16: bool,
+    modality: str,
+) -> tuple[dict, dict[str, RidgeProbe]]:
     """The report (train-fitted, test-scored probes per encoder) and the fitted probes."""
     data.check_disjoint("train", "test")
     train_rows, test_rows = data.rows("train"), data.rows("test")
     report: dict = {
-        "modality": modality, "keys": list(data.keys),
-        "n_train_eyes": len(train_rows), "n_test_eyes": len(test_rows),
+        "modality": modality,
+        "keys": list(data.keys),
+        "n_train_eyes": len(train_rows),
+        "n_test_eyes": len(test_rows),
         "n_train_subjects": len({data.subjects[i] for i in train_rows.tolist()}),
         "n_test_subjects": len({data.subjects[i] for i in test_rows.tolist()}),
         "probe": "ridge on standardised pooled features, alpha per biomarker by subject-grouped CV on train",
@@ -99,26 +114,40 @@ def markdown_report(report: dict) -> str:
     """The report as a Markdown page: overall table, then per biomarker MAE/RMSE (units and standardised)."""
     enc = report["encoders"]
     names = [n for n in ENCODERS if n in enc]
-    lines = [f"# Stage-2 linear probe: {report['modality']} biomarkers", "",
-             f"Ridge probe fitted on {report['n_train_eyes']} training eyes ({report['n_train_subjects']} subjects), "
-             f"scored on {report['n_test_eyes']} held-out test eyes ({report['n_test_subjects']} subjects).",
-             "Standardised = divided by the biomarker's training standard deviation.", "",
-             "| encoder | MAE | RMSE | MAE (std.) | RMSE (std.) |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Stage-2 linear probe: {report['modality']} biomarkers",
+        "",
+        f"Ridge probe fitted on {report['n_train_eyes']} training eyes ({report['n_train_subjects']} subjects), "
+        f"scored on {report['n_test_eyes']} held-out test eyes ({report['n_test_subjects']} subjects).",
+        "Standardised = divided by the biomarker's training standard deviation.",
+        "",
+        "| encoder | MAE | RMSE | MAE (std.) | RMSE (std.) |",
+        "|---|---|---|---|---|",
+    ]
     rows = [(n, enc[n]["overall"]) for n in names] + [("training mean (no image)", report["baseline_train_mean"])]
     for name, o in rows:
         lines.append(f"| {name} | {o['mae']:.3f} | {o['rmse']:.3f} | {o['mae_std']:.3f} | {o['rmse_std']:.3f} |")
     if "aligned_beats_plain" in report:
         verdict = "beats" if report["aligned_beats_plain"] else "does NOT beat"
-        lines += ["", f"The aligned encoder {verdict} the plain one (overall standardised MAE "
-                      f"{enc['aligned']['overall']['mae_std']:.3f} vs {enc['plain']['overall']['mae_std']:.3f})."]
+        lines += [
+            "",
+            f"The aligned encoder {verdict} the plain one (overall standardised MAE "
+            f"{enc['aligned']['overall']['mae_std']:.3f} vs {enc['plain']['overall']['mae_std']:.3f}).",
+        ]
     header = " | ".join(f"{n} MAE | {n} RMSE" for n in names)
-    lines += ["", "## Per biomarker (units)", "", f"| biomarker | unit | {header} |",
-              "|---|---|" + "---|" * (2 * len(names))]
+    lines += [
+        "",
+        "## Per biomarker (units)",
+        "",
+        f"| biomarker | unit | {header} |",
+        "|---|---|" + "---|" * (2 * len(names)),
+    ]
     for key in report["keys"]:
         if not all(key in enc[n]["per_biomarker"] for n in names):
             continue
-        cells = " | ".join(f"{enc[n]['per_biomarker'][key]['mae']:.3f} | {enc[n]['per_biomarker'][key]['rmse']:.3f}"
-                           for n in names)
+        cells = " | ".join(
+            f"{enc[n]['per_biomarker'][key]['mae']:.3f} | {enc[n]['per_biomarker'][key]['rmse']:.3f}" for n in names
+        )
         lines.append(f"| {BY_KEY[key].name} | {BY_KEY[key].unit} | {cells} |")
     return "\n".join(lines) + "\n"
 

@@ -19,8 +19,11 @@ from training.contrastive import ContrastiveLoss
 
 def image_projector(in_dim: int, proj_dim: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(in_dim, proj_dim), nn.BatchNorm1d(proj_dim), nn.ReLU(inplace=True),
-        nn.Linear(proj_dim, proj_dim), nn.BatchNorm1d(proj_dim),
+        nn.Linear(in_dim, proj_dim),
+        nn.BatchNorm1d(proj_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(proj_dim, proj_dim),
+        nn.BatchNorm1d(proj_dim),
     )
 
 
@@ -31,7 +34,10 @@ class BiomarkerEncoder(nn.Module):
         super().__init__()
         self.mask_token = nn.Parameter(torch.zeros(n_biomarkers))
         self.net = nn.Sequential(
-            nn.Linear(n_biomarkers, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, proj_dim), nn.BatchNorm1d(proj_dim),
+            nn.Linear(n_biomarkers, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, proj_dim),
+            nn.BatchNorm1d(proj_dim),
         )
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
@@ -43,8 +49,9 @@ class BiomarkerEncoder(nn.Module):
 class AlignmentModel(nn.Module):
     """Encoder + projector and biomarker encoder, trained with a contrastive loss."""
 
-    def __init__(self, encoder: RetinaEncoder, n_biomarkers: int, proj_dim: int, bio_hidden: int,
-                 loss: ContrastiveLoss) -> None:
+    def __init__(
+        self, encoder: RetinaEncoder, n_biomarkers: int, proj_dim: int, bio_hidden: int, loss: ContrastiveLoss
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.projector = image_projector(encoder.embed_dim, proj_dim)
@@ -58,8 +65,15 @@ class AlignmentModel(nn.Module):
         return self.loss_fn(image_emb, bio_emb)
 
 
-def build_alignment_model(enc_cfg: EncoderConfig, n_biomarkers: int, proj_dim: int, bio_hidden: int,
-                          loss_kind: str, temperature: float, learn_temperature: bool) -> AlignmentModel:
+def build_alignment_model(
+    enc_cfg: EncoderConfig,
+    n_biomarkers: int,
+    proj_dim: int,
+    bio_hidden: int,
+    loss_kind: str,
+    temperature: float,
+    learn_temperature: bool,
+) -> AlignmentModel:
     """A fresh model; load the encoder's start weights into `.encoder` afterwards when there are any."""
     encoder = build_encoder(enc_cfg)
     loss = ContrastiveLoss(loss_kind, temperature, learn_temperature)

@@ -87,8 +87,14 @@ def _choose_alpha(x: np.ndarray, y: np.ndarray, groups: np.ndarray, alphas: np.n
     return sse.argmin(axis=0)
 
 
-def fit_ridge(features: np.ndarray, targets: np.ndarray, keys: tuple[str, ...], groups: np.ndarray,
-              alphas: tuple[float, ...], seed: int = 0) -> RidgeProbe:
+def fit_ridge(
+    features: np.ndarray,
+    targets: np.ndarray,
+    keys: tuple[str, ...],
+    groups: np.ndarray,
+    alphas: tuple[float, ...],
+    seed: int = 0,
+) -> RidgeProbe:
     """Fit the probe on training rows. `targets` in biomarker units (NaN = missing); `groups` = subject ids."""
     features, targets = np.asarray(features, np.float64), np.asarray(targets, np.float64)
     if features.ndim != 2 or targets.shape != (features.shape[0], len(keys)):
@@ -130,9 +136,14 @@ def probe_errors(probe: RidgeProbe, features: np.ndarray, targets: np.ndarray) -
         e = err[:, j][~np.isnan(err[:, j])]
         if e.size == 0:
             continue
-        mae, rmse = float(np.abs(e).mean()), float(np.sqrt((e ** 2).mean()))
-        per[key] = {"mae": mae, "rmse": rmse, "mae_std": mae / float(probe.y_scale[j]),
-                    "rmse_std": rmse / float(probe.y_scale[j]), "n": int(e.size)}
+        mae, rmse = float(np.abs(e).mean()), float(np.sqrt((e**2).mean()))
+        per[key] = {
+            "mae": mae,
+            "rmse": rmse,
+            "mae_std": mae / float(probe.y_scale[j]),
+            "rmse_std": rmse / float(probe.y_scale[j]),
+            "n": int(e.size),
+        }
     if not per:
         raise ValueError("probe evaluation: no known target values to evaluate against")
     overall = {m: float(np.mean([v[m] for v in per.values()])) for m in ("mae", "rmse", "mae_std", "rmse_std")}

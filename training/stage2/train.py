@@ -93,8 +93,15 @@ def seed_everything(seed: int) -> None:
 def make_model(cfg: Stage2Config) -> AlignmentModel:
     """A fresh alignment model from cfg.seed; the encoder starts from cfg.init_checkpoint when given."""
     seed_everything(cfg.seed)
-    model = build_alignment_model(cfg.encoder_config(), len(cfg.biomarker_keys), cfg.proj_dim, cfg.bio_hidden,
-                                  cfg.loss, cfg.temperature, cfg.learn_temperature)
+    model = build_alignment_model(
+        cfg.encoder_config(),
+        len(cfg.biomarker_keys),
+        cfg.proj_dim,
+        cfg.bio_hidden,
+        cfg.loss,
+        cfg.temperature,
+        cfg.learn_temperature,
+    )
     if cfg.init_checkpoint:
         start = load_encoder(cfg.init_checkpoint, cfg.encoder_config())
         model.encoder.load_state_dict(start.state_dict())
@@ -110,8 +117,9 @@ def make_optimizer(cfg: Stage2Config, model: AlignmentModel) -> torch.optim.Adam
     param_groups = []
     for (is_encoder, decay), params in sorted(groups.items()):
         lr = cfg.encoder_lr if is_encoder else cfg.lr
-        param_groups.append({"params": params, "lr": lr, "base_lr": lr,
-                             "weight_decay": cfg.weight_decay if decay else 0.0})
+        param_groups.append(
+            {"params": params, "lr": lr, "base_lr": lr, "weight_decay": cfg.weight_decay if decay else 0.0}
+        )
     return torch.optim.AdamW(param_groups)
 
 
@@ -123,8 +131,16 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_epoch(cfg: Stage2Config, model: AlignmentModel, optimizer: torch.optim.Optimizer, data: Stage2Data,
-                stats: BiomarkerStats, epoch: int, step: int, device: torch.device) -> tuple[float, int]:
+def train_epoch(
+    cfg: Stage2Config,
+    model: AlignmentModel,
+    optimizer: torch.optim.Optimizer,
+    data: Stage2Data,
+    stats: BiomarkerStats,
+    epoch: int,
+    step: int,
+    device: torch.device,
+) -> tuple[float, int]:
     """One pass over the train split in drop-last batches; returns (mean loss, global step after)."""
     model.train()
     rows = data.rows("train")
@@ -135,10 +151,15 @@ def train_epoch(cfg: Stage2Config, model: AlignmentModel, optimizer: torch.optim
     order = rows[torch.randperm(len(rows), generator=generator)]
     losses = []
     use_bf16 = cfg.bf16 and device.type == "cuda"
-    bar = tqdm(range(steps_per_epoch), desc=f"stage2 {cfg.modality} epoch {epoch}/{cfg.epochs}",
-               disable=not cfg.progress, leave=False, unit="batch")
+    bar = tqdm(
+        range(steps_per_epoch),
+        desc=f"stage2 {cfg.modality} epoch {epoch}/{cfg.epochs}",
+        disable=not cfg.progress,
+        leave=False,
+        unit="batch",
+    )
     for b in bar:
-        idx = order[b * batch:(b + 1) * batch]
+        idx = order[b * batch : (b + 1) * batch]
         images = data.images[idx].to(device).float()  # float16 cache: half the bytes to move
         if cfg.augment:
             images = augment(images, generator)
@@ -157,8 +178,9 @@ def train_epoch(cfg: Stage2Config, model: AlignmentModel, optimizer: torch.optim
 
 
 @torch.no_grad()
-def validate(cfg: Stage2Config, model: AlignmentModel, data: Stage2Data, stats: BiomarkerStats,
-             device: torch.device) -> dict[str, float | None]:
+def validate(
+    cfg: Stage2Config, model: AlignmentModel, data: Stage2Data, stats: BiomarkerStats, device: torch.device
+) -> dict[str, float | None]:
     """Contrastive loss on val batches, and the val error of a ridge probe fitted on train features."""
     rows = data.rows("val")
     if len(rows) == 0:
@@ -167,18 +189,29 @@ def validate(cfg: Stage2Config, model: AlignmentModel, data: Stage2Data, stats: 
     use_bf16 = cfg.bf16 and device.type == "cuda"
     losses, batch = [], min(cfg.batch_size, len(rows))
     for start in range(0, len(rows) - batch + 1, batch):
-        idx = rows[start:start + batch]
+        idx = rows[start : start + batch]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss = model(data.images[idx].float().to(device), stats.standardise(data.values[idx]).to(device))
         losses.append(float(loss))
     train_rows = data.rows("train")
-    feats = {split: pooled_features(model.encoder, data.images[r], device, cfg.eval_batch_size, cfg.bf16)
-             for split, r in (("train", train_rows), ("val", rows))}  # never the test eyes
-    probe = fit_ridge(feats["train"], data.values[train_rows].double().numpy(), data.keys,
-                      np.array(data.subjects)[train_rows.numpy()], cfg.ridge_alphas, cfg.seed)
+    feats = {
+        split: pooled_features(model.encoder, data.images[r], device, cfg.eval_batch_size, cfg.bf16)
+        for split, r in (("train", train_rows), ("val", rows))
+    }  # never the test eyes
+    probe = fit_ridge(
+        feats["train"],
+        data.values[train_rows].double().numpy(),
+        data.keys,
+        np.array(data.subjects)[train_rows.numpy()],
+        cfg.ridge_alphas,
+        cfg.seed,
+    )
     errors = probe_errors(probe, feats["val"], data.values[rows].double().numpy())["overall"]
-    return {"val_loss": float(np.mean(losses)) if losses else None,
-            "val_probe_mae": errors["mae"], "val_probe_mae_std": errors["mae_std"]}
+    return {
+        "val_loss": float(np.mean(losses)) if losses else None,
+        "val_probe_mae": errors["mae"],
+        "val_probe_mae_std": errors["mae_std"],
+    }
 
 
 def _selection_value(cfg: Stage2Config, record: dict) -> float | None:
@@ -190,21 +223,31 @@ def _check_resumable(cfg: Stage2Config, meta: dict) -> None:
     saved = meta.get("config", {})
     changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUME_FREE_FIELDS and saved.get(k) != v)
     if changed:
-        raise ValueError(f"cannot resume {Path(cfg.out_dir) / LAST}: config fields changed since it was written: "
-                         f"{changed}; use another out_dir or resume=False")
+        raise ValueError(
+            f"cannot resume {Path(cfg.out_dir) / LAST}: config fields changed since it was written: "
+            f"{changed}; use another out_dir or resume=False"
+        )
 
 
 def _meta(cfg: Stage2Config, stats: BiomarkerStats, epoch: int, step: int, best: dict) -> dict:
-    return {"format": "grok-pacs-stage2/1", "config": cfg.to_dict(), "biomarker_stats": stats.to_dict(),
-            "epoch": epoch, "step": step, "best": best}
+    return {
+        "format": "grok-pacs-stage2/1",
+        "config": cfg.to_dict(),
+        "biomarker_stats": stats.to_dict(),
+        "epoch": epoch,
+        "step": step,
+        "best": best,
+    }
 
 
 def _start(cfg: Stage2Config, data: Stage2Data, device: torch.device):
     """Model, optimizer, statistics and (epoch, step, best): fresh, or from `last.*` when resuming."""
     out = Path(cfg.out_dir)
     if len(data.rows("train")) < 2:
-        raise ValueError(f"stage 2 needs at least 2 training eyes (a contrastive batch needs negatives), "
-                         f"the cohort has {len(data.rows('train'))}")
+        raise ValueError(
+            f"stage 2 needs at least 2 training eyes (a contrastive batch needs negatives), "
+            f"the cohort has {len(data.rows('train'))}"
+        )
     stats = BiomarkerStats.fit(data.keys, data.values[data.rows("train")])
     model = make_model(cfg)
     save_encoder(model.encoder, out / INIT_ENCODER)  # the plain encoder: same seed, same weights on resume
@@ -241,9 +284,15 @@ def train(cfg: Stage2Config, data: Stage2Data, *, stop_after: int | None = None)
             started = time.monotonic()
             train_loss, step = train_epoch(cfg, model, optimizer, data, stats, epoch + 1, step, device)
             epoch += 1
-            record = {"epoch": epoch, "step": step, "train_loss": train_loss,
-                      **validate(cfg, model, data, stats, device), "lr": optimizer.param_groups[0]["lr"],
-                      "temperature": float(model.loss_fn.temperature), "seconds": round(time.monotonic() - started, 3)}
+            record = {
+                "epoch": epoch,
+                "step": step,
+                "train_loss": train_loss,
+                **validate(cfg, model, data, stats, device),
+                "lr": optimizer.param_groups[0]["lr"],
+                "temperature": float(model.loss_fn.temperature),
+                "seconds": round(time.monotonic() - started, 3),
+            }
             value = _selection_value(cfg, record)
             if _improves(best["value"], value):
                 best = {"epoch": epoch, "value": value}
@@ -259,8 +308,15 @@ def train(cfg: Stage2Config, data: Stage2Data, *, stop_after: int | None = None)
 
 def load_best_encoder(cfg: Stage2Config, out_dir: Path | str) -> RetinaEncoder:
     """The encoder of a run's best checkpoint (what stage 3 and export take)."""
-    model = build_alignment_model(cfg.encoder_config(), len(cfg.biomarker_keys), cfg.proj_dim, cfg.bio_hidden,
-                                  cfg.loss, cfg.temperature, cfg.learn_temperature)
+    model = build_alignment_model(
+        cfg.encoder_config(),
+        len(cfg.biomarker_keys),
+        cfg.proj_dim,
+        cfg.bio_hidden,
+        cfg.loss,
+        cfg.temperature,
+        cfg.learn_temperature,
+    )
     load_checkpoint(Path(out_dir) / BEST, model)
     return model.encoder.eval()
 
@@ -280,10 +336,19 @@ def run(cfg: Stage2Config) -> Stage2Result:
     plain = load_encoder(out / INIT_ENCODER)
     save_encoder(aligned, out / ENCODER)
     device = pick_device(cfg.device)
-    report, probes = evaluate_encoders(data, {"aligned": aligned.to(device), "plain": plain.to(device)}, device,
-                                       cfg.ridge_alphas, cfg.seed, cfg.eval_batch_size, cfg.bf16, cfg.modality)
+    report, probes = evaluate_encoders(
+        data,
+        {"aligned": aligned.to(device), "plain": plain.to(device)},
+        device,
+        cfg.ridge_alphas,
+        cfg.seed,
+        cfg.eval_batch_size,
+        cfg.bf16,
+        cfg.modality,
+    )
     report["best_epoch"], report["epochs"] = outcome.best_epoch, outcome.epochs_done
     report_path, _ = write_report(report, out)
     heads_path = save_head(probes["aligned"], cfg.modality, out)
-    return Stage2Result(out, cfg.modality, outcome.best_path, out / ENCODER, aligned.cfg, heads_path, report_path,
-                        report)
+    return Stage2Result(
+        out, cfg.modality, outcome.best_path, out / ENCODER, aligned.cfg, heads_path, report_path, report
+    )

@@ -28,12 +28,19 @@ llm_merged/ (LoRA merged), tokenizer/ and stage3.json. Pack a bundle with export
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m training.stage3", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        prog="python -m training.stage3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
         description="Stage 3: supervised fine-tuning of the multimodal Qwen2 with frozen encoders, trainable "
-                    "projectors and LoRA adapters on q/k/v/o/gate/up/down_proj; loss on assistant tokens only.")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="small",
-                        help="small: CPU, phantom, tiny stand-in LLM (default); smollm: CPU, phantom, --base-llm = the "
-                             "converted SmolLM2 (training.pipeline does it); paper: r=128, alpha=256, lr 2e-4, bf16")
+        "projectors and LoRA adapters on q/k/v/o/gate/up/down_proj; loss on assistant tokens only.",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="small",
+        help="small: CPU, phantom, tiny stand-in LLM (default); smollm: CPU, phantom, --base-llm = the "
+        "converted SmolLM2 (training.pipeline does it); paper: r=128, alpha=256, lr 2e-4, bf16",
+    )
     parser.add_argument("--instructions", type=Path, required=True, help="stage-1 instruction JSONL")
     parser.add_argument("--manifest", type=Path, required=True, help="cohort manifest CSV (images and splits)")
     parser.add_argument("--cfp-encoder", type=Path, required=True, help="CFP encoder (.safetensors or RetiZero .pth)")
@@ -42,11 +49,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--oct-head", type=Path, required=True, help="OCT biomarker head (.safetensors)")
     parser.add_argument("--image-cache", type=Path, default=None, help="preprocessed-image cache shared with stage 2")
     parser.add_argument("--out", type=Path, required=True, help="run folder")
-    parser.add_argument("--base-llm", type=Path, default=None,
-                        help="local Qwen2(-Instruct) directory; without it the stand-in tiny Qwen2 is pretrained")
+    parser.add_argument(
+        "--base-llm",
+        type=Path,
+        default=None,
+        help="local Qwen2(-Instruct) directory; without it the stand-in tiny Qwen2 is pretrained",
+    )
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory (default: the base LLM's)")
-    parser.add_argument("--biomarker-estimates", action="store_true",
-                        help="put the biomarker heads' estimates in the prompt (as the runtime then must)")
+    parser.add_argument(
+        "--biomarker-estimates",
+        action="store_true",
+        help="put the biomarker heads' estimates in the prompt (as the runtime then must)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     parser.add_argument("--lora-r", type=int, default=None, help="override the LoRA rank")
     parser.add_argument("--lora-alpha", type=int, default=None, help="override the LoRA alpha")
@@ -60,9 +74,14 @@ def config_from_args(args: argparse.Namespace) -> Stage3Config:
     if args.preset == "smollm" and args.base_llm is None:
         raise SystemExit("--preset smollm needs --base-llm (the Qwen2 directory training.stage3.smollm converts)")
     cfg = PRESETS[args.preset](base_llm_dir=args.base_llm)
-    changes = {"tokenizer_dir": args.tokenizer, "biomarker_estimates": args.biomarker_estimates or None,
-               "epochs": args.epochs, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
-               "gradient_checkpointing": args.gradient_checkpointing or None}
+    changes = {
+        "tokenizer_dir": args.tokenizer,
+        "biomarker_estimates": args.biomarker_estimates or None,
+        "epochs": args.epochs,
+        "lora_r": args.lora_r,
+        "lora_alpha": args.lora_alpha,
+        "gradient_checkpointing": args.gradient_checkpointing or None,
+    }
     return replace(cfg, **{k: v for k, v in changes.items() if v is not None})
 
 
@@ -71,12 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from training.stage3.run import Stage3Inputs, run
 
-    inputs = Stage3Inputs(args.instructions, args.manifest, args.cfp_encoder, args.oct_encoder, args.cfp_head,
-                          args.oct_head, args.image_cache)
+    inputs = Stage3Inputs(
+        args.instructions,
+        args.manifest,
+        args.cfp_encoder,
+        args.oct_encoder,
+        args.cfp_head,
+        args.oct_head,
+        args.image_cache,
+    )
     result = run(config_from_args(args), inputs, args.out, resume=not args.no_resume, progress=not args.quiet)
-    print(f"adapter: {result.adapter_dir}\nprojectors: {result.projectors_path}\nmerged LLM: {result.merged_llm_dir}\n"
-          f"loss curve: {result.curve_png}\nvalidation loss: {result.report['first_val_loss']:.4f} -> "
-          f"{result.report['last_val_loss']:.4f}")
+    print(
+        f"adapter: {result.adapter_dir}\nprojectors: {result.projectors_path}\nmerged LLM: {result.merged_llm_dir}\n"
+        f"loss curve: {result.curve_png}\nvalidation loss: {result.report['first_val_loss']:.4f} -> "
+        f"{result.report['last_val_loss']:.4f}"
+    )
     return 0
 
 

@@ -110,8 +110,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    config: dict[str, Any]) -> LoopState:
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]
+) -> LoopState:
     """Restore weights, optimiser and RNG from `path`; refuses a checkpoint of another configuration.
 
     `config` is this run's `Stage3Config.to_dict()`; the refusal names every field that differs.
@@ -121,14 +122,18 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     loop.train_losses = [tuple(x) for x in loop.train_losses]  # type: ignore[misc]
     loop.val_losses = [tuple(x) for x in loop.val_losses]  # type: ignore[misc]
     if not loop.config:
-        raise CheckpointMismatch(f"checkpoint {path} carries no configuration (written by an older version): "
-                                 "use a new output folder or --no-resume")
+        raise CheckpointMismatch(
+            f"checkpoint {path} carries no configuration (written by an older version): "
+            "use a new output folder or --no-resume"
+        )
     changed = changed_fields(loop.config, config)
     config = json.loads(json.dumps(config))
     if changed:
         detail = ", ".join(f"{k}: {loop.config.get(k)!r} -> {config.get(k)!r}" for k in changed[:6])
-        raise CheckpointMismatch(f"cannot resume {path}: config fields changed since it was written: {changed} "
-                                 f"({detail}); use a new output folder or --no-resume")
+        raise CheckpointMismatch(
+            f"cannot resume {path}: config fields changed since it was written: {changed} "
+            f"({detail}); use a new output folder or --no-resume"
+        )
     weights = load_file(str(path / "trainable.safetensors"))
     expected = {name for name, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:

@@ -100,12 +100,12 @@ class Stage3Config:
             raise ValueError(f"lora_targets {sorted(unknown)} are not Qwen2 linear layers {LORA_TARGETS}")
 
     @classmethod
-    def small(cls, **overrides: Any) -> "Stage3Config":
+    def small(cls, **overrides: Any) -> Stage3Config:
         """CPU, phantom cohort, minutes: tiny stand-in Qwen2, phantom BPE, fp32."""
         return replace(cls(), **overrides)
 
     @classmethod
-    def smollm(cls, **overrides: Any) -> "Stage3Config":
+    def smollm(cls, **overrides: Any) -> Stage3Config:
         """CPU, phantom cohort: the pretrained SmolLM2-135M-Instruct stand-in (the pipeline converts it and sets
         `base_llm_dir`), sized for `make demo` on 2 cores.
 
@@ -116,19 +116,45 @@ class Stage3Config:
         on every linear layer, validation loss on 8 eyes: about 11 minutes. The pretrained model already writes
         English; the epoch teaches it the report's form, to cite the estimates and to end with the label.
         """
-        base = cls(name="smollm", lora_r=16, lora_alpha=32, lora_dropout=0.05, lr=5e-4,
-                   projector_lr=1e-3, epochs=1, batch_size=1, grad_accum=1, warmup_ratio=0.05, precision="fp32",
-                   max_length=1536, biomarker_estimates=True, compact_biomarkers=True, token_grid=3,
-                   max_new_tokens=768, max_train_records=48, max_val_records=8)
+        base = cls(
+            name="smollm",
+            lora_r=16,
+            lora_alpha=32,
+            lora_dropout=0.05,
+            lr=5e-4,
+            projector_lr=1e-3,
+            epochs=1,
+            batch_size=1,
+            grad_accum=1,
+            warmup_ratio=0.05,
+            precision="fp32",
+            max_length=1536,
+            biomarker_estimates=True,
+            compact_biomarkers=True,
+            token_grid=3,
+            max_new_tokens=768,
+            max_train_records=48,
+            max_val_records=8,
+        )
         return replace(base, **overrides)
 
     @classmethod
-    def paper(cls, base_llm_dir: Path | None = None, **overrides: Any) -> "Stage3Config":
+    def paper(cls, base_llm_dir: Path | None = None, **overrides: Any) -> Stage3Config:
         """The paper's recipe on a real local Qwen2-7B-Instruct (GPU, bf16)."""
         base = cls(
-            name="paper", base_llm_dir=Path(base_llm_dir) if base_llm_dir else None,
-            lora_r=128, lora_alpha=256, lora_dropout=0.05, lr=2e-4, projector_lr=2e-5, epochs=4,
-            batch_size=8, grad_accum=4, warmup_ratio=0.03, precision="bf16", max_length=2048,
+            name="paper",
+            base_llm_dir=Path(base_llm_dir) if base_llm_dir else None,
+            lora_r=128,
+            lora_alpha=256,
+            lora_dropout=0.05,
+            lr=2e-4,
+            projector_lr=2e-5,
+            epochs=4,
+            batch_size=8,
+            grad_accum=4,
+            warmup_ratio=0.03,
+            precision="bf16",
+            max_length=2048,
             gradient_checkpointing=True,
         )
         return replace(base, **overrides)
@@ -146,7 +172,7 @@ class Stage3Config:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Stage3Config":
+    def from_dict(cls, data: dict[str, Any]) -> Stage3Config:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
 from grok_pacs.domain.labels import Label, parse_label
-from grok_pacs.model.prompt import DIAGNOSIS_PREFIX, IGNORE_INDEX, IM_END, build_prompt, build_training_example, format_target
+from grok_pacs.model.prompt import (
+    DIAGNOSIS_PREFIX,
+    IGNORE_INDEX,
+    IM_END,
+    build_prompt,
+    build_training_example,
+    format_target,
+)
 from training.stage3.features import FeatureStore
 
 _DIAGNOSIS_LINE = re.compile(rf"\n?\s*{re.escape(DIAGNOSIS_PREFIX)}[^\n]*\s*$")
@@ -58,8 +66,9 @@ def assistant_text(record: Mapping[str, Any]) -> str:
     return format_target(narrative, record_label(record))
 
 
-def chat_text(record: Mapping[str, Any], biomarkers: Mapping[str, float] | None = None, *,
-              compact: bool = False) -> str:
+def chat_text(
+    record: Mapping[str, Any], biomarkers: Mapping[str, float] | None = None, *, compact: bool = False
+) -> str:
     """One record as the full ChatML text stage 3 trains on (prompt, report, diagnosis line, end token)."""
     return build_prompt(biomarkers, compact=compact) + assistant_text(record) + IM_END
 
@@ -73,9 +82,15 @@ class SFTSample:
     truncated: bool
 
 
-def build_samples(records: Sequence[Mapping[str, Any]], tokenizer: Any, features: FeatureStore, *,
-                  max_length: int, estimates: Mapping[str, Mapping[str, float]] | None = None,
-                  compact: bool = False) -> list[SFTSample]:
+def build_samples(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    features: FeatureStore,
+    *,
+    max_length: int,
+    estimates: Mapping[str, Mapping[str, float]] | None = None,
+    compact: bool = False,
+) -> list[SFTSample]:
     """One SFT sample per record; `estimates` (record id -> head predictions) turns on the biomarker block
     (`compact`: the compact one)."""
     samples = []
@@ -87,9 +102,15 @@ def build_samples(records: Sequence[Mapping[str, Any]], tokenizer: Any, features
             if rid not in estimates:
                 raise InstructionError(f"record {rid!r}: no biomarker estimates were computed for it")
             values = estimates[rid]
-        example = build_training_example(tokenizer, assistant_text(record), biomarkers=values, missing=missing,
-                                         max_length=max_length, visual_tokens=features.visual_tokens(rid),
-                                         compact=compact)
+        example = build_training_example(
+            tokenizer,
+            assistant_text(record),
+            biomarkers=values,
+            missing=missing,
+            max_length=max_length,
+            visual_tokens=features.visual_tokens(rid),
+            compact=compact,
+        )
         samples.append(SFTSample(rid, record_label(record), example.input_ids, example.labels, example.truncated))
     return samples
 
@@ -107,8 +128,13 @@ class SFTDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         cfp, oct_ = self.features.tokens(sample.record_id)
-        return {"input_ids": sample.input_ids, "labels": sample.labels, "cfp": cfp, "oct": oct_,
-                "record_id": sample.record_id}
+        return {
+            "input_ids": sample.input_ids,
+            "labels": sample.labels,
+            "cfp": cfp,
+            "oct": oct_,
+            "record_id": sample.record_id,
+        }
 
 
 def collate(items: Iterable[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:
@@ -123,9 +149,14 @@ def collate(items: Iterable[Mapping[str, Any]], pad_id: int) -> dict[str, Any]:
         input_ids[row, :n] = torch.tensor(item["input_ids"])
         labels[row, :n] = torch.tensor(item["labels"])
         mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
-            "cfp_tokens": [it["cfp"] for it in items], "oct_tokens": [it["oct"] for it in items],
-            "record_ids": [it["record_id"] for it in items]}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "cfp_tokens": [it["cfp"] for it in items],
+        "oct_tokens": [it["oct"] for it in items],
+        "record_ids": [it["record_id"] for it in items],
+    }
 
 
 def target_token_count(batch: Mapping[str, Any]) -> int:

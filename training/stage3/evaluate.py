@@ -51,16 +51,22 @@ def references(instructions: Path, split: str = "test") -> list[Reference]:
         if record.get("split") != split:
             continue
         reply = next(t["value"] for t in record["conversations"] if t.get("from") in ("gpt", "assistant"))
-        out.append(Reference(case_id=eye_id(str(record["subject_id"]), str(record["eye"])),
-                             label=record_label(record), text=reply,
-                             biomarkers=biomarkers_from_prompt_json(record["biomarkers"])))
+        out.append(
+            Reference(
+                case_id=eye_id(str(record["subject_id"]), str(record["eye"])),
+                label=record_label(record),
+                text=reply,
+                biomarkers=biomarkers_from_prompt_json(record["biomarkers"]),
+            )
+        )
     if not out:
         raise ValueError(f"{instructions}: no records in the {split!r} split")
     return out
 
 
-def predict(engine: Engine, manifest: Path, case_ids: list[str], progress: bool = True
-            ) -> tuple[list[Prediction], list[Report], float]:
+def predict(
+    engine: Engine, manifest: Path, case_ids: list[str], progress: bool = True
+) -> tuple[list[Prediction], list[Report], float]:
     """Run the engine on the manifest's eyes `case_ids`; predictions, reports and seconds per eye."""
     from training.manifest import load_manifest
 

@@ -65,7 +65,9 @@ class FeatureStore:
         try:
             return self._row[rid]
         except KeyError:
-            raise KeyError(f"no features for eye {rid!r} (is it in the manifest the features were computed from?)") from None
+            raise KeyError(
+                f"no features for eye {rid!r} (is it in the manifest the features were computed from?)"
+            ) from None
 
     def tokens(self, rid: str) -> tuple[torch.Tensor, torch.Tensor]:
         i = self.row(rid)
@@ -85,40 +87,55 @@ class FeatureStore:
         return int(self.cfp.shape[1] + self.oct.shape[1])
 
     def save(self, path: Path) -> Path:
-        tensors = {"cfp": self.cfp.contiguous(), "oct": self.oct.contiguous(),
-                   "cfp_pooled": self.cfp_pooled.contiguous(), "oct_pooled": self.oct_pooled.contiguous()}
+        tensors = {
+            "cfp": self.cfp.contiguous(),
+            "oct": self.oct.contiguous(),
+            "cfp_pooled": self.cfp_pooled.contiguous(),
+            "oct_pooled": self.oct_pooled.contiguous(),
+        }
         tmp = Path(path).with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"ids": json.dumps(self.ids), "version": str(FEATURES_VERSION)})
         tmp.replace(path)
         return Path(path)
 
     @classmethod
-    def load(cls, path: Path) -> "FeatureStore":
+    def load(cls, path: Path) -> FeatureStore:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        return cls(json.loads(meta["ids"]), tensors["cfp"], tensors["oct"], tensors["cfp_pooled"],
-                   tensors["oct_pooled"])
+        return cls(
+            json.loads(meta["ids"]), tensors["cfp"], tensors["oct"], tensors["cfp_pooled"], tensors["oct_pooled"]
+        )
 
 
 @torch.no_grad()
-def encode_images(encoder: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
-                  desc: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_images(
+    encoder: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device, desc: str, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[N,3,224,224] -> tokens [N,196,D] and pooled [N,D] (float32), the encoder in eval mode, no grad."""
     encoder.eval()
     encoder.requires_grad_(False)
     tokens, pooled = [], []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
-        batch = images[start:start + batch_size].to(device=device, dtype=torch.float32)
+        batch = images[start : start + batch_size].to(device=device, dtype=torch.float32)
         out = encoder.forward_tokens(batch).float()
         tokens.append(out.cpu())
         pooled.append(out.mean(dim=1).cpu())
     return torch.cat(tokens), torch.cat(pooled)
 
 
-def compute_features(manifest: Path, cfp_encoder: nn.Module, oct_encoder: nn.Module, cache_dir: Path, *,
-                     image_cache_dir: Path | None = None, batch_size: int = 32, device: str = "cpu",
-                     token_dtype: torch.dtype = torch.float32, progress: bool = True) -> FeatureStore:
+def compute_features(
+    manifest: Path,
+    cfp_encoder: nn.Module,
+    oct_encoder: nn.Module,
+    cache_dir: Path,
+    *,
+    image_cache_dir: Path | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+    token_dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> FeatureStore:
     """Features of every eye of `manifest` (cached); the encoders are frozen and never updated here."""
     from training.manifest import load_manifest
     from training.stage2.data import load_data
@@ -128,8 +145,18 @@ def compute_features(manifest: Path, cfp_encoder: nn.Module, oct_encoder: nn.Mod
     image_cache = Path(image_cache_dir) if image_cache_dir else cache_dir / "images"
     records = load_manifest(manifest)
     ids = [eye_id(r.subject_id, r.eye) for r in records]
-    key = hashlib.sha256(json.dumps([FEATURES_VERSION, str(token_dtype), module_digest(cfp_encoder),
-                                     module_digest(oct_encoder), ids, manifest.read_text()]).encode())
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                FEATURES_VERSION,
+                str(token_dtype),
+                module_digest(cfp_encoder),
+                module_digest(oct_encoder),
+                ids,
+                manifest.read_text(),
+            ]
+        ).encode()
+    )
     path = cache_dir / f"features-{key.hexdigest()[:16]}.safetensors"
     if path.is_file():
         log.info("stage 3: encoder features from cache %s", path)
@@ -141,11 +168,13 @@ def compute_features(manifest: Path, cfp_encoder: nn.Module, oct_encoder: nn.Mod
         if len(data.subjects) != len(ids):
             raise ValueError(f"{modality} image cache has {len(data.subjects)} eyes, the manifest {len(ids)}")
         encoder.to(dev)
-        parts[modality] = encode_images(encoder, data.images, batch_size, dev,
-                                        f"stage 3: {modality} encoder features", progress)
+        parts[modality] = encode_images(
+            encoder, data.images, batch_size, dev, f"stage 3: {modality} encoder features", progress
+        )
         encoder.to("cpu")
-    store = FeatureStore(ids, parts["CFP"][0].to(token_dtype), parts["OCT"][0].to(token_dtype),
-                         parts["CFP"][1], parts["OCT"][1])
+    store = FeatureStore(
+        ids, parts["CFP"][0].to(token_dtype), parts["OCT"][0].to(token_dtype), parts["CFP"][1], parts["OCT"][1]
+    )
     cache_dir.mkdir(parents=True, exist_ok=True)
     store.save(path)
     return store

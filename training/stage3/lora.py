@@ -35,8 +35,14 @@ def load_base_llm(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedM
 def attach_lora(llm: PreTrainedModel, cfg: Stage3Config) -> PeftModel:
     """Freeze the base, wrap it with LoRA on `cfg.lora_targets`, and check that exactly the adapters train."""
     llm.requires_grad_(False)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(llm, lora)
     check_lora_trainable(model, cfg.lora_targets)
     return model
@@ -51,8 +57,9 @@ def check_lora_trainable(model: nn.Module, targets: tuple[str, ...]) -> None:
     lora = lora_parameters(model)
     frozen = [name for name, p in lora.items() if not p.requires_grad]
     if not lora or frozen:
-        raise LoraSetupError(f"LoRA parameters do not require grad ({len(frozen)} of {len(lora)} frozen): "
-                             "the adapters would not train")
+        raise LoraSetupError(
+            f"LoRA parameters do not require grad ({len(frozen)} of {len(lora)} frozen): the adapters would not train"
+        )
     missing = [t for t in targets if not any(f".{t}." in name for name in lora)]
     if missing:
         raise LoraSetupError(f"no LoRA adapter was attached to {missing}")

@@ -14,8 +14,8 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm import tqdm
@@ -25,8 +25,7 @@ from training.stage3.config import StandInLLMConfig
 
 log = logging.getLogger(__name__)
 
-STAND_IN_NOTE = ("stand-in: tiny Qwen2 pretrained by grok-pacs on the phantom stage-1 report text; "
-                 "not Qwen2-7B-Instruct")
+STAND_IN_NOTE = "stand-in: tiny Qwen2 pretrained by grok-pacs on the phantom stage-1 report text; not Qwen2-7B-Instruct"
 STAND_IN_FILE = "stand_in.json"
 
 
@@ -34,17 +33,30 @@ def build_stand_in(cfg: StandInLLMConfig, tokenizer: PreTrainedTokenizerBase, se
     """A randomly initialised Qwen2 of the stand-in's size whose vocabulary fits `tokenizer`."""
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-        intermediate_size=cfg.intermediate_size, max_position_embeddings=4096, rope_theta=10_000.0,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=4096,
+        rope_theta=10_000.0,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
     return Qwen2ForCausalLM(config)
 
 
-def pretrain_stand_in(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, cfg: StandInLLMConfig,
-                      out_dir: Path, seed: int = 0, progress: bool = True) -> Path:
+def pretrain_stand_in(
+    texts: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: StandInLLMConfig,
+    out_dir: Path,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
     """Pretrain the stand-in as a causal LM on `texts` (ChatML conversations) and save it with the tokenizer."""
     out_dir = Path(out_dir)
     model = build_stand_in(cfg, tokenizer, seed)
@@ -62,7 +74,7 @@ def pretrain_stand_in(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, 
             order = list(range(len(encoded)))
             rng.shuffle(order)
             for start in range(0, len(order), cfg.batch_size):
-                batch = [encoded[i] for i in order[start:start + cfg.batch_size]]
+                batch = [encoded[i] for i in order[start : start + cfg.batch_size]]
                 loss = _lm_step(model, batch, tokenizer.pad_token_id)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -76,13 +88,27 @@ def pretrain_stand_in(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, 
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
-    (out_dir / STAND_IN_FILE).write_text(json.dumps({
-        "note": STAND_IN_NOTE, "config": cfg.__dict__, "records": len(encoded), "steps": total,
-        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-        "seconds": round(time.monotonic() - started, 1),
-    }, indent=2))
-    log.info("stand-in LLM pretrained: %d steps, loss %.3f -> %.3f, saved to %s", total,
-             losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"), out_dir)
+    (out_dir / STAND_IN_FILE).write_text(
+        json.dumps(
+            {
+                "note": STAND_IN_NOTE,
+                "config": cfg.__dict__,
+                "records": len(encoded),
+                "steps": total,
+                "first_loss": losses[0] if losses else None,
+                "last_loss": losses[-1] if losses else None,
+                "seconds": round(time.monotonic() - started, 1),
+            },
+            indent=2,
+        )
+    )
+    log.info(
+        "stand-in LLM pretrained: %d steps, loss %.3f -> %.3f, saved to %s",
+        total,
+        losses[0] if losses else float("nan"),
+        losses[-1] if losses else float("nan"),
+        out_dir,
+    )
     return out_dir
 
 

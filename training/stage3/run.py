@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -131,15 +132,17 @@ def prepare_tokenizer(cfg: Stage3Config, train_records: list[dict], instructions
     return load_tokenizer(target)
 
 
-def prepare_llm(cfg: Stage3Config, tokenizer: Any, train_records: list[dict], out_dir: Path,
-                dtype: torch.dtype, progress: bool) -> tuple[Any, Path]:
+def prepare_llm(
+    cfg: Stage3Config, tokenizer: Any, train_records: list[dict], out_dir: Path, dtype: torch.dtype, progress: bool
+) -> tuple[Any, Path]:
     """The frozen LLM base (real weights, or the stand-in pretrained once) and the directory it came from."""
     if cfg.base_llm_dir is not None:
         return load_base_llm(cfg.base_llm_dir, dtype), Path(cfg.base_llm_dir)
     stand_in = out_dir / STAND_IN_DIR
     if not (stand_in / STAND_IN_FILE).is_file():
-        pretrain_stand_in(pretraining_texts(cfg, train_records), tokenizer, cfg.stand_in, stand_in, seed=cfg.seed,
-                          progress=progress)
+        pretrain_stand_in(
+            pretraining_texts(cfg, train_records), tokenizer, cfg.stand_in, stand_in, seed=cfg.seed, progress=progress
+        )
     return load_base_llm(stand_in, dtype), stand_in
 
 
@@ -172,20 +175,35 @@ def head_estimates(store: FeatureStore, cfp_head: Path, oct_head: Path) -> dict[
 def grok_config(cfp_encoder: Any, oct_encoder: Any, llm: Any, cfg: Stage3Config) -> GrokConfig:
     """The bundle's GrokConfig: encoder shapes, projector widths and the LLM's own dimensions."""
     c = llm.config
-    llm_cfg = LLMConfig(hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-                        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-                        intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
-                        max_position_embeddings=c.max_position_embeddings, rope_theta=_rope_theta(c))
-    generation = GenerationConfig(max_new_tokens=768 if cfg.uses_stand_in else cfg.max_new_tokens,
-                                  biomarkers_in_prompt=cfg.biomarker_estimates,
-                                  compact_biomarkers=cfg.compact_biomarkers)
-    return GrokConfig(cfp_encoder=cfp_encoder.cfg, oct_encoder=oct_encoder.cfg, projector=projector_config(cfg, cfp_encoder, c),
-                      llm=llm_cfg, generation=generation, max_length=cfg.max_length)
+    llm_cfg = LLMConfig(
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        intermediate_size=c.intermediate_size,
+        vocab_size=c.vocab_size,
+        max_position_embeddings=c.max_position_embeddings,
+        rope_theta=_rope_theta(c),
+    )
+    generation = GenerationConfig(
+        max_new_tokens=768 if cfg.uses_stand_in else cfg.max_new_tokens,
+        biomarkers_in_prompt=cfg.biomarker_estimates,
+        compact_biomarkers=cfg.compact_biomarkers,
+    )
+    return GrokConfig(
+        cfp_encoder=cfp_encoder.cfg,
+        oct_encoder=oct_encoder.cfg,
+        projector=projector_config(cfg, cfp_encoder, c),
+        llm=llm_cfg,
+        generation=generation,
+        max_length=cfg.max_length,
+    )
 
 
 def projector_config(cfg: Stage3Config, cfp_encoder: Any, llm_config: Any) -> ProjectorConfig:
-    return ProjectorConfig(vision_dim=cfp_encoder.cfg.embed_dim, llm_hidden_size=llm_config.hidden_size,
-                           token_grid=cfg.token_grid)
+    return ProjectorConfig(
+        vision_dim=cfp_encoder.cfg.embed_dim, llm_hidden_size=llm_config.hidden_size, token_grid=cfg.token_grid
+    )
 
 
 def _rope_theta(config: Any) -> float:
@@ -193,8 +211,9 @@ def _rope_theta(config: Any) -> float:
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10_000.0)))
 
 
-def run(cfg: Stage3Config, inputs: Stage3Inputs, out_dir: Path, *, resume: bool = True,
-        progress: bool = True) -> Stage3Result:
+def run(
+    cfg: Stage3Config, inputs: Stage3Inputs, out_dir: Path, *, resume: bool = True, progress: bool = True
+) -> Stage3Result:
     """Train stage 3 and write its outputs to `out_dir` (see the module docstring)."""
     started = time.monotonic()
     out_dir = Path(out_dir)
@@ -207,24 +226,39 @@ def run(cfg: Stage3Config, inputs: Stage3Inputs, out_dir: Path, *, resume: bool 
     splits["train"] = balanced_subset(splits["train"], cfg.max_train_records)
     splits["val"] = balanced_subset(splits["val"], cfg.max_val_records)
     tokenizer = prepare_tokenizer(cfg, splits["train"], inputs.instructions, out_dir)
-    llm_dtype = torch.bfloat16 if (cfg.precision != "fp32" and torch.cuda.is_available()
-                                   and torch.cuda.is_bf16_supported() and not cfg.uses_stand_in) else torch.float32
+    llm_dtype = (
+        torch.bfloat16
+        if (
+            cfg.precision != "fp32"
+            and torch.cuda.is_available()
+            and torch.cuda.is_bf16_supported()
+            and not cfg.uses_stand_in
+        )
+        else torch.float32
+    )
     timings = {"setup_s": time.monotonic() - started}
     llm, base_dir = prepare_llm(cfg, tokenizer, splits["train"], out_dir, llm_dtype, progress)
     timings["llm_base_s"] = time.monotonic() - started - timings["setup_s"]
     image_id = ensure_image_token(tokenizer, llm)
     cfp_encoder, oct_encoder = load_encoder(inputs.cfp_encoder), load_encoder(inputs.oct_encoder)
     t0 = time.monotonic()
-    store = compute_features(inputs.manifest, cfp_encoder, oct_encoder, out_dir / "features",
-                             image_cache_dir=inputs.image_cache_dir, progress=progress,
-                             device="cuda" if torch.cuda.is_available() else "cpu")
+    store = compute_features(
+        inputs.manifest,
+        cfp_encoder,
+        oct_encoder,
+        out_dir / "features",
+        image_cache_dir=inputs.image_cache_dir,
+        progress=progress,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
     timings["features_s"] = time.monotonic() - t0
     estimates = head_estimates(store, inputs.cfp_head, inputs.oct_head) if cfg.biomarker_estimates else None
     datasets = {}
     for split in ("train", "val"):
         records = estimate_grounded(splits[split], estimates) if estimates is not None else splits[split]
-        samples = build_samples(records, tokenizer, store, max_length=cfg.max_length, estimates=estimates,
-                                compact=cfg.compact_biomarkers)
+        samples = build_samples(
+            records, tokenizer, store, max_length=cfg.max_length, estimates=estimates, compact=cfg.compact_biomarkers
+        )
         truncated = sum(s.truncated for s in samples)
         if truncated:
             log.warning("stage 3: %d %s targets were cut to max_length %d", truncated, split, cfg.max_length)
@@ -232,17 +266,45 @@ def run(cfg: Stage3Config, inputs: Stage3Inputs, out_dir: Path, *, resume: bool 
     torch.manual_seed(cfg.seed)
     projectors = Projectors(projector_config(cfg, cfp_encoder, llm.config))
     model = GrokModel(attach_lora(llm, cfg), projectors, image_id)
-    trainer = SFTTrainer(model, cfg, datasets["train"], datasets["val"] if len(datasets["val"]) else None,
-                         out_dir, tokenizer.pad_token_id, progress=progress)
+    trainer = SFTTrainer(
+        model,
+        cfg,
+        datasets["train"],
+        datasets["val"] if len(datasets["val"]) else None,
+        out_dir,
+        tokenizer.pad_token_id,
+        progress=progress,
+    )
     result = trainer.fit(resume=resume)
     timings["sft_s"] = result.seconds
-    return _write_outputs(cfg, inputs, out_dir, model, tokenizer, base_dir, result, timings,
-                          grok_config(cfp_encoder, oct_encoder, llm, cfg), splits, started)
+    return _write_outputs(
+        cfg,
+        inputs,
+        out_dir,
+        model,
+        tokenizer,
+        base_dir,
+        result,
+        timings,
+        grok_config(cfp_encoder, oct_encoder, llm, cfg),
+        splits,
+        started,
+    )
 
 
-def _write_outputs(cfg: Stage3Config, inputs: Stage3Inputs, out_dir: Path, model: GrokModel, tokenizer: Any,
-                   base_dir: Path, result: TrainResult, timings: dict[str, float], gcfg: GrokConfig,
-                   splits: dict[str, list[dict]], started: float) -> Stage3Result:
+def _write_outputs(
+    cfg: Stage3Config,
+    inputs: Stage3Inputs,
+    out_dir: Path,
+    model: GrokModel,
+    tokenizer: Any,
+    base_dir: Path,
+    result: TrainResult,
+    timings: dict[str, float],
+    gcfg: GrokConfig,
+    splits: dict[str, list[dict]],
+    started: float,
+) -> Stage3Result:
     adapter_dir = save_adapter(model.llm, out_dir / ADAPTER_DIR)
     projectors_path = model.projectors.save(out_dir / PROJECTORS_FILE)
     merged = model.llm.merge_and_unload(progressbar=False)  # training is over: merge in place (no copy)
@@ -252,36 +314,73 @@ def _write_outputs(cfg: Stage3Config, inputs: Stage3Inputs, out_dir: Path, model
     save_tokenizer(tokenizer, merged_dir)
     timings["total_s"] = time.monotonic() - started
     report = {
-        "config": cfg.to_dict(), "config_digest": cfg.digest(), "inputs": {k: str(v) for k, v in inputs.__dict__.items()},
-        "llm_base": str(base_dir), "stand_in": cfg.uses_stand_in, "llm_source": llm_source(base_dir), "records": {k: len(v) for k, v in splits.items()},
-        "steps": result.steps, "train_losses": result.train_losses, "val_losses": result.val_losses,
-        "first_val_loss": result.first_val_loss, "last_val_loss": result.last_val_loss,
-        "curve_png": str(result.curve_png), "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "config": cfg.to_dict(),
+        "config_digest": cfg.digest(),
+        "inputs": {k: str(v) for k, v in inputs.__dict__.items()},
+        "llm_base": str(base_dir),
+        "stand_in": cfg.uses_stand_in,
+        "llm_source": llm_source(base_dir),
+        "records": {k: len(v) for k, v in splits.items()},
+        "steps": result.steps,
+        "train_losses": result.train_losses,
+        "val_losses": result.val_losses,
+        "first_val_loss": result.first_val_loss,
+        "last_val_loss": result.last_val_loss,
+        "curve_png": str(result.curve_png),
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "grok_config": gcfg.to_dict(),
     }
     (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=1))
-    log.info("stage 3 done in %.0f s: val loss %s -> %s", timings["total_s"], result.first_val_loss,
-             result.last_val_loss)
+    log.info(
+        "stage 3 done in %.0f s: val loss %s -> %s", timings["total_s"], result.first_val_loss, result.last_val_loss
+    )
     return Stage3Result(out_dir, adapter_dir, projectors_path, merged_dir, out_dir / TOKENIZER_DIR, gcfg, report)
 
 
-def pack_bundle(result: Stage3Result, inputs: Stage3Inputs, bundle_dir: Path, *, name: str, version: str,
-                provenance: Mapping[str, Any] | None = None, progress: bool = True) -> Path:
+def pack_bundle(
+    result: Stage3Result,
+    inputs: Stage3Inputs,
+    bundle_dir: Path,
+    *,
+    name: str,
+    version: str,
+    provenance: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> Path:
     """The servable bundle (export.build_bundle): ONNX encoders, heads, projectors, merged LLM, tokenizer."""
     from export.build_bundle import build_bundle
 
     report = result.report
-    prov = {"stage3": {"config": report["config"], "config_digest": report["config_digest"],
-                       "stand_in_llm": report["stand_in"], "llm_base": report["llm_base"],
-                       "llm_source": report.get("llm_source"),
-                       "val_loss": [report["first_val_loss"], report["last_val_loss"]], "steps": report["steps"],
-                       "records": report["records"]},
-            "inputs": report["inputs"], **(provenance or {})}
+    prov = {
+        "stage3": {
+            "config": report["config"],
+            "config_digest": report["config_digest"],
+            "stand_in_llm": report["stand_in"],
+            "llm_base": report["llm_base"],
+            "llm_source": report.get("llm_source"),
+            "val_loss": [report["first_val_loss"], report["last_val_loss"]],
+            "steps": report["steps"],
+            "records": report["records"],
+        },
+        "inputs": report["inputs"],
+        **(provenance or {}),
+    }
     heads = [BiomarkerHead.load(inputs.cfp_head), BiomarkerHead.load(inputs.oct_head)]
-    return build_bundle(bundle_dir, cfp_encoder=inputs.cfp_encoder, oct_encoder=inputs.oct_encoder, heads=heads,
-                        projectors=result.projectors_path, tokenizer_dir=result.tokenizer_dir, name=name,
-                        version=version, provenance=prov, config=result.grok_config, llm_dir=result.merged_llm_dir,
-                        overwrite=True, progress=progress)
+    return build_bundle(
+        bundle_dir,
+        cfp_encoder=inputs.cfp_encoder,
+        oct_encoder=inputs.oct_encoder,
+        heads=heads,
+        projectors=result.projectors_path,
+        tokenizer_dir=result.tokenizer_dir,
+        name=name,
+        version=version,
+        provenance=prov,
+        config=result.grok_config,
+        llm_dir=result.merged_llm_dir,
+        overwrite=True,
+        progress=progress,
+    )
 
 
 def llm_source(base_dir: Path) -> dict[str, Any] | None:
@@ -297,5 +396,12 @@ def load_result(out_dir: Path) -> Stage3Result:
     if not report_path.is_file():
         raise FileNotFoundError(f"{report_path} does not exist: stage 3 has not finished in {out_dir}")
     report = json.loads(report_path.read_text())
-    return Stage3Result(out_dir, out_dir / ADAPTER_DIR, out_dir / PROJECTORS_FILE, out_dir / MERGED_DIR,
-                        out_dir / TOKENIZER_DIR, GrokConfig.from_dict(report["grok_config"]), report)
+    return Stage3Result(
+        out_dir,
+        out_dir / ADAPTER_DIR,
+        out_dir / PROJECTORS_FILE,
+        out_dir / MERGED_DIR,
+        out_dir / TOKENIZER_DIR,
+        GrokConfig.from_dict(report["grok_config"]),
+        report,
+    )

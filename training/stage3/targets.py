@@ -12,11 +12,12 @@ number that `grok_pacs.analysis.grounding` ties to a biomarker written as that b
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from grok_pacs.domain.biomarkers import BY_KEY
 from grok_pacs.analysis.grounding import ground_cited_numbers
+from grok_pacs.domain.biomarkers import BY_KEY
 from grok_pacs.domain.labels import Label, parse_label
 
 GUIDELINE = "guideline"
@@ -61,8 +62,9 @@ def estimate_grounded(records: Sequence[Mapping[str, Any]], estimates: Mapping[s
     return out
 
 
-def jittered_variants(records: Sequence[Mapping[str, Any]], copies: int, noise: float,
-                      seed: int = 0) -> list[tuple[dict, dict[str, float]]]:
+def jittered_variants(
+    records: Sequence[Mapping[str, Any]], copies: int, noise: float, seed: int = 0
+) -> list[tuple[dict, dict[str, float]]]:
     """`copies` extra (record, biomarkers) pairs per guideline record, for the stand-in's pretraining corpus.
 
     Each copy jitters every measured biomarker by `noise` training-set standard deviations (clipped to the
@@ -91,8 +93,9 @@ def jittered_variants(records: Sequence[Mapping[str, Any]], copies: int, noise: 
             for key, value in measured.items():
                 low, high = BY_KEY[key].plausible
                 jittered[key] = float(min(max(value + noise * spread[key] * rng.standard_normal(), low), high))
-            eye = _Eye(str(record["subject_id"]), f"{record['eye']}~{copy}", parse_label(str(record["label"])),
-                       jittered)
+            eye = _Eye(
+                str(record["subject_id"]), f"{record['eye']}~{copy}", parse_label(str(record["label"])), jittered
+            )
             index, _ = _reply(record)
             turns = [dict(t) for t in record["conversations"]]
             turns[index]["value"] = teacher.write(eye)

@@ -15,9 +15,10 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -86,8 +87,16 @@ def token_weights(targets: torch.Tensor, weight: float, decision_tokens: tuple[i
 class SFTTrainer:
     """Trains `model` (a GrokModel whose LLM carries LoRA) on `train`, measuring loss on `val`."""
 
-    def __init__(self, model: GrokModel, cfg: Stage3Config, train: SFTDataset, val: SFTDataset | None,
-                 run_dir: Path, pad_id: int, progress: bool = True) -> None:
+    def __init__(
+        self,
+        model: GrokModel,
+        cfg: Stage3Config,
+        train: SFTDataset,
+        val: SFTDataset | None,
+        run_dir: Path,
+        pad_id: int,
+        progress: bool = True,
+    ) -> None:
         if len(train) == 0:
             raise ValueError("stage 3: no training samples")
         self.model, self.cfg, self.train_ds, self.val_ds = model, cfg, train, val
@@ -109,8 +118,10 @@ class SFTTrainer:
             raise RuntimeError("stage 3: the LLM has no trainable (LoRA) parameters")
         if not projectors:
             raise RuntimeError("stage 3: the projectors have no trainable parameters")
-        groups = [{"params": lora, "lr": self.cfg.lr, "name": "lora"},
-                  {"params": projectors, "lr": self.cfg.projector_lr, "name": "projectors"}]
+        groups = [
+            {"params": lora, "lr": self.cfg.lr, "name": "lora"},
+            {"params": projectors, "lr": self.cfg.projector_lr, "name": "projectors"},
+        ]
         return torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay, betas=(0.9, 0.999))
 
     def _scheduler(self, step: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -129,9 +140,9 @@ class SFTTrainer:
     def _windows(self, epoch: int, start_micro: int) -> Iterator[list[list[int]]]:
         order = self._order(epoch)
         size, accum = self.cfg.batch_size, self.cfg.grad_accum
-        micro = [order[i:i + size] for i in range(0, len(order), size)]
+        micro = [order[i : i + size] for i in range(0, len(order), size)]
         for first in range(start_micro, len(micro), accum):
-            yield micro[first:first + accum]
+            yield micro[first : first + accum]
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         moved = {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels")}
@@ -148,13 +159,15 @@ class SFTTrainer:
         """Weighted sum of the batch's assistant-token losses divided by `denominator` (the window's weight)."""
         dev = self._to_device(batch)
         with self._autocast():
-            inputs = self.model.splice(dev["input_ids"], dev["attention_mask"], dev["labels"], dev["cfp_tokens"],
-                                       dev["oct_tokens"])
+            inputs = self.model.splice(
+                dev["input_ids"], dev["attention_mask"], dev["labels"], dev["cfp_tokens"], dev["oct_tokens"]
+            )
             labels = inputs.pop("labels")
             logits = self.model.llm(**inputs).logits
         targets = labels[:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0),
-                                                   reduction="none")
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none"
+        )
         weights = token_weights(targets, weight, self.cfg.decision_tokens)
         return (losses * weights).sum() / denominator
 
@@ -185,8 +198,9 @@ class SFTTrainer:
         self.model.eval()
         total, tokens = 0.0, 0
         for start in range(0, len(dataset), self.cfg.batch_size):
-            batch = collate((dataset[i] for i in range(start, min(start + self.cfg.batch_size, len(dataset)))),
-                            self.pad_id)
+            batch = collate(
+                (dataset[i] for i in range(start, min(start + self.cfg.batch_size, len(dataset)))), self.pad_id
+            )
             total += float(self._loss_sum(batch, 1))
             tokens += target_token_count(batch)
         self.model.train(was_training)
@@ -209,8 +223,9 @@ class SFTTrainer:
             loop.val_losses.append((0, self.evaluate()))
         started = time.monotonic()
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=loop.step, desc="stage 3: LoRA SFT", unit="step",
-                   disable=not self.progress)
+        bar = tqdm(
+            total=self.total_steps, initial=loop.step, desc="stage 3: LoRA SFT", unit="step", disable=not self.progress
+        )
         while loop.epoch < self.cfg.epochs:
             for window in self._windows(loop.epoch, loop.micro):
                 loss = self._step(window)
@@ -224,8 +239,9 @@ class SFTTrainer:
                 if max_steps is not None and loop.step >= max_steps:
                     save_checkpoint(self.run_dir, self.model, self.optimizer, loop)
                     bar.close()
-                    return TrainResult(loop.step, loop.train_losses, loop.val_losses,
-                                       time.monotonic() - started, self.plot(loop))
+                    return TrainResult(
+                        loop.step, loop.train_losses, loop.val_losses, time.monotonic() - started, self.plot(loop)
+                    )
             loop.epoch += 1
             loop.micro = 0
             self._periodic(loop, every_eval=0, every_ckpt=0, epoch_end=True)
@@ -252,8 +268,9 @@ class SFTTrainer:
         import matplotlib.pyplot as plt
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / HISTORY_JSON).write_text(json.dumps(
-            {"train": loop.train_losses, "val": loop.val_losses}, indent=1))
+        (self.run_dir / HISTORY_JSON).write_text(
+            json.dumps({"train": loop.train_losses, "val": loop.val_losses}, indent=1)
+        )
         fig, ax = plt.subplots(figsize=(7, 4))
         if loop.train_losses:
             steps, losses = zip(*loop.train_losses)

@@ -16,20 +16,26 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from typing import Mapping, Protocol
+from collections.abc import Mapping
+from typing import Protocol
 
 from grok_pacs.domain.biomarkers import BY_KEY, CFP_KEYS, PROSE_NAMES, format_value
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
-
 from training.teachers.knowledge import Knowledge, Sign, load_knowledge
 
 MAX_WORDS = 300
 
 #: How the report names each biomarker: phrases grok_pacs.analysis.grounding ties to that key.
 PROSE: dict[str, str] = PROSE_NAMES
-_REGION = {"cup_to_disc": "disc", "disc_diameter_vertical": "disc", "avr": "vessels",
-           "tortuosity_arterial": "vessels", "tortuosity_venular": "vessels", "fd_arterial": "vessels",
-           "fd_venular": "vessels"}
+_REGION = {
+    "cup_to_disc": "disc",
+    "disc_diameter_vertical": "disc",
+    "avr": "vessels",
+    "tortuosity_arterial": "vessels",
+    "tortuosity_venular": "vessels",
+    "fd_arterial": "vessels",
+    "fd_venular": "vessels",
+}
 _STATUS = {
     "low": ("reduced", "below the normal range", "low"),
     "high": ("increased", "above the normal range", "raised"),
@@ -37,20 +43,34 @@ _STATUS = {
     "high-normal": ("at the upper limit of normal", "high-normal"),
     "normal": ("within normal limits", "in the normal range", "normal"),
 }
-_AGAINST = {"high": ("normal", "low-normal", "low"), "low": ("normal", "high-normal", "high"),
-            "normal": ("low", "high")}
-_SUPPORTS = {"high": ("high", "high-normal"), "low": ("low", "low-normal"),
-             "normal": ("normal", "low-normal", "high-normal")}
+_AGAINST = {
+    "high": ("normal", "low-normal", "low"),
+    "low": ("normal", "high-normal", "high"),
+    "normal": ("low", "high"),
+}
+_SUPPORTS = {
+    "high": ("high", "high-normal"),
+    "low": ("low", "low-normal"),
+    "normal": ("normal", "low-normal", "high-normal"),
+}
 
 
 #: Coverage sentences: region -> (openers, first key, pool of further keys, how many from the pool).
 _COVERAGE: dict[str, tuple[tuple[str, ...], str, list[str], int]] = {
     "disc": (("The optic disc has ", "At the optic disc there is "), "cup_to_disc", ["disc_diameter_vertical"], 1),
     "macula": (("The fovea has ", "At the macula there is "), "mt_central", ["mt_overall", "mt_inner_temporal"], 1),
-    "vessels": (("The vessels show ", "The vascular tree has "), "avr",
-                ["tortuosity_arterial", "tortuosity_venular", "fd_arterial", "fd_venular"], 2),
-    "layers": (("The OCT layers show ", "On OCT there is "), "rnfl_average",
-               ["gcipl_average", "rpe_average", "inl_average"], 2),
+    "vessels": (
+        ("The vessels show ", "The vascular tree has "),
+        "avr",
+        ["tortuosity_arterial", "tortuosity_venular", "fd_arterial", "fd_venular"],
+        2,
+    ),
+    "layers": (
+        ("The OCT layers show ", "On OCT there is "),
+        "rnfl_average",
+        ["gcipl_average", "rpe_average", "inl_average"],
+        2,
+    ),
 }
 
 
@@ -153,8 +173,10 @@ class _Writer:
 
     def _signs(self) -> list[tuple[Sign, bool]]:
         """Signature signs with whether the value supports them; supporting ones first."""
-        signs = [(s, self.status(s.key) in _SUPPORTS[s.direction] or math.isnan(self.values[s.key]))
-                 for s in self.lk.signature]
+        signs = [
+            (s, self.status(s.key) in _SUPPORTS[s.direction] or math.isnan(self.values[s.key]))
+            for s in self.lk.signature
+        ]
         supporting = [x for x in signs if x[1]]
         other = [x for x in signs if not x[1]]
         self.rng.shuffle(supporting)
@@ -170,8 +192,10 @@ class _Writer:
         if math.isnan(self.values[key]):
             self.used_keys.add(key)
             estimate = {"high": "clearly above", "low": "clearly below", "normal": "within"}[sign.direction]
-            return (f"The {PROSE[key]} is not available, but the {where} shows {finding}, "
-                    f"a semi-quantitative estimate {estimate} the normal range.")
+            return (
+                f"The {PROSE[key]} is not available, but the {where} shows {finding}, "
+                f"a semi-quantitative estimate {estimate} the normal range."
+            )
         status = self.rng.choice(_STATUS[self.status(key)])
         if not supports:
             return f"{_cap(self.the(key))} is {status}, so {finding} is not a prominent feature here."
@@ -190,8 +214,12 @@ class _Writer:
             return ""
         if len(items) == 1:
             return self.rng.choice((f"The images show {items[0]}.", f"Inspection reveals {items[0]}."))
-        return self.rng.choice((f"The images show {items[0]}, with {items[1]}.",
-                                f"Inspection reveals {items[0]}, together with {items[1]}."))
+        return self.rng.choice(
+            (
+                f"The images show {items[0]}, with {items[1]}.",
+                f"Inspection reveals {items[0]}, together with {items[1]}.",
+            )
+        )
 
     def coverage(self) -> list[str]:
         """Sentences for the regions the assessment has not covered (disc, macula, vessels, layers, periphery)."""
@@ -216,18 +244,25 @@ class _Writer:
 
     def sub_inference(self) -> str:
         inference = self.rng.choice(self.lk.inference)
-        return self.rng.choice((f"These signs point to {inference}.", f"This combination suggests {inference}.",
-                                f"The pattern indicates {inference}."))
+        return self.rng.choice(
+            (
+                f"These signs point to {inference}.",
+                f"This combination suggests {inference}.",
+                f"The pattern indicates {inference}.",
+            )
+        )
 
     def integration(self) -> str:
         findings = [s.finding for s, ok in self._signs() if ok][:2]
         if len(findings) < 2:
             return "Integrating the photograph with the OCT, the structural and vascular findings agree."
         a, b = findings
-        return self.rng.choice((
-            f"Integrating the photograph with the OCT, {a} and {b} form one consistent picture.",
-            f"Taken together, {a} and {b} reinforce each other across both modalities.",
-        ))
+        return self.rng.choice(
+            (
+                f"Integrating the photograph with the OCT, {a} and {b} form one consistent picture.",
+                f"Taken together, {a} and {b} reinforce each other across both modalities.",
+            )
+        )
 
     def rule_outs(self) -> list[str]:
         others = [lab for lab in DIAGNOSTIC_LABELS if lab != self.label]
@@ -247,24 +282,33 @@ class _Writer:
                 return f"{name} is excluded by {self.rng.choice(self.lk.lesions.get('', ('the findings above',)))}"
             status = self.rng.choice(_STATUS[self.status(sign.key)])
             return f"{name} is excluded by {self.the(sign.key)}, which is {status}"
-        against = [s for s in ok.signature
-                   if not math.isnan(self.values[s.key]) and self.status(s.key) in _AGAINST[s.direction]]
+        against = [
+            s
+            for s in ok.signature
+            if not math.isnan(self.values[s.key]) and self.status(s.key) in _AGAINST[s.direction]
+        ]
         override = self.k.overrides.get(self.label, {}).get(other)
         if override:
             return f"{name} is unlikely because {override}"
         if not against:
             return f"{name} is unlikely in view of {ok.rule_out}"
         cited = self.cite(self.rng.choice(against).key)
-        return self.rng.choice((
-            f"{name} is unlikely in view of {ok.rule_out} and {cited}",
-            f"{name} is not supported, with {ok.rule_out} and {cited}",
-            f"there is no evidence of {name}, with {ok.rule_out}",
-            f"{name} is unlikely with {cited}",
-        ))
+        return self.rng.choice(
+            (
+                f"{name} is unlikely in view of {ok.rule_out} and {cited}",
+                f"{name} is not supported, with {ok.rule_out} and {cited}",
+                f"there is no evidence of {name}, with {ok.rule_out}",
+                f"{name} is unlikely with {cited}",
+            )
+        )
 
     def conclusion(self) -> str:
         phrases = self.lk.conclusion.get(self.subtype) or self.lk.conclusion[""]
         term = self.rng.choice(phrases)
-        return self.rng.choice((f"Overall, the findings are most consistent with {term}.",
-                                f"The diagnosis is therefore {term}.",
-                                f"In conclusion, the evidence supports {term}."))
+        return self.rng.choice(
+            (
+                f"Overall, the findings are most consistent with {term}.",
+                f"The diagnosis is therefore {term}.",
+                f"In conclusion, the evidence supports {term}.",
+            )
+        )

@@ -19,8 +19,10 @@ from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 
 DEFAULT_GUIDELINE = Path(__file__).resolve().parent.parent / "data" / "eye_guideline.yaml"
 #: The human turn of every stage-1 record, exactly as SPEC §3 gives it.
-HUMAN_TURN = ("<image>\nInterpret the retinal images, identify and analyze the key features and abnormalities, "
-              "then write a single-paragraph evidence-based clinical diagnosis report that is supported by the findings.")
+HUMAN_TURN = (
+    "<image>\nInterpret the retinal images, identify and analyze the key features and abnormalities, "
+    "then write a single-paragraph evidence-based clinical diagnosis report that is supported by the findings."
+)
 DIRECTIONS = ("low", "high", "normal")
 
 
@@ -109,8 +111,9 @@ def load_knowledge(path: Path | str = DEFAULT_GUIDELINE) -> Knowledge:
     if missing:
         raise KnowledgeError(f"{path}: labels missing: {', '.join(missing)}")
     overrides = {
-        _label(a, f"{path}: rule_out_overrides.{a}"): {_label(b, f"{path}: rule_out_overrides.{a}.{b}"): str(text)
-                                                       for b, text in inner.items()}
+        _label(a, f"{path}: rule_out_overrides.{a}"): {
+            _label(b, f"{path}: rule_out_overrides.{a}.{b}"): str(text) for b, text in inner.items()
+        }
         for a, inner in (data.get("rule_out_overrides") or {}).items()
     }
     prompt = data.get("prompt") or {}
@@ -119,14 +122,21 @@ def load_knowledge(path: Path | str = DEFAULT_GUIDELINE) -> Knowledge:
     fields = ("system", "question", "example", "formatting")
     if any(not prompt.get(f) for f in fields) or not prompt.get("rules"):
         raise KnowledgeError(f"{path}: prompt needs system, question, rules, example and formatting")
-    prompt_k = PromptKnowledge(HUMAN_TURN, *(str(prompt[f]).strip() for f in ("system", "question")),
-                               tuple(str(r) for r in prompt["rules"]), str(prompt["example"]).strip(),
-                               str(prompt["formatting"]).strip())
+    prompt_k = PromptKnowledge(
+        HUMAN_TURN,
+        *(str(prompt[f]).strip() for f in ("system", "question")),
+        tuple(str(r) for r in prompt["rules"]),
+        str(prompt["example"]).strip(),
+        str(prompt["formatting"]).strip(),
+    )
     ranges = data.get("reference_ranges") or {}
     if ranges.get("source") != "grok_pacs.domain.biomarkers":
-        raise KnowledgeError(f"{path}: reference_ranges.source must be grok_pacs.domain.biomarkers (the one source of truth)")
-    return Knowledge(labels, overrides, prompt_k, tuple(data.get("regions") or ()),
-                     float(ranges.get("borderline_fraction", 0.2)))
+        raise KnowledgeError(
+            f"{path}: reference_ranges.source must be grok_pacs.domain.biomarkers (the one source of truth)"
+        )
+    return Knowledge(
+        labels, overrides, prompt_k, tuple(data.get("regions") or ()), float(ranges.get("borderline_fraction", 0.2))
+    )
 
 
 def _label(name: str, where: str) -> Label:
@@ -155,6 +165,15 @@ def _label_knowledge(label: Label, entry: dict[str, Any], where: str) -> LabelKn
         raise KnowledgeError(f"{where}.wet_if: unknown biomarker key {wet.get('key')!r}")
     lesions = {str(k): tuple(v) for k, v in (entry.get("lesions") or {}).items()}
     conclusion = {str(k): tuple(v) for k, v in entry["conclusion"].items()}
-    return LabelKnowledge(label, str(entry["name"]), tuple(entry["terms"]), tuple(signs), lesions,
-                          str(entry["rule_out"]), tuple(entry["inference"]), str(entry["periphery"]), conclusion,
-                          (wet["key"], float(wet["above"])) if wet else None)
+    return LabelKnowledge(
+        label,
+        str(entry["name"]),
+        tuple(entry["terms"]),
+        tuple(signs),
+        lesions,
+        str(entry["rule_out"]),
+        tuple(entry["inference"]),
+        str(entry["periphery"]),
+        conclusion,
+        (wet["key"], float(wet["above"])) if wet else None,
+    )

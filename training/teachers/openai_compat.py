@@ -18,19 +18,18 @@ import io
 import json
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import httpx
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from grok_pacs.domain.biomarkers import to_prompt_json
 from grok_pacs.analysis.imaging import is_dicom, read_cfp, read_oct_volume
 from grok_pacs.analysis.preprocess import select_foveal_bscan
-
+from grok_pacs.domain.biomarkers import to_prompt_json
 from training.manifest import CohortRecord, bscan_files
 from training.teachers.knowledge import Knowledge
 
@@ -101,18 +100,23 @@ def foveal_bscan_image(record: CohortRecord) -> str:
 def build_messages(knowledge: Knowledge, record: CohortRecord) -> list[dict]:
     """The chat messages of one record: system, then the prompt text and the two images."""
     p = knowledge.prompt
-    question = (p.question.replace("{biomarkers_json}", to_prompt_json(record.biomarkers))
-                .replace("{reference_ranges}", knowledge.reference_ranges_text())
-                .replace("{diagnosis}", knowledge.labels[record.label].name))
+    question = (
+        p.question.replace("{biomarkers_json}", to_prompt_json(record.biomarkers))
+        .replace("{reference_ranges}", knowledge.reference_ranges_text())
+        .replace("{diagnosis}", knowledge.labels[record.label].name)
+    )
     rules = "RULES\n" + "\n".join(f"- {rule}" for rule in p.rules)
     text = "\n\n".join((question, rules, p.example, p.formatting))
     return [
         {"role": "system", "content": p.system},
-        {"role": "user", "content": [
-            {"type": "text", "text": text},
-            {"type": "image_url", "image_url": {"url": cfp_image(record)}},
-            {"type": "image_url", "image_url": {"url": foveal_bscan_image(record)}},
-        ]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": text},
+                {"type": "image_url", "image_url": {"url": cfp_image(record)}},
+                {"type": "image_url", "image_url": {"url": foveal_bscan_image(record)}},
+            ],
+        },
     ]
 
 
@@ -161,8 +165,10 @@ class ChatTeacher:
         gate = asyncio.Semaphore(max(1, self.concurrency))
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         bar = tqdm(total=len(todo), desc=f"stage 1 ({self.model})", unit="eye", disable=not progress)
-        async with httpx.AsyncClient(base_url=self.base_url.rstrip("/"), headers=headers,
-                                     timeout=httpx.Timeout(self.timeout_s, connect=30.0)) as client:
+        async with httpx.AsyncClient(
+            base_url=self.base_url.rstrip("/"), headers=headers, timeout=httpx.Timeout(self.timeout_s, connect=30.0)
+        ) as client:
+
             async def one(record: CohortRecord) -> None:
                 async with gate:
                     try:
@@ -171,6 +177,7 @@ class ChatTeacher:
                         self._usage.failures += 1
                         out[_record_id(record)] = exc
                     bar.update()
+
             await asyncio.gather(*(one(r) for r in todo))
         bar.close()
         return out
@@ -196,15 +203,24 @@ class ChatTeacher:
     def _store(self, record: CohortRecord, report: str, usage: dict) -> None:
         path = self._cache_path(record)
         tmp = path.with_suffix(".tmp")
-        entry = {"id": _record_id(record), "model": self.model, "prompt_key": self._prompt_key(record),
-                 "report": report, "usage": usage}
+        entry = {
+            "id": _record_id(record),
+            "model": self.model,
+            "prompt_key": self._prompt_key(record),
+            "report": report,
+            "usage": usage,
+        }
         tmp.write_text(json.dumps(entry, ensure_ascii=False), encoding="utf-8")
         os.replace(tmp, path)
 
     async def _ask(self, client: httpx.AsyncClient, record: CohortRecord) -> str:
         rid = _record_id(record)
-        body = {"model": self.model, "messages": build_messages(self.knowledge, record),
-                "max_completion_tokens": self.max_completion_tokens, **self.extra_body}
+        body = {
+            "model": self.model,
+            "messages": build_messages(self.knowledge, record),
+            "max_completion_tokens": self.max_completion_tokens,
+            **self.extra_body,
+        }
         last = ""
         for attempt in range(self.max_retries + 1):
             if attempt:
