@@ -181,16 +181,23 @@ def test_the_pdf_report_shows_the_disposition_and_diagnosis(delivered, viewer, b
     page.locator('object[type="application/pdf"]').wait_for()
     pane = page.locator('[data-cy="viewport-pane"]')
 
-    # What the clinician reads on screen (OCR of the browser's PDF viewer inside OHIF's viewport).
-    def drawn_report() -> str | None:
-        text = screen_text(pane.screenshot(), tmp_path)
-        return text if "Patient-level disposition" in text else None
+    # What the clinician reads on screen (OCR of the browser's PDF viewer inside OHIF's viewport). The
+    # browser draws the PDF in tiles, so one screenshot may hold the headings but not yet every line: read
+    # again until every expected line is there (or the time is up, then show the last reading in full).
+    expected = ["UNVERIFIED", "AI-generated", f"Patient-level disposition {disposition}", f"Diagnosis {diagnosis}"]
+    readings: list[str] = []
 
-    text = wait_until(drawn_report, 120, "the PDF report drawn in the viewer", interval=1)
+    def drawn_report() -> bool:
+        readings.append(screen_text(pane.screenshot(), tmp_path).replace("Al-", "AI-"))  # OCR reads AI as Al
+        return all(line in readings[-1] for line in expected)
+
+    try:
+        wait_until(drawn_report, 120, "the PDF report drawn in the viewer", interval=1)
+    except AssertionError:
+        pass  # timed out: the assertion below names what was never read, with the last reading in full
     browser.screenshot(tmp_path / "viewer-pdf-report.png")
-    assert "UNVERIFIED" in text and "AI-generated" in text.replace("Al-", "AI-"), text  # OCR reads AI as Al
-    assert f"Patient-level disposition {disposition}" in text, (disposition, text)
-    assert f"Diagnosis {diagnosis}" in text, (diagnosis, text)
+    missing = [line for line in expected if line not in readings[-1]]
+    assert not missing, (missing, readings[-1])
 
 
 def content_items(item: Dataset):
