@@ -48,3 +48,16 @@ def tiny_bundle() -> Path:
 def fast_path(request: pytest.FixtureRequest) -> bool:
     """Setting `pynetdicom_fast_path`: listener tests run with grok_pacs.dicom.fastpath and without it."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3-compatible server (devtools.seaweedfs.SeaweedFS) for the session; a missing `weed` fails."""
+    from devtools.seaweedfs import SeaweedFS
+
+    try:
+        server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    except devtools.tools.MissingToolError as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()
