@@ -171,6 +171,8 @@ class Settings(BaseSettings):
     gate_max_blank_frames: float = Field(0.5, ge=0, le=1)  # fraction of blank OCT frames
     gate_max_saturated_frames: float = Field(0.5, ge=0, le=1)  # fraction of saturated OCT frames
     gate_min_oct_signal: float = Field(0.15, ge=0, le=1)  # (p99 - median) / full scale, central B-scans
+    gate_min_isotropy: float = Field(0.6, ge=0, le=1)  # CFP detail, weakest / strongest direction (motion blur)
+    gate_max_axial_jump: float = Field(0.08, ge=0, le=1)  # OCT retina depth jump between B-scans, of the height
 
     @field_validator("ae_title")
     @classmethod
