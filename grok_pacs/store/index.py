@@ -137,28 +137,35 @@ class StudyIndex:
         A new instance puts its study into RECEIVING (creating it if needed), so that assembly queues it
         once it is quiet again, as a new version when it had been queued before.
         """
-        placeholders = ",".join("?" for _ in _INSTANCE_FIELDS)
+        return self.add_instances([rec])[0]
+
+    def add_instances(self, records: list[InstanceRecord]) -> list[bool]:
+        """`add_instance` for each record in ONE transaction (one commit, one fsync): all or none."""
         with self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
-            cursor = self._conn.execute(
-                f"INSERT OR IGNORE INTO instances ({','.join(_INSTANCE_FIELDS)}) VALUES ({placeholders})",
-                dataclasses.astuple(rec),
-            )
-            if cursor.rowcount == 0:
-                return False
-            self._conn.execute(
-                """INSERT INTO studies (study_uid, state, version, detail, instance_count,
-                                        first_received_at, last_received_at, updated_at)
-                   VALUES (?, ?, 0, '', 1, ?, ?, ?)
-                   ON CONFLICT(study_uid) DO UPDATE SET
-                       state = excluded.state, detail = '',
-                       instance_count = instance_count + 1,
-                       first_received_at = MIN(first_received_at, excluded.first_received_at),
-                       last_received_at = MAX(last_received_at, excluded.last_received_at),
-                       updated_at = excluded.updated_at""",
-                (rec.study_uid, StudyState.RECEIVING.value, rec.received_at, rec.received_at, time.time()),
-            )
-            return True
+            return [self._add(rec) for rec in records]
+
+    def _add(self, rec: InstanceRecord) -> bool:
+        placeholders = ",".join("?" for _ in _INSTANCE_FIELDS)
+        cursor = self._conn.execute(
+            f"INSERT OR IGNORE INTO instances ({','.join(_INSTANCE_FIELDS)}) VALUES ({placeholders})",
+            dataclasses.astuple(rec),
+        )
+        if cursor.rowcount == 0:
+            return False
+        self._conn.execute(
+            """INSERT INTO studies (study_uid, state, version, detail, instance_count,
+                                    first_received_at, last_received_at, updated_at)
+               VALUES (?, ?, 0, '', 1, ?, ?, ?)
+               ON CONFLICT(study_uid) DO UPDATE SET
+                   state = excluded.state, detail = '',
+                   instance_count = instance_count + 1,
+                   first_received_at = MIN(first_received_at, excluded.first_received_at),
+                   last_received_at = MAX(last_received_at, excluded.last_received_at),
+                   updated_at = excluded.updated_at""",
+            (rec.study_uid, StudyState.RECEIVING.value, rec.received_at, rec.received_at, time.time()),
+        )
+        return True
 
     def has_instance(self, sop_uid: str) -> bool:
         with self._lock:
