@@ -30,7 +30,7 @@ class IngestService:
     def __init__(self, settings: Settings, publisher: ClosablePublisher) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.index = StudyIndex(settings.index_path)
+        self.index = StudyIndex(settings.resolved_database_url)
         self.publisher = publisher
         self.listener = Listener(settings, self.index)
         self.assembler = Assembler(settings, self.index, self.publisher)

@@ -10,7 +10,6 @@ any other error fails the study with its reason and is not retried. Both tasks a
 from __future__ import annotations
 
 import logging
-import sqlite3
 from typing import Any
 
 from celery import shared_task
@@ -22,12 +21,13 @@ from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, TASK_DELIVER_SR
 from grok_pacs.jobs.snapshot import StudyNotYetQueuedError, StudyOutcome, read_study
 from grok_pacs.jobs.worker import ContextTask, WorkerContext
 from grok_pacs.ops import metrics
+from grok_pacs.store import db
 from grok_pacs.store.index import StudyState
 from grok_pacs.store.outbox import OutboxState, ResultKind
 
 log = logging.getLogger("grok_pacs.jobs.tasks")
 
-TRANSIENT_ANALYSIS_ERRORS = (sqlite3.OperationalError,)  # "database is locked" beyond the busy timeout
+TRANSIENT_ANALYSIS_ERRORS = (db.TransientDatabaseError,)  # database locked beyond the busy timeout, or down
 ANALYSIS_MAX_RETRIES = 3
 ANALYSIS_BACKOFF_MAX_S = 60
 NOT_YET_QUEUED_DELAY_S = 0.5  # assembly records the version right after publishing: this is ample

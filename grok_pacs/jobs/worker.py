@@ -46,8 +46,8 @@ class WorkerContext:
             dispositions.load_table(settings.disposition_table)
         except dispositions.DispositionTableError as exc:
             raise SettingsError(f"disposition_table: {exc}") from exc
-        self.index = StudyIndex(settings.index_path)
-        self.outbox = Outbox(settings.index_path)
+        self.index = StudyIndex(settings.resolved_database_url)
+        self.outbox = Outbox(self.index.engine)  # one connection pool per process
         self._engine: Engine | None = None
         self._bundle_version: str | None = None
         self._engine_lock = threading.Lock()
