@@ -94,8 +94,8 @@ def _record(study: str, sop: str, received: float, series: str = "1.2.3") -> Ins
     )
 
 
-def test_index_versions_and_guarded_state(tmp_path: Path) -> None:
-    index = StudyIndex(tmp_path / "index.sqlite")
+def test_index_versions_and_guarded_state(database: str | Path) -> None:
+    index = StudyIndex(database)
     assert index.add_instance(_record("1.9", "1.9.1", 100.0))
     assert not index.add_instance(_record("1.9", "1.9.1", 101.0)), "same SOP Instance UID twice is idempotent"
     assert index.add_instance(_record("1.9", "1.9.2", 102.0))
@@ -113,7 +113,7 @@ def test_index_versions_and_guarded_state(tmp_path: Path) -> None:
     assert (index.study("1.9").state, index.study("1.9").version) == (StudyState.QUEUED, 2)
     assert len(index.instances("1.9")) == 3
     index.close()
-    reopened = StudyIndex(tmp_path / "index.sqlite")
+    reopened = StudyIndex(database)
     assert reopened.study("1.9").instance_count == 3
 
 

@@ -124,9 +124,10 @@ class Assembler:
 
     def run_once(self, now: float | None = None) -> list[tuple[str, int]]:
         """Queue every RECEIVING study quiet since `quiet_period`; returns [(study_uid, version)]."""
-        now = time.time() if now is None else now
+        quiet = self.settings.quiet_period
+        due = self.index.quiet_studies(quiet) if now is None else self.index.due_studies(now - quiet)
         queued = []
-        for study in self.index.due_studies(now - self.settings.quiet_period):
+        for study in due:
             version = self._queue(study)
             if version is not None:
                 queued.append((study.study_uid, version))

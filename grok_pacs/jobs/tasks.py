@@ -98,7 +98,9 @@ def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[st
         received_at = snapshot.last_received_at
         metrics.job_started(received_at, ctx.settings.quiet_period)
         with metrics.time_stage("analysis"):
-            result = pipeline.run_study(ctx.settings, ctx.index, ctx.outbox, ctx.engine, ctx.bundle_version(), snapshot)
+            result = pipeline.run_study(
+                ctx.settings, ctx.index, ctx.outbox, ctx.engine, ctx.bundle_version(), snapshot, owner=owner
+            )
     except TRANSIENT_ANALYSIS_ERRORS:
         raise  # retried by Celery (autoretry_for), bounded, with backoff
     except StudyNotYetQueuedError as exc:

@@ -33,6 +33,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     literal,
 )
 from sqlalchemy import exc as sa_exc
@@ -77,7 +78,9 @@ studies = Table(
     Column("instance_count", Integer, nullable=False, server_default="0"),
     Column("first_received_at", Double, nullable=False),
     Column("last_received_at", Double, nullable=False),
-    Column("updated_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),  # database time (the quiet period is measured on it)
+    Column("claimed_by", Text, nullable=False, server_default=""),  # the job analysing this version
+    Column("claimed_at", Double),
     Index("studies_by_state", "state", "last_received_at"),
 )
 
@@ -179,5 +182,23 @@ def insert(conn: Connection, table: Table) -> Any:
 
 
 def create_schema(engine: Engine) -> None:
-    """Create missing tables and indexes (the embedded SQLite upgrades itself; see `migrations`)."""
+    """Create missing tables and indexes, and add columns a file from an older release lacks (all have
+    defaults). The embedded SQLite upgrades itself this way: one process owns it."""
     metadata.create_all(engine)
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in inspect(engine).get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                _add_column(engine, table, column)
+
+
+def _add_column(engine: Engine, table: Table, column: Column) -> None:
+    spec = column.type.compile(engine.dialect)
+    if column.server_default is not None:
+        spec += f" NOT NULL DEFAULT '{column.server_default.arg}'"  # type: ignore[attr-defined]
+    try:
+        with transaction(engine) as conn:
+            conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {spec}")
+    except DatabaseError as exc:  # another process added it between our two looks
+        if "duplicate column" not in str(exc) and "already exists" not in str(exc):
+            raise

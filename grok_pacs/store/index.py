@@ -13,14 +13,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, literal, select, update
+from sqlalchemy import Engine, and_, delete, func, literal, or_, select, update
 from sqlalchemy.engine import Connection
 
 from grok_pacs.store import db
@@ -121,10 +120,8 @@ class StudyIndex:
 
     @staticmethod
     def _add(conn: Connection, rec: InstanceRecord) -> bool:
-        added = conn.execute(
-            db.insert(conn, db.instances).values(dataclasses.asdict(rec)).on_conflict_do_nothing()
-        ).rowcount
-        if added == 0:
+        new = db.insert(conn, db.instances).values(dataclasses.asdict(rec)).on_conflict_do_nothing()
+        if conn.execute(new.returning(db.instances.c.sop_uid)).first() is None:  # known already
             return False
         table = db.studies
         new = db.insert(conn, table).values(
@@ -135,7 +132,7 @@ class StudyIndex:
             instance_count=1,
             first_received_at=rec.received_at,
             last_received_at=rec.received_at,
-            updated_at=time.time(),
+            updated_at=db.now(conn),
         )
         conn.execute(
             new.on_conflict_do_update(
@@ -178,7 +175,7 @@ class StudyIndex:
                 conn.execute(
                     update(table)
                     .where(table.c.study_uid == study_uid)
-                    .values(instance_count=remaining.scalar_subquery(), updated_at=time.time())
+                    .values(instance_count=remaining.scalar_subquery(), updated_at=db.now(conn))
                 )
                 conn.execute(delete(table).where(table.c.study_uid == study_uid, table.c.instance_count == 0))
             return sum(counts.values())
@@ -239,6 +236,50 @@ class StudyIndex:
             ).all()
         return [_study(row) for row in rows]
 
+    def quiet_studies(self, quiet_period: float) -> list[StudyRecord]:
+        """RECEIVING studies without a new instance for `quiet_period` s, measured on the database's clock
+        (the time of each study's last write), so listeners on several hosts agree on when it is quiet."""
+        table = db.studies
+        with db.transaction(self.engine, write=False) as conn:
+            rows = conn.execute(
+                select(*_STUDY_COLUMNS)
+                .where(
+                    table.c.state == StudyState.RECEIVING.value,
+                    table.c.updated_at <= db.now(conn) - quiet_period,
+                )
+                .order_by(table.c.last_received_at)
+            ).all()
+        return [_study(row) for row in rows]
+
+    def claim_study(self, study_uid: str, version: int, owner: str, *, lease_s: float, detail: str = "") -> bool:
+        """QUEUED -> ANALYSING for `version`, in one conditional UPDATE: True for the one job that may run
+        the model. ANALYSING by the same `owner` (its redelivered job) or with a claim older than `lease_s`
+        (database time: its worker died) may be claimed again; a duplicate job for the version gets False."""
+        table = db.studies
+        with self._write() as conn:
+            stamp = db.now(conn)
+            analysing = and_(
+                table.c.state == StudyState.ANALYSING.value,
+                or_(table.c.claimed_by == owner, table.c.claimed_at < stamp - lease_s),
+            )
+            query = (
+                update(table)
+                .where(
+                    table.c.study_uid == study_uid,
+                    table.c.version == version,
+                    or_(table.c.state == StudyState.QUEUED.value, analysing),
+                )
+                .values(
+                    state=StudyState.ANALYSING.value,
+                    detail=detail,
+                    claimed_by=owner,
+                    claimed_at=stamp,
+                    updated_at=stamp,
+                )
+                .returning(table.c.study_uid)
+            )
+            return conn.execute(query).first() is not None
+
     def mark_queued(self, study_uid: str, version: int, last_received_at: float) -> bool:
         """RECEIVING -> QUEUED at `version`, only if no instance arrived since `last_received_at`."""
         table = db.studies
@@ -252,7 +293,7 @@ class StudyIndex:
                         table.c.version == version - 1,
                         table.c.last_received_at == last_received_at,
                     )
-                    .values(state=StudyState.QUEUED.value, version=version, detail="", updated_at=time.time())
+                    .values(state=StudyState.QUEUED.value, version=version, detail="", updated_at=db.now(conn))
                 ).rowcount
                 == 1
             )
@@ -264,12 +305,12 @@ class StudyIndex:
         received new instances since (state RECEIVING): a job for an outdated version changes nothing.
         """
         table = db.studies
-        query = (
-            update(table)
-            .where(table.c.study_uid == study_uid)
-            .values(state=StudyState(state).value, detail=detail, updated_at=time.time())
-        )
-        if version is not None:
-            query = query.where(table.c.version == version, table.c.state != StudyState.RECEIVING.value)
         with self._write() as conn:
+            query = (
+                update(table)
+                .where(table.c.study_uid == study_uid)
+                .values(state=StudyState(state).value, detail=detail, updated_at=db.now(conn))
+            )
+            if version is not None:
+                query = query.where(table.c.version == version, table.c.state != StudyState.RECEIVING.value)
             return conn.execute(query).rowcount == 1

@@ -22,14 +22,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, false, inspect, or_, select, update
+from sqlalchemy import Engine, and_, false, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from grok_pacs.store import db
-
-#: Added after the first release: an outbox created before it gets the column (every old row is an SR).
-_ADD_KIND = "ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT 'SR'"
 
 
 class ResultKind(StrEnum):
@@ -92,18 +89,7 @@ class Outbox:
     def __init__(self, target: str | Path | Engine) -> None:
         self._owns_engine = not isinstance(target, Engine)
         self.engine = db.open_engine(target) if not isinstance(target, Engine) else target
-        db.create_schema(self.engine)
-        self._add_kind_column()
-
-    def _add_kind_column(self) -> None:
-        if "kind" in {column["name"] for column in inspect(self.engine).get_columns("outbox")}:
-            return
-        try:
-            with db.transaction(self.engine) as conn:
-                conn.exec_driver_sql(_ADD_KIND)
-        except db.DatabaseError as exc:  # another process added it between our two lines
-            if "duplicate column" not in str(exc):
-                raise
+        db.create_schema(self.engine)  # also adds `kind` to an outbox made before it
 
     def close(self) -> None:
         if self._owns_engine:
