@@ -51,11 +51,12 @@ class Postgres:
         if os.geteuid() == 0:
             user = pwd.getpwnam(RUN_AS)
             os.chown(self.work_dir, user.pw_uid, user.pw_gid)
-            _traversable(self.work_dir)
         self._run(_pg_tool("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
         self.start()
 
     def _run(self, *args: str) -> None:
+        if os.geteuid() == 0:  # again each time: pytest resets its base temp dir to 0700 as the session ends
+            _traversable(self.work_dir)
         done = subprocess.run([*self._prefix, *args], capture_output=True, text=True, timeout=60, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{Path(args[0]).name} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")

@@ -30,6 +30,7 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    bindparam,
     create_engine,
     event,
     func,
@@ -157,22 +158,30 @@ def transaction(engine: Engine, *, write: bool = True) -> Iterator[Connection]:
             yield conn
 
 
-def now(conn: Connection) -> ColumnElement[float]:
-    """The current UNIX time as a SQL expression: the server's clock on PostgreSQL, this host's on SQLite."""
-    if is_sqlite(conn):
-        return literal(time.time(), Double)
+def _server_now() -> ColumnElement[float]:
     return func.extract("epoch", func.now()).cast(Double)
 
 
-def least(conn: Connection, a: Any, b: Any) -> ColumnElement[Any]:
+def now(conn: Engine | Connection) -> ColumnElement[float]:
+    """The current UNIX time as a SQL expression: the server's clock on PostgreSQL, this host's on SQLite."""
+    return literal(time.time(), Double) if is_sqlite(conn) else _server_now()
+
+
+def clock(conn: Engine | Connection) -> ColumnElement[float]:
+    """`now` for a statement built once and run many times: on SQLite the bound parameter `now`, which each
+    execution passes (time.time()); PostgreSQL ignores it and reads its own clock."""
+    return bindparam("now", type_=Double) if is_sqlite(conn) else _server_now()
+
+
+def least(conn: Engine | Connection, a: Any, b: Any) -> ColumnElement[Any]:
     return func.min(a, b) if is_sqlite(conn) else func.least(a, b)
 
 
-def greatest(conn: Connection, a: Any, b: Any) -> ColumnElement[Any]:
+def greatest(conn: Engine | Connection, a: Any, b: Any) -> ColumnElement[Any]:
     return func.max(a, b) if is_sqlite(conn) else func.greatest(a, b)
 
 
-def insert(conn: Connection, table: Table) -> Any:
+def insert(conn: Engine | Connection, table: Table) -> Any:
     """The dialect's INSERT (with ON CONFLICT support) for `table`."""
     if is_sqlite(conn):
         from sqlalchemy.dialects.sqlite import insert as dialect_insert

@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, literal, or_, select, update
+from sqlalchemy import Engine, and_, bindparam, delete, func, literal, or_, select, update
 from sqlalchemy.engine import Connection
 
 from grok_pacs.store import db
@@ -82,6 +83,40 @@ def _study(row: Any) -> StudyRecord:
     return StudyRecord(**values)
 
 
+def _insert_instance(engine: Engine) -> Any:
+    """INSERT an instance row unless its SOP Instance UID is known; returns a row only when inserted."""
+    table = db.instances
+    values = {name: bindparam(name) for name in _INSTANCE_FIELDS}
+    return db.insert(engine, table).values(values).on_conflict_do_nothing().returning(table.c.sop_uid)
+
+
+def _upsert_study(engine: Engine) -> Any:
+    """Create the instance's study RECEIVING, or count the instance in and put it back into RECEIVING."""
+    table = db.studies
+    received = bindparam("received_at")
+    new = db.insert(engine, table).values(
+        study_uid=bindparam("study_uid"),
+        state=StudyState.RECEIVING.value,
+        version=0,
+        detail="",
+        instance_count=1,
+        first_received_at=received,
+        last_received_at=received,
+        updated_at=db.clock(engine),
+    )
+    return new.on_conflict_do_update(
+        index_elements=[table.c.study_uid],
+        set_={
+            "state": new.excluded.state,
+            "detail": "",
+            "instance_count": table.c.instance_count + 1,
+            "first_received_at": db.least(engine, table.c.first_received_at, new.excluded.first_received_at),
+            "last_received_at": db.greatest(engine, table.c.last_received_at, new.excluded.last_received_at),
+            "updated_at": new.excluded.updated_at,
+        },
+    )
+
+
 class StudyIndex:
     """Thread-safe access to the index tables; every call is one short transaction.
 
@@ -95,6 +130,9 @@ class StudyIndex:
         self.engine = db.open_engine(target) if not isinstance(target, Engine) else target
         self._write_lock = threading.Lock() if db.is_sqlite(self.engine) else contextlib.nullcontext()
         db.create_schema(self.engine)
+        # Built once: the listener adds one row per instance, and building them costs more than running them.
+        self._insert_instance = _insert_instance(self.engine)
+        self._upsert_study = _upsert_study(self.engine)
 
     def close(self) -> None:
         if self._owns_engine:
@@ -118,35 +156,12 @@ class StudyIndex:
         with self._write() as conn:
             return [self._add(conn, rec) for rec in records]
 
-    @staticmethod
-    def _add(conn: Connection, rec: InstanceRecord) -> bool:
-        new = db.insert(conn, db.instances).values(dataclasses.asdict(rec)).on_conflict_do_nothing()
-        if conn.execute(new.returning(db.instances.c.sop_uid)).first() is None:  # known already
+    def _add(self, conn: Connection, rec: InstanceRecord) -> bool:
+        params = {name: getattr(rec, name) for name in _INSTANCE_FIELDS}
+        params["now"] = time.time()  # the clock of SQLite (PostgreSQL reads its own)
+        if conn.execute(self._insert_instance, params).first() is None:  # known already
             return False
-        table = db.studies
-        new = db.insert(conn, table).values(
-            study_uid=rec.study_uid,
-            state=StudyState.RECEIVING.value,
-            version=0,
-            detail="",
-            instance_count=1,
-            first_received_at=rec.received_at,
-            last_received_at=rec.received_at,
-            updated_at=db.now(conn),
-        )
-        conn.execute(
-            new.on_conflict_do_update(
-                index_elements=[table.c.study_uid],
-                set_={
-                    "state": new.excluded.state,
-                    "detail": "",
-                    "instance_count": table.c.instance_count + 1,
-                    "first_received_at": db.least(conn, table.c.first_received_at, new.excluded.first_received_at),
-                    "last_received_at": db.greatest(conn, table.c.last_received_at, new.excluded.last_received_at),
-                    "updated_at": new.excluded.updated_at,
-                },
-            )
-        )
+        conn.execute(self._upsert_study, params)
         return True
 
     def has_instance(self, sop_uid: str) -> bool:
