@@ -2,8 +2,10 @@
 
 Runs the bundle's engine on the cohort's validation and test eyes (through the runtime, as served), fits the
 temperature on the validation eyes (training.calibration) and reports the test eyes' expected calibration
-error before and after; trains the learned quality head on the bundle's encoders (training.quality_head,
-phantom images and degraded copies) and reports its held-out AUROC. The bundle is copied, never modified.
+error before and after, and the referral sensitivity/specificity of the test eyes' dispositions against the
+dispositions their true labels and biomarkers call for (training.benchmark.gate.referral_figures); trains
+the learned quality head on the bundle's encoders (training.quality_head, phantom images and degraded
+copies) and reports its held-out AUROC. The bundle is copied, never modified.
 Writes bench/results/calibration.json.
 Usage: python bench/calibration.py --bundle .cache/pipeline/bundle-*/bundle --manifest
 .cache/pipeline/cohort-*/manifest.csv
@@ -19,19 +21,21 @@ import time
 from pathlib import Path
 
 from grok_pacs.analysis.engine import Engine
-from training.benchmark.gate import calibration_figures, phantom_eyes
+from training.benchmark.gate import calibration_figures, phantom_eyes, referral_figures
 from training.manifest import load_manifest
 from training.quality_head import train_head
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calibration.json"
 
 
-def split_scores(engine: Engine, records, split: str) -> tuple[list[dict], list[str]]:
+def split_reports(engine: Engine, records, split: str) -> tuple[list, list]:
+    """The split's eyes as the runtime reports them, and their cohort records."""
     chosen = [r for r in records if r.split == split]
-    return (
-        [engine.analyze_eye(r.eye, cfp=r.cfp_path, oct=r.oct_path).label_scores for r in chosen],
-        [r.label.value for r in chosen],
-    )
+    return [engine.analyze_eye(r.eye, cfp=r.cfp_path, oct=r.oct_path) for r in chosen], chosen
+
+
+def scores_and_labels(reports, records) -> tuple[list[dict], list[str]]:
+    return [r.label_scores for r in reports], [r.label.value for r in records]
 
 
 def main() -> None:
@@ -45,12 +49,17 @@ def main() -> None:
         bundle = Path(shutil.copytree(args.bundle, Path(tmp) / "bundle"))
         engine = Engine.from_bundle(bundle)
         records = load_manifest(args.manifest)
-        val, test = split_scores(engine, records, "val"), split_scores(engine, records, "test")
-        calibration = calibration_figures(*val, *test)
+        val, test = split_reports(engine, records, "val"), split_reports(engine, records, "test")
+        calibration = calibration_figures(*scores_and_labels(*val), *scores_and_labels(*test))
+        test_reports, test_records = test
+        referral = referral_figures(
+            test_reports, [r.label.value for r in test_records], [r.biomarkers for r in test_records]
+        )
         _, head = train_head(engine, phantom_eyes(args.head_eyes, 11), seed=11)
     result = {
         "bundle": f"{engine.bundle.name} {engine.bundle.version}",
         "calibration": calibration,
+        "referral": referral,
         "quality_head": head,
         "wall_s": round(time.perf_counter() - start, 1),
         "data": "synthetic phantom cohort (training.phantom); no real images",

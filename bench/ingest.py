@@ -1,17 +1,12 @@
-"""Ingest benchmark: DCMTK storescu -> grok-pacs listener vs -> DCMTK storescp, same files, one run.
+"""Ingest benchmark: DCMTK storescu -> grok-pacs listen, DCMTK storescp, Orthanc, and the disk's floor, one run.
 
 Workloads (SPEC §6, issue 3): 20 multi-frame OPT instances of ~32 MB (uncompressed, 128 x 512 x 512), and
-200 OP JPEG-baseline instances of ~300 KB (20 studies x 2 eyes x 5 photographs). Each (target, workload) is sent
-REPEATS times by one storescu
-process (one association), each time into a fresh, empty receiver (grok-pacs would otherwise answer
-duplicates without storing them), alternating targets; the median wall time counts.
-
-grok-pacs runs as `grok-pacs listen` (its own process, defaults: max PDU unlimited, fsync + atomic rename
-+ SQLite commit per instance), once with the pynetdicom fast path (grok_pacs.dicom.fastpath, the default)
-and once without it (`grok-nofast`: GROK_PACS_PYNETDICOM_FAST_PATH=false, pynetdicom as released). DCMTK storescp
-runs with its defaults plus +xa (accept JPEG), writing
-each file to disk without fsync; both DCMTK tools run with TCP_NODELAY=1 (see DCMTK_ENV). Writes
-bench/results/ingest.json.
+200 OP JPEG-baseline instances of ~300 KB (20 studies x 2 eyes x 5 photographs). Each (workload, number of
+associations: 1 and 8) is sent REPEATS times to every target (bench/ingest_targets.py: grok, grok-nofast,
+dcmtk, orthanc; and `floor`, the same bytes written and fsynced with no DICOM), alternating targets, each
+run into a fresh, empty receiver; with 8 associations, 8 storescu processes each send every 8th file at
+once. The median wall time counts, `spread` is (max - min) / median. grok_over_X is X's median time over
+grok's (above 1: grok-pacs faster). Writes bench/results/ingest.json with the load average of each round.
 """
 
 from __future__ import annotations
@@ -34,16 +29,21 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.ingest_targets import (  # noqa: E402
+    AE,
+    DCMTK_ENV,
+    TARGETS,
+    OrthancTarget,
+    floor_seconds,
+    start_dcmtk,
+    start_grok,
+)
 from devtools.ports import free_port, wait_for_port  # noqa: E402
 from devtools.sample_dicom import fundus_photograph, oct_tomography, write  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "ingest.json"
 OP_PER_SERIES = 5
-AE = "GROK_PACS"
-# Debian's DCMTK leaves Nagle's algorithm on unless TCP_NODELAY=1 is in the environment; with it on, every
-# small-instance C-STORE waits ~40 ms for a delayed ACK and DCMTK looks 20x slower than it is. Both DCMTK
-# processes get it (pynetdicom's sockets are unaffected), so the reference is DCMTK at its best.
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+CONCURRENCY = (1, 8)
 
 
 def fsync_latency_ms(directory: Path, samples: int = 30) -> dict[str, float]:
@@ -94,92 +94,88 @@ def make_files(directory: Path, opt_count: int, op_count: int) -> dict[str, list
     return {"opt": sorted(opt_dir.iterdir()), "op": sorted(op_dir.iterdir())}
 
 
-TARGETS = ("dcmtk", "grok", "grok-nofast")
-
-
-def start_grok(port: int, data_dir: Path, fast_path: bool = True) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "GROK_PACS_PORT": str(port),
-        "GROK_PACS_DATA_DIR": str(data_dir),
-        "GROK_PACS_BIND_ADDRESS": "127.0.0.1",
-        "GROK_PACS_QUIET_PERIOD": "2",
-        "GROK_PACS_MIN_FREE_DISK_MB": "100",
-        "GROK_PACS_PYNETDICOM_FAST_PATH": str(fast_path).lower(),
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "grok_pacs.cli", "--log-level", "WARNING", "listen"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
-def start_dcmtk(port: int, data_dir: Path) -> subprocess.Popen:
-    data_dir.mkdir(parents=True)
-    return subprocess.Popen(
-        ["storescp", "+xa", "-aet", AE, "-od", str(data_dir), str(port)],
-        env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
-def send(port: int, files: list[Path], propose: list[str]) -> float:
-    """Wall seconds for one storescu run of `files` (one association)."""
-    command = ["storescu", *propose, "-aet", "BENCH", "-aec", AE, "127.0.0.1", str(port), *map(str, files)]
+def send(port: int, files: list[Path], propose: list[str], associations: int) -> float:
+    """Wall seconds until `associations` concurrent storescu processes (one association each, the files
+    dealt out in turn) have all sent their share."""
+    shares = [files[n::associations] for n in range(min(associations, len(files)))]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=DCMTK_ENV)
+    senders = [
+        subprocess.Popen(
+            ["storescu", *propose, "-aet", f"BENCH{n}", "-aec", AE, "127.0.0.1", str(port), *map(str, share)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=DCMTK_ENV,
+        )
+        for n, share in enumerate(shares)
+    ]
+    errors = [sender.communicate(timeout=600)[1] for sender in senders]
     elapsed = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"storescu failed ({done.returncode}): {done.stderr[-1000:]}")
+    for sender, error in zip(senders, errors):
+        if sender.returncode != 0:
+            raise RuntimeError(f"storescu failed ({sender.returncode}): {error[-1000:]}")
     return elapsed
 
 
-def run_once(target: str, files: list[Path], propose: list[str], scratch: Path) -> float:
-    port, data_dir = free_port(), Path(tempfile.mkdtemp(dir=scratch, prefix=f"{target}-"))
-    if target == "dcmtk":
-        process = start_dcmtk(port, data_dir / "data")
+def run_once(target: str, files: list[Path], propose: list[str], scratch: Path, associations: int) -> float:
+    port, run_dir = free_port(), Path(tempfile.mkdtemp(dir=scratch, prefix=f"{target}-"))
+    data_dir = run_dir / "data"
+    if target == "floor":
+        seconds = floor_seconds(files, data_dir, associations)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return seconds
+    orthanc = OrthancTarget(port, data_dir) if target == "orthanc" else None
+    if orthanc is not None:
+        process = orthanc.proc
+    elif target == "dcmtk":
+        process = start_dcmtk(port, data_dir)
     else:
-        process = start_grok(port, data_dir / "data", fast_path=target == "grok")
+        process = start_grok(port, data_dir, fast_path=target == "grok")
     try:
-        wait_for_port(port)
-        seconds = send(port, files, propose)
-        where = data_dir / "data" / ("" if target == "dcmtk" else "incoming")
-        stored = sum(1 for p in where.rglob("*") if p.is_file())
+        wait_for_port(port, timeout=60, proc=process, what=target)
+        seconds = send(port, files, propose, associations)
+        if orthanc is not None:
+            stored = orthanc.instances()
+        else:
+            where = data_dir / ("" if target == "dcmtk" else "incoming")
+            stored = sum(1 for p in where.rglob("*") if p.is_file())
         if stored != len(files):
             raise RuntimeError(f"{target}: {stored} of {len(files)} files stored")
         return seconds
     finally:
         process.terminate()
-        process.wait(timeout=30)
-        shutil.rmtree(data_dir, ignore_errors=True)
+        process.wait(timeout=60)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def measure(name: str, files: list[Path], propose: list[str], repeats: int, scratch: Path) -> dict:
+def spread(samples: list[float]) -> float:
+    """(max - min) / median: how far apart the runs of one target were."""
+    return round((max(samples) - min(samples)) / statistics.median(samples), 3)
+
+
+def measure(name: str, files: list[Path], propose: list[str], repeats: int, scratch: Path, associations: int) -> dict:
+    """Every target `repeats` times, alternating targets, each run into an empty receiver."""
     total_mb = sum(p.stat().st_size for p in files) / 1e6
     times: dict[str, list[float]] = {target: [] for target in TARGETS}
-    for _ in tqdm(range(repeats), desc=name, leave=False):
+    loads = [os.getloadavg()[0]]
+    for _ in tqdm(range(repeats), desc=f"{name} x{associations}", leave=False):
         for target in TARGETS:
-            times[target].append(run_once(target, files, propose, scratch))
-    row: dict = {
-        "instances": len(files),
-        "total_mb": round(total_mb, 1),
-        "mean_instance_mb": round(total_mb / len(files), 3),
-    }
+            times[target].append(run_once(target, files, propose, scratch, associations))
+        loads.append(os.getloadavg()[0])
+    row: dict = {"associations": associations, "instances": len(files), "total_mb": round(total_mb, 1)}
+    row["load_average_1m"] = [round(load, 2) for load in loads]
     for target, samples in times.items():
         median = statistics.median(samples)
         row[target] = {
             "seconds_median": round(median, 3),
             "seconds_all": [round(s, 3) for s in samples],
+            "spread": spread(samples),
             "mb_s": round(total_mb / median, 1),
             "inst_s": round(len(files) / median, 1),
         }
-    row["ratio_mb_s"] = round(row["grok"]["mb_s"] / row["dcmtk"]["mb_s"], 3)
-    row["ratio_inst_s"] = round(row["grok"]["inst_s"] / row["dcmtk"]["inst_s"], 3)
-    row["nofast_ratio_mb_s"] = round(row["grok-nofast"]["mb_s"] / row["dcmtk"]["mb_s"], 3)
-    row["fast_path_speedup"] = round(row["grok"]["inst_s"] / row["grok-nofast"]["inst_s"], 3)
+    for reference in ("floor", "dcmtk", "orthanc"):
+        row[f"grok_over_{reference}"] = round(row[reference]["seconds_median"] / row["grok"]["seconds_median"], 3)
+    row["fast_path_speedup"] = round(row["grok-nofast"]["seconds_median"] / row["grok"]["seconds_median"], 3)
     return row
 
 
@@ -194,11 +190,12 @@ def main() -> int:
         default=ROOT / ".cache" / "bench-ingest",
         help="where test files and receivers' data go (same disk as a real data dir)",
     )
+    parser.add_argument("--associations", type=int, nargs="+", default=list(CONCURRENCY))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    for tool in ("storescu", "storescp"):
+    for tool in ("storescu", "storescp", "Orthanc"):
         if shutil.which(tool) is None:
-            parser.error(f"{tool} (DCMTK) is not installed: run scripts/install-system-deps.sh")
+            parser.error(f"{tool} is not installed: run scripts/install-system-deps.sh")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     files = make_files(args.work_dir / "files", args.opt, args.op)
     scratch = args.work_dir / "runs"
@@ -206,13 +203,19 @@ def main() -> int:
     scratch.mkdir()
     load_before = os.getloadavg()
     fsync_ms = fsync_latency_ms(scratch / "fsync-probe")
+    workloads = {"opt_32mb": (files["opt"], []), "op_jpeg_300kb": (files["op"], ["-xy"])}
     results = {
-        "opt_32mb": measure("OPT ~32 MB", files["opt"], [], args.repeats, scratch),
-        "op_jpeg_300kb": measure("OP JPEG ~300 KB", files["op"], ["-xy"], args.repeats, scratch),
+        f"{name}_x{n}": measure(name, work, propose, args.repeats, scratch, n)
+        for n in args.associations
+        for name, (work, propose) in workloads.items()
     }
     report = {
-        "benchmark": "ingest: DCMTK storescu -> grok-pacs listen vs DCMTK storescp (+xa), loopback",
-        "targets": {"opt_32mb": {"ratio_mb_s": 1.0}, "op_jpeg_300kb": {"ratio_inst_s": 0.5}},
+        "benchmark": "ingest: DCMTK storescu -> grok-pacs listen, DCMTK storescp (+xa), Orthanc, fsync floor; loopback",
+        "targets": {
+            "op_jpeg_300kb_x1": {"grok_over_floor": 0.75},
+            "op_jpeg_300kb_x8": {"inst_s_over_x1": 2.0},
+            "opt_32mb_x1": {"grok_over_floor": 0.9},
+        },
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -224,18 +227,21 @@ def main() -> int:
         "repeats": args.repeats,
         "results": results,
     }
+    if "op_jpeg_300kb_x1" in results and "op_jpeg_300kb_x8" in results:
+        report["op_x8_over_x1"] = round(
+            results["op_jpeg_300kb_x1"]["grok"]["seconds_median"]
+            / results["op_jpeg_300kb_x8"]["grok"]["seconds_median"],
+            3,
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"{'workload':16} {'grok MB/s':>10} {'no-fast MB/s':>13} {'DCMTK MB/s':>11} {'ratio':>6} "
-        f"{'grok inst/s':>12} {'no-fast inst/s':>15} {'DCMTK inst/s':>13} {'ratio':>6} {'fast/no-fast':>13}"
+        f"{'workload':20} " + " ".join(f"{t + ' inst/s':>18}" for t in TARGETS) + "  grok/floor grok/dcmtk grok/orthanc"
     )
     for name, row in results.items():
-        print(
-            f"{name:16} {row['grok']['mb_s']:10.1f} {row['grok-nofast']['mb_s']:13.1f} {row['dcmtk']['mb_s']:11.1f} "
-            f"{row['ratio_mb_s']:6.2f} {row['grok']['inst_s']:12.1f} {row['grok-nofast']['inst_s']:15.1f} "
-            f"{row['dcmtk']['inst_s']:13.1f} {row['ratio_inst_s']:6.2f} {row['fast_path_speedup']:13.2f}"
-        )
+        cells = " ".join(f"{row[t]['inst_s']:9.1f} ±{100 * row[t]['spread']:4.0f}%  " for t in TARGETS)
+        ratios = f"{row['grok_over_floor']:10.2f} {row['grok_over_dcmtk']:10.2f} {row['grok_over_orthanc']:12.2f}"
+        print(f"{name:20} {cells} {ratios}")
     print(f"wrote {args.out}")
     return 0
 

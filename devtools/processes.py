@@ -33,10 +33,10 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
 
 
 class Redis:
-    """A throw-away redis-server (no persistence) on a free loopback port."""
+    """A throw-away redis-server (no persistence) on a loopback port (a free one unless given)."""
 
-    def __init__(self, work_dir: Path) -> None:
-        self.port = free_port()
+    def __init__(self, work_dir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.proc = subprocess.Popen(
             [
                 require_tool("redis-server"),

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: 16 chars, no backslash
@@ -66,6 +66,42 @@ class Peer(BaseModel):
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+# S3 bucket names (AWS rules, which MinIO, Ceph RGW and SeaweedFS accept): 3-63 of a-z 0-9 . -, alphanumeric ends.
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")  # no '.', '..' or empty segment
+
+
+class StorageUrl(BaseModel):
+    """Where instances and results go on an S3-compatible store: `s3://BUCKET[/PREFIX]`."""
+
+    bucket: str
+    prefix: str = ""  # key prefix without leading or trailing '/', e.g. 'site-a/grok'
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, value: str) -> str:
+        if not _BUCKET_RE.match(value) or ".." in value:
+            raise ValueError(f"{value!r} is not an S3 bucket name (3-63 of a-z 0-9 . -)")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if value and not all(_PREFIX_SEGMENT_RE.match(part) for part in value.split("/")):
+            raise ValueError(f"key prefix {value!r} may hold only A-Z a-z 0-9 . _ - between single '/'")
+        return value
+
+    @classmethod
+    def parse(cls, text: str) -> StorageUrl:
+        match = re.fullmatch(r"s3://([^/]*)(?:/(.*?))?/?", text.strip())
+        if not match:
+            raise ValueError(f"{text!r} is not s3://BUCKET[/PREFIX]")
+        return cls(bucket=match[1], prefix=match[2] or "")
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+
 class Settings(BaseSettings):
     """grok-pacs settings. Environment: `GROK_PACS_<FIELD>` (e.g. GROK_PACS_PORT=11112)."""
 
@@ -98,6 +134,14 @@ class Settings(BaseSettings):
     quiet_period: float = Field(5.0, ge=0)  # seconds without a new instance before a study is complete
     min_free_disk_mb: int = Field(1024, ge=0)  # refuse new instances below this free space (watermark)
 
+    # --- object storage (grok_pacs.store.storage; empty storage_url = local files, one box) -----------
+    storage_url: StorageUrl | None = None  # s3://BUCKET[/PREFIX] on an S3-compatible store
+    storage_endpoint: str = ""  # http(s)://HOST:PORT of that store; empty = boto3's (AWS_ENDPOINT_URL, AWS)
+    storage_region: str = ""  # empty = AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+    storage_access_key: str = ""  # with storage_secret_key; both empty = the AWS credential chain (env, files)
+    storage_secret_key: SecretStr = SecretStr("")
+    storage_timeout: float = Field(10.0, gt=0)  # seconds to connect, and of silence while reading
+
     # --- queue, model, delivery ----------------------------------------------------------------------
     broker_url: str = ""  # Celery broker; empty = embedded SQLite broker under data_dir (one box)
     database_url: str = ""  # index and outbox; empty = embedded SQLite file data_dir/index.sqlite (one box)
@@ -128,6 +172,8 @@ class Settings(BaseSettings):
     gate_max_blank_frames: float = Field(0.5, ge=0, le=1)  # fraction of blank OCT frames
     gate_max_saturated_frames: float = Field(0.5, ge=0, le=1)  # fraction of saturated OCT frames
     gate_min_oct_signal: float = Field(0.15, ge=0, le=1)  # (p99 - median) / full scale, central B-scans
+    gate_min_isotropy: float = Field(0.6, ge=0, le=1)  # CFP detail, weakest / strongest direction (motion blur)
+    gate_max_axial_jump: float = Field(0.08, ge=0, le=1)  # OCT retina depth jump between B-scans, of the height
 
     @field_validator("ae_title")
     @classmethod
@@ -167,6 +213,29 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return Peer.parse(value) if value.strip() else None
         return value
+
+    @field_validator("storage_url", mode="before")
+    @classmethod
+    def _storage_url(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return StorageUrl.parse(value) if value.strip() else None
+        return value
+
+    @field_validator("storage_endpoint")
+    @classmethod
+    def _storage_endpoint(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not re.fullmatch(r"https?://[^/\s@]+(:\d+)?", value):
+            raise ValueError(f"storage_endpoint: {value!r} is not http(s)://HOST[:PORT]")
+        return value
+
+    @model_validator(mode="after")
+    def _storage(self) -> Settings:
+        if bool(self.storage_access_key) != bool(self.storage_secret_key.get_secret_value()):
+            raise ValueError("storage_access_key and storage_secret_key must be given together")
+        if self.storage_url is None and (self.storage_endpoint or self.storage_access_key):
+            raise ValueError("storage_endpoint and storage credentials need storage_url (s3://BUCKET[/PREFIX])")
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

@@ -51,6 +51,19 @@ def fast_path(request: pytest.FixtureRequest) -> bool:
 
 
 @pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3-compatible server (devtools.seaweedfs.SeaweedFS) for the session; a missing `weed` fails."""
+    from devtools.seaweedfs import SeaweedFS
+
+    try:
+        server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    except devtools.tools.MissingToolError as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory):
     """One real PostgreSQL 15 server for the session (devtools/postgres.py), stopped after; missing -> FAIL."""
     from devtools.postgres import Postgres

@@ -1,5 +1,5 @@
 """The gradability gate (grok_pacs.analysis.quality) on inputs the tests make: blank, tiny, blurred,
-corrupted and badly exposed images fail it with coded reasons; phantom renders, the tests' fundus and a
+motion-smeared, corrupted and badly exposed images fail it with coded reasons; phantom renders, the tests' fundus and a
 fundus photograph made by DCMTK img2dcm pass it; SRs of eyes that fail it carry no diagnosis and pass
 dciodvfy."""
 
@@ -170,6 +170,23 @@ def test_oct_blank_tiny_zero_16bit_and_low_signal():
     assert verdict.gradability is Gradability.UNGRADABLE and "blank-frames" in codes_of(verdict)
     faint = (oct_pixels() * 0.08).astype(np.uint8)
     assert "low-signal" in codes_of(assess_oct(faint, LIMITS))
+
+
+def test_motion_blurred_fundus_and_moved_oct_b_scans_are_ungradable_for_motion():
+    """A fundus smeared along one direction (camera or eye moved during the exposure), and an OCT volume
+    whose B-scans jump up and down (saccades during the scan), fail with reason `motion`."""
+    sharp = drawn_fundus()
+    smeared = np.mean([np.roll(sharp, step, axis=1) for step in range(24)], axis=0).astype(np.uint8)
+    assert "motion" not in codes_of(assess_cfp(sharp, LIMITS))
+    verdict = assess_cfp(smeared, LIMITS)
+    assert verdict.gradability is Gradability.UNGRADABLE and "motion" in codes_of(verdict), verdict.reasons
+    still = oct_pixels()
+    moved = still.copy()
+    moved[2] = np.roll(still[2], still.shape[1] // 6, axis=0)
+    assert "motion" not in codes_of(assess_oct(still, LIMITS))
+    verdict = assess_oct(moved, LIMITS)
+    assert verdict.gradability is Gradability.UNGRADABLE and "motion" in codes_of(verdict), verdict.reasons
+    assert "axial jump" in next(r.detail for r in verdict.reasons if r.code == "motion")
 
 
 def test_gate_verdicts_are_counted_in_metrics():

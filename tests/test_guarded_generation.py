@@ -10,15 +10,14 @@ import dataclasses
 import pydicom
 import pytest
 import torch
-from helpers.eye_dicom import oct_volume, write_jpeg_cfp, write_oct
-from ophthalmic_dicom import Patient
+from helpers.eye_dicom import two_eye_study
 from srcheck import assert_valid_sr
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from devtools.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle
 from grok_pacs.analysis.decoding import Decoder, DiagnosisStop, NumberGuard, malformed_number
-from grok_pacs.analysis.engine import Engine, EyeInput
-from grok_pacs.analysis.result import REASON_TEXT, Eye, SourceImage
+from grok_pacs.analysis.engine import Engine
+from grok_pacs.analysis.result import REASON_TEXT, Eye
 from grok_pacs.domain.labels import Label
 from grok_pacs.ops.metrics import REGISTRY
 from grok_pacs.report.sr import NARRATIVE_WITHHELD, SRKey, build_sr
@@ -41,20 +40,8 @@ def junk_engine(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    root, patient = tmp_path_factory.mktemp("study"), Patient()
-    eyes = {}
-    for eye, pit in ((Eye.RIGHT, 3), (Eye.LEFT, 8)):
-        cfp = write_jpeg_cfp(root / f"{eye.value}_cfp.dcm", patient, eye.value)
-        oct_path = write_oct(
-            root / f"{eye.value}_oct.dcm",
-            patient,
-            eye.value,
-            oct_volume(frames=11, pit_frame=pit, pit_col=0.4, seed=pit),
-        )
-        datasets = [pydicom.dcmread(cfp), pydicom.dcmread(oct_path)]
-        sources = tuple(SourceImage(ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID) for ds in datasets)
-        eyes[eye] = (EyeInput(eye, cfp, oct_path, sources), datasets, patient)
-    return eyes
+    """Both eyes of one patient; the OCT pits sit at known, non-central frames."""
+    return two_eye_study(tmp_path_factory.mktemp("study"))
 
 
 def _with_generation(engine: Engine, **fields):
@@ -137,7 +124,7 @@ def test_diagnosis_stop_waits_for_a_complete_label(engine, text, finished):
 
 def test_generation_ends_at_the_diagnosis_line_even_when_the_model_writes_on(engine, study):
     """With <|im_end|> not ending generation, only the stop criterion ends the report at its diagnosis."""
-    item = study[Eye.RIGHT][0]
+    item = study[Eye.RIGHT].item
     original_decoder, original_config = engine.decoder, engine.config
     never_eos = engine.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     try:
@@ -158,8 +145,8 @@ def test_two_eyes_in_one_batch_equal_their_single_eye_results(request, study, wh
     """Left padding and masks: each row of the batch decodes and scores exactly as it would alone. The right
     eye has CFP + OCT, the left CFP only, so the rows differ in length (prompt and visual tokens)."""
     engine = request.getfixturevalue("engine" if which == "trained" else "junk_engine")
-    right = study[Eye.RIGHT][0]
-    left = dataclasses.replace(study[Eye.LEFT][0], oct=None, sources=study[Eye.LEFT][0].sources[:1])
+    right = study[Eye.RIGHT].item
+    left = dataclasses.replace(study[Eye.LEFT].item, oct=None, sources=study[Eye.LEFT].item.sources[:1])
     batched = engine.analyze_study([right, left])
     single = [engine.analyze_study([right])[0], engine.analyze_study([left])[0]]
     for together, alone in zip(batched, single):
@@ -183,7 +170,7 @@ def _sample(name: str, labels: dict) -> float:
 
 
 def test_degenerate_generation_is_withheld_and_the_sr_says_why(junk_engine, engine, study, tmp_path):
-    item, datasets, patient = study[Eye.RIGHT]
+    item, datasets, patient, _ = study[Eye.RIGHT]
     failed_before = _sample("grok_pacs_narratives_total", {"outcome": "failed"})
     passed_before = _sample("grok_pacs_narratives_total", {"outcome": "passed"})
     report = junk_engine.analyze_eye(item.eye, item.cfp, item.oct, sources=item.sources)
@@ -235,7 +222,7 @@ def test_a_bundle_trained_without_estimates_is_prompted_without_them(tiny_bundle
     engine, prompts = PromptWithoutEstimatesEngine.from_bundle(tiny_bundle, device="cpu"), []
     original = engine.decoder.encode
     monkeypatch.setattr(engine.decoder, "encode", lambda texts: prompts.extend(texts) or original(texts))
-    item = study[Eye.RIGHT][0]
+    item = study[Eye.RIGHT].item
     report = engine.analyze_eye(item.eye, item.cfp, item.oct)
     assert prompts and not any("Biomarker estimates" in p for p in prompts[:1])
     assert len(report.biomarkers) == 37
@@ -246,35 +233,19 @@ def test_guard_defaults_leave_healthy_reports_alone():
     wrong digit), and max_new_tokens must fit the longest report, in the SmolLM2 stand-in's tokens."""
     from collections import Counter
 
-    import numpy as np
+    from helpers.teacher_reports import guideline_targets
     from transformers import AutoTokenizer
 
     from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
     from grok_pacs.model.config import GenerationConfig
-    from grok_pacs.model.prompt import format_target
-    from training.phantom.sampling import sample_subject
     from training.stage3.smollm import gguf_path
-    from training.teachers.guideline import GuidelineTeacher
 
     path = gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    teacher, defaults, longest_repeat, longest = GuidelineTeacher(), GenerationConfig(), 0, 0
+    defaults, longest_repeat, longest = GenerationConfig(), 0, 0
     for label in DIAGNOSTIC_LABELS:
-        for i in range(4):
-            truth = sample_subject(f"G{i}", label, np.random.default_rng([11, i, DIAGNOSTIC_LABELS.index(label)]))
-            eye = truth.eyes[i % 2]
-            record = type(
-                "Record",
-                (),
-                dict(
-                    subject_id=truth.subject_id,
-                    eye=eye.eye,
-                    label=label,
-                    biomarkers=eye.biomarkers,
-                    meta={"subtype": eye.subtype},
-                ),
-            )
-            ids = tokenizer(format_target(teacher.write(record), label), add_special_tokens=False)["input_ids"]
+        for target, _ in guideline_targets(label, 4, seed=11, prefix="G"):
+            ids = tokenizer(target, add_special_tokens=False)["input_ids"]
             longest = max(longest, len(ids) + 1)  # + <|im_end|>
             size = longest_repeat + 1
             while Counter(tuple(ids[j : j + size]) for j in range(len(ids) - size + 1)).most_common(1)[0][1] > 1:

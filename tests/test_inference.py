@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import pydicom
 import pytest
 import torch
-from helpers.eye_dicom import oct_volume, write_jpeg_cfp, write_oct
-from ophthalmic_dicom import Patient
+from helpers.eye_dicom import two_eye_study
 
 from devtools.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle, copy_bundle
 from grok_pacs.analysis.bundle import BundleError
-from grok_pacs.analysis.engine import Engine, EyeInput
+from grok_pacs.analysis.engine import Engine
 from grok_pacs.analysis.grounding import ground_cited_numbers
-from grok_pacs.analysis.result import Eye, SourceImage
+from grok_pacs.analysis.result import Eye
 from grok_pacs.domain.biomarkers import BY_KEY, CFP_KEYS, OCT_KEYS
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 
@@ -29,22 +27,7 @@ def engine(tiny_bundle):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     """Both eyes of one patient; the OCT pits sit at known, non-central frames."""
-    root, patient = tmp_path_factory.mktemp("study"), Patient()
-    eyes = {}
-    for eye, pit in ((Eye.RIGHT, 3), (Eye.LEFT, 8)):
-        cfp = write_jpeg_cfp(root / f"{eye.value}_cfp.dcm", patient, eye.value)
-        oct_path = write_oct(
-            root / f"{eye.value}_oct.dcm",
-            patient,
-            eye.value,
-            oct_volume(frames=11, pit_frame=pit, pit_col=0.4, seed=pit),
-        )
-        sources = tuple(
-            SourceImage(ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID)
-            for ds in (pydicom.dcmread(cfp), pydicom.dcmread(oct_path))
-        )
-        eyes[eye] = (EyeInput(eye, cfp, oct_path, sources), pit)
-    return eyes
+    return two_eye_study(tmp_path_factory.mktemp("study"))
 
 
 def test_engine_runs_encoders_on_cpu_without_cuda(engine):
@@ -53,10 +36,10 @@ def test_engine_runs_encoders_on_cpu_without_cuda(engine):
 
 
 def test_study_with_both_eyes_gives_one_grounded_report_per_eye(engine, study):
-    reports = engine.analyze_study([study[Eye.RIGHT][0], study[Eye.LEFT][0]])
+    reports = engine.analyze_study([study[Eye.RIGHT].item, study[Eye.LEFT].item])
     assert [r.eye for r in reports] == [Eye.RIGHT, Eye.LEFT]
     for report in reports:
-        pit = study[report.eye][1]
+        pit = study[report.eye].pit
         assert report.label == Label.GLAUCOMA
         assert "Diagnosis: Glaucoma" in report.raw_text
         assert TINY_NARRATIVE in report.raw_text  # the model's own words, kept for audit
@@ -87,7 +70,7 @@ def test_study_with_both_eyes_gives_one_grounded_report_per_eye(engine, study):
 
 
 def test_grounding_can_be_turned_off_and_then_the_narrative_is_the_models(engine, study):
-    item = study[Eye.RIGHT][0]
+    item = study[Eye.RIGHT].item
     original = engine.config
     try:
         engine.config = dataclasses.replace(
@@ -101,14 +84,14 @@ def test_grounding_can_be_turned_off_and_then_the_narrative_is_the_models(engine
 
 
 def test_generation_is_deterministic(engine, study):
-    item = study[Eye.RIGHT][0]
+    item = study[Eye.RIGHT].item
     first = engine.analyze_eye(item.eye, item.cfp, item.oct)
     second = engine.analyze_eye(item.eye, item.cfp, item.oct)
     assert first.raw_text == second.raw_text and first.biomarkers == second.biomarkers
 
 
 def test_eye_with_one_modality_says_which_is_missing(engine, study):
-    item = study[Eye.LEFT][0]
+    item = study[Eye.LEFT].item
     cfp_only = engine.analyze_eye(Eye.LEFT, cfp=item.cfp)
     assert cfp_only.missing_modalities == ("OCT",)
     assert [b.key for b in cfp_only.biomarkers] == list(CFP_KEYS)
@@ -116,13 +99,13 @@ def test_eye_with_one_modality_says_which_is_missing(engine, study):
     oct_only = engine.analyze_eye("L", oct=item.oct)
     assert oct_only.missing_modalities == ("CFP",)
     assert [b.key for b in oct_only.biomarkers] == list(OCT_KEYS)
-    assert oct_only.oct_frame_index == study[Eye.LEFT][1]
+    assert oct_only.oct_frame_index == study[Eye.LEFT].pit
     with pytest.raises(ValueError, match="both are missing"):
         engine.analyze_eye(Eye.LEFT)
 
 
 def test_truncated_generation_falls_back_to_scored_label_or_indeterminate(engine, study):
-    item = study[Eye.RIGHT][0]
+    item = study[Eye.RIGHT].item
     original = engine.config
     try:
         short = dataclasses.replace(original.generation, max_new_tokens=8)
@@ -150,6 +133,6 @@ def test_base_plus_adapter_bundle_is_merged_at_load(tmp_path, study):
     engine = Engine.from_bundle(path, device="cpu")
     assert engine.bundle.layout == "adapter"
     assert not any("lora" in name for name, _ in engine.model.llm.named_parameters())
-    item = study[Eye.RIGHT][0]
+    item = study[Eye.RIGHT].item
     report = engine.analyze_eye(item.eye, item.cfp, item.oct)
     assert report.label in Label and report.raw_text == engine.analyze_eye(item.eye, item.cfp, item.oct).raw_text

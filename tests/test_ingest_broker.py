@@ -14,10 +14,10 @@ import pytest
 from ingest_support import drain_jobs, ingest_settings, running, storescu, wait_until
 from pydicom.uid import generate_uid
 
-from devtools.ports import free_port, wait_for_port
+from devtools.ports import free_port
+from devtools.processes import Redis
 from devtools.sample_dicom import fundus_photograph, write
 from grok_pacs.store.index import StudyState
-from tests.conftest import require_tool
 
 TESTS = Path(__file__).resolve().parent
 
@@ -30,35 +30,11 @@ def _send_study(tmp_path: Path, port: int) -> str:
     return study
 
 
-def _start_redis(port: int, directory: Path) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [
-            require_tool("redis-server"),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(directory),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for_port(port)
-    return process
-
-
 @pytest.fixture
 def redis_port(tmp_path: Path) -> Iterator[int]:
-    port = free_port()
-    process = _start_redis(port, tmp_path)
-    yield port
-    process.terminate()
-    process.wait(timeout=10)
+    redis = Redis(tmp_path)
+    yield redis.port
+    redis.stop()
 
 
 def test_embedded_broker_job_is_consumed_by_a_celery_worker(tmp_path: Path) -> None:
@@ -117,12 +93,11 @@ def test_broker_outage_delays_the_job_but_does_not_lose_it(tmp_path: Path) -> No
         study = _send_study(tmp_path, service.port)
         wait_until(lambda: service.assembler.failed_passes > 0, 30, "a failed publish")
         assert service.index.study(study).state is StudyState.RECEIVING
-        redis = _start_redis(port, tmp_path)
+        redis = Redis(tmp_path, port=port)
         try:
             wait_until(lambda: service.index.study(study).state is StudyState.QUEUED, 30, "the study to be queued")
             assert drain_jobs(settings, expect=1) == [
                 ("grok_pacs.tasks.analyze_study", {"study_uid": study, "version": 1})
             ]
         finally:
-            redis.terminate()
-            redis.wait(timeout=10)
+            redis.stop()

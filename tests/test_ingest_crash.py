@@ -6,11 +6,15 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
 from ingest_support import (
-    AE,
+    AE as AE_TITLE,
+)
+from ingest_support import (
     DCMTK_ENV,
     StallingRelay,
     drain_jobs,
@@ -21,6 +25,7 @@ from ingest_support import (
     wait_until,
 )
 from pydicom.uid import generate_uid
+from pynetdicom import AE
 
 from devtools.ports import wait_for_port
 from devtools.sample_dicom import fundus_photograph, oct_tomography, write
@@ -67,7 +72,7 @@ def test_kill_9_during_transfer_then_restart(tmp_path: Path, fast_path: bool) ->
         assert done.returncode == 0, done.stderr  # every one of these got Success
         relay = StallingRelay(settings.port, limit=big.stat().st_size // 2)
         sender = subprocess.Popen(
-            [require_tool("storescu"), "-aet", "TESTSCU", "-aec", AE, "127.0.0.1", str(relay.port), str(big)],
+            [require_tool("storescu"), "-aet", "TESTSCU", "-aec", AE_TITLE, "127.0.0.1", str(relay.port), str(big)],
             env=DCMTK_ENV,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -109,3 +114,69 @@ def test_kill_9_during_transfer_then_restart(tmp_path: Path, fast_path: bool) ->
     assert "PHANTOM" not in text, "no patient attributes in the logs"
     jobs = drain_jobs(settings, expect=1)
     assert jobs == [("grok_pacs.tasks.analyze_study", {"study_uid": study, "version": 1})], "queued once, complete"
+
+
+BURST_ASSOCIATIONS, BURST_PER_ASSOCIATION, KILL_AFTER = 4, 12, 20
+
+
+def _send_until_killed(port: int, datasets: list, acknowledged: list[str], kill: Callable[[], None]) -> None:
+    """One association sending `datasets` in turn; every Success is recorded, the KILL_AFTER-th kills."""
+    ae = AE(ae_title="BURSTSCU")
+    ae.add_requested_context(datasets[0].SOPClassUID, [datasets[0].file_meta.TransferSyntaxUID])
+    assoc = ae.associate("127.0.0.1", port, ae_title=AE_TITLE)
+    assert assoc.is_established
+    for ds in datasets:
+        status = assoc.send_c_store(ds) if assoc.is_established else None
+        if status is None or "Status" not in status:
+            return  # the listener is gone: this instance was never acknowledged
+        assert status.Status == 0x0000
+        acknowledged.append(ds.SOPInstanceUID)
+        if len(acknowledged) == KILL_AFTER:
+            kill()
+    assoc.release()
+
+
+def test_kill_9_right_after_a_burst_of_successes(tmp_path: Path, fast_path: bool) -> None:
+    """Concurrent associations; SIGKILL at once after the 20th Success: every acknowledged instance is
+    present, whole (byte for byte) and indexed after the restart (group commit acknowledges nothing early)."""
+    settings = ingest_settings(tmp_path, quiet_period=QUIET, pynetdicom_fast_path=fast_path)
+    study = generate_uid()
+    batches = [
+        [
+            fundus_photograph(study, "RL"[n % 2], size=48, series_uid=series, seed=i)
+            for i in range(BURST_PER_ASSOCIATION)
+        ]
+        for n, series in enumerate(generate_uid() for _ in range(BURST_ASSOCIATIONS))
+    ]
+    sent = {ds.SOPInstanceUID: ds for batch in batches for ds in batch}
+    log = tmp_path / "listen.log"
+    listener = _listen(settings, log)
+    acknowledged: list[str] = []
+    kill = lambda: listener.send_signal(signal.SIGKILL)  # noqa: E731
+    threads = [
+        threading.Thread(target=_send_until_killed, args=(settings.port, batch, acknowledged, kill))
+        for batch in batches
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    listener.wait(timeout=30)
+    assert listener.returncode == -signal.SIGKILL, "killed before every instance was sent"
+    assert KILL_AFTER <= len(acknowledged) < len(sent)
+
+    listener = _listen(settings, log)
+    try:
+        index = StudyIndex(settings.index_path)
+        indexed = {record.sop_uid: record for record in index.instances(study)}
+        assert set(acknowledged) <= set(indexed), "every acknowledged instance is indexed"
+        for sop_uid in acknowledged:
+            stored = pydicom.dcmread(settings.data_dir / indexed[sop_uid].path)
+            assert stored.PixelData == sent[sop_uid].PixelData, "whole, byte for byte"
+            assert stored.SOPInstanceUID == sop_uid
+        assert index.study(study).instance_count == len(indexed) == len(stored_files(settings))
+        assert temp_files(settings) == []
+        index.close()
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=30)

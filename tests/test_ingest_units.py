@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -16,7 +18,9 @@ from grok_pacs.dicom.header import IncompleteDatasetError, read_header
 from grok_pacs.dicom.uids import InvalidUIDError, instance_relpath, is_valid_uid, resolve_inside
 from grok_pacs.ingest.assembly import Assembler, recover
 from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, create_app
-from grok_pacs.store.files import atomic_write_bytes, remove_temp_files, tmp_dir
+from grok_pacs.store import db
+from grok_pacs.store.files import atomic_write_bytes, fsync_dir, remove_temp_files, tmp_dir
+from grok_pacs.store.group_commit import GroupCommit
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 
 
@@ -92,6 +96,43 @@ def _record(study: str, sop: str, received: float, series: str = "1.2.3") -> Ins
         "",
         "1.2.840.10008.1.2.1",
     )
+
+
+def test_group_commit_shares_one_transaction_among_waiting_callers(tmp_path: Path) -> None:
+    """While one commit waits on the disk, the rows of 7 other associations queue and go in ONE next commit."""
+    index = StudyIndex(tmp_path / "index.sqlite")
+    release = threading.Event()
+
+    def sync_directory(path: Path) -> Future:
+        future: Future = Future()
+        threading.Thread(target=lambda: (release.wait(10), fsync_dir(path), future.set_result(None))).start()
+        return future
+
+    commits = GroupCommit(index, sync_directory)
+    results: dict[int, bool] = {}
+    threads = [
+        threading.Thread(
+            target=lambda n=n: results.update({n: commits.commit(_record("1.9", f"1.9.{n}", n), [tmp_path])})
+        )
+        for n in range(8)
+    ]
+    threads[0].start()
+    deadline = time.monotonic() + 10
+    while not index.instances("1.9") and time.monotonic() < deadline:  # the leader waits on its directory
+        time.sleep(0.01)
+    for thread in threads[1:]:
+        thread.start()
+    while commits.queued < 7 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert results == {n: True for n in range(8)} and len(index.instances("1.9")) == 8
+    assert (commits.batches, commits.rows) == (2, 8), "the first row alone, then the 7 that queued meanwhile"
+    assert commits.commit(_record("1.9", "1.9.3", 9), [tmp_path]) is False, "a known row is not added again"
+    index.close()
+    with pytest.raises(db.DatabaseError, match="closed"):
+        commits.commit(_record("1.9", "1.9.20", 9), [tmp_path])  # the index failed: the caller refuses
 
 
 def test_index_versions_and_guarded_state(database: str | Path) -> None:

@@ -25,6 +25,7 @@ from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.ports import free_port
+from devtools.processes import Redis
 from grok_pacs.config import OP_8BIT, OPT, load_settings
 from grok_pacs.ingest.service import IngestService
 from grok_pacs.jobs.publisher import JobPublisher
@@ -229,7 +230,6 @@ def scrape_local(labels: dict[str, str]) -> float:
 
 def test_worker_health_follows_the_broker_and_the_bundle(tmp_path: Path) -> None:
     """A real Redis: reachable -> broker ok; stopped -> 503 naming the broker. Bundle: loaded or not."""
-    redis_server = require_tool("redis-server")
     redis_port, bundle = free_port(), tmp_path / "bundle"
     bundle.mkdir()
     settings = load_settings(
@@ -240,22 +240,7 @@ def test_worker_health_follows_the_broker_and_the_bundle(tmp_path: Path) -> None
         broker_url=f"redis://127.0.0.1:{redis_port}/0",
         min_free_disk_mb=0,
     )
-    redis = subprocess.Popen(
-        [
-            redis_server,
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    redis = Redis(tmp_path, port=redis_port)
     state = health.BundleState()
     checker = health.HealthChecker(
         {
@@ -279,8 +264,7 @@ def test_worker_health_follows_the_broker_and_the_bundle(tmp_path: Path) -> None
         assert status == 200, body
         assert "2026.10" in json.loads(body)["checks"]["bundle"]["detail"]
 
-        redis.terminate()
-        redis.wait(timeout=15)
+        redis.stop()
         started = time.monotonic()
         status, body = get(url)
         assert time.monotonic() - started < health.CHECK_TIMEOUT + 5  # a dead broker does not hang the probe
@@ -289,9 +273,7 @@ def test_worker_health_follows_the_broker_and_the_bundle(tmp_path: Path) -> None
         assert get(f"http://127.0.0.1:{server.port}/health/live")[0] == 200  # alive, just not ready
     finally:
         server.close()
-        if redis.poll() is None:
-            redis.kill()
-            redis.wait(timeout=10)
+        redis.stop()
 
 
 def test_worker_metrics_exported_in_prometheus_and_openmetrics(tmp_path: Path) -> None:

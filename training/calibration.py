@@ -41,9 +41,10 @@ def _nll(logp: np.ndarray, truth: np.ndarray, temperature: float) -> float:
 
 
 def fit_temperature(scores: Sequence[dict[str, float]], labels: Sequence[str]) -> float:
-    """The temperature in [0.05, 20] that minimises the validation NLL of the true labels."""
+    """The temperature in [0.05, 100] (the range grok_pacs.analysis.calibration accepts) that minimises the
+    validation NLL of the true labels."""
     logp, truth, _ = _matrix(scores, labels)
-    grid = np.exp(np.linspace(math.log(0.05), math.log(20.0), 61))
+    grid = np.exp(np.linspace(math.log(0.05), math.log(100.0), 71))
     best = int(np.argmin([_nll(logp, truth, t) for t in grid]))
     lo, hi = math.log(grid[max(best - 1, 0)]), math.log(grid[min(best + 1, len(grid) - 1)])
     ratio = (math.sqrt(5) - 1) / 2

@@ -8,9 +8,11 @@ Two kinds of checks (thresholds in `QualityThresholds`, from Settings `gate_*`; 
   CFP field coverage (fraction of the frame that is lit retina) and field centring, exposure (mean and
   saturated fraction inside the field), contrast (grey-level spread inside the field), sharpness (the
   normalised variance of the Laplacian: std of the Laplacian over std of the image, inside the eroded
-  field; blur removes the fine detail first) and decoder fill (block rows repeating one tile, what a JPEG
-  decoder leaves after corrupted entropy-coded data); OCT blank and saturated frames and signal strength
-  (99th percentile minus median of the central B-scans, as a fraction of full scale).
+  field; blur removes the fine detail first), decoder fill (block rows repeating one tile, what a JPEG
+  decoder leaves after corrupted entropy-coded data) and motion blur (isotropy of the fine detail); OCT
+  blank and saturated frames, signal strength (99th percentile minus median of the central B-scans, as a
+  fraction of full scale) and motion (the retina's axial jump between adjacent B-scans). The measures are
+  computed in `quality_measures`.
 Pixel data that cannot be decoded is UNGRADABLE with reason `undecodable`, never an exception.
 """
 
@@ -20,9 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
-from PIL import Image
 from pydicom.dataset import Dataset
 
+from grok_pacs.analysis.quality_measures import cfp_measures, oct_measures
 from grok_pacs.analysis.result import QUALITY_REASONS as REASONS
 from grok_pacs.analysis.result import Eye, Gradability, ModalityQuality, QualityReason, Report, SourceImage
 from grok_pacs.config import LEGACY_SOP_CLASSES, OP_8BIT, OP_16BIT, OPT, Settings
@@ -31,7 +33,6 @@ from grok_pacs.ops import metrics
 
 _OUT_OF_SCOPE = {"sop-class-modality", "laterality", "photometric", "bit-depth"}
 _MODALITY_OF_CLASS = {OP_8BIT: ("OP",), OP_16BIT: ("OP",), OPT: ("OPT",)}
-WORK_SIDE = 512  #: CFP measures are taken at this shorter side (resolution independence)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class QualityThresholds:
     max_blank_frames: float = 0.5  # fraction of OCT frames with (almost) no signal variation
     max_saturated_frames: float = 0.5  # fraction of OCT frames mostly at full scale
     min_oct_signal: float = 0.15  # (p99 - median) / full scale of the central B-scans
+    min_isotropy: float = 0.6  # CFP fine detail, weakest direction / strongest (motion blur: 0.2-0.4)
+    max_axial_jump: float = 0.08  # OCT retina depth change between adjacent B-scans, fraction of the height
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -163,59 +166,6 @@ def ungradable_report(
     )
 
 
-# --- pixels ------------------------------------------------------------------------------------------
-def _laplacian(img: np.ndarray) -> np.ndarray:
-    return img[1:-1, :-2] + img[1:-1, 2:] + img[:-2, 1:-1] + img[2:, 1:-1] - 4 * img[1:-1, 1:-1]
-
-
-def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
-    out = mask.copy()
-    for _ in range(steps):
-        out[1:-1, 1:-1] &= out[:-2, 1:-1] & out[2:, 1:-1] & out[1:-1, :-2] & out[1:-1, 2:]
-        out[0], out[-1], out[:, 0], out[:, -1] = False, False, False, False
-    return out
-
-
-def _decoder_fill(rgb: np.ndarray) -> float:
-    """Fraction of 16-px block rows made of one repeated, lit 16x16 tile across the whole width.
-
-    A JPEG decoder that meets corrupted entropy-coded data fills the rest of the frame with one repeated
-    MCU; a photograph never repeats a lit tile exactly across its width (the field is round, sensors noisy).
-    """
-    h, w = (rgb.shape[0] // 16) * 16, (rgb.shape[1] // 16) * 16
-    if h == 0 or w < 32:
-        return 0.0
-    tiles = rgb[:h, :w].reshape(h // 16, 16, w // 16, 16, -1)
-    repeated = (tiles == tiles[:, :, :1]).all(axis=(1, 2, 3, 4))
-    level = tiles[:, :, 0].reshape(h // 16, -1).mean(axis=1)
-    return float((repeated & (level > 20) & (level < 250)).mean())
-
-
-def cfp_measures(rgb: np.ndarray) -> dict[str, float]:
-    """The CFP quality measures (module docstring), from uint8 [H, W, 3]."""
-    scale = WORK_SIDE / min(rgb.shape[:2])
-    size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
-    work = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR), dtype=np.float32) / 255.0
-    native = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / np.float32(255.0)
-    lum = np.asarray(Image.fromarray(native, "F").resize(size, Image.BILINEAR))  # float: no re-quantisation
-    field = lum > 0.06
-    coverage = float(field.mean())
-    m: dict[str, float] = {"field_coverage": coverage, "decoder_fill": _decoder_fill(rgb)}
-    if coverage == 0.0:
-        return {**m, "field_offset": 1.0, "exposure": 0.0, "saturated": 0.0, "contrast": 0.0, "sharpness": 0.0}
-    yy, xx = np.nonzero(field)
-    m["field_offset"] = float(np.hypot(yy.mean() / lum.shape[0] - 0.5, xx.mean() / lum.shape[1] - 0.5))
-    inside = lum[field]
-    m["exposure"] = float(inside.mean())
-    m["saturated"] = float((work[field] >= 250 / 255).all(axis=-1).mean())
-    m["contrast"] = float(inside.std())
-    core = _erode(field, 6)[1:-1, 1:-1]
-    lap = _laplacian(lum)[core]
-    spread = float(lum[1:-1, 1:-1][core].std()) if lap.size > 16 else 0.0
-    m["sharpness"] = float(lap.std() / spread) if spread > 1e-6 else 0.0
-    return m
-
-
 def assess_cfp(
     rgb: np.ndarray, limits: QualityThresholds, header: Dataset | None = None, sop_uid: str | None = None
 ) -> ModalityQuality:
@@ -244,6 +194,11 @@ def assess_cfp(
         ("low-contrast", m["contrast"] < limits.min_contrast, f"{m['contrast']:.3f} < {limits.min_contrast}"),
         ("blur", m["sharpness"] < limits.min_sharpness, f"sharpness {m['sharpness']:.3f} < {limits.min_sharpness}"),
         (
+            "motion",
+            m["isotropy"] < limits.min_isotropy,
+            f"motion blur: isotropy {m['isotropy']:.2f} < {limits.min_isotropy}",
+        ),
+        (
             "decoder-fill",
             m["decoder_fill"] > limits.max_decoder_fill,
             f"{m['decoder_fill']:.2f} of block rows repeat one tile > {limits.max_decoder_fill}",
@@ -251,23 +206,6 @@ def assess_cfp(
     )
     reasons += [_reason(code, detail) for code, failed, detail in checks if failed]
     return _verdict("CFP", reasons, m, sop_uid)
-
-
-def oct_measures(volume: np.ndarray, full_scale: float) -> dict[str, float]:
-    """The OCT quality measures (module docstring), from [frames, rows, cols] and the sample full scale."""
-    data = volume.astype(np.float32) / np.float32(full_scale)
-    flat = data.reshape(data.shape[0], -1)
-    blank = flat.std(axis=1) < 0.01
-    saturated = (flat >= 0.98).mean(axis=1) > 0.5
-    n = data.shape[0]
-    central = flat[max(0, n // 2 - 1) : n // 2 + 2]
-    signal = np.percentile(central, 99, axis=1) - np.median(central, axis=1)
-    return {
-        "blank_frames": float(blank.mean()),
-        "saturated_frames": float(saturated.mean()),
-        "signal": float(np.median(signal)),
-        "central_blank": float(blank[n // 2]),
-    }
 
 
 def assess_oct(
@@ -291,6 +229,12 @@ def assess_oct(
             f"{m['saturated_frames']:.2f} > {limits.max_saturated_frames}",
         ),
         ("low-signal", m["signal"] < limits.min_oct_signal, f"{m['signal']:.3f} < {limits.min_oct_signal}"),
+        (
+            "motion",
+            # judged on a volume with signal only: in noise the retina's depth is not defined
+            m["signal"] >= limits.min_oct_signal and m["axial_jump"] > limits.max_axial_jump,
+            f"axial jump {m['axial_jump']:.2f} of the B-scan height > {limits.max_axial_jump}",
+        ),
     )
     reasons += [_reason(code, detail) for code, failed, detail in checks if failed]
     return _verdict("OCT", reasons, m, sop_uid)
@@ -309,6 +253,7 @@ def quality_margin(verdict: ModalityQuality, limits: QualityThresholds) -> float
             ("saturated", limits.max_saturated, -1),
             ("contrast", limits.min_contrast, 1),
             ("sharpness", limits.min_sharpness, 1),
+            ("isotropy", limits.min_isotropy, 1),
             ("decoder_fill", limits.max_decoder_fill, -1),
         ]
     else:
@@ -316,6 +261,7 @@ def quality_margin(verdict: ModalityQuality, limits: QualityThresholds) -> float
             ("blank_frames", limits.max_blank_frames, -1),
             ("saturated_frames", limits.max_saturated_frames, -1),
             ("signal", limits.min_oct_signal, 1),
+            ("axial_jump", limits.max_axial_jump, -1),
         ]
     if not m or any(name not in m for name, _, _ in checks):
         return -1.0

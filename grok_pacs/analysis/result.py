@@ -70,6 +70,7 @@ QUALITY_REASONS: dict[str, str] = {
     "blank-frames": "Blank OCT frames",
     "saturated-frames": "Saturated OCT frames",
     "low-signal": "OCT signal strength too low",
+    "motion": "Motion artefact",
     "learned-quality": "Learned quality model: image likely ungradable",
 }
 

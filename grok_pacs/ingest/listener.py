@@ -2,11 +2,11 @@
 
 The handler is thin: pynetdicom streams each received dataset straight into a temporary file in
 `<data>/tmp/` (`STORE_RECV_CHUNKED_DATASET`, redirected here from the system temp directory), the
-handler checks the UIDs and that the file is whole (header only, no pixel decoding), fsyncs it,
-renames it to `<data>/incoming/<study>/<series>/<sop>.dcm`, commits the index row, and only then
-answers Success (a refusal answers a failure status with the reason as ErrorComment). It never calls
-out over the network; assembly (another thread) queues the jobs. The pynetdicom receive set-up (streaming,
-TLS) is in `grok_pacs.ingest.transport`.
+handler checks the UIDs and that the file is whole (header only, no pixel decoding), fdatasyncs it,
+renames it to `<data>/incoming/<study>/<series>/<sop>.dcm`, commits the index row (together with the
+rows of other associations, `store.group_commit`), and only then answers Success (a refusal answers a
+failure status with the reason as ErrorComment). It never calls out over the network; assembly (another
+thread) queues the jobs. The pynetdicom receive set-up (streaming, TLS) is in `grok_pacs.ingest.transport`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from grok_pacs.dicom.uids import InvalidUIDError, instance_relpath, is_valid_uid
 from grok_pacs.ingest.transport import HandshakeInThreadServer, enable_streaming_receive, receive_into, ssl_context
 from grok_pacs.ops import metrics
 from grok_pacs.store import db
-from grok_pacs.store.files import atomic_copy, free_bytes, publish_file, start_fsync, tmp_dir
+from grok_pacs.store.files import atomic_copy, free_bytes, place_file, start_directory_fsync, start_fsync, tmp_dir
+from grok_pacs.store.group_commit import GroupCommit
 from grok_pacs.store.index import InstanceRecord, StudyIndex
 
 log = logging.getLogger("grok_pacs.ingest.listener")
@@ -79,6 +80,7 @@ class Listener:
     ) -> None:
         self.settings = settings
         self.index = index
+        self.commits = GroupCommit(index, start_directory_fsync)
         self.on_stored = on_stored
         self.data_dir = Path(settings.data_dir).resolve()
         self.tmp_dir = tmp_dir(self.data_dir)
@@ -252,7 +254,7 @@ class Listener:
             )
         relpath = instance_relpath(header.study_uid, header.series_uid, header.sop_uid)
         dest = self.data_dir / relpath
-        if self.index.has_instance(sop_uid) and dest.is_file():
+        if dest.is_file() and self.index.has_instance(sop_uid):  # the file first: no index lock when new
             stats.duplicates += 1
             metrics.instance_duplicate()
             return DimseStatus.SUCCESS  # idempotent: the first copy is already durable
@@ -291,12 +293,14 @@ class Listener:
             )
 
     def _persist(self, received: Path, dest: Path, record: InstanceRecord, synced: Future) -> bool:
-        """File and index row, both durable (see storage.publish_file); False if the row existed."""
+        """File and index row, both durable; False if the row existed. The file's data is durable before
+        it is renamed into place; the rename's directory fsync and the index commit are shared with the
+        other associations' instances waiting at the same moment (`store.group_commit`)."""
         try:
             if received.parent != self.tmp_dir:  # not streamed into our tmp dir (should not happen)
                 atomic_copy(self.data_dir, received, dest)
                 return self.index.add_instance(record)
-            return bool(publish_file(received, dest, commit=lambda: self.index.add_instance(record), synced=synced))
+            return self.commits.commit(record, place_file(received, dest, synced))
         except db.DatabaseError as exc:  # unreachable, locked, failed: no durable record, no Success
             log.error("index write failed for %s: %s", record.path, exc)
             raise StoreRefused(DimseStatus.PROCESSING_FAILURE, f"index write failed: {exc}") from exc

@@ -185,6 +185,7 @@ QUALITY_REASON_VALUES: dict[str, str] = {
     "saturated-frames": "GROK-Q-116",
     "low-signal": "GROK-Q-117",
     "learned-quality": "GROK-Q-118",
+    "motion": "GROK-Q-119",
 }
 
 #: Disposition action (grok_pacs.analysis.result.Action values) -> coded action.

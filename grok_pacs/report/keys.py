@@ -25,8 +25,24 @@ def derived_uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(_UUID_NAMESPACE, chr(31).join(parts)).int}"
 
 
+class _DerivedUIDs:
+    """The instance and series UIDs of a key, derived from its `_parts()`."""
+
+    def _parts(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return derived_uid(*self._parts())
+
+    @property
+    def series_uid(self) -> str:
+        """One series per result: OHIF shows one SR per series, so eyes (and the PDF) must not share one."""
+        return derived_uid(*self._parts(), "series")
+
+
 @dataclass(frozen=True)
-class SRKey:
+class SRKey(_DerivedUIDs):
     """The idempotency key of one eye's SR: the same key always gives the same SOP Instance UID."""
 
     study_uid: str
@@ -36,15 +52,6 @@ class SRKey:
 
     def _parts(self) -> list[str]:
         return [_UID_NAMESPACE, self.study_uid, str(self.study_version), self.bundle_version, self.eye.value]
-
-    @property
-    def sop_instance_uid(self) -> str:
-        return derived_uid(*self._parts())
-
-    @property
-    def series_uid(self) -> str:
-        """One series per eye and analysis run: OHIF shows one SR per series, so eyes must not share one."""
-        return derived_uid(*self._parts(), "series")
 
     @property
     def series_number(self) -> int:
@@ -59,7 +66,7 @@ class SRKey:
 
 
 @dataclass(frozen=True)
-class ReportKey:
+class ReportKey(_DerivedUIDs):
     """The idempotency key of the study's PDF report: the SR key without the eye (one PDF per study run)."""
 
     study_uid: str
@@ -68,14 +75,6 @@ class ReportKey:
 
     def _parts(self) -> list[str]:
         return [_UID_NAMESPACE, self.study_uid, str(self.study_version), self.bundle_version, "pdf"]
-
-    @property
-    def sop_instance_uid(self) -> str:
-        return derived_uid(*self._parts())
-
-    @property
-    def series_uid(self) -> str:
-        return derived_uid(*self._parts(), "series")
 
     @property
     def series_number(self) -> int:

@@ -62,8 +62,10 @@ def make_dirs(path: Path) -> list[Path]:
 
 
 def _fsync_and_close(fd: int) -> None:
+    # fdatasync: the data and what is needed to read it back (size, blocks); timestamps may lag. The
+    # name is made durable separately (the directory's fsync).
     try:
-        os.fsync(fd)
+        os.fdatasync(fd)
     finally:
         os.close(fd)
 
@@ -86,6 +88,22 @@ def start_fsync(path: Path) -> Future:
         raise
 
 
+def start_directory_fsync(path: Path) -> Future:
+    """Begin fsyncing a directory in the background (its new entries become durable)."""
+    return _pool().submit(fsync_dir, path)
+
+
+def place_file(tmp_path: Path, dest: Path, synced: Future) -> list[Path]:
+    """Rename a finished temporary file to `dest` once its data is durable (`synced`, from start_fsync),
+    so a name never points at content that is not durable; creates missing directories. Returns the
+    directories whose entries changed: the rename is durable only once each is fsynced (the caller
+    does that, possibly together with other renames: `group_commit.GroupCommit`)."""
+    synced.result()
+    changed = make_dirs(dest.parent)
+    os.replace(tmp_path, dest)
+    return list(dict.fromkeys([*changed, dest.parent]))
+
+
 def publish_file(
     tmp_path: Path, dest: Path, commit: Callable[[], T] | None = None, synced: Future | None = None
 ) -> T | None:
@@ -97,10 +115,8 @@ def publish_file(
     directories are fsynced in parallel (independent, so two journal commits overlap instead of adding
     up). Returns `commit()`'s result once all of it is durable: only then may Success be reported.
     """
-    (synced or start_fsync(tmp_path)).result()
-    changed = make_dirs(dest.parent)
-    os.replace(tmp_path, dest)
-    directory_syncs = [_pool().submit(fsync_dir, d) for d in dict.fromkeys([*changed, dest.parent])]
+    directories = place_file(tmp_path, dest, synced or start_fsync(tmp_path))
+    directory_syncs = [start_directory_fsync(d) for d in directories]
     try:
         return commit() if commit is not None else None
     finally:

@@ -22,6 +22,7 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, bindparam, delete, func, literal, or_, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import ResourceClosedError
 
 from grok_pacs.store import db
 
@@ -127,6 +128,7 @@ class StudyIndex:
 
     def __init__(self, target: str | Path | Engine) -> None:
         self._owns_engine = not isinstance(target, Engine)
+        self._closed = False
         self.engine = db.open_engine(target) if not isinstance(target, Engine) else target
         self._write_lock = threading.Lock() if db.is_sqlite(self.engine) else contextlib.nullcontext()
         db.create_schema(self.engine)
@@ -135,11 +137,24 @@ class StudyIndex:
         self._upsert_study = _upsert_study(self.engine)
 
     def close(self) -> None:
+        """Release the connections; any later call raises (a DatabaseError), never reopens silently."""
+        self._closed = True
         if self._owns_engine:
             self.engine.dispose()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ResourceClosedError("the study index is closed")
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        self._check_open()
+        with db.transaction(self.engine, write=False) as conn:
+            yield conn
+
     @contextlib.contextmanager
     def _write(self) -> Iterator[Connection]:
+        self._check_open()
         with self._write_lock, db.transaction(self.engine) as conn:
             yield conn
 
@@ -165,13 +180,13 @@ class StudyIndex:
         return True
 
     def has_instance(self, sop_uid: str) -> bool:
-        with db.transaction(self.engine, write=False) as conn:
+        with self._read() as conn:
             row = conn.execute(select(literal(1)).where(db.instances.c.sop_uid == sop_uid)).first()
         return row is not None
 
     def instance_paths(self) -> set[str]:
         """Relative paths of every indexed instance (recovery compares them with the disk)."""
-        with db.transaction(self.engine, write=False) as conn:
+        with self._read() as conn:
             return set(conn.execute(select(db.instances.c.path)).scalars())
 
     def forget_paths(self, paths: set[str]) -> int:
@@ -211,30 +226,30 @@ class StudyIndex:
         return None if row is None else _study(row)
 
     def instances(self, study_uid: str) -> list[InstanceRecord]:
-        with db.transaction(self.engine, write=False) as conn:
+        with self._read() as conn:
             return self._select_instances(conn, study_uid)
 
     def study(self, study_uid: str) -> StudyRecord | None:
-        with db.transaction(self.engine, write=False) as conn:
+        with self._read() as conn:
             return self._select_study(conn, study_uid)
 
     def read_study(self, study_uid: str) -> StoredStudy | None:
         """The study and its instances as of one moment (one read transaction); None if unknown."""
-        with db.transaction(self.engine, write=False) as conn:  # both SELECTs see one snapshot
+        with self._read() as conn:  # both SELECTs see one snapshot
             study = self._select_study(conn, study_uid)
             instances = tuple(self._select_instances(conn, study_uid)) if study is not None else ()
         return None if study is None else StoredStudy(study, instances)
 
     def studies(self) -> list[StudyRecord]:
         """All studies, most recently received first."""
-        with db.transaction(self.engine, write=False) as conn:
+        with self._read() as conn:
             rows = conn.execute(select(*_STUDY_COLUMNS).order_by(db.studies.c.last_received_at.desc())).all()
         return [_study(row) for row in rows]
 
     def count_by_state(self) -> dict[str, int]:
         """Number of studies in each state, every state present (for the grok_pacs_studies gauge)."""
         table = db.studies
-        with db.transaction(self.engine, write=False) as conn:
+        with self._read() as conn:
             rows = conn.execute(select(table.c.state, func.count()).group_by(table.c.state)).all()
         counts = {state.value: 0 for state in StudyState}
         counts.update({state: count for state, count in rows})
@@ -243,7 +258,7 @@ class StudyIndex:
     def due_studies(self, cutoff: float) -> list[StudyRecord]:
         """RECEIVING studies whose last instance arrived at or before `cutoff` (complete, not queued)."""
         table = db.studies
-        with db.transaction(self.engine, write=False) as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 select(*_STUDY_COLUMNS)
                 .where(table.c.state == StudyState.RECEIVING.value, table.c.last_received_at <= cutoff)
@@ -255,7 +270,7 @@ class StudyIndex:
         """RECEIVING studies without a new instance for `quiet_period` s, measured on the database's clock
         (the time of each study's last write), so listeners on several hosts agree on when it is quiet."""
         table = db.studies
-        with db.transaction(self.engine, write=False) as conn:
+        with self._read() as conn:
             rows = conn.execute(
                 select(*_STUDY_COLUMNS)
                 .where(

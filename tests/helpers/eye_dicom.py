@@ -8,11 +8,15 @@ Headers come from tests/ophthalmic_dicom.py; JPEG encoding, encapsulation and fi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import pydicom
 from ophthalmic_dicom import Patient, fundus_pixels, make_cfp, make_oct
 
 from devtools.sample_dicom import jpeg_bytes, set_jpeg_frame, write
+from grok_pacs.analysis.engine import EyeInput
+from grok_pacs.analysis.result import Eye, SourceImage
 
 
 def oct_volume(
@@ -56,3 +60,29 @@ def write_jpeg_cfp(path: Path, patient: Patient, laterality: str, pixels: np.nda
 def write_oct(path: Path, patient: Patient, laterality: str, volume: np.ndarray) -> Path:
     """A multi-frame OPT instance holding `volume` (uncompressed MONOCHROME2)."""
     return write(make_oct(patient, laterality, volume=volume), path)
+
+
+class StudyEye(NamedTuple):
+    """One eye of `two_eye_study`: the engine's input, the datasets written, the patient, the OCT pit's frame."""
+
+    item: EyeInput
+    datasets: list[pydicom.Dataset]
+    patient: Patient
+    pit: int
+
+
+def two_eye_study(root: Path) -> dict[Eye, StudyEye]:
+    """Both eyes of one patient (JPEG CFP + 11-frame OCT each); the OCT pits sit at known, non-central frames."""
+    patient, eyes = Patient(), {}
+    for eye, pit in ((Eye.RIGHT, 3), (Eye.LEFT, 8)):
+        cfp = write_jpeg_cfp(root / f"{eye.value}_cfp.dcm", patient, eye.value)
+        oct_path = write_oct(
+            root / f"{eye.value}_oct.dcm",
+            patient,
+            eye.value,
+            oct_volume(frames=11, pit_frame=pit, pit_col=0.4, seed=pit),
+        )
+        datasets = [pydicom.dcmread(cfp), pydicom.dcmread(oct_path)]
+        sources = tuple(SourceImage(ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID) for ds in datasets)
+        eyes[eye] = StudyEye(EyeInput(eye, cfp, oct_path, sources), datasets, patient, pit)
+    return eyes

@@ -90,10 +90,9 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def make_model(cfg: Stage2Config) -> AlignmentModel:
-    """A fresh alignment model from cfg.seed; the encoder starts from cfg.init_checkpoint when given."""
-    seed_everything(cfg.seed)
-    model = build_alignment_model(
+def _alignment_model(cfg: Stage2Config) -> AlignmentModel:
+    """The alignment model cfg describes, with its initial weights (from the current torch seed)."""
+    return build_alignment_model(
         cfg.encoder_config(),
         len(cfg.biomarker_keys),
         cfg.proj_dim,
@@ -102,6 +101,12 @@ def make_model(cfg: Stage2Config) -> AlignmentModel:
         cfg.temperature,
         cfg.learn_temperature,
     )
+
+
+def make_model(cfg: Stage2Config) -> AlignmentModel:
+    """A fresh alignment model from cfg.seed; the encoder starts from cfg.init_checkpoint when given."""
+    seed_everything(cfg.seed)
+    model = _alignment_model(cfg)
     if cfg.init_checkpoint:
         start = load_encoder(cfg.init_checkpoint, cfg.encoder_config())
         model.encoder.load_state_dict(start.state_dict())
@@ -308,15 +313,7 @@ def train(cfg: Stage2Config, data: Stage2Data, *, stop_after: int | None = None)
 
 def load_best_encoder(cfg: Stage2Config, out_dir: Path | str) -> RetinaEncoder:
     """The encoder of a run's best checkpoint (what stage 3 and export take)."""
-    model = build_alignment_model(
-        cfg.encoder_config(),
-        len(cfg.biomarker_keys),
-        cfg.proj_dim,
-        cfg.bio_hidden,
-        cfg.loss,
-        cfg.temperature,
-        cfg.learn_temperature,
-    )
+    model = _alignment_model(cfg)
     load_checkpoint(Path(out_dir) / BEST, model)
     return model.encoder.eval()
 
