@@ -10,9 +10,16 @@ import textwrap
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
+from ophthalmic_dicom import Patient, make_cfp
+from pynetdicom import AE
 
+from devtools.ports import free_port
+from devtools.sample_dicom import write
 from grok_pacs.config import load_settings
+from grok_pacs.dicom.status import DimseStatus
+from grok_pacs.ingest.listener import Listener
 from grok_pacs.jobs import pipeline
 from grok_pacs.jobs.snapshot import StudyOutcome, read_study
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
@@ -138,3 +145,45 @@ def test_a_duplicate_analyse_job_does_not_run_the_model_twice(database, tmp_path
     with pytest.raises(RuntimeError, match="the model ran"):
         job("task-1")  # the broker redelivers the first job (same task id): it may run again
     assert runs == ["task-1", "task-1"]
+
+
+def _c_store(port: int, ds, tmp_path: Path) -> int:
+    """One C-STORE from a modality (pynetdicom SCU); returns the status the listener answered."""
+    ds = pydicom.dcmread(write(ds, tmp_path / f"{ds.SOPInstanceUID}.dcm"))  # with its file meta
+    ae = AE(ae_title="CAMERA")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="GROK_PACS")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+def test_database_down_answers_a_failure_and_nothing_is_lost_when_it_is_back(tmp_path) -> None:
+    from devtools.postgres import Postgres
+
+    server = Postgres(tmp_path / "pg")  # its own server: this test stops it under a running listener
+    url = server.new_database()
+    settings = load_settings(data_dir=tmp_path / "data", port=free_port(), bind_address="127.0.0.1", database_url=url)
+    listener = Listener(settings, StudyIndex(settings.resolved_database_url))
+    listener.start()
+    patient = Patient()
+    first, second = make_cfp(patient, "R", seed=1), make_cfp(patient, "L", seed=2)
+    try:
+        assert _c_store(settings.port, first, tmp_path) == DimseStatus.SUCCESS
+        server.stop()
+        assert _c_store(settings.port, second, tmp_path) == DimseStatus.PROCESSING_FAILURE, (
+            "no Success without a record"
+        )
+        server.start()
+        assert _c_store(settings.port, second, tmp_path) == DimseStatus.SUCCESS, "the sender's retry is stored"
+    finally:
+        listener.stop()
+        server.stop()
+    server.start()
+    try:
+        stored = {i.sop_uid for i in StudyIndex(url).instances(patient.study_uid)}
+    finally:
+        server.stop()
+    assert stored == {first.SOPInstanceUID, second.SOPInstanceUID}
