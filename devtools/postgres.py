@@ -75,11 +75,18 @@ class Postgres:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
-    def new_database(self) -> str:
-        """A fresh, empty database; returns its SQLAlchemy URL."""
+    def new_database(self, *, upgraded: bool = True) -> str:
+        """A fresh database, at grok-pacs' schema head unless `upgraded` is False; returns its URL."""
         import psycopg
+        from sqlalchemy import create_engine
+
+        from grok_pacs.store import schema
 
         name = f"grok_{next(self._names)}"
         with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
+        if upgraded:
+            engine = create_engine(self.url(name))
+            schema.upgrade(engine)
+            engine.dispose()
         return self.url(name)

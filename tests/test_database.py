@@ -8,15 +8,27 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pydicom
 import pytest
+from ophthalmic_dicom import Patient, make_cfp
+from pynetdicom import AE
+from sqlalchemy import create_engine
 
+from devtools.ports import free_port
+from devtools.sample_dicom import write
+from grok_pacs.cli.main import EXIT_FAILED, EXIT_USAGE, main
 from grok_pacs.config import load_settings
+from grok_pacs.dicom.status import DimseStatus
+from grok_pacs.ingest.listener import Listener
 from grok_pacs.jobs import pipeline
 from grok_pacs.jobs.snapshot import StudyOutcome, read_study
+from grok_pacs.store import schema
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox, OutboxRow, OutboxState
+from grok_pacs.store.schema import SchemaError
 
 ROOT = Path(__file__).resolve().parents[1]
 OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
@@ -70,6 +82,7 @@ def test_quiet_period_runs_on_the_database_clock(database) -> None:
 _RACER = """
 import json, sys, time
 from pathlib import Path
+from grok_pacs.store import schema
 from grok_pacs.store.index import StudyIndex
 from grok_pacs.store.outbox import Outbox
 url, name, gate, rows, studies = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -138,3 +151,76 @@ def test_a_duplicate_analyse_job_does_not_run_the_model_twice(database, tmp_path
     with pytest.raises(RuntimeError, match="the model ran"):
         job("task-1")  # the broker redelivers the first job (same task id): it may run again
     assert runs == ["task-1", "task-1"]
+
+
+def _c_store(port: int, ds, tmp_path: Path) -> int:
+    """One C-STORE from a modality (pynetdicom SCU); returns the status the listener answered."""
+    ds = pydicom.dcmread(write(ds, tmp_path / f"{ds.SOPInstanceUID}.dcm"))  # with its file meta
+    ae = AE(ae_title="CAMERA")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="GROK_PACS")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(ds).Status)
+    finally:
+        assoc.release()
+
+
+def test_database_down_answers_a_failure_and_nothing_is_lost_when_it_is_back(tmp_path) -> None:
+    from devtools.postgres import Postgres
+
+    server = Postgres(tmp_path / "pg")  # its own server: this test stops it under a running listener
+    url = server.new_database()
+    settings = load_settings(data_dir=tmp_path / "data", port=free_port(), bind_address="127.0.0.1", database_url=url)
+    listener = Listener(settings, StudyIndex(settings.resolved_database_url))
+    listener.start()
+    patient = Patient()
+    first, second = make_cfp(patient, "R", seed=1), make_cfp(patient, "L", seed=2)
+    try:
+        assert _c_store(settings.port, first, tmp_path) == DimseStatus.SUCCESS
+        server.stop()
+        assert _c_store(settings.port, second, tmp_path) == DimseStatus.PROCESSING_FAILURE, (
+            "no Success without a record"
+        )
+        server.start()
+        assert _c_store(settings.port, second, tmp_path) == DimseStatus.SUCCESS, "the sender's retry is stored"
+    finally:
+        listener.stop()
+        server.stop()
+    server.start()
+    try:
+        stored = {i.sop_uid for i in StudyIndex(url).instances(patient.study_uid)}
+    finally:
+        server.stop()
+    assert stored == {first.SOPInstanceUID, second.SOPInstanceUID}
+
+
+def test_a_server_database_is_upgraded_by_the_command_only_and_services_refuse_it_before(
+    postgres, monkeypatch, capsys
+) -> None:
+    url = postgres.new_database(upgraded=False)
+    monkeypatch.setenv("GROK_PACS_DATABASE_URL", url)
+    with pytest.raises(SchemaError, match="run `grok-pacs db upgrade`"):
+        StudyIndex(url)
+    with pytest.raises(SchemaError, match="has no grok-pacs schema"):
+        Outbox(url)
+    assert main(["studies"]) == EXIT_USAGE, "a service refuses to start"
+    assert "run `grok-pacs db upgrade`" in capsys.readouterr().err
+    assert main(["db", "current"]) == EXIT_FAILED
+    assert main(["db", "upgrade"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"database schema: empty; this release needs {schema.head()}",
+        f"database schema: empty -> {schema.head()}",
+    ]
+    assert main(["db", "upgrade"]) == 0 and main(["db", "current"]) == 0
+    StudyIndex(url).close()
+
+
+def test_concurrent_upgrades_wait_on_the_advisory_lock(postgres) -> None:
+    url = postgres.new_database(upgraded=False)
+    engines = [create_engine(url) for _ in range(3)]
+    with ThreadPoolExecutor(len(engines)) as pool:
+        results = list(pool.map(schema.upgrade, engines))  # without the lock, DDL races and one fails
+    assert sorted(results, key=str) == sorted([(None, schema.head())] + [(schema.head(), schema.head())] * 2, key=str)
+    for engine in engines:
+        engine.dispose()

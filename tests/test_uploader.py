@@ -17,8 +17,8 @@ from pydicom.uid import generate_uid
 from devtools.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS
 from grok_pacs.ops import metrics
 from grok_pacs.store.blobs import BlobKey
-from grok_pacs.store.index import StudyState
-from grok_pacs.store.uploads import UploadState
+from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
+from grok_pacs.store.uploads import Uploads, UploadState
 
 _prefixes = itertools.count()
 
@@ -97,3 +97,27 @@ def test_store_down_holds_the_study_and_it_completes_when_the_store_is_back(tmp_
         assert [kwargs["study_uid"] for _, kwargs in drain_jobs(settings, expect=1)] == [study]
     finally:
         server.stop()
+
+
+def _record(study: str, sop: str, received_at: float) -> InstanceRecord:
+    path = f"incoming/{study}/{study}.1/{sop}.dcm"
+    return InstanceRecord(study, f"{study}.1", sop, "1.2.840.10008.5.1.4.1.1.77.1.5.1", "OP", "R", 1, 10, path,
+                          received_at, "MODALITY", "", "1.2.840.10008.1.2.4.50")  # fmt: skip
+
+
+def test_upload_state_on_both_databases(database) -> None:
+    """The uploads table (migration 0002 on PostgreSQL): LOCAL until recorded, once, with its key."""
+    index = StudyIndex(database)
+    uploads = Uploads(index.engine)
+    index.add_instances([_record("1.7", "1.7.1", 100.0), _record("1.7", "1.7.2", 101.0), _record("1.8", "1.8.1", 99)])
+    assert [p.sop_uid for p in uploads.pending()] == ["1.8.1", "1.7.1", "1.7.2"]  # oldest first
+    assert uploads.studies_waiting() == {"1.7", "1.8"}
+    key = BlobKey("instances", "1.7", "1.7.1", "a" * 64)
+    assert uploads.record("1.7.1", key) is True
+    assert uploads.record("1.7.1", key) is False  # recorded once
+    assert (uploads.state("1.7.1"), uploads.key("1.7.1")) == (UploadState.UPLOADED, key)
+    assert uploads.state("1.7.2") is UploadState.LOCAL and uploads.key("1.7.2") is None
+    uploads.record("1.7.2", BlobKey("instances", "1.7", "1.7.2", "b" * 64))
+    assert uploads.studies_waiting() == {"1.8"}
+    assert uploads.uploaded_paths() == {"incoming/1.7/1.7.1/1.7.1.dcm", "incoming/1.7/1.7.1/1.7.2.dcm"}
+    index.close()

@@ -24,7 +24,7 @@ from sqlalchemy import Engine, and_, bindparam, delete, func, literal, or_, sele
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import ResourceClosedError
 
-from grok_pacs.store import db
+from grok_pacs.store import db, schema
 
 
 class StudyState(StrEnum):
@@ -131,7 +131,7 @@ class StudyIndex:
         self._closed = False
         self.engine = db.open_engine(target) if not isinstance(target, Engine) else target
         self._write_lock = threading.Lock() if db.is_sqlite(self.engine) else contextlib.nullcontext()
-        db.create_schema(self.engine)
+        schema.open_schema(self.engine)
         # Built once: the listener adds one row per instance, and building them costs more than running them.
         self._insert_instance = _insert_instance(self.engine)
         self._upsert_study = _upsert_study(self.engine)

@@ -26,7 +26,7 @@ from sqlalchemy import Engine, and_, false, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from grok_pacs.store import db
+from grok_pacs.store import db, schema
 
 
 class ResultKind(StrEnum):
@@ -89,7 +89,7 @@ class Outbox:
     def __init__(self, target: str | Path | Engine) -> None:
         self._owns_engine = not isinstance(target, Engine)
         self.engine = db.open_engine(target) if not isinstance(target, Engine) else target
-        db.create_schema(self.engine)  # also adds `kind` to an outbox made before it
+        schema.open_schema(self.engine)  # SQLite: also adds `kind` to an outbox made before it
 
     def close(self) -> None:
         if self._owns_engine:

@@ -15,7 +15,7 @@ from enum import StrEnum
 
 from sqlalchemy import Engine, exists, select
 
-from grok_pacs.store import db
+from grok_pacs.store import db, schema
 from grok_pacs.store.blobs import BlobKey
 
 
@@ -40,7 +40,7 @@ class Uploads:
         if not isinstance(engine, Engine):
             raise TypeError(f"engine must be an SQLAlchemy Engine, not {type(engine).__name__}")
         self.engine = engine
-        db.create_schema(engine)
+        schema.open_schema(engine)  # a server database must be at head already (`grok-pacs db upgrade`)
 
     def pending(self, limit: int = 100) -> list[PendingUpload]:
         """LOCAL instances, oldest first (a study's instances go up together, in arrival order)."""
