@@ -38,7 +38,7 @@ from grok_pacs.report import dispositions
 from grok_pacs.report.keys import ReportKey
 from grok_pacs.report.pdf import ReportImages
 from grok_pacs.report.sr import SRKey, build_sr
-from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
+from grok_pacs.store.index import InstanceRecord, StudyIndex
 from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxRow, OutboxState, ResultKind
 
 if TYPE_CHECKING:
@@ -194,12 +194,15 @@ def run_study(
     engine: Callable[[], Engine | AnalysisEngine],
     bundle_version: str,
     snapshot: StudySnapshot,
+    *,
+    owner: str,
 ) -> StudyResult:
     """Analyse one study version into outbox rows (delivery is the caller's next step).
 
-    The index is written once here (ANALYSING, when the model must run); the caller writes the end
-    state. `engine()` is called only once the study needs analysing (the first call in a worker loads
-    the model, while the study already shows ANALYSING).
+    The index is written once here: the job `owner` claims the version (QUEUED -> ANALYSING, one
+    conditional update) before the model runs, so a duplicate job for it runs nothing (BUSY); the
+    caller writes the end state. `engine()` is called only once the study needs analysing (the first
+    call in a worker loads the model, while the study already shows ANALYSING).
     """
     study_uid, version = snapshot.study_uid, snapshot.version
     if snapshot.void is not None:
@@ -228,7 +231,10 @@ def run_study(
         return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
     if not pending:
         raise _no_analysable_eye(snapshot, notes)
-    index.set_state(study_uid, StudyState.ANALYSING, f"bundle {bundle_version}", version=version)
+    lease_s = settings.job_time_limit  # a claim older than a job may run belongs to a dead worker
+    if not index.claim_study(study_uid, version, owner, lease_s=lease_s, detail=f"bundle {bundle_version}"):
+        log.info("job for study %s v%d skipped: another job is analysing it", study_uid, version)
+        return StudyResult(study_uid, version, StudyOutcome.BUSY)
     analysed = _analyse_and_write(
         settings, engine(), eyes, pending, keys, notes, {rec.sop_uid: rec for rec in snapshot.instances}
     )
