@@ -224,3 +224,44 @@ def test_concurrent_upgrades_wait_on_the_advisory_lock(postgres) -> None:
     assert sorted(results, key=str) == sorted([(None, schema.head())] + [(schema.head(), schema.head())] * 2, key=str)
     for engine in engines:
         engine.dispose()
+
+
+def test_one_study_over_two_listeners_sharing_a_database_gives_one_job(postgres, tmp_path) -> None:
+    from ingest_support import drain_jobs, ingest_settings, running, storescu, wait_until
+
+    from devtools.processes import Redis
+    from devtools.sample_dicom import fundus_photograph
+
+    redis, url = Redis(tmp_path), postgres.new_database()
+    shared = {"database_url": url, "broker_url": redis.url, "quiet_period": 0.5}
+    first, second = (ingest_settings(tmp_path / name, **shared) for name in ("a", "b"))
+    study = pydicom.uid.generate_uid()
+    try:
+        with running(first) as listener_a, running(second) as listener_b:
+            for eye, listener in (("R", listener_a), ("L", listener_b)):  # two associations, two listeners
+                path = write(fundus_photograph(study, eye, size=32), tmp_path / f"{eye}.dcm")
+                assert storescu(listener.port, path, options=("-xy",)).returncode == 0
+            wait_until(lambda: listener_a.index.study(study).state is StudyState.QUEUED, 10, "the study queued")
+            time.sleep(1.0)  # both assemblers sweep several times more (every 0.125 s)
+            assert listener_a.index.study(study).instance_count == 2
+        assert drain_jobs(first, expect=1, timeout=3) == [
+            ("grok_pacs.tasks.analyze_study", {"study_uid": study, "version": 1})
+        ], "one job, published by one of the two listeners"
+    finally:
+        redis.stop()
+
+
+def test_two_sweepers_publishing_slowly_queue_a_quiet_study_once(database) -> None:
+    sweepers = [StudyIndex(database), StudyIndex(database)]
+    sweepers[0].add_instance(_record("1.4", "1.4.1", received=0.0))
+    published: list[tuple[str, int]] = []
+
+    def slow_publish(study, version: int) -> str:
+        published.append((study.study_uid, version))
+        time.sleep(0.5)  # the other sweeper runs meanwhile: it must skip the study, not publish it again
+        return "task"
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda index: index.queue_quiet(0.0, slow_publish, cutoff=1.0), sweepers))
+    assert published == [("1.4", 1)] and sorted(len(run) for run in runs) == [0, 1]
+    assert (sweepers[1].study("1.4").state, sweepers[1].study("1.4").version) == (StudyState.QUEUED, 1)

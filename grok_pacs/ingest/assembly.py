@@ -123,22 +123,21 @@ class Assembler:
         self.failed_passes = 0  # passes that raised (e.g. broker unreachable); jobs are retried next pass
 
     def run_once(self, now: float | None = None) -> list[tuple[str, int]]:
-        """Queue every RECEIVING study quiet since `quiet_period`; returns [(study_uid, version)]."""
-        quiet = self.settings.quiet_period
-        due = self.index.quiet_studies(quiet) if now is None else self.index.due_studies(now - quiet)
-        queued = []
-        for study in due:
-            version = self._queue(study)
-            if version is not None:
-                queued.append((study.study_uid, version))
-        return queued
+        """Queue every RECEIVING study quiet since `quiet_period` (on the database's clock; with `now`,
+        host time: the last instance at or before `now - quiet_period`); returns [(study_uid, version)].
 
-    def _queue(self, study: StudyRecord) -> int | None:
-        version = study.version + 1
-        task_id = self.publisher.publish(study.study_uid, version)
-        if not self.index.mark_queued(study.study_uid, version, study.last_received_at):
-            log.info("study %s grew while being queued; it will be queued again when quiet", study.study_uid)
-            return None
+        Each study is published and recorded QUEUED under its row's lock (`StudyIndex.queue_quiet`), so
+        two listeners sharing a database queue it once."""
+        quiet = self.settings.quiet_period
+        queued = self.index.queue_quiet(quiet, self._publish, cutoff=None if now is None else now - quiet)
+        for study, version, task_id in queued:
+            self._log_queued(study, version, task_id)
+        return [(study.study_uid, version) for study, version, _ in queued]
+
+    def _publish(self, study: StudyRecord, version: int) -> str:
+        return self.publisher.publish(study.study_uid, version)
+
+    def _log_queued(self, study: StudyRecord, version: int, task_id: str) -> None:
         instances = self.index.instances(study.study_uid)
         log.info(
             "study queued: study=%s version=%d task=%s instances=%d series=%d bytes=%d modalities=%s calling_aes=%s",
@@ -151,7 +150,6 @@ class Assembler:
             ",".join(sorted({i.modality for i in instances})),
             ",".join(sorted({i.calling_ae for i in instances if i.calling_ae})) or "-",
         )
-        return version
 
     def _sweep_temp_files(self) -> None:
         """Remove temp files of transfers abandoned long ago (aborted associations leave them)."""

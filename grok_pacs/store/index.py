@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -280,6 +280,45 @@ class StudyIndex:
                 .order_by(table.c.last_received_at)
             ).all()
         return [_study(row) for row in rows]
+
+    def queue_quiet(
+        self, quiet_period: float, publish: Callable[[StudyRecord, int], str], *, cutoff: float | None = None
+    ) -> list[tuple[StudyRecord, int, str]]:
+        """Queue each quiet RECEIVING study once, even with several listeners sweeping one database.
+
+        Per study one transaction: lock its row (`FOR UPDATE SKIP LOCKED` on PostgreSQL: a study another
+        sweeper holds is skipped; SQLite has one writer), check it is still RECEIVING and quiet, publish
+        its job (`publish(study, version)` -> task id), record QUEUED at that version. A publish that
+        raises rolls the study back to RECEIVING, for the next pass. `cutoff` (host time): due when the
+        last instance arrived at or before it, instead of `quiet_period` on the database's clock.
+        Returns [(study as it was, version queued, task id)].
+        """
+        table, queued = db.studies, []
+        for candidate in self.quiet_studies(quiet_period) if cutoff is None else self.due_studies(cutoff):
+            with self._write() as conn:
+                quiet = table.c.updated_at <= db.now(conn) - quiet_period
+                row = conn.execute(
+                    select(*_STUDY_COLUMNS)
+                    .where(
+                        table.c.study_uid == candidate.study_uid,
+                        table.c.state == StudyState.RECEIVING.value,
+                        quiet if cutoff is None else table.c.last_received_at <= cutoff,
+                    )
+                    .with_for_update(skip_locked=True)
+                ).first()
+                if row is None:  # queued by another listener meanwhile, or grew: not quiet any more
+                    continue
+                study = _study(row)
+                task_id = publish(study, study.version + 1)
+                conn.execute(
+                    update(table)
+                    .where(table.c.study_uid == study.study_uid)
+                    .values(
+                        state=StudyState.QUEUED.value, version=study.version + 1, detail="", updated_at=db.now(conn)
+                    )
+                )
+            queued.append((study, study.version + 1, task_id))
+        return queued
 
     def claim_study(self, study_uid: str, version: int, owner: str, *, lease_s: float, detail: str = "") -> bool:
         """QUEUED -> ANALYSING for `version`, in one conditional UPDATE: True for the one job that may run
