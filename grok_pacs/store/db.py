@@ -36,12 +36,17 @@ from sqlalchemy import (
     func,
     inspect,
     literal,
+    orm,  # noqa: F401 - imported here, once, before any thread (see below)
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 BUSY_TIMEOUT_MS = 30_000
+# Why `orm` is imported although Core is all we use: a query comparing a str subclass (pydicom's UID)
+# asks the inspection registry, which the ORM extends when first imported; kombu's SQLAlchemy broker
+# imports the ORM lazily in the assembly thread, and a query in another thread meanwhile met the
+# half-initialised module ("partially initialized module 'sqlalchemy.orm.exc'").
 
 #: Any failure of the database (unreachable, locked beyond the busy timeout, pool exhausted, SQL error).
 DatabaseError = sa_exc.SQLAlchemyError

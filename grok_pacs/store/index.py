@@ -181,7 +181,7 @@ class StudyIndex:
 
     def has_instance(self, sop_uid: str) -> bool:
         with self._read() as conn:
-            row = conn.execute(select(literal(1)).where(db.instances.c.sop_uid == sop_uid)).first()
+            row = conn.execute(select(literal(1)).where(db.instances.c.sop_uid == str(sop_uid))).first()
         return row is not None
 
     def instance_paths(self) -> set[str]:
@@ -227,11 +227,11 @@ class StudyIndex:
 
     def instances(self, study_uid: str) -> list[InstanceRecord]:
         with self._read() as conn:
-            return self._select_instances(conn, study_uid)
+            return self._select_instances(conn, str(study_uid))  # str: not pydicom's UID (a str subclass)
 
     def study(self, study_uid: str) -> StudyRecord | None:
         with self._read() as conn:
-            return self._select_study(conn, study_uid)
+            return self._select_study(conn, str(study_uid))
 
     def read_study(self, study_uid: str) -> StoredStudy | None:
         """The study and its instances as of one moment (one read transaction); None if unknown."""
