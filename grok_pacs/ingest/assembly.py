@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
@@ -39,9 +40,10 @@ class RecoveryReport:
     missing_files: int
 
 
-def recover(settings: Settings, index: StudyIndex) -> RecoveryReport:
+def recover(settings: Settings, index: StudyIndex, uploaded: frozenset[str] = frozenset()) -> RecoveryReport:
     """Before the listener starts: remove temp files, index files on disk that the index lacks, and
-    forget index rows whose file is missing (the sender never got Success for them and sends again).
+    forget index rows whose file is missing (the sender never got Success for them and sends again),
+    except `uploaded` paths (the object store holds those; their local copy may have been removed).
 
     Complete studies that were never queued stay RECEIVING in the index and are queued by the first
     assembly pass. Unreadable or misnamed files in `incoming/` are moved to `quarantine/`.
@@ -61,7 +63,7 @@ def recover(settings: Settings, index: StudyIndex) -> RecoveryReport:
             indexed += 1
         else:
             quarantined += 1
-    missing = known - on_disk
+    missing = known - on_disk - uploaded
     if missing:  # a crash between the index commit and the rename's fsync: never acknowledged
         log.warning("recovery: %d indexed instances have no file; removed from the index", len(missing))
         index.forget_paths(missing)
@@ -108,14 +110,24 @@ def _index_orphan(data_dir: Path, path: Path, relpath: PurePosixPath, index: Stu
 
 
 class Assembler:
-    """Queues quiet studies. `run_once()` does one pass; `start()` runs passes in a daemon thread."""
+    """Queues quiet studies. `run_once()` does one pass; `start()` runs passes in a daemon thread.
+
+    `waiting`, when given, names the studies that are not complete yet although quiet (instances not in
+    the object store yet: grok_pacs.store.uploads); they are queued on a later pass.
+    """
 
     def __init__(
-        self, settings: Settings, index: StudyIndex, publisher: Publisher, interval: float | None = None
+        self,
+        settings: Settings,
+        index: StudyIndex,
+        publisher: Publisher,
+        interval: float | None = None,
+        waiting: Callable[[], set[str]] | None = None,
     ) -> None:
         self.settings = settings
         self.index = index
         self.publisher = publisher
+        self.waiting = waiting
         self.interval = interval if interval is not None else min(1.0, max(0.05, settings.quiet_period / 4))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -127,9 +139,10 @@ class Assembler:
         host time: the last instance at or before `now - quiet_period`); returns [(study_uid, version)].
 
         Each study is published and recorded QUEUED under its row's lock (`StudyIndex.queue_quiet`), so
-        two listeners sharing a database queue it once."""
+        two listeners sharing a database queue it once; a study `waiting` names is left for a later pass."""
         quiet = self.settings.quiet_period
-        queued = self.index.queue_quiet(quiet, self._publish, cutoff=None if now is None else now - quiet)
+        cutoff = None if now is None else now - quiet
+        queued = self.index.queue_quiet(quiet, self._publish, cutoff=cutoff, held=self.waiting)
         for study, version, task_id in queued:
             self._log_queued(study, version, task_id)
         return [(study.study_uid, version) for study, version, _ in queued]

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy.orm  # noqa: F401 - see below
 from sqlalchemy import (
     Column,
     Double,
@@ -36,17 +37,15 @@ from sqlalchemy import (
     func,
     inspect,
     literal,
-    orm,  # noqa: F401 - imported here, once, before any thread (see below)
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 BUSY_TIMEOUT_MS = 30_000
-# Why `orm` is imported although Core is all we use: a query comparing a str subclass (pydicom's UID)
-# asks the inspection registry, which the ORM extends when first imported; kombu's SQLAlchemy broker
-# imports the ORM lazily in the assembly thread, and a query in another thread meanwhile met the
-# half-initialised module ("partially initialized module 'sqlalchemy.orm.exc'").
+# sqlalchemy.orm is imported above, once, at start: a Core statement given a str subclass (a pydicom UID)
+# inspects it through the ORM, and doing so while kombu's SQLAlchemy transport imports sqlalchemy.orm in
+# another thread failed with a partially initialised module (seen in tests/test_uploader.py, 2 runs in 6).
 
 #: Any failure of the database (unreachable, locked beyond the busy timeout, pool exhausted, SQL error).
 DatabaseError = sa_exc.SQLAlchemyError
@@ -88,6 +87,18 @@ studies = Table(
     Column("claimed_by", Text, nullable=False, server_default=""),  # the job analysing this version
     Column("claimed_at", Double),
     Index("studies_by_state", "state", "last_received_at"),
+)
+
+# An instance is LOCAL until it has a row here, UPLOADED with the object's key once it has one
+# (grok_pacs.store.uploads, written by the per-host uploader). A table of its own: the listener's insert
+# stays as it is, and an older database only gains a table.
+uploads = Table(
+    "uploads",
+    metadata,
+    Column("sop_uid", Text, primary_key=True),
+    Column("study_uid", Text, nullable=False),
+    Column("blob_key", Text, nullable=False),
+    Column("uploaded_at", Double, nullable=False),
 )
 
 outbox = Table(

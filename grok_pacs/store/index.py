@@ -282,7 +282,12 @@ class StudyIndex:
         return [_study(row) for row in rows]
 
     def queue_quiet(
-        self, quiet_period: float, publish: Callable[[StudyRecord, int], str], *, cutoff: float | None = None
+        self,
+        quiet_period: float,
+        publish: Callable[[StudyRecord, int], str],
+        *,
+        cutoff: float | None = None,
+        held: Callable[[], set[str]] | None = None,
     ) -> list[tuple[StudyRecord, int, str]]:
         """Queue each quiet RECEIVING study once, even with several listeners sweeping one database.
 
@@ -290,11 +295,15 @@ class StudyIndex:
         sweeper holds is skipped; SQLite has one writer), check it is still RECEIVING and quiet, publish
         its job (`publish(study, version)` -> task id), record QUEUED at that version. A publish that
         raises rolls the study back to RECEIVING, for the next pass. `cutoff` (host time): due when the
-        last instance arrived at or before it, instead of `quiet_period` on the database's clock.
+        last instance arrived at or before it, instead of `quiet_period` on the database's clock. `held()`
+        names quiet studies that are not complete yet (read after the quiet ones: an instance arriving in
+        between makes its study not quiet at the locked re-check).
         Returns [(study as it was, version queued, task id)].
         """
         table, queued = db.studies, []
-        for candidate in self.quiet_studies(quiet_period) if cutoff is None else self.due_studies(cutoff):
+        due = self.quiet_studies(quiet_period) if cutoff is None else self.due_studies(cutoff)
+        waiting = held() if due and held is not None else set()
+        for candidate in (study for study in due if study.study_uid not in waiting):
             with self._write() as conn:
                 quiet = table.c.updated_at <= db.now(conn) - quiet_period
                 row = conn.execute(
