@@ -11,13 +11,20 @@ import shutil
 import time
 from pathlib import Path
 
+import pydicom
+import pytest
 from ingest_support import drain_jobs, img2dcm_fundus, ingest_settings, running, stored_files, storescu, wait_until
 from pydicom.uid import generate_uid
 
 from devtools.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS
+from grok_pacs.config import load_settings
+from grok_pacs.dicom.uids import resolve_inside
+from grok_pacs.jobs import fetch
+from grok_pacs.jobs.snapshot import read_study
 from grok_pacs.ops import metrics
-from grok_pacs.store.blobs import BlobKey
+from grok_pacs.store.blobs import BlobIntegrityError, BlobKey
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
+from grok_pacs.store.storage import open_blob_store
 from grok_pacs.store.uploads import Uploads, UploadState
 
 _prefixes = itertools.count()
@@ -120,4 +127,36 @@ def test_upload_state_on_both_databases(database) -> None:
     uploads.record("1.7.2", BlobKey("instances", "1.7", "1.7.2", "b" * 64))
     assert uploads.studies_waiting() == {"1.8"}
     assert uploads.uploaded_paths() == {"incoming/1.7/1.7.1/1.7.1.dcm", "incoming/1.7/1.7.1/1.7.2.dcm"}
+    index.close()
+
+
+def test_a_worker_reads_verified_copies_in_its_own_scratch_not_the_listeners_disk(
+    tmp_path: Path, seaweedfs: SeaweedFS
+) -> None:
+    listener = _settings(tmp_path / "listener", seaweedfs)
+    with running(listener) as service:
+        study, sent = _send_study(tmp_path, service.port)
+        wait_until(lambda: service.index.study(study).state is StudyState.QUEUED, 20, "the study to be queued")
+    shutil.rmtree(listener.data_dir / "incoming")  # the worker must not need the listener's files
+    shared = {"data_dir": tmp_path / "worker", "database_url": listener.resolved_database_url}
+    worker = load_settings(**{**listener.model_dump(), **shared})  # its own data directory, the same database
+    index = StudyIndex(worker.resolved_database_url)
+    uploads, store = Uploads(index.engine), open_blob_store(worker)
+    snapshot = read_study(index, worker, study, 1)
+    with fetch.local_copies(worker, uploads, store, snapshot, "job-1") as local:
+        for rec in local.instances:
+            copy = resolve_inside(worker.data_dir, rec.path)
+            assert worker.data_dir / "scratch" / "job-1" in copy.parents
+            assert hashlib.sha256(copy.read_bytes()).hexdigest() == uploads.key(rec.sop_uid).sha256
+            assert pydicom.dcmread(copy, stop_before_pixels=True).SOPInstanceUID == rec.sop_uid
+        assert len(local.instances) == len(sent)
+        assert {eye.value for eye, c in local.eyes.items() if c.cfp} == {"R", "L"}  # candidates on the copies
+    assert not (worker.data_dir / "scratch" / "job-1").exists()  # removed when the job ends
+
+    key = uploads.key(snapshot.instances[0].sop_uid)
+    seaweedfs.client().put_object(Bucket=BUCKET, Key=f"{listener.storage_url.prefix}/{key}", Body=b"tampered")
+    with pytest.raises(BlobIntegrityError), fetch.local_copies(worker, uploads, store, snapshot, "job-2"):
+        pass
+    assert not (worker.data_dir / "scratch" / "job-2").exists()
+    store.close()
     index.close()
