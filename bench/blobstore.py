@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from devtools.seaweedfs import ACCESS_KEY, SECRET_KEY, SeaweedFS  # noqa: E402
+from devtools.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS  # noqa: E402
 from grok_pacs.config import load_settings  # noqa: E402
 from grok_pacs.store.blobs import BlobKey, BlobStore  # noqa: E402
 from grok_pacs.store.storage import open_blob_store  # noqa: E402
@@ -63,9 +63,8 @@ def _measure(store: BlobStore, pairs: list[tuple[BlobKey, Path]], scratch: Path,
 
 
 def _stores(work: Path, server: SeaweedFS) -> dict[str, BlobStore]:
-    server.create_bucket("bench")
     s3 = load_settings(
-        storage_url="s3://bench/run",
+        storage_url=f"s3://{BUCKET}/bench",
         storage_endpoint=server.endpoint,
         storage_access_key=ACCESS_KEY,
         storage_secret_key=SECRET_KEY,

@@ -24,6 +24,7 @@ from pathlib import Path
 from grok_pacs.analysis.parsing import parse_generation
 from training.benchmark.evaluate import evaluate
 from training.benchmark.grounding import check_model_grounding, pooled
+from training.benchmark.honesty import safety_and_honesty
 from training.benchmark.report import write_comparison, write_report
 from training.pipeline import DEFAULT_CACHE, PipelineConfig, PipelineResult, run_pipeline
 from training.stage3.config import Stage3Config
@@ -61,6 +62,7 @@ def _run_variant(cfg: PipelineConfig, cache: Path, progress: bool) -> tuple[Pipe
     preds, reports, per_eye = predict(engine, result.manifest, [r.case_id for r in refs], progress)
     bench = evaluate(preds, refs, progress=progress)
     model = pooled(check_model_grounding(report) for report in reports)
+    honesty = safety_and_honesty(engine, result.manifest, [r.case_id for r in refs], reports)
     stage3 = json.loads((result.stage3_dir / "stage3.json").read_text())
     info = {
         "pipeline_s": round(trained, 1),
@@ -75,6 +77,7 @@ def _run_variant(cfg: PipelineConfig, cache: Path, progress: bool) -> tuple[Pipe
         "model_grounding": model,
         "numbers_rewritten_per_report": sum(r.numbers_rewritten for r in reports) / len(reports),
         "diagnosis_line_share": sum(parse_generation(r.raw_text).label_found for r in reports) / len(reports),
+        "honesty": honesty,
     }
     return result, bench, info
 
@@ -90,6 +93,16 @@ def _headline(bench, mae: dict, info: dict) -> dict:
         "numbers_rewritten_per_report": info["numbers_rewritten_per_report"],
         "accuracy": bench.classification.accuracy,
         "n_test_eyes": bench.n,
+        "text_passed_share": info["honesty"]["text_health"]["passed_share"],
+        "repeated_sentences_per_report": info["honesty"]["text_health"]["repeated_sentences_per_report"],
+        "distinct_2": info["honesty"]["text_health"]["distinct_2"],
+        "probe_ceiling_measured_macro_f1": info["honesty"]["probe_ceiling_measured"]["macro_f1"],
+        "probe_ceiling_estimates_macro_f1": info["honesty"]["probe_ceiling_estimates"]["macro_f1"],
+        "ece_before": info["honesty"]["calibration"]["ece_before"],
+        "ece_after": info["honesty"]["calibration"]["ece_after"],
+        "referral_sensitivity": info["honesty"]["referral"]["sensitivity"],
+        "referral_specificity": info["honesty"]["referral"]["specificity"],
+        "ungradable_with_diagnosis": info["honesty"]["referral"]["ungradable_with_diagnosis"],
     }
 
 
@@ -123,6 +136,18 @@ def _markdown(payload: dict, comparison_md: str, plots: dict[str, str]) -> str:
         f"{_fmt(h['model_grounding_agreement'])} | | |",
         f"| numbers rewritten per report | {h['numbers_rewritten_per_report']:.2f} | | |",
         f"| accuracy | {h['accuracy']:.3f} | | |",
+        f"| linear-probe ceiling: measured biomarkers, train -> test (macro-F1) | "
+        f"{h['probe_ceiling_measured_macro_f1']:.3f} | | |",
+        f"| linear-probe ceiling: served estimates, val -> test (macro-F1) | "
+        f"{h['probe_ceiling_estimates_macro_f1']:.3f} | | |",
+        f"| narratives passing the validator | {h['text_passed_share']:.0%} | 100% | |",
+        f"| repeated sentences per report | {h['repeated_sentences_per_report']:.2f} | 0 | |",
+        f"| distinct-2 | {h['distinct_2']:.3f} | | |",
+        f"| ECE before / after calibration (T fitted on the val split) | {h['ece_before']:.3f} / "
+        f"{h['ece_after']:.3f} | <= 0.05 after | |",
+        f"| referral sensitivity / specificity | {_fmt(h['referral_sensitivity'])} / "
+        f"{_fmt(h['referral_specificity'])} | >= 0.95 / >= 0.80 | |",
+        f"| ungradable eyes with a diagnosis | {h['ungradable_with_diagnosis']} | 0 | |",
         "",
         "Per-label F1: " + ", ".join(f"{k} {_fmt(v)}" for k, v in h["per_label_f1"].items()),
         "",

@@ -23,6 +23,9 @@ from devtools.tools import require_tool
 ACCESS_KEY = "grok-test"
 SECRET_KEY = "grok-test-secret"
 STOP_GRACE_S = 3.0
+# The one bucket `start` makes sure of. Each bucket is a SeaweedFS collection that reserves volumes of its
+# own, and -volume.max=4 leaves room for one: tests and benchmarks share it, each under its own prefix.
+BUCKET = "grok"
 # Server roles whose gRPC ports get a /tmp/seaweedfs-<role>-grpc-<port>.sock that weed never removes.
 _GRPC_ROLES = ("master", "volume", "filer", "s3")
 
@@ -73,11 +76,14 @@ class SeaweedFS:
         ]
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start the server and wait until its S3 gateway serves requests."""
+        """Start the server, wait until its S3 gateway serves requests, create BUCKET if it is missing."""
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT)
         wait_for_port(self.ports["s3.port"], timeout, proc=self.proc, what="SeaweedFS' S3 gateway")
         self._wait_serving(timeout)
+        client = self.client()
+        if BUCKET not in {bucket["Name"] for bucket in client.list_buckets()["Buckets"]}:
+            client.create_bucket(Bucket=BUCKET)
 
     def _wait_serving(self, timeout: float) -> None:
         """The S3 port opens before the filer is ready: list buckets until it answers."""
@@ -105,10 +111,6 @@ class SeaweedFS:
             region_name="us-east-1",
             config=config,
         )
-
-    def create_bucket(self, name: str) -> str:
-        self.client().create_bucket(Bucket=name)
-        return name
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]

@@ -144,6 +144,7 @@ class Settings(BaseSettings):
 
     # --- queue, model, delivery ----------------------------------------------------------------------
     broker_url: str = ""  # Celery broker; empty = embedded SQLite broker under data_dir (one box)
+    database_url: str = ""  # index and outbox; empty = embedded SQLite file data_dir/index.sqlite (one box)
     queue: str = "grok"  # Celery queue for analyse jobs (name it per GPU type on many nodes)
     bundle: Path | None = None  # model bundle directory the worker serves
     destination: Peer | None = None  # PACS that receives the SRs (AE@HOST:PORT)
@@ -197,6 +198,13 @@ class Settings(BaseSettings):
         for uid in value:
             if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid) or len(uid) > 64:
                 raise ValueError(f"sop_classes: {uid!r} is not a UID")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if value and not value.startswith(("sqlite:///", "postgresql+psycopg://")):
+            raise ValueError("database_url: expected postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB or sqlite:///PATH")
         return value
 
     @field_validator("destination", mode="before")
@@ -263,6 +271,11 @@ class Settings(BaseSettings):
     @property
     def index_path(self) -> Path:
         return self.data_dir / "index.sqlite"
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The index database: `database_url`, else the embedded SQLite file in the data directory."""
+        return self.database_url or f"sqlite:///{self.index_path.resolve()}"
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system programs grok-pacs' tests and demo use as real peers, when missing:
 # DCMTK (storescu/storescp/echoscu/img2dcm/dcmdump/dsr2html), dicom3tools (dciodvfy), Redis, Orthanc,
-# systemd-analyze (the systemd package; only its tools are used, nothing is booted); for the browser test
+# PostgreSQL 15, systemd-analyze (the systemd package; only its tools are used, nothing is booted); for the browser test
 # (tests/test_viewer.py): Orthanc's DICOMweb plugin, chromium (driven headless by Playwright), npm
 # (scripts/fetch-ohif.sh fetches the OHIF viewer with it) and tesseract (OCR of what the viewer shows).
 # Debian packages; needs root (or sudo). Does nothing when everything is already there.
@@ -13,6 +13,7 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)  # verifies deploy/systemd units
+test -x /usr/lib/postgresql/15/bin/initdb || need+=(postgresql)  # the server database (GROK_PACS_DATABASE_URL)
 test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || need+=(orthanc-dicomweb)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v npm >/dev/null 2>&1 || need+=(npm)

@@ -61,3 +61,24 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory):
         pytest.fail(str(exc))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory):
+    """One real PostgreSQL 15 server for the session (devtools/postgres.py), stopped after; missing -> FAIL."""
+    from devtools.postgres import Postgres
+
+    try:
+        server = Postgres(tmp_path_factory.mktemp("postgres"))
+    except devtools.tools.MissingToolError as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
+    """What StudyIndex/Outbox open, once per dialect: the embedded SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "index.sqlite"
+    return request.getfixturevalue("postgres").new_database()

@@ -24,15 +24,12 @@ from grok_pacs.store.s3 import S3BlobStore
 from grok_pacs.store.storage import open_blob_store
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
-BUCKET = "grok-blobs"  # one bucket: each is a SeaweedFS collection with volumes of its own (4 at most here)
 _prefixes = itertools.count()
 
 
 def _s3_store(seaweedfs, endpoint: str | None = None) -> S3BlobStore:
-    from devtools.seaweedfs import ACCESS_KEY, SECRET_KEY
+    from devtools.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 
-    if BUCKET not in {b["Name"] for b in seaweedfs.client().list_buckets()["Buckets"]}:
-        seaweedfs.create_bucket(BUCKET)
     settings = load_settings(
         storage_url=f"s3://{BUCKET}/test-{os.getpid()}-{next(_prefixes)}",
         storage_endpoint=endpoint or seaweedfs.endpoint,

@@ -69,8 +69,8 @@ def _queued_study(settings) -> tuple[StudyIndex, Outbox, str]:
     return index, outbox, key.sop_instance_uid
 
 
-def test_outbox_state_machine(tmp_path):
-    outbox = Outbox(tmp_path / "index.sqlite")
+def test_outbox_state_machine(database):
+    outbox = Outbox(database)
     row = dict(sr_uid="2.25.1", study_uid="1.2.3", study_version=1, bundle_version="b", eye="R", path="sr/a.dcm")
     assert outbox.put(**row).state is OutboxState.PENDING
     assert outbox.claim("2.25.1", "w1", lease_s=60).state is OutboxState.SENDING

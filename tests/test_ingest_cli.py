@@ -34,6 +34,7 @@ def test_every_command_explains_itself() -> None:
         "echo": ["C-ECHO", "AE@HOST:PORT"],
         "send": ["--to", "recursively"],
         "studies": ["--json", "QUEUED"],
+        "db": ["upgrade", "current", "advisory"],
     }.items():
         assert command in top.stdout
         done = grok(command, "--help")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sqlite3
 import threading
 import time
 from concurrent.futures import Future
@@ -19,6 +18,7 @@ from grok_pacs.dicom.header import IncompleteDatasetError, read_header
 from grok_pacs.dicom.uids import InvalidUIDError, instance_relpath, is_valid_uid, resolve_inside
 from grok_pacs.ingest.assembly import Assembler, recover
 from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, create_app
+from grok_pacs.store import db
 from grok_pacs.store.files import atomic_write_bytes, fsync_dir, remove_temp_files, tmp_dir
 from grok_pacs.store.group_commit import GroupCommit
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
@@ -131,12 +131,12 @@ def test_group_commit_shares_one_transaction_among_waiting_callers(tmp_path: Pat
     assert (commits.batches, commits.rows) == (2, 8), "the first row alone, then the 7 that queued meanwhile"
     assert commits.commit(_record("1.9", "1.9.3", 9), [tmp_path]) is False, "a known row is not added again"
     index.close()
-    with pytest.raises(sqlite3.ProgrammingError):
+    with pytest.raises(db.DatabaseError, match="closed"):
         commits.commit(_record("1.9", "1.9.20", 9), [tmp_path])  # the index failed: the caller refuses
 
 
-def test_index_versions_and_guarded_state(tmp_path: Path) -> None:
-    index = StudyIndex(tmp_path / "index.sqlite")
+def test_index_versions_and_guarded_state(database: str | Path) -> None:
+    index = StudyIndex(database)
     assert index.add_instance(_record("1.9", "1.9.1", 100.0))
     assert not index.add_instance(_record("1.9", "1.9.1", 101.0)), "same SOP Instance UID twice is idempotent"
     assert index.add_instance(_record("1.9", "1.9.2", 102.0))
@@ -154,7 +154,7 @@ def test_index_versions_and_guarded_state(tmp_path: Path) -> None:
     assert (index.study("1.9").state, index.study("1.9").version) == (StudyState.QUEUED, 2)
     assert len(index.instances("1.9")) == 3
     index.close()
-    reopened = StudyIndex(tmp_path / "index.sqlite")
+    reopened = StudyIndex(database)
     assert reopened.study("1.9").instance_count == 3
 
 

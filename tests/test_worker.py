@@ -321,12 +321,15 @@ def test_job_reads_the_study_once_and_writes_it_at_start_and_end(ctx, pacs, monk
     patient = Patient()
     study_uid = _ingest(ctx, [make_cfp(patient, "R"), make_oct(patient, "R"), make_cfp(patient, "L")])
     reads, writes = [], []
-    real_read, real_set = ctx.index.read_study, ctx.index.set_state
+    real_read, real_set, real_claim = ctx.index.read_study, ctx.index.set_state, ctx.index.claim_study
     monkeypatch.setattr(ctx.index, "study", lambda *a, **k: pytest.fail("the job re-read the study row"))
     monkeypatch.setattr(ctx.index, "instances", lambda *a, **k: pytest.fail("the job re-read the instances"))
     monkeypatch.setattr(ctx.index, "read_study", lambda uid: reads.append(uid) or real_read(uid))
     monkeypatch.setattr(
         ctx.index, "set_state", lambda uid, state, *a, **k: writes.append(state) or real_set(uid, state, *a, **k)
+    )
+    monkeypatch.setattr(  # the start write: the job claims the version (QUEUED -> ANALYSING)
+        ctx.index, "claim_study", lambda *a, **k: writes.append(StudyState.ANALYSING) or real_claim(*a, **k)
     )
     summary = analyze_study(study_uid=study_uid, version=1)
     assert sorted(summary["srs"].values()) == ["delivered", "delivered"]

@@ -199,8 +199,8 @@ def run_studies(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args, data_dir=args.data_dir)
     studies = []
-    if settings.index_path.is_file():
-        index = StudyIndex(settings.index_path)
+    if settings.database_url or settings.index_path.is_file():  # never create an empty index here
+        index = StudyIndex(settings.resolved_database_url)
         studies = index.studies()
         index.close()
     if args.json:
@@ -208,7 +208,7 @@ def run_studies(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     if not studies:
-        print(f"no studies in {settings.index_path}")
+        print(f"no studies in {settings.database_url and 'the database' or settings.index_path}")
         return EXIT_OK
     width = max(len("STUDY INSTANCE UID"), *(len(s.study_uid) for s in studies))
     print(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
@@ -39,9 +40,10 @@ class RecoveryReport:
     missing_files: int
 
 
-def recover(settings: Settings, index: StudyIndex) -> RecoveryReport:
+def recover(settings: Settings, index: StudyIndex, uploaded: frozenset[str] = frozenset()) -> RecoveryReport:
     """Before the listener starts: remove temp files, index files on disk that the index lacks, and
-    forget index rows whose file is missing (the sender never got Success for them and sends again).
+    forget index rows whose file is missing (the sender never got Success for them and sends again),
+    except `uploaded` paths (the object store holds those; their local copy may have been removed).
 
     Complete studies that were never queued stay RECEIVING in the index and are queued by the first
     assembly pass. Unreadable or misnamed files in `incoming/` are moved to `quarantine/`.
@@ -61,7 +63,7 @@ def recover(settings: Settings, index: StudyIndex) -> RecoveryReport:
             indexed += 1
         else:
             quarantined += 1
-    missing = known - on_disk
+    missing = known - on_disk - uploaded
     if missing:  # a crash between the index commit and the rename's fsync: never acknowledged
         log.warning("recovery: %d indexed instances have no file; removed from the index", len(missing))
         index.forget_paths(missing)
@@ -108,14 +110,24 @@ def _index_orphan(data_dir: Path, path: Path, relpath: PurePosixPath, index: Stu
 
 
 class Assembler:
-    """Queues quiet studies. `run_once()` does one pass; `start()` runs passes in a daemon thread."""
+    """Queues quiet studies. `run_once()` does one pass; `start()` runs passes in a daemon thread.
+
+    `waiting`, when given, names the studies that are not complete yet although quiet (instances not in
+    the object store yet: grok_pacs.store.uploads); they are queued on a later pass.
+    """
 
     def __init__(
-        self, settings: Settings, index: StudyIndex, publisher: Publisher, interval: float | None = None
+        self,
+        settings: Settings,
+        index: StudyIndex,
+        publisher: Publisher,
+        interval: float | None = None,
+        waiting: Callable[[], set[str]] | None = None,
     ) -> None:
         self.settings = settings
         self.index = index
         self.publisher = publisher
+        self.waiting = waiting
         self.interval = interval if interval is not None else min(1.0, max(0.05, settings.quiet_period / 4))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -123,21 +135,22 @@ class Assembler:
         self.failed_passes = 0  # passes that raised (e.g. broker unreachable); jobs are retried next pass
 
     def run_once(self, now: float | None = None) -> list[tuple[str, int]]:
-        """Queue every RECEIVING study quiet since `quiet_period`; returns [(study_uid, version)]."""
-        now = time.time() if now is None else now
-        queued = []
-        for study in self.index.due_studies(now - self.settings.quiet_period):
-            version = self._queue(study)
-            if version is not None:
-                queued.append((study.study_uid, version))
-        return queued
+        """Queue every RECEIVING study quiet since `quiet_period` (on the database's clock; with `now`,
+        host time: the last instance at or before `now - quiet_period`); returns [(study_uid, version)].
 
-    def _queue(self, study: StudyRecord) -> int | None:
-        version = study.version + 1
-        task_id = self.publisher.publish(study.study_uid, version)
-        if not self.index.mark_queued(study.study_uid, version, study.last_received_at):
-            log.info("study %s grew while being queued; it will be queued again when quiet", study.study_uid)
-            return None
+        Each study is published and recorded QUEUED under its row's lock (`StudyIndex.queue_quiet`), so
+        two listeners sharing a database queue it once; a study `waiting` names is left for a later pass."""
+        quiet = self.settings.quiet_period
+        cutoff = None if now is None else now - quiet
+        queued = self.index.queue_quiet(quiet, self._publish, cutoff=cutoff, held=self.waiting)
+        for study, version, task_id in queued:
+            self._log_queued(study, version, task_id)
+        return [(study.study_uid, version) for study, version, _ in queued]
+
+    def _publish(self, study: StudyRecord, version: int) -> str:
+        return self.publisher.publish(study.study_uid, version)
+
+    def _log_queued(self, study: StudyRecord, version: int, task_id: str) -> None:
         instances = self.index.instances(study.study_uid)
         log.info(
             "study queued: study=%s version=%d task=%s instances=%d series=%d bytes=%d modalities=%s calling_aes=%s",
@@ -150,7 +163,6 @@ class Assembler:
             ",".join(sorted({i.modality for i in instances})),
             ",".join(sorted({i.calling_ae for i in instances if i.calling_ae})) or "-",
         )
-        return version
 
     def _sweep_temp_files(self) -> None:
         """Remove temp files of transfers abandoned long ago (aborted associations leave them)."""

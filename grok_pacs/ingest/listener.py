@@ -12,7 +12,6 @@ thread) queues the jobs. The pynetdicom receive set-up (streaming, TLS) is in `g
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from grok_pacs.dicom.status import DimseStatus, status_name
 from grok_pacs.dicom.uids import InvalidUIDError, instance_relpath, is_valid_uid
 from grok_pacs.ingest.transport import HandshakeInThreadServer, enable_streaming_receive, receive_into, ssl_context
 from grok_pacs.ops import metrics
+from grok_pacs.store import db
 from grok_pacs.store.files import atomic_copy, free_bytes, place_file, start_directory_fsync, start_fsync, tmp_dir
 from grok_pacs.store.group_commit import GroupCommit
 from grok_pacs.store.index import InstanceRecord, StudyIndex
@@ -301,7 +301,7 @@ class Listener:
                 atomic_copy(self.data_dir, received, dest)
                 return self.index.add_instance(record)
             return self.commits.commit(record, place_file(received, dest, synced))
-        except sqlite3.Error as exc:
+        except db.DatabaseError as exc:  # unreachable, locked, failed: no durable record, no Success
             log.error("index write failed for %s: %s", record.path, exc)
             raise StoreRefused(DimseStatus.PROCESSING_FAILURE, f"index write failed: {exc}") from exc
         except OSError as exc:

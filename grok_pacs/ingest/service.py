@@ -1,4 +1,5 @@
-"""The ingest service: recovery, then the C-STORE listener and the assembly loop, in one process.
+"""The ingest service: recovery, then the C-STORE listener, the uploader (when `storage_url` is set) and
+the assembly loop, in one process.
 
 This is what `grok-pacs listen` runs; the demo and tests start it in-process the same way. The job
 publisher is handed in (`grok_pacs.jobs.publisher.JobPublisher` in production): ingest never imports the
@@ -13,7 +14,10 @@ from typing import Protocol
 from grok_pacs.config import Settings
 from grok_pacs.ingest.assembly import Assembler, Publisher, RecoveryReport, recover
 from grok_pacs.ingest.listener import Listener
+from grok_pacs.ingest.uploader import Uploader
 from grok_pacs.store.index import StudyIndex
+from grok_pacs.store.storage import open_blob_store
+from grok_pacs.store.uploads import Uploads
 
 log = logging.getLogger("grok_pacs.ingest.service")
 
@@ -24,16 +28,26 @@ class ClosablePublisher(Publisher, Protocol):
     def close(self) -> None: ...
 
 
+def _uploader(settings: Settings, index: StudyIndex) -> Uploader | None:
+    """The uploader into the object store `storage_url` names; None without one (one box)."""
+    if settings.storage_url is None:
+        return None
+    return Uploader(settings.data_dir, Uploads(index.engine), open_blob_store(settings))
+
+
 class IngestService:
     """Start with `start()`, stop with `stop()`; `port` is the bound DICOM port."""
 
     def __init__(self, settings: Settings, publisher: ClosablePublisher) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.index = StudyIndex(settings.index_path)
+        self.index = StudyIndex(settings.resolved_database_url)
         self.publisher = publisher
         self.listener = Listener(settings, self.index)
-        self.assembler = Assembler(settings, self.index, self.publisher)
+        self.uploader = _uploader(settings, self.index)
+        # With an object store, a study is complete only once all its instances are in it.
+        waiting = self.uploader.uploads.studies_waiting if self.uploader is not None else None
+        self.assembler = Assembler(settings, self.index, self.publisher, waiting=waiting)
         self.recovery: RecoveryReport | None = None
 
     @property
@@ -42,12 +56,18 @@ class IngestService:
 
     def start(self) -> None:
         """Recover (before any association can write), then listen, then assemble."""
-        self.recovery = recover(self.settings, self.index)
+        uploaded = self.uploader.uploads.uploaded_paths() if self.uploader is not None else set()
+        self.recovery = recover(self.settings, self.index, frozenset(uploaded))
         self.listener.start()
+        if self.uploader is not None:
+            self.uploader.start()
         self.assembler.start()
 
     def stop(self) -> None:
         self.listener.stop()
+        if self.uploader is not None:
+            self.uploader.stop()
+            self.uploader.store.close()
         self.assembler.stop()
         self.publisher.close()
         self.index.close()

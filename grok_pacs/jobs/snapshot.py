@@ -34,6 +34,7 @@ class StudyOutcome(StrEnum):
     ALREADY_DONE = "already-done"  # every SR of this key was delivered (or failed) before: nothing to do
     OUTDATED = "outdated"  # the study has a newer version (or is receiving again): this job is void
     UNKNOWN_STUDY = "unknown-study"
+    BUSY = "busy"  # another job holds this version's claim (a duplicate job): it runs the model, not us
 
 
 @dataclass

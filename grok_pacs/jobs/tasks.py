@@ -3,31 +3,35 @@
 `analyze_study(study_uid=, version=)` runs the pipeline into the outbox and tries each SR's delivery at
 once (lowest latency). A transient delivery failure schedules `deliver_sr(sr_uid=)` with exponential
 backoff, at most `delivery_max_retries` times, then the SR is FAILED; a permanent failure is FAILED at
-once. Analysis is retried (bounded, with backoff) only for transient errors (a busy index database);
+once. Analysis is retried (bounded, with backoff) only for transient errors (a busy index database, an
+object store that is down);
 any other error fails the study with its reason and is not retried. Both tasks are idempotent.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from celery import shared_task
 
 from grok_pacs.delivery import sender as delivery
 from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError
-from grok_pacs.jobs import pipeline
+from grok_pacs.jobs import fetch, pipeline
 from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, TASK_DELIVER_SR
-from grok_pacs.jobs.snapshot import StudyNotYetQueuedError, StudyOutcome, read_study
+from grok_pacs.jobs.snapshot import StudyNotYetQueuedError, StudyOutcome, StudySnapshot, read_study
 from grok_pacs.jobs.worker import ContextTask, WorkerContext
 from grok_pacs.ops import metrics
+from grok_pacs.store import db
+from grok_pacs.store.blobs import BlobStoreUnavailable
 from grok_pacs.store.index import StudyState
 from grok_pacs.store.outbox import OutboxState, ResultKind
 
 log = logging.getLogger("grok_pacs.jobs.tasks")
 
-TRANSIENT_ANALYSIS_ERRORS = (sqlite3.OperationalError,)  # "database is locked" beyond the busy timeout
+# The database locked beyond the busy timeout or down; the object store down (instances not fetched yet).
+TRANSIENT_ANALYSIS_ERRORS = (db.TransientDatabaseError, BlobStoreUnavailable)
 ANALYSIS_MAX_RETRIES = 3
 ANALYSIS_BACKOFF_MAX_S = 60
 NOT_YET_QUEUED_DELAY_S = 0.5  # assembly records the version right after publishing: this is ample
@@ -57,7 +61,7 @@ def _deliver_once(ctx: WorkerContext, sr_uid: str, owner: str) -> tuple[str, str
     """One delivery attempt, recorded in the outbox. Returns the outcome's name ("transient" when the SR
     is PENDING again and a retry is due, "failed" when it is FAILED) and the reason of a failure."""
     try:
-        return delivery.deliver(ctx.settings, ctx.outbox, sr_uid, owner=owner).value, ""
+        return delivery.deliver(ctx.settings, ctx.outbox, sr_uid, owner=owner, store=ctx.blobs).value, ""
     except TransientStoreError as exc:
         return "transient", f"transient: {exc}"
     except PermanentStoreError as exc:
@@ -69,6 +73,13 @@ def _fail_study(ctx: WorkerContext, study_uid: str, version: int, exc: BaseExcep
     ctx.index.set_state(study_uid, StudyState.FAILED, reason[:2000], version=version)
     log.error("study %s v%d: %s", study_uid, version, reason, exc_info=exc)
     return {"study_uid": study_uid, "version": version, "outcome": "failed", "reason": reason}
+
+
+def _instance_copies(ctx: WorkerContext, snapshot: StudySnapshot, owner: str) -> AbstractContextManager[StudySnapshot]:
+    """The snapshot as the pipeline reads it: with an object store, on this job's verified copies."""
+    if ctx.blobs is None or ctx.uploads is None:
+        return nullcontext(snapshot)  # one box, or a shared data directory: the listener's files
+    return fetch.local_copies(ctx.settings, ctx.uploads, ctx.blobs, snapshot, owner)
 
 
 @shared_task(
@@ -97,8 +108,17 @@ def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[st
         snapshot = read_study(ctx.index, ctx.settings, study_uid, version)
         received_at = snapshot.last_received_at
         metrics.job_started(received_at, ctx.settings.quiet_period)
-        with metrics.time_stage("analysis"):
-            result = pipeline.run_study(ctx.settings, ctx.index, ctx.outbox, ctx.engine, ctx.bundle_version(), snapshot)
+        with metrics.time_stage("analysis"), _instance_copies(ctx, snapshot, owner) as snapshot:
+            result = pipeline.run_study(
+                ctx.settings,
+                ctx.index,
+                ctx.outbox,
+                ctx.engine,
+                ctx.bundle_version(),
+                snapshot,
+                owner=owner,
+                store=ctx.blobs,
+            )
     except TRANSIENT_ANALYSIS_ERRORS:
         raise  # retried by Celery (autoretry_for), bounded, with backoff
     except StudyNotYetQueuedError as exc:

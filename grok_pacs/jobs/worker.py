@@ -30,6 +30,8 @@ from grok_pacs.ops import health, metrics, observability
 from grok_pacs.report import dispositions
 from grok_pacs.store.index import StudyIndex
 from grok_pacs.store.outbox import Outbox
+from grok_pacs.store.storage import open_blob_store
+from grok_pacs.store.uploads import Uploads
 
 if TYPE_CHECKING:  # the engine (torch) is imported only by the worker that loads it
     from grok_pacs.analysis.engine import Engine
@@ -46,8 +48,12 @@ class WorkerContext:
             dispositions.load_table(settings.disposition_table)
         except dispositions.DispositionTableError as exc:
             raise SettingsError(f"disposition_table: {exc}") from exc
-        self.index = StudyIndex(settings.index_path)
-        self.outbox = Outbox(settings.index_path)
+        self.index = StudyIndex(settings.resolved_database_url)
+        self.outbox = Outbox(self.index.engine)  # one connection pool per process
+        # With an object store, instances are fetched from it (grok_pacs.jobs.fetch), never from the
+        # listener's disk.
+        self.uploads = Uploads(self.index.engine) if settings.storage_url is not None else None
+        self.blobs = open_blob_store(settings) if settings.storage_url is not None else None
         self._engine: Engine | None = None
         self._bundle_version: str | None = None
         self._engine_lock = threading.Lock()

@@ -114,6 +114,13 @@ GATE_REASONS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+UPLOADS = Counter(
+    "grok_pacs_uploads",
+    "Instances the uploader put into the object store, by outcome (uploaded; refused: stays LOCAL, see the log;"
+    " store_down: a pass stopped because the store was unavailable)",
+    ["outcome"],
+    registry=REGISTRY,
+)
 BUNDLE_INFO = Info(
     "grok_pacs_bundle",
     "The model bundle this process has loaded",
@@ -129,6 +136,8 @@ for _kind in ("transient", "permanent"):
     SR_DELIVERY_FAILURES.labels(kind=_kind)
 for _outcome in ("passed", "failed"):
     NARRATIVES.labels(outcome=_outcome)
+for _outcome in ("uploaded", "refused", "store_down"):
+    UPLOADS.labels(outcome=_outcome)
 
 
 def association_accepted() -> None:
@@ -152,6 +161,11 @@ def instance_duplicate() -> None:
 def instance_failed(reason: str) -> None:
     """Count one refused or failed C-STORE; `reason` is a short fixed word such as "disk_full"."""
     INSTANCES_FAILED.labels(reason=reason).inc()
+
+
+def upload(outcome: str) -> None:
+    """Count one uploader outcome: "uploaded", "refused" or "store_down"."""
+    UPLOADS.labels(outcome=outcome).inc()
 
 
 def observe_stage(stage: str, seconds: float) -> None:

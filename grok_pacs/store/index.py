@@ -1,8 +1,7 @@
-"""The durable study index: every stored instance and the state of every study, in SQLite.
+"""The durable study index: every stored instance and the state of every study (tables in `db`).
 
-One file (`settings.index_path`), WAL journal with `synchronous=FULL`, so a committed row survives a
-crash and readers (CLI, worker) never block the listener. Other modules may add their own tables to the
-same file through `open_connection()`.
+Embedded, one SQLite file (`settings.index_path`, WAL, `synchronous=FULL`): a committed row survives a
+crash and readers (CLI, worker) never block the listener. On a server, PostgreSQL (`database_url`).
 
 Study versions: a study is queued as version 1 when it first goes quiet. An instance that arrives
 after that puts the study back into RECEIVING, and assembly queues it again as version N+1. A job for
@@ -11,15 +10,21 @@ an older version finds the study's version moved on; `set_state(..., version=v)`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-BUSY_TIMEOUT_MS = 30_000
+from sqlalchemy import Engine, and_, bindparam, delete, func, literal, or_, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import ResourceClosedError
+
+from grok_pacs.store import db, schema
 
 
 class StudyState(StrEnum):
@@ -67,69 +72,91 @@ class StoredStudy:
     instances: tuple[InstanceRecord, ...]
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS instances (
-    sop_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    series_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    modality TEXT NOT NULL,
-    laterality TEXT NOT NULL,
-    frames INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    path TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    calling_ae TEXT NOT NULL,
-    acquisition_datetime TEXT NOT NULL,
-    transfer_syntax TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS instances_by_study ON instances(study_uid);
-CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY,
-    state TEXT NOT NULL,
-    version INTEGER NOT NULL DEFAULT 0,
-    detail TEXT NOT NULL DEFAULT '',
-    instance_count INTEGER NOT NULL DEFAULT 0,
-    first_received_at REAL NOT NULL,
-    last_received_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS studies_by_state ON studies(state, last_received_at);
-"""
-
 _INSTANCE_FIELDS = [field.name for field in dataclasses.fields(InstanceRecord)]
 _STUDY_FIELDS = [field.name for field in dataclasses.fields(StudyRecord)]
+_INSTANCE_COLUMNS = [db.instances.c[name] for name in _INSTANCE_FIELDS]
+_STUDY_COLUMNS = [db.studies.c[name] for name in _STUDY_FIELDS]
 
 
-def open_connection(path: Path) -> sqlite3.Connection:
-    """A connection to the index file with the project's pragmas (WAL, full sync, busy timeout)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    return conn
-
-
-def _study(row: tuple) -> StudyRecord:
+def _study(row: Any) -> StudyRecord:
     values = dict(zip(_STUDY_FIELDS, row))
     values["state"] = StudyState(values["state"])
     return StudyRecord(**values)
 
 
-class StudyIndex:
-    """Thread-safe access to the index: one connection, serialised by a lock (SQLite has one writer)."""
+def _insert_instance(engine: Engine) -> Any:
+    """INSERT an instance row unless its SOP Instance UID is known; returns a row only when inserted."""
+    table = db.instances
+    values = {name: bindparam(name) for name in _INSTANCE_FIELDS}
+    return db.insert(engine, table).values(values).on_conflict_do_nothing().returning(table.c.sop_uid)
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.RLock()
-        self._conn = open_connection(self.path)
-        with self._lock:
-            self._conn.executescript(_SCHEMA)
+
+def _upsert_study(engine: Engine) -> Any:
+    """Create the instance's study RECEIVING, or count the instance in and put it back into RECEIVING."""
+    table = db.studies
+    received = bindparam("received_at")
+    new = db.insert(engine, table).values(
+        study_uid=bindparam("study_uid"),
+        state=StudyState.RECEIVING.value,
+        version=0,
+        detail="",
+        instance_count=1,
+        first_received_at=received,
+        last_received_at=received,
+        updated_at=db.clock(engine),
+    )
+    return new.on_conflict_do_update(
+        index_elements=[table.c.study_uid],
+        set_={
+            "state": new.excluded.state,
+            "detail": "",
+            "instance_count": table.c.instance_count + 1,
+            "first_received_at": db.least(engine, table.c.first_received_at, new.excluded.first_received_at),
+            "last_received_at": db.greatest(engine, table.c.last_received_at, new.excluded.last_received_at),
+            "updated_at": new.excluded.updated_at,
+        },
+    )
+
+
+class StudyIndex:
+    """Thread-safe access to the index tables; every call is one short transaction.
+
+    `target` is a database URL, an SQLite file path (the embedded index) or an engine to share. On SQLite
+    this process's writes take a lock first: SQLite has one writer, and waiting on a lock is cheaper than
+    SQLite's busy-retry sleeps.
+    """
+
+    def __init__(self, target: str | Path | Engine) -> None:
+        self._owns_engine = not isinstance(target, Engine)
+        self._closed = False
+        self.engine = db.open_engine(target) if not isinstance(target, Engine) else target
+        self._write_lock = threading.Lock() if db.is_sqlite(self.engine) else contextlib.nullcontext()
+        schema.open_schema(self.engine)
+        # Built once: the listener adds one row per instance, and building them costs more than running them.
+        self._insert_instance = _insert_instance(self.engine)
+        self._upsert_study = _upsert_study(self.engine)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        """Release the connections; any later call raises (a DatabaseError), never reopens silently."""
+        self._closed = True
+        if self._owns_engine:
+            self.engine.dispose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ResourceClosedError("the study index is closed")
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[Connection]:
+        self._check_open()
+        with db.transaction(self.engine, write=False) as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        self._check_open()
+        with self._write_lock, db.transaction(self.engine) as conn:
+            yield conn
 
     def add_instance(self, rec: InstanceRecord) -> bool:
         """Record a durable instance; False (and no change) when its SOP Instance UID is already known.
@@ -141,138 +168,213 @@ class StudyIndex:
 
     def add_instances(self, records: list[InstanceRecord]) -> list[bool]:
         """`add_instance` for each record in ONE transaction (one commit, one fsync): all or none."""
-        with self._lock, self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
-            return [self._add(rec) for rec in records]
+        with self._write() as conn:
+            return [self._add(conn, rec) for rec in records]
 
-    def _add(self, rec: InstanceRecord) -> bool:
-        placeholders = ",".join("?" for _ in _INSTANCE_FIELDS)
-        cursor = self._conn.execute(
-            f"INSERT OR IGNORE INTO instances ({','.join(_INSTANCE_FIELDS)}) VALUES ({placeholders})",
-            dataclasses.astuple(rec),
-        )
-        if cursor.rowcount == 0:
+    def _add(self, conn: Connection, rec: InstanceRecord) -> bool:
+        params = {name: getattr(rec, name) for name in _INSTANCE_FIELDS}
+        params["now"] = time.time()  # the clock of SQLite (PostgreSQL reads its own)
+        if conn.execute(self._insert_instance, params).first() is None:  # known already
             return False
-        self._conn.execute(
-            """INSERT INTO studies (study_uid, state, version, detail, instance_count,
-                                    first_received_at, last_received_at, updated_at)
-               VALUES (?, ?, 0, '', 1, ?, ?, ?)
-               ON CONFLICT(study_uid) DO UPDATE SET
-                   state = excluded.state, detail = '',
-                   instance_count = instance_count + 1,
-                   first_received_at = MIN(first_received_at, excluded.first_received_at),
-                   last_received_at = MAX(last_received_at, excluded.last_received_at),
-                   updated_at = excluded.updated_at""",
-            (rec.study_uid, StudyState.RECEIVING.value, rec.received_at, rec.received_at, time.time()),
-        )
+        conn.execute(self._upsert_study, params)
         return True
 
     def has_instance(self, sop_uid: str) -> bool:
-        with self._lock:
-            row = self._conn.execute("SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
+        with self._read() as conn:
+            row = conn.execute(select(literal(1)).where(db.instances.c.sop_uid == str(sop_uid))).first()
         return row is not None
 
     def instance_paths(self) -> set[str]:
         """Relative paths of every indexed instance (recovery compares them with the disk)."""
-        with self._lock:
-            return {row[0] for row in self._conn.execute("SELECT path FROM instances")}
+        with self._read() as conn:
+            return set(conn.execute(select(db.instances.c.path)).scalars())
 
     def forget_paths(self, paths: set[str]) -> int:
         """Drop instances whose file is gone (recovery: never acknowledged); recount their studies."""
         if not paths:
             return 0
-        with self._lock, self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
-            studies: dict[str, int] = {}
+        inst, table = db.instances, db.studies
+        with self._write() as conn:
+            counts: dict[str, int] = {}
             for path in paths:
-                row = self._conn.execute("DELETE FROM instances WHERE path = ? RETURNING study_uid", (path,)).fetchone()
-                if row is not None:
-                    studies[row[0]] = studies.get(row[0], 0) + 1
-            for study_uid in studies:
-                self._conn.execute(
-                    "UPDATE studies SET instance_count = (SELECT COUNT(*) FROM instances WHERE study_uid = ?), "
-                    "updated_at = ? WHERE study_uid = ?",
-                    (study_uid, time.time(), study_uid),
+                gone = conn.execute(delete(inst).where(inst.c.path == path).returning(inst.c.study_uid)).scalars()
+                for study_uid in gone:
+                    counts[study_uid] = counts.get(study_uid, 0) + 1
+            for study_uid in counts:
+                remaining = select(func.count()).select_from(inst).where(inst.c.study_uid == study_uid)
+                conn.execute(
+                    update(table)
+                    .where(table.c.study_uid == study_uid)
+                    .values(instance_count=remaining.scalar_subquery(), updated_at=db.now(conn))
                 )
-                self._conn.execute("DELETE FROM studies WHERE study_uid = ? AND instance_count = 0", (study_uid,))
-            return sum(studies.values())
+                conn.execute(delete(table).where(table.c.study_uid == study_uid, table.c.instance_count == 0))
+            return sum(counts.values())
 
-    def _select_instances(self, study_uid: str) -> list[InstanceRecord]:
-        rows = self._conn.execute(
-            f"SELECT {','.join(_INSTANCE_FIELDS)} FROM instances WHERE study_uid = ? "
-            "ORDER BY series_uid, received_at, sop_uid",
-            (study_uid,),
-        ).fetchall()
+    @staticmethod
+    def _select_instances(conn: Connection, study_uid: str) -> list[InstanceRecord]:
+        inst = db.instances
+        rows = conn.execute(
+            select(*_INSTANCE_COLUMNS)
+            .where(inst.c.study_uid == study_uid)
+            .order_by(inst.c.series_uid, inst.c.received_at, inst.c.sop_uid)
+        )
         return [InstanceRecord(*row) for row in rows]
 
-    def _select_study(self, study_uid: str) -> StudyRecord | None:
-        row = self._conn.execute(
-            f"SELECT {','.join(_STUDY_FIELDS)} FROM studies WHERE study_uid = ?", (study_uid,)
-        ).fetchone()
+    @staticmethod
+    def _select_study(conn: Connection, study_uid: str) -> StudyRecord | None:
+        row = conn.execute(select(*_STUDY_COLUMNS).where(db.studies.c.study_uid == study_uid)).first()
         return None if row is None else _study(row)
 
     def instances(self, study_uid: str) -> list[InstanceRecord]:
-        with self._lock:
-            return self._select_instances(study_uid)
+        with self._read() as conn:
+            return self._select_instances(conn, str(study_uid))  # str: not pydicom's UID (a str subclass)
 
     def study(self, study_uid: str) -> StudyRecord | None:
-        with self._lock:
-            return self._select_study(study_uid)
+        with self._read() as conn:
+            return self._select_study(conn, str(study_uid))
 
     def read_study(self, study_uid: str) -> StoredStudy | None:
         """The study and its instances as of one moment (one read transaction); None if unknown."""
-        with self._lock:
-            self._conn.execute("BEGIN")  # WAL: both SELECTs see the same committed state
-            try:
-                study = self._select_study(study_uid)
-                instances = tuple(self._select_instances(study_uid)) if study is not None else ()
-            finally:
-                self._conn.execute("COMMIT")
+        with self._read() as conn:  # both SELECTs see one snapshot
+            study = self._select_study(conn, study_uid)
+            instances = tuple(self._select_instances(conn, study_uid)) if study is not None else ()
         return None if study is None else StoredStudy(study, instances)
 
     def studies(self) -> list[StudyRecord]:
         """All studies, most recently received first."""
-        with self._lock:
-            rows = self._conn.execute(
-                f"SELECT {','.join(_STUDY_FIELDS)} FROM studies ORDER BY last_received_at DESC"
-            ).fetchall()
+        with self._read() as conn:
+            rows = conn.execute(select(*_STUDY_COLUMNS).order_by(db.studies.c.last_received_at.desc())).all()
         return [_study(row) for row in rows]
 
     def count_by_state(self) -> dict[str, int]:
         """Number of studies in each state, every state present (for the grok_pacs_studies gauge)."""
-        with self._lock:
-            rows = self._conn.execute("SELECT state, COUNT(*) FROM studies GROUP BY state").fetchall()
+        table = db.studies
+        with self._read() as conn:
+            rows = conn.execute(select(table.c.state, func.count()).group_by(table.c.state)).all()
         counts = {state.value: 0 for state in StudyState}
         counts.update({state: count for state, count in rows})
         return counts
 
     def due_studies(self, cutoff: float) -> list[StudyRecord]:
         """RECEIVING studies whose last instance arrived at or before `cutoff` (complete, not queued)."""
-        with self._lock:
-            rows = self._conn.execute(
-                f"SELECT {','.join(_STUDY_FIELDS)} FROM studies WHERE state = ? AND last_received_at <= ? "
-                "ORDER BY last_received_at",
-                (StudyState.RECEIVING.value, cutoff),
-            ).fetchall()
+        table = db.studies
+        with self._read() as conn:
+            rows = conn.execute(
+                select(*_STUDY_COLUMNS)
+                .where(table.c.state == StudyState.RECEIVING.value, table.c.last_received_at <= cutoff)
+                .order_by(table.c.last_received_at)
+            ).all()
         return [_study(row) for row in rows]
+
+    def quiet_studies(self, quiet_period: float) -> list[StudyRecord]:
+        """RECEIVING studies without a new instance for `quiet_period` s, measured on the database's clock
+        (the time of each study's last write), so listeners on several hosts agree on when it is quiet."""
+        table = db.studies
+        with self._read() as conn:
+            rows = conn.execute(
+                select(*_STUDY_COLUMNS)
+                .where(
+                    table.c.state == StudyState.RECEIVING.value,
+                    table.c.updated_at <= db.now(conn) - quiet_period,
+                )
+                .order_by(table.c.last_received_at)
+            ).all()
+        return [_study(row) for row in rows]
+
+    def queue_quiet(
+        self,
+        quiet_period: float,
+        publish: Callable[[StudyRecord, int], str],
+        *,
+        cutoff: float | None = None,
+        held: Callable[[], set[str]] | None = None,
+    ) -> list[tuple[StudyRecord, int, str]]:
+        """Queue each quiet RECEIVING study once, even with several listeners sweeping one database.
+
+        Per study one transaction: lock its row (`FOR UPDATE SKIP LOCKED` on PostgreSQL: a study another
+        sweeper holds is skipped; SQLite has one writer), check it is still RECEIVING and quiet, publish
+        its job (`publish(study, version)` -> task id), record QUEUED at that version. A publish that
+        raises rolls the study back to RECEIVING, for the next pass. `cutoff` (host time): due when the
+        last instance arrived at or before it, instead of `quiet_period` on the database's clock. `held()`
+        names quiet studies that are not complete yet (read after the quiet ones: an instance arriving in
+        between makes its study not quiet at the locked re-check).
+        Returns [(study as it was, version queued, task id)].
+        """
+        table, queued = db.studies, []
+        due = self.quiet_studies(quiet_period) if cutoff is None else self.due_studies(cutoff)
+        waiting = held() if due and held is not None else set()
+        for candidate in (study for study in due if study.study_uid not in waiting):
+            with self._write() as conn:
+                quiet = table.c.updated_at <= db.now(conn) - quiet_period
+                row = conn.execute(
+                    select(*_STUDY_COLUMNS)
+                    .where(
+                        table.c.study_uid == candidate.study_uid,
+                        table.c.state == StudyState.RECEIVING.value,
+                        quiet if cutoff is None else table.c.last_received_at <= cutoff,
+                    )
+                    .with_for_update(skip_locked=True)
+                ).first()
+                if row is None:  # queued by another listener meanwhile, or grew: not quiet any more
+                    continue
+                study = _study(row)
+                task_id = publish(study, study.version + 1)
+                conn.execute(
+                    update(table)
+                    .where(table.c.study_uid == study.study_uid)
+                    .values(
+                        state=StudyState.QUEUED.value, version=study.version + 1, detail="", updated_at=db.now(conn)
+                    )
+                )
+            queued.append((study, study.version + 1, task_id))
+        return queued
+
+    def claim_study(self, study_uid: str, version: int, owner: str, *, lease_s: float, detail: str = "") -> bool:
+        """QUEUED -> ANALYSING for `version`, in one conditional UPDATE: True for the one job that may run
+        the model. ANALYSING by the same `owner` (its redelivered job) or with a claim older than `lease_s`
+        (database time: its worker died) may be claimed again; a duplicate job for the version gets False."""
+        table = db.studies
+        with self._write() as conn:
+            stamp = db.now(conn)
+            analysing = and_(
+                table.c.state == StudyState.ANALYSING.value,
+                or_(table.c.claimed_by == owner, table.c.claimed_at < stamp - lease_s),
+            )
+            query = (
+                update(table)
+                .where(
+                    table.c.study_uid == study_uid,
+                    table.c.version == version,
+                    or_(table.c.state == StudyState.QUEUED.value, analysing),
+                )
+                .values(
+                    state=StudyState.ANALYSING.value,
+                    detail=detail,
+                    claimed_by=owner,
+                    claimed_at=stamp,
+                    updated_at=stamp,
+                )
+                .returning(table.c.study_uid)
+            )
+            return conn.execute(query).first() is not None
 
     def mark_queued(self, study_uid: str, version: int, last_received_at: float) -> bool:
         """RECEIVING -> QUEUED at `version`, only if no instance arrived since `last_received_at`."""
-        with self._lock, self._conn:
-            cursor = self._conn.execute(
-                "UPDATE studies SET state = ?, version = ?, detail = '', updated_at = ? "
-                "WHERE study_uid = ? AND state = ? AND version = ? AND last_received_at = ?",
-                (
-                    StudyState.QUEUED.value,
-                    version,
-                    time.time(),
-                    study_uid,
-                    StudyState.RECEIVING.value,
-                    version - 1,
-                    last_received_at,
-                ),
+        table = db.studies
+        with self._write() as conn:
+            return (
+                conn.execute(
+                    update(table)
+                    .where(
+                        table.c.study_uid == study_uid,
+                        table.c.state == StudyState.RECEIVING.value,
+                        table.c.version == version - 1,
+                        table.c.last_received_at == last_received_at,
+                    )
+                    .values(state=StudyState.QUEUED.value, version=version, detail="", updated_at=db.now(conn))
+                ).rowcount
+                == 1
             )
-            return cursor.rowcount == 1
 
     def set_state(self, study_uid: str, state: StudyState, detail: str = "", version: int | None = None) -> bool:
         """Set a study's state; True if it changed.
@@ -280,10 +382,13 @@ class StudyIndex:
         With `version`, the change applies only while the study is still at that version and has not
         received new instances since (state RECEIVING): a job for an outdated version changes nothing.
         """
-        query = "UPDATE studies SET state = ?, detail = ?, updated_at = ? WHERE study_uid = ?"
-        params: list[object] = [StudyState(state).value, detail, time.time(), study_uid]
-        if version is not None:
-            query += " AND version = ? AND state != ?"
-            params += [version, StudyState.RECEIVING.value]
-        with self._lock, self._conn:
-            return self._conn.execute(query, params).rowcount == 1
+        table = db.studies
+        with self._write() as conn:
+            query = (
+                update(table)
+                .where(table.c.study_uid == study_uid)
+                .values(state=StudyState(state).value, detail=detail, updated_at=db.now(conn))
+            )
+            if version is not None:
+                query = query.where(table.c.version == version, table.c.state != StudyState.RECEIVING.value)
+            return conn.execute(query).rowcount == 1

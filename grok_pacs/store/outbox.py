@@ -1,6 +1,6 @@
-"""Durable outbox of result instances waiting for delivery: one row per SOP Instance UID in the index
-SQLite file. A result is an eye's SR (`kind` SR) or the study's PDF report (`kind` PDF, eye empty); the
-column keeps its historical name `sr_uid`.
+"""Durable outbox of result instances waiting for delivery: one row per SOP Instance UID in the `outbox`
+table of the index database (`db`). A result is an eye's SR (`kind` SR) or the study's PDF report (`kind`
+PDF, eye empty); the column keeps its historical name `sr_uid`.
 
 The row is the delivery's state machine, so that a result survives worker restarts and is sent to the PACS
 at most once per claim:
@@ -16,43 +16,17 @@ the same row; a DELIVERED row is never sent again.
 
 from __future__ import annotations
 
-import sqlite3
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
-from grok_pacs.store.index import open_connection
+from sqlalchemy import Engine, and_, false, or_, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import ColumnElement
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
-    sr_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    study_version INTEGER NOT NULL,
-    bundle_version TEXT NOT NULL,
-    eye TEXT NOT NULL,
-    path TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT NOT NULL DEFAULT '',
-    claimed_by TEXT NOT NULL DEFAULT '',
-    claimed_at REAL,
-    destination TEXT NOT NULL DEFAULT '',
-    note TEXT NOT NULL DEFAULT '',
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    delivered_at REAL,
-    kind TEXT NOT NULL DEFAULT 'SR'
-);
-CREATE INDEX IF NOT EXISTS outbox_study ON outbox(study_uid, study_version);
-CREATE INDEX IF NOT EXISTS outbox_state ON outbox(state);
-"""
-
-
-#: Added after the first release: an outbox created before it gets the column (every old row is an SR).
-_ADD_KIND = "ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT 'SR'"
+from grok_pacs.store import db, schema
 
 
 class ResultKind(StrEnum):
@@ -97,7 +71,7 @@ class OutboxRow:
     study_version: int
     bundle_version: str
     eye: str  #: "R"/"L" for an SR, "" for the study's PDF
-    path: str  #: relative to the data directory
+    path: str  #: relative to the data directory, or an object-store key (grok_pacs.delivery.results)
     note: str = ""
     kind: ResultKind = ResultKind.SR
 
@@ -107,53 +81,36 @@ class OutboxError(RuntimeError):
 
 
 class Outbox:
-    """The outbox table; every call opens a short transaction, so several processes can share it."""
+    """The outbox table; every call is one short transaction, so several processes can share it.
 
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = Path(db_path)
-        db = open_connection(self.db_path)
-        try:
-            db.executescript(SCHEMA)
-            if "kind" not in {row[1] for row in db.execute("PRAGMA table_info(outbox)")}:
-                try:
-                    db.execute(_ADD_KIND)
-                except sqlite3.OperationalError as exc:  # another process added it between our two lines
-                    if "duplicate column" not in str(exc):
-                        raise
-        finally:
-            db.close()
+    `target` is a database URL, an SQLite file path (the embedded index) or an engine to share.
+    """
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """A BEGIN IMMEDIATE transaction: claims are atomic across processes."""
-        db = open_connection(self.db_path)  # WAL, synchronous=FULL, busy timeout: same as the index
-        try:
-            db.row_factory = sqlite3.Row
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        finally:
-            db.close()
+    def __init__(self, target: str | Path | Engine) -> None:
+        self._owns_engine = not isinstance(target, Engine)
+        self.engine = db.open_engine(target) if not isinstance(target, Engine) else target
+        schema.open_schema(self.engine)  # SQLite: also adds `kind` to an outbox made before it
+
+    def close(self) -> None:
+        if self._owns_engine:
+            self.engine.dispose()
 
     @staticmethod
-    def _entry(row: sqlite3.Row | None) -> OutboxEntry | None:
+    def _entry(row: Any) -> OutboxEntry | None:
         if row is None:
             return None
-        values = dict(row)
+        values = dict(row._mapping)
         values["state"] = OutboxState(values["state"])
         values["kind"] = ResultKind(values["kind"])
         return OutboxEntry(**values)
 
-    def _get(self, db: sqlite3.Connection, sr_uid: str) -> OutboxEntry | None:
-        return self._entry(db.execute("SELECT * FROM outbox WHERE sr_uid = ?", (sr_uid,)).fetchone())
+    @staticmethod
+    def _get(conn: Connection, sr_uid: str) -> OutboxEntry | None:
+        return Outbox._entry(conn.execute(select(db.outbox).where(db.outbox.c.sr_uid == sr_uid)).first())
 
     def get(self, sr_uid: str) -> OutboxEntry | None:
-        with self._tx() as db:
-            return self._get(db, sr_uid)
+        with db.transaction(self.engine, write=False) as conn:
+            return self._get(conn, sr_uid)
 
     def put(
         self,
@@ -177,37 +134,41 @@ class Outbox:
 
     def put_many(self, rows: list[OutboxRow]) -> list[OutboxEntry]:
         """`put` for several results in ONE transaction: a study run's SRs and PDF appear together or not
-        at all, so a crash never leaves some of them queued and the others unmade."""
-        now = time.time()
+        at all, so a crash never leaves some of them queued and the others unmade.
+
+        Each row is one statement (insert, or on conflict refresh a PENDING row only), so two jobs putting
+        the same UID at once never both insert, on either dialect."""
+        table = db.outbox
         entries = []
-        with self._tx() as db:
+        with db.transaction(self.engine) as conn:
+            stamp = db.now(conn)
             for row in rows:
-                current = self._get(db, row.sr_uid)
-                if current is None:
-                    db.execute(
-                        "INSERT INTO outbox (sr_uid, study_uid, study_version, bundle_version, eye, path, state,"
-                        " note, created_at, updated_at, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            row.sr_uid,
-                            row.study_uid,
-                            row.study_version,
-                            row.bundle_version,
-                            row.eye,
-                            row.path,
-                            OutboxState.PENDING,
-                            row.note,
-                            now,
-                            now,
-                            ResultKind(row.kind),
-                        ),
+                new = db.insert(conn, table).values(
+                    sr_uid=row.sr_uid,
+                    study_uid=row.study_uid,
+                    study_version=row.study_version,
+                    bundle_version=row.bundle_version,
+                    eye=row.eye,
+                    path=row.path,
+                    state=OutboxState.PENDING.value,
+                    note=row.note,
+                    created_at=stamp,
+                    updated_at=stamp,
+                    kind=ResultKind(row.kind).value,
+                )
+                conn.execute(
+                    new.on_conflict_do_update(
+                        index_elements=[table.c.sr_uid],
+                        set_={
+                            "path": new.excluded.path,
+                            "last_error": "",
+                            "note": new.excluded.note,
+                            "updated_at": stamp,
+                        },
+                        where=table.c.state == OutboxState.PENDING.value,
                     )
-                elif current.state is OutboxState.PENDING:
-                    db.execute(
-                        "UPDATE outbox SET path = ?, state = ?, last_error = '', note = ?, updated_at = ?"
-                        " WHERE sr_uid = ?",
-                        (row.path, OutboxState.PENDING, row.note, now, row.sr_uid),
-                    )
-                entry = self._get(db, row.sr_uid)
+                )
+                entry = self._get(conn, row.sr_uid)
                 assert entry is not None
                 entries.append(entry)
         return entries
@@ -215,39 +176,63 @@ class Outbox:
     def claim(self, sr_uid: str, owner: str, *, lease_s: float) -> OutboxEntry | None:
         """Take the row for sending: PENDING, or SENDING by the same owner or with an expired lease.
 
+        One conditional UPDATE ... RETURNING: of two callers racing for a row, exactly one gets it.
         Returns the claimed entry, or None when the row is DELIVERED, FAILED or sent by someone else now.
         Raises OutboxError when no such SR is in the outbox.
         """
-        now = time.time()
-        with self._tx() as db:
-            current = self._get(db, sr_uid)
-            if current is None:
+        table = db.outbox
+        with db.transaction(self.engine) as conn:
+            stamp = db.now(conn)
+            claimed = conn.execute(
+                update(table)
+                .where(table.c.sr_uid == sr_uid, self._claimable(conn, owner, lease_s))
+                .values(
+                    state=OutboxState.SENDING.value,
+                    claimed_by=owner,
+                    claimed_at=stamp,
+                    attempts=table.c.attempts + 1,
+                    updated_at=stamp,
+                )
+                .returning(*table.columns)
+            ).first()
+            if claimed is None and self._get(conn, sr_uid) is None:
                 raise OutboxError(f"SR {sr_uid} is not in the outbox")
-            sending_free = current.state is OutboxState.SENDING and (
-                current.claimed_by == owner or (current.claimed_at or 0.0) < now - lease_s
-            )
-            if current.state is not OutboxState.PENDING and not sending_free:
-                return None
-            db.execute(
-                "UPDATE outbox SET state = ?, claimed_by = ?, claimed_at = ?, attempts = attempts + 1,"
-                " updated_at = ? WHERE sr_uid = ?",
-                (OutboxState.SENDING, owner, now, now, sr_uid),
-            )
-            return self._get(db, sr_uid)
+            return self._entry(claimed)
+
+    @staticmethod
+    def _claimable(conn: Connection, owner: str, lease_s: float) -> ColumnElement[bool]:
+        """PENDING, or SENDING by `owner`, or SENDING with a lease older than `lease_s` (database time)."""
+        table = db.outbox
+        sending = table.c.state == OutboxState.SENDING.value
+        expired = false() if math.isinf(lease_s) else table.c.claimed_at < db.now(conn) - lease_s
+        return or_(table.c.state == OutboxState.PENDING.value, and_(sending, or_(table.c.claimed_by == owner, expired)))
 
     def _finish(self, sr_uid: str, owner: str, state: OutboxState, error: str, destination: str = "") -> OutboxEntry:
-        now = time.time()
-        with self._tx() as db:
-            current = self._get(db, sr_uid)
-            if current is None or current.state is not OutboxState.SENDING or current.claimed_by != owner:
+        table = db.outbox
+        with db.transaction(self.engine) as conn:
+            stamp = db.now(conn)
+            done = conn.execute(
+                update(table)
+                .where(
+                    table.c.sr_uid == sr_uid,
+                    table.c.state == OutboxState.SENDING.value,
+                    table.c.claimed_by == owner,
+                )
+                .values(
+                    state=state.value,
+                    last_error=error,
+                    destination=destination,
+                    updated_at=stamp,
+                    claimed_by="",
+                    delivered_at=stamp if state is OutboxState.DELIVERED else None,
+                )
+                .returning(*table.columns)
+            ).first()
+            if done is None:
+                current = self._get(conn, sr_uid)
                 found = "missing" if current is None else f"{current.state} by {current.claimed_by!r}"
                 raise OutboxError(f"SR {sr_uid}: expected SENDING by {owner!r}, found {found}")
-            db.execute(
-                "UPDATE outbox SET state = ?, last_error = ?, destination = ?, updated_at = ?, claimed_by = '',"
-                " delivered_at = ? WHERE sr_uid = ?",
-                (state, error, destination, now, now if state is OutboxState.DELIVERED else None, sr_uid),
-            )
-            entry = self._get(db, sr_uid)
+            entry = self._entry(done)
             assert entry is not None
             return entry
 
@@ -263,22 +248,26 @@ class Outbox:
         return self._finish(sr_uid, owner, OutboxState.FAILED, error)
 
     def for_study(self, study_uid: str, study_version: int | None = None) -> list[OutboxEntry]:
-        with self._tx() as db:
-            if study_version is None:
-                rows = db.execute("SELECT * FROM outbox WHERE study_uid = ? ORDER BY created_at", (study_uid,))
-            else:
-                rows = db.execute(
-                    "SELECT * FROM outbox WHERE study_uid = ? AND study_version = ? ORDER BY created_at",
-                    (study_uid, study_version),
-                )
-            return [e for e in map(self._entry, rows.fetchall()) if e is not None]
+        table = db.outbox
+        query = select(table).where(table.c.study_uid == study_uid).order_by(table.c.created_at)
+        if study_version is not None:
+            query = query.where(table.c.study_version == study_version)
+        with db.transaction(self.engine, write=False) as conn:
+            return [e for e in map(self._entry, conn.execute(query)) if e is not None]
 
     def undelivered(self, *, lease_s: float) -> list[OutboxEntry]:
         """Rows a restart must deliver: PENDING, and SENDING whose lease has expired (sender gone)."""
-        cutoff = time.time() - lease_s
-        with self._tx() as db:
-            rows = db.execute(
-                "SELECT * FROM outbox WHERE state = ? OR (state = ? AND claimed_at < ?) ORDER BY created_at",
-                (OutboxState.PENDING, OutboxState.SENDING, cutoff),
-            ).fetchall()
-            return [e for e in map(self._entry, rows) if e is not None]
+        table = db.outbox
+        with db.transaction(self.engine, write=False) as conn:
+            expired = table.c.claimed_at < db.now(conn) - lease_s
+            query = (
+                select(table)
+                .where(
+                    or_(
+                        table.c.state == OutboxState.PENDING.value,
+                        and_(table.c.state == OutboxState.SENDING.value, expired),
+                    )
+                )
+                .order_by(table.c.created_at)
+            )
+            return [e for e in map(self._entry, conn.execute(query)) if e is not None]

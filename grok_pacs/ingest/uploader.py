@@ -1,0 +1,113 @@
+"""The per-host uploader: copies each LOCAL instance received on this host into the object store and
+records it UPLOADED (grok_pacs.store.uploads), only when `storage_url` is set.
+
+C-STORE answers Success after the local fsync and the index commit (receiving straight into S3 is ~30x
+slower); this loop uploads afterwards. Each pass reads the LOCAL instances from the database, so a
+restart resumes where it stopped. Store down: the pass ends at the first unavailable put, the instances
+stay LOCAL (their studies are not queued) and the next pass tries again. Rows whose file is not on this
+host's disk belong to another listener (a shared database) and are left to that host's uploader.
+The local file is never deleted here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from grok_pacs.dicom.uids import resolve_inside
+from grok_pacs.ops import metrics
+from grok_pacs.store.blobs import BlobError, BlobKey, BlobStore, BlobStoreUnavailable
+from grok_pacs.store.uploads import PendingUpload, Uploads
+
+log = logging.getLogger("grok_pacs.ingest.uploader")
+
+BATCH = 100  # instances read per query; a pass continues until none is left or the store fails
+
+
+@dataclass(frozen=True)
+class UploadPass:
+    uploaded: int  # recorded UPLOADED in this pass
+    failed: int  # refused by the store for this instance (e.g. a corrupt existing object): stays LOCAL
+    store_down: bool  # the pass stopped because the store was unavailable
+
+
+class Uploader:
+    """`run_once()` uploads what it can; `start()` runs passes every `interval` s in a daemon thread."""
+
+    def __init__(self, data_dir: Path, uploads: Uploads, store: BlobStore, interval: float = 1.0) -> None:
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, not {interval}")
+        self.data_dir = Path(data_dir)
+        self.uploads = uploads
+        self.store = store
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._down = False  # log an outage once, and its end once
+
+    @property
+    def store_down(self) -> bool:
+        """The last pass stopped because the store was unavailable (and none has uploaded since)."""
+        return self._down
+
+    def run_once(self) -> UploadPass:
+        uploaded = failed = 0
+        skipped: set[str] = set()  # this pass: another host's or refused instances, not tried again
+        while not self._stop.is_set():
+            batch = [p for p in self.uploads.pending(BATCH + len(skipped)) if p.sop_uid not in skipped]
+            if not batch:
+                break
+            for pending in batch:
+                try:
+                    if self._upload(pending):
+                        uploaded += 1
+                        metrics.upload("uploaded")
+                    else:
+                        skipped.add(pending.sop_uid)
+                except BlobStoreUnavailable as exc:
+                    metrics.upload("store_down")
+                    self._outage(exc)
+                    return UploadPass(uploaded, failed, store_down=True)
+                except (BlobError, ValueError) as exc:
+                    log.error("upload of instance %s refused: %s (it stays LOCAL)", pending.sop_uid, exc)
+                    metrics.upload("refused")
+                    failed += 1
+                    skipped.add(pending.sop_uid)
+        if self._down and uploaded:
+            log.info("object store is back: %d instances uploaded", uploaded)
+            self._down = False
+        return UploadPass(uploaded, failed, store_down=False)
+
+    def _upload(self, pending: PendingUpload) -> bool:
+        """Put one instance and record it; False when its file is not on this host."""
+        path = resolve_inside(self.data_dir, pending.path)
+        if not path.is_file():
+            return False
+        key = BlobKey.for_file("instances", pending.study_uid, pending.sop_uid, path)
+        self.store.put(key, path)
+        self.uploads.record(pending.sop_uid, key)
+        return True
+
+    def _outage(self, exc: BlobStoreUnavailable) -> None:
+        if not self._down:
+            log.warning("object store unavailable, instances stay LOCAL and studies wait: %s", exc)
+            self._down = True
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.run_once()
+            except Exception as exc:  # noqa: BLE001 - survive a database outage; the next pass retries
+                log.error("upload pass failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc, self.interval)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="grok-uploader", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None

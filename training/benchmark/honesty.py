@@ -1,0 +1,73 @@
+"""The figures that keep the phantom benchmark honest (issues 14 and 15), from served reports.
+
+`safety_and_honesty` takes a bundle's engine, the cohort and the test eyes' served reports, runs the
+validation eyes through the same engine, and returns:
+- text health: the share of test narratives that passed the validator (the rest were withheld) and the
+  reasons they failed;
+- the model's own grounding is in `training.benchmark.grounding` (the caller reports it as a headline);
+- calibration: temperature fitted on the validation eyes' label scores, ECE on the test eyes before/after;
+- referral: sensitivity/specificity of the test eyes' dispositions against those their truth calls for;
+- linear-probe ceilings (`training.benchmark.probe`): on the measured biomarkers (train -> test), and on
+  the served estimates (validation -> test: what the language model could read from its prompt).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from training.benchmark.gate import calibration_figures, referral_figures
+from training.benchmark.probe import probe_macro_f1
+
+
+def text_health(reports: Sequence) -> dict:
+    """Share of narratives that passed the validator, repeated sentences per report, distinct-2, and how
+    often each failure reason occurred (over the reports the validator saw: gradable eyes)."""
+    checked = [r.narrative_check for r in reports if r.narrative_check is not None]
+    reasons = Counter(str(reason.value) for check in checked for reason in check.reasons)
+    n = max(len(checked), 1)
+    return {
+        "n": len(reports),
+        "validated": len(checked),
+        "passed_share": sum(check.passed for check in checked) / n,
+        "repeated_sentences_per_report": sum(check.repeated_sentences for check in checked) / n,
+        "distinct_2": sum(check.distinct_2 for check in checked) / n,
+        "failure_reasons": dict(reasons.most_common()),
+    }
+
+
+def _estimates(report) -> dict[str, float]:
+    return {b.key: b.value for b in report.biomarkers}
+
+
+def safety_and_honesty(engine, manifest: Path, test_ids: Sequence[str], test_reports: Sequence) -> dict:
+    """The figures of the module docstring for one bundle (its engine) on the cohort `manifest`."""
+    from training.manifest import load_manifest
+    from training.stage3.features import eye_id
+
+    records = {eye_id(r.subject_id, r.eye): r for r in load_manifest(manifest)}
+    test = [records[case] for case in test_ids]
+    val = [r for r in records.values() if r.split == "val"]
+    train = [r for r in records.values() if r.split == "train"]
+    val_reports = [engine.analyze_eye(r.eye, cfp=r.cfp_path, oct=r.oct_path) for r in val]
+    test_labels = [r.label for r in test]
+    return {
+        "text_health": text_health(test_reports),
+        "calibration": calibration_figures(
+            [r.label_scores for r in val_reports],
+            [r.label.value for r in val],
+            [r.label_scores for r in test_reports],
+            [label.value for label in test_labels],
+        ),
+        "referral": referral_figures(test_reports, [r.label.value for r in test], [r.biomarkers for r in test]),
+        "probe_ceiling_measured": probe_macro_f1(
+            [r.biomarkers for r in train], [r.label for r in train], [r.biomarkers for r in test], test_labels
+        ),
+        "probe_ceiling_estimates": probe_macro_f1(
+            [_estimates(r) for r in val_reports],
+            [r.label for r in val],
+            [_estimates(r) for r in test_reports],
+            test_labels,
+        ),
+    }
