@@ -113,7 +113,7 @@ def _record(study: str, sop: str, received_at: float) -> InstanceRecord:
 
 
 def test_upload_state_on_both_databases(database) -> None:
-    """The uploads table (migration 0002 on PostgreSQL): LOCAL until recorded, once, with its key."""
+    """The upload state (migration 0002 on PostgreSQL): LOCAL until recorded, once, with its key."""
     index = StudyIndex(database)
     uploads = Uploads(index.engine)
     index.add_instances([_record("1.7", "1.7.1", 100.0), _record("1.7", "1.7.2", 101.0), _record("1.8", "1.8.1", 99)])

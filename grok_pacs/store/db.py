@@ -70,7 +70,12 @@ instances = Table(
     Column("calling_ae", Text, nullable=False),
     Column("acquisition_datetime", Text, nullable=False),
     Column("transfer_syntax", Text, nullable=False),
+    # LOCAL until the per-host uploader has put the file into the object store and recorded its key here
+    # (grok_pacs.store.uploads); indexed, so finding what is left to upload never scans every instance.
+    Column("upload_state", Text, nullable=False, server_default="LOCAL"),
+    Column("blob_key", Text, nullable=False, server_default=""),
     Index("instances_by_study", "study_uid"),
+    Index("instances_by_upload_state", "upload_state", "received_at"),
 )
 
 studies = Table(
@@ -87,18 +92,6 @@ studies = Table(
     Column("claimed_by", Text, nullable=False, server_default=""),  # the job analysing this version
     Column("claimed_at", Double),
     Index("studies_by_state", "state", "last_received_at"),
-)
-
-# An instance is LOCAL until it has a row here, UPLOADED with the object's key once it has one
-# (grok_pacs.store.uploads, written by the per-host uploader). A table of its own: the listener's insert
-# stays as it is, and an older database only gains a table.
-uploads = Table(
-    "uploads",
-    metadata,
-    Column("sop_uid", Text, primary_key=True),
-    Column("study_uid", Text, nullable=False),
-    Column("blob_key", Text, nullable=False),
-    Column("uploaded_at", Double, nullable=False),
 )
 
 outbox = Table(
@@ -215,6 +208,8 @@ def create_schema(engine: Engine) -> None:
         for column in table.columns:
             if column.name not in present:
                 _add_column(engine, table, column)
+        for index in table.indexes:  # create_all makes a missing table's indexes, not a new index's
+            index.create(engine, checkfirst=True)
 
 
 def _add_column(engine: Engine, table: Table, column: Column) -> None:
