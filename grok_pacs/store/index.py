@@ -329,6 +329,34 @@ class StudyIndex:
             queued.append((study, study.version + 1, task_id))
         return queued
 
+    @contextlib.contextmanager
+    def analysing(
+        self, study_uid: str, version: int, owner: str, *, lease_s: float, detail: str = ""
+    ) -> Iterator[bool]:
+        """Claim `version` of the study for running the model, for the length of the block: True for the
+        one job that may run it, False for a duplicate (it must not).
+
+        Job ids are per (study, version), so the owner cannot tell a duplicate from a redelivery. On
+        PostgreSQL a session advisory lock held through the block tells them apart: it is free only when
+        no live job holds it (a worker that dies loses its session, hence the lock), so its holder takes
+        the claim over from any owner. On SQLite (one box) the claim is `claim_study` alone.
+        """
+        if db.is_sqlite(self.engine):
+            yield self.claim_study(study_uid, version, owner, lease_s=lease_s, detail=detail)
+            return
+        self._check_open()
+        key = func.hashtextextended(f"grok-pacs analyse {study_uid} v{version}", 0)
+        with self.engine.connect() as conn:
+            locked = bool(conn.execute(select(func.pg_try_advisory_lock(key))).scalar())
+            conn.commit()
+            try:
+                yield locked and self.claim_study(study_uid, version, owner, lease_s=0.0, detail=detail)
+            finally:
+                if locked:
+                    conn.rollback()
+                    conn.execute(select(func.pg_advisory_unlock(key)))
+                    conn.commit()
+
     def claim_study(self, study_uid: str, version: int, owner: str, *, lease_s: float, detail: str = "") -> bool:
         """QUEUED -> ANALYSING for `version`, in one conditional UPDATE: True for the one job that may run
         the model. ANALYSING by the same `owner` (its redelivered job) or with a claim older than `lease_s`
