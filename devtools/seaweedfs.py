@@ -22,7 +22,7 @@ from devtools.tools import require_tool
 
 ACCESS_KEY = "grok-test"
 SECRET_KEY = "grok-test-secret"
-STOP_GRACE_S = 3.0
+STOP_GRACE_S = 1.0  # weed ignores SIGTERM for a minute or more: then SIGKILL (test data only)
 # The one bucket `start` makes sure of. Each bucket is a SeaweedFS collection that reserves volumes of its
 # own, and -volume.max=4 leaves room for one: tests and benchmarks share it, each under its own prefix.
 BUCKET = "grok"
