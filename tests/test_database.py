@@ -24,6 +24,7 @@ from grok_pacs.config import load_settings
 from grok_pacs.dicom.status import DimseStatus
 from grok_pacs.ingest.listener import Listener
 from grok_pacs.jobs import pipeline
+from grok_pacs.jobs.publisher import job_id
 from grok_pacs.jobs.snapshot import StudyOutcome, read_study
 from grok_pacs.store import schema
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
@@ -126,28 +127,45 @@ def test_two_processes_racing_claim_each_row_and_study_version_exactly_once(post
     assert all(e.attempts == 1 for e in outbox.for_study("1.2"))
 
 
-def test_a_duplicate_analyse_job_does_not_run_the_model_twice(database, tmp_path) -> None:
-    settings = load_settings(data_dir=tmp_path / "data")
+def _analyse_job(index: StudyIndex, outbox: Outbox, settings, study_uid: str, runs: list[str]):
+    """A job of (study_uid, 1) whose model run is recorded in `runs`, then raises (no model here)."""
+
+    def job(owner: str):
+        def engine():
+            runs.append(owner)
+            raise RuntimeError("the model ran")  # stands for the model: this job runs it, a duplicate must not
+
+        snapshot = read_study(index, settings, study_uid, 1)
+        return pipeline.run_study(settings, index, outbox, engine, "0.1", snapshot, owner=owner)
+
+    return job
+
+
+def test_a_duplicate_analyse_job_does_not_run_the_model_twice(postgres, tmp_path) -> None:
+    url, settings = postgres.new_database(), load_settings(data_dir=tmp_path / "data")
+    index, outbox, runs = StudyIndex(url), Outbox(url), []
+    index.add_instance(_record("1.8", "1.8.1"))
+    assert index.mark_queued("1.8", 1, 100.0)
+    job, owner = _analyse_job(index, outbox, settings, "1.8", runs), job_id("1.8", 1)  # ids are per version
+    with StudyIndex(url).analysing("1.8", 1, owner, lease_s=3600) as live:  # a worker is running the job
+        assert live and index.study("1.8").state is StudyState.ANALYSING
+        assert job(owner).outcome is StudyOutcome.BUSY, "the duplicate (same job id) is turned away"
+    assert runs == []
+    with pytest.raises(RuntimeError, match="the model ran"):  # that worker died: the redelivered job runs
+        job(owner)
+    assert runs == [owner]
+
+
+def test_on_sqlite_a_second_job_waits_for_the_claims_lease(tmp_path) -> None:
+    settings, database, runs = load_settings(data_dir=tmp_path / "data"), tmp_path / "index.sqlite", []
     index, outbox = StudyIndex(database), Outbox(database)
     index.add_instance(_record("1.8", "1.8.1"))
     assert index.mark_queued("1.8", 1, 100.0)
-    runs: list[str] = []
-
-    def engine(owner: str):
-        def load():
-            runs.append(owner)
-            raise RuntimeError("the model ran")  # stands for the model: this job runs it, the other must not
-
-        return load
-
-    def job(owner: str):
-        snapshot = read_study(index, settings, "1.8", 1)
-        return pipeline.run_study(settings, index, outbox, engine(owner), "0.1", snapshot, owner=owner)
-
+    job = _analyse_job(index, outbox, settings, "1.8", runs)
     with pytest.raises(RuntimeError, match="the model ran"):
         job("task-1")
     assert index.study("1.8").state is StudyState.ANALYSING
-    assert job("task-2").outcome is StudyOutcome.BUSY, "a duplicate job for the version is turned away"
+    assert job("task-2").outcome is StudyOutcome.BUSY, "another job id is turned away while the lease runs"
     with pytest.raises(RuntimeError, match="the model ran"):
         job("task-1")  # the broker redelivers the first job (same task id): it may run again
     assert runs == ["task-1", "task-1"]

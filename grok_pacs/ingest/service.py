@@ -32,7 +32,9 @@ def _uploader(settings: Settings, index: StudyIndex) -> Uploader | None:
     """The uploader into the object store `storage_url` names; None without one (one box)."""
     if settings.storage_url is None:
         return None
-    return Uploader(settings.data_dir, Uploads(index.engine), open_blob_store(settings))
+    # Polled as often as assembly looks for quiet studies: an upload mostly overlaps the quiet period.
+    interval = min(1.0, max(0.05, settings.quiet_period / 4))
+    return Uploader(settings.data_dir, Uploads(index.engine), open_blob_store(settings), interval=interval)
 
 
 class IngestService:

@@ -46,6 +46,7 @@ class Uploader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._down = False  # log an outage once, and its end once
+        self._refused: set[str] = set()  # instances whose refusal was logged (not a work queue)
 
     @property
     def store_down(self) -> bool:
@@ -61,24 +62,37 @@ class Uploader:
                 break
             for pending in batch:
                 try:
-                    if self._upload(pending):
-                        uploaded += 1
-                        metrics.upload("uploaded")
-                    else:
-                        skipped.add(pending.sop_uid)
+                    outcome = self._try(pending)
                 except BlobStoreUnavailable as exc:
                     metrics.upload("store_down")
                     self._outage(exc)
                     return UploadPass(uploaded, failed, store_down=True)
-                except (BlobError, ValueError) as exc:
-                    log.error("upload of instance %s refused: %s (it stays LOCAL)", pending.sop_uid, exc)
-                    metrics.upload("refused")
-                    failed += 1
+                uploaded += outcome == "uploaded"
+                failed += outcome == "refused"
+                if outcome != "uploaded":
                     skipped.add(pending.sop_uid)
         if self._down and uploaded:
             log.info("object store is back: %d instances uploaded", uploaded)
             self._down = False
         return UploadPass(uploaded, failed, store_down=False)
+
+    def _try(self, pending: PendingUpload) -> str:
+        """ "uploaded", "elsewhere" (not this host's file) or "refused" (stays LOCAL; logged and counted
+        once per instance, it is tried again every pass). BlobStoreUnavailable passes through."""
+        try:
+            if not self._upload(pending):
+                return "elsewhere"
+        except BlobStoreUnavailable:
+            raise
+        except (BlobError, ValueError) as exc:
+            if pending.sop_uid not in self._refused:
+                self._refused.add(pending.sop_uid)
+                log.error("upload of instance %s refused: %s (it stays LOCAL, its study waits)", pending.sop_uid, exc)
+                metrics.upload("refused")
+            return "refused"
+        self._refused.discard(pending.sop_uid)
+        metrics.upload("uploaded")
+        return "uploaded"
 
     def _upload(self, pending: PendingUpload) -> bool:
         """Put one instance and record it; False when its file is not on this host."""

@@ -236,28 +236,46 @@ def run_study(
     if not pending:
         raise _no_analysable_eye(snapshot, notes)
     lease_s = settings.job_time_limit  # a claim older than a job may run belongs to a dead worker
-    if not index.claim_study(study_uid, version, owner, lease_s=lease_s, detail=f"bundle {bundle_version}"):
-        log.info("job for study %s v%d skipped: another job is analysing it", study_uid, version)
-        return StudyResult(study_uid, version, StudyOutcome.BUSY)
+    with index.analysing(study_uid, version, owner, lease_s=lease_s, detail=f"bundle {bundle_version}") as claimed:
+        if not claimed:
+            log.info("job for study %s v%d skipped: another job is analysing it", study_uid, version)
+            return StudyResult(study_uid, version, StudyOutcome.BUSY)
+        rows = _analyse_into_rows(settings, engine, snapshot, pending, keys, pdf_key, notes, not entries, store)
+        # One transaction: SRs and PDF queued together; every row carries all notes (also an eye without an SR).
+        entries.extend(outbox.put_many([dataclasses.replace(row, note="; ".join(notes)) for row in rows]))
+    if not entries:
+        raise _no_analysable_eye(snapshot, notes)
+    return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
+
+
+def _analyse_into_rows(
+    settings: Settings,
+    engine: Callable[[], Engine | AnalysisEngine],
+    snapshot: StudySnapshot,
+    pending: list[Eye],
+    keys: dict[Eye, SRKey],
+    pdf_key: ReportKey,
+    notes: list[str],
+    with_pdf: bool,
+    store: BlobStore | None,
+) -> list[OutboxRow]:
+    """Run the model on the pending eyes and write their results: the outbox rows to add (not added yet)."""
+    study_uid, version, bundle_version = snapshot.study_uid, snapshot.version, keys[Eye.RIGHT].bundle_version
     analysed = _analyse_and_write(
-        settings, engine(), eyes, pending, keys, notes, {rec.sop_uid: rec for rec in snapshot.instances}
+        settings, engine(), snapshot.eyes, pending, keys, notes, {rec.sop_uid: rec for rec in snapshot.instances}
     )
     rows = [
         OutboxRow(keys[report.eye].sop_instance_uid, study_uid, version, bundle_version, report.eye.value, path)
         for report, _, path, _ in analysed
     ]
-    if settings.pdf_report and analysed and not entries:  # every eye's report is at hand
+    if settings.pdf_report and analysed and with_pdf:  # every eye's report is at hand
         rows.extend(_pdf_row(settings, snapshot, analysed, pdf_key, notes))
     if store is not None:  # before the rows exist: a row never names an object that is not there
         rows = [
             dataclasses.replace(row, path=results.publish(settings.data_dir, store, study_uid, row.sr_uid, row.path))
             for row in rows
         ]
-    # One transaction: SRs and PDF queued together; every row carries all notes (also an eye without an SR).
-    entries.extend(outbox.put_many([dataclasses.replace(row, note="; ".join(notes)) for row in rows]))
-    if not entries:
-        raise _no_analysable_eye(snapshot, notes)
-    return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
+    return rows
 
 
 def _pdf_row(

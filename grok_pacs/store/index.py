@@ -11,111 +11,28 @@ an older version finds the study's version moved on; `set_state(..., version=v)`
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, delete, func, literal, or_, select, update
+from sqlalchemy import Engine, and_, delete, func, literal, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import ResourceClosedError
 
 from grok_pacs.store import db, schema
-
-
-class StudyState(StrEnum):
-    RECEIVING = "RECEIVING"  # instances arriving; not yet quiet for the quiet period
-    QUEUED = "QUEUED"  # job (study_uid, version) is on the broker
-    ANALYSING = "ANALYSING"  # a worker runs the model
-    DELIVERING = "DELIVERING"  # SR built, being sent to the destination
-    DONE = "DONE"
-    FAILED = "FAILED"
-
-
-@dataclass(frozen=True)
-class InstanceRecord:
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    sop_class_uid: str
-    modality: str
-    laterality: str  # 'R', 'L', 'B' or ''
-    frames: int
-    size: int  # bytes of the stored file
-    path: str  # relative to the data directory, e.g. incoming/<study>/<series>/<sop>.dcm
-    received_at: float  # UNIX time
-    calling_ae: str
-    acquisition_datetime: str  # DICOM DT, '' if the instance has none
-    transfer_syntax: str
-
-
-@dataclass(frozen=True)
-class StudyRecord:
-    study_uid: str
-    state: StudyState
-    version: int  # last version queued (0: never queued)
-    detail: str
-    instance_count: int
-    first_received_at: float
-    last_received_at: float
-
-
-@dataclass(frozen=True)
-class StoredStudy:
-    """A study row and its instances, read in one transaction (a job's snapshot of the index)."""
-
-    study: StudyRecord
-    instances: tuple[InstanceRecord, ...]
-
-
-_INSTANCE_FIELDS = [field.name for field in dataclasses.fields(InstanceRecord)]
-_STUDY_FIELDS = [field.name for field in dataclasses.fields(StudyRecord)]
-_INSTANCE_COLUMNS = [db.instances.c[name] for name in _INSTANCE_FIELDS]
-_STUDY_COLUMNS = [db.studies.c[name] for name in _STUDY_FIELDS]
-
-
-def _study(row: Any) -> StudyRecord:
-    values = dict(zip(_STUDY_FIELDS, row))
-    values["state"] = StudyState(values["state"])
-    return StudyRecord(**values)
-
-
-def _insert_instance(engine: Engine) -> Any:
-    """INSERT an instance row unless its SOP Instance UID is known; returns a row only when inserted."""
-    table = db.instances
-    values = {name: bindparam(name) for name in _INSTANCE_FIELDS}
-    return db.insert(engine, table).values(values).on_conflict_do_nothing().returning(table.c.sop_uid)
-
-
-def _upsert_study(engine: Engine) -> Any:
-    """Create the instance's study RECEIVING, or count the instance in and put it back into RECEIVING."""
-    table = db.studies
-    received = bindparam("received_at")
-    new = db.insert(engine, table).values(
-        study_uid=bindparam("study_uid"),
-        state=StudyState.RECEIVING.value,
-        version=0,
-        detail="",
-        instance_count=1,
-        first_received_at=received,
-        last_received_at=received,
-        updated_at=db.clock(engine),
-    )
-    return new.on_conflict_do_update(
-        index_elements=[table.c.study_uid],
-        set_={
-            "state": new.excluded.state,
-            "detail": "",
-            "instance_count": table.c.instance_count + 1,
-            "first_received_at": db.least(engine, table.c.first_received_at, new.excluded.first_received_at),
-            "last_received_at": db.greatest(engine, table.c.last_received_at, new.excluded.last_received_at),
-            "updated_at": new.excluded.updated_at,
-        },
-    )
+from grok_pacs.store.records import (
+    INSTANCE_COLUMNS,
+    INSTANCE_FIELDS,
+    STUDY_COLUMNS,
+    insert_instance,
+    study_from_row,
+    upsert_study,
+)
+from grok_pacs.store.records import InstanceRecord as InstanceRecord  # re-exported: importers keep this path
+from grok_pacs.store.records import StoredStudy as StoredStudy
+from grok_pacs.store.records import StudyRecord as StudyRecord
+from grok_pacs.store.records import StudyState as StudyState
 
 
 class StudyIndex:
@@ -133,8 +50,8 @@ class StudyIndex:
         self._write_lock = threading.Lock() if db.is_sqlite(self.engine) else contextlib.nullcontext()
         schema.open_schema(self.engine)
         # Built once: the listener adds one row per instance, and building them costs more than running them.
-        self._insert_instance = _insert_instance(self.engine)
-        self._upsert_study = _upsert_study(self.engine)
+        self._insert_instance = insert_instance(self.engine)
+        self._upsert_study = upsert_study(self.engine)
 
     def close(self) -> None:
         """Release the connections; any later call raises (a DatabaseError), never reopens silently."""
@@ -172,7 +89,7 @@ class StudyIndex:
             return [self._add(conn, rec) for rec in records]
 
     def _add(self, conn: Connection, rec: InstanceRecord) -> bool:
-        params = {name: getattr(rec, name) for name in _INSTANCE_FIELDS}
+        params = {name: getattr(rec, name) for name in INSTANCE_FIELDS}
         params["now"] = time.time()  # the clock of SQLite (PostgreSQL reads its own)
         if conn.execute(self._insert_instance, params).first() is None:  # known already
             return False
@@ -214,7 +131,7 @@ class StudyIndex:
     def _select_instances(conn: Connection, study_uid: str) -> list[InstanceRecord]:
         inst = db.instances
         rows = conn.execute(
-            select(*_INSTANCE_COLUMNS)
+            select(*INSTANCE_COLUMNS)
             .where(inst.c.study_uid == study_uid)
             .order_by(inst.c.series_uid, inst.c.received_at, inst.c.sop_uid)
         )
@@ -222,8 +139,8 @@ class StudyIndex:
 
     @staticmethod
     def _select_study(conn: Connection, study_uid: str) -> StudyRecord | None:
-        row = conn.execute(select(*_STUDY_COLUMNS).where(db.studies.c.study_uid == study_uid)).first()
-        return None if row is None else _study(row)
+        row = conn.execute(select(*STUDY_COLUMNS).where(db.studies.c.study_uid == study_uid)).first()
+        return None if row is None else study_from_row(row)
 
     def instances(self, study_uid: str) -> list[InstanceRecord]:
         with self._read() as conn:
@@ -243,8 +160,8 @@ class StudyIndex:
     def studies(self) -> list[StudyRecord]:
         """All studies, most recently received first."""
         with self._read() as conn:
-            rows = conn.execute(select(*_STUDY_COLUMNS).order_by(db.studies.c.last_received_at.desc())).all()
-        return [_study(row) for row in rows]
+            rows = conn.execute(select(*STUDY_COLUMNS).order_by(db.studies.c.last_received_at.desc())).all()
+        return [study_from_row(row) for row in rows]
 
     def count_by_state(self) -> dict[str, int]:
         """Number of studies in each state, every state present (for the grok_pacs_studies gauge)."""
@@ -260,11 +177,11 @@ class StudyIndex:
         table = db.studies
         with self._read() as conn:
             rows = conn.execute(
-                select(*_STUDY_COLUMNS)
+                select(*STUDY_COLUMNS)
                 .where(table.c.state == StudyState.RECEIVING.value, table.c.last_received_at <= cutoff)
                 .order_by(table.c.last_received_at)
             ).all()
-        return [_study(row) for row in rows]
+        return [study_from_row(row) for row in rows]
 
     def quiet_studies(self, quiet_period: float) -> list[StudyRecord]:
         """RECEIVING studies without a new instance for `quiet_period` s, measured on the database's clock
@@ -272,14 +189,14 @@ class StudyIndex:
         table = db.studies
         with self._read() as conn:
             rows = conn.execute(
-                select(*_STUDY_COLUMNS)
+                select(*STUDY_COLUMNS)
                 .where(
                     table.c.state == StudyState.RECEIVING.value,
                     table.c.updated_at <= db.now(conn) - quiet_period,
                 )
                 .order_by(table.c.last_received_at)
             ).all()
-        return [_study(row) for row in rows]
+        return [study_from_row(row) for row in rows]
 
     def queue_quiet(
         self,
@@ -307,7 +224,7 @@ class StudyIndex:
             with self._write() as conn:
                 quiet = table.c.updated_at <= db.now(conn) - quiet_period
                 row = conn.execute(
-                    select(*_STUDY_COLUMNS)
+                    select(*STUDY_COLUMNS)
                     .where(
                         table.c.study_uid == candidate.study_uid,
                         table.c.state == StudyState.RECEIVING.value,
@@ -317,7 +234,7 @@ class StudyIndex:
                 ).first()
                 if row is None:  # queued by another listener meanwhile, or grew: not quiet any more
                     continue
-                study = _study(row)
+                study = study_from_row(row)
                 task_id = publish(study, study.version + 1)
                 conn.execute(
                     update(table)
@@ -328,6 +245,34 @@ class StudyIndex:
                 )
             queued.append((study, study.version + 1, task_id))
         return queued
+
+    @contextlib.contextmanager
+    def analysing(
+        self, study_uid: str, version: int, owner: str, *, lease_s: float, detail: str = ""
+    ) -> Iterator[bool]:
+        """Claim `version` of the study for running the model, for the length of the block: True for the
+        one job that may run it, False for a duplicate (it must not).
+
+        Job ids are per (study, version), so the owner cannot tell a duplicate from a redelivery. On
+        PostgreSQL a session advisory lock held through the block tells them apart: it is free only when
+        no live job holds it (a worker that dies loses its session, hence the lock), so its holder takes
+        the claim over from any owner. On SQLite (one box) the claim is `claim_study` alone.
+        """
+        if db.is_sqlite(self.engine):
+            yield self.claim_study(study_uid, version, owner, lease_s=lease_s, detail=detail)
+            return
+        self._check_open()
+        key = func.hashtextextended(f"grok-pacs analyse {study_uid} v{version}", 0)
+        with self.engine.connect() as conn:
+            locked = bool(conn.execute(select(func.pg_try_advisory_lock(key))).scalar())
+            conn.commit()
+            try:
+                yield locked and self.claim_study(study_uid, version, owner, lease_s=0.0, detail=detail)
+            finally:
+                if locked:
+                    conn.rollback()
+                    conn.execute(select(func.pg_advisory_unlock(key)))
+                    conn.commit()
 
     def claim_study(self, study_uid: str, version: int, owner: str, *, lease_s: float, detail: str = "") -> bool:
         """QUEUED -> ANALYSING for `version`, in one conditional UPDATE: True for the one job that may run
