@@ -68,3 +68,17 @@ def test_node_id_defaults_to_the_host_name_and_is_validated() -> None:
     for bad in ("", "a b", "-x", "a/b", "x" * 254):
         with pytest.raises(SettingsError, match="node_id"):
             load_settings(node_id=bad)
+
+
+def test_the_listener_records_its_node_with_each_instance(tmp_path: Path) -> None:
+    """Also on the embedded SQLite, whose listener commits rows through a second engine."""
+    from sqlalchemy import select
+
+    from grok_pacs.store import db
+
+    settings = ingest_settings(tmp_path, node_id="box-1")
+    study = pydicom.uid.generate_uid()
+    with running(settings) as listener:
+        _send(listener, study, "R", tmp_path)
+        with db.transaction(listener.index.engine, write=False) as conn:
+            assert conn.execute(select(db.instances.c.received_by)).scalars().all() == ["box-1"]
