@@ -66,7 +66,9 @@ def instrument() -> None:
     files_module.fsync_dir = timed("directory fsync (fsync pool, overlaps the index commit)", files_module.fsync_dir)
     files_module.make_dirs = timed("make_dirs (mkdir when a series is new)", files_module.make_dirs)
     listener_module.read_header = timed("header check (tag walk, no pixels)", listener_module.read_header)
-    StudyIndex.add_instances = timed("index commit (SQLite WAL, synchronous=FULL)", StudyIndex.add_instances)
+    StudyIndex.add_instances = timed(
+        "index commit (the listener's rows: SQLite WAL, synchronous=NORMAL)", StudyIndex.add_instances
+    )
     real_replace = os.replace
 
     class _Os:

@@ -34,7 +34,8 @@ def _uploader(settings: Settings, index: StudyIndex) -> Uploader | None:
         return None
     # Polled as often as assembly looks for quiet studies: an upload mostly overlaps the quiet period.
     interval = min(1.0, max(0.05, settings.quiet_period / 4))
-    return Uploader(settings.data_dir, Uploads(index.engine), open_blob_store(settings), interval=interval)
+    uploads = Uploads(index.engine, node_id=settings.node_id)
+    return Uploader(settings.data_dir, uploads, open_blob_store(settings), interval=interval)
 
 
 class IngestService:
@@ -43,7 +44,7 @@ class IngestService:
     def __init__(self, settings: Settings, publisher: ClosablePublisher) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.index = StudyIndex(settings.resolved_database_url)
+        self.index = StudyIndex(settings.resolved_database_url, node_id=settings.node_id)
         self.publisher = publisher
         self.listener = Listener(settings, self.index)
         self.uploader = _uploader(settings, self.index)

@@ -37,6 +37,7 @@ from sqlalchemy import (
     func,
     inspect,
     literal,
+    true,
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
@@ -74,6 +75,9 @@ instances = Table(
     # (grok_pacs.store.uploads); indexed, so finding what is left to upload never scans every instance.
     Column("upload_state", Text, nullable=False, server_default="LOCAL"),
     Column("blob_key", Text, nullable=False, server_default=""),
+    # The listener that received it (Settings.node_id; migration 0003): only that host has the local file,
+    # so on a shared server database only its recovery and its uploader act on the row.
+    Column("received_by", Text, nullable=False, server_default=""),
     Index("instances_by_study", "study_uid"),
     Index("instances_by_upload_state", "upload_state", "received_at"),
 )
@@ -180,6 +184,13 @@ def clock(conn: Engine | Connection) -> ColumnElement[float]:
     """`now` for a statement built once and run many times: on SQLite the bound parameter `now`, which each
     execution passes (time.time()); PostgreSQL ignores it and reads its own clock."""
     return bindparam("now", type_=Double) if is_sqlite(conn) else _server_now()
+
+
+def received_here(conn: Engine | Connection, node_id: str) -> ColumnElement[bool]:
+    """The instances whose file is on this node's disk: every row of the embedded SQLite file (one host
+    owns it, whatever its name is today), the rows this node received on a server database shared by
+    several listeners (another listener's file is not missing here, it was never here)."""
+    return true() if is_sqlite(conn) else instances.c.received_by == node_id
 
 
 def least(conn: Engine | Connection, a: Any, b: Any) -> ColumnElement[Any]:
