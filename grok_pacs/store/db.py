@@ -44,6 +44,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 10
 # sqlalchemy.orm is imported above, once, at start: a Core statement given a str subclass (a pydicom UID)
 # inspects it through the ORM, and doing so while kombu's SQLAlchemy transport imports sqlalchemy.orm in
 # another thread failed with a partially initialised module (seen in tests/test_uploader.py, 2 runs in 6).
@@ -151,7 +152,10 @@ def open_engine(target: str | Path) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     if url.startswith("postgresql"):
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        # A database host that is unreachable (not refusing) must fail a C-STORE within the sender's DIMSE
+        # timeout, not after the OS's TCP timeout; a URL's own ?connect_timeout= wins.
+        connect = {} if "connect_timeout=" in url else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        return create_engine(url, connect_args=connect, pool_pre_ping=True, pool_size=10, max_overflow=20)
     raise ValueError(f"database_url: {url.split('://')[0]!r} is not supported (sqlite or postgresql+psycopg)")
 
 
