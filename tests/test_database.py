@@ -292,3 +292,17 @@ def test_db_upgrade_on_the_embedded_sqlite_file_a_service_made(tmp_path, monkeyp
     assert main(["db", "upgrade"]) == 0 and main(["db", "upgrade"]) == 0 and main(["db", "current"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == f"database schema: empty -> {schema.head()}"
     assert StudyIndex(tmp_path / "data" / "index.sqlite").study("1.1").instance_count == 1
+
+
+def test_the_migrations_build_the_schema_the_code_declares(postgres) -> None:
+    """A column added to `db` without its migration would work on SQLite (it adds its own columns) and
+    break every PostgreSQL deployment: the upgraded server database must match the tables in `db`."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from grok_pacs.store import db
+
+    engine = create_engine(postgres.new_database())
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), db.metadata) == []
+    engine.dispose()
