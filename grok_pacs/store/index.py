@@ -270,6 +270,10 @@ class StudyIndex:
         self._check_open()
         key = func.hashtextextended(f"grok-pacs analyse {study_uid} v{version}", 0)
         with self.engine.connect() as conn:
+            # A worker host that vanishes (power, network) sends no FIN: the server's keepalive must notice
+            # within ~90 s (its default is 2 h), long before the broker redelivers the job to another host.
+            for setting, value in (("idle", 60), ("interval", 10), ("count", 3)):
+                conn.exec_driver_sql(f"SET tcp_keepalives_{setting} = {value}")
             locked = bool(conn.execute(select(func.pg_try_advisory_lock(key))).scalar())
             conn.commit()
             try:
