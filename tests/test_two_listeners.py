@@ -124,3 +124,24 @@ def test_a_study_over_two_listeners_waits_for_both_uploads_and_gives_one_job(
     finally:
         redis.stop()
         unreachable.stop()
+
+
+def test_a_data_directory_keeps_its_listener_name_on_a_server_database(postgres, tmp_path: Path, capsys) -> None:
+    """A listener restarted under another name (a recreated container) would never upload or recover its
+    instances: it refuses to start, naming the setting and the name to use."""
+    from grok_pacs.cli.main import EXIT_USAGE, main
+
+    first = ingest_settings(tmp_path, node_id="listener-0", database_url=postgres.new_database())
+    with running(first):
+        pass
+    renamed = first.model_copy(update={"node_id": "0f3c9a2b71de"})
+    with pytest.raises(SettingsError, match="node_id: .* listener 'listener-0'.*GROK_PACS_NODE_ID=listener-0"):
+        running(renamed).__enter__()
+    with running(first):  # the same name starts again
+        pass
+    env = {"GROK_PACS_DATA_DIR": str(first.data_dir), "GROK_PACS_DATABASE_URL": first.database_url}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {**env, "GROK_PACS_NODE_ID": "other", "GROK_PACS_PORT": str(first.port)}.items():
+            patch.setenv(name, value)
+        assert main(["listen"]) == EXIT_USAGE  # the command says why and exits, before listening
+    assert "node_id: the data directory" in capsys.readouterr().err
