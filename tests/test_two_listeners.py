@@ -4,6 +4,7 @@ each one's recovery and uploader act only on the instances it received (`node_id
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pydicom
@@ -82,3 +83,44 @@ def test_the_listener_records_its_node_with_each_instance(tmp_path: Path) -> Non
         _send(listener, study, "R", tmp_path)
         with db.transaction(listener.index.engine, write=False) as conn:
             assert conn.execute(select(db.instances.c.received_by)).scalars().all() == ["box-1"]
+
+
+def test_a_study_over_two_listeners_waits_for_both_uploads_and_gives_one_job(
+    postgres, seaweedfs, tmp_path: Path
+) -> None:
+    """The many-host layout: one study, one eye to each listener; listener B cannot reach the object store,
+    so its instance stays LOCAL and holds the study (A's uploader never takes B's row); once B reaches
+    the store, the study is queued once."""
+    from devtools.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS
+
+    redis, url = Redis(tmp_path), postgres.new_database()
+    unreachable = SeaweedFS(tmp_path / "nowhere", start=False)  # ports reserved, nothing listening
+    shared = {"database_url": url, "broker_url": redis.url, "quiet_period": 0.5, "storage_timeout": 2}
+    store = {"storage_url": f"s3://{BUCKET}/two-listeners-{tmp_path.name}"}
+    store |= {"storage_access_key": ACCESS_KEY, "storage_secret_key": SECRET_KEY}
+    a = ingest_settings(tmp_path / "a", node_id="a", storage_endpoint=seaweedfs.endpoint, **store, **shared)
+    b_cut_off = ingest_settings(tmp_path / "b", node_id="b", storage_endpoint=unreachable.endpoint, **store, **shared)
+    study = pydicom.uid.generate_uid()
+    try:
+        with running(a) as listener_a:
+            with running(b_cut_off) as listener_b:
+                _send(listener_a, study, "R", tmp_path)
+                _send(listener_b, study, "L", tmp_path)
+                wait_until(lambda: listener_b.uploader.store_down, 30, "B to find the store unreachable")
+                wait_until(lambda: not Uploads(listener_a.index.engine, "a").pending(), 20, "A's upload")
+                time.sleep(a.quiet_period + 4 * listener_a.assembler.interval)  # quiet; assembly passes ran
+                assert listener_a.index.study(study).state is StudyState.RECEIVING  # B's eye is not stored yet
+                assert [p.sop_uid for p in Uploads(listener_a.index.engine, "b").pending()] == [
+                    i.sop_uid for i in listener_a.index.instances(study) if i.laterality == "L"
+                ]
+            b = b_cut_off.model_copy(update={"storage_endpoint": seaweedfs.endpoint})
+            with running(b) as listener_b:  # B reaches the store again
+                wait_until(lambda: listener_a.index.study(study).state is StudyState.QUEUED, 30, "the study queued")
+                time.sleep(1.0)  # both assemblers sweep several times more
+                assert listener_a.index.study(study).instance_count == 2
+        assert drain_jobs(a, expect=1, timeout=3) == [
+            ("grok_pacs.tasks.analyze_study", {"study_uid": study, "version": 1})
+        ], "one job for the study, once both eyes are in the store"
+    finally:
+        redis.stop()
+        unreachable.stop()
