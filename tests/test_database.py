@@ -306,3 +306,10 @@ def test_the_migrations_build_the_schema_the_code_declares(postgres) -> None:
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), db.metadata) == []
     engine.dispose()
+
+
+def test_a_command_with_the_database_down_says_so_in_one_line(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("GROK_PACS_DATABASE_URL", f"postgresql+psycopg://grok@127.0.0.1:{free_port()}/grok")
+    assert main(["studies"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.startswith("grok-pacs: database_url: OperationalError:") and "Traceback" not in err
