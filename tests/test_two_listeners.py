@@ -145,3 +145,23 @@ def test_a_data_directory_keeps_its_listener_name_on_a_server_database(postgres,
             patch.setenv(name, value)
         assert main(["listen"]) == EXIT_USAGE  # the command says why and exits, before listening
     assert "node_id: the data directory" in capsys.readouterr().err
+
+
+def test_an_own_instance_whose_file_is_lost_before_its_upload_is_refused_once_and_holds_its_study(
+    tmp_path: Path, caplog
+) -> None:
+    from grok_pacs.ingest.uploader import Uploader
+    from grok_pacs.store.blobs import LocalBlobStore
+
+    data = tmp_path / "data"
+    record = InstanceRecord("1.9", "1.9.1", "1.9.1.1", "1.2.840.10008.5.1.4.1.1.77.1.5.1", "OP", "R", 1, 10,
+                            "incoming/1.9/1.9.1/1.9.1.1.dcm", 1.0, "AE", "", "")  # fmt: skip
+    index = StudyIndex(data / "index.sqlite", node_id="box")
+    index.add_instance(record)  # its file never reached (or left) this disk
+    uploads = Uploads(index.engine, "box")
+    uploader = Uploader(data, uploads, LocalBlobStore(data))
+    passes = [uploader.run_once(), uploader.run_once()]
+    assert [(p.uploaded, p.failed, p.store_down) for p in passes] == [(0, 1, False), (0, 1, False)]
+    assert uploads.studies_waiting() == {"1.9"}  # the study is not queued without it
+    lost = [r for r in caplog.records if "1.9.1.1" in r.getMessage() and "missing" in r.getMessage()]
+    assert len(lost) == 1, "logged once, not every pass"

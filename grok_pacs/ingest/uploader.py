@@ -6,8 +6,9 @@ slower); this loop uploads afterwards. Each pass reads the LOCAL instances from 
 restart resumes where it stopped. Store down: the pass ends at the first unavailable put, the instances
 stay LOCAL (their studies are not queued) and the next pass tries again. On a database shared by several
 listeners it reads only the rows its own node received (`Uploads.node_id`, column `received_by`): another
-listener's LOCAL instance is that host's to upload. A row of its own whose file is gone is skipped for
-the pass. The local file is never deleted here.
+listener's LOCAL instance is that host's to upload. A row of its own whose file is gone (lost before its
+upload) is refused like a corrupt one: logged and counted once, its study waits. The local file is never
+deleted here.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Uploader:
 
     def run_once(self) -> UploadPass:
         uploaded = failed = 0
-        skipped: set[str] = set()  # this pass: instances without a file here or refused, not tried again
+        skipped: set[str] = set()  # this pass: refused instances, not tried again
         while not self._stop.is_set():
             batch = [p for p in self.uploads.pending(BATCH + len(skipped)) if p.sop_uid not in skipped]
             if not batch:
@@ -78,11 +79,10 @@ class Uploader:
         return UploadPass(uploaded, failed, store_down=False)
 
     def _try(self, pending: PendingUpload) -> str:
-        """ "uploaded", "elsewhere" (its file is not on this disk) or "refused" (stays LOCAL; logged and counted
-        once per instance, it is tried again every pass). BlobStoreUnavailable passes through."""
+        """ "uploaded" or "refused" (stays LOCAL; logged and counted once per instance, it is tried again
+        every pass). BlobStoreUnavailable passes through."""
         try:
-            if not self._upload(pending):
-                return "elsewhere"
+            self._upload(pending)
         except BlobStoreUnavailable:
             raise
         except (BlobError, ValueError) as exc:
@@ -95,15 +95,14 @@ class Uploader:
         metrics.upload("uploaded")
         return "uploaded"
 
-    def _upload(self, pending: PendingUpload) -> bool:
-        """Put one instance and record it; False when its file is not on this host."""
+    def _upload(self, pending: PendingUpload) -> None:
+        """Put one instance and record it."""
         path = resolve_inside(self.data_dir, pending.path)
-        if not path.is_file():
-            return False
+        if not path.is_file():  # this node received it (Uploads.node_id): the file was here, and is lost
+            raise ValueError(f"its file {pending.path} is missing from this listener's data directory")
         key = BlobKey.for_file("instances", pending.study_uid, pending.sop_uid, path)
         self.store.put(key, path)
         self.uploads.record(pending.sop_uid, key)
-        return True
 
     def _outage(self, exc: BlobStoreUnavailable) -> None:
         if not self._down:
