@@ -283,3 +283,33 @@ def test_two_sweepers_publishing_slowly_queue_a_quiet_study_once(database) -> No
         runs = list(pool.map(lambda index: index.queue_quiet(0.0, slow_publish, cutoff=1.0), sweepers))
     assert published == [("1.4", 1)] and sorted(len(run) for run in runs) == [0, 1]
     assert (sweepers[1].study("1.4").state, sweepers[1].study("1.4").version) == (StudyState.QUEUED, 1)
+
+
+def test_db_upgrade_on_the_embedded_sqlite_file_a_service_made(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("GROK_PACS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("GROK_PACS_DATABASE_URL", raising=False)
+    StudyIndex(tmp_path / "data" / "index.sqlite").add_instance(_record("1.1", "1.1.1"))  # the one box ran
+    assert main(["db", "upgrade"]) == 0 and main(["db", "upgrade"]) == 0 and main(["db", "current"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"database schema: empty -> {schema.head()}"
+    assert StudyIndex(tmp_path / "data" / "index.sqlite").study("1.1").instance_count == 1
+
+
+def test_the_migrations_build_the_schema_the_code_declares(postgres) -> None:
+    """A column added to `db` without its migration would work on SQLite (it adds its own columns) and
+    break every PostgreSQL deployment: the upgraded server database must match the tables in `db`."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from grok_pacs.store import db
+
+    engine = create_engine(postgres.new_database())
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), db.metadata) == []
+    engine.dispose()
+
+
+def test_a_command_with_the_database_down_says_so_in_one_line(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("GROK_PACS_DATABASE_URL", f"postgresql+psycopg://grok@127.0.0.1:{free_port()}/grok")
+    assert main(["studies"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.startswith("grok-pacs: database_url: OperationalError:") and "Traceback" not in err

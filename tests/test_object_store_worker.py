@@ -36,15 +36,17 @@ def _worker(data_dir: Path, listener: Settings, tiny_bundle: Path, pacs_port: in
 
 
 def test_results_go_through_the_store_and_any_worker_delivers_them(
-    tmp_path: Path, seaweedfs: SeaweedFS, tiny_bundle: Path
+    tmp_path: Path, seaweedfs: SeaweedFS, tiny_bundle: Path, database: str | Path
 ) -> None:
+    """On both dialects: the SQLite file (hosts in one process here) and a real PostgreSQL server."""
     storage = {
         "storage_url": f"s3://{BUCKET}/many-hosts-{tmp_path.name}",
         "storage_endpoint": seaweedfs.endpoint,
         "storage_access_key": ACCESS_KEY,
         "storage_secret_key": SECRET_KEY,
     }
-    listener = ingest_settings(tmp_path / "listener", **storage)
+    database_url = "" if isinstance(database, Path) else database  # empty: the listener's SQLite file
+    listener = ingest_settings(tmp_path / "listener", database_url=database_url, **storage)
     with running(listener) as service:
         study = generate_uid()
         files = [img2dcm_fundus(tmp_path / "send" / eye, study, eye) for eye in ("R", "L")]

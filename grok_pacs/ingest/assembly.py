@@ -44,6 +44,8 @@ def recover(settings: Settings, index: StudyIndex, uploaded: frozenset[str] = fr
     """Before the listener starts: remove temp files, index files on disk that the index lacks, and
     forget index rows whose file is missing (the sender never got Success for them and sends again),
     except `uploaded` paths (the object store holds those; their local copy may have been removed).
+    Only this node's rows are compared with its disk (`index.node_id`): on a database shared by several
+    listeners, another listener's instances are on its own disk, not missing.
 
     Complete studies that were never queued stay RECEIVING in the index and are queued by the first
     assembly pass. Unreadable or misnamed files in `incoming/` are moved to `quarantine/`.

@@ -4,9 +4,10 @@ records it UPLOADED (grok_pacs.store.uploads), only when `storage_url` is set.
 C-STORE answers Success after the local fsync and the index commit (receiving straight into S3 is ~30x
 slower); this loop uploads afterwards. Each pass reads the LOCAL instances from the database, so a
 restart resumes where it stopped. Store down: the pass ends at the first unavailable put, the instances
-stay LOCAL (their studies are not queued) and the next pass tries again. Rows whose file is not on this
-host's disk belong to another listener (a shared database) and are left to that host's uploader.
-The local file is never deleted here.
+stay LOCAL (their studies are not queued) and the next pass tries again. On a database shared by several
+listeners it reads only the rows its own node received (`Uploads.node_id`, column `received_by`): another
+listener's LOCAL instance is that host's to upload. A row of its own whose file is gone is skipped for
+the pass. The local file is never deleted here.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Uploader:
 
     def run_once(self) -> UploadPass:
         uploaded = failed = 0
-        skipped: set[str] = set()  # this pass: another host's or refused instances, not tried again
+        skipped: set[str] = set()  # this pass: instances without a file here or refused, not tried again
         while not self._stop.is_set():
             batch = [p for p in self.uploads.pending(BATCH + len(skipped)) if p.sop_uid not in skipped]
             if not batch:
@@ -77,7 +78,7 @@ class Uploader:
         return UploadPass(uploaded, failed, store_down=False)
 
     def _try(self, pending: PendingUpload) -> str:
-        """ "uploaded", "elsewhere" (not this host's file) or "refused" (stays LOCAL; logged and counted
+        """ "uploaded", "elsewhere" (its file is not on this disk) or "refused" (stays LOCAL; logged and counted
         once per instance, it is tried again every pass). BlobStoreUnavailable passes through."""
         try:
             if not self._upload(pending):

@@ -37,12 +37,14 @@ from sqlalchemy import (
     func,
     inspect,
     literal,
+    true,
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 10
 # sqlalchemy.orm is imported above, once, at start: a Core statement given a str subclass (a pydicom UID)
 # inspects it through the ORM, and doing so while kombu's SQLAlchemy transport imports sqlalchemy.orm in
 # another thread failed with a partially initialised module (seen in tests/test_uploader.py, 2 runs in 6).
@@ -74,6 +76,9 @@ instances = Table(
     # (grok_pacs.store.uploads); indexed, so finding what is left to upload never scans every instance.
     Column("upload_state", Text, nullable=False, server_default="LOCAL"),
     Column("blob_key", Text, nullable=False, server_default=""),
+    # The listener that received it (Settings.node_id; migration 0003): only that host has the local file,
+    # so on a shared server database only its recovery and its uploader act on the row.
+    Column("received_by", Text, nullable=False, server_default=""),
     Index("instances_by_study", "study_uid"),
     Index("instances_by_upload_state", "upload_state", "received_at"),
 )
@@ -147,7 +152,10 @@ def open_engine(target: str | Path) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     if url.startswith("postgresql"):
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        # A database host that is unreachable (not refusing) must fail a C-STORE within the sender's DIMSE
+        # timeout, not after the OS's TCP timeout; a URL's own ?connect_timeout= wins.
+        connect = {} if "connect_timeout=" in url else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        return create_engine(url, connect_args=connect, pool_pre_ping=True, pool_size=10, max_overflow=20)
     raise ValueError(f"database_url: {url.split('://')[0]!r} is not supported (sqlite or postgresql+psycopg)")
 
 
@@ -180,6 +188,13 @@ def clock(conn: Engine | Connection) -> ColumnElement[float]:
     """`now` for a statement built once and run many times: on SQLite the bound parameter `now`, which each
     execution passes (time.time()); PostgreSQL ignores it and reads its own clock."""
     return bindparam("now", type_=Double) if is_sqlite(conn) else _server_now()
+
+
+def received_here(conn: Engine | Connection, node_id: str) -> ColumnElement[bool]:
+    """The instances whose file is on this node's disk: every row of the embedded SQLite file (one host
+    owns it, whatever its name is today), the rows this node received on a server database shared by
+    several listeners (another listener's file is not missing here, it was never here)."""
+    return true() if is_sqlite(conn) else instances.c.received_by == node_id
 
 
 def least(conn: Engine | Connection, a: Any, b: Any) -> ColumnElement[Any]:

@@ -126,4 +126,4 @@ def row_index(index: StudyIndex) -> StudyIndex:
         return index
     engine = db.open_engine(index.engine.url.render_as_string(hide_password=False))
     event.listen(engine, "connect", _no_commit_fsync)  # after open_engine's pragmas: NORMAL wins
-    return StudyIndex(engine)
+    return StudyIndex(engine, node_id=index.node_id)  # the rows name their listener here too

@@ -40,10 +40,12 @@ class StudyIndex:
 
     `target` is a database URL, an SQLite file path (the embedded index) or an engine to share. On SQLite
     this process's writes take a lock first: SQLite has one writer, and waiting on a lock is cheaper than
-    SQLite's busy-retry sleeps.
+    SQLite's busy-retry sleeps. `node_id` (Settings.node_id) is recorded with each instance added here
+    and scopes recovery (`instance_paths`, `forget_paths`) to this node's rows (`db.received_here`).
     """
 
-    def __init__(self, target: str | Path | Engine) -> None:
+    def __init__(self, target: str | Path | Engine, node_id: str = "") -> None:
+        self.node_id = node_id
         self._owns_engine = not isinstance(target, Engine)
         self._closed = False
         self.engine = db.open_engine(target) if not isinstance(target, Engine) else target
@@ -91,6 +93,7 @@ class StudyIndex:
     def _add(self, conn: Connection, rec: InstanceRecord) -> bool:
         params = {name: getattr(rec, name) for name in INSTANCE_FIELDS}
         params["now"] = time.time()  # the clock of SQLite (PostgreSQL reads its own)
+        params["received_by"] = self.node_id
         if conn.execute(self._insert_instance, params).first() is None:  # known already
             return False
         conn.execute(self._upsert_study, params)
@@ -102,19 +105,22 @@ class StudyIndex:
         return row is not None
 
     def instance_paths(self) -> set[str]:
-        """Relative paths of every indexed instance (recovery compares them with the disk)."""
+        """Relative paths of the instances this node received (recovery compares them with its disk)."""
         with self._read() as conn:
-            return set(conn.execute(select(db.instances.c.path)).scalars())
+            query = select(db.instances.c.path).where(db.received_here(conn, self.node_id))
+            return set(conn.execute(query).scalars())
 
     def forget_paths(self, paths: set[str]) -> int:
-        """Drop instances whose file is gone (recovery: never acknowledged); recount their studies."""
+        """Drop instances of this node whose file is gone (recovery: never acknowledged); recount their
+        studies. Another listener's rows are never dropped: its file is on its own disk."""
         if not paths:
             return 0
         inst, table = db.instances, db.studies
         with self._write() as conn:
             counts: dict[str, int] = {}
             for path in paths:
-                gone = conn.execute(delete(inst).where(inst.c.path == path).returning(inst.c.study_uid)).scalars()
+                mine = and_(inst.c.path == path, db.received_here(conn, self.node_id))
+                gone = conn.execute(delete(inst).where(mine).returning(inst.c.study_uid)).scalars()
                 for study_uid in gone:
                     counts[study_uid] = counts.get(study_uid, 0) + 1
             for study_uid in counts:
@@ -264,6 +270,10 @@ class StudyIndex:
         self._check_open()
         key = func.hashtextextended(f"grok-pacs analyse {study_uid} v{version}", 0)
         with self.engine.connect() as conn:
+            # A worker host that vanishes (power, network) sends no FIN: the server's keepalive must notice
+            # within ~90 s (its default is 2 h), long before the broker redelivers the job to another host.
+            for setting, value in (("idle", 60), ("interval", 10), ("count", 3)):
+                conn.exec_driver_sql(f"SET tcp_keepalives_{setting} = {value}")
             locked = bool(conn.execute(select(func.pg_try_advisory_lock(key))).scalar())
             conn.commit()
             try:

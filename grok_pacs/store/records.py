@@ -73,9 +73,10 @@ def study_from_row(row: Any) -> StudyRecord:
 
 
 def insert_instance(engine: Engine) -> Any:
-    """INSERT an instance row unless its SOP Instance UID is known; returns a row only when inserted."""
+    """INSERT an instance row unless its SOP Instance UID is known; returns a row only when inserted.
+    Parameters: the InstanceRecord's fields and `received_by` (the receiving node)."""
     table = db.instances
-    values = {name: bindparam(name) for name in INSTANCE_FIELDS}
+    values = {name: bindparam(name) for name in [*INSTANCE_FIELDS, "received_by"]}
     return db.insert(engine, table).values(values).on_conflict_do_nothing().returning(table.c.sop_uid)
 
 

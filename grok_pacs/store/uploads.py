@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, and_, select, update
 
 from grok_pacs.store import db, schema
 from grok_pacs.store.blobs import BlobKey
@@ -34,20 +34,23 @@ class PendingUpload:
 
 
 class Uploads:
-    """The upload state beside the index (same engine: pass `StudyIndex.engine`)."""
+    """The upload state beside the index (same engine: pass `StudyIndex.engine`). `node_id`: the node
+    whose uploader this is (Settings.node_id); `pending` and `uploaded_paths` are its own rows only
+    (`db.received_here`), `studies_waiting` counts every node's (another's LOCAL instance holds a study too)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, node_id: str = "") -> None:
         if not isinstance(engine, Engine):
             raise TypeError(f"engine must be an SQLAlchemy Engine, not {type(engine).__name__}")
         self.engine = engine
+        self.node_id = node_id
         schema.open_schema(engine)  # a server database must be at head already (`grok-pacs db upgrade`)
 
     def pending(self, limit: int = 100) -> list[PendingUpload]:
-        """LOCAL instances, oldest first (a study's instances go up together, in arrival order)."""
+        """This node's LOCAL instances, oldest first (a study's instances go up together, in arrival order)."""
         inst = db.instances
         query = (
             select(inst.c.sop_uid, inst.c.study_uid, inst.c.path)
-            .where(inst.c.upload_state == UploadState.LOCAL.value)
+            .where(inst.c.upload_state == UploadState.LOCAL.value, db.received_here(self.engine, self.node_id))
             .order_by(inst.c.received_at, inst.c.sop_uid)
             .limit(limit)
         )
@@ -88,8 +91,9 @@ class Uploads:
             return set(conn.execute(query).scalars())
 
     def uploaded_paths(self) -> set[str]:
-        """Local paths of UPLOADED instances: recovery must not forget these when their file is gone."""
+        """Local paths of this node's UPLOADED instances: recovery must not forget these when their file is gone."""
         inst = db.instances
+        uploaded = and_(inst.c.upload_state == UploadState.UPLOADED.value, db.received_here(self.engine, self.node_id))
         with db.transaction(self.engine, write=False) as conn:
-            rows = conn.execute(select(inst.c.path).where(inst.c.upload_state == UploadState.UPLOADED.value))
+            rows = conn.execute(select(inst.c.path).where(uploaded))
             return set(rows.scalars())
