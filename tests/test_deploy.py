@@ -554,3 +554,29 @@ def test_k8s_many_hosts_layout_shares_no_writable_volume_and_has_a_schema_job() 
         secret["GROK_PACS_STORAGE_SECRET_KEY"],
     ), "the store's key is the one grok-pacs uses"
     assert "s3.bucket.create -name grok-pacs" in json.dumps(by_kind["Job"]["grok-pacs-bucket"])
+
+
+def test_k8s_config_and_secret_together_are_valid_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a listener pod starts with: config.toml from the ConfigMap, the Secret's variables over it."""
+    by_kind = _k8s_by_kind()
+    config = tmp_path / "config.toml"
+    config.write_text(by_kind["ConfigMap"]["grok-pacs-config"]["data"]["config.toml"])
+    for name, value in by_kind["Secret"]["grok-pacs-env"]["stringData"].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("GROK_PACS_NODE_ID", "grok-pacs-listener-0")  # the pod name, by the downward API
+    settings = load_settings(config)
+    assert settings.database_url.endswith("@grok-pacs-postgres:5432/grok")
+    assert (str(settings.storage_url), settings.storage_endpoint) == (
+        "s3://grok-pacs",
+        "http://grok-pacs-seaweedfs:8333",
+    )
+    assert settings.storage_access_key and settings.node_id == "grok-pacs-listener-0"
+
+
+def test_many_hosts_compose_config_and_env_example_are_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = COMPOSE_MANY.with_name("many-hosts.env.example").read_text().splitlines()
+    for name, value in (line.split("=", 1) for line in example if line.startswith("GROK_PACS_")):
+        monkeypatch.setenv(name, value)
+    settings = load_settings(COMPOSE_MANY.with_name("config.many-hosts.toml"))
+    assert settings.database_url.startswith("postgresql+psycopg://") and settings.storage_access_key
+    assert str(settings.destination) == "PACS@pacs.hospital.example:104"
