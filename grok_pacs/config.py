@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,6 +18,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: 16 chars, no backslash
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")  # a host name, or any name of that shape
 
 # Storage SOP classes (SPEC §5).
 OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
@@ -133,6 +135,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./grok-data")  # everything grok-pacs writes lives under here
     quiet_period: float = Field(5.0, ge=0)  # seconds without a new instance before a study is complete
     min_free_disk_mb: int = Field(1024, ge=0)  # refuse new instances below this free space (watermark)
+    # Which listener received an instance (instances.received_by): with a server database each listener's
+    # recovery and uploader act only on its own rows. Stable across restarts and one per data directory.
+    node_id: str = Field(default_factory=socket.gethostname)
 
     # --- object storage (grok_pacs.store.storage; empty storage_url = local files, one box) -----------
     storage_url: StorageUrl | None = None  # s3://BUCKET[/PREFIX] on an S3-compatible store
@@ -198,6 +203,14 @@ class Settings(BaseSettings):
         for uid in value:
             if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid) or len(uid) > 64:
                 raise ValueError(f"sop_classes: {uid!r} is not a UID")
+        return value
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, value: str) -> str:
+        value = value.strip()
+        if not NODE_ID_RE.match(value):
+            raise ValueError(f"node_id: {value!r} is not 1-253 letters, digits, '.', '_' or '-' (a host name)")
         return value
 
     @field_validator("database_url")

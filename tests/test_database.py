@@ -24,6 +24,7 @@ from grok_pacs.config import load_settings
 from grok_pacs.dicom.status import DimseStatus
 from grok_pacs.ingest.listener import Listener
 from grok_pacs.jobs import pipeline
+from grok_pacs.jobs.publisher import job_id
 from grok_pacs.jobs.snapshot import StudyOutcome, read_study
 from grok_pacs.store import schema
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
@@ -126,28 +127,45 @@ def test_two_processes_racing_claim_each_row_and_study_version_exactly_once(post
     assert all(e.attempts == 1 for e in outbox.for_study("1.2"))
 
 
-def test_a_duplicate_analyse_job_does_not_run_the_model_twice(database, tmp_path) -> None:
-    settings = load_settings(data_dir=tmp_path / "data")
+def _analyse_job(index: StudyIndex, outbox: Outbox, settings, study_uid: str, runs: list[str]):
+    """A job of (study_uid, 1) whose model run is recorded in `runs`, then raises (no model here)."""
+
+    def job(owner: str):
+        def engine():
+            runs.append(owner)
+            raise RuntimeError("the model ran")  # stands for the model: this job runs it, a duplicate must not
+
+        snapshot = read_study(index, settings, study_uid, 1)
+        return pipeline.run_study(settings, index, outbox, engine, "0.1", snapshot, owner=owner)
+
+    return job
+
+
+def test_a_duplicate_analyse_job_does_not_run_the_model_twice(postgres, tmp_path) -> None:
+    url, settings = postgres.new_database(), load_settings(data_dir=tmp_path / "data")
+    index, outbox, runs = StudyIndex(url), Outbox(url), []
+    index.add_instance(_record("1.8", "1.8.1"))
+    assert index.mark_queued("1.8", 1, 100.0)
+    job, owner = _analyse_job(index, outbox, settings, "1.8", runs), job_id("1.8", 1)  # ids are per version
+    with StudyIndex(url).analysing("1.8", 1, owner, lease_s=3600) as live:  # a worker is running the job
+        assert live and index.study("1.8").state is StudyState.ANALYSING
+        assert job(owner).outcome is StudyOutcome.BUSY, "the duplicate (same job id) is turned away"
+    assert runs == []
+    with pytest.raises(RuntimeError, match="the model ran"):  # that worker died: the redelivered job runs
+        job(owner)
+    assert runs == [owner]
+
+
+def test_on_sqlite_a_second_job_waits_for_the_claims_lease(tmp_path) -> None:
+    settings, database, runs = load_settings(data_dir=tmp_path / "data"), tmp_path / "index.sqlite", []
     index, outbox = StudyIndex(database), Outbox(database)
     index.add_instance(_record("1.8", "1.8.1"))
     assert index.mark_queued("1.8", 1, 100.0)
-    runs: list[str] = []
-
-    def engine(owner: str):
-        def load():
-            runs.append(owner)
-            raise RuntimeError("the model ran")  # stands for the model: this job runs it, the other must not
-
-        return load
-
-    def job(owner: str):
-        snapshot = read_study(index, settings, "1.8", 1)
-        return pipeline.run_study(settings, index, outbox, engine(owner), "0.1", snapshot, owner=owner)
-
+    job = _analyse_job(index, outbox, settings, "1.8", runs)
     with pytest.raises(RuntimeError, match="the model ran"):
         job("task-1")
     assert index.study("1.8").state is StudyState.ANALYSING
-    assert job("task-2").outcome is StudyOutcome.BUSY, "a duplicate job for the version is turned away"
+    assert job("task-2").outcome is StudyOutcome.BUSY, "another job id is turned away while the lease runs"
     with pytest.raises(RuntimeError, match="the model ran"):
         job("task-1")  # the broker redelivers the first job (same task id): it may run again
     assert runs == ["task-1", "task-1"]
@@ -224,3 +242,74 @@ def test_concurrent_upgrades_wait_on_the_advisory_lock(postgres) -> None:
     assert sorted(results, key=str) == sorted([(None, schema.head())] + [(schema.head(), schema.head())] * 2, key=str)
     for engine in engines:
         engine.dispose()
+
+
+def test_one_study_over_two_listeners_sharing_a_database_gives_one_job(postgres, tmp_path) -> None:
+    from ingest_support import drain_jobs, ingest_settings, running, storescu, wait_until
+
+    from devtools.processes import Redis
+    from devtools.sample_dicom import fundus_photograph
+
+    redis, url = Redis(tmp_path), postgres.new_database()
+    shared = {"database_url": url, "broker_url": redis.url, "quiet_period": 0.5}
+    first, second = (ingest_settings(tmp_path / name, **shared) for name in ("a", "b"))
+    study = pydicom.uid.generate_uid()
+    try:
+        with running(first) as listener_a, running(second) as listener_b:
+            for eye, listener in (("R", listener_a), ("L", listener_b)):  # two associations, two listeners
+                path = write(fundus_photograph(study, eye, size=32), tmp_path / f"{eye}.dcm")
+                assert storescu(listener.port, path, options=("-xy",)).returncode == 0
+            wait_until(lambda: listener_a.index.study(study).state is StudyState.QUEUED, 10, "the study queued")
+            time.sleep(1.0)  # both assemblers sweep several times more (every 0.125 s)
+            assert listener_a.index.study(study).instance_count == 2
+        assert drain_jobs(first, expect=1, timeout=3) == [
+            ("grok_pacs.tasks.analyze_study", {"study_uid": study, "version": 1})
+        ], "one job, published by one of the two listeners"
+    finally:
+        redis.stop()
+
+
+def test_two_sweepers_publishing_slowly_queue_a_quiet_study_once(database) -> None:
+    sweepers = [StudyIndex(database), StudyIndex(database)]
+    sweepers[0].add_instance(_record("1.4", "1.4.1", received=0.0))
+    published: list[tuple[str, int]] = []
+
+    def slow_publish(study, version: int) -> str:
+        published.append((study.study_uid, version))
+        time.sleep(0.5)  # the other sweeper runs meanwhile: it must skip the study, not publish it again
+        return "task"
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda index: index.queue_quiet(0.0, slow_publish, cutoff=1.0), sweepers))
+    assert published == [("1.4", 1)] and sorted(len(run) for run in runs) == [0, 1]
+    assert (sweepers[1].study("1.4").state, sweepers[1].study("1.4").version) == (StudyState.QUEUED, 1)
+
+
+def test_db_upgrade_on_the_embedded_sqlite_file_a_service_made(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("GROK_PACS_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("GROK_PACS_DATABASE_URL", raising=False)
+    StudyIndex(tmp_path / "data" / "index.sqlite").add_instance(_record("1.1", "1.1.1"))  # the one box ran
+    assert main(["db", "upgrade"]) == 0 and main(["db", "upgrade"]) == 0 and main(["db", "current"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"database schema: empty -> {schema.head()}"
+    assert StudyIndex(tmp_path / "data" / "index.sqlite").study("1.1").instance_count == 1
+
+
+def test_the_migrations_build_the_schema_the_code_declares(postgres) -> None:
+    """A column added to `db` without its migration would work on SQLite (it adds its own columns) and
+    break every PostgreSQL deployment: the upgraded server database must match the tables in `db`."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from grok_pacs.store import db
+
+    engine = create_engine(postgres.new_database())
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), db.metadata) == []
+    engine.dispose()
+
+
+def test_a_command_with_the_database_down_says_so_in_one_line(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("GROK_PACS_DATABASE_URL", f"postgresql+psycopg://grok@127.0.0.1:{free_port()}/grok")
+    assert main(["studies"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.startswith("grok-pacs: database_url: OperationalError:") and "Traceback" not in err

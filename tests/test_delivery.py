@@ -34,7 +34,7 @@ def _queued_study(settings) -> tuple[StudyIndex, Outbox, str]:
     """One right-eye CFP study in the index (QUEUED v1) and its SR in the outbox; returns the SR UID."""
     patient = Patient()
     cfp = make_cfp(patient, "R")
-    index = StudyIndex(settings.index_path)
+    index = StudyIndex(settings.resolved_database_url)
     index.add_instance(
         InstanceRecord(
             patient.study_uid,
@@ -57,7 +57,7 @@ def _queued_study(settings) -> tuple[StudyIndex, Outbox, str]:
     key = SRKey(patient.study_uid, 1, "0.1.0", Eye.RIGHT)
     sr = build_sr(hand_built_report("R", [cfp]), [cfp], key)
     relpath = write_sr(settings.data_dir, sr)
-    outbox = Outbox(settings.index_path)
+    outbox = Outbox(settings.resolved_database_url)
     outbox.put(
         sr_uid=key.sop_instance_uid,
         study_uid=patient.study_uid,
@@ -96,9 +96,10 @@ def test_outbox_state_machine(database):
         outbox.claim("2.25.404", "w1", lease_s=60)
 
 
-def test_pacs_down_then_up_delivers_exactly_once(tmp_path):
+def test_pacs_down_then_up_delivers_exactly_once(tmp_path, database):
     port = free_port()
-    settings = _settings(tmp_path / "data", f"PACS@127.0.0.1:{port}")
+    database_url = "" if isinstance(database, Path) else database  # empty: the SQLite file in the data dir
+    settings = _settings(tmp_path / "data", f"PACS@127.0.0.1:{port}", database_url=database_url)
     index, outbox, sr_uid = _queued_study(settings)
     with pytest.raises(TransientStoreError, match=f"PACS@127.0.0.1:{port}"):
         deliver(settings, outbox, sr_uid, owner="job-1")
@@ -106,7 +107,7 @@ def test_pacs_down_then_up_delivers_exactly_once(tmp_path):
     assert (entry.state, entry.attempts) == (OutboxState.PENDING, 1) and entry.last_error.startswith("transient")
     assert update_study_state(settings, index, outbox, entry.study_uid, 1) is StudyState.DELIVERING
     # A restart (new process, new connection) still finds the SR waiting.
-    restarted = Outbox(settings.index_path)
+    restarted = Outbox(settings.resolved_database_url)
     assert [e.sr_uid for e in restarted.undelivered(lease_s=60)] == [sr_uid]
     pacs = StoreSCP(port, tmp_path / "pacs").start()
     try:

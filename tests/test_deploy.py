@@ -29,6 +29,7 @@ from grok_pacs.config import Settings, load_settings
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose" / "compose.yaml"
+COMPOSE_MANY = DEPLOY / "compose" / "compose.many-hosts.yaml"  # PostgreSQL, S3, Redis; no shared volume
 K8S_FILES = sorted((DEPLOY / "k8s").glob("*.yaml"))
 UNITS = [DEPLOY / "systemd" / "grok-pacs-listener.service", DEPLOY / "systemd" / "grok-pacs-worker@.service"]
 VENV_BIN = Path(sys.executable).parent
@@ -52,15 +53,16 @@ def _k8s_docs() -> list[dict]:
     return docs
 
 
-def _compose() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())
+def _compose(path: Path = COMPOSE) -> dict:
+    return yaml.safe_load(path.read_text())
 
 
 # --- compose ---------------------------------------------------------------------------------------
 
 
-def test_compose_file_is_valid_compose_spec() -> None:
-    result = _run(_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_MANY], ids=lambda p: p.name)
+def test_compose_file_is_valid_compose_spec(path: Path) -> None:
+    result = _run(_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -111,7 +113,7 @@ def test_dockerfile_copies_files_that_exist_and_runs_as_the_k8s_user() -> None:
             )
     uid = int(re.search(r"useradd .*--uid (\d+)", text)[1])
     for doc in _k8s_docs():
-        if doc["kind"] == "Deployment" and "grok-pacs:" in json.dumps(doc):
+        if doc["kind"] in ("Deployment", "StatefulSet", "Job") and "grok-pacs:" in json.dumps(doc):
             assert doc["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == uid
 
 
@@ -133,19 +135,28 @@ def test_k8s_validation_rejects_a_misspelt_probe(tmp_path: Path) -> None:
     assert "readinesProbe" in result.stdout + result.stderr
 
 
-def test_k8s_has_listener_service_workers_redis_storage_and_settings() -> None:
+def _k8s_by_kind() -> dict[str, dict[str, dict]]:
     by_kind: dict[str, dict[str, dict]] = {}
     for doc in _k8s_docs():
         by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
-    assert {"grok-pacs-listener", "grok-pacs-redis"} <= set(by_kind["Deployment"])
-    assert set(by_kind["PersistentVolumeClaim"]) >= {"grok-pacs-data", "grok-pacs-redis"}
-    assert "config.toml" in by_kind["ConfigMap"]["grok-pacs-config"]["data"]
-    assert "GROK_PACS_BROKER_URL" in by_kind["Secret"]["grok-pacs-env"]["stringData"]
+    return by_kind
 
-    listener = by_kind["Deployment"]["grok-pacs-listener"]["spec"]["template"]["spec"]
+
+def test_k8s_has_listener_service_workers_redis_storage_and_settings() -> None:
+    by_kind = _k8s_by_kind()
+    assert "grok-pacs-redis" in by_kind["Deployment"]
+    assert {"grok-pacs-listener", "grok-pacs-postgres", "grok-pacs-seaweedfs"} <= set(by_kind["StatefulSet"])
+    assert set(by_kind["PersistentVolumeClaim"]) >= {"grok-pacs-bundles", "grok-pacs-redis"}
+    assert "config.toml" in by_kind["ConfigMap"]["grok-pacs-config"]["data"]
+    secret = by_kind["Secret"]["grok-pacs-env"]["stringData"]
+    assert {"GROK_PACS_BROKER_URL", "GROK_PACS_DATABASE_URL", "GROK_PACS_STORAGE_SECRET_KEY"} <= set(secret)
+
+    statefulset = by_kind["StatefulSet"]["grok-pacs-listener"]["spec"]
+    listener = statefulset["template"]["spec"]
     volumes = {v["name"]: v for v in listener["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == "grok-pacs-tls"
-    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "grok-pacs-data"
+    claims = {c["metadata"]["name"]: c["spec"] for c in statefulset["volumeClaimTemplates"]}
+    assert claims["data"]["accessModes"] == ["ReadWriteOnce"], "each listener has its own data volume"
     service = by_kind["Service"]["grok-pacs-listener"]["spec"]
     dicom_port = next(p for p in listener["containers"][0]["ports"] if p["name"] == "dicom")
     assert service["ports"][0]["targetPort"] == "dicom" and dicom_port["containerPort"] == 11112
@@ -215,7 +226,8 @@ def test_probes_and_healthchecks_use_paths_the_metrics_server_serves(tmp_path: P
 def _env_names() -> dict[str, set[str]]:
     """GROK_PACS_* names each deployment sets, by file."""
     found: dict[str, set[str]] = {}
-    for path in [COMPOSE, *K8S_FILES, *UNITS, DEPLOY / "Dockerfile", ROOT / "docs/deploy.md"]:
+    many_hosts = [COMPOSE_MANY, COMPOSE_MANY.with_name("many-hosts.env.example")]
+    for path in [COMPOSE, *many_hosts, *K8S_FILES, *UNITS, DEPLOY / "Dockerfile", ROOT / "docs/deploy.md"]:
         found[path.name] = set(re.findall(r"\b(GROK_PACS_[A-Z_]+)\b", path.read_text()))
     return found
 
@@ -224,7 +236,8 @@ def test_every_grok_pacs_variable_names_a_setting() -> None:
     known = {f"GROK_PACS_{name.upper()}" for name in Settings.model_fields} | {"GROK_PACS_CONFIG"}
     known |= {"GROK_PACS_BUNDLES_DIR"}  # compose-only: the host directory mounted as the bundles volume
     found = _env_names()
-    for file in ("compose.yaml", "listener.yaml", "workers.yaml", "grok-pacs-listener.service", "deploy.md"):
+    files = ("compose.yaml", "compose.many-hosts.yaml", "many-hosts.env.example", "listener.yaml", "workers.yaml")
+    for file in (*files, "db-upgrade.yaml", "grok-pacs-listener.service", "deploy.md"):
         assert found[file], f"{file} sets no GROK_PACS_* variable"
     for file, names in found.items():
         assert names <= known, f"{file}: {sorted(names - known)} are not grok-pacs settings"
@@ -241,6 +254,10 @@ def test_example_configs_load_and_enable_metrics() -> None:
     k8s_settings = Settings(**values)
     assert k8s_settings.metrics_port == METRICS_PORT
     assert k8s_settings.data_dir == Path("/var/lib/grok-pacs")
+    assert str(k8s_settings.storage_url) == "s3://grok-pacs", "k8s workers read instances from the store only"
+
+    many = load_settings(DEPLOY / "compose" / "config.many-hosts.toml")
+    assert (str(many.storage_url), many.metrics_port) == ("s3://grok-pacs", METRICS_PORT)
 
 
 def test_environment_overrides_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -426,7 +443,7 @@ def test_deploy_guide_quotes_the_shipped_lua_script() -> None:
 def _deployed_commands() -> dict[str, set[str]]:
     """grok-pacs subcommand -> the options the deployment files pass to it."""
     invocations: list[list[str]] = []
-    for service in _compose()["services"].values():
+    for service in [*_compose()["services"].values(), *_compose(COMPOSE_MANY)["services"].values()]:
         if str(service.get("image", "")).startswith("grok-pacs:"):
             invocations.append(service["command"])
     for doc in _k8s_docs():
@@ -445,9 +462,121 @@ def _deployed_commands() -> dict[str, set[str]]:
 
 def test_deployed_commands_and_options_exist_in_the_cli() -> None:
     commands = _deployed_commands()
-    assert {"listen", "worker", "serve"} <= set(commands)
+    assert {"listen", "worker", "serve", "db"} <= set(commands)
     for command, options in sorted(commands.items()):
         result = _run(sys.executable, "-m", "grok_pacs.cli", command, "--help")
         assert result.returncode == 0, f"grok-pacs {command} --help failed: {result.stderr[-2000:]}"
         for option in options:
             assert re.search(rf"(^|\s){re.escape(option)}\b", result.stdout), f"grok-pacs {command} has no {option}"
+
+
+# --- many hosts: PostgreSQL, object store, Redis; no volume shared between listener and workers -----------
+
+GROK_PACS_PROCESSES = ("listener", "worker-gpu0", "worker-gpu1", "db-upgrade")
+
+
+def _volume_names(service: dict) -> set[str]:
+    return {v.split(":")[0] for v in service.get("volumes", []) if not v.startswith((".", "$", "/"))}
+
+
+def test_many_hosts_compose_shares_no_volume_and_upgrades_the_schema_first() -> None:
+    services = _compose(COMPOSE_MANY)["services"]
+    assert {"postgres", "seaweedfs", "bucket", "redis", *GROK_PACS_PROCESSES} <= set(services)
+    owners: dict[str, list[str]] = {}
+    for name, service in services.items():
+        for volume in _volume_names(service):
+            owners.setdefault(volume, []).append(name)
+    assert {volume: names for volume, names in owners.items() if len(names) > 1} == {}, "a shared volume"
+    assert _volume_names(services["listener"]) == {"listener-data"}
+    assert _volume_names(services["worker-gpu0"]) == {"worker-gpu0-scratch"}
+    assert _volume_names(services["db-upgrade"]) == set()
+
+    assert services["db-upgrade"]["command"] == ["db", "upgrade"]
+    waits = services["listener"]["depends_on"]
+    assert waits["db-upgrade"]["condition"] == waits["bucket"]["condition"] == "service_completed_successfully"
+    env = {name: services[name]["environment"] for name in GROK_PACS_PROCESSES}
+    for key in ("GROK_PACS_DATABASE_URL", "GROK_PACS_BROKER_URL", "GROK_PACS_STORAGE_ENDPOINT", "GROK_PACS_QUEUE"):
+        assert len({e[key] for e in env.values()}) == 1, f"listener, workers and db-upgrade disagree on {key}"
+    assert "GROK_PACS_NODE_ID" in env["listener"]
+
+    example = dict(
+        line.split("=", 1) for line in COMPOSE_MANY.with_name("many-hosts.env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )  # fmt: skip
+    url = example["GROK_PACS_DATABASE_URL"]
+    assert url.startswith("postgresql+psycopg://") and f":{example['POSTGRES_PASSWORD']}@" in url
+    identities = _compose(COMPOSE_MANY)["configs"]["s3-identities"]["content"]
+    assert "${GROK_PACS_STORAGE_ACCESS_KEY}" in identities and "${GROK_PACS_STORAGE_SECRET_KEY}" in identities
+
+
+def _pod_specs(by_kind: dict[str, dict[str, dict]]) -> dict[str, dict]:
+    return {
+        name: doc["spec"]["template"]["spec"]
+        for kind in ("Deployment", "StatefulSet", "Job")
+        for name, doc in by_kind.get(kind, {}).items()
+    }
+
+
+def test_k8s_many_hosts_layout_shares_no_writable_volume_and_has_a_schema_job() -> None:
+    by_kind = _k8s_by_kind()
+    shared_claims = {
+        name
+        for name, claim in by_kind["PersistentVolumeClaim"].items()
+        if "ReadWriteMany" in claim["spec"]["accessModes"]
+    }
+    for name, pod in _pod_specs(by_kind).items():
+        mounts = {m["name"]: m for c in pod["containers"] for m in c.get("volumeMounts", [])}
+        for volume in pod.get("volumes", []):
+            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+            if claim in shared_claims:
+                assert mounts[volume["name"]].get("readOnly") and volume["persistentVolumeClaim"].get("readOnly"), (
+                    f"{name} mounts the shared claim {claim} writable"
+                )
+    for name, pod in _pod_specs(by_kind).items():
+        if name.startswith("grok-pacs-worker-"):
+            data = next(v for v in pod["volumes"] if v["name"] == "data")
+            assert "emptyDir" in data, f"{name}: a worker's data directory is scratch only"
+
+    listener = by_kind["StatefulSet"]["grok-pacs-listener"]["spec"]["template"]["spec"]["containers"][0]
+    node_id = next(e for e in listener["env"] if e["name"] == "GROK_PACS_NODE_ID")
+    assert node_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", "a stable name per listener volume"
+    job = by_kind["Job"]["grok-pacs-db-upgrade"]["spec"]["template"]["spec"]["containers"][0]
+    assert job["args"] == ["db", "upgrade"]
+
+    secret = by_kind["Secret"]["grok-pacs-env"]["stringData"]
+    database = secret["GROK_PACS_DATABASE_URL"]
+    assert database.startswith("postgresql+psycopg://")
+    assert f":{by_kind['Secret']['grok-pacs-postgres']['stringData']['POSTGRES_PASSWORD']}@" in database
+    identity = json.loads(by_kind["Secret"]["grok-pacs-seaweedfs"]["stringData"]["s3.json"])["identities"][0]
+    key = identity["credentials"][0]
+    assert (key["accessKey"], key["secretKey"]) == (
+        secret["GROK_PACS_STORAGE_ACCESS_KEY"],
+        secret["GROK_PACS_STORAGE_SECRET_KEY"],
+    ), "the store's key is the one grok-pacs uses"
+    assert "s3.bucket.create -name grok-pacs" in json.dumps(by_kind["Job"]["grok-pacs-bucket"])
+
+
+def test_k8s_config_and_secret_together_are_valid_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a listener pod starts with: config.toml from the ConfigMap, the Secret's variables over it."""
+    by_kind = _k8s_by_kind()
+    config = tmp_path / "config.toml"
+    config.write_text(by_kind["ConfigMap"]["grok-pacs-config"]["data"]["config.toml"])
+    for name, value in by_kind["Secret"]["grok-pacs-env"]["stringData"].items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("GROK_PACS_NODE_ID", "grok-pacs-listener-0")  # the pod name, by the downward API
+    settings = load_settings(config)
+    assert settings.database_url.endswith("@grok-pacs-postgres:5432/grok")
+    assert (str(settings.storage_url), settings.storage_endpoint) == (
+        "s3://grok-pacs",
+        "http://grok-pacs-seaweedfs:8333",
+    )
+    assert settings.storage_access_key and settings.node_id == "grok-pacs-listener-0"
+
+
+def test_many_hosts_compose_config_and_env_example_are_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = COMPOSE_MANY.with_name("many-hosts.env.example").read_text().splitlines()
+    for name, value in (line.split("=", 1) for line in example if line.startswith("GROK_PACS_")):
+        monkeypatch.setenv(name, value)
+    settings = load_settings(COMPOSE_MANY.with_name("config.many-hosts.toml"))
+    assert settings.database_url.startswith("postgresql+psycopg://") and settings.storage_access_key
+    assert str(settings.destination) == "PACS@pacs.hospital.example:104"

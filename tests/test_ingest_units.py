@@ -20,7 +20,7 @@ from grok_pacs.ingest.assembly import Assembler, recover
 from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, create_app
 from grok_pacs.store import db
 from grok_pacs.store.files import atomic_write_bytes, fsync_dir, remove_temp_files, tmp_dir
-from grok_pacs.store.group_commit import GroupCommit
+from grok_pacs.store.group_commit import GroupCommit, row_index
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 
 
@@ -130,6 +130,14 @@ def test_group_commit_shares_one_transaction_among_waiting_callers(tmp_path: Pat
     assert results == {n: True for n in range(8)} and len(index.instances("1.9")) == 8
     assert (commits.batches, commits.rows) == (2, 8), "the first row alone, then the 7 that queued meanwhile"
     assert commits.commit(_record("1.9", "1.9.3", 9), [tmp_path]) is False, "a known row is not added again"
+    rows = row_index(index)  # the listener's: files are the durability record, its commits skip the fsync
+    synchronous = []
+    for engine in (rows.engine, index.engine):  # one after the other: each connection begins IMMEDIATE
+        with engine.connect() as conn:
+            synchronous.append(conn.exec_driver_sql("PRAGMA synchronous").scalar())
+    assert synchronous == [1, 2], "NORMAL for the listener's rows, FULL for everything else"
+    rows.close()
+    rows.engine.dispose()
     index.close()
     with pytest.raises(db.DatabaseError, match="closed"):
         commits.commit(_record("1.9", "1.9.20", 9), [tmp_path])  # the index failed: the caller refuses

@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 from devtools.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS
 from grok_pacs.config import load_settings
 from grok_pacs.dicom.uids import resolve_inside
+from grok_pacs.ingest.uploader import Uploader
 from grok_pacs.jobs import fetch
 from grok_pacs.jobs.snapshot import read_study
 from grok_pacs.ops import metrics
@@ -113,7 +114,7 @@ def _record(study: str, sop: str, received_at: float) -> InstanceRecord:
 
 
 def test_upload_state_on_both_databases(database) -> None:
-    """The uploads table (migration 0002 on PostgreSQL): LOCAL until recorded, once, with its key."""
+    """The upload state (migration 0002 on PostgreSQL): LOCAL until recorded, once, with its key."""
     index = StudyIndex(database)
     uploads = Uploads(index.engine)
     index.add_instances([_record("1.7", "1.7.1", 100.0), _record("1.7", "1.7.2", 101.0), _record("1.8", "1.8.1", 99)])
@@ -159,4 +160,27 @@ def test_a_worker_reads_verified_copies_in_its_own_scratch_not_the_listeners_dis
         pass
     assert not (worker.data_dir / "scratch" / "job-2").exists()
     store.close()
+    index.close()
+
+
+def test_an_instance_the_store_refuses_stays_local_and_holds_its_study(tmp_path: Path, seaweedfs: SeaweedFS) -> None:
+    """The store already holds something else under the instance's key (corrupted out of band): the
+    uploader never overwrites it, the instance stays LOCAL, its study is not complete, and the refusal is
+    counted once however many passes retry it."""
+    settings = _settings(tmp_path, seaweedfs)
+    index = StudyIndex(settings.resolved_database_url)
+    record = _record("1.9", "1.9.1", time.time())
+    source = settings.data_dir / record.path
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"DICM instance bytes")
+    index.add_instance(record)
+    key = BlobKey.for_file("instances", "1.9", "1.9.1", source)
+    seaweedfs.client().put_object(Bucket=BUCKET, Key=f"{settings.storage_url.prefix}/{key}", Body=b"other")
+    uploader = Uploader(settings.data_dir, Uploads(index.engine), open_blob_store(settings))
+    refused = _uploads_counted("refused")
+    assert [uploader.run_once().failed for _ in range(3)] == [1, 1, 1]
+    assert _uploads_counted("refused") == refused + 1
+    assert uploader.uploads.state("1.9.1") is UploadState.LOCAL and uploader.uploads.studies_waiting() == {"1.9"}
+    assert source.read_bytes() == b"DICM instance bytes"
+    uploader.store.close()
     index.close()

@@ -22,6 +22,7 @@ from typing import Any
 
 from grok_pacs.config import Settings, SettingsError, load_settings
 from grok_pacs.ops.logs import configure_logging
+from grok_pacs.store.db import DatabaseError
 
 #: Modules that contribute subcommands, in help order. Each defines `register(subparsers)`.
 COMMAND_MODULES: list[str] = [
@@ -82,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"grok-pacs: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except DatabaseError as exc:  # down or unreachable at start: say so in one line (the URL may hold a password)
+        print(f"grok-pacs: database_url: {type(exc).__name__}: {str(exc.args[0]).strip()}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
 

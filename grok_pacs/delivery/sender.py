@@ -1,8 +1,9 @@
 """Delivering SRs from the outbox to the destination PACS by C-STORE, and the study state that follows.
 
 `deliver()` claims the outbox row (so two workers never send the same SR at once), sends the SR file kept
-under `<data>/sr/`, and records the outcome: DELIVERED; back to PENDING on a transient failure (the
-caller retries with backoff); FAILED on a permanent one (no retry). A DELIVERED row is never sent again.
+under `<data>/sr/` (or its object in the store: grok_pacs.delivery.results), and records the outcome:
+DELIVERED; back to PENDING on a transient failure (the caller retries with backoff); FAILED on a
+permanent one (no retry). A DELIVERED row is never sent again.
 The one window left — the PACS stored the SR but the worker died before recording it — ends in a resend
 of the same SOP Instance UID, which a PACS files as the same instance (Orthanc keeps one copy).
 """
@@ -19,9 +20,11 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from grok_pacs.config import Settings
+from grok_pacs.delivery import results
 from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError, store_dataset
 from grok_pacs.dicom.uids import require_uid, resolve_inside
 from grok_pacs.ops import metrics
+from grok_pacs.store.blobs import BlobError, BlobStore, BlobStoreUnavailable
 from grok_pacs.store.files import atomic_write_bytes
 from grok_pacs.store.index import StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxState, ResultKind
@@ -77,10 +80,12 @@ def _count_failure(entry: OutboxEntry, *, permanent: bool) -> None:
         metrics.sr_delivery_failed(permanent=permanent)
 
 
-def deliver(settings: Settings, outbox: Outbox, sr_uid: str, *, owner: str) -> DeliveryOutcome:
+def deliver(
+    settings: Settings, outbox: Outbox, sr_uid: str, *, owner: str, store: BlobStore | None = None
+) -> DeliveryOutcome:
     """Send one result (SR or PDF report) of the outbox once. Raises TransientStoreError (row PENDING
-    again, retry later) or PermanentStoreError (row FAILED, do not retry); both name the destination and
-    the reason."""
+    again, retry later; also an object store that is down) or PermanentStoreError (row FAILED, do not
+    retry); both name the destination and the reason. `store`: where results with a key are kept."""
     if settings.destination is None:
         return DeliveryOutcome.NO_DESTINATION
     entry = outbox.claim(sr_uid, owner, lease_s=claim_lease_s(settings))
@@ -90,8 +95,12 @@ def deliver(settings: Settings, outbox: Outbox, sr_uid: str, *, owner: str) -> D
         return _skip_outcome(current)
     destination = str(settings.destination)
     try:
-        sr = pydicom.dcmread(resolve_inside(Path(settings.data_dir), entry.path))
-    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        sr = results.read(Path(settings.data_dir), store, entry.path)
+    except BlobStoreUnavailable as exc:
+        outbox.release(sr_uid, owner, f"transient: {exc}")
+        _count_failure(entry, permanent=False)
+        raise TransientStoreError(f"{_name(entry)} {entry.path} not fetched: {exc}") from exc
+    except (OSError, pydicom.errors.InvalidDicomError, BlobError) as exc:
         outbox.mark_failed(sr_uid, owner, f"{_name(entry)} file {entry.path} unreadable: {exc}")
         _count_failure(entry, permanent=True)
         raise PermanentStoreError(f"{_name(entry)} file {entry.path} unreadable: {exc}") from exc

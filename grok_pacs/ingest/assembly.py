@@ -44,6 +44,8 @@ def recover(settings: Settings, index: StudyIndex, uploaded: frozenset[str] = fr
     """Before the listener starts: remove temp files, index files on disk that the index lacks, and
     forget index rows whose file is missing (the sender never got Success for them and sends again),
     except `uploaded` paths (the object store holds those; their local copy may have been removed).
+    Only this node's rows are compared with its disk (`index.node_id`): on a database shared by several
+    listeners, another listener's instances are on its own disk, not missing.
 
     Complete studies that were never queued stay RECEIVING in the index and are queued by the first
     assembly pass. Unreadable or misnamed files in `incoming/` are moved to `quarantine/`.
@@ -135,27 +137,22 @@ class Assembler:
         self.failed_passes = 0  # passes that raised (e.g. broker unreachable); jobs are retried next pass
 
     def run_once(self, now: float | None = None) -> list[tuple[str, int]]:
-        """Queue every RECEIVING study quiet since `quiet_period`; returns [(study_uid, version)]."""
-        quiet = self.settings.quiet_period
-        due = self.index.quiet_studies(quiet) if now is None else self.index.due_studies(now - quiet)
-        queued = []
-        # Read after the due list: an instance arriving in between moves its study's last_received_at,
-        # which mark_queued checks, so a stale `held` set cannot queue an incomplete study.
-        held = self.waiting() if due and self.waiting is not None else set()
-        for study in due:
-            if study.study_uid in held:
-                continue
-            version = self._queue(study)
-            if version is not None:
-                queued.append((study.study_uid, version))
-        return queued
+        """Queue every RECEIVING study quiet since `quiet_period` (on the database's clock; with `now`,
+        host time: the last instance at or before `now - quiet_period`); returns [(study_uid, version)].
 
-    def _queue(self, study: StudyRecord) -> int | None:
-        version = study.version + 1
-        task_id = self.publisher.publish(study.study_uid, version)
-        if not self.index.mark_queued(study.study_uid, version, study.last_received_at):
-            log.info("study %s grew while being queued; it will be queued again when quiet", study.study_uid)
-            return None
+        Each study is published and recorded QUEUED under its row's lock (`StudyIndex.queue_quiet`), so
+        two listeners sharing a database queue it once; a study `waiting` names is left for a later pass."""
+        quiet = self.settings.quiet_period
+        cutoff = None if now is None else now - quiet
+        queued = self.index.queue_quiet(quiet, self._publish, cutoff=cutoff, held=self.waiting)
+        for study, version, task_id in queued:
+            self._log_queued(study, version, task_id)
+        return [(study.study_uid, version) for study, version, _ in queued]
+
+    def _publish(self, study: StudyRecord, version: int) -> str:
+        return self.publisher.publish(study.study_uid, version)
+
+    def _log_queued(self, study: StudyRecord, version: int, task_id: str) -> None:
         instances = self.index.instances(study.study_uid)
         log.info(
             "study queued: study=%s version=%d task=%s instances=%d series=%d bytes=%d modalities=%s calling_aes=%s",
@@ -168,7 +165,6 @@ class Assembler:
             ",".join(sorted({i.modality for i in instances})),
             ",".join(sorted({i.calling_ae for i in instances if i.calling_ae})) or "-",
         )
-        return version
 
     def _sweep_temp_files(self) -> None:
         """Remove temp files of transfers abandoned long ago (aborted associations leave them)."""

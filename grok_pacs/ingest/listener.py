@@ -32,7 +32,7 @@ from grok_pacs.ingest.transport import HandshakeInThreadServer, enable_streaming
 from grok_pacs.ops import metrics
 from grok_pacs.store import db
 from grok_pacs.store.files import atomic_copy, free_bytes, place_file, start_directory_fsync, start_fsync, tmp_dir
-from grok_pacs.store.group_commit import GroupCommit
+from grok_pacs.store.group_commit import GroupCommit, row_index
 from grok_pacs.store.index import InstanceRecord, StudyIndex
 
 log = logging.getLogger("grok_pacs.ingest.listener")
@@ -80,7 +80,8 @@ class Listener:
     ) -> None:
         self.settings = settings
         self.index = index
-        self.commits = GroupCommit(index, start_directory_fsync)
+        self._rows = row_index(index)  # the rows' commits skip the WAL fsync: see store.group_commit
+        self.commits = GroupCommit(self._rows, start_directory_fsync)
         self.on_stored = on_stored
         self.data_dir = Path(settings.data_dir).resolve()
         self.tmp_dir = tmp_dir(self.data_dir)
@@ -147,8 +148,13 @@ class Listener:
 
         An aborted transfer was never acknowledged: the sender retries it, recovery removes its file.
         """
-        if self._server is None:
-            return
+        if self._server is not None:
+            self._stop_serving(grace)
+        if self._rows is not self.index:
+            self._rows.close()
+            self._rows.engine.dispose()
+
+    def _stop_serving(self, grace: float) -> None:
         self._server.shutdown()
         self._server = None
         deadline = time.monotonic() + grace

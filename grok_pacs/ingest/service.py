@@ -11,15 +11,40 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from grok_pacs.config import Settings
+from grok_pacs.config import Settings, SettingsError
 from grok_pacs.ingest.assembly import Assembler, Publisher, RecoveryReport, recover
 from grok_pacs.ingest.listener import Listener
 from grok_pacs.ingest.uploader import Uploader
+from grok_pacs.store.files import atomic_write_bytes
 from grok_pacs.store.index import StudyIndex
 from grok_pacs.store.storage import open_blob_store
 from grok_pacs.store.uploads import Uploads
 
 log = logging.getLogger("grok_pacs.ingest.service")
+
+NODE_FILE = "node_id"  # in the data directory: the node_id its instances were received under
+
+
+def check_node_id(settings: Settings) -> None:
+    """With a server database keep a data directory's listener name across restarts, or refuse to start.
+
+    Its rows carry `node_id`, and only the listener of that name recovers and uploads them: one restarted
+    under another name (a container whose host name changed) would leave its LOCAL instances un-uploaded
+    and their studies waiting for ever. The first start records the name; the embedded SQLite file is one
+    host's and is not scoped by name.
+    """
+    if not settings.resolved_database_url.startswith("postgresql"):
+        return
+    marker = settings.data_dir / NODE_FILE
+    if not marker.exists():
+        atomic_write_bytes(settings.data_dir, marker, settings.node_id.encode())
+        return
+    recorded = marker.read_text().strip()
+    if recorded != settings.node_id:
+        raise SettingsError(
+            f"node_id: the data directory {settings.data_dir} holds the instances of listener {recorded!r}, "
+            f"not {settings.node_id!r}; set GROK_PACS_NODE_ID={recorded} (only that name uploads and recovers them)"
+        )
 
 
 class ClosablePublisher(Publisher, Protocol):
@@ -32,7 +57,10 @@ def _uploader(settings: Settings, index: StudyIndex) -> Uploader | None:
     """The uploader into the object store `storage_url` names; None without one (one box)."""
     if settings.storage_url is None:
         return None
-    return Uploader(settings.data_dir, Uploads(index.engine), open_blob_store(settings))
+    # Polled as often as assembly looks for quiet studies: an upload mostly overlaps the quiet period.
+    interval = min(1.0, max(0.05, settings.quiet_period / 4))
+    uploads = Uploads(index.engine, node_id=settings.node_id)
+    return Uploader(settings.data_dir, uploads, open_blob_store(settings), interval=interval)
 
 
 class IngestService:
@@ -41,7 +69,8 @@ class IngestService:
     def __init__(self, settings: Settings, publisher: ClosablePublisher) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.index = StudyIndex(settings.resolved_database_url)
+        check_node_id(settings)
+        self.index = StudyIndex(settings.resolved_database_url, node_id=settings.node_id)
         self.publisher = publisher
         self.listener = Listener(settings, self.index)
         self.uploader = _uploader(settings, self.index)

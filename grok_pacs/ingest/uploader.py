@@ -4,9 +4,11 @@ records it UPLOADED (grok_pacs.store.uploads), only when `storage_url` is set.
 C-STORE answers Success after the local fsync and the index commit (receiving straight into S3 is ~30x
 slower); this loop uploads afterwards. Each pass reads the LOCAL instances from the database, so a
 restart resumes where it stopped. Store down: the pass ends at the first unavailable put, the instances
-stay LOCAL (their studies are not queued) and the next pass tries again. Rows whose file is not on this
-host's disk belong to another listener (a shared database) and are left to that host's uploader.
-The local file is never deleted here.
+stay LOCAL (their studies are not queued) and the next pass tries again. On a database shared by several
+listeners it reads only the rows its own node received (`Uploads.node_id`, column `received_by`): another
+listener's LOCAL instance is that host's to upload. A row of its own whose file is gone (lost before its
+upload) is refused like a corrupt one: logged and counted once, its study waits. The local file is never
+deleted here.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Uploader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._down = False  # log an outage once, and its end once
+        self._refused: set[str] = set()  # instances whose refusal was logged (not a work queue)
 
     @property
     def store_down(self) -> bool:
@@ -54,41 +57,52 @@ class Uploader:
 
     def run_once(self) -> UploadPass:
         uploaded = failed = 0
-        skipped: set[str] = set()  # this pass: another host's or refused instances, not tried again
+        skipped: set[str] = set()  # this pass: refused instances, not tried again
         while not self._stop.is_set():
             batch = [p for p in self.uploads.pending(BATCH + len(skipped)) if p.sop_uid not in skipped]
             if not batch:
                 break
             for pending in batch:
                 try:
-                    if self._upload(pending):
-                        uploaded += 1
-                        metrics.upload("uploaded")
-                    else:
-                        skipped.add(pending.sop_uid)
+                    outcome = self._try(pending)
                 except BlobStoreUnavailable as exc:
                     metrics.upload("store_down")
                     self._outage(exc)
                     return UploadPass(uploaded, failed, store_down=True)
-                except (BlobError, ValueError) as exc:
-                    log.error("upload of instance %s refused: %s (it stays LOCAL)", pending.sop_uid, exc)
-                    metrics.upload("refused")
-                    failed += 1
+                uploaded += outcome == "uploaded"
+                failed += outcome == "refused"
+                if outcome != "uploaded":
                     skipped.add(pending.sop_uid)
         if self._down and uploaded:
             log.info("object store is back: %d instances uploaded", uploaded)
             self._down = False
         return UploadPass(uploaded, failed, store_down=False)
 
-    def _upload(self, pending: PendingUpload) -> bool:
-        """Put one instance and record it; False when its file is not on this host."""
+    def _try(self, pending: PendingUpload) -> str:
+        """ "uploaded" or "refused" (stays LOCAL; logged and counted once per instance, it is tried again
+        every pass). BlobStoreUnavailable passes through."""
+        try:
+            self._upload(pending)
+        except BlobStoreUnavailable:
+            raise
+        except (BlobError, ValueError) as exc:
+            if pending.sop_uid not in self._refused:
+                self._refused.add(pending.sop_uid)
+                log.error("upload of instance %s refused: %s (it stays LOCAL, its study waits)", pending.sop_uid, exc)
+                metrics.upload("refused")
+            return "refused"
+        self._refused.discard(pending.sop_uid)
+        metrics.upload("uploaded")
+        return "uploaded"
+
+    def _upload(self, pending: PendingUpload) -> None:
+        """Put one instance and record it."""
         path = resolve_inside(self.data_dir, pending.path)
-        if not path.is_file():
-            return False
+        if not path.is_file():  # this node received it (Uploads.node_id): the file was here, and is lost
+            raise ValueError(f"its file {pending.path} is missing from this listener's data directory")
         key = BlobKey.for_file("instances", pending.study_uid, pending.sop_uid, path)
         self.store.put(key, path)
         self.uploads.record(pending.sop_uid, key)
-        return True
 
     def _outage(self, exc: BlobStoreUnavailable) -> None:
         if not self._down:

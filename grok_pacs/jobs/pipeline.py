@@ -30,6 +30,7 @@ from grok_pacs.analysis.imaging import EyeImages, ImageReadError, read_cfp, read
 from grok_pacs.analysis.quality import QualityThresholds, judge, ungradable_report, with_learned
 from grok_pacs.analysis.result import Eye, Gradability, ModalityQuality, Report, SourceImage
 from grok_pacs.config import Settings
+from grok_pacs.delivery import results
 from grok_pacs.delivery.sender import write_sr
 from grok_pacs.dicom.uids import resolve_inside
 from grok_pacs.jobs.pdf_report import eye_images, write_pdf_report
@@ -38,6 +39,7 @@ from grok_pacs.report import dispositions
 from grok_pacs.report.keys import ReportKey
 from grok_pacs.report.pdf import ReportImages
 from grok_pacs.report.sr import SRKey, build_sr
+from grok_pacs.store.blobs import BlobStore
 from grok_pacs.store.index import InstanceRecord, StudyIndex
 from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxRow, OutboxState, ResultKind
 
@@ -196,13 +198,15 @@ def run_study(
     snapshot: StudySnapshot,
     *,
     owner: str,
+    store: BlobStore | None = None,
 ) -> StudyResult:
     """Analyse one study version into outbox rows (delivery is the caller's next step).
 
     The index is written once here: the job `owner` claims the version (QUEUED -> ANALYSING, one
     conditional update) before the model runs, so a duplicate job for it runs nothing (BUSY); the
     caller writes the end state. `engine()` is called only once the study needs analysing (the first
-    call in a worker loads the model, while the study already shows ANALYSING).
+    call in a worker loads the model, while the study already shows ANALYSING). With a `store`, each
+    result is put into it and its outbox row holds the key (any worker can deliver it).
     """
     study_uid, version = snapshot.study_uid, snapshot.version
     if snapshot.void is not None:
@@ -221,7 +225,7 @@ def run_study(
     built = {
         eye: e
         for eye, e in [*existing.items(), (None, existing_pdf)]  # written, not delivered: reuse
-        if e is not None and eye not in finished and resolve_inside(Path(settings.data_dir), e.path).is_file()
+        if e is not None and eye not in finished and results.available(settings.data_dir, store, e.path)
     }
     pending = [eye for eye in Eye if eye not in finished and eye not in built and (eyes[eye].cfp or eyes[eye].oct)]
     if finished and not pending and not built:
@@ -232,23 +236,46 @@ def run_study(
     if not pending:
         raise _no_analysable_eye(snapshot, notes)
     lease_s = settings.job_time_limit  # a claim older than a job may run belongs to a dead worker
-    if not index.claim_study(study_uid, version, owner, lease_s=lease_s, detail=f"bundle {bundle_version}"):
-        log.info("job for study %s v%d skipped: another job is analysing it", study_uid, version)
-        return StudyResult(study_uid, version, StudyOutcome.BUSY)
+    with index.analysing(study_uid, version, owner, lease_s=lease_s, detail=f"bundle {bundle_version}") as claimed:
+        if not claimed:
+            log.info("job for study %s v%d skipped: another job is analysing it", study_uid, version)
+            return StudyResult(study_uid, version, StudyOutcome.BUSY)
+        rows = _analyse_into_rows(settings, engine, snapshot, pending, keys, pdf_key, notes, not entries, store)
+        # One transaction: SRs and PDF queued together; every row carries all notes (also an eye without an SR).
+        entries.extend(outbox.put_many([dataclasses.replace(row, note="; ".join(notes)) for row in rows]))
+    if not entries:
+        raise _no_analysable_eye(snapshot, notes)
+    return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
+
+
+def _analyse_into_rows(
+    settings: Settings,
+    engine: Callable[[], Engine | AnalysisEngine],
+    snapshot: StudySnapshot,
+    pending: list[Eye],
+    keys: dict[Eye, SRKey],
+    pdf_key: ReportKey,
+    notes: list[str],
+    with_pdf: bool,
+    store: BlobStore | None,
+) -> list[OutboxRow]:
+    """Run the model on the pending eyes and write their results: the outbox rows to add (not added yet)."""
+    study_uid, version, bundle_version = snapshot.study_uid, snapshot.version, keys[Eye.RIGHT].bundle_version
     analysed = _analyse_and_write(
-        settings, engine(), eyes, pending, keys, notes, {rec.sop_uid: rec for rec in snapshot.instances}
+        settings, engine(), snapshot.eyes, pending, keys, notes, {rec.sop_uid: rec for rec in snapshot.instances}
     )
     rows = [
         OutboxRow(keys[report.eye].sop_instance_uid, study_uid, version, bundle_version, report.eye.value, path)
         for report, _, path, _ in analysed
     ]
-    if settings.pdf_report and analysed and not entries:  # every eye's report is at hand
+    if settings.pdf_report and analysed and with_pdf:  # every eye's report is at hand
         rows.extend(_pdf_row(settings, snapshot, analysed, pdf_key, notes))
-    # One transaction: SRs and PDF queued together; every row carries all notes (also an eye without an SR).
-    entries.extend(outbox.put_many([dataclasses.replace(row, note="; ".join(notes)) for row in rows]))
-    if not entries:
-        raise _no_analysable_eye(snapshot, notes)
-    return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
+    if store is not None:  # before the rows exist: a row never names an object that is not there
+        rows = [
+            dataclasses.replace(row, path=results.publish(settings.data_dir, store, study_uid, row.sr_uid, row.path))
+            for row in rows
+        ]
+    return rows
 
 
 def _pdf_row(

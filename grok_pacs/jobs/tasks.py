@@ -61,7 +61,7 @@ def _deliver_once(ctx: WorkerContext, sr_uid: str, owner: str) -> tuple[str, str
     """One delivery attempt, recorded in the outbox. Returns the outcome's name ("transient" when the SR
     is PENDING again and a retry is due, "failed" when it is FAILED) and the reason of a failure."""
     try:
-        return delivery.deliver(ctx.settings, ctx.outbox, sr_uid, owner=owner).value, ""
+        return delivery.deliver(ctx.settings, ctx.outbox, sr_uid, owner=owner, store=ctx.blobs).value, ""
     except TransientStoreError as exc:
         return "transient", f"transient: {exc}"
     except PermanentStoreError as exc:
@@ -110,7 +110,14 @@ def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[st
         metrics.job_started(received_at, ctx.settings.quiet_period)
         with metrics.time_stage("analysis"), _instance_copies(ctx, snapshot, owner) as snapshot:
             result = pipeline.run_study(
-                ctx.settings, ctx.index, ctx.outbox, ctx.engine, ctx.bundle_version(), snapshot, owner=owner
+                ctx.settings,
+                ctx.index,
+                ctx.outbox,
+                ctx.engine,
+                ctx.bundle_version(),
+                snapshot,
+                owner=owner,
+                store=ctx.blobs,
             )
     except TRANSIENT_ANALYSIS_ERRORS:
         raise  # retried by Celery (autoretry_for), bounded, with backoff

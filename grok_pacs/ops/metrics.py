@@ -116,7 +116,8 @@ GATE_REASONS = Counter(
 )
 UPLOADS = Counter(
     "grok_pacs_uploads",
-    "Instances the uploader put into the object store, by outcome (uploaded; refused: stays LOCAL, see the log;"
+    "Instances the uploader put into the object store, by outcome (uploaded; refused: stays LOCAL, counted once,"
+    " see the log;"
     " store_down: a pass stopped because the store was unavailable)",
     ["outcome"],
     registry=REGISTRY,

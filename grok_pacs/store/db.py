@@ -37,12 +37,14 @@ from sqlalchemy import (
     func,
     inspect,
     literal,
+    true,
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 10
 # sqlalchemy.orm is imported above, once, at start: a Core statement given a str subclass (a pydicom UID)
 # inspects it through the ORM, and doing so while kombu's SQLAlchemy transport imports sqlalchemy.orm in
 # another thread failed with a partially initialised module (seen in tests/test_uploader.py, 2 runs in 6).
@@ -70,7 +72,15 @@ instances = Table(
     Column("calling_ae", Text, nullable=False),
     Column("acquisition_datetime", Text, nullable=False),
     Column("transfer_syntax", Text, nullable=False),
+    # LOCAL until the per-host uploader has put the file into the object store and recorded its key here
+    # (grok_pacs.store.uploads); indexed, so finding what is left to upload never scans every instance.
+    Column("upload_state", Text, nullable=False, server_default="LOCAL"),
+    Column("blob_key", Text, nullable=False, server_default=""),
+    # The listener that received it (Settings.node_id; migration 0003): only that host has the local file,
+    # so on a shared server database only its recovery and its uploader act on the row.
+    Column("received_by", Text, nullable=False, server_default=""),
     Index("instances_by_study", "study_uid"),
+    Index("instances_by_upload_state", "upload_state", "received_at"),
 )
 
 studies = Table(
@@ -87,18 +97,6 @@ studies = Table(
     Column("claimed_by", Text, nullable=False, server_default=""),  # the job analysing this version
     Column("claimed_at", Double),
     Index("studies_by_state", "state", "last_received_at"),
-)
-
-# An instance is LOCAL until it has a row here, UPLOADED with the object's key once it has one
-# (grok_pacs.store.uploads, written by the per-host uploader). A table of its own: the listener's insert
-# stays as it is, and an older database only gains a table.
-uploads = Table(
-    "uploads",
-    metadata,
-    Column("sop_uid", Text, primary_key=True),
-    Column("study_uid", Text, nullable=False),
-    Column("blob_key", Text, nullable=False),
-    Column("uploaded_at", Double, nullable=False),
 )
 
 outbox = Table(
@@ -154,7 +152,10 @@ def open_engine(target: str | Path) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     if url.startswith("postgresql"):
-        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        # A database host that is unreachable (not refusing) must fail a C-STORE within the sender's DIMSE
+        # timeout, not after the OS's TCP timeout; a URL's own ?connect_timeout= wins.
+        connect = {} if "connect_timeout=" in url else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        return create_engine(url, connect_args=connect, pool_pre_ping=True, pool_size=10, max_overflow=20)
     raise ValueError(f"database_url: {url.split('://')[0]!r} is not supported (sqlite or postgresql+psycopg)")
 
 
@@ -189,6 +190,13 @@ def clock(conn: Engine | Connection) -> ColumnElement[float]:
     return bindparam("now", type_=Double) if is_sqlite(conn) else _server_now()
 
 
+def received_here(conn: Engine | Connection, node_id: str) -> ColumnElement[bool]:
+    """The instances whose file is on this node's disk: every row of the embedded SQLite file (one host
+    owns it, whatever its name is today), the rows this node received on a server database shared by
+    several listeners (another listener's file is not missing here, it was never here)."""
+    return true() if is_sqlite(conn) else instances.c.received_by == node_id
+
+
 def least(conn: Engine | Connection, a: Any, b: Any) -> ColumnElement[Any]:
     return func.min(a, b) if is_sqlite(conn) else func.least(a, b)
 
@@ -215,6 +223,8 @@ def create_schema(engine: Engine) -> None:
         for column in table.columns:
             if column.name not in present:
                 _add_column(engine, table, column)
+        for index in table.indexes:  # create_all makes a missing table's indexes, not a new index's
+            index.create(engine, checkfirst=True)
 
 
 def _add_column(engine: Engine, table: Table, column: Column) -> None:

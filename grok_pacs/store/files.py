@@ -21,7 +21,7 @@ TMP_DIR = "tmp"
 TMP_PREFIX = "rx-"
 QUARANTINE_DIR = "quarantine"
 T = TypeVar("T")
-FSYNC_THREADS = 8  # fsyncs wait on the disk, not the CPU: enough for concurrent associations to overlap
+FSYNC_THREADS = 32  # fsyncs wait on the disk, not the CPU: a file and a directory per association in flight
 _FSYNC_POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 

@@ -12,6 +12,13 @@ is always the caller itself: no extra thread hop, the same two overlapping barri
 Why the directory fsync and the commit may overlap: a crash can leave a committed row whose rename was
 not yet durable. That instance was never acknowledged, and recovery drops index rows whose file is
 missing (`ingest.assembly.recover`), so the sender's retry stores it again.
+
+Why the commit need not be fsynced (`row_index`: on the embedded SQLite, rows are committed with
+`synchronous=NORMAL`): before Success the file's data (fdatasync before the rename) and its name (the
+directory fsync) are durable, and recovery indexes every file in `incoming/` that has no row. A power loss
+may roll back the last rows, never a file, so every acknowledged instance is indexed again at the next
+start. A process crash loses nothing (the WAL is written before Success), and any later `FULL` commit
+(assembly, worker, uploader) makes these rows durable with it.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy import event
+
+from grok_pacs.store import db
 from grok_pacs.store.index import InstanceRecord, StudyIndex
 
 
@@ -102,3 +112,18 @@ class GroupCommit:
             entry.done = True
         self.batches += 1
         self.rows += len(batch)
+
+
+def _no_commit_fsync(dbapi_conn, _record) -> None:
+    dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+
+def row_index(index: StudyIndex) -> StudyIndex:
+    """The index the listener commits rows through: on the embedded SQLite a second engine on the same
+    file whose commits skip the WAL fsync (see above; close it with `.engine.dispose()`); on a database
+    server `index` itself (its rows are not re-derived from this host's files)."""
+    if not db.is_sqlite(index.engine):
+        return index
+    engine = db.open_engine(index.engine.url.render_as_string(hide_password=False))
+    event.listen(engine, "connect", _no_commit_fsync)  # after open_engine's pragmas: NORMAL wins
+    return StudyIndex(engine, node_id=index.node_id)  # the rows name their listener here too

@@ -11,111 +11,28 @@ an older version finds the study's version moved on; `set_state(..., version=v)`
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from enum import StrEnum
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, delete, func, literal, or_, select, update
+from sqlalchemy import Engine, and_, delete, func, literal, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import ResourceClosedError
 
 from grok_pacs.store import db, schema
-
-
-class StudyState(StrEnum):
-    RECEIVING = "RECEIVING"  # instances arriving; not yet quiet for the quiet period
-    QUEUED = "QUEUED"  # job (study_uid, version) is on the broker
-    ANALYSING = "ANALYSING"  # a worker runs the model
-    DELIVERING = "DELIVERING"  # SR built, being sent to the destination
-    DONE = "DONE"
-    FAILED = "FAILED"
-
-
-@dataclass(frozen=True)
-class InstanceRecord:
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    sop_class_uid: str
-    modality: str
-    laterality: str  # 'R', 'L', 'B' or ''
-    frames: int
-    size: int  # bytes of the stored file
-    path: str  # relative to the data directory, e.g. incoming/<study>/<series>/<sop>.dcm
-    received_at: float  # UNIX time
-    calling_ae: str
-    acquisition_datetime: str  # DICOM DT, '' if the instance has none
-    transfer_syntax: str
-
-
-@dataclass(frozen=True)
-class StudyRecord:
-    study_uid: str
-    state: StudyState
-    version: int  # last version queued (0: never queued)
-    detail: str
-    instance_count: int
-    first_received_at: float
-    last_received_at: float
-
-
-@dataclass(frozen=True)
-class StoredStudy:
-    """A study row and its instances, read in one transaction (a job's snapshot of the index)."""
-
-    study: StudyRecord
-    instances: tuple[InstanceRecord, ...]
-
-
-_INSTANCE_FIELDS = [field.name for field in dataclasses.fields(InstanceRecord)]
-_STUDY_FIELDS = [field.name for field in dataclasses.fields(StudyRecord)]
-_INSTANCE_COLUMNS = [db.instances.c[name] for name in _INSTANCE_FIELDS]
-_STUDY_COLUMNS = [db.studies.c[name] for name in _STUDY_FIELDS]
-
-
-def _study(row: Any) -> StudyRecord:
-    values = dict(zip(_STUDY_FIELDS, row))
-    values["state"] = StudyState(values["state"])
-    return StudyRecord(**values)
-
-
-def _insert_instance(engine: Engine) -> Any:
-    """INSERT an instance row unless its SOP Instance UID is known; returns a row only when inserted."""
-    table = db.instances
-    values = {name: bindparam(name) for name in _INSTANCE_FIELDS}
-    return db.insert(engine, table).values(values).on_conflict_do_nothing().returning(table.c.sop_uid)
-
-
-def _upsert_study(engine: Engine) -> Any:
-    """Create the instance's study RECEIVING, or count the instance in and put it back into RECEIVING."""
-    table = db.studies
-    received = bindparam("received_at")
-    new = db.insert(engine, table).values(
-        study_uid=bindparam("study_uid"),
-        state=StudyState.RECEIVING.value,
-        version=0,
-        detail="",
-        instance_count=1,
-        first_received_at=received,
-        last_received_at=received,
-        updated_at=db.clock(engine),
-    )
-    return new.on_conflict_do_update(
-        index_elements=[table.c.study_uid],
-        set_={
-            "state": new.excluded.state,
-            "detail": "",
-            "instance_count": table.c.instance_count + 1,
-            "first_received_at": db.least(engine, table.c.first_received_at, new.excluded.first_received_at),
-            "last_received_at": db.greatest(engine, table.c.last_received_at, new.excluded.last_received_at),
-            "updated_at": new.excluded.updated_at,
-        },
-    )
+from grok_pacs.store.records import (
+    INSTANCE_COLUMNS,
+    INSTANCE_FIELDS,
+    STUDY_COLUMNS,
+    insert_instance,
+    study_from_row,
+    upsert_study,
+)
+from grok_pacs.store.records import InstanceRecord as InstanceRecord  # re-exported: importers keep this path
+from grok_pacs.store.records import StoredStudy as StoredStudy
+from grok_pacs.store.records import StudyRecord as StudyRecord
+from grok_pacs.store.records import StudyState as StudyState
 
 
 class StudyIndex:
@@ -123,18 +40,20 @@ class StudyIndex:
 
     `target` is a database URL, an SQLite file path (the embedded index) or an engine to share. On SQLite
     this process's writes take a lock first: SQLite has one writer, and waiting on a lock is cheaper than
-    SQLite's busy-retry sleeps.
+    SQLite's busy-retry sleeps. `node_id` (Settings.node_id) is recorded with each instance added here
+    and scopes recovery (`instance_paths`, `forget_paths`) to this node's rows (`db.received_here`).
     """
 
-    def __init__(self, target: str | Path | Engine) -> None:
+    def __init__(self, target: str | Path | Engine, node_id: str = "") -> None:
+        self.node_id = node_id
         self._owns_engine = not isinstance(target, Engine)
         self._closed = False
         self.engine = db.open_engine(target) if not isinstance(target, Engine) else target
         self._write_lock = threading.Lock() if db.is_sqlite(self.engine) else contextlib.nullcontext()
         schema.open_schema(self.engine)
         # Built once: the listener adds one row per instance, and building them costs more than running them.
-        self._insert_instance = _insert_instance(self.engine)
-        self._upsert_study = _upsert_study(self.engine)
+        self._insert_instance = insert_instance(self.engine)
+        self._upsert_study = upsert_study(self.engine)
 
     def close(self) -> None:
         """Release the connections; any later call raises (a DatabaseError), never reopens silently."""
@@ -172,8 +91,9 @@ class StudyIndex:
             return [self._add(conn, rec) for rec in records]
 
     def _add(self, conn: Connection, rec: InstanceRecord) -> bool:
-        params = {name: getattr(rec, name) for name in _INSTANCE_FIELDS}
+        params = {name: getattr(rec, name) for name in INSTANCE_FIELDS}
         params["now"] = time.time()  # the clock of SQLite (PostgreSQL reads its own)
+        params["received_by"] = self.node_id
         if conn.execute(self._insert_instance, params).first() is None:  # known already
             return False
         conn.execute(self._upsert_study, params)
@@ -181,23 +101,26 @@ class StudyIndex:
 
     def has_instance(self, sop_uid: str) -> bool:
         with self._read() as conn:
-            row = conn.execute(select(literal(1)).where(db.instances.c.sop_uid == sop_uid)).first()
+            row = conn.execute(select(literal(1)).where(db.instances.c.sop_uid == str(sop_uid))).first()
         return row is not None
 
     def instance_paths(self) -> set[str]:
-        """Relative paths of every indexed instance (recovery compares them with the disk)."""
+        """Relative paths of the instances this node received (recovery compares them with its disk)."""
         with self._read() as conn:
-            return set(conn.execute(select(db.instances.c.path)).scalars())
+            query = select(db.instances.c.path).where(db.received_here(conn, self.node_id))
+            return set(conn.execute(query).scalars())
 
     def forget_paths(self, paths: set[str]) -> int:
-        """Drop instances whose file is gone (recovery: never acknowledged); recount their studies."""
+        """Drop instances of this node whose file is gone (recovery: never acknowledged); recount their
+        studies. Another listener's rows are never dropped: its file is on its own disk."""
         if not paths:
             return 0
         inst, table = db.instances, db.studies
         with self._write() as conn:
             counts: dict[str, int] = {}
             for path in paths:
-                gone = conn.execute(delete(inst).where(inst.c.path == path).returning(inst.c.study_uid)).scalars()
+                mine = and_(inst.c.path == path, db.received_here(conn, self.node_id))
+                gone = conn.execute(delete(inst).where(mine).returning(inst.c.study_uid)).scalars()
                 for study_uid in gone:
                     counts[study_uid] = counts.get(study_uid, 0) + 1
             for study_uid in counts:
@@ -214,7 +137,7 @@ class StudyIndex:
     def _select_instances(conn: Connection, study_uid: str) -> list[InstanceRecord]:
         inst = db.instances
         rows = conn.execute(
-            select(*_INSTANCE_COLUMNS)
+            select(*INSTANCE_COLUMNS)
             .where(inst.c.study_uid == study_uid)
             .order_by(inst.c.series_uid, inst.c.received_at, inst.c.sop_uid)
         )
@@ -222,16 +145,16 @@ class StudyIndex:
 
     @staticmethod
     def _select_study(conn: Connection, study_uid: str) -> StudyRecord | None:
-        row = conn.execute(select(*_STUDY_COLUMNS).where(db.studies.c.study_uid == study_uid)).first()
-        return None if row is None else _study(row)
+        row = conn.execute(select(*STUDY_COLUMNS).where(db.studies.c.study_uid == study_uid)).first()
+        return None if row is None else study_from_row(row)
 
     def instances(self, study_uid: str) -> list[InstanceRecord]:
         with self._read() as conn:
-            return self._select_instances(conn, study_uid)
+            return self._select_instances(conn, str(study_uid))  # str: not pydicom's UID (a str subclass)
 
     def study(self, study_uid: str) -> StudyRecord | None:
         with self._read() as conn:
-            return self._select_study(conn, study_uid)
+            return self._select_study(conn, str(study_uid))
 
     def read_study(self, study_uid: str) -> StoredStudy | None:
         """The study and its instances as of one moment (one read transaction); None if unknown."""
@@ -243,8 +166,8 @@ class StudyIndex:
     def studies(self) -> list[StudyRecord]:
         """All studies, most recently received first."""
         with self._read() as conn:
-            rows = conn.execute(select(*_STUDY_COLUMNS).order_by(db.studies.c.last_received_at.desc())).all()
-        return [_study(row) for row in rows]
+            rows = conn.execute(select(*STUDY_COLUMNS).order_by(db.studies.c.last_received_at.desc())).all()
+        return [study_from_row(row) for row in rows]
 
     def count_by_state(self) -> dict[str, int]:
         """Number of studies in each state, every state present (for the grok_pacs_studies gauge)."""
@@ -260,11 +183,11 @@ class StudyIndex:
         table = db.studies
         with self._read() as conn:
             rows = conn.execute(
-                select(*_STUDY_COLUMNS)
+                select(*STUDY_COLUMNS)
                 .where(table.c.state == StudyState.RECEIVING.value, table.c.last_received_at <= cutoff)
                 .order_by(table.c.last_received_at)
             ).all()
-        return [_study(row) for row in rows]
+        return [study_from_row(row) for row in rows]
 
     def quiet_studies(self, quiet_period: float) -> list[StudyRecord]:
         """RECEIVING studies without a new instance for `quiet_period` s, measured on the database's clock
@@ -272,14 +195,94 @@ class StudyIndex:
         table = db.studies
         with self._read() as conn:
             rows = conn.execute(
-                select(*_STUDY_COLUMNS)
+                select(*STUDY_COLUMNS)
                 .where(
                     table.c.state == StudyState.RECEIVING.value,
                     table.c.updated_at <= db.now(conn) - quiet_period,
                 )
                 .order_by(table.c.last_received_at)
             ).all()
-        return [_study(row) for row in rows]
+        return [study_from_row(row) for row in rows]
+
+    def queue_quiet(
+        self,
+        quiet_period: float,
+        publish: Callable[[StudyRecord, int], str],
+        *,
+        cutoff: float | None = None,
+        held: Callable[[], set[str]] | None = None,
+    ) -> list[tuple[StudyRecord, int, str]]:
+        """Queue each quiet RECEIVING study once, even with several listeners sweeping one database.
+
+        Per study one transaction: lock its row (`FOR UPDATE SKIP LOCKED` on PostgreSQL: a study another
+        sweeper holds is skipped; SQLite has one writer), check it is still RECEIVING and quiet, publish
+        its job (`publish(study, version)` -> task id), record QUEUED at that version. A publish that
+        raises rolls the study back to RECEIVING, for the next pass. `cutoff` (host time): due when the
+        last instance arrived at or before it, instead of `quiet_period` on the database's clock. `held()`
+        names quiet studies that are not complete yet (read after the quiet ones: an instance arriving in
+        between makes its study not quiet at the locked re-check).
+        Returns [(study as it was, version queued, task id)].
+        """
+        table, queued = db.studies, []
+        due = self.quiet_studies(quiet_period) if cutoff is None else self.due_studies(cutoff)
+        waiting = held() if due and held is not None else set()
+        for candidate in (study for study in due if study.study_uid not in waiting):
+            with self._write() as conn:
+                quiet = table.c.updated_at <= db.now(conn) - quiet_period
+                row = conn.execute(
+                    select(*STUDY_COLUMNS)
+                    .where(
+                        table.c.study_uid == candidate.study_uid,
+                        table.c.state == StudyState.RECEIVING.value,
+                        quiet if cutoff is None else table.c.last_received_at <= cutoff,
+                    )
+                    .with_for_update(skip_locked=True)
+                ).first()
+                if row is None:  # queued by another listener meanwhile, or grew: not quiet any more
+                    continue
+                study = study_from_row(row)
+                task_id = publish(study, study.version + 1)
+                conn.execute(
+                    update(table)
+                    .where(table.c.study_uid == study.study_uid)
+                    .values(
+                        state=StudyState.QUEUED.value, version=study.version + 1, detail="", updated_at=db.now(conn)
+                    )
+                )
+            queued.append((study, study.version + 1, task_id))
+        return queued
+
+    @contextlib.contextmanager
+    def analysing(
+        self, study_uid: str, version: int, owner: str, *, lease_s: float, detail: str = ""
+    ) -> Iterator[bool]:
+        """Claim `version` of the study for running the model, for the length of the block: True for the
+        one job that may run it, False for a duplicate (it must not).
+
+        Job ids are per (study, version), so the owner cannot tell a duplicate from a redelivery. On
+        PostgreSQL a session advisory lock held through the block tells them apart: it is free only when
+        no live job holds it (a worker that dies loses its session, hence the lock), so its holder takes
+        the claim over from any owner. On SQLite (one box) the claim is `claim_study` alone.
+        """
+        if db.is_sqlite(self.engine):
+            yield self.claim_study(study_uid, version, owner, lease_s=lease_s, detail=detail)
+            return
+        self._check_open()
+        key = func.hashtextextended(f"grok-pacs analyse {study_uid} v{version}", 0)
+        with self.engine.connect() as conn:
+            # A worker host that vanishes (power, network) sends no FIN: the server's keepalive must notice
+            # within ~90 s (its default is 2 h), long before the broker redelivers the job to another host.
+            for setting, value in (("idle", 60), ("interval", 10), ("count", 3)):
+                conn.exec_driver_sql(f"SET tcp_keepalives_{setting} = {value}")
+            locked = bool(conn.execute(select(func.pg_try_advisory_lock(key))).scalar())
+            conn.commit()
+            try:
+                yield locked and self.claim_study(study_uid, version, owner, lease_s=0.0, detail=detail)
+            finally:
+                if locked:
+                    conn.rollback()
+                    conn.execute(select(func.pg_advisory_unlock(key)))
+                    conn.commit()
 
     def claim_study(self, study_uid: str, version: int, owner: str, *, lease_s: float, detail: str = "") -> bool:
         """QUEUED -> ANALYSING for `version`, in one conditional UPDATE: True for the one job that may run

@@ -71,7 +71,7 @@ class OutboxRow:
     study_version: int
     bundle_version: str
     eye: str  #: "R"/"L" for an SR, "" for the study's PDF
-    path: str  #: relative to the data directory
+    path: str  #: relative to the data directory, or an object-store key (grok_pacs.delivery.results)
     note: str = ""
     kind: ResultKind = ResultKind.SR
 

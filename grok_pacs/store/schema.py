@@ -52,7 +52,13 @@ def current(engine: Engine) -> str | None:
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str]:
-    """Apply every missing migration; returns (revision before, revision after)."""
+    """Apply every missing migration; returns (revision before, revision after).
+
+    The embedded SQLite file keeps its tables up to date itself (`db.create_schema`, which may already have
+    added a later revision's columns): there the tables are brought to this release's and the revision
+    recorded (Alembic's stamp), not replayed."""
+    if db.is_sqlite(engine):
+        return _stamp_sqlite(engine)
     with engine.connect() as conn:
         locked = not db.is_sqlite(engine)
         if locked:  # session-level: held across the migration's transactions, released below
@@ -69,6 +75,16 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
                 conn.rollback()
                 conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": UPGRADE_LOCK})
                 conn.commit()
+
+
+def _stamp_sqlite(engine: Engine) -> tuple[str | None, str]:
+    db.create_schema(engine)
+    with engine.connect() as conn:
+        before = MigrationContext.configure(conn).get_current_revision()
+        conn.commit()
+        with conn.begin():
+            command.stamp(_config(conn), "head")
+        return before, MigrationContext.configure(conn).get_current_revision() or ""
 
 
 def open_schema(engine: Engine) -> None:

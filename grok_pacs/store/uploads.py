@@ -1,19 +1,19 @@
 """Upload state of received instances, in the database: LOCAL until the object store holds a verified copy.
 
-An instance is LOCAL while the `uploads` table has no row for it (the listener's insert stays as it was),
-UPLOADED once the uploader has recorded the blob key it wrote. The uploader finds its work by reading
-this state on every pass (no in-memory queue: a restart loses nothing and deletes nothing), and assembly
-queues a study only when none of its instances is LOCAL. Nothing here deletes a local file: an S3 200 is
-not proof of durability on every store, so the local copy stays until an operator's policy removes it.
+Two columns of `instances` (`upload_state`, `blob_key`; migration 0002): the listener's insert leaves
+them at their defaults (LOCAL, no key), the uploader records UPLOADED with the key it wrote. The
+uploader finds its work by reading this state on every pass (no in-memory queue: a restart loses nothing
+and deletes nothing), and assembly queues a study only when none of its instances is LOCAL; both
+queries use the index on the state. Nothing here deletes a local file: an S3 200 is not proof of
+durability on every store, so the local copy stays until an operator's policy removes it.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from enum import StrEnum
 
-from sqlalchemy import Engine, exists, select
+from sqlalchemy import Engine, and_, select, update
 
 from grok_pacs.store import db, schema
 from grok_pacs.store.blobs import BlobKey
@@ -34,20 +34,23 @@ class PendingUpload:
 
 
 class Uploads:
-    """The `uploads` table beside the index (same engine: pass `StudyIndex.engine`)."""
+    """The upload state beside the index (same engine: pass `StudyIndex.engine`). `node_id`: the node
+    whose uploader this is (Settings.node_id); `pending` and `uploaded_paths` are its own rows only
+    (`db.received_here`), `studies_waiting` counts every node's (another's LOCAL instance holds a study too)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, node_id: str = "") -> None:
         if not isinstance(engine, Engine):
             raise TypeError(f"engine must be an SQLAlchemy Engine, not {type(engine).__name__}")
         self.engine = engine
+        self.node_id = node_id
         schema.open_schema(engine)  # a server database must be at head already (`grok-pacs db upgrade`)
 
     def pending(self, limit: int = 100) -> list[PendingUpload]:
-        """LOCAL instances, oldest first (a study's instances go up together, in arrival order)."""
-        inst, up = db.instances, db.uploads
+        """This node's LOCAL instances, oldest first (a study's instances go up together, in arrival order)."""
+        inst = db.instances
         query = (
             select(inst.c.sop_uid, inst.c.study_uid, inst.c.path)
-            .where(~exists().where(up.c.sop_uid == inst.c.sop_uid))
+            .where(inst.c.upload_state == UploadState.LOCAL.value, db.received_here(self.engine, self.node_id))
             .order_by(inst.c.received_at, inst.c.sop_uid)
             .limit(limit)
         )
@@ -58,31 +61,39 @@ class Uploads:
         """LOCAL -> UPLOADED with the key written; False (no change) if it was recorded already."""
         if not isinstance(key, BlobKey):
             raise TypeError(f"key must be a BlobKey, not {type(key).__name__}")
+        inst = db.instances
+        change = (
+            update(inst)
+            .where(inst.c.sop_uid == str(sop_uid), inst.c.upload_state == UploadState.LOCAL.value)
+            .values(upload_state=UploadState.UPLOADED.value, blob_key=str(key))
+        )
         with db.transaction(self.engine) as conn:
-            new = db.insert(conn, db.uploads).values(
-                sop_uid=sop_uid, study_uid=key.study_uid, blob_key=str(key), uploaded_at=time.time()
-            )
-            return conn.execute(new.on_conflict_do_nothing().returning(db.uploads.c.sop_uid)).first() is not None
+            return conn.execute(change).rowcount == 1
 
     def state(self, sop_uid: str) -> UploadState:
         return UploadState.UPLOADED if self.key(sop_uid) is not None else UploadState.LOCAL
 
     def key(self, sop_uid: str) -> BlobKey | None:
         """The object holding an instance, None while it is LOCAL."""
+        inst = db.instances
+        query = select(inst.c.blob_key).where(
+            inst.c.sop_uid == str(sop_uid), inst.c.upload_state == UploadState.UPLOADED.value
+        )
         with db.transaction(self.engine, write=False) as conn:
-            text = conn.execute(select(db.uploads.c.blob_key).where(db.uploads.c.sop_uid == sop_uid)).scalar()
+            text = conn.execute(query).scalar()
         return None if text is None else BlobKey.parse(text)
 
     def studies_waiting(self) -> set[str]:
         """Studies with at least one LOCAL instance: not complete for assembly while the store lacks it."""
-        inst, up = db.instances, db.uploads
-        query = select(inst.c.study_uid).distinct().where(~exists().where(up.c.sop_uid == inst.c.sop_uid))
+        inst = db.instances
+        query = select(inst.c.study_uid).distinct().where(inst.c.upload_state == UploadState.LOCAL.value)
         with db.transaction(self.engine, write=False) as conn:
             return set(conn.execute(query).scalars())
 
     def uploaded_paths(self) -> set[str]:
-        """Local paths of UPLOADED instances: recovery must not forget these when their file is gone."""
-        inst, up = db.instances, db.uploads
-        query = select(inst.c.path).join(up, up.c.sop_uid == inst.c.sop_uid)
+        """Local paths of this node's UPLOADED instances: recovery must not forget these when their file is gone."""
+        inst = db.instances
+        uploaded = and_(inst.c.upload_state == UploadState.UPLOADED.value, db.received_here(self.engine, self.node_id))
         with db.transaction(self.engine, write=False) as conn:
-            return set(conn.execute(query).scalars())
+            rows = conn.execute(select(inst.c.path).where(uploaded))
+            return set(rows.scalars())
