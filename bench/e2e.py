@@ -14,6 +14,10 @@ Measured:
   seconds per study and the workers' CPU utilisation (CPU time / wall time / workers) are recorded too:
   equal CPU per study with 1 and 2 workers means no contention inside grok-pacs; utilisation well below
   1 with 2 workers means the machine had no second free core.
+Layouts (`--layout`): `one-box` (the listener and the workers share one data directory and its SQLite
+index) and `many-hosts` (issue 17: a real PostgreSQL for index and outbox, SeaweedFS as the object store;
+the listener uploads each instance, every worker has its own empty data directory and fetches the study
+from the store). `both` runs the two and reports the many-hosts layout's latency overhead (p50 - p50).
 Writes bench/results/e2e.json.
 """
 
@@ -36,8 +40,10 @@ sys.path.insert(0, str(ROOT))  # devtools/ (not installed): the real-peer harnes
 
 from devtools.bundle_cache import CACHE_ROOT, cached_tiny_bundle  # noqa: E402
 from devtools.ports import free_port  # noqa: E402
+from devtools.postgres import Postgres  # noqa: E402
 from devtools.processes import GrokProcess, Redis, grok_env, wait_until  # noqa: E402
 from devtools.sample_dicom import demo_study  # noqa: E402
+from devtools.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS  # noqa: E402
 from devtools.storescp import StoreSCP  # noqa: E402
 from grok_pacs.config import Peer, load_settings  # noqa: E402
 from grok_pacs.dicom.scu import store_files  # noqa: E402
@@ -47,15 +53,33 @@ from grok_pacs.jobs.publisher import JobPublisher  # noqa: E402
 LATENCY_TARGET_S = 5.0
 SCALE_TARGET = 1.8
 SRS_PER_STUDY = 2
+LAYOUTS = ("one-box", "many-hosts")
+
+
+def many_hosts_settings(work: Path, servers: list) -> dict:
+    """A real PostgreSQL (index and outbox) and SeaweedFS (instances and results) shared by every host."""
+    postgres = Postgres(work / "postgres")
+    servers.append(postgres)
+    store = SeaweedFS(work / "seaweedfs")
+    servers.append(store)
+    return dict(
+        database_url=postgres.new_database(),
+        storage_url=f"s3://{BUCKET}/e2e",
+        storage_endpoint=store.endpoint,
+        storage_access_key=ACCESS_KEY,
+        storage_secret_key=SECRET_KEY,
+    )
 
 
 class Rig:
-    """Redis + listener + destination + N worker processes, sharing one data directory."""
+    """Redis + listener + destination + N worker processes; one-box: one data directory for all, many-hosts:
+    PostgreSQL + SeaweedFS shared, a data directory each (workers never read the listener's disk)."""
 
-    def __init__(self, work: Path, bundle: Path, quiet_period: float) -> None:
-        self.work = work
+    def __init__(self, work: Path, bundle: Path, quiet_period: float, layout: str = "one-box") -> None:
+        self.work, self.layout, self.servers = work, layout, []
         self.redis = Redis(work)
         self.pacs = StoreSCP(free_port(), work / "pacs").start()
+        shared = many_hosts_settings(work, self.servers) if layout == "many-hosts" else {}
         self.values = dict(
             data_dir=work / "data",
             broker_url=self.redis.url,
@@ -63,6 +87,7 @@ class Rig:
             quiet_period=quiet_period,
             destination=f"PACS@127.0.0.1:{self.pacs.port}",
             job_time_limit=300,
+            **shared,
         )
         self.settings = load_settings(**self.values, port=free_port(), bind_address="127.0.0.1")
         self.ingest = IngestService(self.settings, JobPublisher(self.settings))
@@ -71,7 +96,11 @@ class Rig:
         self.sent = 0
 
     def add_worker(self) -> None:
-        proc = GrokProcess(["worker"], grok_env(**self.values), self.work / f"worker{len(self.workers)}.log")
+        name = f"worker{len(self.workers)}"
+        values = dict(self.values)
+        if self.layout == "many-hosts":
+            values["data_dir"] = self.work / name  # its own, empty: what it needs comes from the store
+        proc = GrokProcess(["worker"], grok_env(**values), self.work / f"{name}.log")
         proc.wait_ready("worker ready", timeout=300)
         self.workers.append(proc)
 
@@ -109,6 +138,8 @@ class Rig:
         self.ingest.stop()
         self.pacs.stop()
         self.redis.stop()
+        for server in reversed(self.servers):
+            server.stop()
 
 
 def measure_latency(rig: Rig, studies: int) -> list[float]:
@@ -153,10 +184,9 @@ def warm_up(rig: Rig) -> None:
     rig.wait_for(expected, timeout=600)
 
 
-def run(args: argparse.Namespace) -> dict:
-    bundle = cached_tiny_bundle(CACHE_ROOT)
-    with tempfile.TemporaryDirectory(prefix="grok-e2e-") as tmp:
-        rig = Rig(Path(tmp), bundle, args.quiet_period)
+def run_layout(args: argparse.Namespace, bundle: Path, layout: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"grok-e2e-{layout}-") as tmp:
+        rig = Rig(Path(tmp), bundle, args.quiet_period, layout)
         try:
             rig.add_worker()
             warm_up(rig)
@@ -170,20 +200,8 @@ def run(args: argparse.Namespace) -> dict:
     p50 = statistics.median(latencies)
     scale = two["studies_per_min"] / one["studies_per_min"]
     return {
-        "benchmark": "e2e",
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-            "note": "shared machine: other processes compete for the same cores",
-        },
-        "setup": {
-            "bundle": "tiny test bundle (devtools/tiny_bundle.py), CPU, 1 BLAS thread per worker",
-            "broker": "redis",
-            "destination": "DCMTK storescp",
-            "quiet_period_s": args.quiet_period,
-            "study": "demo study: 2 eyes x (JPEG CFP 256 px + OCT 16x128x128), 2 SRs per study",
-        },
+        "layout": layout,
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "latency_s": [round(x, 3) for x in latencies],
         "latency_s_p50": round(p50, 3),
         "latency_s_max": round(max(latencies), 3),
@@ -197,18 +215,53 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def run(args: argparse.Namespace) -> dict:
+    bundle = cached_tiny_bundle(CACHE_ROOT)
+    layouts = LAYOUTS if args.layout == "both" else (args.layout,)
+    results = {layout: run_layout(args, bundle, layout) for layout in layouts}
+    first = results[layouts[0]]
+    out = {
+        "benchmark": "e2e",
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "note": "shared machine: other processes compete for the same cores",
+        },
+        "setup": {
+            "bundle": "tiny test bundle (devtools/tiny_bundle.py), CPU, 1 BLAS thread per worker",
+            "broker": "redis",
+            "destination": "DCMTK storescp",
+            "quiet_period_s": args.quiet_period,
+            "study": "demo study: 2 eyes x (JPEG CFP 256 px + OCT 16x128x128), 2 SRs per study",
+            "many-hosts": "PostgreSQL 15 + SeaweedFS on loopback; each worker its own data directory",
+        },
+        **{k: v for k, v in first.items() if k != "layout"},  # the first layout's figures at the top level
+        "layouts": results,
+    }
+    if len(results) == 2:
+        out["many_hosts_latency_overhead_p50_s"] = round(
+            results["many-hosts"]["latency_s_p50"] - results["one-box"]["latency_s_p50"], 3
+        )
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latency-studies", type=int, default=8, help="studies timed one at a time (default 8)")
     parser.add_argument("--burst-studies", type=int, default=12, help="studies per throughput burst (default 12)")
     parser.add_argument("--quiet-period", type=float, default=0.5, help="study quiet period in s (default 0.5)")
+    parser.add_argument("--layout", choices=(*LAYOUTS, "both"), default="both", help="default both")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "e2e.json", help="result file")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("latency_s_p50", "scale_2_over_1", "latency_ok", "scale_ok")}))
+    for layout, figures in result["layouts"].items():
+        print(
+            layout, json.dumps({k: figures[k] for k in ("latency_s_p50", "scale_2_over_1", "latency_ok", "scale_ok")})
+        )
     print(f"wrote {args.out}")
     return 0
 
