@@ -92,20 +92,12 @@ def _index_orphan(data_dir: Path, path: Path, relpath: PurePosixPath, index: Stu
         return False
     stat = path.stat()
     index.add_instance(
-        InstanceRecord(
-            study_uid=header.study_uid,
-            series_uid=header.series_uid,
-            sop_uid=header.sop_uid,
-            sop_class_uid=header.sop_class_uid,
-            modality=header.modality,
-            laterality=header.laterality,
-            frames=header.frames,
+        InstanceRecord.from_header(
+            header,
             size=stat.st_size,
             path=relpath.as_posix(),
             received_at=stat.st_mtime,
             calling_ae=header.source_ae,
-            acquisition_datetime=header.acquisition_datetime,
-            transfer_syntax=header.transfer_syntax,
         )
     )
     return True

@@ -264,20 +264,12 @@ class Listener:
             stats.duplicates += 1
             metrics.instance_duplicate()
             return DimseStatus.SUCCESS  # idempotent: the first copy is already durable
-        record = InstanceRecord(
-            study_uid=header.study_uid,
-            series_uid=header.series_uid,
-            sop_uid=header.sop_uid,
-            sop_class_uid=header.sop_class_uid,
-            modality=header.modality,
-            laterality=header.laterality,
-            frames=header.frames,
+        record = InstanceRecord.from_header(
+            header,
             size=received.stat().st_size,
             path=relpath.as_posix(),
             received_at=time.time(),
             calling_ae=calling_ae,
-            acquisition_datetime=header.acquisition_datetime,
-            transfer_syntax=header.transfer_syntax,
         )
         if not self._persist(received, dest, record, synced):
             stats.duplicates += 1

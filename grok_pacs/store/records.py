@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine, bindparam
 
+from grok_pacs.dicom.header import Header
 from grok_pacs.store import db
 
 
@@ -39,6 +40,27 @@ class InstanceRecord:
     calling_ae: str
     acquisition_datetime: str  # DICOM DT, '' if the instance has none
     transfer_syntax: str
+
+    @classmethod
+    def from_header(
+        cls, header: Header, *, size: int, path: str, received_at: float, calling_ae: str
+    ) -> InstanceRecord:
+        """The record of a stored file: what its header says, and where and when it was received."""
+        return cls(
+            study_uid=header.study_uid,
+            series_uid=header.series_uid,
+            sop_uid=header.sop_uid,
+            sop_class_uid=header.sop_class_uid,
+            modality=header.modality,
+            laterality=header.laterality,
+            frames=header.frames,
+            size=size,
+            path=path,
+            received_at=received_at,
+            calling_ae=calling_ae,
+            acquisition_datetime=header.acquisition_datetime,
+            transfer_syntax=header.transfer_syntax,
+        )
 
 
 @dataclass(frozen=True)
