@@ -50,17 +50,22 @@ def fast_path(request: pytest.FixtureRequest) -> bool:
     return request.param
 
 
+def _session_server(start, tmp_path_factory: pytest.TempPathFactory, name: str):
+    """Start a real server in its own temp folder (a missing tool fails the test), yield it, stop it."""
+    try:
+        server = start(tmp_path_factory.mktemp(name))
+    except devtools.tools.MissingToolError as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory):
     """A real S3-compatible server (devtools.seaweedfs.SeaweedFS) for the session; a missing `weed` fails."""
     from devtools.seaweedfs import SeaweedFS
 
-    try:
-        server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
-    except devtools.tools.MissingToolError as exc:
-        pytest.fail(str(exc))
-    yield server
-    server.stop()
+    yield from _session_server(SeaweedFS, tmp_path_factory, "seaweedfs")
 
 
 @pytest.fixture(scope="session")
@@ -68,12 +73,7 @@ def postgres(tmp_path_factory: pytest.TempPathFactory):
     """One real PostgreSQL 15 server for the session (devtools/postgres.py), stopped after; missing -> FAIL."""
     from devtools.postgres import Postgres
 
-    try:
-        server = Postgres(tmp_path_factory.mktemp("postgres"))
-    except devtools.tools.MissingToolError as exc:
-        pytest.fail(str(exc))
-    yield server
-    server.stop()
+    yield from _session_server(Postgres, tmp_path_factory, "postgres")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
