@@ -5,6 +5,8 @@
 - the PACS down, then up: the SR arrives once (delivery retried with backoff), also when the worker is
   killed while the SR waits in the outbox;
 - a permanent rejection: the study FAILS with the reason after one attempt, no retry loop.
+The SIGKILL cases also run in the many-hosts layout (issue 17): PostgreSQL and SeaweedFS shared, every
+worker with its own empty data directory, so the second worker finds the study and the SR only there.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 
 from devtools.ports import free_port
 from devtools.processes import GrokProcess, Redis, grok_env, storescu, wait_until
+from devtools.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY
 from devtools.storescp import StoreSCP
 from grok_pacs.config import load_settings
 from grok_pacs.ingest.listener import Listener
@@ -38,10 +41,11 @@ def redis(tmp_path):
 
 
 class Box:
-    """Listener (in-process, publishing to Redis) + worker subprocesses sharing one data directory."""
+    """Listener (in-process, publishing to Redis) + worker subprocesses: one-box, sharing one data directory;
+    many-hosts (`shared` names a database and an object store), each with a data directory of its own."""
 
-    def __init__(self, tmp_path: Path, bundle: Path, redis: Redis, destination: str) -> None:
-        self.tmp_path = tmp_path
+    def __init__(self, tmp_path: Path, bundle: Path, redis: Redis, destination: str, shared: dict) -> None:
+        self.tmp_path, self.shared = tmp_path, shared
         self.values = dict(
             data_dir=tmp_path / "data",
             broker_url=redis.url,
@@ -54,6 +58,7 @@ class Box:
             dimse_timeout=10,
             acse_timeout=10,
             network_timeout=10,
+            **shared,
         )
         self.settings = load_settings(**self.values, port=free_port(), bind_address="127.0.0.1")
         self.ingest = IngestService(self.settings, JobPublisher(self.settings))
@@ -61,7 +66,9 @@ class Box:
         self.workers: list[GrokProcess] = []
 
     def worker(self) -> GrokProcess:
-        proc = GrokProcess(["worker"], grok_env(**self.values), self.tmp_path / f"worker{len(self.workers)}.log")
+        name = f"worker{len(self.workers)}"
+        values = {**self.values, "data_dir": self.tmp_path / name} if self.shared else self.values
+        proc = GrokProcess(["worker"], grok_env(**values), self.tmp_path / f"{name}.log")
         self.workers.append(proc)
         proc.wait_ready(READY)
         return proc
@@ -76,7 +83,7 @@ class Box:
         return patient.study_uid
 
     def study(self, study_uid: str):
-        index = StudyIndex(self.settings.index_path)
+        index = StudyIndex(self.settings.resolved_database_url)
         try:
             return index.study(study_uid)
         finally:
@@ -91,7 +98,7 @@ class Box:
         )
 
     def outbox(self, study_uid: str):
-        return Outbox(self.settings.index_path).for_study(study_uid)
+        return Outbox(self.settings.resolved_database_url).for_study(study_uid)
 
     def close(self) -> None:
         for proc in self.workers:
@@ -106,9 +113,23 @@ def pacs(tmp_path):
     scp.stop()
 
 
+def many_hosts(request: pytest.FixtureRequest, tmp_path: Path) -> dict:
+    """A fresh PostgreSQL database and an object-store prefix, shared by the listener and every worker."""
+    store = request.getfixturevalue("seaweedfs")
+    return dict(
+        database_url=request.getfixturevalue("postgres").new_database(),
+        storage_url=f"s3://{BUCKET}/worker-redis-{tmp_path.name}",
+        storage_endpoint=store.endpoint,
+        storage_access_key=ACCESS_KEY,
+        storage_secret_key=SECRET_KEY,
+    )
+
+
 @pytest.fixture
-def box(tmp_path, tiny_bundle, redis, pacs):
-    instance = Box(tmp_path, tiny_bundle, redis, f"PACS@127.0.0.1:{pacs.port}")
+def box(request, tmp_path, tiny_bundle, redis, pacs):
+    """The one-box layout, or many-hosts when a test asks for it (`parametrize("box", ..., indirect=True)`)."""
+    shared = many_hosts(request, tmp_path) if getattr(request, "param", "one-box") == "many-hosts" else {}
+    instance = Box(tmp_path, tiny_bundle, redis, f"PACS@127.0.0.1:{pacs.port}", shared)
     yield instance
     instance.close()
 
@@ -127,6 +148,7 @@ def _results(box: Box, study_uid: str, count: int = 2) -> list:
     return entries
 
 
+@pytest.mark.parametrize("box", ["one-box", "many-hosts"], indirect=True)
 def test_sigkill_mid_job_redelivers_and_one_sr_arrives(box, pacs):
     pacs.start()
     first = box.worker()
@@ -173,6 +195,7 @@ def test_pacs_down_then_up_sr_arrives_once(box, pacs):
     assert box.wait_state(study_uid, (StudyState.DONE,), 20).state is StudyState.DONE
 
 
+@pytest.mark.parametrize("box", ["one-box", "many-hosts"], indirect=True)
 def test_undelivered_sr_survives_a_worker_restart(box, pacs):
     first = box.worker()
     study_uid = box.send_study("R")
