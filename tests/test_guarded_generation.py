@@ -180,7 +180,8 @@ def test_degenerate_generation_is_withheld_and_the_sr_says_why(junk_engine, engi
     best = max(report.label_scores, key=report.label_scores.get)
     min_p = report.operating_point  # the threshold the engine applied (the bundle's or the site's)
     assert min_p is not None
-    assert report.label == (Label(best) if report.label_scores[best] >= min_p else Label.INDETERMINATE)
+    scored = report.probabilities_calibrated and report.label_scores[best] >= min_p  # uncalibrated: never
+    assert report.label == (Label(best) if scored else Label.INDETERMINATE)
     assert report.impression in (f"Diagnosis: {report.label.value}", "No diagnosis could be determined.")
     assert len(report.biomarkers) == 37
 

@@ -10,6 +10,7 @@ from helpers.eye_dicom import two_eye_study
 
 from devtools.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle, copy_bundle
 from grok_pacs.analysis.bundle import BundleError
+from grok_pacs.analysis.calibration import Calibration
 from grok_pacs.analysis.engine import Engine
 from grok_pacs.analysis.grounding import ground_cited_numbers
 from grok_pacs.analysis.result import Eye
@@ -104,19 +105,22 @@ def test_eye_with_one_modality_says_which_is_missing(engine, study):
         engine.analyze_eye(Eye.LEFT)
 
 
-def test_truncated_generation_falls_back_to_scored_label_or_indeterminate(engine, study):
+def test_truncated_generation_falls_back_to_calibrated_scored_label_or_indeterminate(engine, study):
     item = study[Eye.RIGHT].item
-    original = engine.config
+    original, original_calibration = engine.config, engine.calibration
     try:
         short = dataclasses.replace(original.generation, max_new_tokens=8)
         engine.config = dataclasses.replace(original, generation=short)
+        assert engine.calibration is None  # the tiny test bundle carries no calibration
         report = engine.analyze_eye(item.eye, item.cfp, item.oct)
         assert "Diagnosis" not in report.raw_text
-        assert report.label == Label.GLAUCOMA  # chosen among the 7 labels by their scores
+        assert report.label == Label.INDETERMINATE  # uncalibrated scores never decide a label
+        engine.calibration = Calibration(temperature=1.0, fitted_on="test")
+        assert engine.analyze_eye(item.eye, item.cfp, item.oct).label == Label.GLAUCOMA  # chosen by the scores
         engine.config = dataclasses.replace(original, generation=dataclasses.replace(short, min_label_probability=1.01))
         assert engine.analyze_eye(item.eye, item.cfp, item.oct).label == Label.INDETERMINATE
     finally:
-        engine.config = original
+        engine.config, engine.calibration = original, original_calibration
 
 
 def test_engine_refuses_a_tampered_bundle(tiny_bundle, tmp_path):

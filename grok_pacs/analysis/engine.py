@@ -9,10 +9,11 @@ number that disagrees with its biomarker's estimate is written as the estimate, 
 the model's words stay in `raw_text`) -> parse (grok_pacs.analysis.parsing).
 
 The label rule: the model's diagnosis line when its generation passed validation and the line names a
-valid label; otherwise the best scored label (each label's continuation after "Diagnosis:") when its
-probability (temperature-calibrated when the bundle has a calibration, grok_pacs.analysis.calibration)
-reaches the operating point (`min_label_probability`, a site setting over the bundle's); otherwise
-Indeterminate. A generation that failed
+valid label; otherwise, when the bundle is calibrated (grok_pacs.analysis.calibration), the best scored
+label (each label's continuation after "Diagnosis:", temperature-calibrated) when its probability reaches
+the operating point (`min_label_probability`, a site setting over the bundle's); otherwise Indeterminate.
+Uncalibrated scores are reported but never decide a label: measured on the SmolLM2 demo bundle, they put a
+wrong label above 0.5 on 5 of 6 eyes whose narrative was withheld (docs/training.md). A generation that failed
 validation is never shipped as the model's findings: the Report's narrative is empty, its impression
 states the label only, `narrative_check` says why, and `raw_text` keeps the words for audit.
 
@@ -237,8 +238,9 @@ class Engine:
         return estimates if self.config.generation.biomarkers_in_prompt else None
 
     def _scored_label(self, scores: dict[str, float]) -> Label:
-        """The best scored label when its probability reaches the operating point, else Indeterminate."""
-        if scores:
+        """The best calibrated scored label when its probability reaches the operating point, else
+        Indeterminate (always Indeterminate for an uncalibrated bundle)."""
+        if scores and self.calibration is not None:
             best = max(scores, key=scores.get)
             if scores[best] >= self.operating_point:
                 return Label(best)
