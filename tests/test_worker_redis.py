@@ -44,7 +44,10 @@ class Box:
     """Listener (in-process, publishing to Redis) + worker subprocesses: one-box, sharing one data directory;
     many-hosts (`shared` names a database and an object store), each with a data directory of its own."""
 
-    def __init__(self, tmp_path: Path, bundle: Path, redis: Redis, destination: str, shared: dict) -> None:
+    def __init__(
+        self, tmp_path: Path, bundle: Path, redis: Redis, destination: str, shared: dict | None = None
+    ) -> None:
+        shared = shared or {}
         self.tmp_path, self.shared = tmp_path, shared
         self.values = dict(
             data_dir=tmp_path / "data",
