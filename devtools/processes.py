@@ -80,7 +80,7 @@ class GrokProcess:
     """`python -m grok_pacs.cli.main <command>` with the given environment, output to a log file."""
 
     def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
+        self.log_path, self.env = log_path, env  # env: for other commands against the same data directory
         self._log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "grok_pacs.cli", *command],

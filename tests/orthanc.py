@@ -15,6 +15,7 @@ import pytest
 from conftest import require_tool
 
 from devtools.ports import free_port
+from devtools.processes import GrokProcess, grok_env
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
@@ -126,3 +127,18 @@ class Orthanc:
         response = self.http.get(f"/instances/{instance_id}/file")
         response.raise_for_status()
         return response.content
+
+
+def serve_for(orthanc: Orthanc, work: Path, bundle: Path, port: int, ae_title: str) -> GrokProcess:
+    """`grok-pacs serve` on `port` as Orthanc's modality: accepts only ORTHANC, delivers back into it."""
+    settings = dict(
+        data_dir=work / "grok",
+        bundle=bundle,
+        port=port,
+        bind_address="127.0.0.1",
+        ae_title=ae_title,
+        allowed_aes="ORTHANC",
+        quiet_period=1,
+        destination=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
+    )
+    return GrokProcess(["serve"], grok_env(**settings), work / "serve.log")

@@ -14,11 +14,11 @@ import sys
 
 import pydicom
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
-from orthanc import Orthanc
+from orthanc import Orthanc, serve_for
 from srcheck import assert_valid_sr, dciodvfy_errors, pdf_text, sr_eye
 
 from devtools.ports import free_port
-from devtools.processes import GrokProcess, grok_env, wait_until
+from devtools.processes import wait_until
 
 GROK_AE = "GROK_PACS"
 
@@ -27,17 +27,7 @@ def test_study_from_orthanc_comes_back_with_srs_in_the_same_study(tmp_path, tiny
     grok_port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", {"grok": (GROK_AE, "127.0.0.1", grok_port)})
     orthanc.start()
-    settings = dict(
-        data_dir=tmp_path / "grok",
-        bundle=tiny_bundle,
-        port=grok_port,
-        bind_address="127.0.0.1",
-        ae_title=GROK_AE,
-        allowed_aes="ORTHANC",
-        quiet_period=1,
-        destination=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
-    )
-    serve = GrokProcess(["serve"], grok_env(**settings), tmp_path / "serve.log")
+    serve = serve_for(orthanc, tmp_path, tiny_bundle, grok_port, GROK_AE)
     try:
         serve.wait_ready("worker ready")
         patient = Patient()
@@ -92,7 +82,7 @@ def test_study_from_orthanc_comes_back_with_srs_in_the_same_study(tmp_path, tiny
         assert laterality_texts == {"R", "L"}
         studies = subprocess.run(
             [sys.executable, "-m", "grok_pacs.cli", "studies", "--json"],
-            env=grok_env(**settings),
+            env=serve.env,
             capture_output=True,
             text=True,
             timeout=120,

@@ -16,13 +16,13 @@ import pydicom
 import pypdf
 import pytest
 from ophthalmic_dicom import Patient, make_cfp, make_oct, write
-from orthanc import Orthanc
+from orthanc import Orthanc, serve_for
 from playwright.sync_api import expect
 from pydicom.dataset import Dataset
 from viewer import TIMEOUT_MS, Browser, ohif_server, pixels, screen_text
 
 from devtools.ports import free_port
-from devtools.processes import GrokProcess, grok_env, wait_until
+from devtools.processes import wait_until
 
 GROK_AE = "GROK_PACS"
 REPORT_DESCRIPTION = "GROK AI report"  # the SR series' description as the study browser shows it
@@ -57,17 +57,7 @@ def delivered(tmp_path_factory, tiny_bundle):
     work = tmp_path_factory.mktemp("viewer")
     grok_port = free_port()
     orthanc = Orthanc(work / "orthanc", {"grok": (GROK_AE, "127.0.0.1", grok_port)}, dicomweb=True).start()
-    settings = dict(
-        data_dir=work / "grok",
-        bundle=tiny_bundle,
-        port=grok_port,
-        bind_address="127.0.0.1",
-        ae_title=GROK_AE,
-        allowed_aes="ORTHANC",
-        quiet_period=1,
-        destination=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
-    )
-    serve = GrokProcess(["serve"], grok_env(**settings), work / "serve.log")
+    serve = serve_for(orthanc, work, tiny_bundle, grok_port, GROK_AE)
     try:
         serve.wait_ready("worker ready")
         patient = Patient()
