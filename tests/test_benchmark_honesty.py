@@ -7,6 +7,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from grok_pacs.analysis.validation import validate_narrative
 from grok_pacs.domain.biomarkers import BIOMARKERS
@@ -44,3 +45,15 @@ def test_text_health_counts_withheld_narratives_and_their_reasons():
     health = text_health(reports)
     assert health["n"] == 3 and health["validated"] == 2 and health["passed_share"] == 0.5, health
     assert "missing_diagnosis" in health["failure_reasons"], health
+
+
+def test_the_benchmark_recovers_the_scores_before_a_bundle_temperature() -> None:
+    """ECE before calibration is measured on the served (calibrated) scores with the temperature undone."""
+    from grok_pacs.analysis.calibration import Calibration
+    from training.benchmark.honesty import _uncalibrated
+
+    raw = {"Normal": 0.7, "Glaucoma": 0.2, "AMD": 0.1}
+    for temperature in (0.5, 1.0, 3.0):
+        served = Calibration(temperature=temperature).apply(raw)
+        assert _uncalibrated(served, temperature) == pytest.approx(raw)
+    assert _uncalibrated({}, 2.0) == {}

@@ -79,37 +79,9 @@ def test_calibration_stored_in_the_bundle_loaded_and_applied(tiny_bundle, tmp_pa
 
 def test_training_cli_fits_on_the_validation_split_and_extends_the_bundle(tiny_bundle, tmp_path, capsys):
     """`python -m training.calibration BUNDLE MANIFEST`: the engine on the val eyes, T fitted, bundle extended."""
-    import math
-
-    from PIL import Image
-
-    from grok_pacs.domain.biomarkers import BIOMARKERS
-    from grok_pacs.domain.labels import Label
     from training.calibration import main
-    from training.manifest import CohortRecord, write_manifest
 
-    records = []
-    for i, label in enumerate([Label.GLAUCOMA, Label.NORMAL, Label.AMD, Label.GLAUCOMA]):
-        eye_dir = tmp_path / "cohort" / f"S{i}"
-        (eye_dir / "oct").mkdir(parents=True)
-        Image.fromarray(fundus_pixels(seed=i)).save(eye_dir / "cfp.png")
-        for k, frame in enumerate(oct_pixels(seed=i)):
-            Image.fromarray(frame).save(eye_dir / "oct" / f"{k:03d}.png")
-        records.append(
-            CohortRecord(
-                f"S{i}",
-                "R",
-                label,
-                "val" if i < 3 else "train",
-                eye_dir / "cfp.png",
-                eye_dir / "oct",
-                {b.key: math.nan for b in BIOMARKERS},
-                None,
-                None,
-                0,
-            )
-        )
-    manifest = write_manifest(tmp_path / "cohort" / "manifest.csv", records)
+    manifest = _manifest(tmp_path, [("S0", "R", "val"), ("S1", "R", "val"), ("S2", "R", "val"), ("S3", "R", "train")])
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     assert main([str(bundle), str(manifest), "--version", "0.0.1-test+cal"]) == 0
     fitted = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -118,3 +90,46 @@ def test_training_cli_fits_on_the_validation_split_and_extends_the_bundle(tiny_b
     stored = load_bundle(bundle)
     assert stored.version == "0.0.1-test+cal" and stored.manifest["calibration"]["file"] == CALIBRATION_FILE
     assert Engine.from_bundle(bundle).calibration.temperature == pytest.approx(fitted["temperature"])
+    # The pipeline's step fits on the first validation subjects only (each subject's eyes in one batch).
+    from training.calibration import calibrate_bundle
+
+    again = calibrate_bundle(copy_bundle(tiny_bundle, tmp_path / "c"), manifest, "val", max_subjects=2)
+    assert again.n == 2 and Engine.from_bundle(tmp_path / "c").calibration.n == 2
+
+
+def _manifest(tmp_path, eyes: list[tuple[str, str, str]]):
+    """A cohort manifest of (subject, eye, split) eyes with drawn images and unknown biomarkers."""
+    import math
+
+    from PIL import Image
+
+    from grok_pacs.domain.biomarkers import BIOMARKERS
+    from grok_pacs.domain.labels import Label
+    from training.manifest import CohortRecord, write_manifest
+
+    records = []
+    for i, (subject, eye, split) in enumerate(eyes):
+        eye_dir = tmp_path / "cohort" / subject / eye
+        (eye_dir / "oct").mkdir(parents=True)
+        Image.fromarray(fundus_pixels(seed=i)).save(eye_dir / "cfp.png")
+        for k, frame in enumerate(oct_pixels(seed=i)):
+            Image.fromarray(frame).save(eye_dir / "oct" / f"{k:03d}.png")
+        label = [Label.GLAUCOMA, Label.NORMAL, Label.AMD][i % 3]
+        nan = {b.key: math.nan for b in BIOMARKERS}
+        records.append(
+            CohortRecord(subject, eye, label, split, eye_dir / "cfp.png", eye_dir / "oct", nan, None, None, 0)
+        )
+    return write_manifest(tmp_path / "cohort" / "manifest.csv", records)
+
+
+def test_evaluation_runs_both_eyes_of_a_subject_as_one_study(tiny_bundle, tmp_path):
+    """Benchmark and calibration read a subject's eyes together (one batched generation), in the order asked."""
+    from training.stage3.evaluate import predict
+
+    manifest = _manifest(tmp_path, [("S0", "R", "test"), ("S0", "L", "test"), ("S1", "R", "test")])
+    cases = ["S1_R", "S0_L", "S0_R"]
+    predictions, reports, _ = predict(Engine.from_bundle(tiny_bundle), manifest, cases, progress=False)
+    assert [p.case_id for p in predictions] == cases
+    assert [r.eye.value for r in reports] == ["R", "L", "R"]
+    assert reports[1].timings_s["generate"] == reports[2].timings_s["generate"]  # S0's eyes: one generation
+    assert reports[0].timings_s["generate"] != reports[1].timings_s["generate"]

@@ -238,16 +238,29 @@ def test_pooled_projectors_average_the_patch_grid_and_splice_fewer_tokens() -> N
         projectors.pool(torch.randn(195, 8))
 
 
-def test_compact_biomarker_block_names_every_estimate_briefly_and_flags_the_abnormal() -> None:
+def test_compact_biomarker_block_lists_the_signature_signs_and_every_abnormal_estimate() -> None:
     from grok_pacs.domain.biomarkers import PROSE_NAMES
-    from grok_pacs.model.prompt import biomarker_block, build_prompt, compact_biomarker_block
+    from grok_pacs.model.prompt import COMPACT_KEYS, biomarker_block, build_prompt, compact_biomarker_block
 
     values = {b.key: sum(b.normal) / 2 for b in BIOMARKERS}
     values["cup_to_disc"], values["rnfl_average"] = 0.75, 15.8
     block = compact_biomarker_block(values)
     assert "cup-to-disc ratio 0.750 (high)" in block and "RNFL thickness 15.8 (low)" in block
-    assert all(PROSE_NAMES[key] in block for key in BY_KEY)
+    assert all(PROSE_NAMES[key] in block for key in COMPACT_KEYS)
+    assert PROSE_NAMES["disc_diameter_vertical"] not in block  # normal and not a signature sign: left out
+    assert block.endswith("All other estimates are normal.")
     assert block.count("(low)") + block.count("(high)") == 2
-    assert len(block) < 0.7 * len(biomarker_block(values))
+    assert len(block) < 0.5 * len(biomarker_block(values))
     assert block in build_prompt(values, compact=True) and block not in build_prompt(values)
+    values["disc_diameter_vertical"] = 2900.0  # abnormal: listed even though it is not a signature sign
+    assert "Also outside normal limits: vertical disc diameter 2900.0 (high)." in compact_biomarker_block(values)
     assert compact_biomarker_block({}) == ""
+
+
+def test_compact_keys_are_the_guideline_signature_signs() -> None:
+    """The compact prompt always shows the numbers a guideline report reasons from, for every label."""
+    from grok_pacs.model.prompt import COMPACT_KEYS
+    from training.teachers.knowledge import load_knowledge
+
+    signs = {sign.key for lk in load_knowledge().labels.values() for sign in lk.signature}
+    assert set(COMPACT_KEYS) == signs and len(COMPACT_KEYS) == len(signs)

@@ -23,7 +23,7 @@ from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from training.manifest import load_manifest
 from training.phantom import generate_cohort
 from training.phantom.sampling import sample_subject
-from training.stage1 import run_stage1, validate_report
+from training.stage1 import concluding_sentence, labels_named, run_stage1, validate_report
 from training.teachers.guideline import GuidelineTeacher
 from training.teachers.knowledge import load_knowledge
 from training.teachers.openai_compat import ChatTeacher, TeacherError
@@ -64,6 +64,38 @@ def test_guideline_reports_pass_validation_for_every_label(label) -> None:
         reports.add(text)
     openings = {r.split(".")[0] for r in reports}
     assert len(reports) == 8 and len(openings) >= 4  # varied phrasing, not one template
+
+
+@pytest.mark.parametrize("label", DIAGNOSTIC_LABELS)
+def test_concise_guideline_reports_list_the_flagged_estimates_then_reason_to_the_label(label) -> None:
+    """The CPU preset's targets: every key estimate outside its range first (exactly as the compact prompt
+    flags it), then lesions, inference and conclusion; short, grounded, and healthy to the runtime validator."""
+    from grok_pacs.analysis.validation import validate_narrative
+    from grok_pacs.model.prompt import COMPACT_KEYS, format_target
+
+    teacher = GuidelineTeacher(KNOWLEDGE)
+    for i in range(8):
+        record = _phantom_eye(label, i)
+        text = teacher.write(record, concise=True)
+        assert text == teacher.write(record, concise=True) and text != teacher.write(record)
+        assert len(text.split()) <= 110, text
+        check = validate_narrative(format_target(text, label), record.biomarkers)
+        assert check.passed, (check.summary(), text)
+        findings = text.split(". ")[0]
+        flagged = {
+            b.key
+            for b in BIOMARKERS
+            if b.key in COMPACT_KEYS and not b.normal[0] <= record.biomarkers[b.key] <= b.normal[1]
+        }
+        cited = {c.biomarker_key for c in find_citations(findings) if c.biomarker_key}
+        if flagged:
+            assert cited == flagged, (findings, flagged)
+            assert findings.count("(low)") + findings.count("(high)") == len(flagged)
+        else:
+            assert findings.startswith("All key estimates are within normal limits")
+        evidence = findings.replace("normal range", "").replace("normal limits", "")
+        assert not labels_named(evidence), findings  # the label comes after the evidence
+        assert label in labels_named(concluding_sentence(text))
 
 
 def test_guideline_report_with_a_missing_value_estimates_instead_of_inventing() -> None:

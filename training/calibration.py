@@ -102,9 +102,39 @@ def add_to_bundle(bundle_dir: str | Path, calibration: Calibration, version: str
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def calibrate_bundle(
+    bundle_dir: Path,
+    manifest: Path,
+    split: str = "val",
+    *,
+    max_subjects: int = 0,
+    version: str | None = None,
+    progress: bool = False,
+) -> Calibration:
+    """Run the bundle on the cohort split's eyes (the first `max_subjects` subjects, 0 = all), fit the
+    temperature and store it in the bundle."""
     from grok_pacs.analysis.engine import Engine
     from training.manifest import load_manifest
+    from training.stage3.evaluate import predict
+    from training.stage3.features import eye_id
+
+    records = [r for r in load_manifest(manifest) if r.split == split]
+    if max_subjects:
+        chosen = set(list(dict.fromkeys(r.subject_id for r in records))[:max_subjects])
+        records = [r for r in records if r.subject_id in chosen]
+    if not records:
+        raise ValueError(f"no {split!r} eyes in {manifest}")
+    engine = Engine.from_bundle(bundle_dir)
+    if engine.calibration is not None:
+        raise ValueError(f"{bundle_dir} is already calibrated (T={engine.calibration.temperature:.3f})")
+    _, reports, _ = predict(engine, manifest, [eye_id(r.subject_id, r.eye) for r in records], progress)
+    scores = [report.label_scores for report in reports]
+    cal = calibrate(scores, [r.label.value for r in records], f"{Path(manifest).name} {split} split")
+    add_to_bundle(bundle_dir, cal, version)
+    return cal
+
+
+def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m training.calibration", description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path)
@@ -112,15 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val")
     parser.add_argument("--version", help="new bundle version for the calibrated bundle")
     args = parser.parse_args(argv)
-    records = [r for r in load_manifest(args.manifest) if r.split == args.split]
-    if not records:
-        parser.error(f"no {args.split!r} eyes in {args.manifest}")
-    engine = Engine.from_bundle(args.bundle)
-    if engine.calibration is not None:
-        parser.error(f"{args.bundle} is already calibrated (T={engine.calibration.temperature:.3f})")
-    scores = [engine.analyze_eye(r.eye, cfp=r.cfp_path, oct=r.oct_path).label_scores for r in records]
-    cal = calibrate(scores, [r.label.value for r in records], f"{args.manifest.name} {args.split} split")
-    add_to_bundle(args.bundle, cal, args.version)
+    try:
+        cal = calibrate_bundle(args.bundle, args.manifest, args.split, version=args.version, progress=True)
+    except ValueError as exc:
+        parser.error(str(exc))
     print(json.dumps(cal.to_dict()))
     return 0
 

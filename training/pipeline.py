@@ -51,6 +51,7 @@ STEP_SOURCES: dict[str, tuple[str, ...]] = {
     ),
     "stage3": (
         "training.stage3",
+        "training.teachers",
         "training.tokenizer",
         "training.benchmark.records",
         "training.manifest",
@@ -65,6 +66,8 @@ STEP_SOURCES: dict[str, tuple[str, ...]] = {
         "grok_pacs.model",
         "grok_pacs.analysis.bundle",
         "grok_pacs.analysis.onnx_session",
+        "grok_pacs.analysis.calibration",
+        "training.calibration",
     ),
 }
 DEFAULT_CACHE = Path(".cache") / "pipeline"
@@ -74,7 +77,7 @@ DEFAULT_CACHE = Path(".cache") / "pipeline"
 class PipelineConfig:
     """The phantom pipeline's settings; the `small` preset is what `make demo` and `make benchmark` run."""
 
-    n_subjects: int = 70  # phantom subjects (two eyes each); 15 % val and 15 % test, stratified by label
+    n_subjects: int = 210  # phantom subjects (two eyes each); 15 % val and 15 % test, stratified by label
     seed: int = 7  # cohort seed (every image and number follows from it)
     dicom: bool = True  # also write DICOM OP/OPT studies (the demo sends one)
     workers: int = 2  # processes rendering the cohort
@@ -84,6 +87,8 @@ class PipelineConfig:
     stage3: Stage3Config = field(default_factory=Stage3Config.smollm)
     bundle_name: str = "grok-phantom"  # bundle identity (shown in every SR)
     bundle_version: str = "0.1.0"
+    calibrate: bool = True  # fit the label-score temperature on validation eyes and store it in the bundle
+    calibration_subjects: int = 16  # validation subjects (two eyes each) it is fitted on (0 = all)
 
     def __post_init__(self) -> None:
         if self.llm not in LLMS:
@@ -102,7 +107,7 @@ class PipelineConfig:
     @classmethod
     def tiny(cls, **changes: Any) -> PipelineConfig:
         """The tiny stand-in LLM trained from scratch (seconds-scale unit tests and comparisons only)."""
-        base = cls(llm="tiny", stage3=Stage3Config.small(biomarker_estimates=True))
+        base = cls(llm="tiny", stage3=Stage3Config.small(biomarker_estimates=True), calibrate=False)
         return replace(base, **changes)
 
     def stage2_config(
@@ -132,7 +137,12 @@ class PipelineConfig:
         if step == "stage3":
             return {k: v for k, v in plain(self.stage3).items() if k not in STAGE3_FREE_FIELDS}
         if step == "bundle":
-            return {"name": self.bundle_name, "version": self.bundle_version}
+            return {
+                "name": self.bundle_name,
+                "version": self.bundle_version,
+                "calibrate": self.calibrate,
+                "calibration_subjects": self.calibration_subjects,
+            }
         raise ValueError(f"unknown pipeline step {step!r}")
 
     def step_digest(self, step: str, *parents: str) -> str:
@@ -325,7 +335,14 @@ def _bundle(cfg: PipelineConfig, stage3_dir: Path, inputs: Any, out: Path, progr
         provenance={"pipeline": {"n_subjects": cfg.n_subjects, "seed": cfg.seed}},
         progress=progress,
     )
-    return {"bundle": str(bundle)}
+    if not cfg.calibrate:
+        return {"bundle": str(bundle)}
+    from training.calibration import calibrate_bundle
+
+    calibration = calibrate_bundle(
+        bundle, inputs.manifest, "val", max_subjects=cfg.calibration_subjects, progress=progress
+    )
+    return {"bundle": str(bundle), "calibration": calibration.to_dict()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -305,6 +305,10 @@ class Engine:
         frame, _ = select_foveal_bscan(pixels)
         return run_encoder(self.oct_session, preprocess_oct(pixels[frame])[None])[1][0]
 
+    def biomarker_estimates(self, cfp_image: np.ndarray | None, oct_volume: np.ndarray | None) -> dict[str, float]:
+        """The heads' estimates for one eye (encoders and heads only: no generation)."""
+        return self._encode(cfp_image, oct_volume, {})[1]
+
     def learned_ungradability(self, modality: str, pixels: np.ndarray) -> float | None:
         """P(ungradable) from the bundle's learned quality head (an extra encoder pass); None without one."""
         model = self.quality_head.models.get(modality) if self.quality_head is not None else None

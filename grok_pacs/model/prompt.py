@@ -72,23 +72,58 @@ def biomarker_block(values: Mapping[str, float]) -> str:
     )
 
 
-def compact_biomarker_block(values: Mapping[str, float]) -> str:
-    """The estimates in fewer tokens: short prose names, values, `(low)`/`(high)` flags, no qualitative list.
+#: The biomarkers the compact block always lists: the signature signs the Eye-Guideline reasons from for some
+#: label (tests/test_prompt.py checks this against training/data/eye_guideline.yaml). Others appear only when
+#: outside their normal range.
+COMPACT_KEYS: tuple[str, ...] = (
+    "mt_central",
+    "mt_overall",
+    "mt_outer_inferior",
+    "rnfl_average",
+    "gcipl_average",
+    "inl_average",
+    "inl_elm_central",
+    "rpe_average",
+    "isos_rpe_central",
+    "isos_rpe_average",
+    "cup_to_disc",
+    "avr",
+    "tortuosity_arterial",
+    "tortuosity_venular",
+    "fd_arterial",
+    "fd_venular",
+)
 
-    For CPU presets where every prompt token costs training and decoding time; the names are the ones the
-    reports use (`PROSE_NAMES`), so a cited number sits next to the same words in prompt and report.
+
+def _flagged(b: Biomarker, value: float) -> str:
+    flag = " (low)" if value < b.normal[0] else " (high)" if value > b.normal[1] else ""
+    return f"{PROSE_NAMES[b.key]} {format_value(b, value)}{flag}"
+
+
+def compact_biomarker_block(values: Mapping[str, float]) -> str:
+    """The estimates in few tokens: the `COMPACT_KEYS` with `(low)`/`(high)` flags, then any other estimate
+    outside its normal range; the rest are said to be within normal limits.
+
+    For CPU presets where every prompt token costs training and decoding time (about 190 SmolLM2 tokens
+    instead of 750); the names are the ones the reports use (`PROSE_NAMES`), so a cited number sits next to
+    the same words in prompt and report. The SR still carries every estimate.
     """
-    lines = []
-    for title, group in (("OCT (um)", OCT_BIOMARKERS), ("CFP", CFP_BIOMARKERS)):
-        items = []
-        for b in group:
-            if _present(values, b):
-                value = float(values[b.key])
-                flag = " (low)" if value < b.normal[0] else " (high)" if value > b.normal[1] else ""
-                items.append(f"{PROSE_NAMES[b.key]} {format_value(b, value)}{flag}")
-        if items:
-            lines.append(f"{title}: " + "; ".join(items) + ".")
-    return "\n".join(["Biomarker estimates:", *lines]) if lines else ""
+    known = [b for b in BIOMARKERS if _present(values, b)]
+    if not known:
+        return ""
+    listed = [_flagged(b, float(values[b.key])) for b in known if b.key in COMPACT_KEYS]
+    others = [
+        _flagged(b, float(values[b.key]))
+        for b in known
+        if b.key not in COMPACT_KEYS and not b.normal[0] <= float(values[b.key]) <= b.normal[1]
+    ]
+    lines = ["Biomarker estimates (um for thicknesses):"]
+    if listed:
+        lines.append("; ".join(listed) + ".")
+    lines.append(
+        "Also outside normal limits: " + "; ".join(others) + "." if others else "All other estimates are normal."
+    )
+    return "\n".join(lines)
 
 
 def human_turn(

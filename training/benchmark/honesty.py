@@ -1,11 +1,12 @@
 """The figures that keep the phantom benchmark honest (issues 14 and 15), from served reports.
 
-`safety_and_honesty` takes a bundle's engine, the cohort and the test eyes' served reports, runs the
-validation eyes through the same engine, and returns:
+`safety_and_honesty` takes a bundle's engine, the cohort and the test eyes' served reports, reads the
+validation eyes' estimates through the same engine's encoders and heads, and returns:
 - text health: the share of test narratives that passed the validator (the rest were withheld) and the
   reasons they failed;
 - the model's own grounding is in `training.benchmark.grounding` (the caller reports it as a headline);
-- calibration: temperature fitted on the validation eyes' label scores, ECE on the test eyes before/after;
+- calibration: ECE on the test eyes before and after the temperature: the bundle's own (the pipeline fits it
+  on validation subjects) or, for an uncalibrated bundle, one fitted here on the validation eyes' scores;
 - referral: sensitivity/specificity of the test eyes' dispositions against those their truth calls for;
 - linear-probe ceilings (`training.benchmark.probe`): on the measured biomarkers (train -> test), and on
   the served estimates (validation -> test: what the language model could read from its prompt).
@@ -41,8 +42,39 @@ def _estimates(report) -> dict[str, float]:
     return {b.key: b.value for b in report.biomarkers}
 
 
+def _uncalibrated(scores: dict[str, float], temperature: float) -> dict[str, float]:
+    """The label scores before a temperature: calibration is softmax(log s / T), so s is proportional to p^T."""
+    if not scores:
+        return {}
+    raw = {k: max(v, 1e-300) ** temperature for k, v in scores.items()}
+    total = sum(raw.values())
+    return {k: v / total for k, v in raw.items()}
+
+
+def _calibration(engine, val: Sequence, test_scores: list[dict], test_labels: list[str]) -> dict:
+    """ECE on the test eyes before and after the temperature: the bundle's own (fitted by the pipeline on
+    validation subjects) when it has one, else one fitted here on the validation eyes."""
+    from training.calibration import expected_calibration_error
+
+    cal = engine.calibration
+    if cal is None:
+        val_reports = [engine.analyze_eye(r.eye, cfp=r.cfp_path, oct=r.oct_path) for r in val]
+        return calibration_figures(
+            [r.label_scores for r in val_reports], [r.label.value for r in val], test_scores, test_labels
+        )
+    return {
+        "temperature": cal.temperature,
+        "n_val": cal.n,
+        "fitted_on": cal.fitted_on,
+        "n_test": len(test_labels),
+        "ece_before": expected_calibration_error([_uncalibrated(s, cal.temperature) for s in test_scores], test_labels),
+        "ece_after": expected_calibration_error(test_scores, test_labels),
+    }
+
+
 def safety_and_honesty(engine, manifest: Path, test_ids: Sequence[str], test_reports: Sequence) -> dict:
     """The figures of the module docstring for one bundle (its engine) on the cohort `manifest`."""
+    from grok_pacs.analysis.imaging import read_cfp, read_oct_volume
     from training.manifest import load_manifest
     from training.stage3.features import eye_id
 
@@ -50,22 +82,19 @@ def safety_and_honesty(engine, manifest: Path, test_ids: Sequence[str], test_rep
     test = [records[case] for case in test_ids]
     val = [r for r in records.values() if r.split == "val"]
     train = [r for r in records.values() if r.split == "train"]
-    val_reports = [engine.analyze_eye(r.eye, cfp=r.cfp_path, oct=r.oct_path) for r in val]
+    val_estimates = [engine.biomarker_estimates(read_cfp(r.cfp_path), read_oct_volume(r.oct_path)) for r in val]
     test_labels = [r.label for r in test]
     return {
         "text_health": text_health(test_reports),
-        "calibration": calibration_figures(
-            [r.label_scores for r in val_reports],
-            [r.label.value for r in val],
-            [r.label_scores for r in test_reports],
-            [label.value for label in test_labels],
+        "calibration": _calibration(
+            engine, val, [r.label_scores for r in test_reports], [label.value for label in test_labels]
         ),
         "referral": referral_figures(test_reports, [r.label.value for r in test], [r.biomarkers for r in test]),
         "probe_ceiling_measured": probe_macro_f1(
             [r.biomarkers for r in train], [r.label for r in train], [r.biomarkers for r in test], test_labels
         ),
         "probe_ceiling_estimates": probe_macro_f1(
-            [_estimates(r) for r in val_reports],
+            val_estimates,
             [r.label for r in val],
             [_estimates(r) for r in test_reports],
             test_labels,

@@ -74,6 +74,7 @@ class Stage3Config:
     # --- prompt ----------------------------------------------------------------------------------------
     biomarker_estimates: bool = False  # give the LLM the heads' estimates as text (trained on predictions)
     compact_biomarkers: bool = False  # the estimates as the compact block (short names, low/high flags)
+    concise_reports: bool = False  # guideline targets: flagged estimates, lesions, inference, conclusion (~60 words)
     token_grid: int = 0  # visual tokens per modality pooled to token_grid x token_grid (0 = all 196, the paper)
     max_new_tokens: int = 512  # the bundle's decoding bound per eye
     max_train_records: int = 0  # SFT on at most this many training eyes, labels balanced (0 = all)
@@ -110,30 +111,35 @@ class Stage3Config:
         `base_llm_dir`), sized for `make demo` on 2 cores.
 
         Measured there (SPEC §9) a LoRA forward+backward costs 3.6 s per 256 tokens and 8.7 s per 700, so every
-        token counts: visual tokens pooled to 3 x 3 per modality (18 instead of 392) and the compact biomarker
-        block (about 540 SmolLM2 tokens instead of 750) leave about 1,000 tokens a sample, the report (about
-        430) uncut: about 12 s a sample. One epoch over 48 training eyes (labels balanced) at batch 1, LoRA r 16
-        on every linear layer, validation loss on 8 eyes: about 11 minutes. The pretrained model already writes
-        English; the epoch teaches it the report's form, to cite the estimates and to end with the label.
+        token counts: visual tokens pooled to 3 x 3 per modality (18 instead of 392), the compact biomarker
+        block (the 16 signature biomarkers and any other flagged estimate: about 320 SmolLM2 tokens instead of
+        750) and concise target reports (the flagged estimates, lesions, inference, conclusion: about 140
+        tokens instead of 420) leave about 480 tokens a sample: about 3 s a step on free cores. One epoch over
+        140 training eyes (labels balanced) at batch 1, LoRA r 16 on every linear layer, lr 1e-3, validation
+        loss on 8 eyes: about 8 minutes. Chosen on the 70-subject demo cohort of seed 7 (docs/training.md):
+        the full-length reports looped under greedy decoding at lr 5e-4 and 2e-3.
         """
         base = cls(
             name="smollm",
             lora_r=16,
             lora_alpha=32,
             lora_dropout=0.05,
-            lr=5e-4,
+            lr=1e-3,
             projector_lr=1e-3,
             epochs=1,
             batch_size=1,
             grad_accum=1,
             warmup_ratio=0.05,
             precision="fp32",
-            max_length=1536,
+            max_length=1536,  # counts 392 visual positions (the pooled 18 are fewer): room for any report
+            decision_weight=3.0,
+            decision_tokens=(0, 80),  # the reply's label-dependent end (lesions, inference, conclusion, label)
             biomarker_estimates=True,
             compact_biomarkers=True,
+            concise_reports=True,
             token_grid=3,
-            max_new_tokens=768,
-            max_train_records=48,
+            max_new_tokens=320,
+            max_train_records=140,
             max_val_records=8,
         )
         return replace(base, **overrides)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from grok_pacs.analysis.engine import Engine
-from grok_pacs.analysis.result import Report
+from grok_pacs.analysis.engine import Engine, EyeInput
+from grok_pacs.analysis.result import Eye, Report
 from training.benchmark.records import Prediction, Reference, biomarkers_from_prompt_json
 from training.stage3.data import load_instructions, record_label
 from training.stage3.features import eye_id
@@ -74,11 +74,19 @@ def predict(
     missing = [c for c in case_ids if c not in by_id]
     if missing:
         raise ValueError(f"{manifest} lacks the eyes {missing[:3]}")
-    predictions, reports = [], []
+    # Both eyes of a subject go through the engine together, as a study does (one batched generation).
+    by_subject: dict[str, list[str]] = {}
+    for case in case_ids:
+        by_subject.setdefault(by_id[case].subject_id, []).append(case)
+    served: dict[str, Report] = {}
     started = time.monotonic()
-    for case in tqdm(case_ids, desc=f"evaluate {engine.bundle.name}", unit="eye", disable=not progress):
-        record = by_id[case]
-        report = engine.analyze_eye(record.eye, cfp=record.cfp_path, oct=record.oct_path)
-        reports.append(report)
-        predictions.append(Prediction.from_report(case, report))
+    bar = tqdm(total=len(case_ids), desc=f"evaluate {engine.bundle.name}", unit="eye", disable=not progress)
+    for cases in by_subject.values():
+        eyes = [by_id[case] for case in cases]
+        study = [EyeInput(Eye(r.eye), Path(r.cfp_path), Path(r.oct_path)) for r in eyes]
+        served.update(zip(cases, engine.analyze_study(study)))
+        bar.update(len(cases))
+    bar.close()
+    reports = [served[case] for case in case_ids]
+    predictions = [Prediction.from_report(case, report) for case, report in zip(case_ids, reports)]
     return predictions, reports, (time.monotonic() - started) / max(len(case_ids), 1)

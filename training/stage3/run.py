@@ -37,7 +37,7 @@ from training.stage3.data import SFTDataset, build_samples, chat_text, load_inst
 from training.stage3.features import FeatureStore, compute_features, eye_id
 from training.stage3.lora import attach_lora, load_base_llm, save_adapter
 from training.stage3.pretrain_llm import STAND_IN_FILE, pretrain_stand_in
-from training.stage3.targets import estimate_grounded, jittered_variants
+from training.stage3.targets import concise_measured, estimate_grounded, jittered_variants
 from training.stage3.train import SFTTrainer, TrainResult
 from training.tokenizer import load_tokenizer, save_tokenizer, train_phantom_tokenizer
 
@@ -255,7 +255,10 @@ def run(
     estimates = head_estimates(store, inputs.cfp_head, inputs.oct_head) if cfg.biomarker_estimates else None
     datasets = {}
     for split in ("train", "val"):
-        records = estimate_grounded(splits[split], estimates) if estimates is not None else splits[split]
+        if estimates is not None:
+            records = estimate_grounded(splits[split], estimates, concise=cfg.concise_reports)
+        else:
+            records = concise_measured(splits[split]) if cfg.concise_reports else splits[split]
         samples = build_samples(
             records, tokenizer, store, max_length=cfg.max_length, estimates=estimates, compact=cfg.compact_biomarkers
         )

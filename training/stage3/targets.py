@@ -41,8 +41,34 @@ def _reply(record: Mapping[str, Any]) -> tuple[int, str]:
     raise ValueError(f"record {record.get('id')!r} has no assistant turn")
 
 
-def estimate_grounded(records: Sequence[Mapping[str, Any]], estimates: Mapping[str, Mapping[str, float]]) -> list[dict]:
-    """Copies of `records` whose reports cite the estimates of `estimates[record id]`."""
+def concise_measured(records: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Copies of `records` with the guideline teacher's concise report written from the measured biomarkers
+    (for a model trained without estimates in its prompt); other teachers' records are kept as they are."""
+    from training.benchmark.records import biomarkers_from_prompt_json
+    from training.teachers.guideline import GuidelineTeacher
+
+    teacher = GuidelineTeacher()
+    out = []
+    for record in records:
+        if record.get("teacher") != GUIDELINE or "subject_id" not in record or "biomarkers" not in record:
+            out.append(dict(record))
+            continue
+        measured = biomarkers_from_prompt_json(record["biomarkers"])
+        eye = _Eye(str(record["subject_id"]), str(record["eye"]), parse_label(str(record["label"])), measured)
+        index, _ = _reply(record)
+        turns = [dict(t) for t in record["conversations"]]
+        turns[index]["value"] = teacher.write(eye, concise=True)
+        out.append({**record, "conversations": turns})
+    return out
+
+
+def estimate_grounded(
+    records: Sequence[Mapping[str, Any]], estimates: Mapping[str, Mapping[str, float]], *, concise: bool = False
+) -> list[dict]:
+    """Copies of `records` whose reports cite the estimates of `estimates[record id]`.
+
+    `concise`: the guideline teacher writes its concise report (other teachers' reports keep their length).
+    """
     from training.teachers.guideline import GuidelineTeacher
 
     teacher = GuidelineTeacher()
@@ -53,7 +79,7 @@ def estimate_grounded(records: Sequence[Mapping[str, Any]], estimates: Mapping[s
         index, text = _reply(record)
         if record.get("teacher") == GUIDELINE and "subject_id" in record and "eye" in record:
             eye = _Eye(str(record["subject_id"]), str(record["eye"]), parse_label(str(record["label"])), values)
-            text = teacher.write(eye)
+            text = teacher.write(eye, concise=concise)
         else:
             text, _ = ground_cited_numbers(text, values)
         turns = [dict(t) for t in record["conversations"]]

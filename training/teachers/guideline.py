@@ -6,6 +6,12 @@ naming the diagnosis; one paragraph of at most 300 words; never a hint that the 
 Numbers are written with grok_pacs.domain.biomarkers.format_value right after a name that
 grok_pacs.analysis.grounding ties to that biomarker, so a grounding check can match every number.
 
+A concise report (`write(record, concise=True)`, for CPU presets whose small stand-in LLM must learn the form
+in one short epoch) is the same quantitative-to-qualitative chain in about 60 words instead of 250: every
+key estimate outside its normal range (as the compact prompt flags them), the visible lesions, the
+sub-inference and the conclusion; no coverage, integration or rule-out sentences (the long differential a
+small model learns to loop on), and the label shows only after the evidence is written.
+
 Variety: which signs are cited, sentence templates, the order of blocks and of the rule-outs all vary per
 eye (seeded by subject and eye, so the same record always gets the same report): a student must learn
 the reasoning, not one sentence.
@@ -19,8 +25,9 @@ import random
 from collections.abc import Mapping
 from typing import Protocol
 
-from grok_pacs.domain.biomarkers import BY_KEY, CFP_KEYS, PROSE_NAMES, format_value
+from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, PROSE_NAMES, format_value
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
+from grok_pacs.model.prompt import COMPACT_KEYS
 from training.teachers.knowledge import Knowledge, Sign, load_knowledge
 
 MAX_WORDS = 300
@@ -93,6 +100,10 @@ def _value(key: str, value: float) -> str:
     return format_value(b, value) + (" µm" if b.unit == "um" else "")
 
 
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
@@ -112,10 +123,11 @@ class GuidelineTeacher:
     def __init__(self, knowledge: Knowledge | None = None) -> None:
         self.knowledge = knowledge or load_knowledge()
 
-    def write(self, record: EyeRecord) -> str:
+    def write(self, record: EyeRecord, *, concise: bool = False) -> str:
+        """The report paragraph; `concise`: assessment, lesions, sub-inference and conclusion only."""
         seed = hashlib.sha256(f"{record.subject_id}|{record.eye}|{record.label.value}".encode()).digest()
         writer = _Writer(self.knowledge, record, random.Random(int.from_bytes(seed[:8], "big")))
-        return writer.paragraph()
+        return writer.concise() if concise else writer.paragraph()
 
 
 class _Writer:
@@ -170,6 +182,23 @@ class _Writer:
             if len(text.split()) <= MAX_WORDS or not optional:
                 return text
             optional = optional[:-1]  # the least needed coverage sentence goes first
+
+    def concise(self) -> str:
+        """Quantitative first, then qualitative: every key estimate outside its normal range (in the order
+        and with the flags the compact prompt gives them, so writing them is copying), then the visible
+        lesions, what they mean and the conclusion. The label first shows after the evidence is written."""
+        return " ".join(s for s in (self.flagged(), self.lesions(), self.sub_inference(), self.conclusion()) if s)
+
+    def flagged(self) -> str:
+        keys = [b.key for b in BIOMARKERS if b.key in COMPACT_KEYS and not math.isnan(self.values[b.key])]
+        outside = [k for k in keys if not BY_KEY[k].normal[0] <= self.values[k] <= BY_KEY[k].normal[1]]
+        if not outside:
+            shown = [k for k in ("cup_to_disc", "mt_central", "avr") if k in keys]
+            if not shown:
+                return "All key estimates are within normal limits."
+            return "All key estimates are within normal limits, with " + _and([self.the(k) for k in shown]) + "."
+        flags = [f"{self.the(k)} ({'low' if self.values[k] < BY_KEY[k].normal[0] else 'high'})" for k in outside]
+        return "The key estimates outside the normal range are " + _and(flags) + "."
 
     def _signs(self) -> list[tuple[Sign, bool]]:
         """Signature signs with whether the value supports them; supporting ones first."""
