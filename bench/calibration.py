@@ -1,9 +1,11 @@
 """Benchmark: calibration and the learned quality head on a trained phantom bundle (issue 15).
 
-Runs the bundle's engine on the cohort's validation and test eyes (through the runtime, as served), fits the
-temperature on the validation eyes (training.calibration) and reports the test eyes' expected calibration
-error before and after, and the referral sensitivity/specificity of the test eyes' dispositions against the
-dispositions their true labels and biomarkers call for (training.benchmark.gate.referral_figures); trains
+Runs the bundle's engine on the cohort's test eyes (through the runtime, as served; both eyes of a subject as
+one study) and reports their expected calibration error before and after the temperature (the bundle's own,
+fitted by the pipeline on validation subjects; for an uncalibrated bundle one is fitted here on the
+validation eyes: training.benchmark.honesty.test_calibration), the referral sensitivity/specificity of the
+test eyes' dispositions against the dispositions their true labels and biomarkers call for
+(training.benchmark.gate.referral_figures); trains
 the learned quality head on the bundle's encoders (training.quality_head, phantom images and degraded
 copies) and reports its held-out AUROC. The bundle is copied, never modified.
 Writes bench/results/calibration.json.
@@ -21,21 +23,14 @@ import time
 from pathlib import Path
 
 from grok_pacs.analysis.engine import Engine
-from training.benchmark.gate import calibration_figures, phantom_eyes, referral_figures
+from training.benchmark.gate import phantom_eyes, referral_figures
+from training.benchmark.honesty import test_calibration
 from training.manifest import load_manifest
 from training.quality_head import train_head
+from training.stage3.evaluate import predict
+from training.stage3.features import eye_id
 
 RESULTS = Path(__file__).resolve().parent / "results" / "calibration.json"
-
-
-def split_reports(engine: Engine, records, split: str) -> tuple[list, list]:
-    """The split's eyes as the runtime reports them, and their cohort records."""
-    chosen = [r for r in records if r.split == split]
-    return [engine.analyze_eye(r.eye, cfp=r.cfp_path, oct=r.oct_path) for r in chosen], chosen
-
-
-def scores_and_labels(reports, records) -> tuple[list[dict], list[str]]:
-    return [r.label_scores for r in reports], [r.label.value for r in records]
 
 
 def main() -> None:
@@ -49,9 +44,14 @@ def main() -> None:
         bundle = Path(shutil.copytree(args.bundle, Path(tmp) / "bundle"))
         engine = Engine.from_bundle(bundle)
         records = load_manifest(args.manifest)
-        val, test = split_reports(engine, records, "val"), split_reports(engine, records, "test")
-        calibration = calibration_figures(*scores_and_labels(*val), *scores_and_labels(*test))
-        test_reports, test_records = test
+        test_records = [r for r in records if r.split == "test"]
+        _, test_reports, _ = predict(engine, args.manifest, [eye_id(r.subject_id, r.eye) for r in test_records])
+        calibration = test_calibration(
+            engine,
+            [r for r in records if r.split == "val"],
+            [r.label_scores for r in test_reports],
+            [r.label.value for r in test_records],
+        )
         referral = referral_figures(
             test_reports, [r.label.value for r in test_records], [r.biomarkers for r in test_records]
         )

@@ -2,7 +2,7 @@
 
 The first run in a fresh checkout trains the phantom model (SmolLM2 stage 3: minutes on 2 cores); `make demo`
 and this test share `.cache/pipeline/`, so whichever runs second reuses the bundle. The SRs must read as a
-report: their findings pass the narrative validator and the diagnosis is the held-out subject's label.
+report: their findings pass the narrative validator and cite the flagged estimates first.
 """
 
 from __future__ import annotations
@@ -59,14 +59,18 @@ def test_make_demo_prints_the_sr_of_a_sent_phantom_study(tmp_path: Path) -> None
         eyes.add(_laterality(ds))
         diagnosis, findings = _coded(ds, DIAGNOSIS.value), _text(ds, FINDING.value)
         assert len(diagnosis) == 1 and diagnosis[0] in {code.value for code in LABEL_CODES.values()}, diagnosis
-        # Nothing degenerate reaches the reader: the findings either pass the validator as a report with the
-        # SR's own diagnosis, or the SR says they were withheld and why. (Issue 14's target, findings that pass
-        # and the held-out subject's label, is not met by this session's SmolLM2 preset: docs/training.md.)
-        if findings[0] == NARRATIVE_WITHHELD:
-            assert any("Narrative validation failed" in text for text in _all_text(ds)), findings
-        else:
-            check = validate_narrative(f"{findings[0]}\nDiagnosis: {_label_of_code(diagnosis[0])}")
-            assert check.passed, (check.summary(), findings[0])  # no repeats, no runaway numbers
+        # The model's findings are shipped: they pass the validator as a report (no repeats, no runaway numbers)
+        # with the label they conclude, which the SR states only when its calibrated probability reaches the
+        # operating point. Issue 14's other demo target, the held-out subject's true label, is not met by the
+        # SmolLM2 preset on this cohort (docs/training.md): the printed true label is not asserted.
+        assert findings[0] != NARRATIVE_WITHHELD, _all_text(ds)
+        label = _label_of_code(diagnosis[0])
+        if label == Label.INDETERMINATE.value:  # the findings' label is below the calibrated operating point
+            note = next(t for t in _all_text(ds) if "below the operating point" in t)
+            label = re.search(r"The findings conclude (\w+)", note).group(1)
+        check = validate_narrative(f"{findings[0]}\nDiagnosis: {label}")
+        assert check.passed, (check.summary(), findings[0])
+        assert "outside the normal range" in findings[0] or "within normal limits" in findings[0], findings[0]
         assert str(path) in done.stdout.split("\nFiles:")[0]  # printed readably above the file list
     assert len(sr_lines) == len(set(sr_lines))
     assert eyes == {"R", "L"}  # one SR per eye of the study

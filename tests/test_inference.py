@@ -123,6 +123,30 @@ def test_truncated_generation_falls_back_to_calibrated_scored_label_or_indetermi
         engine.config, engine.calibration = original, original_calibration
 
 
+def test_a_validated_narrative_below_the_operating_point_states_no_diagnosis(engine, study):
+    """Calibrated bundle: the findings are shipped, but their label only when its probability reaches the
+    operating point; below it the eye is Indeterminate and the impression says what the findings concluded."""
+    item = study[Eye.RIGHT].item
+    original, original_calibration = engine.config, engine.calibration
+    try:
+        engine.calibration = Calibration(temperature=1.0, fitted_on="test")
+        engine.config = dataclasses.replace(
+            original, generation=dataclasses.replace(original.generation, min_label_probability=0.0)
+        )
+        stated = engine.analyze_eye(item.eye, item.cfp, item.oct)
+        assert stated.narrative_check.passed and stated.label in DIAGNOSTIC_LABELS
+        assert stated.unsupported_label is None
+        engine.config = dataclasses.replace(
+            original, generation=dataclasses.replace(original.generation, min_label_probability=1.01)
+        )
+        withheld = engine.analyze_eye(item.eye, item.cfp, item.oct)
+        assert withheld.narrative == stated.narrative  # the findings are still shipped
+        assert withheld.label == Label.INDETERMINATE and withheld.unsupported_label == stated.label
+        assert f"conclude {stated.label.value}" in withheld.impression and "operating point 1.01" in withheld.impression
+    finally:
+        engine.config, engine.calibration = original, original_calibration
+
+
 def test_engine_refuses_a_tampered_bundle(tiny_bundle, tmp_path):
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     with (bundle / "projectors.safetensors").open("r+b") as handle:

@@ -85,3 +85,19 @@ def test_without_scores_there_is_no_score_item(tmp_path):
 def test_a_score_that_is_not_a_probability_fails_loudly(tmp_path, score):
     with pytest.raises(SRBuildError, match="not a probability"):
         _built(tmp_path, Label.GLAUCOMA, label_scores={"Glaucoma": score})
+
+
+def test_findings_whose_label_is_below_the_operating_point_state_no_diagnosis(tmp_path):
+    """The validated findings are shipped, the SR's diagnosis is Indeterminate, and a note says which label the
+    findings concluded and why it is not stated; dciodvfy clean."""
+    low = {"Glaucoma": 0.26, "AMD": 0.2, "Normal": 0.18}
+    sr, path = _built(
+        tmp_path,
+        Label.INDETERMINATE,
+        label_scores=low,
+        probabilities_calibrated=True,
+        operating_point=0.5,
+        unsupported_label=Label.GLAUCOMA,
+    )
+    assert_valid_sr(path, "The findings conclude Glaucoma", "below the operating point 0.50")
+    assert "Glaucoma (AI)" not in {n[1] for n in _nums(sr)}  # no probability item names the unstated label

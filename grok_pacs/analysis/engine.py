@@ -9,9 +9,11 @@ number that disagrees with its biomarker's estimate is written as the estimate, 
 the model's words stay in `raw_text`) -> parse (grok_pacs.analysis.parsing).
 
 The label rule: the model's diagnosis line when its generation passed validation and the line names a
-valid label; otherwise, when the bundle is calibrated (grok_pacs.analysis.calibration), the best scored
-label (each label's continuation after "Diagnosis:", temperature-calibrated) when its probability reaches
-the operating point (`min_label_probability`, a site setting over the bundle's); otherwise Indeterminate.
+valid label (for a calibrated bundle only when that label's probability reaches the operating point; below
+it the report is Indeterminate, keeps the findings and says which label they concluded); otherwise, when
+the bundle is calibrated (grok_pacs.analysis.calibration), the best scored label (each label's continuation
+after "Diagnosis:", temperature-calibrated) when its probability reaches the operating point
+(`min_label_probability`, a site setting over the bundle's); otherwise Indeterminate.
 Uncalibrated scores are reported but never decide a label: measured on the SmolLM2 demo bundle, they put a
 wrong label above 0.5 on 5 of 6 eyes whose narrative was withheld (docs/training.md). A generation that failed
 validation is never shipped as the model's findings: the Report's narrative is empty, its impression
@@ -246,6 +248,10 @@ class Engine:
                 return Label(best)
         return Label.INDETERMINATE
 
+    def _below_operating_point(self, label: Label, scores: dict[str, float]) -> bool:
+        """A calibrated bundle's label whose probability is below the operating point is not stated."""
+        return self.calibration is not None and bool(scores) and scores.get(label.value, 0.0) < self.operating_point
+
     def _report(
         self,
         item: EyeImages,
@@ -258,7 +264,7 @@ class Engine:
     ) -> Report:
         """The Report of one eye, by the label rule of the module docstring."""
         _, estimates, frame, method = encoded
-        narrative, impression, cited, rewritten = "", "", (), 0
+        narrative, impression, cited, rewritten, unsupported = "", "", (), 0, None
         label = self._scored_label(scores)
         if check.passed:  # only a validated text is shipped as the model's findings
             grounded, rewritten = (
@@ -269,6 +275,13 @@ class Engine:
             parsed = parse_generation(grounded)
             label = parsed.label if parsed.label_found else label
             narrative, impression, cited = parsed.narrative, parsed.impression, parsed.cited_numbers
+            if parsed.label_found and self._below_operating_point(label, scores):
+                unsupported, label = label, Label.INDETERMINATE
+                impression = (
+                    f"No diagnosis is stated: the findings conclude {unsupported.value}, but its calibrated "
+                    f"probability {scores.get(unsupported.value, 0.0):.2f} is below the operating point "
+                    f"{self.operating_point:.2f}."
+                )
         impression = impression or (
             f"Diagnosis: {label.value}" if label != Label.INDETERMINATE else "No diagnosis could be determined."
         )
@@ -295,6 +308,7 @@ class Engine:
             narrative_check=check,
             probabilities_calibrated=bool(scores) and self.calibration is not None,
             operating_point=self.operating_point,
+            unsupported_label=unsupported,
         )
 
     # --- steps ---------------------------------------------------------------------------------------

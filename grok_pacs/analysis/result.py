@@ -223,6 +223,9 @@ class Report:
     probabilities_calibrated: bool = False  #: label_scores were temperature-calibrated (bundle calibration)
     operating_point: float | None = None  #: the Indeterminate threshold: a scored label below it is not used
     narrative_check: NarrativeCheck | None = None  #: validator on raw_text; failed: narrative "" (withheld)
+    #: the label the validated narrative named but the report does not state: its calibrated probability is
+    #: below the operating point (the report's label is then Indeterminate); None otherwise
+    unsupported_label: Label | None = None
 
     @property
     def narrative_withheld(self) -> bool:

@@ -148,6 +148,12 @@ def _notes(report: Report) -> list[str]:
             f"Narrative validation failed ({', '.join(r.value for r in reasons)}): "
             f"{'; '.join(REASON_TEXT[r] for r in reasons)}. The measurements are unaffected; {source}."
         )
+    if report.unsupported_label is not None:
+        notes.append(
+            f"The findings conclude {report.unsupported_label.value}, but that label's calibrated probability "
+            f"{report.label_scores.get(report.unsupported_label.value, 0.0):.2f} is below the operating point "
+            f"{report.operating_point:.2f}: no diagnosis is stated. Review the images and the measurements."
+        )
     if report.numbers_rewritten:
         notes.append(
             f"{report.numbers_rewritten} value(s) cited in the findings were written as the measurements "

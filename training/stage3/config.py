@@ -132,8 +132,6 @@ class Stage3Config:
             warmup_ratio=0.05,
             precision="fp32",
             max_length=1536,  # counts 392 visual positions (the pooled 18 are fewer): room for any report
-            decision_weight=3.0,
-            decision_tokens=(0, 80),  # the reply's label-dependent end (lesions, inference, conclusion, label)
             biomarker_estimates=True,
             compact_biomarkers=True,
             concise_reports=True,
