@@ -37,7 +37,14 @@ SUBJECTS, SEED = 420, 2024
 #: Stage 3 of the benchmark: the `smollm` preset as `make demo` trains it, unchanged. Its settings were chosen
 #: on the 70-subject demo cohort of seed 7 (docs/training.md), never on this cohort: its test split is untouched.
 STAGE3_CHANGES: dict = {}
-TARGETS = {"macro_f1": 0.8, "grounding_agreement": 0.95}
+#: Issue 14's targets (the served grounding keeps the older 0.95 target of SPEC §4).
+TARGETS = {
+    "macro_f1": 0.85,
+    "grounding_agreement": 0.95,
+    "model_grounding_agreement": 0.90,
+    "text_passed_share": 1.0,
+    "repeated_sentences_per_report": 0.0,
+}
 VARIANTS = {"with estimates": True, "without estimates": False}
 
 
@@ -78,6 +85,9 @@ def _run_variant(cfg: PipelineConfig, cache: Path, progress: bool) -> tuple[Pipe
         "model_grounding": model,
         "numbers_rewritten_per_report": sum(r.numbers_rewritten for r in reports) / len(reports),
         "diagnosis_line_share": sum(parse_generation(r.raw_text).label_found for r in reports) / len(reports),
+        # Served: the share of eyes whose report states a diagnosis (a calibrated probability at or above the
+        # operating point); macro-F1 scores the label the findings concluded either way.
+        "stated_diagnosis_share": sum(r.label.value != "Indeterminate" for r in reports) / len(reports),
         "honesty": honesty,
     }
     return result, bench, info
@@ -136,15 +146,17 @@ def _markdown(payload: dict, comparison_md: str, plots: dict[str, str]) -> str:
         f"| grounding agreement | {_fmt(h['grounding_agreement'])} | >= {TARGETS['grounding_agreement']} | "
         f"{met['grounding_agreement']} |",
         f"| grounding of the model's own text (before the runtime writes misquoted numbers as the estimates) | "
-        f"{_fmt(h['model_grounding_agreement'])} | | |",
+        f"{_fmt(h['model_grounding_agreement'])} | >= {TARGETS['model_grounding_agreement']} | "
+        f"{met['model_grounding_agreement']} |",
         f"| numbers rewritten per report | {h['numbers_rewritten_per_report']:.2f} | | |",
         f"| accuracy | {h['accuracy']:.3f} | | |",
         f"| linear-probe ceiling: measured biomarkers, train -> test (macro-F1) | "
         f"{h['probe_ceiling_measured_macro_f1']:.3f} | | |",
         f"| linear-probe ceiling: served estimates, val -> test (macro-F1) | "
         f"{h['probe_ceiling_estimates_macro_f1']:.3f} | | |",
-        f"| narratives passing the validator | {h['text_passed_share']:.0%} | 100% | |",
-        f"| repeated sentences per report | {h['repeated_sentences_per_report']:.2f} | 0 | |",
+        f"| narratives passing the validator | {h['text_passed_share']:.0%} | 100% | {met['text_passed_share']} |",
+        f"| repeated sentences per report | {h['repeated_sentences_per_report']:.2f} | 0 | "
+        f"{met['repeated_sentences_per_report']} |",
         f"| distinct-2 | {h['distinct_2']:.3f} | | |",
         f"| ECE before / after calibration (T fitted on the val split) | {h['ece_before']:.3f} / "
         f"{h['ece_after']:.3f} | <= 0.05 after | |",
@@ -177,7 +189,9 @@ def _markdown(payload: dict, comparison_md: str, plots: dict[str, str]) -> str:
                 f"{k} {v} s{' (cached)' if info['reused'].get(k) else ''}" for k, v in info["pipeline_steps_s"].items()
             )
             + f"); stage 3 {info['stage3_timings_s']}; {info['seconds_per_eye']} s per eye at evaluation; "
-            f"{info['diagnosis_line_share']:.0%} of the generations end with a valid diagnosis line."
+            f"{info['diagnosis_line_share']:.0%} of the generations end with a valid diagnosis line; "
+            f"{info.get('stated_diagnosis_share', 1.0):.0%} of the served reports state a diagnosis (the rest: "
+            "calibrated probability below the operating point, or no valid label)."
         )
     lines += ["", "## Plots", ""] + [f"![{name}]({path})" for name, path in plots.items()]
     lines += ["", f"Machine: {payload['machine']['cpus']} CPUs, {payload['machine']['platform']}.", ""]
@@ -236,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         "macro_f1": headline["macro_f1"] >= TARGETS["macro_f1"],
         "mae": mae["mae_aligned"] < mae["mae_plain"],
         "grounding_agreement": (headline["grounding_agreement"] or 0.0) >= TARGETS["grounding_agreement"],
+        "model_grounding_agreement": (headline["model_grounding_agreement"] or 0.0)
+        >= TARGETS["model_grounding_agreement"],
+        "text_passed_share": headline["text_passed_share"] >= TARGETS["text_passed_share"],
+        "repeated_sentences_per_report": headline["repeated_sentences_per_report"]
+        <= TARGETS["repeated_sentences_per_report"],
     }
     payload = {
         "headline_variant": first,

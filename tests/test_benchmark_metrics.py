@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import threading
@@ -207,6 +208,9 @@ def test_grounding_and_prediction_from_a_runtime_report() -> None:
     prediction = Prediction.from_report("case-1", report)
     assert prediction.label == G and prediction.text.endswith("Consistent with glaucoma.")
     assert prediction.biomarkers == {"cup_to_disc": 0.8121, "avr": 0.64}
+    # A report that does not state the findings' label (below the operating point) is scored on that label.
+    unstated = dataclasses.replace(report, label=Label.INDETERMINATE, unsupported_label=G)
+    assert Prediction.from_report("case-1", unstated).label == G
 
 
 def test_model_grounding_reads_what_the_model_wrote_not_the_served_text() -> None:

@@ -35,9 +35,12 @@ class Prediction:
 
     @classmethod
     def from_report(cls, case_id: str, report: Report) -> Prediction:
-        """From the runtime's `Report`: narrative + impression as text, head estimates as biomarkers."""
+        """From the runtime's `Report`: narrative + impression as text, head estimates as biomarkers, and the
+        model's label: the one its findings concluded even where the report does not state it (a calibrated
+        probability below the operating point), so the benchmark scores the model, not the site's threshold."""
         values = {b.key: b.value for b in report.biomarkers}
-        return cls(case_id=case_id, label=report.label, text=report.text, biomarkers=values)
+        label = report.unsupported_label or report.label
+        return cls(case_id=case_id, label=label, text=report.text, biomarkers=values)
 
 
 @dataclass(frozen=True)
