@@ -73,7 +73,7 @@ def biomarker_block(values: Mapping[str, float]) -> str:
 
 
 #: The biomarkers the compact block always lists: the signature signs the Eye-Guideline reasons from for some
-#: label (tests/test_prompt.py checks this against training/data/eye_guideline.yaml). Others appear only when
+#: label (tests/test_model_grok.py checks this against training/data/eye_guideline.yaml). Others appear only when
 #: outside their normal range.
 COMPACT_KEYS: tuple[str, ...] = (
     "mt_central",
@@ -104,7 +104,7 @@ def compact_biomarker_block(values: Mapping[str, float]) -> str:
     """The estimates in few tokens: the `COMPACT_KEYS` with `(low)`/`(high)` flags, then any other estimate
     outside its normal range; the rest are said to be within normal limits.
 
-    For CPU presets where every prompt token costs training and decoding time (about 190 SmolLM2 tokens
+    For CPU presets where every prompt token costs training and decoding time (about 320 SmolLM2 tokens
     instead of 750); the names are the ones the reports use (`PROSE_NAMES`), so a cited number sits next to
     the same words in prompt and report. The SR still carries every estimate.
     """
