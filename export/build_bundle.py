@@ -25,6 +25,7 @@ from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from grok_pacs.model.checkpoints import load_encoder
 from grok_pacs.model.config import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig, GrokConfig
 from grok_pacs.model.heads import BiomarkerHead
+from grok_pacs.model.pattern import PATTERN_HEAD_FILE, PatternHead
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.prompt import IMAGE_TOKEN, SPECIAL_TOKENS, prompt_template
 from grok_pacs.model.vit import RetinaEncoder
@@ -211,6 +212,7 @@ def build_bundle(
     base_dir: str | Path | None = None,
     adapter_dir: str | Path | None = None,
     merge: bool = True,
+    pattern_head: PatternHead | str | Path | None = None,
     precision: str = "float32",
     parity: bool = True,
     overwrite: bool = False,
@@ -219,9 +221,11 @@ def build_bundle(
     """Export, copy, hash and verify everything into a bundle directory; returns its path.
 
     LLM: `llm_dir` (LoRA already merged), or `base_dir` + `adapter_dir` (merged here when merge=True,
-    else stored side by side and merged at load). Encoder `precision`: "float32" (default), "float16"
-    (GPU serving) or "int8" (CPU serving; see export.onnx_export). Raises ValueError naming the bad input,
-    ParityError when an encoder export drifts from torch beyond the precision's tolerance.
+    else stored side by side and merged at load). `pattern_head`: the pattern head stage 3 trained the
+    prompt with (grok_pacs.model.pattern), stored as pattern_head.json. Encoder `precision`: "float32"
+    (default), "float16" (GPU serving) or "int8" (CPU serving; see export.onnx_export). Raises ValueError
+    naming the bad input, ParityError when an encoder export drifts from torch beyond the precision's
+    tolerance.
     """
     config.check()
     if (llm_dir is None) == (base_dir is None or adapter_dir is None):
@@ -251,6 +255,10 @@ def build_bundle(
     _check_tokenizer(work / layout.TOKENIZER_DIR, work / (llm.get("dir") or llm["base_dir"]) / "config.json")
     step("tokenizer")
     manifest = _manifest(name, version, config, llm, encoders, provenance)
+    if pattern_head is not None:
+        head = pattern_head if isinstance(pattern_head, PatternHead) else PatternHead.load(pattern_head)
+        head.save(work / PATTERN_HEAD_FILE)
+        manifest["pattern_head"] = {"file": PATTERN_HEAD_FILE}
     manifest["files"] = layout.file_table(work)
     (work / layout.MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
     step("manifest")

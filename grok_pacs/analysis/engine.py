@@ -2,11 +2,12 @@
 
 Steps: read pixels (grok_pacs.analysis.imaging) -> preprocess (CFP square/224/ImageNet; OCT foveal B-scan) ->
 ONNX encoders (onnxruntime; CUDA provider only when present, no spin-waiting) -> biomarker heads (numpy) ->
-prompt with the estimates -> Qwen2 + projectors (transformers; LoRA merged; greedy, bounded, guarded:
-grok_pacs.analysis.decoding), all eyes of a call in ONE batched generation and ONE batched label scoring ->
-validation of the model's text (grok_pacs.analysis.validation, counted in /metrics) -> grounding (a cited
-number that disagrees with its biomarker's estimate is written as the estimate, grok_pacs.analysis.grounding;
-the model's words stay in `raw_text`) -> parse (grok_pacs.analysis.parsing).
+prompt with the estimates (and the pattern head's closest label, grok_pacs.model.pattern) -> Qwen2 +
+projectors (transformers; LoRA merged; greedy, bounded, guarded: grok_pacs.analysis.decoding), all eyes of
+a call in ONE batched generation and ONE batched label scoring -> validation of the model's text
+(grok_pacs.analysis.validation, counted in /metrics) -> grounding (a cited number that disagrees with its
+biomarker's estimate is written as the estimate, grok_pacs.analysis.grounding; the model's words stay in
+`raw_text`) -> parse (grok_pacs.analysis.parsing).
 
 The label rule: the model's diagnosis line when its generation passed validation and the line names a
 valid label (for a calibrated bundle only when that label's probability reaches the operating point; below
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grok_pacs.analysis.bundle import Bundle, load_bundle
+from grok_pacs.analysis.bundle import Bundle, BundleError, load_bundle
 from grok_pacs.analysis.calibration import load_calibration
 from grok_pacs.analysis.decoding import Decoder
 from grok_pacs.analysis.grounding import ground_cited_numbers
@@ -52,6 +53,7 @@ from grok_pacs.domain.biomarkers import BY_KEY, Modality
 from grok_pacs.domain.labels import Label
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.heads import BiomarkerHead, estimates_in_range
+from grok_pacs.model.pattern import load_pattern_head
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.prompt import IM_END, IMAGE_TOKEN, build_prompt
 from grok_pacs.ops import metrics
@@ -107,6 +109,9 @@ class Engine:
         self.bundle = bundle
         self.calibration = load_calibration(bundle.root, bundle.manifest)  # None: scores stay uncalibrated
         self.quality_head = load_quality_head(bundle.root, bundle.manifest)  # None: the rule-based gate only
+        self.pattern_head = load_pattern_head(bundle.root, bundle.manifest)  # None: no pattern line in the prompt
+        if self.pattern_head is not None and not bundle.config.generation.compact_biomarkers:
+            raise BundleError(f"{bundle.root}: a pattern head needs a model trained with the compact biomarker block")
         self._min_label_probability = min_label_probability  # site setting; None: the bundle's
         self.device = resolve_device(device)
         self.config = bundle.config
@@ -195,12 +200,7 @@ class Engine:
         encoded = [self._encode(item.cfp_image, item.oct_volume, timing) for item, timing in zip(eyes, timings)]
         gen = self.config.generation
         missing = [tuple(m for m in ("CFP", "OCT") if tokens[m.lower()] is None) for tokens, *_ in encoded]
-        ids = self.decoder.encode(
-            [
-                build_prompt(self.prompt_estimates(estimates), gone, compact=gen.compact_biomarkers)
-                for (_, estimates, *_), gone in zip(encoded, missing)
-            ]
-        )
+        ids = self.decoder.encode([self.prompt(estimates, gone) for (_, estimates, *_), gone in zip(encoded, missing)])
         cfp, oct = self._visual([tokens for tokens, *_ in encoded])
         t = time.perf_counter()
         raws = self.decoder.generate(ids, cfp, oct, gen) if eyes else []
@@ -238,6 +238,14 @@ class Engine:
     def prompt_estimates(self, estimates: dict[str, float]) -> dict[str, float] | None:
         """The estimates the prompt carries (None when the bundle's stage 3 was trained without them)."""
         return estimates if self.config.generation.biomarkers_in_prompt else None
+
+    def prompt(self, estimates: dict[str, float], missing: Sequence[str] = ()) -> str:
+        """One eye's generation prompt, as the bundle's stage 3 trained it: the estimates (when it was trained
+        with them) and the pattern head's closest label (when the bundle has one)."""
+        gen = self.config.generation
+        values = self.prompt_estimates(estimates)
+        pattern = self.pattern_head.closest(values) if self.pattern_head is not None and values else None
+        return build_prompt(values, missing, compact=gen.compact_biomarkers, pattern=pattern)
 
     def _scored_label(self, scores: dict[str, float]) -> Label:
         """The best calibrated scored label when its probability reaches the operating point, else

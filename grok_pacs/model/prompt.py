@@ -28,6 +28,7 @@ IM_END = "<|im_end|>"
 #: Tokens the tokenizer must treat as special (never split).
 SPECIAL_TOKENS = (IM_START, IM_END, IMAGE_TOKEN)
 DIAGNOSIS_PREFIX = "Diagnosis:"
+PATTERN_PREFIX = "Closest biomarker pattern:"
 IGNORE_INDEX = -100  #: label of tokens that carry no loss (transformers' convention)
 MODALITY_NAMES = {"CFP": "colour fundus photograph", "OCT": "OCT volume"}
 
@@ -100,9 +101,18 @@ def _flagged(b: Biomarker, value: float) -> str:
     return f"{PROSE_NAMES[b.key]} {format_value(b, value)}{flag}"
 
 
-def compact_biomarker_block(values: Mapping[str, float]) -> str:
+def pattern_line(label: Label | str) -> str:
+    """The pattern head's answer (grok_pacs.model.pattern) as the prompt states it, by the label's name."""
+    label = Label(label)
+    if label == Label.INDETERMINATE:
+        raise ValueError("Indeterminate is not a biomarker pattern")
+    return f"{PATTERN_PREFIX} {label.value}."
+
+
+def compact_biomarker_block(values: Mapping[str, float], pattern: Label | str | None = None) -> str:
     """The estimates in few tokens: the `COMPACT_KEYS` with `(low)`/`(high)` flags, then any other estimate
-    outside its normal range; the rest are said to be within normal limits.
+    outside its normal range; the rest are said to be within normal limits. With `pattern` (the bundle's
+    pattern head's closest label for these estimates), a last line names it.
 
     For CPU presets where every prompt token costs training and decoding time (about 320 SmolLM2 tokens
     instead of 750); the names are the ones the reports use (`PROSE_NAMES`), so a cited number sits next to
@@ -123,23 +133,32 @@ def compact_biomarker_block(values: Mapping[str, float]) -> str:
     lines.append(
         "Also outside normal limits: " + "; ".join(others) + "." if others else "All other estimates are normal."
     )
+    if pattern is not None:
+        lines.append(pattern_line(pattern))
     return "\n".join(lines)
 
 
 def human_turn(
-    biomarkers: Mapping[str, float] | None = None, missing: Sequence[str] = (), *, compact: bool = False
+    biomarkers: Mapping[str, float] | None = None,
+    missing: Sequence[str] = (),
+    *,
+    compact: bool = False,
+    pattern: Label | str | None = None,
 ) -> str:
     """The user message: `<image>`, the paper's instruction, optional estimates and missing-modality note.
 
     `compact` writes the estimates with `compact_biomarker_block` (the bundle's
-    `generation.compact_biomarkers` says which block its model was trained with).
+    `generation.compact_biomarkers` says which block its model was trained with); `pattern` adds its
+    pattern line (compact block only: the pattern head came after the full block's presets).
     """
+    if pattern is not None and not compact:
+        raise ValueError("the pattern line belongs to the compact biomarker block")
     parts = [f"{IMAGE_TOKEN}\n{INSTRUCTION}"]
     for modality in missing:
         if modality not in MODALITY_NAMES:
             raise ValueError(f"unknown modality {modality!r}; expected CFP or OCT")
         parts.append(f"No {MODALITY_NAMES[modality]} ({modality}) is available for this eye.")
-    block = (compact_biomarker_block if compact else biomarker_block)(biomarkers or {})
+    block = compact_biomarker_block(biomarkers or {}, pattern) if compact else biomarker_block(biomarkers or {})
     if block:
         parts.append(block)
     return "\n\n".join(parts)
@@ -151,10 +170,14 @@ def chat_prompt(human: str) -> str:
 
 
 def build_prompt(
-    biomarkers: Mapping[str, float] | None = None, missing: Sequence[str] = (), *, compact: bool = False
+    biomarkers: Mapping[str, float] | None = None,
+    missing: Sequence[str] = (),
+    *,
+    compact: bool = False,
+    pattern: Label | str | None = None,
 ) -> str:
     """The full generation prompt for one eye."""
-    return chat_prompt(human_turn(biomarkers, missing, compact=compact))
+    return chat_prompt(human_turn(biomarkers, missing, compact=compact, pattern=pattern))
 
 
 def format_target(narrative: str, label: Label | str) -> str:
@@ -186,6 +209,7 @@ def build_training_example(
     max_length: int = 2048,
     visual_tokens: int = 392,
     compact: bool = False,
+    pattern: Label | str | None = None,
 ) -> TrainingExample:
     """Token ids and labels for one SFT record; the loss falls on the assistant reply only.
 
@@ -193,7 +217,7 @@ def build_training_example(
     both modalities, 197 with one, since a missing modality is one placeholder). The target is truncated
     when needed, never the prompt.
     """
-    prompt_ids = _encode(tokenizer, build_prompt(biomarkers, missing, compact=compact))
+    prompt_ids = _encode(tokenizer, build_prompt(biomarkers, missing, compact=compact, pattern=pattern))
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if prompt_ids.count(image_id) != 1:
         raise ValueError(f"the tokenizer does not keep {IMAGE_TOKEN} as one special token")

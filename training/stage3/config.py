@@ -75,6 +75,7 @@ class Stage3Config:
     biomarker_estimates: bool = False  # give the LLM the heads' estimates as text (trained on predictions)
     compact_biomarkers: bool = False  # the estimates as the compact block (short names, low/high flags)
     concise_reports: bool = False  # guideline targets: flagged estimates, lesions, inference, conclusion (~60 words)
+    pattern_head: bool = False  # fit the pattern head on the training eyes' estimates; its label ends the prompt
     token_grid: int = 0  # visual tokens per modality pooled to token_grid x token_grid (0 = all 196, the paper)
     max_new_tokens: int = 512  # the bundle's decoding bound per eye
     max_train_records: int = 0  # SFT on at most this many training eyes, labels balanced (0 = all)
@@ -96,6 +97,8 @@ class Stage3Config:
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {getattr(self, name)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.pattern_head and not (self.biomarker_estimates and self.compact_biomarkers):
+            raise ValueError("pattern_head needs biomarker_estimates and compact_biomarkers (its line ends that block)")
         unknown = set(self.lora_targets) - set(LORA_TARGETS)
         if unknown:
             raise ValueError(f"lora_targets {sorted(unknown)} are not Qwen2 linear layers {LORA_TARGETS}")
@@ -117,7 +120,9 @@ class Stage3Config:
         tokens instead of 420) leave about 480 tokens a sample: about 3 s a step on free cores. One epoch over
         140 training eyes (labels balanced) at batch 1, LoRA r 16 on every linear layer, lr 1e-3, validation
         loss on 8 eyes: about 8 minutes. Chosen on the 70-subject demo cohort of seed 7 (docs/training.md):
-        the full-length reports looped under greedy decoding at lr 5e-4 and 2e-3.
+        the full-length reports looped under greedy decoding at lr 5e-4 and 2e-3. The pattern head
+        (grok_pacs.model.pattern) names the label the estimates resemble most in the prompt: one epoch over 140
+        eyes teaches the report's form, not the 7-way mapping from the estimates to a label.
         """
         base = cls(
             name="smollm",
@@ -135,11 +140,13 @@ class Stage3Config:
             biomarker_estimates=True,
             compact_biomarkers=True,
             concise_reports=True,
+            pattern_head=True,
             token_grid=3,
             max_new_tokens=320,
             max_train_records=140,
             max_val_records=8,
         )
+        overrides.setdefault("pattern_head", overrides.get("biomarker_estimates", True))  # it reads the estimates
         return replace(base, **overrides)
 
     @classmethod

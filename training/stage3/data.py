@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from grok_pacs.domain.labels import Label, parse_label
+from grok_pacs.model.pattern import PatternHead
 from grok_pacs.model.prompt import (
     DIAGNOSIS_PREFIX,
     IGNORE_INDEX,
@@ -90,9 +91,10 @@ def build_samples(
     max_length: int,
     estimates: Mapping[str, Mapping[str, float]] | None = None,
     compact: bool = False,
+    pattern: PatternHead | None = None,
 ) -> list[SFTSample]:
     """One SFT sample per record; `estimates` (record id -> head predictions) turns on the biomarker block
-    (`compact`: the compact one)."""
+    (`compact`: the compact one, ending with `pattern`'s closest label for the estimates when given)."""
     samples = []
     for record in records:
         rid = str(record["id"])
@@ -110,6 +112,7 @@ def build_samples(
             max_length=max_length,
             visual_tokens=features.visual_tokens(rid),
             compact=compact,
+            pattern=None if pattern is None or values is None else pattern.closest(values),
         )
         samples.append(SFTSample(rid, record_label(record), example.input_ids, example.labels, example.truncated))
     return samples

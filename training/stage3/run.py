@@ -6,7 +6,8 @@ Steps (each reuses its output when it is already there, so an interrupted run co
 2. LLM base: `cfg.base_llm_dir` (real Qwen2), else the stand-in tiny Qwen2 pretrained on the training split's
    conversations (`pretrain_llm`, documented as a stand-in);
 3. frozen-encoder features for every eye (`features`), and, with `cfg.biomarker_estimates`, the biomarker
-   heads' predictions for every eye (what the runtime will put in the prompt);
+   heads' predictions for every eye (what the runtime will put in the prompt), and with `cfg.pattern_head`
+   the pattern head fitted on the training eyes' estimates (`pattern_head.json`, packed into the bundle);
 4. LoRA SFT (`train`) on the `train` split, validation loss on `val`;
 5. outputs: `adapter/` (PEFT), `projectors.safetensors`, `llm_merged/` (LoRA merged, what the bundle
    serves), `stage3.json` (config, losses, timings).
@@ -29,11 +30,13 @@ from grok_pacs.model.checkpoints import load_encoder
 from grok_pacs.model.config import GenerationConfig, GrokConfig, LLMConfig, ProjectorConfig
 from grok_pacs.model.grok import GrokModel, ensure_image_token
 from grok_pacs.model.heads import BiomarkerHead, estimates_in_range
+from grok_pacs.model.pattern import PATTERN_HEAD_FILE, PatternHead
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.prompt import build_prompt
 from training.benchmark.records import biomarkers_from_prompt_json
+from training.pattern import fit_pattern_head
 from training.stage3.config import Stage3Config
-from training.stage3.data import SFTDataset, build_samples, chat_text, load_instructions
+from training.stage3.data import SFTDataset, build_samples, chat_text, load_instructions, record_label
 from training.stage3.features import FeatureStore, compute_features, eye_id
 from training.stage3.lora import attach_lora, load_base_llm, save_adapter
 from training.stage3.pretrain_llm import STAND_IN_FILE, pretrain_stand_in
@@ -172,6 +175,18 @@ def head_estimates(store: FeatureStore, cfp_head: Path, oct_head: Path) -> dict[
     return out
 
 
+def fit_pattern(train: list[dict], estimates: Mapping[str, Mapping[str, float]], out_dir: Path) -> PatternHead:
+    """The pattern head fitted on every training eye's estimates (all of the split, not only the SFT subset:
+    the fit is seconds), saved as `pattern_head.json` in `out_dir`; its training accuracy is logged."""
+    rows = [estimates[str(r["id"])] for r in train]
+    labels = [record_label(r) for r in train]
+    head = fit_pattern_head(rows, labels)
+    head.save(out_dir / PATTERN_HEAD_FILE)
+    right = sum(head.closest(row) == label for row, label in zip(rows, labels))
+    log.info("stage 3: pattern head names the label of %d of %d training eyes", right, len(rows))
+    return head
+
+
 def grok_config(cfp_encoder: Any, oct_encoder: Any, llm: Any, cfg: Stage3Config) -> GrokConfig:
     """The bundle's GrokConfig: encoder shapes, projector widths and the LLM's own dimensions."""
     c = llm.config
@@ -223,6 +238,7 @@ def run(
     splits = split_records(load_instructions(inputs.instructions), inputs.manifest)
     if not splits["train"]:
         raise ValueError(f"{inputs.manifest}: no eyes in the train split")
+    all_train = splits["train"]  # the pattern head is fitted on every training eye
     splits["train"] = balanced_subset(splits["train"], cfg.max_train_records)
     splits["val"] = balanced_subset(splits["val"], cfg.max_val_records)
     tokenizer = prepare_tokenizer(cfg, splits["train"], inputs.instructions, out_dir)
@@ -253,6 +269,7 @@ def run(
     )
     timings["features_s"] = time.monotonic() - t0
     estimates = head_estimates(store, inputs.cfp_head, inputs.oct_head) if cfg.biomarker_estimates else None
+    pattern = fit_pattern(all_train, estimates, out_dir) if cfg.pattern_head and estimates else None
     datasets = {}
     for split in ("train", "val"):
         if estimates is not None:
@@ -260,7 +277,13 @@ def run(
         else:
             records = concise_measured(splits[split]) if cfg.concise_reports else splits[split]
         samples = build_samples(
-            records, tokenizer, store, max_length=cfg.max_length, estimates=estimates, compact=cfg.compact_biomarkers
+            records,
+            tokenizer,
+            store,
+            max_length=cfg.max_length,
+            estimates=estimates,
+            compact=cfg.compact_biomarkers,
+            pattern=pattern,
         )
         truncated = sum(s.truncated for s in samples)
         if truncated:
@@ -369,6 +392,7 @@ def pack_bundle(
         **(provenance or {}),
     }
     heads = [BiomarkerHead.load(inputs.cfp_head), BiomarkerHead.load(inputs.oct_head)]
+    pattern = result.out_dir / PATTERN_HEAD_FILE
     return build_bundle(
         bundle_dir,
         cfp_encoder=inputs.cfp_encoder,
@@ -381,6 +405,7 @@ def pack_bundle(
         provenance=prov,
         config=result.grok_config,
         llm_dir=result.merged_llm_dir,
+        pattern_head=pattern if pattern.is_file() else None,
         overwrite=True,
         progress=progress,
     )
