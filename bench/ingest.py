@@ -37,6 +37,7 @@ from bench.ingest_targets import (  # noqa: E402
     floor_seconds,
     start_dcmtk,
     start_grok,
+    start_null,
 )
 from devtools.ports import free_port, wait_for_port  # noqa: E402
 from devtools.sample_dicom import fundus_photograph, oct_tomography, write  # noqa: E402
@@ -130,11 +131,15 @@ def run_once(target: str, files: list[Path], propose: list[str], scratch: Path, 
         process = orthanc.proc
     elif target == "dcmtk":
         process = start_dcmtk(port, data_dir)
+    elif target == "pynetdicom-null":
+        process = start_null(port, data_dir)
     else:
         process = start_grok(port, data_dir, fast_path=target == "grok")
     try:
         wait_for_port(port, timeout=60, proc=process, what=target)
         seconds = send(port, files, propose, associations)
+        if target == "pynetdicom-null":
+            return seconds  # it keeps nothing by design
         if orthanc is not None:
             stored = orthanc.instances()
         else:
@@ -154,13 +159,21 @@ def spread(samples: list[float]) -> float:
     return round((max(samples) - min(samples)) / statistics.median(samples), 3)
 
 
-def measure(name: str, files: list[Path], propose: list[str], repeats: int, scratch: Path, associations: int) -> dict:
+def measure(
+    name: str,
+    files: list[Path],
+    propose: list[str],
+    repeats: int,
+    scratch: Path,
+    associations: int,
+    targets: tuple[str, ...] = TARGETS,
+) -> dict:
     """Every target `repeats` times, alternating targets, each run into an empty receiver."""
     total_mb = sum(p.stat().st_size for p in files) / 1e6
-    times: dict[str, list[float]] = {target: [] for target in TARGETS}
+    times: dict[str, list[float]] = {target: [] for target in targets}
     loads = [os.getloadavg()[0]]
     for _ in tqdm(range(repeats), desc=f"{name} x{associations}", leave=False):
-        for target in TARGETS:
+        for target in targets:
             times[target].append(run_once(target, files, propose, scratch, associations))
         loads.append(os.getloadavg()[0])
     row: dict = {"associations": associations, "instances": len(files), "total_mb": round(total_mb, 1)}
@@ -174,9 +187,13 @@ def measure(name: str, files: list[Path], propose: list[str], repeats: int, scra
             "mb_s": round(total_mb / median, 1),
             "inst_s": round(len(files) / median, 1),
         }
-    for reference in ("floor", "dcmtk", "orthanc"):
-        row[f"grok_over_{reference}"] = round(row[reference]["seconds_median"] / row["grok"]["seconds_median"], 3)
-    row["fast_path_speedup"] = round(row["grok-nofast"]["seconds_median"] / row["grok"]["seconds_median"], 3)
+    for reference in ("floor", "dcmtk", "orthanc", "pynetdicom-null"):
+        if reference in row and "grok" in row:
+            row[f"grok_over_{reference}"] = round(row[reference]["seconds_median"] / row["grok"]["seconds_median"], 3)
+    if "pynetdicom-null" in row and "floor" in row:  # the bound of a pynetdicom receiver, against the floor
+        row["null_over_floor"] = round(row["floor"]["seconds_median"] / row["pynetdicom-null"]["seconds_median"], 3)
+    if "grok-nofast" in row and "grok" in row:
+        row["fast_path_speedup"] = round(row["grok-nofast"]["seconds_median"] / row["grok"]["seconds_median"], 3)
     return row
 
 
@@ -192,6 +209,7 @@ def main() -> int:
         help="where test files and receivers' data go (same disk as a real data dir)",
     )
     parser.add_argument("--associations", type=int, nargs="+", default=list(CONCURRENCY))
+    parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS), help="receivers to run")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     for tool in ("storescu", "storescp", "Orthanc"):
@@ -207,7 +225,7 @@ def main() -> int:
     workloads = {"opt_32mb": (files["opt"], []), "op_jpeg_300kb": (files["op"], ["-xy"])}
     workloads = {name: work for name, work in workloads.items() if work[0]}
     results = {
-        f"{name}_x{n}": measure(name, work, propose, args.repeats, scratch, n)
+        f"{name}_x{n}": measure(name, work, propose, args.repeats, scratch, n, tuple(args.targets))
         for n in args.associations
         for name, (work, propose) in workloads.items()
     }
@@ -229,7 +247,7 @@ def main() -> int:
         "repeats": args.repeats,
         "results": results,
     }
-    if "op_jpeg_300kb_x1" in results and "op_jpeg_300kb_x8" in results:
+    if "op_jpeg_300kb_x1" in results and "op_jpeg_300kb_x8" in results and "grok" in args.targets:
         report["op_x8_over_x1"] = round(
             results["op_jpeg_300kb_x1"]["grok"]["seconds_median"]
             / results["op_jpeg_300kb_x8"]["grok"]["seconds_median"],
@@ -237,12 +255,11 @@ def main() -> int:
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        f"{'workload':20} " + " ".join(f"{t + ' inst/s':>18}" for t in TARGETS) + "  grok/floor grok/dcmtk grok/orthanc"
-    )
+    targets = list(args.targets)
+    print(f"{'workload':20} " + " ".join(f"{t + ' inst/s':>18}" for t in targets) + "  ratios")
     for name, row in results.items():
-        cells = " ".join(f"{row[t]['inst_s']:9.1f} ±{100 * row[t]['spread']:4.0f}%  " for t in TARGETS)
-        ratios = f"{row['grok_over_floor']:10.2f} {row['grok_over_dcmtk']:10.2f} {row['grok_over_orthanc']:12.2f}"
+        cells = " ".join(f"{row[t]['inst_s']:9.1f} ±{100 * row[t]['spread']:4.0f}%  " for t in targets)
+        ratios = " ".join(f"{k}={v:.2f}" for k, v in row.items() if k.endswith(("_over_floor", "_over_dcmtk")))
         print(f"{name:20} {cells} {ratios}")
     print(f"wrote {args.out}")
     return 0

@@ -4,6 +4,8 @@
   `grok-nofast`: the same with GROK_PACS_PYNETDICOM_FAST_PATH=false (pynetdicom as released).
 - `dcmtk`: DCMTK storescp +xa (accepts JPEG), writes each file without fsync.
 - `orthanc`: Debian's Orthanc with its defaults for storage (SyncStorageArea: fsync of every file, SQLite index).
+- `pynetdicom-null`: bench/null_scp.py, grok-pacs' listener with a handler that deletes each file and answers
+  Success (no fsync, no index): the bound of any receiver built on pynetdicom in Python on this machine.
 - `floor`: no DICOM at all: each file's bytes written to a new file and fsynced once, by as many writer
   threads as there are associations (what any durable receiver must at least pay).
 """
@@ -25,7 +27,7 @@ AE = "GROK_PACS"
 # small-instance C-STORE waits ~40 ms for a delayed ACK and DCMTK looks 20x slower than it is. Both DCMTK
 # processes get it (pynetdicom's sockets are unaffected), so the reference is DCMTK at its best.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
-TARGETS = ("floor", "grok", "grok-nofast", "dcmtk", "orthanc")
+TARGETS = ("floor", "grok", "grok-nofast", "pynetdicom-null", "dcmtk", "orthanc")
 
 
 def start_grok(port: int, data_dir: Path, fast_path: bool = True) -> subprocess.Popen:
@@ -41,6 +43,15 @@ def start_grok(port: int, data_dir: Path, fast_path: bool = True) -> subprocess.
     return subprocess.Popen(
         [sys.executable, "-m", "grok_pacs.cli", "--log-level", "WARNING", "listen"],
         env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def start_null(port: int, data_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "null_scp.py"), str(port), str(data_dir)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
