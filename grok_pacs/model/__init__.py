@@ -1,6 +1,7 @@
 """The GROK model definition shared by training (stages 2, 3), export and the runtime: sizes and
 generation settings (`config`), the ViT encoders (`vit`) and their checkpoints (`checkpoints`), projectors
-(`projector`), biomarker heads (`heads`), the multimodal Qwen2 (`grok`) and the prompt format (`prompt`).
+(`projector`), biomarker heads (`heads`), the pattern head naming the label the estimates resemble
+(`pattern`), the multimodal Qwen2 (`grok`) and the prompt format (`prompt`).
 
 May import: `grok_pacs.config`, `grok_pacs.domain`.
 """
