@@ -96,9 +96,15 @@ COMPACT_KEYS: tuple[str, ...] = (
 )
 
 
+def flag(b: Biomarker, value: float) -> str:
+    """ "low" / "high" outside the normal range, "" inside it: the compact block's flags, which the concise
+    reports copy (training.teachers.guideline), so both read them from here."""
+    return "low" if value < b.normal[0] else "high" if value > b.normal[1] else ""
+
+
 def _flagged(b: Biomarker, value: float) -> str:
-    flag = " (low)" if value < b.normal[0] else " (high)" if value > b.normal[1] else ""
-    return f"{PROSE_NAMES[b.key]} {format_value(b, value)}{flag}"
+    word = flag(b, value)
+    return f"{PROSE_NAMES[b.key]} {format_value(b, value)}" + (f" ({word})" if word else "")
 
 
 def pattern_line(label: Label | str) -> str:
@@ -123,9 +129,7 @@ def compact_biomarker_block(values: Mapping[str, float], pattern: Label | str | 
         return ""
     listed = [_flagged(b, float(values[b.key])) for b in known if b.key in COMPACT_KEYS]
     others = [
-        _flagged(b, float(values[b.key]))
-        for b in known
-        if b.key not in COMPACT_KEYS and not b.normal[0] <= float(values[b.key]) <= b.normal[1]
+        _flagged(b, float(values[b.key])) for b in known if b.key not in COMPACT_KEYS and flag(b, float(values[b.key]))
     ]
     lines = ["Biomarker estimates (um for thicknesses):"]
     if listed:

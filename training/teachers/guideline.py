@@ -27,7 +27,7 @@ from typing import Protocol
 
 from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, PROSE_NAMES, format_value
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
-from grok_pacs.model.prompt import COMPACT_KEYS
+from grok_pacs.model.prompt import COMPACT_KEYS, flag
 from training.teachers.knowledge import Knowledge, Sign, load_knowledge
 
 MAX_WORDS = 300
@@ -191,13 +191,13 @@ class _Writer:
 
     def flagged(self) -> str:
         keys = [b.key for b in BIOMARKERS if b.key in COMPACT_KEYS and not math.isnan(self.values[b.key])]
-        outside = [k for k in keys if not BY_KEY[k].normal[0] <= self.values[k] <= BY_KEY[k].normal[1]]
+        outside = [k for k in keys if flag(BY_KEY[k], self.values[k])]
         if not outside:
             shown = [k for k in ("cup_to_disc", "mt_central", "avr") if k in keys]
             if not shown:
                 return "All key estimates are within normal limits."
             return "All key estimates are within normal limits, with " + _and([self.the(k) for k in shown]) + "."
-        flags = [f"{self.the(k)} ({'low' if self.values[k] < BY_KEY[k].normal[0] else 'high'})" for k in outside]
+        flags = [f"{self.the(k)} ({flag(BY_KEY[k], self.values[k])})" for k in outside]
         return "The key estimates outside the normal range are " + _and(flags) + "."
 
     def _signs(self) -> list[tuple[Sign, bool]]:
