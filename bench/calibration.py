@@ -3,7 +3,7 @@
 Runs the bundle's engine on the cohort's test eyes (through the runtime, as served; both eyes of a subject as
 one study) and reports their expected calibration error before and after the temperature (the bundle's own,
 fitted by the pipeline on validation subjects; for an uncalibrated bundle one is fitted here on the
-validation eyes: training.benchmark.honesty.test_calibration), the referral sensitivity/specificity of the
+validation eyes: training.benchmark.honesty.held_out_calibration), the referral sensitivity/specificity of the
 test eyes' dispositions against the dispositions their true labels and biomarkers call for
 (training.benchmark.gate.referral_figures); trains
 the learned quality head on the bundle's encoders (training.quality_head, phantom images and degraded
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from grok_pacs.analysis.engine import Engine
 from training.benchmark.gate import phantom_eyes, referral_figures
-from training.benchmark.honesty import test_calibration
+from training.benchmark.honesty import held_out_calibration
 from training.manifest import load_manifest
 from training.quality_head import train_head
 from training.stage3.evaluate import predict
@@ -46,7 +46,7 @@ def main() -> None:
         records = load_manifest(args.manifest)
         test_records = [r for r in records if r.split == "test"]
         _, test_reports, _ = predict(engine, args.manifest, [eye_id(r.subject_id, r.eye) for r in test_records])
-        calibration = test_calibration(
+        calibration = held_out_calibration(
             engine,
             [r for r in records if r.split == "val"],
             [r.label_scores for r in test_reports],

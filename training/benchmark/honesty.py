@@ -51,7 +51,7 @@ def _uncalibrated(scores: dict[str, float], temperature: float) -> dict[str, flo
     return {k: v / total for k, v in raw.items()}
 
 
-def test_calibration(engine, val: Sequence, test_scores: list[dict], test_labels: list[str]) -> dict:
+def held_out_calibration(engine, val: Sequence, test_scores: list[dict], test_labels: list[str]) -> dict:
     """ECE on the test eyes before and after the temperature: the bundle's own (fitted by the pipeline on
     validation subjects) when it has one, else one fitted here on the validation eyes."""
     from training.calibration import expected_calibration_error
@@ -86,7 +86,7 @@ def safety_and_honesty(engine, manifest: Path, test_ids: Sequence[str], test_rep
     test_labels = [r.label for r in test]
     return {
         "text_health": text_health(test_reports),
-        "calibration": test_calibration(
+        "calibration": held_out_calibration(
             engine, val, [r.label_scores for r in test_reports], [label.value for label in test_labels]
         ),
         "referral": referral_figures(test_reports, [r.label.value for r in test], [r.biomarkers for r in test]),
