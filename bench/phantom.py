@@ -89,6 +89,19 @@ def _run_variant(cfg: PipelineConfig, cache: Path, progress: bool) -> tuple[Pipe
         # operating point); macro-F1 scores the label the findings concluded either way.
         "stated_diagnosis_share": sum(r.label.value != "Indeterminate" for r in reports) / len(reports),
         "honesty": honesty,
+        # Per eye, so calibration and referral operating points can be studied without re-running the model.
+        "per_eye": [
+            {
+                "case": ref.case_id,
+                "truth": ref.label.value,
+                "concluded": pred.label.value,
+                "stated": report.label.value,
+                "label_scores": {k: round(v, 5) for k, v in (report.label_scores or {}).items()},
+                "disposition": report.disposition.action.value if report.disposition else None,
+                "narrative_passed": report.narrative_check.passed if report.narrative_check else None,
+            }
+            for ref, pred, report in zip(refs, preds, reports)
+        ],
     }
     return result, bench, info
 

@@ -172,11 +172,14 @@ def _write_heads(work: Path, config: GrokConfig, heads: Any) -> None:
         (Modality.OCT, layout.OCT_HEAD, config.oct_encoder),
         (Modality.CFP, layout.CFP_HEAD, config.cfp_encoder),
     ):
-        if head_map[modality].feature_dim != cfg.embed_dim:
+        head = head_map[modality]
+        expected = head.input_dim(cfg.embed_dim)
+        if head.feature_dim != expected or head.grid**2 > cfg.num_patches:
             raise ValueError(
-                f"{modality} head reads {head_map[modality].feature_dim}-d features, the encoder gives {cfg.embed_dim}"
+                f"{modality} head reads {head.feature_dim}-d features with a {head.grid}x{head.grid} grid; the "
+                f"encoder ({cfg.embed_dim}-d tokens, {cfg.num_patches} patches) gives {expected}"
             )
-        head_map[modality].save(work / rel)
+        head.save(work / rel)
 
 
 def _write_llm(work: Path, llm_dir: Any, base_dir: Any, adapter_dir: Any, merge: bool) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from devtools.tiny_bundle import TINY_REPORT, train_tokenizer
 from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, OCT_KEYS
 from grok_pacs.model.config import GrokConfig, ProjectorConfig
 from grok_pacs.model.grok import GrokModel
-from grok_pacs.model.heads import BiomarkerHead
+from grok_pacs.model.heads import BiomarkerHead, grid_cells, head_input
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.prompt import (
     IGNORE_INDEX,
@@ -219,6 +220,51 @@ def test_head_saved_from_a_transposed_weight_reloads_identically(tmp_path):
     again = BiomarkerHead.load(head.save(tmp_path / "cfp.safetensors"))
     x = rng.normal(size=(3, 8))
     np.testing.assert_allclose(again.predict(x), head.predict(x), rtol=1e-5)
+
+
+def test_grid_cells_are_the_adaptive_average_pool_of_the_patch_grid():
+    tokens = torch.randn(3, 196, 8)
+    cells = grid_cells(tokens, 4)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(tokens.reshape(3, 14, 14, 8).permute(0, 3, 1, 2), 4)
+    expected = pooled.permute(0, 2, 3, 1).reshape(3, 16 * 8)  # cells row-major, each cell's D values together
+    np.testing.assert_allclose(cells, expected.double().numpy(), atol=1e-6)
+    assert head_input(tokens.mean(1), tokens, 4).shape == (3, 17 * 8)
+    with pytest.raises(ValueError, match="square patch grid"):
+        grid_cells(torch.randn(1, 195, 8), 4)
+
+
+def test_a_grid_head_reads_where_a_pooled_head_cannot(tmp_path):
+    """A biomarker that differs between the two halves of the image (a sector thickness, a cup's place) is
+    invisible to the mean token and exact from a 2x2 grid of cells."""
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(400, 196, 4))
+    left = tokens.reshape(400, 14, 14, 4)[:, :, :7, 0].mean(axis=(1, 2))
+    right = tokens.reshape(400, 14, 14, 4)[:, :, 7:, 0].mean(axis=(1, 2))
+    targets = np.tile(np.array([np.mean(BY_KEY[k].normal) for k in CFP_KEYS]), (400, 1))
+    targets[:, 0] += 10 * (left - right)  # the mean token holds (left + right) / 2 only
+    pooled = tokens.mean(axis=1)
+    errors = {}
+    for grid in (0, 2):
+        head = BiomarkerHead.fit_ridge("CFP", head_input(pooled, tokens, grid), targets, alpha=1e-3)
+        head = BiomarkerHead(head.modality, head.weight, head.bias, grid)
+        again = BiomarkerHead.load(head.save(tmp_path / f"cfp-{grid}.safetensors"))
+        assert again.grid == grid and again.feature_dim == again.input_dim(4)
+        estimates = np.array([again.estimate(pooled[i], tokens[i])[CFP_KEYS[0]] for i in range(300, 400)])
+        errors[grid] = float(np.abs(estimates - targets[300:, 0]).mean())
+    assert errors[2] < 0.01 < 0.3 < errors[0]
+    with pytest.raises(ValueError, match="needs the patch tokens"):
+        again.estimate(pooled[0])
+
+
+def test_a_head_saved_before_the_grid_loads_as_pooled_only(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "old-head.safetensors"
+    weight, bias = np.ones((len(CFP_KEYS), 4), np.float32), np.zeros(len(CFP_KEYS), np.float32)
+    meta = {"format": "grok-pacs-biomarker-head/1", "modality": "CFP", "keys": json.dumps(list(CFP_KEYS))}
+    save_file({"weight": weight, "bias": bias}, str(path), metadata=meta)
+    head = BiomarkerHead.load(path)
+    assert head.grid == 0 and head.estimate(np.ones(4))[CFP_KEYS[0]] == 4.0
 
 
 def test_pooled_projectors_average_the_patch_grid_and_splice_fewer_tokens() -> None:

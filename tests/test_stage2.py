@@ -23,7 +23,7 @@ from grok_pacs.model.heads import BiomarkerHead
 from training.stage2.checkpoint import read_meta
 from training.stage2.config import Stage2Config
 from training.stage2.data import BiomarkerStats, Stage2Data
-from training.stage2.evaluate import evaluate_encoders, pooled_features
+from training.stage2.evaluate import evaluate_encoders, head_features, pooled_features
 from training.stage2.model import BiomarkerEncoder
 from training.stage2.probe import fit_ridge, probe_errors
 from training.stage2.train import BEST, INIT_ENCODER, LAST, load_best_encoder, make_model, train
@@ -310,7 +310,8 @@ def test_cli_turns_a_cohort_into_checkpoint_report_and_heads(phantom_manifest: P
         assert meta["config"]["modality"] == modality and len(meta["biomarker_stats"]["mean"]) == len(keys)
         encoder = load_encoder(run_dir / "encoder.safetensors")
         head = BiomarkerHead.load(run_dir / f"{modality.lower()}-head.safetensors")
-        assert head.keys == keys and head.feature_dim == encoder.embed_dim
+        # The preset's head reads the pooled feature and a 4x4 grid of token cells (where, not only what).
+        assert head.keys == keys and head.grid == 4 and head.feature_dim == 17 * encoder.embed_dim
         report = json.loads((run_dir / "eval.json").read_text())
         assert set(report["encoders"]) == {"aligned", "plain"}
         assert set(report["encoders"]["aligned"]["per_biomarker"]) <= set(keys)
@@ -320,7 +321,7 @@ def test_cli_turns_a_cohort_into_checkpoint_report_and_heads(phantom_manifest: P
 
         data = load_data(phantom_manifest, modality, keys, tmp_path / "cache", progress=False)
         test = data.rows("test")
-        pred = head.predict(pooled_features(encoder, data.images[test], CPU, 16))
+        pred = head.predict(head_features(encoder, data.images[test], CPU, 16, False, head.grid))
         truth = data.values[test].double().numpy()
         mae = np.nanmean(np.abs(pred - truth), axis=0)
         assert np.mean(mae) == pytest.approx(report["encoders"]["aligned"]["overall"]["mae"], rel=1e-3)

@@ -67,9 +67,7 @@ STEP_SOURCES: dict[str, tuple[str, ...]] = {
         "export",
         "training.stage3.run",
         "grok_pacs.model",
-        "grok_pacs.analysis.bundle",
-        "grok_pacs.analysis.onnx_session",
-        "grok_pacs.analysis.calibration",
+        "grok_pacs.analysis",  # the calibration runs the bundle through the runtime engine
         "training.calibration",
     ),
 }

@@ -348,7 +348,7 @@ class Engine:
             cfp_tokens, pooled = run_encoder(self.cfp_session, pixels)
             timings["cfp_encoder"] = time.perf_counter() - t
             tokens["cfp"] = cfp_tokens[0]
-            estimates.update(self.heads[Modality.CFP].predict_dict(pooled[0]))
+            estimates.update(self.heads[Modality.CFP].estimate(pooled[0], cfp_tokens[0]))
         if oct_volume is not None:
             t = time.perf_counter()
             frame, method = select_foveal_bscan(oct_volume)
@@ -358,7 +358,7 @@ class Engine:
             oct_tokens, pooled = run_encoder(self.oct_session, pixels)
             timings["oct_encoder"] = time.perf_counter() - t
             tokens["oct"] = oct_tokens[0]
-            oct_values = self.heads[Modality.OCT].predict_dict(pooled[0])
+            oct_values = self.heads[Modality.OCT].estimate(pooled[0], oct_tokens[0])
             estimates = {**oct_values, **estimates}  # OCT first, then CFP: the schema's order
         return tokens, estimates_in_range(estimates), frame, method
 

@@ -53,7 +53,10 @@ class Stage2Config:
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     select_metric: str = "val_probe_mae"  # what "best" means: probe MAE or contrastive loss on val
-    ridge_alphas: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # chosen by CV on train
+    ridge_alphas: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)  # chosen by CV on train
+    # The biomarker head reads the pooled feature and the mean tokens of a head_grid x head_grid partition of
+    # the patch grid (0: pooled only): sector thicknesses and the cup's place need where, not only what.
+    head_grid: int = 4
     eval_batch_size: int = 64
     num_threads: int = 0  # torch CPU threads (0 = leave torch's default)
     progress: bool = True  # tqdm progress bars
@@ -140,6 +143,11 @@ class Stage2Config:
             raise ValueError("stage-2 config: batch_size must be >= 2 (a contrastive batch needs negatives)")
         if not self.temperature > 0 or not self.lr > 0 or not self.encoder_lr >= 0:
             raise ValueError("stage-2 config: temperature and lr must be > 0, encoder_lr >= 0")
+        side = self.encoder_config().img_size // self.encoder_config().patch_size
+        if not 0 <= self.head_grid <= side:
+            raise ValueError(
+                f"stage-2 config: head_grid must be in 0..{side} (the patch grid side), got {self.head_grid}"
+            )
         if not self.ridge_alphas or min(self.ridge_alphas) <= 0:
             raise ValueError("stage-2 config: ridge_alphas must be a non-empty list of values > 0")
 

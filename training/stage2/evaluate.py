@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from grok_pacs.domain.biomarkers import BY_KEY
-from grok_pacs.model.heads import BiomarkerHead
+from grok_pacs.model.heads import BiomarkerHead, head_input
 from grok_pacs.model.vit import RetinaEncoder
 from training.stage2.data import Stage2Data
 from training.stage2.probe import RidgeProbe, fit_ridge, probe_errors
@@ -29,16 +29,26 @@ def pooled_features(
     encoder: RetinaEncoder, images: torch.Tensor, device: torch.device, batch_size: int, bf16: bool = False
 ) -> np.ndarray:
     """[N, D] float64 pooled features of the frozen encoder (eval mode; training state restored)."""
+    return head_features(encoder, images, device, batch_size, bf16, grid=0)
+
+
+def head_features(
+    encoder: RetinaEncoder, images: torch.Tensor, device: torch.device, batch_size: int, bf16: bool, grid: int
+) -> np.ndarray:
+    """[N, F] float64 inputs of a biomarker head with `grid` (grok_pacs.model.heads.head_input): the pooled
+    feature, then the mean token of each grid cell, from the frozen encoder (eval mode; state restored)."""
     was_training = encoder.training
     encoder.eval()
     out = []
     use_bf16 = bf16 and device.type == "cuda"
-    for start in range(0, images.shape[0], batch_size):
-        batch = images[start : start + batch_size].to(device, torch.float32)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out.append(encoder.forward_pooled(batch).float().cpu())
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start : start + batch_size].to(device, torch.float32)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                tokens, pooled = encoder(batch)
+            out.append(head_input(pooled.float().cpu(), tokens.float().cpu() if grid else None, grid))
     encoder.train(was_training)
-    return torch.cat(out).double().numpy()
+    return np.concatenate(out)
 
 
 def fit_probe(data: Stage2Data, features: np.ndarray, alphas: tuple[float, ...], seed: int) -> RidgeProbe:
@@ -82,6 +92,7 @@ def evaluate_encoders(
     batch_size: int,
     bf16: bool,
     modality: str,
+    grid: int = 0,
 ) -> tuple[dict, dict[str, RidgeProbe]]:
     """The report (train-fitted, test-scored probes per encoder) and the fitted probes."""
     data.check_disjoint("train", "test")
@@ -93,12 +104,15 @@ def evaluate_encoders(
         "n_test_eyes": len(test_rows),
         "n_train_subjects": len({data.subjects[i] for i in train_rows.tolist()}),
         "n_test_subjects": len({data.subjects[i] for i in test_rows.tolist()}),
-        "probe": "ridge on standardised pooled features, alpha per biomarker by subject-grouped CV on train",
+        "probe": "ridge on standardised pooled features"
+        + (f" and the mean tokens of a {grid}x{grid} grid" if grid else "")
+        + ", alpha per biomarker by subject-grouped CV on train",
+        "head_grid": grid,
         "encoders": {},
     }
     probes: dict[str, RidgeProbe] = {}
     for name, encoder in encoders.items():
-        feats = pooled_features(encoder, data.images, device, batch_size, bf16)
+        feats = head_features(encoder, data.images, device, batch_size, bf16, grid)
         probes[name] = fit_probe(data, feats, alphas, seed)
         report["encoders"][name] = score_split(data, probes[name], feats, "test")
         report["encoders"][name]["ridge_alphas"] = probes[name].alphas.tolist()
@@ -159,8 +173,8 @@ def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def save_head(probe: RidgeProbe, modality: str, out_dir: Path) -> Path:
-    """The probe as the runtime's biomarker head (one Linear in biomarker units)."""
+def save_head(probe: RidgeProbe, modality: str, out_dir: Path, grid: int = 0) -> Path:
+    """The probe as the runtime's biomarker head (one Linear in biomarker units on `head_input(.., grid)`)."""
     weight, bias = probe.as_linear()
-    head = BiomarkerHead.from_ridge(modality, weight, bias)
+    head = BiomarkerHead.from_ridge(modality, weight, bias, grid)
     return head.save(out_dir / f"{modality.lower()}-head.safetensors")

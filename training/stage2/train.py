@@ -32,7 +32,7 @@ from grok_pacs.model.vit import RetinaEncoder
 from training.stage2.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from training.stage2.config import CONFIG_NAME, RESUME_FREE_FIELDS, Stage2Config
 from training.stage2.data import BiomarkerStats, Stage2Data, augment, load_data
-from training.stage2.evaluate import evaluate_encoders, pooled_features, save_head, write_report
+from training.stage2.evaluate import evaluate_encoders, head_features, save_head, write_report
 from training.stage2.metrics_log import MetricsLog
 from training.stage2.model import AlignmentModel, build_alignment_model
 from training.stage2.probe import fit_ridge, probe_errors
@@ -200,7 +200,7 @@ def validate(
         losses.append(float(loss))
     train_rows = data.rows("train")
     feats = {
-        split: pooled_features(model.encoder, data.images[r], device, cfg.eval_batch_size, cfg.bf16)
+        split: head_features(model.encoder, data.images[r], device, cfg.eval_batch_size, cfg.bf16, cfg.head_grid)
         for split, r in (("train", train_rows), ("val", rows))
     }  # never the test eyes
     probe = fit_ridge(
@@ -342,10 +342,11 @@ def run(cfg: Stage2Config) -> Stage2Result:
         cfg.eval_batch_size,
         cfg.bf16,
         cfg.modality,
+        cfg.head_grid,
     )
     report["best_epoch"], report["epochs"] = outcome.best_epoch, outcome.epochs_done
     report_path, _ = write_report(report, out)
-    heads_path = save_head(probes["aligned"], cfg.modality, out)
+    heads_path = save_head(probes["aligned"], cfg.modality, out, cfg.head_grid)
     return Stage2Result(
         out, cfg.modality, outcome.best_path, out / ENCODER, aligned.cfg, heads_path, report_path, report
     )

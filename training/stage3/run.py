@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from grok_pacs.domain.biomarkers import CFP_KEYS, OCT_KEYS
 from grok_pacs.model.checkpoints import load_encoder
 from grok_pacs.model.config import GenerationConfig, GrokConfig, LLMConfig, ProjectorConfig
 from grok_pacs.model.grok import GrokModel, ensure_image_token
-from grok_pacs.model.heads import BiomarkerHead, estimates_in_range
+from grok_pacs.model.heads import BiomarkerHead, estimates_in_range, head_input
 from grok_pacs.model.pattern import PATTERN_HEAD_FILE, PatternHead
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.prompt import build_prompt
@@ -162,11 +163,19 @@ def pretraining_texts(cfg: Stage3Config, records: list[dict]) -> list[str]:
     return [chat_text(record, values if cfg.biomarker_estimates else None) for record, values in pairs]
 
 
+def _head_values(head: BiomarkerHead, pooled: torch.Tensor, tokens: torch.Tensor, chunk: int = 256) -> np.ndarray:
+    """[N, K] head outputs for every row of the store (in chunks: the tokens in float64 would be large)."""
+    parts = [
+        head.predict(head_input(pooled[i : i + chunk], tokens[i : i + chunk].float() if head.grid else None, head.grid))
+        for i in range(0, len(pooled), chunk)
+    ]
+    return np.concatenate(parts)
+
+
 def head_estimates(store: FeatureStore, cfp_head: Path, oct_head: Path) -> dict[str, dict[str, float]]:
     """Every eye's biomarker estimates from the heads, clipped to the plausible ranges (as served)."""
-    heads = {"CFP": BiomarkerHead.load(cfp_head), "OCT": BiomarkerHead.load(oct_head)}
-    cfp_values = heads["CFP"].predict(store.cfp_pooled.double().numpy())
-    oct_values = heads["OCT"].predict(store.oct_pooled.double().numpy())
+    cfp_values = _head_values(BiomarkerHead.load(cfp_head), store.cfp_pooled, store.cfp)
+    oct_values = _head_values(BiomarkerHead.load(oct_head), store.oct_pooled, store.oct)
     out = {}
     for row, rid in enumerate(store.ids):
         values = dict(zip(OCT_KEYS, map(float, oct_values[row])))
