@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml requirements-nodeps.txt
 setup: system $(STAMP)
 
 test: setup lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15  # the slowest tests, so CI time can be watched
 
 # ruff (settings in pyproject.toml): lint rules and the format check; part of `make test`.
 lint: $(STAMP)

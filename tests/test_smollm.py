@@ -46,7 +46,11 @@ def test_the_qwen2_directory_gives_the_gguf_models_logits(converted: dict) -> No
         for ids, expected in zip(converted["ids"], converted["reference"]):
             logits = qwen(input_ids=ids).logits
             vocab = expected.shape[-1]
-            assert torch.equal(logits[..., :vocab], expected), float((logits[..., :vocab] - expected).abs().max())
+            # The same weights through Qwen2's layers: float32 round-off apart at most (the lm_head has one more
+            # row, and the matmul kernel may block a differently shaped matrix differently; CI once saw 2.7e-5
+            # on logits of about 20), and the same next token everywhere.
+            torch.testing.assert_close(logits[..., :vocab], expected, rtol=0, atol=1e-4)
+            assert torch.equal(logits[..., :vocab].argmax(-1), expected.argmax(-1))
             assert logits.shape[-1] == vocab + 1  # the one added row: <image>
 
 
