@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from grok_pacs.analysis.calibration import Calibration
 from grok_pacs.analysis.engine import Engine
 from training.calibration import _matrix, expected_calibration_error, fit_temperature
 from training.manifest import load_manifest
@@ -35,14 +36,8 @@ for split in ("val", "test"):
 
 
 def apply(scores, t):
-    res = []
-    for s in scores:
-        z = {k: math.log(max(v, 1e-300)) / t for k, v in s.items()}
-        m = max(z.values())
-        e = {k: math.exp(v - m) for k, v in z.items()}
-        tot = sum(e.values())
-        res.append({k: v / tot for k, v in e.items()})
-    return res
+    """The runtime's calibration (grok_pacs.analysis.calibration) at temperature t."""
+    return [Calibration(temperature=t).apply(s) for s in scores]
 
 
 def fit_smoothed(scores, labels):
