@@ -47,13 +47,14 @@ def test_text_health_counts_withheld_narratives_and_their_reasons():
     assert "missing_diagnosis" in health["failure_reasons"], health
 
 
-def test_the_benchmark_recovers_the_scores_before_a_bundle_temperature() -> None:
-    """ECE before calibration is measured on the served (calibrated) scores with the temperature undone."""
+def test_the_benchmark_recovers_the_scores_before_a_bundle_calibration() -> None:
+    """ECE before calibration is measured on the served (calibrated) scores with the calibration undone."""
     from grok_pacs.analysis.calibration import Calibration
-    from training.benchmark.honesty import _uncalibrated
 
     raw = {"Normal": 0.7, "Glaucoma": 0.2, "AMD": 0.1}
     for temperature in (0.5, 1.0, 3.0):
         served = Calibration(temperature=temperature).apply(raw)
-        assert _uncalibrated(served, temperature) == pytest.approx(raw)
-    assert _uncalibrated({}, 2.0) == {}
+        assert Calibration(temperature=temperature).invert(served) == pytest.approx(raw)
+        mixed = Calibration(temperature=temperature, method="temperature+uniform", uniform=0.2)
+        assert mixed.invert(mixed.apply(raw)) == pytest.approx(raw)
+    assert Calibration(temperature=2.0).invert({}) == {}

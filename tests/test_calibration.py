@@ -42,6 +42,56 @@ def test_temperature_fit_recovers_overconfidence_and_lowers_ece():
     assert expected_calibration_error([cal.apply(s) for s in scores], labels) == pytest.approx(cal.ece_after)
 
 
+def confidently_wrong(n: int, error_rate: float = 0.1, seed: int = 0):
+    """Scores of a model that is wrong on `error_rate` of the eyes with the same margin as when right: a
+    pattern it misread. No temperature can calibrate it; the uniform share can."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, len(LABELS), n)
+    wrong = rng.random(n) < error_rate
+    said = np.where(wrong, (truth + 1 + rng.integers(0, len(LABELS) - 1, n)) % len(LABELS), truth)
+    logits = rng.normal(0, 1.0, (n, len(LABELS)))
+    logits[np.arange(n), said] += rng.uniform(12, 20, n)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    return [dict(zip(LABELS, map(float, row))) for row in probs], [LABELS[t] for t in truth]
+
+
+def test_a_uniform_share_calibrates_what_no_temperature_can():
+    """Confident errors: the temperature alone leaves ECE high on held-out eyes; the mixture meets 0.05,
+    keeps every eye's best label, and caps the confidence at the validation accuracy."""
+    scores, labels = confidently_wrong(600)
+    val, test = (scores[:300], labels[:300]), (scores[300:], labels[300:])
+    only_t = calibrate(*val, "synthetic", method="temperature")
+    mixed = calibrate(*val, "synthetic", method="temperature+uniform")
+    assert mixed.method == "temperature+uniform" and 0.05 < mixed.uniform < 0.2, mixed
+    assert expected_calibration_error([only_t.apply(s) for s in test[0]], test[1]) > 0.05
+    assert expected_calibration_error([mixed.apply(s) for s in test[0]], test[1]) <= 0.05
+    for s in test[0]:
+        assert max(mixed.apply(s), key=mixed.apply(s).get) == max(s, key=s.get)
+        assert max(mixed.apply(s).values()) <= 1 - mixed.uniform * (len(LABELS) - 1) / len(LABELS) + 1e-9
+
+
+def test_an_error_free_validation_set_does_not_make_the_fit_certain():
+    """32 validation eyes, all right and all confident: the unsmoothed fit goes to certainty (the degenerate
+    calibration of session 7's benchmark, every probability 1.00); Laplace smoothing leaves doubt."""
+    scores, labels = confidently_wrong(32, error_rate=0.0, seed=3)
+    assert all(max(s, key=s.get) == truth for s, truth in zip(scores, labels))
+    unsmoothed = fit_temperature(scores, labels, smooth=False)
+    assert unsmoothed < 0.1
+    for method in ("temperature", "temperature+uniform"):
+        cal = calibrate(scores, labels, "error-free", method=method)
+        top = [max(cal.apply(s).values()) for s in scores]
+        assert max(top) < 0.995, (method, cal)
+
+
+def test_ece_interval_brackets_the_ece():
+    from training.calibration import ece_interval
+
+    scores, labels = overconfident(n=300)
+    low, high = ece_interval(scores, labels, draws=200)
+    assert low < expected_calibration_error(scores, labels) < high and high - low > 0.01
+
+
 def test_apply_keeps_the_ranking_and_sums_to_one():
     cal = Calibration(temperature=2.0)
     scores = {"AMD": 0.7, "Normal": 0.2, "Glaucoma": 0.1}
@@ -51,6 +101,17 @@ def test_apply_keeps_the_ranking_and_sums_to_one():
     for bad in (0.0, -1.0, float("nan"), 1000.0):
         with pytest.raises(CalibrationError):
             Calibration(temperature=bad)
+    mixed = Calibration(temperature=2.0, method="temperature+uniform", uniform=0.1).apply(scores)
+    assert max(mixed, key=mixed.get) == "AMD" and sum(mixed.values()) == pytest.approx(1.0)
+    assert min(mixed.values()) >= 0.1 / 3
+    for bad in (
+        {"method": "temperature+uniform", "uniform": 0.5},
+        {"method": "temperature+uniform", "uniform": -0.1},
+        {"method": "temperature", "uniform": 0.1},
+        {"method": "platt"},
+    ):
+        with pytest.raises(CalibrationError):
+            Calibration(temperature=2.0, **bad)
 
 
 def test_calibration_stored_in_the_bundle_loaded_and_applied(tiny_bundle, tmp_path):
@@ -90,6 +151,10 @@ def test_training_cli_fits_on_the_validation_split_and_extends_the_bundle(tiny_b
     stored = load_bundle(bundle)
     assert stored.version == "0.0.1-test+cal" and stored.manifest["calibration"]["file"] == CALIBRATION_FILE
     assert Engine.from_bundle(bundle).calibration.temperature == pytest.approx(fitted["temperature"])
+    assert fitted["method"] == "temperature+uniform"
+    # The raw scores it was fitted on lie beside the bundle (outside it: the bundle's hashes stay as they are).
+    fit_eyes = json.loads((tmp_path / "b.calibration_fit.json").read_text())["eyes"]
+    assert [e["case"] for e in fit_eyes] == ["S0_R", "S1_R", "S2_R"] and len(fit_eyes[0]["scores"]) == 7
     # The pipeline's step fits on the first validation subjects only (each subject's eyes in one batch).
     from training.calibration import calibrate_bundle
 

@@ -1,12 +1,15 @@
-"""Fit the temperature that calibrates a bundle's label probabilities, and store it in the bundle.
+"""Fit the calibration of a bundle's label probabilities, and store it in the bundle.
 
-    python -m training.calibration BUNDLE COHORT_MANIFEST [--split val]
+    python -m training.calibration BUNDLE COHORT_MANIFEST [--split val] [--method temperature+uniform]
 
-runs the bundle's engine on the split's eyes, fits T by minimising the negative log-likelihood of the true
-labels under softmax(log s / T) (grid over log T, then golden-section refinement), reports the expected
-calibration error (ECE, 15 equal-width confidence bins) before and after, and writes `calibration.json`
-into the bundle with its manifest entry and sha256 (grok_pacs.analysis.calibration applies it at run time).
-A calibrated bundle behaves differently: give it a new version (`--version`).
+runs the bundle's engine on the split's eyes and fits T (and, by default, a uniform share; see
+grok_pacs.analysis.calibration) by minimising the cross-entropy of the true labels, smoothed by Laplace's
+rule so that an error-free validation set cannot yield certainty (grid, then golden-section refinement).
+It reports the expected calibration error (ECE, 15 equal-width confidence bins) before and after, and
+writes `calibration.json` into the bundle with its manifest entry and sha256 (the runtime applies it), and
+the eyes' raw scores beside the bundle (`<bundle>.calibration_fit.json`) so that a calibration can be
+studied without re-running the model. A calibrated bundle behaves differently: give it a new version
+(`--version`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from grok_pacs.analysis.bundle import MANIFEST, load_bundle, sha256_file
-from grok_pacs.analysis.calibration import CALIBRATION_FILE, Calibration
+from grok_pacs.analysis.calibration import CALIBRATION_FILE, METHODS, Calibration
+
+#: Temperature and a uniform share (grok_pacs.analysis.calibration says why the share).
+DEFAULT_METHOD = "temperature+uniform"
 
 
 def _matrix(scores: Sequence[dict[str, float]], labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -33,28 +39,68 @@ def _matrix(scores: Sequence[dict[str, float]], labels: Sequence[str]) -> tuple[
     return logp, np.array([names.index(label) for label in labels]), names
 
 
-def _nll(logp: np.ndarray, truth: np.ndarray, temperature: float) -> float:
+def _log_probs(logp: np.ndarray, temperature: float, uniform: float) -> np.ndarray:
+    """log of Calibration(temperature, uniform).apply, row-wise, for every eye at once."""
     z = logp / temperature
     z = z - z.max(axis=1, keepdims=True)
     log_softmax = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-log_softmax[np.arange(len(truth)), truth].mean())
+    if not uniform:
+        return log_softmax
+    return np.log((1.0 - uniform) * np.exp(log_softmax) + uniform / logp.shape[1])
 
 
-def fit_temperature(scores: Sequence[dict[str, float]], labels: Sequence[str]) -> float:
-    """The temperature in [0.05, 100] (the range grok_pacs.analysis.calibration accepts) that minimises the
-    validation NLL of the true labels."""
-    logp, truth, _ = _matrix(scores, labels)
-    grid = np.exp(np.linspace(math.log(0.05), math.log(100.0), 71))
-    best = int(np.argmin([_nll(logp, truth, t) for t in grid]))
-    lo, hi = math.log(grid[max(best - 1, 0)]), math.log(grid[min(best + 1, len(grid) - 1)])
+def _targets(truth: np.ndarray, k: int, smooth: bool) -> np.ndarray:
+    """One-hot true labels; smoothed by Laplace's rule of succession (1/(n+2) of the mass on the other labels),
+    so that a validation set without a single error cannot make the fit certain (T at its bound, every
+    probability 1.00: what an unsmoothed fit did on 32 error-free eyes)."""
+    n = len(truth)
+    eps = 1.0 / (n + 2) if smooth else 0.0
+    target = np.full((n, k), eps / (k - 1))
+    target[np.arange(n), truth] = 1.0 - eps
+    return target
+
+
+def _loss(logp: np.ndarray, target: np.ndarray, temperature: float, uniform: float) -> float:
+    return float(-(target * _log_probs(logp, temperature, uniform)).sum(axis=1).mean())
+
+
+def _golden(f, lo: float, hi: float, steps: int = 40) -> float:
+    """The minimum of a unimodal f on [lo, hi]."""
     ratio = (math.sqrt(5) - 1) / 2
-    for _ in range(40):  # golden section on log T inside the best grid cell's neighbours
+    for _ in range(steps):
         a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-        if _nll(logp, truth, math.exp(a)) < _nll(logp, truth, math.exp(b)):
+        if f(a) < f(b):
             hi = b
         else:
             lo = a
-    return float(math.exp((lo + hi) / 2))
+    return (lo + hi) / 2
+
+
+def fit(
+    scores: Sequence[dict[str, float]], labels: Sequence[str], method: str = DEFAULT_METHOD, smooth: bool = True
+) -> tuple[float, float]:
+    """(T, uniform share) minimising the cross-entropy of the (smoothed) true labels under
+    Calibration(T, uniform).apply: T in [0.05, 100] (what the runtime accepts), the share in [0, 0.45]
+    ("temperature+uniform" only, else 0). A grid over both, then golden-section refinement of each."""
+    if method not in METHODS:
+        raise ValueError(f"calibration method {method!r} is not one of {METHODS}")
+    logp, truth, _ = _matrix(scores, labels)
+    target = _targets(truth, logp.shape[1], smooth)
+    log_t = np.linspace(math.log(0.05), math.log(100.0), 71)
+    shares = np.linspace(0.0, 0.45, 91) if method == "temperature+uniform" else np.zeros(1)
+    losses = np.array([[_loss(logp, target, math.exp(t), u) for u in shares] for t in log_t])
+    i, j = np.unravel_index(int(np.argmin(losses)), losses.shape)
+    lo, hi = log_t[max(i - 1, 0)], log_t[min(i + 1, len(log_t) - 1)]
+    temperature = math.exp(_golden(lambda t: _loss(logp, target, math.exp(t), shares[j]), lo, hi))
+    if len(shares) == 1:
+        return temperature, 0.0
+    lo, hi = shares[max(j - 1, 0)], shares[min(j + 1, len(shares) - 1)]
+    return temperature, float(_golden(lambda u: _loss(logp, target, temperature, u), lo, hi))
+
+
+def fit_temperature(scores: Sequence[dict[str, float]], labels: Sequence[str], smooth: bool = True) -> float:
+    """The temperature alone (method "temperature"; see `fit`)."""
+    return fit(scores, labels, "temperature", smooth)[0]
 
 
 def expected_calibration_error(scores: Sequence[dict[str, float]], labels: Sequence[str], bins: int = 15) -> float:
@@ -72,12 +118,31 @@ def expected_calibration_error(scores: Sequence[dict[str, float]], labels: Seque
     return float(ece)
 
 
-def calibrate(scores: Sequence[dict[str, float]], labels: Sequence[str], fitted_on: str) -> Calibration:
-    """Fit T and measure ECE before and after on the same eyes."""
-    temperature = fit_temperature(scores, labels)
-    cal = Calibration(temperature=temperature, fitted_on=fitted_on, n=len(labels))
+def ece_interval(
+    scores: Sequence[dict[str, float]], labels: Sequence[str], draws: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """95 % bootstrap interval of the ECE over these eyes (resampled with replacement): how much of a
+    difference between two ECEs on ~100 eyes is noise."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    values = []
+    for _ in range(draws):
+        pick = rng.integers(0, n, n)
+        values.append(expected_calibration_error([scores[i] for i in pick], [labels[i] for i in pick]))
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def calibrate(
+    scores: Sequence[dict[str, float]], labels: Sequence[str], fitted_on: str, method: str = DEFAULT_METHOD
+) -> Calibration:
+    """Fit the calibration and measure ECE before and after on the same eyes."""
+    temperature, uniform = fit(scores, labels, method)
+    cal = Calibration(temperature=temperature, method=method, uniform=uniform)
     return Calibration(
         temperature=temperature,
+        method=method,
+        uniform=uniform,
         fitted_on=fitted_on,
         n=len(labels),
         ece_before=expected_calibration_error(scores, labels),
@@ -108,11 +173,12 @@ def calibrate_bundle(
     split: str = "val",
     *,
     max_subjects: int = 0,
+    method: str = DEFAULT_METHOD,
     version: str | None = None,
     progress: bool = False,
 ) -> Calibration:
     """Run the bundle on the cohort split's eyes (the first `max_subjects` subjects, 0 = all), fit the
-    temperature and store it in the bundle."""
+    calibration and store it in the bundle; the eyes' raw scores go to `<bundle>.calibration_fit.json`."""
     from grok_pacs.analysis.engine import Engine
     from training.manifest import load_manifest
     from training.stage3.evaluate import predict
@@ -129,8 +195,14 @@ def calibrate_bundle(
         raise ValueError(f"{bundle_dir} is already calibrated (T={engine.calibration.temperature:.3f})")
     _, reports, _ = predict(engine, manifest, [eye_id(r.subject_id, r.eye) for r in records], progress)
     scores = [report.label_scores for report in reports]
-    cal = calibrate(scores, [r.label.value for r in records], f"{Path(manifest).name} {split} split")
+    labels = [r.label.value for r in records]
+    cal = calibrate(scores, labels, f"{Path(manifest).name} {split} split", method)
     add_to_bundle(bundle_dir, cal, version)
+    fit_eyes = [
+        {"case": eye_id(r.subject_id, r.eye), "truth": t, "scores": s} for r, t, s in zip(records, labels, scores)
+    ]
+    fit_file = Path(bundle_dir).with_name(Path(bundle_dir).name + ".calibration_fit.json")
+    fit_file.write_text(json.dumps({"calibration": cal.to_dict(), "eyes": fit_eyes}) + "\n", encoding="utf-8")
     return cal
 
 
@@ -140,10 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("manifest", type=Path, help="cohort manifest (training.manifest format)")
     parser.add_argument("--split", default="val")
+    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="default: %(default)s")
     parser.add_argument("--version", help="new bundle version for the calibrated bundle")
     args = parser.parse_args(argv)
     try:
-        cal = calibrate_bundle(args.bundle, args.manifest, args.split, version=args.version, progress=True)
+        cal = calibrate_bundle(
+            args.bundle, args.manifest, args.split, method=args.method, version=args.version, progress=True
+        )
     except ValueError as exc:
         parser.error(str(exc))
     print(json.dumps(cal.to_dict()))

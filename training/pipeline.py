@@ -89,7 +89,10 @@ class PipelineConfig:
     bundle_name: str = "grok-phantom"  # bundle identity (shown in every SR)
     bundle_version: str = "0.1.0"
     calibrate: bool = True  # fit the label-score temperature on validation eyes and store it in the bundle
-    calibration_subjects: int = 16  # validation subjects (two eyes each) it is fitted on (0 = all)
+    # Validation subjects (two eyes each) the calibration is fitted on, 0 = all: 16 subjects of one cohort
+    # happened to be all right, and a fit on error-free eyes is degenerate (every probability 1.00).
+    calibration_subjects: int = 0
+    calibration_method: str = "temperature+uniform"  # training.calibration.METHODS
 
     def __post_init__(self) -> None:
         if self.llm not in LLMS:
@@ -143,6 +146,7 @@ class PipelineConfig:
                 "version": self.bundle_version,
                 "calibrate": self.calibrate,
                 "calibration_subjects": self.calibration_subjects,
+                "calibration_method": self.calibration_method,
             }
         raise ValueError(f"unknown pipeline step {step!r}")
 
@@ -341,7 +345,12 @@ def _bundle(cfg: PipelineConfig, stage3_dir: Path, inputs: Any, out: Path, progr
     from training.calibration import calibrate_bundle
 
     calibration = calibrate_bundle(
-        bundle, inputs.manifest, "val", max_subjects=cfg.calibration_subjects, progress=progress
+        bundle,
+        inputs.manifest,
+        "val",
+        max_subjects=cfg.calibration_subjects,
+        method=cfg.calibration_method,
+        progress=progress,
     )
     return {"bundle": str(bundle), "calibration": calibration.to_dict()}
 

@@ -1,8 +1,12 @@
 """Calibrated label probabilities: temperature scaling of the engine's label scores (SPEC §7).
 
 The engine's scores are a softmax over the 7 labels' continuation log-likelihoods; a temperature T fitted
-on a validation split (training.calibration) rescales them: p_i = softmax(log s_i / T). T > 1 softens an
-over-confident model, T < 1 sharpens an under-confident one; the ranking (and so the best label) never
+on a validation split (training.calibration) rescales them: q_i = softmax(log s_i / T). T > 1 softens an
+over-confident model, T < 1 sharpens an under-confident one. Method "temperature+uniform" also mixes in
+a share `uniform` of the uniform distribution, p_i = (1 - u) q_i + u / K: a model that is wrong on a few
+eyes with the same confidence as on the rest (a confident pattern it misread) cannot be calibrated by T
+alone, since no temperature separates those eyes; the mixture caps every probability at 1 - u (K-1)/K,
+which is what its validation error rate says. Either way the ranking (and so the best label) never
 changes, only how far a site can trust the number. A bundle carries it as `calibration.json`, listed in
 its manifest (`"calibration": {"file": ...}`) and hashed like every other file; without it the scores
 are reported as uncalibrated.
@@ -19,6 +23,7 @@ import numpy as np
 
 CALIBRATION_FILE = "calibration.json"
 _FLOOR = 1e-12  # a zero score would be log(0): treat it as vanishingly small
+METHODS = ("temperature", "temperature+uniform")
 
 
 class CalibrationError(ValueError):
@@ -29,14 +34,19 @@ class CalibrationError(ValueError):
 class Calibration:
     temperature: float
     method: str = "temperature"
+    uniform: float = 0.0  #: share of the uniform distribution mixed in ("temperature+uniform" only), < 0.5
     fitted_on: str = ""  #: what it was fitted on, e.g. "phantom val split, 60 eyes"
     n: int = 0  #: validation eyes used
     ece_before: float | None = None  #: expected calibration error on those eyes, before and after
     ece_after: float | None = None
 
     def __post_init__(self) -> None:
-        if self.method != "temperature":
-            raise CalibrationError(f"calibration method {self.method!r} is not supported (only 'temperature')")
+        if self.method not in METHODS:
+            raise CalibrationError(f"calibration method {self.method!r} is not supported (one of {METHODS})")
+        if not (isinstance(self.uniform, (int, float)) and 0.0 <= self.uniform < 0.5):
+            raise CalibrationError(f"calibration uniform share {self.uniform!r} is not in [0, 0.5)")
+        if self.method == "temperature" and self.uniform:
+            raise CalibrationError("a 'temperature' calibration mixes in no uniform share: use 'temperature+uniform'")
         if not (
             isinstance(self.temperature, (int, float))
             and math.isfinite(self.temperature)
@@ -51,8 +61,18 @@ class Calibration:
         labels = list(scores)
         logits = np.log(np.maximum(np.array([scores[k] for k in labels], np.float64), _FLOOR)) / self.temperature
         probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
+        probs = (1.0 - self.uniform) * probs / probs.sum() + self.uniform / len(labels)
         return {label: float(p) for label, p in zip(labels, probs)}
+
+    def invert(self, probs: dict[str, float]) -> dict[str, float]:
+        """The engine's raw scores (up to their normalisation) behind calibrated `probs`: apply's inverse."""
+        if not probs:
+            return {}
+        labels = list(probs)
+        q = (np.array([probs[k] for k in labels], np.float64) - self.uniform / len(labels)) / (1.0 - self.uniform)
+        logs = np.log(np.maximum(q, 1e-300)) * self.temperature
+        raw = np.exp(logs - logs.max())
+        return {label: float(v) for label, v in zip(labels, raw / raw.sum())}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

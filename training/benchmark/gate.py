@@ -236,15 +236,18 @@ def referral_figures(reports: Sequence, truth_labels: Sequence[str], truth_bioma
 def calibration_figures(
     val_scores: Sequence[dict], val_labels: Sequence[str], test_scores: Sequence[dict], test_labels: Sequence[str]
 ) -> dict:
-    """Temperature fitted on the validation eyes; ECE of the held-out eyes before and after it."""
-    from grok_pacs.analysis.calibration import Calibration
-    from training.calibration import expected_calibration_error, fit_temperature
+    """Calibration fitted on the validation eyes; ECE of the held-out eyes before and after it."""
+    from training.calibration import calibrate, ece_interval, expected_calibration_error
 
-    cal = Calibration(temperature=fit_temperature(val_scores, val_labels))
+    cal = calibrate(val_scores, val_labels, "validation eyes")
+    calibrated = [cal.apply(s) for s in test_scores]
     return {
+        "method": cal.method,
         "temperature": cal.temperature,
+        "uniform": cal.uniform,
         "n_val": len(val_labels),
         "n_test": len(test_labels),
         "ece_before": expected_calibration_error(test_scores, test_labels),
-        "ece_after": expected_calibration_error([cal.apply(s) for s in test_scores], test_labels),
+        "ece_after": expected_calibration_error(calibrated, test_labels),
+        "ece_after_ci95": ece_interval(calibrated, test_labels),
     }

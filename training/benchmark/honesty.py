@@ -42,19 +42,11 @@ def _estimates(report) -> dict[str, float]:
     return {b.key: b.value for b in report.biomarkers}
 
 
-def _uncalibrated(scores: dict[str, float], temperature: float) -> dict[str, float]:
-    """The label scores before a temperature: calibration is softmax(log s / T), so s is proportional to p^T."""
-    if not scores:
-        return {}
-    raw = {k: max(v, 1e-300) ** temperature for k, v in scores.items()}
-    total = sum(raw.values())
-    return {k: v / total for k, v in raw.items()}
-
-
 def held_out_calibration(engine, val: Sequence, test_scores: list[dict], test_labels: list[str]) -> dict:
-    """ECE on the test eyes before and after the temperature: the bundle's own (fitted by the pipeline on
-    validation subjects) when it has one, else one fitted here on the validation eyes."""
-    from training.calibration import expected_calibration_error
+    """ECE on the test eyes before and after the calibration (with a 95 % bootstrap interval of the after):
+    the bundle's own (fitted by the pipeline on validation subjects) when it has one, else one fitted here
+    on the validation eyes."""
+    from training.calibration import ece_interval, expected_calibration_error
 
     cal = engine.calibration
     if cal is None:
@@ -63,12 +55,16 @@ def held_out_calibration(engine, val: Sequence, test_scores: list[dict], test_la
             [r.label_scores for r in val_reports], [r.label.value for r in val], test_scores, test_labels
         )
     return {
+        "method": cal.method,
         "temperature": cal.temperature,
+        "uniform": cal.uniform,
         "n_val": cal.n,
         "fitted_on": cal.fitted_on,
         "n_test": len(test_labels),
-        "ece_before": expected_calibration_error([_uncalibrated(s, cal.temperature) for s in test_scores], test_labels),
+        "ece_before": expected_calibration_error([cal.invert(s) for s in test_scores], test_labels),
         "ece_after": expected_calibration_error(test_scores, test_labels),
+        "ece_after_ci95": ece_interval(test_scores, test_labels),
+        "test_mean_confidence": sum(max(s.values()) for s in test_scores) / len(test_scores),
     }
 
 
