@@ -15,9 +15,10 @@ from srcheck import assert_valid_sr
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from devtools.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle
-from grok_pacs.analysis.decoding import Decoder, DiagnosisStop, NumberGuard, malformed_number
+from grok_pacs.analysis.decoding import Decoder, DiagnosisStop, NumberGuard, PhraseGuard, malformed_number
 from grok_pacs.analysis.engine import Engine
-from grok_pacs.analysis.result import REASON_TEXT, Eye
+from grok_pacs.analysis.result import REASON_TEXT, Eye, NarrativeReason
+from grok_pacs.analysis.validation import validate_narrative
 from grok_pacs.domain.labels import Label
 from grok_pacs.ops.metrics import REGISTRY
 from grok_pacs.report.sr import NARRATIVE_WITHHELD, SRKey, build_sr
@@ -102,6 +103,104 @@ def test_a_runaway_number_is_cut_inside_generate(engine):
     assert "0.0.0.0" in run(_Runaway(tokenizer))  # without the guard the number runs away
     guarded = run(_Runaway(tokenizer), NumberGuard(tokenizer, max_digits=6))
     assert "0.0" in guarded and not malformed_number(guarded, 6), guarded
+
+
+# --- repeated phrases ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def phrase_guard():
+    """The guard on the SmolLM2 stand-in's tokenizer (the runtime's vocabulary)."""
+    from transformers import AutoTokenizer
+
+    from training.stage3.smollm import gguf_path
+
+    path = gguf_path()
+    return PhraseGuard(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True))
+
+
+@pytest.mark.parametrize(
+    ("text", "forbidden"),
+    [
+        ("the optic disc is the optic disc", {"is"}),  # 3 words twice in a row
+        ("the cup is large the cup is", {"large"}),  # a 4-word phrase twice in a row
+        ("the cup is large and the cup is", set()),  # not in a row
+        ("".join(f"no sign of drusen in zone {c} " for c in "abcde") + "no sign of", {"drusen"}),  # 4 words, 6th
+        ("a b c d e f g h z a b c d e f g h y a b c d e f g", {"h"}),  # an 8-word phrase a third time
+        ("thickness of 0.35 at rest thickness of", set()),  # a number is never forbidden
+        ("the macula looks healthy and the disc is pink", set()),
+    ],
+)
+def test_phrase_guard_forbids_the_word_that_would_repeat_a_phrase(phrase_guard, text, forbidden):
+    words = text.split()
+    assert phrase_guard.forbidden_words(words) == forbidden
+    for word in forbidden:  # exactly what the validator would withhold
+        assert NarrativeReason.REPEATED_PHRASE in validate_narrative(f"{text} {word}.\nDiagnosis: Normal").reasons
+    assert NarrativeReason.REPEATED_PHRASE not in validate_narrative(f"{text}.\nDiagnosis: Normal").reasons
+
+
+def test_phrase_guard_bans_the_tokens_that_start_the_word_and_repeated_sentence_ends(phrase_guard):
+    tokenizer_texts = phrase_guard.texts
+
+    def banned(text: str) -> set[str]:
+        ids = _ids(phrase_guard, text)
+        scores = phrase_guard(torch.tensor([ids]), torch.zeros(1, len(tokenizer_texts)))
+        return {tokenizer_texts[i] for i in torch.isinf(scores[0]).nonzero().flatten().tolist()}
+
+    looped = banned("There are no exudates or haemorrhages, no exudates or")
+    assert {" haemorrhages", " ha"} & looped and " drusen" not in looped and " The" not in looped
+    ends = banned("The macula is normal. The disc is pink. The macula is normal")
+    assert {".", "!", "?"} <= ends and " and" not in ends and "," not in ends
+    assert not banned("The macula is normal. The disc is pink. The vessels are normal")
+    assert not banned("The cup-to-disc ratio is 0.35. The ratio is 0")  # a point after a digit may be decimal
+
+
+def _ids(guard: PhraseGuard, text: str) -> list[int]:
+    """Token ids of `text` for the guard (greedy longest match on its decoded vocabulary)."""
+    index = {t: i for i, t in enumerate(guard.texts) if t}
+    ids, at = [], 0
+    while at < len(text):
+        end = max(e for e in range(at + 1, min(len(text), at + 16) + 1) if text[at:e] in index)
+        ids.append(index[text[at:end]])
+        at = end
+    return ids
+
+
+class _Looper(LogitsProcessor):
+    """Pushes the model to write one phrase over and over: the repeated-phrase failure of the benchmark."""
+
+    def __init__(self, tokenizer, phrase: str, prompt_length: int) -> None:
+        self.ids, self.start = tokenizer(phrase, add_special_tokens=False)["input_ids"], prompt_length
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.ids[(input_ids.shape[1] - self.start) % len(self.ids)]] += 50.0
+        return scores
+
+
+def test_a_looping_phrase_is_rewritten_inside_generate(engine):
+    """Without the guard the text repeats its phrase and the validator would withhold it; with it the model is
+    made to write something else, and the phrase rules hold."""
+    tokenizer, llm = engine.tokenizer, engine.model.llm
+    prompt = torch.tensor([tokenizer("The retina shows", add_special_tokens=False)["input_ids"]])
+    looper = _Looper(tokenizer, " no haemorrhages or exudates,", prompt.shape[1])
+
+    def run(*processors) -> str:
+        out = llm.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=100,
+            do_sample=False,
+            logits_processor=LogitsProcessorList(processors),
+            pad_token_id=engine.decoder.pad_id,
+            eos_token_id=None,
+        )
+        return tokenizer.decode(out[0, prompt.shape[1] :])
+
+    def phrase_rule_broken(text: str) -> bool:
+        return NarrativeReason.REPEATED_PHRASE in validate_narrative(text + "\nDiagnosis: Normal").reasons
+
+    unguarded = run(looper)
+    assert unguarded.count("no haemorrhages or exudates") >= 3 and phrase_rule_broken(unguarded), unguarded
+    guarded = run(looper, PhraseGuard(tokenizer))
+    assert guarded.count("no haemorrhages or exudates") >= 1 and not phrase_rule_broken(guarded), guarded
 
 
 # --- the diagnosis line ------------------------------------------------------------------------------------
@@ -252,3 +351,23 @@ def test_guard_defaults_leave_healthy_reports_alone():
             while Counter(tuple(ids[j : j + size]) for j in range(len(ids) - size + 1)).most_common(1)[0][1] > 1:
                 longest_repeat, size = size, size + 1
     assert 10 < longest_repeat < defaults.no_repeat_ngram_size and longest < defaults.max_new_tokens
+
+
+def test_phrase_guard_never_forbids_a_word_a_healthy_report_writes(phrase_guard):
+    """Along every teacher report, the word written next is never one the guard forbids, and no sentence
+    end is forbidden: on healthy text the guard changes nothing."""
+    import re
+
+    from helpers.teacher_reports import guideline_targets
+
+    from grok_pacs.analysis.parsing import parse_generation
+    from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
+
+    for label in DIAGNOSTIC_LABELS:
+        for target, _ in guideline_targets(label, 4, seed=11, prefix="G"):
+            words = re.findall(r"[a-z0-9]+(?:[.'-][a-z0-9]+)*", parse_generation(target).narrative.lower())
+            for i in range(1, len(words)):
+                assert words[i] not in phrase_guard.forbidden_words(words[:i]), (label, i, words[i])
+            sentences = re.split(r"(?<=[.!?])\s+", target)
+            for k in range(1, len(sentences)):
+                assert not phrase_guard._sentence_repeats(" ".join(sentences[:k])[:-1]), (label, k)

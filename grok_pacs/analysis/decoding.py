@@ -6,6 +6,12 @@ Guards (fields of `grok_pacs.model.config.GenerationConfig`, for any bundle):
 - `NumberGuard`: a token that would give a number a second decimal point followed by a digit
   ("0.375.0") or a digit run longer than `max_number_digits` is forbidden (its logit is -inf); a point
   that ends a sentence ("0.72. The") stays allowed;
+- `PhraseGuard`: the validator's repetition rules (grok_pacs.analysis.validation) applied while writing:
+  a word that would write a phrase twice in a row, a 4-word phrase a sixth time or an 8-word phrase a
+  third time cannot start, and a sentence that repeats an earlier one cannot end; the model writes
+  something else instead of having its report withheld afterwards. It works on whole words (the
+  validator's), so it never forbids a digit (a forced different digit would be a wrong number); the
+  validator still checks every text;
 - repetition: transformers' `no_repeat_ngram_size` and `repetition_penalty`.
 Batching: prompts are left-padded with an attention mask (grok_pacs.model.grok splices the visual
 tokens per row), so under greedy decoding each row's text equals its own single-eye generation.
@@ -22,6 +28,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from grok_pacs.analysis.validation import ValidationLimits
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, LABEL_SYNONYMS
 from grok_pacs.model.config import GenerationConfig
 from grok_pacs.model.grok import GrokModel
@@ -62,6 +69,74 @@ class NumberGuard(LogitsProcessor):
             for lead, ids in self.groups.items():
                 if malformed_number(tail + lead, self.max_digits):
                     scores[row, ids.to(scores.device)] = float("-inf")
+        return scores
+
+
+_WORD = re.compile(r"[a-z0-9]+(?:[.'-][a-z0-9]+)*")  # the validator's words
+_SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")  # a token that ends a sentence: ".", ". ", ".\n", "!"
+
+
+class PhraseGuard(LogitsProcessor):
+    """Forbids the tokens that would break the validator's repetition rules (see the module docstring).
+
+    Per row and step: the generated text's words (as the validator reads them), the words that may not
+    come next under each rule, and the tokens that would start one of them (" exud" starts "exudates").
+    Only word-starting tokens are forbidden; a word the model reaches another way is left to the validator."""
+
+    def __init__(self, tokenizer: Any, limits: ValidationLimits | None = None) -> None:
+        self.limits = limits or ValidationLimits()
+        self.texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        self.starts: dict[str, list[int]] = {}  # lower-case word (or its beginning) -> tokens " <it>..."
+        self.sentence_ends: list[int] = []
+        for token_id, text in enumerate(self.texts):
+            if _SENTENCE_END.fullmatch(text):
+                self.sentence_ends.append(token_id)
+            if len(text) > 1 and text[0] == " " and text[1].isalpha():
+                word = _WORD.match(text[1:].lower())
+                if word is not None:
+                    self.starts.setdefault(word.group(0), []).append(token_id)
+
+    def forbidden_words(self, words: list[str]) -> set[str]:
+        """The words that, written next, would break a repetition rule."""
+        n, lim, out = len(words), self.limits, set()
+        for size in range(lim.back_to_back_words, min(40, (n + 1) // 2) + 1):  # "x y z x y" + z
+            if words[n - 2 * size + 1 : n - size] == words[n - size + 1 :]:
+                out.add(words[n - size])
+        for size, most in (
+            (lim.short_phrase_words, lim.short_phrase_max),
+            (lim.long_phrase_words, lim.long_phrase_max),
+        ):
+            prefix = words[n - size + 1 :] if size > 1 else []
+            if n < size - 1:
+                continue
+            following: dict[str, int] = {}
+            for i in range(n - size + 1):
+                if words[i : i + size - 1] == prefix:
+                    following[words[i + size - 1]] = following.get(words[i + size - 1], 0) + 1
+            out |= {word for word, count in following.items() if count >= most}
+        return {word for word in out if not any(c.isdigit() for c in word)}
+
+    def tokens_starting(self, word: str) -> list[int]:
+        """Tokens that begin a new word which is, or may become, `word`."""
+        return [t for i in range(1, len(word) + 1) for t in self.starts.get(word[:i], ())]
+
+    @staticmethod
+    def _sentence_repeats(text: str) -> bool:
+        """True when the sentence being written has the words of an earlier sentence."""
+        *done, current = re.split(r"(?<=[.!?])\s+", text)
+        words = _WORD.findall(current.lower())
+        return bool(words) and any(_WORD.findall(s.lower()) == words for s in done)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row in range(input_ids.shape[0]):
+            text = "".join(self.texts[i] for i in input_ids[row].tolist() if i < len(self.texts))
+            banned = [
+                t for word in self.forbidden_words(_WORD.findall(text.lower())) for t in self.tokens_starting(word)
+            ]
+            if not text[-1:].isdigit() and self._sentence_repeats(text):  # after a digit "." may be a decimal
+                banned += self.sentence_ends
+            if banned:
+                scores[row, torch.tensor(banned, device=scores.device)] = float("-inf")
         return scores
 
 
@@ -116,6 +191,7 @@ class Decoder:
         self.model, self.tokenizer, self.eos_id, self.device = model, tokenizer, eos_id, device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
         self._number_guards: dict[int, NumberGuard] = {}
+        self._phrase_guard: PhraseGuard | None = None  # built on first use (it decodes the whole vocabulary)
         self.stop = DiagnosisStop(tokenizer)
 
     def _guards(self, gen: GenerationConfig) -> tuple[LogitsProcessorList, StoppingCriteriaList]:
@@ -124,6 +200,9 @@ class Decoder:
             if gen.max_number_digits not in self._number_guards:
                 self._number_guards[gen.max_number_digits] = NumberGuard(self.tokenizer, gen.max_number_digits)
             processors.append(self._number_guards[gen.max_number_digits])
+        if gen.phrase_guard:
+            self._phrase_guard = self._phrase_guard or PhraseGuard(self.tokenizer)
+            processors.append(self._phrase_guard)
         return processors, StoppingCriteriaList([self.stop] if gen.stop_at_diagnosis else [])
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
