@@ -6,6 +6,7 @@ and is counted in /metrics."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pydicom
 import pytest
@@ -261,6 +262,37 @@ def test_two_eyes_in_one_batch_equal_their_single_eye_results(request, study, wh
         assert all(TINY_NARRATIVE.split(" 0.72")[0] in r.raw_text for r in batched)
     else:
         assert batched[0].raw_text != batched[1].raw_text  # the junk depends on the input: the rows really differ
+
+
+def test_label_scores_continue_the_generation_cache_as_a_fresh_prefill_would(engine, study):
+    """Scoring the labels from the generation's cache (no second prefill) gives the probabilities a fresh
+    prefill of prompt + findings + "Diagnosis:" gives, for both rows of a batch of different lengths."""
+    right = study[Eye.RIGHT].item
+    left = dataclasses.replace(study[Eye.LEFT].item, oct=None, sources=study[Eye.LEFT].item.sources[:1])
+    gen = engine.config.generation
+    from grok_pacs.analysis.imaging import read_cfp, read_oct_volume
+
+    encoded = [
+        engine._encode(read_cfp(right.cfp), read_oct_volume(right.oct), {}),
+        engine._encode(read_cfp(left.cfp), None, {}),
+    ]
+    missing = [(), ("OCT",)]
+    ids = engine.decoder.encode([engine.prompt(est, gone) for (_, est, *_), gone in zip(encoded, missing)])
+    cfp, oct = engine._visual([tokens for tokens, *_ in encoded])
+    generation = engine.decoder.generate(ids, cfp, oct, gen, keep_cache=True)
+    assert all(text.rstrip().endswith("Diagnosis: Glaucoma") for text in generation.texts), generation.texts
+    from grok_pacs.analysis.parsing import parse_generation
+
+    fresh = engine.decoder.label_scores(ids, cfp, oct, [parse_generation(t).narrative for t in generation.texts])
+    cached = engine.decoder.scores_after_generation(generation)
+    assert cached is not None and engine.decoder.scores_after_generation(generation) is None  # cache consumed
+    for a, b in zip(cached, fresh):  # log-probabilities: the small ones (1e-9 here) must agree too
+        assert {k: math.log(v) for k, v in a.items()} == pytest.approx({k: math.log(v) for k, v in b.items()}, abs=1e-3)
+        assert max(a, key=a.get) == "Glaucoma"
+    # Without a diagnosis line there is nothing to continue from: the caller scores the parsed narrative.
+    again = engine.decoder.generate(ids, cfp, oct, gen, keep_cache=True)
+    cut = dataclasses.replace(again, sequences=again.sequences[:, :5])
+    assert engine.decoder.scores_after_generation(cut) is None
 
 
 # --- a generation that fails validation ------------------------------------------------------------------------

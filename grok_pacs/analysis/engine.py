@@ -4,7 +4,8 @@ Steps: read pixels (grok_pacs.analysis.imaging) -> preprocess (CFP square/224/Im
 ONNX encoders (onnxruntime; CUDA provider only when present, no spin-waiting) -> biomarker heads (numpy) ->
 prompt with the estimates (and the pattern head's closest label, grok_pacs.model.pattern) -> Qwen2 +
 projectors (transformers; LoRA merged; greedy, bounded, guarded: grok_pacs.analysis.decoding), all eyes of
-a call in ONE batched generation and ONE batched label scoring -> validation of the model's text
+a call in ONE batched generation and ONE batched label scoring (continuing the generation's key/value cache
+after each eye's own "Diagnosis:", so prompt and findings are not read twice) -> validation of the model's text
 (grok_pacs.analysis.validation, counted in /metrics) -> grounding (a cited number that disagrees with its
 biomarker's estimate is written as the estimate, grok_pacs.analysis.grounding; the model's words stay in
 `raw_text`) -> parse (grok_pacs.analysis.parsing).
@@ -203,7 +204,8 @@ class Engine:
         ids = self.decoder.encode([self.prompt(estimates, gone) for (_, estimates, *_), gone in zip(encoded, missing)])
         cfp, oct = self._visual([tokens for tokens, *_ in encoded])
         t = time.perf_counter()
-        raws = self.decoder.generate(ids, cfp, oct, gen) if eyes else []
+        generation = self.decoder.generate(ids, cfp, oct, gen, keep_cache=gen.score_labels) if eyes else None
+        raws = generation.texts if generation is not None else []
         shared = {"generate": time.perf_counter() - t}
         checks = [
             self._validate(item.eye, raw, estimates) for item, raw, (_, estimates, *_) in zip(eyes, raws, encoded)
@@ -211,7 +213,9 @@ class Engine:
         scores: list[dict[str, float]] = [{} for _ in eyes]
         if gen.score_labels and eyes:
             t = time.perf_counter()
-            scores = self.decoder.label_scores(ids, cfp, oct, [parse_generation(raw).narrative for raw in raws])
+            scores = self.decoder.scores_after_generation(generation)  # continues the generation's cache
+            if scores is None:  # a row without a diagnosis line: score its parsed narrative from scratch
+                scores = self.decoder.label_scores(ids, cfp, oct, [parse_generation(raw).narrative for raw in raws])
             if self.calibration is not None:
                 scores = [self.calibration.apply(s) for s in scores]
             shared["label_scores"] = time.perf_counter() - t

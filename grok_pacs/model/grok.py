@@ -125,6 +125,13 @@ class GrokModel(nn.Module):
     ) -> torch.Tensor:
         """New token ids [B, T] (prompt excluded). Greedy unless temperature > 0; at most max_new_tokens."""
         inputs = self.splice(input_ids, attention_mask, None, cfp_tokens, oct_tokens, padding_side="left")
-        inputs.pop("position_ids")  # generate derives positions from the attention mask
+        return self.generate_spliced(inputs, max_new_tokens=max_new_tokens, temperature=temperature, **kwargs)
+
+    @torch.no_grad()
+    def generate_spliced(
+        self, inputs: dict[str, torch.Tensor], *, max_new_tokens: int = 512, temperature: float = 0.0, **kwargs: Any
+    ) -> Any:
+        """`generate` from `splice(..., padding_side="left")`'s output (a caller that keeps its attention mask)."""
+        inputs = {k: v for k, v in inputs.items() if k != "position_ids"}  # generate derives them from the mask
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         return self.llm.generate(**inputs, max_new_tokens=max_new_tokens, **sampling, **kwargs)
