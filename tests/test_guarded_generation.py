@@ -85,24 +85,25 @@ class _Runaway(LogitsProcessor):
         return scores
 
 
+def _continue(engine, prompt: torch.Tensor, new_tokens: int, *processors) -> str:
+    """The tiny LLM's greedy continuation of `prompt` (token ids [1, n]) under `processors`, never stopped."""
+    out = engine.model.llm.generate(
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        logits_processor=LogitsProcessorList(processors),
+        pad_token_id=engine.decoder.pad_id,
+        eos_token_id=None,
+    )
+    return engine.tokenizer.decode(out[0, prompt.shape[1] :])
+
+
 def test_a_runaway_number_is_cut_inside_generate(engine):
-    tokenizer, llm = engine.tokenizer, engine.model.llm
+    tokenizer = engine.tokenizer
     prompt = torch.tensor([tokenizer("The cup-to-disc ratio is", add_special_tokens=False)["input_ids"]])
-
-    def run(*processors) -> str:
-        out = llm.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=24,
-            do_sample=False,
-            logits_processor=LogitsProcessorList(processors),
-            pad_token_id=engine.decoder.pad_id,
-            eos_token_id=None,
-        )
-        return tokenizer.decode(out[0, prompt.shape[1] :])
-
-    assert "0.0.0.0" in run(_Runaway(tokenizer))  # without the guard the number runs away
-    guarded = run(_Runaway(tokenizer), NumberGuard(tokenizer, max_digits=6))
+    assert "0.0.0.0" in _continue(engine, prompt, 24, _Runaway(tokenizer))  # without the guard it runs away
+    guarded = _continue(engine, prompt, 24, _Runaway(tokenizer), NumberGuard(tokenizer, max_digits=6))
     assert "0.0" in guarded and not malformed_number(guarded, 6), guarded
 
 
@@ -179,28 +180,16 @@ class _Looper(LogitsProcessor):
 def test_a_looping_phrase_is_rewritten_inside_generate(engine):
     """Without the guard the text repeats its phrase and the validator would withhold it; with it the model is
     made to write something else, and the phrase rules hold."""
-    tokenizer, llm = engine.tokenizer, engine.model.llm
+    tokenizer = engine.tokenizer
     prompt = torch.tensor([tokenizer("The retina shows", add_special_tokens=False)["input_ids"]])
     looper = _Looper(tokenizer, " no haemorrhages or exudates,", prompt.shape[1])
-
-    def run(*processors) -> str:
-        out = llm.generate(
-            input_ids=prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=100,
-            do_sample=False,
-            logits_processor=LogitsProcessorList(processors),
-            pad_token_id=engine.decoder.pad_id,
-            eos_token_id=None,
-        )
-        return tokenizer.decode(out[0, prompt.shape[1] :])
 
     def phrase_rule_broken(text: str) -> bool:
         return NarrativeReason.REPEATED_PHRASE in validate_narrative(text + "\nDiagnosis: Normal").reasons
 
-    unguarded = run(looper)
+    unguarded = _continue(engine, prompt, 100, looper)
     assert unguarded.count("no haemorrhages or exudates") >= 3 and phrase_rule_broken(unguarded), unguarded
-    guarded = run(looper, PhraseGuard(tokenizer))
+    guarded = _continue(engine, prompt, 100, looper, PhraseGuard(tokenizer))
     assert guarded.count("no haemorrhages or exudates") >= 1 and not phrase_rule_broken(guarded), guarded
 
 
