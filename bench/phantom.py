@@ -98,9 +98,7 @@ def _run_variant(cfg: PipelineConfig, cache: Path, progress: bool) -> tuple[Pipe
                 "stated": report.label.value,
                 "label_scores": {k: round(v, 5) for k, v in (report.label_scores or {}).items()},
                 # The engine's scores before calibration, unrounded: a calibration study needs their tails.
-                "raw_label_scores": engine.calibration.invert(report.label_scores)
-                if engine.calibration is not None
-                else report.label_scores,
+                "raw_label_scores": report.uncalibrated_scores,
                 "disposition": report.disposition.action.value if report.disposition else None,
                 "narrative_passed": report.narrative_check.passed if report.narrative_check else None,
             }

@@ -131,6 +131,9 @@ def test_calibration_stored_in_the_bundle_loaded_and_applied(tiny_bundle, tmp_pa
     assert after.probabilities_calibrated and after.operating_point == 0.9
     expected = cal.apply(before.label_scores)
     assert after.label_scores == pytest.approx(expected)
+    # The scores before calibration stay on the report (audit, calibration studies), tails and all.
+    assert after.uncalibrated_scores == pytest.approx(before.label_scores, rel=1e-4)
+    assert before.uncalibrated_scores == before.label_scores
     # The file is hashed like every other: a changed temperature is refused.
     path = bundle / CALIBRATION_FILE
     path.write_text(json.dumps({**cal.to_dict(), "temperature": 0.5}))

@@ -211,11 +211,13 @@ class Engine:
             self._validate(item.eye, raw, estimates) for item, raw, (_, estimates, *_) in zip(eyes, raws, encoded)
         ]
         scores: list[dict[str, float]] = [{} for _ in eyes]
+        raw_scores = scores
         if gen.score_labels and eyes:
             t = time.perf_counter()
             scores = self.decoder.scores_after_generation(generation)  # continues the generation's cache
             if scores is None:  # a row without a diagnosis line: score its parsed narrative from scratch
                 scores = self.decoder.label_scores(ids, cfp, oct, [parse_generation(raw).narrative for raw in raws])
+            raw_scores = scores
             if self.calibration is not None:
                 scores = [self.calibration.apply(s) for s in scores]
             shared["label_scores"] = time.perf_counter() - t
@@ -223,7 +225,7 @@ class Engine:
         for timing in timings:
             timing.update(shared)
             timing["total"] = batch_s + timing.get("read", 0.0)
-        return [self._report(*args) for args in zip(eyes, encoded, missing, raws, checks, scores, timings)]
+        return [self._report(*args) for args in zip(eyes, encoded, missing, raws, checks, scores, raw_scores, timings)]
 
     @staticmethod
     def _validate(eye: Eye, raw: str, estimates: dict[str, float]) -> NarrativeCheck:
@@ -272,6 +274,7 @@ class Engine:
         raw: str,
         check: NarrativeCheck,
         scores: dict[str, float],
+        raw_scores: dict[str, float],
         timings: dict[str, float],
     ) -> Report:
         """The Report of one eye, by the label rule of the module docstring."""
@@ -319,6 +322,7 @@ class Engine:
             numbers_rewritten=rewritten,
             narrative_check=check,
             probabilities_calibrated=bool(scores) and self.calibration is not None,
+            uncalibrated_scores=raw_scores,
             operating_point=self.operating_point,
             unsupported_label=unsupported,
         )

@@ -221,6 +221,8 @@ class Report:
     disposition: Disposition | None = None  #: this eye's disposition (grok_pacs.report.dispositions)
     patient_disposition: Disposition | None = None  #: roll-up over the patient's eyes in this study
     probabilities_calibrated: bool = False  #: label_scores were temperature-calibrated (bundle calibration)
+    #: the engine's label scores before the bundle's calibration (audit, calibration studies); {} when none
+    uncalibrated_scores: dict[str, float] = field(default_factory=dict)
     operating_point: float | None = None  #: the Indeterminate threshold: a scored label below it is not used
     narrative_check: NarrativeCheck | None = None  #: validator on raw_text; failed: narrative "" (withheld)
     #: the label the validated narrative named but the report does not state: its calibrated probability is
