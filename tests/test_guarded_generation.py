@@ -19,7 +19,7 @@ from devtools.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle
 from grok_pacs.analysis.decoding import Decoder, DiagnosisStop, NumberGuard, PhraseGuard, malformed_number
 from grok_pacs.analysis.engine import Engine
 from grok_pacs.analysis.result import REASON_TEXT, Eye, NarrativeReason
-from grok_pacs.analysis.validation import validate_narrative
+from grok_pacs.analysis.validation import _WORD, validate_narrative
 from grok_pacs.domain.labels import Label
 from grok_pacs.ops.metrics import REGISTRY
 from grok_pacs.report.sr import NARRATIVE_WITHHELD, SRKey, build_sr
@@ -139,6 +139,23 @@ def test_phrase_guard_forbids_the_word_that_would_repeat_a_phrase(phrase_guard, 
     assert NarrativeReason.REPEATED_PHRASE not in validate_narrative(f"{text}.\nDiagnosis: Normal").reasons
 
 
+@pytest.mark.parametrize(
+    ("text", "forbidden"),
+    [
+        ("the central is os-rpe thickness of 62.0 m high the central", {"is"}),
+        ("the central is os-rpe thickness of 62.0 m high the central is os-rpe", {"thickness"}),
+        ("the central is os-rpe thickness of 62.0 m high the", set()),  # "the" alone is no repeat yet
+        ("the central is os-rpe thickness of 62.0 m high the central subfield", set()),  # another biomarker
+        ("the cup is large the cup", set()),  # no number ahead: the validator's rule, at its last word
+    ],
+)
+def test_phrase_guard_stops_a_repeated_citation_before_its_number(phrase_guard, text, forbidden):
+    """A number is never forbidden, so a citation written again (the benchmark's 4 withheld reports) is
+    stopped at its third word: forbidding a word after the number made the model contradict itself
+    ("62.0 µm (high), ... 62.0 µm (low)")."""
+    assert phrase_guard.forbidden_words(text.split()) == forbidden
+
+
 def test_phrase_guard_bans_the_tokens_that_start_the_word_and_repeated_sentence_ends(phrase_guard):
     tokenizer_texts = phrase_guard.texts
 
@@ -153,6 +170,15 @@ def test_phrase_guard_bans_the_tokens_that_start_the_word_and_repeated_sentence_
     assert {".", "!", "?"} <= ends and " and" not in ends and "," not in ends
     assert not banned("The macula is normal. The disc is pink. The vessels are normal")
     assert not banned("The cup-to-disc ratio is 0.35. The ratio is 0")  # a point after a digit may be decimal
+
+    # The benchmark's withheld reports: "(high)" written again after a repeated citation. "high" follows
+    # "(" with no space, so the bare token "high" starts the word there; after a letter it would not.
+    again = "The key estimates are the central IS/OS-RPE thickness of 62.0 µm (high), the central IS/OS-RPE "
+    again += "thickness of 62.0 µm ("
+    assert phrase_guard.forbidden_words(_WORD.findall(again.lower())) >= {"high"}
+    assert {"high", " high", "High"} <= banned(again) and "low" not in banned(again)
+    inside_a_word = {phrase_guard.texts[t] for t in phrase_guard.tokens_starting("high", between_words=False)}
+    assert " high" in inside_a_word and "high" not in inside_a_word  # "thig" + "high" is not the word "high"
 
 
 def _ids(guard: PhraseGuard, text: str) -> list[int]:

@@ -10,7 +10,9 @@ Guards (fields of `grok_pacs.model.config.GenerationConfig`, for any bundle):
   a word that would write a phrase twice in a row, a 4-word phrase a sixth time or an 8-word phrase a
   third time cannot start, and a sentence that repeats an earlier one cannot end; the model writes
   something else instead of having its report withheld afterwards. It works on whole words (the
-  validator's), so it never forbids a digit (a forced different digit would be a wrong number); the
+  validator's), so it never forbids a digit (a forced different digit would be a wrong number); a cited
+  value written again ("thickness of 62.0 µm (high), the central ...") is therefore stopped at its third
+  word, before the number, so the model names another biomarker rather than contradicting the flag; the
   validator still checks every text;
 - repetition: transformers' `no_repeat_ngram_size` and `repetition_penalty`.
 Batching: prompts are left-padded with an attention mask (grok_pacs.model.grok splices the visual
@@ -75,6 +77,22 @@ class NumberGuard(LogitsProcessor):
 
 _WORD = re.compile(r"[a-z0-9]+(?:[.'-][a-z0-9]+)*")  # the validator's words
 _SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")  # a token that ends a sentence: ".", ". ", ".\n", "!"
+_FIRST_WORD = re.compile(r"([^a-z0-9]*)([a-z].*)", re.DOTALL)  # a token's separator, then a word's letters
+_JOINER = re.compile(r"[.'-]")  # joins two runs into one of the validator's words ("os-rpe", "eye's")
+# The text ends outside any word: empty, or a character that is neither a letter/digit nor a joiner after one.
+_BETWEEN_WORDS = re.compile(r"(?:\A|[^a-z0-9.'-]|(?<![a-z0-9])[.'-])\Z", re.IGNORECASE)
+
+
+_CITATION_WORDS = 16  # the longest citation item: "the average inner nuclear layer thickness of 35.1 µm (high)"
+# What may follow a cited value inside its item: a unit ("µm" is the validator's word "m") and a flag.
+_CITATION_TAIL = {"m", "um", "mm", "dd", "high", "low", "normal", "raised", "reduced", "elevated", "borderline"}
+
+
+def _one_citation(phrase: list[str], done: int) -> bool:
+    """True when `phrase` is one cited value (its only number, followed by at most a unit and a flag) and
+    the number lies beyond its first `done` words."""
+    numbers = [i for i, word in enumerate(phrase) if any(c.isdigit() for c in word)]
+    return len(numbers) == 1 and numbers[0] >= done and all(word in _CITATION_TAIL for word in phrase[numbers[0] + 1 :])
 
 
 class PhraseGuard(LogitsProcessor):
@@ -87,15 +105,23 @@ class PhraseGuard(LogitsProcessor):
     def __init__(self, tokenizer: Any, limits: ValidationLimits | None = None) -> None:
         self.limits = limits or ValidationLimits()
         self.texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        self.starts: dict[str, list[int]] = {}  # lower-case word (or its beginning) -> tokens " <it>..."
+        # lower-case word (or its beginning) -> tokens that start it: "leading" tokens after their own
+        # separator (" exud", " µm" starts the validator's word "m"), "bare" ones ("high") only where the
+        # text so far ends between words ("(" + "high"); after a letter "high" would continue that word.
+        self.leading: dict[str, list[int]] = {}
+        self.bare: dict[str, list[int]] = {}
         self.sentence_ends: list[int] = []
         for token_id, text in enumerate(self.texts):
             if _SENTENCE_END.fullmatch(text):
                 self.sentence_ends.append(token_id)
-            if len(text) > 1 and text[0] == " " and text[1].isalpha():
-                word = _WORD.match(text[1:].lower())
-                if word is not None:
-                    self.starts.setdefault(word.group(0), []).append(token_id)
+            split = _FIRST_WORD.match(text.lower())
+            if split is None:
+                continue
+            separator, word = split.group(1), _WORD.match(split.group(2)).group(0)
+            if not separator:
+                self.bare.setdefault(word, []).append(token_id)
+            elif not _JOINER.fullmatch(separator):  # "-rpe" / "'s" may continue a word: left to the validator
+                self.leading.setdefault(word, []).append(token_id)
 
     def forbidden_words(self, words: list[str]) -> set[str]:
         """The words that, written next, would break a repetition rule."""
@@ -103,6 +129,7 @@ class PhraseGuard(LogitsProcessor):
         for size in range(lim.back_to_back_words, min(40, (n + 1) // 2) + 1):  # "x y z x y" + z
             if words[n - 2 * size + 1 : n - size] == words[n - size + 1 :]:
                 out.add(words[n - size])
+        out |= self._repeat_through_number(words)
         for size, most in (
             (lim.short_phrase_words, lim.short_phrase_max),
             (lim.long_phrase_words, lim.long_phrase_max),
@@ -117,9 +144,31 @@ class PhraseGuard(LogitsProcessor):
             out |= {word for word, count in following.items() if count >= most}
         return {word for word in out if not any(c.isdigit() for c in word)}
 
-    def tokens_starting(self, word: str) -> list[int]:
-        """Tokens that begin a new word which is, or may become, `word`."""
-        return [t for i in range(1, len(word) + 1) for t in self.starts.get(word[:i], ())]
+    def _repeat_through_number(self, words: list[str]) -> set[str]:
+        """The next word of a cited value being written again right after itself ("the central IS/OS-RPE
+        thickness of 62.0 µm (high), the central"), once two of its words are repeated.
+
+        A number is never forbidden, so past it the repeat could only be broken by the unit or flag, and
+        the model's next choice there is a contradiction ("62.0 µm (high), ... 62.0 µm (low)"). Stopped
+        before, the model names another biomarker. Only a phrase that is one citation counts (its number
+        followed by at most a unit and a flag): a template written again around a different value ("...
+        is unlikely with a venular tortuosity of 1.101 AMD is unlikely with") is healthy. Any other repeat
+        keeps the validator's own rule (forbidden at its last word)."""
+        n, out = len(words), set()
+        for size in range(self.limits.back_to_back_words, min(_CITATION_WORDS, n) + 1):
+            for done in range(2, size):  # words of the second copy written so far
+                start = n - done - size  # the first copy is words[start : start + size]
+                if start < 0 or words[n - done :] != words[start : start + done]:
+                    continue
+                if _one_citation(words[start : start + size], done):
+                    out.add(words[start + done])
+        return out
+
+    def tokens_starting(self, word: str, between_words: bool = True) -> list[int]:
+        """Tokens that begin a new word which is, or may become, `word`; `between_words`: the text so far
+        ends outside a word, so a bare token ("high") starts one too."""
+        maps = (self.leading, self.bare) if between_words else (self.leading,)
+        return [t for i in range(1, len(word) + 1) for index in maps for t in index.get(word[:i], ())]
 
     @staticmethod
     def _sentence_repeats(text: str) -> bool:
@@ -131,8 +180,11 @@ class PhraseGuard(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for row in range(input_ids.shape[0]):
             text = "".join(self.texts[i] for i in input_ids[row].tolist() if i < len(self.texts))
+            between = _BETWEEN_WORDS.search(text) is not None
             banned = [
-                t for word in self.forbidden_words(_WORD.findall(text.lower())) for t in self.tokens_starting(word)
+                t
+                for word in self.forbidden_words(_WORD.findall(text.lower()))
+                for t in self.tokens_starting(word, between)
             ]
             if not text[-1:].isdigit() and self._sentence_repeats(text):  # after a digit "." may be a decimal
                 banned += self.sentence_ends
