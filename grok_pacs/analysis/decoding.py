@@ -11,9 +11,9 @@ Guards (fields of `grok_pacs.model.config.GenerationConfig`, for any bundle):
   third time cannot start, and a sentence that repeats an earlier one cannot end; the model writes
   something else instead of having its report withheld afterwards. It works on whole words (the
   validator's), so it never forbids a digit (a forced different digit would be a wrong number); a cited
-  value written again ("thickness of 62.0 µm (high), the central ...") is therefore stopped at its third
-  word, before the number, so the model names another biomarker rather than contradicting the flag; the
-  validator still checks every text;
+  value written again ("thickness of 62.0 µm (high), the central ...") is therefore stopped at its first
+  word that is not a connector, before the number, so the model names another biomarker rather than
+  contradicting the flag; the validator still checks every text;
 - repetition: transformers' `no_repeat_ngram_size` and `repetition_penalty`.
 Batching: prompts are left-padded with an attention mask (grok_pacs.model.grok splices the visual
 tokens per row), so under greedy decoding each row's text equals its own single-eye generation.
@@ -85,6 +85,8 @@ _BETWEEN_WORDS = re.compile(r"(?:\A|[^a-z0-9.'-]|(?<![a-z0-9])[.'-])\Z", re.IGNO
 
 _CITATION_WORDS = 16  # the longest citation item: "the average inner nuclear layer thickness of 35.1 µm (high)"
 # What may follow a cited value inside its item: a unit ("µm" is the validator's word "m") and a flag.
+# Words a repeat may begin with before it names anything ("the", "and the"): connectors, not measures.
+_CONNECTORS = frozenset({"the", "a", "an", "and", "or", "with", "of", "at", "in", "on", "for", "its", "while", "but"})
 _CITATION_TAIL = {"m", "um", "mm", "dd", "high", "low", "normal", "raised", "reduced", "elevated", "borderline"}
 
 
@@ -146,7 +148,10 @@ class PhraseGuard(LogitsProcessor):
 
     def _repeat_through_number(self, words: list[str]) -> set[str]:
         """The next word of a cited value being written again right after itself ("the central IS/OS-RPE
-        thickness of 62.0 µm (high), the central"), once two of its words are repeated.
+        thickness of 62.0 µm (high), the central"), as soon as the repeat holds a word that is not a
+        connector: stopped at "central subfield", the model could not name another biomarker and invented
+        one ("central subfield geometry of 39.3 µm", the benchmark's last 2 withheld reports); stopped at
+        "central", it can ("central IS/OS-RPE thickness").
 
         A number is never forbidden, so past it the repeat could only be broken by the unit or flag, and
         the model's next choice there is a contradiction ("62.0 µm (high), ... 62.0 µm (low)"). Stopped
@@ -156,10 +161,12 @@ class PhraseGuard(LogitsProcessor):
         keeps the validator's own rule (forbidden at its last word)."""
         n, out = len(words), set()
         for size in range(self.limits.back_to_back_words, min(_CITATION_WORDS, n) + 1):
-            for done in range(2, size):  # words of the second copy written so far
+            for done in range(1, size):  # words of the second copy written so far
                 start = n - done - size  # the first copy is words[start : start + size]
                 if start < 0 or words[n - done :] != words[start : start + done]:
                     continue
+                if all(word in _CONNECTORS or word in _CITATION_TAIL for word in words[n - done :]):
+                    continue  # "(high), the" names nothing yet; "µm" belongs to the citation before it
                 if _one_citation(words[start : start + size], done):
                     out.add(words[start + done])
         return out
