@@ -17,7 +17,7 @@ from grok_pacs.model.prompt import IGNORE_INDEX, human_turn
 from grok_pacs.model.vit import build_encoder
 from training.stage3.checkpoint import CheckpointMismatch
 from training.stage3.config import Stage3Config, StandInLLMConfig
-from training.stage3.data import SFTDataset, build_samples, chat_text, collate
+from training.stage3.data import SFTDataset, build_samples, chat_text, collate, target_token_count
 from training.stage3.features import FeatureStore, encode_images
 from training.stage3.lora import LoraSetupError, attach_lora, check_lora_trainable, load_base_llm, merged_copy
 from training.stage3.pretrain_llm import pretrain_stand_in
@@ -347,3 +347,27 @@ def test_decision_tokens_weigh_more_only_when_asked() -> None:
     weighted = token_weights(targets, 3.0, (2, 1))
     assert weighted[0].tolist() == [0, 0, 3, 3, 1, 1, 1, 3, 0]
     assert weighted[1].tolist() == [0, 3, 3, 3, 0, 0, 0, 0, 0]
+
+
+def test_the_trainer_projects_only_reply_positions_onto_the_vocabulary(tiny: dict, tmp_path: Path) -> None:
+    """The training loss is the model's own mean over reply tokens, while the vocabulary projection (the
+    lm_head and its backward) sees only the positions that predict a reply token."""
+    trainer = _trainer(tiny, tmp_path)
+    samples = build_samples(tiny["records"][:2], tiny["tokenizer"], tiny["store"], max_length=CFG.max_length)
+    batch = collate(SFTDataset(samples, tiny["store"]), tiny["tokenizer"].pad_token_id)
+    projected: list[int] = []
+    hook = trainer.model.llm.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: projected.append(args[0].shape[1])
+    )
+    with torch.no_grad():
+        ours = trainer._loss_sum(batch, target_token_count(batch))
+        hook.remove()
+        reference = trainer.model(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "labels")},
+            cfp_tokens=batch["cfp_tokens"],
+            oct_tokens=batch["oct_tokens"],
+        ).loss
+    assert torch.allclose(ours, reference, atol=1e-5)
+    spliced_length = batch["input_ids"].shape[1] + 391  # the image token becomes 392 visual positions
+    longest_reply = max(sum(label != IGNORE_INDEX for label in s.labels) for s in samples)
+    assert len(projected) == 1 and longest_reply <= projected[0] < spliced_length / 2

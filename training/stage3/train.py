@@ -163,13 +163,15 @@ class SFTTrainer:
                 dev["input_ids"], dev["attention_mask"], dev["labels"], dev["cfp_tokens"], dev["oct_tokens"]
             )
             labels = inputs.pop("labels")
-            logits = self.model.llm(**inputs).logits
-        targets = labels[:, 1:]
+            weights = token_weights(labels[:, 1:], weight, self.cfg.decision_tokens)
+            # Logits only where a row has a reply token to predict: the prompt's positions (about 2/3 of a
+            # compact SmolLM2 sample) would cost the vocabulary projection and its backward for nothing.
+            keep = (weights > 0).any(0).nonzero().flatten()
+            logits = self.model.llm(**inputs, logits_to_keep=keep).logits
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none"
+            logits.float().transpose(1, 2), labels[:, 1:][:, keep].clamp(min=0), reduction="none"
         )
-        weights = token_weights(targets, weight, self.cfg.decision_tokens)
-        return (losses * weights).sum() / denominator
+        return (losses * weights[:, keep]).sum() / denominator
 
     def _step(self, window: list[list[int]]) -> float:
         batches = [collate((self.train_ds[i] for i in idx), self.pad_id) for idx in window]
