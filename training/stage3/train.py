@@ -3,7 +3,7 @@
 Loss on assistant tokens only (labels from `grok_pacs.model.prompt`; spliced visual positions carry none), summed
 over the tokens of a whole accumulation window and divided by their count (so gradient accumulation gives
 the same update as one big batch), AdamW with two learning rates (LoRA / projectors), linear warmup then
-cosine decay, gradient clipping, bf16 autocast on a GPU that supports it and fp32 on the CPU, optional
+cosine decay, gradient clipping, bf16 autocast on a GPU that supports it (or on request on a CPU with AMX), optional
 gradient checkpointing. Checkpoints (safetensors + JSON) are written at step boundaries; `fit(resume=True)`
 continues from the last one. Progress is a tqdm bar; the loss curve is saved as a PNG.
 """
@@ -27,7 +27,7 @@ from transformers import get_cosine_schedule_with_warmup
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.prompt import IGNORE_INDEX
 from training.stage3.checkpoint import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
-from training.stage3.config import Stage3Config
+from training.stage3.config import Stage3Config, cpu_has_amx_bf16
 from training.stage3.data import SFTDataset, collate, target_token_count
 
 log = logging.getLogger(__name__)
@@ -36,18 +36,22 @@ CURVE_PNG = "loss_curve.png"
 HISTORY_JSON = "loss_history.json"
 
 
-def select_precision(cfg: Stage3Config) -> tuple[torch.device, torch.dtype | None]:
-    """(device, autocast dtype or None): bf16 on a CUDA GPU with bf16 support, fp32 on the CPU."""
+def select_precision(cfg: Stage3Config, amx: bool | None = None) -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype or None): "auto" is bf16 on a CUDA GPU with bf16 support and fp32 on the CPU;
+    "bf16" is honoured on such a GPU or on a CPU with AMX bf16 tiles (`amx`: None = look at this CPU) and refused
+    elsewhere, where it would be emulated."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if cfg.precision == "fp32":
         return device, None
-    bf16_ok = cuda and torch.cuda.is_bf16_supported()
-    if cfg.precision == "bf16":
-        if not bf16_ok:
-            raise RuntimeError("precision 'bf16' needs a CUDA GPU with bf16 support; use 'auto' or 'fp32' on a CPU")
+    cuda_bf16 = cuda and torch.cuda.is_bf16_supported()
+    if cfg.precision == "auto":
+        return device, (torch.bfloat16 if cuda_bf16 else None)
+    if cuda_bf16 or (not cuda and (cpu_has_amx_bf16() if amx is None else amx)):
         return device, torch.bfloat16
-    return device, (torch.bfloat16 if bf16_ok else None)
+    raise RuntimeError(
+        "precision 'bf16' needs a CUDA GPU with bf16 support or a CPU with AMX bf16 tiles; use 'auto' or 'fp32'"
+    )
 
 
 @dataclass
