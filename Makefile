@@ -33,7 +33,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-demo: setup
+# The demo needs only the venv and DCMTK (its PACS): not the test peers, chromium or the OHIF build.
+demo: $(STAMP)
+	@scripts/install-system-deps.sh demo
 	$(RUN) -m devtools.demo
 
 benchmark: setup

@@ -164,3 +164,17 @@ def test_base_plus_adapter_bundle_is_merged_at_load(tmp_path, study):
     item = study[Eye.RIGHT].item
     report = engine.analyze_eye(item.eye, item.cfp, item.oct)
     assert report.label in Label and report.raw_text == engine.analyze_eye(item.eye, item.cfp, item.oct).raw_text
+
+
+def test_the_llm_runs_in_the_precision_asked_for_with_the_same_report(tiny_bundle, study):
+    """bf16 where the hardware multiplies it natively (GROK_PACS_LLM_PRECISION=auto); fp32 when a site forces it."""
+    item = study[Eye.RIGHT].item
+    reports = {}
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        engine = Engine.from_bundle(tiny_bundle, device="cpu", llm_precision=precision)
+        assert engine.llm_precision == precision
+        assert {p.dtype for p in engine.model.llm.parameters()} == {dtype}
+        reports[precision] = engine.analyze_eye(item.eye, item.cfp, item.oct)
+    for report in reports.values():
+        assert report.label == Label.GLAUCOMA and TINY_NARRATIVE in report.raw_text
+    assert reports["bf16"].narrative == reports["fp32"].narrative

@@ -27,8 +27,9 @@ from grok_pacs.analysis.calibration import CALIBRATION_FILE, METHODS, Calibratio
 
 #: Temperature and a uniform share (grok_pacs.analysis.calibration says why the share).
 DEFAULT_METHOD = "temperature+uniform"
-#: Eyes a generation while fitting: only the scores count here, and 8 a batch cost 2/3 of 2 a batch on 2 cores.
-CALIBRATION_BATCH_EYES = 8
+#: Eyes a generation while fitting: only the scores count here. On 2 cores an eye costs 7.0 s two a batch, 5.4 s
+#: eight, 4.5 s sixteen and 4.3 s twenty-eight (fp32; the prompts' prefill is most of what is left).
+CALIBRATION_BATCH_EYES = 16
 
 
 def _matrix(scores: Sequence[dict[str, float]], labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:

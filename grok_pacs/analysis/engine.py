@@ -55,6 +55,7 @@ from grok_pacs.domain.labels import Label
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.heads import BiomarkerHead, estimates_in_range
 from grok_pacs.model.pattern import load_pattern_head
+from grok_pacs.model.precision import resolve_precision, torch_dtype
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.prompt import IM_END, IMAGE_TOKEN, build_prompt
 from grok_pacs.ops import metrics
@@ -81,11 +82,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_llm(bundle: Bundle, device: str) -> torch.nn.Module:
-    """The bundle's Qwen2, LoRA merged (merging a base + adapter bundle here), in eval mode on `device`."""
+def load_llm(bundle: Bundle, device: str, precision: str = "fp32") -> torch.nn.Module:
+    """The bundle's Qwen2, LoRA merged (merging a base + adapter bundle here), in eval mode on `device`, its
+    weights in `precision` ("bf16" or "fp32", resolved by grok_pacs.model.precision)."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = torch_dtype(precision)
     llm = bundle.manifest["llm"]
     if bundle.layout == "merged":
         model = AutoModelForCausalLM.from_pretrained(str(bundle.path(llm["dir"])), local_files_only=True, dtype=dtype)
@@ -103,7 +105,13 @@ class Engine:
     """A loaded bundle. Build with `Engine.from_bundle(path)`; thread-compatible, not thread-safe."""
 
     def __init__(
-        self, bundle: Bundle, device: str = "auto", threads: int = 0, *, min_label_probability: float | None = None
+        self,
+        bundle: Bundle,
+        device: str = "auto",
+        threads: int = 0,
+        *,
+        min_label_probability: float | None = None,
+        llm_precision: str = "auto",
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -126,7 +134,9 @@ class Engine:
             str(bundle.path(bundle.manifest["tokenizer"])), local_files_only=True
         )
         projectors = Projectors.load(bundle.path(bundle.manifest["projectors"]), self.config.projector)
-        llm = load_llm(bundle, self.device)
+        # bf16 on a GPU, fp32 on a CPU unless the site forces bf16 (grok_pacs.model.precision says why)
+        self.llm_precision = resolve_precision(llm_precision, self.device)
+        llm = load_llm(bundle, self.device, self.llm_precision)
         self.model = GrokModel(
             llm, projectors.to(self.device), self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         ).eval()
@@ -142,16 +152,29 @@ class Engine:
 
     @classmethod
     def from_bundle(
-        cls, path: str | Path, device: str = "auto", *, threads: int = 0, min_label_probability: float | None = None
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        *,
+        threads: int = 0,
+        min_label_probability: float | None = None,
+        llm_precision: str = "auto",
     ) -> Engine:
         """Verify (every sha256) and load a bundle; BundleError names a missing or modified file."""
         start = time.perf_counter()
-        engine = cls(load_bundle(path), device, threads, min_label_probability=min_label_probability)
+        engine = cls(
+            load_bundle(path),
+            device,
+            threads,
+            min_label_probability=min_label_probability,
+            llm_precision=llm_precision,
+        )
         log.info(
-            "bundle %s %s loaded on %s in %.1f s",
+            "bundle %s %s loaded on %s (LLM in %s) in %.1f s",
             engine.bundle.name,
             engine.bundle.version,
             engine.device,
+            engine.llm_precision,
             time.perf_counter() - start,
         )
         return engine

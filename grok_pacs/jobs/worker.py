@@ -85,7 +85,9 @@ class WorkerContext:
                     started = time.perf_counter()
                     try:
                         self._engine = Engine.from_bundle(
-                            Path(self.settings.bundle), min_label_probability=self.settings.min_label_probability
+                            Path(self.settings.bundle),
+                            min_label_probability=self.settings.min_label_probability,
+                            llm_precision=self.settings.llm_precision,
                         )
                     except Exception as exc:  # noqa: BLE001 - recorded for /health, then raised unchanged
                         health.BUNDLE_STATE.mark_failed(f"{type(exc).__name__}: {exc}")

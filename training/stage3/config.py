@@ -15,27 +15,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from grok_pacs.model.precision import PRECISIONS, cpu_precision
+
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PRECISIONS = ("auto", "bf16", "fp32")
 #: Fields that may differ between a run and the run it resumes (they do not change what is computed).
 RESUME_FREE_FIELDS = frozenset({"checkpoint_every", "eval_every", "num_threads"})
-
-
-def cpu_has_amx_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU has AMX bf16 tiles (the `amx_bf16` flag of /proc/cpuinfo; False where it is unreadable)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return False
-    return any(
-        line.startswith("flags") and "amx_bf16" in line.split(":", 1)[-1].split() for line in cpuinfo.splitlines()
-    )
-
-
-def cpu_precision() -> str:
-    """The CPU presets' precision: "bf16" where the CPU multiplies bf16 natively (AMX), else "fp32"."""
-    return "bf16" if cpu_has_amx_bf16() else "fp32"
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,10 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from grok_pacs.model.grok import GrokModel
+from grok_pacs.model.precision import cpu_has_amx_bf16
 from grok_pacs.model.prompt import IGNORE_INDEX
 from training.stage3.checkpoint import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
-from training.stage3.config import Stage3Config, cpu_has_amx_bf16
+from training.stage3.config import Stage3Config
 from training.stage3.data import SFTDataset, collate, target_token_count
 
 log = logging.getLogger(__name__)
