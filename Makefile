@@ -15,12 +15,9 @@ system:
 	@scripts/install-system-deps.sh
 	@scripts/fetch-ohif.sh
 
-# The virtual environment, rebuilt when pyproject.toml changes.
-$(STAMP): pyproject.toml requirements-nodeps.txt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[train,export,test]'
-	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+# The virtual environment (installed by uv, with pip's indexes), rebuilt when pyproject.toml changes.
+$(STAMP): pyproject.toml requirements-nodeps.txt scripts/install-python-deps.sh
+	scripts/install-python-deps.sh $(VENV) $(PYTHON)
 	@touch $(STAMP)
 
 setup: system $(STAMP)

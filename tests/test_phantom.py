@@ -62,6 +62,20 @@ def test_manifest_of_a_cohort_loads_and_is_marked_synthetic(cohort: Path) -> Non
     assert "not clinical data" in (cohort.parent / "README.txt").read_text()
 
 
+def test_dicom_studies_only_for_the_splits_asked_for(tmp_path: Path) -> None:
+    """The pipeline writes studies for the held-out subjects only (the demo sends one of them)."""
+    manifest = generate_cohort(tmp_path / "c", 8, seed=11, dicom_splits=("test",), workers=2, progress=False)
+    records = load_manifest(manifest)
+    held_out = [r for r in records if r.split == "test"]
+    assert held_out and len(held_out) < len(records)
+    for r in records:
+        if r.split == "test":
+            assert r.study_dir is not None and (r.study_dir / f"OPT_{r.eye}.dcm").is_file()
+        else:
+            assert r.study_dir is None
+    assert {p.name for p in (manifest.parent / "dicom").iterdir()} == {r.subject_id for r in held_out}
+
+
 def test_labels_balanced_and_split_by_subject() -> None:
     plans = plan_cohort(140, seed=3)
     assert plans == plan_cohort(140, seed=3)

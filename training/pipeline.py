@@ -17,9 +17,12 @@ import fcntl
 import importlib.metadata
 import json
 import logging
+import multiprocessing
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -72,6 +75,7 @@ STEP_SOURCES: dict[str, tuple[str, ...]] = {
     ),
 }
 DEFAULT_CACHE = Path(".cache") / "pipeline"
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class PipelineConfig:
     n_subjects: int = 210  # phantom subjects (two eyes each); 15 % val and 15 % test, stratified by label
     seed: int = 7  # cohort seed (every image and number follows from it)
     dicom: bool = True  # also write DICOM OP/OPT studies (the demo sends one)
+    dicom_splits: tuple[str, ...] = ("test",)  # whose: the held-out subjects, the only ones sent (16 % less time)
     workers: int = 2  # processes rendering the cohort
     stage2_epochs: int | None = None  # override the stage-2 small preset's epochs (None = preset)
     stage2_changes: dict[str, Any] = field(default_factory=dict)  # other Stage2Config fields to change
@@ -128,7 +133,7 @@ class PipelineConfig:
     def step_config(self, step: str) -> Any:
         """Everything of the configuration that can change one step's output, resolved (whole dataclasses)."""
         if step == "cohort":
-            return {"n": self.n_subjects, "seed": self.seed, "dicom": self.dicom}
+            return {"n": self.n_subjects, "seed": self.seed, "dicom": self.dicom, "dicom_splits": self.dicom_splits}
         if step == "base_llm":
             return {"llm": self.llm, "package": f"{SMOLLM_PACKAGE}=={importlib.metadata.version(SMOLLM_PACKAGE)}"}
         if step == "stage1":
@@ -256,7 +261,15 @@ def _run_locked(cfg: PipelineConfig, cache_dir: Path, progress: bool) -> Pipelin
 def _cohort(cfg: PipelineConfig, out: Path, progress: bool) -> dict[str, Any]:
     from training.phantom import generate_cohort
 
-    manifest = generate_cohort(out, cfg.n_subjects, cfg.seed, dicom=cfg.dicom, workers=cfg.workers, progress=progress)
+    manifest = generate_cohort(
+        out,
+        cfg.n_subjects,
+        cfg.seed,
+        dicom=cfg.dicom,
+        dicom_splits=cfg.dicom_splits,
+        workers=cfg.workers,
+        progress=progress,
+    )
     return {"manifest": str(manifest), "n_subjects": cfg.n_subjects, "seed": cfg.seed}
 
 
@@ -276,24 +289,36 @@ def _stage1(manifest: Path, out: Path, progress: bool) -> dict[str, Any]:
 
 
 def _stage2(cfg: PipelineConfig, manifest: Path, images: Path, out: Path, progress: bool) -> dict[str, Any]:
+    """Both modalities' runs; at once, one process each, when each trains on a fixed share of the cores (the
+    small preset: one thread each, so one after the other left a core idle; 98 s -> about 55 s on 2 cores).
+    Each run's result is the same either way: it sets its own thread count."""
+    configs = [
+        cfg.stage2_config(
+            m, manifest=str(manifest), out_dir=str(out / m.lower()), cache_dir=str(images), progress=progress
+        )
+        for m in MODALITIES
+    ]
+    threads = [c.num_threads for c in configs]
+    if all(threads) and sum(threads) <= (os.cpu_count() or 1):
+        spawn = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch's threads
+        level = logging.getLogger().getEffectiveLevel()
+        with ProcessPoolExecutor(len(configs), mp_context=spawn, initializer=_log_at, initargs=(level,)) as pool:
+            results = list(pool.map(_stage2_run, configs))
+    else:
+        results = [_stage2_run(c) for c in configs]
+    return {"modalities": dict(zip(MODALITIES, results, strict=True))}
+
+
+def _log_at(level: int) -> None:
+    """A stage-2 process logs as the pipeline's own does (its epochs' lines are the run's record)."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+
+
+def _stage2_run(s2: Stage2Config) -> dict[str, str]:
     from training.stage2.train import run
 
-    modalities = {}
-    for modality in MODALITIES:
-        s2 = cfg.stage2_config(
-            modality,
-            manifest=str(manifest),
-            out_dir=str(out / modality.lower()),
-            cache_dir=str(images),
-            progress=progress,
-        )
-        result = run(s2)
-        modalities[modality] = {
-            "encoder": str(result.encoder_path),
-            "head": str(result.heads_path),
-            "report": str(result.report_path),
-        }
-    return {"modalities": modalities}
+    result = run(s2)
+    return {"encoder": str(result.encoder_path), "head": str(result.heads_path), "report": str(result.report_path)}
 
 
 def _stage3_inputs(stage1: dict, stage2: dict, manifest: Path, images: Path) -> Any:
@@ -388,7 +413,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     preset = Stage3Config.smollm if args.llm == "smollm2" else Stage3Config.small
     cfg = PipelineConfig.small(
         n_subjects=args.subjects, seed=args.seed, llm=args.llm, stage3=preset(biomarker_estimates=not args.no_estimates)

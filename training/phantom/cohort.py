@@ -97,13 +97,21 @@ def _make_subject(job: tuple[Path, int, bool, SubjectPlan]) -> list[CohortRecord
 
 
 def generate_cohort(
-    out_dir: Path, n_subjects: int, seed: int, *, dicom: bool = True, workers: int = 2, progress: bool = True
+    out_dir: Path,
+    n_subjects: int,
+    seed: int,
+    *,
+    dicom: bool = True,
+    dicom_splits: tuple[str, ...] | None = None,
+    workers: int = 2,
+    progress: bool = True,
 ) -> Path:
-    """Render a phantom cohort under out_dir and return the path of its manifest.csv."""
+    """Render a phantom cohort under out_dir and return the path of its manifest.csv. With `dicom`, the
+    subjects of `dicom_splits` (None: every subject) also get a DICOM study (a sixth of a subject's time)."""
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     plans = plan_cohort(n_subjects, seed)
-    jobs = [(out_dir, seed, dicom, plan) for plan in plans]
+    jobs = [(out_dir, seed, dicom and (dicom_splits is None or p.split in dicom_splits), p) for p in plans]
     records: list[CohortRecord] = []
     bar = tqdm(total=n_subjects, desc="phantom subjects", unit="subject", disable=not progress)
     if workers <= 1:
@@ -118,12 +126,12 @@ def generate_cohort(
     bar.close()
     (out_dir / "README.txt").write_text(SYNTHETIC_NOTICE, encoding="utf-8")
     (out_dir / "cohort.json").write_text(
-        json.dumps(_description(n_subjects, seed, dicom), indent=2) + "\n", encoding="utf-8"
+        json.dumps(_description(n_subjects, seed, dicom, dicom_splits), indent=2) + "\n", encoding="utf-8"
     )
     return write_manifest(out_dir / MANIFEST_NAME, records)
 
 
-def _description(n_subjects: int, seed: int, dicom: bool) -> dict:
+def _description(n_subjects: int, seed: int, dicom: bool, dicom_splits: tuple[str, ...] | None) -> dict:
     return {
         "synthetic": True,
         "notice": SYNTHETIC_NOTICE.replace("\n", " ").strip(),
@@ -131,6 +139,7 @@ def _description(n_subjects: int, seed: int, dicom: bool) -> dict:
         "seed": seed,
         "n_subjects": n_subjects,
         "dicom": dicom,
+        "dicom_splits": list(dicom_splits) if dicom and dicom_splits is not None else None,
         "cfp": {"size_px": CFP_SIZE, "px_per_mm": round(PX_PER_MM, 4), "field_of_view_deg": 45},
         "oct": {
             "frames": N_FRAMES,
