@@ -42,6 +42,7 @@ def ungradable(eye: str, datasets):
         ("DiabeticRetinopathy", {"mt_central": 340.0}, Action.URGENT_REFERRAL, "dr-oedema"),
         ("DiabeticRetinopathy", {"mt_central": 250.0}, Action.REFERRAL, "dr"),
         ("AMD", {"mt_central": 330.0}, Action.URGENT_REFERRAL, "amd-wet"),
+        ("AMD", {"isos_rpe_central": 110.0}, Action.URGENT_REFERRAL, "amd-wet-fluid"),
         ("AMD", {"mt_central": 250.0}, Action.REFERRAL, "amd"),
         ("Normal", {"cup_to_disc": 0.75}, Action.REFERRAL, "glaucoma-cdr"),
         ("Glaucoma", {"cup_to_disc": 0.5}, Action.REFERRAL, "glaucoma"),

@@ -81,6 +81,20 @@ def test_compact_prompt_ends_with_the_pattern_line():
         compact_biomarker_block(MID, Label.INDETERMINATE)
 
 
+def test_the_pattern_line_names_the_amd_subtype_the_estimates_show_when_asked():
+    """The demo's dry AMD eye (central IS/OS-RPE 56 um, central subfield 280 um) got wet lesions from a model
+    that saw only the numbers; bundles trained with `pattern_subtype` read the subtype in the line."""
+    dry = MID | {"isos_rpe_central": 56.0, "mt_central": 280.0}
+    wet = MID | {"isos_rpe_central": 118.0, "mt_central": 352.0}
+    assert compact_biomarker_block(dry, Label.AMD, True).endswith("\nClosest biomarker pattern: AMD (dry).")
+    assert compact_biomarker_block(wet, Label.AMD, True).endswith("\nClosest biomarker pattern: AMD (wet).")
+    assert compact_biomarker_block(wet, Label.AMD).endswith("\nClosest biomarker pattern: AMD.")  # as trained before
+    assert compact_biomarker_block(wet, Label.DIABETIC_RETINOPATHY, True).endswith("pattern: DiabeticRetinopathy.")
+    no_oct = {k: v for k, v in dry.items() if k not in ("isos_rpe_central", "mt_central")}
+    assert compact_biomarker_block(no_oct, Label.AMD, True).endswith("pattern: AMD.")  # nothing to show it by
+    assert build_prompt(dry, compact=True, pattern="AMD", pattern_subtype=True).count("AMD (dry).") == 1
+
+
 def _with_pattern_head(bundle, head: PatternHead, compact: bool):
     manifest = json.loads((bundle / MANIFEST).read_text())
     head.save(bundle / PATTERN_HEAD_FILE)
@@ -101,3 +115,27 @@ def test_engine_writes_the_bundles_pattern_into_every_prompt(tiny_bundle, tmp_pa
         assert prompt.endswith(f"Closest biomarker pattern: {label.value}.<|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(BundleError, match="compact"):
         Engine.from_bundle(_with_pattern_head(copy_bundle(tiny_bundle, tmp_path / "c"), head, False))
+    amd = _with_pattern_head(copy_bundle(tiny_bundle, tmp_path / "d"), fit_pattern_head(*_amd_cohort()), True)
+    dry = MID | {"isos_rpe_central": 56.0, "mt_central": 280.0}
+    assert Engine.from_bundle(amd).prompt(dry).endswith("pattern: AMD.<|im_end|>\n<|im_start|>assistant\n")
+    assert (
+        Engine.from_bundle(_with_subtype(amd))
+        .prompt(dry)
+        .endswith("pattern: AMD (dry).<|im_end|>\n<|im_start|>assistant\n")
+    )
+
+
+def _amd_cohort() -> tuple[list[dict[str, float]], list[Label]]:
+    """A pattern head that names AMD for raised central IS/OS-RPE and Normal otherwise."""
+    rows = [MID | {"isos_rpe_central": 40.0 + i} for i in range(10)] + [
+        MID | {"isos_rpe_central": 56.0 + i} for i in range(10)
+    ]
+    return rows, [Label.NORMAL] * 10 + [Label.AMD] * 10
+
+
+def _with_subtype(bundle):
+    """The bundle's generation config as stage 3 writes it for a `pattern_subtype` preset."""
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["config"]["generation"]["pattern_subtype"] = True
+    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return bundle

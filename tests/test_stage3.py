@@ -267,6 +267,14 @@ def test_precision_is_fp32_on_cpu_and_bf16_only_where_the_cpu_has_amx() -> None:
     assert Stage3Config.smollm().precision == ("bf16" if cpu_has_amx_bf16() else "fp32")
 
 
+def test_the_smollm_preset_names_the_amd_subtype_in_its_pattern_line() -> None:
+    cfg = Stage3Config.smollm()
+    assert cfg.pattern_head and cfg.pattern_subtype
+    assert not Stage3Config.smollm(biomarker_estimates=False).pattern_subtype  # no estimates, no line
+    with pytest.raises(ValueError, match="pattern_subtype needs pattern_head"):
+        Stage3Config.smollm(pattern_head=False, pattern_subtype=True)
+
+
 def test_phantom_tokenizer_keeps_chatml_and_image_tokens_whole(tmp_path: Path) -> None:
     texts = ["Cup-to-disc ratio 0.72 with thinning of the RNFL. Diagnosis: Glaucoma"] * 20
     save_tokenizer(train_bpe(texts, vocab_size=280), tmp_path)

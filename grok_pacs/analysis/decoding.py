@@ -33,6 +33,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from grok_pacs.analysis.validation import ValidationLimits
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, LABEL_SYNONYMS
+from grok_pacs.domain.subtypes import WORD
 from grok_pacs.model.config import GenerationConfig
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.prompt import DIAGNOSIS_PREFIX, IM_END
@@ -75,7 +76,7 @@ class NumberGuard(LogitsProcessor):
         return scores
 
 
-_WORD = re.compile(r"[a-z0-9]+(?:[.'-][a-z0-9]+)*")  # the validator's words
+_WORD = WORD  # the validator's words
 _SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")  # a token that ends a sentence: ".", ". ", ".\n", "!"
 _FIRST_WORD = re.compile(r"([^a-z0-9]*)([a-z].*)", re.DOTALL)  # a token's separator, then a word's letters
 _JOINER = re.compile(r"[.'-]")  # joins two runs into one of the validator's words ("os-rpe", "eye's")

@@ -274,7 +274,9 @@ class Engine:
         gen = self.config.generation
         values = self.prompt_estimates(estimates)
         pattern = self.pattern_head.closest(values) if self.pattern_head is not None and values else None
-        return build_prompt(values, missing, compact=gen.compact_biomarkers, pattern=pattern)
+        return build_prompt(
+            values, missing, compact=gen.compact_biomarkers, pattern=pattern, pattern_subtype=gen.pattern_subtype
+        )
 
     def _scored_label(self, scores: dict[str, float]) -> Label:
         """The best calibrated scored label when its probability reaches the operating point, else

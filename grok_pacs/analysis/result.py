@@ -144,6 +144,7 @@ class NarrativeReason(StrEnum):
     TOO_LONG = "too_long"
     IMPLAUSIBLE_VALUE = "implausible_value"
     UNMEASURED_VALUE = "unmeasured_value"
+    CONTRADICTS_ESTIMATES = "contradicts_estimates"
 
 
 #: One human sentence per reason (the SR and logs show it; details add the offending text).
@@ -157,6 +158,7 @@ REASON_TEXT: dict[NarrativeReason, str] = {
     NarrativeReason.TOO_LONG: "the findings text is too long",
     NarrativeReason.IMPLAUSIBLE_VALUE: "a cited value is outside its biomarker's plausible range",
     NarrativeReason.UNMEASURED_VALUE: "a value is cited for a biomarker that was not measured",
+    NarrativeReason.CONTRADICTS_ESTIMATES: "it names an AMD subtype (wet or dry) that the measurements contradict",
 }
 assert set(REASON_TEXT) == set(NarrativeReason)
 

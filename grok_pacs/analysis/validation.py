@@ -16,7 +16,10 @@ report repeats a 4-word phrase 4 times and an 8-word phrase twice, and runs to 2
 - implausible value: a cited number outside its biomarker's plausible range
   (`grok_pacs.domain.biomarkers`);
 - unmeasured value: a number cited for a biomarker without an estimate (only when `estimates` is given),
-  e.g. an OCT thickness for an eye without OCT: the model made it up.
+  e.g. an OCT thickness for an eye without OCT: the model made it up;
+- contradicts the estimates: the narrative names wet AMD (or its signs: subretinal fluid, neovascular) while
+  the estimates show dry, or the reverse (`grok_pacs.domain.subtypes`, the criterion the referral reads),
+  e.g. "a dark subretinal haemorrhage" over a central IS/OS-RPE thickness of 56 um (only with `estimates`).
 A failed check means the narrative is withheld; what the runtime does then is in `engine`.
 """
 
@@ -32,6 +35,7 @@ from grok_pacs.analysis.grounding import find_citations, in_biomarker_unit
 from grok_pacs.analysis.parsing import parse_generation
 from grok_pacs.analysis.result import REASON_TEXT, NarrativeCheck, NarrativeIssue, NarrativeReason
 from grok_pacs.domain.biomarkers import BY_KEY
+from grok_pacs.domain.subtypes import WET_AMD_SIGNS, WORD, amd_subtype, stated_subtypes
 
 __all__ = ["REASON_TEXT", "Issue", "NarrativeCheck", "Reason", "ValidationLimits", "validate_narrative"]
 
@@ -70,7 +74,7 @@ class ValidationLimits:
             raise ValueError(f"ValidationLimits: min_words {self.min_words} > max_words {self.max_words}")
 
 
-_WORD = re.compile(r"[a-z0-9]+(?:[.'-][a-z0-9]+)*")
+_WORD = WORD
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _SECOND_POINT = re.compile(r"\d+\.\d+\.\d[\d.]*")  # 0.375.0.0; "0.72. The" (a sentence end) is fine
 
@@ -129,6 +133,23 @@ def _values(narrative: str, estimates: Mapping[str, float] | None) -> list[Issue
     return issues
 
 
+def _subtype(narrative: str, estimates: Mapping[str, float] | None) -> list[Issue]:
+    """The AMD subtype the words state against the one the estimates show (wet is urgent, dry routine)."""
+    shown = amd_subtype(estimates) if estimates is not None else None
+    if shown is None:
+        return []
+    said = stated_subtypes(narrative)
+    other = "dry" if shown == "wet" else "wet"
+    if other not in said:
+        return []
+    evidence = ", ".join(sign.describe(estimates) for sign in WET_AMD_SIGNS)
+    return [
+        Issue(
+            Reason.CONTRADICTS_ESTIMATES, f"{_short(said[other])} ({other}) but the estimates show {shown}: {evidence}"
+        )
+    ]
+
+
 def _diagnosis(text: str, label_found: bool) -> list[Issue]:
     if label_found:
         return []
@@ -140,7 +161,7 @@ def validate_narrative(
     text: str, estimates: Mapping[str, float] | None = None, *, limits: ValidationLimits = ValidationLimits()
 ) -> NarrativeCheck:
     """Check one generation (see the module docstring); `estimates` (key -> value) enables the
-    unmeasured-value rule."""
+    unmeasured-value and the contradiction rules."""
     parsed = parse_generation(text)
     narrative = parsed.narrative
     words = _WORD.findall(narrative.lower())
@@ -160,6 +181,7 @@ def validate_narrative(
     elif len(words) > limits.max_words:
         issues.append(Issue(Reason.TOO_LONG, f"{len(words)} words"))
     issues += _values(narrative, estimates)
+    issues += _subtype(narrative, estimates)
     bigrams = list(zip(words, words[1:]))
     distinct = len(set(bigrams)) / len(bigrams) if bigrams else 1.0
     return NarrativeCheck(not issues, tuple(issues), len(words), repeated, distinct)

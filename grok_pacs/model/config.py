@@ -79,6 +79,7 @@ class GenerationConfig:
     biomarkers_in_prompt: bool = True  # the prompt carries the head estimates block (must match stage-3 training)
     ground_numbers: bool = True  # write cited numbers that disagree with the estimates as the estimates
     compact_biomarkers: bool = False  # the prompt's estimates as grok_pacs.model.prompt.compact_biomarker_block
+    pattern_subtype: bool = False  # the pattern line names the AMD subtype the estimates show (as trained)
     stop_at_diagnosis: bool = True  # end a generation once "Diagnosis: <label>" is complete (nothing after it)
     # No token n-gram of this size twice (0 = off). Healthy reports do repeat long runs (a rule-out citing
     # "is unlikely with an arteriolar-to-venular ratio of 0.768" twice: 20 SmolLM2 tokens), and blocking one

@@ -16,6 +16,7 @@ from typing import Any
 
 from grok_pacs.domain.biomarkers import BIOMARKERS, CFP_BIOMARKERS, OCT_BIOMARKERS, PROSE_NAMES, Biomarker, format_value
 from grok_pacs.domain.labels import Label
+from grok_pacs.domain.subtypes import amd_subtype
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 IMAGE_TOKEN = "<image>"
@@ -107,18 +108,24 @@ def _flagged(b: Biomarker, value: float) -> str:
     return f"{PROSE_NAMES[b.key]} {format_value(b, value)}" + (f" ({word})" if word else "")
 
 
-def pattern_line(label: Label | str) -> str:
-    """The pattern head's answer (grok_pacs.model.pattern) as the prompt states it, by the label's name."""
+def pattern_line(label: Label | str, subtype: str | None = None) -> str:
+    """The pattern head's answer (grok_pacs.model.pattern) as the prompt states it, by the label's name; for
+    AMD with `subtype`, the subtype the estimates show (grok_pacs.domain.subtypes): "... AMD (dry)."."""
     label = Label(label)
     if label == Label.INDETERMINATE:
         raise ValueError("Indeterminate is not a biomarker pattern")
-    return f"{PATTERN_PREFIX} {label.value}."
+    shown = f" ({subtype})" if subtype and label == Label.AMD else ""
+    return f"{PATTERN_PREFIX} {label.value}{shown}."
 
 
-def compact_biomarker_block(values: Mapping[str, float], pattern: Label | str | None = None) -> str:
+def compact_biomarker_block(
+    values: Mapping[str, float], pattern: Label | str | None = None, pattern_subtype: bool = False
+) -> str:
     """The estimates in few tokens: the `COMPACT_KEYS` with `(low)`/`(high)` flags, then any other estimate
     outside its normal range; the rest are said to be within normal limits. With `pattern` (the bundle's
-    pattern head's closest label for these estimates), a last line names it.
+    pattern head's closest label for these estimates), a last line names it, and with `pattern_subtype` the
+    AMD subtype these estimates show when that label is AMD (a 135M model given only the central IS/OS-RPE
+    number wrote wet lesions over a dry eye's 56 um; the line states what the referral reads).
 
     For CPU presets where every prompt token costs training and decoding time (about 320 SmolLM2 tokens
     instead of 750); the names are the ones the reports use (`PROSE_NAMES`), so a cited number sits next to
@@ -138,7 +145,7 @@ def compact_biomarker_block(values: Mapping[str, float], pattern: Label | str | 
         "Also outside normal limits: " + "; ".join(others) + "." if others else "All other estimates are normal."
     )
     if pattern is not None:
-        lines.append(pattern_line(pattern))
+        lines.append(pattern_line(pattern, amd_subtype(values) if pattern_subtype else None))
     return "\n".join(lines)
 
 
@@ -148,12 +155,14 @@ def human_turn(
     *,
     compact: bool = False,
     pattern: Label | str | None = None,
+    pattern_subtype: bool = False,
 ) -> str:
     """The user message: `<image>`, the paper's instruction, optional estimates and missing-modality note.
 
     `compact` writes the estimates with `compact_biomarker_block` (the bundle's
     `generation.compact_biomarkers` says which block its model was trained with); `pattern` adds its
-    pattern line (compact block only: the pattern head came after the full block's presets).
+    pattern line (compact block only: the pattern head came after the full block's presets), with the AMD
+    subtype where `pattern_subtype` (`generation.pattern_subtype`).
     """
     if pattern is not None and not compact:
         raise ValueError("the pattern line belongs to the compact biomarker block")
@@ -162,7 +171,11 @@ def human_turn(
         if modality not in MODALITY_NAMES:
             raise ValueError(f"unknown modality {modality!r}; expected CFP or OCT")
         parts.append(f"No {MODALITY_NAMES[modality]} ({modality}) is available for this eye.")
-    block = compact_biomarker_block(biomarkers or {}, pattern) if compact else biomarker_block(biomarkers or {})
+    block = (
+        compact_biomarker_block(biomarkers or {}, pattern, pattern_subtype)
+        if compact
+        else biomarker_block(biomarkers or {})
+    )
     if block:
         parts.append(block)
     return "\n\n".join(parts)
@@ -179,9 +192,12 @@ def build_prompt(
     *,
     compact: bool = False,
     pattern: Label | str | None = None,
+    pattern_subtype: bool = False,
 ) -> str:
     """The full generation prompt for one eye."""
-    return chat_prompt(human_turn(biomarkers, missing, compact=compact, pattern=pattern))
+    return chat_prompt(
+        human_turn(biomarkers, missing, compact=compact, pattern=pattern, pattern_subtype=pattern_subtype)
+    )
 
 
 def format_target(narrative: str, label: Label | str) -> str:
@@ -214,6 +230,7 @@ def build_training_example(
     visual_tokens: int = 392,
     compact: bool = False,
     pattern: Label | str | None = None,
+    pattern_subtype: bool = False,
 ) -> TrainingExample:
     """Token ids and labels for one SFT record; the loss falls on the assistant reply only.
 
@@ -221,7 +238,8 @@ def build_training_example(
     both modalities, 197 with one, since a missing modality is one placeholder). The target is truncated
     when needed, never the prompt.
     """
-    prompt_ids = _encode(tokenizer, build_prompt(biomarkers, missing, compact=compact, pattern=pattern))
+    prompt = build_prompt(biomarkers, missing, compact=compact, pattern=pattern, pattern_subtype=pattern_subtype)
+    prompt_ids = _encode(tokenizer, prompt)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if prompt_ids.count(image_id) != 1:
         raise ValueError(f"the tokenizer does not keep {IMAGE_TOKEN} as one special token")

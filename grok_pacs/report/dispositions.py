@@ -11,7 +11,6 @@ the same fields as `Rule` (see docs/ARCHITECTURE.md, "Safety gate and dispositio
 from __future__ import annotations
 
 import dataclasses
-import operator
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,10 +19,11 @@ from pathlib import Path
 from grok_pacs.analysis.result import ACTION_ORDER, Action, Disposition, Gradability, Report
 from grok_pacs.domain.biomarkers import BY_KEY
 from grok_pacs.domain.labels import Label
+from grok_pacs.domain.subtypes import COMPARISONS, WET_AMD_SIGNS
 
 SYSTEMIC_LABELS = (Label.DIABETES, Label.HYPERTENSION, Label.ALZHEIMER)
 CDR_ASYMMETRY = 0.2  #: cup-to-disc difference between the eyes that suggests glaucoma (SPEC section 7)
-_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+_OPS = COMPARISONS
 
 
 class DispositionTableError(ValueError):
@@ -111,15 +111,18 @@ DEFAULT_TABLE: tuple[Rule, ...] = (
         label="DiabeticRetinopathy",
         source=f"{_DESP}: referable DR",
     ),
-    Rule(
-        "amd-wet",
-        Action.URGENT_REFERRAL,
-        "Urgent referral (within about 2 weeks): suspected neovascular AMD (central thickening)",
-        label="AMD",
-        biomarker="mt_central",
-        op=">=",
-        value=300.0,
-        source="RCOphth AMD guidance: suspected wet AMD seen within 2 weeks (SPEC section 7)",
+    *(  # one urgent row per sign of wet AMD, the criterion the narrative validator also holds the words to
+        Rule(
+            rule_id,
+            Action.URGENT_REFERRAL,
+            f"Urgent referral (within about 2 weeks): suspected neovascular AMD ({sign.meaning})",
+            label="AMD",
+            biomarker=sign.key,
+            op=sign.op,
+            value=sign.value,
+            source="RCOphth AMD guidance: suspected wet AMD seen within 2 weeks (SPEC section 7)",
+        )
+        for rule_id, sign in zip(("amd-wet-fluid", "amd-wet"), WET_AMD_SIGNS, strict=True)
     ),
     Rule(
         "amd",

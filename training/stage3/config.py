@@ -79,6 +79,7 @@ class Stage3Config:
     compact_biomarkers: bool = False  # the estimates as the compact block (short names, low/high flags)
     concise_reports: bool = False  # guideline targets: flagged estimates, lesions, inference, conclusion (~60 words)
     pattern_head: bool = False  # fit the pattern head on the training eyes' estimates; its label ends the prompt
+    pattern_subtype: bool = False  # that line also names the AMD subtype the estimates show ("AMD (dry)")
     token_grid: int = 0  # visual tokens per modality pooled to token_grid x token_grid (0 = all 196, the paper)
     max_new_tokens: int = 512  # the bundle's decoding bound per eye
     max_train_records: int = 0  # SFT on at most this many training eyes, labels balanced (0 = all)
@@ -102,6 +103,8 @@ class Stage3Config:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.pattern_head and not (self.biomarker_estimates and self.compact_biomarkers):
             raise ValueError("pattern_head needs biomarker_estimates and compact_biomarkers (its line ends that block)")
+        if self.pattern_subtype and not self.pattern_head:
+            raise ValueError("pattern_subtype needs pattern_head (the subtype is part of its line)")
         unknown = set(self.lora_targets) - set(LORA_TARGETS)
         if unknown:
             raise ValueError(f"lora_targets {sorted(unknown)} are not Qwen2 linear layers {LORA_TARGETS}")
@@ -150,12 +153,14 @@ class Stage3Config:
             compact_biomarkers=True,
             concise_reports=True,
             pattern_head=True,
+            pattern_subtype=True,
             token_grid=3,
             max_new_tokens=320,
             max_train_records=140,
             max_val_records=8,
         )
         overrides.setdefault("pattern_head", overrides.get("biomarker_estimates", True))  # it reads the estimates
+        overrides.setdefault("pattern_subtype", overrides["pattern_head"])
         return replace(base, **overrides)
 
     @classmethod

@@ -92,9 +92,11 @@ def build_samples(
     estimates: Mapping[str, Mapping[str, float]] | None = None,
     compact: bool = False,
     pattern: PatternHead | None = None,
+    pattern_subtype: bool = False,
 ) -> list[SFTSample]:
     """One SFT sample per record; `estimates` (record id -> head predictions) turns on the biomarker block
-    (`compact`: the compact one, ending with `pattern`'s closest label for the estimates when given)."""
+    (`compact`: the compact one, ending with `pattern`'s closest label for the estimates when given, and
+    with `pattern_subtype` the AMD subtype they show)."""
     samples = []
     for record in records:
         rid = str(record["id"])
@@ -113,6 +115,7 @@ def build_samples(
             visual_tokens=features.visual_tokens(rid),
             compact=compact,
             pattern=None if pattern is None or values is None else pattern.closest(values),
+            pattern_subtype=pattern_subtype,
         )
         samples.append(SFTSample(rid, record_label(record), example.input_ids, example.labels, example.truncated))
     return samples

@@ -213,6 +213,7 @@ def grok_config(cfp_encoder: Any, oct_encoder: Any, llm: Any, cfg: Stage3Config)
         max_new_tokens=768 if cfg.uses_stand_in else cfg.max_new_tokens,
         biomarkers_in_prompt=cfg.biomarker_estimates,
         compact_biomarkers=cfg.compact_biomarkers,
+        pattern_subtype=cfg.pattern_subtype,
     )
     return GrokConfig(
         cfp_encoder=cfp_encoder.cfg,
@@ -293,6 +294,7 @@ def run(
             estimates=estimates,
             compact=cfg.compact_biomarkers,
             pattern=pattern,
+            pattern_subtype=cfg.pattern_subtype,
         )
         truncated = sum(s.truncated for s in samples)
         if truncated:
