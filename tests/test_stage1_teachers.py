@@ -19,7 +19,7 @@ from PIL import Image
 from devtools.ports import free_port
 from grok_pacs.analysis.grounding import find_citations
 from grok_pacs.domain.biomarkers import BIOMARKERS, format_value
-from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
+from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 from training.manifest import load_manifest
 from training.phantom import generate_cohort
 from training.phantom.sampling import sample_subject
@@ -239,3 +239,21 @@ def test_http_teacher_does_not_retry_a_bad_request(server, manifest: Path, tmp_p
     with pytest.raises(TeacherError, match="HTTP 400"):
         _teacher(server.url, tmp_path / "cache").write(record)
     assert sum(server.requests.values()) == 1
+
+
+def test_amd_lesions_start_with_the_subtype_the_eye_shows() -> None:
+    """The subtype word comes first ("dry, non-exudative changes: ..."), as the prompt's pattern line names
+    it, so a model that copies it writes the lesions of that subtype; the estimates agree (the validator)."""
+    from grok_pacs.domain.subtypes import amd_subtype, stated_subtypes
+
+    teacher = GuidelineTeacher(KNOWLEDGE)
+    seen = set()
+    for i in range(12):
+        record = _phantom_eye(Label.AMD, i)
+        lesions = teacher.write(record, concise=True).split(". ")[1]
+        shown = amd_subtype(record.biomarkers)
+        kind = {"dry": "dry, non-exudative changes: ", "wet": "wet, exudative changes: "}[shown]
+        assert lesions.startswith((f"The images show {kind}", f"Inspection reveals {kind}")), lesions
+        assert set(stated_subtypes(lesions)) == {shown}
+        seen.add(shown)
+    assert seen == {"dry", "wet"}

@@ -55,6 +55,8 @@ _AGAINST = {
     "low": ("normal", "high-normal", "high"),
     "normal": ("low", "high"),
 }
+#: How a subtyped label's lesions are introduced (the subtype word first: what the prompt's pattern line names).
+_KINDS = {"dry": "dry, non-exudative changes", "wet": "wet, exudative changes"}
 _SUPPORTS = {
     "high": ("high", "high-normal"),
     "low": ("low", "low-normal"),
@@ -241,12 +243,16 @@ class _Writer:
         items = self.lk.lesions.get(self.subtype) or self.lk.lesions.get("") or ()
         if not items:
             return ""
+        # AMD's subtype is named before its lesions ("dry, non-exudative changes: soft yellow drusen ..."):
+        # the model then writes the prompt's "AMD (dry)" as its first lesion word and the lesions follow it,
+        # where a 135M model given the lesions alone chose wet ones over a dry eye's estimates.
+        kind = f"{_KINDS[self.subtype]}: " if self.lk.wet_if and self.subtype in _KINDS else ""
         if len(items) == 1:
-            return self.rng.choice((f"The images show {items[0]}.", f"Inspection reveals {items[0]}."))
+            return self.rng.choice((f"The images show {kind}{items[0]}.", f"Inspection reveals {kind}{items[0]}."))
         return self.rng.choice(
             (
-                f"The images show {items[0]}, with {items[1]}.",
-                f"Inspection reveals {items[0]}, together with {items[1]}.",
+                f"The images show {kind}{items[0]}, with {items[1]}.",
+                f"Inspection reveals {kind}{items[0]}, together with {items[1]}.",
             )
         )
 
