@@ -68,6 +68,11 @@ def test_a_narrative_the_estimates_contradict_is_withheld_with_the_evidence() ->
 
 def test_a_narrative_that_agrees_or_cannot_be_checked_passes() -> None:
     assert validate_narrative(DRY_WORDS, DRY).passed
+    proliferative = format_target(
+        "Neovascularisation of the disc with dot-blot haemorrhages and hard exudates at the posterior pole.",
+        "DiabeticRetinopathy",
+    )
+    assert validate_narrative(proliferative, DRY).passed  # not AMD: not an AMD subtype
     assert validate_narrative(WET_WORDS.replace("56.0", "118.0"), WET).passed
     assert validate_narrative(WET_WORDS).passed  # no estimates given: the rule is off
     assert validate_narrative(WET_WORDS, DRY | {"isos_rpe_central": math.nan}).reasons == (Reason.UNMEASURED_VALUE,)

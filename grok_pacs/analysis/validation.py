@@ -17,9 +17,10 @@ report repeats a 4-word phrase 4 times and an 8-word phrase twice, and runs to 2
   (`grok_pacs.domain.biomarkers`);
 - unmeasured value: a number cited for a biomarker without an estimate (only when `estimates` is given),
   e.g. an OCT thickness for an eye without OCT: the model made it up;
-- contradicts the estimates: the narrative names wet AMD (or its signs: subretinal fluid, neovascular) while
-  the estimates show dry, or the reverse (`grok_pacs.domain.subtypes`, the criterion the referral reads),
-  e.g. "a dark subretinal haemorrhage" over a central IS/OS-RPE thickness of 56 um (only with `estimates`).
+- contradicts the estimates: a narrative that concludes AMD names wet AMD (or its signs: subretinal fluid,
+  neovascular) while the estimates show dry, or the reverse (`grok_pacs.domain.subtypes`, the criterion the
+  referral reads), e.g. "a dark subretinal haemorrhage" over a central IS/OS-RPE thickness of 56 um (only
+  with `estimates`; other labels are left alone: "neovascularisation" of the disc is diabetic retinopathy).
 A failed check means the narrative is withheld; what the runtime does then is in `engine`.
 """
 
@@ -35,6 +36,7 @@ from grok_pacs.analysis.grounding import find_citations, in_biomarker_unit
 from grok_pacs.analysis.parsing import parse_generation
 from grok_pacs.analysis.result import REASON_TEXT, NarrativeCheck, NarrativeIssue, NarrativeReason
 from grok_pacs.domain.biomarkers import BY_KEY
+from grok_pacs.domain.labels import Label
 from grok_pacs.domain.subtypes import WET_AMD_SIGNS, WORD, amd_subtype, stated_subtypes
 
 __all__ = ["REASON_TEXT", "Issue", "NarrativeCheck", "Reason", "ValidationLimits", "validate_narrative"]
@@ -133,9 +135,9 @@ def _values(narrative: str, estimates: Mapping[str, float] | None) -> list[Issue
     return issues
 
 
-def _subtype(narrative: str, estimates: Mapping[str, float] | None) -> list[Issue]:
+def _subtype(narrative: str, label: Label, estimates: Mapping[str, float] | None) -> list[Issue]:
     """The AMD subtype the words state against the one the estimates show (wet is urgent, dry routine)."""
-    shown = amd_subtype(estimates) if estimates is not None else None
+    shown = amd_subtype(estimates) if estimates is not None and label is Label.AMD else None
     if shown is None:
         return []
     said = stated_subtypes(narrative)
@@ -181,7 +183,7 @@ def validate_narrative(
     elif len(words) > limits.max_words:
         issues.append(Issue(Reason.TOO_LONG, f"{len(words)} words"))
     issues += _values(narrative, estimates)
-    issues += _subtype(narrative, estimates)
+    issues += _subtype(narrative, parsed.label, estimates)
     bigrams = list(zip(words, words[1:]))
     distinct = len(set(bigrams)) / len(bigrams) if bigrams else 1.0
     return NarrativeCheck(not issues, tuple(issues), len(words), repeated, distinct)
