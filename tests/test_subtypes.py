@@ -64,6 +64,8 @@ def test_a_narrative_the_estimates_contradict_is_withheld_with_the_evidence() ->
     assert "subretinal haemorrhage" in detail and "show dry" in detail and "56.0" in detail and "274.0" in detail
     reverse = validate_narrative(DRY_WORDS.replace("56.0", "118.0"), WET)
     assert reverse.reasons == (Reason.CONTRADICTS_ESTIMATES,) and "show wet" in reverse.issues[0].detail
+    one_sign = validate_narrative(DRY_WORDS.replace("56.0", "118.0"), WET | {"mt_central": math.nan})
+    assert one_sign.reasons == (Reason.CONTRADICTS_ESTIMATES,) and "not measured" in one_sign.issues[0].detail
 
 
 def test_a_narrative_that_agrees_or_cannot_be_checked_passes() -> None:

@@ -49,8 +49,9 @@ class Sign:
         return bool(COMPARISONS[self.op](float(value), self.value))
 
     def describe(self, estimates: Mapping[str, float]) -> str:
-        """'central IS/OS-RPE thickness 56.0 um (wet above 75.0)'-style evidence for a message."""
-        return f"{BY_KEY[self.key].name} {float(estimates[self.key]):.1f} (wet {self.op} {self.value:g})"
+        """Evidence for a message: 'ISOS-RPE thickness: central subfield 56.0 (wet > 75)', or 'not measured'."""
+        value = "not measured" if self.shown(estimates) is None else f"{float(estimates[self.key]):.1f}"
+        return f"{BY_KEY[self.key].name} {value} (wet {self.op} {self.value:g})"
 
 
 WET_AMD_SIGNS: tuple[Sign, ...] = (
