@@ -79,7 +79,7 @@ _CLAUSE_END = re.compile(r"[.;:!?](?:\s|$)")
 
 
 def clause_words(text: str) -> list[list[str]]:
-    """The words of each clause of `text` (lower case); the last list is the clause being written."""
+    """The words of each clause of `text` (lower case): a negation reaches no further than its clause."""
     return [WORD.findall(clause) for clause in _CLAUSE_END.split(text.lower())]
 
 

@@ -23,7 +23,6 @@ from grok_pacs.domain.subtypes import COMPARISONS, WET_AMD_SIGNS
 
 SYSTEMIC_LABELS = (Label.DIABETES, Label.HYPERTENSION, Label.ALZHEIMER)
 CDR_ASYMMETRY = 0.2  #: cup-to-disc difference between the eyes that suggests glaucoma (SPEC section 7)
-_OPS = COMPARISONS
 
 
 class DispositionTableError(ValueError):
@@ -55,7 +54,7 @@ class Rule:
             _enum(Label, self.label, f"{where}: label")
         if (self.biomarker, self.op, self.value).count(None) not in (0, 3):
             raise DispositionTableError(f"{where}: biomarker, op and value go together")
-        if self.biomarker is not None and (self.biomarker not in BY_KEY or self.op not in _OPS):
+        if self.biomarker is not None and (self.biomarker not in BY_KEY or self.op not in COMPARISONS):
             raise DispositionTableError(f"{where}: unknown biomarker {self.biomarker!r} or op {self.op!r}")
         try:
             self.disposition()
@@ -71,7 +70,7 @@ class Rule:
         if self.biomarker is None:
             return True
         values = {b.key: b.value for b in report.biomarkers}
-        return self.biomarker in values and _OPS[self.op](values[self.biomarker], self.value)
+        return self.biomarker in values and COMPARISONS[self.op](values[self.biomarker], self.value)
 
     def disposition(self) -> Disposition:
         return Disposition(self.action, self.text, self.source, self.rule, self.rescreen_months)
