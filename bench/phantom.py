@@ -28,7 +28,7 @@ from training.benchmark.evaluate import evaluate
 from training.benchmark.grounding import check_model_grounding, pooled
 from training.benchmark.honesty import safety_and_honesty
 from training.benchmark.report import write_comparison, write_report
-from training.pipeline import DEFAULT_CACHE, PipelineConfig, PipelineResult, run_pipeline
+from training.pipeline import DEFAULT_CACHE, PipelineConfig, PipelineResult, quiet_exporter_logs, run_pipeline
 from training.stage3.config import Stage3Config
 from training.stage3.evaluate import load_engine, predict, references
 
@@ -228,10 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results_dir, plots_dir = args.out, args.out / "phantom"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):  # ONNX export chatter, one line per initializer
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_exporter_logs()
     progress = not args.quiet
-    base = PipelineConfig.small(n_subjects=args.subjects, seed=args.seed, dicom=False)
+    # Calibration on every validation eye (the demo's default fits on its first 16 subjects, for time).
+    base = PipelineConfig.small(n_subjects=args.subjects, seed=args.seed, dicom=False, calibration_subjects=0)
     variants = {name: flag for name, flag in VARIANTS.items() if flag or not args.only_estimates}
     results, benches, infos = {}, {}, {}
     for name, flag in variants.items():
