@@ -41,7 +41,7 @@ def main(pipeline_json: Path, out: Path) -> None:
         "bundle": run["bundle"],
         "n": len(refs),
         "macro_f1": bench.classification.macro_f1,
-        "accuracy": sum(p.label == r.label for p, r in zip(preds, refs)) / len(refs),
+        "accuracy": bench.classification.accuracy,
         "passed": sum(r["passed"] for r in rows),
         "own_grounding": pooled(check_model_grounding(r) for r in reports)["agreement_pooled"],
         "seconds_per_eye": per_eye,

@@ -37,6 +37,8 @@ def test_any_resolved_field_counts_and_only_downstream_steps_rerun() -> None:
     assert _changed(base, replace(base, stage3=deep)) == {"stage3", "bundle"}
     assert _changed(base, replace(base, stage3=replace(base.stage3, decision_tokens=(8, 4)))) == {"stage3", "bundle"}
     assert _changed(base, replace(base, bundle_version="0.2.0")) == {"bundle"}
+    # The benchmark calibrates on every validation subject, the demo on its first 16: two bundles, one stage 3.
+    assert _changed(base, replace(base, calibration_subjects=0)) == {"bundle"}
     assert _changed(base, replace(base, seed=8)) == set(STEPS) - {"base_llm"}  # the LLM conversion is shared
 
 
