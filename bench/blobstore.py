@@ -1,10 +1,10 @@
 """Blob store benchmark: put and verified get through grok_pacs.store, local files vs a real SeaweedFS (S3).
 
-Workloads (the sizes of SPEC §6's ingest benchmark): 200 objects of 300 KB (JPEG OP photographs) and
-5 objects of 32 MB (OPT volumes), random bytes, one thread, one fresh store each. `put` includes the
+Workloads (the sizes of the ingest benchmark, docs/domain.md, Library facts): 200 objects of 300 KB (JPEG OP
+photographs) and 5 objects of 32 MB (OPT volumes), random bytes, one thread, one fresh store each. `put` includes the
 sha256 of the source (the key); `get` streams into a scratch directory and checks the sha256 before the
-rename. Local = fsynced files under a data directory; S3 = `weed server` on loopback (no fsync: SPEC §9).
-Writes bench/results/blobstore.json with the load average (2 cores shared with other work: noisy).
+rename. Local = fsynced files under a data directory; S3 = `weed server` on loopback (no fsync: docs/domain.md, Library
+facts). Writes bench/results/blobstore.json with the load average (2 cores shared with other work: noisy).
 """
 
 from __future__ import annotations

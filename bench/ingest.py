@@ -1,7 +1,7 @@
 """Ingest benchmark: DCMTK storescu -> grok-pacs listen, DCMTK storescp, Orthanc, and the disk's floor, one run.
 
-Workloads (SPEC §6, issue 3): 20 multi-frame OPT instances of ~32 MB (uncompressed, 128 x 512 x 512), and
-200 OP JPEG-baseline instances of ~300 KB (20 studies x 2 eyes x 5 photographs). Each (workload, number of
+Workloads (docs/domain.md, Library facts; issue 3): 20 multi-frame OPT instances of ~32 MB (uncompressed, 128 x 512 x
+512), and 200 OP JPEG-baseline instances of ~300 KB (20 studies x 2 eyes x 5 photographs). Each (workload, number of
 associations: 1 and 8) is sent REPEATS times to every target (bench/ingest_targets.py: grok, grok-nofast,
 dcmtk, orthanc; and `floor`, the same bytes written and fsynced with no DICOM), alternating targets, each
 run into a fresh, empty receiver; with 8 associations, 8 storescu processes each send every 8th file at

@@ -1,4 +1,5 @@
-"""`make benchmark`: the Grounded Ophthalmic Understanding benchmark (SPEC §4) on a fixed-seed phantom cohort.
+"""`make benchmark`: the Grounded Ophthalmic Understanding benchmark (docs/domain.md, Evaluation) on a fixed-seed
+phantom cohort.
 
 Runs the phantom pipeline (training.pipeline: cohort, stage 1, stage 2, stage 3 of the pretrained SmolLM2
 stand-in with the `smollm` preset, temperature calibration on validation subjects; on the CPU; cached, so a
@@ -37,7 +38,7 @@ SUBJECTS, SEED = 420, 2024
 #: Stage 3 of the benchmark: the `smollm` preset as `make demo` trains it, unchanged. Its settings were chosen
 #: on the 70-subject demo cohort of seed 7 (docs/training.md), never on this cohort: its test split is untouched.
 STAGE3_CHANGES: dict = {}
-#: Issue 14's targets (the served grounding keeps the older 0.95 target of SPEC §4).
+#: Issue 14's targets (the served grounding keeps the older 0.95 target, docs/domain.md, Evaluation).
 TARGETS = {
     "macro_f1": 0.85,
     "grounding_agreement": 0.95,
@@ -140,7 +141,7 @@ def _markdown(payload: dict, comparison_md: str, plots: dict[str, str]) -> str:
     h = payload["headline"]
     met = payload["targets_met"]
     lines = [
-        "# Phantom benchmark (Grounded Ophthalmic Understanding, SPEC §4)",
+        "# Phantom benchmark (Grounded Ophthalmic Understanding, docs/domain.md, Evaluation)",
         "",
         f"Fixed-seed phantom cohort: {payload['cohort']['n_subjects']} synthetic subjects (seed "
         f"{payload['cohort']['seed']}), stages 1-3 with the small configurations on the CPU, evaluated through "

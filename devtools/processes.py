@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from pydantic import SecretStr
+
 from devtools.ports import free_port, wait_for_port
 from devtools.tools import require_tool
 
@@ -66,10 +68,15 @@ class Redis:
             self.proc.wait(timeout=10)
 
 
+def _plain(value: object) -> str:
+    """A setting's value as its variable holds it (a SecretStr's str() is '**********')."""
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
 def grok_env(**settings: object) -> dict[str, str]:
     """The environment of a grok-pacs subprocess: GROK_PACS_<NAME> for each setting, one BLAS thread."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GROK_PACS_")}
-    env.update({f"GROK_PACS_{name.upper()}": str(value) for name, value in settings.items() if value is not None})
+    env.update({f"GROK_PACS_{name.upper()}": _plain(value) for name, value in settings.items() if value is not None})
     env.update(
         OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1"
     )

@@ -14,15 +14,16 @@ from devtools.tools import require_tool
 class StoreSCP:
     """`storescp +uf` (unique file per C-STORE) on a loopback port, writing into `out_dir`."""
 
-    def __init__(self, port: int, out_dir: Path, ae_title: str = "PACS") -> None:
+    def __init__(self, port: int, out_dir: Path, ae_title: str = "PACS", options: tuple[str, ...] = ()) -> None:
         self.port, self.out_dir, self.ae_title = port, Path(out_dir), ae_title
+        self.options = options  # more storescp options, e.g. ("+tls", KEY, CERT, "+cf", CA)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> StoreSCP:
         tool = require_tool("storescp")
         self.proc = subprocess.Popen(
-            [tool, "-aet", self.ae_title, "+uf", "-od", str(self.out_dir), str(self.port)],
+            [tool, "-aet", self.ae_title, "+uf", *self.options, "-od", str(self.out_dir), str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from grok_pacs.secret_files import SecretFileError, SecretFileSource, file_variable
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: 16 chars, no backslash
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")  # a host name, or any name of that shape
+AUDIT_SYSLOG_RE = re.compile(r"^(file:.+|(udp|tcp)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5})$")
 
-# Storage SOP classes (SPEC §5).
+# Storage SOP classes (docs/domain.md, DICOM objects).
 OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
 OP_16BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.2"
 OPT = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
@@ -107,7 +110,22 @@ class StorageUrl(BaseModel):
 class Settings(BaseSettings):
     """grok-pacs settings. Environment: `GROK_PACS_<FIELD>` (e.g. GROK_PACS_PORT=11112)."""
 
-    model_config = SettingsConfigDict(env_prefix="GROK_PACS_", extra="forbid", validate_default=True)
+    # hide_input_in_errors: a rejected value may be a URL with a password; messages name the setting instead.
+    model_config = SettingsConfigDict(
+        env_prefix="GROK_PACS_", extra="forbid", validate_default=True, hide_input_in_errors=True
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # GROK_PACS_<NAME>_FILE (grok_pacs.secret_files) ranks with the environment, below explicit values.
+        return init_settings, env_settings, SecretFileSource(settings_cls), dotenv_settings, file_secret_settings
 
     # --- listener -----------------------------------------------------------------------------------
     ae_title: str = "GROK_PACS"  # our AE title; peers must call it exactly
@@ -115,10 +133,13 @@ class Settings(BaseSettings):
     port: int = Field(11112, ge=1, le=65535)  # DICOM port of the listener
     allowed_aes: Annotated[list[str], NoDecode] = []  # calling AE allow-list; empty = accept any
     max_associations: int = Field(16, ge=1, le=1024)  # concurrent associations before (2,3,2) rejection
-    max_pdu: int = Field(0, ge=0)  # our maximum receive PDU; 0 = unlimited (fastest for large OCT)
-    acse_timeout: float = Field(30.0, gt=0)  # seconds to wait for association messages
+    # Our maximum receive PDU, announced to peers; a longer PDU is aborted before it is read
+    # (grok_pacs.ingest.guard). Default chosen by bench/ingest.py (docs/benchmarks.md).
+    max_pdu: int = Field(1_048_576, ge=4096, le=64 * 1_048_576)
+    max_pending_connections: int = Field(64, ge=1, le=4096)  # connections not yet associated; more closes the oldest
+    acse_timeout: float = Field(30.0, gt=0)  # seconds to wait for association messages (and for a new connection's)
     dimse_timeout: float = Field(60.0, gt=0)  # seconds to wait for DIMSE messages
-    network_timeout: float = Field(60.0, gt=0)  # seconds of silence before an association is dropped
+    network_timeout: float = Field(60.0, gt=0)  # seconds of silence before an association is dropped; a PDU's bound
     accept_legacy_photography: bool = False  # also accept VL Photographic and Secondary Capture
     sop_classes: Annotated[list[str], NoDecode] = list(DEFAULT_SOP_CLASSES)  # storage classes offered
     # grok_pacs.dicom.fastpath: event-driven wakeups, bulk reads and direct encoding inside pynetdicom 3.0
@@ -135,9 +156,27 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./grok-data")  # everything grok-pacs writes lives under here
     quiet_period: float = Field(5.0, ge=0)  # seconds without a new instance before a study is complete
     min_free_disk_mb: int = Field(1024, ge=0)  # refuse new instances below this free space (watermark)
+    # Caps on checking one received instance (grok_pacs.dicom.header.Limits), refused with 0xC004 over them:
+    # the inflated size of a Deflated Explicit VR dataset (inflated while walked, so this bounds CPU, not
+    # memory), and the nesting depth of its sequences (each level is a recursion of the header walk).
+    max_inflated_mb: int = Field(1024, ge=1)
+    max_sequence_depth: int = Field(32, ge=1, le=200)
+    # Refuse a new association before any transfer unless free space covers the watermark plus this much for
+    # it and for each association already open (their instances in flight)
+    transfer_reserve_mb: int = Field(256, ge=0)
     # Which listener received an instance (instances.received_by): with a server database each listener's
     # recovery and uploader act only on its own rows. Stable across restarts and one per data directory.
     node_id: str = Field(default_factory=socket.gethostname)
+    # Retention (grok_pacs.store.retention; run by the listener every retention_interval_s and by
+    # `grok-pacs purge`). Only DONE studies (every result delivered) are ever purged, never an undelivered one.
+    # Days after delivery that a study's received instances (incoming/ files, their objects) and its result
+    # files are kept; 0 = keep forever.
+    retention_days: float = Field(30.0, ge=0)
+    # Days after delivery that a delivered study's index and outbox rows are kept (after its files are gone);
+    # 0 = keep forever. When set, at least retention_days (rows go only with their study's files).
+    retention_rows_days: float = Field(0.0, ge=0)
+    retention_scratch_hours: float = Field(24.0, gt=0)  # leftover files in tmp/ and scratch/ older than this go
+    retention_interval_s: float = Field(3600.0, gt=0)  # seconds between two retention passes of the listener
 
     # --- object storage (grok_pacs.store.storage; empty storage_url = local files, one box) -----------
     storage_url: StorageUrl | None = None  # s3://BUCKET[/PREFIX] on an S3-compatible store
@@ -148,17 +187,51 @@ class Settings(BaseSettings):
     storage_timeout: float = Field(10.0, gt=0)  # seconds to connect, and of silence while reading
 
     # --- queue, model, delivery ----------------------------------------------------------------------
-    broker_url: str = ""  # Celery broker; empty = embedded SQLite broker under data_dir (one box)
-    database_url: str = ""  # index and outbox; empty = embedded SQLite file data_dir/index.sqlite (one box)
+    # Secrets (SecretStr: '**********' in repr, logs and errors; each also read from GROK_PACS_<NAME>_FILE).
+    # Celery broker; empty = embedded SQLite broker under data_dir (one box). redis://:PASSWORD@HOST:6379/0, or
+    # rediss://... for TLS (broker_tls_* below)
+    broker_url: SecretStr = SecretStr("")
+    # index and outbox; empty = embedded SQLite file data_dir/index.sqlite (one box). PostgreSQL TLS is in the URL:
+    # ?sslmode=verify-full&sslrootcert=/path/ca.crt (libpq parameters)
+    database_url: SecretStr = SecretStr("")
+    broker_tls_ca: Path | None = None  # PEM CA bundle for a rediss:// broker; None = the system's CAs
+    broker_tls_certificate: Path | None = None  # PEM client certificate for a broker requiring one
+    broker_tls_key: Path | None = None  # its private key
     queue: str = "grok"  # Celery queue for analyse jobs (name it per GPU type on many nodes)
     bundle: Path | None = None  # model bundle directory the worker serves
     destination: Peer | None = None  # PACS that receives the SRs (AE@HOST:PORT)
+    # TLS of result delivery (grok_pacs.dicom.tls): a CA turns it on; the PACS certificate must be signed by it
+    # and name destination's host (DNS or IP SAN) unless destination_tls_verify_hostname is off.
+    destination_tls_ca: Path | None = None  # PEM CA bundle that signed the PACS certificate
+    destination_tls_certificate: Path | None = None  # PEM client certificate, for a PACS requiring one
+    destination_tls_key: Path | None = None  # its private key
+    destination_tls_verify_hostname: bool = True
     pdf_report: bool = True  # also send one Encapsulated PDF report per study (for viewers without SR display)
     delivery_max_retries: int = Field(8, ge=0)  # transient delivery failures retried this many times
     delivery_backoff_s: float = Field(2.0, gt=0)  # first delivery retry after this long; doubles per retry
     delivery_backoff_max_s: float = Field(300.0, gt=0)  # longest wait between two delivery retries
     job_time_limit: float = Field(3600.0, gt=0)  # seconds an analyse job may run (broker visibility above)
+    # Transient database, broker and object-store errors in analyse and delivery jobs (grok_pacs.jobs.retry):
+    # retried with exponential backoff from retry_base_s, capped at retry_cap_s per wait, jittered, for about
+    # retry_max_seconds in all (a database restart or failover takes seconds to minutes); then the reaper's turn.
+    retry_max_seconds: float = Field(600.0, ge=0)
+    retry_base_s: float = Field(1.0, gt=0)
+    retry_cap_s: float = Field(60.0, gt=0)
+    # The reaper (grok_pacs.ingest.reaper), in every listener: a study QUEUED/ANALYSING/DELIVERING untouched for
+    # reaper_lease_s (database time), whose analysis no live worker holds, gets its job published again; an
+    # outbox result likewise its delivery. None = job_time_limit + retry_max_seconds (no live job holds work longer).
+    reaper_lease_s: float | None = Field(None, gt=0)
+    reaper_interval_s: float = Field(30.0, gt=0)  # seconds between two reaper passes
     metrics_port: int = Field(0, ge=0, le=65535)  # Prometheus / health HTTP port; 0 = off
+    # Address of /metrics and /health, apart from the DICOM bind_address. Loopback by default (nothing outside the
+    # host reads them); containers set 0.0.0.0 so Kubernetes probes and Prometheus reach the pod IP.
+    metrics_bind_address: str = "127.0.0.1"
+    # Bearer token /metrics requires (`Authorization: Bearer TOKEN`, else 401); /health answers without it,
+    # but only {"status"} (no details) unless the token comes along. Empty = no token.
+    metrics_token: SecretStr = SecretStr("")
+    # DICOM audit messages (grok_pacs.ops.audit) as RFC 5424 syslog: "file:PATH" (one message a line),
+    # "udp://HOST:PORT" or "tcp://HOST:PORT" (a collector; TCP framed by octet count). Empty = no audit trail.
+    audit_syslog: str = ""
 
     # --- gradability gate (grok_pacs.analysis.quality; an eye failing it gets no diagnosis) -----------
     disposition_table: Path | None = None  # TOML [[rule]] table replacing grok_pacs.report.dispositions' default
@@ -208,6 +281,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"sop_classes: {uid!r} is not a UID")
         return value
 
+    @field_validator("audit_syslog")
+    @classmethod
+    def _audit_syslog(cls, value: str) -> str:
+        value = value.strip()
+        if value and not AUDIT_SYSLOG_RE.match(value):
+            raise ValueError(f"audit_syslog: {value!r} is not file:PATH, udp://HOST:PORT or tcp://HOST:PORT")
+        return value
+
     @field_validator("node_id")
     @classmethod
     def _node_id(cls, value: str) -> str:
@@ -218,8 +299,9 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _database_url(cls, value: str) -> str:
-        if value and not value.startswith(("sqlite:///", "postgresql+psycopg://")):
+    def _database_url(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        if url and not url.startswith(("sqlite:///", "postgresql+psycopg://")):
             raise ValueError("database_url: expected postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB or sqlite:///PATH")
         return value
 
@@ -254,6 +336,13 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _retention(self) -> Settings:
+        rows, files = self.retention_rows_days, self.retention_days
+        if rows and (not files or rows < files):
+            raise ValueError("retention_rows_days must be 0 or at least retention_days (and retention_days not 0)")
+        return self
+
+    @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         if (self.tls_certificate is None) != (self.tls_key is None):
             raise ValueError("tls_certificate and tls_key must be given together")
@@ -265,6 +354,22 @@ class Settings(BaseSettings):
             raise ValueError(f"disposition_table: file {self.disposition_table} does not exist")
         if self.tls_ca is not None and self.tls_certificate is None:
             raise ValueError("tls_ca needs tls_certificate and tls_key")
+        return self
+
+    @model_validator(mode="after")
+    def _delivery_and_broker_tls(self) -> Settings:
+        for prefix in ("destination_tls", "broker_tls"):
+            if (getattr(self, f"{prefix}_certificate") is None) != (getattr(self, f"{prefix}_key") is None):
+                raise ValueError(f"{prefix}_certificate and {prefix}_key must be given together")
+            for name in (f"{prefix}_ca", f"{prefix}_certificate", f"{prefix}_key"):
+                path = getattr(self, name)
+                if path is not None and not Path(path).is_file():
+                    raise ValueError(f"{name}: file {path} does not exist")
+        if self.destination_tls_certificate is not None and self.destination_tls_ca is None:
+            raise ValueError("destination_tls_certificate needs destination_tls_ca (the CA turns delivery TLS on)")
+        broker_tls = self.broker_tls_ca or self.broker_tls_certificate
+        if broker_tls and not self.broker_url.get_secret_value().startswith("rediss://"):
+            raise ValueError("broker_tls_* need a rediss:// broker_url (Redis over TLS)")
         return self
 
     # --- derived paths -------------------------------------------------------------------------------
@@ -281,7 +386,7 @@ class Settings(BaseSettings):
     def resolved_broker_url(self) -> str:
         """The broker URL; the embedded default is a durable SQLite database in the data directory."""
         if self.broker_url:
-            return self.broker_url
+            return self.broker_url.get_secret_value()
         return f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
 
     @property
@@ -291,7 +396,7 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         """The index database: `database_url`, else the embedded SQLite file in the data directory."""
-        return self.database_url or f"sqlite:///{self.index_path.resolve()}"
+        return self.database_url.get_secret_value() or f"sqlite:///{self.index_path.resolve()}"
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
@@ -310,12 +415,18 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
         file_values = {key.replace("-", "_"): value for key, value in file_values.items()}
-    env_names = {name for name in Settings.model_fields if f"GROK_PACS_{name.upper()}" in os.environ}
+    env_names = {
+        name
+        for name in Settings.model_fields
+        if f"GROK_PACS_{name.upper()}" in os.environ or os.environ.get(file_variable(name))
+    }
     # Environment beats the file: drop file values that the environment sets.
     merged = {key: value for key, value in file_values.items() if key not in env_names}
     merged.update({key: value for key, value in overrides.items() if value is not None})
     try:
         return Settings(**merged)
+    except SecretFileError as exc:
+        raise SettingsError(str(exc)) from None
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()

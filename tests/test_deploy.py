@@ -25,6 +25,7 @@ from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 
 from devtools.ports import free_port
 from grok_pacs.config import Settings, load_settings
+from grok_pacs.secret_files import SECRET_FIELDS, file_variable
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -235,6 +236,7 @@ def _env_names() -> dict[str, set[str]]:
 def test_every_grok_pacs_variable_names_a_setting() -> None:
     known = {f"GROK_PACS_{name.upper()}" for name in Settings.model_fields} | {"GROK_PACS_CONFIG"}
     known |= {"GROK_PACS_BUNDLES_DIR"}  # compose-only: the host directory mounted as the bundles volume
+    known |= {file_variable(name) for name in SECRET_FIELDS}  # secrets read from files
     found = _env_names()
     files = ("compose.yaml", "compose.many-hosts.yaml", "many-hosts.env.example", "listener.yaml", "workers.yaml")
     for file in (*files, "db-upgrade.yaml", "grok-pacs-listener.service", "deploy.md"):
@@ -253,6 +255,7 @@ def test_example_configs_load_and_enable_metrics() -> None:
     values = tomllib.loads(configmap["data"]["config.toml"])
     k8s_settings = Settings(**values)
     assert k8s_settings.metrics_port == METRICS_PORT
+    assert k8s_settings.metrics_bind_address == "0.0.0.0", "probes and Prometheus reach the pod IP"
     assert k8s_settings.data_dir == Path("/var/lib/grok-pacs")
     assert str(k8s_settings.storage_url) == "s3://grok-pacs", "k8s workers read instances from the store only"
 
@@ -565,7 +568,7 @@ def test_k8s_config_and_secret_together_are_valid_settings(tmp_path: Path, monke
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("GROK_PACS_NODE_ID", "grok-pacs-listener-0")  # the pod name, by the downward API
     settings = load_settings(config)
-    assert settings.database_url.endswith("@grok-pacs-postgres:5432/grok")
+    assert settings.resolved_database_url.endswith("@grok-pacs-postgres:5432/grok")
     assert (str(settings.storage_url), settings.storage_endpoint) == (
         "s3://grok-pacs",
         "http://grok-pacs-seaweedfs:8333",
@@ -578,5 +581,5 @@ def test_many_hosts_compose_config_and_env_example_are_valid_settings(monkeypatc
     for name, value in (line.split("=", 1) for line in example if line.startswith("GROK_PACS_")):
         monkeypatch.setenv(name, value)
     settings = load_settings(COMPOSE_MANY.with_name("config.many-hosts.toml"))
-    assert settings.database_url.startswith("postgresql+psycopg://") and settings.storage_access_key
+    assert settings.resolved_database_url.startswith("postgresql+psycopg://") and settings.storage_access_key
     assert str(settings.destination) == "PACS@pacs.hospital.example:104"

@@ -62,6 +62,8 @@ def test_table_rows(study, label, markers, action, rule):
 
 def test_every_default_row_names_its_guideline_source():
     assert all(rule.source.strip() for rule in DEFAULT_TABLE)
+    # The clinician reads the source in the SR and PDF: it names a public guideline, never an internal document.
+    assert not [rule.rule for rule in DEFAULT_TABLE if "SPEC" in rule.source or "docs/" in rule.source]
 
 
 def test_ungradable_eye_is_retake_and_roll_up_takes_the_worse_eye(study):

@@ -135,8 +135,18 @@ def test_refusals_leave_nothing_behind_and_listener_keeps_serving(tmp_path: Path
     assert escaped == [] and len(stored_files(settings)) == 1
 
 
-def test_disk_watermark_answers_out_of_resources(tmp_path: Path) -> None:
+def test_disk_below_reserve_refuses_the_association_before_any_transfer(tmp_path: Path) -> None:
     settings = ingest_settings(tmp_path, min_free_disk_mb=1 << 40)
+    peer = Peer(ae_title=OUR_AE, host="127.0.0.1", port=settings.port)
+    with running(settings):
+        with pytest.raises(TransientStoreError, match="rejected \\(transient\\).*Local limit exceeded"):
+            store_dataset(peer, fundus_photograph(generate_uid(), "R", size=32), calling_ae="GROKSCU", timeout=10)
+    assert stored_files(settings) == [] and temp_files(settings) == []
+
+
+def test_disk_watermark_answers_out_of_resources(tmp_path: Path) -> None:
+    """Without a reserve before transfer (transfer_reserve_mb = 0) the watermark refuses each instance."""
+    settings = ingest_settings(tmp_path, min_free_disk_mb=1 << 40, transfer_reserve_mb=0)
     peer = Peer(ae_title=OUR_AE, host="127.0.0.1", port=settings.port)
     with running(settings):
         with pytest.raises(TransientStoreError, match="REFUSED_OUT_OF_RESOURCES"):
@@ -146,7 +156,9 @@ def test_disk_watermark_answers_out_of_resources(tmp_path: Path) -> None:
 
 def test_refusal_reason_reaches_the_sender_as_error_comment(tmp_path: Path, fast_path: bool) -> None:
     """What the log line says is what the sending PACS shows: DCMTK storescu prints the ErrorComment."""
-    settings = ingest_settings(tmp_path, min_free_disk_mb=1 << 40, pynetdicom_fast_path=fast_path)
+    settings = ingest_settings(
+        tmp_path, min_free_disk_mb=1 << 40, transfer_reserve_mb=0, pynetdicom_fast_path=fast_path
+    )
     photo = write(fundus_photograph(generate_uid(), "R", size=32), tmp_path / "photo.dcm")
     reason = f"free disk below min_free_disk_mb={1 << 40}"
     with running(settings) as service:

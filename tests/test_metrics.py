@@ -183,7 +183,7 @@ def test_metrics_scraped_during_a_real_ingest(listen, tmp_path: Path) -> None:
     status, body = get(f"http://127.0.0.1:{metrics_port}/health")
     report = json.loads(body)
     assert status == 200 and report["status"] == "ok"
-    assert set(report["checks"]) == {"listener", "broker", "disk"}
+    assert set(report["checks"]) == {"listener", "database", "broker", "disk"}
     assert str(dicom_port) in report["checks"]["listener"]["detail"]
 
 
@@ -400,7 +400,7 @@ def test_one_box_serve_metrics_from_ingest_to_delivered_sr(tmp_path: Path, tiny_
 def _one_box_session(url: str, metrics_port: int, dicom_port: int, tmp_path: Path, log_path: Path) -> None:
     """Send one analysable and one unanalysable study; check what /metrics and /health say after."""
     report = json.loads(get(f"{url}/health")[1])
-    assert set(report["checks"]) == {"listener", "broker", "bundle", "disk"}
+    assert set(report["checks"]) == {"listener", "database", "broker", "bundle", "disk"}
     patient = Patient()
     files = [
         write(make_cfp(patient, "R"), tmp_path / "send/cfp.dcm"),

@@ -267,7 +267,7 @@ def _groups(ds) -> list:
 
 
 def test_sr_is_displayable_in_ohif_each_eye_in_its_own_dated_series(tmp_path):
-    """What OHIF's SR viewport needs (SPEC §8): every measurement group has a SCOORD POINT SELECTED FROM
+    """What OHIF's SR viewport needs (docs/domain.md, Display): every measurement group has a SCOORD POINT SELECTED FROM
     the image it was read from (the OCT B-scan with its frame), one SR per series, SeriesDate set;
     containers SEPARATE so text viewers print "name: value"."""
     patient = Patient()

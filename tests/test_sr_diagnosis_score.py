@@ -1,8 +1,9 @@
 """The diagnosis as OHIF's SR viewport shows it: the first NUM of an eye's first measurement group.
 
 OHIF draws a group's first NUMs ("name: value unit") and never its coded diagnosis or tracking identifier
-(SPEC §8), so a gradable eye's SR carries the diagnosis' score there ("Probability of Glaucoma (AI): 87 %");
-an eye that was not gradable carries none, so no diagnosis can be drawn for it. The SR stays dciodvfy clean.
+(docs/domain.md, Display), so a gradable eye's SR carries the diagnosis' score there
+("Probability of Glaucoma (AI): 87 %"); an eye that was not gradable carries none, so no diagnosis can be drawn for
+it. The SR stays dciodvfy clean.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from training.stage1 import run_stage1, validate_report
 from training.teachers.guideline import GuidelineTeacher
 from training.teachers.knowledge import HUMAN_TURN, load_knowledge
 
-SPEC_HUMAN_TURN = (
+PAPER_HUMAN_TURN = (
     "<image>\nInterpret the retinal images, identify and analyze the key features and abnormalities, "
     "then write a single-paragraph evidence-based clinical diagnosis report that is supported by the "
     "findings."
@@ -79,7 +79,7 @@ class _HalfBadTeacher:
 
 
 def test_instruction_jsonl_is_the_papers_format_and_rejects_are_listed(manifest: Path, tmp_path: Path) -> None:
-    assert HUMAN_TURN == SPEC_HUMAN_TURN
+    assert HUMAN_TURN == PAPER_HUMAN_TURN
     result = run_stage1(manifest, tmp_path / "s1", _HalfBadTeacher(), progress=False)
     accepted = [json.loads(line) for line in result.instructions.read_text().splitlines()]
     rejected = [json.loads(line) for line in result.rejected.read_text().splitlines()]
@@ -88,7 +88,7 @@ def test_instruction_jsonl_is_the_papers_format_and_rejects_are_listed(manifest:
     for rec in accepted:
         assert rec["id"] == f"{rec['subject_id']}_{rec['eye']}" and rec["label"] in {label.value for label in Label}
         assert [t["from"] for t in rec["conversations"]] == ["human", "gpt"]
-        assert rec["conversations"][0]["value"] == SPEC_HUMAN_TURN
+        assert rec["conversations"][0]["value"] == PAPER_HUMAN_TURN
         assert (manifest.parent / rec["image"]).is_file() and rec["image"].endswith("cfp.png")
         assert rec["octs"].endswith(f"oct/{rec['fovea_frame']:03d}.png") and (manifest.parent / rec["octs"]).is_file()
         assert (

@@ -1,4 +1,5 @@
-"""The biomarker schema (grok_pacs.domain.biomarkers) against SPEC §2: exact names, order, UCUM units, ranges."""
+"""The biomarker schema (grok_pacs.domain.biomarkers) against docs/domain.md, Biomarkers: exact names, order, UCUM
+units, ranges."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import re
 from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, OCT_KEYS, Modality, format_value, to_prompt_json
 
 _LAYER = ("central subfield", "inner subfield", "outer subfield", "average")
-SPEC_OCT_NAMES = [
+PAPER_OCT_NAMES = [
     *(
         f"Macular thickness at the {ring} {side} subfield"
         for ring in ("inner", "outer")
@@ -24,7 +25,7 @@ SPEC_OCT_NAMES = [
     "Macular thickness at the central subfield",
     "Average retinal nerve fibre layer (RNFL) thickness",
 ]
-SPEC_CFP_NAMES = [
+PAPER_CFP_NAMES = [
     "cup-to-disc ratio",
     "arteriolar-to-venular ratio (AVR)",
     "arterial tortuosity",
@@ -32,14 +33,15 @@ SPEC_CFP_NAMES = [
     "arterial fractal dimension",
     "venular fractal dimension",
 ]
-#: UCUM case-sensitive codes of the units SPEC §2 uses: micrometre and the unity (dimensionless) "1".
+#: UCUM case-sensitive codes of the units docs/domain.md, Biomarkers, uses: micrometre and the unity (dimensionless)
+#: "1".
 UCUM_CODES = {"um": "micrometre", "1": "unity"}
 
 
 def test_names_and_order_are_exactly_spec_section_2() -> None:
-    assert len(SPEC_OCT_NAMES) == 31
-    assert [b.name for b in BIOMARKERS if b.modality == Modality.OCT] == SPEC_OCT_NAMES
-    assert [b.name for b in BIOMARKERS if b.modality == Modality.CFP] == SPEC_CFP_NAMES
+    assert len(PAPER_OCT_NAMES) == 31
+    assert [b.name for b in BIOMARKERS if b.modality == Modality.OCT] == PAPER_OCT_NAMES
+    assert [b.name for b in BIOMARKERS if b.modality == Modality.CFP] == PAPER_CFP_NAMES
     assert len(OCT_KEYS) == 31 and len(CFP_KEYS) == 6 and len(BY_KEY) == 37
     assert list(OCT_KEYS) + list(CFP_KEYS) == [b.key for b in BIOMARKERS]
 

@@ -139,7 +139,7 @@ def test_a_data_directory_keeps_its_listener_name_on_a_server_database(postgres,
         running(renamed).__enter__()
     with running(first):  # the same name starts again
         pass
-    env = {"GROK_PACS_DATA_DIR": str(first.data_dir), "GROK_PACS_DATABASE_URL": first.database_url}
+    env = {"GROK_PACS_DATA_DIR": str(first.data_dir), "GROK_PACS_DATABASE_URL": first.resolved_database_url}
     with pytest.MonkeyPatch.context() as patch:
         for name, value in {**env, "GROK_PACS_NODE_ID": "other", "GROK_PACS_PORT": str(first.port)}.items():
             patch.setenv(name, value)

@@ -21,9 +21,10 @@ from grok_pacs.config import load_settings
 from grok_pacs.dicom.uids import resolve_inside
 from grok_pacs.ingest.uploader import Uploader
 from grok_pacs.jobs import fetch
+from grok_pacs.jobs.retry import InstanceReuploading
 from grok_pacs.jobs.snapshot import read_study
 from grok_pacs.ops import metrics
-from grok_pacs.store.blobs import BlobIntegrityError, BlobKey
+from grok_pacs.store.blobs import BlobKey
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 from grok_pacs.store.storage import open_blob_store
 from grok_pacs.store.uploads import Uploads, UploadState
@@ -156,9 +157,10 @@ def test_a_worker_reads_verified_copies_in_its_own_scratch_not_the_listeners_dis
 
     key = uploads.key(snapshot.instances[0].sop_uid)
     seaweedfs.client().put_object(Bucket=BUCKET, Key=f"{listener.storage_url.prefix}/{key}", Body=b"tampered")
-    with pytest.raises(BlobIntegrityError), fetch.local_copies(worker, uploads, store, snapshot, "job-2"):
-        pass
+    with pytest.raises(InstanceReuploading), fetch.local_copies(worker, uploads, store, snapshot, "job-2"):
+        pass  # a corrupt object never feeds the model: its listener is asked to put it again
     assert not (worker.data_dir / "scratch" / "job-2").exists()
+    assert uploads.state(snapshot.instances[0].sop_uid) is UploadState.REUPLOAD
     store.close()
     index.close()
 

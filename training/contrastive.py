@@ -1,4 +1,4 @@
-"""Contrastive losses for stage-2 image-biomarker alignment (SPEC §3 stage 2).
+"""Contrastive losses for stage-2 image-biomarker alignment (docs/domain.md, The GROK model, stage 2).
 
 Two losses over a batch of paired embeddings (row i of `a` belongs with row i of `b`):
 

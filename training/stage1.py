@@ -1,4 +1,5 @@
-"""Stage 1 (SPEC §3): cohort manifest -> knowledge-guided instruction records (JSONL) + rejected list.
+"""Stage 1 (docs/domain.md, The GROK model): cohort manifest -> knowledge-guided instruction records (JSONL) + rejected
+list.
 
 Each eye of the chosen splits gets a report from a teacher (the deterministic guideline teacher, or an
 OpenAI-compatible chat-completions model). Every report is validated (`validate_report`): one paragraph,
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=("guideline", "openai"),
         default="guideline",
         help="guideline: deterministic, offline (default); openai: an OpenAI-compatible "
-        "chat-completions server (o3, vLLM, llama.cpp) with the SPEC prompt and images",
+        "chat-completions server (o3, vLLM, llama.cpp) with the paper's prompt and images",
     )
     parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits to include (default all)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many eyes (for a trial run)")

@@ -1,4 +1,4 @@
-"""Calibrated label probabilities: temperature scaling of the engine's label scores (SPEC §7).
+"""Calibrated label probabilities: temperature scaling of the engine's label scores (docs/domain.md, Clinical safety).
 
 The engine's scores are a softmax over the 7 labels' continuation log-likelihoods; a temperature T fitted
 on a validation split (training.calibration) rescales them: q_i = softmax(log s_i / T). T > 1 softens an

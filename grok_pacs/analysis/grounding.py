@@ -1,4 +1,4 @@
-"""Numbers a report narrative cites, each tied to the biomarker it describes (SPEC §2).
+"""Numbers a report narrative cites, each tied to the biomarker it describes (docs/domain.md, Biomarkers).
 
 Why one module: the runtime fills `Report.cited_numbers` with `extract_cited_numbers` and the benchmark
 (`training.benchmark`) scores the very same extraction, so a report is read one way everywhere.

@@ -17,6 +17,7 @@ from PIL import Image
 from pydicom.encaps import generate_frames
 
 from grok_pacs.analysis.result import Eye, SourceImage
+from grok_pacs.ops.phi import describe
 
 _STRICT_JPEG_SYNTAXES = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")  #: JPEG baseline, extended
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -58,7 +59,7 @@ def _dicom_pixels(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:
         verify_jpeg(ds)
         pixels = ds.pixel_array  # pydicom 3 converts YBR to RGB by default
     except Exception as exc:  # pydicom raises several types for unreadable / undecodable pixel data
-        raise ImageReadError(f"{path}: cannot decode DICOM pixel data: {exc}") from exc
+        raise ImageReadError(f"{path}: cannot decode DICOM pixel data: {describe(exc)}") from exc
     return np.asarray(pixels), ds
 
 
@@ -91,7 +92,7 @@ def read_cfp(path: str | Path) -> np.ndarray:
             with Image.open(path) as img:
                 pixels = np.asarray(img.convert("RGB"))
         except OSError as exc:
-            raise ImageReadError(f"{path}: not a readable image: {exc}") from exc
+            raise ImageReadError(f"{path}: not a readable image: {describe(exc)}") from exc
     if pixels.ndim == 2:
         pixels = np.repeat(pixels[..., None], 3, axis=2)
     if pixels.ndim != 3 or pixels.shape[2] != 3:

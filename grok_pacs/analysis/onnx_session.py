@@ -1,4 +1,4 @@
-"""onnxruntime sessions for the encoders, configured for a process that also runs torch (SPEC §6).
+"""onnxruntime sessions for the encoders, configured for a process that also runs torch (docs/domain.md, Library facts).
 
 CUDA provider only when CUDA is really present (asking for it otherwise logs an error); no spin-waiting
 after a run, since idle spinning ORT threads slow torch's generation in the same process many-fold.

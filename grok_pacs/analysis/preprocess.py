@@ -1,6 +1,7 @@
 """Model-input preprocessing, shared by stage 2, stage 3 and the runtime (one function each, no drift).
 
-CFP (SPEC §3): pad to a square with the image's mean colour, resize to 224, ImageNet normalisation.
+CFP (docs/domain.md, The GROK model): pad to a square with the image's mean colour, resize to 224, ImageNet
+normalisation.
 OCT: the foveal B-scan of the volume (`select_foveal_bscan`), padded to a square with its background level,
 resized to 224, replicated to 3 channels, ImageNet normalisation (RETFound's OCT input).
 Outputs are float32 numpy [3, 224, 224]: the ONNX encoders take them directly; torch.from_numpy for torch.

@@ -117,7 +117,7 @@ class Disposition:
 
     action: Action
     text: str  #: what to do, in words, e.g. "Refer to ophthalmology (referable diabetic retinopathy)"
-    source: str  #: the guideline the row comes from (SPEC §7), e.g. "NHS DESP R3/M1"
+    source: str  #: the guideline the row comes from (docs/domain.md, Dispositions), e.g. "NHS DESP R3/M1"
     rule: str  #: the table row's id, e.g. "dr-oedema"
     rescreen_months: int | None = None  #: for RESCREEN: the interval
     systemic: tuple[str, ...] = ()  #: patient level only: systemic labels reported once per patient

@@ -30,6 +30,7 @@ COMMAND_MODULES: list[str] = [
     "grok_pacs.cli.jobs",  # serve (listener + embedded worker, one box), worker (one per GPU)
     "grok_pacs.cli.report",  # report FILE.dcm
     "grok_pacs.cli.database",  # db upgrade, db current
+    "grok_pacs.cli.retention",  # purge [--dry-run]
 ]
 
 EXIT_OK = 0

@@ -21,9 +21,11 @@ from pydicom.dataset import Dataset
 
 from grok_pacs.config import Settings
 from grok_pacs.delivery import results
+from grok_pacs.dicom import tls
 from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError, store_dataset
 from grok_pacs.dicom.uids import require_uid, resolve_inside
-from grok_pacs.ops import metrics
+from grok_pacs.ops import audit, metrics
+from grok_pacs.ops.phi import describe
 from grok_pacs.store.blobs import BlobError, BlobStore, BlobStoreUnavailable
 from grok_pacs.store.files import atomic_write_bytes
 from grok_pacs.store.index import StudyIndex, StudyState
@@ -97,18 +99,24 @@ def deliver(
     try:
         sr = results.read(Path(settings.data_dir), store, entry.path)
     except BlobStoreUnavailable as exc:
-        outbox.release(sr_uid, owner, f"transient: {exc}")
+        outbox.release(sr_uid, owner, f"transient: {describe(exc)}")
         _count_failure(entry, permanent=False)
-        raise TransientStoreError(f"{_name(entry)} {entry.path} not fetched: {exc}") from exc
+        raise TransientStoreError(f"{_name(entry)} {entry.path} not fetched: {describe(exc)}") from exc
     except (OSError, pydicom.errors.InvalidDicomError, BlobError) as exc:
-        outbox.mark_failed(sr_uid, owner, f"{_name(entry)} file {entry.path} unreadable: {exc}")
+        outbox.mark_failed(sr_uid, owner, f"{_name(entry)} file {entry.path} unreadable: {describe(exc)}")
         _count_failure(entry, permanent=True)
-        raise PermanentStoreError(f"{_name(entry)} file {entry.path} unreadable: {exc}") from exc
+        raise PermanentStoreError(f"{_name(entry)} file {entry.path} unreadable: {describe(exc)}") from exc
     started = time.perf_counter()
     try:
-        result = store_dataset(settings.destination, sr, calling_ae=settings.ae_title, timeout=settings.dimse_timeout)
+        result = store_dataset(
+            settings.destination,
+            sr,
+            calling_ae=settings.ae_title,
+            timeout=settings.dimse_timeout,
+            tls=tls.delivery_context(settings),  # fresh per association: it records that handshake's failure
+        )
     except TransientStoreError as exc:
-        outbox.release(sr_uid, owner, f"transient: {exc}")
+        outbox.release(sr_uid, owner, f"transient: {describe(exc)}")
         _count_failure(entry, permanent=False)
         log.warning(
             "delivery of %s %s to %s failed (transient, attempt %d): %s",
@@ -120,11 +128,13 @@ def deliver(
         )
         raise
     except PermanentStoreError as exc:
-        outbox.mark_failed(sr_uid, owner, f"rejected by {destination}: {exc}")
+        outbox.mark_failed(sr_uid, owner, f"rejected by {destination}: {describe(exc)}")
         _count_failure(entry, permanent=True)
         log.error("delivery of %s %s to %s failed permanently: %s", _name(entry), sr_uid, destination, exc)
         raise
     outbox.mark_delivered(sr_uid, owner, destination)
+    peer = settings.destination
+    audit.instances_delivered(entry.study_uid, str(sr.SOPClassUID), peer.ae_title, peer.host)
     if entry.kind is ResultKind.SR:  # the SR metrics count SRs; the PDF shows in the outbox and the log
         metrics.sr_delivered()
         metrics.observe_stage("delivery", time.perf_counter() - started)

@@ -1,4 +1,5 @@
-"""Presentation contexts: which SOP classes and transfer syntaxes the listener accepts (SPEC §5, §6).
+"""Presentation contexts: which SOP classes and transfer syntaxes the listener accepts (docs/domain.md,
+DICOM objects and Library facts).
 
 pynetdicom's `StoragePresentationContexts` offer only uncompressed and deflated syntaxes, so a fundus
 camera's JPEG or an OCT's JPEG 2000 would be refused; here every accepted SOP class is offered with

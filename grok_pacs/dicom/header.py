@@ -5,6 +5,10 @@ pixel data (the few attributes the index needs are read, everything else is skip
 then the pixel data and anything after it, checking that every element fits inside the file. A
 truncated transfer is therefore detected, and no pixel value is ever read or decoded. This costs a
 fraction of a pydicom parse, which matters per instance in the C-STORE handler.
+
+A peer chooses every length in the file, so the walk is bounded (`Limits`): a deflated dataset is inflated
+as it is walked, through a small window (skipped values are inflated and dropped), with a cap on its
+inflated size; sequence nesting has a cap on its depth. Over a cap: `DatasetLimitError`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 TRANSFER_SYNTAX_TAG = 0x00020010
 SOURCE_AE_TAG = 0x00020016  # the listener records the calling AE here
 MAX_VALUE_READ = 1024  # the attributes read here are short strings
+MB = 1024 * 1024
+_WINDOW = 64 * 1024  # inflated bytes held at once while walking a deflated dataset
+_INPUT_CHUNK = 1024 * 1024  # deflated bytes handed to zlib at once (a copy out of the mapped file)
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 #: Top-level attributes the index needs, by tag.
@@ -50,6 +57,25 @@ class IncompleteDatasetError(ValueError):
     """The file ends before its dataset does (a truncated transfer), or it is not DICOM."""
 
 
+class DatasetLimitError(IncompleteDatasetError):
+    """The dataset exceeds one of the `Limits`; `setting` names it (max_inflated_mb, max_sequence_depth)."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What checking one dataset may cost, whatever its lengths say (the listener's settings of the same names)."""
+
+    max_inflated_mb: int = 1024  # inflated size of a Deflated Explicit VR Little Endian dataset
+    max_sequence_depth: int = 32  # nesting of undefined-length sequences (each level is a recursion)
+
+
+DEFAULT_LIMITS = Limits()
+
+
 @dataclass(frozen=True)
 class Header:
     study_uid: str
@@ -64,17 +90,18 @@ class Header:
     source_ae: str = ""  # SourceApplicationEntityTitle of the file meta: who sent it
 
 
-def read_header(path: Path) -> Header:
-    """The index attributes of the file at `path`; raises IncompleteDatasetError or InvalidUIDError."""
+def read_header(path: Path, limits: Limits = DEFAULT_LIMITS) -> Header:
+    """The index attributes of the file at `path`; raises IncompleteDatasetError (DatasetLimitError over
+    `limits`) or InvalidUIDError."""
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size < 132:
             raise IncompleteDatasetError("not a DICOM file (shorter than the preamble)")
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return _parse(mapped, size)
+            return _parse(mapped, size, limits)
 
 
-def _parse(buffer, size: int) -> Header:
+def _parse(buffer, size: int, limits: Limits) -> Header:
     """Parse the mapped file: preamble, file meta, dataset to the end (pages of skipped values untouched)."""
     if buffer[128:132] != b"DICM":
         raise IncompleteDatasetError("not a DICOM file (no DICM prefix)")
@@ -83,16 +110,19 @@ def _parse(buffer, size: int) -> Header:
     syntax = meta.get("ts", "")
     if not syntax:
         raise IncompleteDatasetError("the file meta has no TransferSyntaxUID")
-    position = meta_walker.position
     if syntax == uid.DeflatedExplicitVRLittleEndian:
-        buffer = _inflate(buffer[position:])
-        size, position = len(buffer), 0
+        inflating = _InflatingWalker(buffer, meta_walker.position, size, limits)
+        values = inflating.read_until_pixels(WANTED)
+        while inflating.peek_tag() is not None:
+            inflating.skip_element()
+        return _header(values, syntax, meta.get("source_ae", ""))
     walker = _Walker(
         buffer,
         size,
         implicit=syntax == uid.ImplicitVRLittleEndian,
         little=syntax != uid.ExplicitVRBigEndian,
-        position=position,
+        position=meta_walker.position,
+        max_depth=limits.max_sequence_depth,
     )
     values = walker.read_until_pixels(WANTED)
     while walker.position < size:
@@ -131,24 +161,13 @@ def _header(values: dict[str, str], syntax: str, source_ae: str) -> Header:
     )
 
 
-def _inflate(data: bytes) -> bytes:
-    """The inflated dataset of a deflated file; it must be one complete zlib stream."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        body = inflater.decompress(data)
-    except zlib.error as exc:
-        raise IncompleteDatasetError(f"deflated dataset is corrupt: {exc}") from exc
-    if not inflater.eof:
-        raise IncompleteDatasetError("deflated dataset ends before its end of stream")
-    return body
-
-
 class _Walker:
     """Steps over data elements by tag and length in a buffer, checking each fits inside it."""
 
-    def __init__(self, buffer, size: int, implicit: bool, little: bool, position: int) -> None:
+    def __init__(self, buffer, size: int, implicit: bool, little: bool, position: int, max_depth: int = 0) -> None:
         self.buffer, self.size, self.implicit, self.position = buffer, size, implicit, position
         self.order = "<" if little else ">"
+        self.depth, self.max_depth = 0, max_depth or DEFAULT_LIMITS.max_sequence_depth
 
     def _need(self, count: int) -> int:
         """Advance over `count` bytes; returns where they start."""
@@ -222,11 +241,18 @@ class _Walker:
             self._skip_value(tag, vr, length, self.implicit)
 
     def _skip_items(self, encapsulated: bool, implicit: bool) -> None:
-        """Items until the sequence delimiter; nested datasets are walked element by element."""
+        """Items until the sequence delimiter; nested datasets are walked element by element (a recursion
+        per level: the depth is counted, so that hostile nesting ends here, not in RecursionError)."""
+        self.depth += 1
+        if self.depth > self.max_depth:
+            raise DatasetLimitError(
+                "max_sequence_depth", f"sequences nested deeper than max_sequence_depth={self.max_depth}"
+            )
         order = "<" if encapsulated else None
         while True:
             item_tag, length = self._tag(order), self._u32(order)
             if item_tag == SEQUENCE_DELIMITER:
+                self.depth -= 1
                 return
             if item_tag != ITEM:
                 raise IncompleteDatasetError(f"unexpected tag {item_tag:08X} inside a sequence")
@@ -238,3 +264,81 @@ class _Walker:
                     raise IncompleteDatasetError("the dataset is truncated (inside a sequence item)")
                 self.skip_element(implicit)
             self._need(8)
+
+
+class _InflatingWalker(_Walker):
+    """A `_Walker` over a Deflated Explicit VR Little Endian dataset, inflated while it is walked.
+
+    `buffer` holds only a window of the inflated bytes from about the current position on (positions are
+    relative to it); a value longer than the window is inflated and dropped, never held. Memory is thus
+    one window plus one input chunk whatever the dataset inflates to, and the inflated total is capped.
+    """
+
+    def __init__(self, source, start: int, end: int, limits: Limits) -> None:
+        super().__init__(bytearray(), 0, implicit=False, little=True, position=0, max_depth=limits.max_sequence_depth)
+        self.source, self.read_at, self.end = source, start, end
+        self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self.inflated, self.limits = 0, limits
+
+    def _need(self, count: int) -> int:
+        end = self.position + count
+        if end > len(self.buffer):
+            del self.buffer[: self.position]  # what was walked over is not needed again
+            self.position, end = 0, count
+            if count > _WINDOW:  # a value skipped by its length: inflate it without keeping it
+                self._drop(count - len(self.buffer))
+                self.buffer.clear()
+                return 0
+            self._fill(end)
+            if len(self.buffer) < end:
+                raise IncompleteDatasetError(f"the dataset is truncated ({end - len(self.buffer)} bytes missing)")
+        start, self.position = self.position, end
+        return start
+
+    def peek_tag(self) -> int | None:
+        if self.position + 4 > len(self.buffer):
+            del self.buffer[: self.position]
+            self.position = 0
+            self._fill(4)
+            if not self.buffer:
+                if not self.inflater.eof:
+                    raise IncompleteDatasetError("deflated dataset ends before its end of stream")
+                return None
+            if len(self.buffer) < 4:
+                raise IncompleteDatasetError("the dataset is truncated (a partial tag at its end)")
+        group, element = struct.unpack_from("<HH", self.buffer, self.position)
+        return (group << 16) | element
+
+    def _fill(self, end: int) -> None:
+        while len(self.buffer) < end and (more := self._inflate(_WINDOW)):
+            self.buffer += more
+
+    def _drop(self, count: int) -> None:
+        while count > 0:
+            dropped = len(self._inflate(min(count, _INPUT_CHUNK)))
+            if not dropped:
+                raise IncompleteDatasetError(f"the dataset is truncated ({count} bytes missing)")
+            count -= dropped
+
+    def _inflate(self, max_length: int) -> bytes:
+        """Up to `max_length` more inflated bytes; b"" at the end of the stream or of the input."""
+        while not self.inflater.eof:
+            data = self.inflater.unconsumed_tail
+            if not data and self.read_at < self.end:
+                data = self.source[self.read_at : self.read_at + _INPUT_CHUNK]
+                self.read_at += len(data)
+            try:
+                out = self.inflater.decompress(data, max_length)
+            except zlib.error as exc:
+                raise IncompleteDatasetError(f"deflated dataset is corrupt: {exc}") from exc
+            if out:
+                self.inflated += len(out)
+                if self.inflated > self.limits.max_inflated_mb * MB:
+                    raise DatasetLimitError(
+                        "max_inflated_mb",
+                        f"deflated dataset inflates past max_inflated_mb={self.limits.max_inflated_mb}",
+                    )
+                return out
+            if not data:  # no input left and nothing pending in zlib
+                break
+        return b""

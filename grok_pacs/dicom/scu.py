@@ -25,6 +25,7 @@ from pynetdicom.association import Association
 from grok_pacs.config import Peer
 from grok_pacs.dicom.contexts import VERIFICATION, requested_contexts
 from grok_pacs.dicom.status import DimseStatus, StatusCategory, category, status_name
+from grok_pacs.dicom.tls import handshake_error
 
 log = logging.getLogger("grok_pacs.dicom.scu")
 
@@ -88,6 +89,9 @@ def _association(
     tls_args = (tls, peer.host) if tls is not None else None
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
+        tls_failure = handshake_error(tls)
+        if tls_failure:  # pynetdicom only logs it; say it, not "cannot connect" (the PACS may fix its side)
+            raise TransientStoreError(f"TLS connection to {peer} failed: {tls_failure}")
         raise _association_error(assoc, peer)
     try:
         yield assoc

@@ -29,6 +29,9 @@ class DimseStatus(IntEnum):
     ERROR_INVALID_UID = 0xC001
     ERROR_INCOMPLETE_DATASET = 0xC002
     ERROR_UID_MISMATCH = 0xC003
+    # A dataset over a listener cap (max_inflated_mb, max_sequence_depth). Cxxx, not A7xx: "out of resources"
+    # would tell the sender to retry the same instance, which would exceed the cap again.
+    ERROR_DATASET_LIMIT = 0xC004
 
 
 class StatusCategory(StrEnum):

@@ -1,4 +1,4 @@
-"""The 37 retinal biomarkers (31 OCT + 6 CFP) of SPEC §2: the one source of truth.
+"""The 37 retinal biomarkers (31 OCT + 6 CFP) of docs/domain.md, Biomarkers: the one source of truth.
 
 Training (phantom generator, stage-2 targets, stage-1 prompt JSON), the runtime heads, the prompt and the
 SR all read names, units and ranges from here, in this order. `normal` is the approximate healthy adult
@@ -23,7 +23,7 @@ class Modality(StrEnum):
 @dataclass(frozen=True)
 class Biomarker:
     key: str  #: short snake_case key used in manifests, tensors and code
-    name: str  #: the exact name of SPEC §2 (no unit)
+    name: str  #: the exact name of the paper (no unit)
     modality: Modality
     unit: str  #: UCUM unit code: "um" (micrometre) or "1" (unitless)
     normal: tuple[float, float]  #: approximate healthy adult range

@@ -1,4 +1,4 @@
-"""The diagnostic label set of the Grounded Ophthalmic Understanding benchmark (SPEC §1).
+"""The diagnostic label set of the Grounded Ophthalmic Understanding benchmark (docs/domain.md, Labels).
 
 One enum, used by training (stage 1 records, benchmark), the runtime (report parsing) and the SR.
 `INDETERMINATE` is what the runtime reports when the model's output names no valid label: it is never

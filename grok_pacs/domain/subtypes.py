@@ -1,8 +1,8 @@
 """AMD's subtype as the estimates show it: one criterion for the model's words and for the referral.
 
 Neovascular (wet) AMD is an urgent referral (seen within about 2 weeks, RCOphth) and dry AMD a routine one
-(SPEC §7), so a report must not say one while its measurements show the other. The signs of wet AMD that
-the estimates can show, any one of which reads as wet:
+(docs/domain.md, Dispositions), so a report must not say one while its measurements show the other. The signs of wet
+AMD that the estimates can show, any one of which reads as wet:
 - subretinal fluid under the fovea lifts the photoreceptors: central IS/OS-RPE thickness above 75 um (the
   stage-1 teacher's `wet_if` in training/data/eye_guideline.yaml, held to this by a test);
 - central thickening over the lesion: central subfield thickness of 300 um or more.

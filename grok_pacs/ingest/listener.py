@@ -12,24 +12,34 @@ thread) queues the jobs. The pynetdicom receive set-up (streaming, TLS) is in `g
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import evt
 
 from grok_pacs.config import Settings
 from grok_pacs.dicom import fastpath
 from grok_pacs.dicom.contexts import scp_contexts
-from grok_pacs.dicom.header import IncompleteDatasetError, read_header
+from grok_pacs.dicom.header import DatasetLimitError, IncompleteDatasetError, read_header
+from grok_pacs.dicom.header import Limits as HeaderLimits
 from grok_pacs.dicom.status import DimseStatus, status_name
 from grok_pacs.dicom.uids import InvalidUIDError, instance_relpath, is_valid_uid
-from grok_pacs.ingest.transport import HandshakeInThreadServer, enable_streaming_receive, receive_into, ssl_context
-from grok_pacs.ops import metrics
+from grok_pacs.ingest.gate import GuardedServer
+from grok_pacs.ingest.guard import Guard, GuardedRequestHandler, Limits, ListenerAE
+from grok_pacs.ingest.transport import (
+    enable_streaming_receive,
+    receive_error,
+    receive_into,
+    ssl_context,
+)
+from grok_pacs.ops import audit, metrics, phi
 from grok_pacs.store import db
 from grok_pacs.store.files import atomic_copy, free_bytes, place_file, start_directory_fsync, start_fsync, tmp_dir
 from grok_pacs.store.group_commit import GroupCommit, row_index
@@ -51,6 +61,12 @@ class _AssociationStats:
     failed: int = 0
     bytes: int = 0
     outcome: str = "closed"
+    studies: dict[str, Counter[str]] = field(default_factory=dict)  # study -> SOP class -> stored (audit trail)
+
+
+def _peer_host(peer: str) -> str:
+    """The address of a `host:port` peer string."""
+    return peer.rpartition(":")[0] or peer
 
 
 class StoreRefused(Exception):
@@ -72,6 +88,15 @@ def failure_response(code: int, reason: str) -> Dataset:
     return response
 
 
+def _check_received(request) -> None:
+    """Refuse a C-STORE whose dataset could not be written while it arrived (a full disk): its partial
+    file is already gone (`transport.ReceiveFile`), the association goes on."""
+    error = receive_error(request)
+    if error is not None:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise StoreRefused(DimseStatus.REFUSED_OUT_OF_RESOURCES, f"cannot write the dataset: {reason}")
+
+
 class Listener:
     """The DICOM storage SCP. `start()` serves in background threads; `stop()` shuts it down."""
 
@@ -90,9 +115,9 @@ class Listener:
         self._server = None
         self.ae = self._build_ae()
 
-    def _build_ae(self) -> AE:
+    def _build_ae(self) -> ListenerAE:
         s = self.settings
-        ae = AE(ae_title=s.ae_title)
+        ae = ListenerAE(ae_title=s.ae_title)
         ae.supported_contexts = scp_contexts(s.accepted_sop_classes)
         ae.maximum_associations = s.max_associations
         ae.maximum_pdu_size = s.max_pdu
@@ -127,8 +152,13 @@ class Listener:
             (evt.EVT_CONN_CLOSE, self._on_close),
         ]
         address = (self.settings.bind_address, self.settings.port)
+        self.ae.guard = self._guard()
         self._server = self.ae.make_server(
-            address, evt_handlers=handlers, ssl_context=ssl_context(self.settings), server_class=HandshakeInThreadServer
+            address,
+            evt_handlers=handlers,
+            ssl_context=ssl_context(self.settings),
+            server_class=GuardedServer,
+            request_handler=GuardedRequestHandler,
         )
         self.ae._servers.append(self._server)  # as AE.start_server does; server.shutdown() removes it
         thread = threading.Thread(target=self._server.serve_forever, name="grok-listener", daemon=True)
@@ -142,6 +172,28 @@ class Listener:
             len(self.settings.accepted_sop_classes),
             ",".join(self.settings.allowed_aes) or "any",
         )
+
+    def _guard(self) -> Guard:
+        s = self.settings
+        limits = Limits(
+            max_pdu=s.max_pdu,
+            pdu_timeout=s.network_timeout,
+            pending_timeout=s.acse_timeout,
+            max_pending=s.max_pending_connections,
+        )
+        return Guard(limits, self._admission)
+
+    def _admission(self, established: int) -> str | None:
+        """Why a new association must be refused now (before any transfer), or None. A reserve of 0 leaves
+        only the per-instance watermark (`_check_disk`)."""
+        s = self.settings
+        if not s.transfer_reserve_mb:
+            return None
+        needed = (s.min_free_disk_mb + (established + 1) * s.transfer_reserve_mb) * MB
+        free = free_bytes(self.data_dir)
+        if free < needed:
+            return f"free disk {free // MB} MB below the reserve of {needed // MB} MB"
+        return None
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting; let open associations finish for up to `grace` seconds, then abort them.
@@ -187,15 +239,21 @@ class Listener:
     def _on_rejected(self, event) -> None:
         metrics.association_rejected()
         stats = self._stats_for(event)
-        if self.settings.allowed_aes and stats.calling_ae not in self.settings.allowed_aes:
+        refusal = getattr(event.assoc, "grok_refusal", None)
+        if refusal:
+            stats.outcome = f"rejected ({refusal})"
+        elif self.settings.allowed_aes and stats.calling_ae not in self.settings.allowed_aes:
             stats.outcome = "rejected (calling AE not allowed)"
+            audit.security_alert(stats.calling_ae, _peer_host(stats.peer), "calling AE title not allowed")
         elif stats.called_ae != self.settings.ae_title:
             stats.outcome = "rejected (called AE is not ours)"
+            audit.security_alert(stats.calling_ae, _peer_host(stats.peer), "called AE title is not ours")
         else:
             stats.outcome = "rejected (association limit or negotiation)"
 
     def _on_aborted(self, event) -> None:
-        self._stats_for(event).outcome = "aborted"
+        refusal = getattr(event.assoc.dul.socket, "refusal", "")
+        self._stats_for(event).outcome = f"aborted ({refusal})" if refusal else "aborted"
 
     def _on_released(self, event) -> None:
         self._stats_for(event).outcome = "released"
@@ -217,6 +275,8 @@ class Listener:
             stats.bytes,
             time.monotonic() - stats.started,
         )
+        for study_uid, sop_classes in stats.studies.items():  # one audit message per study received
+            audit.instances_received(study_uid, stats.calling_ae, _peer_host(stats.peer), sop_classes)
 
     def _on_echo(self, event) -> int:
         return DimseStatus.SUCCESS
@@ -226,7 +286,8 @@ class Listener:
         stats = self._stats_for(event)
         request = event.request
         try:
-            code = self._store(Path(event.dataset_path), request, stats.calling_ae, stats)
+            _check_received(request)
+            code = self._store(Path(event.dataset_path), request, event.context, stats.calling_ae, stats)
         except StoreRefused as refusal:
             stats.failed += 1
             metrics.instance_failed(status_name(refusal.code))
@@ -240,16 +301,20 @@ class Listener:
             return failure_response(refusal.code, str(refusal))
         return code
 
-    def _store(self, received: Path, request, calling_ae: str, stats: _AssociationStats) -> int:
+    def _store(self, received: Path, request, context, calling_ae: str, stats: _AssociationStats) -> int:
         sop_uid = str(request.AffectedSOPInstanceUID or "")
         if not is_valid_uid(sop_uid):
             raise StoreRefused(DimseStatus.ERROR_INVALID_UID, f"AffectedSOPInstanceUID {sop_uid[:80]!r} is invalid")
+        self._check_sop_class(str(request.AffectedSOPClassUID or ""), str(context.abstract_syntax))
         self._check_disk(received)
         synced = start_fsync(received)  # runs on the disk while the header is checked here
+        limits = HeaderLimits(self.settings.max_inflated_mb, self.settings.max_sequence_depth)
         try:
-            header = read_header(received)
+            header = read_header(received, limits)
         except InvalidUIDError as exc:
             raise StoreRefused(DimseStatus.ERROR_INVALID_UID, str(exc)) from exc
+        except DatasetLimitError as exc:
+            raise StoreRefused(DimseStatus.ERROR_DATASET_LIMIT, str(exc)) from exc
         except IncompleteDatasetError as exc:
             raise StoreRefused(DimseStatus.ERROR_INCOMPLETE_DATASET, str(exc)) from exc
         if header.sop_uid != sop_uid:
@@ -276,11 +341,23 @@ class Listener:
             metrics.instance_duplicate()
             return DimseStatus.SUCCESS
         stats.stored += 1
+        stats.studies.setdefault(record.study_uid, Counter())[record.sop_class_uid] += 1
         stats.bytes += record.size
         metrics.instance_received(record.sop_class_uid, record.size)
         if self.on_stored is not None:
             self.on_stored(record)
         return DimseStatus.SUCCESS
+
+    def _check_sop_class(self, sop_class: str, abstract_syntax: str) -> None:
+        """The request's SOP class must be the one negotiated for its presentation context, and allowed: the
+        context decides which classes reach here, the request alone does not (PS3.7 0x0122 otherwise)."""
+        if sop_class != abstract_syntax:
+            raise StoreRefused(
+                DimseStatus.SOP_CLASS_NOT_SUPPORTED,
+                f"SOP class {sop_class[:64]!r} is not its context's ({abstract_syntax})",
+            )
+        if sop_class not in self.settings.accepted_sop_classes:
+            raise StoreRefused(DimseStatus.SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class!r} is not accepted")
 
     def _check_disk(self, received: Path) -> None:
         needed = self.settings.min_free_disk_mb * MB + received.stat().st_size
@@ -300,7 +377,10 @@ class Listener:
                 return self.index.add_instance(record)
             return self.commits.commit(record, place_file(received, dest, synced))
         except db.DatabaseError as exc:  # unreachable, locked, failed: no durable record, no Success
-            log.error("index write failed for %s: %s", record.path, exc)
-            raise StoreRefused(DimseStatus.PROCESSING_FAILURE, f"index write failed: {exc}") from exc
+            # the exception's type only: a driver's message may quote the statement and, unless hidden, its values
+            log.error("index write failed for %s: %s", record.path, phi.describe(exc))
+            raise StoreRefused(DimseStatus.PROCESSING_FAILURE, f"index write failed: {phi.describe(exc)}") from exc
         except OSError as exc:
-            raise StoreRefused(DimseStatus.REFUSED_OUT_OF_RESOURCES, f"cannot store {dest.name}: {exc}") from exc
+            raise StoreRefused(
+                DimseStatus.REFUSED_OUT_OF_RESOURCES, f"cannot store {dest.name}: {phi.describe(exc)}"
+            ) from exc

@@ -1,5 +1,5 @@
-"""The ingest service: recovery, then the C-STORE listener, the uploader (when `storage_url` is set) and
-the assembly loop, in one process.
+"""The ingest service: recovery, then the C-STORE listener, the uploader (when `storage_url` is set), the
+assembly loop and the reaper (unfinished work whose job was lost is queued again), in one process.
 
 This is what `grok-pacs listen` runs; the demo and tests start it in-process the same way. The job
 publisher is handed in (`grok_pacs.jobs.publisher.JobPublisher` in production): ingest never imports the
@@ -14,9 +14,12 @@ from typing import Protocol
 from grok_pacs.config import Settings, SettingsError
 from grok_pacs.ingest.assembly import Assembler, Publisher, RecoveryReport, recover
 from grok_pacs.ingest.listener import Listener
+from grok_pacs.ingest.reaper import Reaper
 from grok_pacs.ingest.uploader import Uploader
+from grok_pacs.ops import audit
 from grok_pacs.store.files import atomic_write_bytes
 from grok_pacs.store.index import StudyIndex
+from grok_pacs.store.retention import Retention, RetentionLoop
 from grok_pacs.store.storage import open_blob_store
 from grok_pacs.store.uploads import Uploads
 
@@ -77,6 +80,9 @@ class IngestService:
         # With an object store, a study is complete only once all its instances are in it.
         waiting = self.uploader.uploads.studies_waiting if self.uploader is not None else None
         self.assembler = Assembler(settings, self.index, self.publisher, waiting=waiting)
+        self.reaper = Reaper(settings, self.index, self.publisher)
+        store = self.uploader.store if self.uploader is not None else None
+        self.retention = RetentionLoop(Retention(settings, self.index.engine, store))
         self.recovery: RecoveryReport | None = None
 
     @property
@@ -87,17 +93,24 @@ class IngestService:
         """Recover (before any association can write), then listen, then assemble."""
         uploaded = self.uploader.uploads.uploaded_paths() if self.uploader is not None else set()
         self.recovery = recover(self.settings, self.index, frozenset(uploaded))
+        audit.configure(self.settings)  # before the listener: its threads audit what they receive
         self.listener.start()
         if self.uploader is not None:
             self.uploader.start()
         self.assembler.start()
+        self.reaper.start()
+        self.retention.start()
+        audit.application_started("listener")
 
     def stop(self) -> None:
         self.listener.stop()
+        audit.application_stopped("listener")
         if self.uploader is not None:
             self.uploader.stop()
             self.uploader.store.close()
         self.assembler.stop()
+        self.reaper.stop()
+        self.retention.stop()
         self.publisher.close()
         self.index.close()
 

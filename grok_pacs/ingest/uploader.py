@@ -8,7 +8,8 @@ stay LOCAL (their studies are not queued) and the next pass tries again. On a da
 listeners it reads only the rows its own node received (`Uploads.node_id`, column `received_by`): another
 listener's LOCAL instance is that host's to upload. A row of its own whose file is gone (lost before its
 upload) is refused like a corrupt one: logged and counted once, its study waits. The local file is never
-deleted here.
+deleted here. An instance a worker found missing or corrupt in the store (REUPLOAD) is put again from the
+local file, over what the store holds; its file gone too, it is recorded LOST (the worker fails the study).
 """
 
 from __future__ import annotations
@@ -79,10 +80,11 @@ class Uploader:
         return UploadPass(uploaded, failed, store_down=False)
 
     def _try(self, pending: PendingUpload) -> str:
-        """ "uploaded" or "refused" (stays LOCAL; logged and counted once per instance, it is tried again
-        every pass). BlobStoreUnavailable passes through."""
+        """ "uploaded", "lost" (REUPLOAD with no file left: LOST) or "refused" (stays LOCAL; logged and counted
+        once per instance, it is tried again every pass). BlobStoreUnavailable passes through."""
         try:
-            self._upload(pending)
+            if not self._upload(pending):
+                return "lost"
         except BlobStoreUnavailable:
             raise
         except (BlobError, ValueError) as exc:
@@ -95,14 +97,22 @@ class Uploader:
         metrics.upload("uploaded")
         return "uploaded"
 
-    def _upload(self, pending: PendingUpload) -> None:
-        """Put one instance and record it."""
+    def _upload(self, pending: PendingUpload) -> bool:
+        """Put one instance and record it: True; False when it is recorded LOST instead."""
         path = resolve_inside(self.data_dir, pending.path)
+        if not path.is_file() and pending.reupload:  # the store's copy and ours are both gone
+            self.uploads.mark_lost(pending.sop_uid)
+            log.error("instance %s is lost: the object store lost it and its file is gone here", pending.sop_uid)
+            metrics.upload("lost")
+            return False
         if not path.is_file():  # this node received it (Uploads.node_id): the file was here, and is lost
             raise ValueError(f"its file {pending.path} is missing from this listener's data directory")
         key = BlobKey.for_file("instances", pending.study_uid, pending.sop_uid, path)
-        self.store.put(key, path)
+        self.store.put(key, path, replace=pending.reupload)
         self.uploads.record(pending.sop_uid, key)
+        if pending.reupload:
+            log.warning("instance %s uploaded again (the object store had lost or corrupted it)", pending.sop_uid)
+        return True
 
     def _outage(self, exc: BlobStoreUnavailable) -> None:
         if not self._down:

@@ -19,6 +19,7 @@ Tasks live in `grok_pacs.jobs.tasks`.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 from celery import Celery
@@ -60,6 +61,24 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def broker_ssl_options(settings: Settings) -> dict[str, Any] | None:
+    """TLS options of a rediss:// broker (kombu hands them to redis-py), None for any other broker.
+
+    The server certificate is always verified, host name included: against broker_tls_ca, else the
+    system's CAs; broker_tls_certificate/_key are presented to a Redis with `tls-auth-clients yes`.
+    The broker password goes in the URL (rediss://:PASSWORD@HOST:6380/0), which is a secret setting.
+    """
+    if broker_scheme(settings.resolved_broker_url) != "rediss":
+        return None
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
+    if settings.broker_tls_ca is not None:
+        options["ssl_ca_certs"] = str(settings.broker_tls_ca)
+    if settings.broker_tls_certificate is not None:
+        options["ssl_certfile"] = str(settings.broker_tls_certificate)
+        options["ssl_keyfile"] = str(settings.broker_tls_key)
+    return options
+
+
 def create_app(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
     """A Celery app for `settings`; `include` names task modules a worker imports (e.g. grok_pacs.jobs.tasks)."""
     if broker_scheme(settings.resolved_broker_url) in ("sqla", "sqlalchemy"):
@@ -76,6 +95,7 @@ def create_app(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
         task_default_queue=settings.queue,
         task_time_limit=settings.job_time_limit,
         broker_transport_options=broker_transport_options(settings),
+        broker_use_ssl=broker_ssl_options(settings) or False,
         broker_connection_retry_on_startup=True,
         task_ignore_result=True,
         worker_hijack_root_logger=False,

@@ -35,12 +35,14 @@ from grok_pacs.delivery.sender import write_sr
 from grok_pacs.dicom.uids import resolve_inside
 from grok_pacs.jobs.pdf_report import eye_images, write_pdf_report
 from grok_pacs.jobs.snapshot import EyeCandidates, Kind, StudyOutcome, StudySnapshot
+from grok_pacs.ops.phi import describe
 from grok_pacs.report import dispositions
 from grok_pacs.report.keys import ReportKey
 from grok_pacs.report.pdf import ReportImages
 from grok_pacs.report.sr import SRKey, build_sr
 from grok_pacs.store.blobs import BlobStore
-from grok_pacs.store.index import InstanceRecord, StudyIndex
+from grok_pacs.store.files import DiskFullError
+from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxRow, OutboxState, ResultKind
 
 if TYPE_CHECKING:
@@ -76,13 +78,14 @@ def _header(settings: Settings, rec: InstanceRecord) -> Dataset:
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except (OSError, pydicom.errors.InvalidDicomError, ValueError, EOFError) as exc:
-        raise ImageReadError(f"{rec.path}: unreadable DICOM header: {exc}") from exc
+        raise ImageReadError(f"{rec.path}: unreadable DICOM header: {describe(exc)}") from exc
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
-    """The first line of an error, shortened: study details stay one readable line."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """The first line of an error, shortened: study details stay one readable line. A library's message
+    is left out (it may quote a patient attribute): `ops.phi.describe`."""
+    text = describe(exc, limit)
+    return text.split(": ", 1)[1] if ": " in text else text
 
 
 def _read_pixels(settings: Settings, rec: InstanceRecord, kind: Kind):
@@ -240,7 +243,12 @@ def run_study(
         if not claimed:
             log.info("job for study %s v%d skipped: another job is analysing it", study_uid, version)
             return StudyResult(study_uid, version, StudyOutcome.BUSY)
-        rows = _analyse_into_rows(settings, engine, snapshot, pending, keys, pdf_key, notes, not entries, store)
+        try:
+            rows = _analyse_into_rows(settings, engine, snapshot, pending, keys, pdf_key, notes, not entries, store)
+        except DiskFullError as exc:  # transient: the job is retried; meanwhile the study says why it waits
+            detail = f"waiting for disk space: writing the results failed ({exc.strerror}); retried automatically"
+            index.set_state(study_uid, StudyState.QUEUED, detail, version=version)
+            raise
         # One transaction: SRs and PDF queued together; every row carries all notes (also an eye without an SR).
         entries.extend(outbox.put_many([dataclasses.replace(row, note="; ".join(notes)) for row in rows]))
     if not entries:
@@ -290,9 +298,11 @@ def _pdf_row(
         path = write_pdf_report(
             settings, [(r, ev) for r, ev, _, _ in analysed], {r.eye: pictures for r, _, _, pictures in analysed}, key
         )
+    except DiskFullError:
+        raise  # not this PDF's fault: the whole job waits for space and is retried
     except Exception as exc:  # noqa: BLE001 - the SRs go out regardless; the reason shows with the study
         log.exception("study %s v%d: PDF report not made", snapshot.study_uid, snapshot.version)
-        notes.append(f"PDF report not made: {type(exc).__name__}: {_first_line(exc)}")
+        notes.append(f"PDF report not made: {describe(exc)}")
         return []
     return [
         OutboxRow(

@@ -12,7 +12,7 @@ import logging
 from celery import Celery
 
 from grok_pacs.config import Settings
-from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, create_app
+from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, TASK_DELIVER_SR, create_app
 
 log = logging.getLogger("grok_pacs.jobs.publisher")
 
@@ -42,6 +42,16 @@ class JobPublisher:
             retry_policy=PUBLISH_RETRY_POLICY,
         )
         return task_id
+
+    def publish_delivery(self, sr_uid: str, retry_number: int) -> None:
+        """Send a delivery job for one outbox result (the reaper's, when its own job was lost)."""
+        self.app.send_task(
+            TASK_DELIVER_SR,
+            kwargs={"sr_uid": sr_uid, "retry_number": retry_number},
+            queue=self.settings.queue,
+            retry=True,
+            retry_policy=PUBLISH_RETRY_POLICY,
+        )
 
     def close(self) -> None:
         self.app.close()

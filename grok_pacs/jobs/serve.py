@@ -6,7 +6,8 @@ The worker runs in this process's main thread (solo pool; Celery owns SIGTERM/SI
 current job finishes), the listener and assembly in background threads. The embedded broker does not
 redeliver a job whose worker was killed outright, so at start every study left QUEUED, ANALYSING or
 DELIVERING by the previous run is queued again (jobs are idempotent: a duplicate does nothing) and the
-worker queues every undelivered SR of the outbox.
+worker queues every undelivered SR of the outbox. While it runs, the ingest service's reaper
+(grok_pacs.ingest.reaper) does the same for work whose lease expired.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from grok_pacs.ingest.service import IngestService
 from grok_pacs.jobs import worker
 from grok_pacs.jobs.app import broker_scheme
 from grok_pacs.jobs.publisher import JobPublisher
-from grok_pacs.ops import metrics, observability
+from grok_pacs.ops import audit, metrics, observability
 from grok_pacs.store.index import StudyIndex, StudyState
 
 log = logging.getLogger("grok_pacs.jobs.serve")
@@ -63,9 +64,11 @@ def run_serve(settings: Settings, loglevel: str = "INFO") -> int:
     )
     try:
         celery_worker = worker.build_worker(app, settings, loglevel)
+        audit.application_started("worker")  # the listener's start and stop are audited by the service
         celery_worker.start()  # blocks; returns after a warm shutdown
         return int(celery_worker.exitcode or 0)
     finally:
+        audit.application_stopped("worker")
         log.info("stopping listener and assembly")
         if server is not None:
             server.close()

@@ -3,9 +3,10 @@
 `analyze_study(study_uid=, version=)` runs the pipeline into the outbox and tries each SR's delivery at
 once (lowest latency). A transient delivery failure schedules `deliver_sr(sr_uid=)` with exponential
 backoff, at most `delivery_max_retries` times, then the SR is FAILED; a permanent failure is FAILED at
-once. Analysis is retried (bounded, with backoff) only for transient errors (a busy index database, an
-object store that is down);
-any other error fails the study with its reason and is not retried. Both tasks are idempotent.
+once. Both tasks retry transient errors (the database, the broker or the object store down: bounded
+exponential backoff over minutes, grok_pacs.jobs.retry); any other analysis error fails the study with its
+reason and is not retried. Both tasks are idempotent, so the reaper (grok_pacs.ingest.reaper) may publish
+a job again whose message was lost or whose retries ran out.
 """
 
 from __future__ import annotations
@@ -20,20 +21,16 @@ from grok_pacs.delivery import sender as delivery
 from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError
 from grok_pacs.jobs import fetch, pipeline
 from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, TASK_DELIVER_SR
+from grok_pacs.jobs.retry import TRANSIENT_ERRORS, retry_transient
 from grok_pacs.jobs.snapshot import StudyNotYetQueuedError, StudyOutcome, StudySnapshot, read_study
 from grok_pacs.jobs.worker import ContextTask, WorkerContext
 from grok_pacs.ops import metrics
-from grok_pacs.store import db
-from grok_pacs.store.blobs import BlobStoreUnavailable
+from grok_pacs.ops.phi import describe
 from grok_pacs.store.index import StudyState
 from grok_pacs.store.outbox import OutboxState, ResultKind
 
 log = logging.getLogger("grok_pacs.jobs.tasks")
 
-# The database locked beyond the busy timeout or down; the object store down (instances not fetched yet).
-TRANSIENT_ANALYSIS_ERRORS = (db.TransientDatabaseError, BlobStoreUnavailable)
-ANALYSIS_MAX_RETRIES = 3
-ANALYSIS_BACKOFF_MAX_S = 60
 NOT_YET_QUEUED_DELAY_S = 0.5  # assembly records the version right after publishing: this is ample
 NOT_YET_QUEUED_RETRIES = 20
 
@@ -63,13 +60,13 @@ def _deliver_once(ctx: WorkerContext, sr_uid: str, owner: str) -> tuple[str, str
     try:
         return delivery.deliver(ctx.settings, ctx.outbox, sr_uid, owner=owner, store=ctx.blobs).value, ""
     except TransientStoreError as exc:
-        return "transient", f"transient: {exc}"
+        return "transient", f"transient: {describe(exc)}"
     except PermanentStoreError as exc:
-        return "failed", str(exc)
+        return "failed", describe(exc)
 
 
 def _fail_study(ctx: WorkerContext, study_uid: str, version: int, exc: BaseException) -> dict[str, Any]:
-    reason = f"analysis failed: {type(exc).__name__}: {exc}"
+    reason = f"analysis failed: {describe(exc)}"  # a library's message may quote a patient attribute
     ctx.index.set_state(study_uid, StudyState.FAILED, reason[:2000], version=version)
     log.error("study %s v%d: %s", study_uid, version, reason, exc_info=exc)
     return {"study_uid": study_uid, "version": version, "outcome": "failed", "reason": reason}
@@ -89,11 +86,6 @@ def _instance_copies(ctx: WorkerContext, snapshot: StudySnapshot, owner: str) ->
     acks_late=True,
     reject_on_worker_lost=True,
     ignore_result=True,
-    autoretry_for=TRANSIENT_ANALYSIS_ERRORS,
-    max_retries=ANALYSIS_MAX_RETRIES,
-    retry_backoff=True,
-    retry_backoff_max=ANALYSIS_BACKOFF_MAX_S,
-    retry_jitter=True,
 )
 def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[str, Any]:
     """Analyse (study, version), put its SRs in the outbox and deliver them.
@@ -101,6 +93,13 @@ def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[st
     The study is read from the index once (a snapshot handed down the pipeline); the index is written
     when analysis starts (ANALYSING) and once at the end (the state its SRs imply, or FAILED).
     """
+    try:
+        return _analyse_and_deliver(self, study_uid, version)
+    except TRANSIENT_ERRORS as exc:
+        raise retry_transient(self, self.ctx.settings, exc, f"study {study_uid} v{version}") from exc
+
+
+def _analyse_and_deliver(self: ContextTask, study_uid: str, version: int) -> dict[str, Any]:
     ctx = self.ctx
     owner = str(self.request.id or f"analyze-{study_uid}-v{version}")
     received_at: float | None = None  # the study's last instance, for the latency metrics
@@ -119,8 +118,8 @@ def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[st
                 owner=owner,
                 store=ctx.blobs,
             )
-    except TRANSIENT_ANALYSIS_ERRORS:
-        raise  # retried by Celery (autoretry_for), bounded, with backoff
+    except TRANSIENT_ERRORS:
+        raise  # retried by analyze_study, bounded, with backoff
     except StudyNotYetQueuedError as exc:
         if self.request.retries >= NOT_YET_QUEUED_RETRIES:
             log.warning("study %s v%d: %s; giving the job up", study_uid, version, exc)
@@ -130,6 +129,8 @@ def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[st
         metrics.job_done(received_at, succeeded=False)
         return _fail_study(ctx, study_uid, version, exc)
     summary: dict[str, Any] = {"study_uid": study_uid, "version": version, "outcome": result.outcome.value, "srs": {}}
+    if result.outcome is StudyOutcome.ALREADY_DONE:  # a job published again: its end write may be the one missing
+        delivery.update_study_state(ctx.settings, ctx.index, ctx.outbox, study_uid, version)
     if result.outcome is not StudyOutcome.ANALYSED:
         return summary
     for entry in result.entries:  # SRs under "srs" by UID; the study's PDF report under "pdf"
@@ -152,7 +153,15 @@ def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[st
     bind=True, base=ContextTask, name=TASK_DELIVER_SR, acks_late=True, reject_on_worker_lost=True, ignore_result=True
 )
 def deliver_sr(self: ContextTask, *, sr_uid: str, retry_number: int = 0) -> str:
-    """Deliver one SR of the outbox: retry `retry_number` (0: a restart's recovery); idempotent per SR UID."""
+    """Deliver one SR of the outbox: retry `retry_number` (0: a restart's recovery); idempotent per SR UID.
+    A transient database or broker error retries this task (the same task id: it may claim its own row)."""
+    try:
+        return _deliver_and_record(self, sr_uid, retry_number)
+    except TRANSIENT_ERRORS as exc:
+        raise retry_transient(self, self.ctx.settings, exc, f"SR {sr_uid}") from exc
+
+
+def _deliver_and_record(self: ContextTask, sr_uid: str, retry_number: int) -> str:
     ctx = self.ctx
     owner = str(self.request.id or f"deliver-{sr_uid}")
     log.info("SR %s: delivery attempt (retry %d, task %s)", sr_uid, retry_number, owner)

@@ -26,7 +26,7 @@ from celery.signals import worker_ready
 from grok_pacs.config import Settings, SettingsError
 from grok_pacs.delivery.sender import claim_lease_s
 from grok_pacs.jobs.app import TASK_DELIVER_SR, TASK_MODULES, create_app
-from grok_pacs.ops import health, metrics, observability
+from grok_pacs.ops import audit, health, metrics, observability
 from grok_pacs.report import dispositions
 from grok_pacs.store.index import StudyIndex
 from grok_pacs.store.outbox import Outbox
@@ -195,9 +195,12 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> int:
     app = worker_app(settings)
     worker = build_worker(app, settings, loglevel)
     server = observability.maybe_start_server(settings, "worker")  # /metrics, /health when metrics_port
+    audit.configure(settings)
+    audit.application_started("worker")
     try:
         worker.start()
     finally:
+        audit.application_stopped("worker")
         if server is not None:
             server.close()
     return int(worker.exitcode or 0)

@@ -1,4 +1,4 @@
-"""Configuration of the GROK model (SPEC §3): encoders, projectors, language model, generation.
+"""Configuration of the GROK model (docs/domain.md, The GROK model): encoders, projectors, language model, generation.
 
 One dataclass tree, shared by training (stages 2 and 3), export and the runtime, and stored in every
 bundle's manifest (`GrokConfig.to_dict()` / `from_dict()`). `GrokConfig.full()` is the paper's model;
@@ -37,7 +37,7 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class ProjectorConfig:
-    """The LLaVA-style projectors of SPEC §3 (encoder tokens -> LLM embeddings)."""
+    """The LLaVA-style projectors of docs/domain.md, The GROK model (encoder tokens -> LLM embeddings)."""
 
     vision_dim: int = 1024  # encoder token width (both encoders must agree)
     llm_hidden_size: int = 3584  # LLM embedding width H (Qwen2-7B: 3584)

@@ -1,4 +1,4 @@
-"""The projectors of SPEC §3: encoder patch tokens -> LLM input embeddings.
+"""The projectors (docs/domain.md, The GROK model, stage 3): encoder patch tokens -> LLM input embeddings.
 
 CFP: Linear(D, H) - GELU - Linear(H, H). OCT: Linear(D, D) - GELU - Linear(D, D), then the same CFP projector
 (shared weights, as the paper's code does). A modality that is absent for an eye is fed as ONE learned

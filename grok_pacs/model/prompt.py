@@ -1,5 +1,5 @@
-"""The GROK prompt (SPEC §3): ChatML, the paper's system and human turns, the assistant target format,
-and the (input_ids, labels) builder with loss on assistant tokens only.
+"""The GROK prompt (docs/domain.md, The GROK model): ChatML, the paper's system and human turns, the assistant target
+format, and the (input_ids, labels) builder with loss on assistant tokens only.
 
 Training (stage 3) and the runtime build prompts only here, so they cannot drift apart. The human turn
 optionally carries the biomarker estimates (quantitative values first, then a qualitative reading against

@@ -1,5 +1,6 @@
 """Operations: Prometheus metrics (`metrics`), health checks (`health`), the HTTP server that serves both
-on metrics_port (`observability`) and log set-up (`logs`).
+on metrics_port (`observability`), log set-up (`logs`), keeping patient attributes out of logs and stored
+reasons (`phi`) and the DICOM audit trail over syslog (`audit`).
 
 May import: `grok_pacs.config`, `grok_pacs.domain`.
 """

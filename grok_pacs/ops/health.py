@@ -1,4 +1,5 @@
-"""Health checks an orchestrator can act on: listener up, broker reachable, bundle loaded, disk headroom.
+"""Health checks an orchestrator can act on: listener up, database, broker and object store reachable,
+bundle loaded, disk headroom.
 
 `HealthChecker.report()` runs the checks of a role and returns a JSON-ready dict; the metrics server
 (`grok_pacs.ops.metrics`) answers /health with it, HTTP 200 when every check passes and 503 otherwise, so a
@@ -7,6 +8,7 @@ Kubernetes readiness probe or a compose healthcheck sees the same verdict an ope
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import threading
@@ -14,13 +16,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy
 from kombu import Connection
 
 from grok_pacs.config import Settings
+from grok_pacs.jobs.app import broker_ssl_options
 
 CHECK_TIMEOUT = 3.0  # seconds any one network check may take: probes must answer quickly
+STORAGE_CHECK_TIMEOUT = 1.0  # per attempt; botocore makes up to 3 (grok_pacs.store.s3.MAX_ATTEMPTS)
 ROLES = ("listener", "worker", "serve")
 
 
@@ -98,7 +103,8 @@ def listener_check(settings: Settings) -> Check:
 
 
 def _redacted(url: str) -> str:
-    """The broker URL without its password, for messages."""
+    """A broker or database URL without its credentials (user:password@, ?password=), for messages."""
+    url = re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
     if "@" not in url or "://" not in url:
         return url
     scheme, rest = url.split("://", 1)
@@ -109,7 +115,7 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0]
 
 
-def _open_broker(url: str) -> None:
+def _open_broker(url: str, tls: dict[str, Any] | None = None) -> None:
     """Open the broker for real: kombu's SQLAlchemy transport connects lazily, so query it directly."""
     if url.startswith("sqla+"):
         db_url = url.removeprefix("sqla+")
@@ -121,7 +127,7 @@ def _open_broker(url: str) -> None:
         finally:
             engine.dispose()
         return
-    with Connection(url, connect_timeout=CHECK_TIMEOUT) as conn:
+    with Connection(url, connect_timeout=CHECK_TIMEOUT, ssl=tls or False) as conn:
         conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0, timeout=CHECK_TIMEOUT)
         _ = conn.default_channel  # opens a channel: Redis answers PING here
 
@@ -129,14 +135,72 @@ def _open_broker(url: str) -> None:
 def broker_check(settings: Settings) -> Check:
     """A connection to the Celery broker can be opened (Redis answers PING, SQLite opens)."""
     url = settings.resolved_broker_url
+    tls = broker_ssl_options(settings)
 
     def check() -> CheckResult:
         start = time.monotonic()
         try:
-            _open_broker(url)
+            _open_broker(url, tls)
         except Exception as exc:  # noqa: BLE001 - any failure means unreachable; it is reported, not hidden
             return CheckResult(False, f"broker {_redacted(url)} unreachable: {type(exc).__name__}: {_first_line(exc)}")
         return CheckResult(True, f"broker {_redacted(url)} reachable in {time.monotonic() - start:.3f} s")
+
+    return check
+
+
+def _database_engine(url: str) -> sqlalchemy.Engine:
+    """An engine of its own for the probe: one connection, bounded connect and statement time."""
+    if url.startswith("sqlite"):
+        return sqlalchemy.create_engine(url, connect_args={"timeout": CHECK_TIMEOUT})
+    # psycopg: connect_timeout in whole seconds (libpq ignores values below 2); the server cancels a query
+    # after statement_timeout, so a database that accepts but stalls still answers the probe in time.
+    args = {
+        "connect_timeout": max(2, int(CHECK_TIMEOUT)),
+        "options": f"-c statement_timeout={int(CHECK_TIMEOUT * 1000)}",
+    }
+    return sqlalchemy.create_engine(url, connect_args=args, pool_size=1, max_overflow=0, pool_pre_ping=True)
+
+
+def database_check(settings: Settings) -> Check:
+    """The index database answers `SELECT 1` (PostgreSQL, or the embedded SQLite file)."""
+    url = settings.resolved_database_url
+    engine = _database_engine(url)  # kept between probes: pre-ping replaces a connection the server dropped
+
+    def check() -> CheckResult:
+        start = time.monotonic()
+        try:
+            with engine.connect() as db:
+                db.exec_driver_sql("SELECT 1")
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready; it is reported, not hidden
+            return CheckResult(
+                False, f"database {_redacted(url)} unreachable: {type(exc).__name__}: {_first_line(exc)}"
+            )
+        return CheckResult(True, f"database {_redacted(url)} answered in {time.monotonic() - start:.3f} s")
+
+    return check
+
+
+def storage_check(settings: Settings) -> Check:
+    """The object store answers a HEAD on the bucket (only when storage_url is set)."""
+    from grok_pacs.store.s3 import S3BlobStore  # boto3 is slow to import: only processes using a store pay
+
+    assert settings.storage_url is not None
+    store = S3BlobStore(
+        settings.storage_url,
+        endpoint=settings.storage_endpoint,
+        region=settings.storage_region,
+        access_key=settings.storage_access_key,
+        secret_key=settings.storage_secret_key.get_secret_value(),
+        timeout=min(settings.storage_timeout, STORAGE_CHECK_TIMEOUT),  # botocore retries: a few of these
+    )
+
+    def check() -> CheckResult:
+        start = time.monotonic()
+        try:
+            store.check()
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready; it is reported, not hidden
+            return CheckResult(False, f"object store unreachable: {type(exc).__name__}: {_first_line(exc)}")
+        return CheckResult(True, f"object store {settings.storage_url} answered in {time.monotonic() - start:.3f} s")
 
     return check
 
@@ -195,7 +259,10 @@ class HealthChecker:
         checks: dict[str, Check] = {}
         if role in ("listener", "serve"):
             checks["listener"] = listener_check(settings)
+        checks["database"] = database_check(settings)
         checks["broker"] = broker_check(settings)
+        if settings.storage_url is not None:
+            checks["storage"] = storage_check(settings)
         if role in ("worker", "serve"):
             checks["bundle"] = bundle_check(settings)
         checks["disk"] = disk_check(settings)

@@ -38,6 +38,12 @@ ASSOCIATIONS = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+CONNECTIONS_DROPPED = Counter(
+    "grok_pacs_connections_dropped",
+    "Connections the listener closed to protect itself (PDU over the limit, PDU deadline, no association request)",
+    ["reason"],
+    registry=REGISTRY,
+)
 INSTANCES_RECEIVED = Counter(
     "grok_pacs_instances_received",
     "Instances stored by the listener (C-STORE answered Success), by SOP class UID",
@@ -118,8 +124,32 @@ UPLOADS = Counter(
     "grok_pacs_uploads",
     "Instances the uploader put into the object store, by outcome (uploaded; refused: stays LOCAL, counted once,"
     " see the log;"
-    " store_down: a pass stopped because the store was unavailable)",
+    " store_down: a pass stopped because the store was unavailable; lost: found missing or corrupt in the store"
+    " and gone from this host's disk)",
     ["outcome"],
+    registry=REGISTRY,
+)
+OLDEST_UNFINISHED = Gauge(
+    "grok_pacs_oldest_unfinished_study_seconds",
+    "Age of the oldest study not DONE or FAILED, since its last instance (database time; 0 when none); set by"
+    " the reaper pass of each listener. Growing beyond the longest job means stranded or stalled work",
+    registry=REGISTRY,
+)
+REAPED = Counter(
+    "grok_pacs_reaped",
+    "Jobs the reaper published again: an analysis (study) or a delivery (result) whose lease had expired",
+    ["kind"],
+    registry=REGISTRY,
+)
+PURGED_STUDIES = Counter(
+    "grok_pacs_purged_studies",
+    "Delivered studies purged by retention, by what went (files: instances and results; rows: index and outbox)",
+    ["what"],
+    registry=REGISTRY,
+)
+PURGED_BYTES = Counter(
+    "grok_pacs_purged_bytes",
+    "Bytes freed by retention (instance and result files, objects, leftover scratch files)",
     registry=REGISTRY,
 )
 BUNDLE_INFO = Info(
@@ -137,8 +167,19 @@ for _kind in ("transient", "permanent"):
     SR_DELIVERY_FAILURES.labels(kind=_kind)
 for _outcome in ("passed", "failed"):
     NARRATIVES.labels(outcome=_outcome)
-for _outcome in ("uploaded", "refused", "store_down"):
+for _outcome in ("uploaded", "refused", "store_down", "lost"):
     UPLOADS.labels(outcome=_outcome)
+for _kind in ("study", "result"):
+    REAPED.labels(kind=_kind)
+for _what in ("files", "rows"):
+    PURGED_STUDIES.labels(what=_what)
+
+
+def purged(studies: int, rows: int, nbytes: int) -> None:
+    """One retention pass: studies whose files went, studies whose rows went, bytes freed."""
+    PURGED_STUDIES.labels(what="files").inc(studies)
+    PURGED_STUDIES.labels(what="rows").inc(rows)
+    PURGED_BYTES.inc(nbytes)
 
 
 def association_accepted() -> None:
@@ -147,6 +188,10 @@ def association_accepted() -> None:
 
 def association_rejected() -> None:
     ASSOCIATIONS.labels(outcome="rejected").inc()
+
+
+def connection_dropped(reason: str) -> None:
+    CONNECTIONS_DROPPED.labels(reason=reason).inc()
 
 
 def instance_received(sop_class_uid: str, nbytes: int) -> None:
@@ -165,8 +210,15 @@ def instance_failed(reason: str) -> None:
 
 
 def upload(outcome: str) -> None:
-    """Count one uploader outcome: "uploaded", "refused" or "store_down"."""
+    """Count one uploader outcome: "uploaded", "refused", "store_down" or "lost"."""
     UPLOADS.labels(outcome=outcome).inc()
+
+
+def reaper_pass(oldest_unfinished_s: float, studies: int, results: int) -> None:
+    """Record one reaper pass: the oldest unfinished study's age, and the jobs it published again."""
+    OLDEST_UNFINISHED.set(oldest_unfinished_s)
+    REAPED.labels(kind="study").inc(studies)
+    REAPED.labels(kind="result").inc(results)
 
 
 def observe_stage(stage: str, seconds: float) -> None:

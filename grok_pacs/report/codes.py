@@ -1,4 +1,4 @@
-"""Every coded concept grok-pacs writes, in one place (SPEC §1, §5).
+"""Every coded concept grok-pacs writes, in one place (docs/domain.md, Labels and DICOM objects).
 
 Plain (value, scheme, meaning) triples, so importing this module costs nothing; `sr.py` turns them into
 highdicom `CodedConcept`s. SNOMED CT uses the scheme designator `SCT` (never the retired `SRT`).
@@ -98,7 +98,8 @@ UNIT_CODES: dict[str, Code] = {
 }
 
 #: Biomarker key -> code value in the GROK scheme. Code values never change once written to an SR;
-#: the meaning is the biomarker's SPEC name (grok_pacs.domain.biomarkers). New biomarkers get new values.
+#: the meaning is the biomarker's name in grok_pacs.domain.biomarkers (docs/domain.md, Biomarkers). New biomarkers
+#: get new values.
 BIOMARKER_CODE_VALUES: dict[str, str] = {
     "mt_inner_inferior": "GROK-BM-001",
     "mt_inner_nasal": "GROK-BM-002",

@@ -1,4 +1,5 @@
-"""Dispositions: what should happen next, per eye and per patient, from one ordered table (SPEC §7).
+"""Dispositions: what should happen next, per eye and per patient, from one ordered table
+(docs/domain.md, Dispositions).
 
 Each row names its guideline source. The first row that matches an eye's gradability, label and biomarker
 condition gives its disposition. The patient-level roll-up takes the most severe eye (urgent referral >
@@ -22,7 +23,7 @@ from grok_pacs.domain.labels import Label
 from grok_pacs.domain.subtypes import COMPARISONS, WET_AMD_SIGNS
 
 SYSTEMIC_LABELS = (Label.DIABETES, Label.HYPERTENSION, Label.ALZHEIMER)
-CDR_ASYMMETRY = 0.2  #: cup-to-disc difference between the eyes that suggests glaucoma (SPEC section 7)
+CDR_ASYMMETRY = 0.2  #: cup-to-disc difference between the eyes that suggests glaucoma (docs/domain.md, Dispositions)
 
 
 class DispositionTableError(ValueError):
@@ -83,15 +84,15 @@ def _enum(kind, value, where):
         raise DispositionTableError(f"{where} {value!r} is not one of {[k.value for k in kind]}") from exc
 
 
-_DESP = "NHS Diabetic Eye Screening Programme grading (SPEC section 7)"
-#: The default table, first match wins (SPEC §7 names each source).
+_DESP = "NHS Diabetic Eye Screening Programme grading definitions"
+#: The default table, first match wins (docs/domain.md, Dispositions, gives each source in full).
 DEFAULT_TABLE: tuple[Rule, ...] = (
     Rule(
         "ungradable",
         Action.RETAKE,
         "Image quality insufficient: retake, or refer",
         gradability="not-gradable",
-        source="IDx-DR / EyeArt practice: no result means refer; ungradable -> retake, then refer (SPEC section 7)",
+        source="IDx-DR / EyeArt practice: no result means refer; ungradable -> retake, then refer",
     ),
     Rule(
         "dr-oedema",
@@ -119,7 +120,7 @@ DEFAULT_TABLE: tuple[Rule, ...] = (
             biomarker=sign.key,
             op=sign.op,
             value=sign.value,
-            source="RCOphth AMD guidance: suspected wet AMD seen within 2 weeks (SPEC section 7)",
+            source="RCOphth AMD commissioning guidance, NICE NG82: suspected wet AMD seen within 2 weeks",
         )
         for rule_id, sign in zip(("amd-wet-fluid", "amd-wet"), WET_AMD_SIGNS, strict=True)
     ),
@@ -128,7 +129,7 @@ DEFAULT_TABLE: tuple[Rule, ...] = (
         Action.REFERRAL,
         "Routine referral: dry age-related macular degeneration",
         label="AMD",
-        source="RCOphth AMD guidance: dry AMD routine (SPEC section 7)",
+        source="RCOphth AMD commissioning guidance, NICE NG82: dry AMD routine",
     ),
     Rule(
         "glaucoma-cdr",
@@ -137,21 +138,21 @@ DEFAULT_TABLE: tuple[Rule, ...] = (
         biomarker="cup_to_disc",
         op=">=",
         value=0.7,
-        source="Glaucoma suspicion: CDR >= 0.7 (SPEC section 7)",
+        source="AAO Primary Open-Angle Glaucoma Suspect PPP: glaucoma suspicion, CDR >= 0.7",
     ),
     Rule(
         "glaucoma",
         Action.REFERRAL,
         "Refer to ophthalmology: glaucoma suspicion",
         label="Glaucoma",
-        source="Glaucoma suspicion -> refer (SPEC section 7)",
+        source="AAO Primary Open-Angle Glaucoma Suspect PPP: glaucoma suspicion -> refer",
     ),
     Rule(
         "hypertension",
         Action.REFERRAL,
         "Blood-pressure assessment by the physician (hypertensive signs)",
         label="Hypertension",
-        source="Hypertensive signs -> blood-pressure assessment by the physician (SPEC section 7)",
+        source="Wong and Mitchell, NEJM 2004: hypertensive signs -> blood-pressure assessment by the physician",
     ),
     Rule(
         "alzheimer",
@@ -174,13 +175,13 @@ DEFAULT_TABLE: tuple[Rule, ...] = (
         "No abnormality found: routine rescreen",
         label="Normal",
         rescreen_months=24,
-        source="Normal -> routine rescreen (SPEC section 7); interval a site choice",
+        source="AAO Comprehensive Adult Medical Eye Evaluation PPP: routine rescreen; interval a site choice",
     ),
     Rule(
         "indeterminate",
         Action.REFERRAL,
         "No diagnosis could be determined: refer for clinical review",
-        source="IDx-DR practice: no result means refer (SPEC section 7)",
+        source="IDx-DR / EyeArt practice: no result means refer",
     ),
 )
 
@@ -241,7 +242,7 @@ def roll_up(reports: Sequence[Report]) -> Disposition:
         chosen = Disposition(
             Action.REFERRAL,
             f"Refer to ophthalmology: cup-to-disc asymmetry {abs(cdr[0] - cdr[1]):.2f} >= {CDR_ASYMMETRY}",
-            "Glaucoma suspicion: CDR asymmetry >= 0.2 between the eyes (SPEC section 7)",
+            "AAO Primary Open-Angle Glaucoma Suspect PPP: CDR asymmetry >= 0.2 between the eyes",
             "glaucoma-asymmetry",
         )
         deciding = list(reports)

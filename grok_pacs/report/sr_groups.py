@@ -7,7 +7,7 @@ conclusion. OHIF draws neither a coded diagnosis nor a tracking identifier, only
 first NUM of a gradable eye's first group is the diagnosis' score ("Probability of Glaucoma (AI): 87 %");
 an eye that was not gradable gets none, so no diagnosis is ever drawn for it. OHIF takes a group's image and
 position only from such a SCOORD: a
-group of NUMs without one gives a black viewport (SPEC §8).
+group of NUMs without one gives a black viewport (docs/domain.md, Display).
 """
 
 from __future__ import annotations

@@ -109,23 +109,25 @@ def check_source(key: BlobKey, source: Path) -> int:
 def write_verified(key: BlobKey, chunks: Iterable[bytes], scratch_dir: Path, where: str) -> Path:
     """Write `chunks` to `<scratch_dir>/<key>` through a temporary file, renamed only if the sha256 matches.
 
-    A mismatch removes the temporary file and raises BlobIntegrityError naming `where` (the store).
+    A mismatch removes the temporary file and raises BlobIntegrityError naming `where` (the store); a full
+    scratch filesystem raises files.DiskFullError (the job waits for space, it does not fail).
     """
     dest = Path(scratch_dir) / key.path
-    dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    handle = tempfile.NamedTemporaryFile(dir=dest.parent, prefix=".part-", delete=False)
-    try:
-        with handle:
-            for chunk in chunks:
-                digest.update(chunk)
-                handle.write(chunk)
-        if digest.hexdigest() != key.sha256:
-            raise BlobIntegrityError(f"{where}: object {key} hashes to {digest.hexdigest()}: refused")
-        os.replace(handle.name, dest)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    with files.full_disk_as_error():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(dir=dest.parent, prefix=".part-", delete=False)
+        try:
+            with handle:
+                for chunk in chunks:
+                    digest.update(chunk)
+                    handle.write(chunk)
+            if digest.hexdigest() != key.sha256:
+                raise BlobIntegrityError(f"{where}: object {key} hashes to {digest.hexdigest()}: refused")
+            os.replace(handle.name, dest)
+        except BaseException:
+            Path(handle.name).unlink(missing_ok=True)
+            raise
     return dest
 
 
@@ -138,9 +140,10 @@ class BlobStore(ABC):
     """Immutable objects by BlobKey. Implementations raise only BlobError subclasses for store problems."""
 
     @abstractmethod
-    def put(self, key: BlobKey, source: Path) -> bool:
+    def put(self, key: BlobKey, source: Path, *, replace: bool = False) -> bool:
         """Store `source` (which must hash to `key`) unless the key exists: True = written now, False =
-        already there (same bytes by construction). Durable on return as far as the backend promises."""
+        already there (same bytes by construction). Durable on return as far as the backend promises.
+        `replace`: write it even over an existing object (one found corrupt: the same key, other bytes)."""
 
     @abstractmethod
     def get(self, key: BlobKey, scratch_dir: Path) -> Path:
@@ -149,6 +152,10 @@ class BlobStore(ABC):
     @abstractmethod
     def exists(self, key: BlobKey) -> bool:
         """Whether an object is stored under `key` (its content is checked on `get`, not here)."""
+
+    @abstractmethod
+    def delete(self, key: BlobKey) -> int:
+        """Remove the object under `key` (retention); returns the bytes freed, 0 if there was none."""
 
     @abstractmethod
     def check(self) -> None:
@@ -174,10 +181,12 @@ class LocalBlobStore(BlobStore):
         self.check()
         return self.root / key.path
 
-    def put(self, key: BlobKey, source: Path) -> bool:
+    def put(self, key: BlobKey, source: Path, *, replace: bool = False) -> bool:
         size = check_source(key, source)
         dest = self._file(key)
-        if dest.exists():
+        if replace:
+            dest.unlink(missing_ok=True)  # a corrupt object: the link below writes the verified source
+        elif dest.exists():
             return self._same_size(key, dest, size)
         try:
             handle = tempfile.NamedTemporaryFile(
@@ -221,6 +230,17 @@ class LocalBlobStore(BlobStore):
 
     def exists(self, key: BlobKey) -> bool:
         return self._file(key).is_file()
+
+    def delete(self, key: BlobKey) -> int:
+        path = self._file(key)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise BlobStoreUnavailable(f"{self!r}: cannot delete {key}: {exc}") from exc
+        return size
 
     def close(self) -> None:
         """Nothing held open between calls."""

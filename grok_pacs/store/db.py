@@ -147,7 +147,8 @@ def open_engine(target: str | Path) -> Engine:
     if url.startswith("sqlite"):
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+        # hide_parameters: an error's text (logged, or a study's reason) never carries the row's values
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000}, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
@@ -155,7 +156,9 @@ def open_engine(target: str | Path) -> Engine:
         # A database host that is unreachable (not refusing) must fail a C-STORE within the sender's DIMSE
         # timeout, not after the OS's TCP timeout; a URL's own ?connect_timeout= wins.
         connect = {} if "connect_timeout=" in url else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
-        return create_engine(url, connect_args=connect, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        return create_engine(
+            url, connect_args=connect, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True
+        )
     raise ValueError(f"database_url: {url.split('://')[0]!r} is not supported (sqlite or postgresql+psycopg)")
 
 

@@ -7,12 +7,14 @@ filesystem as the destination, so rename never copies) and are removed at start-
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -124,16 +126,36 @@ def publish_file(
             future.result()
 
 
-def atomic_write_bytes(data_dir: Path, dest: Path, data: bytes) -> None:
-    """Write `data` to `dest` durably through a temporary file in `<data>/tmp`."""
-    handle = tempfile.NamedTemporaryFile(dir=tmp_dir(data_dir), prefix=TMP_PREFIX, delete=False)
+class DiskFullError(OSError):
+    """A write failed because the filesystem is full (ENOSPC) or a quota is reached (EDQUOT): worth trying
+    again once space is freed (retention, an operator), unlike other I/O errors."""
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@contextlib.contextmanager
+def full_disk_as_error() -> Iterator[None]:
+    """Raise DiskFullError (an OSError) for a full filesystem inside the block; other errors unchanged."""
     try:
-        with handle:
-            handle.write(data)
-        publish_file(Path(handle.name), dest)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
+        yield
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS and not isinstance(exc, DiskFullError):
+            raise DiskFullError(exc.errno, exc.strerror, exc.filename) from exc
         raise
+
+
+def atomic_write_bytes(data_dir: Path, dest: Path, data: bytes) -> None:
+    """Write `data` to `dest` durably through a temporary file in `<data>/tmp` (DiskFullError when full)."""
+    with full_disk_as_error():
+        handle = tempfile.NamedTemporaryFile(dir=tmp_dir(data_dir), prefix=TMP_PREFIX, delete=False)
+        try:
+            with handle:
+                handle.write(data)
+            publish_file(Path(handle.name), dest)
+        except BaseException:
+            Path(handle.name).unlink(missing_ok=True)
+            raise
 
 
 def atomic_copy(data_dir: Path, source: Path, dest: Path) -> None:

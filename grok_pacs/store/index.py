@@ -20,7 +20,7 @@ from sqlalchemy import Engine, and_, delete, func, literal, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import ResourceClosedError
 
-from grok_pacs.store import db, schema
+from grok_pacs.store import db, leases, schema
 from grok_pacs.store.records import (
     INSTANCE_COLUMNS,
     INSTANCE_FIELDS,
@@ -268,7 +268,7 @@ class StudyIndex:
             yield self.claim_study(study_uid, version, owner, lease_s=lease_s, detail=detail)
             return
         self._check_open()
-        key = func.hashtextextended(f"grok-pacs analyse {study_uid} v{version}", 0)
+        key = leases.analyse_lock_key(study_uid, version)  # the reaper checks the same lock
         with self.engine.connect() as conn:
             # A worker host that vanishes (power, network) sends no FIN: the server's keepalive must notice
             # within ~90 s (its default is 2 h), long before the broker redelivers the job to another host.

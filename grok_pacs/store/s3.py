@@ -87,9 +87,10 @@ class S3BlobStore(BlobStore):
             return BlobStoreUnavailable(f"{what}: {code or 'error'} {exc}")
         return BlobStoreUnavailable(f"{what}: the store is unreachable ({type(exc).__name__}: {exc})")
 
-    def put(self, key: BlobKey, source: Path) -> bool:
+    def put(self, key: BlobKey, source: Path, *, replace: bool = False) -> bool:
         checksum = base64.b64encode(bytes.fromhex(key.sha256)).decode()
         size = Path(source).stat().st_size
+        condition = {} if replace else {"IfNoneMatch": "*"}  # replace: over a corrupt object of the same key
         try:
             with open(source, "rb") as body:
                 self._client.put_object(
@@ -98,7 +99,7 @@ class S3BlobStore(BlobStore):
                     Body=body,
                     ContentLength=size,
                     ChecksumSHA256=checksum,
-                    IfNoneMatch="*",
+                    **condition,
                 )
             return True
         except ClientError as exc:
@@ -137,6 +138,17 @@ class S3BlobStore(BlobStore):
             if isinstance(error, BlobNotFoundError):
                 return False
             raise error from exc
+
+    def delete(self, key: BlobKey) -> int:
+        try:
+            head = self._client.head_object(Bucket=self.location.bucket, Key=self._name(key))
+            self._client.delete_object(Bucket=self.location.bucket, Key=self._name(key))
+        except (ClientError, BotoCoreError) as exc:
+            error = self._error(exc, "delete", key)
+            if isinstance(error, BlobNotFoundError):
+                return 0
+            raise error from exc
+        return int(head["ContentLength"])
 
     def check(self) -> None:
         try:

@@ -1,4 +1,4 @@
-"""Grounded Ophthalmic Understanding benchmark metrics (SPEC §4), as a library.
+"""Grounded Ophthalmic Understanding benchmark metrics (docs/domain.md, Evaluation), as a library.
 
 Entry points: `evaluate(predictions, references, judge=None) -> BenchmarkResult`,
 `write_report(result, out_dir, title)`, `compare(result_a, result_b)` and

@@ -1,4 +1,4 @@
-"""Diagnosis classification (SPEC §4 task 1): confusion matrix, per-label P/R/F1, macro-F1.
+"""Diagnosis classification (docs/domain.md, Evaluation, task 1): confusion matrix, per-label P/R/F1, macro-F1.
 
 Rows are the 7 reference labels (`DIAGNOSTIC_LABELS` order); columns are the same 7 plus
 `Indeterminate`, so a prediction that names no valid label is visible and counts as wrong for its row.

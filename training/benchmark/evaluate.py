@@ -122,7 +122,8 @@ def _judge_summary(cases: list[CaseResult]) -> tuple[dict[str, float] | None, Cl
 def evaluate(
     predictions: list[Prediction], references: list[Reference], judge: Judge | None = None, progress: bool = True
 ) -> BenchmarkResult:
-    """All metrics of SPEC §4 for predictions paired with references by case id (LLM judge optional)."""
+    """All metrics of docs/domain.md, Evaluation, for predictions paired with references by case id (LLM judge
+    optional)."""
     pairs = pair_up(predictions, references)
     if not pairs:
         raise ValueError("nothing to evaluate: no predictions and references")

@@ -1,4 +1,4 @@
-"""Optional LLM judge (SPEC §4 task 3) over any OpenAI-compatible chat-completions endpoint.
+"""Optional LLM judge (docs/domain.md, Evaluation, task 3) over any OpenAI-compatible chat-completions endpoint.
 
 The judge reads the reference report, the biomarker JSON and the generated report, and answers JSON
 with a score and an explanation for each of the eight criteria plus the label the generated report
@@ -22,7 +22,7 @@ import httpx
 from grok_pacs.domain.biomarkers import to_prompt_json
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label, parse_label
 
-#: Criterion -> (lowest, highest) score, SPEC §4 order. Totals are at most 100.
+#: Criterion -> (lowest, highest) score, in the order of docs/domain.md, Evaluation. Totals are at most 100.
 CRITERIA: dict[str, tuple[int, int]] = {
     "DiagnosisAccuracy": (0, 20),
     "QuantitativeAccuracy": (0, 20),

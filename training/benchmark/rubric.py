@@ -1,4 +1,5 @@
-"""Judge-free scoring of three SPEC §4 criteria: QuantitativeAccuracy, CoverageCompleteness, DiagnosisAccuracy.
+"""Judge-free scoring of three criteria of docs/domain.md, Evaluation: QuantitativeAccuracy, CoverageCompleteness,
+DiagnosisAccuracy.
 
 Deterministic stand-ins for the LLM judge on the criteria that can be checked mechanically:
 

@@ -1,4 +1,4 @@
-"""Report-quality text overlap (SPEC §4 task 2): BLEU-4 and ROUGE-L against one reference report.
+"""Report-quality text overlap (docs/domain.md, Evaluation, task 2): BLEU-4 and ROUGE-L against one reference report.
 
 Tokeniser (`tokenize`): Unicode NFKC, lower case, then runs of word characters, keeping inner `.`, `-`,
 `'` and `/` between word characters, so "0.720", "cup-to-disc", "is/os" and "patient's" are one token

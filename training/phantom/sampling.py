@@ -1,7 +1,7 @@
 """Label-conditioned sampling of a phantom subject: anatomy, vessel parameters, lesions, acquisition.
 
-Directions follow SPEC §2 and are exaggerated on purpose so that each label is learnable from the images:
-glaucoma thins RNFL/GCIPL and enlarges the cup; AMD thickens OS/RPE with drusen (and subretinal fluid when
+Directions follow docs/domain.md, Biomarkers, and are exaggerated on purpose so that each label is learnable from the
+images: glaucoma thins RNFL/GCIPL and enlarges the cup; AMD thickens OS/RPE with drusen (and subretinal fluid when
 wet); DR thickens the inner/outer nuclear layers with cysts and adds haemorrhages and exudates;
 hypertension narrows and twists the arterioles (low AVR, high arterial tortuosity); diabetes without
 retinopathy dilates and twists the venules and thins the INL; Alzheimer thins the superior RNFL and the

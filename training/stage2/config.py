@@ -1,4 +1,6 @@
-"""Stage-2 configuration: one dataclass, saved as JSON beside every checkpoint (SPEC §3 stage 2).
+"""Stage-2 configuration: one dataclass, saved as JSON beside every checkpoint.
+
+The paper's recipe: docs/domain.md, The GROK model, stage 2.
 
 Presets:
 - `small()`: the CPU demo / benchmark run (tiny ViT of `GrokConfig.tiny()`, a few minutes at most on 2 cores).

@@ -1,4 +1,5 @@
-"""The stage-2 alignment model (SPEC §3 stage 2): image encoder + projector, biomarker encoder, loss.
+"""The stage-2 alignment model (docs/domain.md, The GROK model, stage 2): image encoder + projector, biomarker encoder,
+loss.
 
 The image side is the shared `RetinaEncoder` (its pooled feature: mean of the 196 patch tokens after the
 final norm) followed by Linear-BN-ReLU-Linear-BN to `proj_dim`. The biomarker side takes the

@@ -1,4 +1,5 @@
-"""Stage 3: LoRA supervised fine-tuning of the multimodal Qwen2 (SPEC §3), and its stand-in pretraining.
+"""Stage 3: LoRA supervised fine-tuning of the multimodal Qwen2 (docs/domain.md, The GROK model), and its stand-in
+pretraining.
 
 `config` (presets `small` and `paper`), `features` (frozen encoder tokens, cached), `pretrain_llm` (the
 phantom's tiny Qwen2 base, a documented stand-in), `data` (records -> ChatML batches), `train` (the SFT

@@ -1,4 +1,5 @@
-"""`python -m training.stage3`: LoRA SFT of the multimodal Qwen2 (stage 3 of SPEC §3) from the command line."""
+"""`python -m training.stage3`: LoRA SFT of the multimodal Qwen2 (docs/domain.md, The GROK model, stage 3) from the
+command line."""
 
 from __future__ import annotations
 

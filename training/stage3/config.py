@@ -1,9 +1,10 @@
 """Stage-3 configuration: one dataclass, two presets.
 
-`paper()` is the paper's recipe (SPEC §3: LoRA r=128, alpha=256, dropout 0.05 on q/k/v/o/gate/up/down_proj,
+`paper()` is the paper's recipe (docs/domain.md, The GROK model: LoRA r=128, alpha=256, dropout 0.05 on
+q/k/v/o/gate/up/down_proj,
 lr 2e-4 with the projectors at 2e-5, 4 epochs, batch 8 x grad-accum 4, cosine with 3 % warmup, bf16, max
 length 2048) on a real Qwen2-7B-Instruct from a local directory. `small()` trains on a CPU in minutes on the
-phantom cohort: a tiny Qwen2 that the project pretrains itself (the stand-in of SPEC §3 / issue 9 item 2)
+phantom cohort: a tiny Qwen2 that the project pretrains itself (the stand-in of issue 9 item 2)
 and a small BPE tokenizer. Pointing `base_llm_dir` at real weights skips the stand-in pretraining.
 """
 
@@ -119,7 +120,8 @@ class Stage3Config:
         """CPU, phantom cohort: the pretrained SmolLM2-135M-Instruct stand-in (the pipeline converts it and sets
         `base_llm_dir`), sized for `make demo` on 2 cores.
 
-        Measured there (SPEC §9) a LoRA forward+backward costs 3.6 s per 256 tokens and 8.7 s per 700, so every
+        Measured there (docs/domain.md, Stand-in language model) a LoRA forward+backward costs 3.6 s per 256 tokens and
+        8.7 s per 700, so every
         token counts: visual tokens pooled to 3 x 3 per modality (18 instead of 392), the compact biomarker
         block (the 16 signature biomarkers and any other flagged estimate: about 320 SmolLM2 tokens instead of
         750) and concise target reports (the flagged estimates, lesions, inference, conclusion: about 140

@@ -1,6 +1,7 @@
 """Frozen-encoder features for stage 3: 196 CFP + 196 OCT patch tokens per eye, computed once and cached.
 
-The encoders are frozen in stage 3 (SPEC §3), so their tokens are a pure function of (encoder weights, image):
+The encoders are frozen in stage 3 (docs/domain.md, The GROK model), so their tokens are a pure function of (encoder
+weights, image):
 computing them once instead of every epoch makes CPU training of the phantom feasible, and it guarantees
 the encoders cannot change. Images come from stage 2's preprocessing cache (`training.stage2.data.load_data`:
 the runtime's own decoding, foveal B-scan choice and normalisation), so nothing is decoded twice.

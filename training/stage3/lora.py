@@ -1,7 +1,8 @@
 """LoRA on the Qwen2 language model: attach (trainable, unlike the paper's code), save, merge.
 
 The paper's code attaches LoRA and then freezes it (upstream LLaVA's ordering), so only its projectors
-train (SPEC §3). Here `attach_lora` freezes the base first, attaches the adapters, and then CHECKS that every
+train (docs/domain.md, The GROK model). Here `attach_lora` freezes the base first, attaches the adapters, and then
+CHECKS that every
 LoRA matrix requires a gradient and that nothing else of the LLM does; training refuses to start otherwise.
 """
 
@@ -76,7 +77,8 @@ def save_adapter(model: PeftModel, out_dir: Path) -> Path:
 
 
 def merged_copy(model: PeftModel) -> PreTrainedModel:
-    """A plain LLM with the LoRA folded into its weights (served faster: SPEC §6); `model` is untouched."""
+    """A plain LLM with the LoRA folded into its weights (served faster: docs/domain.md, Library facts); `model` is
+    untouched."""
     clone = copy.deepcopy(model)
     merged = clone.merge_and_unload(progressbar=False)
     merged.requires_grad_(False)

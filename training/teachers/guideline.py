@@ -1,6 +1,7 @@
 """The guideline teacher: a deterministic report writer driven by the biomarkers, the label and the Eye-Guideline.
 
-It follows the prompt rules of SPEC §3: biomarker assessment (numbers tied to findings) -> sub-inference
+It follows the prompt rules of docs/domain.md, The GROK model (stage 1): biomarker assessment (numbers tied to
+findings) -> sub-inference
 -> integration -> the other labels ruled out one at a time, each with a finding -> a concluding sentence
 naming the diagnosis; one paragraph of at most 300 words; never a hint that the label was given.
 Numbers are written with grok_pacs.domain.biomarkers.format_value right after a name that

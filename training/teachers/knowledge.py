@@ -2,7 +2,7 @@
 
 Reference ranges are attached from grok_pacs.domain.biomarkers (never repeated in the YAML). Loading fails with
 a message naming the entry when the YAML names an unknown biomarker or label, misses a label, or when its
-human turn drifts from SPEC §3's.
+human turn drifts from the paper's (docs/domain.md, The GROK model).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, Biomarker, format_va
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 
 DEFAULT_GUIDELINE = Path(__file__).resolve().parent.parent / "data" / "eye_guideline.yaml"
-#: The human turn of every stage-1 record, exactly as SPEC §3 gives it.
+#: The human turn of every stage-1 record, exactly as the paper gives it (docs/domain.md, The GROK model).
 HUMAN_TURN = (
     "<image>\nInterpret the retinal images, identify and analyze the key features and abnormalities, "
     "then write a single-paragraph evidence-based clinical diagnosis report that is supported by the findings."
@@ -118,7 +118,7 @@ def load_knowledge(path: Path | str = DEFAULT_GUIDELINE) -> Knowledge:
     }
     prompt = data.get("prompt") or {}
     if prompt.get("human_turn") != HUMAN_TURN:
-        raise KnowledgeError(f"{path}: prompt.human_turn differs from SPEC §3's human turn")
+        raise KnowledgeError(f"{path}: prompt.human_turn differs from the paper's human turn")
     fields = ("system", "question", "example", "formatting")
     if any(not prompt.get(f) for f in fields) or not prompt.get("rules"):
         raise KnowledgeError(f"{path}: prompt needs system, question, rules, example and formatting")

@@ -1,6 +1,6 @@
 """An OpenAI-compatible chat-completions teacher (OpenAI o3, or a local vLLM / llama.cpp server).
 
-Sends SPEC §3's stage-1 prompt (Eye-Guideline QUESTION / rules / EXAMPLE / FORMATTING, the biomarker JSON,
+Sends the paper's stage-1 prompt (Eye-Guideline QUESTION / rules / EXAMPLE / FORMATTING, the biomarker JSON,
 the diagnosis to reach) with the CFP and the foveal B-scan attached as PNG data URLs. At most
 `concurrency` requests are in flight; 429, 5xx, timeouts and dropped connections are retried with
 exponential backoff (honouring Retry-After); other 4xx fail the record at once. Each finished report is
