@@ -61,8 +61,9 @@ def _echo(port: int) -> bool:
 
 
 def _listener(fast_path: bool, scratch: Path):
-    port = free_port()
-    process = start_grok(port, scratch / f"data-{fast_path}-{time.monotonic_ns()}", fast_path=fast_path)
+    port, name = free_port(), f"{fast_path}-{time.monotonic_ns()}"
+    log = open(scratch / f"listen-{name}.log", "wb")  # noqa: SIM115 - the listener's, closed with the scratch dir
+    process = start_grok(port, scratch / f"data-{name}", fast_path=fast_path, log=log)
     wait_for_port(port, timeout=60, proc=process, what="grok-pacs listen")
     return port, process
 

@@ -30,7 +30,8 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 TARGETS = ("floor", "grok", "grok-nofast", "pynetdicom-null", "dcmtk", "orthanc")
 
 
-def start_grok(port: int, data_dir: Path, fast_path: bool = True) -> subprocess.Popen:
+def start_grok(port: int, data_dir: Path, fast_path: bool = True, log=None) -> subprocess.Popen:
+    """`grok-pacs listen`; its log to `log` (an open file) when given: a pipe nobody reads would block it."""
     env = {
         **os.environ,
         "GROK_PACS_PORT": str(port),
@@ -45,7 +46,7 @@ def start_grok(port: int, data_dir: Path, fast_path: bool = True) -> subprocess.
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log if log is not None else subprocess.PIPE,
     )
 
 

@@ -3,7 +3,8 @@
 The sub-packages follow the data flow, lowest layer first (tests/test_layers.py checks each package's
 imports against its `__init__` docstring, and that there are no import cycles):
 
-    config, domain, dicom      settings; labels and biomarkers; DICOM vocabulary and SCU
+    config, domain, dicom      settings (secrets read from files: secret_files); labels and biomarkers;
+                               DICOM vocabulary and SCU
     ops, store, model          metrics/health/logs; index, outbox, files; the GROK network
     ingest, analysis, report   receive and assemble; run the model; build the SR
     delivery                   send each SR to the PACS exactly once

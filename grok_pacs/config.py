@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -432,3 +433,21 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
         )
         raise SettingsError(f"invalid settings: {problems}") from exc
+
+
+def broker_ssl_options(settings: Settings) -> dict[str, Any] | None:
+    """TLS options of a rediss:// broker (kombu hands them to redis-py), None for any other broker.
+
+    The server certificate is always verified, host name included: against broker_tls_ca, else the
+    system's CAs; broker_tls_certificate/_key are presented to a Redis with `tls-auth-clients yes`.
+    The broker password goes in the URL (rediss://:PASSWORD@HOST:6380/0), which is a secret setting.
+    """
+    if not settings.resolved_broker_url.lower().startswith("rediss://"):
+        return None
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
+    if settings.broker_tls_ca is not None:
+        options["ssl_ca_certs"] = str(settings.broker_tls_ca)
+    if settings.broker_tls_certificate is not None:
+        options["ssl_certfile"] = str(settings.broker_tls_certificate)
+        options["ssl_keyfile"] = str(settings.broker_tls_key)
+    return options

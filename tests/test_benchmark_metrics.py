@@ -47,7 +47,7 @@ def test_reference_must_be_a_diagnostic_label() -> None:
 
 def test_reference_biomarkers_from_prompt_json() -> None:
     from grok_pacs.domain.biomarkers import to_prompt_json
-    from training.benchmark.records import biomarkers_from_prompt_json
+    from training.records import biomarkers_from_prompt_json
 
     values = {"cup_to_disc": 0.72, "rnfl_average": 24.1, "mt_inner_inferior": 355.0}
     assert biomarkers_from_prompt_json(to_prompt_json(values)) == values

@@ -142,8 +142,8 @@ def test_calibration_stored_in_the_bundle_loaded_and_applied(tiny_bundle, tmp_pa
 
 
 def test_training_cli_fits_on_the_validation_split_and_extends_the_bundle(tiny_bundle, tmp_path, capsys):
-    """`python -m training.calibration BUNDLE MANIFEST`: the engine on the val eyes, T fitted, bundle extended."""
-    from training.calibration import main
+    """`python -m training.stage3.calibrate BUNDLE MANIFEST`: the engine on the val eyes, T fitted, bundle extended."""
+    from training.stage3.calibrate import main
 
     manifest = _manifest(tmp_path, [("S0", "R", "val"), ("S1", "R", "val"), ("S2", "R", "val"), ("S3", "R", "train")])
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
@@ -159,7 +159,7 @@ def test_training_cli_fits_on_the_validation_split_and_extends_the_bundle(tiny_b
     fit_eyes = json.loads((tmp_path / "b.calibration_fit.json").read_text())["eyes"]
     assert [e["case"] for e in fit_eyes] == ["S0_R", "S1_R", "S2_R"] and len(fit_eyes[0]["scores"]) == 7
     # The pipeline's step fits on the first validation subjects only (each subject's eyes in one batch).
-    from training.calibration import calibrate_bundle
+    from training.stage3.calibrate import calibrate_bundle
 
     again = calibrate_bundle(copy_bundle(tiny_bundle, tmp_path / "c"), manifest, "val", max_subjects=2)
     assert again.n == 2 and Engine.from_bundle(tmp_path / "c").calibration.n == 2

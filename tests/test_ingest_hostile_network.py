@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from devtools.sample_dicom import fundus_photograph, write
+from grok_pacs.ingest import guard
 
 GIB = 1 << 30
 A_ABORT = 0x07
@@ -54,9 +55,10 @@ def _echo_association(port: int):
     return assoc
 
 
-def test_declared_pdu_lengths_never_drive_memory(tmp_path: Path, fast_path: bool, caplog) -> None:
+def test_declared_pdu_lengths_never_drive_memory(tmp_path: Path, fast_path: bool, caplog, monkeypatch) -> None:
     """16 connections declaring 1 GiB association requests, and a P-DATA over max_pdu inside an association:
     each gets an A-ABORT and is closed at once, the listener's memory does not grow with what they declare."""
+    monkeypatch.setattr(guard.DROPS, "burst", 1000)  # every line, whatever earlier tests dropped
     settings = ingest_settings(tmp_path, pynetdicom_fast_path=fast_path, max_pdu=65536)
     with running(settings) as service:
         assert echoscu(service.port).returncode == 0  # warm: threads, imports
@@ -130,3 +132,14 @@ def _closed_by_peer(sockets: list[socket.socket]) -> set[socket.socket]:
         except OSError:  # reset
             closed.add(sock)
     return closed
+
+
+def test_a_flood_of_dropped_connections_does_not_flood_the_log(caplog) -> None:
+    drops = guard.DropLog(burst=3, window=0.2)
+    for number in range(5):
+        drops.warning("closing connection from %s: test", f"10.0.0.{number}")
+    time.sleep(0.25)
+    drops.warning("closing connection from %s: test", "10.0.0.9")
+    lines = [r.getMessage() for r in caplog.records if r.name == "grok_pacs.ingest.guard"]
+    assert lines[:3] == [f"closing connection from 10.0.0.{n}: test" for n in range(3)]
+    assert lines[3:] == ["closing connection from 10.0.0.9: test (2 more dropped connections not logged)"]

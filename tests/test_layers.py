@@ -26,7 +26,8 @@ _BASE = {"config", "domain"}
 #: of a room: "analysis.result").
 ALLOWED: dict[str, set[str]] = {
     "domain": set(),
-    "config": {"domain"},
+    "secret_files": set(),
+    "config": {"domain", "secret_files"},
     "dicom": _BASE,
     "ops": _BASE,
     "model": _BASE,

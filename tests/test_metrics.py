@@ -198,6 +198,7 @@ def test_refused_instance_is_counted_and_health_reports_the_disk(tmp_path: Path)
         bind_address="127.0.0.1",
         metrics_port=free_port(),
         min_free_disk_mb=10**9,
+        transfer_reserve_mb=0,  # the per-instance watermark (a reserve would refuse the association first)
         broker_url="",
     )
     reason = {"reason": "REFUSED_OUT_OF_RESOURCES"}

@@ -306,7 +306,7 @@ def test_compact_biomarker_block_lists_the_signature_signs_and_every_abnormal_es
 def test_compact_keys_are_the_guideline_signature_signs() -> None:
     """The compact prompt always shows the numbers a guideline report reasons from, for every label."""
     from grok_pacs.model.prompt import COMPACT_KEYS
-    from training.teachers.knowledge import load_knowledge
+    from training.stage1.teachers.knowledge import load_knowledge
 
     signs = {sign.key for lk in load_knowledge().labels.values() for sign in lk.signature}
     assert set(COMPACT_KEYS) == signs and len(COMPACT_KEYS) == len(signs)

@@ -21,10 +21,12 @@ from grok_pacs.delivery.sender import sr_relpath
 from grok_pacs.dicom.scu import store_files
 from grok_pacs.dicom.uids import instance_relpath
 from grok_pacs.ops import metrics
+from grok_pacs.store.blobs import BlobKey
 from grok_pacs.store.files import atomic_write_bytes
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox
 from grok_pacs.store.retention import Retention
+from grok_pacs.store.uploads import Uploads
 
 OPT = "1.2.840.10008.5.1.4.1.1.77.1.5.4"  # Ophthalmic Tomography Image Storage
 RETENTION_S = 1.0  # retention_days for the test: a study delivered more than a second ago is expired
@@ -181,3 +183,34 @@ def test_listeners_sharing_postgresql_each_purge_their_own_files(postgres, tmp_p
     finally:
         for _, node_index in nodes.values():
             node_index.close()
+
+
+def test_purge_deletes_the_studys_objects_in_the_object_store(seaweedfs, tmp_path: Path) -> None:
+    from test_blobs import _s3_store
+
+    store = _s3_store(seaweedfs)
+    data_dir = tmp_path / "data"
+    index = StudyIndex(tmp_path / "index.sqlite")
+    try:
+        study, sr_uid = generate_uid(), generate_uid()
+        local = _instance(index, data_dir, study)
+        instance_key = BlobKey.for_file("instances", study, local.stem, local)
+        result = tmp_path / "sr.dcm"
+        result.write_bytes(b"\1" * 2000)
+        result_key = BlobKey.for_file("results", study, sr_uid, result)
+        for key, source in ((instance_key, local), (result_key, result)):
+            assert store.put(key, source)
+        assert Uploads(index.engine).record(local.stem, instance_key)
+        outbox = Outbox(index.engine)
+        outbox.put(sr_uid=sr_uid, study_uid=study, study_version=1, bundle_version="t", eye="R", path=str(result_key))
+        outbox.claim(sr_uid, "test", lease_s=60)
+        outbox.mark_delivered(sr_uid, "test", "PACS@127.0.0.1:104")
+        assert index.set_state(study, StudyState.DONE, "delivered")
+        time.sleep(RETENTION_S + 0.2)
+        settings = load_settings(data_dir=data_dir, retention_days=RETENTION_S / 86400)
+        [purge] = Retention(settings, index.engine, store).run().studies
+        assert (purge.instances, purge.results, purge.objects, purge.bytes) == (1, 1, 2, 1000 + 1000 + 2000)
+        assert not store.exists(instance_key) and not store.exists(result_key) and not local.exists()
+    finally:
+        index.close()
+        store.close()

@@ -13,9 +13,9 @@ from grok_pacs.analysis.grounding import find_citations
 from grok_pacs.domain.labels import Label
 from training.manifest import load_manifest
 from training.phantom import generate_cohort
-from training.stage1 import run_stage1, validate_report
-from training.teachers.guideline import GuidelineTeacher
-from training.teachers.knowledge import HUMAN_TURN, load_knowledge
+from training.stage1.run import run_stage1, validate_report
+from training.stage1.teachers.guideline import GuidelineTeacher
+from training.stage1.teachers.knowledge import HUMAN_TURN, load_knowledge
 
 PAPER_HUMAN_TURN = (
     "<image>\nInterpret the retinal images, identify and analyze the key features and abnormalities, "

@@ -23,10 +23,10 @@ from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 from training.manifest import load_manifest
 from training.phantom import generate_cohort
 from training.phantom.sampling import sample_subject
-from training.stage1 import concluding_sentence, labels_named, run_stage1, validate_report
-from training.teachers.guideline import GuidelineTeacher
-from training.teachers.knowledge import load_knowledge
-from training.teachers.openai_compat import ChatTeacher, TeacherError
+from training.stage1.run import concluding_sentence, labels_named, run_stage1, validate_report
+from training.stage1.teachers.guideline import GuidelineTeacher
+from training.stage1.teachers.knowledge import load_knowledge
+from training.stage1.teachers.openai_compat import ChatTeacher, TeacherError
 
 KNOWLEDGE = load_knowledge()
 PROMPT_NAMES = {b.prompt_name: b.key for b in BIOMARKERS}

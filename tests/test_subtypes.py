@@ -14,7 +14,7 @@ from grok_pacs.domain.labels import Label
 from grok_pacs.domain.subtypes import WET_AMD_SIGNS, amd_subtype, stated_subtypes
 from grok_pacs.model.prompt import format_target
 from grok_pacs.report.dispositions import DEFAULT_TABLE
-from training.teachers.knowledge import load_knowledge
+from training.stage1.teachers.knowledge import load_knowledge
 
 NORMAL = {b.key: sum(b.normal) / 2 for b in BIOMARKERS}
 DRY = NORMAL | {"isos_rpe_central": 56.0, "mt_central": 274.0, "rpe_average": 38.0}  # PH7-00008's estimates

@@ -1,8 +1,7 @@
 """Fit the calibration of a bundle's label probabilities, and store it in the bundle.
 
-    python -m training.calibration BUNDLE COHORT_MANIFEST [--split val] [--method temperature+uniform]
-
-runs the bundle's engine on the split's eyes and fits T (and, by default, a uniform share; see
+Given the raw label scores of a split's eyes (run by `python -m training.stage3.calibrate BUNDLE MANIFEST`,
+which hands them in), it fits T (and, by default, a uniform share; see
 grok_pacs.analysis.calibration) by minimising the cross-entropy of the true labels, smoothed by Laplace's
 rule so that an error-free validation set cannot yield certainty (grid, then golden-section refinement).
 It reports the expected calibration error (ECE, 15 equal-width confidence bins) before and after, and
@@ -14,7 +13,6 @@ studied without re-running the model. A calibrated bundle behaves differently: g
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Sequence
@@ -27,9 +25,6 @@ from grok_pacs.analysis.calibration import CALIBRATION_FILE, METHODS, Calibratio
 
 #: Temperature and a uniform share (grok_pacs.analysis.calibration says why the share).
 DEFAULT_METHOD = "temperature+uniform"
-#: Eyes a generation while fitting: only the scores count here. On 2 cores an eye costs 7.0 s two a batch, 5.4 s
-#: eight, 4.5 s sixteen and 4.3 s twenty-eight (fp32; the prompts' prefill is most of what is left).
-CALIBRATION_BATCH_EYES = 16
 
 
 def _matrix(scores: Sequence[dict[str, float]], labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -171,63 +166,21 @@ def add_to_bundle(bundle_dir: str | Path, calibration: Calibration, version: str
 
 
 def calibrate_bundle(
-    bundle_dir: Path,
-    manifest: Path,
-    split: str = "val",
+    bundle_dir: str | Path,
+    cases: Sequence[str],
+    scores: Sequence[dict[str, float]],
+    labels: Sequence[str],
+    fitted_on: str,
     *,
-    max_subjects: int = 0,
     method: str = DEFAULT_METHOD,
     version: str | None = None,
-    progress: bool = False,
 ) -> Calibration:
-    """Run the bundle on the cohort split's eyes (the first `max_subjects` subjects, 0 = all), fit the
-    calibration and store it in the bundle; the eyes' raw scores go to `<bundle>.calibration_fit.json`."""
-    from grok_pacs.analysis.engine import Engine
-    from training.manifest import load_manifest
-    from training.stage3.evaluate import predict
-    from training.stage3.features import eye_id
-
-    records = [r for r in load_manifest(manifest) if r.split == split]
-    if max_subjects:
-        chosen = set(list(dict.fromkeys(r.subject_id for r in records))[:max_subjects])
-        records = [r for r in records if r.subject_id in chosen]
-    if not records:
-        raise ValueError(f"no {split!r} eyes in {manifest}")
-    engine = Engine.from_bundle(bundle_dir)
-    if engine.calibration is not None:
-        raise ValueError(f"{bundle_dir} is already calibrated (T={engine.calibration.temperature:.3f})")
-    cases = [eye_id(r.subject_id, r.eye) for r in records]
-    _, reports, _ = predict(engine, manifest, cases, progress, batch_eyes=CALIBRATION_BATCH_EYES)
-    scores = [report.label_scores for report in reports]
-    labels = [r.label.value for r in records]
-    cal = calibrate(scores, labels, f"{Path(manifest).name} {split} split", method)
+    """Fit the calibration on predictions made elsewhere (each eye's id, raw label scores and true label) and
+    store it in the bundle; the eyes' raw scores go to `<bundle>.calibration_fit.json`. The caller runs the
+    model (training.stage3.calibrate): this module stays below the stages and the benchmark that use it."""
+    cal = calibrate(scores, labels, fitted_on, method)
     add_to_bundle(bundle_dir, cal, version)
-    fit_eyes = [
-        {"case": eye_id(r.subject_id, r.eye), "truth": t, "scores": s} for r, t, s in zip(records, labels, scores)
-    ]
+    fit_eyes = [{"case": c, "truth": t, "scores": s} for c, t, s in zip(cases, labels, scores, strict=True)]
     fit_file = Path(bundle_dir).with_name(Path(bundle_dir).name + ".calibration_fit.json")
     fit_file.write_text(json.dumps({"calibration": cal.to_dict(), "eyes": fit_eyes}) + "\n", encoding="utf-8")
     return cal
-
-
-def main(argv: list[str] | None = None) -> int:
-
-    parser = argparse.ArgumentParser(prog="python -m training.calibration", description=__doc__.split("\n\n")[0])
-    parser.add_argument("bundle", type=Path)
-    parser.add_argument("manifest", type=Path, help="cohort manifest (training.manifest format)")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help="default: %(default)s")
-    parser.add_argument("--version", help="new bundle version for the calibrated bundle")
-    args = parser.parse_args(argv)
-    try:
-        cal = calibrate_bundle(
-            args.bundle, args.manifest, args.split, method=args.method, version=args.version, progress=True
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
-    print(json.dumps(cal.to_dict()))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

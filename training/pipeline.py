@@ -39,7 +39,7 @@ PIPELINE_VERSION = 2  #: bump when a step's outputs change meaning
 #: The code each step runs, named by module (a package means all of its files): part of the step's cache key.
 STEP_SOURCES: dict[str, tuple[str, ...]] = {
     "cohort": ("training.phantom", "training.manifest", "grok_pacs.domain", "grok_pacs.report.codes"),
-    "stage1": ("training.stage1", "training.teachers", "training/data", "training.manifest", "grok_pacs.domain"),
+    "stage1": ("training.stage1", "training/data", "training.manifest", "grok_pacs.domain"),  # with its teachers
     "stage2": (
         "training.stage2",
         "training.contrastive",
@@ -54,9 +54,9 @@ STEP_SOURCES: dict[str, tuple[str, ...]] = {
     ),
     "stage3": (
         "training.stage3",
-        "training.teachers",
+        "training.stage1.teachers",
         "training.tokenizer",
-        "training.benchmark.records",
+        "training.records",
         "training.manifest",
         "grok_pacs.model",
         "grok_pacs.domain",
@@ -69,6 +69,7 @@ STEP_SOURCES: dict[str, tuple[str, ...]] = {
         "grok_pacs.model",
         "grok_pacs.analysis",  # the calibration runs the bundle through the runtime engine
         "training.calibration",
+        "training.stage3.calibrate",
     ),
 }
 DEFAULT_CACHE = Path(".cache") / "pipeline"
@@ -273,8 +274,8 @@ def _cohort(cfg: PipelineConfig, out: Path, progress: bool) -> dict[str, Any]:
 
 
 def _stage1(manifest: Path, out: Path, progress: bool) -> dict[str, Any]:
-    from training.stage1 import run_stage1
-    from training.teachers.guideline import GuidelineTeacher
+    from training.stage1.run import run_stage1
+    from training.stage1.teachers.guideline import GuidelineTeacher
 
     result = run_stage1(manifest, out, GuidelineTeacher(), progress=progress)
     if result.summary["rejected"]:
@@ -356,7 +357,7 @@ def _bundle(cfg: PipelineConfig, stage3_dir: Path, inputs: Any, out: Path, progr
     )
     if not cfg.calibrate:
         return {"bundle": str(bundle)}
-    from training.calibration import calibrate_bundle
+    from training.stage3.calibrate import calibrate_bundle
 
     calibration = calibrate_bundle(
         bundle,

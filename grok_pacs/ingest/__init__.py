@@ -1,5 +1,7 @@
 """Receive and assemble: the C-STORE listener (`listener`) with its pynetdicom receive set-up (`transport`:
-streaming into the data directory, TLS), quiet-period assembly and crash recovery (`assembly`), the
+streaming into the data directory, TLS), its defences against hostile peers (`guard`: PDU limits and
+deadlines, admission before transfer; `connections`: connections read without threads until their
+association request is whole), quiet-period assembly and crash recovery (`assembly`), the
 per-host uploader into the object store (`uploader`), the reaper that queues lost work again (`reaper`) and
 the process that runs them (`service`).
 

@@ -9,7 +9,7 @@ A peer's declared sizes never drive memory, and every wait has a deadline:
   with the bytes that actually arrive, so a declared-but-unsent length costs nothing.
 - **A PDU must arrive whole within `network_timeout`** (measured from its first byte), so a peer that drips
   one byte at a time cannot hold a thread and an association slot for ever.
-- **Connections that have not sent their association request cost no threads** (`grok_pacs.ingest.gate`):
+- **Connections that have not sent their association request cost no threads** (`grok_pacs.ingest.connections`):
   they are capped (`max_pending_connections`, a new one closes the oldest) and timed (`acse_timeout` from
   the accept), and do not count against `max_associations` (`ListenerAE.active_associations`), so half-open
   connections never starve a real PACS.
@@ -58,6 +58,33 @@ class Limits:
         return self.max_pdu if pdu_type == P_DATA_TF else OTHER_PDU_LIMIT
 
 
+class DropLog:
+    """Log lines for dropped connections, at most `burst` per `window` seconds: a flood of hostile
+    connections must not flood the log (the metric counts every one); what was held back is summed up in
+    the next line that is written."""
+
+    def __init__(self, burst: int = 20, window: float = 10.0) -> None:
+        self.burst, self.window = burst, window
+        self._lock = threading.Lock()
+        self._window_start, self._written, self._held_back = 0.0, 0, 0
+
+    def warning(self, message: str, *args) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._window_start >= self.window:
+                self._window_start, self._written = now, 0
+            if self._written >= self.burst:
+                self._held_back += 1
+                return
+            self._written += 1
+            held_back, self._held_back = self._held_back, 0
+        suffix = f" ({held_back} more dropped connections not logged)" if held_back else ""
+        log.warning(message + suffix, *args)
+
+
+DROPS = DropLog()
+
+
 def _peer(sock: socket.socket) -> str:
     try:
         host, port = sock.getpeername()[:2]
@@ -98,7 +125,7 @@ class GuardedSocket(AssociationSocket):
 
     pynetdicom's DUL reads a PDU as `recv(6)` (the header) then `recv(length)` (the body); this class keeps
     that contract and checks the header between the two. The first PDU was already read by the
-    `ConnectionGate` (`grok_pacs.ingest.gate`): it is served from `prefix` first.
+    `ConnectionGate` (`grok_pacs.ingest.connections`): it is served from `prefix` first.
     """
 
     limits: Limits
@@ -181,7 +208,7 @@ class GuardedSocket(AssociationSocket):
         if raw is None:
             return
         self.refusal = reason
-        log.warning("aborting connection from %s: %s", _peer(raw), reason)
+        DROPS.warning("aborting connection from %s: %s", _peer(raw), reason)
         metrics.connection_dropped("pdu too long" if abort else "pdu deadline")
         if abort:
             _set_timeout(raw, 1.0)

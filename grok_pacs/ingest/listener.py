@@ -31,7 +31,7 @@ from grok_pacs.dicom.header import DatasetLimitError, IncompleteDatasetError, re
 from grok_pacs.dicom.header import Limits as HeaderLimits
 from grok_pacs.dicom.status import DimseStatus, status_name
 from grok_pacs.dicom.uids import InvalidUIDError, instance_relpath, is_valid_uid
-from grok_pacs.ingest.gate import GuardedServer
+from grok_pacs.ingest.connections import GuardedServer
 from grok_pacs.ingest.guard import Guard, GuardedRequestHandler, Limits, ListenerAE
 from grok_pacs.ingest.transport import (
     enable_streaming_receive,

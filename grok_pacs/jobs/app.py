@@ -19,12 +19,11 @@ Tasks live in `grok_pacs.jobs.tasks`.
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
 
 from celery import Celery
 
-from grok_pacs.config import Settings
+from grok_pacs.config import Settings, broker_ssl_options  # noqa: F401 - re-exported
 
 # Wire names: queued jobs outlive upgrades, so they never follow the module that defines the task.
 TASK_ANALYZE_STUDY = "grok_pacs.tasks.analyze_study"
@@ -58,24 +57,6 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     }
     if scheme in ("amqp", "amqps", "pyamqp"):
         options = {"confirm_publish": True}  # RabbitMQ acks the publish; no visibility timeout there
-    return options
-
-
-def broker_ssl_options(settings: Settings) -> dict[str, Any] | None:
-    """TLS options of a rediss:// broker (kombu hands them to redis-py), None for any other broker.
-
-    The server certificate is always verified, host name included: against broker_tls_ca, else the
-    system's CAs; broker_tls_certificate/_key are presented to a Redis with `tls-auth-clients yes`.
-    The broker password goes in the URL (rediss://:PASSWORD@HOST:6380/0), which is a secret setting.
-    """
-    if broker_scheme(settings.resolved_broker_url) != "rediss":
-        return None
-    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
-    if settings.broker_tls_ca is not None:
-        options["ssl_ca_certs"] = str(settings.broker_tls_ca)
-    if settings.broker_tls_certificate is not None:
-        options["ssl_certfile"] = str(settings.broker_tls_certificate)
-        options["ssl_keyfile"] = str(settings.broker_tls_key)
     return options
 
 

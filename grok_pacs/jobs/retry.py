@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import NoReturn
 
 from celery import Task
 from kombu.exceptions import OperationalError as BrokerError
@@ -60,9 +61,10 @@ def wait_s(settings: Settings, retries_done: int) -> float:
     return nominal / 2 + random.uniform(0, nominal / 2)  # noqa: S311 - spreading retries, not a secret
 
 
-def retry_transient(task: Task, settings: Settings, exc: BaseException, what: str) -> BaseException:
-    """What a task raises after a transient error: Celery's Retry with the next wait, or `exc` itself when
-    the retries are spent (the job ends; the reaper publishes it again after its lease)."""
+def retry_transient(task: Task, settings: Settings, exc: BaseException, what: str) -> NoReturn:
+    """Called by a task on a transient error: raises Celery's Retry with the next wait, or `exc` itself when
+    the retries are spent (the job ends; the reaper publishes it again after its lease). Called directly
+    (tests), Celery raises `exc`; a broker that takes no retry message raises Reject: the reaper's case too."""
     done, limit = task.request.retries, max_retries(settings)
     if done >= limit:
         log.error(
@@ -72,9 +74,7 @@ def retry_transient(task: Task, settings: Settings, exc: BaseException, what: st
             done,
             settings.retry_max_seconds,
         )
-        return exc
+        raise exc
     countdown = wait_s(settings, done)
     log.warning("%s: transient %s, retry %d/%d in %.1f s", what, type(exc).__name__, done + 1, limit, countdown)
-    # Celery's Retry (throw=False returns it); called directly (tests) it raises `exc`; a broker that takes no
-    # message raises Reject: the reaper's case too.
-    return task.retry(exc=exc, countdown=countdown, max_retries=limit, throw=False)
+    raise task.retry(exc=exc, countdown=countdown, max_retries=limit)

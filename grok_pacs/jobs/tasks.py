@@ -96,7 +96,7 @@ def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[st
     try:
         return _analyse_and_deliver(self, study_uid, version)
     except TRANSIENT_ERRORS as exc:
-        raise retry_transient(self, self.ctx.settings, exc, f"study {study_uid} v{version}") from exc
+        retry_transient(self, self.ctx.settings, exc, f"study {study_uid} v{version}")
 
 
 def _analyse_and_deliver(self: ContextTask, study_uid: str, version: int) -> dict[str, Any]:
@@ -158,7 +158,7 @@ def deliver_sr(self: ContextTask, *, sr_uid: str, retry_number: int = 0) -> str:
     try:
         return _deliver_and_record(self, sr_uid, retry_number)
     except TRANSIENT_ERRORS as exc:
-        raise retry_transient(self, self.ctx.settings, exc, f"SR {sr_uid}") from exc
+        retry_transient(self, self.ctx.settings, exc, f"SR {sr_uid}")
 
 
 def _deliver_and_record(self: ContextTask, sr_uid: str, retry_number: int) -> str:

@@ -99,7 +99,7 @@ COMPACT_KEYS: tuple[str, ...] = (
 
 def flag(b: Biomarker, value: float) -> str:
     """ "low" / "high" outside the normal range, "" inside it: the compact block's flags, which the concise
-    reports copy (training.teachers.guideline), so both read them from here."""
+    reports copy (training.stage1.teachers.guideline), so both read them from here."""
     return "low" if value < b.normal[0] else "high" if value > b.normal[1] else ""
 
 

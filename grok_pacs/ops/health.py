@@ -21,11 +21,11 @@ from typing import Any
 import sqlalchemy
 from kombu import Connection
 
-from grok_pacs.config import Settings
-from grok_pacs.jobs.app import broker_ssl_options
+from grok_pacs.config import Settings, broker_ssl_options
 
 CHECK_TIMEOUT = 3.0  # seconds any one network check may take: probes must answer quickly
-STORAGE_CHECK_TIMEOUT = 1.0  # per attempt; botocore makes up to 3 (grok_pacs.store.s3.MAX_ATTEMPTS)
+STORAGE_CHECK_TIMEOUT = 1.0  # per attempt
+STORAGE_CHECK_ATTEMPTS = 2  # botocore "standard" retries: a probe answers within a few seconds
 ROLES = ("listener", "worker", "serve")
 
 
@@ -181,25 +181,33 @@ def database_check(settings: Settings) -> Check:
 
 
 def storage_check(settings: Settings) -> Check:
-    """The object store answers a HEAD on the bucket (only when storage_url is set)."""
-    from grok_pacs.store.s3 import S3BlobStore  # boto3 is slow to import: only processes using a store pay
+    """The object store answers a HEAD on the bucket (only when storage_url is set). boto3 directly, as
+    `grok_pacs.store.s3` configures it: ops sits below store in the layers."""
+    import boto3  # slow to import: only processes using a store pay
+    from botocore.config import Config
 
     assert settings.storage_url is not None
-    store = S3BlobStore(
-        settings.storage_url,
-        endpoint=settings.storage_endpoint,
-        region=settings.storage_region,
-        access_key=settings.storage_access_key,
-        secret_key=settings.storage_secret_key.get_secret_value(),
-        timeout=min(settings.storage_timeout, STORAGE_CHECK_TIMEOUT),  # botocore retries: a few of these
+    timeout = min(settings.storage_timeout, STORAGE_CHECK_TIMEOUT)
+    endpoint = settings.storage_endpoint
+    config = Config(
+        connect_timeout=timeout,
+        read_timeout=timeout,
+        retries={"mode": "standard", "max_attempts": STORAGE_CHECK_ATTEMPTS},
+        s3={"addressing_style": "path"} if endpoint else {},
     )
+    session = boto3.session.Session(
+        aws_access_key_id=settings.storage_access_key or None,
+        aws_secret_access_key=settings.storage_secret_key.get_secret_value() or None,
+        region_name=settings.storage_region or None,
+    )
+    client = session.client("s3", endpoint_url=endpoint or None, config=config)
 
     def check() -> CheckResult:
         start = time.monotonic()
         try:
-            store.check()
+            client.head_bucket(Bucket=settings.storage_url.bucket)
         except Exception as exc:  # noqa: BLE001 - any failure means not ready; it is reported, not hidden
-            return CheckResult(False, f"object store unreachable: {type(exc).__name__}: {_first_line(exc)}")
+            return CheckResult(False, f"object store unreachable: {type(exc).__name__}")
         return CheckResult(True, f"object store {settings.storage_url} answered in {time.monotonic() - start:.3f} s")
 
     return check

@@ -6,7 +6,7 @@ condition gives its disposition. The patient-level roll-up takes the most severe
 referral > retake > rescreen; among rescreens the shortest interval), adds a referral for cup-to-disc
 asymmetry between the eyes, and reports systemic labels (diabetes, hypertension, Alzheimer's) once per
 patient. A site replaces the table with a TOML file (`disposition_table` setting) of `[[rule]]` rows with
-the same fields as `Rule` (see docs/ARCHITECTURE.md, "Safety gate and dispositions").
+the same fields as `Rule` (see docs/design/safety.md, "Dispositions").
 """
 
 from __future__ import annotations

@@ -94,10 +94,8 @@ def requeue_studies(
     one goes back to QUEUED (any job may claim it), and each one's `updated_at` starts a new lease."""
     table, reaped = db.studies, []
     with db.transaction(engine, write=False) as conn:
-        candidates = conn.execute(
-            select(table.c.study_uid).where(_stale_study(conn, lease_s)).order_by(table.c.updated_at).limit(limit)
-        ).scalars()
-        candidates = list(candidates)
+        query = select(table.c.study_uid).where(_stale_study(conn, lease_s)).order_by(table.c.updated_at).limit(limit)
+        candidates = list(conn.execute(query).scalars())
     for study_uid in candidates:
         with db.transaction(engine) as conn:
             row = conn.execute(

@@ -106,13 +106,12 @@ class Retention:
 
     def _expired(self, cutoff: float, *, with_instances: bool) -> list[str]:
         """Delivered studies older than `cutoff`: holding instances of this node (files to purge), or
-        holding none on any node (rows to purge)."""
+        holding none of another node (rows to purge, once this node's files are gone: in the same pass, so
+        that a dry run lists them too)."""
         studies, instances = db.studies, db.instances
         of_study = instances.c.study_uid == studies.c.study_uid
-        if with_instances:
-            held = exists().where(of_study, db.received_here(self.engine, self.settings.node_id))
-        else:
-            held = ~exists().where(of_study)
+        here = db.received_here(self.engine, self.settings.node_id)
+        held = exists().where(of_study, here) if with_instances else ~exists().where(of_study, ~here)
         query = select(studies.c.study_uid).where(_delivered(cutoff), held)
         with db.transaction(self.engine, write=False) as conn:
             return [row.study_uid for row in conn.execute(query.order_by(studies.c.updated_at))]

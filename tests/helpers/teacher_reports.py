@@ -10,7 +10,7 @@ import numpy as np
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 from grok_pacs.model.prompt import format_target
 from training.phantom.sampling import sample_subject
-from training.teachers.guideline import GuidelineTeacher
+from training.stage1.teachers.guideline import GuidelineTeacher
 
 
 def guideline_targets(label: Label, count: int, seed: int, prefix: str) -> Iterator[tuple[str, dict[str, float]]]:

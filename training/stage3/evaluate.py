@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from grok_pacs.analysis.engine import Engine, EyeInput
 from grok_pacs.analysis.result import Eye, Report
-from training.benchmark.records import Prediction, Reference, biomarkers_from_prompt_json
+from training.records import Prediction, Reference, biomarkers_from_prompt_json
 from training.stage3.data import load_instructions, record_label
 from training.stage3.features import eye_id
 

@@ -44,8 +44,8 @@ def _reply(record: Mapping[str, Any]) -> tuple[int, str]:
 def concise_measured(records: Sequence[Mapping[str, Any]]) -> list[dict]:
     """Copies of `records` with the guideline teacher's concise report written from the measured biomarkers
     (for a model trained without estimates in its prompt); other teachers' records are kept as they are."""
-    from training.benchmark.records import biomarkers_from_prompt_json
-    from training.teachers.guideline import GuidelineTeacher
+    from training.records import biomarkers_from_prompt_json
+    from training.stage1.teachers.guideline import GuidelineTeacher
 
     teacher = GuidelineTeacher()
     out = []
@@ -69,7 +69,7 @@ def estimate_grounded(
 
     `concise`: the guideline teacher writes its concise report (other teachers' reports keep their length).
     """
-    from training.teachers.guideline import GuidelineTeacher
+    from training.stage1.teachers.guideline import GuidelineTeacher
 
     teacher = GuidelineTeacher()
     out = []
@@ -101,8 +101,8 @@ def jittered_variants(
     """
     import numpy as np
 
-    from training.benchmark.records import biomarkers_from_prompt_json
-    from training.teachers.guideline import GuidelineTeacher
+    from training.records import biomarkers_from_prompt_json
+    from training.stage1.teachers.guideline import GuidelineTeacher
 
     guided = [r for r in records if r.get("teacher") == GUIDELINE and "subject_id" in r and "biomarkers" in r]
     if copies <= 0 or not guided:

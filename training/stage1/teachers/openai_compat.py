@@ -31,7 +31,7 @@ from grok_pacs.analysis.imaging import is_dicom, read_cfp, read_oct_volume
 from grok_pacs.analysis.preprocess import select_foveal_bscan
 from grok_pacs.domain.biomarkers import to_prompt_json
 from training.manifest import CohortRecord, bscan_files
-from training.teachers.knowledge import Knowledge
+from training.stage1.teachers.knowledge import Knowledge
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 MAX_BACKOFF_S = 60.0

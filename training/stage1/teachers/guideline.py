@@ -29,7 +29,7 @@ from typing import Protocol
 from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, PROSE_NAMES, format_value
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 from grok_pacs.model.prompt import COMPACT_KEYS, flag
-from training.teachers.knowledge import Knowledge, Sign, load_knowledge
+from training.stage1.teachers.knowledge import Knowledge, Sign, load_knowledge
 
 MAX_WORDS = 300
 

@@ -13,7 +13,6 @@ request within `Limits.pending_timeout` of the accept.
 
 from __future__ import annotations
 
-import logging
 import selectors
 import socket
 import ssl
@@ -23,11 +22,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from grok_pacs.ingest.guard import Limits, abort_peer, check_header, drop_connection
+from grok_pacs.ingest.guard import DROPS, Limits, abort_peer, check_header, drop_connection
 from grok_pacs.ingest.transport import HandshakeInThreadServer
 from grok_pacs.ops import metrics
-
-log = logging.getLogger("grok_pacs.ingest.gate")
 
 HandOff = Callable[[socket.socket, tuple, bytes], None]  # socket, client address, the first PDU's bytes
 
@@ -174,7 +171,7 @@ class ConnectionGate:
     def _close(self, pending: _Pending, why: str, reason: str = "no association request") -> None:
         self._forget(pending)
         if why:
-            log.warning("closing connection from %s: %s", pending.peer, why)
+            DROPS.warning("closing connection from %s: %s", pending.peer, why)
             metrics.connection_dropped(reason)
         drop_connection(pending.sock)
         pending.sock.close()

@@ -17,7 +17,7 @@ import yaml
 from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, Biomarker, format_value
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 
-DEFAULT_GUIDELINE = Path(__file__).resolve().parent.parent / "data" / "eye_guideline.yaml"
+DEFAULT_GUIDELINE = Path(__file__).resolve().parents[2] / "data" / "eye_guideline.yaml"
 #: The human turn of every stage-1 record, exactly as the paper gives it (docs/domain.md, The GROK model).
 HUMAN_TURN = (
     "<image>\nInterpret the retinal images, identify and analyze the key features and abnormalities, "

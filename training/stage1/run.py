@@ -30,7 +30,7 @@ from grok_pacs.analysis.grounding import find_citations
 from grok_pacs.domain.biomarkers import BY_KEY, format_value, to_prompt_json
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, LABEL_SYNONYMS, Label
 from training.manifest import SPLITS, CohortRecord, bscan_files, load_manifest
-from training.teachers.knowledge import HUMAN_TURN
+from training.stage1.teachers.knowledge import HUMAN_TURN
 
 MAX_WORDS = 300
 MIN_GROUNDED_NUMBERS = 3
@@ -229,13 +229,13 @@ def _summary(manifest: Path, teacher, records, accepted, rejected, seconds: floa
 
 
 def _teacher_from_args(args: argparse.Namespace):
-    from training.teachers.guideline import GuidelineTeacher
-    from training.teachers.knowledge import load_knowledge
+    from training.stage1.teachers.guideline import GuidelineTeacher
+    from training.stage1.teachers.knowledge import load_knowledge
 
     knowledge = load_knowledge(args.guideline) if args.guideline else load_knowledge()
     if args.teacher == "guideline":
         return GuidelineTeacher(knowledge)
-    from training.teachers.openai_compat import ChatTeacher
+    from training.stage1.teachers.openai_compat import ChatTeacher
 
     api_key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
     return ChatTeacher(

@@ -1,4 +1,5 @@
-"""What the benchmark compares: a model's prediction and the reference for the same study/eye."""
+"""What the benchmark compares: a model's prediction and the reference for the same study/eye (shared by
+stage 3, whose targets and evaluation are written in these records, and `training.benchmark`, which scores them)."""
 
 from __future__ import annotations
 
