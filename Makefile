@@ -4,8 +4,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTHON ?= python3
-# training/, export/ and devtools/ are not installed (the wheel ships grok_pacs only): run from the checkout.
-RUN := PYTHONPATH=$(CURDIR) $(PY)
 
 .PHONY: setup system test lint demo benchmark bench clean
 
@@ -16,7 +14,9 @@ system:
 	@scripts/fetch-ohif.sh
 
 # The virtual environment (installed by uv, with pip's indexes), rebuilt when pyproject.toml changes.
-$(STAMP): pyproject.toml requirements-nodeps.txt scripts/install-python-deps.sh
+# training/, export/, devtools/ and bench/ are installed too, editable, by dev/pyproject.toml (the wheel ships
+# grok_pacs only): importable from anywhere in the venv.
+$(STAMP): pyproject.toml dev/pyproject.toml requirements-nodeps.txt scripts/install-python-deps.sh
 	scripts/install-python-deps.sh $(VENV) $(PYTHON)
 	@touch $(STAMP)
 
@@ -33,17 +33,17 @@ lint: $(STAMP)
 # The demo needs only the venv and DCMTK (its PACS): not the test peers, chromium or the OHIF build.
 demo: $(STAMP)
 	@scripts/install-system-deps.sh demo
-	$(RUN) -m devtools.demo
+	$(PY) -m devtools.demo
 
 benchmark: setup
-	$(RUN) bench/phantom.py
+	$(PY) -m bench.phantom
 
 bench: setup
-	$(RUN) bench/ingest.py
-	$(RUN) bench/ingest_profile.py
-	$(RUN) bench/encoders.py
-	$(RUN) bench/generate.py
-	$(RUN) bench/e2e.py
+	$(PY) -m bench.ingest
+	$(PY) -m bench.ingest_profile
+	$(PY) -m bench.encoders
+	$(PY) -m bench.generate
+	$(PY) -m bench.e2e
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info dev/*.egg-info .pytest_cache

@@ -14,18 +14,16 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from devtools.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS
+from grok_pacs.config import load_settings
+from grok_pacs.store.blobs import BlobKey, BlobStore
+from grok_pacs.store.storage import open_blob_store
 
-from devtools.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS  # noqa: E402
-from grok_pacs.config import load_settings  # noqa: E402
-from grok_pacs.store.blobs import BlobKey, BlobStore  # noqa: E402
-from grok_pacs.store.storage import open_blob_store  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "bench" / "results" / "blobstore.json"
 STUDY = "1.2.826.0.1.3680043.8.498.7"

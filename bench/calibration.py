@@ -9,7 +9,7 @@ test eyes' dispositions against the dispositions their true labels and biomarker
 the learned quality head on the bundle's encoders (training.quality_head, phantom images and degraded
 copies) and reports its held-out AUROC. The bundle is copied, never modified.
 Writes bench/results/calibration.json.
-Usage: python bench/calibration.py --bundle .cache/pipeline/bundle-*/bundle --manifest
+Usage: python -m bench.calibration --bundle .cache/pipeline/bundle-*/bundle --manifest
 .cache/pipeline/cohort-*/manifest.csv
 """
 

@@ -4,7 +4,7 @@ bench/results/phantom.json). Each calibration method is fitted on the validation
 Laplace-smoothed targets; temperature alone or with a uniform share) and judged on the test eyes: ECE with a
 95 % bootstrap interval, mean confidence against accuracy.
 
-    python bench/calibration_study.py [PHANTOM_JSON]   # writes bench/results/calibration_study_phantom.json
+    python -m bench.calibration_study [PHANTOM_JSON]   # writes bench/results/calibration_study_phantom.json
 """
 
 import json
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from grok_pacs.analysis.calibration import Calibration
 from training.calibration import METHODS, ece_interval, expected_calibration_error, fit
 

@@ -15,18 +15,16 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from devtools.postgres import Postgres
+from grok_pacs.store.index import InstanceRecord, StudyIndex
+from grok_pacs.store.outbox import Outbox, OutboxRow
 
-from devtools.postgres import Postgres  # noqa: E402
-from grok_pacs.store.index import InstanceRecord, StudyIndex  # noqa: E402
-from grok_pacs.store.outbox import Outbox, OutboxRow  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "bench" / "results" / "database.json"
 OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"

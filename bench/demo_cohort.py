@@ -1,6 +1,6 @@
 """The demo cohort's test eyes through the demo's bundle: label, text health and AMD subtype consistency.
 
-Usage: PYTHONPATH=. .venv/bin/python bench/demo_cohort.py .demo/pipeline.json bench/results/demo_cohort.json
+Usage: .venv/bin/python -m bench.demo_cohort .demo/pipeline.json bench/results/demo_cohort.json
 (`.demo/pipeline.json` is what `make demo` wrote: its cohort, stage-1 instructions and bundle). Prints the
 summary and every AMD eye, every withheld narrative and every narrative that names a subtype.
 """

@@ -35,20 +35,19 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # devtools/ (not installed): the real-peer harness and the tiny bundle
+from devtools.bundle_cache import CACHE_ROOT, cached_tiny_bundle
+from devtools.ports import free_port
+from devtools.postgres import Postgres
+from devtools.processes import GrokProcess, Redis, grok_env, wait_until
+from devtools.sample_dicom import demo_study
+from devtools.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS
+from devtools.storescp import StoreSCP
+from grok_pacs.config import Peer, load_settings
+from grok_pacs.dicom.scu import store_files
+from grok_pacs.ingest.service import IngestService
+from grok_pacs.jobs.publisher import JobPublisher
 
-from devtools.bundle_cache import CACHE_ROOT, cached_tiny_bundle  # noqa: E402
-from devtools.ports import free_port  # noqa: E402
-from devtools.postgres import Postgres  # noqa: E402
-from devtools.processes import GrokProcess, Redis, grok_env, wait_until  # noqa: E402
-from devtools.sample_dicom import demo_study  # noqa: E402
-from devtools.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS  # noqa: E402
-from devtools.storescp import StoreSCP  # noqa: E402
-from grok_pacs.config import Peer, load_settings  # noqa: E402
-from grok_pacs.dicom.scu import store_files  # noqa: E402
-from grok_pacs.ingest.service import IngestService  # noqa: E402
-from grok_pacs.jobs.publisher import JobPublisher  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LATENCY_TARGET_S = 5.0
 SCALE_TARGET = 1.8

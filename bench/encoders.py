@@ -6,8 +6,8 @@ precision, round after round) so that load from other processes hits all alike; 
 Writes bench/results/encoders.json: images/s per variant, ort_over_torch_b1 / ort_over_torch_b8 for the
 default float32 graph and ort_<precision>_over_torch_b* for the others (target: >= 1.5), with parity.
 
-  python bench/encoders.py                                  # CPU: float32 and int8 graphs
-  python bench/encoders.py --device cuda --precisions float16  # GPU path; not run on CPU-only machines
+  python -m bench.encoders                                  # CPU: float32 and int8 graphs
+  python -m bench.encoders --device cuda --precisions float16  # GPU path; not run on CPU-only machines
 """
 
 from __future__ import annotations
@@ -25,13 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from export.onnx_export import export_encoder, quantize_int8  # noqa: E402
-from export.parity import check_encoder_parity  # noqa: E402
-from grok_pacs.analysis.onnx_session import create_session, run_encoder  # noqa: E402
-from grok_pacs.model.config import GrokConfig  # noqa: E402
-from grok_pacs.model.vit import build_encoder  # noqa: E402
+from export.onnx_export import export_encoder, quantize_int8
+from export.parity import check_encoder_parity
+from grok_pacs.analysis.onnx_session import create_session, run_encoder
+from grok_pacs.model.config import GrokConfig
+from grok_pacs.model.vit import build_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench"  # ignored by git: the ViT-L graphs are 0.3-1.2 GB

@@ -5,7 +5,7 @@ degraded (training.benchmark.gate.DEGRADATIONS) with the runtime's gate at its d
 writes bench/results/gate.json: per modality AUROC and sensitivity at 95% specificity of the ungradability
 score, the gate's own sensitivity/specificity at its thresholds, detection per degradation, and the number
 of fully degraded eyes the gate would still let through to a diagnosis.
-Usage: python bench/gate.py [--eyes 84] [--seed 0]
+Usage: python -m bench.gate [--eyes 84] [--seed 0]
 """
 
 from __future__ import annotations

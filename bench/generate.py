@@ -6,8 +6,8 @@ not depend on them); `--preset 7b --device cuda` is the GPU path (bf16). Greedy 
 of tokens (EOS disabled) after a prompt of fixed length; runs interleaved, medians reported.
 Writes bench/results/generate.json with tokens/s for both and merged_over_unmerged.
 
-  python bench/generate.py                          # CPU, Qwen2-0.5B shapes
-  python bench/generate.py --preset 7b --device cuda  # GPU path; not run on CPU-only machines
+  python -m bench.generate                          # CPU, Qwen2-0.5B shapes
+  python -m bench.generate --preset 7b --device cuda  # GPU path; not run on CPU-only machines
 
 Two-eye mode: a study's two eyes through the runtime engine in ONE batched generation and label scoring,
 against one eye alone (and against the two eyes one after the other, as before batching). Bundles: the
@@ -15,7 +15,7 @@ tiny test bundle (always) and any `--bundle DIR` (e.g. the phantom pipeline's). 
 bench/results/generate_two_eye.json with, per bundle, medians and two_eye_over_one_eye for generation
 (generate + label scoring) and for the whole analysis (encoders run once per image, so they scale).
 
-  python bench/generate.py --two-eye [--bundle DIR ...] [--shapes smollm2-135m --prompt-tokens 700 --new-tokens 256]
+  python -m bench.generate --two-eye [--bundle DIR ...] [--shapes smollm2-135m --prompt-tokens 700 --new-tokens 256]
 """
 
 from __future__ import annotations
@@ -209,7 +209,6 @@ def shapes_two_eye(preset: str, prefix: int, new_tokens: int, repeats: int, devi
 
 
 def main_two_eye(args: argparse.Namespace, threads: int) -> int:
-    sys.path.insert(0, str(ROOT))  # devtools/ (not installed): the tiny bundle and synthetic pixels
     from devtools.bundle_cache import CACHE_ROOT, cached_tiny_bundle
 
     bundles = [cached_tiny_bundle(CACHE_ROOT), *args.bundle]

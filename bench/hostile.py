@@ -8,7 +8,7 @@
 - pdu: ingest time of the benchmark's OPT (large) and OP (small) workloads (bench/ingest.py, one association)
   for several `max_pdu` values, alternating, medians: the default is chosen from this.
 
-Writes bench/results/hostile.json. Run: `PYTHONPATH=. .venv/bin/python bench/hostile.py`.
+Writes bench/results/hostile.json. Run: `.venv/bin/python -m bench.hostile`.
 """
 
 from __future__ import annotations

@@ -26,10 +26,7 @@ from pathlib import Path
 from pydicom.uid import generate_uid
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.ingest_targets import (  # noqa: E402
+from bench.ingest_targets import (
     AE,
     DCMTK_ENV,
     TARGETS,
@@ -39,8 +36,10 @@ from bench.ingest_targets import (  # noqa: E402
     start_grok,
     start_null,
 )
-from devtools.ports import free_port, wait_for_port  # noqa: E402
-from devtools.sample_dicom import fundus_photograph, oct_tomography, write  # noqa: E402
+from devtools.ports import free_port, wait_for_port
+from devtools.sample_dicom import fundus_photograph, oct_tomography, write
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "bench" / "results" / "ingest.json"
 OP_PER_SERIES = 5

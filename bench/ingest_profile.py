@@ -22,17 +22,16 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.ingest import make_files, send
+from bench.ingest_targets import start_dcmtk
+from devtools.ports import free_port, wait_for_port
+from grok_pacs.config import load_settings
+from grok_pacs.ingest import listener as listener_module
+from grok_pacs.ingest.listener import Listener
+from grok_pacs.store import files as files_module
+from grok_pacs.store.index import StudyIndex
 
-from bench.ingest import make_files, send  # noqa: E402
-from bench.ingest_targets import start_dcmtk  # noqa: E402
-from devtools.ports import free_port, wait_for_port  # noqa: E402
-from grok_pacs.config import load_settings  # noqa: E402
-from grok_pacs.ingest import listener as listener_module  # noqa: E402
-from grok_pacs.ingest.listener import Listener  # noqa: E402
-from grok_pacs.store import files as files_module  # noqa: E402
-from grok_pacs.store.index import StudyIndex  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "bench" / "results" / "ingest_profile.json"
 SAMPLES: dict[str, list[float]] = defaultdict(list)

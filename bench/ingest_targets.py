@@ -52,7 +52,7 @@ def start_grok(port: int, data_dir: Path, fast_path: bool = True, log=None) -> s
 
 def start_null(port: int, data_dir: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "null_scp.py"), str(port), str(data_dir)],
+        [sys.executable, "-m", "bench.null_scp", str(port), str(data_dir)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

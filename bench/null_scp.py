@@ -5,7 +5,7 @@ It is `grok-pacs listen`'s own Listener (the same AE, presentation contexts, fas
 into `<data>/tmp/`), with a C-STORE handler that deletes the received file and answers Success: no header
 check, no fsync, no rename, no index row. Its rate bounds every receiver built on pynetdicom in Python on
 this machine, so grok-pacs / floor can be read against pynetdicom-null / floor. Never a receiver for data.
-Usage: python bench/null_scp.py PORT DATA_DIR
+Usage: python -m bench.null_scp PORT DATA_DIR
 """
 
 from __future__ import annotations
@@ -16,12 +16,9 @@ import sys
 import threading
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from grok_pacs.config import load_settings  # noqa: E402
-from grok_pacs.ingest.listener import Listener  # noqa: E402
-from grok_pacs.store.index import StudyIndex  # noqa: E402
+from grok_pacs.config import load_settings
+from grok_pacs.ingest.listener import Listener
+from grok_pacs.store.index import StudyIndex
 
 
 class NullListener(Listener):

@@ -8,7 +8,7 @@ are smooth synthetic pictures (not noise, which
 no camera produces and which would inflate JPEG sizes). Medians of several runs; writes
 bench/results/pdf_report.json.
 
-  python bench/pdf_report.py [--runs 7]
+  python -m bench.pdf_report [--runs 7]
 """
 
 from __future__ import annotations
@@ -23,18 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+from devtools.sample_dicom import Patient, base_dataset
+from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Report, SourceImage
+from grok_pacs.config import OP_8BIT, OPT
+from grok_pacs.domain.biomarkers import BIOMARKERS
+from grok_pacs.domain.labels import Label
+from grok_pacs.report.encapsulated import build_encapsulated_pdf
+from grok_pacs.report.keys import ReportKey
+from grok_pacs.report.pdf import ReportImages, build_pdf
+from grok_pacs.report.study import StudyHeader
 
-from devtools.sample_dicom import Patient, base_dataset  # noqa: E402
-from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Report, SourceImage  # noqa: E402
-from grok_pacs.config import OP_8BIT, OPT  # noqa: E402
-from grok_pacs.domain.biomarkers import BIOMARKERS  # noqa: E402
-from grok_pacs.domain.labels import Label  # noqa: E402
-from grok_pacs.report.encapsulated import build_encapsulated_pdf  # noqa: E402
-from grok_pacs.report.keys import ReportKey  # noqa: E402
-from grok_pacs.report.pdf import ReportImages, build_pdf  # noqa: E402
-from grok_pacs.report.study import StudyHeader  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _report(eye: Eye) -> Report:

@@ -9,7 +9,7 @@ generation), and writes
 - bench/results/phantom.json: macro_f1, per-label F1, mae_aligned, mae_plain, grounding_agreement (headline
   variant: with estimates), both variants' summaries, the targets and whether they are met, timings;
 - bench/results/phantom.md: the report with the comparison table and the plots (bench/results/phantom/).
-Usage: python bench/phantom.py [--subjects N] [--seed S] [--cache DIR] [--only-estimates]
+Usage: python -m bench.phantom [--subjects N] [--seed S] [--cache DIR] [--only-estimates]
 """
 
 from __future__ import annotations

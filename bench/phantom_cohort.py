@@ -2,7 +2,7 @@
 
 Writes bench/results/phantom_cohort.json: wall time, subjects per second, bytes written, CPU seconds (this
 process and its workers; on a shared machine wall time depends on the load, CPU time much less), cores.
-Usage: python bench/phantom_cohort.py [--subjects 500] [--workers 2] [--out DIR] [--no-dicom]
+Usage: python -m bench.phantom_cohort [--subjects 500] [--workers 2] [--out DIR] [--no-dicom]
 """
 
 from __future__ import annotations

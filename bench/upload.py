@@ -18,24 +18,22 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from devtools.ports import free_port
+from devtools.sample_dicom import fundus_photograph, oct_tomography, write
+from devtools.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS
+from devtools.tools import require_tool
+from grok_pacs.config import load_settings
+from grok_pacs.ingest.service import IngestService
+from grok_pacs.jobs.publisher import JobPublisher
+from grok_pacs.store.index import StudyState
 
-from devtools.ports import free_port  # noqa: E402
-from devtools.sample_dicom import fundus_photograph, oct_tomography, write  # noqa: E402
-from devtools.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS  # noqa: E402
-from devtools.tools import require_tool  # noqa: E402
-from grok_pacs.config import load_settings  # noqa: E402
-from grok_pacs.ingest.service import IngestService  # noqa: E402
-from grok_pacs.jobs.publisher import JobPublisher  # noqa: E402
-from grok_pacs.store.index import StudyState  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = ROOT / "bench" / "results" / "upload.json"
 QUIET_S = 0.5  # short, so that the upload step shows; with the default 5 s it overlaps the quiet period

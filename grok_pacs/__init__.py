@@ -12,4 +12,5 @@ imports against its `__init__` docstring, and that there are no import cycles):
     cli                        the `grok-pacs` command
 
 Nothing here imports `training` or `export`; development helpers live in `devtools/` (not shipped).
+May import: no other package of the repository (the runtime wheel ships grok_pacs alone).
 """

@@ -3,6 +3,8 @@
 Read, in increasing priority, from defaults, a TOML file (`--config`, or `GROK_PACS_CONFIG`) and
 `GROK_PACS_*` environment variables. Invalid values fail at start with a message naming the setting
 (`SettingsError`), never later in a handler.
+
+May import: `grok_pacs.domain`, `grok_pacs.secret_files`.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 The way Docker and Kubernetes hand secrets to a process without putting them in its environment (which
 `ps e`, `docker inspect` and crash reports show). A pydantic-settings source, ranked just below the plain
 environment variable; setting both is refused, since which one wins would be a guess.
+
+May import: nothing else from grok_pacs (config imports it).
 """
 
 from __future__ import annotations

@@ -27,5 +27,7 @@ cert=${PIP_CERT:-$(pip_setting cert)}
 if [ -n "$cert" ]; then export SSL_CERT_FILE=${SSL_CERT_FILE:-$cert}; fi
 
 export UV_CACHE_DIR=${UV_CACHE_DIR:-$PWD/.cache/uv}
-"$py" -m uv pip install "${args[@]}" -e '.[train,export,test]'
+# The runtime (grok_pacs, with the extras the rest needs) and the development packages (training, export,
+# devtools, bench: dev/pyproject.toml), both editable: importable from any directory, the wheel stays grok_pacs.
+"$py" -m uv pip install "${args[@]}" -e '.[train,export,test]' -e ./dev
 "$py" -m uv pip install "${args[@]}" --no-deps -r requirements-nodeps.txt

@@ -1,0 +1,21 @@
+"""Training: the GROK model's three stages on a cohort, and what measures the bundle they produce.
+
+Not in the runtime wheel: installed from the checkout with the other development packages
+(docs/CONTRIBUTING.md, Packages). Stage 3 hands its parts to `export` to build the bundle.
+
+May import: `grok_pacs`, `export`.
+
+Layers inside training, lowest first: a module may import its own layer and the layers listed before it
+(tests/test_layers.py reads this table):
+
+    shared     `manifest` (the cohort manifest), `records` (predictions and references), `cache_keys`,
+               `tokenizer`, `contrastive`, `pattern`, `calibration` (fit on predictions handed in),
+               `phantom` (the synthetic cohort)
+    stage1     `stage1` (teachers write each eye's report; instruction records)
+    stage2     `stage2` (image encoders aligned with the biomarkers)
+    stage3     `stage3` (the multimodal LLM's fine-tuning, the bundle and its calibration run)
+    benchmark  `benchmark` (scores a bundle's predictions; safety and honesty figures)
+    top        `quality_head` (a learned gradability head on a bundle), `pipeline` (every step, cached)
+
+`data/` holds the Eye-Guideline knowledge the stage-1 teachers read.
+"""

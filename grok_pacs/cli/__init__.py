@@ -1,7 +1,7 @@
 """The `grok-pacs` command line: argument parsing and exit codes only; every command calls into the
 package that owns the work. `main` (the parser, settings from arguments, exit codes), `options` (argument
 blocks shared by commands), `ingest` (listen, echo, send, studies), `jobs` (serve, worker), `report`
-(report FILE.dcm), `database` (db upgrade, db current).
+(report FILE.dcm), `database` (db upgrade, db current), `retention` (purge).
 
-The top layer: may import anything in `grok_pacs`; nothing imports it.
+The top layer, which nothing imports. May import: `grok_pacs` (every room).
 """

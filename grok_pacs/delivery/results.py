@@ -16,14 +16,11 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from grok_pacs.dicom.uids import resolve_inside
-from grok_pacs.store.blobs import KINDS, BlobKey, BlobStore
+from grok_pacs.store.blobs import KINDS, BlobKey, BlobStore, is_result_key
+from grok_pacs.store.files import SCRATCH_DIR
 
 RESULTS = KINDS[1]  # "results"
-SCRATCH_DIR = "scratch"
-
-
-def is_key(path: str) -> bool:
-    return path.startswith(f"{RESULTS}/")
+is_key = is_result_key
 
 
 def publish(data_dir: Path, store: BlobStore, study_uid: str, sr_uid: str, path: str) -> str:

@@ -29,6 +29,10 @@ log = logging.getLogger("grok_pacs.ingest.uploader")
 BATCH = 100  # instances read per query; a pass continues until none is left or the store fails
 
 
+class InstanceFileMissing(ValueError):
+    """An instance this node received has no file here any more (the message names its path, never patient data)."""
+
+
 @dataclass(frozen=True)
 class UploadPass:
     uploaded: int  # recorded UPLOADED in this pass
@@ -106,7 +110,7 @@ class Uploader:
             metrics.upload("lost")
             return False
         if not path.is_file():  # this node received it (Uploads.node_id): the file was here, and is lost
-            raise ValueError(f"its file {pending.path} is missing from this listener's data directory")
+            raise InstanceFileMissing(f"its file {pending.path} is missing from this listener's data directory")
         key = BlobKey.for_file("instances", pending.study_uid, pending.sop_uid, path)
         self.store.put(key, path, replace=pending.reupload)
         self.uploads.record(pending.sop_uid, key)

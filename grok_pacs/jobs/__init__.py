@@ -4,6 +4,7 @@ carried by its app and its Celery worker (`worker`), the tasks (`tasks`), a job'
 errors (`retry`), the per-study pipeline
 (`pipeline`, with its PDF step `pdf_report`) and the one-box service (`serve`).
 
-May import every runtime package below it (config, domain, dicom, store, ops, model, analysis, report,
-delivery, ingest); never `cli`, `training` or `export`.
+May import: `grok_pacs.config`, `grok_pacs.domain`, `grok_pacs.dicom`, `grok_pacs.store`, `grok_pacs.ops`,
+`grok_pacs.model`, `grok_pacs.analysis`, `grok_pacs.report`, `grok_pacs.delivery`, `grok_pacs.ingest` (every room
+below it). Never: `grok_pacs.cli`, `training`, `export`.
 """

@@ -26,12 +26,12 @@ from grok_pacs.config import Settings
 from grok_pacs.jobs.retry import InstanceReuploading
 from grok_pacs.jobs.snapshot import StudySnapshot, select_candidates
 from grok_pacs.store.blobs import BlobIntegrityError, BlobNotFoundError, BlobStore
+from grok_pacs.store.files import SCRATCH_DIR
 from grok_pacs.store.index import InstanceRecord
 from grok_pacs.store.uploads import Uploads, UploadState
 
 log = logging.getLogger("grok_pacs.jobs.fetch")
 
-SCRATCH_DIR = "scratch"
 
 
 class InstanceLostError(RuntimeError):

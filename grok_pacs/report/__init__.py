@@ -5,5 +5,6 @@ safety content (`safety`: gradability, dispositions, probabilities), the disposi
 (`dispositions`) and the plain-text rendering for people (`render`).
 
 May import: `grok_pacs.config`, `grok_pacs.domain`, `grok_pacs.dicom`, `grok_pacs.analysis` (the result
-and its checks; never `analysis.engine` or `analysis.onnx_session`: building a report loads no model).
+and its checks). Never: `grok_pacs.analysis.engine`, `grok_pacs.analysis.onnx_session` (building a report
+loads no model).
 """

@@ -4,7 +4,7 @@ in `records`), the SR outbox (`outbox`), atomic, fsynced file writes (`files`) a
 received instances (`group_commit`); the blob store of immutable, content-addressed objects (`blobs`:
 keys, errors, the local backend; `s3`: the S3-compatible backend; `storage`: which one the settings
 select) and each received instance's upload state (`uploads`); expired leases of unfinished work, for the
-reaper (`leases`).
+reaper (`leases`); what is deleted when, by the retention policy (`retention`).
 
 May import: `grok_pacs.config`, `grok_pacs.domain`, `grok_pacs.dicom`, `grok_pacs.ops`.
 """

@@ -28,6 +28,11 @@ from grok_pacs.store import files
 CHUNK = 1 << 20
 BLOBS_DIR = "blobs"
 KINDS = ("instances", "results")  # received instances; SRs and PDFs built by the workers
+
+
+def is_result_key(path: str) -> bool:
+    """An outbox path that is a results key in the store (`results/<study>/...`), not a file under sr/."""
+    return path.startswith(f"{KINDS[1]}/")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _KEY_RE = re.compile(r"(instances|results)/([0-9.]+)/([0-9.]+)\.([0-9a-f]{64})\.([a-z0-9]{1,8})")
 

@@ -22,6 +22,7 @@ from typing import TypeVar
 TMP_DIR = "tmp"
 TMP_PREFIX = "rx-"
 QUARANTINE_DIR = "quarantine"
+SCRATCH_DIR = "scratch"  # per-job copies (worker inputs, results fetched for delivery); retention clears it
 T = TypeVar("T")
 FSYNC_THREADS = 32  # fsyncs wait on the disk, not the CPU: a file and a directory per association in flight
 _FSYNC_POOL: ThreadPoolExecutor | None = None

@@ -26,12 +26,11 @@ from sqlalchemy import Engine, and_, delete, exists, func, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from grok_pacs.config import Settings
-from grok_pacs.delivery.results import SCRATCH_DIR, is_key
 from grok_pacs.dicom.uids import resolve_inside
 from grok_pacs.ops import audit, metrics
 from grok_pacs.store import db
-from grok_pacs.store.blobs import BlobKey, BlobStore
-from grok_pacs.store.files import TMP_DIR
+from grok_pacs.store.blobs import BlobKey, BlobStore, is_result_key
+from grok_pacs.store.files import SCRATCH_DIR, TMP_DIR
 from grok_pacs.store.outbox import OutboxState
 from grok_pacs.store.records import StudyState
 
@@ -133,7 +132,7 @@ class Retention:
             purge.bytes += self._remove_file(row.path, dry_run) + self._remove_object(purge, row.blob_key, dry_run)
         for path in results:
             purge.bytes += (
-                self._remove_object(purge, path, dry_run) if is_key(path) else self._remove_file(path, dry_run)
+                self._remove_object(purge, path, dry_run) if is_result_key(path) else self._remove_file(path, dry_run)
             )
         if dry_run:
             return purge
@@ -165,7 +164,7 @@ class Retention:
 
     def _remove_file(self, relpath: str, dry_run: bool) -> int:
         """Bytes freed by removing `relpath` under the data directory (0 when it is not there)."""
-        if not relpath or is_key(relpath):
+        if not relpath or is_result_key(relpath):
             return 0
         path = resolve_inside(self.data_dir, relpath)
         try:

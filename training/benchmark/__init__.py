@@ -7,8 +7,8 @@ judge-free rubric, LLM judge, grounding) are usable on their own from their modu
 """
 
 from training.benchmark.evaluate import BenchmarkResult, CaseResult, evaluate
-from training.records import Prediction, Reference
 from training.benchmark.report import Comparison, compare, write_comparison, write_report
+from training.records import Prediction, Reference
 
 __all__ = [
     "BenchmarkResult",

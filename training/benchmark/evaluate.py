@@ -11,9 +11,9 @@ from grok_pacs.domain.labels import Label
 from training.benchmark.classification import ClassificationResult, classify
 from training.benchmark.grounding import GroundingResult, check_grounding, pooled
 from training.benchmark.judge import CRITERIA, Judge, JudgeError, JudgeVerdict
-from training.records import Prediction, Reference, pair_up
 from training.benchmark.rubric import RubricScores, score_report
 from training.benchmark.text import corpus_bleu, rouge_l, sentence_bleu
+from training.records import Prediction, Reference, pair_up
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,8 @@ from grok_pacs.model.heads import BiomarkerHead, estimates_in_range, head_input
 from grok_pacs.model.pattern import PATTERN_HEAD_FILE, PatternHead
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.prompt import build_prompt
-from training.records import biomarkers_from_prompt_json
 from training.pattern import fit_pattern_head
+from training.records import biomarkers_from_prompt_json
 from training.stage3.config import Stage3Config
 from training.stage3.data import SFTDataset, build_samples, chat_text, load_instructions, record_label
 from training.stage3.features import FeatureStore, compute_features, eye_id

@@ -296,8 +296,8 @@ def test_estimate_targets_cite_the_heads_estimates_not_the_measurements() -> Non
     """With estimates in the prompt, the training report must cite those estimates (what the SR carries)."""
     from grok_pacs.domain.biomarkers import BIOMARKERS, to_prompt_json
     from training.benchmark.grounding import check_grounding
-    from training.stage3.targets import _Eye, estimate_grounded
     from training.stage1.teachers.guideline import GuidelineTeacher
+    from training.stage3.targets import _Eye, estimate_grounded
 
     truth = {b.key: (b.normal[0] + b.normal[1]) / 2 for b in BIOMARKERS}
     truth["cup_to_disc"] = 0.78

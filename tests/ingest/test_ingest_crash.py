@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
+from conftest import require_tool
 from ingest_support import (
     AE as AE_TITLE,
 )
@@ -30,7 +31,6 @@ from pynetdicom import AE
 from devtools.ports import wait_for_port
 from devtools.sample_dicom import fundus_photograph, oct_tomography, write
 from grok_pacs.store.index import StudyIndex, StudyState
-from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = 8.0  # longer than kill + restart + resend, so the interrupted study is queued once, complete

@@ -30,9 +30,9 @@ from grok_pacs.store.files import DiskFullError
 from grok_pacs.store.index import StudyState
 
 DISK_MB = 24
-# 1 MiB and 256 KiB instances in turn (27 MiB in all): once free space is below 1 MiB the small ones still
-# fit, and the next large one runs out of space while it streams in.
-INSTANCES = 54
+# 1 MiB and 256 KiB instances, one large then two small (33 MiB in all): once free space is below 1 MiB
+# the small ones still fit, and the next large one runs out of space while it streams in.
+INSTANCES = 66
 
 
 def _size(i: int) -> int:
@@ -87,7 +87,7 @@ def test_disk_filling_mid_transfer_refuses_with_a700_and_loses_nothing(
     stored = [r for r in results if r.ok]
     refused = [r for r in results if not r.ok]
     assert len(results) == INSTANCES
-    assert 5 < len(stored) < INSTANCES, "the disk must fill part-way through"
+    assert 5 < len(stored) < INSTANCES, f"the disk must fill part-way through: {len(stored)} stored"
     # Every refusal is a status on the same association (none aborted, none unanswered), with a reason;
     # at least one came from the disk filling while the instance streamed in.
     assert {r.status for r in refused} == {DimseStatus.REFUSED_OUT_OF_RESOURCES}, [

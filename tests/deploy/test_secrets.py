@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import require_tool
 from kombu import Connection
 from test_ingest_tls import pki  # noqa: F401 - a fixture used by name
 
@@ -18,7 +19,6 @@ from devtools.ports import free_port, wait_for_port
 from grok_pacs.config import Settings, SettingsError, load_settings
 from grok_pacs.jobs.app import broker_ssl_options, create_app
 from grok_pacs.ops import health
-from tests.conftest import require_tool
 
 DB_PASSWORD = "db-pw-4b1d"
 REDIS_PASSWORD = "redis-pw-9c2e"
