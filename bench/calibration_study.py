@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grok_pacs.analysis.calibration import Calibration
+from grok_pacs.analysis.label_calibration import Calibration
 from training.calibration import METHODS, ece_interval, expected_calibration_error, fit
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from export.onnx_export import export_encoder, quantize_int8
-from export.parity import check_encoder_parity
+from export.parity import measure_encoder_parity
 from grok_pacs.analysis.onnx_session import create_session, run_encoder
 from grok_pacs.model.config import GrokConfig
 from grok_pacs.model.vit import build_encoder
@@ -86,9 +86,7 @@ def measure(args: argparse.Namespace) -> dict:
         p: create_session(path, args.device, threads if args.device == "cpu" else 0) for p, path in paths.items()
     }
     parity = {
-        p: check_encoder_parity(
-            encoder, path, dtype=p, batch_sizes=(1,), device=args.device, raise_on_fail=False
-        ).to_dict()
+        p: measure_encoder_parity(encoder, path, dtype=p, batch_sizes=(1,), device=args.device).to_dict()
         for p, path in paths.items()
     }
     model = encoder.to(args.device).eval()

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import select
+import shutil
 import socket
 import statistics
 import struct
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from pynetdicom import AE
 
-from bench.ingest import make_files, run_once
+from bench.ingest import make_files, run_once, send
 from bench.ingest_targets import AE as OUR_AE
 from bench.ingest_targets import start_grok
 from devtools.ports import free_port, wait_for_port
@@ -182,6 +183,41 @@ def pdu_sizes(scratch: Path, sizes: list[int], repeats: int, opt: int, op: int) 
     ]
 
 
+def _timed_ingest(files: list[Path], propose: list[str], scratch: Path, associations: int, checkout: Path) -> float:
+    port, data_dir = free_port(), Path(tempfile.mkdtemp(dir=scratch, prefix="versus-")) / "data"
+    process = start_grok(port, data_dir, checkout=checkout)
+    try:
+        wait_for_port(port, timeout=60, proc=process, what=f"grok-pacs listen from {checkout}")
+        seconds = send(port, files, propose, associations)
+        stored = sum(1 for p in (data_dir / "incoming").rglob("*") if p.is_file())
+        if stored != len(files):
+            raise RuntimeError(f"{checkout}: {stored} of {len(files)} files stored")
+        return seconds
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+        shutil.rmtree(data_dir.parent, ignore_errors=True)
+
+
+def versus(scratch: Path, baseline: Path, repeats: int, opt: int, op: int) -> list[dict]:
+    """Ingest time of this checkout against `baseline` (the release before the limits), each at its own
+    defaults (fast path on), 1 and 8 associations, alternating, medians."""
+    workloads = make_files(scratch / "workloads", opt, op)
+    times: dict[tuple[str, int, str], list[float]] = {}
+    for _ in range(repeats):
+        for name, files in workloads.items():
+            propose = [] if name == "opt" else ["-xy"]
+            for associations in (1, 8):
+                for label, checkout in (("now", ROOT), ("baseline", baseline)):
+                    seconds = _timed_ingest(files, propose, scratch, associations, checkout)
+                    times.setdefault((name, associations, label), []).append(round(seconds, 3))
+    rows = []
+    for (name, associations, label), samples in sorted(times.items()):
+        rows.append({"workload": name, "associations": associations, "code": label, "seconds_all": samples,
+                     "seconds_median": round(statistics.median(samples), 3)})  # fmt: skip
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--held", type=int, default=1000, help="silent connections the attacker holds (1000)")
@@ -190,17 +226,29 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per max_pdu value (median counts)")
     parser.add_argument("--opt", type=int, default=6, help="~32 MB OPT instances per run")
     parser.add_argument("--op", type=int, default=60, help="~300 KB OP instances per run")
+    parser.add_argument(
+        "--baseline", type=Path, help="a checkout of the release before (git worktree add DIR d548b46): compare ingest"
+    )
+    parser.add_argument("--only-baseline", action="store_true", help="run only the --baseline comparison")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     result: dict = {"machine": f"{platform.node()} {os.cpu_count()} cores", "load_average_1m": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="grok-hostile-") as tmp:
         scratch = Path(tmp)
+        if args.only_baseline:
+            result = json.loads(args.out.read_text()) if args.out.is_file() else result
+            result["versus_baseline"] = versus(scratch, args.baseline, args.repeats, args.opt, args.op)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+            print(json.dumps(result["versus_baseline"], indent=1))
+            return 0
         result["flood"] = [flood(fast, scratch) for fast in (True, False)]
         print(json.dumps(result["flood"], indent=1), flush=True)
         result["half_open"] = [half_open(fast, scratch, args.held, args.trials) for fast in (True, False)]
         print(json.dumps(result["half_open"], indent=1), flush=True)
         if args.pdu:
             result["pdu"] = pdu_sizes(scratch, args.pdu, args.repeats, args.opt, args.op)
+        if args.baseline:
+            result["versus_baseline"] = versus(scratch, args.baseline, args.repeats, args.opt, args.op)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

@@ -30,8 +30,10 @@ DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 TARGETS = ("floor", "grok", "grok-nofast", "pynetdicom-null", "dcmtk", "orthanc")
 
 
-def start_grok(port: int, data_dir: Path, fast_path: bool = True, log=None) -> subprocess.Popen:
-    """`grok-pacs listen`; its log to `log` (an open file) when given: a pipe nobody reads would block it."""
+def start_grok(port: int, data_dir: Path, fast_path: bool = True, log=None, checkout: Path = ROOT) -> subprocess.Popen:
+    """`grok-pacs listen`; its log to `log` (an open file) when given: a pipe nobody reads would block it.
+    `checkout`: whose grok_pacs runs (`python -m` imports it from the working directory first), e.g. a git
+    worktree of an earlier release for a before/after comparison."""
     env = {
         **os.environ,
         "GROK_PACS_PORT": str(port),
@@ -44,7 +46,7 @@ def start_grok(port: int, data_dir: Path, fast_path: bool = True, log=None) -> s
     return subprocess.Popen(
         [sys.executable, "-m", "grok_pacs.cli", "--log-level", "WARNING", "listen"],
         env=env,
-        cwd=ROOT,
+        cwd=checkout,
         stdout=subprocess.DEVNULL,
         stderr=log if log is not None else subprocess.PIPE,
     )

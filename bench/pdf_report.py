@@ -25,7 +25,7 @@ import numpy as np
 
 from devtools.sample_dicom import Patient, base_dataset
 from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Report, SourceImage
-from grok_pacs.config import OP_8BIT, OPT
+from grok_pacs.dicom.sop_classes import OP_8BIT, OPT
 from grok_pacs.domain.biomarkers import BIOMARKERS
 from grok_pacs.domain.labels import Label
 from grok_pacs.report.encapsulated import build_encapsulated_pdf

@@ -24,7 +24,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from grok_pacs.config import OP_8BIT, OPT
+from grok_pacs.dicom.sop_classes import OP_8BIT, OPT
 
 PATIENT_NAME = "PHANTOM^DEMO"  # synthetic; never a real person
 

@@ -89,7 +89,7 @@ class SeaweedFS:
                 client.create_bucket(Bucket=BUCKET)
             except client.exceptions.BucketAlreadyOwnedByYou:
                 # Created between the listing and here (an uploader already writing to the restarted
-                # server, as tests/test_uploader.py does): what this wanted, so not an error.
+                # server, as tests/ingest/test_uploader.py does): what this wanted, so not an error.
                 pass
 
     def _wait_serving(self, timeout: float) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from export.build_bundle import build_bundle
+from export.build_bundle import BundleOptions, ModelParts, build_bundle
 from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, OCT_KEYS
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from grok_pacs.model.checkpoints import load_retfound, load_retizero
@@ -169,24 +170,27 @@ def build_tiny_bundle(out_dir: Path, *, layout: str = "merged", train_steps: int
     model = GrokModel(llm, projectors, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     _fit_llm(model, tokenizer, config, train_steps, rng)
     cfp, oct_encoder = _encoders(config, work)
-    common = dict(
+    parts = ModelParts(
+        config=config,
         cfp_encoder=cfp,
         oct_encoder=oct_encoder,
         heads=_heads(config, rng),
         projectors=projectors,
         tokenizer_dir=work / "tokenizer",
-        name="grok-tiny",
-        version="0.0.1-test",
-        provenance={"training_data": "none: random tiny test model", "seed": seed},
-        config=config,
-        overwrite=True,
-        progress=False,
     )
     if layout == "merged":
         llm.save_pretrained(work / "llm")
-        path = build_bundle(out_dir, llm_dir=work / "llm", **common)
+        parts = replace(parts, llm_dir=work / "llm")
     else:
-        path = build_bundle(out_dir, **_adapter_dirs(llm, work), merge=False, **common)
+        parts = replace(parts, **_adapter_dirs(llm, work), merge=False)
+    path = build_bundle(
+        out_dir,
+        parts,
+        name="grok-tiny",
+        version="0.0.1-test",
+        provenance={"training_data": "none: random tiny test model", "seed": seed},
+        options=BundleOptions(overwrite=True, progress=False),
+    )
     shutil.rmtree(work)
     return path
 

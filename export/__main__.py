@@ -37,7 +37,7 @@ def _cmd_encoder(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from export.onnx_export import export_encoder
-    from export.parity import check_encoder_parity
+    from export.parity import measure_encoder_parity
     from grok_pacs.model.checkpoints import load_encoder
 
     config = _config(args.config)
@@ -49,7 +49,7 @@ def _cmd_encoder(args: argparse.Namespace) -> int:
         export_encoder(encoder, args.out, precision=args.precision)
         bar.set_postfix_str("exported")
         bar.update()
-        result = check_encoder_parity(encoder, args.out, dtype=args.precision, name=args.kind, raise_on_fail=False)
+        result = measure_encoder_parity(encoder, args.out, dtype=args.precision, name=args.kind)
         bar.set_postfix_str("parity checked")
         bar.update()
     print(result)
@@ -57,28 +57,24 @@ def _cmd_encoder(args: argparse.Namespace) -> int:
 
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
-    from export.build_bundle import build_bundle
+    from export.build_bundle import BundleOptions, ModelParts, build_bundle
     from grok_pacs.model.heads import BiomarkerHead
 
     provenance = json.loads(Path(args.provenance).read_text()) if args.provenance else {}
-    path = build_bundle(
-        args.out,
+    parts = ModelParts(
+        config=_config(args.config),
         cfp_encoder=args.cfp_encoder,
         oct_encoder=args.oct_encoder,
         heads=[BiomarkerHead.load(args.oct_head), BiomarkerHead.load(args.cfp_head)],
         projectors=args.projectors,
+        tokenizer_dir=args.tokenizer_dir,
         llm_dir=args.llm_dir,
         base_dir=args.base_dir,
         adapter_dir=args.adapter_dir,
         merge=not args.no_merge,
-        tokenizer_dir=args.tokenizer_dir,
-        name=args.name,
-        version=args.version,
-        provenance=provenance,
-        config=_config(args.config),
-        precision=args.precision,
-        overwrite=args.overwrite,
     )
+    options = BundleOptions(precision=args.precision, overwrite=args.overwrite)
+    path = build_bundle(args.out, parts, name=args.name, version=args.version, provenance=provenance, options=options)
     print(f"bundle written: {path}")
     return 0
 

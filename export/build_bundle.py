@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -199,66 +200,88 @@ def _write_llm(work: Path, llm_dir: Any, base_dir: Any, adapter_dir: Any, merge:
     return {"layout": "adapter", "base_dir": layout.LLM_BASE_DIR, "adapter_dir": layout.LLM_ADAPTER_DIR}
 
 
+@dataclass(frozen=True)
+class ModelParts:
+    """The trained parts a bundle is built from, as objects or as the paths they were saved to.
+
+    LLM: `llm_dir` (LoRA already merged), or `base_dir` + `adapter_dir` (merged here when `merge`, else stored
+    side by side and merged at load). `pattern_head`: the pattern head stage 3 trained the prompt with
+    (grok_pacs.model.pattern), stored as pattern_head.json.
+    """
+
+    config: GrokConfig
+    cfp_encoder: RetinaEncoder | str | Path
+    oct_encoder: RetinaEncoder | str | Path
+    heads: Mapping[Any, BiomarkerHead] | Iterable[BiomarkerHead]
+    projectors: Projectors | str | Path
+    tokenizer_dir: str | Path
+    llm_dir: str | Path | None = None
+    base_dir: str | Path | None = None
+    adapter_dir: str | Path | None = None
+    merge: bool = True
+    pattern_head: PatternHead | str | Path | None = None
+
+
+@dataclass(frozen=True)
+class BundleOptions:
+    """How to build: encoder `precision` "float32", "float16" (GPU serving) or "int8" (CPU serving; see
+    export.onnx_export); `parity` checks each ONNX encoder against torch; `overwrite` replaces `out_dir`."""
+
+    precision: str = "float32"
+    parity: bool = True
+    overwrite: bool = False
+    progress: bool = True
+
+
 def build_bundle(
     out_dir: str | Path,
+    parts: ModelParts,
     *,
-    cfp_encoder: RetinaEncoder | str | Path,
-    oct_encoder: RetinaEncoder | str | Path,
-    heads: Mapping[Any, BiomarkerHead] | Iterable[BiomarkerHead],
-    projectors: Projectors | str | Path,
-    tokenizer_dir: str | Path,
     name: str,
     version: str,
     provenance: dict,
-    config: GrokConfig,
-    llm_dir: str | Path | None = None,
-    base_dir: str | Path | None = None,
-    adapter_dir: str | Path | None = None,
-    merge: bool = True,
-    pattern_head: PatternHead | str | Path | None = None,
-    precision: str = "float32",
-    parity: bool = True,
-    overwrite: bool = False,
-    progress: bool = True,
+    options: BundleOptions | None = None,
 ) -> Path:
-    """Export, copy, hash and verify everything into a bundle directory; returns its path.
+    """Export, copy, hash and verify `parts` into a bundle directory; returns its path.
 
-    LLM: `llm_dir` (LoRA already merged), or `base_dir` + `adapter_dir` (merged here when merge=True,
-    else stored side by side and merged at load). `pattern_head`: the pattern head stage 3 trained the
-    prompt with (grok_pacs.model.pattern), stored as pattern_head.json. Encoder `precision`: "float32"
-    (default), "float16" (GPU serving) or "int8" (CPU serving; see export.onnx_export). Raises ValueError
-    naming the bad input, ParityError when an encoder export drifts from torch beyond the precision's
-    tolerance.
+    Raises ValueError naming the bad input, ParityError when an encoder export drifts from torch beyond the
+    precision's tolerance.
     """
+    options = options or BundleOptions()
+    config = parts.config
+    llm_dir, base_dir, adapter_dir = parts.llm_dir, parts.base_dir, parts.adapter_dir
     config.check()
     if (llm_dir is None) == (base_dir is None or adapter_dir is None):
         raise ValueError("give either llm_dir, or base_dir and adapter_dir")
     json.dumps(provenance, default=_json_default)  # must be JSON (TypeError names the bad value)
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists (pass overwrite=True to replace it)")
+    if out.exists() and not options.overwrite:
+        raise FileExistsError(f"{out} exists (pass BundleOptions(overwrite=True) to replace it)")
     work = out.with_name(out.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    steps = tqdm(total=8, desc=f"bundle {name} {version}", unit="step", disable=not progress)
+    steps = tqdm(total=8, desc=f"bundle {name} {version}", unit="step", disable=not options.progress)
 
     def step(label: str) -> None:
         steps.set_postfix_str(label)
         steps.update(1)
 
-    encoders = _export_encoders(work, config, cfp_encoder, oct_encoder, precision, parity, step)
-    _write_heads(work, config, heads)
+    encoders = _export_encoders(
+        work, config, parts.cfp_encoder, parts.oct_encoder, options.precision, options.parity, step
+    )
+    _write_heads(work, config, parts.heads)
     step("heads")
+    projectors = parts.projectors
     proj = projectors if isinstance(projectors, Projectors) else Projectors.load(projectors, config.projector)
     proj.save(work / layout.PROJECTORS)
     step("projectors")
-    llm = _write_llm(work, llm_dir, base_dir, adapter_dir, merge)
+    llm = _write_llm(work, llm_dir, base_dir, adapter_dir, parts.merge)
     step("language model")
-    copy_weights_dir(tokenizer_dir, work / layout.TOKENIZER_DIR, "tokenizer_dir")
+    copy_weights_dir(parts.tokenizer_dir, work / layout.TOKENIZER_DIR, "tokenizer_dir")
     _check_tokenizer(work / layout.TOKENIZER_DIR, work / (llm.get("dir") or llm["base_dir"]) / "config.json")
     step("tokenizer")
     manifest = _manifest(name, version, config, llm, encoders, provenance)
-    if pattern_head is not None:
+    if (pattern_head := parts.pattern_head) is not None:
         head = pattern_head if isinstance(pattern_head, PatternHead) else PatternHead.load(pattern_head)
         head.save(work / PATTERN_HEAD_FILE)
         manifest["pattern_head"] = {"file": PATTERN_HEAD_FILE}

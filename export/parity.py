@@ -61,7 +61,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
-def check_encoder_parity(
+def measure_encoder_parity(
     encoder: RetinaEncoder,
     onnx_path: str | Path,
     *,
@@ -71,9 +71,9 @@ def check_encoder_parity(
     tolerance: Tolerance | None = None,
     device: str = "cpu",
     name: str | None = None,
-    raise_on_fail: bool = True,
 ) -> ParityResult:
-    """Compare torch (float32) with the ONNX graph on the same inputs; raise ParityError beyond tolerance."""
+    """Compare torch (float32) with the ONNX graph on the same inputs; a drift beyond tolerance is reported in
+    the result (`passed`), a wrong output shape raises ParityError."""
     tol = tolerance or TOLERANCES[dtype]
     session = create_session(onnx_path, device)
     generator = torch.Generator().manual_seed(seed)
@@ -90,7 +90,19 @@ def check_encoder_parity(
             worst = max(worst, float(np.abs(r - g).max()))
             cosine = min(cosine, _cosine(r, g))
     passed = worst <= tol.max_abs and cosine >= tol.min_cosine
-    result = ParityResult(name or Path(onnx_path).name, dtype, tuple(batch_sizes), worst, cosine, tol, passed)
-    if raise_on_fail and not passed:
+    return ParityResult(name or Path(onnx_path).name, dtype, tuple(batch_sizes), worst, cosine, tol, passed)
+
+
+def check_encoder_parity(
+    encoder: RetinaEncoder,
+    onnx_path: str | Path,
+    *,
+    dtype: str = "float32",
+    batch_sizes: tuple[int, ...] = (1, 2),
+    name: str | None = None,
+) -> ParityResult:
+    """`measure_encoder_parity` within the dtype's tolerance, or ParityError (what a bundle build needs)."""
+    result = measure_encoder_parity(encoder, onnx_path, dtype=dtype, batch_sizes=batch_sizes, name=name)
+    if not result.passed:
         raise ParityError(str(result))
     return result

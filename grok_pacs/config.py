@@ -4,7 +4,8 @@ Read, in increasing priority, from defaults, a TOML file (`--config`, or `GROK_P
 `GROK_PACS_*` environment variables. Invalid values fail at start with a message naming the setting
 (`SettingsError`), never later in a handler.
 
-May import: `grok_pacs.domain`, `grok_pacs.secret_files`.
+May import: `grok_pacs.domain`, `grok_pacs.secret_files`, `grok_pacs.addresses` (peers and storage URLs),
+`grok_pacs.dicom.sop_classes` (the storage classes offered by default).
 """
 
 from __future__ import annotations
@@ -17,97 +18,19 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from grok_pacs.addresses import Peer, StorageUrl, check_ae_title
+from grok_pacs.dicom.sop_classes import DEFAULT_SOP_CLASSES, LEGACY_SOP_CLASSES
 from grok_pacs.secret_files import SecretFileError, SecretFileSource, file_variable
 
-AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: 16 chars, no backslash
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")  # a host name, or any name of that shape
 AUDIT_SYSLOG_RE = re.compile(r"^(file:.+|(udp|tcp)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5})$")
-
-# Storage SOP classes (docs/domain.md, DICOM objects).
-OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
-OP_16BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.2"
-OPT = "1.2.840.10008.5.1.4.1.1.77.1.5.4"
-OCT_EN_FACE = "1.2.840.10008.5.1.4.1.1.77.1.5.7"
-OCT_BSCAN_VOLUME_ANALYSIS = "1.2.840.10008.5.1.4.1.1.77.1.5.8"
-THICKNESS_MAP = "1.2.840.10008.5.1.4.1.1.81.1"
-VL_PHOTOGRAPHIC = "1.2.840.10008.5.1.4.1.1.77.1.4"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-
-DEFAULT_SOP_CLASSES = (OP_8BIT, OP_16BIT, OPT, OCT_EN_FACE, OCT_BSCAN_VOLUME_ANALYSIS, THICKNESS_MAP)
-LEGACY_SOP_CLASSES = (VL_PHOTOGRAPHIC, SECONDARY_CAPTURE)
 
 
 class SettingsError(RuntimeError):
     """Configuration that cannot work; the message names the offending setting."""
-
-
-def _check_ae_title(value: str, setting: str) -> str:
-    value = value.strip()
-    if not AE_TITLE_RE.match(value):
-        raise ValueError(f"{setting}: {value!r} is not a valid AE title (1-16 printable characters, no '\\')")
-    return value
-
-
-class Peer(BaseModel):
-    """A remote DICOM node: `AE@HOST:PORT` in environment variables and on the command line."""
-
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
-
-    @field_validator("ae_title")
-    @classmethod
-    def _ae(cls, value: str) -> str:
-        return _check_ae_title(value, "ae_title")
-
-    @classmethod
-    def parse(cls, text: str) -> Peer:
-        match = re.fullmatch(r"\s*([^@]+)@([^:@\s]+):(\d+)\s*", text)
-        if not match:
-            raise ValueError(f"{text!r} is not AE@HOST:PORT")
-        return cls(ae_title=match[1], host=match[2], port=int(match[3]))
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
-
-
-# S3 bucket names (AWS rules, which MinIO, Ceph RGW and SeaweedFS accept): 3-63 of a-z 0-9 . -, alphanumeric ends.
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_PREFIX_SEGMENT_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")  # no '.', '..' or empty segment
-
-
-class StorageUrl(BaseModel):
-    """Where instances and results go on an S3-compatible store: `s3://BUCKET[/PREFIX]`."""
-
-    bucket: str
-    prefix: str = ""  # key prefix without leading or trailing '/', e.g. 'site-a/grok'
-
-    @field_validator("bucket")
-    @classmethod
-    def _bucket(cls, value: str) -> str:
-        if not _BUCKET_RE.match(value) or ".." in value:
-            raise ValueError(f"{value!r} is not an S3 bucket name (3-63 of a-z 0-9 . -)")
-        return value
-
-    @field_validator("prefix")
-    @classmethod
-    def _prefix(cls, value: str) -> str:
-        if value and not all(_PREFIX_SEGMENT_RE.match(part) for part in value.split("/")):
-            raise ValueError(f"key prefix {value!r} may hold only A-Z a-z 0-9 . _ - between single '/'")
-        return value
-
-    @classmethod
-    def parse(cls, text: str) -> StorageUrl:
-        match = re.fullmatch(r"s3://([^/]*)(?:/(.*?))?/?", text.strip())
-        if not match:
-            raise ValueError(f"{text!r} is not s3://BUCKET[/PREFIX]")
-        return cls(bucket=match[1], prefix=match[2] or "")
-
-    def __str__(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
 
 
 class Settings(BaseSettings):
@@ -262,7 +185,7 @@ class Settings(BaseSettings):
     @field_validator("ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:
-        return _check_ae_title(value, "ae_title")
+        return check_ae_title(value, "ae_title")
 
     @field_validator("allowed_aes", "sop_classes", mode="before")
     @classmethod
@@ -274,7 +197,7 @@ class Settings(BaseSettings):
     @field_validator("allowed_aes")
     @classmethod
     def _allowed(cls, value: list[str]) -> list[str]:
-        return [_check_ae_title(item, "allowed_aes") for item in value]
+        return [check_ae_title(item, "allowed_aes") for item in value]
 
     @field_validator("sop_classes")
     @classmethod

@@ -2,7 +2,7 @@
 # Installs the system programs grok-pacs' tests and demo use as real peers, when missing:
 # DCMTK (storescu/storescp/echoscu/img2dcm/dcmdump/dsr2html), dicom3tools (dciodvfy), Redis, Orthanc,
 # PostgreSQL 15, systemd-analyze (the systemd package; only its tools are used, nothing is booted); for the browser test
-# (tests/test_viewer.py): Orthanc's DICOMweb plugin, chromium (driven headless by Playwright), npm
+# (tests/deploy/test_viewer.py): Orthanc's DICOMweb plugin, chromium (driven headless by Playwright), npm
 # (scripts/fetch-ohif.sh fetches the OHIF viewer with it) and tesseract (OCR of what the viewer shows).
 # Debian packages; needs root (or sudo). Does nothing when everything is already there.
 # `install-system-deps.sh demo` installs only what `make demo` uses (DCMTK's storescp as the PACS): a fresh

@@ -2,7 +2,7 @@
 
 Given the raw label scores of a split's eyes (run by `python -m training.stage3.calibrate BUNDLE MANIFEST`,
 which hands them in), it fits T (and, by default, a uniform share; see
-grok_pacs.analysis.calibration) by minimising the cross-entropy of the true labels, smoothed by Laplace's
+grok_pacs.analysis.label_calibration) by minimising the cross-entropy of the true labels, smoothed by Laplace's
 rule so that an error-free validation set cannot yield certainty (grid, then golden-section refinement).
 It reports the expected calibration error (ECE, 15 equal-width confidence bins) before and after, and
 writes `calibration.json` into the bundle with its manifest entry and sha256 (the runtime applies it), and
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from grok_pacs.analysis.bundle import MANIFEST, load_bundle, sha256_file
-from grok_pacs.analysis.calibration import CALIBRATION_FILE, METHODS, Calibration
+from grok_pacs.analysis.label_calibration import CALIBRATION_FILE, METHODS, Calibration
 
-#: Temperature and a uniform share (grok_pacs.analysis.calibration says why the share).
+#: Temperature and a uniform share (grok_pacs.analysis.label_calibration says why the share).
 DEFAULT_METHOD = "temperature+uniform"
 
 

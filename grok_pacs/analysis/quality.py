@@ -27,7 +27,8 @@ from pydicom.dataset import Dataset
 from grok_pacs.analysis.quality_measures import cfp_measures, oct_measures
 from grok_pacs.analysis.result import QUALITY_REASONS as REASONS
 from grok_pacs.analysis.result import Eye, Gradability, ModalityQuality, QualityReason, Report, SourceImage
-from grok_pacs.config import LEGACY_SOP_CLASSES, OP_8BIT, OP_16BIT, OPT, Settings
+from grok_pacs.config import Settings
+from grok_pacs.dicom.sop_classes import LEGACY_SOP_CLASSES, OP_8BIT, OP_16BIT, OPT
 from grok_pacs.domain.labels import Label
 from grok_pacs.ops import metrics
 

@@ -2,9 +2,9 @@
 
 Trained by `training.quality_head` on phantom images and degraded copies of them, stored in the bundle as
 `quality_head.npz` (listed and hashed in the manifest: `"quality_head": {"file", "threshold"}`). The
-pipeline asks it after the rule-based gate (grok_pacs.analysis.quality) passed an image: a probability at
-or above the threshold makes the image ungradable with reason `learned-quality`. A bundle without it
-changes nothing.
+study job (grok_pacs.jobs.eye_analysis) asks it after the rule-based gate (grok_pacs.analysis.quality)
+passed an image: a probability at or above the threshold makes the image ungradable with reason
+`learned-quality`. A bundle without it changes nothing.
 """
 
 from __future__ import annotations

@@ -50,11 +50,12 @@ def sr_relpath(study_uid: str, sr_uid: str) -> PurePosixPath:
     return PurePosixPath(SR_DIR, require_uid(study_uid, "StudyInstanceUID"), f"{require_uid(sr_uid, 'SR UID')}.dcm")
 
 
-def write_sr(data_dir: Path, sr: Dataset) -> PurePosixPath:
-    """Write the SR durably under `<data>/sr/` (replacing an earlier copy of the same UID)."""
-    relpath = sr_relpath(str(sr.StudyInstanceUID), str(sr.SOPInstanceUID))
+def write_result(data_dir: Path, result: Dataset) -> PurePosixPath:
+    """Write a result (an SR, or the study's encapsulated PDF) durably under `<data>/sr/` (replacing an
+    earlier copy of the same UID)."""
+    relpath = sr_relpath(str(result.StudyInstanceUID), str(result.SOPInstanceUID))
     buffer = io.BytesIO()
-    sr.save_as(buffer, enforce_file_format=True)
+    result.save_as(buffer, enforce_file_format=True)
     atomic_write_bytes(Path(data_dir), resolve_inside(Path(data_dir), relpath), buffer.getvalue())
     return relpath
 

@@ -11,7 +11,8 @@ every C-STORE waits for several sleeps; on a busy 2-core machine each sleep last
   and on a wake-up socket rung when a primitive is queued for sending; the association thread waits on
   an event set when a DIMSE message or an ACSE primitive is queued for it. Timeouts, and every other
   sleep, are unchanged, so the polling logic behaves as before, only without the idle delay.
-- `AssociationSocket.recv` reads into one preallocated buffer instead of 4 KiB `recv` calls.
+- `AssociationSocket.recv` reads into a buffer that grows with the bytes that arrive (never sized by the
+  peer's declared length alone) instead of 4 KiB `recv` calls.
 - C-STORE responses (status only) are encoded directly instead of through a pydicom dataset, byte for
   byte the same; other messages (a failure with an ErrorComment, say), or any association with an
   EVT_DIMSE_SENT handler, go the usual way (`grok_pacs.dicom.direct_codec`).
@@ -163,17 +164,24 @@ def _patch_association(cls) -> None:
     cls.__init__ = __init__
 
 
+_FIRST_CHUNK = 256 * 1024  # a read's buffer starts this large (or smaller) and doubles as bytes arrive
+
+
 def _recv(self, nr_bytes: int) -> bytearray:
-    """Read `nr_bytes` (fewer only if the connection closed), into one buffer."""
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
+    """Read `nr_bytes` (fewer only if the connection closed) into a buffer that grows with what arrives: the
+    length comes from the peer's PDU header, so it must never size an allocation by itself. (The listener's
+    sockets read through grok_pacs.ingest.guard, which also checks the length; this serves the SCU side.)"""
+    buffer = bytearray(min(nr_bytes, _FIRST_CHUNK))
     received = 0
     while received < nr_bytes:
-        count = self.socket.recv_into(view[received:], nr_bytes - received)
+        if received == len(buffer):
+            buffer.extend(bytes(min(nr_bytes - received, len(buffer))))
+        with memoryview(buffer) as view:
+            count = self.socket.recv_into(view[received:], nr_bytes - received)
         if not count:
-            del view
-            return buffer[:received]
+            break
         received += count
+    del buffer[received:]
     return buffer
 
 

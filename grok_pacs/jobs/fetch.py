@@ -3,7 +3,7 @@
 A worker on another host never reads the listener's disk: each instance of the snapshot is fetched by
 the key its uploader recorded (grok_pacs.store.uploads) into `<worker data_dir>/scratch/<job>/`, checked
 against the sha256 in the key on the way (a mismatch never feeds the model), and the snapshot handed
-down the pipeline points at those copies. The scratch directory goes when the job ends, whatever the
+down the study job points at those copies. The scratch directory goes when the job ends, whatever the
 outcome. Store unavailable: BlobStoreUnavailable, which the task retries.
 
 An object missing from the store or corrupt (its bytes do not hash to its key) is handed back to the
@@ -24,14 +24,13 @@ from pathlib import Path
 
 from grok_pacs.config import Settings
 from grok_pacs.jobs.retry import InstanceReuploading
-from grok_pacs.jobs.snapshot import StudySnapshot, select_candidates
+from grok_pacs.jobs.snapshot import StudySnapshot, resolve_files, select_candidates
 from grok_pacs.store.blobs import BlobIntegrityError, BlobNotFoundError, BlobStore
 from grok_pacs.store.files import SCRATCH_DIR
 from grok_pacs.store.index import InstanceRecord
 from grok_pacs.store.uploads import Uploads, UploadState
 
 log = logging.getLogger("grok_pacs.jobs.fetch")
-
 
 
 class InstanceLostError(RuntimeError):
@@ -56,7 +55,7 @@ def local_copies(
     try:
         instances = tuple(_fetch(settings, uploads, store, rec, scratch) for rec in snapshot.instances)
         eyes, _notes = select_candidates(list(instances), settings)
-        yield dataclasses.replace(snapshot, instances=instances, eyes=eyes)
+        yield dataclasses.replace(snapshot, instances=instances, eyes=eyes, files=resolve_files(settings, instances))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # only this job's copies; a retry fetches again
 

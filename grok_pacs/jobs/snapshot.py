@@ -1,5 +1,6 @@
 """A job's one read of the index: the study snapshot (`read_study`) and each eye's candidates, which the
-per-study pipeline (`grok_pacs.jobs.pipeline`) then takes without going back to the index.
+per-study job (`grok_pacs.jobs.study_job`) then takes without going back to the index. Each instance's
+file is resolved once here (`StudySnapshot.files`), inside the data directory.
 
 Selection (documented behaviour, tested):
 - CFP: Ophthalmic Photography 8/16 bit (VL Photographic and Secondary Capture too when
@@ -12,12 +13,15 @@ Selection (documented behaviour, tested):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 from grok_pacs.analysis.result import Eye
-from grok_pacs.config import LEGACY_SOP_CLASSES, OP_8BIT, OP_16BIT, OPT, Settings
+from grok_pacs.config import Settings
+from grok_pacs.dicom.sop_classes import LEGACY_SOP_CLASSES, OP_8BIT, OP_16BIT, OPT
+from grok_pacs.dicom.uids import resolve_inside
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 
 CFP_SOP_CLASSES = (OP_8BIT, OP_16BIT)
@@ -99,6 +103,7 @@ class StudySnapshot:
     instances: tuple[InstanceRecord, ...] = ()
     eyes: Mapping[Eye, EyeCandidates] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    files: Mapping[str, Path] = field(default_factory=dict)  #: SOP Instance UID -> its file, resolved once
 
     def holdings(self) -> str:
         """What the study holds (modality/laterality), for the reason of a study no eye can use."""
@@ -115,4 +120,11 @@ def read_study(index: StudyIndex, settings: Settings, study_uid: str, version: i
         raise StudyNotYetQueuedError(f"study {study_uid} is at version {study.version}, the job at {version}")
     void = StudyOutcome.OUTDATED if study.version > version or study.state is StudyState.RECEIVING else None
     eyes, notes = select_candidates(list(stored.instances), settings)
-    return StudySnapshot(study_uid, version, void, study.last_received_at, stored.instances, eyes, tuple(notes))
+    files = resolve_files(settings, stored.instances) if void is None else {}
+    return StudySnapshot(study_uid, version, void, study.last_received_at, stored.instances, eyes, tuple(notes), files)
+
+
+def resolve_files(settings: Settings, instances: Iterable[InstanceRecord]) -> dict[str, Path]:
+    """Each instance's absolute file under the data directory (ValueError for a path that would leave it)."""
+    data_dir = Path(settings.data_dir)
+    return {rec.sop_uid: resolve_inside(data_dir, rec.path) for rec in instances}

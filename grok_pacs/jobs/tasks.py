@@ -1,12 +1,12 @@
 """Celery tasks of the worker: analyse a study, deliver an SR. Arguments are keyword-only UIDs (JSON).
 
-`analyze_study(study_uid=, version=)` runs the pipeline into the outbox and tries each SR's delivery at
-once (lowest latency). A transient delivery failure schedules `deliver_sr(sr_uid=)` with exponential
-backoff, at most `delivery_max_retries` times, then the SR is FAILED; a permanent failure is FAILED at
-once. Both tasks retry transient errors (the database, the broker or the object store down: bounded
+`analyze_study(study_uid=, version=)` runs the study job (grok_pacs.jobs.study_job) into the outbox and tries
+each SR's delivery at once (lowest latency). A transient delivery failure schedules `deliver_sr(sr_uid=)` with
+exponential backoff, at most `delivery_max_retries` times, then the SR is FAILED; a permanent failure is
+FAILED at once. Both tasks retry transient errors (the database, the broker or the object store down: bounded
 exponential backoff over minutes, grok_pacs.jobs.retry); any other analysis error fails the study with its
-reason and is not retried. Both tasks are idempotent, so the reaper (grok_pacs.ingest.reaper) may publish
-a job again whose message was lost or whose retries ran out.
+reason and is not retried. Both tasks are idempotent, so the reaper (grok_pacs.ingest.reaper) may publish a
+job again whose message was lost or whose retries ran out.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from celery import shared_task
 
 from grok_pacs.delivery import sender as delivery
 from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError
-from grok_pacs.jobs import fetch, pipeline
+from grok_pacs.jobs import fetch, study_job
 from grok_pacs.jobs.app import TASK_ANALYZE_STUDY, TASK_DELIVER_SR
 from grok_pacs.jobs.retry import TRANSIENT_ERRORS, retry_transient
 from grok_pacs.jobs.snapshot import StudyNotYetQueuedError, StudyOutcome, StudySnapshot, read_study
@@ -73,7 +73,7 @@ def _fail_study(ctx: WorkerContext, study_uid: str, version: int, exc: BaseExcep
 
 
 def _instance_copies(ctx: WorkerContext, snapshot: StudySnapshot, owner: str) -> AbstractContextManager[StudySnapshot]:
-    """The snapshot as the pipeline reads it: with an object store, on this job's verified copies."""
+    """The snapshot as the study job reads it: with an object store, on this job's verified copies."""
     if ctx.blobs is None or ctx.uploads is None:
         return nullcontext(snapshot)  # one box, or a shared data directory: the listener's files
     return fetch.local_copies(ctx.settings, ctx.uploads, ctx.blobs, snapshot, owner)
@@ -90,7 +90,7 @@ def _instance_copies(ctx: WorkerContext, snapshot: StudySnapshot, owner: str) ->
 def analyze_study(self: ContextTask, *, study_uid: str, version: int) -> dict[str, Any]:
     """Analyse (study, version), put its SRs in the outbox and deliver them.
 
-    The study is read from the index once (a snapshot handed down the pipeline); the index is written
+    The study is read from the index once (a snapshot handed down the study job); the index is written
     when analysis starts (ANALYSING) and once at the end (the state its SRs imply, or FAILED).
     """
     try:
@@ -108,7 +108,7 @@ def _analyse_and_deliver(self: ContextTask, study_uid: str, version: int) -> dic
         received_at = snapshot.last_received_at
         metrics.job_started(received_at, ctx.settings.quiet_period)
         with metrics.time_stage("analysis"), _instance_copies(ctx, snapshot, owner) as snapshot:
-            result = pipeline.run_study(
+            result = study_job.run_study(
                 ctx.settings,
                 ctx.index,
                 ctx.outbox,

@@ -87,7 +87,7 @@ class GenerationConfig:
     no_repeat_ngram_size: int = 32
     repetition_penalty: float = 1.0  # 1.0 = off: a penalty would also punish the words and digits reports repeat
     max_number_digits: int = 6  # forbid a digit run longer than this and a second decimal point (0 = off)
-    # Apply the validator's repetition rules while writing (grok_pacs.analysis.decoding.PhraseGuard).
+    # Apply the validator's repetition rules while writing (grok_pacs.analysis.guards.PhraseGuard).
     phrase_guard: bool = True
 
     def __post_init__(self) -> None:

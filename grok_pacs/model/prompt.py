@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from grok_pacs.domain.biomarkers import BIOMARKERS, CFP_BIOMARKERS, OCT_BIOMARKERS, PROSE_NAMES, Biomarker, format_value
 from grok_pacs.domain.labels import Label
@@ -75,8 +75,8 @@ def biomarker_block(values: Mapping[str, float]) -> str:
 
 
 #: The biomarkers the compact block always lists: the signature signs the Eye-Guideline reasons from for some
-#: label (tests/test_model_grok.py checks this against training/data/eye_guideline.yaml). Others appear only when
-#: outside their normal range.
+#: label (tests/analysis/test_model_grok.py checks this against training/data/eye_guideline.yaml). Others
+#: appear only when outside their normal range.
 COMPACT_KEYS: tuple[str, ...] = (
     "mt_central",
     "mt_overall",
@@ -220,26 +220,33 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+class PromptOptions(TypedDict, total=False):
+    """`build_prompt`'s arguments, as keywords of `build_training_example` (the prompt a record trains on is
+    the one the engine builds)."""
+
+    biomarkers: Mapping[str, float] | None
+    missing: Sequence[str]
+    compact: bool
+    pattern: Label | str | None
+    pattern_subtype: bool
+
+
 def build_training_example(
     tokenizer: Any,
     target: str,
     *,
-    biomarkers: Mapping[str, float] | None = None,
-    missing: Sequence[str] = (),
     max_length: int = 2048,
     visual_tokens: int = 392,
-    compact: bool = False,
-    pattern: Label | str | None = None,
-    pattern_subtype: bool = False,
+    **prompt: Unpack[PromptOptions],
 ) -> TrainingExample:
-    """Token ids and labels for one SFT record; the loss falls on the assistant reply only.
+    """Token ids and labels for one SFT record; the loss falls on the assistant reply only. `prompt`: the
+    keywords of `build_prompt` (biomarkers, missing, compact, pattern, pattern_subtype).
 
     `max_length` counts the visual embeddings that will replace the image token (`visual_tokens`; 392 with
     both modalities, 197 with one, since a missing modality is one placeholder). The target is truncated
     when needed, never the prompt.
     """
-    prompt = build_prompt(biomarkers, missing, compact=compact, pattern=pattern, pattern_subtype=pattern_subtype)
-    prompt_ids = _encode(tokenizer, prompt)
+    prompt_ids = _encode(tokenizer, build_prompt(**prompt))
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if prompt_ids.count(image_id) != 1:
         raise ValueError(f"the tokenizer does not keep {IMAGE_TOKEN} as one special token")

@@ -28,7 +28,7 @@ from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.platypus import Image, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
 from grok_pacs.analysis.result import Eye, Gradability, Report
-from grok_pacs.config import OPT
+from grok_pacs.dicom.sop_classes import OPT
 from grok_pacs.domain.biomarkers import BY_KEY, format_value
 from grok_pacs.domain.labels import Label
 from grok_pacs.report import codes

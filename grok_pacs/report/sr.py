@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
 from grok_pacs.analysis.result import REASON_TEXT, Gradability, Report
-from grok_pacs.config import OPT
+from grok_pacs.dicom.sop_classes import OPT
 from grok_pacs.domain.biomarkers import BY_KEY
 from grok_pacs.domain.labels import Label
 from grok_pacs.report import codes, safety
@@ -84,12 +84,21 @@ def _laterality(ds: Dataset) -> str:
 
 def validate(report: Report, sources: Sequence[Dataset], key: SRKey) -> None:
     """Raise SRBuildError unless report, source datasets and key describe one eye of one study."""
+    _check_report_key(report, key)
+    _check_sources(report, sources, key)
+    _check_values(report, key)
+
+
+def _check_report_key(report: Report, key: SRKey) -> None:
     if not isinstance(report.label, Label):
         raise SRBuildError(f"{key}: label {report.label!r} is not a grok_pacs.domain.labels.Label")
     if report.eye is not key.eye:
         raise SRBuildError(f"{key}: report is for eye {report.eye.value}, key for eye {key.eye.value}")
     if report.bundle_version != key.bundle_version:
         raise SRBuildError(f"{key}: report bundle version {report.bundle_version!r} differs from the key's")
+
+
+def _check_sources(report: Report, sources: Sequence[Dataset], key: SRKey) -> None:
     if not sources:
         raise SRBuildError(f"{key}: no source images (an SR must reference what it was computed from)")
     wanted = {s.sop_instance_uid for s in report.sources}
@@ -103,6 +112,9 @@ def validate(report: Report, sources: Sequence[Dataset], key: SRKey) -> None:
             raise SRBuildError(f"{key}: source {ds.SOPInstanceUID} has laterality {_laterality(ds)!r}")
         if not (ds.get("Rows") and ds.get("Columns")):
             raise SRBuildError(f"{key}: source {ds.SOPInstanceUID} has no Rows/Columns (the SR points into it)")
+
+
+def _check_values(report: Report, key: SRKey) -> None:
     for name, score in report.label_scores.items():
         if not (math.isfinite(score) and 0.0 <= score <= 1.0):
             raise SRBuildError(f"{key}: label score {name}={score} is not a probability in [0, 1]")

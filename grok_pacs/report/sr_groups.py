@@ -20,7 +20,7 @@ from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 
 from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Gradability, Report, SourceImage
-from grok_pacs.config import OPT
+from grok_pacs.dicom.sop_classes import OPT
 from grok_pacs.domain.biomarkers import BY_KEY, Modality, format_value
 from grok_pacs.domain.labels import Label
 from grok_pacs.report import codes, safety

@@ -33,6 +33,8 @@ KINDS = ("instances", "results")  # received instances; SRs and PDFs built by th
 def is_result_key(path: str) -> bool:
     """An outbox path that is a results key in the store (`results/<study>/...`), not a file under sr/."""
     return path.startswith(f"{KINDS[1]}/")
+
+
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _KEY_RE = re.compile(r"(instances|results)/([0-9.]+)/([0-9.]+)\.([0-9a-f]{64})\.([a-z0-9]{1,8})")
 

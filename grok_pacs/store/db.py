@@ -47,7 +47,7 @@ BUSY_TIMEOUT_MS = 30_000
 PG_CONNECT_TIMEOUT_S = 10
 # sqlalchemy.orm is imported above, once, at start: a Core statement given a str subclass (a pydicom UID)
 # inspects it through the ORM, and doing so while kombu's SQLAlchemy transport imports sqlalchemy.orm in
-# another thread failed with a partially initialised module (seen in tests/test_uploader.py, 2 runs in 6).
+# another thread failed with a partially initialised module (seen in tests/ingest/test_uploader.py, 2 runs in 6).
 
 #: Any failure of the database (unreachable, locked beyond the busy timeout, pool exhausted, SQL error).
 DatabaseError = sa_exc.SQLAlchemyError

@@ -7,13 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from ophthalmic_dicom import fundus_pixels, oct_pixels
 
 from devtools.tiny_bundle import copy_bundle
 from grok_pacs.analysis.bundle import BundleError, load_bundle
-from grok_pacs.analysis.calibration import CALIBRATION_FILE, Calibration, CalibrationError
 from grok_pacs.analysis.engine import Engine
+from grok_pacs.analysis.label_calibration import CALIBRATION_FILE, Calibration, CalibrationError
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
+from tests.helpers.ophthalmic_dicom import fundus_pixels, oct_pixels
 from training.calibration import add_to_bundle, calibrate, expected_calibration_error, fit_temperature
 
 LABELS = [label.value for label in DIAGNOSTIC_LABELS]

@@ -10,10 +10,7 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
-from conftest import require_tool
-from ophthalmic_dicom import Patient, fundus_pixels, make_cfp, make_oct, oct_pixels, write
 from PIL import Image, ImageDraw, ImageFilter
-from srcheck import assert_valid_sr
 
 from devtools import sample_dicom
 from grok_pacs.analysis.imaging import ImageReadError, read_cfp
@@ -21,6 +18,9 @@ from grok_pacs.analysis.quality import QualityThresholds, assess_cfp, assess_oct
 from grok_pacs.analysis.result import Eye, Gradability, SourceImage
 from grok_pacs.config import load_settings
 from grok_pacs.report.sr import SRKey, build_sr
+from tests.conftest import require_tool
+from tests.helpers.ophthalmic_dicom import Patient, fundus_pixels, make_cfp, make_oct, oct_pixels, write
+from tests.helpers.srcheck import assert_valid_sr
 
 LIMITS = QualityThresholds()
 

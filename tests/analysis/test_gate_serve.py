@@ -12,16 +12,16 @@ import subprocess
 
 import numpy as np
 import pydicom
-from conftest import require_tool
-from ophthalmic_dicom import Patient, fundus_pixels, make_cfp, make_oct, write
-from srcheck import assert_valid_sr
-from test_gate import blurred, corrupted_jpeg
 
 from devtools import sample_dicom
 from devtools.ports import free_port
 from devtools.processes import GrokProcess, grok_env, wait_until
 from devtools.storescp import StoreSCP
 from grok_pacs.report.codes import GRADABILITY_CODES, LABEL_CODES
+from tests.analysis.test_gate import blurred, corrupted_jpeg
+from tests.conftest import require_tool
+from tests.helpers.ophthalmic_dicom import Patient, fundus_pixels, make_cfp, make_oct, write
+from tests.helpers.srcheck import assert_valid_sr
 
 RETAKE = "Image quality insufficient: retake, or refer"
 

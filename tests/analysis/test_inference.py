@@ -6,16 +6,16 @@ import dataclasses
 
 import pytest
 import torch
-from helpers.eye_dicom import two_eye_study
 
 from devtools.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle, copy_bundle
 from grok_pacs.analysis.bundle import BundleError
-from grok_pacs.analysis.calibration import Calibration
 from grok_pacs.analysis.engine import Engine
 from grok_pacs.analysis.grounding import ground_cited_numbers
+from grok_pacs.analysis.label_calibration import Calibration
 from grok_pacs.analysis.result import Eye
 from grok_pacs.domain.biomarkers import BY_KEY, CFP_KEYS, OCT_KEYS
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
+from tests.helpers.eye_dicom import two_eye_study
 
 torch.set_num_threads(1)
 
@@ -37,7 +37,7 @@ def test_engine_runs_encoders_on_cpu_without_cuda(engine):
 
 
 def test_study_with_both_eyes_gives_one_grounded_report_per_eye(engine, study):
-    reports = engine.analyze_study([study[Eye.RIGHT].item, study[Eye.LEFT].item])
+    reports = engine.analyze_eyes([study[Eye.RIGHT].item, study[Eye.LEFT].item])
     assert [r.eye for r in reports] == [Eye.RIGHT, Eye.LEFT]
     for report in reports:
         pit = study[report.eye].pit

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.eye_dicom import oct_volume, write_jpeg_cfp, write_oct
-from ophthalmic_dicom import Patient, fundus_pixels
 from PIL import Image
 
 from grok_pacs.analysis.imaging import ImageReadError, read_cfp, read_oct_volume
 from grok_pacs.analysis.preprocess import foveal_pit, preprocess_cfp, preprocess_oct, select_foveal_bscan
 from grok_pacs.model.config import IMAGENET_MEAN, IMAGENET_STD
+from tests.helpers.eye_dicom import oct_volume, write_jpeg_cfp, write_oct
+from tests.helpers.ophthalmic_dicom import Patient, fundus_pixels
 
 
 def _unnormalise(chw: np.ndarray) -> np.ndarray:

@@ -54,9 +54,6 @@ def test_worker_gate_uses_the_bundles_head(tiny_bundle, tmp_path):
     """A head whose threshold every image reaches: the eye's SR has no diagnosis and names the learned reason."""
     from pathlib import Path
 
-    from ophthalmic_dicom import Patient, make_cfp, write
-    from srcheck import assert_valid_sr
-
     from devtools.ports import free_port
     from devtools.storescp import StoreSCP
     from grok_pacs.config import load_settings
@@ -64,6 +61,8 @@ def test_worker_gate_uses_the_bundles_head(tiny_bundle, tmp_path):
     from grok_pacs.ingest.assembly import recover
     from grok_pacs.jobs import worker
     from grok_pacs.jobs.tasks import analyze_study
+    from tests.helpers.ophthalmic_dicom import Patient, make_cfp, write
+    from tests.helpers.srcheck import assert_valid_sr
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "b")
     engine = Engine.from_bundle(tiny_bundle)

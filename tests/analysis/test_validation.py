@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers.teacher_reports import guideline_targets
 
 from devtools.tiny_bundle import TINY_REPORT
 from grok_pacs.analysis.validation import REASON_TEXT, NarrativeCheck, Reason, ValidationLimits, validate_narrative
 from grok_pacs.domain.biomarkers import BIOMARKERS, CFP_KEYS
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from grok_pacs.model.prompt import format_target
+from tests.helpers.teacher_reports import guideline_targets
 
 HEALTHY = format_target(
     "The optic disc is healthy with a cup-to-disc ratio of 0.310. The average retinal nerve fibre layer (RNFL) "

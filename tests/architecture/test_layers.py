@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "grok_pacs"
 #: The repository's Python packages (each a folder with an `__init__.py` at the root).
 PACKAGES = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file())
@@ -279,9 +279,18 @@ def test_the_checker_tells_right_from_wrong(source, target, expected):
 
 
 def _test_module_names() -> set[str]:
-    """Names under which test code can be imported: tests' own modules and packages, and `tests`."""
+    """Names under which test code can be imported: `tests`, and (should a folder lose its `__init__.py`) the
+    bare names of its modules and folders; an area folder named like a real package (tests/training) is not one."""
     tests = ROOT / "tests"
-    return {"tests", *(p.stem for p in tests.glob("*.py")), *(p.name for p in tests.iterdir() if p.is_dir())}
+    names = {p.stem for p in tests.rglob("*.py")} | {p.name for p in tests.rglob("*") if p.is_dir()}
+    return {"tests", *(names - set(PACKAGES) - {"__pycache__"})}
+
+
+def test_test_code_imports_as_tests_only():
+    """Every test folder is a package, so pytest puts the repository root on sys.path (never a test folder):
+    test modules in different areas may share a name, and a folder such as tests/training never hides training."""
+    folders = {p.parent for p in (ROOT / "tests").rglob("*.py")}
+    assert sorted(str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").is_file()) == []
 
 
 @pytest.mark.parametrize("folder", DEVELOPMENT)

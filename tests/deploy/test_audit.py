@@ -13,14 +13,14 @@ import socket
 import xml.etree.ElementTree as ET
 
 import pytest
-from ingest_support import echoscu, img2dcm_fundus, ingest_settings, running, storescu
-from test_delivery import _queued_study, _settings
 
 from devtools.ports import free_port
 from devtools.storescp import StoreSCP
 from grok_pacs.config import load_settings
 from grok_pacs.delivery.sender import DeliveryOutcome, deliver
 from grok_pacs.ops import audit
+from tests.helpers.ingest_support import echoscu, img2dcm_fundus, ingest_settings, running, storescu
+from tests.jobs.test_delivery import _queued_study, _settings
 
 # <PRI>VERSION SP TIMESTAMP SP HOSTNAME SP APP-NAME SP PROCID SP MSGID SP STRUCTURED-DATA SP BOM MSG
 HEADER = re.compile(

@@ -92,7 +92,7 @@ def test_cli_start_fails_with_message_naming_setting(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert done.returncode == 2
     assert "port" in done.stderr and "invalid settings" in done.stderr

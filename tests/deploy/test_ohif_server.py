@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from ophthalmic_dicom import Patient, make_cfp, write
-from orthanc import Orthanc
 
 from devtools.ohif_server import APP_CONFIG, OhifServer
 from devtools.ports import free_port
+from tests.helpers.ophthalmic_dicom import Patient, make_cfp, write
+from tests.helpers.orthanc import Orthanc
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ import subprocess
 import sys
 
 import pydicom
-from ophthalmic_dicom import Patient, make_cfp, make_oct, write
-from orthanc import Orthanc, serve_for
-from srcheck import assert_valid_sr, dciodvfy_errors, pdf_text, sr_eye
 
 from devtools.ports import free_port
 from devtools.processes import wait_until
+from tests.helpers.ophthalmic_dicom import Patient, make_cfp, make_oct, write
+from tests.helpers.orthanc import Orthanc, serve_for
+from tests.helpers.srcheck import assert_valid_sr, dciodvfy_errors, pdf_text, sr_eye
 
 GROK_AE = "GROK_PACS"
 

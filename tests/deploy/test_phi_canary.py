@@ -19,14 +19,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
-from ophthalmic_dicom import Patient, make_cfp, write
 from sqlalchemy import insert
 
 from devtools.ports import free_port
 from devtools.processes import GrokProcess, grok_env, wait_until
 from devtools.storescp import StoreSCP
 from grok_pacs.store import db
+from tests.conftest import require_tool
+from tests.helpers.ophthalmic_dicom import Patient, make_cfp, write
 
 LONG_NAME = ("ZQXLONGNAME" * 19)[:200]  # PN: at most 64 characters per component
 CANARY = Patient(

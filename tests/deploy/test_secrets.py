@@ -1,5 +1,5 @@
 """Secrets: read from GROK_PACS_<NAME>_FILE, never shown by repr, errors, health details or logs; the broker over
-TLS with a password (a real `redis-server --tls-port` with certificates from tests/test_ingest_tls.py).
+TLS with a password (a real `redis-server --tls-port` with certificates from tests/ingest/test_ingest_tls.py).
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
 from kombu import Connection
-from test_ingest_tls import pki  # noqa: F401 - a fixture used by name
 
 from devtools.ports import free_port, wait_for_port
 from grok_pacs.config import Settings, SettingsError, load_settings
 from grok_pacs.jobs.app import broker_ssl_options, create_app
 from grok_pacs.ops import health
+from tests.conftest import require_tool
+from tests.ingest.test_ingest_tls import pki  # noqa: F401 - a fixture used by name
 
 DB_PASSWORD = "db-pw-4b1d"
 REDIS_PASSWORD = "redis-pw-9c2e"

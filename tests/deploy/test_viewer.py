@@ -15,14 +15,14 @@ from pathlib import Path
 import pydicom
 import pypdf
 import pytest
-from ophthalmic_dicom import Patient, make_cfp, make_oct, write
-from orthanc import Orthanc, serve_for
 from playwright.sync_api import expect
 from pydicom.dataset import Dataset
-from viewer import TIMEOUT_MS, Browser, ohif_server, pixels, screen_text
 
 from devtools.ports import free_port
 from devtools.processes import wait_until
+from tests.helpers.ophthalmic_dicom import Patient, make_cfp, make_oct, write
+from tests.helpers.orthanc import Orthanc, serve_for
+from tests.helpers.viewer import TIMEOUT_MS, Browser, ohif_server, pixels, screen_text
 
 GROK_AE = "GROK_PACS"
 REPORT_DESCRIPTION = "GROK AI report"  # the SR series' description as the study browser shows it

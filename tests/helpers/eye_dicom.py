@@ -1,7 +1,7 @@
 """Synthetic eye images for model tests: OCT volumes with a foveal pit at a chosen frame/column, and real
 DICOM files (JPEG-baseline Ophthalmic Photography, multi-frame Ophthalmic Tomography) built with pydicom.
 
-Headers come from tests/ophthalmic_dicom.py; JPEG encoding, encapsulation and file writing are the runtime's
+Headers come from tests/helpers/ophthalmic_dicom.py; JPEG encoding, encapsulation and file writing are the runtime's
 (devtools.sample_dicom): the CFP is one JPEG baseline frame, the transfer syntax fundus cameras really send.
 """
 
@@ -12,11 +12,11 @@ from typing import NamedTuple
 
 import numpy as np
 import pydicom
-from ophthalmic_dicom import Patient, fundus_pixels, make_cfp, make_oct
 
 from devtools.sample_dicom import jpeg_bytes, set_jpeg_frame, write
 from grok_pacs.analysis.engine import EyeInput
 from grok_pacs.analysis.result import Eye, SourceImage
+from tests.helpers.ophthalmic_dicom import Patient, fundus_pixels, make_cfp, make_oct
 
 
 def oct_volume(

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from queue import Empty
 
-from conftest import require_tool
 from kombu import Connection
 
 from devtools.ports import free_port
@@ -20,6 +19,7 @@ from devtools.sample_dicom import fundus_rgb, jpeg_bytes
 from grok_pacs.config import Settings, load_settings
 from grok_pacs.ingest.service import IngestService
 from grok_pacs.jobs.publisher import JobPublisher
+from tests.conftest import require_tool
 
 # Debian's DCMTK keeps Nagle's algorithm on unless TCP_NODELAY=1 is set (40 ms stalls per small message).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}

@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 
 from devtools import sample_dicom
 from devtools.sample_dicom import set_jpeg_frame, set_monochrome_frames, write
-from grok_pacs.config import OP_8BIT, OPT
+from grok_pacs.dicom.sop_classes import OP_8BIT, OPT
 
 __all__ = [
     "Patient",

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import require_tool
 
 from devtools.ports import free_port
 from devtools.processes import GrokProcess, grok_env
+from tests.conftest import require_tool
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 

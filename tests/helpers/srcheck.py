@@ -7,7 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from conftest import require_tool
+from tests.conftest import require_tool
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require_tool
 from PIL import Image
 
 from devtools.ohif_server import OHIF_DIST, OhifServer
 from devtools.ports import free_port
+from tests.conftest import require_tool
 
 # Headless chromium as root needs --no-sandbox; WebGL without a GPU needs SwiftShader through ANGLE; the
 # rest keeps the browser from calling home (component updates, sync, background networking).

@@ -11,15 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ingest_support import drain_jobs, ingest_settings, running, storescu, wait_until
 from pydicom.uid import generate_uid
 
 from devtools.ports import free_port
 from devtools.processes import Redis
 from devtools.sample_dicom import fundus_photograph, write
 from grok_pacs.store.index import StudyState
+from tests.helpers.ingest_support import drain_jobs, ingest_settings, running, storescu, wait_until
 
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]  # the worker runs here: `python -m` puts it on sys.path, for the stub
 
 
 def _send_study(tmp_path: Path, port: int) -> str:
@@ -50,7 +50,7 @@ def test_embedded_broker_job_is_consumed_by_a_celery_worker(tmp_path: Path) -> N
             "-m",
             "celery",
             "-A",
-            "ingest_celery_stub",
+            "tests.helpers.ingest_celery_stub",
             "worker",
             "--pool=solo",
             "-Q",
@@ -61,7 +61,7 @@ def test_embedded_broker_job_is_consumed_by_a_celery_worker(tmp_path: Path) -> N
             "-l",
             "WARNING",
         ],
-        cwd=TESTS,
+        cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -8,15 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ingest_support import AE, ingest_settings, running, wait_until
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from devtools.ports import free_port
 from devtools.sample_dicom import demo_study
 from grok_pacs.store.index import StudyState
+from tests.helpers.ingest_support import AE, ingest_settings, running, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def grok(*args: str, data_dir: Path | None = None) -> subprocess.CompletedProcess:

@@ -7,13 +7,22 @@ import subprocess
 from pathlib import Path
 
 import pydicom
-from conftest import require_tool
-from ingest_support import AE, DCMTK_ENV, drain_jobs, ingest_settings, running, stored_files, temp_files, wait_until
 from pydicom.uid import generate_uid
 from pynetdicom.dsutils import split_dataset
 
 from devtools.sample_dicom import fundus_photograph, write
 from grok_pacs.store.index import StudyState
+from tests.conftest import require_tool
+from tests.helpers.ingest_support import (
+    AE,
+    DCMTK_ENV,
+    drain_jobs,
+    ingest_settings,
+    running,
+    stored_files,
+    temp_files,
+    wait_until,
+)
 
 ASSOCIATIONS, PER_ASSOCIATION, STUDIES = 8, 25, 4
 

@@ -11,11 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
-from conftest import require_tool
-from ingest_support import (
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+
+from devtools.ports import wait_for_port
+from devtools.sample_dicom import fundus_photograph, oct_tomography, write
+from grok_pacs.store.index import StudyIndex, StudyState
+from tests.conftest import require_tool
+from tests.helpers.ingest_support import (
     AE as AE_TITLE,
 )
-from ingest_support import (
+from tests.helpers.ingest_support import (
     DCMTK_ENV,
     StallingRelay,
     drain_jobs,
@@ -25,14 +31,8 @@ from ingest_support import (
     temp_files,
     wait_until,
 )
-from pydicom.uid import generate_uid
-from pynetdicom import AE
 
-from devtools.ports import wait_for_port
-from devtools.sample_dicom import fundus_photograph, oct_tomography, write
-from grok_pacs.store.index import StudyIndex, StudyState
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUIET = 8.0  # longer than kill + restart + resend, so the interrupted study is queued once, complete
 
 

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from ingest_support import AE as OUR_AE
-from ingest_support import ingest_settings, running, stored_files, temp_files
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
@@ -33,9 +31,11 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 
 from devtools.sample_dicom import fundus_photograph, write
-from grok_pacs.config import OP_8BIT
 from grok_pacs.dicom.header import DatasetLimitError, IncompleteDatasetError, Limits, read_header
+from grok_pacs.dicom.sop_classes import OP_8BIT
 from grok_pacs.dicom.status import DimseStatus
+from tests.helpers.ingest_support import AE as OUR_AE
+from tests.helpers.ingest_support import ingest_settings, running, stored_files, temp_files
 
 MB = 1024 * 1024
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"

@@ -9,17 +9,29 @@ from __future__ import annotations
 import select
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 
 import pytest
-from ingest_support import AE as OUR_AE
-from ingest_support import echoscu, ingest_settings, running, stored_files, storescu, temp_files, wait_until
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
 from devtools.sample_dicom import fundus_photograph, write
+from grok_pacs.config import Peer
+from grok_pacs.dicom import fastpath
+from grok_pacs.dicom.scu import TransientStoreError, store_dataset
 from grok_pacs.ingest import guard
+from tests.helpers.ingest_support import AE as OUR_AE
+from tests.helpers.ingest_support import (
+    echoscu,
+    ingest_settings,
+    running,
+    stored_files,
+    storescu,
+    temp_files,
+    wait_until,
+)
 
 GIB = 1 << 30
 A_ABORT = 0x07
@@ -143,3 +155,37 @@ def test_a_flood_of_dropped_connections_does_not_flood_the_log(caplog) -> None:
     lines = [r.getMessage() for r in caplog.records if r.name == "grok_pacs.ingest.guard"]
     assert lines[:3] == [f"closing connection from 10.0.0.{n}: test" for n in range(3)]
     assert lines[3:] == ["closing connection from 10.0.0.9: test (2 more dropped connections not logged)"]
+
+
+def test_a_hostile_pacs_cannot_make_the_result_sender_allocate_what_it_declares(fast_path: bool) -> None:
+    """The SR sender's side: a 'PACS' that answers the association request with a PDU declaring 1 GiB, then
+    stalls. The sender reads into a buffer that grows with what arrives, and gives up at its deadline."""
+    was_installed = fastpath.installed()
+    fastpath.install() if fast_path else fastpath.uninstall()
+    try:
+        _send_to_a_hostile_pacs()
+    finally:
+        fastpath.install() if was_installed else fastpath.uninstall()
+
+
+def _send_to_a_hostile_pacs() -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def hostile_pacs() -> None:
+        client, _ = server.accept()
+        client.recv(65536)  # the A-ASSOCIATE-RQ
+        client.sendall(struct.pack(">BBL", 0x02, 0, GIB) + b"\0" * 65536)
+        time.sleep(6)
+        client.close()
+
+    thread = threading.Thread(target=hostile_pacs, daemon=True)
+    thread.start()
+    before = _rss_bytes()
+    pacs = Peer(ae_title="PACS", host="127.0.0.1", port=port)
+    with pytest.raises(TransientStoreError):
+        store_dataset(pacs, fundus_photograph(generate_uid(), "R", size=32), calling_ae="GROK_PACS", timeout=3)
+    grown = _rss_bytes() - before
+    thread.join(timeout=10)
+    server.close()
+    assert grown < 64 << 20, f"the sender grew by {grown >> 20} MiB"

@@ -7,10 +7,19 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from ingest_support import (
+from pydicom.data import get_testdata_file
+from pydicom.uid import JPEG2000Lossless, generate_uid
+from pynetdicom import AE
+
+from devtools.sample_dicom import fundus_photograph, oct_tomography, write
+from grok_pacs.config import Peer
+from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError, store_dataset, store_files
+from grok_pacs.dicom.status import DimseStatus
+from grok_pacs.store.index import StudyState
+from tests.helpers.ingest_support import (
     AE as OUR_AE,
 )
-from ingest_support import (
+from tests.helpers.ingest_support import (
     drain_jobs,
     echoscu,
     img2dcm_fundus,
@@ -21,15 +30,6 @@ from ingest_support import (
     temp_files,
     wait_until,
 )
-from pydicom.data import get_testdata_file
-from pydicom.uid import JPEG2000Lossless, generate_uid
-from pynetdicom import AE
-
-from devtools.sample_dicom import fundus_photograph, oct_tomography, write
-from grok_pacs.config import Peer
-from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError, store_dataset, store_files
-from grok_pacs.dicom.status import DimseStatus
-from grok_pacs.store.index import StudyState
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
-from ingest_support import dcmtk, echoscu, ingest_settings, running, stored_files, storescu
 from pydicom.uid import generate_uid
 
 from devtools.sample_dicom import fundus_photograph, write
+from tests.conftest import require_tool
+from tests.helpers.ingest_support import dcmtk, echoscu, ingest_settings, running, stored_files, storescu
 
 
 def _openssl(*args: str) -> None:

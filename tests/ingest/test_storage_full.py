@@ -10,9 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ingest_support import AE as OUR_AE
-from ingest_support import ingest_settings, running, stored_files, temp_files
-from ophthalmic_dicom import Patient, make_cfp
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
@@ -28,6 +25,9 @@ from grok_pacs.jobs import worker
 from grok_pacs.jobs.tasks import analyze_study
 from grok_pacs.store.files import DiskFullError
 from grok_pacs.store.index import StudyState
+from tests.helpers.ingest_support import AE as OUR_AE
+from tests.helpers.ingest_support import ingest_settings, running, stored_files, temp_files
+from tests.helpers.ophthalmic_dicom import Patient, make_cfp
 
 DISK_MB = 24
 # 1 MiB and 256 KiB instances, one large then two small (33 MiB in all): once free space is below 1 MiB

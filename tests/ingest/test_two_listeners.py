@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from ingest_support import drain_jobs, ingest_settings, running, storescu, wait_until
 
 from devtools.processes import Redis
 from devtools.sample_dicom import fundus_photograph, write
 from grok_pacs.config import SettingsError, load_settings
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 from grok_pacs.store.uploads import Uploads
+from tests.helpers.ingest_support import drain_jobs, ingest_settings, running, storescu, wait_until
 
 
 def _send(listener, study: str, eye: str, directory: Path) -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from ingest_support import drain_jobs, img2dcm_fundus, ingest_settings, running, stored_files, storescu, wait_until
 from pydicom.uid import generate_uid
 
 from devtools.seaweedfs import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS
@@ -28,6 +27,15 @@ from grok_pacs.store.blobs import BlobKey
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 from grok_pacs.store.storage import open_blob_store
 from grok_pacs.store.uploads import Uploads, UploadState
+from tests.helpers.ingest_support import (
+    drain_jobs,
+    img2dcm_fundus,
+    ingest_settings,
+    running,
+    stored_files,
+    storescu,
+    wait_until,
+)
 
 _prefixes = itertools.count()
 

@@ -9,19 +9,19 @@ import time
 from pathlib import Path
 
 import pytest
-from ophthalmic_dicom import Patient, hand_built_report, make_cfp
-from srcheck import assert_valid_sr
 
 from devtools.ports import free_port
 from devtools.storescp import StoreSCP
 from grok_pacs.analysis.result import Eye
 from grok_pacs.config import load_settings
-from grok_pacs.delivery.sender import DeliveryOutcome, deliver, give_up, retry_delay_s, update_study_state, write_sr
+from grok_pacs.delivery.sender import DeliveryOutcome, deliver, give_up, retry_delay_s, update_study_state, write_result
 from grok_pacs.dicom.scu import PermanentStoreError, TransientStoreError
 from grok_pacs.ingest.listener import Listener
 from grok_pacs.report.sr import SRKey, build_sr
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox, OutboxError, OutboxState
+from tests.helpers.ophthalmic_dicom import Patient, hand_built_report, make_cfp
+from tests.helpers.srcheck import assert_valid_sr
 
 
 def _settings(data_dir: Path, destination: str | None, **extra):
@@ -56,7 +56,7 @@ def _queued_study(settings) -> tuple[StudyIndex, Outbox, str]:
     assert index.mark_queued(patient.study_uid, 1, study.last_received_at)
     key = SRKey(patient.study_uid, 1, "0.1.0", Eye.RIGHT)
     sr = build_sr(hand_built_report("R", [cfp]), [cfp], key)
-    relpath = write_sr(settings.data_dir, sr)
+    relpath = write_result(settings.data_dir, sr)
     outbox = Outbox(settings.resolved_database_url)
     outbox.put(
         sr_uid=key.sop_instance_uid,
@@ -191,7 +191,7 @@ def _queued_pdf(settings, index: StudyIndex, outbox: Outbox, sr_uid: str) -> str
     patient_cfp = make_cfp(Patient(patient_id=str(sr.PatientID), study_uid=key.study_uid), "R")
     report = hand_built_report("R", [patient_cfp])
     pdf = build_pdf(StudyHeader.from_dataset(patient_cfp, software="test", made_at="now"), {Eye.RIGHT: report}, {})
-    relpath = write_sr(
+    relpath = write_result(
         settings.data_dir, build_encapsulated_pdf(pdf, patient_cfp, report.sources, key, software_version="test")
     )
     outbox.put_many([OutboxRow(key.sop_instance_uid, key.study_uid, 1, "0.1.0", "", str(relpath), kind=ResultKind.PDF)])

@@ -1,7 +1,7 @@
 """Result delivery over TLS to DCMTK `storescp +tls`: server-authenticated and mutual TLS deliver the SR; a wrong
 CA, a host name the certificate does not carry and a missing client certificate fail with a reason that says so.
 
-Certificates come from tests/test_ingest_tls.py's `pki` fixture (a CA, server and client certificates for
+Certificates come from tests/ingest/test_ingest_tls.py's `pki` fixture (a CA, server and client certificates for
 127.0.0.1), plus a second CA here that signed nothing the PACS has.
 """
 
@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from test_delivery import _queued_study, _settings
-from test_ingest_tls import _openssl, pki  # noqa: F401 - pki is a fixture used by name
 
 from devtools.ports import free_port
 from devtools.storescp import StoreSCP
@@ -23,6 +21,8 @@ from grok_pacs.dicom import fastpath
 from grok_pacs.dicom.scu import TransientStoreError, store_dataset
 from grok_pacs.dicom.tls import delivery_context
 from grok_pacs.store.outbox import OutboxState
+from tests.ingest.test_ingest_tls import _openssl, pki  # noqa: F401 - pki is a fixture used by name
+from tests.jobs.test_delivery import _queued_study, _settings
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 from grok_pacs.config import load_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_importing_the_job_modules_connects_no_signal_and_reads_no_settings(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ingest_support import img2dcm_fundus, ingest_settings, running, storescu, wait_until
 from pydicom.uid import generate_uid
 
 from devtools.ports import free_port
@@ -20,6 +19,7 @@ from grok_pacs.jobs.tasks import analyze_study, deliver_sr
 from grok_pacs.store.blobs import BlobKey
 from grok_pacs.store.index import StudyState
 from grok_pacs.store.outbox import OutboxState
+from tests.helpers.ingest_support import img2dcm_fundus, ingest_settings, running, storescu, wait_until
 
 
 def _worker(data_dir: Path, listener: Settings, tiny_bundle: Path, pacs_port: int, storage: dict):

@@ -10,8 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ingest_support import AE as OUR_AE
-from ingest_support import ingest_settings, running, stored_files, wait_until
 from pydicom.uid import generate_uid
 
 from devtools.sample_dicom import oct_tomography, write
@@ -27,6 +25,8 @@ from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox
 from grok_pacs.store.retention import Retention
 from grok_pacs.store.uploads import Uploads
+from tests.helpers.ingest_support import AE as OUR_AE
+from tests.helpers.ingest_support import ingest_settings, running, stored_files, wait_until
 
 OPT = "1.2.840.10008.5.1.4.1.1.77.1.5.4"  # Ophthalmic Tomography Image Storage
 RETENTION_S = 1.0  # retention_days for the test: a study delivered more than a second ago is expired
@@ -186,7 +186,7 @@ def test_listeners_sharing_postgresql_each_purge_their_own_files(postgres, tmp_p
 
 
 def test_purge_deletes_the_studys_objects_in_the_object_store(seaweedfs, tmp_path: Path) -> None:
-    from test_blobs import _s3_store
+    from tests.store.test_blobs import _s3_store
 
     store = _s3_store(seaweedfs)
     data_dir = tmp_path / "data"

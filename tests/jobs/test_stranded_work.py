@@ -21,8 +21,6 @@ from pathlib import Path
 import pytest
 import yaml
 from sqlalchemy import func, select
-from test_database import _record
-from test_worker_redis import Box, _arrived_once, many_hosts
 
 from devtools.ports import free_port
 from devtools.processes import Redis
@@ -38,8 +36,10 @@ from grok_pacs.store.index import StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox, OutboxRow
 from grok_pacs.store.storage import open_blob_store
 from grok_pacs.store.uploads import Uploads, UploadState
+from tests.jobs.test_worker_redis import Box, _arrived_once, many_hosts
+from tests.store.test_database import _record
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LEASE = {"reaper_lease_s": 4, "reaper_interval_s": 0.5}  # the reaper acts within seconds
 FAST_RETRIES = {"retry_base_s": 0.2, "retry_cap_s": 2, "retry_max_seconds": 30}
 

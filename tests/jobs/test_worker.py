@@ -1,7 +1,7 @@
 """The analyse task in-process with the tiny bundle: per-eye selection, SRs, delivery to DCMTK storescp.
 
 Studies enter the data directory the way crash recovery indexes them (the listener's own header reader),
-then `analyze_study` runs as a worker would run it. Documented results (grok_pacs.jobs.pipeline):
+then `analyze_study` runs as a worker would run it. Documented results (grok_pacs.jobs.study_job):
 - both eyes -> two SRs (one per eye), newest CFP of an eye used; only CFP / only OCT -> one SR that says
   which modality was missing; an undecodable instance is skipped (the next newest is used) and the skip
   is shown with the study; an eye with nothing decodable gets an SR without diagnosis giving the reason;
@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from ophthalmic_dicom import Patient, make_cfp, make_oct, make_undecodable_cfp, write
-from srcheck import assert_valid_sr, dciodvfy_errors, pdf_text, sr_eye
 
 from devtools.ports import free_port
 from devtools.storescp import StoreSCP
@@ -28,6 +26,8 @@ from grok_pacs.jobs.tasks import analyze_study
 from grok_pacs.report.render import render
 from grok_pacs.store.index import StudyState
 from grok_pacs.store.outbox import OutboxState, ResultKind
+from tests.helpers.ophthalmic_dicom import Patient, make_cfp, make_oct, make_undecodable_cfp, write
+from tests.helpers.srcheck import assert_valid_sr, dciodvfy_errors, pdf_text, sr_eye
 
 EARLY = dt.datetime(2025, 1, 1, 9, 0, 0)
 LATE = dt.datetime(2025, 1, 1, 11, 0, 0)
@@ -258,7 +258,7 @@ def test_job_of_an_outdated_version_does_nothing(ctx, pacs):
 
 def test_selection_by_sop_class_laterality_and_acquisition_time(tmp_path):
     from grok_pacs.analysis.result import Eye
-    from grok_pacs.config import SECONDARY_CAPTURE, THICKNESS_MAP
+    from grok_pacs.dicom.sop_classes import SECONDARY_CAPTURE, THICKNESS_MAP
     from grok_pacs.jobs.snapshot import select_candidates
     from grok_pacs.store.index import InstanceRecord
 
@@ -362,6 +362,19 @@ def test_both_eyes_of_a_study_share_one_batched_generation(ctx, pacs, monkeypatc
     study_uid = _ingest(ctx, [make_cfp(patient, "R"), make_oct(patient, "R"), make_cfp(patient, "L")])
     assert analyze_study(study_uid=study_uid, version=1)["outcome"] == "analysed"
     assert calls == [["R", "L"]] and set(_sr_by_eye(pacs)) == {"R", "L"}
+
+
+def test_each_picked_image_is_decoded_once_for_gate_model_sr_and_pdf(ctx, pacs, monkeypatch):
+    """The pixels decoded to plan an eye are the ones its SR (the point on the foveal pit) and its PDF show."""
+    from grok_pacs.analysis import imaging
+
+    patient = Patient()
+    study_uid = _ingest(ctx, [make_cfp(patient, "R"), make_oct(patient, "R")])
+    decoded, original = [], imaging._dicom_pixels
+    monkeypatch.setattr(imaging, "_dicom_pixels", lambda path: decoded.append(Path(path).name) or original(path))
+    summary = analyze_study(study_uid=study_uid, version=1)
+    assert list(summary["srs"].values()) == ["delivered"] and summary["pdf"] == "delivered"
+    assert len(decoded) == 2 and len(set(decoded)) == 2, decoded  # the CFP and the OCT, once each
 
 
 def test_pdf_report_setting_off_sends_the_srs_only(ctx, pacs):

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-from ophthalmic_dicom import Patient, make_cfp, make_oct, write
 
 from devtools.ports import free_port
 from devtools.processes import GrokProcess, Redis, grok_env, storescu, wait_until
@@ -28,6 +27,7 @@ from grok_pacs.ingest.service import IngestService
 from grok_pacs.jobs.publisher import JobPublisher
 from grok_pacs.store.index import StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox, OutboxState, ResultKind
+from tests.helpers.ophthalmic_dicom import Patient, make_cfp, make_oct, write
 
 JOB_TIME_LIMIT_S = 10  # -> Redis visibility timeout 20 s: a killed worker's job comes back within ~21 s
 READY = "worker ready"

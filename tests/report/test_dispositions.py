@@ -6,14 +6,14 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from ophthalmic_dicom import Patient, hand_built_report, make_cfp, make_oct
-from srcheck import assert_valid_sr
 
 from grok_pacs.analysis.quality import QualityThresholds, judge, ungradable_report
 from grok_pacs.analysis.result import Action, Eye, Gradability, SourceImage
 from grok_pacs.report import dispositions
 from grok_pacs.report.dispositions import DEFAULT_TABLE, DispositionTableError, for_eye, load_table, roll_up
 from grok_pacs.report.sr import SRKey, build_sr
+from tests.helpers.ophthalmic_dicom import Patient, hand_built_report, make_cfp, make_oct
+from tests.helpers.srcheck import assert_valid_sr
 
 
 def eye_report(eye: str, label: str, datasets, **biomarkers: float):

@@ -12,9 +12,6 @@ import sys
 import numpy as np
 import pydicom
 import pypdf
-from conftest import require_tool
-from ophthalmic_dicom import Patient, make_cfp, make_oct
-from test_sr import _report, _source
 
 from grok_pacs.analysis.result import (
     Action,
@@ -34,6 +31,9 @@ from grok_pacs.report.keys import ReportKey, SRKey
 from grok_pacs.report.pdf import BANNER, UNIT_TEXT, ReportImages, build_pdf
 from grok_pacs.report.sr import build_sr
 from grok_pacs.report.study import StudyHeader
+from tests.conftest import require_tool
+from tests.helpers.ophthalmic_dicom import Patient, make_cfp, make_oct
+from tests.report.test_sr import _report, _source
 
 REFER = Disposition(Action.REFERRAL, "Refer to ophthalmology (glaucoma suspected)", "RCOphth glaucoma", "glaucoma")
 PATIENT_REFER = dataclasses.replace(REFER, eyes=("R",))

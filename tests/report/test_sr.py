@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from ophthalmic_dicom import Patient, make_cfp, make_oct
-from srcheck import assert_valid_sr
 
 from grok_pacs.analysis.result import BiomarkerEstimate, Eye, Report, SourceImage
 from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, CFP_BIOMARKERS
@@ -19,6 +17,8 @@ from grok_pacs.domain.labels import Label
 from grok_pacs.report import codes
 from grok_pacs.report.render import render
 from grok_pacs.report.sr import AI_STATEMENT, SRBuildError, SRKey, build_sr
+from tests.helpers.ophthalmic_dicom import Patient, make_cfp, make_oct
+from tests.helpers.srcheck import assert_valid_sr
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 

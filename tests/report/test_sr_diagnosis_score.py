@@ -12,13 +12,13 @@ import dataclasses
 
 import pydicom
 import pytest
-from ophthalmic_dicom import Patient, make_cfp, make_oct
-from srcheck import assert_valid_sr
-from test_sr import _groups, _report, _save, _source
 
 from grok_pacs.analysis.result import Eye, Gradability
 from grok_pacs.domain.labels import Label
 from grok_pacs.report.sr import SRBuildError, SRKey, build_sr
+from tests.helpers.ophthalmic_dicom import Patient, make_cfp, make_oct
+from tests.helpers.srcheck import assert_valid_sr
+from tests.report.test_sr import _groups, _report, _save, _source
 
 SCORES = {"Glaucoma": 0.87, "AMD": 0.05, "Normal": 0.31}
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from ophthalmic_dicom import Patient, make_cfp
 from pynetdicom import AE
 from sqlalchemy import create_engine
 
@@ -23,15 +22,16 @@ from grok_pacs.cli.main import EXIT_FAILED, EXIT_USAGE, main
 from grok_pacs.config import load_settings
 from grok_pacs.dicom.status import DimseStatus
 from grok_pacs.ingest.listener import Listener
-from grok_pacs.jobs import pipeline
+from grok_pacs.jobs import study_job
 from grok_pacs.jobs.publisher import job_id
 from grok_pacs.jobs.snapshot import StudyOutcome, read_study
 from grok_pacs.store import schema
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox, OutboxRow, OutboxState
 from grok_pacs.store.schema import SchemaError
+from tests.helpers.ophthalmic_dicom import Patient, make_cfp
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
 
 
@@ -136,7 +136,7 @@ def _analyse_job(index: StudyIndex, outbox: Outbox, settings, study_uid: str, ru
             raise RuntimeError("the model ran")  # stands for the model: this job runs it, a duplicate must not
 
         snapshot = read_study(index, settings, study_uid, 1)
-        return pipeline.run_study(settings, index, outbox, engine, "0.1", snapshot, owner=owner)
+        return study_job.run_study(settings, index, outbox, engine, "0.1", snapshot, owner=owner)
 
     return job
 
@@ -245,10 +245,9 @@ def test_concurrent_upgrades_wait_on_the_advisory_lock(postgres) -> None:
 
 
 def test_one_study_over_two_listeners_sharing_a_database_gives_one_job(postgres, tmp_path) -> None:
-    from ingest_support import drain_jobs, ingest_settings, running, storescu, wait_until
-
     from devtools.processes import Redis
     from devtools.sample_dicom import fundus_photograph
+    from tests.helpers.ingest_support import drain_jobs, ingest_settings, running, storescu, wait_until
 
     redis, url = Redis(tmp_path), postgres.new_database()
     shared = {"database_url": url, "broker_url": redis.url, "quiet_period": 0.5}

@@ -49,7 +49,7 @@ def test_text_health_counts_withheld_narratives_and_their_reasons():
 
 def test_the_benchmark_recovers_the_scores_before_a_bundle_calibration() -> None:
     """ECE before calibration is measured on the served (calibrated) scores with the calibration undone."""
-    from grok_pacs.analysis.calibration import Calibration
+    from grok_pacs.analysis.label_calibration import Calibration
 
     raw = {"Normal": 0.7, "Glaucoma": 0.2, "AMD": 0.1}
     for temperature in (0.5, 1.0, 3.0):

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import require_tool
 
 from grok_pacs.analysis.validation import validate_narrative
 from grok_pacs.domain.labels import Label
 from grok_pacs.report.codes import DIAGNOSIS, FINDING, LABEL_CODES
 from grok_pacs.report.sr import NARRATIVE_WITHHELD
+from tests.conftest import require_tool
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "pipeline"
 LABEL_WORDS = {label.value for label in Label}
 

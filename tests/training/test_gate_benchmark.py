@@ -41,10 +41,9 @@ def test_gate_separates_degraded_phantom_eyes():
 
 
 def test_referral_and_calibration_figures_for_the_phantom_benchmark():
-    from ophthalmic_dicom import Patient, hand_built_report, make_cfp, make_oct
-    from test_calibration import overconfident
-
     from grok_pacs.report import dispositions
+    from tests.analysis.test_calibration import overconfident
+    from tests.helpers.ophthalmic_dicom import Patient, hand_built_report, make_cfp, make_oct
     from training.benchmark.gate import calibration_figures, referral_figures
 
     patient = Patient()

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import require_tool
 from PIL import Image
 
 from grok_pacs.domain.biomarkers import BIOMARKERS
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
+from tests.conftest import require_tool
 from training.manifest import load_manifest
 from training.phantom import generate_cohort, plan_cohort
 from training.phantom.cfp_render import render_cfp

@@ -23,7 +23,7 @@ from grok_pacs.model.heads import BiomarkerHead
 from training.stage2.checkpoint import read_meta
 from training.stage2.config import Stage2Config
 from training.stage2.data import BiomarkerStats, Stage2Data
-from training.stage2.evaluate import evaluate_encoders, head_features, pooled_features
+from training.stage2.evaluate import ProbeSettings, evaluate_encoders, head_features, pooled_features
 from training.stage2.model import BiomarkerEncoder
 from training.stage2.probe import fit_ridge, probe_errors
 from training.stage2.train import BEST, INIT_ENCODER, LAST, load_best_encoder, make_model, train
@@ -190,7 +190,7 @@ def test_standardisation_statistics_ignore_validation_and_test_values(tmp_path: 
 
 # ---- evaluation ----------------------------------------------------------------------------------------
 def _evaluate(data: Stage2Data, encoder) -> tuple[dict, dict]:
-    return evaluate_encoders(data, {"aligned": encoder}, CPU, (0.1, 10.0), 0, 64, False, "CFP")
+    return evaluate_encoders(data, {"aligned": encoder}, CPU, ProbeSettings((0.1, 10.0), 0, 64, False, "CFP"))
 
 
 def test_evaluation_numbers_come_from_held_out_test_subjects_only() -> None:

@@ -29,7 +29,7 @@ CENTRAL_R, INNER_R, OUTER_R = 0.5, 1.5, 3.0  #: ETDRS radii, mm
 
 _KNOTS_R = np.array([0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.5])
 #: Healthy radial profiles (um at _KNOTS_R), tuned so their subfield values sit inside the normal ranges of
-#: grok_pacs.domain.biomarkers (see tests/test_phantom.py).
+#: grok_pacs.domain.biomarkers (see tests/training/test_phantom.py).
 _TEMPLATE = {
     "rnfl": (1.5, 5.0, 14.0, 23.0, 30.0, 38.0, 44.0, 49.0, 52.0, 54.0),
     "gcipl": (6.0, 28.0, 80.0, 112.0, 117.0, 105.0, 89.0, 77.0, 70.0, 66.0),

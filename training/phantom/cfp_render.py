@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -114,7 +115,7 @@ def _vessel_masks(params: CfpParams, disc, disc_r, fovea, rng) -> tuple[np.ndarr
         draw = ImageDraw.Draw(canvas)
         for heading, curl, length in _trunks(kind, disc, fovea):
             start = (disc[0] + 0.45 * disc_r * math.cos(heading), disc[1] - 0.45 * disc_r * math.sin(heading))
-            _grow(draw, rng, start, heading, curl, length, width, tort, fd, depth=0)
+            _grow(draw, rng, _Vessel(start, heading, curl, length, width), _Tree(tort, fd), depth=0)
         small = canvas.resize((CFP_SIZE, CFP_SIZE), Image.BOX)
         out.append(np.asarray(small, dtype=np.float32) / 255.0)
     return out[0], out[1]
@@ -132,19 +133,27 @@ def _trunks(kind: str, disc, fovea) -> list[tuple[float, float, float]]:
     ]
 
 
-def _grow(
-    draw: ImageDraw.ImageDraw,
-    rng: np.random.Generator,
-    start,
-    heading: float,
-    curl: float,
-    length: float,
-    width: float,
-    tortuosity: float,
-    fd: float,
-    depth: int,
-) -> None:
+class _Vessel(NamedTuple):
+    """One vessel to draw: where it starts (px), its heading and curl (rad, rad/px), its length and width (px)."""
+
+    start: tuple[float, float]
+    heading: float
+    curl: float
+    length: float
+    width: float
+
+
+class _Tree(NamedTuple):
+    """What all vessels of one tree (the arteries, or the veins) share."""
+
+    tortuosity: float
+    fd: float  #: fractal dimension: sets the number of side branches
+
+
+def _grow(draw: ImageDraw.ImageDraw, rng: np.random.Generator, vessel: _Vessel, tree: _Tree, depth: int) -> None:
     """Draw one vessel (a curling path with a sinusoidal meander) and recurse into its side branches."""
+    start, heading, curl, length, width = vessel
+    tortuosity, fd = tree
     step = 3.0
     n = max(int(length / step), 2)
     wavelength = rng.uniform(26.0, 40.0)
@@ -172,18 +181,14 @@ def _grow(
         if k >= n:
             continue
         side = 1 if (j + depth) % 2 == 0 else -1
-        _grow(
-            draw,
-            rng,
+        branch = _Vessel(  # the arguments draw from rng in this order: keep it (renders are seeded)
             (px[k] / _SS, py[k] / _SS),
             heads[k] + side * rng.uniform(0.5, 1.0),
             rng.normal(0, 0.004),
             length * rng.uniform(0.4, 0.6),
             width * 0.72,
-            tortuosity,
-            fd,
-            depth + 1,
         )
+        _grow(draw, rng, branch, tree, depth + 1)
 
 
 def _spots(rng, n: int, center, spread_mm: float, radius: tuple[float, float]):

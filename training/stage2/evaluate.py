@@ -10,6 +10,7 @@ encoder's probe is also saved as the runtime's biomarker head (`grok_pacs.model.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,20 @@ from training.stage2.data import Stage2Data
 from training.stage2.probe import RidgeProbe, fit_ridge, probe_errors
 
 ENCODERS = ("aligned", "plain")
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How the encoders are probed (Stage2Config's ridge_alphas, seed, eval_batch_size, bf16, modality,
+    head_grid): ridge alphas tried by subject-grouped CV with `seed`, features in batches of `batch_size`
+    (bf16 on CUDA only), the head's token `grid` (0: the pooled feature alone); `modality` names the report."""
+
+    alphas: tuple[float, ...]
+    seed: int
+    batch_size: int
+    bf16: bool
+    modality: str
+    grid: int = 0
 
 
 @torch.no_grad()
@@ -84,21 +99,14 @@ def mean_baseline(data: Stage2Data, probe: RidgeProbe) -> dict:
 
 
 def evaluate_encoders(
-    data: Stage2Data,
-    encoders: dict[str, RetinaEncoder],
-    device: torch.device,
-    alphas: tuple[float, ...],
-    seed: int,
-    batch_size: int,
-    bf16: bool,
-    modality: str,
-    grid: int = 0,
+    data: Stage2Data, encoders: dict[str, RetinaEncoder], device: torch.device, settings: ProbeSettings
 ) -> tuple[dict, dict[str, RidgeProbe]]:
     """The report (train-fitted, test-scored probes per encoder) and the fitted probes."""
+    grid = settings.grid
     data.check_disjoint("train", "test")
     train_rows, test_rows = data.rows("train"), data.rows("test")
     report: dict = {
-        "modality": modality,
+        "modality": settings.modality,
         "keys": list(data.keys),
         "n_train_eyes": len(train_rows),
         "n_test_eyes": len(test_rows),
@@ -112,8 +120,8 @@ def evaluate_encoders(
     }
     probes: dict[str, RidgeProbe] = {}
     for name, encoder in encoders.items():
-        feats = head_features(encoder, data.images, device, batch_size, bf16, grid)
-        probes[name] = fit_probe(data, feats, alphas, seed)
+        feats = head_features(encoder, data.images, device, settings.batch_size, settings.bf16, grid)
+        probes[name] = fit_probe(data, feats, settings.alphas, settings.seed)
         report["encoders"][name] = score_split(data, probes[name], feats, "test")
         report["encoders"][name]["ridge_alphas"] = probes[name].alphas.tolist()
     report["baseline_train_mean"] = mean_baseline(data, next(iter(probes.values())))

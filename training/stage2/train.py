@@ -32,7 +32,7 @@ from grok_pacs.model.vit import RetinaEncoder
 from training.stage2.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from training.stage2.config import CONFIG_NAME, RESUME_FREE_FIELDS, Stage2Config
 from training.stage2.data import BiomarkerStats, Stage2Data, augment, load_data
-from training.stage2.evaluate import evaluate_encoders, head_features, save_head, write_report
+from training.stage2.evaluate import ProbeSettings, evaluate_encoders, head_features, save_head, write_report
 from training.stage2.metrics_log import MetricsLog
 from training.stage2.model import AlignmentModel, build_alignment_model
 from training.stage2.probe import fit_ridge, probe_errors
@@ -337,12 +337,7 @@ def run(cfg: Stage2Config) -> Stage2Result:
         data,
         {"aligned": aligned.to(device), "plain": plain.to(device)},
         device,
-        cfg.ridge_alphas,
-        cfg.seed,
-        cfg.eval_batch_size,
-        cfg.bf16,
-        cfg.modality,
-        cfg.head_grid,
+        ProbeSettings(cfg.ridge_alphas, cfg.seed, cfg.eval_batch_size, cfg.bf16, cfg.modality, cfg.head_grid),
     )
     report["best_epoch"], report["epochs"] = outcome.best_epoch, outcome.epochs_done
     report_path, _ = write_report(report, out)

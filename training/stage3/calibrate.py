@@ -13,8 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from grok_pacs.analysis.calibration import METHODS, Calibration
 from grok_pacs.analysis.engine import Engine
+from grok_pacs.analysis.label_calibration import METHODS, Calibration
 from training import calibration
 from training.manifest import load_manifest
 from training.stage3.evaluate import predict

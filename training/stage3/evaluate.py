@@ -100,7 +100,7 @@ def predict(
     for cases in _batches(list(by_subject.values()), batch_eyes):
         eyes = [by_id[case] for case in cases]
         study = [EyeInput(Eye(r.eye), Path(r.cfp_path), Path(r.oct_path)) for r in eyes]
-        served.update(zip(cases, engine.analyze_study(study)))
+        served.update(zip(cases, engine.analyze_eyes(study)))
         bar.update(len(cases))
     bar.close()
     reports = [served[case] for case in case_ids]

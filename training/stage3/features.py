@@ -125,6 +125,17 @@ def encode_images(
     return torch.cat(tokens), torch.cat(pooled)
 
 
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How the frozen encoders run: batch size, device, the dtype the tokens are stored in (part of the cache
+    key) and progress bars."""
+
+    batch_size: int = 32
+    device: str = "cpu"
+    token_dtype: torch.dtype = torch.float32
+    progress: bool = True
+
+
 def compute_features(
     manifest: Path,
     cfp_encoder: nn.Module,
@@ -132,12 +143,10 @@ def compute_features(
     cache_dir: Path,
     *,
     image_cache_dir: Path | None = None,
-    batch_size: int = 32,
-    device: str = "cpu",
-    token_dtype: torch.dtype = torch.float32,
-    progress: bool = True,
+    options: EncodeOptions | None = None,
 ) -> FeatureStore:
     """Features of every eye of `manifest` (cached); the encoders are frozen and never updated here."""
+    options = options or EncodeOptions()
     from training.manifest import load_manifest
     from training.stage2.data import load_data
 
@@ -150,7 +159,7 @@ def compute_features(
         json.dumps(
             [
                 FEATURES_VERSION,
-                str(token_dtype),
+                str(options.token_dtype),
                 module_digest(cfp_encoder),
                 module_digest(oct_encoder),
                 ids,
@@ -162,20 +171,19 @@ def compute_features(
     if path.is_file():
         log.info("stage 3: encoder features from cache %s", path)
         return FeatureStore.load(path)
-    dev = torch.device(device)
+    dev = torch.device(options.device)
     parts = {}
     for modality, encoder, keys in (("CFP", cfp_encoder, CFP_KEYS), ("OCT", oct_encoder, OCT_KEYS)):
-        data = load_data(manifest, modality, keys, image_cache, progress=progress)
+        data = load_data(manifest, modality, keys, image_cache, progress=options.progress)
         if len(data.subjects) != len(ids):
             raise ValueError(f"{modality} image cache has {len(data.subjects)} eyes, the manifest {len(ids)}")
         encoder.to(dev)
         parts[modality] = encode_images(
-            encoder, data.images, batch_size, dev, f"stage 3: {modality} encoder features", progress
+            encoder, data.images, options.batch_size, dev, f"stage 3: {modality} encoder features", options.progress
         )
         encoder.to("cpu")
-    store = FeatureStore(
-        ids, parts["CFP"][0].to(token_dtype), parts["OCT"][0].to(token_dtype), parts["CFP"][1], parts["OCT"][1]
-    )
+    tokens = {modality: part[0].to(options.token_dtype) for modality, part in parts.items()}
+    store = FeatureStore(ids, tokens["CFP"], tokens["OCT"], parts["CFP"][1], parts["OCT"][1])
     cache_dir.mkdir(parents=True, exist_ok=True)
     store.save(path)
     return store

@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from training.pattern import fit_pattern_head
 from training.records import biomarkers_from_prompt_json
 from training.stage3.config import Stage3Config
 from training.stage3.data import SFTDataset, build_samples, chat_text, load_instructions, record_label
-from training.stage3.features import FeatureStore, compute_features, eye_id
+from training.stage3.features import EncodeOptions, FeatureStore, compute_features, eye_id
 from training.stage3.lora import attach_lora, load_base_llm, save_adapter
 from training.stage3.pretrain_llm import STAND_IN_FILE, pretrain_stand_in
 from training.stage3.targets import concise_measured, estimate_grounded, jittered_variants
@@ -274,8 +274,7 @@ def run(
         oct_encoder,
         out_dir / "features",
         image_cache_dir=inputs.image_cache_dir,
-        progress=progress,
-        device="cuda" if torch.cuda.is_available() else "cpu",
+        options=EncodeOptions(device="cuda" if torch.cuda.is_available() else "cpu", progress=progress),
     )
     timings["features_s"] = time.monotonic() - t0
     estimates = head_estimates(store, inputs.cfp_head, inputs.oct_head) if cfg.biomarker_estimates else None
@@ -314,34 +313,30 @@ def run(
     )
     result = trainer.fit(resume=resume)
     timings["sft_s"] = result.seconds
-    return _write_outputs(
-        cfg,
-        inputs,
-        out_dir,
-        model,
-        tokenizer,
-        base_dir,
-        result,
-        timings,
-        grok_config(cfp_encoder, oct_encoder, llm, cfg),
-        splits,
-        started,
-    )
+    trained = _Trained(model, tokenizer, base_dir, result, grok_config(cfp_encoder, oct_encoder, llm, cfg), splits)
+    return _write_outputs(cfg, inputs, out_dir, trained, timings, started)
+
+
+class _Trained(NamedTuple):
+    """What a finished SFT run hands to `_write_outputs`."""
+
+    model: GrokModel
+    tokenizer: Any
+    base_dir: Path  #: the LLM base the LoRA was trained on
+    result: TrainResult
+    gcfg: GrokConfig
+    splits: dict[str, list[dict]]  #: the records of each split
 
 
 def _write_outputs(
     cfg: Stage3Config,
     inputs: Stage3Inputs,
     out_dir: Path,
-    model: GrokModel,
-    tokenizer: Any,
-    base_dir: Path,
-    result: TrainResult,
+    trained: _Trained,
     timings: dict[str, float],
-    gcfg: GrokConfig,
-    splits: dict[str, list[dict]],
     started: float,
 ) -> Stage3Result:
+    model, tokenizer, base_dir, result, gcfg, splits = trained
     adapter_dir = save_adapter(model.llm, out_dir / ADAPTER_DIR)
     projectors_path = model.projectors.save(out_dir / PROJECTORS_FILE)
     merged = model.llm.merge_and_unload(progressbar=False)  # training is over: merge in place (no copy)
@@ -385,7 +380,7 @@ def pack_bundle(
     progress: bool = True,
 ) -> Path:
     """The servable bundle (export.build_bundle): ONNX encoders, heads, projectors, merged LLM, tokenizer."""
-    from export.build_bundle import build_bundle
+    from export.build_bundle import BundleOptions, ModelParts, build_bundle
 
     report = result.report
     prov = {
@@ -404,22 +399,18 @@ def pack_bundle(
     }
     heads = [BiomarkerHead.load(inputs.cfp_head), BiomarkerHead.load(inputs.oct_head)]
     pattern = result.out_dir / PATTERN_HEAD_FILE
-    return build_bundle(
-        bundle_dir,
+    parts = ModelParts(
+        config=result.grok_config,
         cfp_encoder=inputs.cfp_encoder,
         oct_encoder=inputs.oct_encoder,
         heads=heads,
         projectors=result.projectors_path,
         tokenizer_dir=result.tokenizer_dir,
-        name=name,
-        version=version,
-        provenance=prov,
-        config=result.grok_config,
         llm_dir=result.merged_llm_dir,
         pattern_head=pattern if pattern.is_file() else None,
-        overwrite=True,
-        progress=progress,
     )
+    options = BundleOptions(overwrite=True, progress=progress)
+    return build_bundle(bundle_dir, parts, name=name, version=version, provenance=prov, options=options)
 
 
 def llm_source(base_dir: Path) -> dict[str, Any] | None:
