@@ -5,7 +5,7 @@ one study) and reports their expected calibration error before and after the tem
 fitted by the pipeline on validation subjects; for an uncalibrated bundle one is fitted here on the
 validation eyes: training.benchmark.honesty.held_out_calibration), the referral sensitivity/specificity of the
 test eyes' dispositions against the dispositions their true labels and biomarkers call for
-(training.benchmark.gate.referral_figures); trains
+(training.benchmark.safety.referral_figures); trains
 the learned quality head on the bundle's encoders (training.quality_head, phantom images and degraded
 copies) and reports its held-out AUROC. The bundle is copied, never modified.
 Writes bench/results/calibration.json.
@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from grok_pacs.analysis.engine import Engine
-from training.benchmark.gate import phantom_eyes, referral_figures
 from training.benchmark.honesty import held_out_calibration
+from training.benchmark.safety import phantom_eyes, referral_figures
 from training.manifest import load_manifest
 from training.quality_head import train_head
 from training.stage3.evaluate import predict

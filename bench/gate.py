@@ -1,7 +1,7 @@
 """Benchmark: the image-quality gate on degraded phantom eyes (issue 15).
 
 Renders phantom eyes (training.phantom, fixed seed, labels in turn), scores each CFP and OCT clean and once
-degraded (training.benchmark.gate.DEGRADATIONS) with the runtime's gate at its default thresholds, and
+degraded (training.benchmark.safety.DEGRADATIONS) with the runtime's gate at its default thresholds, and
 writes bench/results/gate.json: per modality AUROC and sensitivity at 95% specificity of the ungradability
 score, the gate's own sensitivity/specificity at its thresholds, detection per degradation, and the number
 of fully degraded eyes the gate would still let through to a diagnosis.
@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from training.benchmark.gate import gate_benchmark, phantom_eyes
+from training.benchmark.safety import gate_benchmark, phantom_eyes
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gate.json"
 

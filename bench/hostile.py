@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import select
-import shutil
 import socket
 import statistics
 import struct
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from pynetdicom import AE
 
-from bench.ingest import make_files, run_once, send
+from bench.ingest import make_files, run_once
 from bench.ingest_targets import AE as OUR_AE
 from bench.ingest_targets import start_grok
 from devtools.ports import free_port, wait_for_port
@@ -183,22 +182,6 @@ def pdu_sizes(scratch: Path, sizes: list[int], repeats: int, opt: int, op: int) 
     ]
 
 
-def _timed_ingest(files: list[Path], propose: list[str], scratch: Path, associations: int, checkout: Path) -> float:
-    port, data_dir = free_port(), Path(tempfile.mkdtemp(dir=scratch, prefix="versus-")) / "data"
-    process = start_grok(port, data_dir, checkout=checkout)
-    try:
-        wait_for_port(port, timeout=60, proc=process, what=f"grok-pacs listen from {checkout}")
-        seconds = send(port, files, propose, associations)
-        stored = sum(1 for p in (data_dir / "incoming").rglob("*") if p.is_file())
-        if stored != len(files):
-            raise RuntimeError(f"{checkout}: {stored} of {len(files)} files stored")
-        return seconds
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-        shutil.rmtree(data_dir.parent, ignore_errors=True)
-
-
 def versus(scratch: Path, baseline: Path, repeats: int, opt: int, op: int) -> list[dict]:
     """Ingest time of this checkout against `baseline` (the release before the limits), each at its own
     defaults (fast path on), 1 and 8 associations, alternating, medians."""
@@ -209,7 +192,7 @@ def versus(scratch: Path, baseline: Path, repeats: int, opt: int, op: int) -> li
             propose = [] if name == "opt" else ["-xy"]
             for associations in (1, 8):
                 for label, checkout in (("now", ROOT), ("baseline", baseline)):
-                    seconds = _timed_ingest(files, propose, scratch, associations, checkout)
+                    seconds = run_once("grok", files, propose, scratch, associations, checkout)
                     times.setdefault((name, associations, label), []).append(round(seconds, 3))
     rows = []
     for (name, associations, label), samples in sorted(times.items()):
@@ -238,6 +221,7 @@ def main() -> int:
         if args.only_baseline:
             result = json.loads(args.out.read_text()) if args.out.is_file() else result
             result["versus_baseline"] = versus(scratch, args.baseline, args.repeats, args.opt, args.op)
+            result["versus_baseline_load_average_1m"] = os.getloadavg()[0]
             args.out.write_text(json.dumps(result, indent=1) + "\n")
             print(json.dumps(result["versus_baseline"], indent=1))
             return 0

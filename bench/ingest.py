@@ -118,7 +118,10 @@ def send(port: int, files: list[Path], propose: list[str], associations: int) ->
     return elapsed
 
 
-def run_once(target: str, files: list[Path], propose: list[str], scratch: Path, associations: int) -> float:
+def run_once(
+    target: str, files: list[Path], propose: list[str], scratch: Path, associations: int, checkout: Path = ROOT
+) -> float:
+    """Seconds to send `files` to a fresh `target`; `checkout`: whose grok_pacs a grok target runs."""
     port, run_dir = free_port(), Path(tempfile.mkdtemp(dir=scratch, prefix=f"{target}-"))
     data_dir = run_dir / "data"
     if target == "floor":
@@ -133,7 +136,7 @@ def run_once(target: str, files: list[Path], propose: list[str], scratch: Path, 
     elif target == "pynetdicom-null":
         process = start_null(port, data_dir)
     else:
-        process = start_grok(port, data_dir, fast_path=target == "grok")
+        process = start_grok(port, data_dir, fast_path=target == "grok", checkout=checkout)
     try:
         wait_for_port(port, timeout=60, proc=process, what=target)
         seconds = send(port, files, propose, associations)

@@ -2,7 +2,7 @@
 
     python -m training.quality_head BUNDLE [--eyes 42] [--seed 0] [--version V]
 
-Renders phantom eyes (training.phantom), makes one degraded copy of each image (training.benchmark.gate:
+Renders phantom eyes (training.phantom), makes one degraded copy of each image (training.benchmark.safety:
 blur, exposure, small pupil, off-centre, blank; OCT low signal, blank), takes the bundle's encoder pooled
 features (the runtime's preprocessing and ONNX sessions), fits one L2-regularised logistic model per
 modality (clean = 0, degraded = 1; 70/30 split by eye), reports the held-out AUROC, and writes
@@ -21,7 +21,7 @@ import numpy as np
 
 from grok_pacs.analysis.bundle import MANIFEST, load_bundle, sha256_file
 from grok_pacs.analysis.quality_head import QUALITY_HEAD_FILE, LogisticModel, QualityHead
-from training.benchmark.gate import CFP_DEGRADATIONS, OCT_DEGRADATIONS, auroc, phantom_eyes
+from training.benchmark.safety import CFP_DEGRADATIONS, OCT_DEGRADATIONS, auroc, phantom_eyes
 
 
 def fit_logistic(features: np.ndarray, targets: np.ndarray, l2: float = 1.0, steps: int = 500) -> LogisticModel:

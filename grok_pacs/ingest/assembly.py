@@ -10,7 +10,6 @@ study is not QUEUED at that version, as done. Nothing is lost; a duplicate is ha
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Protocol
 from grok_pacs.config import Settings
 from grok_pacs.dicom.header import IncompleteDatasetError, read_header
 from grok_pacs.dicom.uids import INCOMING_DIR, InvalidUIDError, uids_from_relpath
+from grok_pacs.ops.periodic import Periodic
 from grok_pacs.store.files import quarantine, remove_temp_files
 from grok_pacs.store.index import InstanceRecord, StudyIndex, StudyRecord
 
@@ -123,10 +123,8 @@ class Assembler:
         self.publisher = publisher
         self.waiting = waiting
         self.interval = interval if interval is not None else min(1.0, max(0.05, settings.quiet_period / 4))
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._periodic = Periodic("assembly", self._pass, self.interval)
         self._last_sweep = time.monotonic()
-        self.failed_passes = 0  # passes that raised (e.g. broker unreachable); jobs are retried next pass
 
     def run_once(self, now: float | None = None) -> list[tuple[str, int]]:
         """Queue every RECEIVING study quiet since `quiet_period` (on the database's clock; with `now`,
@@ -168,21 +166,17 @@ class Assembler:
         if removed:
             log.info("removed %d abandoned temporary files", removed)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.run_once()
-                self._sweep_temp_files()
-            except Exception as exc:  # noqa: BLE001 - survive a broker or disk outage; retried next pass
-                self.failed_passes += 1
-                log.error("assembly pass failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc, self.interval)
+    def _pass(self) -> None:
+        self.run_once()
+        self._sweep_temp_files()
+
+    @property
+    def failed_passes(self) -> int:
+        """Passes that raised (e.g. broker unreachable); their jobs are queued again by the next pass."""
+        return self._periodic.failed_passes
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="grok-assembly", daemon=True)
-        self._thread.start()
+        self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        self._periodic.stop()

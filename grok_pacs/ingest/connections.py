@@ -108,9 +108,13 @@ class ConnectionGate:
             while len(self._pending) >= self.limits.max_pending:
                 _, oldest = self._pending.popitem(last=False)
                 self._close(oldest, "too many connections without an association request")
-            pending.sock.setblocking(False)
-            self._pending[pending.sock] = pending
-            self._selector.register(pending.sock, selectors.EVENT_READ, pending)
+            try:
+                pending.sock.setblocking(False)
+                self._pending[pending.sock] = pending
+                self._selector.register(pending.sock, selectors.EVENT_READ, pending)
+            except (OSError, ValueError) as exc:  # closed by the peer between accept and here
+                self._close(pending, f"connection failed before association ({type(exc).__name__})")
+                continue
             self._progress(pending, selectors.EVENT_READ)  # TLS: the client may have spoken already
 
     def _expire(self) -> None:
@@ -157,9 +161,12 @@ class ConnectionGate:
     def _release(self, pending: _Pending) -> None:
         self._forget(pending)
         sock = pending.sock
-        sock.setblocking(True)
-        sock.settimeout(self.limits.pdu_timeout)
-        self._hand_off(sock, pending.address, bytes(pending.buffer))
+        try:
+            sock.setblocking(True)
+            sock.settimeout(self.limits.pdu_timeout)
+            self._hand_off(sock, pending.address, bytes(pending.buffer))
+        except (OSError, RuntimeError) as exc:  # gone meanwhile, or no thread left to start: this one only
+            self._close(pending, f"connection not handed on ({type(exc).__name__})", reason="hand-off failed")
 
     def _forget(self, pending: _Pending) -> None:
         self._pending.pop(pending.sock, None)

@@ -16,13 +16,13 @@ deploy/prometheus/alerts.yml watches.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from grok_pacs.config import Settings
 from grok_pacs.ingest.assembly import Publisher
 from grok_pacs.ops import metrics
+from grok_pacs.ops.periodic import Periodic
 from grok_pacs.store import leases
 from grok_pacs.store.index import StudyIndex
 
@@ -56,8 +56,7 @@ class Reaper:
         self.index = index
         self.publisher = publisher
         self._deliver: Callable[[str, int], object] | None = getattr(publisher, "publish_delivery", None)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._periodic = Periodic("reaper", self.run_once, settings.reaper_interval_s)
 
     def run_once(self) -> ReaperPass:
         engine, lease = self.index.engine, lease_s(self.settings)
@@ -86,21 +85,8 @@ class Reaper:
         metrics.reaper_pass(oldest, len(studies), len(results))
         return ReaperPass(tuple(studies), tuple(results), oldest)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.settings.reaper_interval_s):
-            try:
-                self.run_once()
-            except Exception as exc:  # noqa: BLE001 - survive a database or broker outage; the next pass retries
-                log.error(
-                    "reaper pass failed (%s); retrying in %.0f s", type(exc).__name__, self.settings.reaper_interval_s
-                )
-
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="grok-reaper", daemon=True)
-        self._thread.start()
+        self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        self._periodic.stop()

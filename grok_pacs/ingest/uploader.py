@@ -21,6 +21,7 @@ from pathlib import Path
 
 from grok_pacs.dicom.uids import resolve_inside
 from grok_pacs.ops import metrics
+from grok_pacs.ops.periodic import Periodic
 from grok_pacs.store.blobs import BlobError, BlobKey, BlobStore, BlobStoreUnavailable
 from grok_pacs.store.uploads import PendingUpload, Uploads
 
@@ -50,8 +51,8 @@ class Uploader:
         self.uploads = uploads
         self.store = store
         self.interval = interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()  # also ends a pass early
+        self._periodic = Periodic("upload", self.run_once, interval, stop_event=self._stop, join_timeout=30)
         self._down = False  # log an outage once, and its end once
         self._refused: set[str] = set()  # instances whose refusal was logged (not a work queue)
 
@@ -123,19 +124,8 @@ class Uploader:
             log.warning("object store unavailable, instances stay LOCAL and studies wait: %s", exc)
             self._down = True
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.run_once()
-            except Exception as exc:  # noqa: BLE001 - survive a database outage; the next pass retries
-                log.error("upload pass failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc, self.interval)
-
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="grok-uploader", daemon=True)
-        self._thread.start()
+        self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
+        self._periodic.stop()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from grok_pacs.config import Settings
 from grok_pacs.dicom.uids import resolve_inside
 from grok_pacs.ops import audit, metrics
+from grok_pacs.ops.periodic import Periodic
 from grok_pacs.store import db
 from grok_pacs.store.blobs import BlobKey, BlobStore, is_result_key
 from grok_pacs.store.files import SCRATCH_DIR, TMP_DIR
@@ -233,25 +233,12 @@ class RetentionLoop:
 
     def __init__(self, retention: Retention, first_delay: float = FIRST_PASS_DELAY_S) -> None:
         self.retention = retention
-        self.first_delay = min(first_delay, retention.settings.retention_interval_s)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _loop(self) -> None:
-        delay = self.first_delay
-        while not self._stop.wait(delay):
-            delay = self.retention.settings.retention_interval_s
-            try:
-                self.retention.run()
-            except Exception as exc:  # noqa: BLE001 - a database or store outage: the next pass tries again
-                log.error("retention pass failed (%s: %s); next in %.0f s", type(exc).__name__, exc, delay)
+        interval = retention.settings.retention_interval_s
+        self.first_delay = min(first_delay, interval)
+        self._periodic = Periodic("retention", retention.run, interval, first_delay=self.first_delay)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="grok-retention", daemon=True)
-        self._thread.start()
+        self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        self._periodic.stop()

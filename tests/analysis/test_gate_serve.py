@@ -8,8 +8,6 @@ Every SR passes dciodvfy.
 
 from __future__ import annotations
 
-import subprocess
-
 import numpy as np
 import pydicom
 
@@ -19,7 +17,7 @@ from devtools.processes import GrokProcess, grok_env, wait_until
 from devtools.storescp import StoreSCP
 from grok_pacs.report.codes import GRADABILITY_CODES, LABEL_CODES
 from tests.analysis.test_gate import blurred, corrupted_jpeg
-from tests.conftest import require_tool
+from tests.helpers.ingest_support import storescu
 from tests.helpers.ophthalmic_dicom import Patient, fundus_pixels, make_cfp, make_oct, write
 from tests.helpers.srcheck import assert_valid_sr
 
@@ -90,22 +88,7 @@ def test_hostile_inputs_get_no_diagnosis_through_serve(tmp_path, tiny_bundle):
         files = [write(ds, tmp_path / "send" / f"{i}.dcm") for i, ds in enumerate(datasets)]
         # storescu proposes JPEG baseline only when told (-xy), then for every file: the JPEG goes on its own.
         for batch, flags in (([f for f in files if f.name != "2.dcm"], []), ([files[2]], ["-xy"])):
-            sent = subprocess.run(
-                [
-                    require_tool("storescu"),
-                    *flags,
-                    "-aec",
-                    "GROK_PACS",
-                    "-aet",
-                    "MODALITY",
-                    "127.0.0.1",
-                    str(port),
-                    *map(str, batch),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
+            sent = storescu(port, *batch, options=tuple(flags), calling="MODALITY", timeout=120)
             assert sent.returncode == 0, sent.stderr
 
         def srs() -> list[pydicom.Dataset]:  # each study also gets its PDF report: count the SRs

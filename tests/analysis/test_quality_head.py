@@ -13,7 +13,7 @@ from grok_pacs.analysis.engine import Engine
 from grok_pacs.analysis.quality import QualityThresholds, assess_cfp, with_learned
 from grok_pacs.analysis.quality_head import QUALITY_HEAD_FILE, QualityHead
 from grok_pacs.analysis.result import Gradability
-from training.benchmark.gate import phantom_eyes
+from training.benchmark.safety import phantom_eyes
 from training.quality_head import add_to_bundle, fit_logistic, train_head
 
 

@@ -25,7 +25,7 @@ from devtools.ports import free_port
 from devtools.processes import GrokProcess, grok_env, wait_until
 from devtools.storescp import StoreSCP
 from grok_pacs.store import db
-from tests.conftest import require_tool
+from tests.helpers.ingest_support import storescu
 from tests.helpers.ophthalmic_dicom import Patient, make_cfp, write
 
 LONG_NAME = ("ZQXLONGNAME" * 19)[:200]  # PN: at most 64 characters per component
@@ -109,21 +109,7 @@ def test_no_patient_attribute_in_any_output_of_serve(tmp_path, tiny_bundle):
                 write(make_cfp(CANARY, "R"), tmp_path / "send" / "canary.dcm"),
                 write(make_cfp(HOSTILE, "L"), tmp_path / "send" / "hostile.dcm"),
             ]
-        sent = subprocess.run(
-            [
-                require_tool("storescu"),
-                "-aec",
-                "GROK_PACS",
-                "-aet",
-                "MODALITY",
-                "127.0.0.1",
-                str(port),
-                *map(str, files),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        sent = storescu(port, *files, calling="MODALITY")
         assert sent.returncode == 0, sent.stderr
 
         def finished() -> bool:  # the studies gauge: no `grok-pacs studies` process per poll

@@ -1,11 +1,11 @@
-"""Issue 15's benchmark metrics (training.benchmark.gate) on known inputs, and the gate on degraded phantoms."""
+"""Issue 15's benchmark metrics (training.benchmark.safety) on known inputs, and the gate on degraded phantoms."""
 
 from __future__ import annotations
 
 import pytest
 
 from grok_pacs.analysis.result import Action
-from training.benchmark.gate import auroc, gate_benchmark, referral_metrics, sensitivity_at_specificity
+from training.benchmark.safety import auroc, gate_benchmark, referral_metrics, sensitivity_at_specificity
 
 
 def test_auroc_on_known_cases():
@@ -32,7 +32,7 @@ def test_referral_metrics_count_retake_as_refer():
 
 
 def test_gate_separates_degraded_phantom_eyes():
-    from training.benchmark.gate import phantom_eyes
+    from training.benchmark.safety import phantom_eyes
 
     result = gate_benchmark(phantom_eyes(6, seed=1), seed=1)
     assert result["degraded_eyes_with_a_diagnosis"] == 0
@@ -44,7 +44,7 @@ def test_referral_and_calibration_figures_for_the_phantom_benchmark():
     from grok_pacs.report import dispositions
     from tests.analysis.test_calibration import overconfident
     from tests.helpers.ophthalmic_dicom import Patient, hand_built_report, make_cfp, make_oct
-    from training.benchmark.gate import calibration_figures, referral_figures
+    from training.benchmark.safety import calibration_figures, referral_figures
 
     patient = Patient()
     eyes = [make_cfp(patient, "R"), make_oct(patient, "R")]

@@ -18,8 +18,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from training.benchmark.gate import calibration_figures, referral_figures
 from training.benchmark.probe import probe_macro_f1
+from training.benchmark.safety import calibration_figures, referral_figures
 
 
 def text_health(reports: Sequence) -> dict:
