@@ -6,6 +6,7 @@
     python -m training.stage2 --manifest m.csv --out runs/s2 --config my-stage2.json
 
 Each modality trains in `<out>/<modality>/` (resumable: run the same command again after an interruption).
+Data-parallel on several processes: `torchrun --nproc-per-node 8 -m training.stage2 ...` (docs/training.md).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from training import distributed
 from training.manifest import ManifestError
 from training.stage2.config import MODALITIES, Stage2Config
 from training.stage2.train import Stage2Result, run
@@ -97,7 +99,16 @@ def summary(result: Stage2Result) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    distributed.setup()  # a no-op unless started by torchrun
+    level = logging.INFO if distributed.is_main() else logging.WARNING  # one rank speaks
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run_all(args)
+    finally:
+        distributed.teardown()
+
+
+def _run_all(args: argparse.Namespace) -> int:
     results = {}
     for modality in args.modality:
         try:
@@ -105,9 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         except (ManifestError, ValueError, FileNotFoundError) as exc:
             print(f"stage 2 ({modality}) failed: {exc}", file=sys.stderr)
             return 2
-        results[modality] = str(result.report_path)
-        print(summary(result))
-    print(json.dumps({"reports": results}))
+        if result is not None:  # None on the ranks other than 0
+            results[modality] = str(result.report_path)
+            print(summary(result))
+    distributed.barrier()  # rank 0 evaluates while the others wait
+    if distributed.is_main():
+        print(json.dumps({"reports": results}))
     return 0
 
 

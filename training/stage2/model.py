@@ -16,6 +16,7 @@ from torch import nn
 from grok_pacs.model.config import EncoderConfig
 from grok_pacs.model.vit import RetinaEncoder, build_encoder
 from training.contrastive import ContrastiveLoss
+from training.distributed import gather_with_grad
 
 
 def image_projector(in_dim: int, proj_dim: int) -> nn.Sequential:
@@ -64,6 +65,26 @@ class AlignmentModel(nn.Module):
         image_emb = self.projector(self.encoder.forward_pooled(images))
         bio_emb = self.biomarker_encoder(biomarkers.to(image_emb.dtype))
         return self.loss_fn(image_emb, bio_emb)
+
+
+class GatheredAlignment(nn.Module):
+    """The alignment loss of a global batch whose images are spread over the ranks (the DDP-wrapped module).
+
+    Each rank encodes its share of the images; the pooled features are gathered (with gradients) so the
+    projector's batch norm and the contrastive loss see the whole global batch, in its order, on every rank:
+    the negatives and the normalisation statistics are those of one process with the same batch.
+    """
+
+    def __init__(self, model: AlignmentModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, local_images: torch.Tensor, biomarkers: torch.Tensor) -> torch.Tensor:
+        """`local_images`: this rank's share; `biomarkers`: the whole global batch's standardised vectors."""
+        m = self.model
+        features = gather_with_grad(m.encoder.forward_pooled(local_images))
+        image_emb = m.projector(features)
+        return m.loss_fn(image_emb, m.biomarker_encoder(biomarkers.to(image_emb.dtype)))
 
 
 def build_alignment_model(

@@ -5,7 +5,8 @@ seeds (the model is initialised from `cfg.seed`; each epoch's shuffling and augm
 generator seeded with (seed, epoch), so a resumed run repeats exactly what an uninterrupted one does),
 bf16 autocast on CUDA. After every epoch: validation (contrastive loss, and a ridge probe fitted on train
 and scored on val), `last.*` checkpoint, `best.*` when the selected validation metric improved, one line of
-`metrics.jsonl`; `curve.png` at the end. `run` then evaluates and writes the heads.
+`metrics.jsonl`; `curve.png` at the end. `run` then evaluates and writes the heads. Under torchrun each rank
+encodes a share of every batch (DDP; `GatheredAlignment`) and rank 0 validates and writes (docs/training.md).
 
 Run folder (`cfg.out_dir`): stage2-config.json, cache/, last.safetensors+json, best.safetensors+json,
 encoder-init.safetensors (the plain encoder), encoder.safetensors (the aligned one, best epoch),
@@ -29,12 +30,13 @@ from tqdm import tqdm
 from grok_pacs.model.checkpoints import load_encoder, save_encoder
 from grok_pacs.model.config import EncoderConfig
 from grok_pacs.model.vit import RetinaEncoder
+from training import distributed
 from training.stage2.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from training.stage2.config import CONFIG_NAME, RESUME_FREE_FIELDS, Stage2Config
 from training.stage2.data import BiomarkerStats, Stage2Data, augment, load_data
 from training.stage2.evaluate import ProbeSettings, evaluate_encoders, head_features, save_head, write_report
 from training.stage2.metrics_log import MetricsLog
-from training.stage2.model import AlignmentModel, build_alignment_model
+from training.stage2.model import AlignmentModel, GatheredAlignment, build_alignment_model
 from training.stage2.probe import fit_ridge, probe_errors
 
 log = logging.getLogger(__name__)
@@ -138,7 +140,7 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 def train_epoch(
     cfg: Stage2Config,
-    model: AlignmentModel,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     data: Stage2Data,
     stats: BiomarkerStats,
@@ -146,7 +148,11 @@ def train_epoch(
     step: int,
     device: torch.device,
 ) -> tuple[float, int]:
-    """One pass over the train split in drop-last batches; returns (mean loss, global step after)."""
+    """One pass over the train split in drop-last batches; returns (mean loss, global step after).
+
+    Distributed, `model` is the DDP-wrapped `GatheredAlignment`: every rank draws the same global batch and
+    augmentation (one generator), encodes its shard of the images, and gets the loss of the whole batch.
+    """
     model.train()
     rows = data.rows("train")
     batch = min(cfg.batch_size, len(rows))
@@ -159,7 +165,7 @@ def train_epoch(
     bar = tqdm(
         range(steps_per_epoch),
         desc=f"stage2 {cfg.modality} epoch {epoch}/{cfg.epochs}",
-        disable=not cfg.progress,
+        disable=not cfg.progress or not distributed.is_main(),
         leave=False,
         unit="batch",
     )
@@ -172,7 +178,7 @@ def train_epoch(
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, total, warmup)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = model(images, values)
+            loss = model(distributed.shard(images) if distributed.active() else images, values)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -255,7 +261,8 @@ def _start(cfg: Stage2Config, data: Stage2Data, device: torch.device):
         )
     stats = BiomarkerStats.fit(data.keys, data.values[data.rows("train")])
     model = make_model(cfg)
-    save_encoder(model.encoder, out / INIT_ENCODER)  # the plain encoder: same seed, same weights on resume
+    if distributed.is_main():
+        save_encoder(model.encoder, out / INIT_ENCODER)  # the plain encoder: same seed, same weights on resume
     model.to(device)
     optimizer = make_optimizer(cfg, model)
     epoch, step, best = 0, 0, {"epoch": 0, "value": None}
@@ -272,40 +279,66 @@ def _improves(best: float | None, value: float | None) -> bool:
     return value is None and best is None or value is not None and (best is None or value < best)
 
 
+def _end_epoch(
+    cfg: Stage2Config,
+    model: AlignmentModel,
+    optimizer: torch.optim.Optimizer,
+    data: Stage2Data,
+    stats: BiomarkerStats,
+    record: dict,
+    best: dict,
+    metrics: MetricsLog,
+) -> dict:
+    """Validate, write `best.*` when it improved and `last.*`, log the epoch; returns the best so far.
+
+    `record` holds epoch, step, train_loss and "started" (the epoch's monotonic start time).
+    """
+    epoch, step, started = record["epoch"], record["step"], record.pop("started")
+    device = next(model.parameters()).device
+    record.update(
+        {
+            **validate(cfg, model, data, stats, device),
+            "lr": optimizer.param_groups[0]["lr"],
+            "temperature": float(model.loss_fn.temperature),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+    )
+    value = _selection_value(cfg, record)
+    if _improves(best["value"], value):
+        best = {"epoch": epoch, "value": value}
+        save_checkpoint(Path(cfg.out_dir) / BEST, model, _meta(cfg, stats, epoch, step, best))
+    metrics.append(record)
+    save_checkpoint(Path(cfg.out_dir) / LAST, model, _meta(cfg, stats, epoch, step, best), optimizer)
+    log.info("stage 2 epoch %d: %s", epoch, record)
+    return best
+
+
 def train(cfg: Stage2Config, data: Stage2Data, *, stop_after: int | None = None) -> TrainOutcome:
     """Train (or resume) in cfg.out_dir. `stop_after` ends after that many epochs in total (to test resume)."""
     cfg.check()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / CONFIG_NAME)
+    if distributed.is_main():
+        cfg.save(out / CONFIG_NAME)
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads or threads)
     try:
         device = pick_device(cfg.device)
         model, optimizer, stats, epoch, step, best = _start(cfg, data, device)
-        metrics = MetricsLog(out, keep_epochs=epoch)
+        trainee = distributed.wrap(GatheredAlignment(model), device) if distributed.active() else model
+        main = distributed.is_main()
+        metrics = MetricsLog(out, keep_epochs=epoch) if main else None
         last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, stop_after)
         while epoch < last_epoch:
             started = time.monotonic()
-            train_loss, step = train_epoch(cfg, model, optimizer, data, stats, epoch + 1, step, device)
+            train_loss, step = train_epoch(cfg, trainee, optimizer, data, stats, epoch + 1, step, device)
             epoch += 1
-            record = {
-                "epoch": epoch,
-                "step": step,
-                "train_loss": train_loss,
-                **validate(cfg, model, data, stats, device),
-                "lr": optimizer.param_groups[0]["lr"],
-                "temperature": float(model.loss_fn.temperature),
-                "seconds": round(time.monotonic() - started, 3),
-            }
-            value = _selection_value(cfg, record)
-            if _improves(best["value"], value):
-                best = {"epoch": epoch, "value": value}
-                save_checkpoint(out / BEST, model, _meta(cfg, stats, epoch, step, best))
-            metrics.append(record)
-            save_checkpoint(out / LAST, model, _meta(cfg, stats, epoch, step, best), optimizer)
-            log.info("stage 2 epoch %d: %s", epoch, record)
-        metrics.plot()
+            if main:  # validation, checkpoints and the log are rank 0's; the others wait for its files
+                record = {"epoch": epoch, "step": step, "train_loss": train_loss, "started": started}
+                best = _end_epoch(cfg, model, optimizer, data, stats, record, best, metrics)
+            distributed.barrier()
+        if main:
+            metrics.plot()
     finally:
         torch.set_num_threads(threads)
     return TrainOutcome(out / BEST, int(best["epoch"]), epoch, stats)
@@ -323,12 +356,21 @@ def load_trained_encoder(out_dir: Path | str) -> RetinaEncoder:
     return load_encoder(Path(out_dir) / ENCODER)
 
 
-def run(cfg: Stage2Config) -> Stage2Result:
-    """Manifest + config -> trained encoder, checkpoint, evaluation report and biomarker head."""
+def run(cfg: Stage2Config) -> Stage2Result | None:
+    """Manifest + config -> trained encoder, checkpoint, evaluation report and biomarker head.
+
+    Under torchrun every rank trains; only rank 0 evaluates and writes the results (the others get None).
+    """
     cfg.check()
     out = Path(cfg.out_dir)
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 fills the image cache first; the others then read it
     data = load_data(cfg.manifest, cfg.modality, cfg.biomarker_keys, cfg.image_cache_dir, cfg.progress)
+    if distributed.is_main():
+        distributed.barrier()
     outcome = train(cfg, data)
+    if not distributed.is_main():
+        return None
     aligned = load_best_encoder(cfg, out)
     plain = load_encoder(out / INIT_ENCODER)
     save_encoder(aligned, out / ENCODER)

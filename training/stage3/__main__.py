@@ -89,6 +89,18 @@ def config_from_args(args: argparse.Namespace) -> Stage3Config:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from training import distributed
+
+    distributed.setup()  # a no-op unless started by torchrun
+    if not distributed.is_main():
+        logging.getLogger().setLevel(logging.WARNING)  # one rank speaks
+    try:
+        return _train(args)
+    finally:
+        distributed.teardown()
+
+
+def _train(args: argparse.Namespace) -> int:
     from training.stage3.run import Stage3Inputs, run
 
     inputs = Stage3Inputs(
@@ -101,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         args.image_cache,
     )
     result = run(config_from_args(args), inputs, args.out, resume=not args.no_resume, progress=not args.quiet)
+    if result is None:  # a rank other than 0: rank 0 wrote the outputs
+        return 0
     print(
         f"adapter: {result.adapter_dir}\nprojectors: {result.projectors_path}\nmerged LLM: {result.merged_llm_dir}\n"
         f"loss curve: {result.curve_png}\nvalidation loss: {result.report['first_val_loss']:.4f} -> "

@@ -34,6 +34,7 @@ from grok_pacs.model.heads import BiomarkerHead, estimates_in_range, head_input
 from grok_pacs.model.pattern import PATTERN_HEAD_FILE, PatternHead
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.prompt import build_prompt
+from training import distributed
 from training.pattern import fit_pattern_head
 from training.records import biomarkers_from_prompt_json
 from training.stage3.config import Stage3Config
@@ -238,13 +239,18 @@ def _rope_theta(config: Any) -> float:
 
 def run(
     cfg: Stage3Config, inputs: Stage3Inputs, out_dir: Path, *, resume: bool = True, progress: bool = True
-) -> Stage3Result:
-    """Train stage 3 and write its outputs to `out_dir` (see the module docstring)."""
+) -> Stage3Result | None:
+    """Train stage 3 and write its outputs to `out_dir` (see the module docstring).
+
+    Under torchrun every rank trains its share; rank 0 writes the outputs and the others get None.
+    """
     started = time.monotonic()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    if not distributed.is_main():
+        distributed.barrier()  # rank 0 prepares first (tokenizer, stand-in LLM, features); the others reuse its caches
     splits = split_records(load_instructions(inputs.instructions), inputs.manifest)
     if not splits["train"]:
         raise ValueError(f"{inputs.manifest}: no eyes in the train split")
@@ -299,6 +305,8 @@ def run(
         if truncated:
             log.warning("stage 3: %d %s targets were cut to max_length %d", truncated, split, cfg.max_length)
         datasets[split] = SFTDataset(samples, store)
+    if distributed.is_main():
+        distributed.barrier()
     torch.manual_seed(cfg.seed)
     projectors = Projectors(projector_config(cfg, cfp_encoder, llm.config))
     model = GrokModel(attach_lora(llm, cfg), projectors, image_id)
@@ -312,6 +320,8 @@ def run(
         progress=progress,
     )
     result = trainer.fit(resume=resume)
+    if not distributed.is_main():
+        return None  # rank 0 writes the outputs
     timings["sft_s"] = result.seconds
     trained = _Trained(model, tokenizer, base_dir, result, grok_config(cfp_encoder, oct_encoder, llm, cfg), splits)
     return _write_outputs(cfg, inputs, out_dir, trained, timings, started)

@@ -6,6 +6,8 @@ the same update as one big batch), AdamW with two learning rates (LoRA / project
 cosine decay, gradient clipping, bf16 autocast on a GPU that supports it (or on request on a CPU with AMX), optional
 gradient checkpointing. Checkpoints (safetensors + JSON) are written at step boundaries; `fit(resume=True)`
 continues from the last one. Progress is a tqdm bar; the loss curve is saved as a PNG.
+Under torchrun each rank trains a share of every micro-batch in DistributedDataParallel and rank 0 validates and
+writes (`training.distributed`, docs/training.md).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from transformers import get_cosine_schedule_with_warmup
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.precision import cpu_has_amx_bf16
 from grok_pacs.model.prompt import IGNORE_INDEX
+from training import distributed
 from training.stage3.checkpoint import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.stage3.config import Stage3Config
 from training.stage3.data import SFTDataset, collate, target_token_count
@@ -89,6 +93,18 @@ def token_weights(targets: torch.Tensor, weight: float, decision_tokens: tuple[i
     return weights
 
 
+class _LossSum(torch.nn.Module):
+    """The trainer's loss of one micro-batch as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: GrokModel, loss_sum: Callable[..., torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model  # registered, so DDP sees (and synchronises) its trainable parameters
+        self._loss_sum = loss_sum
+
+    def forward(self, batch: dict[str, Any], denominator: float, weight: float) -> torch.Tensor:
+        return self._loss_sum(batch, denominator, weight)
+
+
 class SFTTrainer:
     """Trains `model` (a GrokModel whose LLM carries LoRA) on `train`, measuring loss on `val`."""
 
@@ -115,6 +131,10 @@ class SFTTrainer:
         if cfg.gradient_checkpointing:
             model.llm.config.use_cache = False
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Under torchrun: each rank takes a share of every micro-batch; DDP averages the gradients.
+        self.ddp = None
+        if distributed.active():
+            self.ddp = distributed.wrap(_LossSum(model, self._loss_sum), self.device, find_unused=True)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         lora = [p for n, p in self.model.llm.named_parameters() if p.requires_grad]
@@ -179,6 +199,8 @@ class SFTTrainer:
         return (losses * weights[:, keep]).sum() / denominator
 
     def _step(self, window: list[list[int]]) -> float:
+        if self.ddp is not None:
+            return self._step_shared(window)
         batches = [collate((self.train_ds[i] for i in idx), self.pad_id) for idx in window]
         weight = self.cfg.decision_weight
         tokens = sum(float(token_weights(b["labels"][:, 1:], weight, self.cfg.decision_tokens).sum()) for b in batches)
@@ -194,6 +216,39 @@ class SFTTrainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total
+
+    def _step_shared(self, window: list[list[int]]) -> float:
+        """`_step` across ranks: the same update from this rank's share of each micro-batch.
+
+        The window's token weight is summed over all ranks, each rank's loss is its tokens' share of the
+        window loss, and it is scaled by the world size because DDP averages (not sums) the gradients.
+        A rank whose share of a short micro-batch is empty runs one sample at weight 0, as DDP needs
+        every rank in every gradient exchange.
+        """
+        world, weight = distributed.world_size(), self.cfg.decision_weight
+        shares = []  # (indices, 1) or, for an empty share, (one stand-in sample, 0)
+        for idx in window:
+            mine = list(distributed.share(idx))
+            shares.append((mine, 1.0) if mine else (idx[:1], 0.0))
+        batches = [collate((self.train_ds[i] for i in idx), self.pad_id) for idx, _ in shares]
+        local = sum(
+            scale * float(token_weights(b["labels"][:, 1:], weight, self.cfg.decision_tokens).sum())
+            for b, (_, scale) in zip(batches, shares, strict=True)
+        )
+        tokens = distributed.sum_across(local)
+        if tokens == 0:
+            raise ValueError(f"records {window[0][:3]}... carry no assistant tokens")
+        total = 0.0
+        for k, (batch, (_, scale)) in enumerate(zip(batches, shares, strict=True)):
+            with nullcontext() if k == len(batches) - 1 else self.ddp.no_sync():  # one exchange per window
+                loss = self.ddp(batch, tokens, weight) * scale
+                (loss * world).backward()
+            total += float(loss.detach())
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return distributed.sum_across(total)
 
     @torch.no_grad()
     def evaluate(self, dataset: SFTDataset | None = None) -> float:
@@ -226,12 +281,17 @@ class SFTTrainer:
             loop = load_checkpoint(checkpoint, self.model, self.optimizer, self.cfg.to_dict())
             log.info("stage 3: resumed from %s at step %d", checkpoint, loop.step)
         scheduler = self._scheduler(loop.step)
-        if not loop.val_losses and self.val_ds is not None:
+        main = distributed.is_main()  # rank 0 validates, writes checkpoints and the curve
+        if not loop.val_losses and self.val_ds is not None and main:
             loop.val_losses.append((0, self.evaluate()))
         started = time.monotonic()
         self.model.train()
         bar = tqdm(
-            total=self.total_steps, initial=loop.step, desc="stage 3: LoRA SFT", unit="step", disable=not self.progress
+            total=self.total_steps,
+            initial=loop.step,
+            desc="stage 3: LoRA SFT",
+            unit="step",
+            disable=not self.progress or not main,
         )
         while loop.epoch < self.cfg.epochs:
             for window in self._windows(loop.epoch, loop.micro):
@@ -244,7 +304,7 @@ class SFTTrainer:
                 bar.set_postfix(epoch=loop.epoch + 1, loss=f"{loss:.3f}")
                 self._periodic(loop, every_eval=self.cfg.eval_every, every_ckpt=self.cfg.checkpoint_every)
                 if max_steps is not None and loop.step >= max_steps:
-                    save_checkpoint(self.run_dir, self.model, self.optimizer, loop)
+                    self._save(loop)
                     bar.close()
                     return TrainResult(
                         loop.step, loop.train_losses, loop.val_losses, time.monotonic() - started, self.plot(loop)
@@ -260,15 +320,24 @@ class SFTTrainer:
     def _periodic(self, loop: LoopState, every_eval: int, every_ckpt: int, epoch_end: bool = False) -> None:
         """Validation loss and checkpoint at their step interval, or at the epoch end when the interval is 0."""
         due_eval = (every_eval and loop.step % every_eval == 0) or (epoch_end and not self.cfg.eval_every)
-        if due_eval and self.val_ds is not None:
+        if due_eval and self.val_ds is not None and distributed.is_main():
             loop.val_losses.append((loop.step, self.evaluate()))
             log.info("stage 3: step %d validation loss %.4f", loop.step, loop.val_losses[-1][1])
         due_ckpt = (every_ckpt and loop.step % every_ckpt == 0) or (epoch_end and not self.cfg.checkpoint_every)
         if due_ckpt:
+            self._save(loop)
+
+    def _save(self, loop: LoopState) -> None:
+        """Rank 0 writes the checkpoint; every rank waits for it (a resume on any rank reads it)."""
+        if distributed.is_main():
             save_checkpoint(self.run_dir, self.model, self.optimizer, loop)
+        distributed.barrier()
 
     def plot(self, loop: LoopState) -> Path:
         """loss_curve.png (training loss per step, validation loss per evaluation) and loss_history.json."""
+        path = self.run_dir / CURVE_PNG
+        if not distributed.is_main():
+            return path  # rank 0 draws it
         import matplotlib
 
         matplotlib.use("Agg")
@@ -290,7 +359,6 @@ class SFTTrainer:
         ax.set_title(f"stage 3 LoRA SFT ({self.cfg.name})")
         ax.grid(alpha=0.3)
         ax.legend()
-        path = self.run_dir / CURVE_PNG
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
