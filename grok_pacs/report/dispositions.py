@@ -120,7 +120,7 @@ DEFAULT_TABLE: tuple[Rule, ...] = (
             biomarker=sign.key,
             op=sign.op,
             value=sign.value,
-            source="RCOphth AMD commissioning guidance, NICE NG82: suspected wet AMD seen within 2 weeks",
+            source="RCOphth / NICE NG82: suspected wet AMD seen within 2 weeks",
         )
         for rule_id, sign in zip(("amd-wet-fluid", "amd-wet"), WET_AMD_SIGNS, strict=True)
     ),
@@ -129,7 +129,7 @@ DEFAULT_TABLE: tuple[Rule, ...] = (
         Action.REFERRAL,
         "Routine referral: dry age-related macular degeneration",
         label="AMD",
-        source="RCOphth AMD commissioning guidance, NICE NG82: dry AMD routine",
+        source="RCOphth / NICE NG82: dry AMD routine",
     ),
     Rule(
         "glaucoma-cdr",
@@ -138,21 +138,21 @@ DEFAULT_TABLE: tuple[Rule, ...] = (
         biomarker="cup_to_disc",
         op=">=",
         value=0.7,
-        source="AAO Primary Open-Angle Glaucoma Suspect PPP: glaucoma suspicion, CDR >= 0.7",
+        source="AAO POAG Suspect PPP: glaucoma suspicion, CDR >= 0.7",
     ),
     Rule(
         "glaucoma",
         Action.REFERRAL,
         "Refer to ophthalmology: glaucoma suspicion",
         label="Glaucoma",
-        source="AAO Primary Open-Angle Glaucoma Suspect PPP: glaucoma suspicion -> refer",
+        source="AAO POAG Suspect PPP: glaucoma suspicion -> refer",
     ),
     Rule(
         "hypertension",
         Action.REFERRAL,
         "Blood-pressure assessment by the physician (hypertensive signs)",
         label="Hypertension",
-        source="Wong and Mitchell, NEJM 2004: hypertensive signs -> blood-pressure assessment by the physician",
+        source="Wong & Mitchell, NEJM 2004: hypertensive signs -> blood pressure assessed by the physician",
     ),
     Rule(
         "alzheimer",
@@ -175,7 +175,7 @@ DEFAULT_TABLE: tuple[Rule, ...] = (
         "No abnormality found: routine rescreen",
         label="Normal",
         rescreen_months=24,
-        source="AAO Comprehensive Adult Medical Eye Evaluation PPP: routine rescreen; interval a site choice",
+        source="AAO Adult Eye Evaluation PPP: routine rescreen; interval a site choice",
     ),
     Rule(
         "indeterminate",
@@ -242,7 +242,7 @@ def roll_up(reports: Sequence[Report]) -> Disposition:
         chosen = Disposition(
             Action.REFERRAL,
             f"Refer to ophthalmology: cup-to-disc asymmetry {abs(cdr[0] - cdr[1]):.2f} >= {CDR_ASYMMETRY}",
-            "AAO Primary Open-Angle Glaucoma Suspect PPP: CDR asymmetry >= 0.2 between the eyes",
+            "AAO POAG Suspect PPP: CDR asymmetry >= 0.2 between the eyes",
             "glaucoma-asymmetry",
         )
         deciding = list(reports)
