@@ -148,6 +148,11 @@ class Settings(BaseSettings):
     # outbox result likewise its delivery. None = job_time_limit + retry_max_seconds (no live job holds work longer).
     reaper_lease_s: float | None = Field(None, gt=0)
     reaper_interval_s: float = Field(30.0, gt=0)  # seconds between two reaper passes
+    # Drift figures on /metrics (grok_pacs.ops.drift; docs/deploy.md, "Drift"): every listener recomputes them
+    # from the results register each drift_interval_s (0 = off) over the last drift_window_hours (the recent
+    # window) and the window before it (the reference of the label mix's population-stability index).
+    drift_window_hours: float = Field(168.0, gt=0)
+    drift_interval_s: float = Field(60.0, ge=0)
     metrics_port: int = Field(0, ge=0, le=65535)  # Prometheus / health HTTP port; 0 = off
     # Address of /metrics and /health, apart from the DICOM bind_address. Loopback by default (nothing outside the
     # host reads them); containers set 0.0.0.0 so Kubernetes probes and Prometheus reach the pod IP.
@@ -158,6 +163,24 @@ class Settings(BaseSettings):
     # DICOM audit messages (grok_pacs.ops.audit) as RFC 5424 syslog: "file:PATH" (one message a line),
     # "udp://HOST:PORT" or "tcp://HOST:PORT" (a collector; TCP framed by octet count). Empty = no audit trail.
     audit_syslog: str = ""
+
+    # --- clinician review page (grok_pacs.review; docs/deploy.md, "Clinician review") ----------------
+    review_port: int = Field(0, ge=0, le=65535)  # HTTP port of the review page (`serve`, `review`); 0 = off
+    # Loopback by default: the page is meant to sit behind a TLS reverse proxy on the same host.
+    review_bind_address: str = "127.0.0.1"
+    # Signs the session cookie and the CSRF tokens (secret; also GROK_PACS_REVIEW_SECRET_KEY_FILE). Required,
+    # at least 32 characters, when review_port is set; changing it logs everyone out.
+    review_secret_key: SecretStr = SecretStr("")
+    # Identity from a trusted reverse proxy that authenticates the clinicians (SSO): the user name comes in this
+    # request header and the role (reviewer/administrator) in review_trusted_role_header, and the page's own
+    # login is off. Only for a page reachable through that proxy alone (it must strip both headers from the
+    # client's request): anyone who reaches the port directly could send them. "" = off (own accounts).
+    review_trusted_user_header: str = ""
+    review_trusted_role_header: str = "X-Remote-Role"
+    # The clinicians' organisation, named in each verified SR (VerifyingOrganization); required with review_port.
+    review_organization: str = ""
+    # Session cookie only over HTTPS (Secure). Off only where the page is served over plain HTTP on loopback.
+    review_cookie_secure: bool = True
 
     # --- gradability gate (grok_pacs.analysis.quality; an eye failing it gets no diagnosis) -----------
     disposition_table: Path | None = None  # TOML [[rule]] table replacing grok_pacs.report.dispositions' default
@@ -214,6 +237,26 @@ class Settings(BaseSettings):
         if value and not AUDIT_SYSLOG_RE.match(value):
             raise ValueError(f"audit_syslog: {value!r} is not file:PATH, udp://HOST:PORT or tcp://HOST:PORT")
         return value
+
+    @field_validator("review_trusted_user_header", "review_trusted_role_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        value = value.strip()
+        if value and not re.fullmatch(r"[A-Za-z0-9-]{1,64}", value):
+            raise ValueError(f"{value!r} is not an HTTP header name (letters, digits, '-')")
+        return value
+
+    @model_validator(mode="after")
+    def _review(self) -> Settings:
+        if not self.review_port:
+            return self
+        if len(self.review_secret_key.get_secret_value()) < 32:
+            raise ValueError("review_secret_key: at least 32 characters are needed with review_port")
+        if not self.review_organization.strip():
+            raise ValueError("review_organization: needed with review_port (named in each verified SR)")
+        if self.review_trusted_user_header and not self.review_trusted_role_header:
+            raise ValueError("review_trusted_role_header: needed with review_trusted_user_header")
+        return self
 
     @field_validator("node_id")
     @classmethod

@@ -18,7 +18,14 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 ENV_PREFIX = "GROK_PACS_"
 # Settings that may carry credentials (URLs with passwords, keys, tokens).
-SECRET_FIELDS = ("database_url", "broker_url", "storage_access_key", "storage_secret_key", "metrics_token")
+SECRET_FIELDS = (
+    "database_url",
+    "broker_url",
+    "storage_access_key",
+    "storage_secret_key",
+    "metrics_token",
+    "review_secret_key",
+)
 
 
 class SecretFileError(ValueError):

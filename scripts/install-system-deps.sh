@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system programs grok-pacs' tests and demo use as real peers, when missing:
 # DCMTK (storescu/storescp/echoscu/img2dcm/dcmdump/dsr2html), dicom3tools (dciodvfy), Redis, Orthanc,
-# PostgreSQL 15, systemd-analyze (the systemd package; only its tools are used, nothing is booted); for the browser test
+# PostgreSQL 15, systemd-analyze (the systemd package; only its tools are used, nothing is booted), promtool (the
+# prometheus package; nothing is started); for the browser test
 # (tests/deploy/test_viewer.py): Orthanc's DICOMweb plugin, chromium (driven headless by Playwright), npm
 # (scripts/fetch-ohif.sh fetches the OHIF viewer with it) and tesseract (OCR of what the viewer shows).
 # Debian packages; needs root (or sudo). Does nothing when everything is already there.
@@ -16,6 +17,7 @@ if [ "${1:-all}" != "demo" ]; then
   command -v Orthanc >/dev/null 2>&1 || need+=(orthanc)
   command -v openssl >/dev/null 2>&1 || need+=(openssl)
   command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)  # verifies deploy/systemd units
+  command -v promtool >/dev/null 2>&1 || need+=(prometheus)  # promtool checks and unit-tests deploy/prometheus rules
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)  # the server database (GROK_PACS_DATABASE_URL)
   test -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so || need+=(orthanc-dicomweb)
   command -v chromium >/dev/null 2>&1 || need+=(chromium)

@@ -31,6 +31,8 @@ COMMAND_MODULES: list[str] = [
     "grok_pacs.cli.report",  # report FILE.dcm
     "grok_pacs.cli.database",  # db upgrade, db current
     "grok_pacs.cli.retention",  # purge [--dry-run]
+    "grok_pacs.cli.withdraw",  # withdraw STUDY_UID --reason quality|safety
+    "grok_pacs.cli.review",  # review (the clinicians' page), reviewer add
 ]
 
 EXIT_OK = 0

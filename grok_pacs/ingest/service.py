@@ -1,5 +1,6 @@
 """The ingest service: recovery, then the C-STORE listener, the uploader (when `storage_url` is set), the
-assembly loop and the reaper (unfinished work whose job was lost is queued again), in one process.
+assembly loop, the reaper (unfinished work whose job was lost is queued again) and the drift figures on
+/metrics (`grok_pacs.ops.drift`, from the results register), in one process.
 
 This is what `grok-pacs listen` runs; the demo and tests start it in-process the same way. The job
 publisher is handed in (`grok_pacs.jobs.publisher.JobPublisher` in production): ingest never imports the
@@ -16,9 +17,10 @@ from grok_pacs.ingest.assembly import Assembler, Publisher, RecoveryReport, reco
 from grok_pacs.ingest.listener import Listener
 from grok_pacs.ingest.reaper import Reaper
 from grok_pacs.ingest.uploader import Uploader
-from grok_pacs.ops import audit
+from grok_pacs.ops import audit, drift
 from grok_pacs.store.files import atomic_write_bytes
 from grok_pacs.store.index import StudyIndex
+from grok_pacs.store.register import ResultRegister
 from grok_pacs.store.retention import Retention, RetentionLoop
 from grok_pacs.store.storage import open_blob_store
 from grok_pacs.store.uploads import Uploads
@@ -84,6 +86,7 @@ class IngestService:
         store = self.uploader.store if self.uploader is not None else None
         self.retention = RetentionLoop(Retention(settings, self.index.engine, store))
         self.recovery: RecoveryReport | None = None
+        self.drift: drift.DriftMonitor | None = None
 
     @property
     def port(self) -> int:
@@ -100,6 +103,7 @@ class IngestService:
         self.assembler.start()
         self.reaper.start()
         self.retention.start()
+        self.drift = drift.maybe_start(self.settings, ResultRegister(self.index.engine))  # /metrics drift figures
         audit.application_started("listener")
 
     def stop(self) -> None:
@@ -111,6 +115,8 @@ class IngestService:
         self.assembler.stop()
         self.reaper.stop()
         self.retention.stop()
+        if self.drift is not None:
+            self.drift.stop()
         self.publisher.close()
         self.index.close()
 

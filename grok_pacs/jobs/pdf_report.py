@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+
 from grok_pacs.analysis.result import Eye
 from grok_pacs.config import Settings
 from grok_pacs.delivery.sender import write_result
@@ -30,9 +32,12 @@ def software() -> str:
         return "grok-pacs (version unknown)"
 
 
-def write_pdf_report(settings: Settings, analysed: Sequence[AnalysedEye], key: ReportKey) -> str:
+def write_pdf_report(
+    settings: Settings, analysed: Sequence[AnalysedEye], key: ReportKey, predecessors: Sequence[Dataset] = ()
+) -> str:
     """Build the study's PDF from the analysed eyes (report, evidence headers, the images they used, as
-    decoded for planning) and write it; returns its path relative to the data directory."""
+    decoded for planning) and write it; returns its path relative to the data directory. `predecessors`:
+    the earlier study version's PDF reports it replaces (its Predecessor Documents Sequence)."""
     if not analysed:
         raise ValueError(f"{key}: no analysed eye to report")
     reports = {item.eye: item.report for item in analysed}
@@ -40,5 +45,5 @@ def write_pdf_report(settings: Settings, analysed: Sequence[AnalysedEye], key: R
     header = StudyHeader.from_dataset(header_ds, software=software(), made_at=made_at())
     pdf = build_pdf(header, reports, {item.eye: item.images for item in analysed})
     sources = [src for eye in Eye if eye in reports for src in reports[eye].sources]
-    ds = build_encapsulated_pdf(pdf, header_ds, sources, key, software_version=software())
+    ds = build_encapsulated_pdf(pdf, header_ds, sources, key, software_version=software(), predecessors=predecessors)
     return str(write_result(Path(settings.data_dir), ds))

@@ -1,7 +1,9 @@
 """One study, end to end inside a worker: one snapshot of the index (`snapshot.read_study`: instances with
 their files resolved, version, per-eye candidates) handed down one way -> the eyes analysed
 (`eye_analysis.analyse_eyes`: selection, gate, the engine once, dispositions; each `AnalysedEye` carries its
-report, the headers the SR references and the images, decoded once) -> SRs and the PDF written -> outbox rows.
+report, the headers the SR references and the images, decoded once) -> SRs and the PDF written -> outbox rows,
+with each eye's result registered (grok_pacs.store.register) in the same transaction. A new version's results
+replace the earlier version's (grok_pacs.jobs.withdrawal): predecessors named, one rejection note queued.
 
 - An eye with a CFP or an OCT gets an SR (a missing or left-out modality is stated in it); an eye with
   neither gets none. A study with no analysable eye FAILS with the reason.
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sqlalchemy.engine import Connection
+
 from grok_pacs.analysis.result import Eye
 from grok_pacs.config import Settings
 from grok_pacs.delivery import results
@@ -26,6 +30,7 @@ from grok_pacs.delivery.sender import write_result
 from grok_pacs.jobs.eye_analysis import AnalysedEye, AnalysisEngine, analyse_eyes
 from grok_pacs.jobs.pdf_report import write_pdf_report
 from grok_pacs.jobs.snapshot import StudyOutcome, StudySnapshot
+from grok_pacs.jobs.withdrawal import Replacement, note_row, result_record
 from grok_pacs.ops.phi import describe
 from grok_pacs.report.keys import ReportKey
 from grok_pacs.report.sr import SRKey, build_sr
@@ -33,6 +38,7 @@ from grok_pacs.store.blobs import BlobStore
 from grok_pacs.store.files import DiskFullError
 from grok_pacs.store.index import StudyIndex, StudyState
 from grok_pacs.store.outbox import Outbox, OutboxEntry, OutboxRow, OutboxState, ResultKind
+from grok_pacs.store.register import ResultRecord, ResultRegister, add_records
 
 if TYPE_CHECKING:
     from grok_pacs.analysis.engine import Engine
@@ -104,6 +110,23 @@ class _Work:
     keys: ResultKeys
     with_pdf: bool
     store: BlobStore | None
+    replacement: Replacement = Replacement()  #: earlier versions' results these replace
+
+
+@dataclass(frozen=True)
+class _Built:
+    """What one run made: the outbox rows, the register's rows of its SRs, the rejection note's UID ("" when
+    it replaces nothing). `commit(conn)` registers them, in the outbox's transaction."""
+
+    rows: list[OutboxRow]
+    records: list[ResultRecord]
+    replacement: Replacement = Replacement()
+    note_uid: str = ""
+
+    def commit(self, conn: Connection) -> None:
+        add_records(conn, self.records)
+        if self.note_uid:
+            self.replacement.mark(conn, {r.eye: r.sr_uid for r in self.records}, self.note_uid)
 
 
 def _no_analysable_eye(snapshot: StudySnapshot, notes: list[str]) -> NoAnalysableEyeError:
@@ -151,10 +174,13 @@ def run_study(
         if not claimed:
             log.info("job for study %s v%d skipped: another job is analysing it", study_uid, version)
             return StudyResult(study_uid, version, StudyOutcome.BUSY)
-        work = _Work(snapshot, existing.pending, keys, with_pdf=not entries, store=store)
-        rows = _rows_or_wait(settings, index, engine, work, notes)
-        # One transaction: SRs and PDF queued together; every row carries all notes (also an eye without an SR).
-        entries.extend(outbox.put_many([dataclasses.replace(row, note="; ".join(notes)) for row in rows]))
+        replacement = Replacement.of(ResultRegister(outbox.engine, schema_open=True), study_uid, version)
+        work = _Work(snapshot, existing.pending, keys, with_pdf=not entries, store=store, replacement=replacement)
+        built = _rows_or_wait(settings, index, engine, work, notes)
+        # One transaction: SRs, PDF and rejection note queued, their results registered (the replaced ones
+        # marked) together; every row carries all notes (also an eye without an SR).
+        rows = [dataclasses.replace(row, note="; ".join(notes)) for row in built.rows]
+        entries.extend(outbox.put_many(rows, also=built.commit))
     if not entries:
         raise _no_analysable_eye(snapshot, notes)
     return StudyResult(study_uid, version, StudyOutcome.ANALYSED, tuple(entries), tuple(notes))
@@ -166,7 +192,7 @@ def _rows_or_wait(
     engine: Callable[[], Engine | AnalysisEngine],
     work: _Work,
     notes: list[str],
-) -> list[OutboxRow]:
+) -> _Built:
     """The rows of the analysed eyes; a full disk puts the study back to QUEUED, saying why it waits."""
     try:
         return _analyse_into_rows(settings, engine(), work, notes)
@@ -176,14 +202,24 @@ def _rows_or_wait(
         raise
 
 
-def _analyse_into_rows(settings: Settings, engine: AnalysisEngine, work: _Work, notes: list[str]) -> list[OutboxRow]:
-    """Run the model on the pending eyes and write their results: the outbox rows to add (not added yet)."""
-    snapshot = work.snapshot
+def _analyse_into_rows(settings: Settings, engine: AnalysisEngine, work: _Work, notes: list[str]) -> _Built:
+    """Run the model on the pending eyes and write their results: the outbox rows to add (not added yet),
+    with the rejection note of the results they replace."""
+    snapshot, replacement = work.snapshot, work.replacement
     eyes = [snapshot.eyes[eye] for eye in work.pending]
     analysed = analyse_eyes(settings, engine, eyes, snapshot.files, notes)
-    rows = [_write_sr(settings, snapshot, item, work.keys.srs[item.eye]) for item in analysed]
+    rows = [_write_sr(settings, snapshot, item, work.keys.srs[item.eye], replacement) for item in analysed]
+    pdf_rows: list[OutboxRow] = []
     if settings.pdf_report and analysed and work.with_pdf:  # every eye's report is at hand
-        rows.extend(_pdf_row(settings, snapshot, analysed, work.keys.pdf, notes))
+        pdf_rows = _pdf_row(settings, snapshot, analysed, work.keys.pdf, notes, replacement)
+    pdf_uid = pdf_rows[0].sr_uid if pdf_rows else ""
+    records = [result_record(item.report, work.keys.srs[item.eye], pdf_uid) for item in analysed]
+    rows.extend(pdf_rows)
+    note_uid = ""
+    if replacement and analysed:
+        note = replacement.note(analysed[0].evidence[0], snapshot.version)
+        rows.append(note_row(settings, note, snapshot.version, work.keys.pdf.bundle_version, None))
+        note_uid = str(note.SOPInstanceUID)
     if work.store is not None:  # before the rows exist: a row never names an object that is not there
         rows = [
             dataclasses.replace(
@@ -191,12 +227,16 @@ def _analyse_into_rows(settings: Settings, engine: AnalysisEngine, work: _Work, 
             )
             for row in rows
         ]
-    return rows
+    return _Built(rows, records, replacement, note_uid)
 
 
-def _write_sr(settings: Settings, snapshot: StudySnapshot, item: AnalysedEye, key: SRKey) -> OutboxRow:
-    """Build and write one eye's SR (its point on the foveal pit from the images the report used)."""
-    sr = build_sr(item.report, list(item.evidence), key, oct_pit=item.images.oct_pit)
+def _write_sr(
+    settings: Settings, snapshot: StudySnapshot, item: AnalysedEye, key: SRKey, replacement: Replacement
+) -> OutboxRow:
+    """Build and write one eye's SR (its point on the foveal pit from the images the report used), naming
+    the earlier SR of its eye it replaces."""
+    previous = replacement.sr_predecessors(item.eye, item.evidence[0])
+    sr = build_sr(item.report, list(item.evidence), key, oct_pit=item.images.oct_pit, previous_versions=previous)
     path = str(write_result(Path(settings.data_dir), sr))
     return OutboxRow(
         key.sop_instance_uid, snapshot.study_uid, snapshot.version, key.bundle_version, item.eye.value, path
@@ -204,11 +244,16 @@ def _write_sr(settings: Settings, snapshot: StudySnapshot, item: AnalysedEye, ke
 
 
 def _pdf_row(
-    settings: Settings, snapshot: StudySnapshot, analysed: Sequence[AnalysedEye], key: ReportKey, notes: list[str]
+    settings: Settings,
+    snapshot: StudySnapshot,
+    analysed: Sequence[AnalysedEye],
+    key: ReportKey,
+    notes: list[str],
+    replacement: Replacement,
 ) -> list[OutboxRow]:
     """The study's PDF report as an outbox row; a PDF that cannot be made is noted, never holds the SRs back."""
     try:
-        path = write_pdf_report(settings, analysed, key)
+        path = write_pdf_report(settings, analysed, key, replacement.pdf_predecessors(analysed[0].evidence[0]))
     except DiskFullError:
         raise  # not this PDF's fault: the whole job waits for space and is retried
     except Exception as exc:  # noqa: BLE001 - the SRs go out regardless; the reason shows with the study

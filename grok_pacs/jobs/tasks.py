@@ -140,6 +140,8 @@ def _analyse_and_deliver(self: ContextTask, study_uid: str, version: int) -> dic
             outcome, reason = _deliver_once(ctx, entry.sr_uid, owner)
         if entry.kind is ResultKind.PDF:
             summary["pdf"] = outcome
+        elif entry.kind is ResultKind.KOS:  # the rejection note of the earlier version's results it replaces
+            summary["rejection"] = outcome
         else:
             summary["srs"][entry.sr_uid] = outcome
         if outcome == "transient":

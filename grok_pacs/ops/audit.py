@@ -3,7 +3,11 @@
 Events: application start/stop (110100 Application Activity), the instances of a study received over one
 association and a result sent to the PACS (110104 DICOM Instances Transferred), an association refused for
 an AE title that is not allowed (110113 Security Alert), a study deleted by retention (110105 DICOM Study
-Deleted: `study_deleted()`, for the purge). A study is identified by its Study Instance UID only: no patient
+Deleted: `study_deleted()`, for the purge), a study's results withdrawn by an administrator (110103 DICOM
+Instances Accessed, action D: `results_withdrawn()`, `grok-pacs withdraw`); on the review page a login or
+logout (110114 User Authentication), a review and the instance it made (110103 DICOM Instances Accessed)
+and a refused review (110113).
+A study is identified by its Study Instance UID only: no patient
 participant object (name, ID) is ever written, although the standard allows one.
 
 Where they go is the `audit_syslog` setting ("file:PATH", "udp://HOST:PORT", "tcp://HOST:PORT"; empty = off),
@@ -177,6 +181,66 @@ def study_deleted(study_uid: str, sop_classes: Mapping[str, int] | None = None, 
     _participant(root, f"{APP_NAME} {reason}", True, ROLE_APPLICATION, alternative=str(os.getpid()))
     _study(root, study_uid, sop_classes or {})
     _emit(root, SEVERITY_NOTICE)
+
+
+def results_withdrawn(
+    study_uid: str, username: str, reason: str, rejection_uid: str, sop_classes: Mapping[str, int]
+) -> None:
+    """An administrator's `grok-pacs withdraw`: the study's results (`sop_classes`, with the rejection note)
+    withdrawn for `reason`, by the rejection note `rejection_uid` (110103 Instances Accessed, action Delete)."""
+    if not enabled():
+        return
+    root = _message(
+        ("110103", "DICOM Instances Accessed"),
+        "D",
+        OUTCOME_SUCCESS,
+        description=f"withdrawn ({reason}): {rejection_uid}",
+    )
+    _participant(root, username or "-", True)
+    _participant(
+        root, f"{APP_NAME} withdraw", False, ROLE_APPLICATION, host=_State.source_id, alternative=str(os.getpid())
+    )
+    _study(root, study_uid, sop_classes)
+    _emit(root, SEVERITY_NOTICE)
+
+
+# --- the clinician review page (grok_pacs.review) ---------------------------------------------------
+USER_AUTHENTICATION = ("110114", "User Authentication")
+INSTANCES_ACCESSED = ("110103", "DICOM Instances Accessed")
+LOGIN, LOGOUT = ("110122", "Login"), ("110123", "Logout")
+RESTRICTED_FUNCTION = ("110132", "Use of Restricted Function")
+
+
+def user_authenticated(username: str, peer_host: str, *, success: bool, logout: bool = False) -> None:
+    """A clinician's login (failed or not) or logout on the review page."""
+    if not enabled():
+        return
+    outcome = OUTCOME_SUCCESS if success else OUTCOME_MINOR_FAILURE
+    root = _message(USER_AUTHENTICATION, "E", outcome, LOGOUT if logout else LOGIN)
+    _participant(root, username or "-", True, host=peer_host)
+    _participant(root, f"{APP_NAME} review", False, ROLE_APPLICATION, host=_State.source_id)
+    _emit(root, SEVERITY_NOTICE if success else SEVERITY_WARNING)
+
+
+def result_reviewed(study_uid: str, username: str, peer_host: str, what: str, sop_classes: Mapping[str, int]) -> None:
+    """A clinician's review of a result (`what`: e.g. "ACCEPTED 2.25.1..."), and the instance it made."""
+    if not enabled():
+        return
+    root = _message(INSTANCES_ACCESSED, "C", OUTCOME_SUCCESS, description=what)
+    _participant(root, username, True, host=peer_host)
+    _participant(root, f"{APP_NAME} review", False, ROLE_APPLICATION, host=_State.source_id)
+    _study(root, study_uid, sop_classes)
+    _emit(root, SEVERITY_NOTICE)
+
+
+def review_refused(username: str, peer_host: str, reason: str) -> None:
+    """A review asked by someone without the role, or without a valid session or CSRF token."""
+    if not enabled():
+        return
+    root = _message(SECURITY_ALERT, "E", OUTCOME_MINOR_FAILURE, RESTRICTED_FUNCTION, description=reason)
+    _participant(root, username or "-", True, host=peer_host)
+    _participant(root, f"{APP_NAME} review", False, ROLE_APPLICATION, host=_State.source_id)
+    _emit(root, SEVERITY_WARNING)
 
 
 # --- the message -----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The database: one SQLAlchemy Core schema (index and outbox tables), two dialects.
+"""The database: one SQLAlchemy Core schema (index, outbox, results and reviewers tables), two dialects.
 
 Embedded (the one-box default): the SQLite file `data_dir/index.sqlite`, WAL journal, `synchronous=FULL`
 (a committed row survives a crash; readers never block the listener) and a busy timeout, set on every new
@@ -121,6 +121,55 @@ outbox = Table(
     Column("kind", Text, nullable=False, server_default="SR"),
     Index("outbox_study", "study_uid", "study_version"),
     Index("outbox_state", "state"),
+)
+
+# One row per eye's AI result (its SR's SOP Instance UID) and its life after delivery: delivered, replaced
+# by a later study version, withdrawn, reviewed (grok_pacs.store.register; migration 0004). The worklist
+# filters on state and time, label and study, hence the indexes.
+results = Table(
+    "results",
+    metadata,
+    Column("sr_uid", Text, primary_key=True),
+    Column("study_uid", Text, nullable=False),
+    Column("study_version", Integer, nullable=False),
+    Column("bundle_version", Text, nullable=False),
+    Column("eye", Text, nullable=False),
+    Column("label", Text, nullable=False, server_default=""),
+    Column("probability", Double),
+    Column("disposition", Text, nullable=False, server_default=""),
+    Column("gradability", Text, nullable=False, server_default=""),
+    Column("pdf_uid", Text, nullable=False, server_default=""),
+    Column("cfp_uid", Text, nullable=False, server_default=""),
+    Column("oct_uid", Text, nullable=False, server_default=""),
+    Column("state", Text, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("delivered_at", Double),
+    Column("replaced_by", Text, nullable=False, server_default=""),
+    Column("withdraw_reason", Text, nullable=False, server_default=""),
+    Column("rejection_uid", Text, nullable=False, server_default=""),
+    Column("review_outcome", Text, nullable=False, server_default=""),
+    Column("reviewed_label", Text, nullable=False, server_default=""),
+    Column("reviewer", Text, nullable=False, server_default=""),
+    Column("review_note", Text, nullable=False, server_default=""),
+    Column("reviewed_at", Double),
+    Column("verified_uid", Text, nullable=False, server_default=""),
+    Index("results_by_state", "state", "created_at"),
+    Index("results_by_label", "label"),
+    Index("results_by_study", "study_uid"),
+)
+
+# The review page's own accounts (grok_pacs.review.accounts; migration 0005): a password hash from a standard
+# KDF (scrypt, as werkzeug.security writes it), never the password; role "reviewer" or "administrator".
+reviewers = Table(
+    "reviewers",
+    metadata,
+    Column("username", Text, primary_key=True),
+    Column("password_hash", Text, nullable=False),
+    Column("role", Text, nullable=False),
+    Column("display_name", Text, nullable=False, server_default=""),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
 )
 
 

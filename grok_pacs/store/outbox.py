@@ -1,6 +1,7 @@
 """Durable outbox of result instances waiting for delivery: one row per SOP Instance UID in the `outbox`
-table of the index database (`db`). A result is an eye's SR (`kind` SR) or the study's PDF report (`kind`
-PDF, eye empty); the column keeps its historical name `sr_uid`.
+table of the index database (`db`). A result is an eye's SR (`kind` SR), the study's PDF report (`kind`
+PDF, eye empty), a rejection note withdrawing earlier results (`kind` KOS, eye empty when study-wide) or a
+clinician-verified SR (`kind` VSR); the column keeps its historical name `sr_uid`.
 
 The row is the delivery's state machine, so that a result survives worker restarts and is sent to the PACS
 at most once per claim:
@@ -11,12 +12,14 @@ at most once per claim:
     SENDING whose claim is older than its lease (the sender died) may be claimed again.
 
 The SR's SOP Instance UID is the primary key: a re-run of the same (study, version, bundle, eye) finds
-the same row; a DELIVERED row is never sent again.
+the same row; a DELIVERED row is never sent again. Recording a row DELIVERED also marks its result
+DELIVERED in the results register (grok_pacs.store.register), in the same transaction.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -26,12 +29,14 @@ from sqlalchemy import Engine, and_, false, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
-from grok_pacs.store import db, schema
+from grok_pacs.store import db, register, schema
 
 
 class ResultKind(StrEnum):
     SR = "SR"  #: one eye's DICOM SR
     PDF = "PDF"  #: the study's Encapsulated PDF report
+    KOS = "KOS"  #: an IHE IOCM rejection note (Key Object Selection) withdrawing earlier results
+    VSR = "VSR"  #: a clinician-verified SR (a review's Accept or Correct)
 
 
 class OutboxState(StrEnum):
@@ -132,9 +137,10 @@ class Outbox:
         """
         return self.put_many([OutboxRow(sr_uid, study_uid, study_version, bundle_version, eye, path, note, kind)])[0]
 
-    def put_many(self, rows: list[OutboxRow]) -> list[OutboxEntry]:
+    def put_many(self, rows: list[OutboxRow], *, also: Callable[[Connection], None] | None = None) -> list[OutboxEntry]:
         """`put` for several results in ONE transaction: a study run's SRs and PDF appear together or not
-        at all, so a crash never leaves some of them queued and the others unmade.
+        at all, so a crash never leaves some of them queued and the others unmade. `also(conn)` runs in
+        the same transaction (the study job registers the results there: grok_pacs.store.register).
 
         Each row is one statement (insert, or on conflict refresh a PENDING row only), so two jobs putting
         the same UID at once never both insert, on either dialect."""
@@ -171,6 +177,8 @@ class Outbox:
                 entry = self._get(conn, row.sr_uid)
                 assert entry is not None
                 entries.append(entry)
+            if also is not None:
+                also(conn)
         return entries
 
     def claim(self, sr_uid: str, owner: str, *, lease_s: float) -> OutboxEntry | None:
@@ -232,6 +240,8 @@ class Outbox:
                 current = self._get(conn, sr_uid)
                 found = "missing" if current is None else f"{current.state} by {current.claimed_by!r}"
                 raise OutboxError(f"SR {sr_uid}: expected SENDING by {owner!r}, found {found}")
+            if state is OutboxState.DELIVERED:  # the result's register row follows, in this transaction
+                register.deliver_record(conn, sr_uid, done.delivered_at)
             entry = self._entry(done)
             assert entry is not None
             return entry

@@ -269,3 +269,59 @@ def test_k8s_many_hosts_layout_shares_no_writable_volume_and_has_a_schema_job() 
         secret["GROK_PACS_STORAGE_SECRET_KEY"],
     ), "the store's key is the one grok-pacs uses"
     assert "s3.bucket.create -name grok-pacs" in json.dumps(by_kind["Job"]["grok-pacs-bucket"])
+
+
+# --- monitoring: Prometheus rules and the Grafana dashboard -------------------------------------------
+PROMETHEUS = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "grok-pacs-drift.json"
+
+
+def _drift_families() -> dict[str, set[str]]:
+    """Each family the drift collector exports, with its series names (a histogram's _bucket, _sum, _count)."""
+    from grok_pacs.ops import drift
+
+    histogram = ("_bucket", "_sum", "_count")
+    return {
+        f.name: {f.name + s for s in histogram} if f.type == "histogram" else {f.name}
+        for f in drift.families({}, 3600.0, 0.0)
+    }
+
+
+def _drift_names() -> set[str]:
+    return set().union(*_drift_families().values())
+
+
+def test_prometheus_rules_load_and_fire_as_their_unit_tests_expect() -> None:
+    """promtool (Prometheus' own parser) loads every rule, and the drift rules fire on drift and only then."""
+    promtool = venv_tool("promtool")
+    checked = run_at_root(promtool, "check", "rules", str(PROMETHEUS / "alerts.yml"))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = run_at_root(promtool, "test", "rules", str(PROMETHEUS / "alerts.test.yml"))
+    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
+    rules = (PROMETHEUS / "alerts.yml").read_text()
+    used = set(re.findall(r"grok_pacs_drift_[a-z_]+", rules))
+    assert used and used <= _drift_names(), f"rules read series nobody exports: {used - _drift_names()}"
+
+
+def test_drift_dashboard_shows_every_drift_figure_per_bundle_version() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert "label_values(grok_pacs_drift_results, bundle_version)" in variables["bundle_version"]["definition"]
+    assert variables["datasource"]["query"] == "prometheus"
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels), "panel ids must be unique"
+    rows = [p for p in panels if p["type"] == "row"]
+    assert [r.get("repeat") for r in rows] == ["bundle_version"], "one row of panels per bundle version"
+    exprs = []
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0, f"panel {panel['title']!r} is off the grid"
+        for target in panel.get("targets", []):
+            assert target["datasource"]["uid"] == "${datasource}" and target["expr"], panel["title"]
+            exprs.append(target["expr"])
+            if "grok_pacs_drift_updated" not in target["expr"]:
+                assert 'bundle_version="$bundle_version"' in target["expr"], f"{panel['title']!r} not per bundle"
+    used = set(re.findall(r"grok_pacs_drift_[a-z_]+", " ".join(exprs)))
+    assert used <= _drift_names(), f"the dashboard reads series nobody exports: {used - _drift_names()}"
+    unshown = {family for family, names in _drift_families().items() if not names & used}
+    assert unshown <= {"grok_pacs_drift_window_seconds"}, f"figures without a panel: {unshown}"

@@ -4,7 +4,10 @@
   exactly one SR arrives; SIGTERM mid-job: the job finishes, then the worker exits 0;
 - the PACS down, then up: the SR arrives once (delivery retried with backoff), also when the worker is
   killed while the SR waits in the outbox;
-- a permanent rejection: the study FAILS with the reason after one attempt, no retry loop.
+- a permanent rejection: the study FAILS with the reason after one attempt, no retry loop;
+- `grok-pacs withdraw` while the PACS is down, the worker killed with the rejection note in the outbox: the
+  note arrives once when the PACS is back and a worker starts (many hosts: the command on the listener's
+  host, the note through the object store to a worker with a data directory of its own).
 The SIGKILL cases also run in the many-hosts layout (issue 17): PostgreSQL and SeaweedFS shared, every
 worker with its own empty data directory, so the second worker finds the study and the SR only there.
 """
@@ -12,6 +15,8 @@ worker with its own empty data directory, so the second worker finds the study a
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -238,3 +243,35 @@ def test_permanent_rejection_fails_without_retry_loop(tmp_path, tiny_bundle, red
     finally:
         box.close()
         rejecting.stop()
+
+
+@pytest.mark.parametrize("box", ["many-hosts"], indirect=True)  # one box: tests/jobs/test_replace_withdraw.py
+def test_a_withdrawal_arrives_once_through_a_pacs_outage_and_a_kill(box, pacs):
+    pacs.start()
+    first = box.worker()
+    study_uid = box.send_study("R")
+    box.wait_state(study_uid, (StudyState.DONE,), 90)
+    delivered = _arrived_once(pacs, settle_s=0)  # the SR and the PDF
+    pacs.stop()
+    withdraw = [sys.executable, "-m", "grok_pacs.cli.main", "withdraw", study_uid, "--reason", "quality"]
+    done = subprocess.run(withdraw, env=grok_env(**box.values), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    note_uid = done.stdout.split("rejection note ")[1].split()[0]
+    wait_until(  # the command published the note's delivery; the worker tried it and waits to retry
+        lambda: [
+            e
+            for e in box.outbox(study_uid)
+            if e.sr_uid == note_uid and e.attempts >= 1 and e.state is OutboxState.PENDING
+        ],
+        60,
+        "a failed first delivery of the rejection note",
+        interval=0.02,
+    )
+    first.signal(signal.SIGKILL)
+    first.wait(10)
+    pacs.start()
+    box.worker()  # at start it queues every undelivered result of the outbox, the note included
+    assert _arrived_once(pacs, count=3) == sorted([*delivered, note_uid])
+    (note,) = [ds for ds in pacs.received() if ds.SOPInstanceUID == note_uid]
+    assert note.ConceptNameCodeSequence[0].CodeValue == "113001"
+    assert box.wait_state(study_uid, (StudyState.DONE,), 30).state is StudyState.DONE
