@@ -25,11 +25,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from grok_pacs.analysis.parsing import parse_generation
+from training.benchmark import ledger
 from training.benchmark.evaluate import evaluate
 from training.benchmark.grounding import check_model_grounding, pooled
 from training.benchmark.honesty import safety_and_honesty
+from training.benchmark.ledger import cohort_key
+from training.benchmark.referral import referral_tiers, tier_markdown
 from training.benchmark.report import write_comparison, write_report
-from training.pipeline import DEFAULT_CACHE, PipelineConfig, PipelineResult, quiet_exporter_logs, run_pipeline
+from training.benchmark.selective import curve_table, decided, selective_figures
+from training.cohort.fingerprint import code_commit
+from training.pipeline import DECIDERS, DEFAULT_CACHE, PipelineConfig, PipelineResult, quiet_exporter_logs, run_pipeline
 from training.stage3.config import Stage3Config
 from training.stage3.evaluate import load_engine, predict, references
 
@@ -62,22 +67,30 @@ def _stage2_mae(result: PipelineResult) -> dict:
     }
 
 
-def _run_variant(cfg: PipelineConfig, cache: Path, progress: bool) -> tuple[PipelineResult, object, dict]:
+def _run_variant(
+    cfg: PipelineConfig, cache: Path, progress: bool, plots_dir: Path | None = None, batch_eyes: int = 0
+) -> tuple[PipelineResult, object, dict]:
     started = time.monotonic()
     result = run_pipeline(cfg, cache, progress=progress)
     trained = time.monotonic() - started
     refs = references(result.instructions, "test")
     engine = load_engine(result.bundle)
-    preds, reports, per_eye = predict(engine, result.manifest, [r.case_id for r in refs], progress)
+    preds, reports, per_eye = predict(engine, result.manifest, [r.case_id for r in refs], progress, batch_eyes)
     bench = evaluate(preds, refs, progress=progress)
     model = pooled(check_model_grounding(report) for report in reports)
     honesty = safety_and_honesty(engine, result.manifest, [r.case_id for r in refs], reports)
+    truth = [r.label.value for r in refs]
+    variant = f"{cfg.decider}-{'with' if cfg.stage3.biomarker_estimates else 'without'}-estimates"
+    plot = plots_dir / f"risk-coverage-{variant}.png" if plots_dir else None
+    honesty["selective"] = selective_figures(reports, truth, plot)
+    honesty["referral_tiers"] = referral_tiers(reports, truth, [dict(r.biomarkers) for r in refs])
     stage3 = json.loads((result.stage3_dir / "stage3.json").read_text())
     info = {
         "pipeline_s": round(trained, 1),
         "pipeline_steps_s": result.timings_s,
         "reused": result.reused,
         "seconds_per_eye": round(per_eye, 2),
+        "batch_eyes": batch_eyes,  # 0: a subject's eyes a generation, as the runtime; else not the runtime's time
         "bundle": str(result.bundle),
         "stage3_val_loss": [stage3["first_val_loss"], stage3["last_val_loss"]],
         "stage3_timings_s": stage3["timings_s"],
@@ -97,6 +110,12 @@ def _run_variant(cfg: PipelineConfig, cache: Path, progress: bool) -> tuple[Pipe
                 "truth": ref.label.value,
                 "concluded": pred.label.value,
                 "stated": report.label.value,
+                # What decided: the deciding component, its label and probability, and the LM's conclusion
+                "decided_by": report.decided_by,
+                "decided_label": decided(report)[0],
+                "decided_probability": decided(report)[1],
+                "lm_conclusion": report.lm_label.value if report.lm_label else None,
+                "lm_scores": report.lm_scores,
                 "label_scores": {k: round(v, 5) for k, v in (report.label_scores or {}).items()},
                 # The engine's scores before calibration, unrounded: a calibration study needs their tails.
                 "raw_label_scores": report.uncalibrated_scores,
@@ -130,6 +149,26 @@ def _headline(bench, mae: dict, info: dict) -> dict:
         "referral_sensitivity": info["honesty"]["referral"]["sensitivity"],
         "referral_specificity": info["honesty"]["referral"]["specificity"],
         "ungradable_with_diagnosis": info["honesty"]["referral"]["ungradable_with_diagnosis"],
+        **_decision_headline(info["honesty"]),
+    }
+
+
+def _decision_headline(honesty: dict) -> dict:
+    """Selective prediction and the referral tiers (training.benchmark.selective, .referral)."""
+    sel, tiers = honesty["selective"], honesty["referral_tiers"]
+    return {
+        "decided_by": sel.get("decided_by"),
+        "operating_point": sel.get("operating_point"),
+        "coverage": sel.get("coverage"),
+        "error_stated": sel.get("error_stated"),
+        "auroc_right_vs_wrong": sel.get("auroc_right_vs_wrong"),
+        "ece_decider": sel.get("ece"),
+        "ece_decider_ci95": sel.get("ece_ci95"),
+        "distinct_confidences": sel.get("distinct_confidences"),
+        "ophthalmologist_sensitivity": tiers["needs_ophthalmologist"]["sensitivity"],
+        "ophthalmologist_specificity": tiers["needs_ophthalmologist"]["specificity"],
+        "urgent_sensitivity": tiers["urgent"]["sensitivity"],
+        "urgent_specificity": tiers["urgent"]["specificity"],
     }
 
 
@@ -174,7 +213,7 @@ def _markdown(payload: dict, comparison_md: str, plots: dict[str, str]) -> str:
         f"| repeated sentences per report | {h['repeated_sentences_per_report']:.2f} | 0 | "
         f"{met['repeated_sentences_per_report']} |",
         f"| distinct-2 | {h['distinct_2']:.3f} | | |",
-        f"| ECE before / after calibration (T fitted on the val split) | {h['ece_before']:.3f} / "
+        f"| ECE of the LM's label scores before / after calibration (T fitted on val) | {h['ece_before']:.3f} / "
         f"{h['ece_after']:.3f} | <= 0.05 after | |",
         f"| referral sensitivity / specificity | {_fmt(h['referral_sensitivity'])} / "
         f"{_fmt(h['referral_specificity'])} | >= 0.95 / >= 0.80 | |",
@@ -182,6 +221,7 @@ def _markdown(payload: dict, comparison_md: str, plots: dict[str, str]) -> str:
         "",
         "Per-label F1: " + ", ".join(f"{k} {_fmt(v)}" for k, v in h["per_label_f1"].items()),
         "",
+        *_decision_markdown(payload),
         "## With vs without the biomarker estimates in the prompt",
         "",
         comparison_md,
@@ -214,6 +254,31 @@ def _markdown(payload: dict, comparison_md: str, plots: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _decision_markdown(payload: dict) -> list[str]:
+    """Who decided, selective prediction (risk-coverage) and referral by tier, for the headline variant."""
+    honesty = payload["variants"][payload["headline_variant"]]["honesty"]
+    sel, h = honesty["selective"], payload["headline"]
+    rerun = "**RE-RUN**: this cohort's test split was reported before (bench/results/ledger.json). " * bool(
+        payload.get("rerun")
+    )
+    return [
+        "## Who decided, and selective prediction",
+        "",
+        f"{rerun}Label decided by: {', '.join(h['decided_by'] or [])}. Operating point {_fmt(h['operating_point'])} "
+        f"(chosen on the validation eyes): coverage {_fmt(h['coverage'])}, error among stated labels "
+        f"{_fmt(h['error_stated'])}; AUROC of the confidence, right vs wrong {_fmt(h['auroc_right_vs_wrong'])}; "
+        f"ECE {_fmt(h['ece_decider'])} (95 % interval {', '.join(_fmt(v) for v in h['ece_decider_ci95'] or [])}); "
+        f"{h['distinct_confidences']} distinct confidence values over {sel.get('n_scored')} eyes.",
+        "",
+        curve_table(sel.get("risk_coverage", [])),
+        "",
+        "## Referral by tier",
+        "",
+        tier_markdown(honesty["referral_tiers"]),
+        "",
+    ]
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -226,18 +291,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only-estimates", action="store_true", help="skip the variant without estimates")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--decider", choices=DECIDERS, default="classifier", help="who decides (training.pipeline)")
+    parser.add_argument("--ledger", type=Path, default=RESULTS / "ledger.json", help="reported test cohorts")
+    parser.add_argument(
+        "--calibration-subjects", type=int, default=0, help="validation subjects the LM calibration uses (0 = all)"
+    )
+    parser.add_argument(
+        "--batch-eyes", type=int, default=0, help="eyes a generation at evaluation (0: a subject's, as the runtime)"
+    )
     args = parser.parse_args(argv)
+    cohort = cohort_key(args.seed, args.subjects)
+    if ledger.is_reported(args.ledger, cohort):
+        logging.warning("%s was reported before (%s): this run is a RE-RUN, not a held-out figure", cohort, args.ledger)
     results_dir, plots_dir = args.out, args.out / "phantom"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_exporter_logs()
     progress = not args.quiet
     # Calibration on every validation eye (the demo's default fits on its first 16 subjects, for time).
-    base = PipelineConfig.small(n_subjects=args.subjects, seed=args.seed, dicom=False, calibration_subjects=0)
+    base = PipelineConfig.small(
+        n_subjects=args.subjects,
+        seed=args.seed,
+        dicom=False,
+        calibration_subjects=args.calibration_subjects,
+        decider=args.decider,
+    )
     variants = {name: flag for name, flag in VARIANTS.items() if flag or not args.only_estimates}
     results, benches, infos = {}, {}, {}
     for name, flag in variants.items():
         cfg = replace(base, stage3=Stage3Config.smollm(biomarker_estimates=flag, **STAGE3_CHANGES))
-        results[name], benches[name], infos[name] = _run_variant(cfg, args.cache, progress)
+        results[name], benches[name], infos[name] = _run_variant(cfg, args.cache, progress, plots_dir, args.batch_eyes)
     first = next(iter(variants))
     mae = _stage2_mae(results[first])
     headline = _headline(benches[first], mae, infos[first])
@@ -253,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = write_report(benches[first], plots_dir, f"phantom benchmark {first}")
         comparison_md = "(only the variant with estimates was run)"
     plots = {p.stem: f"phantom/{p.name}" for p in sorted(plots_dir.glob("*-confusion.png"))}
+    plots.update({p.stem: f"phantom/{p.name}" for p in sorted(plots_dir.glob("risk-coverage-*.png"))})
     for name, info in infos.items():
         target = plots_dir / f"loss-curve-{name.replace(' ', '-')}.png"
         shutil.copyfile(info["curve"], target)
@@ -297,12 +380,23 @@ def main(argv: list[str] | None = None) -> int:
         "stage3_changes": STAGE3_CHANGES,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
+    payload["ledger_cohort"] = cohort
+    payload["rerun"] = ledger.record(
+        args.ledger,
+        cohort,
+        what=f"bench/phantom.py -> {results_dir}",
+        commit=code_commit().get("commit", ""),
+        headline={k: headline[k] for k in ("macro_f1", "coverage", "error_stated", "auroc_right_vs_wrong")},
+    )
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "phantom.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
     (results_dir / "phantom.md").write_text(_markdown(payload, comparison_md, plots))
     print(
         json.dumps(
-            {k: payload[k] for k in ("macro_f1", "mae_aligned", "mae_plain", "grounding_agreement", "targets_met")},
+            {
+                k: payload[k]
+                for k in ("macro_f1", "mae_aligned", "mae_plain", "grounding_agreement", "targets_met", "rerun")
+            },
             indent=2,
             default=str,
         )

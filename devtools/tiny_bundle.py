@@ -3,7 +3,9 @@
 Tiny timm ViTs written as a RETFound `.pth` and a RetiZero `.pth` (LoRA unmerged) and loaded back with the
 runtime's checkpoint loaders; a tiny Qwen2 with a BPE tokenizer trained here (ChatML tokens and <image>);
 `export.build_bundle` exports, checks parity, hashes and verifies. The LLM is fitted for a few seconds to
-answer with TINY_REPORT, so end-to-end tests see a real findings paragraph and diagnosis line.
+answer with TINY_REPORT, so end-to-end tests see a real findings paragraph and diagnosis line. A fixed
+decision classifier (`tiny_decision`, decision.json) decides TINY_LABEL at probability 0.8, which the
+findings conclude: the runtime states it as a real bundle's classifier label.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, OCT_KEYS
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from grok_pacs.model.checkpoints import load_retfound, load_retizero
 from grok_pacs.model.config import GrokConfig
+from grok_pacs.model.decision import DecisionClassifier
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.heads import BiomarkerHead
+from grok_pacs.model.pattern import PatternHead
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.prompt import IM_END, IMAGE_TOKEN, build_prompt, build_training_example, format_target
 from grok_pacs.model.vit import LoraQKV, apply_qkv_lora, build_encoder
@@ -140,6 +144,20 @@ def _fit_llm(model: GrokModel, tokenizer, config: GrokConfig, steps: int, rng: n
     model.eval()
 
 
+def tiny_decision(label: str = TINY_LABEL, probability: float = 0.8) -> DecisionClassifier:
+    """A decision classifier that gives `label` the probability `probability` whatever the estimates (zero
+    weights), above the 0.5 operating point: the tiny bundle's eyes are stated as `label`, which its LLM's
+    findings conclude. No prompt line: the tiny LLM was trained without one."""
+    k = len(DIAGNOSTIC_LABELS)
+    bias = np.zeros(k)
+    bias[[label_.value for label_ in DIAGNOSTIC_LABELS].index(label)] = math.log(
+        probability * (k - 1) / (1 - probability)
+    )
+    n = len(BIOMARKERS)
+    model = PatternHead(np.zeros(n), np.ones(n), np.zeros((n, k)), bias)
+    return DecisionClassifier(model, prompt_line=False, fitted_on={"training_data": "none: fixed test classifier"})
+
+
 def build_tiny_bundle(out_dir: Path, *, layout: str = "merged", train_steps: int = 200, seed: int = 0) -> Path:
     """Build the bundle at `out_dir` (layout "merged", or "adapter": base + PEFT LoRA merged at load)."""
     torch.manual_seed(seed)
@@ -177,6 +195,7 @@ def build_tiny_bundle(out_dir: Path, *, layout: str = "merged", train_steps: int
         heads=_heads(config, rng),
         projectors=projectors,
         tokenizer_dir=work / "tokenizer",
+        decision=tiny_decision(),
     )
     if layout == "merged":
         llm.save_pretrained(work / "llm")
@@ -218,4 +237,22 @@ def _adapter_dirs(llm: Qwen2ForCausalLM, work: Path) -> dict[str, Path]:
 def copy_bundle(src: Path, dst: Path) -> Path:
     """A private copy of a bundle (tests that tamper must never touch the shared one)."""
     shutil.copytree(src, dst)
+    return dst
+
+
+def lm_decides(src: Path, dst: Path) -> Path:
+    """A private copy of a bundle without its decision classifier: the language model decides its labels
+    (the paper's configuration), as the engine's language-model label rule is tested on."""
+    import json
+
+    from grok_pacs.analysis.bundle import MANIFEST
+    from grok_pacs.model.decision import DECISION_FILE
+
+    copy_bundle(src, dst)
+    manifest = json.loads((dst / MANIFEST).read_text())
+    manifest.pop("decision", None)
+    manifest["files"].pop(DECISION_FILE, None)
+    manifest["decides"] = "language model"
+    (dst / DECISION_FILE).unlink(missing_ok=True)
+    (dst / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return dst

@@ -25,6 +25,7 @@ from grok_pacs.domain.biomarkers import BIOMARKERS, Modality
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from grok_pacs.model.checkpoints import load_encoder
 from grok_pacs.model.config import IMAGENET_MEAN, IMAGENET_STD, EncoderConfig, GrokConfig
+from grok_pacs.model.decision import DECISION_FILE, DecisionClassifier
 from grok_pacs.model.heads import BiomarkerHead
 from grok_pacs.model.pattern import PATTERN_HEAD_FILE, PatternHead
 from grok_pacs.model.projector import Projectors
@@ -206,7 +207,8 @@ class ModelParts:
 
     LLM: `llm_dir` (LoRA already merged), or `base_dir` + `adapter_dir` (merged here when `merge`, else stored
     side by side and merged at load). `pattern_head`: the pattern head stage 3 trained the prompt with
-    (grok_pacs.model.pattern), stored as pattern_head.json.
+    (grok_pacs.model.pattern), stored as pattern_head.json. `decision`: the decision classifier that decides
+    each eye's label (grok_pacs.model.decision), stored as decision.json; without it the LM decides.
     """
 
     config: GrokConfig
@@ -220,6 +222,7 @@ class ModelParts:
     adapter_dir: str | Path | None = None
     merge: bool = True
     pattern_head: PatternHead | str | Path | None = None
+    decision: DecisionClassifier | str | Path | None = None
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,12 @@ def build_bundle(
         head = pattern_head if isinstance(pattern_head, PatternHead) else PatternHead.load(pattern_head)
         head.save(work / PATTERN_HEAD_FILE)
         manifest["pattern_head"] = {"file": PATTERN_HEAD_FILE}
+    if (decision := parts.decision) is not None:
+        classifier = decision if isinstance(decision, DecisionClassifier) else DecisionClassifier.load(decision)
+        classifier.save(work / DECISION_FILE)
+        manifest["decision"] = {"file": DECISION_FILE}
+    # Which component decides each eye's label (the SR and PDF say it per report)
+    manifest["decides"] = "decision classifier" if parts.decision is not None else "language model"
     manifest["files"] = layout.file_table(work)
     (work / layout.MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
     step("manifest")

@@ -8,6 +8,7 @@ imports against its `__init__` docstring, and that there are no import cycles):
     ops, store, model          metrics/health/logs; index, outbox, files; the GROK network
     ingest, analysis, report   receive and assemble; run the model; build the SR
     delivery                   send each SR to the PACS exactly once
+    review                     the clinicians' review page (accept, reject, correct a result)
     jobs                       Celery app, tasks, the per-study job, the one-box service
     cli                        the `grok-pacs` command
 

@@ -10,13 +10,15 @@ Layers inside training, lowest first: a module may import its own layer and the 
 
     shared     `manifest` (the cohort manifest), `records` (predictions and references), `cache_keys`,
                `tokenizer`, `contrastive`, `pattern`, `calibration` (fit on predictions handed in),
+               `decision` (the decision classifier's fit and operating point),
                `phantom` (the synthetic cohort), `cohort` (a cohort from a PACS export; its fingerprint),
                `distributed` (torchrun data parallelism: process group, rank 0 writes, barriers)
     stage1     `stage1` (teachers write each eye's report; instruction records)
     stage2     `stage2` (image encoders aligned with the biomarkers)
     stage3     `stage3` (the multimodal LLM's fine-tuning, the bundle and its calibration run)
     benchmark  `benchmark` (scores a bundle's predictions; safety and honesty figures)
-    top        `quality_head` (a learned gradability head on a bundle), `pipeline` (every step, cached),
+    top        `quality_head` (a learned gradability head on a bundle), `ood` (a bundle's device-shift
+               check, fitted on its cohort's features), `pipeline` (every step, cached),
                `pipeline_cli` (its command line), `compare` (a candidate bundle against the serving one)
 
 `data/` holds the Eye-Guideline knowledge the stage-1 teachers read.

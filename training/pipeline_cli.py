@@ -16,6 +16,7 @@ from typing import Any
 
 from training.manifest import ManifestError
 from training.pipeline import (
+    DECIDERS,
     DEFAULT_CACHE,
     DONE,
     PRESETS,
@@ -66,6 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-estimates", action="store_true", help="train stage 3 without the biomarker estimates in the prompt"
     )
+    parser.add_argument(
+        "--decider",
+        choices=DECIDERS,
+        default="classifier",
+        help="who decides each eye's label: classifier = a decision classifier on cross-fitted estimates "
+        "(its label ends the prompt; the LM writes the findings), lm = the language model from its own scored "
+        "labels, no classifier line (the paper's configuration)",
+    )
     parser.add_argument("--bundle-name", help="bundle identity (default grok-phantom, or grok with --manifest)")
     parser.add_argument("--bundle-version", default=PipelineConfig.bundle_version, help="bundle version")
     parser.add_argument("--plan", action="store_true", help="print the cohort and each step's cache key; train nothing")
@@ -103,7 +112,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     else:  # a local model: the paper's recipe on it, or on the CPU the preset made for a pretrained small LLM
         preset = Stage3Config.paper if args.preset == "paper" else Stage3Config.smollm
         llm, stage3 = "local", preset(base_llm_dir=Path(args.llm).resolve(), biomarker_estimates=estimates)
-    changes: dict[str, Any] = {"llm": llm, "stage3": stage3, "preset": args.preset}
+    changes: dict[str, Any] = {"llm": llm, "stage3": stage3, "preset": args.preset, "decider": args.decider}
     changes["oct_encoder"] = str(args.oct_encoder.resolve()) if args.oct_encoder else ""
     changes["cfp_encoder"] = str(args.cfp_encoder.resolve()) if args.cfp_encoder else ""
     if args.manifest is not None:

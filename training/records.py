@@ -37,8 +37,10 @@ class Prediction:
     @classmethod
     def from_report(cls, case_id: str, report: Report) -> Prediction:
         """From the runtime's `Report`: narrative + impression as text, head estimates as biomarkers, and the
-        model's label: the one its findings concluded even where the report does not state it (a calibrated
-        probability below the operating point), so the benchmark scores the model, not the site's threshold."""
+        deciding component's label even where the report does not state it (the decision classifier's, or the
+        language model's conclusion: a calibrated probability below the operating point, or findings that
+        conclude another label), so the benchmark scores the decider, not the site's threshold; selective
+        prediction (training.benchmark.selective) scores what was stated."""
         values = {b.key: b.value for b in report.biomarkers}
         label = report.unsupported_label or report.label
         return cls(case_id=case_id, label=label, text=report.text, biomarkers=values)

@@ -10,16 +10,19 @@ after each eye's own "Diagnosis:", so prompt and findings are not read twice) ->
 biomarker's estimate is written as the estimate, grok_pacs.analysis.grounding; the model's words stay in
 `raw_text`) -> parse (grok_pacs.analysis.parsing).
 
-The label rule: the model's diagnosis line when its generation passed validation and the line names a
-valid label (for a calibrated bundle only when that label's probability reaches the operating point; below
-it the report is Indeterminate, keeps the findings and says which label they concluded); otherwise, when
-the bundle is calibrated (grok_pacs.analysis.label_calibration), the best scored label (each label's continuation
-after "Diagnosis:", temperature-calibrated) when its probability reaches the operating point
-(`min_label_probability`, a site setting over the bundle's); otherwise Indeterminate.
-Uncalibrated scores are reported but never decide a label: measured on the SmolLM2 demo bundle, they put a
-wrong label above 0.5 on 5 of 6 eyes whose narrative was withheld (docs/training.md). A generation that failed
+The label rule (grok_pacs.analysis.label_rule): with a decision classifier in the bundle
+(grok_pacs.model.decision) it decides, its label is the prompt's last line, and it is stated only when its
+calibrated probability reaches the operating point and the validated findings conclude the same label;
+without one the language model decides (the paper's configuration): its findings' label, or its best
+calibrated scored label, at or above the operating point (`min_label_probability`, a site setting over the
+bundle's). Otherwise Indeterminate; uncalibrated scores never decide. A generation that failed
 validation is never shipped as the model's findings: the Report's narrative is empty, its impression
 states the label only, `narrative_check` says why, and `raw_text` keeps the words for audit.
+
+With an OOD model in the bundle (grok_pacs.analysis.ood), an eye whose CFP or OCT encoder features lie
+outside the training features' distribution is left Indeterminate whatever the rule above gave, its
+impression saying why ("image unlike the training images (device shift)") and `Report.shift_scores`
+by how much; the findings are kept for review.
 
 The gradability gate (grok_pacs.analysis.quality) runs before the engine, in the per-study job
 (grok_pacs.jobs.eye_analysis): only gradable images reach `analyze_batch` there. Direct engine calls
@@ -43,16 +46,28 @@ from grok_pacs.analysis.decoding import Decoder
 from grok_pacs.analysis.grounding import ground_cited_numbers
 from grok_pacs.analysis.imaging import EyeImages, read_cfp, read_oct_volume
 from grok_pacs.analysis.label_calibration import load_calibration
+from grok_pacs.analysis.label_rule import classifier_rule, lm_rule
 from grok_pacs.analysis.llm_loading import load_llm, resolve_device
 from grok_pacs.analysis.onnx_session import create_session, run_encoder
+from grok_pacs.analysis.ood import load_ood, ood_impression
 from grok_pacs.analysis.parsing import parse_generation
 from grok_pacs.analysis.preprocess import preprocess_cfp, preprocess_oct, select_foveal_bscan
 from grok_pacs.analysis.quality_head import load_quality_head
-from grok_pacs.analysis.result import BiomarkerEstimate, Eye, NarrativeCheck, NarrativeReason, Report, SourceImage
+from grok_pacs.analysis.result import (
+    DECIDER_CLASSIFIER,
+    DECIDER_LM,
+    BiomarkerEstimate,
+    Eye,
+    NarrativeCheck,
+    NarrativeReason,
+    Report,
+    SourceImage,
+)
 from grok_pacs.analysis.validation import validate_narrative
 from grok_pacs.dicom.sop_classes import OPT
 from grok_pacs.domain.biomarkers import BY_KEY, Modality
 from grok_pacs.domain.labels import Label
+from grok_pacs.model.decision import load_decision
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.heads import BiomarkerHead, estimates_in_range
 from grok_pacs.model.pattern import load_pattern_head
@@ -91,9 +106,12 @@ class Engine:
         self.bundle = bundle
         self.calibration = load_calibration(bundle.root, bundle.manifest)  # None: scores stay uncalibrated
         self.quality_head = load_quality_head(bundle.root, bundle.manifest)  # None: the rule-based gate only
+        self.ood = load_ood(bundle.root, bundle.manifest)  # None: no device-shift check
         self.pattern_head = load_pattern_head(bundle.root, bundle.manifest)  # None: no pattern line in the prompt
-        if self.pattern_head is not None and not bundle.config.generation.compact_biomarkers:
-            raise BundleError(f"{bundle.root}: a pattern head needs a model trained with the compact biomarker block")
+        self.decision = load_decision(bundle.root, bundle.manifest)  # None: the language model decides the label
+        lined = self.pattern_head is not None or (self.decision is not None and self.decision.prompt_line)
+        if lined and not bundle.config.generation.compact_biomarkers:
+            raise BundleError(f"{bundle.root}: a prompt line needs a model trained with the compact biomarker block")
         self._min_label_probability = min_label_probability  # site setting; None: the bundle's
         self.device = resolve_device(device)
         self.config = bundle.config
@@ -119,9 +137,19 @@ class Engine:
 
     @property
     def operating_point(self) -> float:
-        """The Indeterminate threshold: the site's setting when given, else the bundle's generation config."""
+        """The Indeterminate threshold: the site's setting when given, else the bundle's (its decision
+        classifier's, chosen on validation; without one, its generation config's)."""
         site = self._min_label_probability
-        return self.config.generation.min_label_probability if site is None else float(site)
+        if site is not None:
+            return float(site)
+        if self.decision is not None:
+            return self.decision.operating_point
+        return self.config.generation.min_label_probability
+
+    @property
+    def decider(self) -> str:
+        """Which component decides the label: the decision classifier when the bundle has one."""
+        return DECIDER_CLASSIFIER if self.decision is not None else DECIDER_LM
 
     @classmethod
     def from_bundle(
@@ -195,7 +223,11 @@ class Engine:
         """
         start = time.perf_counter()
         timings = [dict(item.timings) for item in eyes]
-        encoded = [self._encode(item.cfp_image, item.oct_volume, timing) for item, timing in zip(eyes, timings)]
+        pooled: list[dict[str, np.ndarray]] = [{} for _ in eyes]  # per eye: modality -> pooled feature
+        encoded = [
+            self._encode(item.cfp_image, item.oct_volume, timing, feats)
+            for item, timing, feats in zip(eyes, timings, pooled)
+        ]
         gen = self.config.generation
         missing = [tuple(m for m in ("CFP", "OCT") if tokens[m.lower()] is None) for tokens, *_ in encoded]
         ids = self.decoder.encode([self.prompt(estimates, gone) for (_, estimates, *_), gone in zip(encoded, missing)])
@@ -222,7 +254,22 @@ class Engine:
         for timing in timings:
             timing.update(shared)
             timing["total"] = batch_s + timing.get("read", 0.0)
-        return [self._report(*args) for args in zip(eyes, encoded, missing, raws, checks, scores, raw_scores, timings)]
+        reports = [
+            self._report(*args) for args in zip(eyes, encoded, missing, raws, checks, scores, raw_scores, timings)
+        ]
+        return [self._shift_checked(report, feats) for report, feats in zip(reports, pooled)]
+
+    def _shift_checked(self, report: Report, pooled: dict[str, np.ndarray]) -> Report:
+        """The report with its shift scores; Indeterminate, saying why, when an image is unlike the training
+        images (grok_pacs.analysis.ood). Unchanged for a bundle without an OOD model."""
+        if self.ood is None:
+            return report
+        scores = self.ood.scores({m: f for m, f in pooled.items() if m in self.ood.models})
+        impression = ood_impression(scores)
+        if impression is None:
+            return dataclasses.replace(report, shift_scores=scores)
+        log.info("eye %s: image unlike the training images (shift scores %s)", report.eye.value, scores)
+        return dataclasses.replace(report, label=Label.INDETERMINATE, impression=impression, shift_scores=scores)
 
     @staticmethod
     def _validate(eye: Eye, raw: str, estimates: dict[str, float]) -> NarrativeCheck:
@@ -244,26 +291,17 @@ class Engine:
 
     def prompt(self, estimates: dict[str, float], missing: Sequence[str] = ()) -> str:
         """One eye's generation prompt, as the bundle's stage 3 trained it: the estimates (when it was trained
-        with them) and the pattern head's closest label (when the bundle has one)."""
+        with them) and its last line, the decision classifier's label (or an older bundle's pattern head's)."""
         gen = self.config.generation
         values = self.prompt_estimates(estimates)
-        pattern = self.pattern_head.closest(values) if self.pattern_head is not None and values else None
+        pattern = None
+        if values and self.decision is not None and self.decision.prompt_line:
+            pattern = self.decision.decide(values).label
+        elif values and self.pattern_head is not None:
+            pattern = self.pattern_head.closest(values)
         return build_prompt(
             values, missing, compact=gen.compact_biomarkers, pattern=pattern, pattern_subtype=gen.pattern_subtype
         )
-
-    def _scored_label(self, scores: dict[str, float]) -> Label:
-        """The best calibrated scored label when its probability reaches the operating point, else
-        Indeterminate (always Indeterminate for an uncalibrated bundle)."""
-        if scores and self.calibration is not None:
-            best = max(scores, key=scores.get)
-            if scores[best] >= self.operating_point:
-                return Label(best)
-        return Label.INDETERMINATE
-
-    def _below_operating_point(self, label: Label, scores: dict[str, float]) -> bool:
-        """A calibrated bundle's label whose probability is below the operating point is not stated."""
-        return self.calibration is not None and bool(scores) and scores.get(label.value, 0.0) < self.operating_point
 
     def _report(
         self,
@@ -278,8 +316,7 @@ class Engine:
     ) -> Report:
         """The Report of one eye, by the label rule of the module docstring."""
         _, estimates, frame, method = encoded
-        narrative, impression, cited, rewritten, unsupported = "", "", (), 0, None
-        label = self._scored_label(scores)
+        narrative, impression, cited, rewritten, concluded = "", "", (), 0, None
         if check.passed:  # only a validated text is shipped as the model's findings
             grounded, rewritten = (
                 ground_cited_numbers(raw, estimates) if self.config.generation.ground_numbers else (raw, 0)
@@ -287,15 +324,16 @@ class Engine:
             if rewritten:
                 log.info("grounding: %d cited number(s) rewritten to the estimates the SR carries", rewritten)
             parsed = parse_generation(grounded)
-            label = parsed.label if parsed.label_found else label
             narrative, impression, cited = parsed.narrative, parsed.impression, parsed.cited_numbers
-            if parsed.label_found and self._below_operating_point(label, scores):
-                unsupported, label = label, Label.INDETERMINATE
-                impression = (
-                    f"No diagnosis is stated: the findings conclude {unsupported.value}, but its calibrated "
-                    f"probability {scores.get(unsupported.value, 0.0):.2f} is below the operating point "
-                    f"{self.operating_point:.2f}."
-                )
+            concluded = parsed.label if parsed.label_found else None
+        decision = self.decision.decide(estimates) if self.decision is not None and estimates else None
+        if decision is None:
+            calibrated = self.calibration is not None
+            label, impression, unsupported = lm_rule(concluded, impression, scores, calibrated, self.operating_point)
+            stated_scores, lm_scores = scores, {}
+        else:
+            label, impression, unsupported = classifier_rule(decision, concluded, impression, self.operating_point)
+            stated_scores, lm_scores, calibrated = decision.probabilities, scores, True
         impression = impression or (
             f"Diagnosis: {label.value}" if label != Label.INDETERMINATE else "No diagnosis could be determined."
         )
@@ -307,7 +345,7 @@ class Engine:
             raw_text=raw,
             biomarkers=tuple(BiomarkerEstimate(k, v, BY_KEY[k].unit) for k, v in estimates.items()),
             cited_numbers=cited,
-            label_scores=scores,
+            label_scores=stated_scores,
             missing_modalities=missing,
             sources=tuple(
                 dataclasses.replace(s, frame=frame + 1) if s.sop_class_uid == OPT and frame is not None else s
@@ -320,10 +358,13 @@ class Engine:
             timings_s=timings,
             numbers_rewritten=rewritten,
             narrative_check=check,
-            probabilities_calibrated=bool(scores) and self.calibration is not None,
+            probabilities_calibrated=bool(stated_scores) and calibrated,
             uncalibrated_scores=raw_scores,
             operating_point=self.operating_point,
             unsupported_label=unsupported,
+            decided_by=DECIDER_CLASSIFIER if decision is not None else DECIDER_LM,
+            lm_label=concluded,
+            lm_scores=lm_scores,
         )
 
     # --- steps ---------------------------------------------------------------------------------------
@@ -343,7 +384,15 @@ class Engine:
         model = self.quality_head.models.get(modality) if self.quality_head is not None else None
         return None if model is None else model.probability(self.pooled_feature(modality, pixels))
 
-    def _encode(self, cfp_image: np.ndarray | None, oct_volume: np.ndarray | None, timings: dict[str, float]):
+    def _encode(
+        self,
+        cfp_image: np.ndarray | None,
+        oct_volume: np.ndarray | None,
+        timings: dict[str, float],
+        pooled_out: dict[str, np.ndarray] | None = None,
+    ):
+        """(tokens, estimates, frame, method) of one eye; `pooled_out` receives each modality's pooled feature."""
+        pooled_out = {} if pooled_out is None else pooled_out
         tokens: dict[str, np.ndarray | None] = {"cfp": None, "oct": None}
         estimates: dict[str, float] = {}
         frame = method = None
@@ -354,7 +403,7 @@ class Engine:
             t = time.perf_counter()
             cfp_tokens, pooled = run_encoder(self.cfp_session, pixels)
             timings["cfp_encoder"] = time.perf_counter() - t
-            tokens["cfp"] = cfp_tokens[0]
+            tokens["cfp"], pooled_out["CFP"] = cfp_tokens[0], pooled[0]
             estimates.update(self.heads[Modality.CFP].estimate(pooled[0], cfp_tokens[0]))
         if oct_volume is not None:
             t = time.perf_counter()
@@ -364,7 +413,7 @@ class Engine:
             t = time.perf_counter()
             oct_tokens, pooled = run_encoder(self.oct_session, pixels)
             timings["oct_encoder"] = time.perf_counter() - t
-            tokens["oct"] = oct_tokens[0]
+            tokens["oct"], pooled_out["OCT"] = oct_tokens[0], pooled[0]
             oct_values = self.heads[Modality.OCT].estimate(pooled[0], oct_tokens[0])
             estimates = {**oct_values, **estimates}  # OCT first, then CFP: the schema's order
         return tokens, estimates_in_range(estimates), frame, method

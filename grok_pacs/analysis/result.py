@@ -198,6 +198,10 @@ class NarrativeCheck:
         return "passed" if self.passed else "; ".join(issue.text for issue in self.issues)
 
 
+DECIDER_CLASSIFIER = "decision classifier"  #: Report.decided_by: grok_pacs.model.decision decided the label
+DECIDER_LM = "language model"  #: Report.decided_by: the language model's conclusion and scores decided it
+
+
 @dataclass(frozen=True)
 class Report:
     eye: Eye
@@ -230,6 +234,22 @@ class Report:
     #: the label the validated narrative named but the report does not state: its calibrated probability is
     #: below the operating point (the report's label is then Indeterminate); None otherwise
     unsupported_label: Label | None = None
+    #: which component decided the label: DECIDER_CLASSIFIER (the bundle's decision classifier; the language
+    #: model wrote the findings) or DECIDER_LM (the language model's own conclusion and label scores)
+    decided_by: str = "language model"
+    #: the label the validated findings concluded (the language model's conclusion); None when withheld or absent
+    lm_label: Label | None = None
+    #: the language model's label scores (calibrated when the bundle is) when the classifier decided; else {}
+    lm_scores: dict[str, float] = field(default_factory=dict)
+    #: modality -> distance of its encoder features from the training features over the bundle's threshold
+    #: (grok_pacs.analysis.ood): above 1 the image is unlike the training images and the eye is Indeterminate;
+    #: {} for a bundle without an OOD model
+    shift_scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def out_of_distribution(self) -> bool:
+        """An image of this eye is unlike the training images (device shift): no diagnosis is stated."""
+        return any(score > 1.0 for score in self.shift_scores.values())
 
     @property
     def narrative_withheld(self) -> bool:

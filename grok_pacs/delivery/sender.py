@@ -163,8 +163,11 @@ def give_up(outbox: Outbox, sr_uid: str, owner: str, reason: str) -> None:
     _count_failure(entry, permanent=True)  # retries exhausted: the result is given up
 
 
+_NAMES = {ResultKind.PDF: "PDF report", ResultKind.KOS: "rejection note", ResultKind.VSR: "verified SR"}
+
+
 def _name(entry: OutboxEntry) -> str:
-    return f"SR {entry.eye}" if entry.kind is ResultKind.SR else "PDF report"
+    return f"SR {entry.eye}" if entry.kind is ResultKind.SR else _NAMES[entry.kind]
 
 
 def study_summary(entries: list[OutboxEntry], destination: str) -> tuple[StudyState, str]:
@@ -184,8 +187,10 @@ def study_summary(entries: list[OutboxEntry], destination: str) -> tuple[StudySt
         )
     srs = [e for e in entries if e.kind is ResultKind.SR]
     pdf = " and the PDF report" if any(e.kind is ResultKind.PDF for e in entries) else ""
+    notes_sent = sum(e.kind is ResultKind.KOS for e in entries)
+    withdrawn = f", {notes_sent} rejection note(s)" if notes_sent else ""
     detail = (
-        f"{len(srs)} SR(s){pdf} delivered to {destination or entries[0].destination} "
+        f"{len(srs)} SR(s){pdf}{withdrawn} delivered to {destination or entries[0].destination} "
         f"(eyes {','.join(e.eye for e in srs)})"
     )
     return StudyState.DONE, detail + (f"; {'; '.join(notes)}" if notes else "")

@@ -66,6 +66,27 @@ def _source_sequence(sources: Sequence[SourceImage]) -> list[Dataset]:
     return items
 
 
+def predecessor_sequence(predecessors: Sequence[Dataset]) -> list[Dataset]:
+    """Predecessor Documents Sequence (Hierarchical SOP Instance Reference Macro): the earlier documents
+    this one replaces, by study and series (each dataset with its Study, Series, SOP Class and Instance UIDs)."""
+    studies: dict[str, dict[str, list[Dataset]]] = {}
+    for ds in predecessors:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        studies.setdefault(str(ds.StudyInstanceUID), {}).setdefault(str(ds.SeriesInstanceUID), []).append(ref)
+    items = []
+    for study_uid, series in studies.items():
+        item = Dataset()
+        item.StudyInstanceUID = study_uid
+        item.ReferencedSeriesSequence = []
+        for series_uid, refs in series.items():
+            series_item = Dataset()
+            series_item.SeriesInstanceUID, series_item.ReferencedSOPSequence = series_uid, refs
+            item.ReferencedSeriesSequence.append(series_item)
+        items.append(item)
+    return items
+
+
 def build_encapsulated_pdf(
     pdf: bytes,
     study: Dataset,
@@ -74,8 +95,11 @@ def build_encapsulated_pdf(
     *,
     software_version: str,
     now: datetime | None = None,
+    predecessors: Sequence[Dataset] = (),
 ) -> Dataset:
-    """The Encapsulated PDF dataset (with file meta) of `pdf` for the study `study` (any image header of it)."""
+    """The Encapsulated PDF dataset (with file meta) of `pdf` for the study `study` (any image header of it).
+    `predecessors`: the earlier PDF reports this one replaces (a later study version's), set by hand as
+    the Predecessor Documents Sequence (highdicom builds only SRs)."""
     if not pdf.startswith(b"%PDF-"):
         raise ValueError(f"{key}: the document is not a PDF")
     if str(study.StudyInstanceUID) != key.study_uid:
@@ -103,6 +127,8 @@ def build_encapsulated_pdf(
     ds.ConceptNameCodeSequence = [_code(codes.AI_REPORT_DOCUMENT)]
     ds.VerificationFlag = "UNVERIFIED"
     ds.SourceInstanceSequence = _source_sequence(sources)
+    if predecessors:
+        ds.PredecessorDocumentsSequence = predecessor_sequence(predecessors)
     ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
     ds.EncapsulatedDocumentLength = len(pdf)
     ds.EncapsulatedDocument = pdf + (b"\0" if len(pdf) % 2 else b"")  # OB values have even length

@@ -27,7 +27,7 @@ from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
 from reportlab.platypus import Image, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
-from grok_pacs.analysis.result import Eye, Gradability, Report
+from grok_pacs.analysis.result import DECIDER_CLASSIFIER, Eye, Gradability, Report
 from grok_pacs.dicom.sop_classes import OPT
 from grok_pacs.domain.biomarkers import BY_KEY, format_value
 from grok_pacs.domain.labels import Label
@@ -137,6 +137,15 @@ def diagnosis_text(report: Report) -> str:
         return f"{meaning} (no probability computed)"
     kind = "calibrated probability" if report.probabilities_calibrated else "model score, not calibrated"
     return f"{meaning} ({kind} {score:.2f})"
+
+
+def decider_text(report: Report) -> str:
+    """Which component decided the label and which wrote the findings, in a short line."""
+    if report.gradability is not Gradability.GRADABLE:
+        return "nothing: the images were not analysed"
+    if report.decided_by == DECIDER_CLASSIFIER:
+        return "label: decision classifier; findings: language model"
+    return "label and findings: language model"
 
 
 def gradability_text(report: Report) -> str:
@@ -253,6 +262,7 @@ def _eye_section(report: Report, images: ReportImages, styles: dict[str, Paragra
                 ("Gradability", gradability_text(report)),
                 ("Disposition", disposition_text(report.disposition)),
                 ("Diagnosis", diagnosis_text(report)),
+                ("Decided by", decider_text(report)),
             ],
             styles,
         )

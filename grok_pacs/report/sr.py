@@ -18,7 +18,7 @@ from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
-from grok_pacs.analysis.result import REASON_TEXT, Gradability, Report
+from grok_pacs.analysis.result import DECIDER_CLASSIFIER, REASON_TEXT, Gradability, Report
 from grok_pacs.dicom.sop_classes import OPT
 from grok_pacs.domain.biomarkers import BY_KEY
 from grok_pacs.domain.labels import Label
@@ -132,8 +132,15 @@ def _check_values(report: Report, key: SRKey) -> None:
         seen.add(estimate.key)
 
 
+def decider_note(report: Report) -> str:
+    """Which component decided the label and which wrote the findings (grok_pacs.analysis.result)."""
+    if report.decided_by == DECIDER_CLASSIFIER:
+        return "Label decided by a classifier on the biomarker estimates; findings written by the language model."
+    return "Label decided and findings written by the language model."
+
+
 def _notes(report: Report) -> list[str]:
-    notes = []
+    notes = [decider_note(report)] if report.gradability is Gradability.GRADABLE else []
     left_out = {q.modality for q in report.left_out}
     missing = [m for m in report.missing_modalities if m not in left_out]
     if missing:
@@ -152,7 +159,11 @@ def _notes(report: Report) -> list[str]:
     if report.narrative_withheld:
         reasons = report.narrative_check.reasons
         source = (
-            "the diagnosis is the model's best-scored label"
+            (
+                "the diagnosis is the decision classifier's"
+                if report.decided_by == DECIDER_CLASSIFIER
+                else "the diagnosis is the model's best-scored label"
+            )
             if report.label is not Label.INDETERMINATE
             else "no scored label reached the threshold, so the diagnosis is Indeterminate"
         )
@@ -160,7 +171,9 @@ def _notes(report: Report) -> list[str]:
             f"Narrative validation failed ({', '.join(r.value for r in reasons)}): "
             f"{'; '.join(REASON_TEXT[r] for r in reasons)}. The measurements are unaffected; {source}."
         )
-    if report.unsupported_label is not None:
+    if report.unsupported_label is not None and report.decided_by == DECIDER_CLASSIFIER:
+        notes.append(f"{report.impression} Review the images and the measurements.")
+    elif report.unsupported_label is not None:
         notes.append(
             f"The findings conclude {report.unsupported_label.value}, but that label's calibrated probability "
             f"{report.label_scores.get(report.unsupported_label.value, 0.0):.2f} is below the operating point "
@@ -255,10 +268,17 @@ def _equipment(report: Report) -> hd.ContributingEquipment:
 
 
 def build_sr(
-    report: Report, sources: Sequence[Dataset], key: SRKey, *, oct_pit: tuple[float, float] | None = None
+    report: Report,
+    sources: Sequence[Dataset],
+    key: SRKey,
+    *,
+    oct_pit: tuple[float, float] | None = None,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.ComprehensiveSR:
     """The SR of one eye: TID 1500 report, AI device observer, UNVERIFIED / PRELIMINARY. `oct_pit` is the
-    (column, row) of the foveal pit in the OCT B-scan used, where the OCT group's point goes."""
+    (column, row) of the foveal pit in the OCT B-scan used, where the OCT group's point goes.
+    `previous_versions`: the earlier SRs this one replaces (a later study version's result), named in its
+    Predecessor Documents Sequence (each with its Study, Series, SOP Class and SOP Instance UIDs)."""
     validate(report, sources, key)
     _check_pit(oct_pit, sources, key)
     algorithm = hd.sr.AlgorithmIdentification(
@@ -295,6 +315,7 @@ def build_sr(
         is_verified=False,
         contributing_equipment=[_equipment(report)],
         series_description=f"{SR_SERIES_DESCRIPTION} ({EYE_NAMES[key.eye].lower()})",
+        previous_versions=list(previous_versions) or None,
     )
     # Without SeriesDate, Orthanc Explorer files the series under "?".
     sr.SeriesDate, sr.SeriesTime = sr.ContentDate, sr.ContentTime

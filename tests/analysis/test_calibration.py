@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from devtools.tiny_bundle import copy_bundle
+from devtools.tiny_bundle import copy_bundle, lm_decides
 from grok_pacs.analysis.bundle import BundleError, load_bundle
 from grok_pacs.analysis.engine import Engine
 from grok_pacs.analysis.label_calibration import CALIBRATION_FILE, Calibration, CalibrationError
@@ -115,8 +115,9 @@ def test_apply_keeps_the_ranking_and_sums_to_one():
 
 
 def test_calibration_stored_in_the_bundle_loaded_and_applied(tiny_bundle, tmp_path):
-    bundle = copy_bundle(tiny_bundle, tmp_path / "calibrated")
-    plain = Engine.from_bundle(tiny_bundle)
+    """The language model decides here (the paper's configuration): its label scores are what is calibrated."""
+    bundle = lm_decides(tiny_bundle, tmp_path / "calibrated")
+    plain = Engine.from_bundle(bundle)
     cfp, volume = fundus_pixels(), oct_pixels()
     before = plain.analyze_images("R", cfp, volume)
     assert plain.calibration is None and not before.probabilities_calibrated and before.label_scores

@@ -7,15 +7,18 @@ import dataclasses
 import pytest
 import torch
 
-from devtools.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle, copy_bundle
+from devtools.tiny_bundle import TINY_NARRATIVE, build_tiny_bundle, copy_bundle, tiny_decision
 from grok_pacs.analysis.bundle import BundleError
 from grok_pacs.analysis.engine import Engine
 from grok_pacs.analysis.grounding import ground_cited_numbers
 from grok_pacs.analysis.label_calibration import Calibration
-from grok_pacs.analysis.result import Eye
+from grok_pacs.analysis.result import DECIDER_CLASSIFIER, Eye
 from grok_pacs.domain.biomarkers import BY_KEY, CFP_KEYS, OCT_KEYS
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
+from grok_pacs.report.pdf import decider_text
+from grok_pacs.report.sr import SRKey, build_sr
 from tests.helpers.eye_dicom import two_eye_study
+from tests.helpers.srcheck import assert_valid_sr
 
 torch.set_num_threads(1)
 
@@ -107,8 +110,9 @@ def test_eye_with_one_modality_says_which_is_missing(engine, study):
 
 def test_truncated_generation_falls_back_to_calibrated_scored_label_or_indeterminate(engine, study):
     item = study[Eye.RIGHT].item
-    original, original_calibration = engine.config, engine.calibration
+    original, original_calibration, original_decision = engine.config, engine.calibration, engine.decision
     try:
+        engine.decision = None  # the language model decides (the paper's configuration)
         short = dataclasses.replace(original.generation, max_new_tokens=8)
         engine.config = dataclasses.replace(original, generation=short)
         assert engine.calibration is None  # the tiny test bundle carries no calibration
@@ -120,15 +124,16 @@ def test_truncated_generation_falls_back_to_calibrated_scored_label_or_indetermi
         engine.config = dataclasses.replace(original, generation=dataclasses.replace(short, min_label_probability=1.01))
         assert engine.analyze_eye(item.eye, item.cfp, item.oct).label == Label.INDETERMINATE
     finally:
-        engine.config, engine.calibration = original, original_calibration
+        engine.config, engine.calibration, engine.decision = original, original_calibration, original_decision
 
 
 def test_a_validated_narrative_below_the_operating_point_states_no_diagnosis(engine, study):
     """Calibrated bundle: the findings are shipped, but their label only when its probability reaches the
     operating point; below it the eye is Indeterminate and the impression says what the findings concluded."""
     item = study[Eye.RIGHT].item
-    original, original_calibration = engine.config, engine.calibration
+    original, original_calibration, original_decision = engine.config, engine.calibration, engine.decision
     try:
+        engine.decision = None  # the language model decides (the paper's configuration)
         engine.calibration = Calibration(temperature=1.0, fitted_on="test")
         engine.config = dataclasses.replace(
             original, generation=dataclasses.replace(original.generation, min_label_probability=0.0)
@@ -144,7 +149,7 @@ def test_a_validated_narrative_below_the_operating_point_states_no_diagnosis(eng
         assert withheld.label == Label.INDETERMINATE and withheld.unsupported_label == stated.label
         assert f"conclude {stated.label.value}" in withheld.impression and "operating point 1.01" in withheld.impression
     finally:
-        engine.config, engine.calibration = original, original_calibration
+        engine.config, engine.calibration, engine.decision = original, original_calibration, original_decision
 
 
 def test_engine_refuses_a_tampered_bundle(tiny_bundle, tmp_path):
@@ -178,3 +183,50 @@ def test_the_llm_runs_in_the_precision_asked_for_with_the_same_report(tiny_bundl
     for report in reports.values():
         assert report.label == Label.GLAUCOMA and TINY_NARRATIVE in report.raw_text
     assert reports["bf16"].narrative == reports["fp32"].narrative
+
+
+# --- the decision classifier decides (issue 32) -----------------------------------------------------------
+def test_the_decision_classifier_states_its_label_and_the_sr_says_who_decided(engine, study, tmp_path):
+    """The tiny bundle's classifier (devtools.tiny_bundle.tiny_decision) decides Glaucoma at 0.8, above its
+    operating point; the findings conclude the same label, so it is stated, and the SR and PDF say that a
+    classifier decided the label and the language model wrote the findings."""
+    item, datasets, patient, _ = study[Eye.RIGHT]
+    report = engine.analyze_eye(item.eye, item.cfp, item.oct, sources=item.sources)
+    assert engine.decider == DECIDER_CLASSIFIER and report.decided_by == DECIDER_CLASSIFIER
+    assert report.label == Label.GLAUCOMA and report.lm_label == Label.GLAUCOMA and report.unsupported_label is None
+    assert report.label_scores["Glaucoma"] == pytest.approx(0.8) and report.probabilities_calibrated
+    assert report.operating_point == engine.decision.operating_point == 0.5
+    assert set(report.lm_scores) == {label.value for label in DIAGNOSTIC_LABELS}  # the LM's, kept for audit
+    path = tmp_path / "decided.dcm"
+    build_sr(report, datasets, SRKey(patient.study_uid, 1, report.bundle_version, Eye.RIGHT)).save_as(
+        path, enforce_file_format=True
+    )
+    assert_valid_sr(path, "Label decided by a classifier on the biomarker estimates; findings written by the language")
+    assert decider_text(report) == "label: decision classifier; findings: language model"
+
+
+def test_below_the_classifier_operating_point_the_eye_is_indeterminate(engine, study):
+    item = study[Eye.RIGHT].item
+    original = engine.decision
+    try:
+        engine.decision = dataclasses.replace(original, operating_point=0.85)  # chosen on validation, say
+        report = engine.analyze_eye(item.eye, item.cfp, item.oct)
+    finally:
+        engine.decision = original
+    assert report.label == Label.INDETERMINATE and report.unsupported_label == Label.GLAUCOMA
+    assert "probability for Glaucoma, 0.80, is below the operating point 0.85" in report.impression
+    assert report.narrative  # the findings are still shipped for review
+    assert engine.analyze_eye(item.eye, item.cfp, item.oct).label == Label.GLAUCOMA  # 0.8 >= 0.5 again
+
+
+def test_findings_that_conclude_another_label_leave_the_eye_indeterminate(engine, study):
+    item = study[Eye.RIGHT].item
+    original = engine.decision
+    try:
+        engine.decision = tiny_decision("AMD", 0.9)  # the tiny LLM's findings conclude Glaucoma whatever it reads
+        report = engine.analyze_eye(item.eye, item.cfp, item.oct)
+    finally:
+        engine.decision = original
+    assert report.label == Label.INDETERMINATE and report.unsupported_label == Label.AMD
+    assert report.lm_label == Label.GLAUCOMA and report.label_scores["AMD"] == pytest.approx(0.9)
+    assert "the classifier decided AMD (0.90) but the findings conclude Glaucoma" in report.impression

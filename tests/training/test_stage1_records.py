@@ -125,3 +125,37 @@ def test_cli_writes_instructions_with_progress(manifest: Path, tmp_path: Path) -
     assert "eye" in run.stderr  # the tqdm progress bar
     lines = (tmp_path / "cli" / "instructions.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all(json.loads(line)["split"] == "train" for line in lines)
+
+
+@pytest.mark.parametrize("measured", [0, 1, 2])
+def test_an_eye_with_few_or_no_measurements_gets_a_record_saying_what_was_not_measured(
+    manifest: Path, tmp_path: Path, measured: int
+) -> None:
+    """An export's eye without its measurements: the report cites what there is, says the rest was not measured,
+    and passes; the same report without that statement, or one citing a value that is missing, does not."""
+    import dataclasses
+    import math
+
+    from training.manifest import write_manifest
+
+    records = load_manifest(manifest)
+    kept = {"cup_to_disc", "rnfl_average"}
+    keep = sorted(kept)[:measured]
+    bare = [
+        dataclasses.replace(r, biomarkers={k: (v if k in keep else math.nan) for k, v in r.biomarkers.items()})
+        for r in records
+    ]
+    bare_manifest = write_manifest(tmp_path / "bare" / "manifest.csv", bare)
+    result = run_stage1(bare_manifest, tmp_path / "s1", GuidelineTeacher(), progress=False)
+    assert result.summary["accepted"] == len(records) and result.summary["rejected"] == 0
+    for record in (json.loads(line) for line in result.instructions.read_text().splitlines()):
+        report = record["conversations"][1]["value"]
+        assert "not measured" in report.split(". ")[0], report
+        assert len(record["not_measured"]) == 37 - measured and not set(keep) & set(record["not_measured"])
+        assert {c.biomarker_key for c in find_citations(report)} >= set(keep)  # every measured value cited
+    eye, text = bare[0], GuidelineTeacher().write(bare[0])
+    silent = text.split(". ", 1)[1]  # the statement of what was not measured taken out
+    assert any("does not say what was not" in p for p in validate_report(silent, eye.label, eye.biomarkers))
+    invented = "The cup-to-disc ratio is 0.45, the RNFL thickness 95.0 um and the GCIPL thickness 80.0 um. " + text
+    if measured == 0:
+        assert any("which has no value" in p for p in validate_report(invented, eye.label, eye.biomarkers))

@@ -5,8 +5,9 @@ validation eyes' estimates through the same engine's encoders and heads, and ret
 - text health: the share of test narratives that passed the validator (the rest were withheld) and the
   reasons they failed;
 - the model's own grounding is in `training.benchmark.grounding` (the caller reports it as a headline);
-- calibration: ECE on the test eyes before and after the temperature: the bundle's own (the pipeline fits it
-  on validation subjects) or, for an uncalibrated bundle, one fitted here on the validation eyes' scores;
+- calibration of the language model's label scores: ECE on the test eyes before and after the temperature:
+  the bundle's own (the pipeline fits it on validation subjects) or, for an uncalibrated bundle, one fitted
+  here on the validation eyes' scores (the deciding classifier's calibration: training.benchmark.selective);
 - referral: sensitivity/specificity of the test eyes' dispositions against those their truth calls for;
 - linear-probe ceilings (`training.benchmark.probe`): on the measured biomarkers (train -> test), and on
   the served estimates (validation -> test: what the language model could read from its prompt).
@@ -38,6 +39,12 @@ def text_health(reports: Sequence) -> dict:
     }
 
 
+def lm_scores(report) -> dict[str, float]:
+    """The language model's label scores (calibrated when the bundle is): `lm_scores` when the decision
+    classifier decided (its own probabilities are `label_scores`, scored in training.benchmark.selective)."""
+    return report.lm_scores or report.label_scores
+
+
 def _estimates(report) -> dict[str, float]:
     return {b.key: b.value for b in report.biomarkers}
 
@@ -52,7 +59,7 @@ def held_out_calibration(engine, val: Sequence, test_scores: list[dict], test_la
     if cal is None:
         val_reports = [engine.analyze_eye(r.eye, cfp=r.cfp_path, oct=r.oct_path) for r in val]
         return calibration_figures(
-            [r.label_scores for r in val_reports], [r.label.value for r in val], test_scores, test_labels
+            [lm_scores(r) for r in val_reports], [r.label.value for r in val], test_scores, test_labels
         )
     return {
         "method": cal.method,
@@ -83,7 +90,7 @@ def safety_and_honesty(engine, manifest: Path, test_ids: Sequence[str], test_rep
     return {
         "text_health": text_health(test_reports),
         "calibration": held_out_calibration(
-            engine, val, [r.label_scores for r in test_reports], [label.value for label in test_labels]
+            engine, val, [lm_scores(r) for r in test_reports], [label.value for label in test_labels]
         ),
         "referral": referral_figures(test_reports, [r.label.value for r in test], [r.biomarkers for r in test]),
         "probe_ceiling_measured": probe_macro_f1(

@@ -4,8 +4,9 @@ The pattern head's fit (training.pattern: a multinomial logistic regression on t
 biomarkers), fitted on one split and scored by macro-F1 on another. Fitted on the cohort's measured
 biomarkers it bounds what the biomarkers say about the label; fitted on the served estimates it bounds what
 the language model could read from its prompt. A model far below the second figure is not using its inputs;
-one above it is reading the images too. With a pattern head in the bundle, the prompt states this fit's
-answer, so the second figure is also what the pattern line alone scores.
+one above it is reading the images too. It is NOT what the bundle's decision classifier scores: that one
+is fitted on the training eyes' cross-fitted estimates (training.stage3.crossfit), this on the validation
+eyes' served estimates; the benchmark scores the classifier through the served reports.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """What a cohort build could not use, and why: one entry per file or CSV row, never a silent drop.
 
-Entries name export files by their path inside the export and CSV rows by their line number (header = 1),
-never by patient name or ID, so the report can sit beside the manifest.
+Entries name export files by their path inside the export, CSV rows by their line number (header = 1) and
+results of the register by their SR's SOP Instance UID, never by patient name or ID, so the report can sit
+beside the manifest.
 """
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ REASONS = (
     "unknown subject",  # a labels or measurements row for a patient/eye with no paired images
     "bad row",  # a CSV row without patient ID, with a bad eye, or repeating an earlier row
     "bad value",  # a measurement that is not a number or is outside its plausible range (left missing)
+    # from-reviews (training/cohort/from_reviews.py): a reviewed result of the results register
+    "rejected",  # the clinician rejected the AI result without giving the right label
+    "withdrawn",  # the result was withdrawn after its review (`grok-pacs withdraw`): not a label to learn from
+    "image gone",  # a source image the result used is no longer stored (retention purged it, or never received)
 )
 REPORT_NAME = "cohort-report.json"
 
 
 @dataclass(frozen=True)
 class Unused:
-    source: str  #: "export", "labels" or "measurements"
+    source: str  #: "export", "labels", "measurements", or "register" (from-reviews)
     item: str  #: a path inside the export, or "row N" / "row N, column K" of a CSV
     reason: str  #: one of REASONS
     detail: str

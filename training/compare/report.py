@@ -23,6 +23,7 @@ def payload(candidate: BundleRun, serving: BundleRun, table: dict, decision: dic
             "version": run.version,
             "calibrated": run.calibrated,
             "seconds_per_eye": run.seconds_per_eye,
+            "eyes": [case.case_id for case in run.bench.cases],  # the eyes scored, in the paired order
             "ungradable_with_diagnosis": run.ungradable_with_diagnosis,
             "summary": run.bench.summary(),
             "confusion": {

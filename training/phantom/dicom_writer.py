@@ -59,15 +59,23 @@ def _jpeg(array: np.ndarray) -> bytes:
 
 
 def write_study(
-    out_dir: Path, truth: SubjectTruth, seed: int, cfp: dict[str, np.ndarray], octs: dict[str, np.ndarray]
+    out_dir: Path,
+    truth: SubjectTruth,
+    seed: int,
+    cfp: dict[str, np.ndarray],
+    octs: dict[str, np.ndarray],
+    device: str = "reference",
 ) -> StudyFiles:
-    """Write the subject's study (OP + OPT per eye) under out_dir; returns the paths."""
+    """Write the subject's study (OP + OPT per eye) under out_dir; returns the paths. A device other than the
+    reference (training.phantom.devices) is named in ManufacturerModelName, as a real camera's model is."""
     out_dir.mkdir(parents=True, exist_ok=True)
     study_uid = _uid(seed, truth.subject_id, "study")
     rng = np.random.default_rng([seed, int.from_bytes(truth.subject_id.encode()[-6:], "big")])
     study_date = date(2021, 1, 1) + timedelta(days=int(rng.integers(0, 3 * 365)))
     birth = date(study_date.year - truth.age, int(rng.integers(1, 13)), int(rng.integers(1, 29)))
     common = _patient_study(truth, study_uid, study_date, birth, seed)
+    if device != "reference":
+        common.ManufacturerModelName = f"training.phantom {device}"
     op_files, opt_files = {}, {}
     for number, eye_truth in enumerate(truth.eyes):
         eye = eye_truth.eye

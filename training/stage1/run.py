@@ -5,7 +5,9 @@ Each eye of the chosen splits gets a report from a teacher (the deterministic gu
 OpenAI-compatible chat-completions model). Every report is validated (`validate_report`): one paragraph,
 at most 300 words, a concluding sentence that names the eye's label and no other, at least
 MIN_GROUNDED_NUMBERS numbers that grok_pacs.analysis.grounding ties to the right biomarker with the right value and
-none that it cannot tie, at least MIN_RULED_OUT other labels discussed, no hint that the label was given.
+none that it cannot tie (an eye with fewer measured values: every one of them, and the report says what was
+not measured, so an eye without measurements still gets its record; the record lists them in "not_measured"),
+at least MIN_RULED_OUT other labels discussed, no hint that the label was given.
 Valid records go to instructions.jsonl in the paper's format; the others to rejected.jsonl with reasons.
 
 CLI: python -m training.stage1 --help
@@ -30,10 +32,9 @@ from grok_pacs.analysis.grounding import find_citations
 from grok_pacs.domain.biomarkers import BY_KEY, format_value, to_prompt_json
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, LABEL_SYNONYMS, Label
 from training.manifest import SPLITS, CohortRecord, bscan_files, load_manifest
-from training.stage1.teachers.knowledge import HUMAN_TURN
+from training.stage1.teachers.knowledge import HUMAN_TURN, MIN_GROUNDED_NUMBERS, NOT_MEASURED
 
 MAX_WORDS = 300
-MIN_GROUNDED_NUMBERS = 3
 MIN_RULED_OUT = 3
 RELATIVE_TOLERANCE = 0.02  #: a cited value may be rounded by up to 2% (or half its last written digit)
 INSTRUCTIONS_NAME, REJECTED_NAME, SUMMARY_NAME = "instructions.jsonl", "rejected.jsonl", "stage1.json"
@@ -96,10 +97,17 @@ def validate_report(text: str, label: Label, biomarkers: Mapping[str, float]) ->
     if leak:
         problems.append(f"reveals that the diagnosis was given ({leak.group(0)!r})")
     problems.extend(_number_problems(text, biomarkers))
+    if measured_count(biomarkers) < MIN_GROUNDED_NUMBERS and NOT_MEASURED not in text.lower():
+        problems.append(f"only {measured_count(biomarkers)} value(s) measured and the report does not say what was not")
     ruled_out = labels_named(text[: len(text) - len(conclusion)]) - {label}
     if len(ruled_out) < MIN_RULED_OUT:
         problems.append(f"discusses only {len(ruled_out)} other label(s), at least {MIN_RULED_OUT} must be ruled out")
     return problems
+
+
+def measured_count(biomarkers: Mapping[str, float]) -> int:
+    """How many biomarkers of an eye have a value (NaN or absent: not measured)."""
+    return sum(1 for v in biomarkers.values() if v is not None and not math.isnan(float(v)))
 
 
 def _number_problems(text: str, biomarkers: Mapping[str, float]) -> list[str]:
@@ -122,8 +130,9 @@ def _number_problems(text: str, biomarkers: Mapping[str, float]) -> list[str]:
             problems.append(f"{c.text} is cited for {b.key}, whose value is {format_value(b, float(true))}")
         else:
             grounded += 1
-    if grounded < MIN_GROUNDED_NUMBERS:
-        problems.append(f"only {grounded} number(s) tied to the biomarkers, at least {MIN_GROUNDED_NUMBERS} needed")
+    needed = min(MIN_GROUNDED_NUMBERS, measured_count(biomarkers))  # an eye cannot cite what was not measured
+    if grounded < needed:
+        problems.append(f"only {grounded} number(s) tied to the biomarkers, at least {needed} needed")
     return problems
 
 
@@ -149,6 +158,7 @@ def instruction_record(record: CohortRecord, report: str, base: Path, teacher: s
         "split": record.split,
         "fovea_frame": record.fovea_frame,
         "teacher": teacher,
+        "not_measured": [k for k, v in record.biomarkers.items() if math.isnan(float(v))],
     }
 
 

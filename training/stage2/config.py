@@ -51,6 +51,9 @@ class Stage2Config:
     weight_decay: float = 0.05
     warmup_epochs: int = 1  # linear warm-up, then cosine decay to 0 (per step)
     augment: bool = False  # random shift, contrast/brightness jitter and noise on training images
+    # acquisition variation (exposure, gamma, colour cast, blur, noise/speckle, JPEG) on training images: what
+    # another camera or OCT changes (training.stage2.data.augment_acquisition; docs/training.md, Device shift)
+    augment_acquisition: bool = False
     seed: int = 0
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda", "cuda:1", ...
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -106,6 +109,7 @@ class Stage2Config:
             batch_size=32,
             lr=1e-4,
             encoder_lr=1e-4,
+            augment_acquisition=True,
         )
         return replace(base, **changes)
 

@@ -13,6 +13,7 @@ image files are unchanged.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -24,11 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from grok_pacs.analysis.imaging import read_cfp, read_oct_volume
 from grok_pacs.analysis.preprocess import preprocess_cfp, preprocess_oct, select_foveal_bscan
+from grok_pacs.model.config import IMAGENET_MEAN, IMAGENET_STD
 from training.manifest import CohortRecord, load_manifest
 
 log = logging.getLogger(__name__)
@@ -201,3 +204,55 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     brightness = uniform(-0.1, 0.1).to(images)[:, None, None, None]
     noise = 0.03 * torch.randn(images.shape, generator=generator).to(images)
     return out * contrast + brightness + noise
+
+
+def augment_acquisition(images: torch.Tensor, generator: torch.Generator, modality: str) -> torch.Tensor:
+    """What another camera or OCT would change, drawn per image: exposure (0.75-1.25), gamma (0.85-1.2),
+    colour cast (CFP: channel gains 0.88-1.12), optical blur (half the images, sigma 0.3-1.5 px), sensor noise
+    (OCT also speckle) and JPEG compression (half the images, quality 40-95). Acts on encoder inputs
+    (normalised [N, 3, H, W]); the anatomy, and so the biomarker targets, are untouched."""
+    n = images.shape[0]
+
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, *shape, generator=generator)
+
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[None, :, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[None, :, None, None]
+    x = (images.detach().float().cpu() * std + mean).clamp(0, 1)
+    gain = uniform(0.75, 1.25)[:, None, None, None]
+    if modality == "CFP":
+        gain = gain * uniform(0.88, 1.12, 3)[:, :, None, None]
+    x = (x * gain).clamp(0, 1) ** uniform(0.85, 1.2)[:, None, None, None]
+    blur, sigma = torch.rand(n, generator=generator) < 0.5, uniform(0.3, 1.5)
+    x = torch.stack([_gaussian_blur(x[i], float(sigma[i])) if blur[i] else x[i] for i in range(n)])
+    if modality == "OCT":  # speckle: multiplicative, the same in the three (grey) channels
+        s = uniform(0.0, 0.3)[:, None, None, None]
+        x = x * torch.exp(s * torch.randn(n, 1, *x.shape[2:], generator=generator) - s * s / 2)
+    noise = uniform(0.0, 0.03)[:, None, None, None] * torch.randn(
+        n, 1 if modality == "OCT" else 3, *x.shape[2:], generator=generator
+    )
+    x = (x + noise).clamp(0, 1)
+    jpeg, quality = torch.rand(n, generator=generator) < 0.5, torch.randint(40, 96, (n,), generator=generator)
+    x = torch.stack([_jpeg(x[i], int(quality[i])) if jpeg[i] else x[i] for i in range(n)])
+    return ((x - mean) / std).to(images.device, images.dtype)
+
+
+def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """[C, H, W] blurred by a separable Gaussian (radius 3 sigma, edges replicated)."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    taps = torch.exp(-((torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2) / 2)
+    taps = taps / taps.sum()
+    c = image.shape[0]
+    out = F.pad(image[None], (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(out, taps.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(out, taps.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)[0]
+
+
+def _jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
+    """[3, H, W] in 0..1 through a JPEG encode and decode at `quality` (8-bit, as a camera writes it)."""
+    array = (image.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    decoded = np.asarray(Image.open(buffer).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(decoded).permute(2, 0, 1)

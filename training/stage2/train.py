@@ -33,7 +33,7 @@ from grok_pacs.model.vit import RetinaEncoder
 from training import distributed
 from training.stage2.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from training.stage2.config import CONFIG_NAME, RESUME_FREE_FIELDS, Stage2Config
-from training.stage2.data import BiomarkerStats, Stage2Data, augment, load_data
+from training.stage2.data import BiomarkerStats, Stage2Data, augment, augment_acquisition, load_data
 from training.stage2.evaluate import ProbeSettings, evaluate_encoders, head_features, save_head, write_report
 from training.stage2.metrics_log import MetricsLog
 from training.stage2.model import AlignmentModel, GatheredAlignment, build_alignment_model
@@ -174,6 +174,8 @@ def train_epoch(
         images = data.images[idx].to(device).float()  # float16 cache: half the bytes to move
         if cfg.augment:
             images = augment(images, generator)
+        if cfg.augment_acquisition:
+            images = augment_acquisition(images, generator, cfg.modality)
         values = stats.standardise(data.values[idx]).to(device)
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, total, warmup)

@@ -4,5 +4,6 @@ pretraining.
 `config` (presets `small` and `paper`), `features` (frozen encoder tokens, cached), `pretrain_llm` (the
 phantom's tiny Qwen2 base, a documented stand-in), `data` (records -> ChatML batches), `train` (the SFT
 loop and the bundle), `calibrate` (the bundle's engine on a validation split, its scores handed to
-`training.calibration`). Run it with `python -m training.stage3 --help`.
+`training.calibration`), `crossfit` (cross-fitted estimates of the training eyes and the decision
+classifier fitted on them). Run it with `python -m training.stage3 --help`.
 """

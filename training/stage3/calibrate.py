@@ -51,7 +51,8 @@ def calibrate_bundle(
     return calibration.calibrate_bundle(
         bundle_dir,
         cases,
-        [report.label_scores for report in reports],
+        # the language model's own scores (label_scores are the decision classifier's when the bundle has one)
+        [report.uncalibrated_scores for report in reports],
         [r.label.value for r in records],
         f"{Path(manifest).name} {split} split",
         method=method,

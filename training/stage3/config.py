@@ -79,8 +79,11 @@ class Stage3Config:
     biomarker_estimates: bool = False  # give the LLM the heads' estimates as text (trained on predictions)
     compact_biomarkers: bool = False  # the estimates as the compact block (short names, low/high flags)
     concise_reports: bool = False  # guideline targets: flagged estimates, lesions, inference, conclusion (~60 words)
-    pattern_head: bool = False  # fit the pattern head on the training eyes' estimates; its label ends the prompt
+    pattern_head: bool = False  # fit the decision classifier (training.stage3.crossfit); its label ends the prompt
     pattern_subtype: bool = False  # that line also names the AMD subtype the estimates show ("AMD (dry)")
+    # With pattern_head: the decision classifier (training.stage3.crossfit) replaces the pattern head; its
+    # operating point is chosen on the validation eyes for at most this error among stated labels
+    decision_target_error: float = 0.05
     token_grid: int = 0  # visual tokens per modality pooled to token_grid x token_grid (0 = all 196, the paper)
     max_new_tokens: int = 512  # the bundle's decoding bound per eye
     max_train_records: int = 0  # SFT on at most this many training eyes, labels balanced (0 = all)

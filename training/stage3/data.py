@@ -91,12 +91,13 @@ def build_samples(
     max_length: int,
     estimates: Mapping[str, Mapping[str, float]] | None = None,
     compact: bool = False,
-    pattern: PatternHead | None = None,
+    pattern: PatternHead | Mapping[str, Label] | None = None,
     pattern_subtype: bool = False,
 ) -> list[SFTSample]:
     """One SFT sample per record; `estimates` (record id -> head predictions) turns on the biomarker block
-    (`compact`: the compact one, ending with `pattern`'s closest label for the estimates when given, and
-    with `pattern_subtype` the AMD subtype they show)."""
+    (`compact`: the compact one, ending with a label line when `pattern` is given: a pattern head's closest
+    label for the estimates, or a mapping record id -> the decision classifier's label; with
+    `pattern_subtype` the line names the AMD subtype the estimates show)."""
     samples = []
     for record in records:
         rid = str(record["id"])
@@ -114,11 +115,19 @@ def build_samples(
             max_length=max_length,
             visual_tokens=features.visual_tokens(rid),
             compact=compact,
-            pattern=None if pattern is None or values is None else pattern.closest(values),
+            pattern=_line_label(rid, values, pattern),
             pattern_subtype=pattern_subtype,
         )
         samples.append(SFTSample(rid, record_label(record), example.input_ids, example.labels, example.truncated))
     return samples
+
+
+def _line_label(rid: str, values: Any, pattern: PatternHead | Mapping[str, Label] | None) -> Label | None:
+    """The label the prompt's last line names: the pattern head's for the estimates, or the decision
+    classifier's for this record (a mapping), or none."""
+    if values is None or pattern is None:
+        return None
+    return pattern.closest(values) if isinstance(pattern, PatternHead) else pattern[rid]
 
 
 class SFTDataset(Dataset):

@@ -7,7 +7,10 @@ Steps (each reuses its output when it is already there, so an interrupted run co
    conversations (`pretrain_llm`, documented as a stand-in);
 3. frozen-encoder features for every eye (`features`), and, with `cfg.biomarker_estimates`, the biomarker
    heads' predictions for every eye (what the runtime will put in the prompt), and with `cfg.pattern_head`
-   the pattern head fitted on the training eyes' estimates (`pattern_head.json`, packed into the bundle);
+   the decision classifier (`training.stage3.crossfit`: fitted on the training eyes' cross-fitted estimates,
+   temperature and operating point on the validation eyes; `decision.json`, packed into the bundle): the
+   training eyes' prompts then carry their cross-fitted estimates and a decided label from a classifier
+   that did not see them, so the LM trains on prompt lines as often wrong as served ones;
 4. LoRA SFT (`train`) on the `train` split, validation loss on `val`;
 5. outputs: `adapter/` (PEFT), `projectors.safetensors`, `llm_merged/` (LoRA merged, what the bundle
    serves), `stage3.json` (config, losses, timings).
@@ -29,15 +32,16 @@ import torch
 from grok_pacs.domain.biomarkers import CFP_KEYS, OCT_KEYS
 from grok_pacs.model.checkpoints import load_encoder
 from grok_pacs.model.config import GenerationConfig, GrokConfig, LLMConfig, ProjectorConfig
+from grok_pacs.model.decision import DECISION_FILE
 from grok_pacs.model.grok import GrokModel, ensure_image_token
 from grok_pacs.model.heads import BiomarkerHead, estimates_in_range, head_input
-from grok_pacs.model.pattern import PATTERN_HEAD_FILE, PatternHead
+from grok_pacs.model.pattern import PATTERN_HEAD_FILE
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.prompt import build_prompt
 from training import distributed
-from training.pattern import fit_pattern_head
 from training.records import biomarkers_from_prompt_json
 from training.stage3.config import Stage3Config
+from training.stage3.crossfit import fit_decision_classifier
 from training.stage3.data import SFTDataset, build_samples, chat_text, load_instructions, record_label
 from training.stage3.features import EncodeOptions, FeatureStore, compute_features, eye_id
 from training.stage3.lora import attach_lora, load_base_llm, save_adapter
@@ -185,16 +189,38 @@ def head_estimates(store: FeatureStore, cfp_head: Path, oct_head: Path) -> dict[
     return out
 
 
-def fit_pattern(train: list[dict], estimates: Mapping[str, Mapping[str, float]], out_dir: Path) -> PatternHead:
-    """The pattern head fitted on every training eye's estimates (all of the split, not only the SFT subset:
-    the fit is seconds), saved as `pattern_head.json` in `out_dir`; its training accuracy is logged."""
-    rows = [estimates[str(r["id"])] for r in train]
-    labels = [record_label(r) for r in train]
-    head = fit_pattern_head(rows, labels)
-    head.save(out_dir / PATTERN_HEAD_FILE)
-    right = sum(head.closest(row) == label for row, label in zip(rows, labels))
-    log.info("stage 3: pattern head names the label of %d of %d training eyes", right, len(rows))
-    return head
+def fit_decision(
+    cfg: Stage3Config,
+    train: list[dict],
+    served: dict[str, dict[str, float]],
+    store: FeatureStore,
+    inputs: Stage3Inputs,
+    out_dir: Path,
+) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+    """The decision classifier (training.stage3.crossfit) saved as `decision.json` in `out_dir`; returns the
+    estimates the SFT prompts carry (training eyes: cross-fitted; the others: served) and each record's
+    decided label (training eyes: by a classifier that did not see them; validation eyes: the classifier's)."""
+    from training.manifest import load_manifest
+
+    records = {eye_id(r.subject_id, r.eye): r for r in load_manifest(inputs.manifest)}
+    rows = [(str(r["id"]), records[str(r["id"])].subject_id, record_label(r)) for r in train]
+    val = [(rid, r.label) for rid, r in records.items() if r.split == "val"]
+    classifier, oof, decided = fit_decision_classifier(
+        rows,
+        val,
+        served,
+        store,
+        {rid: r.biomarkers for rid, r in records.items()},
+        {"CFP": inputs.cfp_head, "OCT": inputs.oct_head},
+        target_error=cfg.decision_target_error,
+        seed=cfg.seed,
+    )
+    classifier.save(out_dir / DECISION_FILE)
+    prompt_estimates = {**served, **oof}
+    for rid, values in served.items():
+        if rid not in oof:
+            decided[rid] = classifier.decide(values).label
+    return prompt_estimates, decided
 
 
 def grok_config(cfp_encoder: Any, oct_encoder: Any, llm: Any, cfg: Stage3Config) -> GrokConfig:
@@ -284,7 +310,9 @@ def run(
     )
     timings["features_s"] = time.monotonic() - t0
     estimates = head_estimates(store, inputs.cfp_head, inputs.oct_head) if cfg.biomarker_estimates else None
-    pattern = fit_pattern(all_train, estimates, out_dir) if cfg.pattern_head and estimates else None
+    decided = None
+    if cfg.pattern_head and estimates:  # the decision classifier; training eyes read cross-fitted estimates
+        estimates, decided = fit_decision(cfg, all_train, estimates, store, inputs, out_dir)
     datasets = {}
     for split in ("train", "val"):
         if estimates is not None:
@@ -298,7 +326,7 @@ def run(
             max_length=cfg.max_length,
             estimates=estimates,
             compact=cfg.compact_biomarkers,
-            pattern=pattern,
+            pattern=decided,
             pattern_subtype=cfg.pattern_subtype,
         )
         truncated = sum(s.truncated for s in samples)
@@ -409,6 +437,7 @@ def pack_bundle(
     }
     heads = [BiomarkerHead.load(inputs.cfp_head), BiomarkerHead.load(inputs.oct_head)]
     pattern = result.out_dir / PATTERN_HEAD_FILE
+    decision = result.out_dir / DECISION_FILE
     parts = ModelParts(
         config=result.grok_config,
         cfp_encoder=inputs.cfp_encoder,
@@ -418,6 +447,7 @@ def pack_bundle(
         tokenizer_dir=result.tokenizer_dir,
         llm_dir=result.merged_llm_dir,
         pattern_head=pattern if pattern.is_file() else None,
+        decision=decision if decision.is_file() else None,
     )
     options = BundleOptions(overwrite=True, progress=progress)
     return build_bundle(bundle_dir, parts, name=name, version=version, provenance=prov, options=options)

@@ -29,7 +29,7 @@ from typing import Protocol
 from grok_pacs.domain.biomarkers import BIOMARKERS, BY_KEY, CFP_KEYS, PROSE_NAMES, format_value
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 from grok_pacs.model.prompt import COMPACT_KEYS, flag
-from training.stage1.teachers.knowledge import Knowledge, Sign, load_knowledge
+from training.stage1.teachers.knowledge import MIN_GROUNDED_NUMBERS, NOT_MEASURED, Knowledge, Sign, load_knowledge
 
 MAX_WORDS = 300
 
@@ -180,7 +180,7 @@ class _Writer:
         first = assess + [lesion] if self.rng.random() < 0.6 else [lesion] + assess
         optional = coverage
         while True:
-            sentences = first + optional + middle + rule_outs + [conclusion]
+            sentences = [self.measured()] + first + optional + middle + rule_outs + [conclusion]
             text = " ".join(s for s in sentences if s)
             if len(text.split()) <= MAX_WORDS or not optional:
                 return text
@@ -190,7 +190,23 @@ class _Writer:
         """Quantitative first, then qualitative: every key estimate outside its normal range (in the order
         and with the flags the compact prompt gives them, so writing them is copying), then the visible
         lesions, what they mean and the conclusion. The label first shows after the evidence is written."""
-        return " ".join(s for s in (self.flagged(), self.lesions(), self.sub_inference(), self.conclusion()) if s)
+        blocks = (self.measured(), self.flagged(), self.lesions(), self.sub_inference(), self.conclusion())
+        return " ".join(s for s in blocks if s)
+
+    def measured(self) -> str:
+        """For an eye with fewer than MIN_GROUNDED_NUMBERS measured values (an export's eye without its
+        measurements): every value it has and what was not measured; "" otherwise."""
+        have = [b.key for b in BIOMARKERS if not math.isnan(self.values[b.key])]
+        if len(have) >= MIN_GROUNDED_NUMBERS:
+            return ""
+        if not have:
+            return f"The biomarkers were {NOT_MEASURED} for this eye, so the reading rests on the images."
+        self.used_keys.update(have)
+        verb = "was" if len(have) == 1 else "were"
+        return (
+            f"Only {_and([self.the(k) for k in have])} {verb} measured; "
+            f"the other biomarkers were {NOT_MEASURED}."  # no count: a bare number would read as a citation
+        )
 
     def flagged(self) -> str:
         keys = [b.key for b in BIOMARKERS if b.key in COMPACT_KEYS and not math.isnan(self.values[b.key])]

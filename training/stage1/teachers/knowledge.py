@@ -24,6 +24,11 @@ HUMAN_TURN = (
     "then write a single-paragraph evidence-based clinical diagnosis report that is supported by the findings."
 )
 DIRECTIONS = ("low", "high", "normal")
+#: A report cites at least this many measured values; an eye with fewer measured cites all it has and says
+#: what was not measured (`NOT_MEASURED`).
+MIN_GROUNDED_NUMBERS = 3
+#: The words by which a report for an eye with few measurements states what was not measured.
+NOT_MEASURED = "not measured"
 
 
 class KnowledgeError(ValueError):
