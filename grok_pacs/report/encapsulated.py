@@ -16,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from grok_pacs.analysis.result import SourceImage
 from grok_pacs.report import codes
 from grok_pacs.report.keys import ReportKey
+from grok_pacs.report.study import TYPE2_PATIENT_STUDY
 
 ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 DOCUMENT_TITLE = "GROK retinal AI report - UNVERIFIED"
@@ -37,17 +38,7 @@ _COPIED = (
     "StudyDescription",
     "IssuerOfPatientID",
 )
-_TYPE2 = {
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-}
+_TYPE2 = set(TYPE2_PATIENT_STUDY)
 
 
 def _code(code: codes.Code) -> Dataset:

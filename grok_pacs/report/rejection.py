@@ -21,6 +21,7 @@ from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
 
 from grok_pacs.report.keys import _UID_NAMESPACE, derived_uid
+from grok_pacs.report.study import TYPE2_PATIENT_STUDY
 
 MANUFACTURER = "grok-pacs"
 REJECTION_SERIES_NUMBER = 9120  # (9100 PDF, 9101/9102 SRs, 9110 clinician-verified SRs)
@@ -30,18 +31,6 @@ ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
 KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 #: What a reference (a rejected instance, or the header the note copies) must hold.
 _IDENTIFYING = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
-#: Patient and study attributes the note copies from its first target (Type 2: present, maybe empty).
-PATIENT_STUDY = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
 
 
 class RejectionReason(StrEnum):
@@ -78,7 +67,7 @@ def reference(header: Dataset, *, sop_class_uid: str, series_uid: str, sop_insta
     """A target for `build_rejection_note` (or an SR's predecessor) named by its UIDs, with the patient and
     study attributes of `header` (any instance of the study): no need to read the rejected object's file."""
     ds = Dataset()
-    for name in ("SpecificCharacterSet", *PATIENT_STUDY):
+    for name in ("SpecificCharacterSet", *TYPE2_PATIENT_STUDY):
         if name in header:
             setattr(ds, name, header.get(name))
     ds.StudyInstanceUID = header.StudyInstanceUID
@@ -107,7 +96,7 @@ def _evidence(targets: Sequence[Dataset]) -> list[Dataset]:
     for ds in targets:
         item = Dataset()
         item.update(ds)
-        for name in PATIENT_STUDY:
+        for name in TYPE2_PATIENT_STUDY:
             if name not in item:
                 setattr(item, name, None)
         out.append(item)

@@ -25,6 +25,7 @@ from grok_pacs.domain.labels import Label
 from grok_pacs.report import codes, safety
 from grok_pacs.report.keys import _UID_NAMESPACE, SRKey, derived_uid
 from grok_pacs.report.sr_groups import EYE_NAMES, eye_groups
+from grok_pacs.report.study import TYPE2_PATIENT_STUDY
 
 MANUFACTURER = "grok-pacs"
 SR_SERIES_DESCRIPTION = "GROK AI report - UNVERIFIED"
@@ -45,17 +46,6 @@ OCT_POINT = {
     False: "On the OCT B-scan the point is the image centre (no foveal pit was found), not a detected location.",
 }
 QUALITATIVE_EVALUATIONS = CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
-_TYPE2_PATIENT_STUDY = (
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
 
 
 class SRBuildError(ValueError):
@@ -245,7 +235,7 @@ def _evidence(sources: Sequence[Dataset]) -> list[Dataset]:
         for name in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
             if name in item:
                 del item[name]
-        for name in _TYPE2_PATIENT_STUDY:
+        for name in TYPE2_PATIENT_STUDY:
             if name not in item:
                 setattr(item, name, None)
         out.append(item)

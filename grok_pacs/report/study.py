@@ -6,6 +6,20 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
+#: Patient and study attributes every result copies from its source images: Type 2 (present, maybe empty)
+#: in the SR, the encapsulated PDF and the rejection note alike.
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
 
 @dataclass(frozen=True)
 class StudyHeader:
