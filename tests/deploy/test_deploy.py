@@ -65,6 +65,15 @@ def test_compose_has_listener_gpu_workers_redis_orthanc_flower() -> None:
     assert any(v.endswith(":" + env["GROK_PACS_CONFIG"] + ":ro") for v in services["listener"]["volumes"])
 
 
+def test_compose_review_page_is_opt_in_and_reaches_this_host_only() -> None:
+    review = load_compose()["services"]["review"]
+    assert review["command"] == ["review"] and review["profiles"] == ["review"]
+    assert review["ports"] == ["127.0.0.1:8080:8080"]  # behind the hospital's TLS proxy, never on every interface
+    env = review["environment"]
+    assert env["GROK_PACS_REVIEW_PORT"] == "8080" and "GROK_PACS_REVIEW_SECRET_KEY" in env
+    assert "grok-data:/var/lib/grok-pacs" in review["volumes"]  # the register, the index and the images
+
+
 def test_compose_builds_targets_that_the_dockerfile_defines() -> None:
     stages = set(re.findall(r"^FROM \S+ AS (\S+)$", (DEPLOY / "Dockerfile").read_text(), re.M))
     for name, service in load_compose()["services"].items():
