@@ -140,12 +140,12 @@ def diagnosis_text(report: Report) -> str:
 
 
 def decider_text(report: Report) -> str:
-    """Which component decided the label and which wrote the findings, in a short line."""
+    """Which component decided the label and which wrote the findings, in one short sentence."""
     if report.gradability is not Gradability.GRADABLE:
-        return "nothing: the images were not analysed"
+        return "Nothing was decided: the images were not analysed."
     if report.decided_by == DECIDER_CLASSIFIER:
-        return "label: decision classifier; findings: language model"
-    return "label and findings: language model"
+        return "Label decided by the decision classifier; findings written by the language model."
+    return "Label and findings by the language model."
 
 
 def gradability_text(report: Report) -> str:
@@ -262,11 +262,13 @@ def _eye_section(report: Report, images: ReportImages, styles: dict[str, Paragra
                 ("Gradability", gradability_text(report)),
                 ("Disposition", disposition_text(report.disposition)),
                 ("Diagnosis", diagnosis_text(report)),
-                ("Decided by", decider_text(report)),
             ],
             styles,
         )
     )
+    # A sentence, not a fourth row: OCR (and some readers' eyes) take a label column with a wrapped value
+    # beside it as one block, parting "Diagnosis" from its label (tests/deploy/test_viewer.py reads it).
+    flow.append(_p(decider_text(report), styles["body"]))
     flow.append(_p("Findings (AI narrative)", styles["h3"]))
     flow += [_p(line, styles["body"]) for line in narrative_lines(report)]
     flow.append(_p("Biomarkers (out-of-range values in bold, marked * and boxed)", styles["h3"]))

@@ -202,7 +202,7 @@ def test_the_decision_classifier_states_its_label_and_the_sr_says_who_decided(en
         path, enforce_file_format=True
     )
     assert_valid_sr(path, "Label decided by a classifier on the biomarker estimates; findings written by the language")
-    assert decider_text(report) == "label: decision classifier; findings: language model"
+    assert decider_text(report) == "Label decided by the decision classifier; findings written by the language model."
 
 
 def test_below_the_classifier_operating_point_the_eye_is_indeterminate(engine, study):
