@@ -9,8 +9,9 @@ Steps (each reuses its output when it is already there, so an interrupted run co
    heads' predictions for every eye (what the runtime will put in the prompt), and with `cfg.pattern_head`
    the decision classifier (`training.stage3.crossfit`: fitted on the training eyes' cross-fitted estimates,
    temperature and operating point on the validation eyes; `decision.json`, packed into the bundle): the
-   training eyes' prompts then carry their cross-fitted estimates and a decided label from a classifier
-   that did not see them, so the LM trains on prompt lines as often wrong as served ones;
+   training eyes' prompts then carry their served estimates and a decided label from a classifier that did
+   not see them (fitted on the other folds' cross-fitted estimates), so the LM trains on label lines as
+   often wrong as served ones;
 4. LoRA SFT (`train`) on the `train` split, validation loss on `val`;
 5. outputs: `adapter/` (PEFT), `projectors.safetensors`, `llm_merged/` (LoRA merged, what the bundle
    serves), `stage3.json` (config, losses, timings).
@@ -198,7 +199,7 @@ def fit_decision(
     out_dir: Path,
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """The decision classifier (training.stage3.crossfit) saved as `decision.json` in `out_dir`; returns the
-    estimates the SFT prompts carry (training eyes: cross-fitted; the others: served) and each record's
+    estimates the SFT prompts carry (the served ones, every eye) and each record's
     decided label (training eyes: by a classifier that did not see them; validation eyes: the classifier's)."""
     from training.manifest import load_manifest
 
@@ -216,11 +217,14 @@ def fit_decision(
         seed=cfg.seed,
     )
     classifier.save(out_dir / DECISION_FILE)
-    prompt_estimates = {**served, **oof}
     for rid, values in served.items():
         if rid not in oof:
             decided[rid] = classifier.decide(values).label
-    return prompt_estimates, decided
+    # The prompts' numbers stay the served estimates (the ones the guideline targets are written from and the
+    # runtime validator checks against); only the label line comes from a classifier that did not see the eye.
+    # Cross-fitted numbers in the prompts made the demo's LM write AMD subtypes its served estimates contradict
+    # (a narrative withheld on PH7-00008), while the label line alone carries the realistic errors.
+    return served, decided
 
 
 def grok_config(cfp_encoder: Any, oct_encoder: Any, llm: Any, cfg: Stage3Config) -> GrokConfig:
