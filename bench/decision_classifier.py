@@ -24,8 +24,8 @@ from grok_pacs.model.decision import DECISION_FILE, DecisionClassifier
 from training.benchmark.classification import classify
 from training.benchmark.selective import selective_figures
 from training.manifest import load_manifest
+from training.stage3.decide import head_estimates
 from training.stage3.features import FeatureStore, eye_id
-from training.stage3.run import head_estimates
 
 
 @dataclass(frozen=True)

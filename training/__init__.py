@@ -19,7 +19,8 @@ Layers inside training, lowest first: a module may import its own layer and the 
     benchmark  `benchmark` (scores a bundle's predictions; safety and honesty figures)
     top        `quality_head` (a learned gradability head on a bundle), `ood` (a bundle's device-shift
                check, fitted on its cohort's features), `pipeline` (every step, cached),
-               `pipeline_cli` (its command line), `compare` (a candidate bundle against the serving one)
+               `pipeline_config` (its settings and each step's cache key), `pipeline_cli` (its command
+               line), `compare` (a candidate bundle against the serving one)
 
 `data/` holds the Eye-Guideline knowledge the stage-1 teachers read.
 """

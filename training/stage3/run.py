@@ -11,10 +11,11 @@ Steps (each reuses its output when it is already there, so an interrupted run co
    temperature and operating point on the validation eyes; `decision.json`, packed into the bundle): the
    training eyes' prompts then carry their served estimates and a decided label from a classifier that did
    not see them (fitted on the other folds' cross-fitted estimates), so the LM trains on label lines as
-   often wrong as served ones;
+   often wrong as served ones (both in `decide`);
 4. LoRA SFT (`train`) on the `train` split, validation loss on `val`;
 5. outputs: `adapter/` (PEFT), `projectors.safetensors`, `llm_merged/` (LoRA merged, what the bundle
-   serves), `stage3.json` (config, losses, timings).
+   serves), `stage3.json` (config, losses, timings); their layout and reading them back are in `result`,
+   packing them into the servable bundle in `bundle`.
 """
 
 from __future__ import annotations
@@ -23,67 +24,40 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
-from grok_pacs.domain.biomarkers import CFP_KEYS, OCT_KEYS
 from grok_pacs.model.checkpoints import load_encoder
-from grok_pacs.model.config import GenerationConfig, GrokConfig, LLMConfig, ProjectorConfig
-from grok_pacs.model.decision import DECISION_FILE
+from grok_pacs.model.config import GrokConfig
 from grok_pacs.model.grok import GrokModel, ensure_image_token
-from grok_pacs.model.heads import BiomarkerHead, estimates_in_range, head_input
-from grok_pacs.model.pattern import PATTERN_HEAD_FILE
 from grok_pacs.model.projector import Projectors
 from grok_pacs.model.prompt import build_prompt
 from training import distributed
 from training.records import biomarkers_from_prompt_json
+from training.stage3.bundle import grok_config, llm_source, projector_config
 from training.stage3.config import Stage3Config
-from training.stage3.crossfit import fit_decision_classifier
-from training.stage3.data import SFTDataset, build_samples, chat_text, load_instructions, record_label
-from training.stage3.features import EncodeOptions, FeatureStore, compute_features, eye_id
+from training.stage3.data import SFTDataset, build_samples, chat_text, load_instructions
+from training.stage3.decide import fit_decision, head_estimates
+from training.stage3.features import EncodeOptions, compute_features, eye_id
 from training.stage3.lora import attach_lora, load_base_llm, save_adapter
 from training.stage3.pretrain_llm import STAND_IN_FILE, pretrain_stand_in
+from training.stage3.result import (
+    ADAPTER_DIR,
+    MERGED_DIR,
+    PROJECTORS_FILE,
+    REPORT_JSON,
+    STAND_IN_DIR,
+    TOKENIZER_DIR,
+    Stage3Inputs,
+    Stage3Result,
+)
 from training.stage3.targets import concise_measured, estimate_grounded, jittered_variants
 from training.stage3.train import SFTTrainer, TrainResult
 from training.tokenizer import load_tokenizer, save_tokenizer, train_phantom_tokenizer
 
 log = logging.getLogger(__name__)
-
-REPORT_JSON = "stage3.json"
-ADAPTER_DIR, MERGED_DIR, TOKENIZER_DIR, STAND_IN_DIR = "adapter", "llm_merged", "tokenizer", "llm_stand_in"
-PROJECTORS_FILE = "projectors.safetensors"
-
-
-@dataclass(frozen=True)
-class Stage3Inputs:
-    """What stage 3 consumes from stages 1 and 2."""
-
-    instructions: Path  #: stage-1 JSONL (the paper's record format), one record per eye
-    manifest: Path  #: the cohort manifest: images, splits
-    cfp_encoder: Path  #: CFP encoder weights (safetensors from stage 2, or a RetiZero .pth)
-    oct_encoder: Path  #: OCT encoder weights (the stage-2 aligned RETFound)
-    cfp_head: Path  #: CFP biomarker head (safetensors)
-    oct_head: Path  #: OCT biomarker head (safetensors)
-    image_cache_dir: Path | None = None  #: the preprocessed-image cache shared with stage 2
-
-
-@dataclass(frozen=True)
-class Stage3Result:
-    out_dir: Path
-    adapter_dir: Path
-    projectors_path: Path
-    merged_llm_dir: Path
-    tokenizer_dir: Path
-    grok_config: GrokConfig
-    report: dict[str, Any]
-
-    @property
-    def curve_png(self) -> Path:
-        return Path(self.report["curve_png"])
 
 
 def record_eye_id(record: Mapping[str, Any]) -> str:
@@ -167,104 +141,6 @@ def pretraining_texts(cfg: Stage3Config, records: list[dict]) -> list[str]:
     pairs = [(r, biomarkers_from_prompt_json(r["biomarkers"])) for r in records]
     pairs += jittered_variants(records, cfg.stand_in.jittered_copies, cfg.stand_in.jitter, seed=cfg.seed)
     return [chat_text(record, values if cfg.biomarker_estimates else None) for record, values in pairs]
-
-
-def _head_values(head: BiomarkerHead, pooled: torch.Tensor, tokens: torch.Tensor, chunk: int = 256) -> np.ndarray:
-    """[N, K] head outputs for every row of the store (in chunks: the tokens in float64 would be large)."""
-    parts = [
-        head.predict(head_input(pooled[i : i + chunk], tokens[i : i + chunk].float() if head.grid else None, head.grid))
-        for i in range(0, len(pooled), chunk)
-    ]
-    return np.concatenate(parts)
-
-
-def head_estimates(store: FeatureStore, cfp_head: Path, oct_head: Path) -> dict[str, dict[str, float]]:
-    """Every eye's biomarker estimates from the heads, clipped to the plausible ranges (as served)."""
-    cfp_values = _head_values(BiomarkerHead.load(cfp_head), store.cfp_pooled, store.cfp)
-    oct_values = _head_values(BiomarkerHead.load(oct_head), store.oct_pooled, store.oct)
-    out = {}
-    for row, rid in enumerate(store.ids):
-        values = dict(zip(OCT_KEYS, map(float, oct_values[row])))
-        values.update(zip(CFP_KEYS, map(float, cfp_values[row])))
-        out[rid] = estimates_in_range(values)
-    return out
-
-
-def fit_decision(
-    cfg: Stage3Config,
-    train: list[dict],
-    served: dict[str, dict[str, float]],
-    store: FeatureStore,
-    inputs: Stage3Inputs,
-    out_dir: Path,
-) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-    """The decision classifier (training.stage3.crossfit) saved as `decision.json` in `out_dir`; returns the
-    estimates the SFT prompts carry (the served ones, every eye) and each record's
-    decided label (training eyes: by a classifier that did not see them; validation eyes: the classifier's)."""
-    from training.manifest import load_manifest
-
-    records = {eye_id(r.subject_id, r.eye): r for r in load_manifest(inputs.manifest)}
-    rows = [(str(r["id"]), records[str(r["id"])].subject_id, record_label(r)) for r in train]
-    val = [(rid, r.label) for rid, r in records.items() if r.split == "val"]
-    classifier, oof, decided = fit_decision_classifier(
-        rows,
-        val,
-        served,
-        store,
-        {rid: r.biomarkers for rid, r in records.items()},
-        {"CFP": inputs.cfp_head, "OCT": inputs.oct_head},
-        target_error=cfg.decision_target_error,
-        seed=cfg.seed,
-    )
-    classifier.save(out_dir / DECISION_FILE)
-    for rid, values in served.items():
-        if rid not in oof:
-            decided[rid] = classifier.decide(values).label
-    # The prompts' numbers stay the served estimates (the ones the guideline targets are written from and the
-    # runtime validator checks against); only the label line comes from a classifier that did not see the eye.
-    # Cross-fitted numbers in the prompts made the demo's LM write AMD subtypes its served estimates contradict
-    # (a narrative withheld on PH7-00008), while the label line alone carries the realistic errors.
-    return served, decided
-
-
-def grok_config(cfp_encoder: Any, oct_encoder: Any, llm: Any, cfg: Stage3Config) -> GrokConfig:
-    """The bundle's GrokConfig: encoder shapes, projector widths and the LLM's own dimensions."""
-    c = llm.config
-    llm_cfg = LLMConfig(
-        hidden_size=c.hidden_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        intermediate_size=c.intermediate_size,
-        vocab_size=c.vocab_size,
-        max_position_embeddings=c.max_position_embeddings,
-        rope_theta=_rope_theta(c),
-    )
-    generation = GenerationConfig(
-        max_new_tokens=768 if cfg.uses_stand_in else cfg.max_new_tokens,
-        biomarkers_in_prompt=cfg.biomarker_estimates,
-        compact_biomarkers=cfg.compact_biomarkers,
-        pattern_subtype=cfg.pattern_subtype,
-    )
-    return GrokConfig(
-        cfp_encoder=cfp_encoder.cfg,
-        oct_encoder=oct_encoder.cfg,
-        projector=projector_config(cfg, cfp_encoder, c),
-        llm=llm_cfg,
-        generation=generation,
-        max_length=cfg.max_length,
-    )
-
-
-def projector_config(cfg: Stage3Config, cfp_encoder: Any, llm_config: Any) -> ProjectorConfig:
-    return ProjectorConfig(
-        vision_dim=cfp_encoder.cfg.embed_dim, llm_hidden_size=llm_config.hidden_size, token_grid=cfg.token_grid
-    )
-
-
-def _rope_theta(config: Any) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10_000.0)))
 
 
 def run(
@@ -409,73 +285,3 @@ def _write_outputs(
         "stage 3 done in %.0f s: val loss %s -> %s", timings["total_s"], result.first_val_loss, result.last_val_loss
     )
     return Stage3Result(out_dir, adapter_dir, projectors_path, merged_dir, out_dir / TOKENIZER_DIR, gcfg, report)
-
-
-def pack_bundle(
-    result: Stage3Result,
-    inputs: Stage3Inputs,
-    bundle_dir: Path,
-    *,
-    name: str,
-    version: str,
-    provenance: Mapping[str, Any] | None = None,
-    progress: bool = True,
-) -> Path:
-    """The servable bundle (export.build_bundle): ONNX encoders, heads, projectors, merged LLM, tokenizer."""
-    from export.build_bundle import BundleOptions, ModelParts, build_bundle
-
-    report = result.report
-    prov = {
-        "stage3": {
-            "config": report["config"],
-            "config_digest": report["config_digest"],
-            "stand_in_llm": report["stand_in"],
-            "llm_base": report["llm_base"],
-            "llm_source": report.get("llm_source"),
-            "val_loss": [report["first_val_loss"], report["last_val_loss"]],
-            "steps": report["steps"],
-            "records": report["records"],
-        },
-        "inputs": report["inputs"],
-        **(provenance or {}),
-    }
-    heads = [BiomarkerHead.load(inputs.cfp_head), BiomarkerHead.load(inputs.oct_head)]
-    pattern = result.out_dir / PATTERN_HEAD_FILE
-    decision = result.out_dir / DECISION_FILE
-    parts = ModelParts(
-        config=result.grok_config,
-        cfp_encoder=inputs.cfp_encoder,
-        oct_encoder=inputs.oct_encoder,
-        heads=heads,
-        projectors=result.projectors_path,
-        tokenizer_dir=result.tokenizer_dir,
-        llm_dir=result.merged_llm_dir,
-        pattern_head=pattern if pattern.is_file() else None,
-        decision=decision if decision.is_file() else None,
-    )
-    options = BundleOptions(overwrite=True, progress=progress)
-    return build_bundle(bundle_dir, parts, name=name, version=version, provenance=prov, options=options)
-
-
-def llm_source(base_dir: Path) -> dict[str, Any] | None:
-    """What the LLM base is, from its `stand_in.json` (the tiny stand-in's or the SmolLM2 conversion's)."""
-    note = Path(base_dir) / STAND_IN_FILE
-    return json.loads(note.read_text()) if note.is_file() else None
-
-
-def load_result(out_dir: Path) -> Stage3Result:
-    """The result of a finished stage-3 run, read back from its folder (stage3.json)."""
-    out_dir = Path(out_dir)
-    report_path = out_dir / REPORT_JSON
-    if not report_path.is_file():
-        raise FileNotFoundError(f"{report_path} does not exist: stage 3 has not finished in {out_dir}")
-    report = json.loads(report_path.read_text())
-    return Stage3Result(
-        out_dir,
-        out_dir / ADAPTER_DIR,
-        out_dir / PROJECTORS_FILE,
-        out_dir / MERGED_DIR,
-        out_dir / TOKENIZER_DIR,
-        GrokConfig.from_dict(report["grok_config"]),
-        report,
-    )
