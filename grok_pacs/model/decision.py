@@ -1,9 +1,10 @@
 """The decision classifier: the component that decides each eye's label and states its probability.
 
 A multinomial logistic regression on the 37 standardised biomarker estimates (the pattern head's model,
-`grok_pacs.model.pattern`), with a temperature fitted on the validation split and an operating point (the
-least probability at which a label is stated) chosen on the validation split for a stated target error
-among stated labels (`training.decision`). Stored in the bundle as `decision.json` (manifest entry
+`grok_pacs.model.pattern`; its ridge strength chosen by cross-validation), with a temperature and an
+operating point (the least probability at which a label is stated, for a stated target error among stated
+labels) fitted on calibration eyes no fitted model saw: the training eyes out of fold and the validation
+split (`training.decision`). Stored in the bundle as `decision.json` (manifest entry
 `"decision": {"file"}`, hashed like every file).
 
 Why a classifier decides and the language model writes: the label is a 7-way mapping from noisy

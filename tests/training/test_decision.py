@@ -4,7 +4,6 @@ tiers, selective-prediction figures and the ledger of reported test cohorts."""
 from __future__ import annotations
 
 import json
-import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,12 +17,16 @@ from training.benchmark import ledger
 from training.benchmark.referral import OPHTHALMOLOGY, PHYSICIAN, RESCREEN, URGENT, tier, tier_figures
 from training.benchmark.selective import selective_figures
 from training.decision import (
+    FOLDS,
+    L2_GRID,
+    choose_l2,
     choose_operating_point,
     cross_fitted_labels,
     fit_decision,
     risk_coverage,
     subject_folds,
 )
+from training.pattern import fit_pattern_head
 from training.stage3.crossfit import out_of_fold
 
 KEYS = tuple(b.key for b in BIOMARKERS)
@@ -86,34 +89,69 @@ def test_cross_fitted_labels_never_come_from_a_classifier_that_saw_the_row():
 
 
 # --- the classifier, its temperature and its operating point ----------------------------------------------
-def _nll(classifier: DecisionClassifier, rows, labels) -> float:
-    p = classifier.probabilities_batch(rows)
-    return float(-np.mean([math.log(p[i, DIAGNOSTIC_LABELS.index(t)]) for i, t in enumerate(labels)]))
+def _calibration_eyes(train, val):
+    """What fit_decision calibrates on: the training rows out of fold (each row its own subject) and the
+    validation rows, as (uncalibrated probabilities, true labels) with the classifier it fits."""
+    folds = subject_folds([str(i) for i in range(len(train[0]))], FOLDS)
+    l2, oof, _ = choose_l2(*train, folds)
+    model = fit_pattern_head(*train, l2=l2)
+    return np.concatenate([oof, model.probabilities_batch(val[0])]), [*train[1], *val[1]]
 
 
-def test_the_temperature_fitted_on_validation_minimises_its_validation_loss():
+def test_the_temperature_minimises_the_loss_on_the_calibration_eyes():
     train = _cohort(140, 1.2, seed=2)
     val = _cohort(140, 1.2, seed=3)
     classifier = fit_decision(*train, *val)
-    assert classifier.temperature != pytest.approx(1.0, abs=0.05)  # an overfitted linear fit needs rescaling
-    at = _nll(classifier, *val)
+    raw, truth = _calibration_eyes(train, val)
+    columns = [DIAGNOSTIC_LABELS.index(t) for t in truth]
+
+    def nll(temperature: float) -> float:
+        z = np.log(raw) / temperature
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return float(-np.mean(logp[np.arange(len(truth)), columns]))
+
+    at = nll(classifier.temperature)
     for factor in (0.7, 1.4):
-        other = DecisionClassifier(classifier.model, classifier.temperature * factor)
-        assert _nll(other, *val) > at
+        assert nll(classifier.temperature * factor) > at
     probs = classifier.probabilities_batch(val[0])
     assert len(np.unique(np.round(probs.max(axis=1), 6))) > 30  # a confidence per eye, not a constant
 
 
-def test_the_operating_point_is_chosen_on_validation_for_the_target_error():
-    classifier = fit_decision(*_cohort(140, 1.2, seed=2), *_cohort(140, 1.2, seed=3), target_error=0.05)
-    val_rows, val_labels = _cohort(140, 1.2, seed=3)
-    probs = classifier.probabilities_batch(val_rows)
-    stated = probs.max(axis=1) >= classifier.operating_point
-    wrong = [DIAGNOSTIC_LABELS[int(i)] != t for i, t in zip(probs.argmax(axis=1), val_labels)]
+def test_the_ridge_strength_is_the_one_of_least_cross_validated_loss():
+    rows, labels = _cohort(140, 1.2, seed=2)
+    folds = subject_folds([f"S{i // 2}" for i in range(140)], FOLDS)
+    l2, _, losses = choose_l2(rows, labels, folds)
+    assert losses[f"{l2:g}"] == min(losses.values()) and len(losses) == len(L2_GRID)
+    classifier = fit_decision(rows, labels, *_cohort(70, 1.2, seed=3), train_groups=[f"S{i // 2}" for i in range(140)])
+    assert classifier.fitted_on["l2"] == l2
+
+
+def test_calibrated_confidence_matches_accuracy_on_unseen_eyes():
+    """What a clinician relies on: among eyes it states at ~p, about p are right, on eyes nothing was fitted on."""
+    classifier = fit_decision(*_cohort(280, 1.3, seed=2), *_cohort(70, 1.3, seed=3))
+    rows, labels = _cohort(700, 1.3, seed=9)
+    probs = classifier.probabilities_batch(rows)
+    confidence = probs.max(axis=1)
+    right = np.array([DIAGNOSTIC_LABELS[int(i)] == t for i, t in zip(probs.argmax(axis=1), labels)])
+    assert 0.6 < right.mean() < 0.98  # a cohort with errors to rank
+    assert abs(confidence.mean() - right.mean()) < 0.05
+
+
+def test_the_operating_point_is_chosen_on_the_calibration_eyes_for_the_target_error():
+    train, val = _cohort(140, 1.2, seed=2), _cohort(140, 1.2, seed=3)
+    classifier = fit_decision(*train, *val, target_error=0.05)
+    raw, truth = _calibration_eyes(train, val)
+    probs = DecisionClassifier(classifier.model, classifier.temperature)
+    z = np.log(raw) / classifier.temperature
+    calibrated = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    stated = calibrated.max(axis=1) >= classifier.operating_point
+    wrong = [DIAGNOSTIC_LABELS[int(i)] != t for i, t in zip(calibrated.argmax(axis=1), truth)]
     assert 0 < stated.sum() < len(stated)  # some eyes are left Indeterminate, most are stated
     assert np.mean(np.asarray(wrong)[stated]) <= 0.05
-    assert classifier.fitted_on["val_error_stated"] <= 0.05
-    assert classifier.fitted_on["val_coverage"] == pytest.approx(stated.mean())
+    assert classifier.fitted_on["cal_error_stated"] <= 0.05
+    assert classifier.fitted_on["cal_coverage"] == pytest.approx(stated.mean())
+    val_stated = probs.probabilities_batch(val[0]).max(axis=1) >= classifier.operating_point
+    assert classifier.fitted_on["val_coverage"] == pytest.approx(val_stated.mean())
 
 
 def test_choose_operating_point_takes_the_most_coverage_that_meets_the_target():

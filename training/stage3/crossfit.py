@@ -12,8 +12,9 @@ Why K-fold ridge refits on frozen stage-2 features, not K stage-2 trainings: a r
 fold and alpha path (seconds on 2 cores for 300 eyes); retraining the encoder K times is K x stage 2
 (minutes each). What that leaves: the encoders themselves were aligned on every training eye, so the
 features of a training eye are still in-sample for the encoder, and the cross-fitted errors are somewhat
-smaller than served ones (the log line compares them). The classifier's temperature and operating point
-are fitted on the validation eyes' served estimates, which no part of the model saw.
+smaller than served ones (the log line compares them). The classifier's ridge strength is chosen by
+cross-validation on these rows; its temperature and operating point are fitted on the training rows'
+out-of-fold probabilities together with the validation eyes' served estimates (training.decision).
 """
 
 from __future__ import annotations
@@ -114,12 +115,14 @@ def fit_decision_classifier(
         labels,
         [served[i] for i, _ in val],
         [label for _, label in val],
+        train_groups=[s for _, s, _ in train],
         target_error=target_error,
         provenance={"folds": int(len(np.unique(folds))), "train_cross_fitted_accuracy": right / len(ids)},
     )
     log.info(
-        "stage 3: decision classifier: cross-fitted training accuracy %.3f; validation accuracy %.3f, T %.3f, "
-        "operating point %.3f (coverage %.2f)",
+        "stage 3: decision classifier: ridge %g; cross-fitted training accuracy %.3f; validation accuracy %.3f, "
+        "T %.3f, operating point %.3f (coverage %.2f on validation)",
+        classifier.fitted_on["l2"],
         right / len(ids),
         classifier.fitted_on["val_accuracy"],
         classifier.temperature,
