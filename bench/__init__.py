@@ -6,9 +6,10 @@ network, `hostile`; a full disk, `disk_full`), the object store (`blobstore`, `u
 (`database`), the PDF report (`pdf_report`), the end-to-end path (`e2e`), the review page (`review`).
 Model: encoders (`encoders`), generation (`generate`), the quality gate (`gate`), calibration
 (`calibration`, `calibration_study`), the phantom cohort (`phantom_cohort`), the benchmark on a trained
-bundle (`phantom`) and on the demo's (`demo_cohort`), the decision classifier alone on a pipeline's test
-eyes (`decision_classifier`), acquisition-device shift (`shift`). Not in the runtime wheel: installed from
-the checkout with the other development packages (docs/CONTRIBUTING.md, Packages).
+bundle (`phantom`, its Markdown `phantom_report`) and on the demo's (`demo_cohort`), the decision classifier
+alone on a pipeline's test eyes (`decision_classifier`), acquisition-device shift (`shift`).
+Not in the runtime wheel: installed from the checkout with the other development packages
+(docs/CONTRIBUTING.md, Packages).
 
 May import: `grok_pacs`, `export`, `training`, `devtools`.
 """

@@ -13,10 +13,12 @@ Layers inside training, lowest first: a module may import its own layer and the 
                `decision` (the decision classifier's fit and operating point),
                `phantom` (the synthetic cohort), `cohort` (a cohort from a PACS export; its fingerprint),
                `distributed` (torchrun data parallelism: process group, rank 0 writes, barriers)
+               `sharding` (FSDP2: a model sharded over the ranks, its checkpoints gathered onto rank 0)
     stage1     `stage1` (teachers write each eye's report; instruction records)
     stage2     `stage2` (image encoders aligned with the biomarkers)
     stage3     `stage3` (the multimodal LLM's fine-tuning, the bundle and its calibration run)
-    benchmark  `benchmark` (scores a bundle's predictions; safety and honesty figures)
+    benchmark  `benchmark` (scores a bundle's predictions; safety and honesty figures; the LM beside
+               the guideline teacher)
     top        `quality_head` (a learned gradability head on a bundle), `ood` (a bundle's device-shift
                check, fitted on its cohort's features), `pipeline` (every step, cached),
                `pipeline_config` (its settings and each step's cache key), `pipeline_cli` (its command
