@@ -34,6 +34,7 @@ from grok_pacs.model.prompt import format_target
 from training.benchmark.evaluate import evaluate
 from training.benchmark.grounding import check_grounding, pooled
 from training.records import Prediction, Reference
+from training.stage3.targets import TeacherEye
 
 TEACHER = "guideline teacher (template), same label and estimates"
 LM = "language model"
@@ -50,23 +51,12 @@ class Written:
     estimates: Mapping[str, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class _Eye:
-    """What the guideline teacher reads of an eye (its EyeRecord protocol)."""
-
-    subject_id: str
-    eye: str
-    label: Label
-    biomarkers: Mapping[str, float]
-    meta: Mapping[str, str] = field(default_factory=dict)
-
-
 def by_teacher(case_id: str, label: Label, estimates: Mapping[str, float], *, concise: bool = True) -> Written:
     """The guideline teacher's report of an eye (`case_id` is "<subject>_<eye>") for `label` from `estimates`."""
     from training.stage1.teachers.guideline import GuidelineTeacher
 
     subject, _, eye = case_id.rpartition("_")
-    paragraph = GuidelineTeacher().write(_Eye(subject, eye, Label(label), dict(estimates)), concise=concise)
+    paragraph = GuidelineTeacher().write(TeacherEye(subject, eye, Label(label), dict(estimates)), concise=concise)
     text = format_target(paragraph, Label(label))  # the form the LM was trained to write: paragraph, diagnosis line
     return Written(case_id, Label(label), text, text, dict(estimates))
 

@@ -24,7 +24,7 @@ GUIDELINE = "guideline"
 
 
 @dataclass(frozen=True)
-class _Eye:
+class TeacherEye:
     """What the guideline teacher reads of an eye (its EyeRecord protocol)."""
 
     subject_id: str
@@ -54,7 +54,7 @@ def concise_measured(records: Sequence[Mapping[str, Any]]) -> list[dict]:
             out.append(dict(record))
             continue
         measured = biomarkers_from_prompt_json(record["biomarkers"])
-        eye = _Eye(str(record["subject_id"]), str(record["eye"]), parse_label(str(record["label"])), measured)
+        eye = TeacherEye(str(record["subject_id"]), str(record["eye"]), parse_label(str(record["label"])), measured)
         index, _ = _reply(record)
         turns = [dict(t) for t in record["conversations"]]
         turns[index]["value"] = teacher.write(eye, concise=True)
@@ -78,7 +78,7 @@ def estimate_grounded(
         values = estimates[rid]
         index, text = _reply(record)
         if record.get("teacher") == GUIDELINE and "subject_id" in record and "eye" in record:
-            eye = _Eye(str(record["subject_id"]), str(record["eye"]), parse_label(str(record["label"])), values)
+            eye = TeacherEye(str(record["subject_id"]), str(record["eye"]), parse_label(str(record["label"])), values)
             text = teacher.write(eye, concise=concise)
         else:
             text, _ = ground_cited_numbers(text, values)
@@ -119,7 +119,7 @@ def jittered_variants(
             for key, value in measured.items():
                 low, high = BY_KEY[key].plausible
                 jittered[key] = float(min(max(value + noise * spread[key] * rng.standard_normal(), low), high))
-            eye = _Eye(
+            eye = TeacherEye(
                 str(record["subject_id"]), f"{record['eye']}~{copy}", parse_label(str(record["label"])), jittered
             )
             index, _ = _reply(record)
