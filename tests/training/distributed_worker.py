@@ -2,9 +2,9 @@
 
     python -m torch.distributed.run --nproc-per-node 2 --standalone -m tests.training.distributed_worker ROOT
 
-Trains the tiny stage-2 configuration into ROOT/stage2 for one epoch and the tiny stage-3 one into ROOT/stage3
-(from the assets in ROOT/assets) for three steps, stops each as an interruption would, then resumes from the
-checkpoint rank 0 wrote and finishes: every rank reads it.
+Trains the tiny stage-2 configuration into ROOT/stage2 for one epoch and the tiny stage-3 one (from the assets
+in ROOT/assets) into ROOT/stage3 under DDP and into ROOT/stage3-fsdp sharded with FSDP, for three steps; stops
+each as an interruption would, then resumes from the checkpoint rank 0 wrote and finishes: every rank reads it.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ def stage2(out: str) -> None:
     train(cfg, stage2_data())
 
 
-def stage3(assets_dir: str, out: str) -> None:
+def stage3(assets_dir: str, out: str, shard: str) -> None:
     assets = stage3_assets(Path(assets_dir))
-    stage3_trainer(assets, Path(out)).fit(max_steps=3)
-    stage3_trainer(assets, Path(out), seed=123).fit()  # fresh weights: everything comes from the checkpoint
+    stage3_trainer(assets, Path(out), shard=shard).fit(max_steps=3)
+    stage3_trainer(assets, Path(out), seed=123, shard=shard).fit()  # fresh weights: all from the checkpoint
 
 
 def main(root: str) -> None:
@@ -37,7 +37,8 @@ def main(root: str) -> None:
         raise SystemExit("distributed_worker.py must run under torchrun with more than one process")
     try:
         stage2(f"{root}/stage2")
-        stage3(f"{root}/assets", f"{root}/stage3")
+        stage3(f"{root}/assets", f"{root}/stage3", "ddp")
+        stage3(f"{root}/assets", f"{root}/stage3-fsdp", "fsdp")
     finally:
         distributed.teardown()
 

@@ -3,7 +3,8 @@
 The global batch is held constant (stage 2: each of the two ranks encodes half of it, and the contrastive loss
 and the projector's batch norm see the gathered whole; stage 3: each rank takes a share of every micro-batch,
 normalised by the window's token count over both), so the runs differ only in floating-point reduction order.
-Each two-process run is interrupted and resumed from the checkpoint its rank 0 wrote.
+Stage 3 runs twice on two processes: under DDP and with the model sharded over them (FSDP, its checkpoints
+gathered onto rank 0). Each two-process run is interrupted and resumed from the checkpoint its rank 0 wrote.
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ from training import distributed
 from training.stage2.config import Stage2Config
 from training.stage2.data import Stage2Data
 from training.stage2.train import LAST, train
+from training.stage3.__main__ import config_from_args, parse_args
+from training.stage3.checkpoint import CHECKPOINT_DIR, LATEST, load_trainable
+from training.stage3.config import Stage3Config
 from training.stage3.data import SFTDataset, build_samples, chat_text
 from training.stage3.features import FeatureStore, encode_images
 from training.stage3.pretrain_llm import pretrain_stand_in
-from training.stage3.train import SFTTrainer
+from training.stage3.train import SFTTrainer, TrainResult
 from training.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parents[2]
-TRAIN_RTOL = 1e-5  #: training losses: measured within 1e-7 (relative) of one process
+TRAIN_RTOL = 1e-5  #: training losses: measured within 1e-7 (relative) of one process, DDP and FSDP alike
 VAL_RTOL = 2e-3  #: validation losses: measured within 4e-4, see _NO_GRADIENT
 # Biases that feed a batch norm get no gradient (the norm removes any shift): what they receive is rounding
 # noise, which AdamW scales to full-size steps, so they drift apart between runs of different reduction order,
@@ -74,12 +78,12 @@ def stage3_assets(root: Path) -> dict:
     return {"root": root, "records": records, "tokenizer": tokenizer, "store": store, "grok": GrokConfig.tiny()}
 
 
-def stage3_trainer(assets: dict, run_dir: Path, seed: int = 0) -> SFTTrainer:
+def stage3_trainer(assets: dict, run_dir: Path, seed: int = 0, shard: str = "ddp") -> SFTTrainer:
     samples = build_samples(assets["records"], assets["tokenizer"], assets["store"], max_length=STAGE3_CFG.max_length)
-    store = assets["store"]
+    store, cfg = assets["store"], replace(STAGE3_CFG, shard=shard)
     return SFTTrainer(
-        _model(assets, STAGE3_CFG, seed),
-        STAGE3_CFG,
+        _model(assets, cfg, seed),
+        cfg,
         SFTDataset(samples[:7], store),
         SFTDataset(samples[8:], store),
         run_dir,
@@ -90,7 +94,8 @@ def stage3_trainer(assets: dict, run_dir: Path, seed: int = 0) -> SFTTrainer:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One torchrun launch (two processes) trains both stages: <root>/stage2, <root>/stage3."""
+    """One torchrun launch (two processes) trains both stages: <root>/stage2, <root>/stage3 (DDP) and
+    <root>/stage3-fsdp (the model sharded over the two)."""
     root = tmp_path_factory.mktemp("distributed")
     (root / "assets").mkdir()
     stage3_assets(root / "assets")
@@ -114,6 +119,17 @@ def test_shard_splits_a_batch_into_contiguous_equal_parts_or_refuses() -> None:
         distributed.shard(list(range(7)), 0, 2)
 
 
+def test_stage3_shards_with_ddp_unless_told_fsdp_and_refuses_anything_else() -> None:
+    required = ["--instructions", "i", "--manifest", "m", "--out", "o"]
+    required += [arg for part in ("cfp-encoder", "oct-encoder", "cfp-head", "oct-head") for arg in (f"--{part}", "x")]
+    assert config_from_args(parse_args(required)).shard == "ddp"
+    assert config_from_args(parse_args([*required, "--preset", "paper", "--shard", "fsdp"])).shard == "fsdp"
+    with pytest.raises(ValueError, match="shard 'zero'"):
+        Stage3Config.small(shard="zero")
+    # the same run sharded either way has one digest: a checkpoint of either resumes under the other
+    assert Stage3Config.small(shard="fsdp").digest() == Stage3Config.small().digest()
+
+
 def test_two_processes_train_stage2_like_one_and_resume_from_their_checkpoint(two: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     one = tmp_path / "one"
@@ -131,16 +147,36 @@ def test_two_processes_train_stage2_like_one_and_resume_from_their_checkpoint(tw
     assert worst < 1e-4, f"weights after two epochs differ by up to {worst:.2e}"
 
 
-def test_two_processes_train_stage3_like_one_and_resume_from_their_checkpoint(two: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def alone(two: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[SFTTrainer, TrainResult]:
+    """The tiny stage-3 run in one process, which both two-process runs must reproduce."""
     torch.set_num_threads(1)
-    assets = stage3_assets(two / "assets")
-    one = stage3_trainer(assets, tmp_path / "one")
-    alone = one.fit()
-    history = json.loads((two / "stage3" / "loss_history.json").read_text())
-    assert [s for s, _ in history["train"]] == [s for s, _ in alone.train_losses] == [1, 2, 3, 4]
-    assert [v for _, v in history["train"]] == pytest.approx([v for _, v in alone.train_losses], rel=TRAIN_RTOL)
-    assert [v for _, v in history["val"]] == pytest.approx([v for _, v in alone.val_losses], rel=VAL_RTOL)
-    resumed = stage3_trainer(assets, two / "stage3", seed=123)  # its weights all come from the checkpoint
+    trainer = stage3_trainer(stage3_assets(two / "assets"), tmp_path_factory.mktemp("one"))
+    return trainer, trainer.fit()
+
+
+@pytest.mark.parametrize("run", ["stage3", "stage3-fsdp"])
+def test_two_processes_train_stage3_like_one_and_resume_from_their_checkpoint(
+    two: Path, alone: tuple[SFTTrainer, TrainResult], run: str, tmp_path: Path
+) -> None:
+    """DDP (a whole model per rank) and FSDP (the model sharded over the two ranks, its checkpoint gathered onto
+    rank 0) give one process's losses; one process finishes from their checkpoints with its weights."""
+    torch.set_num_threads(1)
+    one, result = alone
+    history = json.loads((two / run / "loss_history.json").read_text())
+    assert [s for s, _ in history["train"]] == [s for s, _ in result.train_losses] == [1, 2, 3, 4]
+    assert [v for _, v in history["train"]] == pytest.approx([v for _, v in result.train_losses], rel=TRAIN_RTOL)
+    assert [v for _, v in history["val"]] == pytest.approx([v for _, v in result.val_losses], rel=VAL_RTOL)
+    latest = Path(CHECKPOINT_DIR) / LATEST
+    for name in ("trainable.safetensors", "optimizer.safetensors"):  # FSDP's gathered state: one process's keys
+        assert load_file(str(two / run / latest / name)).keys() == load_file(str(one.run_dir / latest / name)).keys()
+    if run == "stage3-fsdp":  # what stage 3 exports from after a sharded run: a plain copy given its weights
+        copy = stage3_trainer(stage3_assets(two / "assets"), tmp_path / "copy", seed=123).model
+        load_trainable(two / run / latest, copy, STAGE3_CFG.to_dict())
+        a, b = dict(one.model.named_parameters()), dict(copy.named_parameters())
+        worst = max(float((p - b[n]).detach().abs().max()) for n, p in a.items() if p.requires_grad)
+        assert worst < 1e-5, f"the unsharded copy's trainable weights differ by up to {worst:.2e}"
+    resumed = stage3_trainer(stage3_assets(two / "assets"), two / run, seed=123)  # weights all from the checkpoint
     resumed.fit()  # finished: loads the last checkpoint and trains no further
     a, b = dict(one.model.named_parameters()), dict(resumed.model.named_parameters())
     worst = max(float((p - b[n]).detach().abs().max()) for n, p in a.items() if p.requires_grad)

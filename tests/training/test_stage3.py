@@ -297,12 +297,12 @@ def test_estimate_targets_cite_the_heads_estimates_not_the_measurements() -> Non
     from grok_pacs.domain.biomarkers import BIOMARKERS, to_prompt_json
     from training.benchmark.grounding import check_grounding
     from training.stage1.teachers.guideline import GuidelineTeacher
-    from training.stage3.targets import _Eye, estimate_grounded
+    from training.stage3.targets import TeacherEye, estimate_grounded
 
     truth = {b.key: (b.normal[0] + b.normal[1]) / 2 for b in BIOMARKERS}
     truth["cup_to_disc"] = 0.78
     estimates = {k: v * 1.07 for k, v in truth.items()}
-    report = GuidelineTeacher().write(_Eye("S1", "R", DIAGNOSTIC_LABELS[1], truth))
+    report = GuidelineTeacher().write(TeacherEye("S1", "R", DIAGNOSTIC_LABELS[1], truth))
     record = {
         "id": "S1_R",
         "subject_id": "S1",

@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from training.stage3.config import PRESETS, Stage3Config
+from training.stage3.config import PRESETS, SHARDS, Stage3Config
 
 EPILOG = """\
 examples:
@@ -20,6 +20,8 @@ examples:
       --out work/stage3
   # the paper's recipe on real weights (GPU, bf16): the stand-in pretraining is skipped
   python -m training.stage3 --preset paper --base-llm /models/Qwen2-7B-Instruct ... --out runs/stage3
+  # the same on 8 GPUs of one node, the model sharded over them
+  torchrun --standalone --nproc-per-node 8 -m training.stage3 --preset paper --shard fsdp ... --out runs/stage3
 
 The run folder receives checkpoints/ (resumed automatically), loss_curve.png, adapter/, projectors.safetensors,
 llm_merged/ (LoRA merged), tokenizer/ and stage3.json. Pack a bundle with export.build_bundle (or use
@@ -66,6 +68,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-r", type=int, default=None, help="override the LoRA rank")
     parser.add_argument("--lora-alpha", type=int, default=None, help="override the LoRA alpha")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    parser.add_argument(
+        "--shard",
+        choices=SHARDS,
+        default=None,
+        help="under torchrun (one GPU per process): ddp (default) keeps a whole copy of the model on every GPU; "
+        "fsdp shards the frozen base, the LoRA and the projectors over the ranks, so a 7B base fits where a "
+        "whole copy plus activations does not. Checkpoints are the same either way",
+    )
     parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
@@ -82,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> Stage3Config:
         "lora_r": args.lora_r,
         "lora_alpha": args.lora_alpha,
         "gradient_checkpointing": args.gradient_checkpointing or None,
+        "shard": args.shard,
     }
     return replace(cfg, **{k: v for k, v in changes.items() if v is not None})
 

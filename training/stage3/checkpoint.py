@@ -2,10 +2,12 @@
 
 A checkpoint holds what resuming needs: the trainable weights (LoRA + projectors), the AdamW state, the RNG
 state, where the loop was (epoch, micro-batch, optimiser step, loss history) and the run's full
-`Stage3Config` (`config.json`, so a checkpoint explains itself). A resume under another configuration is
-refused, naming the fields that differ. The scheduler is rebuilt
-and fast-forwarded to the step. Writes go to a temporary folder that is renamed into place, so a run killed
-mid-write leaves the previous checkpoint intact.
+`Stage3Config` (`config.json`, so a checkpoint explains itself). A model sharded with FSDP
+(`Stage3Config.shard`) is gathered onto rank 0 first (`save_sharded`, `load_sharded`: `training.sharding`), so
+its files are the ones a single process writes, and either kind of run resumes the other's. A resume under
+another configuration is refused, naming the fields that differ. The scheduler is rebuilt and fast-forwarded
+to the step. Writes go to a temporary folder that is renamed into place, so a run killed mid-write leaves the
+previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from training import sharding
 from training.stage3.config import RESUME_FREE_FIELDS
 
 CHECKPOINT_DIR = "checkpoints"
@@ -54,8 +57,11 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
+def trainable_names(model: nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, values in state["state"].items():
@@ -81,13 +87,26 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, loop: LoopState) -> Path:
     """Write `run_dir/checkpoints/latest` atomically (the previous one is replaced only when complete)."""
+    return write_checkpoint(run_dir, trainable_state(model), optimizer.state_dict(), loop)
+
+
+def save_sharded(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, loop: LoopState) -> Path | None:
+    """`save_checkpoint` of an FSDP-sharded model: every rank gathers, rank 0 writes (and gets the path)."""
+    weights, optimizer_state = sharding.full_state(model, optimizer)
+    return write_checkpoint(run_dir, weights, optimizer_state, loop) if optimizer_state else None
+
+
+def write_checkpoint(
+    run_dir: Path, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any], loop: LoopState
+) -> Path:
+    """Write full (unsharded) trainable weights and an `optimizer.state_dict()` as `run_dir/checkpoints/latest`."""
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{loop.step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer)
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer_state)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -117,6 +136,40 @@ def load_checkpoint(
 
     `config` is this run's `Stage3Config.to_dict()`; the refusal names every field that differs.
     """
+    loop, weights, optimizer_state = read_checkpoint(path, model, config)
+    _copy_weights(model, weights)
+    optimizer.load_state_dict(optimizer_state)
+    _restore_rng(path)
+    return loop
+
+
+def load_trainable(path: Path, model: nn.Module, config: dict[str, Any]) -> LoopState:
+    """The trained weights alone (LoRA + projectors) of `path` into an unsharded model: how rank 0 rebuilds
+    a run trained with FSDP for export, the sharded model being unusable by one rank."""
+    loop, weights, _ = read_checkpoint(path, model, config)
+    _copy_weights(model, weights)
+    return loop
+
+
+def _copy_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> LoopState:
+    """`load_checkpoint` into an FSDP-sharded model: every rank reads the files and keeps its slices."""
+    loop, weights, optimizer_state = read_checkpoint(path, model, config)
+    sharding.load_full_state(model, optimizer, weights, optimizer_state)
+    _restore_rng(path)
+    return loop
+
+
+def read_checkpoint(
+    path: Path, model: nn.Module, config: dict[str, Any]
+) -> tuple[LoopState, dict[str, torch.Tensor], dict[str, Any]]:
+    """(loop state, trainable weights, optimiser state) of `path`, checked against this run's config and model."""
     meta = json.loads((path / "state.json").read_text())
     loop = LoopState(**meta["loop"])
     loop.train_losses = [tuple(x) for x in loop.train_losses]  # type: ignore[misc]
@@ -135,18 +188,16 @@ def load_checkpoint(
             f"({detail}); use a new output folder or --no-resume"
         )
     weights = load_file(str(path / "trainable.safetensors"))
-    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    expected = trainable_names(model)
     if set(weights) != expected:
         diff = sorted(set(weights) ^ expected)[:5]
         raise CheckpointMismatch(f"checkpoint {path} holds other trainable parameters: {diff}")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-    opt_state = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
-    optimizer.load_state_dict(opt_state)
+    optimizer_state = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), meta["optimizer"])
+    return loop, weights, optimizer_state
+
+
+def _restore_rng(path: Path) -> None:
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return loop

@@ -19,8 +19,11 @@ from typing import Any
 from grok_pacs.model.precision import PRECISIONS, cpu_precision
 
 LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-#: Fields that may differ between a run and the run it resumes (they do not change what is computed).
-RESUME_FREE_FIELDS = frozenset({"checkpoint_every", "eval_every", "num_threads"})
+#: Fields that may differ between a run and the run it resumes (they do not change what is computed: `shard`
+#: changes only the floating-point reduction order, and both kinds write the same unsharded checkpoints).
+RESUME_FREE_FIELDS = frozenset({"checkpoint_every", "eval_every", "num_threads", "shard"})
+#: How `torchrun` ranks hold the model: "ddp" a whole copy each, "fsdp" a slice each (training.sharding).
+SHARDS = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,13 @@ class Stage3Config:
     checkpoint_every: int = 0  # optimiser steps between checkpoints; 0 = once per epoch
     eval_every: int = 0  # optimiser steps between validation-loss evaluations; 0 = once per epoch
     num_threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    # Under torchrun: "ddp" replicates the model on every rank; "fsdp" shards the frozen base, the LoRA and
+    # the projectors over the ranks (FSDP2), for a base that does not fit one GPU beside its activations
+    shard: str = "ddp"
 
     def __post_init__(self) -> None:
+        if self.shard not in SHARDS:
+            raise ValueError(f"shard {self.shard!r}: expected one of {SHARDS}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r}: expected one of {PRECISIONS}")
         for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "grad_accum", "max_length", "max_new_tokens"):

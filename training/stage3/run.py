@@ -37,6 +37,7 @@ from grok_pacs.model.prompt import build_prompt
 from training import distributed
 from training.records import biomarkers_from_prompt_json
 from training.stage3.bundle import grok_config, llm_source, projector_config
+from training.stage3.checkpoint import latest_checkpoint, load_trainable
 from training.stage3.config import Stage3Config
 from training.stage3.data import SFTDataset, build_samples, chat_text, load_instructions
 from training.stage3.decide import fit_decision, head_estimates
@@ -230,9 +231,27 @@ def run(
     result = trainer.fit(resume=resume)
     if not distributed.is_main():
         return None  # rank 0 writes the outputs
+    if trainer.sharded:  # one rank cannot export a sharded model: a plain copy takes the last checkpoint's weights
+        model, llm = unsharded_copy(cfg, tokenizer, splits["train"], out_dir, llm_dtype, cfp_encoder)
     timings["sft_s"] = result.seconds
     trained = _Trained(model, tokenizer, base_dir, result, grok_config(cfp_encoder, oct_encoder, llm, cfg), splits)
     return _write_outputs(cfg, inputs, out_dir, trained, timings, started)
+
+
+def unsharded_copy(
+    cfg: Stage3Config, tokenizer: Any, train_records: list[dict], out_dir: Path, dtype: torch.dtype, cfp_encoder: Any
+) -> tuple[GrokModel, Any]:
+    """Rank 0's plain (unsharded) model of a run trained with FSDP, its trained weights (LoRA and projectors)
+    from the run's last checkpoint (the trainer writes one at the end of a sharded run); and its LLM."""
+    llm, _ = prepare_llm(cfg, tokenizer, train_records, out_dir, dtype, progress=False)
+    image_id = ensure_image_token(tokenizer, llm)
+    model = GrokModel(attach_lora(llm, cfg), Projectors(projector_config(cfg, cfp_encoder, llm.config)), image_id)
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is None:
+        raise RuntimeError(f"stage 3: the sharded run in {out_dir} left no checkpoint to export from")
+    load_trainable(checkpoint, model, cfg.to_dict())
+    log.info("stage 3: exporting the FSDP-trained weights of %s through an unsharded copy", checkpoint)
+    return model.eval(), llm
 
 
 class _Trained(NamedTuple):

@@ -7,7 +7,8 @@ cosine decay, gradient clipping, bf16 autocast on a GPU that supports it (or on 
 gradient checkpointing. Checkpoints (safetensors + JSON) are written at step boundaries; `fit(resume=True)`
 continues from the last one. Progress is a tqdm bar; the loss curve is saved as a PNG.
 Under torchrun each rank trains a share of every micro-batch in DistributedDataParallel and rank 0 validates and
-writes (`training.distributed`, docs/training.md).
+writes (`training.distributed`, docs/training.md); with `shard="fsdp"` the model is sharded over the ranks instead
+(`training.sharding`), every rank validates its share, and checkpoints are gathered onto rank 0.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,15 @@ from transformers import get_cosine_schedule_with_warmup
 from grok_pacs.model.grok import GrokModel
 from grok_pacs.model.precision import cpu_has_amx_bf16
 from grok_pacs.model.prompt import IGNORE_INDEX
-from training import distributed
-from training.stage3.checkpoint import LoopState, latest_checkpoint, load_checkpoint, save_checkpoint
+from training import distributed, sharding
+from training.stage3.checkpoint import (
+    LoopState,
+    latest_checkpoint,
+    load_checkpoint,
+    load_sharded,
+    save_checkpoint,
+    save_sharded,
+)
 from training.stage3.config import Stage3Config
 from training.stage3.data import SFTDataset, collate, target_token_count
 
@@ -127,14 +134,17 @@ class SFTTrainer:
         self.micro_per_epoch = math.ceil(len(train) / cfg.batch_size)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.optimizer = self._optimizer()
         if cfg.gradient_checkpointing:
             model.llm.config.use_cache = False
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # Under torchrun: each rank takes a share of every micro-batch; DDP averages the gradients.
+        # Under torchrun: each rank takes a share of every micro-batch; DDP (or FSDP) averages the gradients.
+        self.sharded = distributed.active() and cfg.shard == "fsdp"
         self.ddp = None
-        if distributed.active():
+        if self.sharded:
+            self.ddp = sharding.shard(_LossSum(model, self._loss_sum), model.llm)
+        elif distributed.active():
             self.ddp = distributed.wrap(_LossSum(model, self._loss_sum), self.device, find_unused=True)
+        self.optimizer = self._optimizer()  # after FSDP, which replaces the parameters with sharded ones
 
     def _optimizer(self) -> torch.optim.Optimizer:
         lora = [p for n, p in self.model.llm.named_parameters() if p.requires_grad]
@@ -240,10 +250,12 @@ class SFTTrainer:
             raise ValueError(f"records {window[0][:3]}... carry no assistant tokens")
         total = 0.0
         for k, (batch, (_, scale)) in enumerate(zip(batches, shares, strict=True)):
-            with nullcontext() if k == len(batches) - 1 else self.ddp.no_sync():  # one exchange per window
+            with sharding.accumulate(self.ddp, last=k == len(batches) - 1):  # DDP: one exchange per window
                 loss = self.ddp(batch, tokens, weight) * scale
                 (loss * world).backward()
             total += float(loss.detach())
+        if self.sharded:  # a projector no eye of the window used: no gradient, as in one process
+            sharding.drop_idle_grads([p for p in self.model.projectors.parameters() if p.requires_grad])
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         self.optimizer.step()
@@ -260,13 +272,23 @@ class SFTTrainer:
         self.model.eval()
         total, tokens = 0.0, 0
         for start in range(0, len(dataset), self.cfg.batch_size):
-            batch = collate(
-                (dataset[i] for i in range(start, min(start + self.cfg.batch_size, len(dataset)))), self.pad_id
-            )
-            total += float(self._loss_sum(batch, 1))
-            tokens += target_token_count(batch)
+            idx = list(range(start, min(start + self.cfg.batch_size, len(dataset))))
+            scale = 1.0
+            if self.sharded:  # every rank takes part in every forward: its share, or one sample at weight 0
+                mine = list(distributed.share(idx))
+                idx, scale = (mine, 1.0) if mine else (idx[:1], 0.0)
+            batch = collate((dataset[i] for i in idx), self.pad_id)
+            loss = self.ddp(batch, 1, 1.0) if self.sharded else self._loss_sum(batch, 1)
+            total += float(loss) * scale
+            tokens += int(target_token_count(batch) * scale)
         self.model.train(was_training)
+        if self.sharded:
+            total, tokens = distributed.sum_across(total), int(distributed.sum_across(tokens))
         return total / max(tokens, 1)
+
+    def _validates(self) -> bool:
+        """Rank 0 validates alone, except with FSDP, where every rank holds a slice of the model."""
+        return self.val_ds is not None and (distributed.is_main() or self.sharded)
 
     def fit(self, resume: bool = True, max_steps: int | None = None) -> TrainResult:
         """Train for `cfg.epochs` (continuing from the latest checkpoint when `resume`).
@@ -278,11 +300,12 @@ class SFTTrainer:
         loop = LoopState(config_digest=self.cfg.digest(), config=self.cfg.to_dict())
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if checkpoint is not None:
-            loop = load_checkpoint(checkpoint, self.model, self.optimizer, self.cfg.to_dict())
+            load = load_sharded if self.sharded else load_checkpoint
+            loop = load(checkpoint, self.model, self.optimizer, self.cfg.to_dict())
             log.info("stage 3: resumed from %s at step %d", checkpoint, loop.step)
         scheduler = self._scheduler(loop.step)
-        main = distributed.is_main()  # rank 0 validates, writes checkpoints and the curve
-        if not loop.val_losses and self.val_ds is not None and main:
+        main = distributed.is_main()  # rank 0 writes checkpoints and the curve
+        if not loop.val_losses and self._validates():
             loop.val_losses.append((0, self.evaluate()))
         started = time.monotonic()
         self.model.train()
@@ -312,6 +335,8 @@ class SFTTrainer:
             loop.epoch += 1
             loop.micro = 0
             self._periodic(loop, every_eval=0, every_ckpt=0, epoch_end=True)
+        if self.sharded and not (self.cfg.checkpoint_every == 0 or loop.step % self.cfg.checkpoint_every == 0):
+            self._save(loop)  # the sharded model cannot be exported by rank 0: its last checkpoint can
         bar.close()
         self.model.eval()
         curve = self.plot(loop)
@@ -320,7 +345,7 @@ class SFTTrainer:
     def _periodic(self, loop: LoopState, every_eval: int, every_ckpt: int, epoch_end: bool = False) -> None:
         """Validation loss and checkpoint at their step interval, or at the epoch end when the interval is 0."""
         due_eval = (every_eval and loop.step % every_eval == 0) or (epoch_end and not self.cfg.eval_every)
-        if due_eval and self.val_ds is not None and distributed.is_main():
+        if due_eval and self._validates():
             loop.val_losses.append((loop.step, self.evaluate()))
             log.info("stage 3: step %d validation loss %.4f", loop.step, loop.val_losses[-1][1])
         due_ckpt = (every_ckpt and loop.step % every_ckpt == 0) or (epoch_end and not self.cfg.checkpoint_every)
@@ -328,8 +353,11 @@ class SFTTrainer:
             self._save(loop)
 
     def _save(self, loop: LoopState) -> None:
-        """Rank 0 writes the checkpoint; every rank waits for it (a resume on any rank reads it)."""
-        if distributed.is_main():
+        """Rank 0 writes the checkpoint (gathered from every rank with FSDP); every rank waits for it (a resume on
+        any rank reads it)."""
+        if self.sharded:
+            save_sharded(self.run_dir, self.model, self.optimizer, loop)
+        elif distributed.is_main():
             save_checkpoint(self.run_dir, self.model, self.optimizer, loop)
         distributed.barrier()
 
