@@ -145,6 +145,7 @@ class NarrativeReason(StrEnum):
     IMPLAUSIBLE_VALUE = "implausible_value"
     UNMEASURED_VALUE = "unmeasured_value"
     CONTRADICTS_ESTIMATES = "contradicts_estimates"
+    CONTRADICTS_DIAGNOSIS = "contradicts_diagnosis"
 
 
 #: One human sentence per reason (the SR and logs show it; details add the offending text).
@@ -159,6 +160,7 @@ REASON_TEXT: dict[NarrativeReason, str] = {
     NarrativeReason.IMPLAUSIBLE_VALUE: "a cited value is outside its biomarker's plausible range",
     NarrativeReason.UNMEASURED_VALUE: "a value is cited for a biomarker that was not measured",
     NarrativeReason.CONTRADICTS_ESTIMATES: "it names an AMD subtype (wet or dry) that the measurements contradict",
+    NarrativeReason.CONTRADICTS_DIAGNOSIS: "its concluding sentence names another label than its diagnosis line",
 }
 assert set(REASON_TEXT) == set(NarrativeReason)
 

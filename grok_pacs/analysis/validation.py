@@ -20,7 +20,11 @@ report repeats a 4-word phrase 4 times and an 8-word phrase twice, and runs to 2
 - contradicts the estimates: a narrative that concludes AMD names wet AMD (or its signs: subretinal fluid,
   neovascular) while the estimates show dry, or the reverse (`grok_pacs.domain.subtypes`, the criterion the
   referral reads), e.g. "a dark subretinal haemorrhage" over a central IS/OS-RPE thickness of 56 um (only
-  with `estimates`; other labels are left alone: "neovascularisation" of the disc is diabetic retinopathy).
+  with `estimates`; other labels are left alone: "neovascularisation" of the disc is diabetic retinopathy);
+- contradicts its diagnosis: the concluding sentence names one label and the diagnosis line another
+  ("... the evidence supports hypertensive retinopathy." then "Diagnosis: AMD"): findings that argue for
+  one label under a coded diagnosis of another must not reach a clinician. A concluding sentence naming
+  several labels or none is left alone (the stage-1 reports the model learned from name exactly one).
 A failed check means the narrative is withheld; what the runtime does then is in `engine`.
 """
 
@@ -33,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from grok_pacs.analysis.grounding import find_citations, in_biomarker_unit
-from grok_pacs.analysis.parsing import parse_generation
+from grok_pacs.analysis.parsing import label_from_text, parse_generation
 from grok_pacs.analysis.result import REASON_TEXT, NarrativeCheck, NarrativeIssue, NarrativeReason
 from grok_pacs.domain.biomarkers import BY_KEY
 from grok_pacs.domain.labels import Label
@@ -152,6 +156,14 @@ def _subtype(narrative: str, label: Label, estimates: Mapping[str, float] | None
     ]
 
 
+def _conclusion(impression: str, label: Label, label_found: bool) -> list[Issue]:
+    """The label the concluding sentence names against the diagnosis line's (see the module docstring)."""
+    named = label_from_text(impression)
+    if not label_found or named in (Label.INDETERMINATE, label):
+        return []
+    return [Issue(Reason.CONTRADICTS_DIAGNOSIS, f"{_short(impression)} (diagnosis line: {label.value})")]
+
+
 def _diagnosis(text: str, label_found: bool) -> list[Issue]:
     if label_found:
         return []
@@ -184,6 +196,7 @@ def validate_narrative(
         issues.append(Issue(Reason.TOO_LONG, f"{len(words)} words"))
     issues += _values(narrative, estimates)
     issues += _subtype(narrative, parsed.label, estimates)
+    issues += _conclusion(parsed.impression, parsed.label, parsed.label_found)
     bigrams = list(zip(words, words[1:]))
     distinct = len(set(bigrams)) / len(bigrams) if bigrams else 1.0
     return NarrativeCheck(not issues, tuple(issues), len(words), repeated, distinct)

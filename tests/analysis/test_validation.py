@@ -39,6 +39,17 @@ def test_every_guideline_teacher_report_passes(label) -> None:
         assert check.passed, check.summary()
 
 
+def test_findings_that_conclude_another_label_than_their_diagnosis_line_fail() -> None:
+    """What the demo's 135M model once wrote: an argument for hypertensive retinopathy under "Diagnosis: AMD"."""
+    body = HEALTHY.split("\nDiagnosis:")[0].replace("those of a normal retina", "those of hypertensive retinopathy")
+    check = validate_narrative(format_target(body, "AMD"), ESTIMATES)
+    assert check.reasons == (Reason.CONTRADICTS_DIAGNOSIS,)
+    assert "hypertensive retinopathy" in check.issues[0].detail and "AMD" in check.issues[0].detail
+    assert validate_narrative(format_target(body, "Hypertension"), ESTIMATES).passed  # the same words, agreeing
+    several = body.replace("those of hypertensive retinopathy", "AMD rather than glaucoma")
+    assert validate_narrative(format_target(several, "AMD"), ESTIMATES).passed  # names two: left alone
+
+
 def test_phrase_repeated_twelve_times_fails() -> None:
     phrase = "no haemorrhages, microaneurysms or exudates"
     text = "The retina shows " + ", ".join([phrase] * 12) + ". Diagnosis: Normal"
@@ -58,7 +69,7 @@ def test_repeated_sentence_fails_and_is_counted() -> None:
 
 
 def test_runaway_digits_fail_but_a_number_ending_a_sentence_does_not() -> None:
-    runaway = HEALTHY.replace("Normal", "Alzheimer").replace("0.310.", "0.375.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.")
+    runaway = HEALTHY.replace("0.310.", "0.375.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.")
     check = validate_narrative(runaway)
     assert check.reasons == (Reason.MALFORMED_NUMBER,)
     assert "0.375.0.0" in check.issues[0].detail
