@@ -70,8 +70,8 @@ def test_make_demo_prints_the_sr_of_a_sent_phantom_study(tmp_path: Path) -> None
         # 0.97 against an operating point of about 0.6: docs/training.md). Findings shipped as the model's
         # words pass the validator as a report (no repeats, no runaway numbers, cite the flagged estimates);
         # findings the validator refused are withheld and the SR names the failed check. Since the classifier
-        # decides (issue 32), the demo's 135M LM names an AMD subtype its estimates contradict on this
-        # subject's eyes and the narrative is withheld (a known regression: CHANGELOG, issue 32).
+        # decides (issue 32), the demo's 135M LM sometimes argues for another label (or AMD subtype) than the
+        # one it was given on this subject's eyes, and that narrative is withheld (docs/training.md).
         label = _label_of_code(diagnosis[0])
         assert label == _label_name(sent.group(3)), (label, sent.group(3), _all_text(ds))
         if findings[0] == NARRATIVE_WITHHELD:
