@@ -13,8 +13,8 @@ anatomy on each, only the acquisition differs. Each device is marked as in the b
 not (the demo trains on `reference` only: the other training devices are unseen by it too). Each eye passes
 the rule-based gate (an ungradable modality is left out, as the study job does) and then the engine. Per
 device: macro-F1 over all eyes (an eye with no stated label counts as a miss), the share of eyes with a wrong
-stated label, the error among stated labels, and the shares Indeterminate, ungradable and marked unlike the
-training images.
+stated label, the error among stated labels, the shares Indeterminate, ungradable and marked unlike the
+training images, and referral by tier (urgent / ophthalmology / physician / rescreen, as the benchmark).
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ from grok_pacs.analysis.imaging import EyeImages
 from grok_pacs.analysis.quality import QualityThresholds, assess_cfp, assess_oct
 from grok_pacs.analysis.result import Eye, Gradability
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
+from grok_pacs.report.dispositions import for_eye
+from training.benchmark.referral import OPHTHALMOLOGY, tier, tier_figures
+from training.benchmark.safety import truth_dispositions
 from training.phantom.cohort import plan_cohort, render_subject
 from training.phantom.devices import DEVICES, REFERENCE, get_device
 
@@ -110,13 +113,14 @@ def macro_f1(truth: list[str], stated: list[str]) -> float:
 def run_device(engine: Engine, device: str, subjects: int, seed: int) -> dict:
     """Every eye of the fresh subjects on one device through gate and engine; the device's figures and rows."""
     limits = QualityThresholds()
-    rows, batch = [], []
+    rows, batch, measured, reports = [], [], [], {}
     for plan in plan_cohort(subjects, seed):
         _, eyes = render_subject(replace(plan, device=device), seed)
         for rendered in eyes:
             item = gated(Eye(rendered.truth.eye), rendered.cfp, rendered.volume, limits)
             row = {"case": f"{plan.subject_id}/{rendered.truth.eye}", "truth": plan.label.value}
             rows.append(row)
+            measured.append(rendered.truth.biomarkers)
             if item is None:
                 row.update(stated="ungradable", ungradable=True, ood=False, shift_scores={})
             else:
@@ -124,6 +128,7 @@ def run_device(engine: Engine, device: str, subjects: int, seed: int) -> dict:
     for start in range(0, len(batch), BATCH):
         part = batch[start : start + BATCH]
         for (row, _), report in zip(part, engine.analyze_batch([item for _, item in part])):
+            reports[row["case"]] = report
             row.update(
                 stated=report.label.value,
                 ungradable=False,
@@ -131,7 +136,21 @@ def run_device(engine: Engine, device: str, subjects: int, seed: int) -> dict:
                 shift_scores=report.shift_scores,
                 missing=list(report.missing_modalities),
             )
-    return {"device": get_device(device).describe(), **summarise(rows), "eyes": rows}
+    referral = referral_by_tier(rows, measured, reports)
+    return {"device": get_device(device).describe(), **summarise(rows), "referral": referral, "eyes": rows}
+
+
+def referral_by_tier(rows: list[dict], measured: list[dict], reports: dict) -> dict | None:
+    """Referral by tier (training.benchmark.referral) of every eye: an ungradable one is served a retake (an
+    ophthalmology referral: retake, or refer); the truth is the table applied to its true label and values."""
+    if not reports:
+        return None
+    template = next(iter(reports.values()))  # truth_dispositions replaces label, values and gradability of a report
+    served = [OPHTHALMOLOGY if r["ungradable"] else tier(for_eye(reports[r["case"]])) for r in rows]
+    truth = truth_dispositions([reports.get(r["case"], template) for r in rows], [r["truth"] for r in rows], measured)
+    for row, s, t in zip(rows, served, truth):
+        row.update(served_tier=s, truth_tier=tier(t))
+    return tier_figures(served, [tier(t) for t in truth])
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -182,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for name, figures in devices.items():
-        print(name, json.dumps({k: v for k, v in figures.items() if k not in ("eyes", "device")}))
+        print(name, json.dumps({k: v for k, v in figures.items() if k not in ("eyes", "device", "referral")}))
+        if figures["referral"]:
+            print("  referral:", json.dumps({k: v for k, v in figures["referral"].items() if k != "tiers"}))
     return 0
 
 

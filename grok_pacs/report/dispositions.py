@@ -177,6 +177,19 @@ DEFAULT_TABLE: tuple[Rule, ...] = (
         rescreen_months=24,
         source="AAO Adult Eye Evaluation PPP: routine rescreen; interval a site choice",
     ),
+    *(  # an eye left without a diagnosis that shows fluid or central thickening is seen urgently, whatever the cause
+        Rule(
+            rule_id,
+            Action.URGENT_REFERRAL,
+            f"No diagnosis could be determined, but the measurements show {sign.meaning}: urgent referral",
+            label="Indeterminate",
+            biomarker=sign.key,
+            op=sign.op,
+            value=sign.value,
+            source="RCOphth / NICE NG82: suspected wet AMD seen within 2 weeks; no result means refer",
+        )
+        for rule_id, sign in zip(("indeterminate-fluid", "indeterminate-thickening"), WET_AMD_SIGNS, strict=True)
+    ),
     Rule(
         "indeterminate",
         Action.REFERRAL,

@@ -50,6 +50,9 @@ def ungradable(eye: str, datasets):
         ("Diabetes", {}, Action.RESCREEN, "diabetes"),
         ("Normal", {}, Action.RESCREEN, "normal"),
         ("Indeterminate", {}, Action.REFERRAL, "indeterminate"),
+        # no diagnosis, but subretinal fluid or central thickening: urgent whatever the cause (wet AMD, DME)
+        ("Indeterminate", {"isos_rpe_central": 110.0}, Action.URGENT_REFERRAL, "indeterminate-fluid"),
+        ("Indeterminate", {"mt_central": 330.0}, Action.URGENT_REFERRAL, "indeterminate-thickening"),
     ],
 )
 def test_table_rows(study, label, markers, action, rule):
