@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", type=Path, help="the bundle's cohort (to fit an OOD model it lacks)")
     parser.add_argument("--subjects", type=int, default=7, help="fresh subjects per device (two eyes each)")
     parser.add_argument("--seed", type=int, default=61733, help="phantom seed of the fresh eyes")
+    parser.add_argument(
+        "--devices", default=",".join(DEVICES), help=f"comma-separated devices (default all: {', '.join(DEVICES)})"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/shift.json"))
     args = parser.parse_args(argv)
     bundle = args.bundle or find_demo_bundle()
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="shift-") as work:
         served, fitted = with_ood(Path(bundle), args.manifest, Path(work))
         engine = Engine.from_bundle(served)
-        devices = {name: run_device(engine, name, args.subjects, args.seed) for name in DEVICES}
+        names = [get_device(name).name for name in args.devices.split(",")]
+        devices = {name: run_device(engine, name, args.subjects, args.seed) for name in names}
     seen = training_devices(Path(bundle))
     for name, figures in devices.items():
         figures["in_training_cohort"] = name in seen
