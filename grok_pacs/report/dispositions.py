@@ -84,6 +84,23 @@ def _enum(kind, value, where):
         raise DispositionTableError(f"{where} {value!r} is not one of {[k.value for k in kind]}") from exc
 
 
+def _urgent_signs(rule_ids: tuple[str, ...], label: str, text: str, source: str) -> tuple[Rule, ...]:
+    """One urgent-referral row per sign of wet AMD (grok_pacs.domain.subtypes) for eyes with `label`."""
+    return tuple(
+        Rule(
+            rule_id,
+            Action.URGENT_REFERRAL,
+            text.format(meaning=sign.meaning),
+            label=label,
+            biomarker=sign.key,
+            op=sign.op,
+            value=sign.value,
+            source=source,
+        )
+        for rule_id, sign in zip(rule_ids, WET_AMD_SIGNS, strict=True)
+    )
+
+
 _DESP = "NHS Diabetic Eye Screening Programme grading definitions"
 #: The default table, first match wins (docs/domain.md, Dispositions, gives each source in full).
 DEFAULT_TABLE: tuple[Rule, ...] = (
@@ -111,18 +128,12 @@ DEFAULT_TABLE: tuple[Rule, ...] = (
         label="DiabeticRetinopathy",
         source=f"{_DESP}: referable DR",
     ),
-    *(  # one urgent row per sign of wet AMD, the criterion the narrative validator also holds the words to
-        Rule(
-            rule_id,
-            Action.URGENT_REFERRAL,
-            f"Urgent referral (within about 2 weeks): suspected neovascular AMD ({sign.meaning})",
-            label="AMD",
-            biomarker=sign.key,
-            op=sign.op,
-            value=sign.value,
-            source="RCOphth / NICE NG82: suspected wet AMD seen within 2 weeks",
-        )
-        for rule_id, sign in zip(("amd-wet-fluid", "amd-wet"), WET_AMD_SIGNS, strict=True)
+    # one urgent row per sign of wet AMD, the criterion the narrative validator also holds the words to
+    *_urgent_signs(
+        ("amd-wet-fluid", "amd-wet"),
+        "AMD",
+        "Urgent referral (within about 2 weeks): suspected neovascular AMD ({meaning})",
+        "RCOphth / NICE NG82: suspected wet AMD seen within 2 weeks",
     ),
     Rule(
         "amd",
@@ -177,18 +188,12 @@ DEFAULT_TABLE: tuple[Rule, ...] = (
         rescreen_months=24,
         source="AAO Adult Eye Evaluation PPP: routine rescreen; interval a site choice",
     ),
-    *(  # an eye left without a diagnosis that shows fluid or central thickening is seen urgently, whatever the cause
-        Rule(
-            rule_id,
-            Action.URGENT_REFERRAL,
-            f"No diagnosis could be determined, but the measurements show {sign.meaning}: urgent referral",
-            label="Indeterminate",
-            biomarker=sign.key,
-            op=sign.op,
-            value=sign.value,
-            source="RCOphth / NICE NG82: suspected wet AMD seen within 2 weeks; no result means refer",
-        )
-        for rule_id, sign in zip(("indeterminate-fluid", "indeterminate-thickening"), WET_AMD_SIGNS, strict=True)
+    # an eye left without a diagnosis that shows fluid or central thickening is seen urgently, whatever the cause
+    *_urgent_signs(
+        ("indeterminate-fluid", "indeterminate-thickening"),
+        "Indeterminate",
+        "No diagnosis could be determined, but the measurements show {meaning}: urgent referral",
+        "RCOphth / NICE NG82: suspected wet AMD seen within 2 weeks; no result means refer",
     ),
     Rule(
         "indeterminate",
