@@ -98,7 +98,7 @@ def _decision_markdown(payload: dict) -> list[str]:
         "## Who decided, and selective prediction",
         "",
         f"{rerun}Label decided by: {', '.join(h['decided_by'] or [])}. Operating point {_fmt(h['operating_point'])} "
-        "(chosen on the calibration eyes: training eyes out of fold and validation): "
+        f"({_chosen_on(h['decided_by'])}): "
         f"coverage {_fmt(h['coverage'])}, error among stated labels "
         f"{_fmt(h['error_stated'])}; AUROC of the confidence, right vs wrong {_fmt(h['auroc_right_vs_wrong'])}; "
         f"ECE {_fmt(h['ece_decider'])} (95 % interval {', '.join(_fmt(v) for v in h['ece_decider_ci95'] or [])}); "
@@ -119,3 +119,9 @@ def _decision_markdown(payload: dict) -> list[str]:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _chosen_on(decided_by: list[str] | None) -> str:
+    if "decision classifier" in (decided_by or []):
+        return "chosen on the calibration eyes: training eyes out of fold and validation"
+    return "the bundle's, or the site's, operating point for the language model's calibrated scores"
