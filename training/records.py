@@ -36,14 +36,20 @@ class Prediction:
 
     @classmethod
     def from_report(cls, case_id: str, report: Report) -> Prediction:
-        """From the runtime's `Report`: narrative + impression as text, head estimates as biomarkers, and the
+        """From the runtime's `Report`: narrative + impression as text (the narrative alone where the label rule
+        wrote the impression), head estimates as biomarkers, and the
         deciding component's label even where the report does not state it (the decision classifier's, or the
         language model's conclusion: a calibrated probability below the operating point, or findings that
         conclude another label), so the benchmark scores the decider, not the site's threshold; selective
         prediction (training.benchmark.selective) scores what was stated."""
         values = {b.key: b.value for b in report.biomarkers}
         label = report.unsupported_label or report.label
-        return cls(case_id=case_id, label=label, text=report.text, biomarkers=values)
+        # An eye the label rule left Indeterminate carries the rule's sentence as its impression ("No diagnosis
+        # is stated: ... 0.49, is below the operating point 0.67"): the runtime's words, not the model's, so
+        # neither the text metrics nor grounding score them (their probabilities read as unmatched citations).
+        ruled = report.unsupported_label is not None
+        text = report.narrative if ruled else report.text
+        return cls(case_id=case_id, label=label, text=text, biomarkers=values)
 
 
 @dataclass(frozen=True)

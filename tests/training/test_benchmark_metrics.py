@@ -209,8 +209,17 @@ def test_grounding_and_prediction_from_a_runtime_report() -> None:
     assert prediction.label == G and prediction.text.endswith("Consistent with glaucoma.")
     assert prediction.biomarkers == {"cup_to_disc": 0.8121, "avr": 0.64}
     # A report that does not state the findings' label (below the operating point) is scored on that label.
-    unstated = dataclasses.replace(report, label=Label.INDETERMINATE, unsupported_label=G)
-    assert Prediction.from_report("case-1", unstated).label == G
+    unstated = dataclasses.replace(
+        report,
+        label=Label.INDETERMINATE,
+        unsupported_label=G,
+        impression="No diagnosis is stated: the classifier's probability for Glaucoma, 0.49, is below 0.67.",
+    )
+    ruled = Prediction.from_report("case-1", unstated)
+    assert ruled.label == G
+    # The label rule's sentence is the runtime's, not the model's: no text metric or grounding reads it.
+    assert ruled.text == report.narrative and "0.49" not in ruled.text
+    assert check_grounding(ruled.text, ruled.biomarkers).n_cited == 2
 
 
 def test_model_grounding_reads_what_the_model_wrote_not_the_served_text() -> None:

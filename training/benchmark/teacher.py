@@ -65,8 +65,8 @@ def by_model(case_id: str, report) -> Written | None:
     """The LM's findings of one runtime `Report` (None when it wrote nothing: an ungradable eye)."""
     if not report.raw_text or report.narrative_check is None:
         return None
-    estimates = {b.key: b.value for b in report.biomarkers}
-    return Written(case_id, Label(report.unsupported_label or report.label), report.text, report.raw_text, estimates)
+    served = Prediction.from_report(case_id, report)  # as the benchmark scores it: without the label rule's words
+    return Written(case_id, served.label, served.text, report.raw_text, dict(served.biomarkers))
 
 
 def figures(written: Sequence[Written], references: Sequence[Reference]) -> dict:
