@@ -28,7 +28,7 @@ import numpy as np
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 from grok_pacs.model.decision import DecisionClassifier
 from training.calibration import fit as fit_calibration
-from training.pattern import fit_pattern_head
+from training.pattern import DEFAULT_L2, fit_pattern_head
 
 DEFAULT_TARGET_ERROR = 0.05  #: at most 5 % of the stated labels wrong (issue 32)
 FOLDS = 5
@@ -47,16 +47,11 @@ def subject_folds(groups: Sequence[str], n_folds: int = FOLDS, seed: int = 0) ->
     return np.array([fold_of[g] for g in groups])
 
 
-def cross_fitted_labels(rows: Sequence[Mapping[str, float]], labels: Sequence[Label], folds: np.ndarray) -> list[Label]:
+def cross_fitted_labels(
+    rows: Sequence[Mapping[str, float]], labels: Sequence[Label], folds: np.ndarray, l2: float = DEFAULT_L2
+) -> list[Label]:
     """Each row's closest label by a classifier fitted on the rows of the other folds."""
-    out: list[Label | None] = [None] * len(rows)
-    for k in np.unique(folds):
-        train = [i for i in range(len(rows)) if folds[i] != k]
-        head = fit_pattern_head([rows[i] for i in train], [labels[i] for i in train])
-        held = [i for i in range(len(rows)) if folds[i] == k]
-        for i, p in zip(held, head.probabilities_batch([rows[i] for i in held])):
-            out[i] = head.labels[int(p.argmax())]
-    return [label for label in out if label is not None]
+    return [DIAGNOSTIC_LABELS[int(i)] for i in out_of_fold_probabilities(rows, labels, folds, l2).argmax(axis=1)]
 
 
 def choose_operating_point(

@@ -15,12 +15,14 @@ import numpy as np
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 from grok_pacs.model.pattern import KEYS, PatternHead
 
+DEFAULT_L2 = 1e-2  #: ridge strength on the standardised estimates (training.decision chooses its own)
+
 
 def fit_pattern_head(
     rows: Sequence[Mapping[str, float]],
     labels: Sequence[Label],
     *,
-    l2: float = 1e-2,
+    l2: float = DEFAULT_L2,
     steps: int = 2000,
     lr: float = 0.5,
 ) -> PatternHead:

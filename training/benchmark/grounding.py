@@ -75,8 +75,13 @@ def check_report_grounding(report: Report) -> GroundingResult:
 def check_model_grounding(report: Report) -> GroundingResult:
     """The grounding of what the model wrote (`raw_text`), before the runtime wrote misquoted numbers as
     the estimates (`grok_pacs.analysis.grounding.ground_cited_numbers`): how well the LLM itself cites its prompt."""
-    parsed = parse_generation(report.raw_text)
-    return _grounding_of(parsed.narrative, parsed.impression, report)
+    return check_generation_grounding(report.raw_text, {b.key: b.value for b in report.biomarkers})
+
+
+def check_generation_grounding(raw_text: str, estimates: Mapping[str, float]) -> GroundingResult:
+    """The grounding of a whole generation (findings paragraph, then the diagnosis line) against `estimates`."""
+    parsed = parse_generation(raw_text)
+    return check_grounding(findings_text(parsed.narrative, parsed.impression), estimates)
 
 
 def _grounding_of(narrative: str, impression: str, report: Report) -> GroundingResult:

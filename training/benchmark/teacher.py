@@ -26,13 +26,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import fmean
 
-from grok_pacs.analysis.parsing import parse_generation
-from grok_pacs.analysis.result import findings_text
 from grok_pacs.analysis.validation import validate_narrative
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 from grok_pacs.model.prompt import format_target
 from training.benchmark.evaluate import evaluate
-from training.benchmark.grounding import check_grounding, pooled
+from training.benchmark.grounding import check_generation_grounding, pooled
 from training.records import Prediction, Reference
 from training.stage3.targets import TeacherEye
 
@@ -77,7 +75,7 @@ def figures(written: Sequence[Written], references: Sequence[Reference]) -> dict
     preds = [Prediction(w.case_id, w.label, w.text, w.estimates) for w in written]
     bench = evaluate(preds, [refs[w.case_id] for w in written], progress=False)
     checks = [validate_narrative(w.own, w.estimates) for w in written]
-    own = pooled(check_grounding(_findings(w.own), w.estimates) for w in written)
+    own = pooled(check_generation_grounding(w.own, w.estimates) for w in written)
     return {
         "n": len(written),
         "bleu4_corpus": bench.bleu4_corpus,
@@ -91,11 +89,6 @@ def figures(written: Sequence[Written], references: Sequence[Reference]) -> dict
         "words_mean": fmean(c.words for c in checks),
         "failure_reasons": dict(Counter(str(r.value) for c in checks for r in c.reasons).most_common()),
     }
-
-
-def _findings(text: str) -> str:
-    parsed = parse_generation(text)
-    return findings_text(parsed.narrative, parsed.impression)
 
 
 def lm_vs_teacher(
