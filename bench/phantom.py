@@ -9,7 +9,10 @@ generation), and writes
 - bench/results/phantom.json: macro_f1, per-label F1, mae_aligned, mae_plain, grounding_agreement (headline
   variant: with estimates), both variants' summaries, the targets and whether they are met, timings;
 - bench/results/phantom.md: the report with the comparison table and the plots (bench/results/phantom/).
-Usage: python -m bench.phantom [--subjects N] [--seed S] [--cache DIR] [--only-estimates]
+Usage: python -m bench.phantom [--subjects N] [--seed S] [--cache DIR] [--only-estimates] [--devices A,B]
+
+`--devices` shares the cohort's subjects among several training devices (training.phantom.devices): the
+bundle then trains on all of them and the headline gains one row of figures per device (`per_device`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.phantom_report import markdown
+from bench.shift import summarise
 from grok_pacs.analysis.parsing import parse_generation
 from training.benchmark import ledger
 from training.benchmark.evaluate import evaluate
@@ -36,9 +40,12 @@ from training.benchmark.report import write_comparison, write_report
 from training.benchmark.selective import decided, selective_figures
 from training.benchmark.teacher import lm_vs_teacher
 from training.cohort.fingerprint import code_commit
+from training.manifest import load_manifest
+from training.phantom.devices import REFERENCE, get_device
 from training.pipeline import DECIDERS, DEFAULT_CACHE, PipelineConfig, PipelineResult, quiet_exporter_logs, run_pipeline
 from training.stage3.config import Stage3Config
 from training.stage3.evaluate import load_engine, predict, references
+from training.stage3.features import eye_id
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SUBJECTS, SEED = 420, 2024
@@ -90,6 +97,7 @@ def _run_variant(
         [r.case_id for r in refs], reports, refs, concise=cfg.stage3.concise_reports
     )
     stage3 = json.loads((result.stage3_dir / "stage3.json").read_text())
+    devices = {eye_id(r.subject_id, r.eye): r.meta.get("device", REFERENCE) for r in load_manifest(result.manifest)}
     info = {
         "pipeline_s": round(trained, 1),
         "pipeline_steps_s": result.timings_s,
@@ -126,11 +134,23 @@ def _run_variant(
                 "raw_label_scores": report.uncalibrated_scores,
                 "disposition": report.disposition.action.value if report.disposition else None,
                 "narrative_passed": report.narrative_check.passed if report.narrative_check else None,
+                "device": devices[ref.case_id],
+                "out_of_distribution": report.out_of_distribution,
             }
             for ref, pred, report in zip(refs, preds, reports)
         ],
     }
+    info["per_device"] = per_device(info["per_eye"])
     return result, bench, info
+
+
+def per_device(per_eye: list[dict]) -> dict[str, dict]:
+    """bench.shift's figures for the test eyes of each acquisition device (no gate here: none is ungradable)."""
+    rows: dict[str, list[dict]] = {}
+    for eye in per_eye:
+        row = {"truth": eye["truth"], "stated": eye["stated"], "ungradable": False, "ood": eye["out_of_distribution"]}
+        rows.setdefault(eye["device"], []).append(row)
+    return {device: summarise(found) for device, found in sorted(rows.items())}
 
 
 def _headline(bench, mae: dict, info: dict) -> dict:
@@ -155,6 +175,7 @@ def _headline(bench, mae: dict, info: dict) -> dict:
         "referral_specificity": info["honesty"]["referral"]["specificity"],
         "ungradable_with_diagnosis": info["honesty"]["referral"]["ungradable_with_diagnosis"],
         **_decision_headline(info["honesty"]),
+        "per_device": info["per_device"],
     }
 
 
@@ -195,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         "--calibration-subjects", type=int, default=0, help="validation subjects the LM calibration uses (0 = all)"
     )
     parser.add_argument(
+        "--devices",
+        default=REFERENCE,
+        help=f"comma-separated training devices the subjects are shared among (default {REFERENCE})",
+    )
+    parser.add_argument(
         "--batch-eyes", type=int, default=0, help="eyes a generation at evaluation (0: a subject's, as the runtime)"
     )
     args = parser.parse_args(argv)
@@ -212,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         dicom=False,
         calibration_subjects=args.calibration_subjects,
         decider=args.decider,
+        devices=tuple(get_device(name).name for name in args.devices.split(",")),
     )
     variants = {name: flag for name, flag in VARIANTS.items() if flag or not args.only_estimates}
     results, benches, infos = {}, {}, {}
@@ -274,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             name: {**infos[name], "summary": benches[name].summary(), "per_label_f1": _per_label(benches[name])}
             for name in variants
         },
-        "cohort": {"n_subjects": args.subjects, "seed": args.seed},
+        "cohort": {"n_subjects": args.subjects, "seed": args.seed, "devices": list(base.devices)},
         "stage3_changes": STAGE3_CHANGES,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }

@@ -114,6 +114,27 @@ def _decision_markdown(payload: dict) -> list[str]:
         "",
         writers_markdown(honesty["lm_vs_teacher"]),
         "",
+        *_device_markdown(payload["variants"][payload["headline_variant"]].get("per_device") or {}),
+    ]
+
+
+def _device_markdown(per_device: dict[str, dict]) -> list[str]:
+    """One row per acquisition device of the test eyes (bench.shift's figures), when there are several."""
+    if len(per_device) < 2:
+        return []
+    rows = [
+        f"| `{name}` | {f['n_eyes']} | {f['macro_f1']:.3f} | {f['stated_wrong_share']:.0%} | "
+        f"{'none stated' if f['error_among_stated'] is None else format(f['error_among_stated'], '.1%')} | "
+        f"{f['coverage']:.0%} | {f['ood_share']:.0%} |"
+        for name, f in per_device.items()
+    ]
+    return [
+        "## Per acquisition device (the test eyes of each; macro-F1 counts an eye with no stated label as a miss)",
+        "",
+        "| device | eyes | macro-F1 | stated wrong | error among stated | coverage | marked device shift |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
     ]
 
 

@@ -7,7 +7,7 @@ out-of-distribution check on encoder features (`ood`: an image unlike the traini
 encoder sessions (`onnx_session`), the engine that runs encoders, heads and the language model (`engine`;
 the language model's device and loading, `llm_loading`), batched generation and label scoring
 (`decoding`) under the guards of every generation (`guards`), the validator every generation passes
-(`validation`), parsing the generated text (`parsing`), tying its numbers to the estimates (`grounding`),
+(`validation`), the second attempt at findings that failed it (`rewrite`), parsing the generated text (`parsing`), tying its numbers to the estimates (`grounding`),
 calibrated label probabilities (`label_calibration`) and which label a report states (`label_rule`).
 `result` holds the typed result every later step reads.
 

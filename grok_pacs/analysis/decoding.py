@@ -9,6 +9,7 @@ tokens per row), so under greedy decoding each row's text equals its own single-
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import warnings
@@ -20,6 +21,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from grok_pacs.analysis.guards import DiagnosisStop, NumberGuard, PhraseGuard
+from grok_pacs.analysis.rewrite import banned_token_ids
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS
 from grok_pacs.model.config import GenerationConfig
 from grok_pacs.model.grok import GrokModel
@@ -75,10 +77,17 @@ class Decoder:
 
     @torch.no_grad()
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], cfp: list, oct: list, gen: GenerationConfig, keep_cache: bool = False
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        cfp: list,
+        oct: list,
+        gen: GenerationConfig,
+        keep_cache: bool = False,
+        bad_words_ids: list[list[int]] | None = None,
     ) -> Generation:
         """One text per row (special tokens dropped), all rows in one `generate` call; with `keep_cache`, the
-        key/value cache too, so that `label_scores` can continue from the model's own diagnosis line."""
+        key/value cache too, so that `label_scores` can continue from the model's own diagnosis line.
+        `bad_words_ids`: token sequences no row may write (transformers' option of that name)."""
         ids, mask = _left_padded(prompt_ids, self.pad_id, self.device)
         inputs = self.model.splice(ids, mask, None, cfp, oct, padding_side="left")
         processors, stopping = self._guards(gen)
@@ -99,12 +108,25 @@ class Decoder:
                 stopping_criteria=stopping,
                 return_dict_in_generate=True,
                 **repetition,
+                **({"bad_words_ids": bad_words_ids} if bad_words_ids else {}),
             )
         texts = self.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
         if not keep_cache:
             return Generation(texts, out.sequences, None, None)
         cache = out["cache"] if "cache" in out else out["past_key_values"]  # transformers 5 calls it `cache`
         return Generation(texts, out.sequences, cache, inputs["attention_mask"])
+
+    def rewrite(
+        self, prompt_ids: Sequence[int], cfp: Any, oct: Any, gen: GenerationConfig, avoid: Sequence[str], seed: int
+    ) -> str:
+        """One eye's second attempt (grok_pacs.analysis.rewrite): alone, sampled at `gen.retry_temperature` from
+        `seed` (the caller's random state is left as it was), never writing the words `avoid`."""
+        retry = dataclasses.replace(gen, temperature=gen.retry_temperature)
+        banned = banned_token_ids(self.tokenizer, avoid) or None
+        cuda = [torch.device(self.device).index or 0] if self.device.startswith("cuda") else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            return self.generate([prompt_ids], [cfp], [oct], retry, bad_words_ids=banned).texts[0]
 
     def _diagnosis_marks(self, sequences: torch.Tensor) -> list[int | None]:
         """Per row, the index of the generated token that ends its last "Diagnosis:" mark (None when none)."""

@@ -63,6 +63,7 @@ from grok_pacs.analysis.result import (
     Report,
     SourceImage,
 )
+from grok_pacs.analysis.rewrite import second_attempts
 from grok_pacs.analysis.validation import validate_narrative
 from grok_pacs.dicom.sop_classes import OPT
 from grok_pacs.domain.biomarkers import BY_KEY, Modality
@@ -234,28 +235,41 @@ class Engine:
         cfp, oct = self._visual([tokens for tokens, *_ in encoded])
         t = time.perf_counter()
         generation = self.decoder.generate(ids, cfp, oct, gen, keep_cache=gen.score_labels) if eyes else None
-        raws = generation.texts if generation is not None else []
+        raws = list(generation.texts) if generation is not None else []  # a retry replaces a row's text
         shared = {"generate": time.perf_counter() - t}
-        checks = [
-            self._validate(item.eye, raw, estimates) for item, raw, (_, estimates, *_) in zip(eyes, raws, encoded)
-        ]
-        scores: list[dict[str, float]] = [{} for _ in eyes]
-        raw_scores = scores
+        estimates = [values for _, values, *_ in encoded]
+        checks = [self._validate(item.eye, raw, values) for item, raw, values in zip(eyes, raws, estimates)]
+        raw_scores: list[dict[str, float]] = [{} for _ in eyes]
         if gen.score_labels and eyes:
             t = time.perf_counter()
-            scores = self.decoder.scores_after_generation(generation)  # continues the generation's cache
-            if scores is None:  # a row without a diagnosis line: score its parsed narrative from scratch
-                scores = self.decoder.label_scores(ids, cfp, oct, [parse_generation(raw).narrative for raw in raws])
-            raw_scores = scores
-            if self.calibration is not None:
-                scores = [self.calibration.apply(s) for s in scores]
+            raw_scores = self.decoder.scores_after_generation(generation)  # continues the generation's cache
+            if raw_scores is None:  # a row without a diagnosis line: score its parsed narrative from scratch
+                raw_scores = self.decoder.label_scores(ids, cfp, oct, [parse_generation(raw).narrative for raw in raws])
             shared["label_scores"] = time.perf_counter() - t
+        t = time.perf_counter()
+        firsts = second_attempts(  # rows whose retry passed are replaced in raws, checks and raw_scores
+            self.decoder,
+            gen,
+            [item.eye for item in eyes],
+            list(zip(ids, cfp, oct)),
+            estimates,
+            (raws, checks, raw_scores),
+            lambda i, text: self._validate(eyes[i].eye, text, estimates[i]),
+        )
+        if firsts:
+            shared["retry"] = time.perf_counter() - t
+        calibrate = self.calibration is not None and gen.score_labels
+        scores = [self.calibration.apply(s) for s in raw_scores] if calibrate else raw_scores
         batch_s = time.perf_counter() - start
         for timing in timings:
             timing.update(shared)
             timing["total"] = batch_s + timing.get("read", 0.0)
         reports = [
             self._report(*args) for args in zip(eyes, encoded, missing, raws, checks, scores, raw_scores, timings)
+        ]
+        reports = [
+            dataclasses.replace(r, first_attempt=firsts[i][0], first_attempt_text=firsts[i][1]) if i in firsts else r
+            for i, r in enumerate(reports)
         ]
         return [self._shift_checked(report, feats) for report, feats in zip(reports, pooled)]
 
@@ -273,13 +287,13 @@ class Engine:
 
     @staticmethod
     def _validate(eye: Eye, raw: str, estimates: dict[str, float]) -> NarrativeCheck:
-        """Validate one generation and count the outcome in /metrics; a failure is logged by reason code
-        only (no report text in logs)."""
+        """Validate one generation and count a failure's reasons in /metrics; a failure is logged by reason
+        code only (no report text in logs)."""
         check = validate_narrative(raw, estimates)
-        metrics.narrative_validated(check.passed, [reason.value for reason in check.reasons])
         if not check.passed:
+            metrics.narrative_failed([reason.value for reason in check.reasons])
             log.warning(
-                "eye %s: narrative withheld, it failed validation: %s",
+                "eye %s: a generation failed validation: %s",
                 eye.value,
                 ", ".join(reason.value for reason in check.reasons),
             )

@@ -247,6 +247,10 @@ class Report:
     #: (grok_pacs.analysis.ood): above 1 the image is unlike the training images and the eye is Indeterminate;
     #: {} for a bundle without an OOD model
     shift_scores: dict[str, float] = field(default_factory=dict)
+    #: the validator's verdict on the first generation when the findings shipped are a second attempt
+    #: (grok_pacs.analysis.rewrite), with that first text for audit; None and "" when the first was shipped
+    first_attempt: NarrativeCheck | None = None
+    first_attempt_text: str = ""
 
     @property
     def out_of_distribution(self) -> bool:

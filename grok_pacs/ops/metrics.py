@@ -98,13 +98,14 @@ MODEL_LOAD_SECONDS = Gauge(
 )
 NARRATIVES = Counter(
     "grok_pacs_narratives",
-    "Generated narratives checked by the validator, by outcome (passed, or failed: withheld from the SR)",
+    "Eyes' findings by the validator's outcome: passed (the first generation), retried (a second attempt "
+    "passed, grok_pacs.analysis.rewrite) or failed (every attempt failed: withheld from the SR)",
     ["outcome"],
     registry=REGISTRY,
 )
 NARRATIVE_FAILURES = Counter(
     "grok_pacs_narrative_failures",
-    "Failed narrative validations by reason (grok_pacs.analysis.validation; one generation may fail several)",
+    "Failed generations by reason (grok_pacs.analysis.validation; every attempt counts; one may fail several)",
     ["reason"],
     registry=REGISTRY,
 )
@@ -275,11 +276,20 @@ def gate_judged(modality: str, gradability: str, reasons: Iterable[str] = ()) ->
         GATE_REASONS.labels(reason=reason).inc()
 
 
-def narrative_validated(passed: bool, reasons: Iterable[str] = ()) -> None:
-    """Count one validated generation and, when it failed, each distinct reason once."""
-    NARRATIVES.labels(outcome="passed" if passed else "failed").inc()
+NARRATIVE_OUTCOMES = ("passed", "retried", "failed")  #: grok_pacs_narratives_total's outcomes
+
+
+def narrative_failed(reasons: Iterable[str]) -> None:
+    """Count one generation that failed the validator: each distinct reason once."""
     for reason in dict.fromkeys(reasons):
         NARRATIVE_FAILURES.labels(reason=reason).inc()
+
+
+def narrative_outcome(outcome: str) -> None:
+    """Count one eye's findings by outcome (NARRATIVE_OUTCOMES)."""
+    if outcome not in NARRATIVE_OUTCOMES:
+        raise ValueError(f"narrative outcome {outcome!r} is not one of {NARRATIVE_OUTCOMES}")
+    NARRATIVES.labels(outcome=outcome).inc()
 
 
 def model_loaded(component: str, seconds: float, bundle: Path | str | None = None, version: str = "") -> None:

@@ -246,6 +246,11 @@ def narrative_lines(report: Report) -> list[str]:
             f"Impression: {report.impression}",
         ]
     lines = [report.narrative.strip() or "The model produced no findings text.", f"Impression: {report.impression}"]
+    if report.first_attempt is not None:
+        lines.append(
+            "(These findings are the model's second attempt: its first text failed validation "
+            f"({', '.join(r.value for r in report.first_attempt.reasons)}) and is not shown.)"
+        )
     if report.numbers_rewritten:
         lines.append(
             f"{report.numbers_rewritten} value(s) cited in the findings were written as the measured "

@@ -161,6 +161,11 @@ def _notes(report: Report) -> list[str]:
             f"Narrative validation failed ({', '.join(r.value for r in reasons)}): "
             f"{'; '.join(REASON_TEXT[r] for r in reasons)}. The measurements are unaffected; {source}."
         )
+    if report.first_attempt is not None and not report.narrative_withheld:
+        notes.append(
+            "The findings are the language model's second attempt: its first failed validation "
+            f"({', '.join(r.value for r in report.first_attempt.reasons)}) and was not shipped."
+        )
     if report.unsupported_label is not None and report.decided_by == DECIDER_CLASSIFIER:
         notes.append(f"{report.impression} Review the images and the measurements.")
     elif report.unsupported_label is not None:
