@@ -5,7 +5,8 @@ demo-sized bundle and the runtime (gate, engine, device-shift check); trains not
                                     [--out bench/results/shift.json]
 
 The bundle: `--bundle`, else the newest complete demo-sized (210-subject phantom) bundle in the pipeline cache
-(.cache/pipeline). A bundle without an OOD model (grok_pacs.analysis.ood) gets one fitted on a copy, from its
+(.cache/pipeline). A bundle without an OOD model (grok_pacs.analysis.ood) or estimate errors
+(grok_pacs.analysis.estimate_error) gets them fitted on a copy, from its
 cohort's training and validation eyes (`--manifest`, else the cached phantom cohort of the bundle's seed):
 fitting is a few seconds of encoder passes, not training. The eyes: `--subjects` subjects of a phantom seed
 (`--seed`, one no other result uses) rendered on every device of training.phantom.devices; the same
@@ -68,17 +69,26 @@ def cohort_manifest(bundle: Path, cache: Path = CACHE) -> Path:
     raise FileNotFoundError(f"no cached cohort of seed {pipeline.get('seed')} for {bundle}: pass --manifest")
 
 
-def with_ood(bundle: Path, manifest: Path | None, work: Path) -> tuple[Path, dict | None]:
-    """The bundle itself when it has an OOD model, else a copy with one fitted on its cohort."""
-    if "ood" in load_bundle(bundle, verify=False).manifest:
-        return bundle, None
-    from training.ood import add_to_bundle, fit_ood
+def with_fitted(bundle: Path, manifest: Path | None, work: Path) -> tuple[Path, dict]:
+    """The bundle itself when it has an OOD model and estimate errors, else a copy with what it lacks fitted
+    on its cohort's training and validation eyes (training.ood, training.estimate_error). Returns the bundle
+    to serve and what was fitted here."""
+    entries = load_bundle(bundle, verify=False).manifest
+    if "ood" in entries and "estimate_error" in entries:
+        return bundle, {}
+    from training import estimate_error, ood
 
-    copy = work / "bundle"
+    copy, fitted = work / "bundle", {}
     shutil.copytree(bundle, copy)
-    model, summary = fit_ood(copy, manifest or cohort_manifest(bundle))
-    add_to_bundle(copy, model)
-    return copy, summary
+    cohort = manifest or cohort_manifest(bundle)
+    if "ood" not in entries:
+        model, fitted["ood"] = ood.fit_ood(copy, cohort)
+        ood.add_to_bundle(copy, model)
+    if "estimate_error" not in entries:
+        errors = estimate_error.fit_estimate_errors(copy, cohort)
+        estimate_error.add_to_bundle(copy, errors)
+        fitted["estimate_error"] = errors.to_dict()
+    return copy, fitted
 
 
 def training_devices(bundle: Path) -> set[str]:
@@ -185,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no demo-sized bundle in .cache/pipeline: run `make demo` first, or pass --bundle")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="shift-") as work:
-        served, fitted = with_ood(Path(bundle), args.manifest, Path(work))
+        served, fitted = with_fitted(Path(bundle), args.manifest, Path(work))
         engine = Engine.from_bundle(served)
         names = [get_device(name).name for name in args.devices.split(",")]
         devices = {name: run_device(engine, name, args.subjects, args.seed) for name in names}
@@ -195,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "bundle": str(bundle),
         "bundle_version": engine.bundle.version,
-        "ood_fitted_here": fitted,
+        "fitted_here": fitted,
         "seed": args.seed,
         "subjects_per_device": args.subjects,
         "held_out": [name for name, d in DEVICES.items() if d.held_out],

@@ -20,7 +20,8 @@ Layers inside training, lowest first: a module may import its own layer and the 
     benchmark  `benchmark` (scores a bundle's predictions; safety and honesty figures; the LM beside
                the guideline teacher)
     top        `quality_head` (a learned gradability head on a bundle), `ood` (a bundle's device-shift
-               check, fitted on its cohort's features), `pipeline` (every step, cached),
+               check, fitted on its cohort's features), `estimate_error` (each biomarker estimate's
+               typical error on the validation eyes), `pipeline` (every step, cached),
                `pipeline_config` (its settings and each step's cache key), `pipeline_cli` (its command
                line), `compare` (a candidate bundle against the serving one)
 

@@ -270,6 +270,13 @@ def _bundle(
             progress=progress,
         )
         outputs["calibration"] = calibration.to_dict()
+    if cfg.estimate_error_quantile:
+        from training.estimate_error import add_to_bundle as add_errors
+        from training.estimate_error import fit_estimate_errors
+
+        errors = fit_estimate_errors(bundle, inputs.manifest, cfg.estimate_error_quantile)
+        add_errors(bundle, errors)
+        outputs["estimate_error"] = {"quantile": errors.quantile, "n_eyes": errors.n_eyes}
     if cfg.ood_quantile:  # last: the calibration above runs without it, as it did before
         from training.ood import add_to_bundle, fit_ood
 

@@ -68,6 +68,7 @@ STEP_SOURCES: dict[str, tuple[str, ...]] = {
         "training.calibration",
         "training.stage3.calibrate",
         "training.ood",
+        "training.estimate_error",
     ),
 }
 #: The cohort step's code when the cohort is a given manifest (checked and fingerprinted, not generated).
@@ -105,6 +106,9 @@ class PipelineConfig:
     # The device-shift check (training.ood): features of the training eyes, threshold at this quantile of the
     # validation eyes' distances; 0 = none (the bundle then marks no eye as unlike the training images).
     ood_quantile: float = 0.99
+    # The typical estimate error per biomarker (training.estimate_error): this quantile of |estimate - measured|
+    # over the validation eyes, which the disposition table's urgent rows read; 0 = none.
+    estimate_error_quantile: float = 0.9
     # A cohort manifest to train on instead of generating the phantom ("" = the phantom: n_subjects, seed,
     # dicom, dicom_splits and workers then matter; with a manifest they are ignored).
     manifest: str = ""
@@ -189,6 +193,7 @@ class PipelineConfig:
                 "calibration_subjects": self.calibration_subjects,
                 "calibration_method": self.calibration_method,
                 "ood_quantile": self.ood_quantile,
+                "estimate_error_quantile": self.estimate_error_quantile,
             }
         raise ValueError(f"unknown pipeline step {step!r}")
 

@@ -43,6 +43,7 @@ import torch
 
 from grok_pacs.analysis.bundle import Bundle, BundleError, load_bundle
 from grok_pacs.analysis.decoding import Decoder
+from grok_pacs.analysis.estimate_error import load_estimate_errors
 from grok_pacs.analysis.grounding import ground_cited_numbers
 from grok_pacs.analysis.imaging import EyeImages, read_cfp, read_oct_volume
 from grok_pacs.analysis.label_calibration import load_calibration
@@ -108,6 +109,7 @@ class Engine:
         self.calibration = load_calibration(bundle.root, bundle.manifest)  # None: scores stay uncalibrated
         self.quality_head = load_quality_head(bundle.root, bundle.manifest)  # None: the rule-based gate only
         self.ood = load_ood(bundle.root, bundle.manifest)  # None: no device-shift check
+        self.estimate_errors = load_estimate_errors(bundle.root, bundle.manifest)  # None: errors unknown
         self.pattern_head = load_pattern_head(bundle.root, bundle.manifest)  # None: no pattern line in the prompt
         self.decision = load_decision(bundle.root, bundle.manifest)  # None: the language model decides the label
         lined = self.pattern_head is not None or (self.decision is not None and self.decision.prompt_line)
@@ -357,7 +359,7 @@ class Engine:
             narrative=narrative,
             impression=impression,
             raw_text=raw,
-            biomarkers=tuple(BiomarkerEstimate(k, v, BY_KEY[k].unit) for k, v in estimates.items()),
+            biomarkers=tuple(BiomarkerEstimate(k, v, BY_KEY[k].unit, self._error(k)) for k, v in estimates.items()),
             cited_numbers=cited,
             label_scores=stated_scores,
             missing_modalities=missing,
@@ -380,6 +382,9 @@ class Engine:
             lm_label=concluded,
             lm_scores=lm_scores,
         )
+
+    def _error(self, key: str) -> float | None:
+        return None if self.estimate_errors is None else self.estimate_errors.errors.get(key)
 
     # --- steps ---------------------------------------------------------------------------------------
     def pooled_feature(self, modality: str, pixels: np.ndarray) -> np.ndarray:

@@ -22,6 +22,8 @@ class BiomarkerEstimate:
     key: str  #: grok_pacs.domain.biomarkers key
     value: float  #: in the biomarker's unit
     unit: str  #: UCUM code ("um" or "1")
+    #: the typical error of this estimate (the bundle's grok_pacs.analysis.estimate_error), None when unknown
+    error: float | None = None
 
 
 @dataclass(frozen=True)

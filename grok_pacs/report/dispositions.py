@@ -26,6 +26,9 @@ SYSTEMIC_LABELS = (Label.DIABETES, Label.HYPERTENSION, Label.ALZHEIMER)
 CDR_ASYMMETRY = 0.2  #: cup-to-disc difference between the eyes that suggests glaucoma (docs/domain.md, Dispositions)
 
 
+MET, WITHIN_ERROR = "met", "within error"  #: how a row's condition held (Rule.match)
+
+
 class DispositionTableError(ValueError):
     """A disposition table that cannot work; names the row and the field."""
 
@@ -44,6 +47,9 @@ class Rule:
     op: str | None = None  #: ">=", ">", "<=", "<"
     value: float | None = None
     rescreen_months: int | None = None
+    #: the condition also holds when the estimate is within its typical error (BiomarkerEstimate.error) of the
+    #: threshold on the side that meets it: a sign that cannot be ruled out (the default table's urgent rows)
+    cautious: bool = False
 
     def __post_init__(self) -> None:
         where = f"disposition rule {self.rule!r}"
@@ -57,21 +63,35 @@ class Rule:
             raise DispositionTableError(f"{where}: biomarker, op and value go together")
         if self.biomarker is not None and (self.biomarker not in BY_KEY or self.op not in COMPARISONS):
             raise DispositionTableError(f"{where}: unknown biomarker {self.biomarker!r} or op {self.op!r}")
+        if self.cautious and self.biomarker is None:
+            raise DispositionTableError(f"{where}: cautious needs a biomarker condition")
         try:
             self.disposition()
         except ValueError as exc:
             raise DispositionTableError(f"{where}: {exc}") from exc
 
     def matches(self, report: Report) -> bool:
+        return self.match(report) is not None
+
+    def match(self, report: Report) -> str | None:
+        """None when the row does not apply; MET when it does; WITHIN_ERROR when only a cautious row's margin
+        makes its condition hold."""
         gradable = report.gradability is Gradability.GRADABLE
         if self.gradability != "*" and (self.gradability == "gradable") != gradable:
-            return False
+            return None
         if self.label != "*" and report.label.value != self.label:
-            return False
+            return None
         if self.biomarker is None:
-            return True
-        values = {b.key: b.value for b in report.biomarkers}
-        return self.biomarker in values and COMPARISONS[self.op](values[self.biomarker], self.value)
+            return MET
+        found = next((b for b in report.biomarkers if b.key == self.biomarker), None)
+        if found is None:
+            return None
+        if COMPARISONS[self.op](found.value, self.value):
+            return MET
+        if self.cautious and found.error:
+            toward = found.value + found.error if self.op in (">", ">=") else found.value - found.error
+            return WITHIN_ERROR if COMPARISONS[self.op](toward, self.value) else None
+        return None
 
     def disposition(self) -> Disposition:
         return Disposition(self.action, self.text, self.source, self.rule, self.rescreen_months)
@@ -96,6 +116,7 @@ def _urgent_signs(rule_ids: tuple[str, ...], label: str, text: str, source: str)
             op=sign.op,
             value=sign.value,
             source=source,
+            cautious=True,
         )
         for rule_id, sign in zip(rule_ids, WET_AMD_SIGNS, strict=True)
     )
@@ -120,6 +141,7 @@ DEFAULT_TABLE: tuple[Rule, ...] = (
         op=">=",
         value=300.0,
         source=f"{_DESP}: R3/M1 urgent",
+        cautious=True,
     ),
     Rule(
         "dr",
@@ -231,11 +253,26 @@ def load_table(path: Path | None) -> tuple[Rule, ...]:
 def for_eye(report: Report, table: Sequence[Rule] = DEFAULT_TABLE) -> Disposition:
     """The first matching row's disposition; a table without a match is an error (never a silent none)."""
     for rule in table:
-        if rule.matches(report):
+        how = rule.match(report)
+        if how == WITHIN_ERROR:
+            return _within_error(rule, report)
+        if how == MET:
             return rule.disposition()
     raise DispositionTableError(
         f"no disposition rule matches eye {report.eye.value} ({report.gradability.value}, {report.label.value})"
     )
+
+
+def _within_error(rule: Rule, report: Report) -> Disposition:
+    """A cautious row held by the estimate's error: its disposition, saying so."""
+    found = next(b for b in report.biomarkers if b.key == rule.biomarker)
+    unit = "" if BY_KEY[rule.biomarker].unit == "1" else f" {BY_KEY[rule.biomarker].unit}"
+    note = (
+        f" ({BY_KEY[rule.biomarker].name} estimated {found.value:.1f}{unit}, within its typical error of "
+        f"{found.error:.1f}{unit} of the {rule.op} {rule.value:g} threshold: the sign cannot be ruled out)"
+    )
+    base = rule.disposition()
+    return dataclasses.replace(base, text=base.text + note)
 
 
 def _severity(d: Disposition) -> tuple[int, int]:

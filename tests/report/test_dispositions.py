@@ -63,6 +63,44 @@ def test_table_rows(study, label, markers, action, rule):
         assert disposition.rescreen_months in (12, 24)
 
 
+def _with_errors(report, **errors: float):
+    return dataclasses.replace(
+        report, biomarkers=tuple(dataclasses.replace(b, error=errors.get(b.key)) for b in report.biomarkers)
+    )
+
+
+@pytest.mark.parametrize(
+    "label, value, error, action, rule",
+    [
+        # 292 um with a typical error of 10: the eye may be at 300, so the oedema row cannot be ruled out
+        ("DiabeticRetinopathy", 292.0, 10.0, Action.URGENT_REFERRAL, "dr-oedema"),
+        ("DiabeticRetinopathy", 292.0, 5.0, Action.REFERRAL, "dr"),  # 297 at most: below the threshold
+        ("DiabeticRetinopathy", 292.0, None, Action.REFERRAL, "dr"),  # a bundle that states no error
+        ("AMD", 292.0, 10.0, Action.URGENT_REFERRAL, "amd-wet"),
+        ("Indeterminate", 292.0, 10.0, Action.URGENT_REFERRAL, "indeterminate-thickening"),
+        # only urgent rows are cautious; a non-urgent label keeps its row
+        ("Normal", 292.0, 10.0, Action.RESCREEN, "normal"),
+    ],
+)
+def test_an_urgent_sign_within_the_estimate_error_is_referred_urgently(study, label, value, error, action, rule):
+    """Central subfield thickness estimated below the 300 um of the urgent rows, by less than its typical error
+    (the bundle's, grok_pacs.analysis.estimate_error): urgent, and the disposition says why."""
+    _, eyes = study
+    report = _with_errors(eye_report("R", label, eyes["R"], mt_central=value, isos_rpe_central=40.0), mt_central=error)
+    disposition = for_eye(report)
+    assert (disposition.action, disposition.rule) == (action, rule)
+    within = "within its typical error of 10.0 um of the >= 300 threshold: the sign cannot be ruled out"
+    assert (within in disposition.text) == (action is Action.URGENT_REFERRAL)
+    if action is Action.URGENT_REFERRAL:
+        met = for_eye(_with_errors(eye_report("R", label, eyes["R"], mt_central=310.0), mt_central=error))
+        assert met.rule == rule and "cannot be ruled out" not in met.text  # met outright: no note
+
+
+def test_a_cautious_row_needs_a_biomarker_condition():
+    with pytest.raises(DispositionTableError, match="cautious needs a biomarker condition"):
+        dispositions.Rule("x", Action.URGENT_REFERRAL, "text", "source", cautious=True)
+
+
 def test_every_default_row_names_its_guideline_source():
     assert all(rule.source.strip() for rule in DEFAULT_TABLE)
     # The clinician reads the source in the SR and PDF: it names a public guideline, never an internal document.
