@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grok_pacs.analysis.bundle import MANIFEST, load_bundle, sha256_file
+from export.bundle_files import add_file
 from grok_pacs.analysis.label_calibration import CALIBRATION_FILE, METHODS, Calibration
 
 #: Temperature and a uniform share (grok_pacs.analysis.label_calibration says why the share).
@@ -150,19 +150,15 @@ def calibrate(
 
 def add_to_bundle(bundle_dir: str | Path, calibration: Calibration, version: str | None = None) -> Path:
     """Write calibration.json into the bundle, list and hash it in the manifest (and set `version`)."""
-    root = Path(bundle_dir)
-    load_bundle(root)  # only a verified bundle is extended
-    path = root / CALIBRATION_FILE
-    path.write_text(json.dumps(calibration.to_dict(), indent=2) + "\n", encoding="utf-8")
-    manifest_path = root / MANIFEST
-    manifest = json.loads(manifest_path.read_text())
-    manifest["calibration"] = {"file": CALIBRATION_FILE, "method": calibration.method}
-    manifest["files"][CALIBRATION_FILE] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    if version is not None:
-        manifest["version"] = version
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    load_bundle(root)  # the runtime's verification, again
-    return path
+    text = json.dumps(calibration.to_dict(), indent=2) + "\n"
+    return add_file(
+        bundle_dir,
+        CALIBRATION_FILE,
+        lambda path: path.write_text(text, encoding="utf-8"),
+        "calibration",
+        {"method": calibration.method},
+        version,
+    )
 
 
 def calibrate_bundle(

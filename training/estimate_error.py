@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grok_pacs.analysis.bundle import MANIFEST, load_bundle, sha256_file
+from export.bundle_files import add_file
 from grok_pacs.analysis.estimate_error import ERROR_FILE, EstimateErrors
 from grok_pacs.analysis.imaging import read_cfp, read_oct_volume
 from training.manifest import load_manifest
@@ -49,17 +49,7 @@ def fit_estimate_errors(
 
 def add_to_bundle(bundle_dir: Path | str, errors: EstimateErrors) -> Path:
     """Write estimate_error.json into the bundle, list and hash it in the manifest, verify the bundle again."""
-    root = Path(bundle_dir)
-    load_bundle(root)
-    path = root / ERROR_FILE
-    errors.save(path)
-    manifest_path = root / MANIFEST
-    manifest = json.loads(manifest_path.read_text())
-    manifest["estimate_error"] = {"file": ERROR_FILE, "quantile": errors.quantile}
-    manifest["files"][ERROR_FILE] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    load_bundle(root)
-    return path
+    return add_file(bundle_dir, ERROR_FILE, errors.save, "estimate_error", {"quantile": errors.quantile})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from grok_pacs.analysis.bundle import MANIFEST, load_bundle, sha256_file
+from export.bundle_files import add_file
+from grok_pacs.analysis.bundle import load_bundle
 from grok_pacs.analysis.imaging import read_cfp, read_oct_volume
 from grok_pacs.analysis.onnx_session import create_session, run_encoder
 from grok_pacs.analysis.ood import MODALITIES, OOD_FILE, FeatureDistribution, OodModel
@@ -83,17 +84,7 @@ def fit_ood(
 
 def add_to_bundle(bundle_dir: Path | str, model: OodModel) -> Path:
     """Write ood.npz into the bundle, list and hash it in the manifest, verify the bundle again."""
-    root = Path(bundle_dir)
-    load_bundle(root)
-    path = root / OOD_FILE
-    model.save(path)
-    manifest_path = root / MANIFEST
-    manifest = json.loads(manifest_path.read_text())
-    manifest["ood"] = {"file": OOD_FILE, "quantile": model.quantile}
-    manifest["files"][OOD_FILE] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    load_bundle(root)
-    return path
+    return add_file(bundle_dir, OOD_FILE, model.save, "ood", {"quantile": model.quantile})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grok_pacs.analysis.bundle import MANIFEST, load_bundle, sha256_file
+from export.bundle_files import add_file
 from grok_pacs.analysis.quality_head import QUALITY_HEAD_FILE, LogisticModel, QualityHead
 from training.benchmark.safety import CFP_DEGRADATIONS, OCT_DEGRADATIONS, auroc, phantom_eyes
 
@@ -74,19 +74,7 @@ def train_head(engine, eyes: Sequence[tuple[np.ndarray, np.ndarray]], seed: int 
 
 def add_to_bundle(bundle_dir: str | Path, head: QualityHead, version: str | None = None) -> Path:
     """Write quality_head.npz into the bundle, list and hash it in the manifest (and set `version`)."""
-    root = Path(bundle_dir)
-    load_bundle(root)
-    path = root / QUALITY_HEAD_FILE
-    head.save(path)
-    manifest_path = root / MANIFEST
-    manifest = json.loads(manifest_path.read_text())
-    manifest["quality_head"] = {"file": QUALITY_HEAD_FILE, "threshold": head.threshold}
-    manifest["files"][QUALITY_HEAD_FILE] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    if version is not None:
-        manifest["version"] = version
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    load_bundle(root)
-    return path
+    return add_file(bundle_dir, QUALITY_HEAD_FILE, head.save, "quality_head", {"threshold": head.threshold}, version)
 
 
 def main(argv: list[str] | None = None) -> int:
