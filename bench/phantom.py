@@ -165,6 +165,7 @@ def _headline(bench, mae: dict, info: dict) -> dict:
         "accuracy": bench.classification.accuracy,
         "n_test_eyes": bench.n,
         "text_passed_share": info["honesty"]["text_health"]["passed_share"],
+        "text_first_attempt_passed_share": info["honesty"]["text_health"].get("first_attempt_passed_share"),
         "repeated_sentences_per_report": info["honesty"]["text_health"]["repeated_sentences_per_report"],
         "distinct_2": info["honesty"]["text_health"]["distinct_2"],
         "probe_ceiling_measured_macro_f1": info["honesty"]["probe_ceiling_measured"]["macro_f1"],

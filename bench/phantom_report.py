@@ -42,7 +42,9 @@ def markdown(payload: dict, comparison_md: str, plots: dict[str, str], targets: 
         f"{h['probe_ceiling_measured_macro_f1']:.3f} | | |",
         f"| linear-probe ceiling: served estimates, val -> test (macro-F1) | "
         f"{h['probe_ceiling_estimates_macro_f1']:.3f} | | |",
-        f"| narratives passing the validator | {h['text_passed_share']:.0%} | 100% | {met['text_passed_share']} |",
+        f"| narratives passing the validator (as served, after retries; first attempts "
+        f"{_pct(h.get('text_first_attempt_passed_share'))}) | {h['text_passed_share']:.0%} | 100% | "
+        f"{met['text_passed_share']} |",
         f"| repeated sentences per report | {h['repeated_sentences_per_report']:.2f} | 0 | "
         f"{met['repeated_sentences_per_report']} |",
         f"| distinct-2 | {h['distinct_2']:.3f} | | |",
@@ -136,6 +138,10 @@ def _device_markdown(per_device: dict[str, dict]) -> list[str]:
         *rows,
         "",
     ]
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 def _fmt(value: float | None) -> str:

@@ -40,11 +40,20 @@ def test_probe_on_measured_biomarkers_names_the_label_and_on_noise_does_not():
 def test_text_health_counts_withheld_narratives_and_their_reasons():
     healthy = "The optic disc is healthy with a cup-to-disc ratio of 0.31. The macula is normal. Diagnosis: Normal"
     looping = "The retina shows " + ", ".join(["no haemorrhages or exudates"] * 12) + "."
-    reports = [SimpleNamespace(narrative_check=validate_narrative(text)) for text in (healthy, looping)]
-    reports.append(SimpleNamespace(narrative_check=None))  # an ungradable eye: never generated
+    reports = [
+        SimpleNamespace(narrative_check=validate_narrative(text), first_attempt=None) for text in (healthy, looping)
+    ]
+    reports.append(SimpleNamespace(narrative_check=None, first_attempt=None))  # an ungradable eye: never generated
     health = text_health(reports)
     assert health["n"] == 3 and health["validated"] == 2 and health["passed_share"] == 0.5, health
     assert "missing_diagnosis" in health["failure_reasons"], health
+    assert health["first_attempt_passed_share"] == 0.5 and health["retried"] == 0, health
+    # An eye whose first text failed and whose retry passed: served as passed, counted as a first-attempt failure.
+    too_short = validate_narrative("Too short. Diagnosis: Normal")
+    reports.append(SimpleNamespace(narrative_check=validate_narrative(healthy), first_attempt=too_short))
+    health = text_health(reports)
+    assert (health["passed_share"], health["first_attempt_passed_share"], health["retried"]) == (2 / 3, 1 / 3, 1)
+    assert health["failure_reasons"]["too_short"] == 1, health
 
 
 def test_the_benchmark_recovers_the_scores_before_a_bundle_calibration() -> None:

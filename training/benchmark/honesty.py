@@ -24,15 +24,24 @@ from training.benchmark.safety import calibration_figures, referral_figures
 
 
 def text_health(reports: Sequence) -> dict:
-    """Share of narratives that passed the validator, repeated sentences per report, distinct-2, and how
-    often each failure reason occurred (over the reports the validator saw: gradable eyes)."""
-    checked = [r.narrative_check for r in reports if r.narrative_check is not None]
-    reasons = Counter(str(reason.value) for check in checked for reason in check.reasons)
+    """Share of narratives that passed the validator as served and at the first attempt (the rest passed at
+    a retry, grok_pacs.analysis.rewrite), repeated sentences per report, distinct-2, and how often each
+    failure reason occurred, first attempts included (over the reports the validator saw: gradable eyes)."""
+    served = [r for r in reports if r.narrative_check is not None]
+    checked = [r.narrative_check for r in served]
+    firsts = [r.first_attempt or r.narrative_check for r in served]
+    reasons = Counter(
+        str(reason.value)
+        for check in [*checked, *(r.first_attempt for r in served if r.first_attempt)]
+        for reason in check.reasons
+    )
     n = max(len(checked), 1)
     return {
         "n": len(reports),
         "validated": len(checked),
         "passed_share": sum(check.passed for check in checked) / n,
+        "first_attempt_passed_share": sum(check.passed for check in firsts) / n,
+        "retried": sum(r.first_attempt is not None for r in served),
         "repeated_sentences_per_report": sum(check.repeated_sentences for check in checked) / n,
         "distinct_2": sum(check.distinct_2 for check in checked) / n,
         "failure_reasons": dict(reasons.most_common()),
