@@ -36,7 +36,7 @@ from grok_pacs.analysis.imaging import EyeImages
 from grok_pacs.analysis.quality import QualityThresholds, assess_cfp, assess_oct
 from grok_pacs.analysis.result import Eye, Gradability
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
-from grok_pacs.report.dispositions import for_eye
+from grok_pacs.report.dispositions import DEFAULT_TABLE, WITHIN_ERROR, for_eye
 from training.benchmark.referral import OPHTHALMOLOGY, tier, tier_figures
 from training.benchmark.safety import truth_dispositions
 from training.phantom.cohort import plan_cohort, render_subject
@@ -145,6 +145,7 @@ def run_device(engine: Engine, device: str, subjects: int, seed: int) -> dict:
                 ood=report.out_of_distribution,
                 shift_scores=report.shift_scores,
                 missing=list(report.missing_modalities),
+                narrative=narrative_outcome(report),
             )
     referral = referral_by_tier(rows, measured, reports)
     return {"device": get_device(device).describe(), **summarise(rows), "referral": referral, "eyes": rows}
@@ -156,11 +157,22 @@ def referral_by_tier(rows: list[dict], measured: list[dict], reports: dict) -> d
     if not reports:
         return None
     template = next(iter(reports.values()))  # truth_dispositions replaces label, values and gradability of a report
-    served = [OPHTHALMOLOGY if r["ungradable"] else tier(for_eye(reports[r["case"]])) for r in rows]
+    given = {r["case"]: for_eye(reports[r["case"]]) for r in rows if not r["ungradable"]}
+    served = [OPHTHALMOLOGY if r["ungradable"] else tier(given[r["case"]]) for r in rows]
     truth = truth_dispositions([reports.get(r["case"], template) for r in rows], [r["truth"] for r in rows], measured)
     for row, s, t in zip(rows, served, truth):
         row.update(served_tier=s, truth_tier=tier(t))
+        if row["case"] in given:  # which row of the table, and whether only an estimate's error made it hold
+            rule = next(r for r in DEFAULT_TABLE if r.rule == given[row["case"]].rule)
+            row.update(served_rule=rule.rule, within_error=rule.match(reports[row["case"]]) == WITHIN_ERROR)
     return tier_figures(served, [tier(t) for t in truth])
+
+
+def narrative_outcome(report) -> str:
+    """passed (the first generation), retried (a second attempt passed) or withheld (every attempt failed)."""
+    if report.narrative_withheld:
+        return "withheld"
+    return "retried" if report.first_attempt is not None else "passed"
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -176,6 +188,7 @@ def summarise(rows: list[dict]) -> dict:
         "indeterminate_share": round(sum(r["stated"] == Label.INDETERMINATE.value for r in rows) / n, 4),
         "ungradable_share": round(sum(r["ungradable"] for r in rows) / n, 4),
         "ood_share": round(sum(r["ood"] for r in rows) / n, 4),
+        "narratives": {k: sum(r.get("narrative") == k for r in rows) for k in ("passed", "retried", "withheld")},
     }
 
 
