@@ -37,12 +37,16 @@ from grok_pacs.analysis.quality import QualityThresholds, assess_cfp, assess_oct
 from grok_pacs.analysis.result import Eye, Gradability
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
 from grok_pacs.report.dispositions import DEFAULT_TABLE, WITHIN_ERROR, for_eye
+from training.benchmark import ledger
 from training.benchmark.referral import OPHTHALMOLOGY, tier, tier_figures
 from training.benchmark.safety import truth_dispositions
+from training.cohort.fingerprint import code_commit
 from training.phantom.cohort import plan_cohort, render_subject
 from training.phantom.devices import DEVICES, REFERENCE, get_device
 
 CACHE = Path(".cache") / "pipeline"
+LEDGER = Path(__file__).resolve().parent / "results" / "ledger.json"
+HEADLINE = ("macro_f1", "error_among_stated", "coverage")  #: per device, in the ledger
 DEMO_SUBJECTS = 210
 BATCH = 8  #: eyes per engine call (one batched generation)
 
@@ -202,10 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         "--devices", default=",".join(DEVICES), help=f"comma-separated devices (default all: {', '.join(DEVICES)})"
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/shift.json"))
+    parser.add_argument("--ledger", type=Path, default=LEDGER, help="reported test cohorts (training.benchmark.ledger)")
     args = parser.parse_args(argv)
     bundle = args.bundle or find_demo_bundle()
     if bundle is None:
         parser.error("no demo-sized bundle in .cache/pipeline: run `make demo` first, or pass --bundle")
+    cohort = f"phantom seed {args.seed} ({args.subjects} subjects per device, fresh eyes)"
+    if ledger.is_reported(args.ledger, cohort):
+        print(f"{cohort} was reported before ({args.ledger}): this run is a RE-RUN, not a held-out figure")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="shift-") as work:
         served, fitted = with_fitted(Path(bundle), args.manifest, Path(work))
@@ -225,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.monotonic() - started, 1),
         "devices": devices,
     }
+    result["rerun"] = ledger.record(
+        args.ledger,
+        cohort,
+        what=f"bench/shift.py --devices {args.devices} -> {args.out}",
+        commit=code_commit().get("commit", ""),
+        headline={name: {k: f[k] for k in HEADLINE} for name, f in devices.items()},
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for name, figures in devices.items():
