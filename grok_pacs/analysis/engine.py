@@ -6,7 +6,8 @@ prompt with the estimates (and the pattern head's closest label, grok_pacs.model
 projectors (transformers; LoRA merged; greedy, bounded, guarded: grok_pacs.analysis.decoding), all eyes of
 a call in ONE batched generation and ONE batched label scoring (continuing the generation's key/value cache
 after each eye's own "Diagnosis:", so prompt and findings are not read twice) -> validation of the model's text
-(grok_pacs.analysis.validation, counted in /metrics) -> grounding (a cited number that disagrees with its
+(grok_pacs.analysis.validation, counted in /metrics) -> a failed text written again, alone, up to
+`GenerationConfig.retries` times (grok_pacs.analysis.rewrite) -> grounding (a cited number that disagrees with its
 biomarker's estimate is written as the estimate, grok_pacs.analysis.grounding; the model's words stay in
 `raw_text`) -> parse (grok_pacs.analysis.parsing).
 
@@ -16,7 +17,7 @@ calibrated probability reaches the operating point and the validated findings co
 without one the language model decides (the paper's configuration): its findings' label, or its best
 calibrated scored label, at or above the operating point (`min_label_probability`, a site setting over the
 bundle's). Otherwise Indeterminate; uncalibrated scores never decide. A generation that failed
-validation is never shipped as the model's findings: the Report's narrative is empty, its impression
+validation (and every retry of it) is never shipped as the model's findings: the Report's narrative is empty, its impression
 states the label only, `narrative_check` says why, and `raw_text` keeps the words for audit.
 
 With an OOD model in the bundle (grok_pacs.analysis.ood), an eye whose CFP or OCT encoder features lie
