@@ -17,8 +17,9 @@ calibrated probability reaches the operating point and the validated findings co
 without one the language model decides (the paper's configuration): its findings' label, or its best
 calibrated scored label, at or above the operating point (`min_label_probability`, a site setting over the
 bundle's). Otherwise Indeterminate; uncalibrated scores never decide. A generation that failed
-validation (and every retry of it) is never shipped as the model's findings: the Report's narrative is empty, its impression
-states the label only, `narrative_check` says why, and `raw_text` keeps the words for audit.
+validation (and every retry of it) is never shipped as the model's findings: the Report's narrative is
+empty, its impression states the label only, `narrative_check` says why, and `raw_text` keeps the words
+for audit.
 
 With an OOD model in the bundle (grok_pacs.analysis.ood), an eye whose CFP or OCT encoder features lie
 outside the training features' distribution is left Indeterminate whatever the rule above gave, its

@@ -4,7 +4,7 @@ A withheld narrative leaves the clinician without findings for that eye. On the 
 one generation in ten failed, most of them for one wrong word: the AMD subtype the estimates contradict
 ("dry" over a fluid-filled fovea), or a concluding sentence that argues for another label than the
 diagnosis line ("... supports hypertensive retinopathy." then "Diagnosis: AMD"). So a failed eye is written
-once more, alone (`GenerationConfig.retries`):
+again, alone, up to `GenerationConfig.retries` times (default 2):
 - the words that failed it cannot be written again (`words_to_avoid`: the subtype the estimates
   contradict), through transformers' `bad_words_ids`;
 - it samples (`retry_temperature`) from a seed fixed per eye, so a failure with no word to forbid gets
