@@ -36,7 +36,7 @@ from grok_pacs.analysis.imaging import EyeImages
 from grok_pacs.analysis.quality import QualityThresholds, assess_cfp, assess_oct
 from grok_pacs.analysis.result import Eye, Gradability
 from grok_pacs.domain.labels import DIAGNOSTIC_LABELS, Label
-from grok_pacs.report.dispositions import DEFAULT_TABLE, WITHIN_ERROR, for_eye
+from grok_pacs.report.dispositions import WITHIN_ERROR, first_match, for_eye
 from training.benchmark import ledger
 from training.benchmark.referral import OPHTHALMOLOGY, tier, tier_figures
 from training.benchmark.safety import truth_dispositions
@@ -161,14 +161,14 @@ def referral_by_tier(rows: list[dict], measured: list[dict], reports: dict) -> d
     if not reports:
         return None
     template = next(iter(reports.values()))  # truth_dispositions replaces label, values and gradability of a report
-    given = {r["case"]: for_eye(reports[r["case"]]) for r in rows if not r["ungradable"]}
-    served = [OPHTHALMOLOGY if r["ungradable"] else tier(given[r["case"]]) for r in rows]
+    matched = {r["case"]: first_match(reports[r["case"]]) for r in rows if not r["ungradable"]}
+    served = [OPHTHALMOLOGY if r["ungradable"] else tier(for_eye(reports[r["case"]])) for r in rows]
     truth = truth_dispositions([reports.get(r["case"], template) for r in rows], [r["truth"] for r in rows], measured)
     for row, s, t in zip(rows, served, truth):
         row.update(served_tier=s, truth_tier=tier(t))
-        if row["case"] in given:  # which row of the table, and whether only an estimate's error made it hold
-            rule = next(r for r in DEFAULT_TABLE if r.rule == given[row["case"]].rule)
-            row.update(served_rule=rule.rule, within_error=rule.match(reports[row["case"]]) == WITHIN_ERROR)
+        if row["case"] in matched:  # which row of the table, and whether only an estimate's error made it hold
+            rule, how = matched[row["case"]]
+            row.update(served_rule=rule.rule, within_error=how == WITHIN_ERROR)
     return tier_figures(served, [tier(t) for t in truth])
 
 

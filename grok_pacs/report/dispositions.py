@@ -250,17 +250,22 @@ def load_table(path: Path | None) -> tuple[Rule, ...]:
     return table
 
 
-def for_eye(report: Report, table: Sequence[Rule] = DEFAULT_TABLE) -> Disposition:
-    """The first matching row's disposition; a table without a match is an error (never a silent none)."""
+def first_match(report: Report, table: Sequence[Rule] = DEFAULT_TABLE) -> tuple[Rule, str]:
+    """The first row that matches, and how (MET or WITHIN_ERROR); a table without a match is an error (never
+    a silent none)."""
     for rule in table:
         how = rule.match(report)
-        if how == WITHIN_ERROR:
-            return _within_error(rule, report)
-        if how == MET:
-            return rule.disposition()
+        if how is not None:
+            return rule, how
     raise DispositionTableError(
         f"no disposition rule matches eye {report.eye.value} ({report.gradability.value}, {report.label.value})"
     )
+
+
+def for_eye(report: Report, table: Sequence[Rule] = DEFAULT_TABLE) -> Disposition:
+    """The first matching row's disposition; one held only by an estimate's error says so."""
+    rule, how = first_match(report, table)
+    return _within_error(rule, report) if how == WITHIN_ERROR else rule.disposition()
 
 
 def _within_error(rule: Rule, report: Report) -> Disposition:

@@ -89,6 +89,8 @@ def test_an_urgent_sign_within_the_estimate_error_is_referred_urgently(study, la
     report = _with_errors(eye_report("R", label, eyes["R"], mt_central=value, isos_rpe_central=40.0), mt_central=error)
     disposition = for_eye(report)
     assert (disposition.action, disposition.rule) == (action, rule)
+    matched, how = dispositions.first_match(report)
+    assert matched.rule == rule and (how == dispositions.WITHIN_ERROR) == (action is Action.URGENT_REFERRAL)
     within = "within its typical error of 10.0 um of the >= 300 threshold: the sign cannot be ruled out"
     assert (within in disposition.text) == (action is Action.URGENT_REFERRAL)
     if action is Action.URGENT_REFERRAL:
